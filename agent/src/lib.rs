@@ -1,0 +1,1 @@
+//! hako node agent: runs Pods from a manifest directory or a kube-apiserver

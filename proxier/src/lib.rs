@@ -1,0 +1,1 @@
+//! hako service proxier: Services and EndpointSlices as iptables, nftables and IPVS rules

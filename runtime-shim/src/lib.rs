@@ -1,0 +1,1 @@
+//! hako container shim: namespaces, cgroups and OCI image rootfs for one container

@@ -1,0 +1,12 @@
+//! Harness for hako's root integration tests: uniquely named network namespaces that are
+//! removed on drop, closures run inside a namespace on a dedicated OS thread, multi-node
+//! underlay topologies on documentation addresses, a local OCI registry and the VM lane.
+//!
+//! Effectful by design: everything here creates real kernel objects, and only inside
+//! namespaces it made itself.
+
+pub mod netns;
+pub mod topology;
+
+pub use netns::{require_root, NetNs};
+pub use topology::{Node, Topology};

@@ -7,6 +7,7 @@
 
 pub mod netns;
 pub mod topology;
+pub mod vm;
 
 pub use netns::{require_root, NetNs};
 pub use topology::{Node, Topology};

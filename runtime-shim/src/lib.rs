@@ -1,1 +1,17 @@
-//! hako container shim: namespaces, cgroups and OCI image rootfs for one container
+//! hako container shim: namespaces, cgroups and OCI image rootfs for one container.
+//!
+//! The library is what the agent uses: [`spec`] describes a container, [`client`] creates a
+//! shim process for it and talks to the shim over its unix socket, [`state`] finds shims
+//! after a restart, and [`image`] pulls and stores images.
+
+pub mod capabilities;
+pub mod cgroup;
+pub mod client;
+pub mod container;
+pub mod layer;
+pub mod logs;
+pub mod protocol;
+pub mod shim;
+pub mod spec;
+pub mod state;
+pub mod users;

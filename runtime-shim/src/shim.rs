@@ -1,0 +1,535 @@
+//! The shim daemon: creates the container, copies its output into the CRI log, records its
+//! state and exit code, and serves the lifecycle API on a unix socket until `delete`.
+//! Effectful.
+#![allow(unsafe_code)]
+
+use crate::cgroup::Cgroup;
+use crate::container::{self, Init, InitPlan};
+use crate::logs::{rfc3339_nano, CriLog, Stream};
+use crate::protocol::{ExecRequest, ExecResult, Request, Response};
+use crate::spec::ContainerSpec;
+use crate::state::{self, State, Status};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Daemon errors (reported to the creator through the ready pipe).
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    /// The spec file could not be read or parsed.
+    #[error("read spec {0}: {1}")]
+    Spec(PathBuf, String),
+    /// The spec is invalid.
+    #[error(transparent)]
+    Invalid(#[from] crate::spec::SpecError),
+    /// The cgroup could not be made.
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    /// The container could not be created.
+    #[error(transparent)]
+    Create(#[from] container::CreateError),
+    /// Log, state or socket I/O failed.
+    #[error("{0}: {1}")]
+    Io(String, io::Error),
+}
+
+struct Shared {
+    dir: PathBuf,
+    spec: ContainerSpec,
+    plan: InitPlan,
+    state: Mutex<State>,
+    cv: Condvar,
+    init: Mutex<Init>,
+    cgroup: Option<Cgroup>,
+    log_threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn snapshot(&self) -> State {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut State)) -> State {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st);
+        if let Err(e) = state::write(&self.dir, &st) {
+            tracing::error!(error = %e, "write state");
+        }
+        self.cv.notify_all();
+        st.clone()
+    }
+
+    fn wait_stopped(&self, timeout: Option<Duration>) -> State {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.status != Status::Stopped {
+            match deadline {
+                None => st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        break;
+                    }
+                    st = self
+                        .cv
+                        .wait_timeout(st, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+        st.clone()
+    }
+
+    fn signal(&self, sig: Signal) -> Result<(), String> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.status == Status::Stopped {
+            return Ok(());
+        }
+        kill(Pid::from_raw(st.pid), sig).map_err(|e| format!("kill {}: {e}", st.pid))
+    }
+}
+
+/// Run the daemon for the container in `dir` (its `spec.json`). `ready` receives `OK <state
+/// json>` or `ERR <message>`; on success this serves until `delete` and never returns.
+pub fn run(dir: &Path, ready: File) -> Result<(), ShimError> {
+    let mut ready = Some(ready);
+    match setup(dir) {
+        Ok(shared) => {
+            let listener = match bind(dir) {
+                Ok(l) => l,
+                Err(e) => {
+                    cleanup(&shared);
+                    report(&mut ready, &format!("ERR {e}"));
+                    return Err(e);
+                }
+            };
+            let st = shared.snapshot();
+            let json = serde_json::to_string(&st).unwrap_or_default();
+            report(&mut ready, &format!("OK {json}"));
+            serve(shared, listener);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(dir);
+            report(&mut ready, &format!("ERR {e}"));
+            Err(e)
+        }
+    }
+}
+
+fn report(ready: &mut Option<File>, msg: &str) {
+    if let Some(mut f) = ready.take() {
+        let line = format!("{}\n", msg.replace('\n', " "));
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+fn bind(dir: &Path) -> Result<UnixListener, ShimError> {
+    let sock = dir.join(state::SOCKET);
+    let _ = fs::remove_file(&sock);
+    UnixListener::bind(&sock).map_err(|e| ShimError::Io(format!("bind {}", sock.display()), e))
+}
+
+fn setup(dir: &Path) -> Result<Arc<Shared>, ShimError> {
+    let spec_path = dir.join(state::SPEC_FILE);
+    let data =
+        fs::read(&spec_path).map_err(|e| ShimError::Spec(spec_path.clone(), e.to_string()))?;
+    let spec: ContainerSpec = serde_json::from_slice(&data)
+        .map_err(|e| ShimError::Spec(spec_path.clone(), e.to_string()))?;
+    spec.validate()?;
+    let (cur, has) = container::current_oom_score_adj();
+    let oom = spec
+        .process
+        .oom_score_adj
+        .map(|r| (container::clamp_oom_score_adj(r, cur, has), r));
+    if let Some((eff, req)) = oom {
+        if eff != req {
+            tracing::warn!(
+                requested = req,
+                effective = eff,
+                "oom_score_adj clamped: no CAP_SYS_RESOURCE"
+            );
+        }
+    }
+    let cgroup = match &spec.cgroup {
+        Some(c) => Some(Cgroup::create(c)?),
+        None => None,
+    };
+    let procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+    let made = InitPlan::new(&spec, dir, procs, oom.map(|o| o.0))
+        .and_then(|plan| container::create(&plan).map(|init| (plan, init)));
+    let (plan, init) = match made {
+        Ok(x) => x,
+        Err(e) => {
+            if let Some(c) = &cgroup {
+                c.remove();
+            }
+            return Err(e.into());
+        }
+    };
+    let log = match &spec.log {
+        Some(l) => Some(
+            CriLog::open(&l.path, l.max_size, l.max_files)
+                .map_err(|e| ShimError::Io(format!("open log {}", l.path.display()), e))?,
+        ),
+        None => None,
+    };
+    let mut threads = Vec::new();
+    for (src, stream) in [
+        (init.stdout.try_clone(), Stream::Stdout),
+        (init.stderr.try_clone(), Stream::Stderr),
+    ] {
+        let src = src.map_err(|e| ShimError::Io("dup output pipe".into(), e))?;
+        let log = log.clone();
+        threads.push(std::thread::spawn(move || match log {
+            Some(l) => {
+                if let Err(e) = l.copy_from(src, stream) {
+                    tracing::error!(error = %e, "copy container output");
+                }
+            }
+            None => {
+                let _ = io::copy(&mut { src }, &mut io::sink());
+            }
+        }));
+    }
+    let st = State {
+        id: spec.id.clone(),
+        status: Status::Created,
+        shim_pid: std::process::id() as i32,
+        pid: init.pid.as_raw(),
+        exit_code: None,
+        reason: None,
+        created_at: rfc3339_nano(SystemTime::now()),
+        started_at: None,
+        finished_at: None,
+        oom_score_adj: oom.map(|o| o.0),
+        oom_score_adj_clamped: oom.is_some_and(|(e, r)| e != r),
+        cgroup_dirs: cgroup.as_ref().map(|c| c.dirs.clone()).unwrap_or_default(),
+    };
+    state::write(dir, &st).map_err(|e| ShimError::Io("write state".into(), e))?;
+    let pid = init.pid;
+    // Drop our copies of the pipes' read ends held by Init: the threads own clones.
+    let shared = Arc::new(Shared {
+        dir: dir.to_path_buf(),
+        spec,
+        plan,
+        state: Mutex::new(st),
+        cv: Condvar::new(),
+        init: Mutex::new(init),
+        cgroup,
+        log_threads: Mutex::new(threads),
+    });
+    let s2 = shared.clone();
+    std::thread::spawn(move || reap(s2, pid));
+    Ok(shared)
+}
+
+fn reap(shared: Arc<Shared>, pid: Pid) {
+    let code = loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, c)) => break c,
+            Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "waitpid");
+                break 255;
+            }
+        }
+    };
+    let ooms = shared.cgroup.as_ref().map(|c| c.oom_kills()).unwrap_or(0);
+    let st = shared.update(|st| {
+        st.status = Status::Stopped;
+        st.exit_code = Some(code);
+        st.reason = Some(state::reason(code, ooms).to_string());
+        st.finished_at = Some(rfc3339_nano(SystemTime::now()));
+    });
+    tracing::info!(id = %st.id, exit_code = code, reason = ?st.reason, "container exited");
+}
+
+fn serve(shared: Arc<Shared>, listener: UnixListener) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let s = shared.clone();
+        std::thread::spawn(move || handle(s, conn));
+    }
+}
+
+fn handle(shared: Arc<Shared>, conn: UnixStream) {
+    let mut line = String::new();
+    let mut reader = BufReader::new(match conn.try_clone() {
+        Ok(c) => c,
+        Err(_) => return,
+    });
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            respond(
+                &conn,
+                &Response {
+                    error: Some(format!("bad request: {e}")),
+                    ..Default::default()
+                },
+            );
+            return;
+        }
+    };
+    let delete = req == Request::Delete;
+    let resp = dispatch(&shared, req);
+    respond(&conn, &resp);
+    if delete && resp.error.is_none() {
+        drop(conn);
+        let _ = fs::remove_dir_all(&shared.dir);
+        std::process::exit(0);
+    }
+}
+
+fn respond(mut conn: &UnixStream, resp: &Response) {
+    let mut data = serde_json::to_vec(resp).unwrap_or_default();
+    data.push(b'\n');
+    let _ = conn.write_all(&data);
+}
+
+fn ok(st: State) -> Response {
+    Response {
+        state: Some(st),
+        ..Default::default()
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> Response {
+    Response {
+        error: Some(e.to_string()),
+        ..Default::default()
+    }
+}
+
+fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
+    match req {
+        Request::State => ok(shared.snapshot()),
+        Request::Start => {
+            let mut init = shared.init.lock().unwrap_or_else(|e| e.into_inner());
+            if init.started() {
+                return err(format!("container {} already started", shared.spec.id));
+            }
+            match init.start() {
+                Ok(()) => ok(shared.update(|st| {
+                    if st.status == Status::Created {
+                        st.status = Status::Running;
+                    }
+                    st.started_at = Some(rfc3339_nano(SystemTime::now()));
+                })),
+                Err(e) => err(e),
+            }
+        }
+        Request::Kill { signal } => match Signal::try_from(signal) {
+            Ok(sig) => match shared.signal(sig) {
+                Ok(()) => ok(shared.snapshot()),
+                Err(e) => err(e),
+            },
+            Err(e) => err(format!("signal {signal}: {e}")),
+        },
+        Request::Stop { grace_ms } => {
+            let st = shared.snapshot();
+            if st.status == Status::Created {
+                let _ = shared.signal(Signal::SIGKILL);
+            } else if st.status == Status::Running {
+                let _ = shared.signal(Signal::SIGTERM);
+                let st = shared.wait_stopped(Some(Duration::from_millis(grace_ms)));
+                if st.status != Status::Stopped {
+                    let _ = shared.signal(Signal::SIGKILL);
+                }
+            }
+            ok(shared.wait_stopped(None))
+        }
+        Request::Wait { timeout_ms } => {
+            ok(shared.wait_stopped(timeout_ms.map(Duration::from_millis)))
+        }
+        Request::Exec(x) => match exec(shared, &x) {
+            Ok(r) => Response {
+                state: Some(shared.snapshot()),
+                exec: Some(r),
+                ..Default::default()
+            },
+            Err(e) => err(e),
+        },
+        Request::Delete => {
+            let _ = shared.signal(Signal::SIGKILL);
+            let st = shared.wait_stopped(None);
+            for t in shared
+                .log_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(..)
+            {
+                let _ = t.join();
+            }
+            cleanup(shared);
+            ok(st)
+        }
+    }
+}
+
+fn cleanup(shared: &Shared) {
+    if let Some(c) = &shared.cgroup {
+        c.remove();
+    }
+    // The rootfs is mounted only in the container's mount namespace; never descend into it
+    // should it be a mount point here.
+    let rootfs = shared.dir.join("rootfs");
+    let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
+    if dev(&rootfs).is_some() && dev(&rootfs) != dev(&shared.dir) {
+        tracing::error!(path = %rootfs.display(), "rootfs still mounted; left in place");
+        return;
+    }
+    for d in ["rootfs", "upper", "work"] {
+        let _ = fs::remove_dir_all(shared.dir.join(d));
+    }
+}
+
+fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, String> {
+    let st = shared.snapshot();
+    if st.status != Status::Running {
+        return Err(format!("container {} is not running", st.id));
+    }
+    if x.args.is_empty() {
+        return Err("exec: args is empty".into());
+    }
+    let pid = Pid::from_raw(st.pid);
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let read = |p: &str| fs::read_to_string(root.join(p)).unwrap_or_default();
+    let spec = &shared.spec;
+    let id = crate::users::resolve(
+        &spec.process.user.spec,
+        &spec.process.user.additional_gids,
+        &read("etc/passwd"),
+        &read("etc/group"),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut env = spec.process.env.clone();
+    env.extend(x.env.iter().cloned());
+    let path_var = env
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(container::DEFAULT_PATH)
+        .to_string();
+    let exe = if x.args[0].contains('/') {
+        x.args[0].clone()
+    } else {
+        path_var
+            .split(':')
+            .map(|d| format!("{}/{}", d.trim_end_matches('/'), x.args[0]))
+            .find(|p| fs::metadata(root.join(p.trim_start_matches('/'))).is_ok_and(|m| m.is_file()))
+            .ok_or_else(|| format!("exec: {:?} not found in the container's PATH", x.args[0]))?
+    };
+    let ns =
+        container::open_namespaces(pid).map_err(|e| format!("open namespaces of {pid}: {e}"))?;
+    let procs: Vec<std::ffi::CString> = shared
+        .cgroup
+        .as_ref()
+        .map(|c| c.procs_files())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok())
+        .collect();
+    let cwd = x
+        .cwd
+        .clone()
+        .or_else(|| spec.process.cwd.clone())
+        .unwrap_or_else(|| "/".into());
+    let caps = shared.plan_caps();
+    let nnp = spec.process.no_new_privileges;
+    let mut cmd = Command::new(&exe);
+    cmd.arg0(&x.args[0])
+        .args(&x.args[1..])
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for e in &env {
+        if let Some((k, v)) = e.split_once('=') {
+            cmd.env(k, v);
+        }
+    }
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        cmd.env("PATH", container::DEFAULT_PATH);
+    }
+    // SAFETY: the hook runs in the forked child before exec and only makes system calls
+    // (open/write, setns, chdir, set*id, capset, prctl) on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            for p in &procs {
+                container::write_zero(p)?;
+            }
+            container::join_namespaces(&ns)?;
+            nix::unistd::chdir(Path::new(&cwd)).map_err(io::Error::from)?;
+            container::set_identity(&id, &caps).map_err(io::Error::other)?;
+            if nnp {
+                nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)?;
+            }
+            Ok(())
+        });
+    }
+    // Fork from a thread that joined the container's pid namespace for its children; that
+    // thread ends right after (it could not start threads any more).
+    let pidns = File::open(format!("/proc/{pid}/ns/pid"))
+        .map_err(|e| format!("open pid namespace of {pid}: {e}"))?;
+    let child = std::thread::spawn(move || {
+        nix::sched::setns(&pidns, nix::sched::CloneFlags::CLONE_NEWPID)
+            .map_err(|e| format!("join pid namespace: {e}"))?;
+        cmd.spawn().map_err(|e| format!("exec {exe}: {e}"))
+    })
+    .join()
+    .map_err(|_| "exec thread panicked".to_string())??;
+    let cpid = Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let timeout = x.timeout_ms.map(Duration::from_millis);
+    let timer = std::thread::spawn(move || match timeout {
+        Some(t) => {
+            if rx.recv_timeout(t).is_err() {
+                let _ = kill(cpid, Signal::SIGKILL);
+                return true;
+            }
+            false
+        }
+        None => false,
+    });
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("wait exec: {e}"));
+    let _ = tx.send(());
+    let timed_out = timer.join().unwrap_or(false);
+    let out = out?;
+    let exit_code = out
+        .status
+        .code()
+        .or_else(|| out.status.signal().map(|s| 128 + s))
+        .unwrap_or(255);
+    Ok(ExecResult {
+        exit_code,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        timed_out,
+    })
+}
+
+impl Shared {
+    fn plan_caps(&self) -> std::collections::HashSet<caps::Capability> {
+        self.plan.caps().clone()
+    }
+}

@@ -20,7 +20,6 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Daemon errors (reported to the creator through the ready pipe).
@@ -51,7 +50,6 @@ struct Shared {
     cv: Condvar,
     init: Mutex<Init>,
     cgroup: Option<Cgroup>,
-    log_threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -109,7 +107,9 @@ pub fn run(dir: &Path, ready: File) -> Result<(), ShimError> {
             let listener = match bind(dir) {
                 Ok(l) => l,
                 Err(e) => {
-                    cleanup(&shared);
+                    if cleanup(&shared) {
+                        let _ = fs::remove_dir_all(dir);
+                    }
                     report(&mut ready, &format!("ERR {e}"));
                     return Err(e);
                 }
@@ -185,23 +185,27 @@ fn setup(dir: &Path) -> Result<Arc<Shared>, ShimError> {
         ),
         None => None,
     };
-    let mut threads = Vec::new();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     for (src, stream) in [
         (init.stdout.try_clone(), Stream::Stdout),
         (init.stderr.try_clone(), Stream::Stderr),
     ] {
         let src = src.map_err(|e| ShimError::Io("dup output pipe".into(), e))?;
         let log = log.clone();
-        threads.push(std::thread::spawn(move || match log {
-            Some(l) => {
-                if let Err(e) = l.copy_from(src, stream) {
-                    tracing::error!(error = %e, "copy container output");
+        let done = done_tx.clone();
+        std::thread::spawn(move || {
+            match log {
+                Some(l) => {
+                    if let Err(e) = l.copy_from(src, stream) {
+                        tracing::error!(error = %e, "copy container output");
+                    }
+                }
+                None => {
+                    let _ = io::copy(&mut { src }, &mut io::sink());
                 }
             }
-            None => {
-                let _ = io::copy(&mut { src }, &mut io::sink());
-            }
-        }));
+            let _ = done.send(());
+        });
     }
     let st = State {
         id: spec.id.clone(),
@@ -228,14 +232,13 @@ fn setup(dir: &Path) -> Result<Arc<Shared>, ShimError> {
         cv: Condvar::new(),
         init: Mutex::new(init),
         cgroup,
-        log_threads: Mutex::new(threads),
     });
     let s2 = shared.clone();
-    std::thread::spawn(move || reap(s2, pid));
+    std::thread::spawn(move || reap(s2, pid, done_rx));
     Ok(shared)
 }
 
-fn reap(shared: Arc<Shared>, pid: Pid) {
+fn reap(shared: Arc<Shared>, pid: Pid, logs_done: std::sync::mpsc::Receiver<()>) {
     let code = loop {
         match waitpid(pid, None) {
             Ok(WaitStatus::Exited(_, c)) => break c,
@@ -248,6 +251,15 @@ fn reap(shared: Arc<Shared>, pid: Pid) {
             }
         }
     };
+    // Let the log copiers drain what the container wrote (bounded: a process outside this
+    // pid namespace may hold the pipes).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if logs_done.recv_timeout(left).is_err() {
+            break;
+        }
+    }
     let ooms = shared.cgroup.as_ref().map(|c| c.oom_kills()).unwrap_or(0);
     let st = shared.update(|st| {
         st.status = Status::Stopped;
@@ -293,7 +305,6 @@ fn handle(shared: Arc<Shared>, conn: UnixStream) {
     respond(&conn, &resp);
     if delete && resp.error.is_none() {
         drop(conn);
-        let _ = fs::remove_dir_all(&shared.dir);
         std::process::exit(0);
     }
 }
@@ -370,21 +381,18 @@ fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
         Request::Delete => {
             let _ = shared.signal(Signal::SIGKILL);
             let st = shared.wait_stopped(None);
-            for t in shared
-                .log_threads
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .drain(..)
-            {
-                let _ = t.join();
+            if cleanup(shared) {
+                // Gone before the answer: the caller may reuse the id at once.
+                let _ = fs::remove_dir_all(&shared.dir);
             }
-            cleanup(shared);
             ok(st)
         }
     }
 }
 
-fn cleanup(shared: &Shared) {
+/// Remove the cgroup and the container's filesystem state; false when the rootfs is still
+/// mounted here (then nothing under the state dir is touched).
+fn cleanup(shared: &Shared) -> bool {
     if let Some(c) = &shared.cgroup {
         c.remove();
     }
@@ -394,11 +402,12 @@ fn cleanup(shared: &Shared) {
     let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
     if dev(&rootfs).is_some() && dev(&rootfs) != dev(&shared.dir) {
         tracing::error!(path = %rootfs.display(), "rootfs still mounted; left in place");
-        return;
+        return false;
     }
     for d in ["rootfs", "upper", "work"] {
         let _ = fs::remove_dir_all(shared.dir.join(d));
     }
+    true
 }
 
 fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, String> {

@@ -1,0 +1,543 @@
+//! Image store: pulls through the OCI distribution API (`oci-client`; HTTP for loopback
+//! registries, HTTPS with token auth otherwise), verifies every blob's digest, unpacks each
+//! layer once into its own directory (content-addressed by blob digest) for overlayfs, and
+//! records complete images only after every layer is in place. Pull policy, per-reference
+//! pull de-duplication and size-bounded GC. Effectful (network, files).
+
+pub mod reference;
+
+use crate::layer;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use reference::ImageRef;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Image store errors, naming the image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The reference is invalid.
+    #[error(transparent)]
+    Reference(#[from] reference::ReferenceError),
+    /// Pull policy Never and the image is not present.
+    #[error("image {0} is not present and the pull policy is Never")]
+    NotPresent(String),
+    /// The registry refused or failed (unknown image, auth, network).
+    #[error("pull {0}: {1}")]
+    Registry(String, String),
+    /// A blob's content does not match its digest.
+    #[error("pull {image}: blob {digest} does not match its digest (got {got})")]
+    Digest {
+        /// Image reference.
+        image: String,
+        /// Expected digest.
+        digest: String,
+        /// Computed digest.
+        got: String,
+    },
+    /// Media type not supported.
+    #[error("pull {0}: unsupported layer media type {1}")]
+    MediaType(String, String),
+    /// Unpacking a layer failed.
+    #[error("pull {0}: {1}")]
+    Layer(String, layer::LayerError),
+    /// Store I/O failed.
+    #[error("image store {0}: {1}")]
+    Io(PathBuf, io::Error),
+    /// The image config is not valid JSON.
+    #[error("image {0}: bad config: {1}")]
+    Config(String, String),
+}
+
+/// Kubernetes image pull policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PullPolicy {
+    /// Always resolve the reference at the registry.
+    Always,
+    /// Pull only when not present.
+    IfNotPresent,
+    /// Never pull.
+    Never,
+}
+
+/// The parts of an image config a container needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageConfig {
+    /// `Entrypoint`.
+    pub entrypoint: Vec<String>,
+    /// `Cmd`.
+    pub cmd: Vec<String>,
+    /// `Env`.
+    pub env: Vec<String>,
+    /// `WorkingDir`.
+    pub working_dir: Option<String>,
+    /// `User`.
+    pub user: Option<String>,
+}
+
+/// A complete image in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Image {
+    /// Normalised reference.
+    pub reference: String,
+    /// Manifest digest.
+    pub digest: String,
+    /// Config digest (the image id).
+    pub id: String,
+    /// Config subset.
+    pub config: ImageConfig,
+    /// Layer blob digests, lowest first.
+    pub layers: Vec<String>,
+    /// Unpacked size of each layer in bytes.
+    pub layer_sizes: Vec<u64>,
+    /// Unix seconds of the pull.
+    pub pulled_at: u64,
+    /// Unix seconds of the last use.
+    pub last_used: u64,
+}
+
+/// Parse the parts of an image config JSON that matter. Pure.
+pub fn parse_config(json: &str) -> Result<ImageConfig, String> {
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "PascalCase", default)]
+    struct C {
+        entrypoint: Option<Vec<String>>,
+        cmd: Option<Vec<String>>,
+        env: Option<Vec<String>>,
+        working_dir: Option<String>,
+        user: Option<String>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Top {
+        config: Option<C>,
+    }
+    let t: Top = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let c = t.config.unwrap_or_default();
+    Ok(ImageConfig {
+        entrypoint: c.entrypoint.unwrap_or_default(),
+        cmd: c.cmd.unwrap_or_default(),
+        env: c.env.unwrap_or_default(),
+        working_dir: c.working_dir.filter(|w| !w.is_empty()),
+        user: c.user.filter(|u| !u.is_empty()),
+    })
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn hex_of(digest: &str) -> Option<&str> {
+    let h = digest.strip_prefix("sha256:")?;
+    (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())).then_some(h)
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            if let Ok(m) = e.path().symlink_metadata() {
+                total += m.len();
+                if m.is_dir() {
+                    total += dir_size(&e.path());
+                }
+            }
+        }
+    }
+    total
+}
+
+/// The content-addressed image store.
+pub struct ImageStore {
+    root: PathBuf,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl ImageStore {
+    /// Open (create) a store; removes leftovers of interrupted pulls.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
+        let root = root.into();
+        let tmp = root.join("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        for d in ["images", "layers", "tmp"] {
+            let p = root.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| ImageError::Io(p, e))?;
+        }
+        Ok(Self {
+            root,
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn image_file(&self, reference: &str) -> PathBuf {
+        let h = hex::encode(Sha256::digest(reference.as_bytes()));
+        self.root.join("images").join(format!("{h}.json"))
+    }
+
+    /// Directory of an unpacked layer.
+    pub fn layer_dir(&self, digest: &str) -> PathBuf {
+        self.root
+            .join("layers")
+            .join(hex_of(digest).unwrap_or("invalid"))
+    }
+
+    /// The layer directories of an image, lowest first (for [`crate::spec::Rootfs::Layers`]).
+    pub fn layer_dirs(&self, image: &Image) -> Vec<PathBuf> {
+        image.layers.iter().map(|d| self.layer_dir(d)).collect()
+    }
+
+    /// A complete image by reference (normalised here).
+    pub fn get(&self, reference: &str) -> Result<Option<Image>, ImageError> {
+        let r = reference::normalize(reference)?.to_string();
+        let f = self.image_file(&r);
+        match std::fs::read(&f) {
+            Ok(data) => Ok(serde_json::from_slice(&data).ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ImageError::Io(f, e)),
+        }
+    }
+
+    /// Every complete image.
+    pub fn list(&self) -> Result<Vec<Image>, ImageError> {
+        let dir = self.root.join("images");
+        let rd = std::fs::read_dir(&dir).map_err(|e| ImageError::Io(dir.clone(), e))?;
+        let mut out: Vec<Image> = rd
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|d| serde_json::from_slice(&d).ok())
+            .collect();
+        out.sort_by(|a, b| a.reference.cmp(&b.reference));
+        Ok(out)
+    }
+
+    fn write_image(&self, img: &Image) -> Result<(), ImageError> {
+        let f = self.image_file(&img.reference);
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("{}.json", hex::encode(rand_bytes())));
+        let data = serde_json::to_vec_pretty(img)
+            .map_err(|e| ImageError::Io(f.clone(), io::Error::other(e)))?;
+        std::fs::write(&tmp, data).map_err(|e| ImageError::Io(tmp.clone(), e))?;
+        std::fs::rename(&tmp, &f).map_err(|e| ImageError::Io(f, e))
+    }
+
+    /// Record a use (for GC ordering).
+    pub fn mark_used(&self, reference: &str) -> Result<(), ImageError> {
+        if let Some(mut img) = self.get(reference)? {
+            img.last_used = now();
+            self.write_image(&img)?;
+        }
+        Ok(())
+    }
+
+    /// Make `reference` present according to `policy`; concurrent calls for the same
+    /// reference do the work once. `docker_config` is a docker config JSON with credentials.
+    pub async fn ensure(
+        &self,
+        reference: &str,
+        policy: PullPolicy,
+        docker_config: Option<&str>,
+    ) -> Result<Image, ImageError> {
+        let r = reference::normalize(reference)?;
+        let name = r.to_string();
+        if policy != PullPolicy::Always {
+            if let Some(img) = self.get(&name)? {
+                return Ok(img);
+            }
+            if policy == PullPolicy::Never {
+                return Err(ImageError::NotPresent(name));
+            }
+        }
+        let lock = {
+            let mut m = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            m.entry(name.clone()).or_default().clone()
+        };
+        let _g = lock.lock().await;
+        if policy == PullPolicy::IfNotPresent {
+            if let Some(img) = self.get(&name)? {
+                return Ok(img);
+            }
+        }
+        self.pull(&r, docker_config).await
+    }
+
+    async fn pull(&self, r: &ImageRef, docker_config: Option<&str>) -> Result<Image, ImageError> {
+        let name = r.to_string();
+        let span = tracing::info_span!("pull", image = %name);
+        let _e = span.enter();
+        let reg_err = |e: oci_client::errors::OciDistributionError| {
+            ImageError::Registry(name.clone(), e.to_string())
+        };
+        let protocol = if reference::is_loopback(&r.registry) {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        };
+        let client = oci_client::Client::new(ClientConfig {
+            protocol,
+            ..Default::default()
+        });
+        let auth = match docker_config {
+            Some(c) => match reference::credentials(c, &r.registry)? {
+                Some((u, p)) => RegistryAuth::Basic(u, p),
+                None => RegistryAuth::Anonymous,
+            },
+            None => RegistryAuth::Anonymous,
+        };
+        let oref: oci_client::Reference = name.parse().map_err(|e: oci_client::ParseError| {
+            ImageError::Registry(name.clone(), e.to_string())
+        })?;
+        let (manifest, digest, config) = client
+            .pull_manifest_and_config(&oref, &auth)
+            .await
+            .map_err(reg_err)?;
+        if let Some(want) = &r.digest {
+            if want != &digest {
+                return Err(ImageError::Digest {
+                    image: name.clone(),
+                    digest: want.clone(),
+                    got: digest,
+                });
+            }
+        }
+        let got = format!("sha256:{}", hex::encode(Sha256::digest(config.as_bytes())));
+        if got != manifest.config.digest {
+            return Err(ImageError::Digest {
+                image: name.clone(),
+                digest: manifest.config.digest.clone(),
+                got,
+            });
+        }
+        let cfg = parse_config(&config).map_err(|e| ImageError::Config(name.clone(), e))?;
+        let mut layers = Vec::new();
+        let mut sizes = Vec::new();
+        for l in &manifest.layers {
+            let mt = l.media_type.as_str();
+            let ok = mt.ends_with(".tar")
+                || mt.ends_with("tar+gzip")
+                || mt.ends_with("tar.gzip")
+                || mt.ends_with("tar+zstd");
+            if !ok || mt.contains("nondistributable") || mt.contains("foreign") {
+                return Err(ImageError::MediaType(name.clone(), mt.to_string()));
+            }
+            let hex = hex_of(&l.digest).ok_or_else(|| ImageError::Digest {
+                image: name.clone(),
+                digest: l.digest.clone(),
+                got: "unsupported digest algorithm".into(),
+            })?;
+            let dest = self.layer_dir(&l.digest);
+            if !dest.exists() {
+                let work = self.root.join("tmp").join(hex::encode(rand_bytes()));
+                let res = self
+                    .fetch_layer(&client, &oref, l, &work, &dest, &name)
+                    .await;
+                let _ = std::fs::remove_dir_all(&work);
+                let _ = std::fs::remove_file(work.with_extension("blob"));
+                res?;
+            }
+            tracing::debug!(layer = %hex, "layer ready");
+            sizes.push(dir_size(&dest));
+            layers.push(l.digest.clone());
+        }
+        let img = Image {
+            reference: name.clone(),
+            digest,
+            id: manifest.config.digest.clone(),
+            config: cfg,
+            layers,
+            layer_sizes: sizes,
+            pulled_at: now(),
+            last_used: now(),
+        };
+        self.write_image(&img)?;
+        tracing::info!(digest = %img.digest, "pulled");
+        Ok(img)
+    }
+
+    async fn fetch_layer(
+        &self,
+        client: &oci_client::Client,
+        oref: &oci_client::Reference,
+        l: &oci_client::manifest::OciDescriptor,
+        work: &Path,
+        dest: &Path,
+        name: &str,
+    ) -> Result<(), ImageError> {
+        let blob = work.with_extension("blob");
+        let f = tokio::fs::File::create(&blob)
+            .await
+            .map_err(|e| ImageError::Io(blob.clone(), e))?;
+        let mut w = tokio::io::BufWriter::new(f);
+        client
+            .pull_blob(oref, l, &mut w)
+            .await
+            .map_err(|e| ImageError::Registry(name.to_string(), e.to_string()))?;
+        tokio::io::AsyncWriteExt::flush(&mut w)
+            .await
+            .map_err(|e| ImageError::Io(blob.clone(), e))?;
+        drop(w);
+        let (blob2, work2, dest2, name2, want) = (
+            blob.clone(),
+            work.to_path_buf(),
+            dest.to_path_buf(),
+            name.to_string(),
+            l.digest.clone(),
+        );
+        tokio::task::spawn_blocking(move || -> Result<(), ImageError> {
+            let got = {
+                let mut f =
+                    std::fs::File::open(&blob2).map_err(|e| ImageError::Io(blob2.clone(), e))?;
+                let mut h = Sha256::new();
+                io::copy(&mut f, &mut h).map_err(|e| ImageError::Io(blob2.clone(), e))?;
+                format!("sha256:{}", hex::encode(h.finalize()))
+            };
+            if got != want {
+                return Err(ImageError::Digest {
+                    image: name2,
+                    digest: want,
+                    got,
+                });
+            }
+            std::fs::create_dir_all(&work2).map_err(|e| ImageError::Io(work2.clone(), e))?;
+            let f = std::fs::File::open(&blob2).map_err(|e| ImageError::Io(blob2.clone(), e))?;
+            layer::unpack(f, &work2).map_err(|e| ImageError::Layer(name2.clone(), e))?;
+            match std::fs::rename(&work2, &dest2) {
+                Ok(()) => Ok(()),
+                // Another pull of an image sharing this layer finished first.
+                Err(_) if dest2.exists() => Ok(()),
+                Err(e) => Err(ImageError::Io(dest2, e)),
+            }
+        })
+        .await
+        .map_err(|e| ImageError::Io(blob.clone(), io::Error::other(e)))?
+    }
+
+    /// Remove an image record and the layers no other image uses.
+    pub fn remove(&self, reference: &str) -> Result<(), ImageError> {
+        let r = reference::normalize(reference)?.to_string();
+        let f = self.image_file(&r);
+        match std::fs::remove_file(&f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ImageError::Io(f, e)),
+        }
+        self.prune_layers()
+    }
+
+    fn prune_layers(&self) -> Result<(), ImageError> {
+        let used: HashSet<String> = self
+            .list()?
+            .iter()
+            .flat_map(|i| {
+                i.layers
+                    .iter()
+                    .filter_map(|d| hex_of(d).map(str::to_string))
+            })
+            .collect();
+        let dir = self.root.join("layers");
+        let rd = std::fs::read_dir(&dir).map_err(|e| ImageError::Io(dir.clone(), e))?;
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !used.contains(&n) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Total bytes of unpacked layers (each counted once).
+    pub fn size(&self) -> Result<u64, ImageError> {
+        let mut seen = HashMap::new();
+        for i in self.list()? {
+            for (d, s) in i.layers.iter().zip(&i.layer_sizes) {
+                seen.insert(d.clone(), *s);
+            }
+        }
+        Ok(seen.values().sum())
+    }
+
+    /// Remove images not in `in_use` (normalised references or image ids), least recently
+    /// used first, until the store is at most `target_bytes`. Returns the removed references.
+    pub fn gc(
+        &self,
+        in_use: &HashSet<String>,
+        target_bytes: u64,
+    ) -> Result<Vec<String>, ImageError> {
+        let mut imgs = self.list()?;
+        imgs.sort_by_key(|i| (i.last_used, i.pulled_at));
+        let mut removed = Vec::new();
+        for i in imgs {
+            if self.size()? <= target_bytes {
+                break;
+            }
+            if in_use.contains(&i.reference) || in_use.contains(&i.id) || in_use.contains(&i.digest)
+            {
+                continue;
+            }
+            self.remove(&i.reference)?;
+            removed.push(i.reference);
+        }
+        Ok(removed)
+    }
+}
+
+fn rand_bytes() -> [u8; 8] {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let seed = format!("{t}-{}-{n}", std::process::id());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&Sha256::digest(seed.as_bytes())[..8]);
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_subset() {
+        let c = parse_config(
+            r#"{"architecture":"amd64","config":{"Entrypoint":["/bin/sh"],"Cmd":["-c","x"],"Env":["A=1"],"WorkingDir":"/w","User":"app"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.entrypoint, ["/bin/sh"]);
+        assert_eq!(c.user.as_deref(), Some("app"));
+        assert_eq!(
+            parse_config(r#"{"config":{"WorkingDir":""}}"#).unwrap(),
+            ImageConfig::default()
+        );
+        assert!(parse_config("[").is_err());
+    }
+
+    #[tokio::test]
+    async fn policy_never_and_bad_refs() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ImageStore::open(d.path()).unwrap();
+        assert!(matches!(
+            s.ensure("busybox", PullPolicy::Never, None).await,
+            Err(ImageError::NotPresent(r)) if r == "docker.io/library/busybox:latest"
+        ));
+        assert!(matches!(
+            s.ensure("Bad Ref", PullPolicy::Always, None).await,
+            Err(ImageError::Reference(_))
+        ));
+        assert_eq!(s.list().unwrap(), vec![]);
+        assert_eq!(s.gc(&HashSet::new(), 0).unwrap(), Vec::<String>::new());
+    }
+}

@@ -5,7 +5,9 @@
 //! Effectful by design: everything here creates real kernel objects, and only inside
 //! namespaces it made itself.
 
+pub mod images;
 pub mod netns;
+pub mod registry;
 pub mod topology;
 pub mod vm;
 

@@ -5,6 +5,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hako_shim::client::Runtime;
+use hako_shim::image::{ImageStore, PullPolicy};
 use hako_shim::protocol::ExecRequest;
 use std::fs::File;
 use std::io::{BufRead, Write};
@@ -74,6 +75,27 @@ enum Cmd {
         #[arg(trailing_var_arg = true, required = true)]
         args: Vec<String>,
     },
+    /// Pull an image into the store (`--policy Always|IfNotPresent|Never`); prints the image,
+    /// the elapsed time and the process's peak RSS as JSON.
+    Pull {
+        /// Image store root.
+        #[arg(long, default_value = "/var/lib/hako/images")]
+        image_root: PathBuf,
+        /// Pull policy.
+        #[arg(long, default_value = "IfNotPresent")]
+        policy: String,
+        /// Docker config JSON file with registry credentials.
+        #[arg(long)]
+        docker_config: Option<PathBuf>,
+        /// Image reference.
+        reference: String,
+    },
+    /// List the images in the store.
+    Images {
+        /// Image store root.
+        #[arg(long, default_value = "/var/lib/hako/images")]
+        image_root: PathBuf,
+    },
     /// Delete the container (kills it first).
     Delete {
         /// The container's state directory.
@@ -122,6 +144,13 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(r.exit_code);
         }
         Cmd::Delete { state_dir } => print(&client(&state_dir)?.delete()?),
+        Cmd::Pull {
+            image_root,
+            policy,
+            docker_config,
+            reference,
+        } => pull(image_root, &policy, docker_config, &reference),
+        Cmd::Images { image_root } => print(&ImageStore::open(image_root)?.list()?),
     }
 }
 
@@ -181,4 +210,42 @@ fn create(dir: PathBuf) -> anyhow::Result<()> {
             std::process::exit(code);
         }
     }
+}
+
+fn pull(
+    root: PathBuf,
+    policy: &str,
+    docker_config: Option<PathBuf>,
+    reference: &str,
+) -> anyhow::Result<()> {
+    let policy = match policy {
+        "Always" => PullPolicy::Always,
+        "IfNotPresent" => PullPolicy::IfNotPresent,
+        "Never" => PullPolicy::Never,
+        other => bail!("unknown pull policy {other:?} (Always, IfNotPresent, Never)"),
+    };
+    let cfg = match docker_config {
+        Some(p) => {
+            Some(std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?)
+        }
+        None => None,
+    };
+    let start = std::time::Instant::now();
+    let store = ImageStore::open(root)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let img = rt.block_on(store.ensure(reference, policy, cfg.as_deref()))?;
+    let elapsed_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak_rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    print(&serde_json::json!({
+        "image": img,
+        "elapsedMs": elapsed_ms,
+        "peakRssKiB": peak_rss_kib,
+    }))
 }

@@ -130,6 +130,36 @@ pub fn parse_config(json: &str) -> Result<ImageConfig, String> {
     })
 }
 
+/// The container process of an image under Kubernetes rules: `command` replaces the
+/// Entrypoint (and drops Cmd), `args` replaces Cmd; env, working dir and user come from the
+/// image config. Pure.
+pub fn process_for(
+    config: &ImageConfig,
+    command: &[String],
+    args: &[String],
+) -> crate::spec::Process {
+    let mut argv: Vec<String> = if command.is_empty() {
+        config.entrypoint.clone()
+    } else {
+        command.to_vec()
+    };
+    if !args.is_empty() {
+        argv.extend(args.iter().cloned());
+    } else if command.is_empty() {
+        argv.extend(config.cmd.iter().cloned());
+    }
+    crate::spec::Process {
+        args: argv,
+        env: config.env.clone(),
+        cwd: config.working_dir.clone(),
+        user: crate::spec::User {
+            spec: config.user.clone().unwrap_or_default(),
+            additional_gids: Vec::new(),
+        },
+        ..Default::default()
+    }
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -271,6 +301,20 @@ impl ImageStore {
             }
         }
         self.pull(&r, docker_config).await
+    }
+
+    /// [`ImageStore::ensure`] on a private current-thread runtime, for synchronous callers.
+    pub fn ensure_blocking(
+        &self,
+        reference: &str,
+        policy: PullPolicy,
+        docker_config: Option<&str>,
+    ) -> Result<Image, ImageError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ImageError::Io(self.root.clone(), e))?;
+        rt.block_on(self.ensure(reference, policy, docker_config))
     }
 
     async fn pull(&self, r: &ImageRef, docker_config: Option<&str>) -> Result<Image, ImageError> {
@@ -523,6 +567,26 @@ mod tests {
             ImageConfig::default()
         );
         assert!(parse_config("[").is_err());
+    }
+
+    #[test]
+    fn kubernetes_command_rules() {
+        let c = ImageConfig {
+            entrypoint: vec!["ep".into()],
+            cmd: vec!["c1".into()],
+            user: Some("app".into()),
+            ..Default::default()
+        };
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        for (cmd, args, want) in [
+            (s(&[]), s(&[]), s(&["ep", "c1"])),
+            (s(&[]), s(&["a"]), s(&["ep", "a"])),
+            (s(&["x"]), s(&[]), s(&["x"])),
+            (s(&["x"]), s(&["a"]), s(&["x", "a"])),
+        ] {
+            assert_eq!(process_for(&c, &cmd, &args).args, want);
+        }
+        assert_eq!(process_for(&c, &[], &[]).user.spec, "app");
     }
 
     #[tokio::test]

@@ -264,6 +264,11 @@ impl Registry {
         self.child.id()
     }
 
+    /// The exit status when the registry process has ended, `None` while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// A client for this registry.
     pub fn client(&self) -> Client {
         Client::new(&self.addr)

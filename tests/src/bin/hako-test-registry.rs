@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use hako_tests::registry::{push_standard, Client, Registry, RegistryOptions, BUSYBOX_REPO};
 use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -64,17 +65,33 @@ fn main() -> Result<()> {
             set.add(Signal::SIGTERM);
             set.add(Signal::SIGINT);
             set.thread_block().context("blocking SIGTERM/SIGINT")?;
-            let reg = Registry::start_with(RegistryOptions { port, dir })?;
+            let mut reg = Registry::start_with(RegistryOptions { port, dir })?;
             report(reg.addr(), &reg.client())?;
             let mut out = std::io::stdout().lock();
             writeln!(out, "{}", reg.addr())?;
             out.flush()?;
-            let sig = set.wait().context("waiting for SIGTERM/SIGINT")?;
-            writeln!(
-                std::io::stderr(),
-                "{sig}: stopping the registry on {}",
-                reg.addr()
-            )?;
+            let sfd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+                .context("signalfd")?;
+            loop {
+                if let Some(info) = sfd.read_signal().context("reading signalfd")? {
+                    let sig = Signal::try_from(i32::try_from(info.ssi_signo).unwrap_or(0))
+                        .map_or_else(|_| info.ssi_signo.to_string(), |s| s.to_string());
+                    writeln!(
+                        std::io::stderr(),
+                        "{sig}: stopping the registry on {}",
+                        reg.addr()
+                    )?;
+                    break;
+                }
+                if let Some(status) = reg.exited() {
+                    anyhow::bail!(
+                        "docker-registry on {} exited ({status}); log:\n{}",
+                        reg.addr(),
+                        reg.log_tail()
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
             drop(reg);
             Ok(())
         }

@@ -220,7 +220,12 @@ impl Cgroup {
         for (ctrl, file, value) in plan_writes(spec, layout) {
             let dir = self.dir_for(ctrl);
             if let Some(d) = dir {
-                write(&d.join(file), &value)?;
+                match write(&d.join(file), &value) {
+                    // No swap accounting in this kernel: nothing to limit.
+                    Err(CgroupError::Write(_, _, e))
+                        if file == "memory.swap.max" && e.kind() == io::ErrorKind::NotFound => {}
+                    r => r?,
+                }
             }
         }
         Ok(())

@@ -1,0 +1,136 @@
+//! Benchmark driver of `scripts/bench-shim`: create + start + wait + delete of `/bin/true`
+//! from one rootfs, N runs each for hako-shim (through the client library, as the agent
+//! drives it), `crun run` and `runc run` over the same rootfs; prints medians, p95 and ratios.
+//! Runs everything in a private mount namespace with `/sys/fs/cgroup/unified` unmounted so
+//! that crun 1.8 accepts a hybrid host (hako-shim handles either layout).
+#![allow(unsafe_code)]
+
+use hako_shim::client::Runtime;
+use hako_shim::spec::{CgroupSpec, ContainerSpec, Process, Rootfs};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let median = ms(v[v.len() / 2]);
+    let p95 = ms(v[((v.len() * 95).div_ceil(100))
+        .saturating_sub(1)
+        .min(v.len() - 1)]);
+    let mean = v.iter().map(|d| ms(*d)).sum::<f64>() / v.len() as f64;
+    (median, p95, mean)
+}
+
+fn private_mount_ns() {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare mnt");
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .expect("make / rprivate");
+    if std::path::Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists() {
+        umount2("/sys/fs/cgroup/unified", MntFlags::MNT_DETACH).expect("umount unified");
+    }
+}
+
+fn main() {
+    let shim = PathBuf::from(arg("--shim").expect("--shim BIN"));
+    let rootfs = PathBuf::from(arg("--rootfs").expect("--rootfs DIR"));
+    let bundle = PathBuf::from(arg("--bundle").expect("--bundle DIR (config.json for crun/runc)"));
+    let work = PathBuf::from(arg("--work").expect("--work DIR"));
+    let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(50);
+    private_mount_ns();
+
+    let rt = Runtime::new(&shim, work.join("hako-state"));
+    let hako = |i: usize| {
+        let id = format!("bench-{i}");
+        let spec = ContainerSpec {
+            id: id.clone(),
+            rootfs: Rootfs::Dir(rootfs.clone()),
+            readonly_rootfs: true,
+            process: Process {
+                args: vec!["/bin/true".into()],
+                ..Default::default()
+            },
+            cgroup: Some(CgroupSpec {
+                path: format!("hako-bench/{id}"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let c = rt.create(&spec).expect("hako create");
+        c.start().expect("hako start");
+        let st = c.wait(None).expect("hako wait");
+        c.delete().expect("hako delete");
+        let d = t.elapsed();
+        assert_eq!(st.exit_code, Some(0), "hako: /bin/true failed");
+        d
+    };
+    let oci = |bin: &'static str| {
+        let bundle = bundle.clone();
+        move |i: usize| {
+            let id = format!("bench-{bin}-{i}");
+            let t = Instant::now();
+            let st = Command::new(bin)
+                .args(["run", "--bundle"])
+                .arg(&bundle)
+                .arg(&id)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .status()
+                .expect("run");
+            let d = t.elapsed();
+            assert!(st.success(), "{bin} run failed");
+            d
+        }
+    };
+    let mut results: Vec<(&str, Vec<Duration>)> = Vec::new();
+    let mut measure = |name: &'static str, f: &dyn Fn(usize) -> Duration| {
+        for i in 0..3 {
+            f(1_000_000 + i);
+        }
+        let v: Vec<Duration> = (0..runs).map(f).collect();
+        results.push((name, v));
+    };
+    measure("hako-shim", &hako);
+    measure("crun", &oci("crun"));
+    measure("runc", &oci("runc"));
+    let _ = std::fs::remove_dir(work.join("hako-state"));
+    for c in ["cpu", "cpuacct", "memory", "pids"] {
+        let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{c}/hako-bench"));
+    }
+
+    let crun_median = results
+        .iter()
+        .find(|(n, _)| *n == "crun")
+        .map(|(_, v)| stats(v.clone()).0)
+        .unwrap_or(f64::NAN);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "create+start+wait+delete of /bin/true, {runs} runs each\n{:<10} {:>10} {:>10} {:>10} {:>14}",
+        "runtime", "median ms", "p95 ms", "mean ms", "median/crun"
+    );
+    for (name, v) in &results {
+        let (m, p, mean) = stats(v.clone());
+        let _ = writeln!(
+            out,
+            "{name:<10} {m:>10.2} {p:>10.2} {mean:>10.2} {:>14.2}",
+            m / crun_median
+        );
+    }
+}

@@ -1,4 +1,4 @@
-//! Unpacking of one image layer (gzip or plain tar) into its own directory in overlayfs
+//! Unpacking of one image layer (gzip, zstd or plain tar) into its own directory in overlayfs
 //! form: `.wh.<name>` whiteouts become 0/0 character devices and `.wh..wh..opq` marks its
 //! directory opaque (`trusted.overlay.opaque=y`). Ownership, modes and xattrs are kept.
 //! Effectful (needs root for devices and trusted xattrs).
@@ -104,7 +104,10 @@ pub fn unpack(src: impl Read, dest: &Path) -> Result<(), LayerError> {
     match detect(&head) {
         Compression::Gzip => unpack_tar(flate2::read::GzDecoder::new(br), dest),
         Compression::None => unpack_tar(br, dest),
-        Compression::Zstd => Err(LayerError::Compression("zstd")),
+        Compression::Zstd => match zstd::stream::read::Decoder::with_buffer(br) {
+            Ok(d) => unpack_tar(d, dest),
+            Err(_) => Err(LayerError::Compression("zstd")),
+        },
     }
 }
 
@@ -162,6 +165,27 @@ mod tests {
             assert_eq!(classify(Path::new(p)).unwrap(), want, "{p}");
         }
         assert!(classify(Path::new("../etc")).is_err());
+    }
+
+    #[test]
+    fn unpacks_every_compression() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_uid(nix::unistd::getuid().as_raw().into());
+        h.set_gid(nix::unistd::getgid().as_raw().into());
+        b.append_data(&mut h, "a/f", &b"hi"[..]).unwrap();
+        let plain = b.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &plain).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::stream::encode_all(&plain[..], 1).unwrap();
+        for data in [plain.clone(), gz, zst] {
+            let d = tempfile::tempdir().unwrap();
+            unpack(&data[..], d.path()).unwrap();
+            assert_eq!(std::fs::read(d.path().join("a/f")).unwrap(), b"hi");
+        }
     }
 
     #[test]

@@ -111,6 +111,33 @@ pub fn plan_writes(spec: &CgroupSpec, layout: Layout) -> Vec<(&'static str, &'st
     w
 }
 
+/// Kubernetes QoS class of a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum QosClass {
+    /// Requests equal limits for every container.
+    Guaranteed,
+    /// Anything between.
+    Burstable,
+    /// No requests or limits.
+    BestEffort,
+}
+
+/// The pod-level cgroup path the kubelet's cgroupfs driver uses:
+/// `kubepods/pod<uid>` (Guaranteed), `kubepods/burstable/pod<uid>`,
+/// `kubepods/besteffort/pod<uid>`. Pure.
+pub fn pod_cgroup_path(qos: QosClass, pod_uid: &str) -> String {
+    match qos {
+        QosClass::Guaranteed => format!("kubepods/pod{pod_uid}"),
+        QosClass::Burstable => format!("kubepods/burstable/pod{pod_uid}"),
+        QosClass::BestEffort => format!("kubepods/besteffort/pod{pod_uid}"),
+    }
+}
+
+/// A container's cgroup path under its pod's. Pure.
+pub fn container_cgroup_path(qos: QosClass, pod_uid: &str, container_id: &str) -> String {
+    format!("{}/{container_id}", pod_cgroup_path(qos, pod_uid))
+}
+
 /// A created container cgroup.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Cgroup {
@@ -301,6 +328,22 @@ impl Cgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qos_paths() {
+        assert_eq!(
+            pod_cgroup_path(QosClass::Guaranteed, "u1"),
+            "kubepods/podu1"
+        );
+        assert_eq!(
+            container_cgroup_path(QosClass::Burstable, "u1", "c"),
+            "kubepods/burstable/podu1/c"
+        );
+        assert_eq!(
+            pod_cgroup_path(QosClass::BestEffort, "u1"),
+            "kubepods/besteffort/podu1"
+        );
+    }
 
     #[test]
     fn weights() {

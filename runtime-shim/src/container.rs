@@ -246,7 +246,46 @@ fn mnt(
 }
 
 fn inside(root: &Path, p: &str) -> PathBuf {
-    root.join(p.trim_start_matches('/'))
+    secure_join(root, p)
+}
+
+/// Resolve `path` inside `root` as if `root` were `/`: symlinks in the rootfs (absolute or
+/// relative, `..` included) never lead outside it. Components that do not exist are kept
+/// literally (they will be created). Like runc's filepath-securejoin.
+pub fn secure_join(root: &Path, path: &str) -> PathBuf {
+    let mut pending: Vec<String> = path
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .map(str::to_string)
+        .rev()
+        .collect();
+    let mut cur: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(c) = pending.pop() {
+        if c == ".." {
+            cur.pop();
+            continue;
+        }
+        let candidate = cur
+            .iter()
+            .fold(root.to_path_buf(), |p, c| p.join(c))
+            .join(&c);
+        match fs::symlink_metadata(&candidate) {
+            Ok(m) if m.file_type().is_symlink() && links < 40 => {
+                links += 1;
+                let target = fs::read_link(&candidate).unwrap_or_default();
+                let t = target.to_string_lossy();
+                if t.starts_with('/') {
+                    cur.clear();
+                }
+                for part in t.split('/').filter(|x| !x.is_empty() && *x != ".").rev() {
+                    pending.push(part.to_string());
+                }
+            }
+            _ => cur.push(c),
+        }
+    }
+    cur.iter().fold(root.to_path_buf(), |p, c| p.join(c))
 }
 
 fn child(
@@ -762,6 +801,27 @@ mod tests {
         ] {
             assert_eq!(clamp_oom_score_adj(req, cur, cap), want);
         }
+    }
+
+    #[test]
+    fn secure_join_stays_inside() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        symlink("/etc", r.join("abs")).unwrap();
+        symlink("../../../../outside", r.join("etc/rel")).unwrap();
+        symlink("loop2", r.join("loop1")).unwrap();
+        symlink("loop1", r.join("loop2")).unwrap();
+        for (p, want) in [
+            ("/data", "data"),
+            ("/abs/x", "etc/x"),
+            ("/etc/rel/y", "outside/y"),
+            ("/../../z", "z"),
+            ("a/./b/../c", "a/c"),
+        ] {
+            assert_eq!(secure_join(r, p), r.join(want), "{p}");
+        }
+        assert!(secure_join(r, "/loop1/x").starts_with(r));
     }
 
     #[test]

@@ -159,9 +159,23 @@ fn volumes_bind_ro_and_missing_source_fails_cleanly() {
             ..Default::default()
         },
     ];
+    // A symlink in the rootfs that points at the host's / must not carry a mount out.
+    std::os::unix::fs::symlink("/", env.rootfs.join("evil")).unwrap();
+    let escape = format!("hako-escape-{}", std::process::id());
+    spec.mounts.push(Mount {
+        destination: format!("/evil/../evil/{escape}"),
+        source: data.display().to_string(),
+        options: vec!["ro".into()],
+        ..Default::default()
+    });
     let (st, _) = env.run(&spec);
     assert_eq!(st.exit_code, Some(0));
     assert_eq!(env.stdout("vol"), ["from-host", "ro-ok"]);
+    assert!(
+        !Path::new("/").join(&escape).exists(),
+        "mount target escaped the rootfs"
+    );
+    assert!(env.rootfs.join(&escape).is_dir());
     assert_eq!(std::fs::read_to_string(rw.join("new")).unwrap(), "y\n");
     assert!(!data.join("new").exists());
 

@@ -35,6 +35,9 @@ pub enum CreateError {
     /// A capability name is unknown.
     #[error(transparent)]
     Capability(#[from] crate::capabilities::UnknownCapability),
+    /// The seccomp filter could not be built.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The container process reported a setup failure.
     #[error("container setup failed: {0}")]
     Setup(String),
@@ -52,6 +55,7 @@ pub struct InitPlan {
     caps: HashSet<Capability>,
     cgroup_procs: Vec<PathBuf>,
     oom_score_adj: Option<i32>,
+    seccomp: Option<seccompiler::BpfProgram>,
 }
 
 /// The oom_score_adj to write: the requested one, or the lowest settable value (the current
@@ -100,7 +104,14 @@ impl InitPlan {
                 None => crate::capabilities::default_set(),
             }
         };
+        let seccomp = match spec.seccomp {
+            crate::seccomp::SeccompProfile::RuntimeDefault if !spec.privileged => {
+                Some(crate::seccomp::build(&caps)?)
+            }
+            _ => None,
+        };
         Ok(Self {
+            seccomp,
             spec: spec.clone(),
             rootfs: state_dir.join("rootfs"),
             upper: state_dir.join("upper"),
@@ -473,6 +484,9 @@ fn child(
             .map_err(ctx(|| format!("setrlimit {}", r.kind)))?;
     }
 
+    if let Some(f) = &plan.seccomp {
+        crate::seccomp::apply(f).map_err(|e| e.to_string())?;
+    }
     set_identity(&id, &plan.caps)?;
     unistd::chdir(Path::new(&cwd)).map_err(ctx(|| format!("chdir {cwd}")))?;
     if spec.process.no_new_privileges {
@@ -773,6 +787,11 @@ impl InitPlan {
     /// The capability set the container runs with.
     pub fn caps(&self) -> &HashSet<Capability> {
         &self.caps
+    }
+
+    /// The compiled seccomp filter, if the container has one.
+    pub fn seccomp(&self) -> Option<&seccompiler::BpfProgram> {
+        self.seccomp.as_ref()
     }
 }
 

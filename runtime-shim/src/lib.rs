@@ -12,6 +12,7 @@ pub mod image;
 pub mod layer;
 pub mod logs;
 pub mod protocol;
+pub mod seccomp;
 pub mod shim;
 pub mod spec;
 pub mod state;

@@ -463,6 +463,7 @@ fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, String> {
         .unwrap_or_else(|| "/".into());
     let caps = shared.plan_caps();
     let nnp = spec.process.no_new_privileges;
+    let filter = shared.plan.seccomp().cloned();
     let mut cmd = Command::new(&exe);
     cmd.arg0(&x.args[0])
         .args(&x.args[1..])
@@ -487,6 +488,9 @@ fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, String> {
             }
             container::join_namespaces(&ns)?;
             nix::unistd::chdir(Path::new(&cwd)).map_err(io::Error::from)?;
+            if let Some(f) = &filter {
+                crate::seccomp::apply(f).map_err(io::Error::other)?;
+            }
             container::set_identity(&id, &caps).map_err(io::Error::other)?;
             if nnp {
                 nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)?;

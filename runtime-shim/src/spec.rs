@@ -33,6 +33,8 @@ pub struct ContainerSpec {
     pub cgroup: Option<CgroupSpec>,
     /// CRI-format log file for stdout/stderr.
     pub log: Option<LogSpec>,
+    /// Seccomp profile (ignored when privileged).
+    pub seccomp: crate::seccomp::SeccompProfile,
 }
 
 /// Where the root filesystem comes from.

@@ -510,3 +510,31 @@ fn whiteouts_and_opaque_dirs_from_layers_are_honoured() {
         "k"
     );
 }
+
+#[test]
+fn seccomp_runtime_default_refuses_unshare() {
+    let env = Env::new("seccomp");
+    let script = "grep '^Seccomp:' /proc/self/status; if unshare -U true 2>/dev/null; then echo unshare-ok; else echo unshare-refused; fi";
+    let mut spec = env.spec("confined", &["sh", "-c", script]);
+    spec.seccomp = hako_shim::seccomp::SeccompProfile::RuntimeDefault;
+    spec.process.no_new_privileges = true;
+    let c = env.create(&spec).unwrap();
+    c.start().unwrap();
+    assert_eq!(
+        c.wait(Some(Duration::from_secs(30))).unwrap().exit_code,
+        Some(0)
+    );
+    assert_eq!(env.stdout("confined"), ["Seccomp:\t2", "unshare-refused"]);
+    c.delete().unwrap();
+    let (st, _) = env.run(&env.spec("unconfined", &["sh", "-c", script]));
+    assert_eq!(st.exit_code, Some(0));
+    assert_eq!(env.stdout("unconfined"), ["Seccomp:\t0", "unshare-ok"]);
+
+    let mut spec = env.spec("confined-exec", &["sleep", "1000"]);
+    spec.seccomp = hako_shim::seccomp::SeccompProfile::RuntimeDefault;
+    let c = env.create(&spec).unwrap();
+    c.start().unwrap();
+    let r = exec(&c, &["sh", "-c", script]);
+    assert_eq!(r.stdout, "Seccomp:\t2\nunshare-refused\n");
+    c.delete().unwrap();
+}

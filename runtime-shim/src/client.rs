@@ -107,6 +107,57 @@ impl Runtime {
         }
     }
 
+    /// Remove a container whose shim is gone (or will not answer): SIGKILL the recorded
+    /// container and shim processes, remove its cgroup directories and its state directory.
+    /// A live shim is asked to delete first.
+    pub fn force_delete(&self, id: &str) -> Result<(), ClientError> {
+        let c = self.client(id);
+        if c.delete().is_ok() {
+            return Ok(());
+        }
+        let dir = self.dir(id);
+        if let Ok(st) = c.recorded_state() {
+            use nix::sys::signal::{kill, Signal};
+            use nix::unistd::Pid;
+            for pid in [st.shim_pid, st.pid] {
+                // Only signal processes that still look like ours.
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let ours = pid == st.shim_pid
+                    && String::from_utf8_lossy(&cmd).contains(&*dir.to_string_lossy());
+                if pid > 1 && (ours || (pid == st.pid && st.status != state::Status::Stopped)) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+            for d in st.cgroup_dirs.iter() {
+                for _ in 0..50 {
+                    match std::fs::remove_dir(d) {
+                        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
+                        _ => break,
+                    }
+                }
+            }
+        }
+        let rootfs = dir.join("rootfs");
+        let dev = |p: &Path| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+        };
+        if dev(&rootfs).is_some() && dev(&rootfs) != dev(&dir) {
+            return Err(ClientError::Shim(
+                id.to_string(),
+                "rootfs still mounted; state kept".into(),
+            ));
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ClientError::Io(id.to_string(), e)),
+        }
+    }
+
     /// Every container with a state directory (for re-adoption after a restart).
     pub fn list(&self) -> Result<Vec<State>, ClientError> {
         state::list(&self.state_root).map_err(|e| ClientError::Io("*".into(), e))

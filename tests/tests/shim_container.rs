@@ -538,3 +538,37 @@ fn seccomp_runtime_default_refuses_unshare() {
     assert_eq!(r.stdout, "Seccomp:\t2\nunshare-refused\n");
     c.delete().unwrap();
 }
+
+#[test]
+fn force_delete_cleans_up_after_a_dead_shim() {
+    let env = Env::new("force");
+    let mut spec = env.spec("orphan", &["sleep", "1000"]);
+    spec.cgroup = Some(env.cgroup("orphan"));
+    let c = env.create(&spec).unwrap();
+    let st = c.start().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(st.shim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The shim is gone; the container runs on until force_delete.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while c.state().is_ok() {
+        assert!(std::time::Instant::now() < deadline, "shim still answers");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(matches!(c.state(), Err(ClientError::Unreachable(..))));
+    assert_eq!(c.recorded_state().unwrap().status, Status::Running);
+    env.rt.force_delete("orphan").unwrap();
+    let gone = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    };
+    while !gone(st.pid) {
+        assert!(std::time::Instant::now() < deadline, "container still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!env.rt.dir("orphan").exists());
+    assert!(!cgroup_leaf_exists(&env, "orphan"));
+}

@@ -194,12 +194,26 @@ pub struct ImageStore {
 }
 
 impl ImageStore {
-    /// Open (create) a store; removes leftovers of interrupted pulls.
+    /// Open (create) a store; removes old leftovers of interrupted pulls.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
         let root = root.into();
-        let tmp = root.join("tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        for d in ["images", "layers", "tmp"] {
+        // Leftovers of interrupted pulls (an hour old: a pull in another process may be
+        // using younger ones).
+        if let Ok(rd) = std::fs::read_dir(root.join("tmp")) {
+            for e in rd.flatten() {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() > 3600);
+                if old {
+                    let _ = std::fs::remove_dir_all(e.path());
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        for d in ["images", "layers", "tmp", "locks"] {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(|e| ImageError::Io(p, e))?;
         }
@@ -295,6 +309,25 @@ impl ImageStore {
             m.entry(name.clone()).or_default().clone()
         };
         let _g = lock.lock().await;
+        // Other processes pulling into the same store: an exclusive flock per reference.
+        let lock_path = self.root.join("locks").join(format!(
+            "{}.lock",
+            hex::encode(Sha256::digest(name.as_bytes()))
+        ));
+        let lp = lock_path.clone();
+        let _flock =
+            tokio::task::spawn_blocking(move || -> io::Result<nix::fcntl::Flock<std::fs::File>> {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(&lp)?;
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+                    .map_err(|(_, e)| io::Error::from(e))
+            })
+            .await
+            .map_err(|e| ImageError::Io(lock_path.clone(), io::Error::other(e)))?
+            .map_err(|e| ImageError::Io(lock_path.clone(), e))?;
         if policy == PullPolicy::IfNotPresent {
             if let Some(img) = self.get(&name)? {
                 return Ok(img);

@@ -71,6 +71,9 @@ enum Cmd {
         /// The container's state directory.
         #[arg(long)]
         state_dir: PathBuf,
+        /// Run on a terminal (its output comes back on stdout).
+        #[arg(long, short = 't')]
+        tty: bool,
         /// Command and arguments.
         #[arg(trailing_var_arg = true, required = true)]
         args: Vec<String>,
@@ -134,9 +137,14 @@ fn main() -> anyhow::Result<()> {
             print(&st)?;
             std::process::exit(st.exit_code.unwrap_or(255));
         }
-        Cmd::Exec { state_dir, args } => {
+        Cmd::Exec {
+            state_dir,
+            tty,
+            args,
+        } => {
             let r = client(&state_dir)?.exec(ExecRequest {
                 args,
+                tty,
                 ..Default::default()
             })?;
             std::io::stdout().lock().write_all(r.stdout.as_bytes())?;

@@ -45,6 +45,9 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// Kill the process after this many milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Run on a terminal from the container's devpts (stdin, stdout and stderr); the
+    /// terminal's output comes back as `stdout`.
+    pub tty: bool,
 }
 
 /// An exec's result.

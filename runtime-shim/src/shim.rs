@@ -13,7 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -465,12 +465,25 @@ fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, String> {
     let nnp = spec.process.no_new_privileges;
     let filter = shared.plan.seccomp().cloned();
     let mut cmd = Command::new(&exe);
-    cmd.arg0(&x.args[0])
-        .args(&x.args[1..])
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.arg0(&x.args[0]).args(&x.args[1..]).env_clear();
+    let tty = x.tty;
+    let mut master = None;
+    if tty {
+        let (m, slave) = container::open_container_pty(pid)
+            .map_err(|e| format!("open a terminal in {pid}: {e}"))?;
+        let dup = |f: &File| f.try_clone().map_err(|e| format!("dup terminal: {e}"));
+        cmd.stdin(Stdio::from(dup(&slave)?))
+            .stdout(Stdio::from(dup(&slave)?))
+            .stderr(Stdio::from(slave));
+        master = Some(m);
+        if !env.iter().any(|e| e.starts_with("TERM=")) {
+            cmd.env("TERM", "xterm");
+        }
+    } else {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+    }
     for e in &env {
         if let Some((k, v)) = e.split_once('=') {
             cmd.env(k, v);
@@ -483,6 +496,9 @@ fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, String> {
     // (open/write, setns, chdir, set*id, capset, prctl) on data prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            if tty {
+                container::take_controlling_tty()?;
+            }
             for p in &procs {
                 container::write_zero(p)?;
             }
@@ -522,9 +538,25 @@ fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, String> {
         }
         None => false,
     });
+    // The spawning thread dropped `cmd` and with it our copies of the terminal's slave end.
+    let reader = master.map(|mut m| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 8192];
+            // EIO once every slave fd is closed.
+            while let Ok(n) = m.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            buf
+        })
+    });
     let out = child
         .wait_with_output()
         .map_err(|e| format!("wait exec: {e}"));
+    let tty_out = reader.map(|r| r.join().unwrap_or_default());
     let _ = tx.send(());
     let timed_out = timer.join().unwrap_or(false);
     let out = out?;
@@ -533,9 +565,10 @@ fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, String> {
         .code()
         .or_else(|| out.status.signal().map(|s| 128 + s))
         .unwrap_or(255);
+    let stdout = tty_out.unwrap_or(out.stdout);
     Ok(ExecResult {
         exit_code,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         timed_out,
     })

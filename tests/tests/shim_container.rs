@@ -232,6 +232,20 @@ fn exec_joins_namespaces_and_cgroup() {
         let inner = exec(&c, &["readlink", &format!("/proc/self/ns/{ns}")]);
         assert_eq!(inner.stdout.trim(), host.to_string_lossy(), "{ns}");
     }
+    // With a terminal from the container's own devpts, and without.
+    let script = "tty; if test -t 0; then echo tty-yes; else echo tty-no; fi";
+    let r = c
+        .exec(ExecRequest {
+            args: vec!["sh".into(), "-c".into(), script.into()],
+            tty: true,
+            timeout_ms: Some(30_000),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(r.exit_code, 0);
+    assert_eq!(r.stdout, "/dev/pts/0\r\ntty-yes\r\n");
+    let r = exec(&c, &["sh", "-c", script]);
+    assert!(r.stdout.ends_with("tty-no\n"), "{r:?}");
     let missing = c.exec(ExecRequest {
         args: vec!["no-such-tool".into()],
         ..Default::default()

@@ -805,6 +805,46 @@ pub fn write_zero(path: &std::ffi::CStr) -> io::Result<()> {
     Ok(())
 }
 
+/// Open a terminal pair in the devpts instance of the container whose PID 1 is `pid`:
+/// `(master, slave)`.
+pub fn open_container_pty(pid: Pid) -> io::Result<(File, File)> {
+    use std::os::fd::AsRawFd;
+    let master = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(format!("/proc/{pid}/root/dev/pts/ptmx"))?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one c_int from a valid pointer; the fd is an open ptmx.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TIOCGPTPEER takes open flags by value and returns a new fd or -1.
+    let fd = unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor owned by nobody else.
+    let slave = unsafe { File::from_raw_fd(fd) };
+    Ok((master, slave))
+}
+
+/// Make stdin the controlling terminal of a new session (in a pre-exec hook).
+pub fn take_controlling_tty() -> io::Result<()> {
+    nix::unistd::setsid().map_err(io::Error::from)?;
+    // SAFETY: TIOCSCTTY on fd 0 with argument 0; no memory is passed.
+    if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -852,44 +892,4 @@ mod tests {
         );
         assert_eq!(find_executable("no-such-prog-xyz", "/bin"), None);
     }
-}
-
-/// Open a terminal pair in the devpts instance of the container whose PID 1 is `pid`:
-/// `(master, slave)`.
-pub fn open_container_pty(pid: Pid) -> io::Result<(File, File)> {
-    use std::os::fd::AsRawFd;
-    let master = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(format!("/proc/{pid}/root/dev/pts/ptmx"))?;
-    let unlock: libc::c_int = 0;
-    // SAFETY: TIOCSPTLCK reads one c_int from a valid pointer; the fd is an open ptmx.
-    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: TIOCGPTPEER takes open flags by value and returns a new fd or -1.
-    let fd = unsafe {
-        libc::ioctl(
-            master.as_raw_fd(),
-            libc::TIOCGPTPEER,
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor owned by nobody else.
-    let slave = unsafe { File::from_raw_fd(fd) };
-    Ok((master, slave))
-}
-
-/// Make stdin the controlling terminal of a new session (in a pre-exec hook).
-pub fn take_controlling_tty() -> io::Result<()> {
-    nix::unistd::setsid().map_err(io::Error::from)?;
-    // SAFETY: TIOCSCTTY on fd 0 with argument 0; no memory is passed.
-    if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }

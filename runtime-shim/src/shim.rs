@@ -540,23 +540,32 @@ fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, String> {
     });
     // The spawning thread dropped `cmd` and with it our copies of the terminal's slave end.
     let reader = master.map(|mut m| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let b = buf.clone();
         std::thread::spawn(move || {
-            let mut buf = Vec::new();
             let mut chunk = [0u8; 8192];
             // EIO once every slave fd is closed.
             while let Ok(n) = m.read(&mut chunk) {
                 if n == 0 {
                     break;
                 }
-                buf.extend_from_slice(&chunk[..n]);
+                b.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(&chunk[..n]);
             }
-            buf
-        })
+            let _ = done_tx.send(());
+        });
+        (buf, done_rx)
     });
     let out = child
         .wait_with_output()
         .map_err(|e| format!("wait exec: {e}"));
-    let tty_out = reader.map(|r| r.join().unwrap_or_default());
+    // A background process may keep the terminal open: answer with what came within 1 s.
+    let tty_out = reader.map(|(buf, done)| {
+        let _ = done.recv_timeout(Duration::from_secs(1));
+        std::mem::take(&mut *buf.lock().unwrap_or_else(|e| e.into_inner()))
+    });
     let _ = tx.send(());
     let timed_out = timer.join().unwrap_or(false);
     let out = out?;

@@ -11,6 +11,7 @@ pub mod container;
 pub mod image;
 pub mod layer;
 pub mod logs;
+pub mod oci;
 pub mod protocol;
 pub mod seccomp;
 pub mod shim;

@@ -29,6 +29,10 @@ enum Cmd {
         /// The container's state directory (holds spec.json).
         #[arg(long)]
         state_dir: PathBuf,
+        /// An OCI bundle whose config.json becomes the container's spec.json (the container
+        /// id is the state dir's name).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
     },
     /// Print the state of the container in --state-dir.
     State {
@@ -125,7 +129,12 @@ fn print(v: &impl serde::Serialize) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Create { state_dir } => create(state_dir),
+        Cmd::Create { state_dir, bundle } => {
+            if let Some(b) = bundle {
+                spec_from_bundle(&state_dir, &b)?;
+            }
+            create(state_dir)
+        }
         Cmd::State { state_dir } => print(&client(&state_dir)?.state()?),
         Cmd::Start { state_dir } => print(&client(&state_dir)?.start()?),
         Cmd::Kill { state_dir, signal } => print(&client(&state_dir)?.kill(signal)?),
@@ -256,4 +265,22 @@ fn pull(
         "elapsedMs": elapsed_ms,
         "peakRssKiB": peak_rss_kib,
     }))
+}
+
+fn spec_from_bundle(dir: &std::path::Path, bundle: &std::path::Path) -> anyhow::Result<()> {
+    let id = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("state dir has no name")?;
+    let cfg = bundle.join("config.json");
+    let text = std::fs::read_to_string(&cfg).with_context(|| format!("read {}", cfg.display()))?;
+    let oci: oci_spec::runtime::Spec =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", cfg.display()))?;
+    let spec = hako_shim::oci::from_oci(id, bundle, &oci)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    std::fs::write(
+        dir.join(hako_shim::state::SPEC_FILE),
+        serde_json::to_vec_pretty(&spec)?,
+    )?;
+    Ok(())
 }

@@ -586,3 +586,42 @@ fn force_delete_cleans_up_after_a_dead_shim() {
     assert!(!env.rt.dir("orphan").exists());
     assert!(!cgroup_leaf_exists(&env, "orphan"));
 }
+
+#[test]
+fn runs_an_oci_bundle_from_the_command_line() {
+    let env = Env::new("bundle");
+    let bundle = env.tmp.path().join("bundle");
+    std::fs::create_dir(&bundle).unwrap();
+    let config = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {"user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "echo from-bundle; hostname"],
+                    "env": ["PATH=/bin"], "cwd": "/"},
+        "root": {"path": env.rootfs, "readonly": true},
+        "hostname": "hk-bundle",
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"}, {"type": "ipc"}],
+                  "cgroupsPath": format!("{}/bundle", env.cgroup_parent)}
+    });
+    std::fs::write(bundle.join("config.json"), config.to_string()).unwrap();
+    env.track("bundle");
+    let dir = env.rt.dir("bundle");
+    let out = std::process::Command::new(shim_support::shim_bin())
+        .args(["create", "--state-dir"])
+        .arg(&dir)
+        .arg("--bundle")
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = env.rt.client("bundle");
+    c.start().unwrap();
+    let st = c.wait(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(st.exit_code, Some(0));
+    assert!(!st.cgroup_dirs.is_empty());
+    assert_eq!(st.reason.as_deref(), Some("Completed"));
+    c.delete().unwrap();
+    assert!(!dir.exists());
+}

@@ -98,17 +98,23 @@ fn main() {
             d
         }
     };
-    let mut results: Vec<(&str, Vec<Duration>)> = Vec::new();
-    let mut measure = |name: &'static str, f: &dyn Fn(usize) -> Duration| {
+    // Round-robin, so that load from elsewhere on the machine hits every runtime alike.
+    let crun = oci("crun");
+    let runc = oci("runc");
+    let runtimes: [(&str, &dyn Fn(usize) -> Duration); 3] =
+        [("hako-shim", &hako), ("crun", &crun), ("runc", &runc)];
+    for (_, f) in &runtimes {
         for i in 0..3 {
             f(1_000_000 + i);
         }
-        let v: Vec<Duration> = (0..runs).map(f).collect();
-        results.push((name, v));
-    };
-    measure("hako-shim", &hako);
-    measure("crun", &oci("crun"));
-    measure("runc", &oci("runc"));
+    }
+    let mut results: Vec<(&str, Vec<Duration>)> =
+        runtimes.iter().map(|(n, _)| (*n, Vec::new())).collect();
+    for i in 0..runs {
+        for (k, (_, f)) in runtimes.iter().enumerate() {
+            results[k].1.push(f(i));
+        }
+    }
     let _ = std::fs::remove_dir(work.join("hako-state"));
     for c in ["cpu", "cpuacct", "memory", "pids"] {
         let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{c}/hako-bench"));
@@ -122,7 +128,7 @@ fn main() {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "create+start+wait+delete of /bin/true, {runs} runs each\n{:<10} {:>10} {:>10} {:>10} {:>14}",
+        "create+start+wait+delete of /bin/true, {runs} runs each (interleaved)\n{:<10} {:>10} {:>10} {:>10} {:>14}",
         "runtime", "median ms", "p95 ms", "mean ms", "median/crun"
     );
     for (name, v) in &results {

@@ -166,18 +166,23 @@ fn setup(dir: &Path) -> Result<Arc<Shared>, ShimError> {
         Some(c) => Some(Cgroup::create(c)?),
         None => None,
     };
-    let procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
-    let made = InitPlan::new(&spec, dir, procs, oom.map(|o| o.0))
-        .and_then(|plan| container::create(&plan).map(|init| (plan, init)));
-    let (plan, init) = match made {
-        Ok(x) => x,
-        Err(e) => {
-            if let Some(c) = &cgroup {
-                c.remove();
-            }
-            return Err(e.into());
+    let res = setup_container(dir, spec, oom, cgroup.clone());
+    if res.is_err() {
+        if let Some(c) = &cgroup {
+            c.remove();
         }
-    };
+    }
+    res
+}
+
+/// The part of [`setup`] after the cgroup exists (the caller removes it on error).
+fn setup_container(
+    dir: &Path,
+    spec: ContainerSpec,
+    oom: Option<(i32, i32)>,
+    cgroup: Option<Cgroup>,
+) -> Result<Arc<Shared>, ShimError> {
+    // Open the log first: nothing to undo yet if that fails.
     let log = match &spec.log {
         Some(l) => Some(
             CriLog::open(&l.path, l.max_size, l.max_files)
@@ -185,12 +190,22 @@ fn setup(dir: &Path) -> Result<Arc<Shared>, ShimError> {
         ),
         None => None,
     };
+    let procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+    let made = InitPlan::new(&spec, dir, procs, oom.map(|o| o.0))
+        .and_then(|plan| container::create(&plan).map(|init| (plan, init)));
+    let (plan, init) = made?;
+    // From here on an error must also end the container process.
+    let kill_init = |e: ShimError| {
+        let _ = kill(init.pid, Signal::SIGKILL);
+        let _ = waitpid(init.pid, None);
+        e
+    };
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     for (src, stream) in [
         (init.stdout.try_clone(), Stream::Stdout),
         (init.stderr.try_clone(), Stream::Stderr),
     ] {
-        let src = src.map_err(|e| ShimError::Io("dup output pipe".into(), e))?;
+        let src = src.map_err(|e| kill_init(ShimError::Io("dup output pipe".into(), e)))?;
         let log = log.clone();
         let done = done_tx.clone();
         std::thread::spawn(move || {
@@ -221,7 +236,7 @@ fn setup(dir: &Path) -> Result<Arc<Shared>, ShimError> {
         oom_score_adj_clamped: oom.is_some_and(|(e, r)| e != r),
         cgroup_dirs: cgroup.as_ref().map(|c| c.dirs.clone()).unwrap_or_default(),
     };
-    state::write(dir, &st).map_err(|e| ShimError::Io("write state".into(), e))?;
+    state::write(dir, &st).map_err(|e| kill_init(ShimError::Io("write state".into(), e)))?;
     let pid = init.pid;
     // Drop our copies of the pipes' read ends held by Init: the threads own clones.
     let shared = Arc::new(Shared {

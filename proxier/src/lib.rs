@@ -1,1 +1,10 @@
-//! hako service proxier: Services and EndpointSlices as iptables, nftables and IPVS rules
+//! hako service proxier: Services and EndpointSlices as kube-proxy-compatible iptables rules
+//! (with nftables and IPVS backends to come behind the same `Backend` trait).
+
+pub mod config;
+pub mod iptables;
+pub mod model;
+pub mod proxier;
+
+pub use crate::iptables::{FakeIptables, Iptables, RealIptables, RenderOpts};
+pub use crate::proxier::{Backend, IptablesBackend, Proxier, ProxierOpts, SyncError, SyncStats};

@@ -1,0 +1,466 @@
+//! The proxier: change tracking of Services and EndpointSlices, and the sync that hands the
+//! changed part of the model to a backend (iptables now; nftables and IPVS plug in the same
+//! way through `Backend`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use tracing::{debug, info, warn};
+
+use crate::iptables::{self, Iptables, IptablesError, RenderOpts};
+use crate::model::{build_service, service_key, slice_service_key, Model, ServiceKey, ServicePort};
+
+/// Proxier options.
+#[derive(Debug, Clone, Default)]
+pub struct ProxierOpts {
+    /// This node's name (endpoints with this nodeName are local).
+    pub hostname: String,
+    /// Rule shaping options.
+    pub render: RenderOpts,
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Full (true) or partial.
+    pub full: bool,
+    /// Services whose chains were rewritten.
+    pub services_written: usize,
+    /// Rules in the payload.
+    pub rules: usize,
+    /// Size of the payload, bytes.
+    pub bytes: usize,
+}
+
+/// A dataplane backend.
+pub trait Backend: Send {
+    /// Programs the model. `changed` None = full sync.
+    fn apply(
+        &mut self,
+        model: &Model,
+        changed: Option<&BTreeSet<ServiceKey>>,
+    ) -> Result<SyncStats, SyncError>;
+    /// Whether the kernel state was lost (canary gone) and a full sync is due.
+    fn needs_full(&mut self) -> bool;
+}
+
+/// Sync failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// iptables failed.
+    #[error(transparent)]
+    Iptables(#[from] IptablesError),
+    /// Other backend failure.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// The iptables backend.
+pub struct IptablesBackend<I: Iptables> {
+    ipt: I,
+    opts: RenderOpts,
+    chains: BTreeSet<String>,
+    base_ok: bool,
+}
+
+impl<I: Iptables> IptablesBackend<I> {
+    /// A backend over `ipt`.
+    pub fn new(ipt: I, opts: RenderOpts) -> Self {
+        Self {
+            ipt,
+            opts,
+            chains: BTreeSet::new(),
+            base_ok: false,
+        }
+    }
+}
+
+impl<I: Iptables> Backend for IptablesBackend<I> {
+    fn apply(
+        &mut self,
+        model: &Model,
+        changed: Option<&BTreeSet<ServiceKey>>,
+    ) -> Result<SyncStats, SyncError> {
+        let full = changed.is_none() || !self.base_ok;
+        if full {
+            self.ipt.ensure_base()?;
+            // Everything of ours in the kernel is candidate for GC.
+            let present = self.ipt.list_service_chains()?;
+            self.chains.extend(present);
+        }
+        let r = iptables::render(
+            model,
+            &self.opts,
+            if full { None } else { changed },
+            &self.chains,
+        );
+        let res = self.ipt.restore(&r.text);
+        if let Err(e) = res {
+            self.base_ok = false;
+            return Err(e.into());
+        }
+        self.base_ok = true;
+        self.chains = r.chains;
+        Ok(SyncStats {
+            full,
+            services_written: if full {
+                model.len()
+            } else {
+                changed.map_or(0, BTreeSet::len)
+            },
+            rules: r.rules,
+            bytes: r.text.len(),
+        })
+    }
+
+    fn needs_full(&mut self) -> bool {
+        !self.base_ok || !matches!(self.ipt.chain_exists("mangle", iptables::CANARY), Ok(true))
+    }
+}
+
+/// Services + slices in, kernel rules out.
+pub struct Proxier {
+    backend: Box<dyn Backend>,
+    opts: ProxierOpts,
+    services: BTreeMap<ServiceKey, Service>,
+    slices: BTreeMap<ServiceKey, BTreeMap<String, EndpointSlice>>,
+    slice_owner: BTreeMap<(String, String), ServiceKey>,
+    model: Model,
+    dirty: BTreeSet<ServiceKey>,
+    need_full: bool,
+    last_full: Option<Instant>,
+    /// Full resync period (kube-proxy's `--iptables-sync-period` role).
+    pub full_period: Duration,
+}
+
+impl Proxier {
+    /// A proxier over `backend`. The first sync is a full one.
+    pub fn new(backend: Box<dyn Backend>, opts: ProxierOpts) -> Self {
+        Self {
+            backend,
+            opts,
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            slice_owner: BTreeMap::new(),
+            model: Model::new(),
+            dirty: BTreeSet::new(),
+            need_full: true,
+            last_full: None,
+            full_period: Duration::from_secs(3600),
+        }
+    }
+
+    /// Service added or updated.
+    pub fn on_service_update(&mut self, svc: Service) {
+        match service_key(&svc) {
+            Ok(k) => {
+                self.dirty.insert(k.clone());
+                self.services.insert(k, svc);
+            }
+            Err(e) => warn!(error = %e, "skipping Service"),
+        }
+    }
+
+    /// Service added.
+    pub fn on_service_add(&mut self, svc: Service) {
+        self.on_service_update(svc);
+    }
+
+    /// Service deleted.
+    pub fn on_service_delete(&mut self, svc: &Service) {
+        if let Ok(k) = service_key(svc) {
+            self.services.remove(&k);
+            self.dirty.insert(k);
+        }
+    }
+
+    /// EndpointSlice added or updated.
+    pub fn on_endpointslice_update(&mut self, slice: EndpointSlice) {
+        let ns = slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let Some(name) = slice.metadata.name.clone() else {
+            warn!("skipping EndpointSlice without a name");
+            return;
+        };
+        let Some(key) = slice_service_key(&slice) else {
+            warn!(slice = %format!("{ns}/{name}"), "skipping EndpointSlice without kubernetes.io/service-name label");
+            return;
+        };
+        if let Some(old) = self
+            .slice_owner
+            .insert((ns.clone(), name.clone()), key.clone())
+        {
+            if old != key {
+                if let Some(m) = self.slices.get_mut(&old) {
+                    m.remove(&name);
+                }
+                self.dirty.insert(old);
+            }
+        }
+        self.slices
+            .entry(key.clone())
+            .or_default()
+            .insert(name, slice);
+        self.dirty.insert(key);
+    }
+
+    /// EndpointSlice added.
+    pub fn on_endpointslice_add(&mut self, slice: EndpointSlice) {
+        self.on_endpointslice_update(slice);
+    }
+
+    /// EndpointSlice deleted.
+    pub fn on_endpointslice_delete(&mut self, slice: &EndpointSlice) {
+        let ns = slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = slice.metadata.name.clone().unwrap_or_default();
+        if let Some(key) = self.slice_owner.remove(&(ns, name.clone())) {
+            if let Some(m) = self.slices.get_mut(&key) {
+                m.remove(&name);
+                if m.is_empty() {
+                    self.slices.remove(&key);
+                }
+            }
+            self.dirty.insert(key);
+        }
+    }
+
+    /// Replaces the whole input set (config-dir reload, relist): computes the differences.
+    pub fn replace_all(&mut self, services: Vec<Service>, slices: Vec<EndpointSlice>) {
+        let new_keys: BTreeSet<ServiceKey> = services
+            .iter()
+            .filter_map(|s| service_key(s).ok())
+            .collect();
+        for k in self.services.keys() {
+            if !new_keys.contains(k) {
+                self.dirty.insert(k.clone());
+            }
+        }
+        self.services.retain(|k, _| new_keys.contains(k));
+        for s in services {
+            if let Ok(k) = service_key(&s) {
+                if self.services.get(&k) != Some(&s) {
+                    self.services.insert(k.clone(), s);
+                    self.dirty.insert(k);
+                }
+            } else {
+                warn!("skipping Service without a name");
+            }
+        }
+        let mut new_slices: BTreeMap<ServiceKey, BTreeMap<String, EndpointSlice>> = BTreeMap::new();
+        let mut owner = BTreeMap::new();
+        for sl in slices {
+            let ns = sl
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let (Some(name), Some(key)) = (sl.metadata.name.clone(), slice_service_key(&sl)) else {
+                warn!(slice = ?sl.metadata.name, namespace = %ns, "skipping EndpointSlice without name or service label");
+                continue;
+            };
+            owner.insert((ns, name.clone()), key.clone());
+            new_slices.entry(key).or_default().insert(name, sl);
+        }
+        for k in self.slices.keys().chain(new_slices.keys()) {
+            if self.slices.get(k) != new_slices.get(k) {
+                self.dirty.insert(k.clone());
+            }
+        }
+        self.slices = new_slices;
+        self.slice_owner = owner;
+    }
+
+    /// Forces the next sync to be a full one.
+    pub fn force_full(&mut self) {
+        self.need_full = true;
+    }
+
+    /// The current model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    fn rebuild(&mut self, key: &ServiceKey) -> Option<Vec<ServicePort>> {
+        let svc = self.services.get(key)?;
+        let slices: Vec<&EndpointSlice> = self
+            .slices
+            .get(key)
+            .map(|m| m.values().collect())
+            .unwrap_or_default();
+        let mut warnings = Vec::new();
+        let r = build_service(svc, &slices, &self.opts.hostname, &mut warnings);
+        for w in warnings {
+            warn!(service = %key, error = %w, "skipping endpoint");
+        }
+        match r {
+            Ok(ports) if ports.is_empty() => None,
+            Ok(ports) => Some(ports),
+            Err(e) => {
+                warn!(service = %key, error = %e, "skipping Service");
+                None
+            }
+        }
+    }
+
+    /// Folds pending changes into the model and programs the backend: full at start, after
+    /// failures, when the canary is gone and every `full_period`; partial otherwise (only the
+    /// services whose model changed; none = nothing to do).
+    pub fn sync(&mut self) -> Result<SyncStats, SyncError> {
+        let started = Instant::now();
+        let mut changed = BTreeSet::new();
+        for key in std::mem::take(&mut self.dirty) {
+            let new = self.rebuild(&key);
+            let old = self.model.get(&key);
+            if new.as_ref() != old {
+                changed.insert(key.clone());
+                match new {
+                    Some(p) => {
+                        self.model.insert(key, p);
+                    }
+                    None => {
+                        self.model.remove(&key);
+                    }
+                }
+            }
+        }
+        let periodic = self
+            .last_full
+            .is_none_or(|t| t.elapsed() >= self.full_period);
+        let full = self.need_full || periodic || self.backend.needs_full();
+        if !full && changed.is_empty() {
+            debug!("nothing changed");
+            return Ok(SyncStats::default());
+        }
+        let res = self
+            .backend
+            .apply(&self.model, if full { None } else { Some(&changed) });
+        match res {
+            Ok(stats) => {
+                if stats.full {
+                    self.last_full = Some(Instant::now());
+                }
+                self.need_full = false;
+                info!(
+                    full = stats.full,
+                    services = stats.services_written,
+                    rules = stats.rules,
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "synced"
+                );
+                Ok(stats)
+            }
+            Err(e) => {
+                self.need_full = true;
+                warn!(error = %e, "sync failed; next sync is a full one");
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iptables::{check_jumps, FakeIptables};
+
+    fn svc(name: &str, ip: &str) -> Service {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: ns}}\nspec: {{clusterIP: {ip}, ports: [{{name: p, port: 80}}]}}"
+        ))
+        .expect("svc")
+    }
+    fn slice(name: &str, ips: &[&str]) -> EndpointSlice {
+        let eps: Vec<String> = ips
+            .iter()
+            .map(|i| format!("{{addresses: [{i}]}}"))
+            .collect();
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}-x, namespace: ns, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}]\nendpoints: [{}]",
+            eps.join(",")
+        ))
+        .expect("slice")
+    }
+
+    #[test]
+    fn partial_sync_writes_only_changed_service() {
+        let fake = FakeIptables::default();
+        let st = fake.state.clone();
+        let mut p = Proxier::new(
+            Box::new(IptablesBackend::new(fake, RenderOpts::default())),
+            ProxierOpts::default(),
+        );
+        p.on_service_add(svc("a", "10.96.0.1"));
+        p.on_service_add(svc("b", "10.96.0.2"));
+        p.on_endpointslice_add(slice("a", &["10.0.0.1", "10.0.0.2"]));
+        p.on_endpointslice_add(slice("b", &["10.0.1.1"]));
+        let s = p.sync().expect("sync");
+        assert!(s.full);
+        // No-op change: nothing written.
+        p.on_endpointslice_update(slice("b", &["10.0.1.1"]));
+        assert_eq!(p.sync().expect("sync"), SyncStats::default());
+        // One endpoint removed from a.
+        p.on_endpointslice_update(slice("a", &["10.0.0.1"]));
+        let s = p.sync().expect("sync");
+        assert!(!s.full);
+        assert_eq!(s.services_written, 1);
+        let st = st.lock().expect("lock");
+        let last = st.restores.last().expect("payload");
+        assert!(last.contains("10.0.0.1:8080"));
+        assert!(
+            !last.contains("DNAT --to-destination 10.0.1.1:8080"),
+            "b not rewritten:\n{last}"
+        );
+        assert!(
+            last.contains("-X KUBE-SEP-"),
+            "stale endpoint chain removed:\n{last}"
+        );
+        let nat = &st.chains["nat"];
+        assert_eq!(nat.iter().filter(|c| c.starts_with("KUBE-SEP-")).count(), 2);
+    }
+
+    #[test]
+    fn failure_forces_full_and_unknown_slice_is_harmless() {
+        let fake = FakeIptables::default();
+        let st = fake.state.clone();
+        let mut p = Proxier::new(
+            Box::new(IptablesBackend::new(fake, RenderOpts::default())),
+            ProxierOpts::default(),
+        );
+        p.on_service_add(svc("a", "10.96.0.1"));
+        p.on_endpointslice_add(slice("zzz", &["10.0.9.9"]));
+        assert!(p.sync().expect("sync").full);
+        st.lock().expect("lock").fail_next = true;
+        p.on_endpointslice_add(slice("a", &["10.0.0.1"]));
+        assert!(p.sync().is_err());
+        let s = p.sync().expect("sync");
+        assert!(s.full);
+        let st = st.lock().expect("lock");
+        let last = st.restores.last().expect("payload");
+        assert!(check_jumps(last).is_empty(), "{:?}", check_jumps(last));
+        assert!(!last.contains("10.0.9.9"));
+    }
+
+    #[test]
+    fn canary_loss_forces_full() {
+        let fake = FakeIptables::default();
+        let st = fake.state.clone();
+        let mut p = Proxier::new(
+            Box::new(IptablesBackend::new(fake, RenderOpts::default())),
+            ProxierOpts::default(),
+        );
+        p.on_service_add(svc("a", "10.96.0.1"));
+        assert!(p.sync().expect("sync").full);
+        st.lock().expect("lock").chains.clear();
+        p.on_endpointslice_add(slice("a", &["10.0.0.1"]));
+        assert!(p.sync().expect("sync").full);
+    }
+}

@@ -1,1 +1,7 @@
-//! hako node agent: runs Pods from a manifest directory or a kube-apiserver
+//! hako node agent library: the pure core of the kubelet-like agent (pod model, planning,
+//! status, probes, env, DNS) and the thin effect layers (`source`, `sys`) around it.
+
+pub mod manifest;
+pub mod qos;
+pub mod quantity;
+pub mod source;

@@ -1,7 +1,10 @@
 //! hako node agent library: the pure core of the kubelet-like agent (pod model, planning,
 //! status, probes, env, DNS) and the thin effect layers (`source`, `sys`) around it.
 
+pub mod actions;
+pub mod backoff;
 pub mod manifest;
+pub mod observed;
 pub mod qos;
 pub mod quantity;
 pub mod source;

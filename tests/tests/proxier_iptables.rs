@@ -1,0 +1,339 @@
+//! Root tests of the proxier's iptables backend with real traffic: the rules are applied
+//! inside a node namespace (the proxier runs on a thread that entered it), backends answer
+//! from pod namespaces, clients connect from pod namespaces or from another node.
+#![cfg(feature = "root")]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use hako_proxier::iptables::IptablesError;
+use hako_proxier::{Iptables, IptablesBackend, Proxier, ProxierOpts, RealIptables, RenderOpts};
+use hako_tests::{NetNs, Topology};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+const NODE: &str = "node-a";
+
+/// Real iptables that also keeps every payload for assertions.
+#[derive(Clone)]
+struct Recording {
+    real: RealIptables,
+    payloads: Arc<Mutex<Vec<String>>>,
+}
+
+impl Iptables for Recording {
+    fn restore(&mut self, text: &str) -> Result<(), IptablesError> {
+        self.payloads.lock().unwrap().push(text.to_string());
+        self.real.restore(text)
+    }
+    fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool, IptablesError> {
+        self.real.chain_exists(table, chain)
+    }
+    fn ensure_base(&mut self) -> Result<(), IptablesError> {
+        self.real.ensure_base()
+    }
+    fn list_service_chains(&mut self) -> Result<BTreeSet<String>, IptablesError> {
+        self.real.list_service_chains()
+    }
+}
+
+struct Env {
+    topo: Topology,
+    pods: BTreeMap<String, NetNs>,
+    client: NetNs,
+    proxier: Proxier,
+    payloads: Arc<Mutex<Vec<String>>>,
+}
+
+fn service(name: &str, ip: &str, extra: &str) -> Service {
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {name}, namespace: t}}\nspec: {{clusterIP: {ip}, ports: [{{name: p, port: 80, nodePort: {np}}}] {extra}}}",
+        np = 30000 + ip.rsplit('.').next().unwrap().parse::<u16>().unwrap(),
+    ))
+    .unwrap()
+}
+
+fn slice(svc: &str, eps: &[(&str, &str)]) -> EndpointSlice {
+    let eps: Vec<String> = eps
+        .iter()
+        .map(|(ip, node)| format!("{{addresses: [{ip}], nodeName: {node}}}"))
+        .collect();
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {svc}-1, namespace: t, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}]\nendpoints: [{}]",
+        eps.join(",")
+    ))
+    .unwrap()
+}
+
+impl Env {
+    /// Node 0 runs the proxier; backends b1..bN on bridge kb (10.244.1.0/24); the client pod
+    /// on bridge kc (10.244.2.0/24); node 1 is "outside".
+    fn new(backends: usize, variant: &str) -> Env {
+        let topo = Topology::new(2, 1500).unwrap();
+        let node = &topo.nodes[0];
+        node.ns.sh("sysctl -qw net.ipv4.ip_forward=1").unwrap();
+        node.add_bridge("kb", "10.244.1.1/24").unwrap();
+        node.add_bridge("kc", "10.244.2.1/24").unwrap();
+        // Service IPs need a route for rejects to happen in FORWARD.
+        node.ns
+            .ip(&["route", "add", "default", "via", "192.0.2.1"])
+            .unwrap();
+        let mut pods = BTreeMap::new();
+        for i in 1..=backends {
+            let pod = node
+                .add_pod("kb", &format!("10.244.1.{}/24", 10 + i), "10.244.1.1")
+                .unwrap();
+            pod.spawn(&format!("exec busybox nc -ll -p 8080 -e echo b{i}"))
+                .unwrap();
+            pods.insert(format!("b{i}"), pod);
+        }
+        let client = node.add_pod("kc", "10.244.2.10/24", "10.244.2.1").unwrap();
+        for (name, pod) in &pods {
+            wait_answer(pod, "127.0.0.1 8080", name);
+        }
+        let render = RenderOpts {
+            cluster_cidr: Some("10.244.0.0/16".into()),
+            ..RenderOpts::default()
+        };
+        let payloads = Arc::new(Mutex::new(Vec::new()));
+        let ipt = Recording {
+            real: RealIptables::with_variant(variant),
+            payloads: payloads.clone(),
+        };
+        let proxier = Proxier::new(
+            Box::new(IptablesBackend::new(ipt, render.clone())),
+            ProxierOpts {
+                hostname: NODE.into(),
+                render,
+            },
+        );
+        Env {
+            topo,
+            pods,
+            client,
+            proxier,
+            payloads,
+        }
+    }
+
+    fn node(&self) -> &NetNs {
+        &self.topo.nodes[0].ns
+    }
+
+    fn sync(&mut self) -> hako_proxier::SyncStats {
+        let p = &mut self.proxier;
+        self.topo.nodes[0].ns.run(|| p.sync()).unwrap().unwrap()
+    }
+
+    /// Connects `n` times from `from` to `target` ("ip port"), returns each answer ("" on
+    /// failure) and the last error text.
+    fn connect(from: &NetNs, target: &str, n: usize) -> (Vec<String>, String) {
+        let out = from
+            .sh_output(&format!(
+                "for i in $(seq {n}); do busybox nc -w 2 {target} </dev/null || echo FAIL; done"
+            ))
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        (stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn wait_answer(ns: &NetNs, target: &str, want: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (got, _) = Env::connect(ns, target, 1);
+        if got.first().map(String::as_str) == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{target} in {} never answered {want}: {got:?}",
+            ns.name()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn counts(answers: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for a in answers {
+        *m.entry(a.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+const B: [(&str, &str); 3] = [
+    ("10.244.1.11", NODE),
+    ("10.244.1.12", NODE),
+    ("10.244.1.13", NODE),
+];
+
+fn clusterip_spread_affinity_reject(variant: &str) {
+    let mut env = Env::new(3, variant);
+    env.proxier.on_service_add(service("web", "10.96.0.10", ""));
+    env.proxier.on_endpointslice_add(slice("web", &B));
+    env.proxier.on_service_add(service(
+        "sticky",
+        "10.96.0.11",
+        ", sessionAffinity: ClientIP",
+    ));
+    env.proxier.on_endpointslice_add(slice("sticky", &B));
+    env.proxier
+        .on_service_add(service("empty", "10.96.0.12", ""));
+    assert!(env.sync().full);
+
+    let (answers, _) = Env::connect(&env.client, "10.96.0.10 80", 300);
+    let c = counts(&answers);
+    assert_eq!(c.values().sum::<usize>(), 300, "{c:?}");
+    for b in ["b1", "b2", "b3"] {
+        let n = c.get(b).copied().unwrap_or(0);
+        assert!((50..=150).contains(&n), "{b} got {n} of 300: {c:?}");
+    }
+
+    let (answers, _) = Env::connect(&env.client, "10.96.0.11 80", 30);
+    let c = counts(&answers);
+    assert_eq!(c.len(), 1, "affinity must stick to one backend: {c:?}");
+    assert!(!c.contains_key("FAIL"), "{c:?}");
+
+    let (answers, err) = Env::connect(&env.client, "10.96.0.12 80", 1);
+    assert_eq!(answers, vec!["FAIL".to_string()]);
+    assert!(err.contains("refused"), "no endpoints must refuse: {err}");
+    drop(env.pods);
+}
+
+fn nodeport_and_local_policy(variant: &str) {
+    let mut env = Env::new(1, variant);
+    let node_ip = env.topo.nodes[0].ip.to_string();
+    // Cluster policy: reachable, source masqueraded.
+    env.proxier
+        .on_service_add(service("np", "10.96.0.20", ", type: NodePort"));
+    env.proxier.on_endpointslice_add(slice("np", &B[..1]));
+    // Local policy with a local endpoint: reachable, client IP kept.
+    env.proxier.on_service_add(service(
+        "loc",
+        "10.96.0.21",
+        ", type: NodePort, externalTrafficPolicy: Local",
+    ));
+    env.proxier.on_endpointslice_add(slice("loc", &B[..1]));
+    // Local policy, endpoint on another node only: dropped.
+    env.proxier.on_service_add(service(
+        "remote",
+        "10.96.0.22",
+        ", type: NodePort, externalTrafficPolicy: Local",
+    ));
+    env.proxier
+        .on_endpointslice_add(slice("remote", &[("10.244.1.11", "node-b")]));
+    env.sync();
+
+    let outside = &env.topo.nodes[1].ns;
+    let (a, _) = Env::connect(outside, &format!("{node_ip} 30020"), 1);
+    assert_eq!(a, vec!["b1".to_string()]);
+    let (a, _) = Env::connect(outside, &format!("{node_ip} 30021"), 1);
+    assert_eq!(a, vec!["b1".to_string()]);
+    let ct = env
+        .node()
+        .sh("conntrack -L -p tcp 2>/dev/null | grep -E 'dport=3002[01] ' || true")
+        .unwrap();
+    let line20 = ct
+        .lines()
+        .find(|l| l.contains("dport=30020 "))
+        .unwrap_or("");
+    let line21 = ct
+        .lines()
+        .find(|l| l.contains("dport=30021 "))
+        .unwrap_or("");
+    assert!(
+        line20.contains("dst=10.244.1.1 "),
+        "cluster policy masquerades: {ct}"
+    );
+    assert!(
+        line21.contains("dst=192.0.2.12 "),
+        "local policy keeps the client IP: {ct}"
+    );
+    let (a, err) = Env::connect(outside, &format!("{node_ip} 30022"), 1);
+    assert_eq!(a, vec!["FAIL".to_string()], "no local endpoint must drop");
+    assert!(!err.contains("refused"), "dropped, not rejected: {err}");
+}
+
+fn partial_sync_and_repair(variant: &str) {
+    let mut env = Env::new(2, variant);
+    env.proxier.on_service_add(service("one", "10.96.0.30", ""));
+    env.proxier.on_endpointslice_add(slice("one", &B[..2]));
+    env.proxier.on_service_add(service("two", "10.96.0.31", ""));
+    env.proxier.on_endpointslice_add(slice("two", &B[..2]));
+    assert!(env.sync().full);
+    let ipt = if variant.is_empty() {
+        "iptables".to_string()
+    } else {
+        format!("iptables-{variant}")
+    };
+    let before = env.node().sh(&format!("{ipt}-save -t nat")).unwrap();
+
+    env.proxier.on_endpointslice_update(slice("one", &B[1..2]));
+    let s = env.sync();
+    assert!(!s.full, "{s:?}");
+    assert_eq!(s.services_written, 1);
+    let last = env.payloads.lock().unwrap().last().unwrap().clone();
+    assert!(last.contains("t/one:p -> 10.244.1.12:8080"), "{last}");
+    assert!(
+        !last.contains("t/two:p ->"),
+        "two's chains must not be written:\n{last}"
+    );
+    let (a, _) = Env::connect(&env.client, "10.96.0.30 80", 20);
+    assert_eq!(counts(&a).keys().collect::<Vec<_>>(), vec!["b2"]);
+    let after = env.node().sh(&format!("{ipt}-save -t nat")).unwrap();
+    let sep_count = |s: &str| s.lines().filter(|l| l.starts_with(":KUBE-SEP-")).count();
+    assert_eq!(sep_count(&before), 4, "{before}");
+    assert_eq!(
+        sep_count(&after),
+        3,
+        "stale endpoint chain removed:\n{after}"
+    );
+    let (a, _) = Env::connect(&env.client, "10.96.0.31 80", 20);
+    assert_eq!(counts(&a).len(), 2, "two still balanced: {a:?}");
+
+    // Flush everything by hand: the next sync repairs it.
+    env.node()
+        .sh(&format!(
+            "for t in nat filter mangle; do {ipt} -w -t $t -F; {ipt} -w -t $t -X; done"
+        ))
+        .unwrap();
+    let (a, _) = Env::connect(&env.client, "10.96.0.31 80", 1);
+    assert_eq!(a, vec!["FAIL".to_string()]);
+    assert!(env.sync().full);
+    let (a, _) = Env::connect(&env.client, "10.96.0.31 80", 1);
+    assert!(a[0] == "b1" || a[0] == "b2", "{a:?}");
+}
+
+#[test]
+fn iptables_clusterip_spread_affinity_reject() {
+    clusterip_spread_affinity_reject("");
+}
+
+#[test]
+fn iptables_legacy_clusterip_spread_affinity_reject() {
+    clusterip_spread_affinity_reject("legacy");
+}
+
+#[test]
+fn iptables_nodeport_and_local_policy() {
+    nodeport_and_local_policy("");
+}
+
+#[test]
+fn iptables_legacy_nodeport_and_local_policy() {
+    nodeport_and_local_policy("legacy");
+}
+
+#[test]
+fn iptables_partial_sync_and_repair() {
+    partial_sync_and_repair("");
+}
+
+#[test]
+fn iptables_legacy_partial_sync_and_repair() {
+    partial_sync_and_repair("legacy");
+}

@@ -38,6 +38,7 @@ impl Iptables for Recording {
 }
 
 struct Env {
+    servers: Vec<std::process::Child>,
     topo: Topology,
     pods: BTreeMap<String, NetNs>,
     client: NetNs,
@@ -65,6 +66,15 @@ fn slice(svc: &str, eps: &[(&str, &str)]) -> EndpointSlice {
     .unwrap()
 }
 
+impl Drop for Env {
+    fn drop(&mut self) {
+        for c in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 impl Env {
     /// Node 0 runs the proxier; backends b1..bN on bridge kb (10.244.1.0/24); the client pod
     /// on bridge kc (10.244.2.0/24); node 1 is "outside".
@@ -79,12 +89,15 @@ impl Env {
             .ip(&["route", "add", "default", "via", "192.0.2.1"])
             .unwrap();
         let mut pods = BTreeMap::new();
+        let mut servers = Vec::new();
         for i in 1..=backends {
             let pod = node
                 .add_pod("kb", &format!("10.244.1.{}/24", 10 + i), "10.244.1.1")
                 .unwrap();
-            pod.spawn(&format!("exec busybox nc -ll -p 8080 -e echo b{i}"))
-                .unwrap();
+            servers.push(
+                pod.spawn(&format!("exec busybox nc -ll -p 8080 -e echo b{i}"))
+                    .unwrap(),
+            );
             pods.insert(format!("b{i}"), pod);
         }
         let client = node.add_pod("kc", "10.244.2.10/24", "10.244.2.1").unwrap();
@@ -108,6 +121,7 @@ impl Env {
             },
         );
         Env {
+            servers,
             topo,
             pods,
             client,
@@ -201,7 +215,7 @@ fn clusterip_spread_affinity_reject(variant: &str) {
     let (answers, err) = Env::connect(&env.client, "10.96.0.12 80", 1);
     assert_eq!(answers, vec!["FAIL".to_string()]);
     assert!(err.contains("refused"), "no endpoints must refuse: {err}");
-    drop(env.pods);
+    assert_eq!(env.pods.len(), 3);
 }
 
 fn nodeport_and_local_policy(variant: &str) {

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod iptables;
+pub mod metrics;
 pub mod model;
 pub mod proxier;
 

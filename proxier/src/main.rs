@@ -1,13 +1,206 @@
-//! `hako-proxy`: command-line entry point.
+//! `hako-proxy`: the proxier as a daemon, fed from a directory of Service/EndpointSlice YAML
+//! files (re-read on change), with metrics and healthz endpoints like kube-proxy's.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// hako service proxier: Services and EndpointSlices as iptables, nftables and IPVS rules
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use hako_proxier::metrics::{self, Metrics};
+use hako_proxier::{config, IptablesBackend, Proxier, ProxierOpts, RealIptables, RenderOpts};
+use tracing::{error, info};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    Iptables,
+    Nftables,
+}
+
+/// hako service proxier: Services and EndpointSlices as kube-proxy-compatible rules
 #[derive(Parser, Debug)]
 #[command(name = "hako-proxy", version, about)]
-struct Cli {}
+struct Cli {
+    /// Directory of YAML files with Services and EndpointSlices (re-read on change).
+    #[arg(long)]
+    config_dir: Option<PathBuf>,
+    /// kubeconfig for API watchers (not available in this build; use --config-dir).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Dataplane.
+    #[arg(long, value_enum, default_value = "iptables")]
+    proxy_mode: Mode,
+    /// iptables flavour: "" (system default), "nft" or "legacy".
+    #[arg(long, default_value = "")]
+    iptables_variant: String,
+    /// Pod CIDR; traffic from outside it to ClusterIPs is masqueraded.
+    #[arg(long)]
+    cluster_cidr: Option<String>,
+    /// Masquerade all service traffic.
+    #[arg(long)]
+    masquerade_all: bool,
+    /// CIDRs whose local addresses accept NodePorts (default: all local addresses).
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<String>,
+    /// Node name (endpoints with this nodeName are local). Default: the hostname.
+    #[arg(long)]
+    hostname_override: Option<String>,
+    /// Minimum interval between syncs.
+    #[arg(long, default_value = "1s", value_parser = parse_dur)]
+    min_sync_period: Duration,
+    /// Full resync period.
+    #[arg(long, default_value = "1h", value_parser = parse_dur)]
+    sync_period: Duration,
+    /// Metrics address.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: SocketAddr,
+    /// Healthz address.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: SocketAddr,
+    /// Sync once and exit.
+    #[arg(long)]
+    once: bool,
+    /// Log as JSON.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn parse_dur(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let mult = match unit {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?}")),
+    };
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
 
 fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if cli.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    if matches!(cli.proxy_mode, Mode::Nftables) {
+        bail!("--proxy-mode nftables is not available in this build; use iptables");
+    }
+    let Some(dir) = cli.config_dir.clone() else {
+        if cli.kubeconfig.is_some() {
+            bail!("--kubeconfig watchers are not available in this build; use --config-dir");
+        }
+        bail!("--config-dir is required");
+    };
+    let render = RenderOpts {
+        cluster_cidr: cli.cluster_cidr.clone(),
+        masquerade_all: cli.masquerade_all,
+        nodeport_addresses: cli.nodeport_addresses.clone(),
+    };
+    let opts = ProxierOpts {
+        hostname: cli.hostname_override.clone().unwrap_or_else(hostname),
+        render: render.clone(),
+    };
+    let backend = IptablesBackend::new(RealIptables::with_variant(&cli.iptables_variant), render);
+    let mut proxier = Proxier::new(Box::new(backend), opts);
+    proxier.full_period = cli.sync_period;
+
+    let m = Arc::new(Mutex::new(Metrics::default()));
+    let healthy_within = cli.sync_period.max(Duration::from_secs(60)) * 2;
+    let last_ok = Arc::new(Mutex::new(Instant::now()));
+    if !cli.once {
+        let mm = m.clone();
+        metrics::serve(cli.metrics_bind_address, move |path| match path {
+            "/metrics" => (
+                200,
+                "text/plain; version=0.0.4",
+                mm.lock().map(|m| m.render()).unwrap_or_default(),
+            ),
+            _ => (404, "text/plain", "not found\n".into()),
+        })
+        .with_context(|| format!("binding {}", cli.metrics_bind_address))?;
+        let lo = last_ok.clone();
+        metrics::serve(cli.healthz_bind_address, move |path| {
+            if path != "/healthz" && path != "/livez" {
+                return (404, "text/plain", "not found\n".into());
+            }
+            let age = lo.lock().map(|t| t.elapsed()).unwrap_or_default();
+            let code = if age <= healthy_within { 200 } else { 503 };
+            (
+                code,
+                "application/json",
+                format!(
+                    "{{\"lastUpdated\": \"{:.0}s ago\", \"currentTime\": \"\"}}\n",
+                    age.as_secs_f64()
+                ),
+            )
+        })
+        .with_context(|| format!("binding {}", cli.healthz_bind_address))?;
+    }
+
+    let mut fp = None;
+    let mut backoff = cli.min_sync_period;
+    loop {
+        let now_fp = config::fingerprint(&dir);
+        if fp.as_ref() != Some(&now_fp) {
+            let objs =
+                config::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+            info!(
+                services = objs.services.len(),
+                slices = objs.slices.len(),
+                "config read"
+            );
+            proxier.replace_all(objs.services, objs.slices);
+            fp = Some(now_fp);
+        }
+        let t = Instant::now();
+        match proxier.sync() {
+            Ok(s) => {
+                if s.rules > 0 || s.full {
+                    if let Ok(mut g) = m.lock() {
+                        g.synced(s.full, t.elapsed(), s.rules);
+                    }
+                }
+                if let Ok(mut g) = last_ok.lock() {
+                    *g = Instant::now();
+                }
+                backoff = cli.min_sync_period;
+            }
+            Err(e) => {
+                error!(error = %e, "sync failed");
+                if let Ok(mut g) = m.lock() {
+                    g.failures += 1;
+                }
+                if cli.once {
+                    return Err(e.into());
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+        if cli.once {
+            return Ok(());
+        }
+        std::thread::sleep(backoff);
+    }
 }

@@ -3,6 +3,8 @@
 
 pub mod actions;
 pub mod backoff;
+pub mod dns;
+pub mod env;
 pub mod manifest;
 pub mod observed;
 pub mod qos;

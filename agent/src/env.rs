@@ -438,7 +438,8 @@ spec:
 
     #[test]
     fn resolve_table() {
-        let table: Vec<(&str, Result<Vec<(String, String)>, EnvError>)> = vec![
+        type Want = Result<Vec<(String, String)>, EnvError>;
+        let table: Vec<(&str, Want)> = vec![
             ("env: [{name: A, value: x}, {name: B, value: '$(A)-y'}, {name: C, value: '$$(A)'}]", Ok(kv(&[("A", "x"), ("B", "x-y"), ("C", "$(A)")]))),
             ("env: [{name: B, value: '$(A)'}, {name: A, value: x}]", Ok(kv(&[("B", "$(A)"), ("A", "x")]))),
             ("envFrom: [{prefix: CFG_, configMapRef: {name: cfg}}]", Ok(kv(&[("CFG_level", "3"), ("CFG_mode", "fast")]))),

@@ -10,3 +10,4 @@ pub mod observed;
 pub mod qos;
 pub mod quantity;
 pub mod source;
+pub mod status;

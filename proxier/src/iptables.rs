@@ -87,6 +87,11 @@ pub struct Rendered {
     pub chains: BTreeSet<String>,
     /// Rules written in this payload.
     pub rules: usize,
+    /// The shared chains' rules (filter and nat), to compare with the previous sync's.
+    pub shared: String,
+    /// Partial renders only: the payload without the shared chains, usable when `shared`
+    /// equals what the kernel already has.
+    pub svc_only: Option<String>,
 }
 
 fn ip_match(ip: &IpAddr) -> String {
@@ -132,6 +137,7 @@ pub fn render(
     ] {
         let _ = writeln!(nat_chains, ":{c} - [0:0]");
     }
+    let nat_shared_len = nat_chains.len();
     // Static rules.
     let statics = [
         "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP".to_string(),
@@ -338,8 +344,13 @@ pub fn render(
     }
     // Stale chains: flush then delete.
     let stale: Vec<&String> = previous.difference(&desired).collect();
+    let mut svc_decls = String::new();
     for c in &stale {
-        let _ = writeln!(nat_chains, ":{c} - [0:0]");
+        let _ = writeln!(svc_decls, ":{c} - [0:0]");
+    }
+    let mut deletes = String::new();
+    for c in &stale {
+        let _ = writeln!(deletes, "-X {c}");
     }
     let mut text = String::with_capacity(
         filter_chains.len()
@@ -348,24 +359,40 @@ pub fn render(
             + nat_rules.len()
             + svc_nat_rules.len()
             + nodeports.len()
-            + 256,
+            + svc_decls.len()
+            + deletes.len()
+            + 64,
     );
     text.push_str("*filter\n");
     text.push_str(&filter_chains);
     text.push_str(&filter_rules);
     text.push_str("COMMIT\n*nat\n");
     text.push_str(&nat_chains);
+    text.push_str(&svc_decls);
     text.push_str(&nat_rules);
     text.push_str(&nodeports);
     text.push_str(&svc_nat_rules);
-    for c in &stale {
-        let _ = writeln!(text, "-X {c}");
-    }
+    text.push_str(&deletes);
     text.push_str("COMMIT\n");
+    // Shared chains' content, for skipping them when a partial sync leaves them unchanged.
+    let shared = format!("{filter_rules}\u{0}{nat_rules}\u{0}{nodeports}");
+    let svc_only = if changed.is_some() {
+        let mut t = String::from("*nat\n");
+        t.push_str(&nat_chains[nat_shared_len..]);
+        t.push_str(&svc_decls);
+        t.push_str(&svc_nat_rules);
+        t.push_str(&deletes);
+        t.push_str("COMMIT\n");
+        Some(t)
+    } else {
+        None
+    };
     Rendered {
         text,
         chains: desired,
         rules,
+        shared,
+        svc_only,
     }
 }
 

@@ -62,6 +62,7 @@ pub struct IptablesBackend<I: Iptables> {
     ipt: I,
     opts: RenderOpts,
     chains: BTreeSet<String>,
+    shared: String,
     base_ok: bool,
 }
 
@@ -72,6 +73,7 @@ impl<I: Iptables> IptablesBackend<I> {
             ipt,
             opts,
             chains: BTreeSet::new(),
+            shared: String::new(),
             base_ok: false,
         }
     }
@@ -96,7 +98,12 @@ impl<I: Iptables> Backend for IptablesBackend<I> {
             if full { None } else { changed },
             &self.chains,
         );
-        let res = self.ipt.restore(&r.text);
+        // A partial sync leaves the shared chains alone when their rules did not change.
+        let payload = match &r.svc_only {
+            Some(t) if !full && r.shared == self.shared => t,
+            _ => &r.text,
+        };
+        let res = self.ipt.restore(payload);
         if let Err(e) = res {
             self.base_ok = false;
             return Err(e.into());

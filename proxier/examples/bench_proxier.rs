@@ -1,0 +1,136 @@
+//! Benchmark driver for scripts/bench-proxier: run inside a scratch network namespace.
+//! Builds N services × E endpoints, then prints one tab-separated line: variant, N, E,
+//! render seconds, full sync seconds, one-endpoint partial sync seconds, bare
+//! iptables-restore seconds of the same full payload, payload rules, peak RSS MiB.
+#![allow(clippy::print_stdout)]
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use hako_proxier::iptables::render;
+use hako_proxier::{IptablesBackend, Proxier, ProxierOpts, RealIptables, RenderOpts};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+fn svc(i: usize) -> Service {
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: s{i}, namespace: bench}}\nspec: {{clusterIP: 10.{}.{}.{}, ports: [{{name: p, port: 80}}]}}",
+        96 + i / 65536,
+        (i / 256) % 256,
+        i % 256
+    ))
+    .expect("svc")
+}
+
+fn slice(i: usize, eps: usize, shift: usize) -> EndpointSlice {
+    let list: Vec<String> = (0..eps)
+        .map(|e| {
+            let n = i * eps + e + shift;
+            format!(
+                "{{addresses: [10.{}.{}.{}], nodeName: n}}",
+                128 + n / 65536,
+                (n / 256) % 256,
+                n % 256
+            )
+        })
+        .collect();
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: s{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}]\nendpoints: [{}]",
+        list.join(",")
+    ))
+    .expect("slice")
+}
+
+fn rss_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let variant = args.get(1).cloned().unwrap_or_default();
+    let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let eps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let ropts = RenderOpts {
+        cluster_cidr: Some("10.128.0.0/9".into()),
+        ..RenderOpts::default()
+    };
+    let mut p = Proxier::new(
+        Box::new(IptablesBackend::new(
+            RealIptables::with_variant(&variant),
+            ropts.clone(),
+        )),
+        ProxierOpts {
+            hostname: "n".into(),
+            render: ropts.clone(),
+        },
+    );
+    for i in 0..n {
+        p.on_service_add(svc(i));
+        p.on_endpointslice_add(slice(i, eps, 0));
+    }
+    let t = Instant::now();
+    let full = p.sync()?;
+    let full_s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(full.full, "first sync must be full");
+
+    let t = Instant::now();
+    let r = render(p.model(), &ropts, None, &BTreeSet::new());
+    let render_s = t.elapsed().as_secs_f64();
+
+    // One endpoint of one service changes.
+    let mut changed = slice(n / 2, eps, 0);
+    if let Some(ep) = changed.endpoints.first_mut() {
+        ep.addresses = vec!["10.127.255.1".into()];
+    }
+    p.on_endpointslice_update(changed);
+    let t = Instant::now();
+    let part = p.sync()?;
+    let partial_s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(!part.full, "second sync must be partial");
+
+    // Bare restore of the same full payload on emptied tables.
+    let ipt = if variant.is_empty() {
+        "iptables".to_string()
+    } else {
+        format!("iptables-{variant}")
+    };
+    for table in ["nat", "filter"] {
+        for op in ["-F", "-X"] {
+            Command::new(&ipt).args(["-w", "-t", table, op]).status()?;
+        }
+    }
+    let t = Instant::now();
+    let mut child = Command::new(format!("{ipt}-restore"))
+        .args(["--noflush", "-w"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .map(|mut w| w.write_all(r.text.as_bytes()))
+        .transpose()?;
+    let st = child.wait()?;
+    let bare_s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(st.success(), "bare restore failed");
+    let v = if variant.is_empty() {
+        "default"
+    } else {
+        &variant
+    };
+    writeln!(
+        std::io::stdout().lock(),
+        "{v}\t{n}\t{eps}\t{render_s:.3}\t{full_s:.3}\t{partial_s:.4}\t{bare_s:.3}\t{}\t{:.0}",
+        r.rules,
+        rss_mib()
+    )?;
+    Ok(())
+}

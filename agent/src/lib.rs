@@ -9,5 +9,8 @@ pub mod manifest;
 pub mod observed;
 pub mod qos;
 pub mod quantity;
+pub mod record;
+pub mod render;
 pub mod source;
+pub mod state;
 pub mod status;

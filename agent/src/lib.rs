@@ -7,6 +7,7 @@ pub mod dns;
 pub mod env;
 pub mod manifest;
 pub mod observed;
+pub mod probe;
 pub mod qos;
 pub mod quantity;
 pub mod record;

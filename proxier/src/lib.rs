@@ -2,6 +2,7 @@
 //! (with nftables and IPVS backends to come behind the same `Backend` trait).
 
 pub mod config;
+pub mod conntrack;
 pub mod iptables;
 pub mod metrics;
 pub mod model;

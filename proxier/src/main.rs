@@ -123,7 +123,8 @@ fn main() -> anyhow::Result<()> {
         render: render.clone(),
     };
     let backend = IptablesBackend::new(RealIptables::with_variant(&cli.iptables_variant), render);
-    let mut proxier = Proxier::new(Box::new(backend), opts);
+    let mut proxier = Proxier::new(Box::new(backend), opts)
+        .with_conntrack(Box::new(hako_proxier::conntrack::NetlinkConntrack));
     proxier.full_period = cli.sync_period;
 
     let m = Arc::new(Mutex::new(Metrics::default()));

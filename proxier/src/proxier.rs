@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tracing::{debug, info, warn};
 
+use crate::conntrack::{Conntrack, CtFilter};
 use crate::iptables::{self, Iptables, IptablesError, RenderOpts};
 use crate::model::{build_service, service_key, slice_service_key, Model, ServiceKey, ServicePort};
 
@@ -140,6 +141,79 @@ pub struct Proxier {
     last_full: Option<Instant>,
     /// Full resync period (kube-proxy's `--iptables-sync-period` role).
     pub full_period: Duration,
+    conntrack: Option<Box<dyn Conntrack>>,
+    pending_ct: BTreeSet<CtFilter>,
+}
+
+/// UDP conntrack entries made stale by a change from `old` to `new`: entries answered by a
+/// removed endpoint, and entries to a service that gains its first endpoint.
+pub fn stale_udp(old: Option<&Vec<ServicePort>>, new: Option<&Vec<ServicePort>>) -> Vec<CtFilter> {
+    let mut out = Vec::new();
+    let find = |set: Option<&Vec<ServicePort>>, sp: &ServicePort| {
+        set.and_then(|v| {
+            v.iter()
+                .find(|o| o.port_name == sp.port_name && o.protocol == sp.protocol)
+                .cloned()
+        })
+    };
+    for sp in old.into_iter().flatten() {
+        if sp.protocol != crate::model::Protocol::Udp {
+            continue;
+        }
+        let now = find(new, sp);
+        let now_eps: Vec<_> = now
+            .as_ref()
+            .map(|n| {
+                n.cluster_endpoints()
+                    .into_iter()
+                    .map(|e| (e.ip, e.port))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for ep in sp.cluster_endpoints() {
+            if let (std::net::IpAddr::V4(ip), false) = (ep.ip, now_eps.contains(&(ep.ip, ep.port)))
+            {
+                out.push(CtFilter {
+                    proto: 17,
+                    orig_dst: None,
+                    orig_dport: None,
+                    reply_src: Some(ip),
+                });
+            }
+        }
+    }
+    for sp in new.into_iter().flatten() {
+        if sp.protocol != crate::model::Protocol::Udp || sp.cluster_endpoints().is_empty() {
+            continue;
+        }
+        let before = find(old, sp).is_some_and(|o| !o.cluster_endpoints().is_empty());
+        if !before {
+            for ip in sp
+                .cluster_ips
+                .iter()
+                .chain(&sp.external_ips)
+                .chain(&sp.lb_ips)
+            {
+                if let std::net::IpAddr::V4(ip) = ip {
+                    out.push(CtFilter {
+                        proto: 17,
+                        orig_dst: Some(*ip),
+                        orig_dport: Some(sp.port),
+                        reply_src: None,
+                    });
+                }
+            }
+            if let Some(np) = sp.node_port {
+                out.push(CtFilter {
+                    proto: 17,
+                    orig_dst: None,
+                    orig_dport: Some(np),
+                    reply_src: None,
+                });
+            }
+        }
+    }
+    out
 }
 
 impl Proxier {
@@ -156,7 +230,17 @@ impl Proxier {
             need_full: true,
             last_full: None,
             full_period: Duration::from_secs(3600),
+            conntrack: None,
+            pending_ct: BTreeSet::new(),
         }
+    }
+
+    /// Flushes stale UDP conntrack entries through `ct` after each successful sync. Without
+    /// it no conntrack entry is touched.
+    #[must_use]
+    pub fn with_conntrack(mut self, ct: Box<dyn Conntrack>) -> Self {
+        self.conntrack = Some(ct);
+        self
     }
 
     /// Service added or updated.
@@ -328,6 +412,9 @@ impl Proxier {
             let new = self.rebuild(&key);
             let old = self.model.get(&key);
             if new.as_ref() != old {
+                if self.conntrack.is_some() {
+                    self.pending_ct.extend(stale_udp(old, new.as_ref()));
+                }
                 changed.insert(key.clone());
                 match new {
                     Some(p) => {
@@ -356,6 +443,15 @@ impl Proxier {
                     self.last_full = Some(Instant::now());
                 }
                 self.need_full = false;
+                if let Some(ct) = self.conntrack.as_mut() {
+                    let filters: Vec<CtFilter> =
+                        std::mem::take(&mut self.pending_ct).into_iter().collect();
+                    match ct.flush(&filters) {
+                        Ok(n) if n > 0 => info!(deleted = n, "flushed stale UDP conntrack entries"),
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "flushing stale UDP conntrack entries"),
+                    }
+                }
                 info!(
                     full = stats.full,
                     services = stats.services_written,

@@ -351,3 +351,128 @@ fn iptables_partial_sync_and_repair() {
 fn iptables_legacy_partial_sync_and_repair() {
     partial_sync_and_repair("legacy");
 }
+
+/// A UDP server in `ns` answering every datagram with `name`, until `stop` is set.
+fn udp_server(
+    ns: &NetNs,
+    name: &'static str,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let sock = ns
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:5353"))
+        .unwrap()
+        .unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(name.as_bytes(), peer);
+            }
+        }
+    })
+}
+
+/// With `flush`, the flow moves to the new endpoint; without it, conntrack keeps it on the
+/// removed one (which shows the flush is what moves it).
+fn udp_flow_after_endpoint_removal(variant: &str, flush: bool) {
+    let mut env = Env::new(0, variant);
+    let node = &env.topo.nodes[0];
+    let b1 = node.add_pod("kb", "10.244.1.11/24", "10.244.1.1").unwrap();
+    let b2 = node.add_pod("kb", "10.244.1.12/24", "10.244.1.1").unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let servers = [
+        udp_server(&b1, "b1", stop.clone()),
+        udp_server(&b2, "b2", stop.clone()),
+    ];
+    let client = env
+        .client
+        .run(|| {
+            let s = std::net::UdpSocket::bind("10.244.2.10:40000")?;
+            s.connect("10.96.0.40:53")?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .unwrap()
+        .unwrap();
+    client
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    let ask = || -> String {
+        let mut buf = [0u8; 16];
+        for _ in 0..10 {
+            let _ = client.send(b"q");
+            if let Ok(n) = client.recv(&mut buf) {
+                return String::from_utf8_lossy(&buf[..n]).into_owned();
+            }
+        }
+        String::new()
+    };
+    let udp_svc = |slice_eps: &str| -> (Service, EndpointSlice) {
+        (
+            serde_yaml::from_str(
+                "metadata: {name: dns, namespace: t}\nspec: {clusterIP: 10.96.0.40, ports: [{name: p, port: 53, protocol: UDP}]}",
+            )
+            .unwrap(),
+            serde_yaml::from_str(&format!(
+                "metadata: {{name: dns-1, namespace: t, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: IPv4\nports: [{{name: p, port: 5353, protocol: UDP}}]\nendpoints: [{{addresses: [{slice_eps}]}}]"
+            ))
+            .unwrap(),
+        )
+    };
+    let (svc, sl) = udp_svc("10.244.1.11");
+    if flush {
+        env.proxier = std::mem::replace(
+            &mut env.proxier,
+            Proxier::new(
+                Box::new(IptablesBackend::new(
+                    RealIptables::with_variant(variant),
+                    RenderOpts::default(),
+                )),
+                ProxierOpts::default(),
+            ),
+        )
+        .with_conntrack(Box::new(hako_proxier::conntrack::NetlinkConntrack));
+    }
+    env.proxier.on_service_add(svc);
+    env.proxier.on_endpointslice_add(sl);
+    env.sync();
+    assert_eq!(ask(), "b1");
+    assert_eq!(ask(), "b1", "same flow, same backend");
+    let (_, sl) = udp_svc("10.244.1.12");
+    env.proxier.on_endpointslice_update(sl);
+    assert!(!env.sync().full);
+    // b1 still answers if anything still sends it traffic: only the flush moves the flow.
+    if flush {
+        assert_eq!(
+            ask(),
+            "b2",
+            "the flow must move once its endpoint is removed"
+        );
+    } else {
+        assert_eq!(
+            ask(),
+            "b1",
+            "without a flush conntrack keeps the old endpoint"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+}
+
+#[test]
+fn iptables_udp_flow_moves_after_endpoint_removal() {
+    udp_flow_after_endpoint_removal("", true);
+}
+
+#[test]
+fn iptables_udp_flow_stays_without_conntrack_flush() {
+    udp_flow_after_endpoint_removal("", false);
+}
+
+#[test]
+fn iptables_legacy_udp_flow_moves_after_endpoint_removal() {
+    udp_flow_after_endpoint_removal("legacy", true);
+}

@@ -1,0 +1,388 @@
+//! Flushing stale UDP conntrack entries over ctnetlink (one netlink socket, one dump and one
+//! delete message per matching entry; no `conntrack` process). Pure message encoding and
+//! parsing, plus the `Conntrack` effect trait.
+
+use std::net::Ipv4Addr;
+
+use nix::sys::socket::{
+    bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
+    SockType,
+};
+use tracing::debug;
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+const CT_GET: u16 = (1 << 8) | 1;
+const CT_DELETE: u16 = (1 << 8) | 2;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_DST_PORT: u16 = 3;
+const AF_INET: u8 = 2;
+
+/// Which entries to delete: every given field must match.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CtFilter {
+    /// IP protocol number (17 = UDP).
+    pub proto: u8,
+    /// Original destination (the service address).
+    pub orig_dst: Option<Ipv4Addr>,
+    /// Original destination port.
+    pub orig_dport: Option<u16>,
+    /// Reply source (the endpoint).
+    pub reply_src: Option<Ipv4Addr>,
+}
+
+/// One conntrack entry's tuples as far as filtering needs them, and its raw original tuple.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Protocol.
+    pub proto: u8,
+    /// Original destination.
+    pub orig_dst: Option<Ipv4Addr>,
+    /// Original destination port.
+    pub orig_dport: Option<u16>,
+    /// Reply source.
+    pub reply_src: Option<Ipv4Addr>,
+    /// The CTA_TUPLE_ORIG attribute as received (header included), echoed in the delete.
+    pub orig_attr: Vec<u8>,
+}
+
+impl CtFilter {
+    /// Whether `e` matches.
+    pub fn matches(&self, e: &Entry) -> bool {
+        e.proto == self.proto
+            && self.orig_dst.is_none_or(|d| e.orig_dst == Some(d))
+            && self.orig_dport.is_none_or(|p| e.orig_dport == Some(p))
+            && self.reply_src.is_none_or(|s| e.reply_src == Some(s))
+    }
+}
+
+/// Conntrack failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ConntrackError {
+    /// Socket-level failure.
+    #[error("ctnetlink {op}: {source}")]
+    Sys {
+        /// What was being done.
+        op: &'static str,
+        /// Cause.
+        source: nix::Error,
+    },
+    /// Kernel returned an error.
+    #[error("ctnetlink error {0}")]
+    Kernel(i32),
+}
+
+/// Deleting conntrack entries.
+pub trait Conntrack: Send {
+    /// Deletes every entry matching any filter; returns how many were deleted.
+    fn flush(&mut self, filters: &[CtFilter]) -> Result<usize, ConntrackError>;
+}
+
+fn nlmsg(ty: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+    let len = 16 + 4 + payload.len();
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_ne_bytes());
+    m.extend_from_slice(&ty.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[AF_INET, 0, 0, 0]); // nfgenmsg: family, version, res_id
+    m.extend_from_slice(payload);
+    m
+}
+
+/// The dump request for IPv4 entries.
+pub fn dump_request(seq: u32) -> Vec<u8> {
+    nlmsg(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, &[])
+}
+
+/// The delete request for one entry.
+pub fn delete_request(seq: u32, e: &Entry) -> Vec<u8> {
+    nlmsg(CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, &e.orig_attr)
+}
+
+/// Iterates netlink attributes: (type without flags, value, whole attribute bytes).
+fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8], &[u8])> {
+    std::iter::from_fn(move || {
+        if b.len() < 4 {
+            return None;
+        }
+        let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
+        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        if len < 4 || len > b.len() {
+            return None;
+        }
+        let whole = &b[..len];
+        let val = &b[4..len];
+        let adv = (len + 3) & !3;
+        b = if adv >= b.len() { &[] } else { &b[adv..] };
+        Some((ty, val, whole))
+    })
+}
+
+fn v4(v: &[u8]) -> Option<Ipv4Addr> {
+    <[u8; 4]>::try_from(v).ok().map(Ipv4Addr::from)
+}
+
+fn tuple(v: &[u8]) -> (Option<Ipv4Addr>, Option<Ipv4Addr>, u8, Option<u16>) {
+    let (mut src, mut dst, mut proto, mut dport) = (None, None, 0, None);
+    for (t, val, _) in attrs(v) {
+        match t {
+            CTA_TUPLE_IP => {
+                for (t, val, _) in attrs(val) {
+                    match t {
+                        CTA_IP_V4_SRC => src = v4(val),
+                        CTA_IP_V4_DST => dst = v4(val),
+                        _ => {}
+                    }
+                }
+            }
+            CTA_TUPLE_PROTO => {
+                for (t, val, _) in attrs(val) {
+                    match t {
+                        CTA_PROTO_NUM => proto = val.first().copied().unwrap_or(0),
+                        CTA_PROTO_DST_PORT if val.len() == 2 => {
+                            dport = Some(u16::from_be_bytes([val[0], val[1]]));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (src, dst, proto, dport)
+}
+
+/// Parses one conntrack message body (after nlmsghdr and nfgenmsg).
+pub fn parse_entry(body: &[u8]) -> Option<Entry> {
+    let mut e = Entry {
+        proto: 0,
+        orig_dst: None,
+        orig_dport: None,
+        reply_src: None,
+        orig_attr: Vec::new(),
+    };
+    for (t, val, whole) in attrs(body) {
+        match t {
+            CTA_TUPLE_ORIG => {
+                let (_, dst, proto, dport) = tuple(val);
+                e.proto = proto;
+                e.orig_dst = dst;
+                e.orig_dport = dport;
+                e.orig_attr = whole.to_vec();
+            }
+            CTA_TUPLE_REPLY => e.reply_src = tuple(val).0,
+            _ => {}
+        }
+    }
+    (!e.orig_attr.is_empty()).then_some(e)
+}
+
+/// Splits a datagram into netlink messages: (type, body after nlmsghdr).
+fn messages(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 16 {
+        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let ty = u16::from_ne_bytes([b[4], b[5]]);
+        if len < 16 || len > b.len() {
+            break;
+        }
+        out.push((ty, &b[16..len]));
+        let adv = (len + 3) & !3;
+        b = if adv >= b.len() { &[] } else { &b[adv..] };
+    }
+    out
+}
+
+/// ctnetlink in the calling thread's network namespace.
+#[derive(Debug, Default, Clone)]
+pub struct NetlinkConntrack;
+
+impl Conntrack for NetlinkConntrack {
+    fn flush(&mut self, filters: &[CtFilter]) -> Result<usize, ConntrackError> {
+        if filters.is_empty() {
+            return Ok(0);
+        }
+        let sys = |op| move |source| ConntrackError::Sys { op, source };
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkNetFilter,
+        )
+        .map_err(sys("socket"))?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &NetlinkAddr::new(0, 0),
+        )
+        .map_err(sys("bind"))?;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        send(raw, &dump_request(1), MsgFlags::empty()).map_err(sys("send dump"))?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut victims = Vec::new();
+        'dump: loop {
+            let n = recv(raw, &mut buf, MsgFlags::empty()).map_err(sys("recv dump"))?;
+            for (ty, body) in messages(&buf[..n]) {
+                match ty {
+                    NLMSG_DONE => break 'dump,
+                    NLMSG_ERROR => {
+                        let code = body
+                            .get(..4)
+                            .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                        if code != 0 {
+                            return Err(ConntrackError::Kernel(code));
+                        }
+                    }
+                    _ => {
+                        if let Some(e) = body.get(4..).and_then(parse_entry) {
+                            if filters.iter().any(|f| f.matches(&e)) {
+                                victims.push(e);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut deleted = 0;
+        for (i, e) in victims.iter().enumerate() {
+            let seq = u32::try_from(i + 2).unwrap_or(u32::MAX);
+            send(raw, &delete_request(seq, e), MsgFlags::empty()).map_err(sys("send delete"))?;
+            let n = recv(raw, &mut buf, MsgFlags::empty()).map_err(sys("recv ack"))?;
+            for (ty, body) in messages(&buf[..n]) {
+                if ty == NLMSG_ERROR {
+                    let code = body
+                        .get(..4)
+                        .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                    if code == 0 {
+                        deleted += 1;
+                    } else {
+                        debug!(code, "conntrack delete (entry probably gone already)");
+                    }
+                }
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(ty: u16, val: &[u8]) -> Vec<u8> {
+        let mut a = Vec::new();
+        a.extend_from_slice(&u16::try_from(4 + val.len()).expect("len").to_ne_bytes());
+        a.extend_from_slice(&ty.to_ne_bytes());
+        a.extend_from_slice(val);
+        while a.len() % 4 != 0 {
+            a.push(0);
+        }
+        a
+    }
+
+    fn tuple_attr(ty: u16, src: [u8; 4], dst: [u8; 4], proto: u8, dport: u16) -> Vec<u8> {
+        let ip = [attr(CTA_IP_V4_SRC, &src), attr(CTA_IP_V4_DST, &dst)].concat();
+        let pr = [
+            attr(CTA_PROTO_NUM, &[proto]),
+            attr(2, &1234u16.to_be_bytes()),
+            attr(CTA_PROTO_DST_PORT, &dport.to_be_bytes()),
+        ]
+        .concat();
+        attr(
+            ty | 0x8000,
+            &[
+                attr(CTA_TUPLE_IP | 0x8000, &ip),
+                attr(CTA_TUPLE_PROTO | 0x8000, &pr),
+            ]
+            .concat(),
+        )
+    }
+
+    #[test]
+    fn parse_filter_and_delete_encoding() {
+        // As the kernel sends it: orig 10.244.2.10 -> 10.96.0.40:53/udp, reply from 10.244.1.11.
+        let orig = tuple_attr(CTA_TUPLE_ORIG, [10, 244, 2, 10], [10, 96, 0, 40], 17, 53);
+        let reply = tuple_attr(
+            CTA_TUPLE_REPLY,
+            [10, 244, 1, 11],
+            [10, 244, 2, 10],
+            17,
+            1234,
+        );
+        let body = [orig.clone(), reply, attr(3, &[0, 0, 0, 8])].concat();
+        let e = parse_entry(&body).expect("entry");
+        assert_eq!(e.proto, 17);
+        assert_eq!(e.orig_dst, Some(Ipv4Addr::new(10, 96, 0, 40)));
+        assert_eq!(e.orig_dport, Some(53));
+        assert_eq!(e.reply_src, Some(Ipv4Addr::new(10, 244, 1, 11)));
+        let cases = [
+            (
+                CtFilter {
+                    proto: 17,
+                    orig_dst: None,
+                    orig_dport: None,
+                    reply_src: Some(Ipv4Addr::new(10, 244, 1, 11)),
+                },
+                true,
+            ),
+            (
+                CtFilter {
+                    proto: 17,
+                    orig_dst: None,
+                    orig_dport: None,
+                    reply_src: Some(Ipv4Addr::new(10, 244, 1, 12)),
+                },
+                false,
+            ),
+            (
+                CtFilter {
+                    proto: 6,
+                    orig_dst: None,
+                    orig_dport: None,
+                    reply_src: None,
+                },
+                false,
+            ),
+            (
+                CtFilter {
+                    proto: 17,
+                    orig_dst: Some(Ipv4Addr::new(10, 96, 0, 40)),
+                    orig_dport: Some(53),
+                    reply_src: None,
+                },
+                true,
+            ),
+            (
+                CtFilter {
+                    proto: 17,
+                    orig_dst: Some(Ipv4Addr::new(10, 96, 0, 40)),
+                    orig_dport: Some(54),
+                    reply_src: None,
+                },
+                false,
+            ),
+        ];
+        for (f, want) in cases {
+            assert_eq!(f.matches(&e), want, "{f:?}");
+        }
+        let del = delete_request(7, &e);
+        assert_eq!(
+            u32::from_ne_bytes([del[0], del[1], del[2], del[3]]) as usize,
+            del.len()
+        );
+        assert_eq!(u16::from_ne_bytes([del[4], del[5]]), 0x102);
+        assert_eq!(&del[20..], &orig[..]);
+        let msgs = messages(&del);
+        assert_eq!(msgs.len(), 1);
+    }
+}

@@ -553,6 +553,64 @@ mod tests {
     }
 
     #[test]
+    fn stale_udp_filters() {
+        let udp = |eps: &[&str]| -> Vec<ServicePort> {
+            let svc: Service = serde_yaml::from_str(
+                "metadata: {name: d, namespace: ns}\nspec: {clusterIP: 10.96.0.40, ports: [{name: p, port: 53, protocol: UDP}]}",
+            )
+            .expect("svc");
+            let list: Vec<String> = eps
+                .iter()
+                .map(|i| format!("{{addresses: [{i}]}}"))
+                .collect();
+            let sl: EndpointSlice = serde_yaml::from_str(&format!(
+                "metadata: {{name: d-1, namespace: ns, labels: {{kubernetes.io/service-name: d}}}}\naddressType: IPv4\nports: [{{name: p, port: 5353, protocol: UDP}}]\nendpoints: [{}]",
+                list.join(",")
+            ))
+            .expect("slice");
+            build_service(&svc, &[&sl], "me", &mut Vec::new()).expect("build")
+        };
+        let ep = |s: &str| CtFilter {
+            proto: 17,
+            orig_dst: None,
+            orig_dport: None,
+            reply_src: Some(s.parse().expect("ip")),
+        };
+        let svcf = CtFilter {
+            proto: 17,
+            orig_dst: Some("10.96.0.40".parse().expect("ip")),
+            orig_dport: Some(53),
+            reply_src: None,
+        };
+        let cases: Vec<(
+            Option<Vec<ServicePort>>,
+            Option<Vec<ServicePort>>,
+            Vec<CtFilter>,
+        )> = vec![
+            (
+                Some(udp(&["10.0.0.1", "10.0.0.2"])),
+                Some(udp(&["10.0.0.2"])),
+                vec![ep("10.0.0.1")],
+            ),
+            (Some(udp(&[])), Some(udp(&["10.0.0.2"])), vec![svcf.clone()]),
+            (None, Some(udp(&["10.0.0.2"])), vec![svcf]),
+            (Some(udp(&["10.0.0.1"])), None, vec![ep("10.0.0.1")]),
+            (
+                Some(udp(&["10.0.0.1"])),
+                Some(udp(&["10.0.0.1", "10.0.0.3"])),
+                vec![],
+            ),
+        ];
+        for (old, new, want) in cases {
+            assert_eq!(
+                stale_udp(old.as_ref(), new.as_ref()),
+                want,
+                "{old:?} -> {new:?}"
+            );
+        }
+    }
+
+    #[test]
     fn canary_loss_forces_full() {
         let fake = FakeIptables::default();
         let st = fake.state.clone();

@@ -5,6 +5,7 @@ pub mod actions;
 pub mod backoff;
 pub mod dns;
 pub mod env;
+pub mod integration;
 pub mod manifest;
 pub mod observed;
 pub mod probe;

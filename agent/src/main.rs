@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use hako_agent::manifest::{SourcedPod, StaticPodOptions};
+use hako_agent::manifest::{SourceEvent, SourcedPod, StaticPodOptions};
 use hako_agent::{actions, dns, env, observed, qos, record, render, source, state, status};
 use k8s_openapi::chrono::Utc;
 use std::collections::BTreeMap;
@@ -46,6 +46,10 @@ struct Cli {
     /// Node memory capacity in bytes for the Burstable oom_score_adj formula (default: /proc/meminfo).
     #[arg(long)]
     memory_capacity: Option<i128>,
+    /// After the dry run, keep polling the manifest directory every SECONDS and print the
+    /// add/update/delete events and newly rejected documents (still runs nothing).
+    #[arg(long, value_name = "SECONDS")]
+    watch: Option<u64>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -163,14 +167,68 @@ fn main() -> anyhow::Result<()> {
                     "nothing to do: pass --pod-manifest-path DIR, or a subcommand (see --help)"
                 );
             };
-            dry_run(&cli, dir, &mut out)?;
+            let ok = dry_run(&cli, dir, &mut out)?;
+            if let Some(secs) = cli.watch {
+                watch(&cli, dir, secs, &mut out)?;
+            }
+            if !ok {
+                std::process::exit(1);
+            }
         }
     }
     Ok(())
 }
 
-/// Loads, validates and prints what would run. Exit status 1 when any document was rejected.
-fn dry_run(cli: &Cli, dir: &std::path::Path, out: &mut impl Write) -> anyhow::Result<()> {
+/// Polls the directory and prints each change (the loop the pod workers will hang off).
+fn watch(cli: &Cli, dir: &std::path::Path, secs: u64, out: &mut impl Write) -> anyhow::Result<()> {
+    let opts = StaticPodOptions {
+        node_name: cli.hostname_override.clone(),
+        suffix_node_name: true,
+    };
+    let mut src = source::DirSource::new(dir.to_path_buf(), opts);
+    src.poll()?;
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(secs.max(1)));
+        let poll = match src.poll() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("{e}");
+                continue;
+            }
+        };
+        for e in poll.new_errors {
+            tracing::error!("skipped: {e}");
+        }
+        for ev in poll.events {
+            let line = match ev {
+                SourceEvent::PodAdded(p) => format!(
+                    "ADD pod {} ({})",
+                    p.pod.metadata.name.unwrap_or_default(),
+                    p.file
+                ),
+                SourceEvent::PodUpdated { new, .. } => {
+                    format!(
+                        "UPDATE pod {} -> uid {} (would restart)",
+                        new.pod.metadata.name.clone().unwrap_or_default(),
+                        new.uid()
+                    )
+                }
+                SourceEvent::PodDeleted(p) => format!(
+                    "DELETE pod {} (would terminate gracefully)",
+                    p.pod.metadata.name.unwrap_or_default()
+                ),
+                SourceEvent::ConfigMapChanged(k) => format!("CHANGED configmap {}/{}", k.0, k.1),
+                SourceEvent::SecretChanged(k) => format!("CHANGED secret {}/{}", k.0, k.1),
+                SourceEvent::ServiceChanged(k) => format!("CHANGED service {}/{}", k.0, k.1),
+            };
+            writeln!(out, "{line}")?;
+            out.flush()?;
+        }
+    }
+}
+
+/// Loads, validates and prints what would run; false when any document was rejected.
+fn dry_run(cli: &Cli, dir: &std::path::Path, out: &mut impl Write) -> anyhow::Result<bool> {
     let opts = StaticPodOptions {
         node_name: cli.hostname_override.clone(),
         suffix_node_name: true,
@@ -201,10 +259,8 @@ fn dry_run(cli: &Cli, dir: &std::path::Path, out: &mut impl Write) -> anyhow::Re
     for sp in s.pods.values() {
         describe_plan(sp, s, &dns_settings, mem, out)?;
     }
-    if !loaded.errors.is_empty() {
-        std::process::exit(1);
-    }
-    Ok(())
+    out.flush()?;
+    Ok(loaded.errors.is_empty())
 }
 
 fn describe_plan(

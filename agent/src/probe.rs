@@ -397,7 +397,8 @@ mod tests {
 
     #[test]
     fn worker_table() {
-        let table: Vec<(&str, ProbeType, ProbeSpec, Vec<bool>, Vec<ProbeResult>)> = vec![
+        type Row<'a> = (&'a str, ProbeType, ProbeSpec, Vec<bool>, Vec<ProbeResult>);
+        let table: Vec<Row> = vec![
             (
                 "readiness starts failed, 1 success flips",
                 ProbeType::Readiness,

@@ -582,11 +582,12 @@ mod tests {
             orig_dport: Some(53),
             reply_src: None,
         };
-        let cases: Vec<(
+        type Case = (
             Option<Vec<ServicePort>>,
             Option<Vec<ServicePort>>,
             Vec<CtFilter>,
-        )> = vec![
+        );
+        let cases: Vec<Case> = vec![
             (
                 Some(udp(&["10.0.0.1", "10.0.0.2"])),
                 Some(udp(&["10.0.0.2"])),

@@ -55,6 +55,7 @@ fn main() {
     private_mount_ns();
 
     let rt = Runtime::new(&shim, work.join("hako-state"));
+    let phases: std::cell::RefCell<Vec<[Duration; 4]>> = std::cell::RefCell::new(Vec::new());
     let hako = |i: usize| {
         let id = format!("bench-{i}");
         let spec = ContainerSpec {
@@ -73,10 +74,14 @@ fn main() {
         };
         let t = Instant::now();
         let c = rt.create(&spec).expect("hako create");
+        let t1 = t.elapsed();
         c.start().expect("hako start");
+        let t2 = t.elapsed();
         let st = c.wait(None).expect("hako wait");
+        let t3 = t.elapsed();
         c.delete().expect("hako delete");
         let d = t.elapsed();
+        phases.borrow_mut().push([t1, t2 - t1, t3 - t2, d - t3]);
         assert_eq!(st.exit_code, Some(0), "hako: /bin/true failed");
         d
     };
@@ -130,6 +135,16 @@ fn main() {
         out,
         "create+start+wait+delete of /bin/true, {runs} runs each (interleaved)\n{:<10} {:>10} {:>10} {:>10} {:>14}",
         "runtime", "median ms", "p95 ms", "mean ms", "median/crun"
+    );
+    let ph = phases.borrow();
+    let phase = |k: usize| stats(ph.iter().map(|p| p[k]).collect()).0;
+    let _ = writeln!(
+        out,
+        "hako-shim phases (median ms): create {:.2}, start {:.2}, wait {:.2}, delete {:.2}",
+        phase(0),
+        phase(1),
+        phase(2),
+        phase(3)
     );
     for (name, v) in &results {
         let (m, p, mean) = stats(v.clone());

@@ -140,8 +140,13 @@ fn pipe() -> Result<(File, File), CreateError> {
     Ok((File::from(r), File::from(w)))
 }
 
-/// Fork the container process. The calling process must be single-threaded.
-pub fn create(plan: &InitPlan) -> Result<Init, CreateError> {
+/// Fork the container process. The calling process must be single-threaded. `after_fork`
+/// runs in the parent while the child sets itself up (e.g. moving it into its cgroup, which
+/// is slow on cgroup v1); an error there kills the child.
+pub fn create(
+    plan: &InitPlan,
+    after_fork: impl FnOnce(Pid) -> Result<(), String>,
+) -> Result<Init, CreateError> {
     for d in [&plan.rootfs, &plan.upper, &plan.work] {
         let _ = fs::create_dir_all(d);
     }
@@ -192,6 +197,11 @@ pub fn create(plan: &InitPlan) -> Result<Init, CreateError> {
                 report: rep_r,
                 start: Some(start_w),
             };
+            if let Err(e) = after_fork(child) {
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(child, None);
+                return Err(CreateError::Setup(e));
+            }
             let mut b = [0u8; 1];
             let n = init.report.read(&mut b).map_err(CreateError::Report)?;
             if n == 1 && b[0] == b'R' {

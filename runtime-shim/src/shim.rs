@@ -190,9 +190,13 @@ fn setup_container(
         ),
         None => None,
     };
-    let procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
-    let made = InitPlan::new(&spec, dir, procs, oom.map(|o| o.0))
-        .and_then(|plan| container::create(&plan).map(|init| (plan, init)));
+    // The shim moves the child into its cgroup while the child sets up its mounts.
+    let join = |pid: Pid| match &cgroup {
+        Some(c) => c.add(pid.as_raw()).map_err(|e| e.to_string()),
+        None => Ok(()),
+    };
+    let made = InitPlan::new(&spec, dir, Vec::new(), oom.map(|o| o.0))
+        .and_then(|plan| container::create(&plan, join).map(|init| (plan, init)));
     let (plan, init) = made?;
     // From here on an error must also end the container process.
     let kill_init = |e: ShimError| {

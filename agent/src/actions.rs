@@ -343,20 +343,15 @@ pub fn compute_actions(
         }
     }
     if keep == 0 && starts == 0 {
-        // every regular container is done: stop the pod, sidecars are not restarted
+        // every regular container is done: stop the pod (sidecars, then the sandbox, which
+        // frees the network) and restart no sidecar, like the kubelet
         out.retain(|a| {
             !matches!(
                 a,
                 Action::StartInitContainer { .. } | Action::BackOff { .. }
             )
         });
-        if observed
-            .containers
-            .iter()
-            .any(|c| c.state == RuntimeState::Running)
-        {
-            out.push(Action::KillPod);
-        }
+        out.push(Action::KillPod);
     }
     out
 }
@@ -657,14 +652,14 @@ mod tests {
                 &never,
                 obs(&never, &[("i1", Exited, 0, NP), ("a", Exited, 1, NP)]),
                 &no_backoff,
-                vec![],
+                vec![Action::KillPod],
             ),
             (
                 "OnFailure, exit 0 stays",
                 &onfail,
                 obs(&onfail, &[("a", Exited, 0, NP)]),
                 &no_backoff,
-                vec![],
+                vec![Action::KillPod],
             ),
             (
                 "OnFailure, exit 1 restarts",

@@ -1,1 +1,3 @@
-//! hako CNI plugin: bridge, veth, IPAM and VXLAN overlay (CNI spec 1.1)
+//! hako CNI plugin library: CNI version negotiation and result shapes (pure).
+
+pub mod version;

@@ -1,13 +1,6 @@
-//! `hako-cni`: command-line entry point.
+//! `hako-cni`: command-line entry point (answers VERSION only so far).
 
-use clap::Parser;
-
-/// hako CNI plugin: bridge, veth, IPAM and VXLAN overlay (CNI spec 1.1)
-#[derive(Parser, Debug)]
-#[command(name = "hako-cni", version, about)]
-struct Cli {}
-
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+fn main() {
+    let out = hako_cni::version::version_info(hako_cni::version::LATEST);
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), format!("{out}\n").as_bytes());
 }

@@ -1,3 +1,13 @@
-//! hako CNI plugin library: CNI version negotiation and result shapes (pure).
+//! hako CNI plugin: CNI spec 1.1 protocol (`skel`), configuration (`config`), IPAM
+//! (`ipam`), bridge/veth attachments (`plugin`), masquerade (`masq`), the VXLAN overlay
+//! library (`overlay`), rtnetlink access (`netlink`) and result shapes (`version`).
 
+pub mod cli;
+pub mod config;
+pub mod ipam;
+pub mod masq;
+pub mod netlink;
+pub mod overlay;
+pub mod plugin;
+pub mod skel;
 pub mod version;

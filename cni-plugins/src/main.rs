@@ -1,6 +1,6 @@
-//! `hako-cni`: command-line entry point (answers VERSION only so far).
+//! `hako-cni`: a CNI plugin when run with `CNI_COMMAND` set, and `hako-cni overlay ...`
+//! for operators.
 
 fn main() {
-    let out = hako_cni::version::version_info(hako_cni::version::LATEST);
-    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), format!("{out}\n").as_bytes());
+    std::process::exit(hako_cni::cli::main());
 }

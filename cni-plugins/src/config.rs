@@ -1,0 +1,595 @@
+//! Network configuration: decoding the stdin JSON, validation, and resolving address ranges,
+//! MTU and cluster networks from the config or the node's subnet file. Pure.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::ipam::Range;
+use crate::version;
+
+/// Default bridge name.
+pub const DEFAULT_BRIDGE: &str = "hako0";
+/// Default subnet file written by the node agent.
+pub const DEFAULT_SUBNET_FILE: &str = "/run/hako/subnet.env";
+/// Parent of the default IPAM data directories.
+pub const DEFAULT_DATA_ROOT: &str = "/var/lib/cni/networks";
+/// MTU used when neither the config nor the subnet file names one.
+pub const DEFAULT_MTU: u32 = 1500;
+
+/// A configuration problem, with the CNI error code it maps to.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Not JSON, or not the expected shape (code 6).
+    #[error("cannot decode network configuration: {0}")]
+    Decode(String),
+    /// Decoded but invalid (code 7).
+    #[error("invalid network configuration: {0}")]
+    Invalid(String),
+    /// cniVersion not spoken (code 1).
+    #[error("incompatible CNI version {0:?} (supported: {supported})", supported = version::SUPPORTED.join(", "))]
+    Version(String),
+}
+
+impl ConfigError {
+    /// The CNI error code.
+    pub fn code(&self) -> u32 {
+        match self {
+            ConfigError::Decode(_) => 6,
+            ConfigError::Invalid(_) => 7,
+            ConfigError::Version(_) => 1,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawConf {
+    cni_version: Option<String>,
+    name: Option<String>,
+    #[serde(rename = "type")]
+    plugin_type: Option<String>,
+    bridge: Option<String>,
+    mtu: Option<u32>,
+    is_gateway: Option<bool>,
+    is_default_gateway: Option<bool>,
+    hairpin_mode: Option<bool>,
+    promisc_mode: Option<bool>,
+    ip_masq: Option<bool>,
+    cluster_network: Option<OneOrMany>,
+    subnet_file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    log_file: Option<PathBuf>,
+    log_level: Option<String>,
+    ipam: Option<RawIpam>,
+    dns: Option<Value>,
+    prev_result: Option<Value>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<Attachment>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RangeItem {
+    One(RawRange),
+    Set(Vec<RawRange>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawIpam {
+    #[serde(rename = "type")]
+    ipam_type: Option<String>,
+    ranges: Option<Vec<RangeItem>>,
+    routes: Option<Vec<RawRoute>>,
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawRange {
+    subnet: String,
+    range_start: Option<String>,
+    range_end: Option<String>,
+    gateway: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawRoute {
+    dst: String,
+    gw: Option<String>,
+}
+
+/// One attachment named by GC's `cni.dev/valid-attachments`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Hash)]
+pub struct Attachment {
+    /// Container id.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// Interface name in the container.
+    pub ifname: String,
+}
+
+/// A configured extra route for the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConf {
+    /// Destination.
+    pub dst: IpNet,
+    /// Next hop (the range's gateway when absent).
+    pub gw: Option<IpAddr>,
+}
+
+/// A configured range before defaults are applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeConf {
+    /// The subnet (host bits may be set: they then name the gateway).
+    pub subnet: IpNet,
+    /// First allocatable address.
+    pub start: Option<IpAddr>,
+    /// Last allocatable address.
+    pub end: Option<IpAddr>,
+    /// Gateway (bridge) address.
+    pub gateway: Option<IpAddr>,
+}
+
+/// The validated network configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetConf {
+    /// Requested cniVersion.
+    pub cni_version: String,
+    /// Network name.
+    pub name: String,
+    /// Bridge name.
+    pub bridge: String,
+    /// MTU override.
+    pub mtu: Option<u32>,
+    /// Give the bridge the gateway address.
+    pub is_gateway: bool,
+    /// Add a default route via the gateway in the container.
+    pub is_default_gateway: bool,
+    /// Hairpin mode on the host veth.
+    pub hairpin_mode: bool,
+    /// Promiscuous mode on the bridge.
+    pub promisc_mode: bool,
+    /// Masquerade traffic leaving the cluster networks.
+    pub ip_masq: bool,
+    /// Cluster networks (not masqueraded) from the config.
+    pub cluster_networks: Vec<IpNet>,
+    /// Subnet file path.
+    pub subnet_file: PathBuf,
+    /// IPAM store directory.
+    pub data_dir: PathBuf,
+    /// Optional log file.
+    pub log_file: Option<PathBuf>,
+    /// Log level (error, warn, info, debug, trace).
+    pub log_level: String,
+    /// Configured ranges (empty: from the subnet file).
+    pub ranges: Vec<RangeConf>,
+    /// Extra container routes.
+    pub routes: Vec<RouteConf>,
+    /// DNS block passed through to the result.
+    pub dns: Value,
+    /// A chain's previous result.
+    pub prev_result: Option<Value>,
+    /// GC's valid attachments.
+    pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+fn parse_ip(what: &str, s: &str) -> Result<IpAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| ConfigError::Invalid(format!("{what}: {s:?} is not an IP address")))
+}
+
+fn parse_net(what: &str, s: &str) -> Result<IpNet, ConfigError> {
+    s.parse()
+        .map_err(|_| ConfigError::Invalid(format!("{what}: {s:?} is not a CIDR")))
+}
+
+/// True for names the kernel accepts as interface names.
+pub fn valid_ifname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && !s
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+impl NetConf {
+    /// Decodes and validates stdin.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::Decode(e.to_string()))?;
+        let raw: RawConf =
+            serde_json::from_value(value).map_err(|e| ConfigError::Decode(e.to_string()))?;
+        let cni_version = raw
+            .cni_version
+            .ok_or_else(|| ConfigError::Invalid("cniVersion is missing".into()))?;
+        if !version::is_supported(&cni_version) {
+            return Err(ConfigError::Version(cni_version));
+        }
+        let name = raw
+            .name
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ConfigError::Invalid("name is missing".into()))?;
+        if name.contains('/') || name.starts_with('.') {
+            return Err(ConfigError::Invalid(format!(
+                "name {name:?} may not contain '/' or start with '.'"
+            )));
+        }
+        if raw.plugin_type.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::Invalid("type is empty".into()));
+        }
+        let bridge = raw.bridge.unwrap_or_else(|| DEFAULT_BRIDGE.to_string());
+        if !valid_ifname(&bridge) {
+            return Err(ConfigError::Invalid(format!(
+                "bridge {bridge:?} is not a valid interface name"
+            )));
+        }
+        if let Some(mtu) = raw.mtu {
+            if !(576..=65535).contains(&mtu) {
+                return Err(ConfigError::Invalid(format!(
+                    "mtu {mtu} is outside 576..65535"
+                )));
+            }
+        }
+        let cluster_networks = match raw.cluster_network {
+            None => vec![],
+            Some(OneOrMany::One(s)) => vec![parse_net("clusterNetwork", &s)?],
+            Some(OneOrMany::Many(v)) => v
+                .iter()
+                .map(|s| parse_net("clusterNetwork", s))
+                .collect::<Result<_, _>>()?,
+        };
+        let mut ranges = Vec::new();
+        let mut routes = Vec::new();
+        let mut ipam_data_dir = None;
+        if let Some(ipam) = raw.ipam {
+            if let Some(t) = ipam.ipam_type.as_deref() {
+                if !t.is_empty() && t != "hako-cni" && t != "hako" {
+                    return Err(ConfigError::Invalid(format!(
+                        "ipam.type {t:?}: hako-cni has its own IPAM (omit ipam.type)"
+                    )));
+                }
+            }
+            for item in ipam.ranges.unwrap_or_default() {
+                let set = match item {
+                    RangeItem::One(r) => vec![r],
+                    RangeItem::Set(v) => v,
+                };
+                for r in set {
+                    ranges.push(RangeConf {
+                        subnet: parse_net("ipam.ranges.subnet", &r.subnet)?,
+                        start: r
+                            .range_start
+                            .as_deref()
+                            .map(|s| parse_ip("rangeStart", s))
+                            .transpose()?,
+                        end: r
+                            .range_end
+                            .as_deref()
+                            .map(|s| parse_ip("rangeEnd", s))
+                            .transpose()?,
+                        gateway: r
+                            .gateway
+                            .as_deref()
+                            .map(|s| parse_ip("gateway", s))
+                            .transpose()?,
+                    });
+                }
+            }
+            for r in ipam.routes.unwrap_or_default() {
+                routes.push(RouteConf {
+                    dst: parse_net("ipam.routes.dst", &r.dst)?,
+                    gw: r
+                        .gw
+                        .as_deref()
+                        .map(|s| parse_ip("ipam.routes.gw", s))
+                        .transpose()?,
+                });
+            }
+            ipam_data_dir = ipam.data_dir;
+        }
+        // Validate ranges now so bad config is code 7 before anything happens.
+        let mut seen_v4 = false;
+        let mut seen_v6 = false;
+        for r in &ranges {
+            Range::from_conf(r).map_err(ConfigError::Invalid)?;
+            let seen = if r.subnet.addr().is_ipv4() {
+                &mut seen_v4
+            } else {
+                &mut seen_v6
+            };
+            if *seen {
+                return Err(ConfigError::Invalid(
+                    "at most one IPv4 and one IPv6 range are supported".into(),
+                ));
+            }
+            *seen = true;
+        }
+        let data_dir = raw
+            .data_dir
+            .or(ipam_data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_ROOT).join(&name));
+        let log_level = raw.log_level.unwrap_or_else(|| "warn".into());
+        if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "logLevel {log_level:?}: use error, warn, info, debug or trace"
+            )));
+        }
+        Ok(NetConf {
+            cni_version,
+            name,
+            bridge,
+            mtu: raw.mtu,
+            is_gateway: raw.is_gateway.unwrap_or(true),
+            is_default_gateway: raw.is_default_gateway.unwrap_or(true),
+            hairpin_mode: raw.hairpin_mode.unwrap_or(true),
+            promisc_mode: raw.promisc_mode.unwrap_or(false),
+            ip_masq: raw.ip_masq.unwrap_or(true),
+            cluster_networks,
+            subnet_file: raw
+                .subnet_file
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SUBNET_FILE)),
+            data_dir,
+            log_file: raw.log_file,
+            log_level,
+            ranges,
+            routes,
+            dns: raw.dns.unwrap_or(Value::Null),
+            prev_result: raw.prev_result,
+            valid_attachments: raw.valid_attachments,
+        })
+    }
+}
+
+/// The node subnet file (`KEY=VALUE` lines, like flannel's `subnet.env`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubnetEnv {
+    /// Cluster networks (`HAKO_NETWORK`, `HAKO_IPV6_NETWORK`).
+    pub networks: Vec<IpNet>,
+    /// Node pod subnets (`HAKO_SUBNET`, `HAKO_IPV6_SUBNET`); host bits name the gateway.
+    pub subnets: Vec<IpNet>,
+    /// Pod MTU (`HAKO_MTU`).
+    pub mtu: Option<u32>,
+}
+
+/// Parses a subnet file. Values may be comma separated lists; quotes are stripped.
+pub fn parse_subnet_env(text: &str) -> Result<SubnetEnv, ConfigError> {
+    let mut env = SubnetEnv::default();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(ConfigError::Invalid(format!(
+                "subnet file: line {line:?} is not KEY=VALUE"
+            )));
+        };
+        let v = v.trim().trim_matches('"');
+        let list = || -> Result<Vec<IpNet>, ConfigError> {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| parse_net(&format!("subnet file {k}"), s))
+                .collect()
+        };
+        match k.trim() {
+            "HAKO_NETWORK" | "HAKO_IPV6_NETWORK" => env.networks.extend(list()?),
+            "HAKO_SUBNET" | "HAKO_IPV6_SUBNET" => env.subnets.extend(list()?),
+            "HAKO_MTU" => {
+                env.mtu = Some(v.parse().map_err(|_| {
+                    ConfigError::Invalid(format!("subnet file: HAKO_MTU {v:?} is not a number"))
+                })?)
+            }
+            _ => {}
+        }
+    }
+    Ok(env)
+}
+
+/// Everything an attachment needs, after defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Network {
+    /// One range per family.
+    pub ranges: Vec<Range>,
+    /// Pod MTU.
+    pub mtu: u32,
+    /// Destinations that are not masqueraded.
+    pub cluster: Vec<IpNet>,
+}
+
+/// Combines the config with the subnet file's content (`None`: no file).
+pub fn resolve(conf: &NetConf, subnet_env: Option<&str>) -> Result<Network, ConfigError> {
+    let env = match subnet_env {
+        Some(t) => parse_subnet_env(t)?,
+        None => SubnetEnv::default(),
+    };
+    let range_confs: Vec<RangeConf> = if conf.ranges.is_empty() {
+        if env.subnets.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "no ipam.ranges in the config and no HAKO_SUBNET in {}",
+                conf.subnet_file.display()
+            )));
+        }
+        env.subnets
+            .iter()
+            .map(|s| RangeConf {
+                subnet: *s,
+                start: None,
+                end: None,
+                gateway: None,
+            })
+            .collect()
+    } else {
+        conf.ranges.clone()
+    };
+    let ranges = range_confs
+        .iter()
+        .map(Range::from_conf)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ConfigError::Invalid)?;
+    let mtu = conf.mtu.or(env.mtu).unwrap_or(DEFAULT_MTU);
+    let mut cluster = if conf.cluster_networks.is_empty() {
+        env.networks.clone()
+    } else {
+        conf.cluster_networks.clone()
+    };
+    for r in &ranges {
+        if !cluster
+            .iter()
+            .any(|c| c.addr().is_ipv4() == r.subnet.addr().is_ipv4())
+        {
+            cluster.push(r.subnet);
+        }
+    }
+    Ok(Network {
+        ranges,
+        mtu,
+        cluster,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(extra: &str) -> Result<NetConf, ConfigError> {
+        NetConf::parse(
+            format!(r#"{{"cniVersion":"1.1.0","name":"pods","type":"hako-cni"{extra}}}"#)
+                .as_bytes(),
+        )
+    }
+
+    #[test]
+    fn defaults() {
+        let c = conf("").unwrap();
+        assert_eq!(c.bridge, "hako0");
+        assert!(c.is_gateway && c.is_default_gateway && c.hairpin_mode && c.ip_masq);
+        assert!(!c.promisc_mode);
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/cni/networks/pods"));
+        assert_eq!(c.subnet_file, PathBuf::from("/run/hako/subnet.env"));
+    }
+
+    #[test]
+    fn errors_and_codes() {
+        for (input, code) in [
+            (r#"{"cniVersion":"1.1.0","name":"#.to_string(), 6),
+            ("[]".to_string(), 6),
+            (r#"{"cniVersion":"9.9.9","name":"x"}"#.to_string(), 1),
+            (r#"{"name":"x"}"#.to_string(), 7),
+            (r#"{"cniVersion":"1.0.0"}"#.to_string(), 7),
+            (r#"{"cniVersion":"1.0.0","name":"a/b"}"#.to_string(), 7),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","bridge":"a/b"}"#.to_string(),
+                7,
+            ),
+            (r#"{"cniVersion":"1.0.0","name":"x","mtu":10}"#.to_string(), 7),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","ipam":{"ranges":[{"subnet":"10.0.0.0/33"}]}}"#
+                    .to_string(),
+                7,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","ipam":{"ranges":[{"subnet":"10.0.0.0/24","rangeStart":"10.0.1.5"}]}}"#
+                    .to_string(),
+                7,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","ipam":{"ranges":[{"subnet":"10.0.0.0/24"},{"subnet":"10.0.1.0/24"}]}}"#
+                    .to_string(),
+                7,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","ipam":{"type":"host-local"}}"#.to_string(),
+                7,
+            ),
+        ] {
+            let e = NetConf::parse(input.as_bytes()).unwrap_err();
+            assert_eq!(e.code(), code, "{input}: {e}");
+        }
+    }
+
+    #[test]
+    fn ranges_nested_and_flat() {
+        let c = conf(
+            r#","ipam":{"ranges":[[{"subnet":"10.1.0.0/24","gateway":"10.1.0.254"}],{"subnet":"fd00::/64"}],"routes":[{"dst":"192.168.0.0/16"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.ranges.len(), 2);
+        let n = resolve(&c, None).unwrap();
+        assert_eq!(n.ranges[0].gateway, "10.1.0.254".parse::<IpAddr>().unwrap());
+        assert_eq!(n.ranges[1].gateway, "fd00::1".parse::<IpAddr>().unwrap());
+        assert_eq!(n.mtu, 1500);
+        assert_eq!(c.routes[0].dst, "192.168.0.0/16".parse::<IpNet>().unwrap());
+        // Without a cluster network, each range's own subnet is not masqueraded.
+        assert_eq!(n.cluster.len(), 2);
+    }
+
+    #[test]
+    fn subnet_file() {
+        let text = "# written by hako-agent\nHAKO_NETWORK=10.244.0.0/16\nHAKO_SUBNET=10.244.3.1/24\nHAKO_IPV6_SUBNET=\"fd10:3::/64\"\nHAKO_MTU=1450\n";
+        let env = parse_subnet_env(text).unwrap();
+        assert_eq!(env.mtu, Some(1450));
+        let c = conf("").unwrap();
+        let n = resolve(&c, Some(text)).unwrap();
+        assert_eq!(n.mtu, 1450);
+        assert_eq!(n.ranges.len(), 2);
+        assert_eq!(
+            n.ranges[0].subnet,
+            "10.244.3.0/24".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(n.ranges[0].gateway, "10.244.3.1".parse::<IpAddr>().unwrap());
+        assert_eq!(n.cluster[0], "10.244.0.0/16".parse::<IpNet>().unwrap());
+        // The config's mtu wins over the file.
+        let c = conf(r#","mtu":1400"#).unwrap();
+        assert_eq!(resolve(&c, Some(text)).unwrap().mtu, 1400);
+        assert_eq!(
+            resolve(&c, None).unwrap_err().code(),
+            7,
+            "no ranges anywhere"
+        );
+        assert!(parse_subnet_env("HAKO_MTU=big").is_err());
+        assert!(parse_subnet_env("garbage").is_err());
+    }
+
+    #[test]
+    fn ifnames() {
+        for (n, ok) in [
+            ("eth0", true),
+            ("", false),
+            ("a/b", false),
+            ("..", false),
+            ("a b", false),
+            ("0123456789abcdef", false),
+            ("0123456789abcde", true),
+        ] {
+            assert_eq!(valid_ifname(n), ok, "{n:?}");
+        }
+    }
+
+    #[test]
+    fn gc_attachments() {
+        let c = conf(r#","cni.dev/valid-attachments":[{"containerID":"abc","ifname":"eth0"}]"#)
+            .unwrap();
+        assert_eq!(
+            c.valid_attachments.unwrap(),
+            vec![Attachment {
+                container_id: "abc".into(),
+                ifname: "eth0".into()
+            }]
+        );
+    }
+}

@@ -1,0 +1,392 @@
+//! Host-local style IPAM: range arithmetic and the round-robin allocator (pure), and the
+//! on-disk store under a file lock (effectful, rooted at a given directory).
+//!
+//! Store layout (compatible in spirit with host-local): one file per allocated address,
+//! named by the address, holding `<container id>\r\n<ifname>`; `last_reserved_ip.<n>` per
+//! range; `lock` taken with `flock` around every read-modify-write.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::config::RangeConf;
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn from_u128(v: u128, v4: bool) -> IpAddr {
+    if v4 {
+        IpAddr::V4(Ipv4Addr::from(u32::try_from(v).unwrap_or(u32::MAX)))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(v))
+    }
+}
+
+/// One allocation range, defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Range {
+    /// The subnet (network address, host bits clear).
+    pub subnet: IpNet,
+    /// First allocatable address.
+    pub start: IpAddr,
+    /// Last allocatable address.
+    pub end: IpAddr,
+    /// Gateway (never allocated).
+    pub gateway: IpAddr,
+}
+
+impl Range {
+    /// Applies defaults (gateway = network + 1, or the host bits of the subnet when set;
+    /// start = network + 1; end = broadcast − 1 for IPv4, last address for IPv6) and checks
+    /// that everything lies inside the subnet.
+    pub fn from_conf(c: &RangeConf) -> Result<Range, String> {
+        let subnet = c.subnet.trunc();
+        let v4 = subnet.addr().is_ipv4();
+        if (v4 && subnet.prefix_len() > 30) || (!v4 && subnet.prefix_len() > 126) {
+            return Err(format!("subnet {} is too small", c.subnet));
+        }
+        let net = to_u128(subnet.network());
+        let last = to_u128(subnet.broadcast());
+        let host_bits_gw = (c.subnet.addr() != subnet.network()).then(|| c.subnet.addr());
+        let gateway = c
+            .gateway
+            .or(host_bits_gw)
+            .unwrap_or_else(|| from_u128(net + 1, v4));
+        let start = c.start.unwrap_or_else(|| from_u128(net + 1, v4));
+        let end = c
+            .end
+            .unwrap_or_else(|| from_u128(if v4 { last - 1 } else { last }, v4));
+        for (what, ip) in [
+            ("gateway", gateway),
+            ("rangeStart", start),
+            ("rangeEnd", end),
+        ] {
+            if !subnet.contains(&ip) || ip.is_ipv4() != v4 {
+                return Err(format!("{what} {ip} is outside {subnet}"));
+            }
+        }
+        if to_u128(start) > to_u128(end) {
+            return Err(format!("rangeStart {start} is after rangeEnd {end}"));
+        }
+        Ok(Range {
+            subnet,
+            start,
+            end,
+            gateway,
+        })
+    }
+
+    /// True for the network, broadcast (IPv4) and gateway addresses.
+    pub fn is_reserved(&self, ip: IpAddr) -> bool {
+        ip == self.subnet.network()
+            || ip == self.gateway
+            || (ip.is_ipv4() && ip == self.subnet.broadcast())
+    }
+
+    /// The gateway with the subnet's prefix length (the bridge address).
+    pub fn gateway_net(&self) -> IpNet {
+        IpNet::new(self.gateway, self.subnet.prefix_len()).unwrap_or(self.subnet)
+    }
+
+    /// `ip` with the subnet's prefix length.
+    pub fn with_prefix(&self, ip: IpAddr) -> IpNet {
+        IpNet::new(ip, self.subnet.prefix_len()).unwrap_or(self.subnet)
+    }
+
+    /// The next free address after `last` (round-robin, wrapping), skipping reserved and
+    /// used addresses; `None` when the range is exhausted.
+    pub fn next_free(&self, last: Option<IpAddr>, used: &HashSet<IpAddr>) -> Option<IpAddr> {
+        let v4 = self.start.is_ipv4();
+        let (s, e) = (to_u128(self.start), to_u128(self.end));
+        let size = e - s + 1;
+        let mut cur = match last.map(to_u128) {
+            Some(l) if l >= s && l < e => l + 1,
+            _ => s,
+        };
+        // Every failed step visits a distinct used or reserved address, so a free one turns
+        // up within used + 4 steps unless the range is smaller than that.
+        let budget = size.min(used.len() as u128 + 4);
+        for _ in 0..budget {
+            let ip = from_u128(cur, v4);
+            if !self.is_reserved(ip) && !used.contains(&ip) {
+                return Some(ip);
+            }
+            cur = if cur >= e { s } else { cur + 1 };
+        }
+        None
+    }
+}
+
+/// An IPAM store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    /// The data directory could not be created or read.
+    #[error("IPAM store {0}: {1}")]
+    Store(PathBuf, io::Error),
+    /// The lock could not be taken.
+    #[error("IPAM lock {0}: {1}")]
+    Lock(PathBuf, nix::errno::Errno),
+    /// No free address is left.
+    #[error("no free address left in range {0} ({1} allocated)")]
+    Exhausted(IpNet, usize),
+}
+
+/// The on-disk store, locked for as long as the value lives.
+pub struct Store {
+    dir: PathBuf,
+    _lock: Flock<File>,
+}
+
+/// Owner record of one allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// Container id.
+    pub container_id: String,
+    /// Interface name.
+    pub ifname: String,
+}
+
+impl Store {
+    /// Opens (creating) `dir` and takes its exclusive lock.
+    pub fn open(dir: &Path) -> Result<Store, IpamError> {
+        let err = |e| IpamError::Store(dir.to_path_buf(), e);
+        fs::create_dir_all(dir).map_err(err)?;
+        let lock_path = dir.join("lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(err)?;
+        let lock = Flock::lock(f, FlockArg::LockExclusive)
+            .map_err(|(_, e)| IpamError::Lock(lock_path.clone(), e))?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    fn err(&self, e: io::Error) -> IpamError {
+        IpamError::Store(self.dir.clone(), e)
+    }
+
+    /// Every allocated address (file names only; cheap).
+    pub fn used(&self) -> Result<HashSet<IpAddr>, IpamError> {
+        let mut out = HashSet::new();
+        for e in fs::read_dir(&self.dir).map_err(|e| self.err(e))? {
+            let e = e.map_err(|e| self.err(e))?;
+            if let Some(ip) = e.file_name().to_str().and_then(|n| n.parse().ok()) {
+                out.insert(ip);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every allocation with its owner.
+    pub fn allocations(&self) -> Result<Vec<(IpAddr, Owner)>, IpamError> {
+        let mut out = Vec::new();
+        for ip in self.used()? {
+            let text = match fs::read_to_string(self.dir.join(ip.to_string())) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.err(e)),
+            };
+            let mut lines = text.lines().map(str::trim);
+            let container_id = lines.next().unwrap_or("").to_string();
+            let ifname = lines.next().unwrap_or("").to_string();
+            out.push((
+                ip,
+                Owner {
+                    container_id,
+                    ifname,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Addresses held by `id` + `ifname`.
+    pub fn find(&self, id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
+        Ok(self
+            .allocations()?
+            .into_iter()
+            .filter(|(_, o)| o.container_id == id && o.ifname == ifname)
+            .map(|(ip, _)| ip)
+            .collect())
+    }
+
+    fn last_path(&self, idx: usize) -> PathBuf {
+        self.dir.join(format!("last_reserved_ip.{idx}"))
+    }
+
+    /// Allocates the next free address of `range` (index `idx`) to `id` + `ifname`.
+    pub fn allocate(
+        &self,
+        idx: usize,
+        range: &Range,
+        used: &mut HashSet<IpAddr>,
+        id: &str,
+        ifname: &str,
+    ) -> Result<IpAddr, IpamError> {
+        let last = fs::read_to_string(self.last_path(idx))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let in_range = used.iter().filter(|ip| range.subnet.contains(*ip)).count();
+        let ip = range
+            .next_free(last, used)
+            .ok_or(IpamError::Exhausted(range.subnet, in_range))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.dir.join(ip.to_string()))
+            .map_err(|e| self.err(e))?;
+        f.write_all(format!("{id}\r\n{ifname}").as_bytes())
+            .map_err(|e| self.err(e))?;
+        used.insert(ip);
+        fs::write(self.last_path(idx), ip.to_string()).map_err(|e| self.err(e))?;
+        Ok(ip)
+    }
+
+    /// Releases one address (a missing one is fine).
+    pub fn release(&self, ip: IpAddr) -> Result<(), IpamError> {
+        match fs::remove_file(self.dir.join(ip.to_string())) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(self.err(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Releases everything `id` + `ifname` holds; returns what was released.
+    pub fn release_owner(&self, id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let ips = self.find(id, ifname)?;
+        for ip in &ips {
+            self.release(*ip)?;
+        }
+        Ok(ips)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(s: &str) -> Range {
+        Range::from_conf(&RangeConf {
+            subnet: s.parse().unwrap(),
+            start: None,
+            end: None,
+            gateway: None,
+        })
+        .unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn defaults_and_reserved() {
+        let r = range("10.0.0.0/29");
+        assert_eq!(r.gateway, ip("10.0.0.1"));
+        assert_eq!(r.start, ip("10.0.0.1"));
+        assert_eq!(r.end, ip("10.0.0.6"));
+        assert!(r.is_reserved(ip("10.0.0.0")));
+        assert!(r.is_reserved(ip("10.0.0.7")));
+        assert!(r.is_reserved(ip("10.0.0.1")));
+        let r = range("10.0.0.9/29");
+        assert_eq!(r.gateway, ip("10.0.0.9"), "host bits name the gateway");
+        assert_eq!(r.subnet, "10.0.0.8/29".parse::<IpNet>().unwrap());
+        let r6 = range("fd00::/120");
+        assert_eq!(r6.gateway, ip("fd00::1"));
+        assert_eq!(r6.end, ip("fd00::ff"));
+    }
+
+    #[test]
+    fn round_robin_and_exhaustion() {
+        let r = range("10.0.0.0/29"); // .2 .. .6 allocatable
+        let mut used = HashSet::new();
+        let mut last = None;
+        let mut got = vec![];
+        for _ in 0..5 {
+            let a = r.next_free(last, &used).unwrap();
+            used.insert(a);
+            last = Some(a);
+            got.push(a.to_string());
+        }
+        assert_eq!(
+            got,
+            ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
+        );
+        assert_eq!(r.next_free(last, &used), None);
+        // Release .3: round robin continues after the last one and wraps to .3.
+        used.remove(&ip("10.0.0.3"));
+        assert_eq!(r.next_free(last, &used), Some(ip("10.0.0.3")));
+        // Release .5 too: after last=.3 the next is .5, not the lower one.
+        used.remove(&ip("10.0.0.5"));
+        assert_eq!(
+            r.next_free(Some(ip("10.0.0.3")), &used),
+            Some(ip("10.0.0.5"))
+        );
+    }
+
+    #[test]
+    fn large_v6_range_is_fast() {
+        let r = range("fd00::/64");
+        let used: HashSet<_> = (2..1000u128)
+            .map(|i| from_u128((0xfd00u128 << 112) + i, false))
+            .collect();
+        assert_eq!(r.next_free(None, &used), Some(ip("fd00::3e8")));
+    }
+
+    #[test]
+    fn bad_ranges() {
+        for (s, start, end, gw) in [
+            ("10.0.0.0/31", None, None, None),
+            ("10.0.0.0/24", Some("10.0.1.1"), None, None),
+            ("10.0.0.0/24", Some("10.0.0.9"), Some("10.0.0.5"), None),
+            ("10.0.0.0/24", None, None, Some("fd00::1")),
+        ] {
+            let c = RangeConf {
+                subnet: s.parse().unwrap(),
+                start: start.map(ip),
+                end: end.map(ip),
+                gateway: gw.map(ip),
+            };
+            assert!(Range::from_conf(&c).is_err(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn store_allocates_finds_and_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = range("10.9.0.0/29");
+        let store = Store::open(dir.path()).unwrap();
+        let mut used = store.used().unwrap();
+        let a = store.allocate(0, &r, &mut used, "c1", "eth0").unwrap();
+        let b = store.allocate(0, &r, &mut used, "c2", "eth0").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(store.find("c1", "eth0").unwrap(), vec![a]);
+        assert!(store.find("c1", "eth1").unwrap().is_empty());
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.release_owner("c1", "eth0").unwrap(), vec![a]);
+        assert_eq!(store.used().unwrap().len(), 1);
+        // Round robin continues past b even though a is free again.
+        let mut used = store.used().unwrap();
+        let c = store.allocate(0, &r, &mut used, "c3", "eth0").unwrap();
+        assert_eq!(c, ip("10.9.0.4"));
+        for _ in 0..3 {
+            store.allocate(0, &r, &mut used, "x", "eth0").unwrap();
+        }
+        let e = store.allocate(0, &r, &mut used, "y", "eth0").unwrap_err();
+        assert!(e.to_string().contains("no free address"), "{e}");
+    }
+}

@@ -131,6 +131,12 @@ pub fn neigh_ip(a: &NeighbourAddress) -> Option<IpAddr> {
     match a {
         NeighbourAddress::Inet(a) => Some(IpAddr::V4(*a)),
         NeighbourAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        // FDB (AF_BRIDGE) entries carry the destination as raw bytes.
+        NeighbourAddress::Other(b) => match b.len() {
+            4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            _ => None,
+        },
         _ => None,
     }
 }

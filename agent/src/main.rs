@@ -11,12 +11,14 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
+mod cli_cmd;
+
 /// hako node agent (kubelet-like).
 ///
-/// THIS VERSION RUNS NOTHING. With --pod-manifest-path it loads and validates the manifests,
-/// reports every malformed document, and prints what it would run for each pod (QoS class,
-/// oom_score_adj, first planned actions, resolved environment, resolv.conf). Starting sandboxes
-/// and containers lands with the runtime, CNI and proxier integration.
+/// With --pod-manifest-path it runs the Pods described in the directory the way the kubelet
+/// runs static pods: sandbox (namespaces + CNI), images, containers through hako-shim, probes,
+/// hooks, restart policy and back-off; status in <root>/pods/<uid>/status.json. With --dry-run
+/// it only loads, validates and prints what it would run.
 #[derive(Parser, Debug)]
 #[command(name = "hako-agent", version, about, long_about)]
 struct Cli {
@@ -50,6 +52,58 @@ struct Cli {
     /// add/update/delete events and newly rejected documents (still runs nothing).
     #[arg(long, value_name = "SECONDS")]
     watch: Option<u64>,
+    /// Load and validate the manifests, print what would run, and exit (status 1 when a
+    /// document was rejected). Starts nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Runtime state: shim state in <run-dir>/containers, pod namespaces in <run-dir>/sandboxes.
+    #[arg(long, value_name = "DIR", default_value = "/run/hako", global = true)]
+    run_dir: PathBuf,
+    /// Container logs: <dir>/<ns>_<pod>_<uid>/<container>/<attempt>.log (CRI format).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/log/pods",
+        global = true
+    )]
+    pod_log_dir: PathBuf,
+    /// The hako-shim binary (default: next to this binary, else /usr/local/bin/hako-shim).
+    #[arg(long, value_name = "FILE", env = "HAKO_SHIM_BIN", global = true)]
+    shim_binary: Option<PathBuf>,
+    /// CNI network configuration directory (the first *.conflist/*.conf/*.json by name is used).
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// CNI plugin directory (repeatable; searched in order).
+    #[arg(long = "cni-bin-dir", value_name = "DIR", default_values = ["/opt/cni/bin"])]
+    cni_bin_dirs: Vec<PathBuf>,
+    /// cgroup filesystem root.
+    #[arg(long, value_name = "DIR")]
+    cgroup_root: Option<PathBuf>,
+    /// cgroup path that holds `kubepods` (default: the hierarchy root).
+    #[arg(long, value_name = "PATH", default_value = "")]
+    cgroup_parent: String,
+    /// Node IP (status.hostIP; default: the source address of the default route).
+    #[arg(long, value_name = "IP")]
+    node_ip: Option<String>,
+    /// First restart back-off delay in seconds (kubelet: 10); doubles up to --restart-backoff-max.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    restart_backoff_base: f64,
+    /// Restart back-off cap in seconds (kubelet: 300); a container that ran 2x this long is reset.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]
+    restart_backoff_max: f64,
+    /// Period of the manifest directory check, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    file_check_frequency: f64,
+    /// Period of each pod worker's resync without events, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    sync_frequency: f64,
+    /// Period of CNI CHECK per pod, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    cni_check_frequency: f64,
+    /// On SIGINT/SIGTERM, stop every pod gracefully before exiting (default: pods keep running
+    /// and the next agent re-adopts them).
+    #[arg(long)]
+    stop_pods_on_exit: bool,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -58,8 +112,8 @@ struct Cli {
 enum Cmd {
     /// List pods from their records (<root>/pods/*/status.json).
     Get {
-        /// Resource type: pods.
-        #[arg(value_parser = ["pods", "pod", "po"])]
+        /// Resource type: pods, or events (node events such as rejected manifests).
+        #[arg(value_parser = ["pods", "pod", "po", "events", "event", "ev"])]
         resource: String,
         /// Output format.
         #[arg(short, long, value_enum)]
@@ -72,6 +126,31 @@ enum Cmd {
         resource: String,
         /// Pod name (or namespace/name).
         name: String,
+    },
+    /// Print a container's log (CRI log files under --pod-log-dir).
+    Logs {
+        /// Pod name (or namespace/name).
+        pod: String,
+        /// Container (default: the only or first container).
+        #[arg(short, long)]
+        container: Option<String>,
+        /// The previous instance's log.
+        #[arg(short, long)]
+        previous: bool,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Run a command in a container.
+    Exec {
+        /// Pod name (or namespace/name).
+        pod: String,
+        /// Container (default: the first container).
+        #[arg(short, long)]
+        container: Option<String>,
+        /// Command and arguments (after --).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
 }
 
@@ -111,6 +190,48 @@ fn main() -> anyhow::Result<()> {
         .init();
     let mut out = std::io::stdout().lock();
     match &cli.command {
+        Some(Cmd::Get { resource, .. }) if resource.starts_with("ev") => {
+            for e in hako_agent::standalone::read_events(&cli.root_dir) {
+                writeln!(
+                    out,
+                    "{}\t{}\t{}\tx{}\t{}",
+                    e.last_timestamp.to_rfc3339(),
+                    e.type_,
+                    e.reason,
+                    e.count,
+                    e.message
+                )?;
+            }
+        }
+        Some(Cmd::Logs {
+            pod,
+            container,
+            previous,
+            follow,
+        }) => {
+            return cli_cmd::logs(
+                &cli.root_dir,
+                &cli.pod_log_dir,
+                pod,
+                container.as_deref(),
+                *previous,
+                *follow,
+            )
+        }
+        Some(Cmd::Exec {
+            pod,
+            container,
+            command,
+        }) => {
+            let code = cli_cmd::exec(
+                &cli.root_dir,
+                &shim_runtime(&cli),
+                pod,
+                container.as_deref(),
+                command,
+            )?;
+            std::process::exit(code);
+        }
         Some(Cmd::Get { output, .. }) => {
             let (recs, bad) = state::read_records(&cli.root_dir)?;
             for b in bad {
@@ -167,16 +288,99 @@ fn main() -> anyhow::Result<()> {
                     "nothing to do: pass --pod-manifest-path DIR, or a subcommand (see --help)"
                 );
             };
-            let ok = dry_run(&cli, dir, &mut out)?;
-            if let Some(secs) = cli.watch {
-                watch(&cli, dir, secs, &mut out)?;
-            }
-            if !ok {
-                std::process::exit(1);
+            if cli.dry_run || cli.watch.is_some() {
+                let ok = dry_run(&cli, dir, &mut out)?;
+                if let Some(secs) = cli.watch {
+                    watch(&cli, dir, secs, &mut out)?;
+                }
+                if !ok {
+                    std::process::exit(1);
+                }
+            } else {
+                return run_agent(&cli, dir);
             }
         }
     }
     Ok(())
+}
+
+fn secs(v: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(if v.is_finite() && v > 0.0 { v } else { 0.001 })
+}
+
+fn shim_runtime(cli: &Cli) -> hako_shim::client::Runtime {
+    let bin = cli.shim_binary.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("hako-shim")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("/usr/local/bin/hako-shim"))
+    });
+    hako_shim::client::Runtime::new(bin, cli.run_dir.join("containers"))
+}
+
+fn default_node_ip() -> Option<String> {
+    // The source address the kernel picks for an outside destination (no packet is sent).
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    Some(s.local_addr().ok()?.ip().to_string())
+}
+
+/// Runs the agent over the manifest directory until SIGINT/SIGTERM.
+fn run_agent(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
+    let host =
+        dns::ResolvConf::parse(&std::fs::read_to_string(&cli.resolv_conf).unwrap_or_default());
+    let images = hako_shim::image::ImageStore::open(cli.root_dir.join("images"))
+        .with_context(|| format!("opening image store under {}", cli.root_dir.display()))?;
+    let cfg = hako_agent::worker::AgentConfig {
+        root_dir: cli.root_dir.clone(),
+        run_dir: cli.run_dir.clone(),
+        pod_log_dir: cli.pod_log_dir.clone(),
+        shim: shim_runtime(cli),
+        images: std::sync::Arc::new(images),
+        cni: hako_agent::cni::CniConfig {
+            conf_dir: cli.cni_conf_dir.clone(),
+            bin_dirs: cli.cni_bin_dirs.clone(),
+            cache_dir: cli.root_dir.join("cni"),
+        },
+        cgroup_root: cli.cgroup_root.clone(),
+        cgroup_parent: cli.cgroup_parent.clone(),
+        dns: dns::DnsSettings {
+            cluster_dns: cli.cluster_dns.clone(),
+            cluster_domain: cli.cluster_domain.clone(),
+            host,
+        },
+        memory_capacity: cli.memory_capacity.unwrap_or_else(memory_capacity),
+        host_ip: cli.node_ip.clone().or_else(default_node_ip),
+        backoff: hako_agent::backoff::BackoffConfig {
+            initial: k8s_openapi::chrono::Duration::from_std(secs(cli.restart_backoff_base))
+                .unwrap_or_default(),
+            max: k8s_openapi::chrono::Duration::from_std(secs(cli.restart_backoff_max))
+                .unwrap_or_default(),
+        },
+        sync_period: secs(cli.sync_frequency),
+        cni_check_period: secs(cli.cni_check_frequency),
+    };
+    for d in [&cli.root_dir, &cli.run_dir] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(64)
+        .thread_keep_alive(std::time::Duration::from_secs(5))
+        .build()?;
+    rt.block_on(hako_agent::standalone::run(
+        cfg,
+        hako_agent::standalone::StandaloneOptions {
+            manifest_dir: dir.to_path_buf(),
+            static_pods: StaticPodOptions {
+                node_name: cli.hostname_override.clone(),
+                suffix_node_name: true,
+            },
+            file_check_frequency: secs(cli.file_check_frequency),
+            stop_pods_on_exit: cli.stop_pods_on_exit,
+        },
+    ))
 }
 
 /// Polls the directory and prints each change (the loop the pod workers will hang off).
@@ -248,7 +452,7 @@ fn dry_run(cli: &Cli, dir: &std::path::Path, out: &mut impl Write) -> anyhow::Re
     let mem = cli.memory_capacity.unwrap_or_else(memory_capacity);
     writeln!(
         out,
-        "hako-agent: dry run (nothing is started yet): {} pod(s), {} configmap(s), {} secret(s), {} service(s), {} rejected document(s) from {}",
+        "hako-agent: dry run (nothing is started): {} pod(s), {} configmap(s), {} secret(s), {} service(s), {} rejected document(s) from {}",
         s.pods.len(),
         s.config_maps.len(),
         s.secrets.len(),

@@ -19,7 +19,7 @@ fn testdata(p: &str) -> PathBuf {
 #[test]
 fn dry_run_reports_the_bad_document_and_plans_the_rest() {
     let out = bin()
-        .args(["--pod-manifest-path"])
+        .args(["--dry-run", "--pod-manifest-path"])
         .arg(testdata("manifests"))
         .args([
             "--hostname-override",

@@ -1,0 +1,178 @@
+//! `logs` and `exec` subcommands (effectful: read pod records and CRI log files, talk to the
+//! container's shim; print to stdout, which is the user interface).
+
+use anyhow::{bail, Context};
+use hako_agent::record::PodRecord;
+use hako_agent::state;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+fn find_pod(root: &Path, name: &str) -> anyhow::Result<PodRecord> {
+    let (recs, _) = state::read_records(root)?;
+    let (ns, n) = name
+        .split_once('/')
+        .map(|(a, b)| (Some(a), b))
+        .unwrap_or((None, name));
+    recs.into_iter()
+        .find(|r| r.name() == n && ns.is_none_or(|ns| r.namespace() == ns))
+        .with_context(|| {
+            format!(
+                "pod {name:?} not found under {}",
+                root.join("pods").display()
+            )
+        })
+}
+
+fn pick_container(rec: &PodRecord, c: Option<&str>) -> anyhow::Result<String> {
+    let spec = rec.pod.spec.clone().unwrap_or_default();
+    let names: Vec<String> = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .map(|c| c.name.clone())
+        .collect();
+    match c {
+        Some(c) if names.iter().any(|n| n == c) => Ok(c.to_string()),
+        Some(c) => bail!(
+            "container {c} is not valid for pod {}: choose one of {names:?}",
+            rec.name()
+        ),
+        None => names.first().cloned().context("pod has no containers"),
+    }
+}
+
+fn restart_count(rec: &PodRecord, c: &str) -> Option<i32> {
+    let st = rec.pod.status.as_ref()?;
+    st.container_statuses
+        .iter()
+        .flatten()
+        .chain(st.init_container_statuses.iter().flatten())
+        .find(|s| s.name == c)
+        .map(|s| s.restart_count)
+}
+
+fn print_records(text: &str, out: &mut impl Write) -> std::io::Result<()> {
+    for line in text.lines() {
+        match hako_shim::logs::parse_record(line) {
+            Some(r) if r.partial => write!(out, "{}", r.line)?,
+            Some(r) => writeln!(out, "{}", r.line)?,
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// `hako-agent logs POD [-c C] [--previous] [-f]`.
+pub fn logs(
+    root: &Path,
+    log_dir: &Path,
+    pod: &str,
+    container: Option<&str>,
+    previous: bool,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let rec = find_pod(root, pod)?;
+    let c = pick_container(&rec, container)?;
+    let uid = rec.pod.metadata.uid.clone().unwrap_or_default();
+    let n = restart_count(&rec, &c).unwrap_or(0);
+    let attempt = if previous {
+        if n == 0 {
+            bail!(
+                "previous terminated container {c:?} in pod {:?} not found",
+                rec.name()
+            );
+        }
+        n - 1
+    } else {
+        n
+    };
+    let path: PathBuf = log_dir
+        .join(format!("{}_{}_{uid}", rec.namespace(), rec.name()))
+        .join(&c)
+        .join(format!("{attempt}.log"));
+    let mut f = std::fs::File::open(&path).with_context(|| {
+        format!(
+            "container {c:?} in pod {:?}: no log at {}",
+            rec.name(),
+            path.display()
+        )
+    })?;
+    let mut out = std::io::stdout().lock();
+    let mut text = String::new();
+    f.read_to_string(&mut text)?;
+    // Keep an incomplete last line for the next read.
+    let mut pending = match text.rfind('\n') {
+        Some(i) => {
+            print_records(&text[..=i], &mut out)?;
+            text[i + 1..].to_string()
+        }
+        None => text,
+    };
+    out.flush()?;
+    if !follow {
+        print_records(&pending, &mut out)?;
+        return Ok(());
+    }
+    let mut pos = f.stream_position()?;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if len < pos {
+            // Rotated: start over on the new file.
+            f = std::fs::File::open(&path)?;
+            pos = 0;
+        }
+        f.seek(SeekFrom::Start(pos))?;
+        let mut more = String::new();
+        f.read_to_string(&mut more)?;
+        pos = f.stream_position()?;
+        pending.push_str(&more);
+        if let Some(i) = pending.rfind('\n') {
+            print_records(&pending[..=i], &mut out)?;
+            pending = pending[i + 1..].to_string();
+            out.flush()?;
+        }
+    }
+}
+
+/// `hako-agent exec POD [-c C] -- CMD...`; returns the command's exit code.
+pub fn exec(
+    root: &Path,
+    shim: &hako_shim::client::Runtime,
+    pod: &str,
+    container: Option<&str>,
+    command: &[String],
+) -> anyhow::Result<i32> {
+    let rec = find_pod(root, pod)?;
+    let c = pick_container(&rec, container)?;
+    let st = rec.pod.status.as_ref();
+    let cs = st
+        .and_then(|s| {
+            s.container_statuses
+                .iter()
+                .flatten()
+                .chain(s.init_container_statuses.iter().flatten())
+                .find(|s| s.name == c)
+        })
+        .with_context(|| format!("container {c:?} has no status yet"))?;
+    if cs.state.as_ref().and_then(|s| s.running.as_ref()).is_none() {
+        bail!("container {c:?} in pod {:?} is not running", rec.name());
+    }
+    let id = cs
+        .container_id
+        .as_deref()
+        .and_then(|i| i.strip_prefix("hako://"))
+        .context("container has no id")?;
+    let r = shim
+        .client(id)
+        .exec(hako_shim::protocol::ExecRequest {
+            args: command.to_vec(),
+            ..Default::default()
+        })
+        .with_context(|| format!("exec in container {c:?}"))?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(r.stdout.as_bytes())?;
+    out.flush()?;
+    eprint!("{}", r.stderr);
+    Ok(r.exit_code)
+}

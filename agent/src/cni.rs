@@ -1,0 +1,415 @@
+//! CNI client (effectful): runs the network configuration list found in the CNI conf dir the
+//! way containerd's libcni does. ADD runs every plugin in order with the previous plugin's
+//! result as `prevResult`; the final result is cached (with the config it came from) under
+//! the cache dir so DEL and CHECK use the same network even if the conf dir changed; DEL runs
+//! the plugins in reverse order and succeeds when nothing is cached. The loopback network
+//! (`type: loopback`, interface `lo`) is brought up first, as containerd does.
+
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// CNI failures, with the plugin's code and message when it returned one.
+#[derive(Debug, thiserror::Error)]
+pub enum CniError {
+    /// No usable configuration in the conf dir.
+    #[error("no network config found in {0}")]
+    NoConfig(PathBuf),
+    /// A config file is not valid JSON or lacks fields.
+    #[error("network config {0}: {1}")]
+    BadConfig(PathBuf, String),
+    /// The plugin binary is not in any bin dir.
+    #[error("failed to find plugin {0:?} in path {1:?}")]
+    NoPlugin(String, Vec<PathBuf>),
+    /// The plugin could not be run.
+    #[error("plugin {0}: {1}")]
+    Exec(String, std::io::Error),
+    /// The plugin returned an error.
+    #[error(transparent)]
+    Plugin(Box<PluginFailure>),
+    /// Result cache I/O.
+    #[error("cni cache {0}: {1}")]
+    Cache(PathBuf, std::io::Error),
+}
+
+/// A plugin's error result.
+#[derive(Debug, thiserror::Error)]
+#[error("plugin type={plugin:?} name={network:?} failed ({command}): code {code}: {msg}{}", details_suffix(.details))]
+pub struct PluginFailure {
+    /// Plugin type.
+    pub plugin: String,
+    /// Network name.
+    pub network: String,
+    /// ADD, DEL, CHECK.
+    pub command: String,
+    /// CNI error code.
+    pub code: u64,
+    /// Message.
+    pub msg: String,
+    /// Details.
+    pub details: String,
+}
+
+fn details_suffix(d: &str) -> String {
+    if d.is_empty() {
+        String::new()
+    } else {
+        format!("; {d}")
+    }
+}
+
+/// Where configs, plugins and the result cache are.
+#[derive(Debug, Clone)]
+pub struct CniConfig {
+    /// Conf dir (`/etc/cni/net.d`).
+    pub conf_dir: PathBuf,
+    /// Plugin dirs (`/opt/cni/bin`).
+    pub bin_dirs: Vec<PathBuf>,
+    /// Result cache dir (`<root>/cni`).
+    pub cache_dir: PathBuf,
+}
+
+/// Identity of one attachment.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    /// Sandbox id (CNI_CONTAINERID).
+    pub container_id: String,
+    /// Netns path.
+    pub netns: PathBuf,
+    /// Interface name in the pod (`eth0`).
+    pub ifname: String,
+    /// Pod namespace, name, uid for CNI_ARGS.
+    pub pod_namespace: String,
+    /// Pod name.
+    pub pod_name: String,
+    /// Pod uid.
+    pub pod_uid: String,
+}
+
+impl Attachment {
+    fn cni_args(&self) -> String {
+        format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
+            self.pod_namespace, self.pod_name, self.container_id, self.pod_uid
+        )
+    }
+}
+
+/// A network configuration list.
+#[derive(Debug, Clone)]
+pub struct NetworkList {
+    /// `name`.
+    pub name: String,
+    /// `cniVersion`.
+    pub cni_version: String,
+    /// The plugin configs.
+    pub plugins: Vec<Value>,
+    /// The raw bytes (cached for DEL).
+    pub bytes: Vec<u8>,
+}
+
+/// Parses a `.conflist` (or a single-plugin `.conf`, wrapped into a list).
+pub fn parse_list(path: &Path, bytes: &[u8]) -> Result<NetworkList, CniError> {
+    let bad = |m: String| CniError::BadConfig(path.to_path_buf(), m);
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    let name = v
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("missing name".into()))?
+        .to_string();
+    let cni_version = v
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("0.4.0")
+        .to_string();
+    let plugins = match v.get("plugins") {
+        Some(Value::Array(a)) if !a.is_empty() => a.clone(),
+        Some(_) => return Err(bad("plugins must be a non-empty list".into())),
+        None if v.get("type").is_some() => vec![v.clone()],
+        None => return Err(bad("neither plugins nor type".into())),
+    };
+    for p in &plugins {
+        if p.get("type").and_then(Value::as_str).is_none() {
+            return Err(bad("a plugin has no type".into()));
+        }
+    }
+    Ok(NetworkList {
+        name,
+        cni_version,
+        plugins,
+        bytes: bytes.to_vec(),
+    })
+}
+
+/// The first config in the conf dir by file name (`*.conflist`, `*.conf`, `*.json`), like
+/// containerd's default network.
+pub fn load_default(conf_dir: &Path) -> Result<NetworkList, CniError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(conf_dir)
+        .map_err(|_| CniError::NoConfig(conf_dir.to_path_buf()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("conflist" | "conf" | "json")
+            )
+        })
+        .collect();
+    files.sort();
+    let first = files
+        .first()
+        .ok_or_else(|| CniError::NoConfig(conf_dir.to_path_buf()))?;
+    let bytes =
+        std::fs::read(first).map_err(|e| CniError::BadConfig(first.clone(), e.to_string()))?;
+    parse_list(first, &bytes)
+}
+
+/// Pod IPs (without prefix length) of a CNI result (0.3+ `ips`, or 0.2 `ip4`/`ip6`).
+pub fn result_ips(result: &Value) -> Vec<String> {
+    let strip = |s: &str| s.split('/').next().unwrap_or("").to_string();
+    let mut out: Vec<String> = result
+        .get("ips")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip.get("address").and_then(Value::as_str))
+        .map(strip)
+        .collect();
+    for k in ["ip4", "ip6"] {
+        if let Some(a) = result
+            .get(k)
+            .and_then(|v| v.get("ip"))
+            .and_then(Value::as_str)
+        {
+            out.push(strip(a));
+        }
+    }
+    out
+}
+
+fn version_at_least(v: &str, major: u64, minor: u64) -> bool {
+    let mut it = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let (a, b) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    (a, b) >= (major, minor)
+}
+
+impl CniConfig {
+    fn find_plugin(&self, ty: &str) -> Result<PathBuf, CniError> {
+        self.bin_dirs
+            .iter()
+            .map(|d| d.join(ty))
+            .find(|p| p.is_file())
+            .ok_or_else(|| CniError::NoPlugin(ty.to_string(), self.bin_dirs.clone()))
+    }
+
+    fn cache_path(&self, net: &str, a: &Attachment) -> PathBuf {
+        self.cache_dir
+            .join("results")
+            .join(format!("{net}-{}-{}", a.container_id, a.ifname))
+    }
+
+    fn exec(
+        &self,
+        command: &str,
+        list: &NetworkList,
+        plugin: &Value,
+        prev: Option<&Value>,
+        a: &Attachment,
+    ) -> Result<Option<Value>, CniError> {
+        let ty = plugin.get("type").and_then(Value::as_str).unwrap_or("");
+        let bin = self.find_plugin(ty)?;
+        let mut conf = plugin.clone();
+        if let Some(o) = conf.as_object_mut() {
+            o.insert("name".into(), json!(list.name));
+            o.insert("cniVersion".into(), json!(list.cni_version));
+            if let Some(p) = prev {
+                o.insert("prevResult".into(), p.clone());
+            }
+        }
+        let stdin = serde_json::to_vec(&conf).unwrap_or_default();
+        let path = std::env::join_paths(&self.bin_dirs).unwrap_or_default();
+        let mut child = Command::new(&bin)
+            .env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &a.container_id)
+            .env("CNI_NETNS", &a.netns)
+            .env("CNI_IFNAME", &a.ifname)
+            .env("CNI_ARGS", a.cni_args())
+            .env("CNI_PATH", path)
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| CniError::Exec(ty.to_string(), e))?;
+        if let Some(mut i) = child.stdin.take() {
+            let _ = i.write_all(&stdin);
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| CniError::Exec(ty.to_string(), e))?;
+        let stdout: Option<Value> = serde_json::from_slice(&out.stdout).ok();
+        if !out.status.success() {
+            let (code, msg, details) = match &stdout {
+                Some(v) => (
+                    v.get("code").and_then(Value::as_u64).unwrap_or(999),
+                    v.get("msg")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                    v.get("details")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                ),
+                None => (
+                    999,
+                    format!("exit status {}", out.status),
+                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                ),
+            };
+            return Err(CniError::Plugin(Box::new(PluginFailure {
+                plugin: ty.to_string(),
+                network: list.name.clone(),
+                command: command.to_string(),
+                code,
+                msg,
+                details,
+            })));
+        }
+        Ok(stdout)
+    }
+
+    /// Brings up `lo` in the netns with the `loopback` plugin (skipped when not installed).
+    pub fn loopback_up(&self, a: &Attachment) -> Result<(), CniError> {
+        if self.find_plugin("loopback").is_err() {
+            tracing::warn!("CNI loopback plugin not found; lo stays down in pod netns");
+            return Ok(());
+        }
+        let list = NetworkList {
+            name: "cni-loopback".into(),
+            cni_version: "1.0.0".into(),
+            plugins: vec![json!({"type": "loopback"})],
+            bytes: vec![],
+        };
+        let lo = Attachment {
+            ifname: "lo".into(),
+            ..a.clone()
+        };
+        self.exec("ADD", &list, &list.plugins[0], None, &lo)?;
+        Ok(())
+    }
+
+    /// ADD through the default network; returns the final result (cached for DEL/CHECK).
+    pub fn add(&self, a: &Attachment) -> Result<Value, CniError> {
+        let list = load_default(&self.conf_dir)?;
+        let mut prev: Option<Value> = None;
+        for (i, p) in list.plugins.iter().enumerate() {
+            match self.exec("ADD", &list, p, prev.as_ref(), a) {
+                Ok(r) => prev = r.or(prev),
+                Err(e) => {
+                    // Undo what the earlier plugins did (libcni leaves this to the caller;
+                    // containerd runs DEL on a failed ADD).
+                    for q in list.plugins[..=i].iter().rev() {
+                        let _ = self.exec("DEL", &list, q, prev.as_ref(), a);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let result = prev.unwrap_or_else(|| json!({"cniVersion": list.cni_version}));
+        let path = self.cache_path(&list.name, a);
+        let cache = json!({
+            "kind": "cniCacheV1",
+            "containerId": a.container_id,
+            "ifName": a.ifname,
+            "networkName": list.name,
+            "config": String::from_utf8_lossy(&list.bytes),
+            "result": result,
+        });
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).map_err(|e| CniError::Cache(d.to_path_buf(), e))?;
+        }
+        std::fs::write(&path, serde_json::to_vec(&cache).unwrap_or_default())
+            .map_err(|e| CniError::Cache(path.clone(), e))?;
+        Ok(result)
+    }
+
+    fn cached(&self, a: &Attachment) -> Option<(PathBuf, NetworkList, Value)> {
+        let dir = self.cache_dir.join("results");
+        let suffix = format!("-{}-{}", a.container_id, a.ifname);
+        for e in std::fs::read_dir(&dir).ok()?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.ends_with(&suffix) {
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+            let cfg = v.get("config").and_then(Value::as_str)?.as_bytes().to_vec();
+            let list = parse_list(&e.path(), &cfg).ok()?;
+            let result = v.get("result").cloned().unwrap_or(Value::Null);
+            return Some((e.path(), list, result));
+        }
+        None
+    }
+
+    /// The cached ADD result of an attachment (after an agent restart).
+    pub fn cached_result(&self, a: &Attachment) -> Option<Value> {
+        self.cached(a).map(|(_, _, r)| r)
+    }
+
+    /// DEL in reverse plugin order with the cached config and result; the cache entry is
+    /// removed on success. Nothing cached: DEL through the current default network.
+    pub fn del(&self, a: &Attachment) -> Result<(), CniError> {
+        let (path, list, prev) = match self.cached(a) {
+            Some((p, l, r)) => (Some(p), l, Some(r)),
+            None => match load_default(&self.conf_dir) {
+                Ok(l) => (None, l, None),
+                Err(_) => return Ok(()),
+            },
+        };
+        for p in list.plugins.iter().rev() {
+            self.exec("DEL", &list, p, prev.as_ref(), a)?;
+        }
+        if let Some(p) = path {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(())
+    }
+
+    /// CHECK (CNI ≥ 0.4.0) with the cached result; a no-op for older versions.
+    pub fn check(&self, a: &Attachment) -> Result<(), CniError> {
+        let Some((_, list, prev)) = self.cached(a) else {
+            return Ok(());
+        };
+        if !version_at_least(&list.cni_version, 0, 4) {
+            return Ok(());
+        }
+        for p in &list.plugins {
+            self.exec("CHECK", &list, p, Some(&prev), a)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_ips() {
+        let l = parse_list(
+            Path::new("x.conflist"),
+            br#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"},{"type":"portmap"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(l.plugins.len(), 2);
+        let c = parse_list(Path::new("x.conf"), br#"{"name":"n","type":"bridge"}"#).unwrap();
+        assert_eq!(c.plugins.len(), 1);
+        assert!(parse_list(Path::new("x"), br#"{"name":"n","plugins":[{}]}"#).is_err());
+        let r = json!({"ips":[{"address":"10.1.0.5/24"},{"address":"fd00::5/64"}]});
+        assert_eq!(result_ips(&r), vec!["10.1.0.5", "fd00::5"]);
+        assert!(version_at_least("1.0.0", 0, 4));
+        assert!(!version_at_least("0.3.1", 0, 4));
+    }
+}

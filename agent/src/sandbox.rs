@@ -1,0 +1,111 @@
+//! Pod sandbox namespaces (effectful): a network, IPC and UTS namespace per pod, created on a
+//! dedicated OS thread (namespaces are per thread) and kept alive by bind mounts of
+//! `/proc/thread-self/ns/*` under `<run-dir>/sandboxes/<id>/`. Containers join them by path,
+//! the way the kubelet's pause container shares them. No process is left running for it.
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use std::path::{Path, PathBuf};
+
+/// Sandbox failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A step failed.
+    #[error("sandbox {0}: {1}: {2}")]
+    Step(String, &'static str, String),
+}
+
+/// Paths of one sandbox's namespaces.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxPaths {
+    /// Directory holding the namespace files.
+    pub dir: PathBuf,
+}
+
+impl SandboxPaths {
+    /// Under `run_dir/sandboxes/<id>`.
+    pub fn new(run_dir: &Path, id: &str) -> Self {
+        Self {
+            dir: run_dir.join("sandboxes").join(id),
+        }
+    }
+    /// Network namespace file.
+    pub fn net(&self) -> PathBuf {
+        self.dir.join("net")
+    }
+    /// IPC namespace file.
+    pub fn ipc(&self) -> PathBuf {
+        self.dir.join("ipc")
+    }
+    /// UTS namespace file.
+    pub fn uts(&self) -> PathBuf {
+        self.dir.join("uts")
+    }
+    /// True when the network namespace is still mounted.
+    pub fn exists(&self) -> bool {
+        let (Ok(a), Ok(b)) = (std::fs::metadata(self.net()), std::fs::metadata(&self.dir)) else {
+            return false;
+        };
+        std::os::unix::fs::MetadataExt::dev(&a) != std::os::unix::fs::MetadataExt::dev(&b)
+    }
+}
+
+/// Creates the namespaces with `hostname` set in the UTS namespace.
+pub fn create(paths: &SandboxPaths, hostname: &str) -> Result<(), SandboxError> {
+    let id = paths
+        .dir
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let err = |step: &'static str, e: String| SandboxError::Step(id.clone(), step, e);
+    std::fs::create_dir_all(&paths.dir).map_err(|e| err("mkdir", e.to_string()))?;
+    for p in [paths.net(), paths.ipc(), paths.uts()] {
+        std::fs::write(&p, b"").map_err(|e| err("create ns file", e.to_string()))?;
+    }
+    let p = paths.clone();
+    let host = hostname.to_string();
+    let res = std::thread::spawn(move || -> Result<(), (&'static str, String)> {
+        unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
+            .map_err(|e| ("unshare", e.to_string()))?;
+        nix::unistd::sethostname(&host).map_err(|e| ("sethostname", e.to_string()))?;
+        for (kind, target) in [("net", p.net()), ("ipc", p.ipc()), ("uts", p.uts())] {
+            let src = format!("/proc/thread-self/ns/{kind}");
+            mount(
+                Some(src.as_str()),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| ("bind mount", format!("{kind}: {e}")))?;
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| err("thread", "panicked".into()))?;
+    if let Err((step, e)) = res {
+        let _ = remove(paths);
+        return Err(err(step, e));
+    }
+    Ok(())
+}
+
+/// Unmounts and removes the namespace files (missing ones are fine).
+pub fn remove(paths: &SandboxPaths) -> Result<(), SandboxError> {
+    let id = paths.dir.display().to_string();
+    for p in [paths.net(), paths.ipc(), paths.uts()] {
+        // Detach every stacked mount.
+        for _ in 0..4 {
+            if umount2(&p, MntFlags::MNT_DETACH).is_err() {
+                break;
+            }
+        }
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SandboxError::Step(id, "remove ns file", e.to_string())),
+        }
+    }
+    let _ = std::fs::remove_dir(&paths.dir);
+    Ok(())
+}

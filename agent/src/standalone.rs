@@ -1,0 +1,148 @@
+//! Standalone mode (effectful): the manifest directory feeds the [`PodManager`]. The directory
+//! is re-read every `file_check_frequency`; each change (pod added, updated = new UID,
+//! deleted; ConfigMap/Secret changed) becomes a full `sync`. A document that fails to load is
+//! logged once and recorded as a node event (`<root>/events.json`, shown by
+//! `hako-agent get events`); every other pod keeps running.
+
+use crate::manifest::{ManifestError, StaticPodOptions};
+use crate::record::PodEvent;
+use crate::source::DirSource;
+use crate::worker::{AgentConfig, DesiredState, PodManager};
+use k8s_openapi::chrono::Utc;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Options of the standalone loop.
+pub struct StandaloneOptions {
+    /// Manifest directory.
+    pub manifest_dir: PathBuf,
+    /// Static pod naming.
+    pub static_pods: StaticPodOptions,
+    /// Re-read period.
+    pub file_check_frequency: Duration,
+    /// On SIGINT/SIGTERM, terminate every pod gracefully before exiting (default: pods keep
+    /// running and are re-adopted by the next agent).
+    pub stop_pods_on_exit: bool,
+}
+
+/// Node events file.
+pub fn events_path(root: &Path) -> PathBuf {
+    root.join("events.json")
+}
+
+/// Reads the node events (effectful).
+pub fn read_events(root: &Path) -> Vec<PodEvent> {
+    std::fs::read(events_path(root))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn record_errors(root: &Path, errors: &[ManifestError]) {
+    let mut rec = crate::record::PodRecord::new(Default::default());
+    rec.events = read_events(root);
+    for e in errors {
+        rec.add_event("Warning", "FailedManifest", &e.to_string(), Utc::now());
+    }
+    let _ = std::fs::create_dir_all(root);
+    let tmp = root.join(".events.json.tmp");
+    if std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&rec.events).unwrap_or_default(),
+    )
+    .is_ok()
+    {
+        let _ = std::fs::rename(tmp, events_path(root));
+    }
+}
+
+fn desired(src: &DirSource) -> DesiredState {
+    let s = src.snapshot();
+    DesiredState {
+        pods: s.pods.values().map(|p| p.pod.clone()).collect(),
+        config_maps: s.config_maps.values().cloned().collect(),
+        secrets: s.secrets.values().cloned().collect(),
+    }
+}
+
+/// Runs until SIGINT/SIGTERM.
+pub async fn run(cfg: AgentConfig, opts: StandaloneOptions) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let root = cfg.root_dir.clone();
+    let mgr: Arc<PodManager> = PodManager::new(cfg);
+    let mut src = DirSource::new(opts.manifest_dir.clone(), opts.static_pods.clone());
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut first = true;
+    let mut tick = tokio::time::interval(opts.file_check_frequency);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(dir = %opts.manifest_dir.display(), "watching manifest directory");
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        let poll = match src.poll() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("{e}");
+                continue;
+            }
+        };
+        for e in &poll.new_errors {
+            tracing::error!("manifest rejected: {e}");
+        }
+        if !poll.new_errors.is_empty() {
+            record_errors(&root, &poll.new_errors);
+        }
+        for ev in &poll.events {
+            tracing::info!("manifest change: {}", describe(ev));
+        }
+        if first || !poll.events.is_empty() {
+            first = false;
+            mgr.sync(desired(&src));
+        }
+    }
+    if opts.stop_pods_on_exit {
+        tracing::info!("stopping every pod before exit");
+        mgr.sync(DesiredState::default());
+        let mut int2 = signal(SignalKind::interrupt())?;
+        while mgr.worker_count() > 0 || !mgr.pods().is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = int2.recv() => break,
+            }
+            mgr.sync(DesiredState::default());
+        }
+    } else {
+        tracing::info!("exiting; pods keep running and are re-adopted by the next start");
+    }
+    Ok(())
+}
+
+fn describe(ev: &crate::manifest::SourceEvent) -> String {
+    use crate::manifest::SourceEvent as E;
+    match ev {
+        E::PodAdded(p) => format!("pod {} added ({})", name(&p.pod), p.file),
+        E::PodUpdated { old, new } => format!(
+            "pod {} changed: uid {} -> {} (restarting)",
+            name(&new.pod),
+            old.uid(),
+            new.uid()
+        ),
+        E::PodDeleted(p) => format!("pod {} deleted (terminating)", name(&p.pod)),
+        E::ConfigMapChanged(k) => format!("configmap {}/{} changed", k.0, k.1),
+        E::SecretChanged(k) => format!("secret {}/{} changed", k.0, k.1),
+        E::ServiceChanged(k) => format!("service {}/{} changed", k.0, k.1),
+    }
+}
+
+fn name(p: &k8s_openapi::api::core::v1::Pod) -> String {
+    format!(
+        "{}/{}",
+        p.metadata.namespace.as_deref().unwrap_or("default"),
+        p.metadata.name.as_deref().unwrap_or("")
+    )
+}

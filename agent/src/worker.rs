@@ -1,0 +1,1681 @@
+//! Pod workers and the pod manager (effectful): one tokio task per pod drives
+//! [`compute_actions`] through the real effects — the pod sandbox (namespaces + CNI), images
+//! (`hako_shim::image::ImageStore`), containers (`hako-shim`), probes and lifecycle hooks —
+//! and writes the pod's status and events to `<root>/pods/<uid>/status.json`.
+//!
+//! # The seam for pod sources
+//!
+//! Any source (the manifest directory, the kube-apiserver) feeds the same [`PodManager`]:
+//!
+//! ```ignore
+//! let mgr = PodManager::new(config);                 // inside a tokio runtime
+//! let mut rx = mgr.subscribe();                      // status changes: PodStatusEvent
+//! mgr.sync(DesiredState { pods, config_maps, secrets }); // level-triggered, whole set
+//! while let Ok(ev) = rx.recv().await { /* report ev.status for ev.uid */ }
+//! ```
+//!
+//! - [`PodManager::sync`] takes the complete desired set. A pod is keyed by its UID: a new UID
+//!   starts a worker (which first re-adopts whatever containers and sandbox the node already
+//!   has for that UID), a known UID gets the new object (a `deletionTimestamp` makes the
+//!   worker terminate the pod gracefully and then report `terminated`), and a UID that is no
+//!   longer in the set is terminated gracefully and forgotten. ConfigMaps and Secrets are the
+//!   objects env and volumes may reference. The first `sync` also removes pods the node still
+//!   has on disk but that are not desired (orphans of a previous run).
+//! - [`PodManager::subscribe`] yields a [`PodStatusEvent`] each time a pod's status or events
+//!   change, and once with `terminated = true` when a pod was stopped and removed.
+//! - [`PodManager::pods`] returns the current pods with status.
+
+use crate::actions::{self, compute_actions, termination_order, Action};
+use crate::backoff::{self, BackoffConfig, RestartBackoff};
+use crate::cni::{self, Attachment, CniConfig};
+use crate::observed::{
+    ObservedContainer, ObservedPod, ObservedSandbox, ProbeResult, RuntimeState, StartFailure,
+};
+use crate::probe::{ProbeOutcome, ProbeSpec, ProbeTarget, ProbeType, ProbeWorker, Prober};
+use crate::prober::RealProber;
+use crate::record::PodRecord;
+use crate::runtime::{self, ContainerMeta};
+use crate::sandbox::{self, SandboxPaths};
+use crate::{dns, env, qos, state, status};
+use hako_shim::client::Runtime as ShimRuntime;
+use hako_shim::image::{ImageStore, PullPolicy};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, LifecycleHandler, Pod, PodStatus, Probe, Secret,
+};
+use k8s_openapi::chrono::{DateTime, Utc};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+
+/// Node-level configuration of the workers.
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// State root (`/var/lib/hako`): pod records, images, CNI cache.
+    pub root_dir: PathBuf,
+    /// Run dir (`/run/hako`): shim state (`containers/`), sandbox namespaces (`sandboxes/`).
+    pub run_dir: PathBuf,
+    /// Pod log dir (`/var/log/pods`).
+    pub pod_log_dir: PathBuf,
+    /// The shim runtime.
+    pub shim: ShimRuntime,
+    /// Image store.
+    pub images: Arc<ImageStore>,
+    /// CNI.
+    pub cni: CniConfig,
+    /// cgroup filesystem root (None: /sys/fs/cgroup).
+    pub cgroup_root: Option<PathBuf>,
+    /// Parent of `kubepods` ("" for the hierarchy root).
+    pub cgroup_parent: String,
+    /// DNS settings.
+    pub dns: dns::DnsSettings,
+    /// Node memory capacity (bytes) for the Burstable oom_score_adj.
+    pub memory_capacity: i128,
+    /// Node IP for status.hostIP.
+    pub host_ip: Option<String>,
+    /// Restart back-off (also used for image pull back-off).
+    pub backoff: BackoffConfig,
+    /// How often a worker re-evaluates its pod without any event.
+    pub sync_period: Duration,
+    /// How often CNI CHECK runs per pod.
+    pub cni_check_period: Duration,
+}
+
+/// Desired state from a source.
+#[derive(Debug, Clone, Default)]
+pub struct DesiredState {
+    /// Every pod that should run (UID set).
+    pub pods: Vec<Pod>,
+    /// ConfigMaps the pods may reference.
+    pub config_maps: Vec<ConfigMap>,
+    /// Secrets the pods may reference.
+    pub secrets: Vec<Secret>,
+}
+
+/// A status change of one pod.
+#[derive(Debug, Clone)]
+pub struct PodStatusEvent {
+    /// Pod UID.
+    pub uid: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The new status.
+    pub status: PodStatus,
+    /// The pod was stopped and its state removed (last event for this UID).
+    pub terminated: bool,
+}
+
+type ObjMap<T> = BTreeMap<(String, String), T>;
+
+#[derive(Default)]
+struct Objects {
+    config_maps: ObjMap<ConfigMap>,
+    secrets: ObjMap<Secret>,
+}
+
+enum Msg {
+    Update(Box<Pod>),
+    Delete,
+}
+
+struct Handle {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+/// Owns the pod workers; the seam between pod sources and the node (see the module docs).
+pub struct PodManager {
+    cfg: Arc<AgentConfig>,
+    objects: Arc<RwLock<Objects>>,
+    workers: Mutex<HashMap<String, Handle>>,
+    status_tx: broadcast::Sender<PodStatusEvent>,
+    pods: Arc<Mutex<BTreeMap<String, Pod>>>,
+    first_sync: Mutex<bool>,
+}
+
+fn key_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (
+        m.namespace.clone().unwrap_or_else(|| "default".into()),
+        m.name.clone().unwrap_or_default(),
+    )
+}
+
+impl PodManager {
+    /// A manager with no pods.
+    pub fn new(cfg: AgentConfig) -> Arc<Self> {
+        let (status_tx, _) = broadcast::channel(1024);
+        Arc::new(Self {
+            cfg: Arc::new(cfg),
+            objects: Arc::default(),
+            workers: Mutex::new(HashMap::new()),
+            status_tx,
+            pods: Arc::default(),
+            first_sync: Mutex::new(true),
+        })
+    }
+
+    /// Status changes of every pod.
+    pub fn subscribe(&self) -> broadcast::Receiver<PodStatusEvent> {
+        self.status_tx.subscribe()
+    }
+
+    /// The current pods with their status.
+    pub fn pods(&self) -> Vec<Pod> {
+        self.pods
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Number of pods with a live worker (terminating ones included).
+    pub fn worker_count(&self) -> usize {
+        self.workers.lock().map(|w| w.len()).unwrap_or(0)
+    }
+
+    /// Applies the desired state (level-triggered; see the module docs). Must be called from
+    /// within a tokio runtime.
+    pub fn sync(self: &Arc<Self>, desired: DesiredState) {
+        if let Ok(mut o) = self.objects.write() {
+            o.config_maps = desired
+                .config_maps
+                .into_iter()
+                .map(|c| (key_of(&c.metadata), c))
+                .collect();
+            o.secrets = desired
+                .secrets
+                .into_iter()
+                .map(|s| (key_of(&s.metadata), s))
+                .collect();
+        }
+        let want: BTreeMap<String, Pod> = desired
+            .pods
+            .into_iter()
+            .filter_map(|p| p.metadata.uid.clone().map(|u| (u, p)))
+            .collect();
+        let first = self
+            .first_sync
+            .lock()
+            .map(|mut f| std::mem::replace(&mut *f, false))
+            .unwrap_or(false);
+        let mut workers = match self.workers.lock() {
+            Ok(w) => w,
+            Err(e) => e.into_inner(),
+        };
+        workers.retain(|_, h| !h.tx.is_closed());
+        for (uid, h) in workers.iter() {
+            match want.get(uid) {
+                Some(p) => {
+                    let _ = h.tx.send(Msg::Update(Box::new(p.clone())));
+                }
+                None => {
+                    let _ = h.tx.send(Msg::Delete);
+                }
+            }
+        }
+        let mut orphans: Vec<String> = Vec::new();
+        if first {
+            if let Ok(rd) = std::fs::read_dir(self.cfg.root_dir.join("pods")) {
+                for e in rd.flatten() {
+                    let uid = e.file_name().to_string_lossy().to_string();
+                    if !want.contains_key(&uid) && !workers.contains_key(&uid) {
+                        orphans.push(uid);
+                    }
+                }
+            }
+        }
+        for (uid, pod) in want {
+            if workers.contains_key(&uid) {
+                continue;
+            }
+            let h = self.spawn_worker(pod, false);
+            workers.insert(uid, h);
+        }
+        for uid in orphans {
+            // A pod from an earlier run that is no longer wanted: adopt it, then delete it.
+            let rec = state::read_records(&self.cfg.root_dir)
+                .ok()
+                .and_then(|(recs, _)| {
+                    recs.into_iter()
+                        .find(|r| r.pod.metadata.uid.as_deref() == Some(uid.as_str()))
+                });
+            let pod = rec.map(|r| r.pod).unwrap_or_else(|| Pod {
+                metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    uid: Some(uid.clone()),
+                    name: Some(uid.clone()),
+                    namespace: Some("default".into()),
+                    ..Default::default()
+                },
+                spec: Some(Default::default()),
+                status: None,
+            });
+            tracing::info!(%uid, "removing orphaned pod from a previous run");
+            let h = self.spawn_worker(pod, true);
+            workers.insert(uid, h);
+        }
+    }
+
+    fn spawn_worker(self: &Arc<Self>, pod: Pod, delete: bool) -> Handle {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if delete {
+            let _ = tx.send(Msg::Delete);
+        }
+        let w = Worker::new(
+            self.cfg.clone(),
+            self.objects.clone(),
+            pod,
+            self.status_tx.clone(),
+            self.pods.clone(),
+        );
+        tokio::spawn(w.run(rx));
+        Handle { tx }
+    }
+}
+
+/// One container instance the worker knows.
+#[derive(Debug, Clone)]
+struct Inst {
+    meta: ContainerMeta,
+    state: Option<hako_shim::state::State>,
+    message: String,
+    message_read: bool,
+    watching: bool,
+}
+
+struct SandboxInfo {
+    id: String,
+    attempt: u32,
+    ready: bool,
+    ips: Vec<String>,
+    paths: SandboxPaths,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SandboxRecord {
+    id: String,
+    attempt: u32,
+    ips: Vec<String>,
+}
+
+struct Worker {
+    cfg: Arc<AgentConfig>,
+    objects: Arc<RwLock<Objects>>,
+    pod: Pod,
+    uid: String,
+    record: PodRecord,
+    dirty: bool,
+    sandbox: Option<SandboxInfo>,
+    insts: BTreeMap<String, Inst>,
+    start_failures: BTreeMap<String, StartFailure>,
+    restart_backoff: RestartBackoff,
+    image_backoff: RestartBackoff,
+    image_failed_at: BTreeMap<String, DateTime<Utc>>,
+    probes: HashMap<String, Vec<ProbeWorker>>,
+    start_time: Option<DateTime<Utc>>,
+    last_cni_check: Option<std::time::Instant>,
+    status_tx: broadcast::Sender<PodStatusEvent>,
+    pods: Arc<Mutex<BTreeMap<String, Pod>>>,
+    exit_tx: mpsc::UnboundedSender<String>,
+    exit_rx: Option<mpsc::UnboundedReceiver<String>>,
+    deleting: bool,
+    clamp_logged: bool,
+}
+
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> impl std::future::Future<Output = Option<T>> {
+    let h = tokio::task::spawn_blocking(f);
+    async move { h.await.ok() }
+}
+
+fn all_containers(pod: &Pod) -> Vec<Container> {
+    pod.spec
+        .as_ref()
+        .map(|s| {
+            s.init_containers
+                .iter()
+                .flatten()
+                .chain(s.containers.iter())
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pull_policy(p: Option<&str>) -> PullPolicy {
+    match p {
+        Some("Always") => PullPolicy::Always,
+        Some("Never") => PullPolicy::Never,
+        _ => PullPolicy::IfNotPresent,
+    }
+}
+
+fn hook_action(h: &LifecycleHandler, c: &Container) -> Result<crate::probe::ProbeAction, String> {
+    let p = Probe {
+        exec: h.exec.clone(),
+        http_get: h.http_get.clone(),
+        tcp_socket: h.tcp_socket.clone(),
+        ..Default::default()
+    };
+    ProbeSpec::from_probe(&p, c)
+        .map(|s| s.action)
+        .map_err(|e| e.to_string())
+}
+
+/// Waits for a container's exit on its shim socket (async, no polling).
+async fn wait_exit(sock: PathBuf) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::UnixStream::connect(&sock).await else {
+        return;
+    };
+    if s.write_all(b"{\"op\":\"wait\",\"timeoutMs\":null}\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut line = String::new();
+    let _ = tokio::io::BufReader::new(s).read_line(&mut line).await;
+}
+
+impl Worker {
+    fn new(
+        cfg: Arc<AgentConfig>,
+        objects: Arc<RwLock<Objects>>,
+        pod: Pod,
+        status_tx: broadcast::Sender<PodStatusEvent>,
+        pods: Arc<Mutex<BTreeMap<String, Pod>>>,
+    ) -> Self {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let (exit_tx, exit_rx) = mpsc::unbounded_channel();
+        let backoff = cfg.backoff;
+        Self {
+            record: PodRecord::new(pod.clone()),
+            cfg,
+            objects,
+            pod,
+            uid,
+            dirty: true,
+            sandbox: None,
+            insts: BTreeMap::new(),
+            start_failures: BTreeMap::new(),
+            restart_backoff: RestartBackoff::new(backoff),
+            image_backoff: RestartBackoff::new(backoff),
+            image_failed_at: BTreeMap::new(),
+            probes: HashMap::new(),
+            start_time: None,
+            last_cni_check: None,
+            status_tx,
+            pods,
+            exit_tx,
+            exit_rx: Some(exit_rx),
+            deleting: false,
+            clamp_logged: false,
+        }
+    }
+
+    fn pod_dir(&self) -> PathBuf {
+        self.cfg.root_dir.join("pods").join(&self.uid)
+    }
+
+    fn ns_name(&self) -> (String, String) {
+        key_of(&self.pod.metadata)
+    }
+
+    fn event(&mut self, type_: &str, reason: &str, message: &str) {
+        let (ns, name) = self.ns_name();
+        if type_ == "Warning" {
+            tracing::warn!(pod = %format!("{ns}/{name}"), reason, "{message}");
+        } else {
+            tracing::info!(pod = %format!("{ns}/{name}"), reason, "{message}");
+        }
+        self.record.add_event(type_, reason, message, Utc::now());
+        self.dirty = true;
+    }
+
+    fn attachment(&self, sb_id: &str, netns: PathBuf) -> Attachment {
+        let (ns, name) = self.ns_name();
+        Attachment {
+            container_id: sb_id.to_string(),
+            netns,
+            ifname: "eth0".into(),
+            pod_namespace: ns,
+            pod_name: name,
+            pod_uid: self.uid.clone(),
+        }
+    }
+
+    /// Re-adopts what the node has for this UID: the previous record (events, start time),
+    /// the sandbox and every container with its shim state.
+    async fn adopt(&mut self) {
+        let root = self.cfg.root_dir.clone();
+        let uid = self.uid.clone();
+        let shim = self.cfg.shim.clone();
+        let run_dir = self.cfg.run_dir.clone();
+        let found = blocking(move || {
+            let prev = state::read_records(&root).ok().and_then(|(recs, _)| {
+                recs.into_iter()
+                    .find(|r| r.pod.metadata.uid.as_deref() == Some(uid.as_str()))
+            });
+            let sb: Option<SandboxRecord> =
+                std::fs::read(root.join("pods").join(&uid).join("sandbox.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok());
+            let sb = sb.map(|s| {
+                let paths = SandboxPaths::new(&run_dir, &s.id);
+                let ok = paths.exists();
+                (s, paths, ok)
+            });
+            let metas = runtime::read_metas(&root, &uid);
+            let insts: Vec<(ContainerMeta, Option<hako_shim::state::State>)> = metas
+                .into_iter()
+                .map(|m| {
+                    let st = runtime::shim_state(&shim, &m.id);
+                    (m, st)
+                })
+                .collect();
+            (prev, sb, insts)
+        })
+        .await;
+        let Some((prev, sb, insts)) = found else {
+            return;
+        };
+        if let Some(prev) = prev {
+            self.record.events = prev.events;
+            self.start_time = prev
+                .pod
+                .status
+                .as_ref()
+                .and_then(|s| s.start_time.as_ref())
+                .map(|t| t.0);
+        }
+        if let Some((s, paths, ok)) = sb {
+            self.sandbox = Some(SandboxInfo {
+                id: s.id,
+                attempt: s.attempt,
+                ready: ok,
+                ips: s.ips,
+                paths,
+            });
+        }
+        let n = insts.len();
+        for (m, st) in insts {
+            let exited = st
+                .as_ref()
+                .is_some_and(|s| s.status == hako_shim::state::Status::Stopped);
+            let id = m.id.clone();
+            self.insts.insert(
+                id.clone(),
+                Inst {
+                    meta: m,
+                    state: st,
+                    message: String::new(),
+                    message_read: false,
+                    watching: false,
+                },
+            );
+            if exited {
+                self.read_message(&id);
+            }
+        }
+        if n > 0 {
+            tracing::info!(uid = %self.uid, containers = n, "re-adopted pod");
+        }
+        let now = Utc::now();
+        let running: Vec<String> = self
+            .insts
+            .iter()
+            .filter(|(_, i)| {
+                i.state
+                    .as_ref()
+                    .is_some_and(|s| s.status == hako_shim::state::Status::Running)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in running {
+            let started = self.insts[&id]
+                .state
+                .as_ref()
+                .and_then(|s| s.started_at.as_deref())
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or(now);
+            self.setup_probes(&id, started);
+            self.watch(&id);
+        }
+    }
+
+    fn read_message(&mut self, id: &str) {
+        let policy = self
+            .container_spec(&self.insts[id].meta.name.clone())
+            .and_then(|c| c.termination_message_policy);
+        if let Some(i) = self.insts.get_mut(id) {
+            if i.message_read {
+                return;
+            }
+            let failed = i.state.as_ref().and_then(|s| s.exit_code).unwrap_or(0) != 0;
+            i.message = runtime::termination_message(&i.meta, policy.as_deref(), failed);
+            i.message_read = true;
+        }
+    }
+
+    fn container_spec(&self, name: &str) -> Option<Container> {
+        all_containers(&self.pod)
+            .into_iter()
+            .find(|c| c.name == name)
+    }
+
+    fn watch(&mut self, id: &str) {
+        let Some(i) = self.insts.get_mut(id) else {
+            return;
+        };
+        if i.watching {
+            return;
+        }
+        i.watching = true;
+        let sock = self.cfg.shim.dir(id).join(hako_shim::state::SOCKET);
+        let tx = self.exit_tx.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            wait_exit(sock).await;
+            let _ = tx.send(id);
+        });
+    }
+
+    async fn refresh(&mut self, id: &str) {
+        let shim = self.cfg.shim.clone();
+        let cid = id.to_string();
+        let st = blocking(move || runtime::shim_state(&shim, &cid))
+            .await
+            .flatten();
+        let exited = st
+            .as_ref()
+            .is_some_and(|s| s.status == hako_shim::state::Status::Stopped);
+        if let Some(i) = self.insts.get_mut(id) {
+            i.state = st;
+            i.watching = i.watching && !exited;
+        }
+        if exited {
+            self.read_message(id);
+            self.probes.remove(id);
+        }
+        self.dirty = true;
+    }
+
+    fn observed(&self) -> ObservedPod {
+        let containers: Vec<ObservedContainer> = self
+            .insts
+            .values()
+            .map(|i| {
+                let mut o = runtime::observed_from(&i.meta, i.state.as_ref(), i.message.clone());
+                if let Some(ws) = self.probes.get(&i.meta.id) {
+                    for w in ws {
+                        let r = Some(w.result());
+                        match w.kind {
+                            ProbeType::Startup => o.probes.startup = r,
+                            ProbeType::Liveness => o.probes.liveness = r,
+                            ProbeType::Readiness => o.probes.readiness = r,
+                        }
+                    }
+                } else if o.state == RuntimeState::Running {
+                    // No probe workers (yet): configured probes count as not passed.
+                    if let Some(c) = self.container_spec(&i.meta.name) {
+                        if c.startup_probe.is_some() {
+                            o.probes.startup = Some(ProbeResult::Unknown);
+                        }
+                        if c.readiness_probe.is_some() {
+                            o.probes.readiness = Some(ProbeResult::Failure);
+                        }
+                    }
+                }
+                o
+            })
+            .collect();
+        ObservedPod {
+            sandbox: self.sandbox.as_ref().map(|s| ObservedSandbox {
+                id: s.id.clone(),
+                attempt: s.attempt,
+                ready: s.ready,
+                ips: s.ips.clone(),
+            }),
+            containers,
+            start_failures: self.start_failures.clone(),
+            host_ip: self.cfg.host_ip.clone(),
+            start_time: self.start_time,
+        }
+    }
+
+    fn publish(&mut self, observed: &ObservedPod) {
+        let prev = self.record.pod.status.clone();
+        let st = status::compute_status(&self.pod, observed, prev.as_ref(), Utc::now());
+        if prev.as_ref() == Some(&st) && !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        let mut pod = self.pod.clone();
+        pod.status = Some(st.clone());
+        self.record.pod = pod.clone();
+        if let Err(e) = state::write_record(&self.cfg.root_dir, &self.record) {
+            tracing::warn!(uid = %self.uid, "writing status: {e}");
+        }
+        if let Ok(mut m) = self.pods.lock() {
+            m.insert(self.uid.clone(), pod);
+        }
+        let (namespace, name) = self.ns_name();
+        let _ = self.status_tx.send(PodStatusEvent {
+            uid: self.uid.clone(),
+            namespace,
+            name,
+            status: st,
+            terminated: false,
+        });
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let Some(mut exit_rx) = self.exit_rx.take() else {
+            return;
+        };
+        self.adopt().await;
+        if self.start_time.is_none() {
+            self.start_time = Some(Utc::now());
+        }
+        loop {
+            // Drain pending messages first.
+            while let Ok(m) = rx.try_recv() {
+                self.on_msg(m);
+            }
+            if self.deleting || self.pod.metadata.deletion_timestamp.is_some() {
+                self.terminate_and_remove().await;
+                return;
+            }
+            let progress = self.sync_once().await;
+            self.run_probes().await;
+            let obs = self.observed();
+            self.publish(&obs);
+            let wait = if progress {
+                Duration::ZERO
+            } else {
+                self.next_wake()
+            };
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => self.on_msg(m),
+                    None => self.deleting = true,
+                },
+                Some(id) = exit_rx.recv() => {
+                    self.refresh(&id).await;
+                    while let Ok(id) = exit_rx.try_recv() {
+                        self.refresh(&id).await;
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn on_msg(&mut self, m: Msg) {
+        match m {
+            Msg::Update(p) => {
+                if self.pod != *p {
+                    self.pod = *p;
+                    self.dirty = true;
+                }
+            }
+            Msg::Delete => self.deleting = true,
+        }
+    }
+
+    fn next_wake(&self) -> Duration {
+        let now = Utc::now();
+        let mut wake =
+            now + k8s_openapi::chrono::Duration::from_std(self.cfg.sync_period).unwrap_or_default();
+        for ws in self.probes.values() {
+            for w in ws {
+                if let Some(d) = w.next_due() {
+                    wake = wake.min(d);
+                }
+            }
+        }
+        // Back-off expiries of exited containers.
+        let obs = self.observed();
+        for c in all_containers(&self.pod) {
+            if let Some(l) = obs
+                .latest(&c.name)
+                .filter(|l| l.state == RuntimeState::Exited)
+            {
+                if let Some(fin) = l.finished_at {
+                    let d = self.restart_backoff.get(&backoff::key(&self.uid, &c.name));
+                    if fin + d > now {
+                        wake = wake.min(fin + d);
+                    }
+                }
+            }
+            if let Some(t) = self.image_failed_at.get(&c.name) {
+                let d = self.image_backoff.get(&backoff::key(&self.uid, &c.name));
+                if *t + d > now {
+                    wake = wake.min(*t + d);
+                }
+            }
+        }
+        (wake - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_millis(5))
+    }
+
+    /// One pass of planning and acting; true when something changed that may allow the next
+    /// step right away.
+    async fn sync_once(&mut self) -> bool {
+        let now = Utc::now();
+        let obs = self.observed();
+        let phase = status::compute_status(&self.pod, &obs, None, now)
+            .phase
+            .unwrap_or_default();
+        if phase == "Succeeded" || phase == "Failed" {
+            // Done: make sure nothing runs and the sandbox is gone, then just report.
+            if self.sandbox.as_ref().is_some_and(|s| s.ready) || self.any_running() {
+                self.kill_pod().await;
+                return true;
+            }
+            return false;
+        }
+        self.cni_check().await;
+        let plan = compute_actions(&self.pod, &obs, now, &self.restart_backoff);
+        let mut progress = false;
+        for a in plan {
+            match a {
+                Action::KillPod => {
+                    if self.sandbox.as_ref().is_some_and(|s| s.ready) || self.any_running() {
+                        self.kill_pod().await;
+                        progress = true;
+                    }
+                }
+                Action::CreateSandbox { attempt } => {
+                    if !self.create_sandbox(attempt).await {
+                        return false;
+                    }
+                    progress = true;
+                }
+                Action::KillContainer { name, message, .. } => {
+                    self.event("Normal", "Killing", &message);
+                    if let Some(id) = self.latest_running(&name) {
+                        let grace = self.grace();
+                        self.stop_many(vec![id], grace).await;
+                        progress = true;
+                    }
+                }
+                Action::StartInitContainer { name, .. } | Action::StartContainer { name } => {
+                    if self.start_container(&name).await {
+                        progress = true;
+                    }
+                }
+                Action::BackOff { name, message } => {
+                    let c = self.container_spec(&name);
+                    let image = c.and_then(|c| c.image).unwrap_or_default();
+                    let _ = image;
+                    self.event(
+                        "Warning",
+                        "BackOff",
+                        &format!(
+                            "Back-off restarting failed container {name} in pod {}",
+                            self.ns_name().1
+                        ),
+                    );
+                    self.start_failures.insert(
+                        name,
+                        StartFailure {
+                            reason: "CrashLoopBackOff".into(),
+                            message,
+                        },
+                    );
+                }
+            }
+        }
+        progress
+    }
+
+    fn any_running(&self) -> bool {
+        self.insts.values().any(|i| {
+            i.state
+                .as_ref()
+                .is_some_and(|s| s.status != hako_shim::state::Status::Stopped)
+        })
+    }
+
+    fn latest_running(&self, name: &str) -> Option<String> {
+        self.observed()
+            .latest(name)
+            .filter(|c| c.state == RuntimeState::Running || c.state == RuntimeState::Created)
+            .map(|c| c.id.clone())
+    }
+
+    fn grace(&self) -> Duration {
+        let secs = self
+            .pod
+            .metadata
+            .deletion_grace_period_seconds
+            .or_else(|| {
+                self.pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.termination_grace_period_seconds)
+            })
+            .unwrap_or(30);
+        Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+    }
+
+    async fn cni_check(&mut self) {
+        let due = self
+            .last_cni_check
+            .is_none_or(|t| t.elapsed() >= self.cfg.cni_check_period);
+        let Some(sb) = self.sandbox.as_ref().filter(|s| s.ready) else {
+            return;
+        };
+        if !due {
+            return;
+        }
+        self.last_cni_check = Some(std::time::Instant::now());
+        let a = self.attachment(&sb.id, sb.paths.net());
+        let cni = self.cfg.cni.clone();
+        let netns_ok = sb.paths.exists();
+        let r = blocking(move || cni.check(&a)).await;
+        let failed = match r {
+            Some(Ok(())) if netns_ok => None,
+            Some(Ok(())) => Some("network namespace is gone".to_string()),
+            Some(Err(e)) => Some(e.to_string()),
+            None => None,
+        };
+        if let Some(e) = failed {
+            self.event(
+                "Warning",
+                "SandboxChanged",
+                &format!("Pod sandbox changed, it will be killed and re-created: CNI CHECK: {e}"),
+            );
+            if let Some(s) = self.sandbox.as_mut() {
+                s.ready = false;
+            }
+        }
+    }
+
+    async fn create_sandbox(&mut self, attempt: u32) -> bool {
+        let uid12: String = self
+            .uid
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(12)
+            .collect();
+        let id = format!("{uid12}-s{attempt}");
+        let paths = SandboxPaths::new(&self.cfg.run_dir, &id);
+        let hostname = dns::pod_hostname(&self.pod);
+        let a = self.attachment(&id, paths.net());
+        let cni = self.cfg.cni.clone();
+        let p2 = paths.clone();
+        let res = blocking(move || -> Result<Vec<String>, String> {
+            let _ = sandbox::remove(&p2);
+            sandbox::create(&p2, &hostname).map_err(|e| e.to_string())?;
+            if let Err(e) = cni.loopback_up(&a) {
+                let _ = sandbox::remove(&p2);
+                return Err(e.to_string());
+            }
+            match cni.add(&a) {
+                Ok(r) => Ok(cni::result_ips(&r)),
+                Err(e) => {
+                    let _ = sandbox::remove(&p2);
+                    Err(format!(
+                        "failed to setup network for sandbox {:?}: {e}",
+                        a.container_id
+                    ))
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|| Err("sandbox task failed".into()));
+        match res {
+            Ok(ips) => {
+                if attempt > 0 {
+                    self.event(
+                        "Normal",
+                        "SandboxChanged",
+                        "Pod sandbox changed, it will be killed and re-created.",
+                    );
+                }
+                let rec = SandboxRecord {
+                    id: id.clone(),
+                    attempt,
+                    ips: ips.clone(),
+                };
+                let dir = self.pod_dir();
+                let _ = std::fs::create_dir_all(&dir);
+                let _ = std::fs::write(
+                    dir.join("sandbox.json"),
+                    serde_json::to_vec(&rec).unwrap_or_default(),
+                );
+                // hosts, resolv.conf, hostname files shared by the pod's containers.
+                let hosts = dns::pod_hosts_file(&self.pod, &ips, &self.cfg.dns.cluster_domain);
+                let resolv = dns::pod_resolv_conf(&self.pod, &self.cfg.dns).render();
+                let _ = std::fs::write(dir.join("etc-hosts"), hosts);
+                let _ = std::fs::write(dir.join("resolv.conf"), resolv);
+                let _ = std::fs::write(
+                    dir.join("hostname"),
+                    format!("{}\n", dns::pod_hostname(&self.pod)),
+                );
+                self.sandbox = Some(SandboxInfo {
+                    id,
+                    attempt,
+                    ready: true,
+                    ips,
+                    paths,
+                });
+                self.last_cni_check = Some(std::time::Instant::now());
+                true
+            }
+            Err(e) => {
+                self.event(
+                    "Warning",
+                    "FailedCreatePodSandBox",
+                    &format!("Failed to create pod sandbox: {e}"),
+                );
+                false
+            }
+        }
+    }
+
+    async fn teardown_sandbox(&mut self) {
+        let Some(sb) = self.sandbox.as_mut() else {
+            return;
+        };
+        sb.ready = false;
+        let a = {
+            let (ns, name) = key_of(&self.pod.metadata);
+            Attachment {
+                container_id: sb.id.clone(),
+                netns: sb.paths.net(),
+                ifname: "eth0".into(),
+                pod_namespace: ns,
+                pod_name: name,
+                pod_uid: self.uid.clone(),
+            }
+        };
+        let cni = self.cfg.cni.clone();
+        let paths = sb.paths.clone();
+        let r = blocking(move || {
+            let r = cni.del(&a);
+            let _ = sandbox::remove(&paths);
+            r
+        })
+        .await;
+        if let Some(Err(e)) = r {
+            self.event("Warning", "FailedKillPod", &format!("CNI DEL: {e}"));
+        }
+    }
+
+    async fn kill_pod(&mut self) {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let obs = self.observed();
+        let grace = self.grace();
+        let deadline = tokio::time::Instant::now() + grace;
+        for wave in termination_order(&spec, &obs) {
+            let ids: Vec<String> = wave
+                .iter()
+                .filter_map(|n| obs.latest(n).map(|c| c.id.clone()))
+                .collect();
+            for n in &wave {
+                self.event("Normal", "Killing", &format!("Stopping container {n}"));
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            self.stop_many(ids, left).await;
+        }
+        // Created-but-never-started instances.
+        let created: Vec<String> = self
+            .insts
+            .iter()
+            .filter(|(_, i)| {
+                i.state
+                    .as_ref()
+                    .is_some_and(|s| s.status == hako_shim::state::Status::Created)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !created.is_empty() {
+            self.stop_many(created, Duration::ZERO).await;
+        }
+        self.teardown_sandbox().await;
+    }
+
+    /// preStop hooks, then SIGTERM and SIGKILL when `grace` (counting preStop) runs out; the
+    /// containers in `ids` are stopped in parallel.
+    async fn stop_many(&mut self, ids: Vec<String>, grace: Duration) {
+        let mut set = tokio::task::JoinSet::new();
+        let pod_ip = self
+            .sandbox
+            .as_ref()
+            .and_then(|s| s.ips.first().cloned())
+            .unwrap_or_default();
+        for id in &ids {
+            let Some(i) = self.insts.get(id) else {
+                continue;
+            };
+            let c = self.container_spec(&i.meta.name);
+            let pre = c
+                .as_ref()
+                .and_then(|c| c.lifecycle.as_ref())
+                .and_then(|l| l.pre_stop.clone())
+                .map(|h| c.as_ref().map(|c| hook_action(&h, c)));
+            let shim = self.cfg.shim.clone();
+            let id = id.clone();
+            let name = i.meta.name.clone();
+            let pod_ip = pod_ip.clone();
+            let running = i
+                .state
+                .as_ref()
+                .is_some_and(|s| s.status == hako_shim::state::Status::Running);
+            set.spawn(async move {
+                let start = tokio::time::Instant::now();
+                let mut hook_err = None;
+                if let (Some(Some(action)), true) = (pre, running) {
+                    match action {
+                        Ok(action) => {
+                            let shim2 = shim.clone();
+                            let id2 = id.clone();
+                            let r = tokio::time::timeout(
+                                grace,
+                                tokio::task::spawn_blocking(move || {
+                                    RealProber { shim: shim2 }.run(
+                                        &ProbeTarget {
+                                            pod_ip,
+                                            container_id: id2,
+                                        },
+                                        &action,
+                                        k8s_openapi::chrono::Duration::from_std(grace)
+                                            .unwrap_or_default(),
+                                    )
+                                }),
+                            )
+                            .await;
+                            match r {
+                                Ok(Ok(ProbeOutcome::Success)) => {}
+                                Ok(Ok(ProbeOutcome::Failure(e))) => hook_err = Some(e),
+                                Ok(Err(e)) => hook_err = Some(e.to_string()),
+                                Err(_) => {
+                                    hook_err =
+                                        Some(format!("PreStopHook timed out after {grace:?}"))
+                                }
+                            }
+                        }
+                        Err(e) => hook_err = Some(e),
+                    }
+                }
+                // kubelet: at least 2 s after preStop.
+                let mut left = grace.saturating_sub(start.elapsed());
+                if grace > Duration::ZERO
+                    && left < Duration::from_secs(2)
+                    && start.elapsed() > Duration::ZERO
+                    && hook_err.is_none()
+                    && grace >= Duration::from_secs(2)
+                {
+                    left = left.max(Duration::from_secs(2).min(grace));
+                }
+                let id2 = id.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let c = shim.client(&id2);
+                    if c.stop(left).is_err() {
+                        let _ = c.kill(9);
+                    }
+                })
+                .await;
+                (id, name, hook_err)
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            if let Ok((id, name, err)) = r {
+                if let Some(e) = err {
+                    self.event(
+                        "Warning",
+                        "FailedPreStopHook",
+                        &format!("PreStopHook failed for container {name}: {e}"),
+                    );
+                }
+                self.refresh(&id).await;
+            }
+        }
+    }
+
+    async fn pull(&mut self, c: &Container) -> Option<hako_shim::image::Image> {
+        let image = c.image.clone().unwrap_or_default();
+        let key = backoff::key(&self.uid, &c.name);
+        let now = Utc::now();
+        if let Some(t) = self.image_failed_at.get(&c.name) {
+            if self.image_backoff.in_backoff_since(&key, *t, now) {
+                let msg = format!("Back-off pulling image {image:?}");
+                self.event("Normal", "BackOff", &msg);
+                self.start_failures.insert(
+                    c.name.clone(),
+                    StartFailure {
+                        reason: "ImagePullBackOff".into(),
+                        message: msg,
+                    },
+                );
+                return None;
+            }
+        }
+        let policy = pull_policy(c.image_pull_policy.as_deref());
+        let present =
+            policy != PullPolicy::Always && self.cfg.images.get(&image).ok().flatten().is_some();
+        let creds = self.pull_secret();
+        if !present && policy != PullPolicy::Never {
+            self.event("Normal", "Pulling", &format!("Pulling image {image:?}"));
+        }
+        let t0 = std::time::Instant::now();
+        match self
+            .cfg
+            .images
+            .ensure(&image, policy, creds.as_deref())
+            .await
+        {
+            Ok(img) => {
+                if present {
+                    self.event(
+                        "Normal",
+                        "Pulled",
+                        &format!("Container image {image:?} already present on machine"),
+                    );
+                } else {
+                    self.event(
+                        "Normal",
+                        "Pulled",
+                        &format!(
+                            "Successfully pulled image {image:?} in {:.3}s",
+                            t0.elapsed().as_secs_f64()
+                        ),
+                    );
+                }
+                self.image_failed_at.remove(&c.name);
+                self.image_backoff.reset(&key);
+                Some(img)
+            }
+            Err(e) => {
+                let (reason, msg) = if policy == PullPolicy::Never {
+                    (
+                        "ErrImageNeverPull",
+                        format!(
+                            "Container image {image:?} is not present with pull policy of Never"
+                        ),
+                    )
+                } else {
+                    (
+                        "ErrImagePull",
+                        format!("Failed to pull image {image:?}: {e}"),
+                    )
+                };
+                self.event("Warning", "Failed", &msg);
+                self.event("Warning", "Failed", &format!("Error: {reason}"));
+                self.image_backoff.next(&key, now, now);
+                self.image_failed_at.insert(c.name.clone(), Utc::now());
+                self.start_failures.insert(
+                    c.name.clone(),
+                    StartFailure {
+                        reason: reason.into(),
+                        message: msg,
+                    },
+                );
+                None
+            }
+        }
+    }
+
+    fn pull_secret(&self) -> Option<String> {
+        let ns = self.ns_name().0;
+        let names: Vec<String> = self
+            .pod
+            .spec
+            .as_ref()?
+            .image_pull_secrets
+            .iter()
+            .flatten()
+            .map(|r| r.name.clone())
+            .collect();
+        let o = self.objects.read().ok()?;
+        for n in names {
+            if let Some(s) = o.secrets.get(&(ns.clone(), n)) {
+                for k in [".dockerconfigjson", ".dockercfg"] {
+                    if let Some(v) = s.data.as_ref().and_then(|d| d.get(k)) {
+                        return Some(String::from_utf8_lossy(&v.0).into_owned());
+                    }
+                    if let Some(v) = s.string_data.as_ref().and_then(|d| d.get(k)) {
+                        return Some(v.clone());
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn resolve_env(&self, c: &Container) -> Result<Vec<(String, String)>, env::EnvError> {
+        let ns = self.ns_name().0;
+        let guard = self.objects.read();
+        let empty = Objects::default();
+        let o = guard.as_deref().unwrap_or(&empty);
+        let ctx = env::EnvContext {
+            config_maps: o
+                .config_maps
+                .iter()
+                .filter(|(k, _)| k.0 == ns)
+                .map(|(k, v)| (k.1.clone(), v))
+                .collect(),
+            secrets: o
+                .secrets
+                .iter()
+                .filter(|(k, _)| k.0 == ns)
+                .map(|(k, v)| (k.1.clone(), v))
+                .collect(),
+            pod_ips: self
+                .sandbox
+                .as_ref()
+                .map(|s| s.ips.clone())
+                .unwrap_or_default(),
+            host_ips: self.cfg.host_ip.iter().cloned().collect(),
+            node_allocatable: BTreeMap::from([
+                ("memory".to_string(), self.cfg.memory_capacity.to_string()),
+                (
+                    "cpu".to_string(),
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(1)
+                        .to_string(),
+                ),
+            ]),
+        };
+        let mut pod = self.pod.clone();
+        let obs = self.observed();
+        pod.status = Some(status::compute_status(&self.pod, &obs, None, Utc::now()));
+        env::resolve_env(&pod, c, &ctx)
+    }
+
+    fn config_error(&mut self, name: &str, msg: String) {
+        self.event("Warning", "Failed", &format!("Error: {msg}"));
+        self.start_failures.insert(
+            name.to_string(),
+            StartFailure {
+                reason: "CreateContainerConfigError".into(),
+                message: msg,
+            },
+        );
+    }
+
+    /// Pull, create, start, postStart; true when the container runs.
+    async fn start_container(&mut self, name: &str) -> bool {
+        let Some(c) = self.container_spec(name) else {
+            return false;
+        };
+        let Some(sb) = self.sandbox.as_ref().filter(|s| s.ready) else {
+            return false;
+        };
+        let sb_paths = sb.paths.clone();
+        let pod_ip = sb.ips.first().cloned().unwrap_or_default();
+        let now = Utc::now();
+        let obs = self.observed();
+        let prev = obs.latest(name).cloned();
+        let key = backoff::key(&self.uid, name);
+        if let Some(p) = prev.as_ref().filter(|p| p.state == RuntimeState::Exited) {
+            if let Some(fin) = p.finished_at {
+                if self.restart_backoff.in_backoff_since(&key, fin, now) {
+                    return false;
+                }
+            }
+        }
+        let Some(image) = self.pull(&c).await else {
+            return false;
+        };
+        let vars = match self.resolve_env(&c) {
+            Ok(v) => v,
+            Err(e) => {
+                self.config_error(name, e.to_string());
+                return false;
+            }
+        };
+        let attempt = prev.as_ref().map(|p| p.attempt + 1).unwrap_or(0);
+        let id = runtime::container_id(&self.uid, name, attempt);
+        let (ns, pod_name) = self.ns_name();
+        let log_path = self
+            .cfg
+            .pod_log_dir
+            .join(format!("{ns}_{pod_name}_{}", self.uid))
+            .join(name)
+            .join(format!("{attempt}.log"));
+        let pod_dir = self.pod_dir();
+        let term_dir = pod_dir.join("termination").join(&id);
+        let _ = std::fs::create_dir_all(&term_dir);
+        let term_log = term_dir.join("termination-log");
+        let _ = std::fs::write(&term_log, b"");
+        let term_path = c
+            .termination_message_path
+            .clone()
+            .unwrap_or_else(|| "/dev/termination-log".into());
+        let mut mounts = vec![
+            runtime::bind(&pod_dir.join("etc-hosts"), "/etc/hosts", false),
+            runtime::bind(&pod_dir.join("resolv.conf"), "/etc/resolv.conf", false),
+            runtime::bind(&pod_dir.join("hostname"), "/etc/hostname", false),
+        ];
+        mounts.push(runtime::bind(&term_log, &term_path, false));
+        if c.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
+            self.event(
+                "Warning",
+                "FailedMount",
+                &format!("container {name}: volumes are not supported by this agent build"),
+            );
+        }
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let wanted = qos::container_oom_score_adj(&spec, &c, self.cfg.memory_capacity);
+        let layers = self.cfg.images.layer_dirs(&image);
+        let command = env::expand_command(c.command.as_deref().unwrap_or(&[]), &vars);
+        let args = env::expand_command(c.args.as_deref().unwrap_or(&[]), &vars);
+        let cs = runtime::build_spec(
+            &self.pod,
+            &c,
+            runtime::SpecInputs {
+                id: &id,
+                env: &vars,
+                command,
+                args,
+                image: &image,
+                layers,
+                sandbox: &sb_paths,
+                mounts,
+                oom_score_adj: wanted,
+                cgroup_root: self.cfg.cgroup_root.clone(),
+                cgroup_parent: &self.cfg.cgroup_parent,
+                log_path: log_path.clone(),
+            },
+        );
+        let cs = match cs {
+            Ok(s) => s,
+            Err(e) => {
+                self.config_error(name, e);
+                return false;
+            }
+        };
+        let meta = ContainerMeta {
+            id: id.clone(),
+            pod_uid: self.uid.clone(),
+            name: name.to_string(),
+            attempt,
+            spec_hash: actions::container_hash(&c),
+            image: c.image.clone().unwrap_or_default(),
+            image_id: image.id.clone(),
+            termination_log: term_log,
+            log_path,
+        };
+        if let Some(p) = prev.as_ref().filter(|p| p.state == RuntimeState::Exited) {
+            if let Some(fin) = p.finished_at {
+                self.restart_backoff.next(&key, fin, now);
+            }
+        }
+        let shim = self.cfg.shim.clone();
+        let root = self.cfg.root_dir.clone();
+        let m2 = meta.clone();
+        let created = blocking(move || -> Result<hako_shim::state::State, String> {
+            runtime::write_meta(&root, &m2).map_err(|e| e.to_string())?;
+            let _ = shim.force_delete(&m2.id);
+            let cl = shim.create(&cs).map_err(|e| e.to_string())?;
+            let st = cl.start().map_err(|e| e.to_string())?;
+            Ok(st)
+        })
+        .await
+        .unwrap_or_else(|| Err("create task failed".into()));
+        match created {
+            Ok(st) => {
+                self.start_failures.remove(name);
+                if st.oom_score_adj_clamped && !self.clamp_logged {
+                    self.clamp_logged = true;
+                    self.event(
+                        "Normal",
+                        "OOMScoreAdjClamped",
+                        &format!(
+                            "oom_score_adj {wanted} for container {name} raised to {} (no CAP_SYS_RESOURCE; the parent's value is the lowest allowed)",
+                            st.oom_score_adj.unwrap_or_default()
+                        ),
+                    );
+                }
+                self.event("Normal", "Created", &format!("Created container {name}"));
+                self.event("Normal", "Started", &format!("Started container {name}"));
+                let started = st
+                    .started_at
+                    .as_deref()
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&Utc))
+                    .unwrap_or_else(Utc::now);
+                self.insts.insert(
+                    id.clone(),
+                    Inst {
+                        meta,
+                        state: Some(st),
+                        message: String::new(),
+                        message_read: false,
+                        watching: false,
+                    },
+                );
+                self.watch(&id);
+                self.gc_instances(name).await;
+                // postStart: the container is not Running until it returns.
+                if let Some(h) = c.lifecycle.as_ref().and_then(|l| l.post_start.clone()) {
+                    let r = match hook_action(&h, &c) {
+                        Ok(action) => {
+                            let shim = self.cfg.shim.clone();
+                            let target = ProbeTarget {
+                                pod_ip,
+                                container_id: id.clone(),
+                            };
+                            blocking(move || {
+                                RealProber { shim }.run(
+                                    &target,
+                                    &action,
+                                    k8s_openapi::chrono::Duration::seconds(30),
+                                )
+                            })
+                            .await
+                            .unwrap_or(ProbeOutcome::Failure("hook task failed".into()))
+                        }
+                        Err(e) => ProbeOutcome::Failure(e),
+                    };
+                    if let ProbeOutcome::Failure(e) = r {
+                        self.event(
+                            "Warning",
+                            "FailedPostStartHook",
+                            &format!("PostStartHook failed: {e}"),
+                        );
+                        self.event(
+                            "Normal",
+                            "Killing",
+                            &format!("FailedPostStartHook: stopping container {name}"),
+                        );
+                        self.stop_many(vec![id.clone()], self.grace()).await;
+                        return true;
+                    }
+                }
+                self.setup_probes(&id, started);
+                true
+            }
+            Err(e) => {
+                runtime::remove_meta(&self.cfg.root_dir, &self.uid, &id);
+                self.event("Warning", "Failed", &format!("Error: {e}"));
+                self.start_failures.insert(
+                    name.to_string(),
+                    StartFailure {
+                        reason: "CreateContainerError".into(),
+                        message: e,
+                    },
+                );
+                false
+            }
+        }
+    }
+
+    /// Keeps the two newest instances of a container (current and previous, for lastState
+    /// and `logs --previous`); older exited ones are deleted.
+    async fn gc_instances(&mut self, name: &str) {
+        let mut of: Vec<(u32, String)> = self
+            .insts
+            .values()
+            .filter(|i| i.meta.name == name)
+            .map(|i| (i.meta.attempt, i.meta.id.clone()))
+            .collect();
+        of.sort();
+        while of.len() > 2 {
+            let (_, id) = of.remove(0);
+            self.insts.remove(&id);
+            self.probes.remove(&id);
+            runtime::remove_meta(&self.cfg.root_dir, &self.uid, &id);
+            let shim = self.cfg.shim.clone();
+            let term = self.pod_dir().join("termination").join(&id);
+            blocking(move || {
+                let _ = shim.force_delete(&id);
+                let _ = std::fs::remove_dir_all(term);
+            })
+            .await;
+        }
+    }
+
+    fn setup_probes(&mut self, id: &str, started: DateTime<Utc>) {
+        let Some(i) = self.insts.get(id) else { return };
+        let Some(c) = self.container_spec(&i.meta.name) else {
+            return;
+        };
+        let mut ws = Vec::new();
+        for (kind, p) in [
+            (ProbeType::Startup, &c.startup_probe),
+            (ProbeType::Liveness, &c.liveness_probe),
+            (ProbeType::Readiness, &c.readiness_probe),
+        ] {
+            let Some(p) = p else { continue };
+            match ProbeSpec::from_probe(p, &c) {
+                Ok(s) => {
+                    let mut w = ProbeWorker::new(kind, s);
+                    w.container_started(started);
+                    ws.push(w);
+                }
+                Err(e) => {
+                    let msg = format!("{kind:?} probe: {e}");
+                    self.event("Warning", "Unhealthy", &msg);
+                }
+            }
+        }
+        if !ws.is_empty() {
+            self.probes.insert(id.to_string(), ws);
+        }
+    }
+
+    async fn run_probes(&mut self) {
+        let now = Utc::now();
+        let pod_ip = self
+            .sandbox
+            .as_ref()
+            .and_then(|s| s.ips.first().cloned())
+            .unwrap_or_default();
+        let mut set = tokio::task::JoinSet::new();
+        for (id, ws) in &self.probes {
+            let running = self.insts.get(id).is_some_and(|i| {
+                i.state
+                    .as_ref()
+                    .is_some_and(|s| s.status == hako_shim::state::Status::Running)
+            });
+            let startup_done = ws
+                .iter()
+                .find(|w| w.kind == ProbeType::Startup)
+                .is_none_or(|w| w.result() == ProbeResult::Success);
+            for (idx, w) in ws.iter().enumerate() {
+                if !w.due(now, running, startup_done) {
+                    continue;
+                }
+                let shim = self.cfg.shim.clone();
+                let target = ProbeTarget {
+                    pod_ip: pod_ip.clone(),
+                    container_id: id.clone(),
+                };
+                let action = w.spec.action.clone();
+                let timeout = w.spec.timeout;
+                let id = id.clone();
+                set.spawn_blocking(move || {
+                    let out = RealProber { shim }.run(&target, &action, timeout);
+                    (id, idx, out)
+                });
+            }
+        }
+        while let Some(r) = set.join_next().await {
+            let Ok((id, idx, out)) = r else { continue };
+            let name = self
+                .insts
+                .get(&id)
+                .map(|i| i.meta.name.clone())
+                .unwrap_or_default();
+            let Some(w) = self.probes.get_mut(&id).and_then(|ws| ws.get_mut(idx)) else {
+                continue;
+            };
+            let kind = w.kind;
+            let changed = w.record(Utc::now(), &out);
+            if let ProbeOutcome::Failure(msg) = &out {
+                let k = match kind {
+                    ProbeType::Startup => "Startup",
+                    ProbeType::Liveness => "Liveness",
+                    ProbeType::Readiness => "Readiness",
+                };
+                let _ = name;
+                self.event("Warning", "Unhealthy", &format!("{k} probe failed: {msg}"));
+            }
+            if changed.is_some() {
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Graceful termination, then removal of everything the pod had on the node.
+    async fn terminate_and_remove(&mut self) {
+        self.kill_pod().await;
+        if let Some(sb) = self.sandbox.as_ref() {
+            let paths = sb.paths.clone();
+            blocking(move || sandbox::remove(&paths)).await;
+        }
+        let ids: Vec<String> = self.insts.keys().cloned().collect();
+        let shim = self.cfg.shim.clone();
+        let root = self.cfg.root_dir.clone();
+        let uid = self.uid.clone();
+        let cg_root = self
+            .cfg
+            .cgroup_root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
+        let pod_cg = self
+            .pod
+            .spec
+            .as_ref()
+            .map(|s| runtime::pod_cgroup(&self.cfg.cgroup_parent, s, &uid));
+        blocking(move || {
+            for id in ids {
+                let _ = shim.force_delete(&id);
+            }
+            if let Some(cg) = pod_cg {
+                for ctrl in hako_shim::cgroup::V1_CONTROLLERS
+                    .iter()
+                    .copied()
+                    .chain([""])
+                {
+                    let _ = std::fs::remove_dir(cg_root.join(ctrl).join(&cg));
+                }
+            }
+            let _ = std::fs::remove_dir_all(root.join("pods").join(&uid));
+        })
+        .await;
+        if let Ok(mut m) = self.pods.lock() {
+            m.remove(&self.uid);
+        }
+        let (namespace, name) = self.ns_name();
+        tracing::info!(pod = %format!("{namespace}/{name}"), uid = %self.uid, "pod removed");
+        let _ = self.status_tx.send(PodStatusEvent {
+            uid: self.uid.clone(),
+            namespace,
+            name,
+            status: self.record.pod.status.clone().unwrap_or_default(),
+            terminated: true,
+        });
+    }
+}

@@ -6,6 +6,7 @@
 //! namespaces it made itself.
 
 pub mod apiserver;
+pub mod agent;
 pub mod images;
 pub mod netns;
 pub mod registry;

@@ -3,17 +3,23 @@
 
 pub mod actions;
 pub mod backoff;
+pub mod cni;
 pub mod dns;
 pub mod env;
 pub mod integration;
 pub mod manifest;
 pub mod observed;
 pub mod probe;
+pub mod prober;
 pub mod qos;
 pub mod quantity;
 pub mod record;
 pub mod render;
+pub mod runtime;
+pub mod sandbox;
 pub mod source;
+pub mod standalone;
 pub mod state;
 pub mod status;
+pub mod worker;
 pub mod volumes;

@@ -44,6 +44,14 @@ pub fn bridge_mac(bridge: &str) -> [u8; 6] {
     mac
 }
 
+/// True when the link is of `kind`.
+fn is_kind(l: &LinkMessage, kind: InfoKind) -> bool {
+    l.attributes.iter().any(|a| {
+        matches!(a, LinkAttribute::LinkInfo(infos)
+            if infos.iter().any(|i| matches!(i, LinkInfo::Kind(k) if *k == kind)))
+    })
+}
+
 fn nl_err(e: NlError) -> CniError {
     CniError::new(codes::NETLINK, "netlink request failed", e.to_string())
 }
@@ -150,11 +158,7 @@ fn ensure_bridge(
                 })?
         }
     };
-    let kind_ok = br.attributes.iter().any(|a| {
-        matches!(a, LinkAttribute::LinkInfo(infos)
-            if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))))
-    });
-    if !kind_ok {
+    if !is_kind(&br, InfoKind::Bridge) {
         return Err(CniError::new(
             codes::INVALID_CONFIG,
             "invalid network configuration",
@@ -475,11 +479,7 @@ pub fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
                 in_netns(&ns, move || -> Result<(), CniError> {
                     let mut nl = Netlink::open().map_err(nl_err)?;
                     if let Some(l) = nl.link_by_name(&ifname).map_err(nl_err)? {
-                        let is_veth = l.attributes.iter().any(|a| {
-                            matches!(a, LinkAttribute::LinkInfo(i)
-                                if i.iter().any(|x| matches!(x, LinkInfo::Kind(InfoKind::Veth))))
-                        });
-                        if is_veth {
+                        if is_kind(&l, InfoKind::Veth) {
                             netlink::ignore_missing(nl.link_del_index(l.header.index))
                                 .map_err(nl_err)?;
                         }
@@ -612,6 +612,18 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
         .map_err(|e| unavailable(format!("{} not writable: {e}", conf.data_dir.display())))?;
     let _ = std::fs::remove_file(&probe);
     let used = store.used().map_err(|e| unavailable(e.to_string()))?;
+    let mut nl = Netlink::open().map_err(|e| unavailable(e.to_string()))?;
+    if let Some(br) = nl
+        .link_by_name(&conf.bridge)
+        .map_err(|e| unavailable(e.to_string()))?
+    {
+        if !is_kind(&br, InfoKind::Bridge) {
+            return Err(unavailable(format!(
+                "{} exists and is not a bridge",
+                conf.bridge
+            )));
+        }
+    }
     for r in &net.ranges {
         if r.next_free(None, &used).is_none() {
             return Err(unavailable(format!("range {} is exhausted", r.subnet)));

@@ -269,7 +269,9 @@ pub fn main() -> i32 {
         command = ?env.command,
         container = %env.container_id,
         ifname = %env.ifname,
-        network = %conf.name
+        network = %conf.name,
+        pod_namespace = env.args.get("K8S_POD_NAMESPACE").map(String::as_str).unwrap_or(""),
+        pod_name = env.args.get("K8S_POD_NAME").map(String::as_str).unwrap_or("")
     );
     let _g = span.enter();
     let r = match env.command {

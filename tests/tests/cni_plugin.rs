@@ -298,6 +298,12 @@ fn add_failure_undoes_everything() {
         &net.with(json!({"bridge": "brx"})),
     );
     assert_eq!(o.code(), 7, "{o:?}");
+    let st = exec(
+        node,
+        &Call::plain("STATUS"),
+        &net.with(json!({"bridge": "brx"})),
+    );
+    assert_eq!(st.code(), 50, "STATUS with an unusable bridge: {st:?}");
     assert!(net.allocated().is_empty());
     assert!(host_veths(node).is_empty());
     assert!(!pod2.ip(&["link"]).unwrap().contains("eth0"));

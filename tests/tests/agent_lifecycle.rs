@@ -352,11 +352,10 @@ fn crash_loop_backoff_doubles_and_oom_kill_is_reported() {
     );
     env.start();
     // Collect the start times of 4 attempts.
-    let starts = env.wait_for("4 restarts", Duration::from_secs(90), |e| {
+    env.wait_for("4 restarts", Duration::from_secs(90), |e| {
         let s = e.container_status("crash", "c")?;
         (s["restartCount"].as_i64()? >= 4).then_some(())
     });
-    let _ = starts;
     let s = env.container_status("crash", "c").unwrap();
     let last = &s["lastState"]["terminated"];
     assert_eq!(last["exitCode"], 3, "{s}");

@@ -1,0 +1,131 @@
+//! Agent root tests: agent restart re-adopts running pods (no restart, no duplicate; status
+//! rebuilt; pods deleted meanwhile are cleaned up), and manifest updates/deletes.
+#![cfg(feature = "root")]
+
+use hako_tests::agent::AgentEnv;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+fn alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn agent_restart_adopts_running_pods() {
+    let mut env = AgentEnv::new("aadopt");
+    let img = env.image("sleep");
+    let pod = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: \"{img}\"\n    readinessProbe: {{exec: {{command: [\"true\"]}}, periodSeconds: 1}}\n"
+        )
+    };
+    env.write_manifest("keep.yaml", &pod("keep"));
+    env.write_manifest("gone.yaml", &pod("gone"));
+    env.start();
+    env.wait_running("keep", T);
+    env.wait_running("gone", T);
+    let before = env.container_status("keep", "c").unwrap();
+    let pid = env.container_pid("keep", "c").unwrap();
+    let gone_pid = env.container_pid("gone", "c").unwrap();
+    let shims_before = env.shim_containers().len();
+    assert_eq!(shims_before, 2);
+    env.stop();
+    // Pods outlive the agent.
+    assert!(alive(pid) && alive(gone_pid));
+    // While the agent is down: one manifest goes away, and the other's record is lost.
+    env.remove_manifest("gone.yaml");
+    let uid = before["containerID"].as_str().unwrap().to_string();
+    let keep_uid = env.record("keep").unwrap()["pod"]["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::remove_file(env.root.join("pods").join(&keep_uid).join("status.json")).unwrap();
+    env.start();
+    let rec = env.wait_running("keep", T);
+    let after = env.container_status("keep", "c").unwrap();
+    assert_eq!(after["containerID"].as_str().unwrap(), uid, "{after}");
+    assert_eq!(after["restartCount"], 0);
+    assert_eq!(after["ready"], true);
+    assert_eq!(env.container_pid("keep", "c"), Some(pid));
+    assert!(alive(pid));
+    assert!(rec["pod"]["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .starts_with("10.88.0."));
+    // The pod deleted while the agent was down is stopped and removed.
+    env.wait_for("orphan removed", T, |e| {
+        (e.record("gone").is_none() && e.shim_containers().len() == 1).then_some(())
+    });
+    assert!(!alive(gone_pid));
+    // The adopted container's exit is still noticed: kill it, it is restarted.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    env.wait_for("restart after kill", T, |e| {
+        let s = e.container_status("keep", "c")?;
+        (s["restartCount"] == 1 && s["state"]["running"].is_object()).then_some(())
+    });
+    let s = env.container_status("keep", "c").unwrap();
+    assert_eq!(s["lastState"]["terminated"]["exitCode"], 137, "{s}");
+}
+
+#[test]
+fn manifest_update_restarts_the_pod_and_delete_terminates_it() {
+    let mut env = AgentEnv::new("aupd");
+    let img = env.image("sleep");
+    let pod = |v: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: app}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: \"{img}\"\n    env: [{{name: VERSION, value: \"{v}\"}}]\n"
+        )
+    };
+    env.write_manifest("app.yaml", &pod("1"));
+    env.start();
+    let r1 = env.wait_running("app", T);
+    let uid1 = r1["pod"]["metadata"]["uid"].as_str().unwrap().to_string();
+    let pid1 = env.container_pid("app", "c").unwrap();
+    env.write_manifest("app.yaml", &pod("2"));
+    let r2 = env.wait_for("new pod version", T, |e| {
+        let r = e.record("app")?;
+        let running = r["pod"]["status"]["phase"] == "Running";
+        (r["pod"]["metadata"]["uid"] != uid1.as_str() && running && e.records().len() == 1)
+            .then_some(r)
+    });
+    let _ = r2;
+    assert!(!alive(pid1), "old container still running");
+    let out = env.cli(&["exec", "app-node1", "--", "sh", "-c", "echo $VERSION"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2\n", "{out:?}");
+    assert_eq!(
+        env.shim_containers().len(),
+        1,
+        "{:?}",
+        env.shim_containers()
+    );
+    // Delete: graceful termination, then nothing left of the pod on the node.
+    let pid2 = env.container_pid("app", "c").unwrap();
+    env.remove_manifest("app.yaml");
+    env.wait_for("pod removed", T, |e| e.records().is_empty().then_some(()));
+    assert!(!alive(pid2));
+    assert!(
+        env.shim_containers().is_empty(),
+        "{:?}",
+        env.shim_containers()
+    );
+    let sandboxes: Vec<_> = std::fs::read_dir(env.run.join("sandboxes"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(sandboxes.is_empty(), "{sandboxes:?}");
+    let cache: Vec<_> = std::fs::read_dir(env.root.join("cni").join("results"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(cache.is_empty(), "CNI results left: {cache:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&env.run.display().to_string()),
+        "namespace mounts left"
+    );
+    let log = env.agent_log();
+    assert!(log.contains("changed: uid"), "{log}");
+}

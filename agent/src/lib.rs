@@ -23,3 +23,5 @@ pub mod state;
 pub mod status;
 pub mod worker;
 pub mod volumes;
+pub mod services;
+pub mod server;

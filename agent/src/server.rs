@@ -1,0 +1,445 @@
+//! The agent's health and metrics server (the kubelet's 127.0.0.1:10248): `GET /healthz` is
+//! `ok` (200) while the sync loop is alive — it called [`AgentMetrics::heartbeat`] within the
+//! staleness window — and 503 otherwise; `GET /metrics` is the Prometheus text exposition of
+//! [`AgentMetrics`]. A small std-only HTTP/1.1 server on one thread (requests are tiny and rare;
+//! no async runtime or HTTP library is pulled into the binary for it).
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, warn};
+
+/// Default address, like the kubelet's healthz port.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:10248";
+
+/// Histogram buckets (seconds) for sync durations.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; 12],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+
+    fn render(&self, o: &mut String, name: &str, help: &str) {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(o, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
+        }
+        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(o, "{name}_sum {}", self.sum);
+        let _ = writeln!(o, "{name}_count {}", self.count);
+    }
+}
+
+/// Agent metrics, shared (`Arc`) between the pod workers, the service loop and the server.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    started: Instant,
+    last_heartbeat_ms: AtomicU64,
+    /// Pods whose phase is Running.
+    pub pods_running: AtomicU64,
+    /// Containers currently running.
+    pub containers_running: AtomicU64,
+    /// Containers started (including restarts).
+    pub containers_started: AtomicU64,
+    /// CNI ADD/DEL/CHECK failures.
+    pub cni_errors: AtomicU64,
+    /// hako-shim (runtime) failures.
+    pub shim_errors: AtomicU64,
+    /// Image pull failures.
+    pub image_pull_errors: AtomicU64,
+    /// Service rule sync failures.
+    pub proxy_sync_errors: AtomicU64,
+    pod_sync: Mutex<Histogram>,
+    proxy_sync: Mutex<Histogram>,
+    pod_start: Mutex<Histogram>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            last_heartbeat_ms: AtomicU64::new(u64::MAX),
+            pods_running: AtomicU64::new(0),
+            containers_running: AtomicU64::new(0),
+            containers_started: AtomicU64::new(0),
+            cni_errors: AtomicU64::new(0),
+            shim_errors: AtomicU64::new(0),
+            image_pull_errors: AtomicU64::new(0),
+            proxy_sync_errors: AtomicU64::new(0),
+            pod_sync: Mutex::default(),
+            proxy_sync: Mutex::default(),
+            pod_start: Mutex::default(),
+        }
+    }
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl AgentMetrics {
+    /// A new set, shared.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The sync loop is alive (call once per loop iteration).
+    pub fn heartbeat(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.last_heartbeat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last heartbeat (None before the first).
+    pub fn since_heartbeat(&self) -> Option<Duration> {
+        let last = self.last_heartbeat_ms.load(Ordering::Relaxed);
+        (last != u64::MAX).then(|| {
+            self.started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last))
+        })
+    }
+
+    /// Healthy when the loop beat within `max_age`.
+    pub fn healthy(&self, max_age: Duration) -> bool {
+        self.since_heartbeat().is_some_and(|d| d <= max_age)
+    }
+
+    /// One pod sync (worker iteration) took `d`.
+    pub fn observe_pod_sync(&self, d: Duration) {
+        if let Ok(mut h) = self.pod_sync.lock() {
+            h.observe(d.as_secs_f64());
+        }
+    }
+
+    /// One service rules sync took `d`.
+    pub fn observe_proxy_sync(&self, d: Duration) {
+        if let Ok(mut h) = self.proxy_sync.lock() {
+            h.observe(d.as_secs_f64());
+        }
+    }
+
+    /// A pod went from first seen to all containers running in `d` (the kubelet's pod start SLI).
+    pub fn observe_pod_start(&self, d: Duration) {
+        if let Ok(mut h) = self.pod_start.lock() {
+            h.observe(d.as_secs_f64());
+        }
+    }
+
+    /// A container was started.
+    pub fn container_started(&self) {
+        inc(&self.containers_started);
+    }
+    /// A CNI operation failed.
+    pub fn cni_error(&self) {
+        inc(&self.cni_errors);
+    }
+    /// A runtime (shim) operation failed.
+    pub fn shim_error(&self) {
+        inc(&self.shim_errors);
+    }
+    /// An image pull failed.
+    pub fn image_pull_error(&self) {
+        inc(&self.image_pull_errors);
+    }
+    /// A service rules sync failed.
+    pub fn proxy_sync_error(&self) {
+        inc(&self.proxy_sync_errors);
+    }
+
+    /// Prometheus text exposition (names follow the kubelet's where one exists).
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let g = |o: &mut String, name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        let ld = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        g(
+            &mut o,
+            "kubelet_running_pods",
+            "gauge",
+            "Number of pods that have a running pod sandbox",
+            ld(&self.pods_running),
+        );
+        g(
+            &mut o,
+            "kubelet_running_containers",
+            "gauge",
+            "Number of containers currently running",
+            ld(&self.containers_running),
+        );
+        g(
+            &mut o,
+            "hako_agent_containers_started_total",
+            "counter",
+            "Containers started, restarts included",
+            ld(&self.containers_started),
+        );
+        g(
+            &mut o,
+            "hako_agent_cni_errors_total",
+            "counter",
+            "Failed CNI operations",
+            ld(&self.cni_errors),
+        );
+        g(
+            &mut o,
+            "hako_agent_runtime_errors_total",
+            "counter",
+            "Failed container runtime (hako-shim) operations",
+            ld(&self.shim_errors),
+        );
+        g(
+            &mut o,
+            "hako_agent_image_pull_errors_total",
+            "counter",
+            "Failed image pulls",
+            ld(&self.image_pull_errors),
+        );
+        g(
+            &mut o,
+            "hako_agent_proxy_sync_errors_total",
+            "counter",
+            "Failed service rule syncs",
+            ld(&self.proxy_sync_errors),
+        );
+        let hb = self.since_heartbeat().map_or(-1.0, |d| d.as_secs_f64());
+        let _ = writeln!(o, "# HELP hako_agent_sync_loop_last_heartbeat_age_seconds Seconds since the sync loop last ran (-1: never)\n# TYPE hako_agent_sync_loop_last_heartbeat_age_seconds gauge\nhako_agent_sync_loop_last_heartbeat_age_seconds {hb}");
+        if let Ok(h) = self.pod_sync.lock() {
+            h.render(
+                &mut o,
+                "kubelet_pod_worker_duration_seconds",
+                "Duration in seconds to sync a single pod",
+            );
+        }
+        if let Ok(h) = self.pod_start.lock() {
+            h.render(
+                &mut o,
+                "kubelet_pod_start_duration_seconds",
+                "Duration in seconds from the agent seeing a pod to all its containers running",
+            );
+        }
+        if let Ok(h) = self.proxy_sync.lock() {
+            h.render(
+                &mut o,
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "Service rules sync latency in seconds",
+            );
+        }
+        o
+    }
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// The bound address (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop.
+        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The response for one request path: (status, content type, body).
+pub fn respond(
+    metrics: &AgentMetrics,
+    max_age: Duration,
+    method: &str,
+    path: &str,
+) -> (u16, &'static str, String) {
+    let path = path.split('?').next().unwrap_or("/");
+    if method != "GET" && method != "HEAD" {
+        return (
+            405,
+            "text/plain; charset=utf-8",
+            "method not allowed\n".into(),
+        );
+    }
+    match path {
+        "/healthz" => {
+            if metrics.healthy(max_age) {
+                (200, "text/plain; charset=utf-8", "ok".into())
+            } else {
+                let age = metrics
+                    .since_heartbeat()
+                    .map_or("never ran".to_string(), |d| {
+                        format!("last ran {:.1}s ago", d.as_secs_f64())
+                    });
+                (
+                    503,
+                    "text/plain; charset=utf-8",
+                    format!("sync loop is not running: {age}\n"),
+                )
+            }
+        }
+        "/metrics" => (
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
+        _ => (
+            404,
+            "text/plain; charset=utf-8",
+            "404 page not found\n".into(),
+        ),
+    }
+}
+
+/// Binds `addr` and serves `/healthz` and `/metrics` on a thread until the [`Server`] is
+/// dropped. `max_age`: the healthz staleness window for the sync loop heartbeat.
+pub fn start(
+    addr: SocketAddr,
+    metrics: Arc<AgentMetrics>,
+    max_age: Duration,
+) -> std::io::Result<Server> {
+    let listener = TcpListener::bind(addr)?;
+    let addr = listener.local_addr()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::Builder::new().name("healthz".into()).spawn(move || {
+        for conn in listener.incoming() {
+            if stop2.load(Ordering::Relaxed) {
+                break;
+            }
+            let Ok(mut s) = conn else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+            let Ok(clone) = s.try_clone() else { continue };
+            let mut r = BufReader::new(clone);
+            let mut line = String::new();
+            if r.read_line(&mut line).is_err() || line.is_empty() {
+                continue;
+            }
+            let mut h = String::new();
+            while r.read_line(&mut h).is_ok_and(|n| n > 2) {
+                h.clear();
+            }
+            let mut parts = line.split_whitespace();
+            let method = parts.next().unwrap_or("");
+            let path = parts.next().unwrap_or("/");
+            let (code, ctype, body) = respond(&metrics, max_age, method, path);
+            debug!(method, path, code, "healthz request");
+            let reason = match code {
+                200 => "OK",
+                404 => "Not Found",
+                405 => "Method Not Allowed",
+                _ => "Service Unavailable",
+            };
+            let body = if method == "HEAD" { "" } else { body.as_str() };
+            if let Err(e) = write!(
+                s,
+                "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ) {
+                warn!(error = %e, "writing HTTP response");
+            }
+        }
+    })?;
+    Ok(Server {
+        addr,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn healthz_follows_heartbeat_and_metrics_render() {
+        let m = AgentMetrics::new();
+        let srv = start(
+            "127.0.0.1:0".parse().unwrap(),
+            m.clone(),
+            Duration::from_millis(300),
+        )
+        .unwrap();
+        let r = get(srv.addr(), "/healthz");
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert!(r.contains("never ran"));
+        m.heartbeat();
+        let r = get(srv.addr(), "/healthz");
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.ends_with("\r\n\r\nok"),
+            "{r}"
+        );
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(get(srv.addr(), "/healthz").starts_with("HTTP/1.1 503"));
+        m.container_started();
+        m.container_started();
+        m.cni_error();
+        m.pods_running.store(3, Ordering::Relaxed);
+        m.observe_pod_sync(Duration::from_millis(20));
+        let r = get(srv.addr(), "/metrics");
+        assert!(r.starts_with("HTTP/1.1 200"));
+        assert!(r.contains("\nkubelet_running_pods 3\n"), "{r}");
+        assert!(r.contains("\nhako_agent_containers_started_total 2\n"));
+        assert!(r.contains("\nhako_agent_cni_errors_total 1\n"));
+        assert!(r.contains("kubelet_pod_worker_duration_seconds_bucket{le=\"0.025\"} 1\n"));
+        assert!(r.contains("kubelet_pod_worker_duration_seconds_bucket{le=\"0.01\"} 0\n"));
+        assert!(r.contains("kubelet_pod_worker_duration_seconds_count 1\n"));
+        assert!(get(srv.addr(), "/nope").starts_with("HTTP/1.1 404"));
+        let addr = srv.addr();
+        drop(srv);
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "server stopped on drop"
+        );
+    }
+
+    #[test]
+    fn methods() {
+        let m = AgentMetrics::default();
+        assert_eq!(
+            respond(&m, Duration::from_secs(1), "POST", "/healthz").0,
+            405
+        );
+        assert_eq!(
+            respond(&m, Duration::from_secs(1), "GET", "/metrics?x=1").0,
+            200
+        );
+    }
+}

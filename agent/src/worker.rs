@@ -114,6 +114,7 @@ type ObjMap<T> = BTreeMap<(String, String), T>;
 struct Objects {
     config_maps: ObjMap<ConfigMap>,
     secrets: ObjMap<Secret>,
+    generation: u64,
 }
 
 enum Msg {
@@ -178,16 +179,21 @@ impl PodManager {
     /// within a tokio runtime.
     pub fn sync(self: &Arc<Self>, desired: DesiredState) {
         if let Ok(mut o) = self.objects.write() {
-            o.config_maps = desired
+            let cms: ObjMap<ConfigMap> = desired
                 .config_maps
                 .into_iter()
                 .map(|c| (key_of(&c.metadata), c))
                 .collect();
-            o.secrets = desired
+            let secrets: ObjMap<Secret> = desired
                 .secrets
                 .into_iter()
                 .map(|s| (key_of(&s.metadata), s))
                 .collect();
+            if cms != o.config_maps || secrets != o.secrets {
+                o.config_maps = cms;
+                o.secrets = secrets;
+                o.generation += 1;
+            }
         }
         let want: BTreeMap<String, Pod> = desired
             .pods
@@ -320,6 +326,8 @@ struct Worker {
     exit_rx: Option<mpsc::UnboundedReceiver<String>>,
     deleting: bool,
     clamp_logged: bool,
+    volumes: Option<crate::volumes::PodVolumes>,
+    volumes_generation: u64,
 }
 
 fn blocking<T: Send + 'static>(
@@ -412,6 +420,8 @@ impl Worker {
             exit_rx: Some(exit_rx),
             deleting: false,
             clamp_logged: false,
+            volumes: None,
+            volumes_generation: 0,
         }
     }
 
@@ -778,6 +788,9 @@ impl Worker {
                 self.kill_pod().await;
                 return true;
             }
+            return false;
+        }
+        if !self.ensure_volumes().await {
             return false;
         }
         self.cni_check().await;
@@ -1358,12 +1371,19 @@ impl Worker {
             runtime::bind(&pod_dir.join("hostname"), "/etc/hostname", false),
         ];
         mounts.push(runtime::bind(&term_log, &term_path, false));
-        if c.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
-            self.event(
-                "Warning",
-                "FailedMount",
-                &format!("container {name}: volumes are not supported by this agent build"),
-            );
+        if let Some(vols) = &self.volumes {
+            match crate::volumes::mounts_for_container(vols, &c) {
+                Ok(ms) => mounts.extend(ms.into_iter().map(|m| hako_shim::spec::Mount {
+                    options: m.oci_options(),
+                    destination: m.destination,
+                    source: m.source.display().to_string(),
+                    kind: None,
+                })),
+                Err(e) => {
+                    self.config_error(name, e.to_string());
+                    return false;
+                }
+            }
         }
         let spec = self.pod.spec.clone().unwrap_or_default();
         let wanted = qos::container_oom_score_adj(&spec, &c, self.cfg.memory_capacity);
@@ -1629,6 +1649,80 @@ impl Worker {
     }
 
     /// Graceful termination, then removal of everything the pod had on the node.
+    fn volume_objects(&self) -> (crate::volumes::MapObjects, u64) {
+        let o = self.objects.read();
+        match o.as_deref() {
+            Ok(o) => (
+                crate::volumes::MapObjects {
+                    config_maps: o.config_maps.clone(),
+                    secrets: o.secrets.clone(),
+                },
+                o.generation,
+            ),
+            Err(_) => (Default::default(), 0),
+        }
+    }
+
+    /// Sets up the pod's volumes once (idempotent, also after an agent restart), and refreshes
+    /// configMap/secret/downwardAPI/projected contents when the objects changed. False while a
+    /// volume cannot be set up (FailedMount).
+    async fn ensure_volumes(&mut self) -> bool {
+        let has = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.as_ref())
+            .is_some_and(|v| !v.is_empty());
+        if !has {
+            return true;
+        }
+        let (generation, objects) = {
+            let (objects, g) = self.volume_objects();
+            (g, objects)
+        };
+        if self.volumes.is_some() && generation == self.volumes_generation {
+            return true;
+        }
+        let host = crate::volumes::VolumeHost::new(self.cfg.root_dir.clone());
+        let pod = self.pod.clone();
+        let pod_ips = self
+            .sandbox
+            .as_ref()
+            .map(|s| s.ips.clone())
+            .unwrap_or_default();
+        let host_ips: Vec<String> = self.cfg.host_ip.iter().cloned().collect();
+        let mem = self.cfg.memory_capacity.to_string();
+        let existing = self.volumes.clone();
+        let r = blocking(move || {
+            let mut ctx = crate::volumes::PodContext::new(&pod, &objects);
+            ctx.pod_ips = pod_ips;
+            ctx.host_ips = host_ips;
+            ctx.node_allocatable = BTreeMap::from([("memory".to_string(), mem)]);
+            match existing {
+                Some(v) => crate::volumes::refresh_pod_volumes(&host, &ctx, &v).map(|_| v),
+                None => crate::volumes::setup_pod_volumes(&host, &ctx),
+            }
+        })
+        .await;
+        match r {
+            Some(Ok(v)) => {
+                self.volumes = Some(v);
+                self.volumes_generation = generation;
+                true
+            }
+            Some(Err(e)) => {
+                self.event("Warning", "FailedMount", &e.to_string());
+                if self.volumes.is_some() {
+                    // Refresh failed: old contents stay; try again on the next change.
+                    self.volumes_generation = generation;
+                    return true;
+                }
+                false
+            }
+            None => false,
+        }
+    }
+
     async fn terminate_and_remove(&mut self) {
         self.kill_pod().await;
         if let Some(sb) = self.sandbox.as_ref() {
@@ -1652,6 +1746,11 @@ impl Worker {
         blocking(move || {
             for id in ids {
                 let _ = shim.force_delete(&id);
+            }
+            let host = crate::volumes::VolumeHost::new(root.clone());
+            if let Err(e) = crate::volumes::teardown_pod_volumes(&host, &uid) {
+                tracing::warn!(%uid, "volume teardown: {e}; keeping the pod directory");
+                return;
             }
             if let Some(cg) = pod_cg {
                 for ctrl in hako_shim::cgroup::V1_CONTROLLERS

@@ -393,3 +393,77 @@ fn crash_loop_backoff_doubles_and_oom_kill_is_reported() {
         (last["reason"] == "OOMKilled" && s["restartCount"].as_i64()? >= 1).then_some(())
     });
 }
+
+#[test]
+fn volumes_configmap_update_emptydir_secret_and_failed_mount() {
+    let mut env = AgentEnv::new("avol");
+    let img = env.image("sleep");
+    let cm = |v: &str| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: page}}\ndata: {{index.html: \"{v}\"}}\n")
+    };
+    env.write_manifest("cm.yaml", &cm("version one"));
+    env.write_manifest(
+        "vol.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata: {{name: token}}
+stringData: {{token: abc123}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: vol}}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes:
+  - {{name: page, configMap: {{name: page}}}}
+  - {{name: scratch, emptyDir: {{}}}}
+  - {{name: token, secret: {{secretName: token}}}}
+  initContainers:
+  - {{name: prep, image: "{img}", command: [sh, -c, "echo from-init > /scratch/note"], volumeMounts: [{{name: scratch, mountPath: /scratch}}]}}
+  containers:
+  - name: c
+    image: "{img}"
+    volumeMounts:
+    - {{name: page, mountPath: /page}}
+    - {{name: scratch, mountPath: /scratch}}
+    - {{name: token, mountPath: /token}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: nomount}}
+spec:
+  volumes: [{{name: x, configMap: {{name: absent}}}}]
+  containers: [{{name: c, image: "{img}", volumeMounts: [{{name: x, mountPath: /x}}]}}]
+"#
+        ),
+    );
+    env.start();
+    env.wait_running("vol", T);
+    let exec = |cmd: &str| {
+        let out = env.cli(&["exec", "vol-node1", "--", "sh", "-c", cmd]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(exec("cat /page/index.html"), "version one");
+    assert_eq!(exec("cat /scratch/note"), "from-init\n");
+    assert_eq!(exec("cat /token/token"), "abc123");
+    assert!(
+        exec("grep ' /token ' /proc/mounts").contains("tmpfs"),
+        "secret not on tmpfs"
+    );
+    // The ConfigMap changes: the running container sees the new content (..data swap).
+    env.write_manifest("cm.yaml", &cm("version two"));
+    env.wait_for("configmap update in the container", T, |_| {
+        (exec("cat /page/index.html") == "version two").then_some(())
+    });
+    let s = env.container_status("vol", "c").unwrap();
+    assert_eq!(s["restartCount"], 0);
+    // A missing ConfigMap: FailedMount, pod stays Pending.
+    env.wait_for("FailedMount", T, |e| {
+        e.events("nomount")
+            .iter()
+            .any(|(r, m)| r == "FailedMount" && m.contains("absent"))
+            .then_some(())
+    });
+    assert_eq!(env.phase("nomount").as_deref(), Some("Pending"));
+}

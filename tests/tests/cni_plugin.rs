@@ -124,7 +124,7 @@ fn validate_result(v: &str, r: &Value, netns: &str) {
         if old {
             assert_eq!(ip["version"], if a.contains(':') { "6" } else { "4" });
         }
-        let idx = ip["interface"].as_u64().unwrap() as usize;
+        let idx = usize::try_from(ip["interface"].as_u64().unwrap()).unwrap();
         assert_eq!(
             ifs[idx]["sandbox"], netns,
             "{v}: ip points at the container interface"
@@ -434,7 +434,7 @@ fn chains_with_reference_tuning_and_portmap() {
     // portmap consumed hako's prevResult: a DNAT to the pod address exists and works.
     let nat = node.sh("iptables-save -t nat").unwrap();
     assert!(nat.contains(&format!("{ip}:80")), "{nat}");
-    let _srv = pod
+    let mut srv = pod
         .spawn("busybox nc -l -p 80 -e echo hello-from-pod")
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -444,6 +444,8 @@ fn chains_with_reference_tuning_and_portmap() {
             "busybox nc -w 2 {node_ip} 18080 </dev/null || true"
         ))
         .unwrap();
+    let _ = srv.kill();
+    let _ = srv.wait();
     assert!(
         got.contains("hello-from-pod"),
         "port mapping did not reach the pod: {got:?}"

@@ -212,6 +212,164 @@ fn set_hairpin(nl: &mut Netlink, index: u32) -> Result<(), NlError> {
     nl.link_change("set hairpin", m)
 }
 
+/// The bridge as ADD found or made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BridgeLink {
+    /// Interface index.
+    pub index: u32,
+    /// MAC address.
+    pub mac: [u8; 6],
+    /// Made by this invocation.
+    pub created: bool,
+}
+
+/// The host side of a new veth pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostLink {
+    /// Interface index.
+    pub index: u32,
+    /// MAC address.
+    pub mac: [u8; 6],
+}
+
+/// The effects of ADD, one method per step (netlink in `LinkNet`, a recorder in tests).
+pub trait AttachNet {
+    /// Ensures the bridge with the gateway addresses, up.
+    fn ensure_bridge(&mut self, conf: &NetConf, net: &Network) -> Result<BridgeLink, CniError>;
+    /// Ensures the masquerade rules (forced when the bridge was just created).
+    fn ensure_masq(
+        &mut self,
+        conf: &NetConf,
+        net: &Network,
+        bridge_created: bool,
+    ) -> Result<(), CniError>;
+    /// Creates the veth pair `host` (on the bridge, up) / `ifname` (inside `ns`).
+    fn create_veth(
+        &mut self,
+        host: &str,
+        ifname: &str,
+        mtu: u32,
+        bridge: u32,
+        ns: &File,
+    ) -> Result<HostLink, CniError>;
+    /// Turns on hairpin mode on a bridge port.
+    fn set_hairpin(&mut self, index: u32) -> Result<(), CniError>;
+    /// Inside `ns`: addresses, link up, routes; returns the interface's MAC.
+    fn configure_container(
+        &mut self,
+        ns: &File,
+        ifname: &str,
+        addrs: &[IpNet],
+        routes: &[(IpNet, IpAddr)],
+    ) -> Result<[u8; 6], CniError>;
+    /// Deletes a host link by name (missing is fine).
+    fn delete_link(&mut self, name: &str) -> Result<(), CniError>;
+}
+
+/// `AttachNet` over rtnetlink and nft.
+pub struct LinkNet(pub Netlink);
+
+impl AttachNet for LinkNet {
+    fn ensure_bridge(&mut self, conf: &NetConf, net: &Network) -> Result<BridgeLink, CniError> {
+        let (br, created) = ensure_bridge(&mut self.0, conf, net)?;
+        Ok(BridgeLink {
+            index: br.header.index,
+            mac: netlink::link_mac(&br).unwrap_or_default(),
+            created,
+        })
+    }
+
+    fn ensure_masq(
+        &mut self,
+        conf: &NetConf,
+        net: &Network,
+        bridge_created: bool,
+    ) -> Result<(), CniError> {
+        crate::masq::ensure(conf, net, bridge_created)
+    }
+
+    fn create_veth(
+        &mut self,
+        host: &str,
+        ifname: &str,
+        mtu: u32,
+        bridge: u32,
+        ns: &File,
+    ) -> Result<HostLink, CniError> {
+        let nl = &mut self.0;
+        let mut peer = LinkMessage::default();
+        peer.attributes
+            .push(LinkAttribute::IfName(ifname.to_string()));
+        peer.attributes.push(LinkAttribute::Mtu(mtu));
+        peer.attributes.push(LinkAttribute::NetNsFd(ns.as_raw_fd()));
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(host.to_string()));
+        m.attributes.push(LinkAttribute::Mtu(mtu));
+        m.attributes.push(LinkAttribute::Controller(bridge));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+        ]));
+        m.header.flags = vec![LinkFlag::Up];
+        m.header.change_mask = vec![LinkFlag::Up];
+        match nl.link_add(&format!("add veth {host}"), m) {
+            Ok(()) => {}
+            Err(e) if e.is_exists() => {
+                return Err(CniError::new(
+                    codes::EXISTS,
+                    "attachment exists",
+                    format!("{host} on the host or {ifname} in the container already exists"),
+                ))
+            }
+            Err(e) => return Err(nl_err(e)),
+        }
+        let l = nl.link_by_name(host).map_err(nl_err)?.ok_or_else(|| {
+            CniError::new(codes::TRY_AGAIN, "host veth vanished", host.to_string())
+        })?;
+        Ok(HostLink {
+            index: l.header.index,
+            mac: netlink::link_mac(&l).unwrap_or_default(),
+        })
+    }
+
+    fn set_hairpin(&mut self, index: u32) -> Result<(), CniError> {
+        set_hairpin(&mut self.0, index).map_err(nl_err)
+    }
+
+    fn configure_container(
+        &mut self,
+        ns: &File,
+        ifname: &str,
+        addrs: &[IpNet],
+        routes: &[(IpNet, IpAddr)],
+    ) -> Result<[u8; 6], CniError> {
+        in_netns(ns, move || -> Result<[u8; 6], CniError> {
+            let mut nl = Netlink::open().map_err(nl_err)?;
+            let link = nl.link_by_name(ifname).map_err(nl_err)?.ok_or_else(|| {
+                CniError::new(
+                    codes::NETLINK,
+                    "container interface missing",
+                    ifname.to_string(),
+                )
+            })?;
+            let idx = link.header.index;
+            for a in addrs {
+                nl.addr_add(idx, *a).map_err(nl_err)?;
+            }
+            nl.link_up(idx).map_err(nl_err)?;
+            for (dst, gw) in routes {
+                nl.route_add(*dst, Some(*gw), idx, false, false)
+                    .map_err(nl_err)?;
+            }
+            Ok(netlink::link_mac(&link).unwrap_or_default())
+        })?
+    }
+
+    fn delete_link(&mut self, name: &str) -> Result<(), CniError> {
+        self.0.link_del_name(name).map_err(nl_err)
+    }
+}
+
 /// What ADD created, undone on failure.
 struct Undo<'a> {
     data_dir: &'a Path,
@@ -220,9 +378,9 @@ struct Undo<'a> {
 }
 
 impl Undo<'_> {
-    fn run(&self, nl: Option<&mut Netlink>) {
-        if let (Some(name), Some(nl)) = (&self.host_veth, nl) {
-            if let Err(e) = nl.link_del_name(name) {
+    fn run(&self, net: &mut dyn AttachNet) {
+        if let Some(name) = &self.host_veth {
+            if let Err(e) = net.delete_link(name) {
                 tracing::warn!("undo: deleting {name}: {e}");
             }
         }
@@ -246,6 +404,18 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
     let net = network(conf)?;
     let netns_path = env.netns.clone().unwrap_or_default();
     let ns = open_netns(&netns_path, codes::INVALID_ENV)?;
+    let mut links = LinkNet(Netlink::open().map_err(nl_err)?);
+    add_with(&mut links, env, conf, &net, &ns)
+}
+
+/// ADD over any `AttachNet`: reserve, attach, build the result; undo everything on failure.
+pub fn add_with(
+    links: &mut dyn AttachNet,
+    env: &Env,
+    conf: &NetConf,
+    net: &Network,
+    ns: &File,
+) -> Result<Value, CniError> {
     let prev = match &conf.prev_result {
         Some(p) => Some(CniResult::parse(p).map_err(|e| {
             CniError::new(codes::DECODE, "failed to decode prevResult", e.to_string())
@@ -284,21 +454,15 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
                 }
                 Err(e) => {
                     drop(store);
-                    undo.run(None);
+                    undo.run(links);
                     return Err(ipam_err(e));
                 }
             }
         }
         out
     };
-    let mut nl = match Netlink::open() {
-        Ok(n) => n,
-        Err(e) => {
-            undo.run(None);
-            return Err(nl_err(e));
-        }
-    };
-    match add_links(env, conf, &net, &ns, &netns_path, &ips, &mut nl, &mut undo) {
+    let netns_path = env.netns.clone().unwrap_or_default();
+    match attach(links, env, conf, net, ns, &netns_path, &ips, &mut undo) {
         Ok(mut result) => {
             if let Some(mut p) = prev {
                 let off = p.interfaces.len();
@@ -316,77 +480,26 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
             Ok(result.render(&conf.cni_version))
         }
         Err(e) => {
-            undo.run(Some(&mut nl));
+            undo.run(links);
             Err(e)
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn add_links(
-    env: &Env,
-    conf: &NetConf,
-    net: &Network,
-    ns: &File,
-    netns_path: &Path,
-    ips: &[(IpAddr, &Range)],
-    nl: &mut Netlink,
-    undo: &mut Undo<'_>,
-) -> Result<CniResult, CniError> {
-    let (br, created) = ensure_bridge(nl, conf, net)?;
-    if conf.ip_masq {
-        crate::masq::ensure(conf, net, created)?;
-    }
-    let host = host_veth_name(&env.container_id, &env.ifname);
-    let mut peer = LinkMessage::default();
-    peer.attributes
-        .push(LinkAttribute::IfName(env.ifname.clone()));
-    peer.attributes.push(LinkAttribute::Mtu(net.mtu));
-    peer.attributes.push(LinkAttribute::NetNsFd(ns.as_raw_fd()));
-    let mut m = LinkMessage::default();
-    m.attributes.push(LinkAttribute::IfName(host.clone()));
-    m.attributes.push(LinkAttribute::Mtu(net.mtu));
-    m.attributes
-        .push(LinkAttribute::Controller(br.header.index));
-    m.attributes.push(LinkAttribute::LinkInfo(vec![
-        LinkInfo::Kind(InfoKind::Veth),
-        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
-    ]));
-    m.header.flags = vec![LinkFlag::Up];
-    m.header.change_mask = vec![LinkFlag::Up];
-    match nl.link_add(&format!("add veth {host}"), m) {
-        Ok(()) => undo.host_veth = Some(host.clone()),
-        Err(e) if e.is_exists() => {
-            return Err(CniError::new(
-                codes::EXISTS,
-                "attachment exists",
-                format!(
-                    "{host} on the host or {} in {} already exists",
-                    env.ifname,
-                    netns_path.display()
-                ),
-            ))
-        }
-        Err(e) => return Err(nl_err(e)),
-    }
-    let host_link = nl
-        .link_by_name(&host)
-        .map_err(nl_err)?
-        .ok_or_else(|| CniError::new(codes::TRY_AGAIN, "host veth vanished", host.clone()))?;
-    if conf.hairpin_mode {
-        set_hairpin(nl, host_link.header.index).map_err(nl_err)?;
-    }
-    // Container side.
-    let ifname = env.ifname.clone();
-    let addrs: Vec<IpNet> = ips.iter().map(|(ip, r)| r.with_prefix(*ip)).collect();
-    let mut routes: Vec<(IpNet, IpAddr)> = Vec::new();
-    for (_, r) in ips {
+/// The container's routes: default route(s) via the gateway and configured extra routes.
+pub fn container_routes(conf: &NetConf, ranges: &[&Range]) -> Vec<(IpNet, IpAddr)> {
+    let mut routes = Vec::new();
+    for r in ranges {
         if conf.is_default_gateway {
-            let any: IpNet = if r.gateway.is_ipv4() {
-                "0.0.0.0/0".parse().unwrap_or(r.subnet)
-            } else {
-                "::/0".parse().unwrap_or(r.subnet)
-            };
+            let any = IpNet::new(
+                if r.gateway.is_ipv4() {
+                    IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                },
+                0,
+            )
+            .unwrap_or(r.subnet);
             routes.push((any, r.gateway));
         }
         for extra in &conf.routes {
@@ -395,39 +508,45 @@ fn add_links(
             }
         }
     }
-    let routes_in = routes.clone();
-    let addrs_in = addrs.clone();
-    let cmac = in_netns(ns, move || -> Result<[u8; 6], CniError> {
-        let mut nl = Netlink::open().map_err(nl_err)?;
-        let link = nl.link_by_name(&ifname).map_err(nl_err)?.ok_or_else(|| {
-            CniError::new(
-                codes::NETLINK,
-                "container interface missing",
-                ifname.clone(),
-            )
-        })?;
-        let idx = link.header.index;
-        for a in &addrs_in {
-            nl.addr_add(idx, *a).map_err(nl_err)?;
-        }
-        nl.link_up(idx).map_err(nl_err)?;
-        for (dst, gw) in &routes_in {
-            nl.route_add(*dst, Some(*gw), idx, false, false)
-                .map_err(nl_err)?;
-        }
-        Ok(netlink::link_mac(&link).unwrap_or_default())
-    })??;
+    routes
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attach(
+    links: &mut dyn AttachNet,
+    env: &Env,
+    conf: &NetConf,
+    net: &Network,
+    ns: &File,
+    netns_path: &Path,
+    ips: &[(IpAddr, &Range)],
+    undo: &mut Undo<'_>,
+) -> Result<CniResult, CniError> {
+    let br = links.ensure_bridge(conf, net)?;
+    if conf.ip_masq {
+        links.ensure_masq(conf, net, br.created)?;
+    }
+    let host = host_veth_name(&env.container_id, &env.ifname);
+    let host_link = links.create_veth(&host, &env.ifname, net.mtu, br.index, ns)?;
+    undo.host_veth = Some(host.clone());
+    if conf.hairpin_mode {
+        links.set_hairpin(host_link.index)?;
+    }
+    let addrs: Vec<IpNet> = ips.iter().map(|(ip, r)| r.with_prefix(*ip)).collect();
+    let ranges: Vec<&Range> = ips.iter().map(|(_, r)| *r).collect();
+    let routes = container_routes(conf, &ranges);
+    let cmac = links.configure_container(ns, &env.ifname, &addrs, &routes)?;
     let mut result = CniResult {
         interfaces: vec![
             Interface {
                 name: conf.bridge.clone(),
-                mac: fmt_mac(&netlink::link_mac(&br).unwrap_or_default()),
+                mac: fmt_mac(&br.mac),
                 mtu: None,
                 sandbox: None,
             },
             Interface {
                 name: host,
-                mac: fmt_mac(&netlink::link_mac(&host_link).unwrap_or_default()),
+                mac: fmt_mac(&host_link.mac),
                 mtu: Some(net.mtu),
                 sandbox: None,
             },
@@ -442,8 +561,7 @@ fn add_links(
         routes: vec![],
         dns: conf.dns.clone(),
     };
-    for ((ip, r), a) in ips.iter().zip(&addrs) {
-        debug_assert_eq!(*ip, a.addr());
+    for ((_, r), a) in ips.iter().zip(&addrs) {
         result.ips.push(IpConfig {
             address: *a,
             gateway: Some(r.gateway),
@@ -634,10 +752,17 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
 
 /// GC: releases allocations and removes host veths not in `cni.dev/valid-attachments`.
 pub fn gc(conf: &NetConf) -> Result<(), CniError> {
+    // Without the list every allocation would look stale: refuse rather than wipe.
     let valid: HashSet<Attachment> = conf
         .valid_attachments
         .clone()
-        .unwrap_or_default()
+        .ok_or_else(|| {
+            CniError::new(
+                codes::INVALID_CONFIG,
+                "invalid network configuration",
+                "GC needs cni.dev/valid-attachments",
+            )
+        })?
         .into_iter()
         .collect();
     let valid_hosts: HashSet<String> = valid
@@ -689,5 +814,149 @@ mod tests {
         assert!(a.starts_with("hako"));
         assert_ne!(a, host_veth_name("abc", "eth1"));
         assert_ne!(host_veth_name("ab", "ceth0"), host_veth_name("abc", "eth0"));
+    }
+
+    use crate::config::resolve;
+    use crate::skel::parse_env;
+    use std::collections::HashMap;
+
+    /// Records every step; fails the step named in `fail_at`.
+    #[derive(Default)]
+    struct Fake {
+        fail_at: Option<&'static str>,
+        steps: Vec<String>,
+        links: HashSet<String>,
+    }
+
+    impl Fake {
+        fn step(&mut self, s: &'static str) -> Result<(), CniError> {
+            self.steps.push(s.to_string());
+            if self.fail_at == Some(s) {
+                return Err(CniError::new(codes::NETLINK, "injected", s));
+            }
+            Ok(())
+        }
+    }
+
+    impl AttachNet for Fake {
+        fn ensure_bridge(&mut self, _: &NetConf, _: &Network) -> Result<BridgeLink, CniError> {
+            self.step("bridge")?;
+            Ok(BridgeLink {
+                index: 1,
+                mac: [2, 0, 0, 0, 0, 1],
+                created: true,
+            })
+        }
+        fn ensure_masq(&mut self, _: &NetConf, _: &Network, created: bool) -> Result<(), CniError> {
+            assert!(created);
+            self.step("masq")
+        }
+        fn create_veth(
+            &mut self,
+            host: &str,
+            _: &str,
+            mtu: u32,
+            bridge: u32,
+            _: &File,
+        ) -> Result<HostLink, CniError> {
+            assert_eq!((mtu, bridge), (1400, 1));
+            self.step("veth")?;
+            self.links.insert(host.to_string());
+            Ok(HostLink {
+                index: 5,
+                mac: [2, 0, 0, 0, 0, 5],
+            })
+        }
+        fn set_hairpin(&mut self, index: u32) -> Result<(), CniError> {
+            assert_eq!(index, 5);
+            self.step("hairpin")
+        }
+        fn configure_container(
+            &mut self,
+            _: &File,
+            _: &str,
+            addrs: &[IpNet],
+            routes: &[(IpNet, IpAddr)],
+        ) -> Result<[u8; 6], CniError> {
+            assert_eq!(addrs.len(), 2);
+            assert_eq!(routes.len(), 3, "two defaults and one extra route");
+            self.step("container")?;
+            Ok([2, 0, 0, 0, 0, 9])
+        }
+        fn delete_link(&mut self, name: &str) -> Result<(), CniError> {
+            self.steps.push("delete".into());
+            self.links.remove(name);
+            Ok(())
+        }
+    }
+
+    fn setup(dir: &Path) -> (Env, NetConf, Network) {
+        let conf = NetConf::parse(
+            format!(
+                r#"{{"cniVersion":"1.1.0","name":"n","mtu":1400,"dataDir":"{}","ipam":{{"ranges":[{{"subnet":"10.5.0.0/24"}},{{"subnet":"fd05::/64"}}],"routes":[{{"dst":"192.168.0.0/16"}}]}}}}"#,
+                dir.display()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let net = resolve(&conf, None).unwrap();
+        let m: HashMap<&str, &str> = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+        ]
+        .into_iter()
+        .collect();
+        let env = parse_env(|k| m.get(k).map(|v| v.to_string())).unwrap();
+        (env, conf, net)
+    }
+
+    #[test]
+    fn add_success_builds_the_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let (env, conf, net) = setup(dir.path());
+        let ns = File::open("/dev/null").unwrap();
+        let mut f = Fake::default();
+        let r = add_with(&mut f, &env, &conf, &net, &ns).unwrap();
+        assert_eq!(f.steps, ["bridge", "masq", "veth", "hairpin", "container"]);
+        assert_eq!(r["ips"][0]["address"], "10.5.0.2/24");
+        assert_eq!(r["ips"][1]["address"], "fd05::2/64");
+        assert_eq!(r["interfaces"][2]["mac"], "02:00:00:00:00:09");
+        assert_eq!(r["interfaces"][2]["sandbox"], "/run/netns/x");
+        assert_eq!(r["routes"].as_array().unwrap().len(), 3);
+        // A second ADD of the same attachment is refused and changes nothing.
+        let mut g = Fake::default();
+        let e = add_with(&mut g, &env, &conf, &net, &ns).unwrap_err();
+        assert_eq!(e.code, codes::EXISTS);
+        assert!(g.steps.is_empty());
+        assert_eq!(Store::open(dir.path()).unwrap().used().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn add_failure_at_every_step_undoes_everything() {
+        for step in ["bridge", "masq", "veth", "hairpin", "container"] {
+            let dir = tempfile::tempdir().unwrap();
+            let (env, conf, net) = setup(dir.path());
+            let ns = File::open("/dev/null").unwrap();
+            let mut f = Fake {
+                fail_at: Some(step),
+                ..Default::default()
+            };
+            let e = add_with(&mut f, &env, &conf, &net, &ns).unwrap_err();
+            assert_eq!(e.details, step);
+            assert!(f.links.is_empty(), "{step}: veth left behind");
+            let veth_made = matches!(step, "hairpin" | "container");
+            assert_eq!(
+                f.steps.last().map(String::as_str) == Some("delete"),
+                veth_made,
+                "{step}: {:?}",
+                f.steps
+            );
+            assert!(
+                Store::open(dir.path()).unwrap().used().unwrap().is_empty(),
+                "{step}: reservation left behind"
+            );
+        }
     }
 }

@@ -373,6 +373,9 @@ fn fifty_concurrent_adds_get_distinct_addresses_and_gc_collects() {
     assert!(!ips.contains("10.34.0.1"), "gateway handed out");
     assert_eq!(net.allocated().len(), 50);
     assert_eq!(host_veths(node).len(), 50);
+    // GC without the list refuses instead of releasing everything.
+    assert_eq!(exec(node, &Call::plain("GC"), &net.conf).code(), 7);
+    assert_eq!(net.allocated().len(), 50);
     // GC keeping the first 25.
     let valid: Vec<Value> = (0..25)
         .map(|i| json!({"containerID": format!("conc-{i}"), "ifname": "eth0"}))

@@ -475,3 +475,35 @@ fn chains_with_reference_tuning_and_portmap() {
     assert!(net.allocated().is_empty());
     assert!(host_veths(node).is_empty());
 }
+
+#[test]
+fn masquerade_lets_pods_reach_outside_the_cluster() {
+    hako_tests::require_root();
+    // Node 1 is "outside": it has no route back to the pod network.
+    let topo = Topology::new(2, 1500).unwrap();
+    let node = &topo.nodes[0].ns;
+    let outside = topo.nodes[1].ip.to_string();
+    let masq = TestNet::new(json!([{"subnet": "10.36.0.0/24"}]));
+    let pod = NetNs::new("pod").unwrap();
+    exec(node, &Call::attach("ADD", "masq", &pod), &masq.conf).result();
+    assert!(
+        ping(&pod, &outside),
+        "masqueraded pod cannot reach {outside}"
+    );
+    assert!(exec(node, &Call::attach("DEL", "masq", &pod), &masq.conf).ok);
+    // The same without masquerade on another bridge: replies have no way back.
+    let plain = TestNet::new(json!([{"subnet": "10.37.0.0/24"}]));
+    let conf = plain.with(json!({"ipMasq": false, "bridge": "hako1"}));
+    let pod2 = NetNs::new("pod").unwrap();
+    exec(node, &Call::attach("ADD", "plain", &pod2), &conf).result();
+    assert!(
+        !ping(&pod2, &outside),
+        "reached {outside} without masquerade"
+    );
+    let nft = node.sh("nft list tables").unwrap();
+    assert!(
+        nft.contains("hako_cni_hako0") && !nft.contains("hako_cni_hako1"),
+        "{nft}"
+    );
+    assert!(exec(node, &Call::attach("DEL", "plain", &pod2), &conf).ok);
+}

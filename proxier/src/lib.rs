@@ -4,6 +4,8 @@
 pub mod config;
 pub mod conntrack;
 pub mod iptables;
+pub mod ipvs;
+pub mod kube;
 pub mod metrics;
 pub mod model;
 pub mod proxier;

@@ -16,6 +16,7 @@ use tracing::{error, info};
 enum Mode {
     Iptables,
     Nftables,
+    Ipvs,
 }
 
 /// hako service proxier: Services and EndpointSlices as kube-proxy-compatible rules
@@ -25,7 +26,7 @@ struct Cli {
     /// Directory of YAML files with Services and EndpointSlices (re-read on change).
     #[arg(long)]
     config_dir: Option<PathBuf>,
-    /// kubeconfig for API watchers (not available in this build; use --config-dir).
+    /// kubeconfig for API watchers of Services and EndpointSlices.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// Dataplane.
@@ -58,6 +59,15 @@ struct Cli {
     /// Healthz address.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: SocketAddr,
+    /// IPVS scheduler (ipvs mode): rr, wrr, lc or sh.
+    #[arg(long, default_value = "rr")]
+    ipvs_scheduler: String,
+    /// Dummy device holding the service addresses (ipvs mode).
+    #[arg(long, default_value = hako_proxier::ipvs::DEFAULT_DEVICE)]
+    ipvs_device: String,
+    /// Longest time a removed real server keeps draining at weight 0 (ipvs mode).
+    #[arg(long, default_value = "15m", value_parser = parse_dur)]
+    ipvs_drain_timeout: Duration,
     /// Sync once and exit.
     #[arg(long)]
     once: bool,
@@ -107,11 +117,10 @@ fn main() -> anyhow::Result<()> {
     if matches!(cli.proxy_mode, Mode::Nftables) {
         bail!("--proxy-mode nftables is not available in this build; use iptables");
     }
-    let Some(dir) = cli.config_dir.clone() else {
-        if cli.kubeconfig.is_some() {
-            bail!("--kubeconfig watchers are not available in this build; use --config-dir");
-        }
-        bail!("--config-dir is required");
+    let dir = match (&cli.config_dir, &cli.kubeconfig) {
+        (Some(_), Some(_)) => bail!("--config-dir and --kubeconfig exclude each other"),
+        (None, None) => bail!("--config-dir DIR or --kubeconfig FILE is required"),
+        (d, _) => d.clone(),
     };
     let render = RenderOpts {
         cluster_cidr: cli.cluster_cidr.clone(),
@@ -122,8 +131,22 @@ fn main() -> anyhow::Result<()> {
         hostname: cli.hostname_override.clone().unwrap_or_else(hostname),
         render: render.clone(),
     };
-    let backend = IptablesBackend::new(RealIptables::with_variant(&cli.iptables_variant), render);
-    let mut proxier = Proxier::new(Box::new(backend), opts)
+    let backend: Box<dyn hako_proxier::Backend> = if matches!(cli.proxy_mode, Mode::Ipvs) {
+        let o = hako_proxier::ipvs::IpvsOpts {
+            scheduler: cli.ipvs_scheduler.clone(),
+            device: cli.ipvs_device.clone(),
+            drain_bound: cli.ipvs_drain_timeout,
+            render: render.clone(),
+            iptables_variant: cli.iptables_variant.clone(),
+        };
+        Box::new(hako_proxier::ipvs::IpvsBackend::new(o).context("starting IPVS mode")?)
+    } else {
+        Box::new(IptablesBackend::new(
+            RealIptables::with_variant(&cli.iptables_variant),
+            render,
+        ))
+    };
+    let mut proxier = Proxier::new(backend, opts)
         .with_conntrack(Box::new(hako_proxier::conntrack::NetlinkConntrack));
     proxier.full_period = cli.sync_period;
 
@@ -160,20 +183,46 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", cli.healthz_bind_address))?;
     }
 
+    let kube_rx = match &cli.kubeconfig {
+        Some(kc) => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            hako_proxier::kube::spawn_watchers(kc, tx)?;
+            Some(rx)
+        }
+        None => None,
+    };
+    let mut mapper = hako_proxier::kube::Mapper::default();
+
     let mut fp = None;
     let mut backoff = cli.min_sync_period;
     loop {
-        let now_fp = config::fingerprint(&dir);
-        if fp.as_ref() != Some(&now_fp) {
+        if let Some(rx) = &kube_rx {
+            // Take events until the next sync is due; sync only once both kinds are listed.
+            let until = Instant::now() + backoff;
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                match rx.recv_timeout(left) {
+                    Ok(ev) => mapper.handle(ev, &mut proxier),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        bail!("the API watchers stopped")
+                    }
+                }
+            }
+            if !mapper.ready() {
+                continue;
+            }
+        }
+        let now_fp = dir.as_ref().map(|d| config::fingerprint(d));
+        if let (Some(dir), true) = (&dir, fp != now_fp) {
             let objs =
-                config::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+                config::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
             info!(
                 services = objs.services.len(),
                 slices = objs.slices.len(),
                 "config read"
             );
             proxier.replace_all(objs.services, objs.slices);
-            fp = Some(now_fp);
+            fp = now_fp;
         }
         let t = Instant::now();
         match proxier.sync() {
@@ -202,6 +251,8 @@ fn main() -> anyhow::Result<()> {
         if cli.once {
             return Ok(());
         }
-        std::thread::sleep(backoff);
+        if kube_rx.is_none() {
+            std::thread::sleep(backoff);
+        }
     }
 }

@@ -45,6 +45,11 @@ pub trait Backend: Send {
     ) -> Result<SyncStats, SyncError>;
     /// Whether the kernel state was lost (canary gone) and a full sync is due.
     fn needs_full(&mut self) -> bool;
+    /// Whether the backend has work of its own due even when nothing changed (IPVS real
+    /// servers draining): the next sync then calls `apply` with an empty change set.
+    fn has_pending_work(&self) -> bool {
+        false
+    }
 }
 
 /// Sync failures.
@@ -430,7 +435,7 @@ impl Proxier {
             .last_full
             .is_none_or(|t| t.elapsed() >= self.full_period);
         let full = self.need_full || periodic || self.backend.needs_full();
-        if !full && changed.is_empty() {
+        if !full && changed.is_empty() && !self.backend.has_pending_work() {
             debug!("nothing changed");
             return Ok(SyncStats::default());
         }

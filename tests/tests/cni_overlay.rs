@@ -39,7 +39,7 @@ fn pods_on_two_nodes_talk_over_vxlan_and_stale_peers_go_away() {
     for (i, node) in topo.nodes.iter().enumerate() {
         let n = i + 1;
         let net = TestNet::from_subnet_file(&format!(
-            "HAKO_NETWORK=10.244.0.0/16\nHAKO_SUBNET=10.244.{n}.1/24\nHAKO_MTU=1450\n"
+            "HAKO_NETWORK=10.244.0.0/16\nHAKO_SUBNET=10.244.{n}.1/24\nHAKO_IPV6_NETWORK=fd44::/48\nHAKO_IPV6_SUBNET=fd44:0:{n}::/64\nHAKO_MTU=1450\n"
         ));
         let pod = NetNs::new("pod").unwrap();
         let r = exec(
@@ -87,6 +87,17 @@ fn pods_on_two_nodes_talk_over_vxlan_and_stale_peers_go_away() {
             vtep_mac: d.mac,
         })
         .collect();
+    // Dual stack: the IPv6 pod CIDRs are peers with the same node IP and VTEP MAC.
+    let peers6: Vec<Peer> = infos
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Peer {
+            node_ip: d.local_ip,
+            pod_cidr: format!("fd44:0:{}::/64", i + 1).parse().unwrap(),
+            vtep_mac: d.mac,
+        })
+        .collect();
+    let all: Vec<Peer> = peers.iter().chain(&peers6).cloned().collect();
     // Node 1 through the library (its own entry is skipped), node 2 through the CLI.
     let (a, b) = (&topo.nodes[0], &topo.nodes[1]);
     let r =
@@ -151,6 +162,38 @@ fn pods_on_two_nodes_talk_over_vxlan_and_stale_peers_go_away() {
         after >= before + 2,
         "no VXLAN packets on the underlay ({before} -> {after})"
     );
+    // Dual stack: adding the IPv6 pod CIDRs adds only their neighbour and route (the FDB
+    // entry per node is shared), and IPv6 pod traffic crosses the same tunnel.
+    let r =
+        a.ns.run(|| overlay::sync_peers(&cfgs[0], &all))
+            .unwrap()
+            .unwrap();
+    assert_eq!(
+        r,
+        SyncReport {
+            added: 2,
+            updated: 0,
+            removed: 0
+        }
+    );
+    std::fs::write(&peer_file, serde_json::to_string(&all).unwrap()).unwrap();
+    let out = cli(
+        &b.ns,
+        &format!(
+            "sync --peers {} --underlay-if eth0 --state-dir {}",
+            peer_file.display(),
+            cfgs[1].state_dir.display()
+        ),
+    );
+    assert_eq!(out["report"]["added"], 2, "{out}");
+    let ip6_b = nets[1].allocated()[1].clone();
+    assert!(ip6_b.starts_with("fd44:0:2::"), "{ip6_b}");
+    let before = vxlan_counter(&b.ns);
+    assert!(
+        ping(&pods[0], &ip6_b),
+        "IPv6: pod on node 1 cannot reach pod on node 2"
+    );
+    assert!(vxlan_counter(&b.ns) >= before + 2);
     // A wrong entry is corrected.
     a.ns.ip(&[
         "route",
@@ -164,7 +207,7 @@ fn pods_on_two_nodes_talk_over_vxlan_and_stale_peers_go_away() {
     ])
     .unwrap();
     let r =
-        a.ns.run(|| overlay::sync_peers(&cfgs[0], &peers))
+        a.ns.run(|| overlay::sync_peers(&cfgs[0], &all))
             .unwrap()
             .unwrap();
     assert_eq!(
@@ -175,9 +218,11 @@ fn pods_on_two_nodes_talk_over_vxlan_and_stale_peers_go_away() {
             removed: 0
         }
     );
-    // Removing node 2 from node 1's peers removes its FDB, neighbour and route entries.
+    // Removing node 2 from node 1's peers removes its FDB, neighbour and route entries
+    // (one FDB entry, two neighbours, two routes).
+    let only_a = [peers[0].clone(), peers6[0].clone()];
     let r =
-        a.ns.run(|| overlay::sync_peers(&cfgs[0], &peers[..1]))
+        a.ns.run(|| overlay::sync_peers(&cfgs[0], &only_a))
             .unwrap()
             .unwrap();
     assert_eq!(
@@ -185,7 +230,7 @@ fn pods_on_two_nodes_talk_over_vxlan_and_stale_peers_go_away() {
         SyncReport {
             added: 0,
             updated: 0,
-            removed: 3
+            removed: 5
         }
     );
     let show = cli(&a.ns, "show");

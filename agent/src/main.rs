@@ -366,7 +366,7 @@ fn run_agent(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .max_blocking_threads(64)
+        .max_blocking_threads(16)
         .thread_keep_alive(std::time::Duration::from_secs(5))
         .build()?;
     rt.block_on(hako_agent::standalone::run(

@@ -50,8 +50,14 @@ impl SandboxPaths {
     }
 }
 
-/// Creates the namespaces with `hostname` set in the UTS namespace.
-pub fn create(paths: &SandboxPaths, hostname: &str) -> Result<(), SandboxError> {
+/// Creates the namespaces with `hostname` set in the UTS namespace. With `host_network` the
+/// `net` and `uts` files refer to the agent's own namespaces (hostNetwork pods) and only the
+/// IPC namespace is new.
+pub fn create(
+    paths: &SandboxPaths,
+    hostname: &str,
+    host_network: bool,
+) -> Result<(), SandboxError> {
     let id = paths
         .dir
         .file_name()
@@ -65,9 +71,13 @@ pub fn create(paths: &SandboxPaths, hostname: &str) -> Result<(), SandboxError> 
     let p = paths.clone();
     let host = hostname.to_string();
     let res = std::thread::spawn(move || -> Result<(), (&'static str, String)> {
-        unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
-            .map_err(|e| ("unshare", e.to_string()))?;
-        nix::unistd::sethostname(&host).map_err(|e| ("sethostname", e.to_string()))?;
+        if host_network {
+            unshare(CloneFlags::CLONE_NEWIPC).map_err(|e| ("unshare", e.to_string()))?;
+        } else {
+            unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
+                .map_err(|e| ("unshare", e.to_string()))?;
+            nix::unistd::sethostname(&host).map_err(|e| ("sethostname", e.to_string()))?;
+        }
         for (kind, target) in [("net", p.net()), ("ipc", p.ipc()), ("uts", p.uts())] {
             let src = format!("/proc/thread-self/ns/{kind}");
             mount(

@@ -924,9 +924,14 @@ impl Worker {
         let a = self.attachment(&id, paths.net());
         let cni = self.cfg.cni.clone();
         let p2 = paths.clone();
+        let host_network = self.host_network();
+        let host_ip = self.cfg.host_ip.clone();
         let res = blocking(move || -> Result<Vec<String>, String> {
             let _ = sandbox::remove(&p2);
-            sandbox::create(&p2, &hostname).map_err(|e| e.to_string())?;
+            sandbox::create(&p2, &hostname, host_network).map_err(|e| e.to_string())?;
+            if host_network {
+                return Ok(host_ip.into_iter().collect());
+            }
             if let Err(e) = cni.loopback_up(&a) {
                 let _ = sandbox::remove(&p2);
                 return Err(e.to_string());
@@ -994,7 +999,16 @@ impl Worker {
         }
     }
 
+    fn host_network(&self) -> bool {
+        self.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
+    }
+
     async fn teardown_sandbox(&mut self) {
+        let host_network = self.host_network();
         let Some(sb) = self.sandbox.as_mut() else {
             return;
         };
@@ -1013,7 +1027,7 @@ impl Worker {
         let cni = self.cfg.cni.clone();
         let paths = sb.paths.clone();
         let r = blocking(move || {
-            let r = cni.del(&a);
+            let r = if host_network { Ok(()) } else { cni.del(&a) };
             let _ = sandbox::remove(&paths);
             r
         })

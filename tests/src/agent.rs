@@ -192,6 +192,11 @@ impl AgentEnv {
         self.agent = Some(child);
     }
 
+    /// The agent's pid (panics when it is not running).
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.as_ref().expect("agent running").id()
+    }
+
     /// Stops the agent with SIGTERM (pods keep running unless --stop-pods-on-exit).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.agent.take() {

@@ -278,6 +278,14 @@ fn image_pull_backoff_and_malformed_manifest_leave_other_pods_running() {
     );
     env.write_manifest("broken.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: broken}\nspec:\n  containers:\n  - {name: c}\n");
     env.write_manifest("garbage.yaml", "this: [is not\n");
+    env.write_manifest(
+        "nonroot.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: nonroot}}\nspec:\n  securityContext: {{runAsNonRoot: true}}\n  containers:\n  - {{name: c, image: \"{img}\"}}\n"),
+    );
+    env.write_manifest(
+        "hostnet.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: hostnet}}\nspec:\n  hostNetwork: true\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: c, image: \"{img}\"}}\n"),
+    );
     env.start();
     env.wait_running("good", T);
     env.wait_for("ImagePullBackOff", T, |e| {
@@ -304,6 +312,19 @@ fn image_pull_backoff_and_malformed_manifest_leave_other_pods_running() {
             .as_u64()?;
         (n >= 2).then_some(())
     });
+    // runAsNonRoot with an image that runs as root is refused.
+    env.wait_for("runAsNonRoot refused", T, |e| {
+        let s = e.container_status("nonroot", "c")?;
+        let w = &s["state"]["waiting"];
+        (w["reason"] == "CreateContainerConfigError"
+            && w["message"] == "container has runAsNonRoot and image will run as root")
+            .then_some(())
+    });
+    // hostNetwork: the pod sees the agent's network (the CNI bridge) and has the node IP.
+    let rec = env.wait_running("hostnet", T);
+    assert_eq!(rec["pod"]["status"]["podIP"], "10.88.0.1");
+    let out = env.cli(&["exec", "hostnet-node1", "--", "ip", "link", "show", "hkbr0"]);
+    assert!(out.status.success(), "{out:?}");
     // Malformed manifests: logged and recorded, the good pod keeps running.
     let log = env.agent_log();
     assert!(

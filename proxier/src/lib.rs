@@ -8,7 +8,9 @@ pub mod ipvs;
 pub mod kube;
 pub mod metrics;
 pub mod model;
+pub mod nft;
 pub mod proxier;
 
 pub use crate::iptables::{FakeIptables, Iptables, RealIptables, RenderOpts};
+pub use crate::nft::NftablesBackend;
 pub use crate::proxier::{Backend, IptablesBackend, Proxier, ProxierOpts, SyncError, SyncStats};

@@ -114,9 +114,6 @@ fn main() -> anyhow::Result<()> {
             .with_writer(std::io::stderr)
             .init();
     }
-    if matches!(cli.proxy_mode, Mode::Nftables) {
-        bail!("--proxy-mode nftables is not available in this build; use iptables");
-    }
     let dir = match (&cli.config_dir, &cli.kubeconfig) {
         (Some(_), Some(_)) => bail!("--config-dir and --kubeconfig exclude each other"),
         (None, None) => bail!("--config-dir DIR or --kubeconfig FILE is required"),
@@ -140,6 +137,8 @@ fn main() -> anyhow::Result<()> {
             iptables_variant: cli.iptables_variant.clone(),
         };
         Box::new(hako_proxier::ipvs::IpvsBackend::new(o).context("starting IPVS mode")?)
+    } else if matches!(cli.proxy_mode, Mode::Nftables) {
+        Box::new(hako_proxier::NftablesBackend::new(render))
     } else {
         Box::new(IptablesBackend::new(
             RealIptables::with_variant(&cli.iptables_variant),

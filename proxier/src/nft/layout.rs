@@ -1,0 +1,883 @@
+//! The nftables layout as pure data: which sets, chains, rules and elements the model needs.
+//! Per service port: one chain (`svc-*`) whose rule picks `numgen random mod N` as a slot
+//! and looks `id . slot` up in one of [`SHARDS`] shared `endpoints-<k>` data maps
+//! (k = id mod SHARDS) for the DNAT address and port; a verdict map keyed by
+//! `daddr . l4proto . dport` reaches the service chains. See the README for the measurements
+//! behind this layout.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::wire::{
+    u32_len, ElemData, Expr, Hook, SetData, SetSpec, Verdict, BASE_NETWORK, BASE_TRANSPORT,
+    HOOK_OUTPUT, HOOK_POSTROUTING, HOOK_PREROUTING, META_L4PROTO, META_MARK, REG32,
+};
+use crate::iptables::{service_chain, RenderOpts};
+use crate::model::{Endpoint, Model, ServiceKey, ServicePort};
+
+/// Table name.
+pub const TABLE: &str = "hako";
+/// Verdict map: `daddr . l4proto . dport` → goto service chain.
+pub const SERVICE_IPS: &str = "service-ips";
+/// Verdict map: `l4proto . dport` → goto external chain, for local addresses.
+pub const SERVICE_NODEPORTS: &str = "service-nodeports";
+/// Verdict map (filter): `daddr . l4proto . dport` → goto reject / drop.
+pub const NO_ENDPOINT_IPS: &str = "no-endpoint-ips";
+/// Verdict map (filter): `l4proto . dport` → goto reject.
+pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+/// Verdict map (filter): LB `daddr . l4proto . dport` → jump firewall chain.
+pub const FIREWALL_IPS: &str = "firewall-ips";
+/// Data maps `endpoints-<k>`: `service id * MAX_SLOTS + slot` → `addr . port`.
+pub const ENDPOINTS: &str = "endpoints-";
+/// Number of endpoint maps. The kernel re-validates every element of a data map against
+/// every rule bound to it, so one map bound by every service rule costs O(rules × elements)
+/// on a full load; shards divide that by SHARDS², while few named sets keep set lookups
+/// cheap.
+pub const SHARDS: u32 = 64;
+
+/// Endpoint slots per service chain: map keys are `id * MAX_SLOTS + slot`.
+pub const MAX_SLOTS: u32 = 4096;
+
+/// The endpoint map of service id `id`.
+pub fn endpoints_map(id: u32) -> String {
+    format!("{ENDPOINTS}{}", id % SHARDS)
+}
+/// Set of `addr . addr` for every endpoint: hairpin traffic is masqueraded.
+pub const HAIRPIN: &str = "hairpin";
+/// The chain whose rule count tells that the table is intact.
+pub const CANARY_CHAIN: &str = "nat-prerouting";
+/// Reject chain.
+pub const REJECT: &str = "reject";
+
+const MASQ_BIT: u32 = 0x4000;
+const RTN_LOCAL: u32 = 2;
+
+// nft type ids (informational): ipv4_addr 7, inet_proto 12, inet_service 13, mark 19.
+const TYPE_MARK: u32 = 19;
+const fn concat(types: &[u32]) -> u32 {
+    let mut v = 0;
+    let mut i = 0;
+    while i < types.len() {
+        v = (v << 6) | types[i];
+        i += 1;
+    }
+    v
+}
+
+/// A rule: its expressions.
+pub type Rule = Vec<Expr>;
+
+/// A shared chain: name, base hook, rules.
+pub type ChainSpec = (String, Option<Hook>, Vec<Rule>);
+
+/// Objects one service owns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SvcObjs {
+    /// Regular chains and their rules.
+    pub chains: BTreeMap<String, Vec<Rule>>,
+    /// Own sets (ClientIP affinity).
+    pub sets: BTreeMap<String, SetSpec>,
+    /// Elements in shared maps: (set, key) → data.
+    pub elems: BTreeMap<(String, Vec<u8>), ElemData>,
+    /// Affinity maps and the endpoints they may point at (flushed when one goes away).
+    pub affinity_eps: BTreeMap<String, BTreeSet<Vec<u8>>>,
+    /// Endpoint addresses (for the hairpin set).
+    pub endpoint_ips: BTreeSet<[u8; 4]>,
+}
+
+/// Stable u32 ids for the service chains (keys of the `endpoints` map).
+#[derive(Debug, Clone, Default)]
+pub struct Ids {
+    map: BTreeMap<String, u32>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl Ids {
+    /// The id of `chain`, allocated on first use.
+    pub fn get(&mut self, chain: &str) -> u32 {
+        if let Some(i) = self.map.get(chain) {
+            return *i;
+        }
+        let i = self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next
+        });
+        self.map.insert(chain.to_string(), i);
+        i
+    }
+
+    /// Releases the id of a chain that no longer exists.
+    pub fn release(&mut self, chain: &str) {
+        if let Some(i) = self.map.remove(chain) {
+            self.free.push(i);
+        }
+    }
+}
+
+/// The whole desired table.
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    /// Shared sets.
+    pub sets: BTreeMap<String, SetSpec>,
+    /// Shared chains (base chains with hooks), in creation order.
+    pub chains: Vec<ChainSpec>,
+    /// Per service.
+    pub services: BTreeMap<ServiceKey, SvcObjs>,
+}
+
+fn v4(ip: &IpAddr) -> Option<[u8; 4]> {
+    match ip {
+        IpAddr::V4(v) => Some(v.octets()),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// Parses an IPv4 CIDR into (network, mask), both as bytes.
+pub fn parse_v4_cidr(s: &str) -> Option<([u8; 4], [u8; 4])> {
+    let (a, p) = s.split_once('/').unwrap_or((s, "32"));
+    let ip: Ipv4Addr = a.trim().parse().ok()?;
+    let p: u32 = p.trim().parse().ok()?;
+    if p > 32 {
+        return None;
+    }
+    let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+    Some(((u32::from(ip) & mask).to_be_bytes(), mask.to_be_bytes()))
+}
+
+fn r(n: u32) -> u32 {
+    REG32 + n
+}
+
+fn saddr(dreg: u32) -> Expr {
+    Expr::Payload {
+        base: BASE_NETWORK,
+        offset: 12,
+        len: 4,
+        dreg,
+    }
+}
+
+fn daddr(dreg: u32) -> Expr {
+    Expr::Payload {
+        base: BASE_NETWORK,
+        offset: 16,
+        len: 4,
+        dreg,
+    }
+}
+
+fn in_cidr(load: Expr, reg: u32, cidr: ([u8; 4], [u8; 4]), eq: bool) -> Vec<Expr> {
+    vec![
+        load,
+        Expr::Bitwise {
+            reg,
+            mask: cidr.1.to_vec(),
+            xor: vec![0; 4],
+        },
+        Expr::Cmp {
+            sreg: reg,
+            eq,
+            data: cidr.0.to_vec(),
+        },
+    ]
+}
+
+fn mark_masq() -> Vec<Expr> {
+    vec![
+        Expr::Meta {
+            key: META_MARK,
+            dreg: r(0),
+        },
+        Expr::Bitwise {
+            reg: r(0),
+            mask: (!MASQ_BIT).to_ne_bytes().to_vec(),
+            xor: MASQ_BIT.to_ne_bytes().to_vec(),
+        },
+        Expr::MetaSet {
+            key: META_MARK,
+            sreg: r(0),
+        },
+    ]
+}
+
+/// `daddr . l4proto . dport` key.
+pub fn ip_key(ip: [u8; 4], proto: u8, port: u16) -> Vec<u8> {
+    let p = port.to_be_bytes();
+    vec![ip[0], ip[1], ip[2], ip[3], proto, 0, 0, 0, p[0], p[1], 0, 0]
+}
+
+/// `l4proto . dport` key.
+pub fn port_key(proto: u8, port: u16) -> Vec<u8> {
+    let p = port.to_be_bytes();
+    vec![proto, 0, 0, 0, p[0], p[1], 0, 0]
+}
+
+fn ep_data(ep: &Endpoint) -> Option<Vec<u8>> {
+    let ip = v4(&ep.ip)?;
+    let p = ep.port.to_be_bytes();
+    Some(vec![ip[0], ip[1], ip[2], ip[3], p[0], p[1], 0, 0])
+}
+
+fn lookup_key3() -> Vec<Expr> {
+    vec![
+        daddr(r(0)),
+        Expr::Meta {
+            key: META_L4PROTO,
+            dreg: r(1),
+        },
+        Expr::Payload {
+            base: BASE_TRANSPORT,
+            offset: 2,
+            len: 2,
+            dreg: r(2),
+        },
+    ]
+}
+
+fn lookup_key2() -> Vec<Expr> {
+    vec![
+        Expr::Meta {
+            key: META_L4PROTO,
+            dreg: r(0),
+        },
+        Expr::Payload {
+            base: BASE_TRANSPORT,
+            offset: 2,
+            len: 2,
+            dreg: r(1),
+        },
+    ]
+}
+
+fn nodeport_match(opts: &RenderOpts) -> Vec<Vec<Expr>> {
+    let cidrs: Vec<_> = opts
+        .nodeport_addresses
+        .iter()
+        .filter_map(|c| parse_v4_cidr(c))
+        .collect();
+    if opts.nodeport_addresses.is_empty() {
+        let mut e = vec![
+            Expr::FibDaddrType { dreg: r(0) },
+            Expr::Cmp {
+                sreg: r(0),
+                eq: true,
+                data: RTN_LOCAL.to_ne_bytes().to_vec(),
+            },
+        ];
+        e.extend(in_cidr(
+            daddr(r(0)),
+            r(0),
+            ([127, 0, 0, 0], [255, 0, 0, 0]),
+            false,
+        ));
+        vec![e]
+    } else {
+        cidrs
+            .into_iter()
+            .map(|c| in_cidr(daddr(r(0)), r(0), c, true))
+            .collect()
+    }
+}
+
+fn hook(kind: &'static str, hooknum: u32, priority: i32) -> Option<Hook> {
+    Some(Hook {
+        kind,
+        hooknum,
+        priority,
+    })
+}
+
+fn vmap_rule(prefix: Vec<Expr>, key3: bool, set: &str) -> Rule {
+    let mut e = prefix;
+    e.extend(if key3 { lookup_key3() } else { lookup_key2() });
+    e.push(Expr::Lookup {
+        set: set.into(),
+        sreg: r(0),
+        dreg: Some(0),
+    });
+    e
+}
+
+/// The shared sets and chains (without `lb-<N>` chains).
+pub fn shared(opts: &RenderOpts) -> (BTreeMap<String, SetSpec>, Vec<ChainSpec>) {
+    let key3 = SetSpec {
+        key_len: 12,
+        key_type: concat(&[7, 12, 13]),
+        data: SetData::Verdict,
+        timeout_ms: 0,
+    };
+    let key2 = SetSpec {
+        key_len: 8,
+        key_type: concat(&[12, 13]),
+        data: SetData::Verdict,
+        timeout_ms: 0,
+    };
+    let mut sets = BTreeMap::new();
+    sets.insert(SERVICE_IPS.to_string(), key3.clone());
+    sets.insert(NO_ENDPOINT_IPS.to_string(), key3.clone());
+    sets.insert(FIREWALL_IPS.to_string(), key3);
+    sets.insert(SERVICE_NODEPORTS.to_string(), key2.clone());
+    sets.insert(NO_ENDPOINT_NODEPORTS.to_string(), key2);
+    for k in 0..SHARDS {
+        sets.insert(
+            endpoints_map(k),
+            SetSpec {
+                key_len: 4,
+                key_type: TYPE_MARK,
+                data: SetData::Value(8, concat(&[7, 13])),
+                timeout_ms: 0,
+            },
+        );
+    }
+    sets.insert(
+        HAIRPIN.to_string(),
+        SetSpec {
+            key_len: 8,
+            key_type: concat(&[7, 7]),
+            data: SetData::None,
+            timeout_ms: 0,
+        },
+    );
+    let jump = |c: &str| vec![vec![Expr::Verdict(Verdict::Jump(c.into()))]];
+    let mut services = vec![vmap_rule(vec![], true, SERVICE_IPS)];
+    for m in nodeport_match(opts) {
+        services.push(vmap_rule(m, false, SERVICE_NODEPORTS));
+    }
+    let mut filter = vec![
+        vmap_rule(vec![], true, FIREWALL_IPS),
+        vmap_rule(vec![], true, NO_ENDPOINT_IPS),
+    ];
+    for m in nodeport_match(opts) {
+        filter.push(vmap_rule(m, false, NO_ENDPOINT_NODEPORTS));
+    }
+    let masq = vec![
+        Expr::Meta {
+            key: META_MARK,
+            dreg: r(0),
+        },
+        Expr::Bitwise {
+            reg: r(0),
+            mask: MASQ_BIT.to_ne_bytes().to_vec(),
+            xor: vec![0; 4],
+        },
+        Expr::Cmp {
+            sreg: r(0),
+            eq: false,
+            data: vec![0; 4],
+        },
+        Expr::Meta {
+            key: META_MARK,
+            dreg: r(0),
+        },
+        Expr::Bitwise {
+            reg: r(0),
+            mask: (!MASQ_BIT).to_ne_bytes().to_vec(),
+            xor: vec![0; 4],
+        },
+        Expr::MetaSet {
+            key: META_MARK,
+            sreg: r(0),
+        },
+        Expr::Masquerade,
+    ];
+    let hairpin = vec![
+        saddr(r(0)),
+        daddr(r(1)),
+        Expr::Lookup {
+            set: HAIRPIN.into(),
+            sreg: r(0),
+            dreg: None,
+        },
+        Expr::Masquerade,
+    ];
+    let chains = vec![
+        ("services".to_string(), None, services),
+        ("filter-services".to_string(), None, filter),
+        (
+            REJECT.to_string(),
+            None,
+            vec![
+                vec![
+                    Expr::Meta {
+                        key: META_L4PROTO,
+                        dreg: r(0),
+                    },
+                    Expr::Cmp {
+                        sreg: r(0),
+                        eq: true,
+                        data: vec![6],
+                    },
+                    Expr::RejectTcpReset,
+                ],
+                vec![Expr::Reject],
+            ],
+        ),
+        (
+            "nat-prerouting".to_string(),
+            hook("nat", HOOK_PREROUTING, -100),
+            jump("services"),
+        ),
+        (
+            "nat-output".to_string(),
+            hook("nat", HOOK_OUTPUT, -100),
+            jump("services"),
+        ),
+        (
+            "nat-postrouting".to_string(),
+            hook("nat", HOOK_POSTROUTING, 100),
+            vec![masq, hairpin],
+        ),
+        (
+            "filter-prerouting".to_string(),
+            hook("filter", HOOK_PREROUTING, -110),
+            jump("filter-services"),
+        ),
+        (
+            "filter-output".to_string(),
+            hook("filter", HOOK_OUTPUT, -110),
+            jump("filter-services"),
+        ),
+    ];
+    (sets, chains)
+}
+
+fn chain_suffix(sp: &ServicePort) -> String {
+    service_chain("", sp)
+}
+
+/// Balancing rules of chain `chain` (id `id`) over `eps`.
+fn balance(
+    o: &mut SvcObjs,
+    ids: &mut Ids,
+    chain: &str,
+    eps: &[&Endpoint],
+    affinity: Option<i32>,
+) -> Vec<Rule> {
+    let mut eps: Vec<Vec<u8>> = eps.iter().filter_map(|e| ep_data(e)).collect();
+    if eps.is_empty() {
+        return vec![vec![Expr::Verdict(Verdict::Drop)]];
+    }
+    if eps.len() > MAX_SLOTS as usize {
+        tracing::warn!(
+            chain,
+            endpoints = eps.len(),
+            "using the first {MAX_SLOTS} endpoints"
+        );
+        eps.truncate(MAX_SLOTS as usize);
+    }
+    let id = ids.get(chain);
+    let map = endpoints_map(id);
+    let n = u32_len(eps.len());
+    let base = id.wrapping_mul(MAX_SLOTS);
+    for (slot, d) in eps.iter().enumerate() {
+        let k = base.wrapping_add(u32_len(slot)).to_ne_bytes().to_vec();
+        o.elems.insert((map.clone(), k), ElemData::Value(d.clone()));
+    }
+    // `dnat to numgen random mod N offset id*MAX_SLOTS map @endpoints-<k>`, with the
+    // registers nft itself uses for it (so that `nft list` shows the rules).
+    let numgen = |dreg: u32| Expr::Numgen {
+        dreg,
+        modulus: n,
+        offset: base,
+    };
+    let to_ep = |sreg: u32| {
+        [
+            Expr::Lookup {
+                set: map.clone(),
+                sreg,
+                dreg: Some(r(0)),
+            },
+            Expr::Dnat {
+                addr_reg: r(0),
+                port_reg: r(1),
+            },
+        ]
+    };
+    let Some(secs) = affinity else {
+        let mut e = vec![numgen(r(0))];
+        e.extend(to_ep(r(0)));
+        return vec![e];
+    };
+    // ClientIP affinity: a dynamic map client → endpoint slot with the affinity timeout,
+    // refreshed by every new connection; a miss picks a slot and records it.
+    let aff = format!("aff-{chain}");
+    o.sets.insert(
+        aff.clone(),
+        SetSpec {
+            key_len: 4,
+            key_type: 7,
+            data: SetData::Value(4, TYPE_MARK),
+            timeout_ms: u64::try_from(secs.max(1)).unwrap_or(1) * 1000,
+        },
+    );
+    o.affinity_eps
+        .insert(aff.clone(), eps.iter().cloned().collect());
+    let remember = Expr::DynsetUpdate {
+        set: aff.clone(),
+        sreg: r(0),
+        sreg_data: Some(r(4)),
+    };
+    // One rule per endpoint: the client's remembered slot is this endpoint's.
+    let mut rules: Vec<Rule> = eps
+        .iter()
+        .enumerate()
+        .map(|(slot, d)| {
+            vec![
+                saddr(r(0)),
+                Expr::Lookup {
+                    set: aff.clone(),
+                    sreg: r(0),
+                    dreg: Some(r(4)),
+                },
+                Expr::Cmp {
+                    sreg: r(4),
+                    eq: true,
+                    data: base.wrapping_add(u32_len(slot)).to_ne_bytes().to_vec(),
+                },
+                // Refresh the entry's timeout (the value written is the one found).
+                Expr::Immediate {
+                    dreg: r(4),
+                    data: base.wrapping_add(u32_len(slot)).to_ne_bytes().to_vec(),
+                },
+                remember.clone(),
+                Expr::Immediate {
+                    dreg: r(0),
+                    data: d[..4].to_vec(),
+                },
+                Expr::Immediate {
+                    dreg: r(1),
+                    data: d[4..6].to_vec(),
+                },
+                Expr::Dnat {
+                    addr_reg: r(0),
+                    port_reg: r(1),
+                },
+            ]
+        })
+        .collect();
+    let mut fresh = vec![numgen(r(4)), saddr(r(0)), remember];
+    fresh.extend(to_ep(r(4)));
+    rules.push(fresh);
+    rules
+}
+
+/// Objects of one service port, added to `o`.
+fn render_port(o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids: &mut Ids) {
+    let h = chain_suffix(sp);
+    let proto = sp.protocol.number();
+    let cluster_ips: Vec<[u8; 4]> = sp.cluster_ips.iter().filter_map(v4).collect();
+    let ext_ips: Vec<[u8; 4]> = sp.external_ips.iter().filter_map(v4).collect();
+    let lb_ips: Vec<[u8; 4]> = sp.lb_ips.iter().filter_map(v4).collect();
+    let cluster: Vec<&Endpoint> = sp
+        .cluster_endpoints()
+        .into_iter()
+        .filter(|e| e.ip.is_ipv4())
+        .collect();
+    let local: Vec<&Endpoint> = sp
+        .local_endpoints()
+        .into_iter()
+        .filter(|e| e.ip.is_ipv4())
+        .collect();
+    let elem = |o: &mut SvcObjs, set: &str, key: Vec<u8>, v: Verdict| {
+        o.elems.insert((set.to_string(), key), ElemData::Verdict(v));
+    };
+    if cluster.is_empty() {
+        let rej = Verdict::Goto(REJECT.into());
+        for ip in cluster_ips.iter().chain(&ext_ips).chain(&lb_ips) {
+            elem(o, NO_ENDPOINT_IPS, ip_key(*ip, proto, sp.port), rej.clone());
+        }
+        if let Some(np) = sp.node_port {
+            elem(o, NO_ENDPOINT_NODEPORTS, port_key(proto, np), rej);
+        }
+        return;
+    }
+    for e in &cluster {
+        if let Some(ip) = v4(&e.ip) {
+            o.endpoint_ips.insert(ip);
+        }
+    }
+    let svc = format!("svc-{h}");
+    let svl = format!("svl-{h}");
+    let mut svc_rules = Vec::new();
+    if opts.masquerade_all {
+        svc_rules.push(mark_masq());
+    } else if let Some(c) = opts.cluster_cidr.as_deref().and_then(parse_v4_cidr) {
+        let mut e = in_cidr(saddr(r(0)), r(0), c, false);
+        e.extend(mark_masq());
+        svc_rules.push(e);
+    }
+    svc_rules.extend(balance(o, ids, &svc, &cluster, sp.affinity_seconds));
+    o.chains.insert(svc.clone(), svc_rules);
+    let need_svl = sp.internal_local || (sp.external_local && sp.has_external());
+    if need_svl {
+        let rules = balance(o, ids, &svl, &local, sp.affinity_seconds);
+        o.chains.insert(svl.clone(), rules);
+    }
+    let internal = if sp.internal_local { &svl } else { &svc };
+    for ip in &cluster_ips {
+        elem(
+            o,
+            SERVICE_IPS,
+            ip_key(*ip, proto, sp.port),
+            Verdict::Goto(internal.clone()),
+        );
+    }
+    if !sp.has_external() {
+        return;
+    }
+    let ext = format!("ext-{h}");
+    let to_svc = || Expr::Verdict(Verdict::Goto(svc.clone()));
+    let mut ext_rules = Vec::new();
+    if sp.external_local {
+        // Pods and the node itself reach external addresses through the cluster policy;
+        // everyone else only reaches local endpoints, with the client address kept.
+        if let Some(c) = opts.cluster_cidr.as_deref().and_then(parse_v4_cidr) {
+            let mut e = in_cidr(saddr(r(0)), r(0), c, true);
+            e.push(to_svc());
+            ext_rules.push(e);
+        }
+        let mut e = vec![
+            Expr::FibSaddrType { dreg: r(0) },
+            Expr::Cmp {
+                sreg: r(0),
+                eq: true,
+                data: RTN_LOCAL.to_ne_bytes().to_vec(),
+            },
+        ];
+        e.extend(mark_masq());
+        e.push(to_svc());
+        ext_rules.push(e);
+        ext_rules.push(vec![Expr::Verdict(Verdict::Goto(svl))]);
+    } else {
+        let mut e = mark_masq();
+        e.push(to_svc());
+        ext_rules.push(e);
+    }
+    o.chains.insert(ext.clone(), ext_rules);
+    for ip in ext_ips.iter().chain(&lb_ips) {
+        elem(
+            o,
+            SERVICE_IPS,
+            ip_key(*ip, proto, sp.port),
+            Verdict::Goto(ext.clone()),
+        );
+    }
+    if let Some(np) = sp.node_port {
+        elem(
+            o,
+            SERVICE_NODEPORTS,
+            port_key(proto, np),
+            Verdict::Goto(ext),
+        );
+    }
+    let ranges: Vec<_> = sp
+        .lb_source_ranges
+        .iter()
+        .filter_map(|c| parse_v4_cidr(c))
+        .collect();
+    if !ranges.is_empty() && !lb_ips.is_empty() {
+        let fw = format!("fw-{h}");
+        let mut rules: Vec<Rule> = ranges
+            .into_iter()
+            .map(|c| {
+                let mut e = in_cidr(saddr(r(0)), r(0), c, true);
+                e.push(Expr::Verdict(Verdict::Return));
+                e
+            })
+            .collect();
+        rules.push(vec![Expr::Verdict(Verdict::Drop)]);
+        o.chains.insert(fw.clone(), rules);
+        for ip in &lb_ips {
+            elem(
+                o,
+                FIREWALL_IPS,
+                ip_key(*ip, proto, sp.port),
+                Verdict::Jump(fw.clone()),
+            );
+        }
+    }
+}
+
+/// Objects of one service (all its ports).
+pub fn render_service(ports: &[ServicePort], opts: &RenderOpts, ids: &mut Ids) -> SvcObjs {
+    let mut o = SvcObjs::default();
+    for sp in ports {
+        render_port(&mut o, sp, opts, ids);
+    }
+    o
+}
+
+/// The whole desired table.
+pub fn render(model: &Model, opts: &RenderOpts, ids: &mut Ids) -> Desired {
+    let (sets, chains) = shared(opts);
+    let services = model
+        .iter()
+        .map(|(k, v)| (k.clone(), render_service(v, opts, ids)))
+        .collect();
+    Desired {
+        sets,
+        chains,
+        services,
+    }
+}
+
+impl Desired {
+    /// Hairpin set keys.
+    pub fn hairpin(&self) -> BTreeSet<[u8; 4]> {
+        self.services
+            .values()
+            .flat_map(|s| s.endpoint_ips.iter().copied())
+            .collect()
+    }
+
+    /// Deterministic text of the whole table (golden tests).
+    pub fn text(&self) -> String {
+        let mut out = format!("table ip {TABLE}\n");
+        for (name, s) in &self.sets {
+            let _ = writeln!(out, "set {name} {s:?}");
+        }
+        for (name, h, rules) in &self.chains {
+            write_chain(&mut out, name, *h, rules);
+        }
+        for (k, s) in &self.services {
+            let _ = writeln!(out, "# service {k}");
+            for (name, s) in &s.sets {
+                let _ = writeln!(out, "set {name} {s:?}");
+            }
+            for (name, rules) in &s.chains {
+                write_chain(&mut out, name, None, rules);
+            }
+            for ((set, key), d) in &s.elems {
+                let _ = writeln!(
+                    out,
+                    "element {set} {} : {}",
+                    key_text(set, key),
+                    data_text(d)
+                );
+            }
+        }
+        for ip in self.hairpin() {
+            let _ = writeln!(out, "element {HAIRPIN} {}", Ipv4Addr::from(ip));
+        }
+        out
+    }
+
+    /// Every problem with references: a goto/jump to a missing chain, a lookup of a missing
+    /// set. Empty = consistent.
+    pub fn check_refs(&self) -> Vec<String> {
+        let mut chains: BTreeSet<String> = self.chains.iter().map(|c| c.0.clone()).collect();
+        let mut sets: BTreeSet<String> = self.sets.keys().cloned().collect();
+        for s in self.services.values() {
+            chains.extend(s.chains.keys().cloned());
+            sets.extend(s.sets.keys().cloned());
+        }
+        let mut problems = Vec::new();
+        let check_rule = |where_: &str, rule: &Rule, problems: &mut Vec<String>| {
+            for e in rule {
+                match e {
+                    Expr::Verdict(v) => {
+                        if let Some(t) = v.target() {
+                            if !chains.contains(t) {
+                                problems.push(format!("{where_}: {v} to a missing chain"));
+                            }
+                        }
+                    }
+                    Expr::Lookup { set, .. } | Expr::DynsetUpdate { set, .. }
+                        if !sets.contains(set) =>
+                    {
+                        problems.push(format!("{where_}: missing set @{set}"));
+                    }
+                    _ => {}
+                }
+            }
+        };
+        for (name, _, rules) in &self.chains {
+            for rule in rules {
+                check_rule(name, rule, &mut problems);
+            }
+        }
+        for s in self.services.values() {
+            for (name, rules) in &s.chains {
+                for rule in rules {
+                    check_rule(name, rule, &mut problems);
+                }
+            }
+            for ((set, _), d) in &s.elems {
+                if !sets.contains(set) {
+                    problems.push(format!("element of missing set @{set}"));
+                }
+                if let ElemData::Verdict(v) = d {
+                    if let Some(t) = v.target() {
+                        if !chains.contains(t) {
+                            problems.push(format!("element of @{set}: {v} to a missing chain"));
+                        }
+                    }
+                }
+            }
+        }
+        problems
+    }
+}
+
+fn hexs(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn key_text(set: &str, k: &[u8]) -> String {
+    let proto = |p: u8| match p {
+        6 => "tcp".to_string(),
+        17 => "udp".to_string(),
+        132 => "sctp".to_string(),
+        p => p.to_string(),
+    };
+    match k.len() {
+        12 => format!(
+            "{} . {} . {}",
+            Ipv4Addr::new(k[0], k[1], k[2], k[3]),
+            proto(k[4]),
+            u16::from_be_bytes([k[8], k[9]])
+        ),
+        8 if !set.starts_with(ENDPOINTS) => {
+            format!("{} . {}", proto(k[0]), u16::from_be_bytes([k[4], k[5]]))
+        }
+        4 if set.starts_with(ENDPOINTS) => {
+            let v = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]);
+            format!("id {} . slot {}", v / MAX_SLOTS, v % MAX_SLOTS)
+        }
+        _ => hexs(k),
+    }
+}
+
+fn data_text(d: &ElemData) -> String {
+    match d {
+        ElemData::None => String::new(),
+        ElemData::Verdict(v) => v.to_string(),
+        ElemData::Value(v) if v.len() == 8 => format!(
+            "{}:{}",
+            Ipv4Addr::new(v[0], v[1], v[2], v[3]),
+            u16::from_be_bytes([v[4], v[5]])
+        ),
+        ElemData::Value(v) => hexs(v),
+    }
+}
+
+fn write_chain(out: &mut String, name: &str, h: Option<Hook>, rules: &[Rule]) {
+    match h {
+        Some(h) => {
+            let _ = writeln!(
+                out,
+                "chain {name} {{ type {} hook {} priority {} }}",
+                h.kind, h.hooknum, h.priority
+            );
+        }
+        None => {
+            let _ = writeln!(out, "chain {name}");
+        }
+    }
+    for rule in rules {
+        let parts: Vec<String> = rule.iter().map(ToString::to_string).collect();
+        let _ = writeln!(out, "  {}", parts.join("; "));
+    }
+}

@@ -1,0 +1,416 @@
+//! Netlink-native nftables backend: the layout in [`layout`], the nf_tables encoder and
+//! socket in [`wire`], and [`NftablesBackend`], which programs a full sync as one atomic batch
+//! (table deleted and recreated) and a partial sync as one batch holding only the changed
+//! services' chains, rules and map elements. No `nft` process runs on the sync path.
+
+pub mod layout;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tracing::debug;
+
+use self::layout::{Ids, SvcObjs, CANARY_CHAIN, HAIRPIN, TABLE};
+use self::wire::{Batch, ElemData, NetlinkError, Socket, NFPROTO_IPV4};
+use crate::iptables::RenderOpts;
+use crate::model::{Model, ServiceKey};
+use crate::proxier::{Backend, SyncError, SyncStats};
+
+impl From<NetlinkError> for SyncError {
+    fn from(e: NetlinkError) -> Self {
+        SyncError::Backend(e.to_string())
+    }
+}
+
+/// Where batches go: the kernel, or a recorder for tests.
+pub trait Sink: Send {
+    /// Commits one batch atomically.
+    fn commit(&mut self, batch: Batch) -> Result<(), NetlinkError>;
+    /// Rules in the canary chain (None: table or chain missing).
+    fn canary_rules(&mut self) -> Result<Option<usize>, NetlinkError>;
+}
+
+/// The kernel, through an nf_tables netlink socket opened in the calling thread's network
+/// namespace on first use.
+#[derive(Default)]
+pub struct KernelSink {
+    sock: Option<Socket>,
+}
+
+impl KernelSink {
+    fn sock(&mut self) -> Result<&Socket, NetlinkError> {
+        if self.sock.is_none() {
+            self.sock = Some(Socket::open()?);
+        }
+        self.sock
+            .as_ref()
+            .ok_or_else(|| NetlinkError::Rejected("socket".into()))
+    }
+}
+
+impl Sink for KernelSink {
+    fn commit(&mut self, batch: Batch) -> Result<(), NetlinkError> {
+        let r = self.sock()?.commit(batch);
+        if r.is_err() {
+            // A fresh socket after any failure (no stale answers).
+            self.sock = None;
+        }
+        r
+    }
+
+    fn canary_rules(&mut self) -> Result<Option<usize>, NetlinkError> {
+        let r = self.sock()?.count_rules(NFPROTO_IPV4, TABLE, CANARY_CHAIN);
+        if r.is_err() {
+            self.sock = None;
+        }
+        r
+    }
+}
+
+#[derive(Default)]
+struct Programmed {
+    services: BTreeMap<ServiceKey, SvcObjs>,
+    hairpin: BTreeMap<[u8; 4], usize>,
+}
+
+/// The nftables backend.
+pub struct NftablesBackend<S: Sink = KernelSink> {
+    sink: S,
+    opts: RenderOpts,
+    ids: Ids,
+    state: Option<Programmed>,
+}
+
+impl NftablesBackend<KernelSink> {
+    /// A backend programming the kernel of the calling thread's network namespace.
+    pub fn new(opts: RenderOpts) -> Self {
+        Self::with_sink(KernelSink::default(), opts)
+    }
+}
+
+fn hairpin_key(ip: [u8; 4]) -> Vec<u8> {
+    [ip, ip].concat()
+}
+
+impl<S: Sink> NftablesBackend<S> {
+    /// A backend over `sink`.
+    pub fn with_sink(sink: S, opts: RenderOpts) -> Self {
+        Self {
+            sink,
+            opts,
+            ids: Ids::default(),
+            state: None,
+        }
+    }
+
+    /// The sink.
+    pub fn sink(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
+    fn full(&mut self, model: &Model) -> Result<SyncStats, SyncError> {
+        let d = layout::render(model, &self.opts, &mut self.ids);
+        let mut b = Batch::new(NFPROTO_IPV4, TABLE);
+        // Create-if-missing, delete, create: the old table goes away in the same transaction.
+        b.add_table();
+        b.del_table();
+        b.add_table();
+        for (name, s) in &d.sets {
+            b.add_set(name, s);
+        }
+        for o in d.services.values() {
+            for (name, s) in &o.sets {
+                b.add_set(name, s);
+            }
+        }
+        let mut rules = 0usize;
+        for o in d.services.values() {
+            for name in o.chains.keys() {
+                b.add_chain(name, None);
+            }
+        }
+        for o in d.services.values() {
+            for (name, rs) in &o.chains {
+                for r in rs {
+                    b.add_rule(name, r);
+                    rules += 1;
+                }
+            }
+        }
+        // Shared chains exist before the elements that reference them (reject).
+        for (name, hook, _) in &d.chains {
+            b.add_chain(name, *hook);
+        }
+        // Elements, grouped per set.
+        let mut per_set: BTreeMap<&str, Vec<(&[u8], &ElemData)>> = BTreeMap::new();
+        for o in d.services.values() {
+            for ((set, key), data) in &o.elems {
+                per_set.entry(set).or_default().push((key, data));
+            }
+        }
+        let mut elems = 0usize;
+        for (set, list) in &per_set {
+            elems += list.len();
+            b.add_elems(set, list.iter().copied());
+        }
+        let mut hairpin = BTreeMap::new();
+        for o in d.services.values() {
+            for ip in &o.endpoint_ips {
+                *hairpin.entry(*ip).or_insert(0) += 1;
+            }
+        }
+        let hp: Vec<Vec<u8>> = hairpin.keys().map(|ip| hairpin_key(*ip)).collect();
+        elems += hp.len();
+        b.add_elems(HAIRPIN, hp.iter().map(|k| (k.as_slice(), &ElemData::None)));
+        for (name, _, rs) in &d.chains {
+            for r in rs {
+                b.add_rule(name, r);
+                rules += 1;
+            }
+        }
+        let msgs = b.len();
+        self.sink.commit(b)?;
+        debug!(
+            messages = msgs,
+            rules, elems, "nftables full sync committed"
+        );
+        self.state = Some(Programmed {
+            services: d.services,
+            hairpin,
+        });
+        Ok(SyncStats {
+            full: true,
+            services_written: model.len(),
+            rules: rules + elems,
+            bytes: 0,
+        })
+    }
+
+    fn partial(
+        &mut self,
+        model: &Model,
+        changed: &BTreeSet<ServiceKey>,
+    ) -> Result<SyncStats, SyncError> {
+        let Some(st) = self.state.as_mut() else {
+            return Err(SyncError::Backend(
+                "nftables: partial sync without state".into(),
+            ));
+        };
+        let mut b = Batch::new(NFPROTO_IPV4, TABLE);
+        let mut new_objs: BTreeMap<ServiceKey, SvcObjs> = BTreeMap::new();
+        for key in changed {
+            let o = model
+                .get(key)
+                .map(|ports| layout::render_service(ports, &self.opts, &mut self.ids))
+                .unwrap_or_default();
+            new_objs.insert(key.clone(), o);
+        }
+        let empty = SvcObjs::default();
+        let mut rules = 0usize;
+        let mut elems = 0usize;
+        let mut del_chains = Vec::new();
+        let mut del_sets = Vec::new();
+        let mut del_elems: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut add_elems: BTreeMap<String, Vec<(Vec<u8>, ElemData)>> = BTreeMap::new();
+        // 1. New sets and chains (empty), so that everything below can reference them.
+        for (key, new) in &new_objs {
+            let old = st.services.get(key).unwrap_or(&empty);
+            for (name, s) in &new.sets {
+                match old.sets.get(name) {
+                    Some(o) if o == s => {}
+                    Some(_) => {
+                        // Timeout changed: the set is recreated below (after its users).
+                        return Err(SyncError::Backend(format!(
+                            "nftables: set {name} changed shape; full sync needed"
+                        )));
+                    }
+                    None => b.add_set(name, s),
+                }
+            }
+            for name in new.chains.keys() {
+                if !old.chains.contains_key(name) {
+                    b.add_chain(name, None);
+                }
+            }
+        }
+        // 2. Flush chains whose rules change or that go away; write the new rules.
+        for (key, new) in &new_objs {
+            let old = st.services.get(key).unwrap_or(&empty);
+            for (name, old_rules) in &old.chains {
+                match new.chains.get(name) {
+                    Some(r) if r == old_rules => {}
+                    Some(_) => b.flush_chain(name),
+                    None => {
+                        b.flush_chain(name);
+                        del_chains.push(name.clone());
+                    }
+                }
+            }
+            for (name, rs) in &new.chains {
+                if old.chains.get(name) != Some(rs) {
+                    for r in rs {
+                        b.add_rule(name, r);
+                        rules += 1;
+                    }
+                }
+            }
+            for name in old.sets.keys() {
+                if !new.sets.contains_key(name) {
+                    del_sets.push(name.clone());
+                }
+            }
+            // Affinity entries may point at a removed endpoint: forget them all.
+            for (set, eps) in &old.affinity_eps {
+                if let Some(now) = new.affinity_eps.get(set) {
+                    if !eps.is_subset(now) {
+                        b.flush_set(set);
+                    }
+                }
+            }
+            for ((set, k), d) in &old.elems {
+                if new.elems.get(&(set.clone(), k.clone())) != Some(d) {
+                    del_elems.entry(set.clone()).or_default().push(k.clone());
+                }
+            }
+            for ((set, k), d) in &new.elems {
+                if old.elems.get(&(set.clone(), k.clone())) != Some(d) {
+                    add_elems
+                        .entry(set.clone())
+                        .or_default()
+                        .push((k.clone(), d.clone()));
+                }
+            }
+        }
+        // Hairpin set: reference counts per endpoint address.
+        let mut hairpin = st.hairpin.clone();
+        let mut hp_del = Vec::new();
+        let mut hp_add = Vec::new();
+        for (key, new) in &new_objs {
+            let old = st.services.get(key).unwrap_or(&empty);
+            for ip in old.endpoint_ips.difference(&new.endpoint_ips) {
+                if let Some(c) = hairpin.get_mut(ip) {
+                    *c -= 1;
+                    if *c == 0 {
+                        hairpin.remove(ip);
+                        hp_del.push(hairpin_key(*ip));
+                    }
+                }
+            }
+            for ip in new.endpoint_ips.difference(&old.endpoint_ips) {
+                let c = hairpin.entry(*ip).or_insert(0);
+                *c += 1;
+                if *c == 1 {
+                    hp_add.push(hairpin_key(*ip));
+                }
+            }
+        }
+        // A key both removed and re-added (address moved between services) stays.
+        hp_del.retain(|k| !hp_add.contains(k));
+        hp_add.retain(|k| !st.hairpin.contains_key(&[k[0], k[1], k[2], k[3]]));
+        // 3. Elements: deletions before additions (a changed value is delete + add).
+        for (set, keys) in &del_elems {
+            elems += keys.len();
+            b.del_elems(set, keys.iter().map(Vec::as_slice));
+        }
+        if !hp_del.is_empty() {
+            b.del_elems(HAIRPIN, hp_del.iter().map(Vec::as_slice));
+        }
+        for (set, list) in &add_elems {
+            elems += list.len();
+            b.add_elems(set, list.iter().map(|(k, d)| (k.as_slice(), d)));
+        }
+        if !hp_add.is_empty() {
+            b.add_elems(
+                HAIRPIN,
+                hp_add.iter().map(|k| (k.as_slice(), &ElemData::None)),
+            );
+        }
+        elems += hp_del.len() + hp_add.len();
+        // 4. Now-unreferenced chains and sets.
+        for c in &del_chains {
+            b.del_chain(c);
+        }
+        for s in &del_sets {
+            b.del_set(s);
+        }
+        let msgs = b.len();
+        if msgs > 0 {
+            self.sink.commit(b)?;
+        }
+        debug!(
+            messages = msgs,
+            rules, elems, "nftables partial sync committed"
+        );
+        for c in &del_chains {
+            self.ids.release(c);
+        }
+        st.hairpin = hairpin;
+        for (key, o) in new_objs {
+            if o == SvcObjs::default() {
+                st.services.remove(&key);
+            } else {
+                st.services.insert(key, o);
+            }
+        }
+        Ok(SyncStats {
+            full: false,
+            services_written: changed.len(),
+            rules: rules + elems,
+            bytes: 0,
+        })
+    }
+}
+
+impl<S: Sink> Backend for NftablesBackend<S> {
+    fn apply(
+        &mut self,
+        model: &Model,
+        changed: Option<&BTreeSet<ServiceKey>>,
+    ) -> Result<SyncStats, SyncError> {
+        let res = match changed {
+            Some(c) if self.state.is_some() => self.partial(model, c),
+            _ => self.full(model),
+        };
+        if res.is_err() {
+            self.state = None;
+        }
+        res
+    }
+
+    fn needs_full(&mut self) -> bool {
+        if self.state.is_none() {
+            return true;
+        }
+        !matches!(self.sink.canary_rules(), Ok(Some(n)) if n > 0)
+    }
+}
+
+/// Records batches instead of committing them (unit tests of the backend logic).
+#[derive(Default)]
+pub struct RecordingSink {
+    /// Descriptions of the messages of each committed batch.
+    pub batches: Vec<Vec<String>>,
+    /// Answer of `canary_rules`.
+    pub canary: Option<usize>,
+    /// Fail the next commit.
+    pub fail_next: bool,
+}
+
+impl Sink for RecordingSink {
+    fn commit(&mut self, batch: Batch) -> Result<(), NetlinkError> {
+        if std::mem::take(&mut self.fail_next) {
+            return Err(NetlinkError::Rejected("injected failure".into()));
+        }
+        let (_, _, descr) = batch.finish();
+        self.batches.push(descr.into_iter().map(|d| d.1).collect());
+        self.canary = Some(1);
+        Ok(())
+    }
+
+    fn canary_rules(&mut self) -> Result<Option<usize>, NetlinkError> {
+        Ok(self.canary)
+    }
+}

@@ -1,0 +1,235 @@
+//! Golden render tests of the nftables layout, reference checks, and the backend's batch
+//! logic over a recording sink.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::layout::{self, Ids};
+use super::{NftablesBackend, RecordingSink};
+use crate::iptables::RenderOpts;
+use crate::proxier::{Proxier, ProxierOpts};
+use crate::{config, Backend, FakeIptables, IptablesBackend};
+
+fn testdata(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(name)
+}
+
+fn opts() -> RenderOpts {
+    RenderOpts {
+        cluster_cidr: Some("10.244.0.0/16".into()),
+        ..RenderOpts::default()
+    }
+}
+
+fn golden_model() -> crate::model::Model {
+    let objs = config::read_dir(&testdata("")).expect("read testdata");
+    let mut p = Proxier::new(
+        Box::new(IptablesBackend::new(FakeIptables::default(), opts())),
+        ProxierOpts {
+            hostname: "node-a".into(),
+            render: opts(),
+        },
+    );
+    p.replace_all(objs.services, objs.slices);
+    p.sync().expect("sync");
+    p.model().clone()
+}
+
+fn check_golden(name: &str, text: &str) {
+    let golden = testdata(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, text).expect("write golden");
+    }
+    let want = std::fs::read_to_string(&golden).expect("read golden");
+    assert_eq!(text, want, "render differs from {}", golden.display());
+}
+
+#[test]
+fn full_render_matches_golden_and_references_resolve() {
+    let model = golden_model();
+    let d = layout::render(&model, &opts(), &mut Ids::default());
+    let problems = d.check_refs();
+    assert!(problems.is_empty(), "{problems:?}");
+    let text = d.text();
+    check_golden("nft-full.golden", &text);
+    // Per feature (see testdata/services.yaml):
+    // ClusterIP, 2 ready endpoints (the terminating one unused while ready ones exist).
+    assert!(text.contains("element service-ips 10.96.0.10 . tcp . 80 : goto svc-"));
+    assert!(text.contains(": 10.244.1.2:8080") && text.contains(": 10.244.1.3:8080"));
+    assert!(!text.contains("10.244.2.4:8080"));
+    assert!(text.contains("numgen random mod 2 offset 8192 => r8; lookup r8 @endpoints-2 => r8"));
+    // Affinity: a dynamic set with the 600 s timeout.
+    assert!(text.contains("timeout_ms: 600000"));
+    assert!(text.contains("update @aff-svc-"));
+    // NodePort + external IP go through the external chain (masquerade, then the service).
+    assert!(text.contains("element service-nodeports tcp . 30080 : goto ext-"));
+    assert!(text.contains("element service-ips 203.0.113.7 . tcp . 80 : goto ext-"));
+    // LB with Local policy and source ranges: firewall chain; local endpoints chain.
+    assert!(text.contains("element firewall-ips 203.0.113.9 . sctp . 443 : jump fw-"));
+    assert!(text.contains("chain svl-"));
+    // No endpoints: rejected on every address and the node port.
+    assert!(text.contains("element no-endpoint-ips 10.96.0.15 . tcp . 80 : goto reject"));
+    assert!(text.contains("element no-endpoint-nodeports tcp . 30082 : goto reject"));
+    // Skipped objects do not appear.
+    assert!(!text.contains("10.244.9.9") && !text.contains("10.96.0.16"));
+}
+
+#[test]
+fn checker_finds_missing_targets() {
+    let model = golden_model();
+    let mut d = layout::render(&model, &opts(), &mut Ids::default());
+    let victim = d
+        .services
+        .values_mut()
+        .find_map(|s| {
+            let name = s.chains.keys().find(|c| c.starts_with("svc-"))?.clone();
+            s.chains.remove(&name);
+            Some(name)
+        })
+        .expect("a service chain");
+    let problems = d.check_refs();
+    assert!(
+        problems.iter().any(|p| p.contains("missing chain")),
+        "{victim}: {problems:?}"
+    );
+}
+
+#[test]
+fn masquerade_all_and_nodeport_addresses_render() {
+    let model = golden_model();
+    let o = RenderOpts {
+        masquerade_all: true,
+        nodeport_addresses: vec!["192.0.2.0/24".into()],
+        ..RenderOpts::default()
+    };
+    let d = layout::render(&model, &o, &mut Ids::default());
+    assert!(d.check_refs().is_empty());
+    let text = d.text();
+    check_golden("nft-masquerade-all.golden", &text);
+    assert!(
+        !text.contains("fib daddr type"),
+        "node ports only on 192.0.2.0/24"
+    );
+    assert!(text.contains("c0000200"));
+}
+
+fn svc(name: &str, ip: &str) -> Service {
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {name}, namespace: ns}}\nspec: {{clusterIP: {ip}, ports: [{{name: p, port: 80}}]}}"
+    ))
+    .expect("svc")
+}
+
+fn slice(name: &str, ips: &[&str]) -> EndpointSlice {
+    let eps: Vec<String> = ips
+        .iter()
+        .map(|i| format!("{{addresses: [{i}]}}"))
+        .collect();
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {name}-x, namespace: ns, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}]\nendpoints: [{}]",
+        eps.join(",")
+    ))
+    .expect("slice")
+}
+
+#[test]
+fn partial_batches_hold_only_the_changed_service() {
+    let mut p = Proxier::new(
+        Box::new(NftablesBackend::with_sink(RecordingSink::default(), opts())),
+        ProxierOpts::default(),
+    );
+    p.on_service_add(svc("a", "10.96.0.1"));
+    p.on_service_add(svc("b", "10.96.0.2"));
+    p.on_endpointslice_add(slice("a", &["10.0.0.1", "10.0.0.2"]));
+    p.on_endpointslice_add(slice("b", &["10.0.1.1"]));
+    assert!(p.sync().expect("sync").full);
+    let model = p.model().clone();
+    let mut be = NftablesBackend::with_sink(RecordingSink::default(), opts());
+    be.apply(&model, None).expect("full");
+    let full = be.sink().batches[0].clone();
+    assert_eq!(
+        &full[..3],
+        ["add table hako", "delete table hako", "add table hako"]
+    );
+
+    // a loses one endpoint: a's chain flushed and rewritten, one endpoint element deleted
+    // and one changed; nothing of b.
+    p.on_endpointslice_update(slice("a", &["10.0.0.2"]));
+    p.sync().expect("sync");
+    let key_a = crate::model::ServiceKey {
+        namespace: "ns".into(),
+        name: "a".into(),
+    };
+    let changed: BTreeSet<_> = [key_a].into_iter().collect();
+    let s = be.apply(p.model(), Some(&changed)).expect("partial");
+    assert!(!s.full);
+    let batch = be.sink().batches[1].clone();
+    let svc_b = crate::iptables::service_chain("svc-", &model.values().nth(1).expect("b")[0]);
+    assert!(batch.iter().all(|m| !m.contains(&svc_b)), "{batch:?}");
+    assert!(
+        batch.iter().any(|m| m.starts_with("flush chain svc-")),
+        "{batch:?}"
+    );
+    assert!(!batch.iter().any(|m| m.contains("add chain")), "{batch:?}");
+    assert!(
+        batch.iter().any(|m| m.contains("element(s) of endpoints")),
+        "{batch:?}"
+    );
+    assert!(!batch.iter().any(|m| m.contains("table")), "{batch:?}");
+    // Hairpin: 10.0.0.1 is no longer an endpoint anywhere.
+    assert!(
+        batch.iter().any(|m| m == "delete 1 element(s) of hairpin"),
+        "{batch:?}"
+    );
+
+    // No change: empty batch, nothing committed.
+    let n = be.sink().batches.len();
+    be.apply(p.model(), Some(&BTreeSet::new())).expect("noop");
+    assert_eq!(be.sink().batches.len(), n);
+
+    // Service removed: its elements deleted, then its chain flushed and deleted.
+    p.on_service_delete(&svc("a", "10.96.0.1"));
+    p.sync().expect("sync");
+    be.apply(p.model(), Some(&changed)).expect("partial");
+    let batch = be.sink().batches.last().expect("batch").clone();
+    let flush = batch.iter().position(|m| m.starts_with("flush chain svc-"));
+    let del_el = batch
+        .iter()
+        .position(|m| m.contains("element(s) of service-ips"));
+    let del = batch
+        .iter()
+        .position(|m| m.starts_with("delete chain svc-"));
+    assert!(
+        flush.is_some() && del_el.is_some() && del.is_some(),
+        "{batch:?}"
+    );
+    assert!(del_el < del && flush < del, "{batch:?}");
+}
+
+#[test]
+fn failure_and_canary_loss_force_full() {
+    let mut be = NftablesBackend::with_sink(RecordingSink::default(), opts());
+    let model = golden_model();
+    assert!(be.needs_full());
+    be.apply(&model, None).expect("full");
+    assert!(!be.needs_full());
+    be.sink().canary = Some(0);
+    assert!(be.needs_full(), "flushed canary chain");
+    be.sink().canary = None;
+    assert!(be.needs_full(), "table gone");
+    be.sink().canary = Some(1);
+    be.sink().fail_next = true;
+    let changed: BTreeSet<_> = model.keys().take(1).cloned().collect();
+    let mut smaller = model.clone();
+    smaller.remove(changed.iter().next().expect("a service"));
+    assert!(be.apply(&smaller, Some(&changed)).is_err());
+    assert!(be.needs_full());
+    // The proxier passes None after a failure; a partial request without state is full too.
+    let s = be.apply(&model, Some(&changed)).expect("full");
+    assert!(s.full);
+}

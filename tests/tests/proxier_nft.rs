@@ -1,0 +1,446 @@
+//! Root tests of the proxier's netlink-native nftables backend with real traffic: the table
+//! is programmed inside a node namespace (the proxier runs on a thread that entered it),
+//! backends answer from pod namespaces, clients connect from pod namespaces or from another
+//! node. Each test has its own namespaces, so its own `hako` table.
+#![cfg(feature = "root")]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use hako_proxier::{NftablesBackend, Proxier, ProxierOpts, RenderOpts};
+use hako_tests::{NetNs, Topology};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+const NODE: &str = "node-a";
+
+struct Env {
+    servers: Vec<std::process::Child>,
+    topo: Topology,
+    pods: BTreeMap<String, NetNs>,
+    client: NetNs,
+    proxier: Proxier,
+}
+
+fn service(name: &str, ip: &str, extra: &str) -> Service {
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {name}, namespace: t}}\nspec: {{clusterIP: {ip}, ports: [{{name: p, port: 80, nodePort: {np}}}] {extra}}}",
+        np = 30000 + ip.rsplit('.').next().unwrap().parse::<u16>().unwrap(),
+    ))
+    .unwrap()
+}
+
+fn slice(svc: &str, eps: &[(&str, &str)]) -> EndpointSlice {
+    let eps: Vec<String> = eps
+        .iter()
+        .map(|(ip, node)| format!("{{addresses: [{ip}], nodeName: {node}}}"))
+        .collect();
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {svc}-1, namespace: t, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}]\nendpoints: [{}]",
+        eps.join(",")
+    ))
+    .unwrap()
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for c in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Env {
+    /// Node 0 runs the proxier; backends b1..bN on bridge kb (10.244.1.0/24); the client pod
+    /// on bridge kc (10.244.2.0/24); node 1 is "outside".
+    fn new(backends: usize) -> Env {
+        let topo = Topology::new(2, 1500).unwrap();
+        let node = &topo.nodes[0];
+        node.ns.sh("sysctl -qw net.ipv4.ip_forward=1").unwrap();
+        node.add_bridge("kb", "10.244.1.1/24").unwrap();
+        node.add_bridge("kc", "10.244.2.1/24").unwrap();
+        // Service IPs need a route for rejects to happen in FORWARD.
+        node.ns
+            .ip(&["route", "add", "default", "via", "192.0.2.1"])
+            .unwrap();
+        let mut pods = BTreeMap::new();
+        let mut servers = Vec::new();
+        for i in 1..=backends {
+            let pod = node
+                .add_pod("kb", &format!("10.244.1.{}/24", 10 + i), "10.244.1.1")
+                .unwrap();
+            servers.push(
+                pod.spawn(&format!("exec busybox nc -ll -p 8080 -e echo b{i}"))
+                    .unwrap(),
+            );
+            pods.insert(format!("b{i}"), pod);
+        }
+        let client = node.add_pod("kc", "10.244.2.10/24", "10.244.2.1").unwrap();
+        for (name, pod) in &pods {
+            wait_answer(pod, "127.0.0.1 8080", name);
+        }
+        let render = RenderOpts {
+            cluster_cidr: Some("10.244.0.0/16".into()),
+            ..RenderOpts::default()
+        };
+        let proxier = Proxier::new(
+            Box::new(NftablesBackend::new(render.clone())),
+            ProxierOpts {
+                hostname: NODE.into(),
+                render,
+            },
+        );
+        Env {
+            servers,
+            topo,
+            pods,
+            client,
+            proxier,
+        }
+    }
+
+    fn node(&self) -> &NetNs {
+        &self.topo.nodes[0].ns
+    }
+
+    fn sync(&mut self) -> hako_proxier::SyncStats {
+        let p = &mut self.proxier;
+        self.topo.nodes[0].ns.run(|| p.sync()).unwrap().unwrap()
+    }
+
+    /// Connects `n` times from `from` to `target` ("ip port"), returns each answer ("" on
+    /// failure) and the last error text.
+    fn connect(from: &NetNs, target: &str, n: usize) -> (Vec<String>, String) {
+        let out = from
+            .sh_output(&format!(
+                "for i in $(seq {n}); do busybox nc -w 2 {target} </dev/null || echo FAIL; done"
+            ))
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        (stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn wait_answer(ns: &NetNs, target: &str, want: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (got, _) = Env::connect(ns, target, 1);
+        if got.first().map(String::as_str) == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{target} in {} never answered {want}: {got:?}",
+            ns.name()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn counts(answers: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for a in answers {
+        *m.entry(a.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+const B: [(&str, &str); 3] = [
+    ("10.244.1.11", NODE),
+    ("10.244.1.12", NODE),
+    ("10.244.1.13", NODE),
+];
+
+/// `nft` output in the node namespace (reading state only; the proxier itself never runs nft).
+fn nft(env: &Env, args: &str) -> String {
+    env.node().sh(&format!("nft {args}")).unwrap()
+}
+
+/// The chain a service IP's map element jumps to.
+fn target_chain(env: &Env, ip: &str) -> String {
+    let m = nft(env, "list map ip hako service-ips");
+    let at = m
+        .find(&format!("{ip} . tcp . 80 : goto "))
+        .unwrap_or_else(|| panic!("{ip} not in map:\n{m}"));
+    m[at..]
+        .split("goto ")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Rule handles of a chain.
+fn handles(env: &Env, chain: &str) -> Vec<String> {
+    nft(env, &format!("-a list chain ip hako {chain}"))
+        .lines()
+        .filter_map(|l| l.split("# handle ").nth(1).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn nft_clusterip_spread_affinity_reject() {
+    let mut env = Env::new(3);
+    env.proxier.on_service_add(service("web", "10.96.0.10", ""));
+    env.proxier.on_endpointslice_add(slice("web", &B));
+    env.proxier.on_service_add(service(
+        "sticky",
+        "10.96.0.11",
+        ", sessionAffinity: ClientIP",
+    ));
+    env.proxier.on_endpointslice_add(slice("sticky", &B));
+    env.proxier
+        .on_service_add(service("empty", "10.96.0.12", ""));
+    assert!(env.sync().full);
+
+    let (answers, _) = Env::connect(&env.client, "10.96.0.10 80", 300);
+    let c = counts(&answers);
+    assert_eq!(c.values().sum::<usize>(), 300, "{c:?}");
+    for b in ["b1", "b2", "b3"] {
+        let n = c.get(b).copied().unwrap_or(0);
+        assert!((50..=150).contains(&n), "{b} got {n} of 300: {c:?}");
+    }
+
+    let (answers, _) = Env::connect(&env.client, "10.96.0.11 80", 30);
+    let c = counts(&answers);
+    assert_eq!(c.len(), 1, "affinity must stick to one backend: {c:?}");
+    assert!(!c.contains_key("FAIL"), "{c:?}");
+
+    let t = std::time::Instant::now();
+    let (answers, err) = Env::connect(&env.client, "10.96.0.12 80", 1);
+    assert_eq!(answers, vec!["FAIL".to_string()]);
+    assert!(err.contains("refused"), "no endpoints must refuse: {err}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(1),
+        "refused at once, not after a timeout: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(env.pods.len(), 3);
+}
+
+#[test]
+fn nft_nodeport_and_local_policy() {
+    let mut env = Env::new(1);
+    let node_ip = env.topo.nodes[0].ip.to_string();
+    env.proxier
+        .on_service_add(service("np", "10.96.0.20", ", type: NodePort"));
+    env.proxier.on_endpointslice_add(slice("np", &B[..1]));
+    env.proxier.on_service_add(service(
+        "loc",
+        "10.96.0.21",
+        ", type: NodePort, externalTrafficPolicy: Local",
+    ));
+    env.proxier.on_endpointslice_add(slice("loc", &B[..1]));
+    env.proxier.on_service_add(service(
+        "remote",
+        "10.96.0.22",
+        ", type: NodePort, externalTrafficPolicy: Local",
+    ));
+    env.proxier
+        .on_endpointslice_add(slice("remote", &[("10.244.1.11", "node-b")]));
+    env.sync();
+
+    let outside = &env.topo.nodes[1].ns;
+    let (a, _) = Env::connect(outside, &format!("{node_ip} 30020"), 1);
+    assert_eq!(a, vec!["b1".to_string()]);
+    let (a, _) = Env::connect(outside, &format!("{node_ip} 30021"), 1);
+    assert_eq!(a, vec!["b1".to_string()]);
+    let ct = env
+        .node()
+        .sh("conntrack -L -p tcp 2>/dev/null | grep -E 'dport=3002[01] ' || true")
+        .unwrap();
+    let line20 = ct
+        .lines()
+        .find(|l| l.contains("dport=30020 "))
+        .unwrap_or("");
+    let line21 = ct
+        .lines()
+        .find(|l| l.contains("dport=30021 "))
+        .unwrap_or("");
+    assert!(
+        line20.contains("dst=10.244.1.1 "),
+        "cluster policy masquerades: {ct}"
+    );
+    assert!(
+        line21.contains("dst=192.0.2.12 "),
+        "local policy keeps the client IP: {ct}"
+    );
+    let (a, err) = Env::connect(outside, &format!("{node_ip} 30022"), 1);
+    assert_eq!(a, vec!["FAIL".to_string()], "no local endpoint must drop");
+    assert!(!err.contains("refused"), "dropped, not rejected: {err}");
+}
+
+#[test]
+fn nft_partial_sync_and_repair() {
+    let mut env = Env::new(2);
+    env.proxier.on_service_add(service("one", "10.96.0.30", ""));
+    env.proxier.on_endpointslice_add(slice("one", &B[..2]));
+    env.proxier.on_service_add(service("two", "10.96.0.31", ""));
+    env.proxier.on_endpointslice_add(slice("two", &B[..2]));
+    env.proxier.on_service_add(service(
+        "three",
+        "10.96.0.32",
+        ", sessionAffinity: ClientIP",
+    ));
+    env.proxier.on_endpointslice_add(slice("three", &B[..2]));
+    assert!(env.sync().full);
+    let one = target_chain(&env, "10.96.0.30");
+    let two = target_chain(&env, "10.96.0.31");
+    let three = target_chain(&env, "10.96.0.32");
+    let two_before = handles(&env, &two);
+    let three_before = handles(&env, &three);
+    let one_before = handles(&env, &one);
+    assert!(!two_before.is_empty() && !three_before.is_empty());
+    let eps_map = |env: &Env, chain: &str| {
+        let c = nft(env, &format!("list chain ip hako {chain}"));
+        let m = c
+            .split("map @")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        nft(env, &format!("list map ip hako {m}"))
+    };
+    let eps_before = eps_map(&env, &one);
+
+    // One endpoint of "one" and one of "three" go away.
+    env.proxier.on_endpointslice_update(slice("one", &B[1..2]));
+    let s = env.sync();
+    assert!(!s.full, "{s:?}");
+    assert_eq!(s.services_written, 1);
+    // two's chain is untouched (same rule handles); one's rule was rewritten.
+    assert_eq!(handles(&env, &two), two_before);
+    assert_eq!(handles(&env, &three), three_before);
+    assert_ne!(handles(&env, &one), one_before);
+    let eps_after = eps_map(&env, &one);
+    assert_ne!(eps_before, eps_after);
+    let (a, _) = Env::connect(&env.client, "10.96.0.30 80", 20);
+    assert_eq!(counts(&a).keys().collect::<Vec<_>>(), vec!["b2"]);
+    let (a, _) = Env::connect(&env.client, "10.96.0.31 80", 20);
+    assert_eq!(counts(&a).len(), 2, "two still balanced: {a:?}");
+
+    // Affinity service loses an endpoint: only its chain changes; it still answers.
+    env.proxier
+        .on_endpointslice_update(slice("three", &B[1..2]));
+    assert!(!env.sync().full);
+    assert_eq!(handles(&env, &two), two_before);
+    let (a, _) = Env::connect(&env.client, "10.96.0.32 80", 5);
+    assert_eq!(counts(&a).keys().collect::<Vec<_>>(), vec!["b2"]);
+
+    // Delete the table by hand: the next sync notices and repairs it.
+    env.node().sh("nft delete table ip hako").unwrap();
+    let (a, _) = Env::connect(&env.client, "10.96.0.31 80", 1);
+    assert_eq!(a, vec!["FAIL".to_string()]);
+    assert!(env.sync().full);
+    let (a, _) = Env::connect(&env.client, "10.96.0.31 80", 1);
+    assert!(a[0] == "b1" || a[0] == "b2", "{a:?}");
+
+    // Flush its rules by hand: repaired too.
+    env.node().sh("nft flush table ip hako").unwrap();
+    assert!(env.sync().full);
+    let (a, _) = Env::connect(&env.client, "10.96.0.31 80", 1);
+    assert!(a[0] == "b1" || a[0] == "b2", "{a:?}");
+}
+
+/// A UDP server in `ns` answering every datagram with `name`, until `stop` is set.
+fn udp_server(
+    ns: &NetNs,
+    name: &'static str,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let sock = ns
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:5353"))
+        .unwrap()
+        .unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(name.as_bytes(), peer);
+            }
+        }
+    })
+}
+
+#[test]
+fn nft_udp_flow_moves_after_endpoint_removal() {
+    let mut env = Env::new(0);
+    let node = &env.topo.nodes[0];
+    let b1 = node.add_pod("kb", "10.244.1.11/24", "10.244.1.1").unwrap();
+    let b2 = node.add_pod("kb", "10.244.1.12/24", "10.244.1.1").unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let servers = [
+        udp_server(&b1, "b1", stop.clone()),
+        udp_server(&b2, "b2", stop.clone()),
+    ];
+    let client = env
+        .client
+        .run(|| {
+            let s = std::net::UdpSocket::bind("10.244.2.10:40000")?;
+            s.connect("10.96.0.40:53")?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .unwrap()
+        .unwrap();
+    client
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    let ask = || -> String {
+        let mut buf = [0u8; 16];
+        for _ in 0..10 {
+            let _ = client.send(b"q");
+            if let Ok(n) = client.recv(&mut buf) {
+                return String::from_utf8_lossy(&buf[..n]).into_owned();
+            }
+        }
+        String::new()
+    };
+    let udp_svc = |slice_eps: &str| -> (Service, EndpointSlice) {
+        (
+            serde_yaml::from_str(
+                "metadata: {name: dns, namespace: t}\nspec: {clusterIP: 10.96.0.40, ports: [{name: p, port: 53, protocol: UDP}]}",
+            )
+            .unwrap(),
+            serde_yaml::from_str(&format!(
+                "metadata: {{name: dns-1, namespace: t, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: IPv4\nports: [{{name: p, port: 5353, protocol: UDP}}]\nendpoints: [{{addresses: [{slice_eps}]}}]"
+            ))
+            .unwrap(),
+        )
+    };
+    env.proxier = std::mem::replace(
+        &mut env.proxier,
+        Proxier::new(
+            Box::new(NftablesBackend::new(RenderOpts::default())),
+            ProxierOpts::default(),
+        ),
+    )
+    .with_conntrack(Box::new(hako_proxier::conntrack::NetlinkConntrack));
+    let (svc, sl) = udp_svc("10.244.1.11");
+    env.proxier.on_service_add(svc);
+    env.proxier.on_endpointslice_add(sl);
+    env.sync();
+    assert_eq!(ask(), "b1");
+    assert_eq!(ask(), "b1", "same flow, same backend");
+    let (_, sl) = udp_svc("10.244.1.12");
+    env.proxier.on_endpointslice_update(sl);
+    assert!(!env.sync().full);
+    assert_eq!(
+        ask(),
+        "b2",
+        "the flow must move once its endpoint is removed"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+}

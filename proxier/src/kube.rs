@@ -169,7 +169,11 @@ pub fn spawn_watchers(
             &::kube::config::KubeConfigOptions::default(),
         ))
         .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", kubeconfig.display()))?;
-    let client = Client::try_from(config)?;
+    // The client spawns its request buffer on the runtime.
+    let client = {
+        let _rt = rt.enter();
+        Client::try_from(config)?
+    };
     Ok(std::thread::Builder::new()
         .name("kube-watch".into())
         .spawn(move || rt.block_on(run(client, tx)))?)

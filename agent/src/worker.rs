@@ -740,8 +740,28 @@ impl Worker {
         let now = Utc::now();
         let mut wake =
             now + k8s_openapi::chrono::Duration::from_std(self.cfg.sync_period).unwrap_or_default();
-        for ws in self.probes.values() {
+        for (id, ws) in &self.probes {
+            let running = self.insts.get(id).is_some_and(|i| {
+                i.state
+                    .as_ref()
+                    .is_some_and(|s| s.status == hako_shim::state::Status::Running)
+            });
+            if !running {
+                continue;
+            }
+            let startup_done = ws
+                .iter()
+                .find(|w| w.kind == ProbeType::Startup)
+                .is_none_or(|w| w.result() == ProbeResult::Success);
             for w in ws {
+                // Only probes that may run: startup until it passed, the others after.
+                let gated = match w.kind {
+                    ProbeType::Startup => startup_done,
+                    _ => !startup_done,
+                };
+                if gated {
+                    continue;
+                }
                 if let Some(d) = w.next_due() {
                     wake = wake.min(d);
                 }

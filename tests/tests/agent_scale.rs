@@ -33,10 +33,17 @@ fn scale_pods_to_running() {
     );
     env.start();
     env.wait_running("warm", Duration::from_secs(60));
+    // With PROBES=1 every pod also has a readiness probe and a liveness probe gated by a
+    // startup probe that passes only after 30 s (idle CPU then includes probe work).
+    let probes = if std::env::var("PROBES").is_ok_and(|v| v == "1") {
+        ", startupProbe: {exec: {command: [sh, -c, 'test $(cut -d. -f1 /proc/uptime) -gt 0 && test -f /tmp/never']}, periodSeconds: 10, failureThreshold: 100}, readinessProbe: {tcpSocket: {port: 1}, periodSeconds: 10}, livenessProbe: {exec: {command: [\"true\"]}}"
+    } else {
+        ""
+    };
     let mut all = String::new();
     for i in 0..n {
         all.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}}}\nspec:\n  terminationGracePeriodSeconds: 0\n  containers: [{{name: c, image: \"{img}\"}}]\n"
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}}}\nspec:\n  terminationGracePeriodSeconds: 0\n  containers: [{{name: c, image: \"{img}\"{probes}}}]\n"
         ));
     }
     let t0 = Instant::now();
@@ -71,23 +78,29 @@ fn scale_pods_to_running() {
     let hwm = proc_status(pid, "VmHWM:");
     let rss = proc_status(pid, "VmRSS:");
     let threads = proc_status(pid, "Threads:");
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let cpu_ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let ticks = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = cpu_ticks() - ticks;
     println!(
-        "pods={n} all_running={:.2}s start_since_write p50={:.2}s p99={:.2}s agent_peak_rss={}KiB rss_now={}KiB threads={} cpu={:.2}s",
+        "pods={n} all_running={:.2}s start_since_write p50={:.2}s p99={:.2}s agent_peak_rss={}KiB rss_now={}KiB threads={} cpu={:.2}s idle_cpu_3s={:.2}s",
         total.as_secs_f64(),
         pct(0.5),
         pct(0.99),
         hwm,
         rss,
         threads,
-        ticks as f64 / 100.0
+        ticks as f64 / 100.0,
+        idle as f64 / 100.0
     );
     assert_eq!(per.len(), n);
 }

@@ -344,6 +344,20 @@ impl AgentEnv {
         cmd.output().expect("run hako-agent")
     }
 
+    /// Starts `hako-agent ARGS` with stdout piped (e.g. `logs -f`).
+    pub fn cli_spawn(&self, args: &[&str]) -> Child {
+        Command::new(target_bin("hako-agent", "HAKO_AGENT_BIN"))
+            .arg("--root-dir")
+            .arg(&self.root)
+            .arg("--pod-log-dir")
+            .arg(&self.logs)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn hako-agent")
+    }
+
     /// Host pid of the running container `c` of pod `name` (from the shim state).
     pub fn container_pid(&self, name: &str, c: &str) -> Option<i32> {
         let s = self.container_status(name, c)?;

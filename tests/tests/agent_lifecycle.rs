@@ -32,6 +32,14 @@ spec:
   - {{name: second, image: "{img}", command: [sh, -c, "sleep 1; echo second done"]}}
   containers:
   - {{name: main, image: "{img}"}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: ticker}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {{name: c, image: "{img}", command: [sh, -c, "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done"]}}
 "#
         ),
     );
@@ -52,6 +60,48 @@ spec:
         time(&main["state"]["running"]["startedAt"]) >= time(&t2["finishedAt"]),
         "{second}\n{main}"
     );
+    // describe shows the events.
+    let out = env.cli(&["describe", "pod", "init-node1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "Pulled",
+        "Created",
+        "Started container first",
+        "Started container main",
+    ] {
+        assert!(text.contains(want), "{want} not in\n{text}");
+    }
+    // logs -f follows a container that keeps writing.
+    env.wait_running("ticker", T);
+    let mut follow = env.cli_spawn(&["logs", "ticker-node1", "-f"]);
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while seen.len() < 8 {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) => seen.push(l),
+            Err(_) => break,
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(seen.len() >= 8, "{seen:?}");
+    let n: Vec<u32> = seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect();
+    assert!(n.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
     // logs of an init container
     let out = env.cli(&["logs", "init-node1", "-c", "second"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "second done\n");
@@ -407,6 +457,9 @@ fn crash_loop_backoff_doubles_and_oom_kill_is_reported() {
     if timing.len() > 3 {
         assert!(timing[3] >= 3.9, "{timing:?}");
     }
+    // logs --previous: the previous attempt's output.
+    let out = env.cli(&["logs", "crash-node1", "--previous"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "boom\n", "{out:?}");
     // OOM: reason OOMKilled, restarted (OnFailure).
     env.wait_for("OOMKilled and restarted", T, |e| {
         let s = e.container_status("oom", "c")?;

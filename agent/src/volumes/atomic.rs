@@ -240,17 +240,33 @@ pub fn write(dir: &Path, payload: &Payload) -> Result<bool, VolumeError> {
         }
         symlink(&want, &link).map_err(io(&link, "creating symlink"))?;
     }
-    // 4. Entries no longer in the payload, then the old data directory.
+    // 4. Entries no longer in the payload, then older data directories. The one just
+    // replaced is kept until the next update: a reader that resolved `..data` an instant
+    // before the swap still finds its files (removing it at once, as the kubelet does, lets
+    // such a reader see ENOENT).
     for s in stale {
         fs::remove_file(&s).map_err(io(&s, "removing old entry"))?;
     }
-    if let Some((name, _)) = old {
-        if name != ts {
+    let keep = old.map(|(name, _)| name);
+    for name in data_dirs(dir) {
+        if name != ts && Some(&name) != keep.as_ref() {
             let p = dir.join(&name);
             fs::remove_dir_all(&p).map_err(io(&p, "removing old data directory"))?;
         }
     }
     Ok(true)
+}
+
+/// Timestamped data directories (`..<ts>`) in `dir`.
+fn data_dirs(dir: &Path) -> Vec<String> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.starts_with("..") && n != DATA_DIR && n != DATA_DIR_TMP)
+        .collect()
 }
 
 /// User-visible entries present in `dir` (symlinks into `..data`, not starting with `..`).
@@ -339,15 +355,22 @@ mod tests {
         assert!(write(d.path(), &p2).unwrap());
         assert_eq!(fs::read_to_string(d.path().join("k1")).unwrap(), "v1b");
         assert!(fs::symlink_metadata(d.path().join("dir")).is_err());
-        assert!(!d.path().join(&first).exists());
+        assert!(
+            d.path().join(&first).exists(),
+            "the previous version is kept once"
+        );
+        let second = fs::read_link(d.path().join(DATA_DIR)).unwrap();
         let names: BTreeSet<String> = fs::read_dir(d.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names.len(), 4, "{names:?}"); // ..data, ..<ts>, k1, k3
-                                                 // Mode change alone is a change.
+        // ..data, two ..<ts>, k1, k3
+        assert_eq!(names.len(), 5, "{names:?}");
+        // A mode change alone is a change; the oldest version goes.
         p2.insert("k3".into(), f("v3", 0o644));
         assert!(write(d.path(), &p2).unwrap());
+        assert!(!d.path().join(&first).exists());
+        assert!(d.path().join(&second).exists());
     }
 
     #[test]

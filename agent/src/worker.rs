@@ -767,6 +767,16 @@ impl Worker {
                 }
             }
         }
+        // The next CNI CHECK.
+        if let (Some(t), true) = (
+            self.last_cni_check,
+            self.sandbox.as_ref().is_some_and(|s| s.ready),
+        ) {
+            let left = self.cfg.cni_check_period.saturating_sub(t.elapsed());
+            if let Ok(d) = k8s_openapi::chrono::Duration::from_std(left) {
+                wake = wake.min(now + d);
+            }
+        }
         // Back-off expiries of exited containers.
         let obs = self.observed();
         for c in all_containers(&self.pod) {
@@ -814,6 +824,7 @@ impl Worker {
             return false;
         }
         self.cni_check().await;
+        let obs = self.observed();
         let plan = compute_actions(&self.pod, &obs, now, &self.restart_backoff);
         let mut progress = false;
         for a in plan {

@@ -129,3 +129,59 @@ fn manifest_update_restarts_the_pod_and_delete_terminates_it() {
     let log = env.agent_log();
     assert!(log.contains("changed: uid"), "{log}");
 }
+
+#[test]
+fn failed_cni_check_recreates_the_sandbox() {
+    let mut env = AgentEnv::new("acheck");
+    let img = env.image("sleep");
+    env.args = vec!["--cni-check-frequency".into(), "1".into()];
+    env.write_manifest(
+        "net.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: net}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: c, image: \"{img}\"}}\n"),
+    );
+    env.start();
+    env.wait_running("net", T);
+    let pid = env.container_pid("net", "c").unwrap();
+    // Break the pod's network from the outside: delete its veth on the bridge.
+    let veths = env
+        .ns
+        .ip(&["-o", "link", "show", "master", "hkbr0"])
+        .unwrap();
+    let veth = veths
+        .lines()
+        .next()
+        .and_then(|l| l.split(": ").nth(1))
+        .and_then(|n| n.split('@').next())
+        .unwrap()
+        .to_string();
+    env.ns.ip(&["link", "del", &veth]).unwrap();
+    env.wait_for("sandbox re-created", T, |e| {
+        let ev = e.events("net");
+        let changed = ev
+            .iter()
+            .any(|(r, m)| r == "SandboxChanged" && m.contains("CNI CHECK"));
+        let s = e.container_status("net", "c")?;
+        (changed && s["restartCount"].as_i64()? >= 1 && s["state"]["running"].is_object())
+            .then_some(())
+    });
+    assert!(
+        !alive(pid),
+        "old container kept running in the broken sandbox"
+    );
+    env.wait_running("net", T);
+    // The new sandbox has a working network again.
+    let out = env.cli(&[
+        "exec",
+        "net-node1",
+        "--",
+        "ip",
+        "-4",
+        "addr",
+        "show",
+        "eth0",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("10.88.0."),
+        "{out:?}"
+    );
+}

@@ -140,6 +140,32 @@ impl AgentEnv {
         }
     }
 
+    /// Switches the network to hako-cni (from the target dir; the reference `loopback` plugin
+    /// is still used for `lo`). Call before [`AgentEnv::start`].
+    pub fn use_hako_cni(&mut self) {
+        let p = self.tmp.path();
+        std::fs::write(
+            p.join("net.d").join("10-test.conflist"),
+            serde_json::json!({
+                "cniVersion": "1.1.0",
+                "name": "hako-test",
+                "plugins": [{
+                    "type": "hako-cni", "bridge": "hkbr0", "isGateway": true, "ipMasq": false,
+                    "dataDir": p.join("ipam"),
+                    "ipam": {"ranges": [{"subnet": "10.88.0.0/24"}]}
+                }]
+            })
+            .to_string(),
+        )
+        .expect("conflist");
+        let dir = target_bin("hako-cni", "HAKO_CNI_BIN")
+            .parent()
+            .expect("bin dir")
+            .display()
+            .to_string();
+        self.args.extend(["--cni-bin-dir".to_string(), dir]);
+    }
+
     /// `127.0.0.1:<port>/busybox:<tag>` (tags: `sleep`, `plain`, `oci` = httpd as user app).
     pub fn image(&self, tag: &str) -> String {
         self.registry.reference(&format!("busybox:{tag}"))
@@ -170,7 +196,6 @@ impl AgentEnv {
             .arg(target_bin("hako-shim", "HAKO_SHIM_BIN"))
             .arg("--cni-conf-dir")
             .arg(self.tmp.path().join("net.d"))
-            .args(["--cni-bin-dir", "/usr/lib/cni"])
             .args(["--cgroup-parent", &self.cgroup_parent])
             .args(["--hostname-override", "node1", "--node-ip", "10.88.0.1"])
             .args([
@@ -180,6 +205,7 @@ impl AgentEnv {
                 "0.3",
             ])
             .args(&self.args)
+            .args(["--cni-bin-dir", "/usr/lib/cni"])
             .env("RUST_LOG", "info,hako_agent=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

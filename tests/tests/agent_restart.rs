@@ -185,3 +185,47 @@ fn failed_cni_check_recreates_the_sandbox() {
         "{out:?}"
     );
 }
+
+#[test]
+fn runs_pods_on_hako_cni() {
+    let mut env = AgentEnv::new("ahcni");
+    let img = env.image("sleep");
+    env.use_hako_cni();
+    let web = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: \"{img}\"\n    command: [sh, -c, \"mkdir /www; echo hello from $HOSTNAME > /www/index.html; exec httpd -f -p 8080 -h /www\"]\n    readinessProbe: {{httpGet: {{port: 8080}}, periodSeconds: 1}}\n"
+        )
+    };
+    env.write_manifest("a.yaml", &web("a"));
+    env.write_manifest("b.yaml", &web("b"));
+    env.start();
+    env.wait_running("a", T);
+    let rb = env.wait_running("b", T);
+    let ip_b = rb["pod"]["status"]["podIP"].as_str().unwrap().to_string();
+    // Pod to pod over the hako-cni bridge.
+    let out = env.cli(&[
+        "exec",
+        "a-node1",
+        "--",
+        "wget",
+        "-qO-",
+        &format!("http://{ip_b}:8080/"),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from b-node1\n",
+        "{out:?}"
+    );
+    env.remove_manifest("a.yaml");
+    env.remove_manifest("b.yaml");
+    env.wait_for("pods removed", T, |e| e.records().is_empty().then_some(()));
+    let left: Vec<_> = std::fs::read_dir(env.tmp.path().join("ipam"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with("10.88."))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "addresses still allocated: {left:?}");
+}

@@ -104,6 +104,16 @@ struct Cli {
     /// and the next agent re-adopts them).
     #[arg(long)]
     stop_pods_on_exit: bool,
+    /// Service dataplane for the Services of the manifest directory (their endpoints are the
+    /// local pods their selectors match): iptables, nftables, ipvs or none.
+    #[arg(long, value_name = "MODE", default_value = "iptables")]
+    proxy_mode: hako_agent::services::ProxyMode,
+    /// iptables flavour for --proxy-mode iptables/ipvs: "" (system default), nft or legacy.
+    #[arg(long, value_name = "VARIANT", default_value = "")]
+    iptables_variant: String,
+    /// Address of /healthz and /metrics ("" disables the server).
+    #[arg(long, value_name = "ADDR", default_value = hako_agent::server::DEFAULT_ADDR)]
+    healthz_bind_address: String,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -369,6 +379,30 @@ fn run_agent(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
         .max_blocking_threads(16)
         .thread_keep_alive(std::time::Duration::from_secs(5))
         .build()?;
+    let healthz_addr = match cli.healthz_bind_address.as_str() {
+        "" => None,
+        a => Some(
+            a.parse()
+                .with_context(|| format!("--healthz-bind-address {a:?}"))?,
+        ),
+    };
+    let node_services =
+        hako_agent::server::start_node_services(hako_agent::server::NodeServicesOptions {
+            healthz_addr,
+            proxy_mode: cli.proxy_mode,
+            iptables_variant: cli.iptables_variant.clone(),
+            cluster_cidr: None,
+            poller: hako_agent::services::PollerOptions {
+                manifest_dir: dir.to_path_buf(),
+                static_pods: StaticPodOptions {
+                    node_name: cli.hostname_override.clone(),
+                    suffix_node_name: true,
+                },
+                root: cli.root_dir.clone(),
+                period: std::time::Duration::from_millis(500),
+            },
+        })?;
+    rt.spawn(hako_agent::server::heartbeat(node_services.metrics.clone()));
     rt.block_on(hako_agent::standalone::run(
         cfg,
         hako_agent::standalone::StandaloneOptions {

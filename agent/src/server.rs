@@ -68,6 +68,8 @@ pub struct AgentMetrics {
     pub image_pull_errors: AtomicU64,
     /// Service rule sync failures.
     pub proxy_sync_errors: AtomicU64,
+    /// Sum of the containers' restart counts (from the pod records).
+    pub container_restarts: AtomicU64,
     pod_sync: Mutex<Histogram>,
     proxy_sync: Mutex<Histogram>,
     pod_start: Mutex<Histogram>,
@@ -85,6 +87,7 @@ impl Default for AgentMetrics {
             shim_errors: AtomicU64::new(0),
             image_pull_errors: AtomicU64::new(0),
             proxy_sync_errors: AtomicU64::new(0),
+            container_restarts: AtomicU64::new(0),
             pod_sync: Mutex::default(),
             proxy_sync: Mutex::default(),
             pod_start: Mutex::default(),
@@ -163,6 +166,36 @@ impl AgentMetrics {
     /// A service rules sync failed.
     pub fn proxy_sync_error(&self) {
         inc(&self.proxy_sync_errors);
+    }
+
+    /// Refreshes the pod gauges from the pods' recorded status: pods in phase Running,
+    /// containers (init and sidecar included) in state running, and the restart count sum.
+    pub fn observe_pods(&self, pods: &[k8s_openapi::api::core::v1::Pod]) {
+        let mut running = 0u64;
+        let mut containers = 0u64;
+        let mut restarts = 0u64;
+        for p in pods {
+            let Some(st) = p.status.as_ref() else {
+                continue;
+            };
+            if st.phase.as_deref() == Some("Running") {
+                running += 1;
+            }
+            for c in st
+                .container_statuses
+                .iter()
+                .flatten()
+                .chain(st.init_container_statuses.iter().flatten())
+            {
+                if c.state.as_ref().is_some_and(|s| s.running.is_some()) {
+                    containers += 1;
+                }
+                restarts += u64::try_from(c.restart_count).unwrap_or(0);
+            }
+        }
+        self.pods_running.store(running, Ordering::Relaxed);
+        self.containers_running.store(containers, Ordering::Relaxed);
+        self.container_restarts.store(restarts, Ordering::Relaxed);
     }
 
     /// Prometheus text exposition (names follow the kubelet's where one exists).
@@ -246,6 +279,83 @@ impl AgentMetrics {
         }
         o
     }
+}
+
+/// Beats [`AgentMetrics::heartbeat`] every second for as long as the runtime that drives it
+/// is responsive: spawned on the agent's single-threaded runtime, it stops beating when the
+/// sync loop blocks or dies.
+pub async fn heartbeat(metrics: Arc<AgentMetrics>) {
+    loop {
+        metrics.heartbeat();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// What the standalone agent runs beside its pod workers.
+pub struct NodeServicesOptions {
+    /// healthz/metrics address (None: no server).
+    pub healthz_addr: Option<SocketAddr>,
+    /// Service dataplane.
+    pub proxy_mode: crate::services::ProxyMode,
+    /// iptables flavour ("", "nft", "legacy").
+    pub iptables_variant: String,
+    /// Pod CIDR (traffic from outside it to a ClusterIP is masqueraded).
+    pub cluster_cidr: Option<String>,
+    /// Services source, records and period.
+    pub poller: crate::services::PollerOptions,
+}
+
+/// The healthz/metrics server and the Service loop; both stop when this is dropped.
+pub struct NodeServices {
+    /// Shared metrics (pass to [`heartbeat`] and the workers).
+    pub metrics: Arc<AgentMetrics>,
+    server: Option<Server>,
+    stop: Arc<AtomicBool>,
+    poller: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NodeServices {
+    /// The server's bound address.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.server.as_ref().map(Server::addr)
+    }
+}
+
+impl Drop for NodeServices {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.poller.take() {
+            let _ = t.join();
+        }
+        self.server.take();
+    }
+}
+
+/// Starts the healthz/metrics server (healthy while [`heartbeat`] beats within 10 s) and the
+/// Service loop ([`crate::services::spawn_poller`]).
+pub fn start_node_services(opts: NodeServicesOptions) -> anyhow::Result<NodeServices> {
+    let metrics = AgentMetrics::new();
+    let server = match opts.healthz_addr {
+        Some(a) => Some(
+            start(a, metrics.clone(), Duration::from_secs(10))
+                .map_err(|e| anyhow::anyhow!("healthz server on {a}: {e}"))?,
+        ),
+        None => None,
+    };
+    let runner = crate::services::runner_for_mode(
+        opts.proxy_mode,
+        &opts.poller.static_pods.node_name,
+        &opts.iptables_variant,
+        opts.cluster_cidr.clone(),
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = crate::services::spawn_poller(runner, opts.poller, metrics.clone(), stop.clone())?;
+    Ok(NodeServices {
+        metrics,
+        server,
+        stop,
+        poller: Some(poller),
+    })
 }
 
 /// A running server.

@@ -9,6 +9,7 @@
 //! dataplane within one period.
 
 use crate::manifest::StaticPodOptions;
+use crate::server::AgentMetrics;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -17,7 +18,7 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -338,35 +339,22 @@ pub struct PollerOptions {
     pub period: Duration,
 }
 
-/// Observations the server exports.
-#[derive(Debug, Default, Clone)]
-pub struct ProxyStats {
-    /// Successful syncs.
-    pub syncs: u64,
-    /// Failed syncs.
-    pub failures: u64,
-    /// Duration of the last sync.
-    pub last_duration: Duration,
-    /// Services in the last update.
-    pub services: usize,
-    /// Slices in the last update.
-    pub slices: usize,
-}
-
-/// Runs the Service loop on a thread until `stop` is set. Load errors of the directory are
-/// logged (the manifest source reports bad documents itself); sync failures are retried next
-/// period.
+/// Runs the Service loop on a thread until `stop` is set: every period, Services from the
+/// manifest directory and pods from the records go through [`ServiceRunner::update`]; the pod
+/// and container gauges of `metrics` are refreshed from the same records. Load errors of the
+/// directory are logged (the manifest source reports bad documents itself); sync failures are
+/// retried next period.
 pub fn spawn_poller(
-    mut runner: ServiceRunner,
+    mut runner: Option<ServiceRunner>,
     opts: PollerOptions,
-    stats: Arc<Mutex<ProxyStats>>,
+    metrics: Arc<AgentMetrics>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("services".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                poll_once(&mut runner, &opts, &stats);
+                poll_once(runner.as_mut(), &opts, &metrics);
                 let mut slept = Duration::ZERO;
                 while slept < opts.period && !stop.load(Ordering::Relaxed) {
                     let d = Duration::from_millis(100).min(opts.period - slept);
@@ -377,8 +365,17 @@ pub fn spawn_poller(
         })
 }
 
-/// One iteration of the poller (public for tests).
-pub fn poll_once(runner: &mut ServiceRunner, opts: &PollerOptions, stats: &Mutex<ProxyStats>) {
+/// One iteration of the poller (public for tests). `runner` None: metrics only.
+pub fn poll_once(runner: Option<&mut ServiceRunner>, opts: &PollerOptions, metrics: &AgentMetrics) {
+    let pods: Vec<Pod> = match crate::state::read_records(&opts.root) {
+        Ok((recs, _)) => recs.into_iter().map(|r| r.pod).collect(),
+        Err(e) => {
+            warn!(error = %e, "services: reading pod records");
+            return;
+        }
+    };
+    metrics.observe_pods(&pods);
+    let Some(runner) = runner else { return };
     let services: Vec<Service> =
         match crate::source::load_dir(&opts.manifest_dir, &opts.static_pods) {
             Ok(l) => l.snapshot.services.into_values().collect(),
@@ -387,25 +384,11 @@ pub fn poll_once(runner: &mut ServiceRunner, opts: &PollerOptions, stats: &Mutex
                 return;
             }
         };
-    let pods: Vec<Pod> = match crate::state::read_records(&opts.root) {
-        Ok((recs, _)) => recs.into_iter().map(|r| r.pod).collect(),
-        Err(e) => {
-            warn!(error = %e, "services: reading pod records");
-            return;
-        }
-    };
     let n = services.len();
     match runner.update(services, &pods) {
         Ok(o) => {
-            if let Ok(mut s) = stats.lock() {
-                s.services = n;
-                s.slices = o.slices;
-                if o.synced {
-                    s.syncs += 1;
-                    s.last_duration = o.took;
-                }
-            }
             if o.synced {
+                metrics.observe_proxy_sync(o.took);
                 info!(
                     services = n,
                     slices = o.slices,
@@ -416,11 +399,75 @@ pub fn poll_once(runner: &mut ServiceRunner, opts: &PollerOptions, stats: &Mutex
         }
         Err(e) => {
             warn!(error = %e, "service rules sync failed; retrying");
-            if let Ok(mut s) = stats.lock() {
-                s.failures += 1;
-            }
+            metrics.proxy_sync_error();
         }
     }
+}
+
+/// The dataplane the standalone agent programs for its Services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// kube-proxy-compatible iptables rules (default).
+    Iptables,
+    /// nf_tables over netlink.
+    Nftables,
+    /// IPVS (needs the ip_vs modules).
+    Ipvs,
+    /// No Service dataplane.
+    None,
+}
+
+impl std::str::FromStr for ProxyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "iptables" | "" => Ok(Self::Iptables),
+            "nftables" => Ok(Self::Nftables),
+            "ipvs" => Ok(Self::Ipvs),
+            "none" => Ok(Self::None),
+            o => Err(format!(
+                "unknown proxy mode {o:?} (iptables, nftables, ipvs, none)"
+            )),
+        }
+    }
+}
+
+/// A runner for `mode` (None for [`ProxyMode::None`]), with conntrack flushing of stale UDP
+/// flows.
+pub fn runner_for_mode(
+    mode: ProxyMode,
+    node_name: &str,
+    iptables_variant: &str,
+    cluster_cidr: Option<String>,
+) -> anyhow::Result<Option<ServiceRunner>> {
+    let render = hako_proxier::RenderOpts {
+        cluster_cidr,
+        ..Default::default()
+    };
+    let backend: Box<dyn hako_proxier::Backend> = match mode {
+        ProxyMode::None => return Ok(None),
+        ProxyMode::Iptables => Box::new(hako_proxier::IptablesBackend::new(
+            hako_proxier::RealIptables::with_variant(iptables_variant),
+            render.clone(),
+        )),
+        ProxyMode::Nftables => Box::new(hako_proxier::NftablesBackend::new(render.clone())),
+        ProxyMode::Ipvs => Box::new(hako_proxier::ipvs::IpvsBackend::new(
+            hako_proxier::ipvs::IpvsOpts {
+                render: render.clone(),
+                iptables_variant: iptables_variant.to_string(),
+                ..Default::default()
+            },
+        )?),
+    };
+    let proxier = hako_proxier::Proxier::new(
+        backend,
+        hako_proxier::ProxierOpts {
+            hostname: node_name.to_string(),
+            render,
+        },
+    )
+    .with_conntrack(Box::new(hako_proxier::conntrack::NetlinkConntrack));
+    Ok(Some(ServiceRunner::new(proxier)))
 }
 
 #[cfg(test)]

@@ -229,3 +229,31 @@ fn runs_pods_on_hako_cni() {
         .unwrap_or_default();
     assert!(left.is_empty(), "addresses still allocated: {left:?}");
 }
+
+#[test]
+fn stop_pods_on_exit_cleans_up_everything() {
+    let mut env = AgentEnv::new("astop");
+    let img = env.image("sleep");
+    env.args = vec!["--stop-pods-on-exit".into()];
+    env.write_manifest(
+        "p.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: c, image: \"{img}\"}}\n"),
+    );
+    env.start();
+    env.wait_running("p", T);
+    let pid = env.container_pid("p", "c").unwrap();
+    env.stop();
+    assert!(!alive(pid));
+    assert!(env.records().is_empty());
+    assert!(
+        env.shim_containers().is_empty(),
+        "{:?}",
+        env.shim_containers()
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&env.run.display().to_string()),
+        "namespace mounts left"
+    );
+    assert!(env.agent_log().contains("stopping every pod before exit"));
+}

@@ -3,6 +3,7 @@
 
 pub mod actions;
 pub mod backoff;
+pub mod cluster;
 pub mod cni;
 pub mod dns;
 pub mod env;
@@ -17,11 +18,11 @@ pub mod record;
 pub mod render;
 pub mod runtime;
 pub mod sandbox;
+pub mod server;
+pub mod services;
 pub mod source;
 pub mod standalone;
 pub mod state;
 pub mod status;
-pub mod worker;
 pub mod volumes;
-pub mod services;
-pub mod server;
+pub mod worker;

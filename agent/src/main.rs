@@ -114,6 +114,9 @@ struct Cli {
     /// Address of /healthz and /metrics ("" disables the server).
     #[arg(long, value_name = "ADDR", default_value = hako_agent::server::DEFAULT_ADDR)]
     healthz_bind_address: String,
+    /// Cluster mode (--kubeconfig and the node registration, Lease and overlay options).
+    #[command(flatten)]
+    cluster: hako_agent::cluster::ClusterArgs,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -291,6 +294,20 @@ fn main() -> anyhow::Result<()> {
                     )
                 })?;
             write!(out, "{}", render::describe(rec, Utc::now()))?;
+        }
+        None if cli.cluster.kubeconfig.is_some() => {
+            let node_ip = match cli.node_ip.as_deref().map(str::parse) {
+                None => None,
+                Some(Ok(ip)) => Some(ip),
+                Some(Err(e)) => anyhow::bail!("--node-ip: {e}"),
+            };
+            let node = hako_agent::cluster::NodeSettings {
+                node_name: cli.hostname_override.clone(),
+                root_dir: cli.root_dir.clone(),
+                node_ip,
+                cni_conf_dir: cli.cni_conf_dir.clone(),
+            };
+            hako_agent::cluster::run(&cli.cluster, &node)?;
         }
         None => {
             let Some(dir) = &cli.pod_manifest_path else {

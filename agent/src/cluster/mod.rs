@@ -1,0 +1,616 @@
+//! Cluster mode (`--kubeconfig`): registers this machine as a Node of a kube-apiserver, keeps
+//! its Lease and status fresh, and runs the overlay controller. Effectful (kube client, tokio,
+//! netlink through `hako_cni::overlay`); the objects it sends are built by the pure `node` and
+//! `overlay` modules.
+
+pub mod facts;
+pub mod node;
+pub mod overlay;
+
+use futures::StreamExt;
+use ipnet::IpNet;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{Node, NodeStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
+use k8s_openapi::chrono::Utc;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+use node::{NodeConfig, NodeFacts};
+
+/// Cluster-mode options (flattened into the `hako-agent` command line).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Join the cluster of this kubeconfig (node credentials: CN=system:node:<name>,
+    /// O=system:nodes) and run as its Node.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Extra node labels, `key=value,...`.
+    #[arg(long, value_name = "LABELS", default_value = "")]
+    pub node_labels: String,
+    /// Taints set when the Node is first created, `key=value:Effect,...`.
+    #[arg(long, value_name = "TAINTS", default_value = "")]
+    pub register_with_taints: String,
+    /// Resources reserved for the system, `cpu=100m,memory=256Mi,ephemeral-storage=1Gi`.
+    #[arg(long, value_name = "RESOURCES", default_value = "")]
+    pub system_reserved: String,
+    /// Hard eviction thresholds (they also drive the pressure conditions).
+    #[arg(long, value_name = "THRESHOLDS", default_value = node::DEFAULT_EVICTION_HARD)]
+    pub eviction_hard: String,
+    /// Pod capacity of the node.
+    #[arg(long, default_value_t = 110)]
+    pub max_pods: u32,
+    /// Seconds between Lease renewals (lease duration is 4×).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub node_lease_renew_interval: u64,
+    /// Seconds between node status computations (a report is sent when it changed).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub node_status_update_frequency: u64,
+    /// Seconds after which an unchanged node status is reported anyway.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub node_status_report_frequency: u64,
+    /// Run the VXLAN overlay controller (device, subnet file, peers from all Nodes).
+    #[arg(long)]
+    pub overlay: bool,
+    /// Pod CIDR of this node when the controller-manager does not allocate one
+    /// (repeatable for dual stack; published as the `hako.dev/pod-cidr` annotation).
+    #[arg(long = "pod-cidr", value_name = "CIDR")]
+    pub pod_cidr: Vec<IpNet>,
+    /// Cluster pod network(s) written to the subnet file (HAKO_NETWORK).
+    #[arg(long = "cluster-cidr", value_name = "CIDR")]
+    pub cluster_cidr: Vec<IpNet>,
+    /// Subnet file for the CNI plugin.
+    #[arg(long, value_name = "FILE", default_value = "/run/hako/subnet.env")]
+    pub subnet_file: PathBuf,
+    /// VXLAN device name.
+    #[arg(long, default_value = "hako.1")]
+    pub overlay_device: String,
+    /// VXLAN network identifier.
+    #[arg(long, default_value_t = 1)]
+    pub overlay_vni: u32,
+    /// VXLAN UDP port.
+    #[arg(long, default_value_t = 4789)]
+    pub overlay_port: u16,
+    /// Underlay interface (default: the default-route interface).
+    #[arg(long, value_name = "IFACE")]
+    pub overlay_interface: Option<String>,
+}
+
+/// A cluster-mode failure that stops start-up (runtime failures are retried, never fatal).
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    /// Bad flag.
+    #[error(transparent)]
+    Flag(#[from] node::FlagError),
+    /// The kubeconfig could not be read or used.
+    #[error("kubeconfig {0}: {1}")]
+    Kubeconfig(PathBuf, String),
+    /// The async runtime could not start.
+    #[error("tokio runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Settings cluster mode shares with the rest of the agent's command line.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// Node name.
+    pub node_name: String,
+    /// State directory (its filesystem is the node filesystem for capacity and pressure).
+    pub root_dir: PathBuf,
+    /// InternalIP (default: the IPv4 address of the default-route interface).
+    pub node_ip: Option<IpAddr>,
+    /// CNI configuration directory: the node is Ready once it holds a network config.
+    pub cni_conf_dir: PathBuf,
+}
+
+/// Everything the loops share.
+struct Ctx {
+    client: Client,
+    cfg: NodeConfig,
+    facts: NodeFacts,
+    args: ClusterArgs,
+    node: NodeSettings,
+    /// The overlay is configured (NetworkUnavailable=False).
+    overlay_ready: AtomicBool,
+}
+
+/// Exponential back-off from 200 ms to `max`.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Backoff {
+            next: Duration::from_millis(200),
+            max,
+        }
+    }
+    fn fail(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+    fn reset(&mut self) {
+        self.next = Duration::from_millis(200);
+    }
+}
+
+async fn client_from(path: &Path, timeout: Option<Duration>) -> Result<Client, ClusterError> {
+    let err = |e: String| ClusterError::Kubeconfig(path.to_path_buf(), e);
+    let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
+    let mut cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    if let Some(t) = timeout {
+        cfg.read_timeout = Some(t);
+        cfg.write_timeout = Some(t);
+        cfg.connect_timeout = Some(t);
+    }
+    Client::try_from(cfg).map_err(|e| err(e.to_string()))
+}
+
+/// Parses the flags into the node configuration.
+pub fn node_config(args: &ClusterArgs, node_name: &str) -> Result<NodeConfig, ClusterError> {
+    Ok(NodeConfig {
+        name: node_name.to_string(),
+        labels: node::parse_labels(&args.node_labels)?,
+        taints: node::parse_taints(&args.register_with_taints)?,
+        reserved: node::parse_reserved(&args.system_reserved)?,
+        max_pods: args.max_pods,
+        eviction: node::parse_eviction(&args.eviction_hard)?,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        kubelet_port: 10250,
+    })
+}
+
+/// Runs cluster mode until the process is killed. Returns only on a start-up error.
+pub fn run(args: &ClusterArgs, node: &NodeSettings) -> Result<(), ClusterError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(ClusterError::Runtime)?;
+    rt.block_on(run_async(args.clone(), node.clone()))
+}
+
+/// Async form of [`run`].
+pub async fn run_async(args: ClusterArgs, node: NodeSettings) -> Result<(), ClusterError> {
+    let Some(path) = args.kubeconfig.clone() else {
+        return Err(ClusterError::Kubeconfig(
+            PathBuf::new(),
+            "no --kubeconfig".into(),
+        ));
+    };
+    let cfg = node_config(&args, &node.node_name)?;
+    // Short timeouts for the heartbeat paths: a hung apiserver must not stall the Lease.
+    let client = client_from(&path, Some(Duration::from_secs(10))).await?;
+    let watch_client = client_from(&path, None).await?;
+    let facts = facts::gather(node.node_ip, &node.node_name, &node.root_dir);
+    tracing::info!(node = %node.node_name, ip = ?facts.internal_ip, "joining the cluster");
+    let ctx = Arc::new(Ctx {
+        client,
+        cfg,
+        facts,
+        args,
+        node,
+        overlay_ready: AtomicBool::new(false),
+    });
+    let status = tokio::spawn(status_loop(ctx.clone()));
+    let lease = tokio::spawn(lease_loop(ctx.clone()));
+    let overlay = if ctx.args.overlay {
+        Some(tokio::spawn(overlay_loop(ctx.clone(), watch_client)))
+    } else {
+        None
+    };
+    // The loops never return; a panic in one is logged and the process keeps the others.
+    let _ = status.await;
+    let _ = lease.await;
+    if let Some(o) = overlay {
+        let _ = o.await;
+    }
+    Ok(())
+}
+
+fn current_status(ctx: &Ctx, prev: &[k8s_openapi::api::core::v1::NodeCondition]) -> NodeStatus {
+    let m = facts::measure(&ctx.node.root_dir);
+    let p = node::pressure(&ctx.cfg.eviction, &m);
+    let cni = facts::cni_config_present(&ctx.node.cni_conf_dir);
+    let not_ready = node::network_not_ready_reason(cni);
+    let net_unavailable = if ctx.args.overlay {
+        (!ctx.overlay_ready.load(Ordering::Relaxed))
+            .then(|| "the hako overlay is not configured yet".to_string())
+    } else {
+        not_ready.clone()
+    };
+    let conds = node::conditions(
+        p,
+        not_ready.as_deref(),
+        net_unavailable.as_deref(),
+        Utc::now(),
+        prev,
+    );
+    node::node_status(&ctx.cfg, &ctx.facts, conds)
+}
+
+/// Creates the Node, or patches labels/annotations of an existing one (taints are only set
+/// at creation, as NodeRestriction forbids a node to change them). Returns the Node's UID.
+async fn register(ctx: &Ctx, status: &NodeStatus) -> Result<String, kube::Error> {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let want = node::registration(&ctx.cfg, &ctx.facts, status.clone());
+    match api.create(&PostParams::default(), &want).await {
+        Ok(n) => {
+            tracing::info!(node = %ctx.cfg.name, "node registered");
+            return Ok(n.metadata.uid.unwrap_or_default());
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e),
+    }
+    let patch = serde_json::json!({"metadata": {
+        "labels": want.metadata.labels, "annotations": want.metadata.annotations}});
+    let n = api
+        .patch(
+            &ctx.cfg.name,
+            &PatchParams::default(),
+            &Patch::Strategic(patch),
+        )
+        .await?;
+    tracing::info!(node = %ctx.cfg.name, "node exists; labels updated");
+    Ok(n.metadata.uid.unwrap_or_default())
+}
+
+async fn send_status(ctx: &Ctx, status: &NodeStatus) -> Result<(), kube::Error> {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let patch = serde_json::json!({ "status": status });
+    api.patch_status(
+        &ctx.cfg.name,
+        &PatchParams::default(),
+        &Patch::Strategic(patch),
+    )
+    .await
+    .map(|_| ())
+}
+
+async fn status_loop(ctx: Arc<Ctx>) {
+    let every = Duration::from_secs(ctx.args.node_status_update_frequency.max(1));
+    let report_every = Duration::from_secs(ctx.args.node_status_report_frequency.max(1));
+    let mut backoff = Backoff::new(every);
+    let mut registered = false;
+    let mut last: Option<(NodeStatus, Instant)> = None;
+    loop {
+        let prev = last
+            .as_ref()
+            .and_then(|(s, _)| s.conditions.clone())
+            .unwrap_or_default();
+        let st = current_status(&ctx, &prev);
+        if !registered {
+            match register(&ctx, &st).await {
+                Ok(_) => registered = true,
+                Err(e) => {
+                    let d = backoff.fail();
+                    tracing::warn!("node registration failed (retry in {d:?}): {e}");
+                    tokio::time::sleep(d).await;
+                    continue;
+                }
+            }
+        }
+        let due = match &last {
+            None => true,
+            Some((s, at)) => node::status_changed(s, &st) || at.elapsed() >= report_every,
+        };
+        if due {
+            match send_status(&ctx, &st).await {
+                Ok(()) => {
+                    backoff.reset();
+                    last = Some((st, Instant::now()));
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    tracing::warn!("node object is gone; registering again");
+                    registered = false;
+                    continue;
+                }
+                Err(e) => {
+                    let d = backoff.fail();
+                    tracing::warn!("node status update failed (retry in {d:?}): {e}");
+                    tokio::time::sleep(d).await;
+                    continue;
+                }
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+const LEASE_NS: &str = "kube-node-lease";
+
+fn new_lease(ctx: &Ctx, node_uid: Option<&str>) -> Lease {
+    let renew = Duration::from_secs(ctx.args.node_lease_renew_interval.max(1));
+    let secs = i32::try_from(renew.as_secs().saturating_mul(4)).unwrap_or(40);
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(ctx.cfg.name.clone()),
+            namespace: Some(LEASE_NS.into()),
+            owner_references: node_uid.filter(|u| !u.is_empty()).map(|uid| {
+                vec![OwnerReference {
+                    api_version: "v1".into(),
+                    kind: "Node".into(),
+                    name: ctx.cfg.name.clone(),
+                    uid: uid.into(),
+                    ..Default::default()
+                }]
+            }),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(ctx.cfg.name.clone()),
+            lease_duration_seconds: Some(secs),
+            renew_time: Some(MicroTime(Utc::now())),
+            ..Default::default()
+        }),
+    }
+}
+
+/// One renewal: update the cached lease (optimistic concurrency), or fetch/create it.
+async fn renew(ctx: &Ctx, cached: &mut Option<Lease>) -> Result<(), kube::Error> {
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), LEASE_NS);
+    if let Some(mut l) = cached.take() {
+        if l.metadata.owner_references.is_none() {
+            // The lease may predate the Node (both start together): own it once the Node exists,
+            // so it is garbage-collected with the Node.
+            let nodes: Api<Node> = Api::all(ctx.client.clone());
+            if let Some(uid) = nodes
+                .get_opt(&ctx.cfg.name)
+                .await?
+                .and_then(|n| n.metadata.uid)
+            {
+                l.metadata.owner_references = new_lease(ctx, Some(&uid)).metadata.owner_references;
+            }
+        }
+        let renew_s =
+            i32::try_from(ctx.args.node_lease_renew_interval.saturating_mul(4)).unwrap_or(40);
+        let spec = l.spec.get_or_insert_with(Default::default);
+        spec.renew_time = Some(MicroTime(Utc::now()));
+        spec.holder_identity = Some(ctx.cfg.name.clone());
+        spec.lease_duration_seconds = Some(renew_s);
+        match api.replace(&ctx.cfg.name, &PostParams::default(), &l).await {
+            Ok(n) => {
+                *cached = Some(n);
+                return Ok(());
+            }
+            // Conflict or gone: fall through to a fresh read.
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match api.get_opt(&ctx.cfg.name).await? {
+        Some(mut l) => {
+            let spec = l.spec.get_or_insert_with(Default::default);
+            spec.renew_time = Some(MicroTime(Utc::now()));
+            spec.holder_identity = Some(ctx.cfg.name.clone());
+            *cached = Some(
+                api.replace(&ctx.cfg.name, &PostParams::default(), &l)
+                    .await?,
+            );
+        }
+        None => {
+            let nodes: Api<Node> = Api::all(ctx.client.clone());
+            let uid = nodes
+                .get_opt(&ctx.cfg.name)
+                .await?
+                .and_then(|n| n.metadata.uid);
+            *cached = Some(
+                api.create(&PostParams::default(), &new_lease(ctx, uid.as_deref()))
+                    .await?,
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn lease_loop(ctx: Arc<Ctx>) {
+    let every = Duration::from_secs(ctx.args.node_lease_renew_interval.max(1));
+    let mut backoff = Backoff::new(every);
+    let mut cached: Option<Lease> = None;
+    let mut failing = false;
+    loop {
+        match renew(&ctx, &mut cached).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("lease renewal recovered");
+                }
+                failing = false;
+                backoff.reset();
+                tokio::time::sleep(every).await;
+            }
+            Err(e) => {
+                cached = None;
+                let d = backoff.fail();
+                if !failing {
+                    tracing::warn!("lease renewal failed (retrying with back-off): {e}");
+                }
+                failing = true;
+                tokio::time::sleep(d).await;
+            }
+        }
+    }
+}
+
+fn overlay_cfg(ctx: &Ctx) -> hako_cni::overlay::OverlayConfig {
+    hako_cni::overlay::OverlayConfig {
+        dev: ctx.args.overlay_device.clone(),
+        vni: ctx.args.overlay_vni,
+        port: ctx.args.overlay_port,
+        underlay_if: ctx.args.overlay_interface.clone(),
+        underlay_ip: ctx.node.node_ip,
+        state_dir: ctx.node.root_dir.join("overlay"),
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Overlay controller: device, subnet file and own annotations once the pod CIDR is known,
+/// then peers converged from a watch of all Nodes (and resynced every minute).
+async fn overlay_loop(ctx: Arc<Ctx>, watch_client: Client) {
+    use kube::runtime::watcher;
+    let nodes_api: Api<Node> = Api::all(watch_client);
+    let own: Api<Node> = Api::all(ctx.client.clone());
+    let ocfg = overlay_cfg(&ctx);
+    let mut backoff = Backoff::new(Duration::from_secs(30));
+    let mut known: BTreeMap<String, Node> = BTreeMap::new();
+    let mut configured = false;
+    let mut stream = watcher(nodes_api.clone(), watcher::Config::default()).boxed();
+    let mut resync = tokio::time::interval(Duration::from_secs(60));
+    let mut retry = tokio::time::interval(Duration::from_secs(2));
+    let mut relist: Option<BTreeMap<String, Node>> = None;
+    loop {
+        let changed = tokio::select! {
+            ev = stream.next() => match ev {
+                Some(Ok(watcher::Event::Apply(n))) => {
+                    let name = n.metadata.name.clone().unwrap_or_default();
+                    known.insert(name, n);
+                    true
+                }
+                Some(Ok(watcher::Event::Delete(n))) => {
+                    known.remove(n.metadata.name.as_deref().unwrap_or(""));
+                    true
+                }
+                Some(Ok(watcher::Event::Init)) => {
+                    relist = Some(BTreeMap::new());
+                    false
+                }
+                Some(Ok(watcher::Event::InitApply(n))) => {
+                    let name = n.metadata.name.clone().unwrap_or_default();
+                    relist.get_or_insert_with(BTreeMap::new).insert(name, n);
+                    false
+                }
+                Some(Ok(watcher::Event::InitDone)) => {
+                    // A (re)list is complete: it replaces what was known, so nodes deleted
+                    // while the watch was down are dropped too.
+                    known = relist.take().unwrap_or_default();
+                    true
+                }
+                Some(Err(e)) => {
+                    let d = backoff.fail();
+                    tracing::warn!("node watch failed (retry in {d:?}): {e}");
+                    tokio::time::sleep(d).await;
+                    false
+                }
+                None => {
+                    stream = watcher(nodes_api.clone(), watcher::Config::default()).boxed();
+                    false
+                }
+            },
+            _ = resync.tick() => true,
+            _ = retry.tick(), if !configured => true,
+        };
+        if !changed {
+            continue;
+        }
+        backoff.reset();
+        if !configured {
+            match configure(&ctx, &ocfg, &own, known.get(&ctx.cfg.name)).await {
+                Ok(true) => {
+                    configured = true;
+                    ctx.overlay_ready.store(true, Ordering::Relaxed);
+                }
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!("overlay setup failed (retrying): {e}");
+                    continue;
+                }
+            }
+        }
+        let all: Vec<Node> = known.values().cloned().collect();
+        let peers = overlay::peers(&all, &ctx.cfg.name);
+        let cfg2 = ocfg.clone();
+        match tokio::task::spawn_blocking(move || hako_cni::overlay::sync_peers(&cfg2, &peers))
+            .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("overlay peer sync failed: {e}"),
+            Err(e) => tracing::warn!("overlay peer sync panicked: {e}"),
+        }
+    }
+}
+
+/// Sets the overlay up once the pod CIDR is known: VXLAN device, subnet file, annotations.
+/// Ok(false) while the pod CIDR is not known yet.
+async fn configure(
+    ctx: &Ctx,
+    ocfg: &hako_cni::overlay::OverlayConfig,
+    own: &Api<Node>,
+    me: Option<&Node>,
+) -> Result<bool, String> {
+    let from_flag = !ctx.args.pod_cidr.is_empty();
+    let cidrs: Vec<IpNet> = if from_flag {
+        ctx.args.pod_cidr.clone()
+    } else {
+        let Some(n) = me else { return Ok(false) };
+        let spec_cidrs: Vec<IpNet> = n
+            .spec
+            .as_ref()
+            .map(|s| {
+                s.pod_cidrs
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .chain(s.pod_cidr.clone())
+                    .filter_map(|c| c.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut v = spec_cidrs;
+        v.dedup();
+        if v.is_empty() {
+            tracing::info!("waiting for spec.podCIDR (or pass --pod-cidr)");
+            return Ok(false);
+        }
+        v
+    };
+    let c2 = ocfg.clone();
+    let dev = tokio::task::spawn_blocking(move || hako_cni::overlay::ensure_device(&c2))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let text = overlay::subnet_env(&ctx.args.cluster_cidr, &cidrs, dev.mtu);
+    write_atomic(&ctx.args.subnet_file, &text)
+        .map_err(|e| format!("writing {}: {e}", ctx.args.subnet_file.display()))?;
+    let mut ann = serde_json::Map::new();
+    ann.insert(
+        overlay::ANN_VTEP_MAC.into(),
+        overlay::fmt_mac(&dev.mac).into(),
+    );
+    ann.insert(
+        overlay::ANN_PUBLIC_IP.into(),
+        dev.local_ip.to_string().into(),
+    );
+    if from_flag {
+        let list: Vec<String> = cidrs.iter().map(|c| c.trunc().to_string()).collect();
+        ann.insert(overlay::ANN_POD_CIDR.into(), list.join(",").into());
+    }
+    own.patch(
+        &ctx.cfg.name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"annotations": ann}})),
+    )
+    .await
+    .map_err(|e| format!("annotating node: {e}"))?;
+    tracing::info!(dev = %dev.name, mac = %overlay::fmt_mac(&dev.mac), ip = %dev.local_ip,
+        subnet_file = %ctx.args.subnet_file.display(), "overlay configured");
+    Ok(true)
+}

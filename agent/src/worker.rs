@@ -328,6 +328,7 @@ struct Worker {
     clamp_logged: bool,
     volumes: Option<crate::volumes::PodVolumes>,
     volumes_generation: u64,
+    resync_now: bool,
 }
 
 fn blocking<T: Send + 'static>(
@@ -422,6 +423,7 @@ impl Worker {
             clamp_logged: false,
             volumes: None,
             volumes_generation: 0,
+            resync_now: false,
         }
     }
 
@@ -703,7 +705,7 @@ impl Worker {
             self.run_probes().await;
             let obs = self.observed();
             self.publish(&obs);
-            let wait = if progress {
+            let wait = if progress || std::mem::take(&mut self.resync_now) {
                 Duration::ZERO
             } else {
                 self.next_wake()
@@ -1270,6 +1272,8 @@ impl Worker {
                 self.event("Warning", "Failed", &format!("Error: {reason}"));
                 self.image_backoff.next(&key, now, now);
                 self.image_failed_at.insert(c.name.clone(), Utc::now());
+                // Next pass reports ImagePullBackOff until the back-off expires.
+                self.resync_now = true;
                 self.start_failures.insert(
                     c.name.clone(),
                     StartFailure {

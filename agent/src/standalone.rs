@@ -57,6 +57,21 @@ fn record_errors(root: &Path, errors: &[ManifestError]) {
     }
 }
 
+/// Names, sizes and modification times of the directory's entries: the directory is parsed
+/// again only when this changes.
+fn fingerprint(dir: &Path) -> Option<Vec<(std::ffi::OsString, u64, std::time::SystemTime)>> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((e.file_name(), m.len(), m.modified().ok()?))
+        })
+        .collect();
+    v.sort();
+    Some(v)
+}
+
 fn desired(src: &DirSource) -> DesiredState {
     let s = src.snapshot();
     DesiredState {
@@ -75,6 +90,7 @@ pub async fn run(cfg: AgentConfig, opts: StandaloneOptions) -> anyhow::Result<()
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut first = true;
+    let mut last_fp = None;
     let mut tick = tokio::time::interval(opts.file_check_frequency);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(dir = %opts.manifest_dir.display(), "watching manifest directory");
@@ -84,6 +100,11 @@ pub async fn run(cfg: AgentConfig, opts: StandaloneOptions) -> anyhow::Result<()
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+        let fp = fingerprint(&opts.manifest_dir);
+        if !first && fp.is_some() && fp == last_fp {
+            continue;
+        }
+        last_fp = fp;
         let poll = match src.poll() {
             Ok(p) => p,
             Err(e) => {

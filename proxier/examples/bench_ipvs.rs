@@ -3,7 +3,7 @@
 //! one tab-separated line: backend, N, E, full sync seconds, one-endpoint partial sync
 //! seconds, no-op full sync seconds (the diff reads the whole table and applies nothing),
 //! IPVS services + real servers (or iptables rules), peak RSS MiB.
-//! Usage: bench_ipvs ipvs|iptables N E
+//! Usage: bench_ipvs ipvs|iptables|iptables-legacy N E
 #![allow(clippy::print_stdout)]
 
 use std::io::Write as _;
@@ -77,7 +77,11 @@ fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         ),
         "iptables" => Box::new(IptablesBackend::new(RealIptables::default(), ropts.clone())),
-        m => anyhow::bail!("unknown backend {m:?} (ipvs or iptables)"),
+        "iptables-legacy" => Box::new(IptablesBackend::new(
+            RealIptables::with_variant("legacy"),
+            ropts.clone(),
+        )),
+        m => anyhow::bail!("unknown backend {m:?} (ipvs, iptables or iptables-legacy)"),
     };
     let mut p = Proxier::new(
         backend,

@@ -502,7 +502,8 @@ fn balance(
     };
     // ClientIP affinity: a dynamic map client → endpoint slot with the affinity timeout,
     // refreshed by every new connection; a miss picks a slot and records it.
-    let aff = format!("aff-{chain}");
+    // The timeout is part of the name: a changed timeout is a new map, the old one deleted.
+    let aff = format!("aff-{chain}-{secs}");
     o.sets.insert(
         aff.clone(),
         SetSpec {

@@ -1,0 +1,106 @@
+//! nftables benchmark driver for scripts/bench-proxier: run inside a scratch network
+//! namespace. Builds N services × E endpoints, programs them with the netlink nftables
+//! backend, then prints one tab-separated line: "nftables", N, E, render seconds, full sync
+//! seconds, one-endpoint partial sync seconds, "-" (no bare restore), rules + elements of the
+//! full sync, peak RSS MiB.
+#![allow(clippy::print_stdout)]
+
+use std::time::Instant;
+
+use hako_proxier::nft::layout::{self, Ids};
+use hako_proxier::{NftablesBackend, Proxier, ProxierOpts, RenderOpts};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+fn svc(i: usize) -> Service {
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: s{i}, namespace: bench}}\nspec: {{clusterIP: 10.{}.{}.{}, ports: [{{name: p, port: 80}}]}}",
+        96 + i / 65536,
+        (i / 256) % 256,
+        i % 256
+    ))
+    .expect("svc")
+}
+
+fn slice(i: usize, eps: usize) -> EndpointSlice {
+    let list: Vec<String> = (0..eps)
+        .map(|e| {
+            let n = i * eps + e;
+            format!(
+                "{{addresses: [10.{}.{}.{}], nodeName: n}}",
+                128 + n / 65536,
+                (n / 256) % 256,
+                n % 256
+            )
+        })
+        .collect();
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: s{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}]\nendpoints: [{}]",
+        list.join(",")
+    ))
+    .expect("slice")
+}
+
+fn rss_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let eps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let ropts = RenderOpts {
+        cluster_cidr: Some("10.128.0.0/9".into()),
+        ..RenderOpts::default()
+    };
+    let mut p = Proxier::new(
+        Box::new(NftablesBackend::new(ropts.clone())),
+        ProxierOpts {
+            hostname: "n".into(),
+            render: ropts.clone(),
+        },
+    );
+    for i in 0..n {
+        p.on_service_add(svc(i));
+        p.on_endpointslice_add(slice(i, eps));
+    }
+    let t = Instant::now();
+    let full = p.sync()?;
+    let full_s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(full.full, "first sync must be full");
+
+    let t = Instant::now();
+    let d = layout::render(p.model(), &ropts, &mut Ids::default());
+    let render_s = t.elapsed().as_secs_f64();
+    drop(d);
+
+    // One endpoint of one service changes; the median of several such updates.
+    let mut times = Vec::new();
+    for k in 0..5usize {
+        let i = n / 2 + k;
+        let mut changed = slice(i, eps);
+        if let Some(ep) = changed.endpoints.first_mut() {
+            ep.addresses = vec![format!("10.127.255.{}", 1 + k)];
+        }
+        p.on_endpointslice_update(changed);
+        let t = Instant::now();
+        let part = p.sync()?;
+        times.push(t.elapsed().as_secs_f64());
+        anyhow::ensure!(!part.full, "update sync must be partial");
+    }
+    times.sort_by(f64::total_cmp);
+    let partial_s = times[times.len() / 2];
+    println!(
+        "nftables\t{n}\t{eps}\t{render_s:.3}\t{full_s:.3}\t{partial_s:.4}\t-\t{}\t{:.0}",
+        full.rules,
+        rss_mib()
+    );
+    Ok(())
+}

@@ -5,8 +5,8 @@
 //! Effectful by design: everything here creates real kernel objects, and only inside
 //! namespaces it made itself.
 
-pub mod apiserver;
 pub mod agent;
+pub mod apiserver;
 pub mod images;
 pub mod netns;
 pub mod registry;

@@ -3,9 +3,11 @@
 //! netlink through `hako_cni::overlay`); the objects it sends are built by the pure `node` and
 //! `overlay` modules.
 
+pub mod admit;
 pub mod facts;
 pub mod node;
 pub mod overlay;
+mod pods;
 
 use futures::StreamExt;
 use ipnet::IpNet;
@@ -173,17 +175,27 @@ pub fn node_config(args: &ClusterArgs, node_name: &str) -> Result<NodeConfig, Cl
 }
 
 /// Runs cluster mode until the process is killed. Returns only on a start-up error.
-pub fn run(args: &ClusterArgs, node: &NodeSettings) -> Result<(), ClusterError> {
+/// `workers` runs the admitted pods (None: pods are admitted or rejected and reported, but
+/// nothing is started).
+pub fn run(
+    args: &ClusterArgs,
+    node: &NodeSettings,
+    workers: Option<crate::worker::AgentConfig>,
+) -> Result<(), ClusterError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(ClusterError::Runtime)?;
-    rt.block_on(run_async(args.clone(), node.clone()))
+    rt.block_on(run_async(args.clone(), node.clone(), workers))
 }
 
 /// Async form of [`run`].
-pub async fn run_async(args: ClusterArgs, node: NodeSettings) -> Result<(), ClusterError> {
+pub async fn run_async(
+    args: ClusterArgs,
+    node: NodeSettings,
+    workers: Option<crate::worker::AgentConfig>,
+) -> Result<(), ClusterError> {
     let Some(path) = args.kubeconfig.clone() else {
         return Err(ClusterError::Kubeconfig(
             PathBuf::new(),
@@ -206,6 +218,8 @@ pub async fn run_async(args: ClusterArgs, node: NodeSettings) -> Result<(), Clus
     });
     let status = tokio::spawn(status_loop(ctx.clone()));
     let lease = tokio::spawn(lease_loop(ctx.clone()));
+    let manager = workers.map(crate::worker::PodManager::new);
+    let pods = tokio::spawn(pods::pod_loop(ctx.clone(), watch_client.clone(), manager));
     let overlay = if ctx.args.overlay {
         Some(tokio::spawn(overlay_loop(ctx.clone(), watch_client)))
     } else {
@@ -214,6 +228,7 @@ pub async fn run_async(args: ClusterArgs, node: NodeSettings) -> Result<(), Clus
     // The loops never return; a panic in one is logged and the process keeps the others.
     let _ = status.await;
     let _ = lease.await;
+    let _ = pods.await;
     if let Some(o) = overlay {
         let _ = o.await;
     }

@@ -219,6 +219,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         attrs,
         status: resp.status().as_u16(),
         content_type,
+        body: String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned(),
     };
     shared.lock().requests.push(rec);
     resp

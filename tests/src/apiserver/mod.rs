@@ -199,6 +199,8 @@ pub struct RequestRecord {
     pub status: u16,
     /// Request content type (for patches).
     pub content_type: String,
+    /// Request body (first 4 KiB, lossy UTF-8).
+    pub body: String,
 }
 
 /// An API error answered as a `Status` object.

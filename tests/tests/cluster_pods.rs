@@ -1,0 +1,269 @@
+//! Cluster-mode pods against the apiserver fixture: kubelet admission (rejected pods get phase
+//! Failed with the kubelet's reason and a Warning event), ConfigMaps watched by name only,
+//! graceful deletion finished with a grace-0 delete carrying the UID precondition, and the pod
+//! watch surviving an apiserver restart and a 410 Gone (relist). Runs the real `hako-agent`
+//! (build it first). No root: the admitted pod is not expected to start here.
+
+use hako_tests::agent::target_bin;
+use hako_tests::apiserver::ApiServer;
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Agent {
+    child: Child,
+    tmp: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.tmp.path().join("agent.log")).unwrap_or_default()
+    }
+}
+
+fn start(srv: &ApiServer, node: &str) -> Agent {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kc = tmp.path().join("kubeconfig");
+    srv.write_kubeconfig(&kc, &srv.node_token(node))
+        .expect("kubeconfig");
+    let log = std::fs::File::create(tmp.path().join("agent.log")).expect("log");
+    let child = Command::new(target_bin("hako-agent", "HAKO_AGENT_BIN"))
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args(["--hostname-override", node, "--node-ip", "192.0.2.10"])
+        .args(["--register-with-taints", "dedicated=infra:NoExecute"])
+        .args([
+            "--node-lease-renew-interval",
+            "1",
+            "--node-status-update-frequency",
+            "1",
+        ])
+        .arg("--root-dir")
+        .arg(tmp.path().join("root"))
+        .arg("--run-dir")
+        .arg(tmp.path().join("run"))
+        .arg("--pod-log-dir")
+        .arg(tmp.path().join("logs"))
+        .arg("--cni-conf-dir")
+        .arg(tmp.path().join("net.d"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn hako-agent");
+    Agent { child, tmp }
+}
+
+fn wait_for<T>(what: &str, secs: u64, agent: &Agent, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for {what}; agent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn pod(name: &str, node: &str, spec: Value) -> Value {
+    let mut p = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"nodeName": node,
+                 "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoExecute"}],
+                 "containers": [{"name": "c", "image": "127.0.0.1:1/none:1"}]}});
+    if let (Some(dst), Value::Object(src)) = (p["spec"].as_object_mut(), spec) {
+        for (k, v) in src {
+            dst.insert(k, v);
+        }
+    }
+    p
+}
+
+fn failed_reason(srv: &ApiServer, name: &str) -> Option<String> {
+    let p = srv.get("", "pods", "default", name)?;
+    (p["status"]["phase"] == "Failed")
+        .then(|| p["status"]["reason"].as_str().unwrap_or("").to_string())
+}
+
+#[test]
+fn admission_deletion_and_watch_resilience() {
+    let mut srv = ApiServer::start().expect("fixture");
+    let agent = start(&srv, "n1");
+    wait_for("node", 20, &agent, || {
+        srv.get("", "nodes", "", "n1")
+            .filter(|n| n["status"]["allocatable"]["cpu"].is_string())
+    });
+
+    srv.create(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "cfg", "namespace": "default"}, "data": {"k": "v"}}))
+        .expect("cm");
+    // Rejections as the kubelet reports them.
+    let cases = [
+        (
+            "too-big",
+            json!({"containers": [{"name": "c", "image": "i:1",
+                "resources": {"requests": {"cpu": "100000"}}}]}),
+            "OutOfcpu",
+        ),
+        (
+            "wrong-node",
+            json!({"nodeSelector": {"disk": "ssd"}}),
+            "NodeAffinity",
+        ),
+        ("untolerated", json!({"tolerations": []}), "TaintToleration"),
+    ];
+    for (name, spec, _) in &cases {
+        srv.create(pod(name, "n1", spec.clone())).expect("pod");
+    }
+    // An admissible pod that uses a ConfigMap, and one for another node.
+    srv.create(pod(
+        "ok",
+        "n1",
+        json!({"volumes": [{"name": "v", "configMap": {"name": "cfg"}}]}),
+    ))
+    .expect("pod");
+    srv.create(pod(
+        "elsewhere",
+        "n2",
+        json!({"nodeSelector": {"disk": "ssd"}}),
+    ))
+    .expect("pod");
+    for (name, _, reason) in &cases {
+        let got = wait_for("rejection", 15, &agent, || failed_reason(&srv, name));
+        assert_eq!(&got, reason, "{name}");
+        let msg = srv.get("", "pods", "default", name).expect("pod")["status"]["message"].clone();
+        assert!(
+            msg.as_str()
+                .is_some_and(|m| m.starts_with("Pod was rejected")),
+            "{msg}"
+        );
+    }
+    let events = wait_for("events", 10, &agent, || {
+        let ev = srv.list("", "events");
+        (ev.len() >= 3).then_some(ev)
+    });
+    assert!(events.iter().any(|e| e["reason"] == "OutOfcpu"
+        && e["involvedObject"]["name"] == "too-big"
+        && e["type"] == "Warning"));
+    assert!(
+        failed_reason(&srv, "ok").is_none(),
+        "admissible pod not rejected"
+    );
+    assert!(
+        failed_reason(&srv, "elsewhere").is_none(),
+        "other node's pod untouched"
+    );
+
+    // The ConfigMap is watched by name, never listed.
+    wait_for("configmap watch", 10, &agent, || {
+        srv.requests()
+            .iter()
+            .any(|r| {
+                r.user == "system:node:n1"
+                    && r.attrs.resource == "configmaps"
+                    && r.attrs.name == "cfg"
+                    && r.status == 200
+            })
+            .then_some(())
+    });
+
+    // Restart mid-watch, then a compaction (the next watch gets 410 and the agent relists).
+    srv.restart().expect("restart");
+    srv.create(pod(
+        "after-restart",
+        "n1",
+        json!({"nodeSelector": {"disk": "ssd"}}),
+    ))
+    .expect("pod");
+    assert_eq!(
+        wait_for("rejection after restart", 20, &agent, || failed_reason(
+            &srv,
+            "after-restart"
+        )),
+        "NodeAffinity"
+    );
+    srv.compact();
+    srv.restart().expect("restart");
+    srv.create(pod(
+        "after-410",
+        "n1",
+        json!({"nodeSelector": {"disk": "ssd"}}),
+    ))
+    .expect("pod");
+    assert_eq!(
+        wait_for("rejection after 410", 30, &agent, || failed_reason(
+            &srv,
+            "after-410"
+        )),
+        "NodeAffinity"
+    );
+
+    let reqs = srv.requests();
+    let bad: Vec<_> = reqs
+        .iter()
+        .filter(|r| r.user == "system:node:n1" && r.status == 403)
+        .map(|r| format!("{} {}?{}", r.method, r.path, r.query))
+        .collect();
+    assert!(bad.is_empty(), "forbidden requests: {bad:?}");
+    assert!(!reqs.iter().any(|r| r.user == "system:node:n1"
+        && matches!(r.attrs.resource.as_str(), "configmaps" | "secrets")
+        && r.attrs.name.is_empty()));
+}
+
+#[test]
+fn graceful_deletion_uses_uid_precondition() {
+    let srv = ApiServer::start().expect("fixture");
+    let agent = start(&srv, "n3");
+    wait_for("node", 20, &agent, || srv.get("", "nodes", "", "n3"));
+    // Rejected (untolerated NoExecute taint), so no worker holds it; then made Running again
+    // so that the apiserver's graceful path applies to the delete.
+    srv.create(pod("g", "n3", json!({"tolerations": []})))
+        .expect("pod");
+    wait_for("rejection", 15, &agent, || failed_reason(&srv, "g"));
+    srv.merge_patch(
+        "",
+        "pods",
+        "default",
+        "g",
+        "status",
+        &json!({"status": {"phase": "Running"}}),
+    )
+    .expect("status");
+    let uid = srv.get("", "pods", "default", "g").expect("pod")["metadata"]["uid"]
+        .as_str()
+        .expect("uid")
+        .to_string();
+    let p = srv
+        .delete(
+            "",
+            "pods",
+            "default",
+            "g",
+            &json!({"gracePeriodSeconds": 30}),
+        )
+        .expect("graceful delete");
+    assert!(p["metadata"]["deletionTimestamp"].is_string());
+    wait_for("final delete", 15, &agent, || {
+        srv.get("", "pods", "default", "g").is_none().then_some(())
+    });
+    let del = srv
+        .requests()
+        .into_iter()
+        .find(|r| r.user == "system:node:n3" && r.method == "DELETE" && r.attrs.name == "g")
+        .expect("the agent deleted the pod");
+    assert_eq!(del.status, 200);
+    let body: Value = serde_json::from_str(&del.body).expect("DeleteOptions body");
+    assert_eq!(body["gracePeriodSeconds"], 0, "{body}");
+    assert_eq!(body["preconditions"]["uid"], Value::from(uid), "{body}");
+}

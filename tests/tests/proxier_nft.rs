@@ -444,3 +444,53 @@ fn nft_udp_flow_moves_after_endpoint_removal() {
         s.join().unwrap();
     }
 }
+
+#[test]
+fn nft_hairpin_and_load_balancer_source_ranges() {
+    let mut env = Env::new(1);
+    let node_ip = env.topo.nodes[0].ip.to_string();
+    // Hairpin: the only backend reaches itself through its service.
+    env.proxier.on_service_add(service("hp", "10.96.0.50", ""));
+    env.proxier.on_endpointslice_add(slice("hp", &B[..1]));
+    // A load balancer IP open only to 198.51.100.0/24 (not the outside node).
+    let lb = |ranges: &str| -> Service {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: lb, namespace: t}}\nspec: {{type: LoadBalancer, clusterIP: 10.96.0.51, loadBalancerSourceRanges: [{ranges}], ports: [{{name: p, port: 80, nodePort: 30051}}]}}\nstatus: {{loadBalancer: {{ingress: [{{ip: 203.0.113.9}}]}}}}"
+        ))
+        .unwrap()
+    };
+    env.proxier.on_service_add(lb("198.51.100.0/24"));
+    env.proxier.on_endpointslice_add(slice("lb", &B[..1]));
+    assert!(env.sync().full);
+
+    let b1 = &env.pods["b1"];
+    // As with kube-proxy, the bridge ports need hairpin mode (the CNI bridge plugin's
+    // hairpinMode) when bridged traffic goes through netfilter.
+    env.node()
+        .sh("for p in $(ls /sys/class/net/kb/brif); do bridge link set dev $p hairpin on; done")
+        .unwrap();
+    let (a, err) = Env::connect(b1, "10.96.0.50 80", 3);
+    let ct = env
+        .node()
+        .sh("conntrack -L -p tcp 2>/dev/null | grep 'dst=10.96.0.50 ' || true")
+        .unwrap();
+    assert_eq!(a, vec!["b1".to_string(); 3], "hairpin: {err}\n{ct}");
+    assert!(
+        !ct.is_empty() && ct.lines().all(|l| l.contains("dst=10.244.1.1 ")),
+        "hairpin traffic is masqueraded to the node: {ct}"
+    );
+
+    let outside = &env.topo.nodes[1].ns;
+    outside
+        .ip(&["route", "add", "203.0.113.9/32", "via", &node_ip])
+        .unwrap();
+    let (a, err) = Env::connect(outside, "203.0.113.9 80", 1);
+    assert_eq!(a, vec!["FAIL".to_string()], "source not in the ranges");
+    assert!(!err.contains("refused"), "dropped, not rejected: {err}");
+    env.proxier
+        .on_service_update(lb("198.51.100.0/24, 192.0.2.0/24"));
+    assert!(!env.sync().full);
+    let outside = &env.topo.nodes[1].ns;
+    let (a, _) = Env::connect(outside, "203.0.113.9 80", 1);
+    assert_eq!(a, vec!["b1".to_string()], "source now allowed");
+}

@@ -112,6 +112,8 @@ impl<S: Sink> NftablesBackend<S> {
     }
 
     fn full(&mut self, model: &Model) -> Result<SyncStats, SyncError> {
+        // The table is recreated: ids start afresh (no id of a vanished chain lingers).
+        self.ids = Ids::default();
         let d = layout::render(model, &self.opts, &mut self.ids);
         let mut b = Batch::new(NFPROTO_IPV4, TABLE);
         // Create-if-missing, delete, create: the old table goes away in the same transaction.

@@ -77,7 +77,7 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(full.full, "first sync must be full");
 
     let t = Instant::now();
-    let d = layout::render(p.model(), &ropts, &mut Ids::default());
+    let d = layout::render(layout::IPV4, p.model(), &ropts, &mut Ids::default());
     let render_s = t.elapsed().as_secs_f64();
     drop(d);
 

@@ -494,3 +494,142 @@ fn nft_hairpin_and_load_balancer_source_ranges() {
     let (a, _) = Env::connect(outside, "203.0.113.9 80", 1);
     assert_eq!(a, vec!["b1".to_string()], "source now allowed");
 }
+
+/// IPv6: the `ip6 hako` table DNATs a ClusterIP to an IPv6 backend and refuses a service
+/// without endpoints, in namespaces of its own (node, client, backend).
+#[test]
+fn nft_ipv6_clusterip_and_reject() {
+    hako_tests::netns::require_root();
+    let node = NetNs::new("n6").unwrap();
+    let client = NetNs::new("c6").unwrap();
+    let backend = NetNs::new("b6").unwrap();
+    // No duplicate address detection: addresses (link-local ones too) usable at once.
+    for ns in [&node, &client, &backend] {
+        ns.sh("sysctl -qw net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0")
+            .unwrap();
+    }
+    let link = |peer: &NetNs, here: &str, there: &str, a_here: &str, a_there: &str, gw: &str| {
+        node.ip(&[
+            "link",
+            "add",
+            here,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            there,
+            "netns",
+            peer.name(),
+        ])
+        .unwrap();
+        node.ip(&["addr", "add", a_here, "dev", here, "nodad"])
+            .unwrap();
+        node.ip(&["link", "set", here, "up"]).unwrap();
+        peer.ip(&["addr", "add", a_there, "dev", there, "nodad"])
+            .unwrap();
+        peer.ip(&["link", "set", there, "up"]).unwrap();
+        peer.ip(&["route", "add", "default", "via", gw]).unwrap();
+    };
+    link(
+        &client,
+        "c0",
+        "c1",
+        "fd00:9::1/64",
+        "fd00:9::2/64",
+        "fd00:9::1",
+    );
+    link(
+        &backend,
+        "b0",
+        "b1",
+        "fd00:244:1::1/64",
+        "fd00:244:1::11/64",
+        "fd00:244:1::1",
+    );
+    node.sh("sysctl -qw net.ipv6.conf.all.forwarding=1")
+        .unwrap();
+    let listener = backend
+        .run(|| std::net::TcpListener::bind("[::]:8080"))
+        .unwrap()
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut c, peer)) => {
+                        use std::io::Write as _;
+                        let _ = c.set_nonblocking(false);
+                        let _ = writeln!(c, "{}", peer.ip());
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+        }
+    });
+    let mut proxier = Proxier::new(
+        Box::new(NftablesBackend::new(RenderOpts::default())),
+        ProxierOpts::default(),
+    );
+    let svc = |name: &str, ip: &str| -> Service {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: t}}\nspec: {{ipFamilies: [IPv6], clusterIPs: ['{ip}'], clusterIP: '{ip}', ports: [{{name: p, port: 80}}]}}"
+        ))
+        .unwrap()
+    };
+    proxier.on_service_add(svc("v6", "fd00:96::60"));
+    proxier.on_service_add(svc("v6empty", "fd00:96::61"));
+    proxier.on_endpointslice_add(
+        serde_yaml::from_str(
+            "metadata: {name: v6-1, namespace: t, labels: {kubernetes.io/service-name: v6}}\naddressType: IPv6\nports: [{name: p, port: 8080}]\nendpoints: [{addresses: ['fd00:244:1::11']}]",
+        )
+        .unwrap(),
+    );
+    assert!(node.run(|| proxier.sync()).unwrap().unwrap().full);
+    let dial = |ip: &str| {
+        client
+            .run(|| {
+                let addr: std::net::SocketAddr = format!("[{ip}]:80").parse().unwrap();
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))
+                    .and_then(|mut s| {
+                        use std::io::Read as _;
+                        let mut out = String::new();
+                        s.read_to_string(&mut out).map(|_| out)
+                    })
+            })
+            .unwrap()
+    };
+    // Neighbour discovery of the fresh links may cost the first SYN: a few tries.
+    let mut first = dial("fd00:96::60");
+    for _ in 0..3 {
+        if first.is_ok() {
+            break;
+        }
+        first = dial("fd00:96::60");
+    }
+    let got = first.unwrap_or_else(|e| {
+        let dbg = node
+            .sh("ip -6 addr; ip -6 route; ip -6 neigh; conntrack -L -f ipv6 2>&1; sysctl net.ipv6.conf.all.forwarding")
+            .unwrap();
+        let dbg2 = backend.sh("ip -6 addr; ip -6 route; ss -ltn").unwrap();
+        panic!("ClusterIP not answered: {e}\n{dbg}\n{dbg2}")
+    });
+    assert_eq!(
+        got.trim(),
+        "fd00:9::2",
+        "DNAT to the IPv6 backend, client address kept"
+    );
+    let t = std::time::Instant::now();
+    let err = dial("fd00:96::61").expect_err("no endpoints");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(1));
+    let listing = node.sh("nft list table ip6 hako").unwrap();
+    assert!(
+        listing.contains("fd00:96::60 . tcp . 80 : goto svc-"),
+        "{listing}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap();
+}

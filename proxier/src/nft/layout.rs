@@ -11,7 +11,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use super::wire::{
     u32_len, ElemData, Expr, Hook, SetData, SetSpec, Verdict, BASE_NETWORK, BASE_TRANSPORT,
-    HOOK_OUTPUT, HOOK_POSTROUTING, HOOK_PREROUTING, META_L4PROTO, META_MARK, REG32,
+    HOOK_OUTPUT, HOOK_POSTROUTING, HOOK_PREROUTING, META_L4PROTO, META_MARK, NFPROTO_IPV4,
+    NFPROTO_IPV6, REG32,
 };
 use crate::iptables::{service_chain, RenderOpts};
 use crate::model::{Endpoint, Model, ServiceKey, ServicePort};
@@ -83,7 +84,7 @@ pub struct SvcObjs {
     /// Affinity maps and the endpoints they may point at (flushed when one goes away).
     pub affinity_eps: BTreeMap<String, BTreeSet<Vec<u8>>>,
     /// Endpoint addresses (for the hairpin set).
-    pub endpoint_ips: BTreeSet<[u8; 4]>,
+    pub endpoint_ips: BTreeSet<Vec<u8>>,
 }
 
 /// Stable u32 ids for the service chains (keys of the `endpoints` map).
@@ -117,7 +118,7 @@ impl Ids {
 }
 
 /// The whole desired table.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Desired {
     /// Shared sets.
     pub sets: BTreeMap<String, SetSpec>,
@@ -125,61 +126,140 @@ pub struct Desired {
     pub chains: Vec<ChainSpec>,
     /// Per service.
     pub services: BTreeMap<ServiceKey, SvcObjs>,
+    /// Family.
+    pub fam: Fam,
 }
 
-fn v4(ip: &IpAddr) -> Option<[u8; 4]> {
-    match ip {
-        IpAddr::V4(v) => Some(v.octets()),
-        IpAddr::V6(_) => None,
+/// Address family of a table: `ip` or `ip6`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fam {
+    /// NFPROTO_IPV4 / NFPROTO_IPV6.
+    pub nfproto: u8,
+    /// Address length in bytes.
+    pub alen: u32,
+    /// nft family keyword.
+    pub name: &'static str,
+}
+
+/// IPv4 (`table ip hako`).
+pub const IPV4: Fam = Fam {
+    nfproto: NFPROTO_IPV4,
+    alen: 4,
+    name: "ip",
+};
+/// IPv6 (`table ip6 hako`).
+pub const IPV6: Fam = Fam {
+    nfproto: NFPROTO_IPV6,
+    alen: 16,
+    name: "ip6",
+};
+
+impl Fam {
+    /// The address bytes of `ip` when it is of this family.
+    pub fn addr(self, ip: &IpAddr) -> Option<Vec<u8>> {
+        match (ip, self.alen) {
+            (IpAddr::V4(v), 4) => Some(v.octets().to_vec()),
+            (IpAddr::V6(v), 16) => Some(v.octets().to_vec()),
+            _ => None,
+        }
+    }
+
+    /// Parses a CIDR of this family into (network, mask).
+    pub fn cidr(self, s: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+        let (a, p) = s
+            .split_once('/')
+            .unwrap_or((s, if self.alen == 4 { "32" } else { "128" }));
+        let ip: IpAddr = a.trim().parse().ok()?;
+        let bytes = self.addr(&ip)?;
+        let p: u32 = p.trim().parse().ok()?;
+        if p > self.alen * 8 {
+            return None;
+        }
+        let mask: Vec<u8> = (0..self.alen)
+            .map(|i| {
+                let bits = p.saturating_sub(i * 8).min(8);
+                if bits == 0 {
+                    0
+                } else {
+                    0xffu8 << (8 - bits)
+                }
+            })
+            .collect();
+        let net = bytes.iter().zip(&mask).map(|(b, m)| b & m).collect();
+        Some((net, mask))
+    }
+
+    /// Registers an address takes.
+    fn regs(self) -> u32 {
+        self.alen / 4
+    }
+
+    /// nft type id of addresses (ipv4_addr 7, ipv6_addr 8).
+    fn addr_type(self) -> u32 {
+        if self.alen == 4 {
+            7
+        } else {
+            8
+        }
+    }
+
+    fn src_offset(self) -> u32 {
+        if self.alen == 4 {
+            12
+        } else {
+            8
+        }
+    }
+
+    fn dst_offset(self) -> u32 {
+        if self.alen == 4 {
+            16
+        } else {
+            24
+        }
     }
 }
 
 /// Parses an IPv4 CIDR into (network, mask), both as bytes.
-pub fn parse_v4_cidr(s: &str) -> Option<([u8; 4], [u8; 4])> {
-    let (a, p) = s.split_once('/').unwrap_or((s, "32"));
-    let ip: Ipv4Addr = a.trim().parse().ok()?;
-    let p: u32 = p.trim().parse().ok()?;
-    if p > 32 {
-        return None;
-    }
-    let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
-    Some(((u32::from(ip) & mask).to_be_bytes(), mask.to_be_bytes()))
+pub fn parse_v4_cidr(s: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    IPV4.cidr(s)
 }
 
 fn r(n: u32) -> u32 {
     REG32 + n
 }
 
-fn saddr(dreg: u32) -> Expr {
+fn saddr(f: Fam, dreg: u32) -> Expr {
     Expr::Payload {
         base: BASE_NETWORK,
-        offset: 12,
-        len: 4,
+        offset: f.src_offset(),
+        len: f.alen,
         dreg,
     }
 }
 
-fn daddr(dreg: u32) -> Expr {
+fn daddr(f: Fam, dreg: u32) -> Expr {
     Expr::Payload {
         base: BASE_NETWORK,
-        offset: 16,
-        len: 4,
+        offset: f.dst_offset(),
+        len: f.alen,
         dreg,
     }
 }
 
-fn in_cidr(load: Expr, reg: u32, cidr: ([u8; 4], [u8; 4]), eq: bool) -> Vec<Expr> {
+fn in_cidr(load: Expr, reg: u32, cidr: (Vec<u8>, Vec<u8>), eq: bool) -> Vec<Expr> {
+    let zero = vec![0; cidr.1.len()];
     vec![
         load,
         Expr::Bitwise {
             reg,
-            mask: cidr.1.to_vec(),
-            xor: vec![0; 4],
+            mask: cidr.1,
+            xor: zero,
         },
         Expr::Cmp {
             sreg: reg,
             eq,
-            data: cidr.0.to_vec(),
+            data: cidr.0,
         },
     ]
 }
@@ -203,9 +283,11 @@ fn mark_masq() -> Vec<Expr> {
 }
 
 /// `daddr . l4proto . dport` key.
-pub fn ip_key(ip: [u8; 4], proto: u8, port: u16) -> Vec<u8> {
+pub fn ip_key(ip: &[u8], proto: u8, port: u16) -> Vec<u8> {
     let p = port.to_be_bytes();
-    vec![ip[0], ip[1], ip[2], ip[3], proto, 0, 0, 0, p[0], p[1], 0, 0]
+    let mut k = ip.to_vec();
+    k.extend_from_slice(&[proto, 0, 0, 0, p[0], p[1], 0, 0]);
+    k
 }
 
 /// `l4proto . dport` key.
@@ -214,24 +296,25 @@ pub fn port_key(proto: u8, port: u16) -> Vec<u8> {
     vec![proto, 0, 0, 0, p[0], p[1], 0, 0]
 }
 
-fn ep_data(ep: &Endpoint) -> Option<Vec<u8>> {
-    let ip = v4(&ep.ip)?;
+fn ep_data(f: Fam, ep: &Endpoint) -> Option<Vec<u8>> {
+    let mut d = f.addr(&ep.ip)?;
     let p = ep.port.to_be_bytes();
-    Some(vec![ip[0], ip[1], ip[2], ip[3], p[0], p[1], 0, 0])
+    d.extend_from_slice(&[p[0], p[1], 0, 0]);
+    Some(d)
 }
 
-fn lookup_key3() -> Vec<Expr> {
+fn lookup_key3(f: Fam) -> Vec<Expr> {
     vec![
-        daddr(r(0)),
+        daddr(f, r(0)),
         Expr::Meta {
             key: META_L4PROTO,
-            dreg: r(1),
+            dreg: r(f.regs()),
         },
         Expr::Payload {
             base: BASE_TRANSPORT,
             offset: 2,
             len: 2,
-            dreg: r(2),
+            dreg: r(f.regs() + 1),
         },
     ]
 }
@@ -251,11 +334,11 @@ fn lookup_key2() -> Vec<Expr> {
     ]
 }
 
-fn nodeport_match(opts: &RenderOpts) -> Vec<Vec<Expr>> {
+fn nodeport_match(f: Fam, opts: &RenderOpts) -> Vec<Vec<Expr>> {
     let cidrs: Vec<_> = opts
         .nodeport_addresses
         .iter()
-        .filter_map(|c| parse_v4_cidr(c))
+        .filter_map(|c| f.cidr(c))
         .collect();
     if opts.nodeport_addresses.is_empty() {
         let mut e = vec![
@@ -266,17 +349,19 @@ fn nodeport_match(opts: &RenderOpts) -> Vec<Vec<Expr>> {
                 data: RTN_LOCAL.to_ne_bytes().to_vec(),
             },
         ];
-        e.extend(in_cidr(
-            daddr(r(0)),
-            r(0),
-            ([127, 0, 0, 0], [255, 0, 0, 0]),
-            false,
-        ));
+        let lo = if f.alen == 4 {
+            "127.0.0.0/8"
+        } else {
+            "::1/128"
+        };
+        if let Some(c) = f.cidr(lo) {
+            e.extend(in_cidr(daddr(f, r(0)), r(0), c, false));
+        }
         vec![e]
     } else {
         cidrs
             .into_iter()
-            .map(|c| in_cidr(daddr(r(0)), r(0), c, true))
+            .map(|c| in_cidr(daddr(f, r(0)), r(0), c, true))
             .collect()
     }
 }
@@ -289,9 +374,9 @@ fn hook(kind: &'static str, hooknum: u32, priority: i32) -> Option<Hook> {
     })
 }
 
-fn vmap_rule(prefix: Vec<Expr>, key3: bool, set: &str) -> Rule {
+fn vmap_rule(f: Fam, prefix: Vec<Expr>, key3: bool, set: &str) -> Rule {
     let mut e = prefix;
-    e.extend(if key3 { lookup_key3() } else { lookup_key2() });
+    e.extend(if key3 { lookup_key3(f) } else { lookup_key2() });
     e.push(Expr::Lookup {
         set: set.into(),
         sreg: r(0),
@@ -301,10 +386,10 @@ fn vmap_rule(prefix: Vec<Expr>, key3: bool, set: &str) -> Rule {
 }
 
 /// The shared sets and chains (without `lb-<N>` chains).
-pub fn shared(opts: &RenderOpts) -> (BTreeMap<String, SetSpec>, Vec<ChainSpec>) {
+pub fn shared(f: Fam, opts: &RenderOpts) -> (BTreeMap<String, SetSpec>, Vec<ChainSpec>) {
     let key3 = SetSpec {
-        key_len: 12,
-        key_type: concat(&[7, 12, 13]),
+        key_len: f.alen + 8,
+        key_type: concat(&[f.addr_type(), 12, 13]),
         data: SetData::Verdict,
         timeout_ms: 0,
     };
@@ -326,7 +411,7 @@ pub fn shared(opts: &RenderOpts) -> (BTreeMap<String, SetSpec>, Vec<ChainSpec>) 
             SetSpec {
                 key_len: 4,
                 key_type: TYPE_MARK,
-                data: SetData::Value(8, concat(&[7, 13])),
+                data: SetData::Value(f.alen + 4, concat(&[f.addr_type(), 13])),
                 timeout_ms: 0,
             },
         );
@@ -334,23 +419,23 @@ pub fn shared(opts: &RenderOpts) -> (BTreeMap<String, SetSpec>, Vec<ChainSpec>) 
     sets.insert(
         HAIRPIN.to_string(),
         SetSpec {
-            key_len: 8,
-            key_type: concat(&[7, 7]),
+            key_len: 2 * f.alen,
+            key_type: concat(&[f.addr_type(), f.addr_type()]),
             data: SetData::None,
             timeout_ms: 0,
         },
     );
     let jump = |c: &str| vec![vec![Expr::Verdict(Verdict::Jump(c.into()))]];
-    let mut services = vec![vmap_rule(vec![], true, SERVICE_IPS)];
-    for m in nodeport_match(opts) {
-        services.push(vmap_rule(m, false, SERVICE_NODEPORTS));
+    let mut services = vec![vmap_rule(f, vec![], true, SERVICE_IPS)];
+    for m in nodeport_match(f, opts) {
+        services.push(vmap_rule(f, m, false, SERVICE_NODEPORTS));
     }
     let mut filter = vec![
-        vmap_rule(vec![], true, FIREWALL_IPS),
-        vmap_rule(vec![], true, NO_ENDPOINT_IPS),
+        vmap_rule(f, vec![], true, FIREWALL_IPS),
+        vmap_rule(f, vec![], true, NO_ENDPOINT_IPS),
     ];
-    for m in nodeport_match(opts) {
-        filter.push(vmap_rule(m, false, NO_ENDPOINT_NODEPORTS));
+    for m in nodeport_match(f, opts) {
+        filter.push(vmap_rule(f, m, false, NO_ENDPOINT_NODEPORTS));
     }
     let masq = vec![
         Expr::Meta {
@@ -383,8 +468,8 @@ pub fn shared(opts: &RenderOpts) -> (BTreeMap<String, SetSpec>, Vec<ChainSpec>) 
         Expr::Masquerade,
     ];
     let hairpin = vec![
-        saddr(r(0)),
-        daddr(r(1)),
+        saddr(f, r(0)),
+        daddr(f, r(f.regs())),
         Expr::Lookup {
             set: HAIRPIN.into(),
             sreg: r(0),
@@ -411,7 +496,10 @@ pub fn shared(opts: &RenderOpts) -> (BTreeMap<String, SetSpec>, Vec<ChainSpec>) 
                     },
                     Expr::RejectTcpReset,
                 ],
-                vec![Expr::Reject],
+                // ICMP port unreachable (code 3), ICMPv6 port unreachable (code 4).
+                vec![Expr::Reject {
+                    code: if f.alen == 4 { 3 } else { 4 },
+                }],
             ],
         ),
         (
@@ -449,13 +537,14 @@ fn chain_suffix(sp: &ServicePort) -> String {
 
 /// Balancing rules of chain `chain` (id `id`) over `eps`.
 fn balance(
+    f: Fam,
     o: &mut SvcObjs,
     ids: &mut Ids,
     chain: &str,
     eps: &[&Endpoint],
     affinity: Option<i32>,
 ) -> Vec<Rule> {
-    let mut eps: Vec<Vec<u8>> = eps.iter().filter_map(|e| ep_data(e)).collect();
+    let mut eps: Vec<Vec<u8>> = eps.iter().filter_map(|e| ep_data(f, e)).collect();
     if eps.is_empty() {
         return vec![vec![Expr::Verdict(Verdict::Drop)]];
     }
@@ -490,8 +579,9 @@ fn balance(
                 dreg: Some(r(0)),
             },
             Expr::Dnat {
+                family: f.nfproto,
                 addr_reg: r(0),
-                port_reg: r(1),
+                port_reg: r(f.regs()),
             },
         ]
     };
@@ -507,8 +597,8 @@ fn balance(
     o.sets.insert(
         aff.clone(),
         SetSpec {
-            key_len: 4,
-            key_type: 7,
+            key_len: f.alen,
+            key_type: f.addr_type(),
             data: SetData::Value(4, TYPE_MARK),
             timeout_ms: u64::try_from(secs.max(1)).unwrap_or(1) * 1000,
         },
@@ -526,7 +616,7 @@ fn balance(
         .enumerate()
         .map(|(slot, d)| {
             vec![
-                saddr(r(0)),
+                saddr(f, r(0)),
                 Expr::Lookup {
                     set: aff.clone(),
                     sreg: r(0),
@@ -545,41 +635,42 @@ fn balance(
                 remember.clone(),
                 Expr::Immediate {
                     dreg: r(0),
-                    data: d[..4].to_vec(),
+                    data: d[..f.alen as usize].to_vec(),
                 },
                 Expr::Immediate {
-                    dreg: r(1),
-                    data: d[4..6].to_vec(),
+                    dreg: r(f.regs()),
+                    data: d[f.alen as usize..f.alen as usize + 2].to_vec(),
                 },
                 Expr::Dnat {
+                    family: f.nfproto,
                     addr_reg: r(0),
-                    port_reg: r(1),
+                    port_reg: r(f.regs()),
                 },
             ]
         })
         .collect();
-    let mut fresh = vec![numgen(r(4)), saddr(r(0)), remember];
+    let mut fresh = vec![numgen(r(4)), saddr(f, r(0)), remember];
     fresh.extend(to_ep(r(4)));
     rules.push(fresh);
     rules
 }
 
 /// Objects of one service port, added to `o`.
-fn render_port(o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids: &mut Ids) {
+fn render_port(f: Fam, o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids: &mut Ids) {
     let h = chain_suffix(sp);
     let proto = sp.protocol.number();
-    let cluster_ips: Vec<[u8; 4]> = sp.cluster_ips.iter().filter_map(v4).collect();
-    let ext_ips: Vec<[u8; 4]> = sp.external_ips.iter().filter_map(v4).collect();
-    let lb_ips: Vec<[u8; 4]> = sp.lb_ips.iter().filter_map(v4).collect();
+    let cluster_ips: Vec<Vec<u8>> = sp.cluster_ips.iter().filter_map(|i| f.addr(i)).collect();
+    let ext_ips: Vec<Vec<u8>> = sp.external_ips.iter().filter_map(|i| f.addr(i)).collect();
+    let lb_ips: Vec<Vec<u8>> = sp.lb_ips.iter().filter_map(|i| f.addr(i)).collect();
     let cluster: Vec<&Endpoint> = sp
         .cluster_endpoints()
         .into_iter()
-        .filter(|e| e.ip.is_ipv4())
+        .filter(|e| f.addr(&e.ip).is_some())
         .collect();
     let local: Vec<&Endpoint> = sp
         .local_endpoints()
         .into_iter()
-        .filter(|e| e.ip.is_ipv4())
+        .filter(|e| f.addr(&e.ip).is_some())
         .collect();
     let elem = |o: &mut SvcObjs, set: &str, key: Vec<u8>, v: Verdict| {
         o.elems.insert((set.to_string(), key), ElemData::Verdict(v));
@@ -587,7 +678,7 @@ fn render_port(o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids: &mut I
     if cluster.is_empty() {
         let rej = Verdict::Goto(REJECT.into());
         for ip in cluster_ips.iter().chain(&ext_ips).chain(&lb_ips) {
-            elem(o, NO_ENDPOINT_IPS, ip_key(*ip, proto, sp.port), rej.clone());
+            elem(o, NO_ENDPOINT_IPS, ip_key(ip, proto, sp.port), rej.clone());
         }
         if let Some(np) = sp.node_port {
             elem(o, NO_ENDPOINT_NODEPORTS, port_key(proto, np), rej);
@@ -595,7 +686,7 @@ fn render_port(o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids: &mut I
         return;
     }
     for e in &cluster {
-        if let Some(ip) = v4(&e.ip) {
+        if let Some(ip) = f.addr(&e.ip) {
             o.endpoint_ips.insert(ip);
         }
     }
@@ -604,16 +695,16 @@ fn render_port(o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids: &mut I
     let mut svc_rules = Vec::new();
     if opts.masquerade_all {
         svc_rules.push(mark_masq());
-    } else if let Some(c) = opts.cluster_cidr.as_deref().and_then(parse_v4_cidr) {
-        let mut e = in_cidr(saddr(r(0)), r(0), c, false);
+    } else if let Some(c) = opts.cluster_cidr.as_deref().and_then(|c| f.cidr(c)) {
+        let mut e = in_cidr(saddr(f, r(0)), r(0), c, false);
         e.extend(mark_masq());
         svc_rules.push(e);
     }
-    svc_rules.extend(balance(o, ids, &svc, &cluster, sp.affinity_seconds));
+    svc_rules.extend(balance(f, o, ids, &svc, &cluster, sp.affinity_seconds));
     o.chains.insert(svc.clone(), svc_rules);
     let need_svl = sp.internal_local || (sp.external_local && sp.has_external());
     if need_svl {
-        let rules = balance(o, ids, &svl, &local, sp.affinity_seconds);
+        let rules = balance(f, o, ids, &svl, &local, sp.affinity_seconds);
         o.chains.insert(svl.clone(), rules);
     }
     let internal = if sp.internal_local { &svl } else { &svc };
@@ -621,7 +712,7 @@ fn render_port(o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids: &mut I
         elem(
             o,
             SERVICE_IPS,
-            ip_key(*ip, proto, sp.port),
+            ip_key(ip, proto, sp.port),
             Verdict::Goto(internal.clone()),
         );
     }
@@ -634,8 +725,8 @@ fn render_port(o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids: &mut I
     if sp.external_local {
         // Pods and the node itself reach external addresses through the cluster policy;
         // everyone else only reaches local endpoints, with the client address kept.
-        if let Some(c) = opts.cluster_cidr.as_deref().and_then(parse_v4_cidr) {
-            let mut e = in_cidr(saddr(r(0)), r(0), c, true);
+        if let Some(c) = opts.cluster_cidr.as_deref().and_then(|c| f.cidr(c)) {
+            let mut e = in_cidr(saddr(f, r(0)), r(0), c, true);
             e.push(to_svc());
             ext_rules.push(e);
         }
@@ -661,7 +752,7 @@ fn render_port(o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids: &mut I
         elem(
             o,
             SERVICE_IPS,
-            ip_key(*ip, proto, sp.port),
+            ip_key(ip, proto, sp.port),
             Verdict::Goto(ext.clone()),
         );
     }
@@ -676,14 +767,14 @@ fn render_port(o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids: &mut I
     let ranges: Vec<_> = sp
         .lb_source_ranges
         .iter()
-        .filter_map(|c| parse_v4_cidr(c))
+        .filter_map(|c| f.cidr(c))
         .collect();
     if !ranges.is_empty() && !lb_ips.is_empty() {
         let fw = format!("fw-{h}");
         let mut rules: Vec<Rule> = ranges
             .into_iter()
             .map(|c| {
-                let mut e = in_cidr(saddr(r(0)), r(0), c, true);
+                let mut e = in_cidr(saddr(f, r(0)), r(0), c, true);
                 e.push(Expr::Verdict(Verdict::Return));
                 e
             })
@@ -694,7 +785,7 @@ fn render_port(o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids: &mut I
             elem(
                 o,
                 FIREWALL_IPS,
-                ip_key(*ip, proto, sp.port),
+                ip_key(ip, proto, sp.port),
                 Verdict::Jump(fw.clone()),
             );
         }
@@ -702,22 +793,24 @@ fn render_port(o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids: &mut I
 }
 
 /// Objects of one service (all its ports).
-pub fn render_service(ports: &[ServicePort], opts: &RenderOpts, ids: &mut Ids) -> SvcObjs {
+pub fn render_service(f: Fam, ports: &[ServicePort], opts: &RenderOpts, ids: &mut Ids) -> SvcObjs {
     let mut o = SvcObjs::default();
     for sp in ports {
-        render_port(&mut o, sp, opts, ids);
+        render_port(f, &mut o, sp, opts, ids);
     }
     o
 }
 
-/// The whole desired table.
-pub fn render(model: &Model, opts: &RenderOpts, ids: &mut Ids) -> Desired {
-    let (sets, chains) = shared(opts);
+/// The whole desired table of family `f`.
+pub fn render(f: Fam, model: &Model, opts: &RenderOpts, ids: &mut Ids) -> Desired {
+    let (sets, chains) = shared(f, opts);
     let services = model
         .iter()
-        .map(|(k, v)| (k.clone(), render_service(v, opts, ids)))
+        .map(|(k, v)| (k.clone(), render_service(f, v, opts, ids)))
+        .filter(|(_, o)| *o != SvcObjs::default())
         .collect();
     Desired {
+        fam: f,
         sets,
         chains,
         services,
@@ -726,16 +819,16 @@ pub fn render(model: &Model, opts: &RenderOpts, ids: &mut Ids) -> Desired {
 
 impl Desired {
     /// Hairpin set keys.
-    pub fn hairpin(&self) -> BTreeSet<[u8; 4]> {
+    pub fn hairpin(&self) -> BTreeSet<Vec<u8>> {
         self.services
             .values()
-            .flat_map(|s| s.endpoint_ips.iter().copied())
+            .flat_map(|s| s.endpoint_ips.iter().cloned())
             .collect()
     }
 
     /// Deterministic text of the whole table (golden tests).
     pub fn text(&self) -> String {
-        let mut out = format!("table ip {TABLE}\n");
+        let mut out = format!("table {} {TABLE}\n", self.fam.name);
         for (name, s) in &self.sets {
             let _ = writeln!(out, "set {name} {s:?}");
         }
@@ -760,7 +853,7 @@ impl Desired {
             }
         }
         for ip in self.hairpin() {
-            let _ = writeln!(out, "element {HAIRPIN} {}", Ipv4Addr::from(ip));
+            let _ = writeln!(out, "element {HAIRPIN} {}", addr_text(&ip));
         }
         out
     }
@@ -834,12 +927,15 @@ fn key_text(set: &str, k: &[u8]) -> String {
         p => p.to_string(),
     };
     match k.len() {
-        12 => format!(
-            "{} . {} . {}",
-            Ipv4Addr::new(k[0], k[1], k[2], k[3]),
-            proto(k[4]),
-            u16::from_be_bytes([k[8], k[9]])
-        ),
+        12 | 24 => {
+            let a = k.len() - 8;
+            format!(
+                "{} . {} . {}",
+                addr_text(&k[..a]),
+                proto(k[a]),
+                u16::from_be_bytes([k[a + 4], k[a + 5]])
+            )
+        }
         8 if !set.starts_with(ENDPOINTS) => {
             format!("{} . {}", proto(k[0]), u16::from_be_bytes([k[4], k[5]]))
         }
@@ -851,14 +947,31 @@ fn key_text(set: &str, k: &[u8]) -> String {
     }
 }
 
+fn addr_text(b: &[u8]) -> String {
+    match b.len() {
+        4 => Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string(),
+        16 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(b);
+            std::net::Ipv6Addr::from(a).to_string()
+        }
+        _ => hexs(b),
+    }
+}
+
 fn data_text(d: &ElemData) -> String {
     match d {
         ElemData::None => String::new(),
         ElemData::Verdict(v) => v.to_string(),
         ElemData::Value(v) if v.len() == 8 => format!(
             "{}:{}",
-            Ipv4Addr::new(v[0], v[1], v[2], v[3]),
+            addr_text(&v[..4]),
             u16::from_be_bytes([v[4], v[5]])
+        ),
+        ElemData::Value(v) if v.len() == 20 => format!(
+            "[{}]:{}",
+            addr_text(&v[..16]),
+            u16::from_be_bytes([v[16], v[17]])
         ),
         ElemData::Value(v) => hexs(v),
     }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::debug;
 
-use self::layout::{Ids, SvcObjs, CANARY_CHAIN, HAIRPIN, TABLE};
+use self::layout::{Fam, Ids, SvcObjs, CANARY_CHAIN, HAIRPIN, TABLE};
 use self::wire::{Batch, ElemData, NetlinkError, Socket, NFPROTO_IPV4};
 use crate::iptables::RenderOpts;
 use crate::model::{Model, ServiceKey};
@@ -29,8 +29,8 @@ impl From<NetlinkError> for SyncError {
 pub trait Sink: Send {
     /// Commits one batch atomically.
     fn commit(&mut self, batch: Batch) -> Result<(), NetlinkError>;
-    /// Rules in the canary chain (None: table or chain missing).
-    fn canary_rules(&mut self) -> Result<Option<usize>, NetlinkError>;
+    /// Rules in the canary chain of the `family` table (None: table or chain missing).
+    fn canary_rules(&mut self, family: u8) -> Result<Option<usize>, NetlinkError>;
 }
 
 /// The kernel, through an nf_tables netlink socket opened in the calling thread's network
@@ -61,8 +61,8 @@ impl Sink for KernelSink {
         r
     }
 
-    fn canary_rules(&mut self) -> Result<Option<usize>, NetlinkError> {
-        let r = self.sock()?.count_rules(NFPROTO_IPV4, TABLE, CANARY_CHAIN);
+    fn canary_rules(&mut self, family: u8) -> Result<Option<usize>, NetlinkError> {
+        let r = self.sock()?.count_rules(family, TABLE, CANARY_CHAIN);
         if r.is_err() {
             self.sock = None;
         }
@@ -73,15 +73,18 @@ impl Sink for KernelSink {
 #[derive(Default)]
 struct Programmed {
     services: BTreeMap<ServiceKey, SvcObjs>,
-    hairpin: BTreeMap<[u8; 4], usize>,
+    hairpin: BTreeMap<Vec<u8>, usize>,
 }
+
+/// The tables: `ip hako` and `ip6 hako`.
+const FAMS: [Fam; 2] = [layout::IPV4, layout::IPV6];
 
 /// The nftables backend.
 pub struct NftablesBackend<S: Sink = KernelSink> {
     sink: S,
     opts: RenderOpts,
-    ids: Ids,
-    state: Option<Programmed>,
+    ids: [Ids; 2],
+    state: Option<[Programmed; 2]>,
 }
 
 impl NftablesBackend<KernelSink> {
@@ -91,7 +94,7 @@ impl NftablesBackend<KernelSink> {
     }
 }
 
-fn hairpin_key(ip: [u8; 4]) -> Vec<u8> {
+fn hairpin_key(ip: &[u8]) -> Vec<u8> {
     [ip, ip].concat()
 }
 
@@ -101,7 +104,7 @@ impl<S: Sink> NftablesBackend<S> {
         Self {
             sink,
             opts,
-            ids: Ids::default(),
+            ids: [Ids::default(), Ids::default()],
             state: None,
         }
     }
@@ -112,10 +115,46 @@ impl<S: Sink> NftablesBackend<S> {
     }
 
     fn full(&mut self, model: &Model) -> Result<SyncStats, SyncError> {
-        // The table is recreated: ids start afresh (no id of a vanished chain lingers).
-        self.ids = Ids::default();
-        let d = layout::render(model, &self.opts, &mut self.ids);
         let mut b = Batch::new(NFPROTO_IPV4, TABLE);
+        let mut rules = 0usize;
+        let mut elems = 0usize;
+        let mut states = Vec::new();
+        for (fi, f) in FAMS.iter().enumerate() {
+            let (st, r, e) = self.full_family(&mut b, fi, *f, model);
+            states.push(st);
+            rules += r;
+            elems += e;
+        }
+        let msgs = b.len();
+        self.sink.commit(b)?;
+        debug!(
+            messages = msgs,
+            rules, elems, "nftables full sync committed"
+        );
+        let mut it = states.into_iter();
+        if let (Some(a), Some(b)) = (it.next(), it.next()) {
+            self.state = Some([a, b]);
+        }
+        Ok(SyncStats {
+            full: true,
+            services_written: model.len(),
+            rules: rules + elems,
+            bytes: 0,
+        })
+    }
+
+    /// Adds the full table of family `f` to `b`; returns its state, rules and elements.
+    fn full_family(
+        &mut self,
+        b: &mut Batch,
+        fi: usize,
+        f: Fam,
+        model: &Model,
+    ) -> (Programmed, usize, usize) {
+        // The table is recreated: ids start afresh (no id of a vanished chain lingers).
+        self.ids[fi] = Ids::default();
+        let d = layout::render(f, model, &self.opts, &mut self.ids[fi]);
+        b.set_family(f.nfproto);
         // Create-if-missing, delete, create: the old table goes away in the same transaction.
         b.add_table();
         b.del_table();
@@ -161,10 +200,10 @@ impl<S: Sink> NftablesBackend<S> {
         let mut hairpin = BTreeMap::new();
         for o in d.services.values() {
             for ip in &o.endpoint_ips {
-                *hairpin.entry(*ip).or_insert(0) += 1;
+                *hairpin.entry(ip.clone()).or_insert(0) += 1;
             }
         }
-        let hp: Vec<Vec<u8>> = hairpin.keys().map(|ip| hairpin_key(*ip)).collect();
+        let hp: Vec<Vec<u8>> = hairpin.keys().map(|ip| hairpin_key(ip)).collect();
         elems += hp.len();
         b.add_elems(HAIRPIN, hp.iter().map(|k| (k.as_slice(), &ElemData::None)));
         for (name, _, rs) in &d.chains {
@@ -173,22 +212,14 @@ impl<S: Sink> NftablesBackend<S> {
                 rules += 1;
             }
         }
-        let msgs = b.len();
-        self.sink.commit(b)?;
-        debug!(
-            messages = msgs,
-            rules, elems, "nftables full sync committed"
-        );
-        self.state = Some(Programmed {
-            services: d.services,
-            hairpin,
-        });
-        Ok(SyncStats {
-            full: true,
-            services_written: model.len(),
-            rules: rules + elems,
-            bytes: 0,
-        })
+        (
+            Programmed {
+                services: d.services,
+                hairpin,
+            },
+            rules,
+            elems,
+        )
     }
 
     fn partial(
@@ -196,17 +227,85 @@ impl<S: Sink> NftablesBackend<S> {
         model: &Model,
         changed: &BTreeSet<ServiceKey>,
     ) -> Result<SyncStats, SyncError> {
-        let Some(st) = self.state.as_mut() else {
+        let Some(mut states) = self.state.take() else {
             return Err(SyncError::Backend(
                 "nftables: partial sync without state".into(),
             ));
         };
         let mut b = Batch::new(NFPROTO_IPV4, TABLE);
+        let mut rules = 0usize;
+        let mut elems = 0usize;
+        let mut done = Vec::new();
+        for (fi, f) in FAMS.iter().enumerate() {
+            b.set_family(f.nfproto);
+            match self.partial_family(&mut b, fi, *f, &states[fi], model, changed) {
+                Ok((apply, r, e)) => {
+                    done.push(apply);
+                    rules += r;
+                    elems += e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let msgs = b.len();
+        if msgs > 0 {
+            self.sink.commit(b)?;
+        }
+        debug!(
+            messages = msgs,
+            rules, elems, "nftables partial sync committed"
+        );
+        for (fi, (del_chains, hairpin, new_objs)) in done.into_iter().enumerate() {
+            for c in &del_chains {
+                self.ids[fi].release(c);
+            }
+            let st = &mut states[fi];
+            st.hairpin = hairpin;
+            for (key, o) in new_objs {
+                if o == SvcObjs::default() {
+                    st.services.remove(&key);
+                } else {
+                    st.services.insert(key, o);
+                }
+            }
+        }
+        self.state = Some(states);
+        Ok(SyncStats {
+            full: false,
+            services_written: changed.len(),
+            rules: rules + elems,
+            bytes: 0,
+        })
+    }
+
+    /// Adds the changes of family `f` to `b`; returns what to record once committed (chains
+    /// deleted, hairpin counts, new objects), rules and elements written.
+    #[allow(clippy::type_complexity)]
+    fn partial_family(
+        &mut self,
+        b: &mut Batch,
+        fi: usize,
+        f: Fam,
+        st: &Programmed,
+        model: &Model,
+        changed: &BTreeSet<ServiceKey>,
+    ) -> Result<
+        (
+            (
+                Vec<String>,
+                BTreeMap<Vec<u8>, usize>,
+                BTreeMap<ServiceKey, SvcObjs>,
+            ),
+            usize,
+            usize,
+        ),
+        SyncError,
+    > {
         let mut new_objs: BTreeMap<ServiceKey, SvcObjs> = BTreeMap::new();
         for key in changed {
             let o = model
                 .get(key)
-                .map(|ports| layout::render_service(ports, &self.opts, &mut self.ids))
+                .map(|ports| layout::render_service(f, ports, &self.opts, &mut self.ids[fi]))
                 .unwrap_or_default();
             new_objs.insert(key.clone(), o);
         }
@@ -297,21 +396,21 @@ impl<S: Sink> NftablesBackend<S> {
                     *c -= 1;
                     if *c == 0 {
                         hairpin.remove(ip);
-                        hp_del.push(hairpin_key(*ip));
+                        hp_del.push(hairpin_key(ip));
                     }
                 }
             }
             for ip in new.endpoint_ips.difference(&old.endpoint_ips) {
-                let c = hairpin.entry(*ip).or_insert(0);
+                let c = hairpin.entry(ip.clone()).or_insert(0);
                 *c += 1;
                 if *c == 1 {
-                    hp_add.push(hairpin_key(*ip));
+                    hp_add.push(hairpin_key(ip));
                 }
             }
         }
         // A key both removed and re-added (address moved between services) stays.
         hp_del.retain(|k| !hp_add.contains(k));
-        hp_add.retain(|k| !st.hairpin.contains_key(&[k[0], k[1], k[2], k[3]]));
+        hp_add.retain(|k| !st.hairpin.contains_key(&k[..k.len() / 2]));
         // 3. Elements: deletions before additions (a changed value is delete + add).
         for (set, keys) in &del_elems {
             elems += keys.len();
@@ -338,31 +437,7 @@ impl<S: Sink> NftablesBackend<S> {
         for s in &del_sets {
             b.del_set(s);
         }
-        let msgs = b.len();
-        if msgs > 0 {
-            self.sink.commit(b)?;
-        }
-        debug!(
-            messages = msgs,
-            rules, elems, "nftables partial sync committed"
-        );
-        for c in &del_chains {
-            self.ids.release(c);
-        }
-        st.hairpin = hairpin;
-        for (key, o) in new_objs {
-            if o == SvcObjs::default() {
-                st.services.remove(&key);
-            } else {
-                st.services.insert(key, o);
-            }
-        }
-        Ok(SyncStats {
-            full: false,
-            services_written: changed.len(),
-            rules: rules + elems,
-            bytes: 0,
-        })
+        Ok(((del_chains, hairpin, new_objs), rules, elems))
     }
 }
 
@@ -386,7 +461,8 @@ impl<S: Sink> Backend for NftablesBackend<S> {
         if self.state.is_none() {
             return true;
         }
-        !matches!(self.sink.canary_rules(), Ok(Some(n)) if n > 0)
+        FAMS.iter()
+            .any(|f| !matches!(self.sink.canary_rules(f.nfproto), Ok(Some(n)) if n > 0))
     }
 }
 
@@ -412,7 +488,7 @@ impl Sink for RecordingSink {
         Ok(())
     }
 
-    fn canary_rules(&mut self) -> Result<Option<usize>, NetlinkError> {
+    fn canary_rules(&mut self, _family: u8) -> Result<Option<usize>, NetlinkError> {
         Ok(self.canary)
     }
 }

@@ -52,7 +52,7 @@ fn check_golden(name: &str, text: &str) {
 #[test]
 fn full_render_matches_golden_and_references_resolve() {
     let model = golden_model();
-    let d = layout::render(&model, &opts(), &mut Ids::default());
+    let d = layout::render(layout::IPV4, &model, &opts(), &mut Ids::default());
     let problems = d.check_refs();
     assert!(problems.is_empty(), "{problems:?}");
     let text = d.text();
@@ -82,7 +82,7 @@ fn full_render_matches_golden_and_references_resolve() {
 #[test]
 fn checker_finds_missing_targets() {
     let model = golden_model();
-    let mut d = layout::render(&model, &opts(), &mut Ids::default());
+    let mut d = layout::render(layout::IPV4, &model, &opts(), &mut Ids::default());
     let victim = d
         .services
         .values_mut()
@@ -107,7 +107,7 @@ fn masquerade_all_and_nodeport_addresses_render() {
         nodeport_addresses: vec!["192.0.2.0/24".into()],
         ..RenderOpts::default()
     };
-    let d = layout::render(&model, &o, &mut Ids::default());
+    let d = layout::render(layout::IPV4, &model, &o, &mut Ids::default());
     assert!(d.check_refs().is_empty());
     let text = d.text();
     check_golden("nft-masquerade-all.golden", &text);
@@ -232,4 +232,47 @@ fn failure_and_canary_loss_force_full() {
     // The proxier passes None after a failure; a partial request without state is full too.
     let s = be.apply(&model, Some(&changed)).expect("full");
     assert!(s.full);
+}
+
+#[test]
+fn ipv6_render_matches_golden() {
+    let svc: Service = serde_yaml::from_str(
+        "metadata: {name: v6, namespace: ns}\nspec: {type: NodePort, ipFamilies: [IPv4, IPv6], clusterIPs: [10.96.0.60, 'fd00:96::60'], clusterIP: 10.96.0.60, sessionAffinity: ClientIP, ports: [{name: p, port: 80, nodePort: 30060}]}",
+    )
+    .expect("svc");
+    let s6: EndpointSlice = serde_yaml::from_str(
+        "metadata: {name: v6-6, namespace: ns, labels: {kubernetes.io/service-name: v6}}\naddressType: IPv6\nports: [{name: p, port: 8080}]\nendpoints: [{addresses: ['fd00:244:1::11']}, {addresses: ['fd00:244:1::12']}]",
+    )
+    .expect("slice");
+    let s4 = slice("v6", &["10.0.0.1"]);
+    let mut p = Proxier::new(
+        Box::new(IptablesBackend::new(FakeIptables::default(), opts())),
+        ProxierOpts::default(),
+    );
+    p.on_service_add(svc);
+    p.on_endpointslice_add(s6);
+    let mut s4 = s4;
+    s4.metadata.name = Some("v6-4".into());
+    p.on_endpointslice_add(s4);
+    p.sync().expect("sync");
+    let o = RenderOpts {
+        cluster_cidr: Some("fd00:244::/48".into()),
+        ..RenderOpts::default()
+    };
+    let d6 = layout::render(layout::IPV6, p.model(), &o, &mut Ids::default());
+    assert!(d6.check_refs().is_empty(), "{:?}", d6.check_refs());
+    let text = d6.text();
+    check_golden("nft-ip6.golden", &text);
+    assert!(text.starts_with("table ip6 hako"));
+    assert!(text.contains("element service-ips fd00:96::60 . tcp . 80 : goto svc-"));
+    assert!(text.contains(": [fd00:244:1::11]:8080") && text.contains(": [fd00:244:1::12]:8080"));
+    assert!(
+        !text.contains("10.0.0.1"),
+        "IPv4 endpoints stay in the ip table"
+    );
+    assert!(text.contains("payload nh+24/16 => r8"), "ip6 daddr");
+    // The IPv4 table of the same model has the IPv4 endpoint only.
+    let d4 = layout::render(layout::IPV4, p.model(), &opts(), &mut Ids::default());
+    let t4 = d4.text();
+    assert!(t4.contains("10.0.0.1:8080") && !t4.contains("fd00"));
 }

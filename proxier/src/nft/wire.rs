@@ -264,6 +264,8 @@ pub enum Expr {
     },
     /// DNAT to address in `addr_reg`, port in `port_reg`.
     Dnat {
+        /// NFPROTO_IPV4 or NFPROTO_IPV6.
+        family: u8,
         /// Address register.
         addr_reg: u32,
         /// Port register.
@@ -271,8 +273,11 @@ pub enum Expr {
     },
     /// Masquerade, fully random.
     Masquerade,
-    /// Reject with ICMP port unreachable.
-    Reject,
+    /// Reject with an ICMP (ip) / ICMPv6 (ip6) destination unreachable of `code`.
+    Reject {
+        /// ICMP code (3: port unreachable; ICMPv6 4: port unreachable).
+        code: u8,
+    },
     /// Reject with a TCP reset (the client's connect fails at once even when the answer
     /// arrives before its SYN is fully sent, which an ICMP error does not achieve).
     RejectTcpReset,
@@ -337,11 +342,13 @@ impl fmt::Display for Expr {
             } => write!(f, "numgen random mod {modulus} offset {offset} => r{dreg}"),
             Self::FibDaddrType { dreg } => write!(f, "fib daddr type => r{dreg}"),
             Self::FibSaddrType { dreg } => write!(f, "fib saddr type => r{dreg}"),
-            Self::Dnat { addr_reg, port_reg } => {
+            Self::Dnat {
+                addr_reg, port_reg, ..
+            } => {
                 write!(f, "dnat addr r{addr_reg} port r{port_reg}")
             }
             Self::Masquerade => f.write_str("masquerade fully-random"),
-            Self::Reject => f.write_str("reject icmp port-unreachable"),
+            Self::Reject { code } => write!(f, "reject icmp code {code}"),
             Self::RejectTcpReset => f.write_str("reject tcp reset"),
             Self::Counter => f.write_str("counter"),
             Self::DynsetUpdate {
@@ -385,7 +392,7 @@ impl Expr {
             Self::FibDaddrType { .. } | Self::FibSaddrType { .. } => "fib",
             Self::Dnat { .. } => "nat",
             Self::Masquerade => "masq",
-            Self::Reject | Self::RejectTcpReset => "reject",
+            Self::Reject { .. } | Self::RejectTcpReset => "reject",
             Self::Counter => "counter",
             Self::DynsetUpdate { .. } => "dynset",
         }
@@ -460,16 +467,20 @@ impl Expr {
                 attr_u32(b, 2, 3);
                 attr_u32(b, 1, *dreg);
             }
-            Self::Dnat { addr_reg, port_reg } => {
+            Self::Dnat {
+                family,
+                addr_reg,
+                port_reg,
+            } => {
                 attr_u32(b, 1, 1); // NFT_NAT_DNAT
-                attr_u32(b, 2, u32::from(NFPROTO_IPV4));
+                attr_u32(b, 2, u32::from(*family));
                 attr_u32(b, 3, *addr_reg);
                 attr_u32(b, 5, *port_reg);
             }
             Self::Masquerade => attr_u32(b, 1, 0x10), // NF_NAT_RANGE_PROTO_RANDOM_FULLY
-            Self::Reject => {
+            Self::Reject { code } => {
                 attr_u32(b, 1, 0); // NFT_REJECT_ICMP_UNREACH
-                attr(b, 2, &[3]); // port unreachable
+                attr(b, 2, &[*code]);
             }
             Self::RejectTcpReset => {
                 attr_u32(b, 1, 1); // NFT_REJECT_TCP_RST
@@ -595,6 +606,11 @@ impl Batch {
         });
         self.msgs += 1;
         self.descr.push((seq, what));
+    }
+
+    /// Messages from now on are for the `family` table of the same name.
+    pub fn set_family(&mut self, family: u8) {
+        self.family = family;
     }
 
     /// Number of nf_tables messages so far.
@@ -1110,7 +1126,7 @@ mod tests {
                         eq: true,
                         data: 2u32.to_ne_bytes().to_vec()
                     },
-                    Expr::Reject,
+                    Expr::Reject { code: 3 },
                 ]
             ),
             REF_FIB_REJECT

@@ -68,7 +68,6 @@ const NFTA_HOOK_HOOKNUM: u16 = 1;
 const NFTA_HOOK_PRIORITY: u16 = 2;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
-const NFTA_RULE_HANDLE: u16 = 3;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
@@ -574,7 +573,7 @@ impl Batch {
             last_start: 0,
             descr: Vec::new(),
         };
-        b.header(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, |b| {
+        b.header(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, |b| {
             // nfgenmsg: AF_UNSPEC, version 0, res_id = NFNL_SUBSYS_NFTABLES (big endian).
             b.extend_from_slice(&[0, 0]);
             b.extend_from_slice(&SUBSYS.to_be_bytes());
@@ -582,7 +581,7 @@ impl Batch {
         b
     }
 
-    fn header(&mut self, ty: u16, flags: u16, _fam: u8, body: impl FnOnce(&mut Vec<u8>)) -> u32 {
+    fn header(&mut self, ty: u16, flags: u16, body: impl FnOnce(&mut Vec<u8>)) -> u32 {
         let start = self.buf.len();
         let seq = self.seq;
         self.seq += 1;
@@ -600,7 +599,7 @@ impl Batch {
 
     fn msg(&mut self, ty: MsgType, flags: u16, what: String, body: impl FnOnce(&mut Vec<u8>)) {
         let fam = self.family;
-        let seq = self.header((SUBSYS << 8) | ty as u16, NLM_F_REQUEST | flags, fam, |b| {
+        let seq = self.header((SUBSYS << 8) | ty as u16, NLM_F_REQUEST | flags, |b| {
             b.extend_from_slice(&[fam, 0, 0, 0]);
             body(b);
         });
@@ -836,7 +835,7 @@ impl Batch {
             let f = u16::from_ne_bytes([self.buf[flags_at], self.buf[flags_at + 1]]) | NLM_F_ACK;
             self.buf[flags_at..flags_at + 2].copy_from_slice(&f.to_ne_bytes());
         }
-        self.header(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, |b| {
+        self.header(NFNL_MSG_BATCH_END, NLM_F_REQUEST, |b| {
             b.extend_from_slice(&[0, 0]);
             b.extend_from_slice(&SUBSYS.to_be_bytes());
         });
@@ -1040,9 +1039,6 @@ impl Socket {
 fn libc_enoent() -> i32 {
     nix::errno::Errno::ENOENT as i32
 }
-
-/// Rule handle attribute number (for tests that parse dumps).
-pub const RULE_HANDLE_ATTR: u16 = NFTA_RULE_HANDLE;
 
 #[cfg(test)]
 mod tests {

@@ -306,6 +306,7 @@ fn main() -> anyhow::Result<()> {
                 root_dir: cli.root_dir.clone(),
                 node_ip,
                 cni_conf_dir: cli.cni_conf_dir.clone(),
+                pod_log_dir: cli.pod_log_dir.clone(),
             };
             let workers = match cluster_workers(&cli) {
                 Ok(w) => Some(w),

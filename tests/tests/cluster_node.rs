@@ -38,6 +38,7 @@ impl Agent {
             .arg("--kubeconfig")
             .arg(&kc)
             .args(["--hostname-override", node, "--node-ip", "192.0.2.10"])
+            .args(["--kubelet-port", "0"])
             .arg("--root-dir")
             .arg(tmp.path().join("root"))
             .arg("--run-dir")

@@ -38,6 +38,7 @@ fn start(srv: &ApiServer, node: &str) -> Agent {
         .arg("--kubeconfig")
         .arg(&kc)
         .args(["--hostname-override", node, "--node-ip", "192.0.2.10"])
+        .args(["--kubelet-port", "0"])
         .args(["--register-with-taints", "dedicated=infra:NoExecute"])
         .args([
             "--node-lease-renew-interval",

@@ -5,6 +5,7 @@
 
 pub mod admit;
 pub mod facts;
+pub mod kubelet_api;
 pub mod node;
 pub mod overlay;
 mod pods;
@@ -83,6 +84,18 @@ pub struct ClusterArgs {
     /// Underlay interface (default: the default-route interface).
     #[arg(long, value_name = "IFACE")]
     pub overlay_interface: Option<String>,
+    /// kubelet API port (TLS; 0 disables it).
+    #[arg(long, default_value_t = 10250)]
+    pub kubelet_port: u16,
+    /// kubelet API listen address.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub kubelet_address: IpAddr,
+    /// kubelet API serving certificate (PEM); default: self-signed in <root-dir>/pki.
+    #[arg(long, value_name = "FILE", requires = "tls_private_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Key of --tls-cert-file (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    pub tls_private_key_file: Option<PathBuf>,
 }
 
 /// A cluster-mode failure that stops start-up (runtime failures are retried, never fatal).
@@ -94,6 +107,9 @@ pub enum ClusterError {
     /// The kubeconfig could not be read or used.
     #[error("kubeconfig {0}: {1}")]
     Kubeconfig(PathBuf, String),
+    /// The kubelet API could not start.
+    #[error("kubelet API: {0}")]
+    KubeletApi(kubelet_api::ApiError),
     /// The async runtime could not start.
     #[error("tokio runtime: {0}")]
     Runtime(std::io::Error),
@@ -110,6 +126,8 @@ pub struct NodeSettings {
     pub node_ip: Option<IpAddr>,
     /// CNI configuration directory: the node is Ready once it holds a network config.
     pub cni_conf_dir: PathBuf,
+    /// CRI log root (`/var/log/pods`) for the kubelet API's container logs.
+    pub pod_log_dir: PathBuf,
 }
 
 /// Everything the loops share.
@@ -121,6 +139,8 @@ struct Ctx {
     node: NodeSettings,
     /// The overlay is configured (NetworkUnavailable=False).
     overlay_ready: AtomicBool,
+    /// Pods bound to this node, as last seen (for the kubelet API).
+    pods: kubelet_api::PodStore,
 }
 
 /// Exponential back-off from 200 ms to `max`.
@@ -170,7 +190,11 @@ pub fn node_config(args: &ClusterArgs, node_name: &str) -> Result<NodeConfig, Cl
         max_pods: args.max_pods,
         eviction: node::parse_eviction(&args.eviction_hard)?,
         version: env!("CARGO_PKG_VERSION").to_string(),
-        kubelet_port: 10250,
+        kubelet_port: i32::from(if args.kubelet_port == 0 {
+            10250
+        } else {
+            args.kubelet_port
+        }),
     })
 }
 
@@ -215,7 +239,27 @@ pub async fn run_async(
         args,
         node,
         overlay_ready: AtomicBool::new(false),
+        pods: Default::default(),
     });
+    if ctx.args.kubelet_port != 0 {
+        let mut sans = vec![ctx.cfg.name.clone(), "localhost".into(), "127.0.0.1".into()];
+        sans.extend(ctx.facts.internal_ip.map(|i| i.to_string()));
+        let opts = kubelet_api::ApiOptions {
+            addr: std::net::SocketAddr::new(ctx.args.kubelet_address, ctx.args.kubelet_port),
+            cert: ctx
+                .args
+                .tls_cert_file
+                .clone()
+                .zip(ctx.args.tls_private_key_file.clone()),
+            pki_dir: ctx.node.root_dir.join("pki"),
+            sans,
+            pod_log_dir: ctx.node.pod_log_dir.clone(),
+            node_name: ctx.cfg.name.clone(),
+        };
+        kubelet_api::start(ctx.client.clone(), opts, ctx.pods.clone())
+            .await
+            .map_err(ClusterError::KubeletApi)?;
+    }
     let status = tokio::spawn(status_loop(ctx.clone()));
     let lease = tokio::spawn(lease_loop(ctx.clone()));
     let manager = workers.map(crate::worker::PodManager::new);

@@ -1,0 +1,144 @@
+//! The kubelet API of a cluster-mode agent against the apiserver fixture: TLS with a
+//! self-signed serving certificate, anonymous and unknown tokens refused (401), an
+//! authenticated user without `nodes/proxy` refused (403, decided by SubjectAccessReview), and a
+//! permitted user reading a container's CRI log (tailLines, timestamps, limitBytes). Runs the
+//! real `hako-agent` (build it first) and `curl`. No root.
+
+use hako_tests::agent::target_bin;
+use hako_tests::apiserver::{ApiServer, User};
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// (HTTP code, body) of a GET through curl (-k: the certificate is self-signed).
+fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sk", "-o", "-", "-w", "\n%{http_code}"]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = cmd
+        .arg(format!("https://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl");
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = s.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn kubelet_api_authn_authz_and_logs() {
+    let srv = ApiServer::start().expect("fixture");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kc = tmp.path().join("kubeconfig");
+    srv.write_kubeconfig(&kc, &srv.node_token("n1"))
+        .expect("kubeconfig");
+    let port = free_port();
+    let logs = tmp.path().join("logs");
+    let _agent = Agent(
+        Command::new(target_bin("hako-agent", "HAKO_AGENT_BIN"))
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args(["--hostname-override", "n1", "--node-ip", "192.0.2.10"])
+            .args([
+                "--kubelet-address",
+                "127.0.0.1",
+                "--kubelet-port",
+                &port.to_string(),
+            ])
+            .arg("--root-dir")
+            .arg(tmp.path().join("root"))
+            .arg("--run-dir")
+            .arg(tmp.path().join("run"))
+            .arg("--pod-log-dir")
+            .arg(&logs)
+            .arg("--cni-conf-dir")
+            .arg(tmp.path().join("net.d"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    // A pod bound to the node, with a CRI log as the runtime writes it.
+    let p = srv
+        .create(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "127.0.0.1:1/x:1"}]}}))
+        .expect("pod");
+    let uid = p["metadata"]["uid"].as_str().expect("uid").to_string();
+    let dir = logs.join(format!("default_web_{uid}/c"));
+    std::fs::create_dir_all(&dir).expect("log dir");
+    std::fs::write(
+        dir.join("0.log"),
+        "2026-11-28T10:00:00.000000001Z stdout F first\n2026-11-28T10:00:01.000000001Z stderr P sec\n2026-11-28T10:00:01.000000002Z stderr F ond\n2026-11-28T10:00:02.000000001Z stdout F third\n",
+    )
+    .expect("log");
+
+    let end = Instant::now() + Duration::from_secs(20);
+    while get(port, "/healthz", None).0 == 0 {
+        assert!(Instant::now() < end, "kubelet API did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    srv.add_token("alice-token", User::plain("alice"));
+    srv.add_token("bob-token", User::plain("bob"));
+    srv.grant("alice", "get", "nodes", "proxy");
+
+    let path = "/containerLogs/default/web/c";
+    assert_eq!(get(port, path, None).0, 401, "anonymous refused");
+    assert_eq!(get(port, path, Some("no-such-token")).0, 401);
+    let (code, body) = get(port, path, Some("bob-token"));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("subresource=proxy"), "{body}");
+
+    // The pod must be known to the agent (from its watch) before its logs are served.
+    let end = Instant::now() + Duration::from_secs(15);
+    let (code, body) = loop {
+        let r = get(port, path, Some("alice-token"));
+        if r.0 != 404 || Instant::now() > end {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, "first\nsecond\nthird\n");
+    let (_, body) = get(
+        port,
+        &format!("{path}?tailLines=1&timestamps=true"),
+        Some("alice-token"),
+    );
+    assert_eq!(body, "2026-11-28T10:00:02.000000001Z third\n");
+    let (_, body) = get(port, &format!("{path}?limitBytes=8"), Some("alice-token"));
+    assert_eq!(body, "first\nse");
+    let (code, body) = get(port, "/pods", Some("alice-token"));
+    assert_eq!(code, 200);
+    let pods: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(pods["items"][0]["metadata"]["name"], "web");
+    // The decisions were the apiserver's: TokenReview and SubjectAccessReview were asked.
+    let reqs = srv.requests();
+    assert!(reqs
+        .iter()
+        .any(|r| r.attrs.resource == "tokenreviews" && r.user == "system:node:n1"));
+    assert!(reqs
+        .iter()
+        .any(|r| r.attrs.resource == "subjectaccessreviews" && r.user == "system:node:n1"));
+    assert!(
+        tmp.path().join("root/pki/kubelet.crt").exists(),
+        "self-signed cert kept"
+    );
+}

@@ -276,3 +276,29 @@ fn ipv6_render_matches_golden() {
     let t4 = d4.text();
     assert!(t4.contains("10.0.0.1:8080") && !t4.contains("fd00"));
 }
+
+#[test]
+fn cidrs_parse_per_family_and_reject_bad_input() {
+    let v4 = layout::IPV4;
+    let v6 = layout::IPV6;
+    assert_eq!(
+        v4.cidr("10.244.3.7/16"),
+        Some((vec![10, 244, 0, 0], vec![255, 255, 0, 0]))
+    );
+    assert_eq!(v4.cidr("10.0.0.1"), Some((vec![10, 0, 0, 1], vec![255; 4])));
+    assert_eq!(v4.cidr("0.0.0.0/0"), Some((vec![0; 4], vec![0; 4])));
+    let (net, mask) = v6.cidr("fd00:244:1::9/52").expect("v6");
+    assert_eq!(&net[..8], &[0xfd, 0, 2, 0x44, 0, 1, 0, 0]);
+    assert_eq!(&mask[..8], &[255, 255, 255, 255, 255, 255, 0xf0, 0]);
+    for bad in [
+        "10.0.0.0/33",
+        "10.0.0.300/8",
+        "fd00::/24",
+        "x/8",
+        "10.0.0.0/-1",
+    ] {
+        assert_eq!(v4.cidr(bad), None, "{bad}");
+    }
+    assert_eq!(v6.cidr("10.0.0.0/8"), None);
+    assert_eq!(v6.cidr("fd00::/129"), None);
+}

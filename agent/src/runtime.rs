@@ -128,11 +128,18 @@ pub fn observed_from(m: &ContainerMeta, st: Option<&State>, message: String) -> 
     }
 }
 
-/// The shim's view of a container: live state from its shim, else the recorded one
-/// (effectful, blocking).
+/// The shim's view of a container (effectful, blocking): the live state from its shim; when
+/// the shim is gone, the recorded state if it records the exit, else `None` (unknown: the
+/// process may still run without its shim).
 pub fn shim_state(shim: &ShimRuntime, id: &str) -> Option<State> {
     let c = shim.client(id);
-    c.state().ok().or_else(|| c.recorded_state().ok())
+    match c.state() {
+        Ok(s) => Some(s),
+        Err(_) => c
+            .recorded_state()
+            .ok()
+            .filter(|r| r.status == Status::Stopped),
+    }
 }
 
 /// Reads the termination message: the termination-log file, or with

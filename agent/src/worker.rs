@@ -845,7 +845,15 @@ impl Worker {
                 }
                 Action::KillContainer { name, message, .. } => {
                     self.event("Normal", "Killing", &message);
-                    if let Some(id) = self.latest_running(&name) {
+                    let unknown = self
+                        .observed()
+                        .latest(&name)
+                        .filter(|c| c.state == RuntimeState::Unknown)
+                        .map(|c| c.id.clone());
+                    if let Some(id) = unknown {
+                        self.kill_unknown(&id).await;
+                        progress = true;
+                    } else if let Some(id) = self.latest_running(&name) {
                         let grace = self.grace();
                         self.stop_many(vec![id], grace).await;
                         progress = true;
@@ -879,6 +887,34 @@ impl Worker {
             }
         }
         progress
+    }
+
+    /// A container whose shim is gone: SIGKILL what its record names, remove its state, and
+    /// keep it as exited (137) so restart policy and back-off apply.
+    async fn kill_unknown(&mut self, id: &str) {
+        let shim = self.cfg.shim.clone();
+        let cid = id.to_string();
+        let rec = blocking(move || {
+            let r = shim.client(&cid).recorded_state().ok();
+            if let Err(e) = shim.force_delete(&cid) {
+                tracing::warn!(container = %cid, "removing container without shim: {e}");
+            }
+            r
+        })
+        .await
+        .flatten();
+        if let (Some(i), Some(mut st)) = (self.insts.get_mut(id), rec) {
+            st.status = hako_shim::state::Status::Stopped;
+            st.exit_code = Some(137);
+            st.reason = Some("Error".into());
+            st.finished_at =
+                Some(Utc::now().to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Nanos, true));
+            i.state = Some(st);
+            i.message_read = true;
+            i.watching = false;
+        }
+        self.probes.remove(id);
+        self.dirty = true;
     }
 
     fn any_running(&self) -> bool {

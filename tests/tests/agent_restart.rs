@@ -257,3 +257,49 @@ fn stop_pods_on_exit_cleans_up_everything() {
     );
     assert!(env.agent_log().contains("stopping every pod before exit"));
 }
+
+#[test]
+fn a_container_whose_shim_died_is_killed_and_restarted() {
+    let mut env = AgentEnv::new("ashim");
+    let img = env.image("sleep");
+    env.write_manifest(
+        "p.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: c, image: \"{img}\"}}\n"),
+    );
+    env.start();
+    env.wait_running("p", T);
+    let pid = env.container_pid("p", "c").unwrap();
+    let id = env.container_status("p", "c").unwrap()["containerID"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("hako://")
+        .unwrap()
+        .to_string();
+    let st: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(env.run.join("containers").join(&id).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    let shim_pid = i32::try_from(st["shimPid"].as_i64().unwrap()).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    env.wait_for("restart after the shim died", T, |e| {
+        let s = e.container_status("p", "c")?;
+        (s["restartCount"] == 1 && s["state"]["running"].is_object()).then_some(())
+    });
+    // The orphaned process was killed, not left beside the new one.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        !alive(pid)
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    );
+    assert_eq!(
+        env.shim_containers().len(),
+        1,
+        "{:?}",
+        env.shim_containers()
+    );
+}

@@ -251,6 +251,30 @@ fn clusterip_nodeport_rr_and_persistence_with_real_traffic() {
     assert_eq!(c.values().sum::<usize>(), 3);
     assert!(!c.contains_key("FAIL"), "NodePort from outside: {c:?}");
 
+    // loadBalancerSourceRanges: the LB IP answers the client pod's range only.
+    env.proxier.on_service_add(
+        serde_yaml::from_str(
+            "metadata: {name: lb, namespace: t}
+spec: {type: LoadBalancer, clusterIP: 10.96.0.12, loadBalancerSourceRanges: [10.244.2.0/24],
+  ports: [{name: p, port: 80, targetPort: 8080}]}
+status: {loadBalancer: {ingress: [{ip: 203.0.113.50}]}}",
+        )
+        .unwrap(),
+    );
+    env.proxier
+        .on_endpointslice_add(slice("lb", 8080, &B3[..1]));
+    env.sync();
+    let outside = &env.topo.nodes[1].ns;
+    outside
+        .ip(&["route", "add", "203.0.113.50", "via", &node_ip])
+        .unwrap();
+    assert_eq!(connect(&env.client, "203.0.113.50 80", 1), ["b1"]);
+    assert_eq!(
+        connect(outside, "203.0.113.50 80", 1),
+        ["FAIL"],
+        "a source outside loadBalancerSourceRanges must be dropped"
+    );
+
     // The iptables rules do not grow with services: the same count after more services.
     let rules = |env: &Env| {
         env.node()

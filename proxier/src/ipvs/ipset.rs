@@ -43,6 +43,7 @@ const ATTR_PORT: u16 = 4;
 const ATTR_PORT_TO: u16 = 5;
 const ATTR_PROTO: u16 = 7;
 const ATTR_IP2: u16 = 20;
+const ATTR_CIDR2: u16 = 21;
 const ATTR_IPADDR_IPV4: u16 = 1;
 const NFPROTO_IPV4: u8 = 2;
 /// Longest set name (without the NUL).
@@ -57,6 +58,8 @@ pub enum SetType {
     HashIpPort,
     /// `hash:ip,port,ip`.
     HashIpPortIp,
+    /// `hash:ip,port,net`.
+    HashIpPortNet,
     /// `bitmap:port` (0-65535).
     BitmapPort,
 }
@@ -68,13 +71,14 @@ impl SetType {
             Self::HashIp => "hash:ip",
             Self::HashIpPort => "hash:ip,port",
             Self::HashIpPortIp => "hash:ip,port,ip",
+            Self::HashIpPortNet => "hash:ip,port,net",
             Self::BitmapPort => "bitmap:port",
         }
     }
     fn revision(self) -> u8 {
         match self {
             Self::HashIp | Self::BitmapPort => 0,
-            Self::HashIpPort | Self::HashIpPortIp => 1,
+            Self::HashIpPort | Self::HashIpPortIp | Self::HashIpPortNet => 1,
         }
     }
 }
@@ -88,6 +92,8 @@ pub enum Entry {
     IpPort(IpAddr, u8, u16),
     /// `ip,proto:port,ip`.
     IpPortIp(IpAddr, u8, u16, IpAddr),
+    /// `ip,proto:port,net/len`.
+    IpPortNet(IpAddr, u8, u16, IpAddr, u8),
     /// `port`.
     Port(u16),
 }
@@ -146,6 +152,16 @@ pub const SETS: &[(&str, SetType, &str)] = &[
         SetType::HashIp,
         "every address on the IPVS dummy device",
     ),
+    (
+        "KUBE-LOAD-BALANCER-FW",
+        SetType::HashIpPort,
+        "load balancer IP + port with loadBalancerSourceRanges",
+    ),
+    (
+        "KUBE-LOAD-BALANCER-SOURCE-CIDR",
+        SetType::HashIpPortNet,
+        "load balancer IP + port + allowed source range",
+    ),
 ];
 
 /// The type of a set of [`SETS`].
@@ -153,9 +169,10 @@ pub fn set_type(name: &str) -> Option<SetType> {
     SETS.iter().find(|(n, _, _)| *n == name).map(|(_, t, _)| *t)
 }
 
-/// Set name of the temporary twin used for atomic full refreshes.
-pub fn temp_name(name: &str) -> String {
-    format!("{name}-T")
+/// Set name of the temporary twin of the `i`-th set of [`SETS`], used for atomic full
+/// refreshes (set names are at most 31 bytes, so the twin is not the name plus a suffix).
+pub fn temp_name(i: usize) -> String {
+    format!("KUBE-HAKO-TMP-{i}")
 }
 
 fn node_port_set(p: Protocol, local: bool) -> &'static str {
@@ -199,6 +216,23 @@ impl Members {
                 }
             }
         }
+        let ranges: Vec<(IpAddr, u8)> = sp
+            .lb_source_ranges
+            .iter()
+            .filter_map(|r| parse_v4_cidr(r))
+            .collect();
+        // A range covering everything (or none usable) means no filtering.
+        if !ranges.is_empty() && !ranges.iter().any(|(_, l)| *l == 0) {
+            for ip in sp.lb_ips.iter().filter(|i| i.is_ipv4()) {
+                self.insert("KUBE-LOAD-BALANCER-FW", Entry::IpPort(*ip, proto, sp.port));
+                for (net, len) in &ranges {
+                    self.insert(
+                        "KUBE-LOAD-BALANCER-SOURCE-CIDR",
+                        Entry::IpPortNet(*ip, proto, sp.port, *net, *len),
+                    );
+                }
+            }
+        }
         if let Some(np) = sp.node_port {
             self.insert(node_port_set(sp.protocol, false), Entry::Port(np));
             if sp.external_local {
@@ -219,6 +253,22 @@ impl Members {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// An IPv4 CIDR (`a.b.c.d/len` or a bare address) with the host bits cleared.
+pub fn parse_v4_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (a, l) = s.trim().split_once('/').unwrap_or((s.trim(), "32"));
+    let ip: std::net::Ipv4Addr = a.trim().parse().ok()?;
+    let len: u8 = l.trim().parse().ok()?;
+    if len > 32 {
+        return None;
+    }
+    let mask = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    };
+    Some((IpAddr::V4((u32::from(ip) & mask).into()), len))
 }
 
 fn base(command: u16, flags: u16) -> MsgBuilder {
@@ -288,6 +338,13 @@ pub fn entry_msg(add: bool, set: &str, e: &Entry) -> MsgBuilder {
                 .u8(ATTR_PROTO, *proto);
             ip_attr(&mut m, ATTR_IP2, ip2);
         }
+        Entry::IpPortNet(ip, proto, port, net, len) => {
+            ip_attr(&mut m, ATTR_IP, ip);
+            m.be16(ATTR_PORT | NLA_F_NET_BYTEORDER, *port)
+                .u8(ATTR_PROTO, *proto);
+            ip_attr(&mut m, ATTR_IP2, net);
+            m.u8(ATTR_CIDR2, *len);
+        }
         Entry::Port(p) => {
             m.be16(ATTR_PORT | NLA_F_NET_BYTEORDER, *p);
         }
@@ -335,9 +392,9 @@ impl IpsetClient {
     /// swaps it in and destroys the old contents.
     pub fn replace_all(&mut self, members: &Members) -> Result<(), NlError> {
         let empty = BTreeSet::new();
-        for (name, t, _) in SETS {
+        for (i, (name, t, _)) in SETS.iter().enumerate() {
             let mut msgs = Vec::new();
-            let tmp = temp_name(name);
+            let tmp = temp_name(i);
             // A leftover twin from an interrupted refresh is removed first (errors ignored).
             let _ = self
                 .sock
@@ -394,6 +451,39 @@ mod tests {
             0x04, 0x40, 0x00, 0x50, 0x00, 0x00, 0x05, 0x00, 0x07, 0x00, 0x06, 0x00, 0x00, 0x00,
         ];
         assert_eq!(data, &captured[..]);
+    }
+
+    #[test]
+    fn source_range_entry_matches_ipset() {
+        // DATA of `ipset add T 198.51.100.7,tcp:80,10.0.0.0/8` (hash:ip,port,net), captured
+        // with strace on kernel 6.18, without its trailing LINENO attribute.
+        let captured = [
+            0x0c, 0x00, 0x01, 0x80, 0x08, 0x00, 0x01, 0x40, 0xc6, 0x33, 0x64, 0x07, 0x06, 0x00,
+            0x04, 0x40, 0x00, 0x50, 0x00, 0x00, 0x05, 0x00, 0x07, 0x00, 0x06, 0x00, 0x00, 0x00,
+            0x0c, 0x00, 0x14, 0x80, 0x08, 0x00, 0x01, 0x40, 0x0a, 0x00, 0x00, 0x00, 0x05, 0x00,
+            0x15, 0x00, 0x08, 0x00, 0x00, 0x00,
+        ];
+        let (net, len) = parse_v4_cidr("10.1.2.3/8").expect("cidr");
+        let e = Entry::IpPortNet("198.51.100.7".parse().expect("ip"), 6, 80, net, len);
+        let b = entry_msg(true, "T", &e).finish(1);
+        let msgs = nl::messages(&b).expect("parse");
+        let data = nl::attr(&msgs[0].payload[4..], ATTR_DATA).expect("data");
+        assert_eq!(data, &captured[..]);
+        assert_eq!(
+            parse_v4_cidr("0.0.0.0/0"),
+            Some(("0.0.0.0".parse().expect("ip"), 0))
+        );
+        assert_eq!(parse_v4_cidr("10.0.0.1/33"), None);
+        assert_eq!(parse_v4_cidr("fd00::/8"), None);
+    }
+
+    #[test]
+    fn set_names_fit_the_kernel_limit() {
+        for (i, (name, _, _)) in SETS.iter().enumerate() {
+            assert!(name.len() <= MAX_NAME, "{name}");
+            assert!(temp_name(i).len() <= MAX_NAME);
+            assert!(SETS.iter().all(|(n, _, _)| *n != temp_name(i)));
+        }
     }
 
     #[test]

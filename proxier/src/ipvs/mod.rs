@@ -201,6 +201,7 @@ pub fn base_rules(o: &RenderOpts) -> String {
             "-A KUBE-NODE-PORT -p {p} -m set --match-set KUBE-NODE-PORT-{up} dst -j ACCEPT"
         );
     }
+    let _ = writeln!(t, "-A KUBE-IPVS-FILTER {cm} \"loadBalancerSourceRanges\" -m set --match-set KUBE-LOAD-BALANCER-FW dst,dst -m set ! --match-set KUBE-LOAD-BALANCER-SOURCE-CIDR dst,dst,src -j DROP");
     for s in ["KUBE-CLUSTER-IP", "KUBE-EXTERNAL-IP", "KUBE-LOAD-BALANCER"] {
         let _ = writeln!(
             t,
@@ -733,7 +734,7 @@ mod tests {
         };
         let t = base_rules(&o);
         let rules = t.lines().filter(|l| l.starts_with("-A ")).count();
-        assert_eq!(rules, 26, "{t}");
+        assert_eq!(rules, 27, "{t}");
         assert!(t.contains(
             "-m set --match-set KUBE-CLUSTER-IP dst,dst ! -s 10.244.0.0/16 -j KUBE-MARK-MASQ"
         ));

@@ -28,8 +28,13 @@ fn free_port() -> u16 {
 
 /// (HTTP code, body) of a GET through curl (-k: the certificate is self-signed).
 fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    get_with(port, path, token, &[])
+}
+
+fn get_with(port: u16, path: &str, token: Option<&str>, extra: &[&str]) -> (u16, String) {
     let mut cmd = Command::new("curl");
     cmd.args(["-sk", "-o", "-", "-w", "\n%{http_code}"]);
+    cmd.args(extra);
     if let Some(t) = token {
         cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
@@ -40,6 +45,110 @@ fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     let s = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = s.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn openssl(dir: &std::path::Path, args: &str) {
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!("openssl {args}"))
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(st.success(), "openssl {args}");
+}
+
+/// A CA and a client certificate it signed (CN=user, O=group) in `dir`: ca.crt, <name>.crt/key.
+fn make_certs(dir: &std::path::Path, ca: &str, name: &str, subj: &str) {
+    openssl(dir, &format!("req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN={ca} -keyout {ca}.key -out {ca}.crt"));
+    openssl(
+        dir,
+        &format!("req -newkey rsa:2048 -nodes -subj {subj} -keyout {name}.key -out {name}.csr"),
+    );
+    std::fs::write(
+        dir.join("client.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+    )
+    .expect("ext");
+    openssl(dir, &format!("x509 -req -in {name}.csr -CA {ca}.crt -CAkey {ca}.key -CAcreateserial -days 1 -extfile client.ext -out {name}.crt"));
+}
+
+#[test]
+fn kubelet_api_client_certificates() {
+    let srv = ApiServer::start().expect("fixture");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = tmp.path();
+    make_certs(
+        d,
+        "ca",
+        "apiserver",
+        "/O=kubelet-api/CN=kube-apiserver-kubelet-client",
+    );
+    make_certs(d, "evil", "mallory", "/O=system:masters/CN=mallory");
+    let kc = d.join("kubeconfig");
+    srv.write_kubeconfig(&kc, &srv.node_token("n1"))
+        .expect("kubeconfig");
+    let port = free_port();
+    let _agent = Agent(
+        Command::new(target_bin("hako-agent", "HAKO_AGENT_BIN"))
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args(["--hostname-override", "n1", "--node-ip", "192.0.2.10"])
+            .args([
+                "--kubelet-address",
+                "127.0.0.1",
+                "--kubelet-port",
+                &port.to_string(),
+            ])
+            .arg("--client-ca-file")
+            .arg(d.join("ca.crt"))
+            .arg("--root-dir")
+            .arg(d.join("root"))
+            .arg("--run-dir")
+            .arg(d.join("run"))
+            .arg("--cni-conf-dir")
+            .arg(d.join("net.d"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let end = Instant::now() + Duration::from_secs(20);
+    while get(port, "/healthz", None).0 == 0 {
+        assert!(Instant::now() < end, "kubelet API did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cert = |n: &str| {
+        let c = d.join(format!("{n}.crt")).display().to_string();
+        let k = d.join(format!("{n}.key")).display().to_string();
+        (c, k)
+    };
+    let (c, k) = cert("apiserver");
+    let with_cert = ["--cert", c.as_str(), "--key", k.as_str()];
+    let (code, body) = get_with(port, "/healthz", None, &with_cert);
+    assert_eq!(code, 403, "known user, no permission yet: {body}");
+    assert!(
+        body.contains("user=kube-apiserver-kubelet-client"),
+        "{body}"
+    );
+    srv.grant("kube-apiserver-kubelet-client", "get", "nodes", "proxy");
+    let (code, body) = get_with(port, "/healthz", None, &with_cert);
+    assert_eq!((code, body.as_str()), (200, "ok"));
+    // A certificate from another CA does not authenticate (the handshake fails).
+    let (c, k) = cert("mallory");
+    let (code, _) = get_with(
+        port,
+        "/healthz",
+        None,
+        &["--cert", c.as_str(), "--key", k.as_str()],
+    );
+    assert_ne!(code, 200);
+    assert_eq!(
+        get(port, "/healthz", None).0,
+        401,
+        "no certificate, no token"
+    );
 }
 
 #[test]

@@ -96,6 +96,9 @@ pub struct ClusterArgs {
     /// Key of --tls-cert-file (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
     pub tls_private_key_file: Option<PathBuf>,
+    /// CA bundle for kubelet API client certificates (CN = user, O = groups).
+    #[arg(long, value_name = "FILE")]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// A cluster-mode failure that stops start-up (runtime failures are retried, never fatal).
@@ -255,6 +258,7 @@ pub async fn run_async(
             sans,
             pod_log_dir: ctx.node.pod_log_dir.clone(),
             node_name: ctx.cfg.name.clone(),
+            client_ca: ctx.args.client_ca_file.clone(),
         };
         kubelet_api::start(ctx.client.clone(), opts, ctx.pods.clone())
             .await

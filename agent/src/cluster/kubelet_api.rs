@@ -1,0 +1,596 @@
+//! The kubelet API on :10250 (effectful): TLS with a serving certificate from flags or a
+//! self-signed one kept in the state dir; authentication of bearer tokens through TokenReview
+//! (anonymous requests get 401) and of client certificates signed by `--client-ca-file`; authorization through SubjectAccessReview on `nodes/<sub>` of
+//! this node; `/healthz`, `/pods` and `/containerLogs/{ns}/{pod}/{container}` (tailLines,
+//! timestamps, limitBytes, previous, follow) read from the CRI log files.
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio_rustls::rustls;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Pods known to the agent, by UID (shared with the pod loop).
+pub type PodStore = Arc<RwLock<BTreeMap<String, Pod>>>;
+
+/// Kubelet API settings.
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Serving certificate (PEM) and key; None: self-signed under `pki_dir`.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// Where the self-signed certificate is kept.
+    pub pki_dir: PathBuf,
+    /// Names and addresses for the self-signed certificate.
+    pub sans: Vec<String>,
+    /// CRI log root.
+    pub pod_log_dir: PathBuf,
+    /// Node name (SubjectAccessReview `name`).
+    pub node_name: String,
+    /// CA bundle (PEM) that signs client certificates; their CN is the user, O the groups.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// A start-up failure of the kubelet API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Certificate problems.
+    #[error("serving certificate: {0}")]
+    Cert(String),
+    /// Listen failure.
+    #[error("listening on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+}
+
+fn load_or_make_cert(o: &ApiOptions) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
+    let e = |m: String| ApiError::Cert(m);
+    if let Some((c, k)) = &o.cert {
+        let cert = std::fs::read(c).map_err(|x| e(format!("{}: {x}", c.display())))?;
+        let key = std::fs::read(k).map_err(|x| e(format!("{}: {x}", k.display())))?;
+        return Ok((cert, key));
+    }
+    let (cp, kp) = (o.pki_dir.join("kubelet.crt"), o.pki_dir.join("kubelet.key"));
+    if let (Ok(c), Ok(k)) = (std::fs::read(&cp), std::fs::read(&kp)) {
+        return Ok((c, k));
+    }
+    let ck = rcgen::generate_simple_self_signed(o.sans.clone()).map_err(|x| e(x.to_string()))?;
+    let (cert, key) = (ck.cert.pem(), ck.key_pair.serialize_pem());
+    std::fs::create_dir_all(&o.pki_dir).map_err(|x| e(x.to_string()))?;
+    std::fs::write(&cp, &cert).map_err(|x| e(x.to_string()))?;
+    std::fs::write(&kp, &key).map_err(|x| e(x.to_string()))?;
+    tracing::info!(cert = %cp.display(), "wrote a self-signed kubelet serving certificate");
+    Ok((cert.into_bytes(), key.into_bytes()))
+}
+
+fn tls_config(
+    cert: &[u8],
+    key: &[u8],
+    client_ca: Option<&Path>,
+) -> Result<rustls::ServerConfig, ApiError> {
+    let e = |m: String| ApiError::Cert(m);
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &cert[..])
+        .collect::<Result<_, _>>()
+        .map_err(|x| e(x.to_string()))?;
+    let key = rustls_pemfile::private_key(&mut &key[..])
+        .map_err(|x| e(x.to_string()))?
+        .ok_or_else(|| e("no private key in the key file".into()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|x| e(x.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let pem = std::fs::read(ca).map_err(|x| e(format!("{}: {x}", ca.display())))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut &pem[..]) {
+                let c = c.map_err(|x| e(format!("{}: {x}", ca.display())))?;
+                roots
+                    .add(c)
+                    .map_err(|x| e(format!("{}: {x}", ca.display())))?;
+            }
+            // Client certificates are optional: without one, a bearer token is required.
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|x| e(x.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    builder
+        .with_single_cert(certs, key)
+        .map_err(|x| e(x.to_string()))
+}
+
+/// Reads one DER TLV: (tag, content, rest).
+fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&l0, mut b) = b.split_first()?;
+    let len = if l0 < 0x80 {
+        usize::from(l0)
+    } else {
+        let n = usize::from(l0 & 0x7f);
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        let mut l = 0usize;
+        for &x in &b[..n] {
+            l = (l << 8) | usize::from(x);
+        }
+        b = &b[n..];
+        l
+    };
+    if b.len() < len {
+        return None;
+    }
+    Some((tag, &b[..len], &b[len..]))
+}
+
+/// The subject's CommonName and Organizations of a DER certificate (the user and groups of a
+/// client certificate, as the apiserver and kubelet read them).
+pub fn subject_identity(cert: &[u8]) -> Option<(String, Vec<String>)> {
+    let (_, certificate, _) = der(cert)?;
+    let (_, tbs, _) = der(certificate)?;
+    let mut rest = tbs;
+    let mut fields = Vec::new();
+    while !rest.is_empty() {
+        let (tag, content, r) = der(rest)?;
+        fields.push((tag, content));
+        rest = r;
+    }
+    // [0] version is optional; then serial, signature, issuer, validity, subject.
+    let skip = usize::from(fields.first()?.0 == 0xa0);
+    let subject = fields.get(skip + 4)?.1;
+    let (mut cn, mut orgs) = (None, Vec::new());
+    let mut rdns = subject;
+    while !rdns.is_empty() {
+        let (_, set, r) = der(rdns)?;
+        rdns = r;
+        let mut atvs = set;
+        while !atvs.is_empty() {
+            let (_, atv, r2) = der(atvs)?;
+            atvs = r2;
+            let (_, oid, v) = der(atv)?;
+            let (_, val, _) = der(v)?;
+            let val = String::from_utf8_lossy(val).into_owned();
+            match oid {
+                [0x55, 0x04, 0x03] => cn = Some(val),
+                [0x55, 0x04, 0x0a] => orgs.push(val),
+                _ => {}
+            }
+        }
+    }
+    Some((cn?, orgs))
+}
+
+/// An authenticated identity: (user name, groups).
+type Identity = (String, Vec<String>);
+
+struct Server {
+    client: Client,
+    opts: ApiOptions,
+    pods: PodStore,
+    /// token → (user, groups, when) from TokenReview, cached for a minute.
+    authn_cache: Mutex<HashMap<String, (Option<Identity>, Instant)>>,
+}
+
+/// Starts the kubelet API; returns once listening.
+pub async fn start(client: Client, opts: ApiOptions, pods: PodStore) -> Result<(), ApiError> {
+    let (cert, key) = load_or_make_cert(&opts)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(
+        &cert,
+        &key,
+        opts.client_ca.as_deref(),
+    )?));
+    let listener = tokio::net::TcpListener::bind(opts.addr)
+        .await
+        .map_err(|e| ApiError::Listen(opts.addr, e))?;
+    tracing::info!(addr = %opts.addr, "kubelet API listening");
+    let srv = Arc::new(Server {
+        client,
+        opts,
+        pods,
+        authn_cache: Mutex::new(HashMap::new()),
+    });
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let srv = srv.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                // A verified client certificate (chain checked against --client-ca-file).
+                let cert_id = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| subject_identity(c.as_ref()));
+                let svc = hyper::service::service_fn(move |req| {
+                    let srv = srv.clone();
+                    let cert_id = cert_id.clone();
+                    async move { Ok::<_, Infallible>(srv.handle(req, cert_id).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn text(code: StatusCode, s: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(s.into())).boxed());
+    *r.status_mut() = code;
+    r
+}
+
+/// The `nodes/<subresource>` a path is authorized against (as the kubelet maps them).
+pub fn subresource_for(path: &str) -> &'static str {
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    match first {
+        "stats" => "stats",
+        "metrics" => "metrics",
+        "logs" => "log",
+        "spec" => "spec",
+        "checkpoint" => "checkpoint",
+        _ => "proxy",
+    }
+}
+
+/// One CRI log line: (timestamp, stream, full/partial, message).
+pub fn parse_cri_line(line: &str) -> Option<(&str, &str, bool, &str)> {
+    let mut it = line.splitn(4, ' ');
+    let ts = it.next()?;
+    let stream = it.next()?;
+    let tag = it.next()?;
+    let msg = it.next().unwrap_or("");
+    Some((ts, stream, tag != "P", msg))
+}
+
+/// Renders CRI log content as `kubectl logs` shows it.
+pub fn render_logs(
+    content: &str,
+    tail: Option<usize>,
+    timestamps: bool,
+    limit: Option<usize>,
+) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    let mut partial = String::new();
+    let mut first_ts: Option<String> = None;
+    for l in content.lines() {
+        let Some((ts, _stream, full, msg)) = parse_cri_line(l) else {
+            continue;
+        };
+        if first_ts.is_none() {
+            first_ts = Some(ts.to_string());
+        }
+        partial.push_str(msg);
+        if full {
+            let ts = first_ts.take().unwrap_or_default();
+            let line = if timestamps {
+                format!("{ts} {partial}\n")
+            } else {
+                format!("{partial}\n")
+            };
+            lines.push(line);
+            partial.clear();
+        }
+    }
+    let start = tail.map_or(0, |t| lines.len().saturating_sub(t));
+    let mut out: String = lines[start..].concat();
+    if let Some(l) = limit {
+        if out.len() > l {
+            let mut cut = l;
+            while !out.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            out.truncate(cut);
+        }
+    }
+    out
+}
+
+fn log_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.strip_suffix(".log")
+                        .and_then(|x| x.parse::<u64>().ok())
+                        .map(|i| (i, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v.into_iter().map(|(_, p)| p).collect()
+}
+
+fn query(q: &str) -> HashMap<String, String> {
+    q.split('&')
+        .filter_map(|p| p.split_once('=').or(Some((p, ""))))
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+impl Server {
+    async fn authenticate(&self, token: &str) -> Option<Identity> {
+        if let Ok(c) = self.authn_cache.lock() {
+            if let Some((u, at)) = c.get(token) {
+                if at.elapsed() < Duration::from_secs(60) {
+                    return u.clone();
+                }
+            }
+        }
+        let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                                      "spec": {"token": token}});
+        let req = http_post("/apis/authentication.k8s.io/v1/tokenreviews", &body)?;
+        let r: serde_json::Value = match self.client.request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("TokenReview failed: {e}");
+                return None;
+            }
+        };
+        let user = (r["status"]["authenticated"] == true).then(|| {
+            (
+                r["status"]["user"]["username"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                r["status"]["user"]["groups"]
+                    .as_array()
+                    .map(|g| {
+                        g.iter()
+                            .filter_map(|x| x.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            )
+        });
+        if let Ok(mut c) = self.authn_cache.lock() {
+            c.insert(token.to_string(), (user.clone(), Instant::now()));
+        }
+        user
+    }
+
+    async fn authorize(
+        &self,
+        user: &str,
+        groups: &[String],
+        verb: &str,
+        sub: &str,
+    ) -> Result<bool, String> {
+        let body = serde_json::json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "spec": {"user": user, "groups": groups, "resourceAttributes": {
+                "verb": verb, "resource": "nodes", "subresource": sub, "name": self.opts.node_name}}});
+        let req = http_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", &body)
+            .ok_or("request")?;
+        let r: serde_json::Value = self.client.request(req).await.map_err(|e| e.to_string())?;
+        Ok(r["status"]["allowed"] == true)
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        cert_id: Option<Identity>,
+    ) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let q = query(req.uri().query().unwrap_or(""));
+        let token = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
+        let id = match (cert_id, token) {
+            (Some(id), _) => Some(id),
+            (None, Some(t)) => self.authenticate(&t).await,
+            (None, None) => None,
+        };
+        let Some((user, groups)) = id else {
+            return text(StatusCode::UNAUTHORIZED, "Unauthorized");
+        };
+        let verb = match *req.method() {
+            hyper::Method::GET | hyper::Method::HEAD => "get",
+            hyper::Method::POST => "create",
+            hyper::Method::PUT => "update",
+            hyper::Method::PATCH => "patch",
+            hyper::Method::DELETE => "delete",
+            _ => "get",
+        };
+        let sub = subresource_for(&path);
+        match self.authorize(&user, &groups, verb, sub).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "Forbidden (user={user}, verb={verb}, resource=nodes, subresource={sub})"
+                    ),
+                )
+            }
+            Err(e) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("authorization: {e}"),
+                )
+            }
+        }
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match segs.as_slice() {
+            ["healthz"] => text(StatusCode::OK, "ok"),
+            ["pods"] => {
+                let items: Vec<Pod> = self
+                    .pods
+                    .read()
+                    .map(|p| p.values().cloned().collect())
+                    .unwrap_or_default();
+                let body = serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items});
+                text(StatusCode::OK, body.to_string())
+            }
+            ["containerLogs", ns, pod, container] => self.logs(ns, pod, container, &q),
+            _ => text(StatusCode::NOT_FOUND, "404 page not found"),
+        }
+    }
+
+    fn logs(
+        &self,
+        ns: &str,
+        pod: &str,
+        container: &str,
+        q: &HashMap<String, String>,
+    ) -> Response<Body> {
+        let uid = self.pods.read().ok().and_then(|p| {
+            p.values()
+                .find(|p| {
+                    p.metadata.namespace.as_deref() == Some(ns)
+                        && p.metadata.name.as_deref() == Some(pod)
+                })
+                .and_then(|p| p.metadata.uid.clone())
+        });
+        let Some(uid) = uid else {
+            return text(StatusCode::NOT_FOUND, format!("pod {ns}/{pod} not found"));
+        };
+        let dir = self
+            .opts
+            .pod_log_dir
+            .join(format!("{ns}_{pod}_{uid}"))
+            .join(container);
+        let files = log_files(&dir);
+        let previous = matches!(q.get("previous").map(String::as_str), Some("true" | "1"));
+        let file = if previous {
+            files.len().checked_sub(2).and_then(|i| files.get(i))
+        } else {
+            files.last()
+        };
+        let Some(file) = file.cloned() else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "container \"{container}\" in pod \"{pod}\" has no {}log",
+                    if previous { "previous " } else { "" }
+                ),
+            );
+        };
+        let tail = q.get("tailLines").and_then(|t| t.parse().ok());
+        let ts = matches!(q.get("timestamps").map(String::as_str), Some("true" | "1"));
+        let limit = q.get("limitBytes").and_then(|t| t.parse().ok());
+        let content = std::fs::read_to_string(&file).unwrap_or_default();
+        let first = render_logs(&content, tail, ts, limit);
+        let follow = matches!(q.get("follow").map(String::as_str), Some("true" | "1"));
+        if !follow {
+            return text(StatusCode::OK, first);
+        }
+        // Follow: poll the file for growth and stream complete new lines.
+        let start = content.len();
+        let init = Some(Bytes::from(first));
+        let stream = futures::stream::unfold(
+            (init, file, start),
+            move |(init, file, mut pos)| async move {
+                if let Some(b) = init {
+                    return Some((b, (None, file, pos)));
+                }
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let data = std::fs::read_to_string(&file).ok()?;
+                    if data.len() > pos {
+                        let end = data[pos..].rfind('\n').map(|i| pos + i + 1).unwrap_or(pos);
+                        if end > pos {
+                            let chunk = render_logs(&data[pos..end], None, ts, None);
+                            pos = end;
+                            return Some((Bytes::from(chunk), (None, file, pos)));
+                        }
+                    } else if data.len() < pos {
+                        return None;
+                    }
+                }
+            },
+        );
+        let body = StreamBody::new(futures::StreamExt::map(stream, |b| {
+            Ok::<_, Infallible>(Frame::data(b))
+        }));
+        Response::new(BodyExt::boxed(body))
+    }
+}
+
+fn http_post(path: &str, body: &serde_json::Value) -> Option<http::Request<Vec<u8>>> {
+    http::Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(body).ok()?)
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cri_logs_render() {
+        let c = "2026-01-01T00:00:00.1Z stdout F one\n2026-01-01T00:00:01.1Z stderr P tw\n2026-01-01T00:00:01.2Z stderr F o\n2026-01-01T00:00:02.1Z stdout F three\n";
+        assert_eq!(render_logs(c, None, false, None), "one\ntwo\nthree\n");
+        assert_eq!(render_logs(c, Some(1), false, None), "three\n");
+        assert_eq!(
+            render_logs(c, Some(1), true, None),
+            "2026-01-01T00:00:02.1Z three\n"
+        );
+        assert_eq!(render_logs(c, None, false, Some(5)), "one\nt");
+        assert_eq!(render_logs(c, Some(0), false, None), "");
+    }
+
+    #[test]
+    fn client_certificate_subject() {
+        let mut params = rcgen::CertificateParams::new(vec!["x".into()]).expect("params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "system:masters");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "kube-apiserver-kubelet-client");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        assert_eq!(
+            subject_identity(cert.der()),
+            Some((
+                "kube-apiserver-kubelet-client".to_string(),
+                vec!["system:masters".to_string()]
+            ))
+        );
+        assert_eq!(subject_identity(b"\x30\x03\x02\x01"), None);
+    }
+
+    #[test]
+    fn subresources() {
+        assert_eq!(subresource_for("/containerLogs/a/b/c"), "proxy");
+        assert_eq!(subresource_for("/stats/summary"), "stats");
+        assert_eq!(subresource_for("/metrics/resource"), "metrics");
+        assert_eq!(subresource_for("/logs/"), "log");
+        assert_eq!(subresource_for("/pods"), "proxy");
+    }
+}

@@ -1,0 +1,374 @@
+//! The apiserver as pod source and status sink (effectful): watches the pods bound to this
+//! node (`spec.nodeName=<node>`; relists on 410 Gone and follows bookmarks through the
+//! kube-runtime watcher), admits or rejects them like the kubelet, feeds the admitted ones with
+//! their ConfigMaps and Secrets (each fetched and watched by name, never listed) to the pod
+//! manager, patches `pods/<name>/status` (coalesced, flushed every 100 ms), and finishes
+//! graceful deletions with a grace-0 delete carrying a UID precondition.
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, ObjectReference, Pod, PodStatus, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::chrono::Utc;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+use super::admit::{self, Rejection};
+use super::Ctx;
+use crate::worker::{DesiredState, PodManager, PodStatusEvent};
+
+type ObjKey = (&'static str, String, String);
+
+/// Watched ConfigMaps and Secrets, by (kind, namespace, name).
+#[derive(Default)]
+struct Objects {
+    config_maps: BTreeMap<(String, String), ConfigMap>,
+    secrets: BTreeMap<(String, String), Secret>,
+    watchers: HashMap<ObjKey, tokio::task::JoinHandle<()>>,
+}
+
+enum ObjEvent {
+    ConfigMap(String, String, Option<ConfigMap>),
+    Secret(String, String, Option<Secret>),
+}
+
+fn spawn_object_watch(
+    client: Client,
+    key: ObjKey,
+    tx: mpsc::UnboundedSender<ObjEvent>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (kind, ns, name) = key;
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        if kind == "configmaps" {
+            let api: Api<ConfigMap> = Api::namespaced(client, &ns);
+            let mut s = watcher(api, cfg).boxed();
+            while let Some(ev) = s.next().await {
+                let msg = match ev {
+                    Ok(watcher::Event::Apply(o)) | Ok(watcher::Event::InitApply(o)) => {
+                        Some(Some(o))
+                    }
+                    Ok(watcher::Event::Delete(_)) => Some(None),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::debug!("watch configmap {ns}/{name}: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        None
+                    }
+                };
+                if let Some(o) = msg {
+                    let _ = tx.send(ObjEvent::ConfigMap(ns.clone(), name.clone(), o));
+                }
+            }
+        } else {
+            let api: Api<Secret> = Api::namespaced(client, &ns);
+            let mut s = watcher(api, cfg).boxed();
+            while let Some(ev) = s.next().await {
+                let msg = match ev {
+                    Ok(watcher::Event::Apply(o)) | Ok(watcher::Event::InitApply(o)) => {
+                        Some(Some(o))
+                    }
+                    Ok(watcher::Event::Delete(_)) => Some(None),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::debug!("watch secret {ns}/{name}: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        None
+                    }
+                };
+                if let Some(o) = msg {
+                    let _ = tx.send(ObjEvent::Secret(ns.clone(), name.clone(), o));
+                }
+            }
+        }
+    })
+}
+
+fn uid_of(p: &Pod) -> String {
+    p.metadata.uid.clone().unwrap_or_default()
+}
+
+fn ns_name(p: &Pod) -> (String, String) {
+    (
+        p.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        p.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+fn is_terminal(p: &Pod) -> bool {
+    matches!(
+        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Failed" | "Succeeded")
+    )
+}
+
+async fn event(client: &Client, pod: &Pod, node: &str, type_: &str, reason: &str, message: &str) {
+    let (ns, name) = ns_name(pod);
+    let now = Time(Utc::now());
+    let ev = Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{name}.")),
+            namespace: Some(ns.clone()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(name),
+            namespace: Some(ns.clone()),
+            uid: pod.metadata.uid.clone(),
+            ..Default::default()
+        },
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        type_: Some(type_.into()),
+        count: Some(1),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now),
+        source: Some(k8s_openapi::api::core::v1::EventSource {
+            component: Some("kubelet".into()),
+            host: Some(node.into()),
+        }),
+        reporting_component: Some("kubelet".into()),
+        reporting_instance: Some(node.into()),
+        ..Default::default()
+    };
+    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
+    if let Err(e) = api.create(&PostParams::default(), &ev).await {
+        tracing::debug!(
+            "event {reason} for {}: {e}",
+            pod.metadata.name.as_deref().unwrap_or("")
+        );
+    }
+}
+
+async fn patch_status(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    uid: &str,
+    st: &PodStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let body = serde_json::json!({"metadata": {"uid": uid}, "status": st});
+    api.patch_status(name, &PatchParams::default(), &Patch::Strategic(body))
+        .await
+        .map(|_| ())
+}
+
+async fn final_delete(client: &Client, ns: &str, name: &str, uid: &str) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(name, &dp).await {
+        Ok(_) => tracing::info!(pod = %format!("{ns}/{name}"), "pod deleted after termination"),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        Err(e) => tracing::warn!("deleting {ns}/{name}: {e}"),
+    }
+}
+
+/// The pod loop. `manager` is None when the agent runs without a container runtime (pods are
+/// then admitted or rejected and reported, but not started).
+pub(super) async fn pod_loop(
+    ctx: Arc<Ctx>,
+    watch_client: Client,
+    manager: Option<Arc<PodManager>>,
+) {
+    let node_name = ctx.cfg.name.clone();
+    let api: Api<Pod> = Api::all(watch_client.clone());
+    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+    let mut stream = watcher(api, cfg).boxed();
+    let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
+    let mut relist: Option<BTreeMap<String, Pod>> = None;
+    let mut admitted: BTreeSet<String> = BTreeSet::new();
+    let mut rejected: HashMap<String, Rejection> = HashMap::new();
+    let mut reported_reject: BTreeSet<String> = BTreeSet::new();
+    let mut deleted: BTreeSet<String> = BTreeSet::new();
+    let mut pending: HashMap<String, (String, String, PodStatus)> = HashMap::new();
+    let mut objects = Objects::default();
+    let (otx, mut orx) = mpsc::unbounded_channel();
+    let mut status_rx = manager.as_ref().map(|m| m.subscribe());
+    let mut flush = tokio::time::interval(Duration::from_millis(100));
+    let mut resync = tokio::time::interval(Duration::from_secs(10));
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let mut node: Option<Node> = None;
+    loop {
+        let mut changed = false;
+        tokio::select! {
+            ev = stream.next() => match ev {
+                Some(Ok(watcher::Event::Apply(p))) => { pods.insert(uid_of(&p), p); changed = true; }
+                Some(Ok(watcher::Event::Delete(p))) => { pods.remove(&uid_of(&p)); changed = true; }
+                Some(Ok(watcher::Event::Init)) => relist = Some(BTreeMap::new()),
+                Some(Ok(watcher::Event::InitApply(p))) => { relist.get_or_insert_with(BTreeMap::new).insert(uid_of(&p), p); }
+                Some(Ok(watcher::Event::InitDone)) => { pods = relist.take().unwrap_or_default(); changed = true; }
+                Some(Err(e)) => {
+                    tracing::warn!("pod watch: {e} (the watcher re-lists)");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                None => {}
+            },
+            Some(ev) = orx.recv() => {
+                match ev {
+                    ObjEvent::ConfigMap(ns, n, o) => match o { Some(o) => { objects.config_maps.insert((ns, n), o); } None => { objects.config_maps.remove(&(ns, n)); } },
+                    ObjEvent::Secret(ns, n, o) => match o { Some(o) => { objects.secrets.insert((ns, n), o); } None => { objects.secrets.remove(&(ns, n)); } },
+                }
+                changed = true;
+            }
+            ev = async { match status_rx.as_mut() { Some(r) => r.recv().await.ok(), None => std::future::pending().await } } => {
+                if let Some(PodStatusEvent { uid, namespace, name, status, terminated }) = ev {
+                    if terminated {
+                        pending.remove(&uid);
+                        if pods.get(&uid).is_some_and(|p| p.metadata.deletion_timestamp.is_some()) && deleted.insert(uid.clone()) {
+                            final_delete(&ctx.client, &namespace, &name, &uid).await;
+                        }
+                    } else if pods.contains_key(&uid) {
+                        pending.insert(uid, (namespace, name, status));
+                    }
+                }
+            }
+            _ = flush.tick() => {
+                let batch: Vec<_> = pending.drain().collect();
+                for (uid, (ns, name, st)) in batch {
+                    if let Err(e) = patch_status(&ctx.client, &ns, &name, &uid, &st).await {
+                        match e {
+                            kube::Error::Api(r) if r.code == 404 || r.code == 409 => {}
+                            e => { tracing::warn!("status of {ns}/{name}: {e}"); pending.entry(uid).or_insert((ns, name, st)); }
+                        }
+                    }
+                }
+            }
+            _ = resync.tick() => changed = true,
+        }
+        if !changed {
+            continue;
+        }
+        if let Ok(n) = nodes.get(&node_name).await {
+            node = Some(n);
+        }
+        let Some(node) = node.as_ref() else { continue };
+        // Admission, oldest first (creationTimestamp), against pods already admitted.
+        let mut order: Vec<&Pod> = pods.values().collect();
+        order.sort_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0));
+        let mut newly_rejected = Vec::new();
+        for p in &order {
+            let uid = uid_of(p);
+            if admitted.contains(&uid)
+                || rejected.contains_key(&uid)
+                || is_terminal(p)
+                || p.metadata.deletion_timestamp.is_some()
+            {
+                continue;
+            }
+            let others: Vec<&Pod> = order
+                .iter()
+                .filter(|o| admitted.contains(&uid_of(o)) && !is_terminal(o))
+                .copied()
+                .collect();
+            match admit::admit(p, node, &others) {
+                Ok(()) => {
+                    admitted.insert(uid);
+                }
+                Err(r) => {
+                    newly_rejected.push(((*p).clone(), r.clone()));
+                    rejected.insert(uid, r);
+                }
+            }
+        }
+        for (p, r) in newly_rejected {
+            let uid = uid_of(&p);
+            if !reported_reject.insert(uid.clone()) {
+                continue;
+            }
+            tracing::info!(pod = %p.metadata.name.as_deref().unwrap_or(""), reason = %r.reason, "pod rejected");
+            let (ns, name) = ns_name(&p);
+            let st = PodStatus {
+                phase: Some("Failed".into()),
+                reason: Some(r.reason.clone()),
+                message: Some(r.message.clone()),
+                start_time: Some(Time(Utc::now())),
+                host_ip: ctx.facts.internal_ip.map(|i| i.to_string()),
+                ..Default::default()
+            };
+            if let Err(e) = patch_status(&ctx.client, &ns, &name, &uid, &st).await {
+                tracing::warn!("rejecting {ns}/{name}: {e}");
+                reported_reject.remove(&uid);
+            }
+            event(
+                &ctx.client,
+                &p,
+                &node_name,
+                "Warning",
+                &r.reason,
+                &r.message,
+            )
+            .await;
+        }
+        // Pods being deleted that have no worker (never admitted) are removed right away.
+        for p in pods.values() {
+            let uid = uid_of(p);
+            let has_worker = manager.is_some() && admitted.contains(&uid);
+            if p.metadata.deletion_timestamp.is_some() && !has_worker && deleted.insert(uid.clone())
+            {
+                let (ns, name) = ns_name(p);
+                final_delete(&ctx.client, &ns, &name, &uid).await;
+            }
+        }
+        // Forget pods that are gone from the apiserver.
+        admitted.retain(|u| pods.contains_key(u));
+        rejected.retain(|u, _| pods.contains_key(u));
+        reported_reject.retain(|u| pods.contains_key(u));
+        deleted.retain(|u| pods.contains_key(u));
+        // ConfigMaps and Secrets of the admitted pods: watch each by name.
+        let mut want: BTreeSet<ObjKey> = BTreeSet::new();
+        for p in pods.values().filter(|p| admitted.contains(&uid_of(p))) {
+            let (ns, _) = ns_name(p);
+            for n in admit::references(p, "configmaps") {
+                want.insert(("configmaps", ns.clone(), n));
+            }
+            for n in admit::references(p, "secrets") {
+                want.insert(("secrets", ns.clone(), n));
+            }
+        }
+        objects.watchers.retain(|k, h| {
+            let keep = want.contains(k);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        for k in want {
+            if let std::collections::hash_map::Entry::Vacant(e) = objects.watchers.entry(k) {
+                let h = spawn_object_watch(watch_client.clone(), e.key().clone(), otx.clone());
+                e.insert(h);
+            }
+        }
+        if let Ok(mut store) = ctx.pods.write() {
+            *store = pods.clone();
+        }
+        if let Some(m) = &manager {
+            let desired = DesiredState {
+                pods: pods
+                    .values()
+                    .filter(|p| admitted.contains(&uid_of(p)))
+                    .cloned()
+                    .collect(),
+                config_maps: objects.config_maps.values().cloned().collect(),
+                secrets: objects.secrets.values().cloned().collect(),
+            };
+            m.sync(desired);
+        }
+    }
+}

@@ -106,6 +106,22 @@ fn pod_runs_reports_status_and_is_deleted_gracefully() {
     });
     assert_eq!(ready["status"]["containerStatuses"][0]["ready"], true);
 
+    // The workers' events reach the apiserver in the pod's namespace.
+    wait_for("events", 15, &env, || {
+        let reasons: Vec<String> = srv
+            .list("", "events")
+            .iter()
+            .filter(|e| {
+                e["involvedObject"]["name"] == "web" && e["metadata"]["namespace"] == "default"
+            })
+            .filter_map(|e| e["reason"].as_str().map(str::to_string))
+            .collect();
+        ["Created", "Started"]
+            .iter()
+            .all(|r| reasons.iter().any(|x| x == r))
+            .then_some(())
+    });
+
     // ConfigMap update reaches the running container's volume.
     let cid = ready["status"]["containerStatuses"][0]["containerID"]
         .as_str()

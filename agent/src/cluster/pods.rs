@@ -3,7 +3,9 @@
 //! kube-runtime watcher), admits or rejects them like the kubelet, feeds the admitted ones with
 //! their ConfigMaps and Secrets (each fetched and watched by name, never listed) to the pod
 //! manager, patches `pods/<name>/status` (coalesced, flushed every 100 ms), and finishes
-//! graceful deletions with a grace-0 delete carrying a UID precondition.
+//! graceful deletions with a grace-0 delete carrying a UID precondition. The workers' events
+//! (Pulling, Pulled, Created, Started, Killing, BackOff, Unhealthy, FailedMount, ...) are
+//! forwarded as core/v1 Events in the pod's namespace.
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, ObjectReference, Pod, PodStatus, Secret};
@@ -109,10 +111,15 @@ fn is_terminal(p: &Pod) -> bool {
     )
 }
 
-async fn event(client: &Client, pod: &Pod, node: &str, type_: &str, reason: &str, message: &str) {
+/// Creates an Event for `pod` (count and timestamps from `ev`); returns its name.
+async fn create_event(
+    client: &Client,
+    pod: &Pod,
+    node: &str,
+    ev: &crate::record::PodEvent,
+) -> Option<String> {
     let (ns, name) = ns_name(pod);
-    let now = Time(Utc::now());
-    let ev = Event {
+    let e = Event {
         metadata: ObjectMeta {
             generate_name: Some(format!("{name}.")),
             namespace: Some(ns.clone()),
@@ -121,17 +128,17 @@ async fn event(client: &Client, pod: &Pod, node: &str, type_: &str, reason: &str
         involved_object: ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
-            name: Some(name),
+            name: Some(name.clone()),
             namespace: Some(ns.clone()),
             uid: pod.metadata.uid.clone(),
             ..Default::default()
         },
-        reason: Some(reason.into()),
-        message: Some(message.into()),
-        type_: Some(type_.into()),
-        count: Some(1),
-        first_timestamp: Some(now.clone()),
-        last_timestamp: Some(now),
+        reason: Some(ev.reason.clone()),
+        message: Some(ev.message.clone()),
+        type_: Some(ev.type_.clone()),
+        count: Some(i32::try_from(ev.count).unwrap_or(i32::MAX)),
+        first_timestamp: Some(Time(ev.first_timestamp)),
+        last_timestamp: Some(Time(ev.last_timestamp)),
         source: Some(k8s_openapi::api::core::v1::EventSource {
             component: Some("kubelet".into()),
             host: Some(node.into()),
@@ -141,11 +148,64 @@ async fn event(client: &Client, pod: &Pod, node: &str, type_: &str, reason: &str
         ..Default::default()
     };
     let api: Api<Event> = Api::namespaced(client.clone(), &ns);
-    if let Err(e) = api.create(&PostParams::default(), &ev).await {
-        tracing::debug!(
-            "event {reason} for {}: {e}",
-            pod.metadata.name.as_deref().unwrap_or("")
-        );
+    match api.create(&PostParams::default(), &e).await {
+        Ok(created) => created.metadata.name,
+        Err(err) => {
+            tracing::debug!("event {} for {ns}/{name}: {err}", ev.reason);
+            None
+        }
+    }
+}
+
+async fn event(client: &Client, pod: &Pod, node: &str, type_: &str, reason: &str, message: &str) {
+    let now = Utc::now();
+    let ev = crate::record::PodEvent {
+        type_: type_.into(),
+        reason: reason.into(),
+        message: message.into(),
+        first_timestamp: now,
+        last_timestamp: now,
+        count: 1,
+    };
+    let _ = create_event(client, pod, node, &ev).await;
+}
+
+/// Sent events: (uid, reason, message) → (Event name, count).
+type SentEvents = HashMap<(String, String, String), (String, u32)>;
+
+/// Forwards the worker's events for one pod (from its record) to the apiserver: new ones are
+/// created, repeated ones get their count and lastTimestamp patched.
+async fn forward_events(ctx: &Ctx, pod: &Pod, sent: &mut SentEvents) {
+    let uid = uid_of(pod);
+    let path = crate::state::record_path(&ctx.node.root_dir, &uid);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return;
+    };
+    let Ok(rec) = serde_json::from_slice::<crate::record::PodRecord>(&bytes) else {
+        return;
+    };
+    let (ns, _) = ns_name(pod);
+    for ev in &rec.events {
+        let key = (uid.clone(), ev.reason.clone(), ev.message.clone());
+        match sent.get(&key).cloned() {
+            None => {
+                if let Some(name) = create_event(&ctx.client, pod, &ctx.cfg.name, ev).await {
+                    sent.insert(key, (name, ev.count));
+                }
+            }
+            Some((name, count)) if ev.count > count => {
+                let api: Api<Event> = Api::namespaced(ctx.client.clone(), &ns);
+                let p = serde_json::json!({"count": ev.count, "lastTimestamp": Time(ev.last_timestamp)});
+                if api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(p))
+                    .await
+                    .is_ok()
+                {
+                    sent.insert(key, (name, ev.count));
+                }
+            }
+            Some(_) => {}
+        }
     }
 }
 
@@ -198,6 +258,7 @@ pub(super) async fn pod_loop(
     let mut reported_reject: BTreeSet<String> = BTreeSet::new();
     let mut deleted: BTreeSet<String> = BTreeSet::new();
     let mut pending: HashMap<String, (String, String, PodStatus)> = HashMap::new();
+    let mut sent_events: SentEvents = HashMap::new();
     let mut objects = Objects::default();
     let (otx, mut orx) = mpsc::unbounded_channel();
     let mut status_rx = manager.as_ref().map(|m| m.subscribe());
@@ -234,8 +295,9 @@ pub(super) async fn pod_loop(
                         if pods.get(&uid).is_some_and(|p| p.metadata.deletion_timestamp.is_some()) && deleted.insert(uid.clone()) {
                             final_delete(&ctx.client, &namespace, &name, &uid).await;
                         }
-                    } else if pods.contains_key(&uid) {
+                    } else if let Some(p) = pods.get(&uid).cloned() {
                         pending.insert(uid, (namespace, name, status));
+                        forward_events(&ctx, &p, &mut sent_events).await;
                     }
                 }
             }
@@ -331,6 +393,7 @@ pub(super) async fn pod_loop(
         rejected.retain(|u, _| pods.contains_key(u));
         reported_reject.retain(|u| pods.contains_key(u));
         deleted.retain(|u| pods.contains_key(u));
+        sent_events.retain(|k, _| pods.contains_key(&k.0));
         // ConfigMaps and Secrets of the admitted pods: watch each by name.
         let mut want: BTreeSet<ObjKey> = BTreeSet::new();
         for p in pods.values().filter(|p| admitted.contains(&uid_of(p))) {

@@ -51,6 +51,8 @@ fn demo_once_serves_the_page_through_the_cluster_ip_and_cleans_up() {
         .arg(&bin_dir)
         .arg("--cni-conf-dir")
         .arg(&conf)
+        .arg("--cni-bin-dir")
+        .arg(tmp.path().join("cni-bin"))
         .arg("--state-dir")
         .arg(&state)
         .output()

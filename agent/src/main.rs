@@ -307,6 +307,7 @@ fn main() -> anyhow::Result<()> {
                 node_ip,
                 cni_conf_dir: cli.cni_conf_dir.clone(),
                 pod_log_dir: cli.pod_log_dir.clone(),
+                pod_manifest_path: cli.pod_manifest_path.clone(),
             };
             let workers = match cluster_workers(&cli) {
                 Ok(w) => Some(w),

@@ -2,7 +2,8 @@
 //! bound to the node, runs under the real pod workers (hako-shim, CNI, local registry image),
 //! its status round-trips through `pods/<name>/status` (phase, podIP, hostIP, qosClass,
 //! container statuses, readiness), a ConfigMap update reaches the running container's volume,
-//! and a graceful deletion ends with the agent's grace-0 delete carrying the UID precondition.
+//! a static pod appears as a mirror pod, and a graceful deletion ends with the agent's
+//! grace-0 delete carrying the UID precondition.
 #![cfg(feature = "root")]
 
 use hako_tests::agent::AgentEnv;
@@ -146,6 +147,30 @@ fn pod_runs_reports_status_and_is_deleted_gracefully() {
     .expect("update cm");
     wait_for("ConfigMap update in the volume", 30, &env, || {
         (std::fs::read_to_string(&file).ok()?.trim() == "v2").then_some(())
+    });
+
+    // A static pod from --pod-manifest-path runs and appears as a mirror pod with its status.
+    env.write_manifest(
+        "static.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: static\nspec:\n  containers:\n  - name: s\n    image: {}\n",
+            env.image("sleep")
+        ),
+    );
+    let mirror = wait_for("mirror pod Running", 60, &env, || {
+        srv.get("", "pods", "default", "static-node1")
+            .filter(|p| p["status"]["phase"] == "Running")
+    });
+    assert!(
+        mirror["metadata"]["annotations"]["kubernetes.io/config.mirror"].is_string(),
+        "{mirror}"
+    );
+    assert_eq!(mirror["metadata"]["ownerReferences"][0]["kind"], "Node");
+    env.remove_manifest("static.yaml");
+    wait_for("mirror pod removed", 30, &env, || {
+        srv.get("", "pods", "default", "static-node1")
+            .is_none()
+            .then_some(())
     });
 
     // Graceful deletion: the agent stops the pod, then deletes it with grace 0 + UID.

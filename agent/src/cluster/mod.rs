@@ -131,6 +131,8 @@ pub struct NodeSettings {
     pub cni_conf_dir: PathBuf,
     /// CRI log root (`/var/log/pods`) for the kubelet API's container logs.
     pub pod_log_dir: PathBuf,
+    /// Static pod manifests (`--pod-manifest-path`): run and mirrored to the apiserver.
+    pub pod_manifest_path: Option<PathBuf>,
 }
 
 /// Everything the loops share.

@@ -90,6 +90,46 @@ fn spawn_object_watch(
     })
 }
 
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+fn is_mirror(p: &Pod) -> bool {
+    p.metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION))
+}
+
+/// The mirror pod of a static pod: same metadata and spec, the config hash as the mirror
+/// annotation, owned by the Node.
+fn mirror_of(p: &Pod, node: &Node) -> Pod {
+    let mut m = p.clone();
+    let hash = p
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::manifest::CONFIG_HASH_ANNOTATION).cloned())
+        .unwrap_or_default();
+    m.metadata.uid = None;
+    m.metadata.resource_version = None;
+    m.metadata.creation_timestamp = None;
+    m.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(MIRROR_ANNOTATION.into(), hash);
+    m.metadata.owner_references = Some(vec![
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: node.metadata.name.clone().unwrap_or_default(),
+            uid: node.metadata.uid.clone().unwrap_or_default(),
+            controller: Some(true),
+            ..Default::default()
+        },
+    ]);
+    m.status = None;
+    m
+}
+
 fn uid_of(p: &Pod) -> String {
     p.metadata.uid.clone().unwrap_or_default()
 }
@@ -177,6 +217,13 @@ type SentEvents = HashMap<(String, String, String), (String, u32)>;
 /// created, repeated ones get their count and lastTimestamp patched.
 async fn forward_events(ctx: &Ctx, pod: &Pod, sent: &mut SentEvents) {
     let uid = uid_of(pod);
+    forward_events_for(ctx, pod, &uid, sent).await;
+}
+
+/// Like [`forward_events`], with the record of `uid` (a static pod's) shown on `pod` (its
+/// mirror).
+async fn forward_events_for(ctx: &Ctx, pod: &Pod, uid: &str, sent: &mut SentEvents) {
+    let uid = uid.to_string();
     let path = crate::state::record_path(&ctx.node.root_dir, &uid);
     let Ok(bytes) = std::fs::read(&path) else {
         return;
@@ -259,6 +306,14 @@ pub(super) async fn pod_loop(
     let mut deleted: BTreeSet<String> = BTreeSet::new();
     let mut pending: HashMap<String, (String, String, PodStatus)> = HashMap::new();
     let mut sent_events: SentEvents = HashMap::new();
+    // Static pods (uid → pod) and the mirror pods seen in the watch ((ns, name) → pod).
+    let mut static_pods: BTreeMap<String, Pod> = BTreeMap::new();
+    let mut mirrors: BTreeMap<(String, String), Pod> = BTreeMap::new();
+    let static_opts = crate::manifest::StaticPodOptions {
+        node_name: node_name.clone(),
+        suffix_node_name: true,
+    };
+    let mut static_tick = tokio::time::interval(Duration::from_secs(2));
     let mut objects = Objects::default();
     let (otx, mut orx) = mpsc::unbounded_channel();
     let mut status_rx = manager.as_ref().map(|m| m.subscribe());
@@ -271,7 +326,13 @@ pub(super) async fn pod_loop(
         tokio::select! {
             ev = stream.next() => match ev {
                 Some(Ok(watcher::Event::Apply(p))) => { pods.insert(uid_of(&p), p); changed = true; }
-                Some(Ok(watcher::Event::Delete(p))) => { pods.remove(&uid_of(&p)); changed = true; }
+                Some(Ok(watcher::Event::Delete(p))) => {
+                    if is_mirror(&p) {
+                        mirrors.remove(&ns_name(&p));
+                    }
+                    pods.remove(&uid_of(&p));
+                    changed = true;
+                }
                 Some(Ok(watcher::Event::Init)) => relist = Some(BTreeMap::new()),
                 Some(Ok(watcher::Event::InitApply(p))) => { relist.get_or_insert_with(BTreeMap::new).insert(uid_of(&p), p); }
                 Some(Ok(watcher::Event::InitDone)) => { pods = relist.take().unwrap_or_default(); changed = true; }
@@ -298,6 +359,14 @@ pub(super) async fn pod_loop(
                     } else if let Some(p) = pods.get(&uid).cloned() {
                         pending.insert(uid, (namespace, name, status));
                         forward_events(&ctx, &p, &mut sent_events).await;
+                    } else if static_pods.contains_key(&uid) {
+                        // Status of a static pod goes to its mirror pod (with the mirror's UID).
+                        if let Some(m) = mirrors.get(&(namespace.clone(), name.clone())) {
+                            let muid = uid_of(m);
+                            pending.insert(muid.clone(), (namespace, name, status));
+                            let m = m.clone();
+                            forward_events_for(&ctx, &m, &uid, &mut sent_events).await;
+                        }
                     }
                 }
             }
@@ -313,6 +382,25 @@ pub(super) async fn pod_loop(
                 }
             }
             _ = resync.tick() => changed = true,
+            _ = static_tick.tick(), if ctx.node.pod_manifest_path.is_some() => {
+                if let Some(dir) = &ctx.node.pod_manifest_path {
+                    match crate::source::load_dir(dir, &static_opts) {
+                        Ok(l) => {
+                            let now: BTreeMap<String, Pod> = l
+                                .snapshot
+                                .pods
+                                .values()
+                                .map(|sp| (sp.uid().to_string(), sp.pod.clone()))
+                                .collect();
+                            if now != static_pods {
+                                static_pods = now;
+                                changed = true;
+                            }
+                        }
+                        Err(e) => tracing::warn!("static pods: {e}"),
+                    }
+                }
+            }
         }
         if !changed {
             continue;
@@ -321,6 +409,52 @@ pub(super) async fn pod_loop(
             node = Some(n);
         }
         let Some(node) = node.as_ref() else { continue };
+        // Mirror pods are the apiserver's view of static pods: never run them from the watch.
+        let watched_mirrors: Vec<String> = pods
+            .iter()
+            .filter(|(_, p)| is_mirror(p))
+            .map(|(u, _)| u.clone())
+            .collect();
+        for u in &watched_mirrors {
+            if let Some(p) = pods.get(u) {
+                mirrors.insert(ns_name(p), p.clone());
+            }
+        }
+        for u in &watched_mirrors {
+            pods.remove(u);
+        }
+        // Create missing mirror pods; delete mirrors whose static pod is gone.
+        let mirror_api = |ns: &str| -> Api<Pod> { Api::namespaced(ctx.client.clone(), ns) };
+        for sp in static_pods.values() {
+            let key = ns_name(sp);
+            if let std::collections::btree_map::Entry::Vacant(slot) = mirrors.entry(key.clone()) {
+                match mirror_api(&key.0)
+                    .create(&PostParams::default(), &mirror_of(sp, node))
+                    .await
+                {
+                    Ok(m) => {
+                        slot.insert(m);
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 409 => {
+                        if let Ok(m) = mirror_api(&key.0).get(&key.1).await {
+                            if is_mirror(&m) {
+                                slot.insert(m);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("mirror pod {}/{}: {e}", key.0, key.1),
+                }
+            }
+        }
+        let wanted: BTreeSet<(String, String)> = static_pods.values().map(ns_name).collect();
+        for (key, m) in &mirrors {
+            if !wanted.contains(key) && ctx.node.pod_manifest_path.is_some() {
+                let muid = uid_of(m);
+                if deleted.insert(muid.clone()) {
+                    final_delete(&ctx.client, &key.0, &key.1, &muid).await;
+                }
+            }
+        }
         // Admission, oldest first (creationTimestamp), against pods already admitted.
         let mut order: Vec<&Pod> = pods.values().collect();
         order.sort_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0));
@@ -392,8 +526,8 @@ pub(super) async fn pod_loop(
         admitted.retain(|u| pods.contains_key(u));
         rejected.retain(|u, _| pods.contains_key(u));
         reported_reject.retain(|u| pods.contains_key(u));
-        deleted.retain(|u| pods.contains_key(u));
-        sent_events.retain(|k, _| pods.contains_key(&k.0));
+        deleted.retain(|u| pods.contains_key(u) || mirrors.values().any(|m| uid_of(m) == *u));
+        sent_events.retain(|k, _| pods.contains_key(&k.0) || static_pods.contains_key(&k.0));
         // ConfigMaps and Secrets of the admitted pods: watch each by name.
         let mut want: BTreeSet<ObjKey> = BTreeSet::new();
         for p in pods.values().filter(|p| admitted.contains(&uid_of(p))) {
@@ -426,6 +560,7 @@ pub(super) async fn pod_loop(
                 pods: pods
                     .values()
                     .filter(|p| admitted.contains(&uid_of(p)))
+                    .chain(static_pods.values())
                     .cloned()
                     .collect(),
                 config_maps: objects.config_maps.values().cloned().collect(),

@@ -238,6 +238,27 @@ fn kubelet_api_authn_authz_and_logs() {
     assert_eq!(code, 200);
     let pods: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(pods["items"][0]["metadata"]["name"], "web");
+    // Metrics and stats are authorized as nodes/metrics and nodes/stats.
+    let (code, body) = get(port, "/metrics/resource", Some("alice-token"));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("subresource=metrics"), "{body}");
+    srv.grant("alice", "get", "nodes", "metrics");
+    srv.grant("alice", "get", "nodes", "stats");
+    let (code, body) = get(port, "/metrics/resource", Some("alice-token"));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("node_cpu_usage_seconds_total "), "{body}");
+    assert!(body.contains("node_memory_working_set_bytes "), "{body}");
+    let (code, body) = get(port, "/stats/summary", Some("alice-token"));
+    assert_eq!(code, 200, "{body}");
+    let sum: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(sum["node"]["nodeName"], "n1");
+    assert!(sum["node"]["memory"]["workingSetBytes"]
+        .as_u64()
+        .is_some_and(|m| m > 0));
+    assert!(sum["node"]["fs"]["capacityBytes"]
+        .as_u64()
+        .is_some_and(|m| m > 0));
+    assert_eq!(sum["pods"][0]["podRef"]["name"], "web");
     // The decisions were the apiserver's: TokenReview and SubjectAccessReview were asked.
     let reqs = srv.requests();
     assert!(reqs

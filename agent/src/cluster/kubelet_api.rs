@@ -41,6 +41,92 @@ pub struct ApiOptions {
     pub node_name: String,
     /// CA bundle (PEM) that signs client certificates; their CN is the user, O the groups.
     pub client_ca: Option<PathBuf>,
+    /// State dir (its filesystem is the node filesystem in /stats/summary).
+    pub root_dir: PathBuf,
+}
+
+/// Node usage for /metrics/resource and /stats/summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NodeUsage {
+    /// Cumulative CPU seconds of all CPUs (user+nice+system+irq+softirq+steal).
+    pub cpu_seconds: f64,
+    /// MemTotal − MemAvailable.
+    pub memory_working_set: u64,
+    /// MemAvailable.
+    pub memory_available: u64,
+    /// Node filesystem.
+    pub fs: super::node::Measurements,
+    /// Milliseconds since the epoch of the sample.
+    pub timestamp_ms: i64,
+}
+
+/// Samples the node (effectful: /proc/stat, /proc/meminfo, statvfs).
+pub fn node_usage(root: &Path) -> NodeUsage {
+    let m = super::facts::measure(root);
+    let cpu_seconds = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().find(|l| l.starts_with("cpu "))?.to_string();
+            let v: Vec<f64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal
+            let busy = [0usize, 1, 2, 5, 6, 7]
+                .iter()
+                .filter_map(|&i| v.get(i))
+                .sum::<f64>();
+            Some(busy / 100.0)
+        })
+        .unwrap_or(0.0);
+    NodeUsage {
+        cpu_seconds,
+        memory_working_set: m.memory_capacity.saturating_sub(m.memory_available),
+        memory_available: m.memory_available,
+        fs: m,
+        timestamp_ms: k8s_openapi::chrono::Utc::now().timestamp_millis(),
+    }
+}
+
+/// The node part of the kubelet's `/metrics/resource` (Prometheus text).
+pub fn render_resource_metrics(u: &NodeUsage) -> String {
+    format!(
+        "# HELP node_cpu_usage_seconds_total [STABLE] Cumulative cpu time consumed by the node in core-seconds\n\
+         # TYPE node_cpu_usage_seconds_total counter\n\
+         node_cpu_usage_seconds_total {} {}\n\
+         # HELP node_memory_working_set_bytes [STABLE] Current working set of the node in bytes\n\
+         # TYPE node_memory_working_set_bytes gauge\n\
+         node_memory_working_set_bytes {} {}\n\
+         # HELP scrape_error [ALPHA] 1 if there was an error while getting container metrics, 0 otherwise\n\
+         # TYPE scrape_error gauge\n\
+         scrape_error 0\n",
+        u.cpu_seconds, u.timestamp_ms, u.memory_working_set, u.timestamp_ms
+    )
+}
+
+/// `/stats/summary` with the node section (pods listed by reference only).
+pub fn stats_summary(node: &str, u: &NodeUsage, pods: &[Pod]) -> serde_json::Value {
+    let t = k8s_openapi::chrono::DateTime::from_timestamp_millis(u.timestamp_ms)
+        .unwrap_or_default()
+        .to_rfc3339();
+    #[allow(clippy::cast_possible_truncation)]
+    let cpu_ns = (u.cpu_seconds * 1e9) as u64;
+    let pods: Vec<serde_json::Value> = pods
+        .iter()
+        .map(|p| {
+            serde_json::json!({"podRef": {"name": p.metadata.name, "namespace": p.metadata.namespace,
+                                          "uid": p.metadata.uid}, "containers": []})
+        })
+        .collect();
+    serde_json::json!({"node": {"nodeName": node,
+        "cpu": {"time": t, "usageCoreNanoSeconds": cpu_ns},
+        "memory": {"time": t, "availableBytes": u.memory_available,
+                   "usageBytes": u.memory_working_set, "workingSetBytes": u.memory_working_set},
+        "fs": {"time": t, "availableBytes": u.fs.nodefs_available, "capacityBytes": u.fs.nodefs_capacity,
+               "usedBytes": u.fs.nodefs_capacity.saturating_sub(u.fs.nodefs_available),
+               "inodesFree": u.fs.nodefs_inodes_free, "inodes": u.fs.nodefs_inodes}},
+        "pods": pods})
 }
 
 /// A start-up failure of the kubelet API.
@@ -453,6 +539,22 @@ impl Server {
                 text(StatusCode::OK, body.to_string())
             }
             ["containerLogs", ns, pod, container] => self.logs(ns, pod, container, &q),
+            ["metrics", "resource"] => {
+                let m = node_usage(&self.opts.root_dir);
+                text(StatusCode::OK, render_resource_metrics(&m))
+            }
+            ["stats", "summary"] => {
+                let m = node_usage(&self.opts.root_dir);
+                let pods: Vec<Pod> = self
+                    .pods
+                    .read()
+                    .map(|p| p.values().cloned().collect())
+                    .unwrap_or_default();
+                text(
+                    StatusCode::OK,
+                    stats_summary(&self.opts.node_name, &m, &pods).to_string(),
+                )
+            }
             _ => text(StatusCode::NOT_FOUND, "404 page not found"),
         }
     }
@@ -583,6 +685,28 @@ mod tests {
             ))
         );
         assert_eq!(subject_identity(b"\x30\x03\x02\x01"), None);
+    }
+
+    #[test]
+    fn resource_metrics_text() {
+        let u = NodeUsage {
+            cpu_seconds: 12.5,
+            memory_working_set: 1024,
+            timestamp_ms: 1000,
+            ..Default::default()
+        };
+        let t = render_resource_metrics(&u);
+        assert!(
+            t.contains("node_cpu_usage_seconds_total 12.5 1000\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("node_memory_working_set_bytes 1024 1000\n"),
+            "{t}"
+        );
+        let s = stats_summary("n1", &u, &[]);
+        assert_eq!(s["node"]["cpu"]["usageCoreNanoSeconds"], 12_500_000_000u64);
+        assert_eq!(s["node"]["nodeName"], "n1");
     }
 
     #[test]

@@ -261,6 +261,7 @@ pub async fn run_async(
             pod_log_dir: ctx.node.pod_log_dir.clone(),
             node_name: ctx.cfg.name.clone(),
             client_ca: ctx.args.client_ca_file.clone(),
+            root_dir: ctx.node.root_dir.clone(),
         };
         kubelet_api::start(ctx.client.clone(), opts, ctx.pods.clone())
             .await

@@ -309,7 +309,7 @@ fn main() -> anyhow::Result<()> {
                 pod_log_dir: cli.pod_log_dir.clone(),
                 pod_manifest_path: cli.pod_manifest_path.clone(),
             };
-            let workers = match cluster_workers(&cli) {
+            let workers = match worker_config(&cli) {
                 Ok(w) => Some(w),
                 Err(e) => {
                     tracing::warn!("pods will not be started: {e:#}");
@@ -364,42 +364,7 @@ fn default_node_ip() -> Option<String> {
 
 /// Runs the agent over the manifest directory until SIGINT/SIGTERM.
 fn run_agent(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
-    let host =
-        dns::ResolvConf::parse(&std::fs::read_to_string(&cli.resolv_conf).unwrap_or_default());
-    let images = hako_shim::image::ImageStore::open(cli.root_dir.join("images"))
-        .with_context(|| format!("opening image store under {}", cli.root_dir.display()))?;
-    let cfg = hako_agent::worker::AgentConfig {
-        root_dir: cli.root_dir.clone(),
-        run_dir: cli.run_dir.clone(),
-        pod_log_dir: cli.pod_log_dir.clone(),
-        shim: shim_runtime(cli),
-        images: std::sync::Arc::new(images),
-        cni: hako_agent::cni::CniConfig {
-            conf_dir: cli.cni_conf_dir.clone(),
-            bin_dirs: cli.cni_bin_dirs.clone(),
-            cache_dir: cli.root_dir.join("cni"),
-        },
-        cgroup_root: cli.cgroup_root.clone(),
-        cgroup_parent: cli.cgroup_parent.clone(),
-        dns: dns::DnsSettings {
-            cluster_dns: cli.cluster_dns.clone(),
-            cluster_domain: cli.cluster_domain.clone(),
-            host,
-        },
-        memory_capacity: cli.memory_capacity.unwrap_or_else(memory_capacity),
-        host_ip: cli.node_ip.clone().or_else(default_node_ip),
-        backoff: hako_agent::backoff::BackoffConfig {
-            initial: k8s_openapi::chrono::Duration::from_std(secs(cli.restart_backoff_base))
-                .unwrap_or_default(),
-            max: k8s_openapi::chrono::Duration::from_std(secs(cli.restart_backoff_max))
-                .unwrap_or_default(),
-        },
-        sync_period: secs(cli.sync_frequency),
-        cni_check_period: secs(cli.cni_check_frequency),
-    };
-    for d in [&cli.root_dir, &cli.run_dir] {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
+    let cfg = worker_config(cli)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(16)
@@ -609,8 +574,9 @@ fn describe_plan(
     Ok(())
 }
 
-/// The pod workers' configuration in cluster mode (the same settings as the standalone run).
-fn cluster_workers(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
+/// The pod workers' configuration from the command line (standalone and cluster mode);
+/// creates the root and run directories.
+fn worker_config(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
     for d in [&cli.root_dir, &cli.run_dir] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }

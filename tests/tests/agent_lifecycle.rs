@@ -451,7 +451,8 @@ fn crash_loop_backoff_doubles_and_oom_kill_is_reported() {
     let timing = env.crash_gaps("crash", "c");
     assert!(timing.len() >= 3, "{timing:?}");
     // gap[i] = start(i+1) - finish(i); expected back-offs 0, 1, 2, 4 ...
-    assert!(timing[0] < 0.9, "{timing:?}");
+    // The first restart takes no back-off; it may wait for the worker's next pass (≤ 1 s).
+    assert!(timing[0] < 1.5, "{timing:?}");
     assert!(timing[1] >= 0.9 && timing[1] < 2.5, "{timing:?}");
     assert!(timing[2] >= 1.9 && timing[2] < 4.5, "{timing:?}");
     if timing.len() > 3 {

@@ -11,48 +11,9 @@ use std::time::Instant;
 
 use hako_proxier::ipvs::{IpvsBackend, IpvsOpts};
 use hako_proxier::{Backend, IptablesBackend, Proxier, ProxierOpts, RealIptables, RenderOpts};
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-fn svc(i: usize) -> Service {
-    serde_yaml::from_str(&format!(
-        "metadata: {{name: s{i}, namespace: bench}}\nspec: {{clusterIP: 10.{}.{}.{}, ports: [{{name: p, port: 80}}]}}",
-        96 + i / 65536,
-        (i / 256) % 256,
-        i % 256
-    ))
-    .expect("svc")
-}
-
-fn slice(i: usize, eps: usize) -> EndpointSlice {
-    let list: Vec<String> = (0..eps)
-        .map(|e| {
-            let n = i * eps + e;
-            format!(
-                "{{addresses: [10.{}.{}.{}], nodeName: n}}",
-                128 + n / 65536,
-                (n / 256) % 256,
-                n % 256
-            )
-        })
-        .collect();
-    serde_yaml::from_str(&format!(
-        "metadata: {{name: s{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}]\nendpoints: [{}]",
-        list.join(",")
-    ))
-    .expect("slice")
-}
-
-fn rss_mib() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb: f64 = s
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
+mod common;
+use common::{rss_mib, slice, svc};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();

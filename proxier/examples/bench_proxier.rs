@@ -11,18 +11,7 @@ use std::time::Instant;
 
 use hako_proxier::iptables::render;
 use hako_proxier::{IptablesBackend, Proxier, ProxierOpts, RealIptables, RenderOpts};
-use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-
-fn svc(i: usize) -> Service {
-    serde_yaml::from_str(&format!(
-        "metadata: {{name: s{i}, namespace: bench}}\nspec: {{clusterIP: 10.{}.{}.{}, ports: [{{name: p, port: 80}}]}}",
-        96 + i / 65536,
-        (i / 256) % 256,
-        i % 256
-    ))
-    .expect("svc")
-}
 
 fn slice(i: usize, eps: usize, shift: usize) -> EndpointSlice {
     let list: Vec<String> = (0..eps)
@@ -43,16 +32,8 @@ fn slice(i: usize, eps: usize, shift: usize) -> EndpointSlice {
     .expect("slice")
 }
 
-fn rss_mib() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb: f64 = s
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
+mod common;
+use common::{rss_mib, svc};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();

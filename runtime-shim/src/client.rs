@@ -257,6 +257,16 @@ impl ShimClient {
         })
     }
 
+    /// Start a process inside the container with its stdio handed over while it runs
+    /// ([`crate::stream::ExecStream`]; `wait` on it for the exit code).
+    pub fn exec_stream(&self, req: ExecRequest) -> Result<crate::stream::ExecStream, ClientError> {
+        let sock = self.dir.join(state::SOCKET);
+        let conn =
+            UnixStream::connect(&sock).map_err(|e| ClientError::Unreachable(self.id.clone(), e))?;
+        crate::stream::ExecStream::start(conn, req)
+            .map_err(|e| ClientError::Shim(self.id.clone(), e))
+    }
+
     /// Kill what runs, remove everything of the container; the shim exits.
     pub fn delete(&self) -> Result<State, ClientError> {
         let r = self.call(&Request::Delete)?;

@@ -17,4 +17,5 @@ pub mod seccomp;
 pub mod shim;
 pub mod spec;
 pub mod state;
+pub mod stream;
 pub mod users;

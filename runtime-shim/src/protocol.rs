@@ -29,6 +29,10 @@ pub enum Request {
     },
     /// Run a process in the container's namespaces and cgroup; answers with its output.
     Exec(ExecRequest),
+    /// Run a process in the container with its stdio handed to the caller while it runs
+    /// (see [`crate::stream`]): the first response line carries the descriptors, the second
+    /// the exit code.
+    ExecStream(ExecRequest),
     /// Kill what runs, remove the cgroup, rootfs and state; the shim exits.
     Delete,
 }
@@ -48,6 +52,9 @@ pub struct ExecRequest {
     /// Run on a terminal from the container's devpts (stdin, stdout and stderr); the
     /// terminal's output comes back as `stdout`.
     pub tty: bool,
+    /// Streaming exec only: give the process a stdin pipe (else /dev/null; with `tty` the
+    /// terminal is always its stdin).
+    pub stdin: bool,
 }
 
 /// An exec's result.

@@ -319,6 +319,10 @@ fn handle(shared: Arc<Shared>, conn: UnixStream) {
             return;
         }
     };
+    if let Request::ExecStream(x) = &req {
+        exec_stream(&shared, &conn, x);
+        return;
+    }
     let delete = req == Request::Delete;
     let resp = dispatch(&shared, req);
     respond(&conn, &resp);
@@ -397,6 +401,7 @@ fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
             },
             Err(e) => err(e),
         },
+        Request::ExecStream(_) => err("execStream is answered on its own connection"),
         Request::Delete => {
             let _ = shared.signal(Signal::SIGKILL);
             let st = shared.wait_stopped(None);
@@ -429,7 +434,65 @@ fn cleanup(shared: &Shared) -> bool {
     true
 }
 
+/// A streamed exec: the process's stdio goes to the caller with the first line (see
+/// [`crate::stream`]), its exit code with the second once it has exited.
+fn exec_stream(shared: &Arc<Shared>, conn: &UnixStream, x: &ExecRequest) {
+    let (mut child, master) = match spawn_exec(shared, x, true) {
+        Ok(c) => c,
+        Err(e) => return respond(conn, &err(e)),
+    };
+    let stdio = crate::stream::ExecStdio {
+        tty: master,
+        stdin: child
+            .stdin
+            .take()
+            .map(|p| File::from(std::os::fd::OwnedFd::from(p))),
+        stdout: child
+            .stdout
+            .take()
+            .map(|p| File::from(std::os::fd::OwnedFd::from(p))),
+        stderr: child
+            .stderr
+            .take()
+            .map(|p| File::from(std::os::fd::OwnedFd::from(p))),
+    };
+    let sent = crate::stream::send_line_with_fds(conn, &ok(shared.snapshot()), &stdio.fds());
+    // Our copies go: the caller holds the only ends now.
+    drop(stdio);
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "exec stream: hand over stdio");
+    }
+    let exit_code = match child.wait() {
+        Ok(s) => s
+            .code()
+            .or_else(|| s.signal().map(|s| 128 + s))
+            .unwrap_or(255),
+        Err(e) => return respond(conn, &err(format!("wait exec: {e}"))),
+    };
+    respond(
+        conn,
+        &Response {
+            exec: Some(ExecResult {
+                exit_code,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+}
+
 fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, String> {
+    let (child, master) = spawn_exec(shared, x, false)?;
+    collect_exec(child, master, x)
+}
+
+/// Starts an exec'd process in the container: `(child, terminal master)`. With `stream`
+/// and `x.stdin` its stdin is a pipe (else /dev/null, or the terminal).
+fn spawn_exec(
+    shared: &Arc<Shared>,
+    x: &ExecRequest,
+    stream: bool,
+) -> Result<(std::process::Child, Option<File>), String> {
     let st = shared.snapshot();
     if st.status != Status::Running {
         return Err(format!("container {} is not running", st.id));
@@ -499,9 +562,13 @@ fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, String> {
             cmd.env("TERM", "xterm");
         }
     } else {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(if stream && x.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     }
     for e in &env {
         if let Some((k, v)) = e.split_once('=') {
@@ -544,6 +611,15 @@ fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, String> {
     })
     .join()
     .map_err(|_| "exec thread panicked".to_string())??;
+    Ok((child, master))
+}
+
+/// Waits for an exec'd process and collects its output (bounded by `x.timeout_ms`).
+fn collect_exec(
+    child: std::process::Child,
+    master: Option<File>,
+    x: &ExecRequest,
+) -> Result<ExecResult, String> {
     let cpid = Pid::from_raw(child.id() as i32);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let timeout = x.timeout_ms.map(Duration::from_millis);

@@ -104,10 +104,12 @@ struct Cli {
     /// and the next agent re-adopts them).
     #[arg(long)]
     stop_pods_on_exit: bool,
-    /// Service dataplane for the Services of the manifest directory (their endpoints are the
-    /// local pods their selectors match): iptables, nftables, ipvs or none.
-    #[arg(long, value_name = "MODE", default_value = "iptables")]
-    proxy_mode: hako_agent::services::ProxyMode,
+    /// Service dataplane: iptables, nftables, ipvs or none. Standalone (default iptables): the
+    /// Services of the manifest directory, their endpoints the local pods their selectors
+    /// match. Cluster mode (default none): the cluster's Services and EndpointSlices, as
+    /// hako-proxy would program them.
+    #[arg(long, value_name = "MODE")]
+    proxy_mode: Option<hako_agent::services::ProxyMode>,
     /// iptables flavour for --proxy-mode iptables/ipvs: "" (system default), nft or legacy.
     #[arg(long, value_name = "VARIANT", default_value = "")]
     iptables_variant: String,
@@ -308,6 +310,10 @@ fn main() -> anyhow::Result<()> {
                 cni_conf_dir: cli.cni_conf_dir.clone(),
                 pod_log_dir: cli.pod_log_dir.clone(),
                 pod_manifest_path: cli.pod_manifest_path.clone(),
+                proxy_mode: cli
+                    .proxy_mode
+                    .unwrap_or(hako_agent::services::ProxyMode::None),
+                iptables_variant: cli.iptables_variant.clone(),
             };
             let workers = match worker_config(&cli) {
                 Ok(w) => Some(w),
@@ -380,7 +386,9 @@ fn run_agent(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
     let node_services =
         hako_agent::server::start_node_services(hako_agent::server::NodeServicesOptions {
             healthz_addr,
-            proxy_mode: cli.proxy_mode,
+            proxy_mode: cli
+                .proxy_mode
+                .unwrap_or(hako_agent::services::ProxyMode::Iptables),
             iptables_variant: cli.iptables_variant.clone(),
             cluster_cidr: None,
             poller: hako_agent::services::PollerOptions {

@@ -440,6 +440,17 @@ pub fn runner_for_mode(
     iptables_variant: &str,
     cluster_cidr: Option<String>,
 ) -> anyhow::Result<Option<ServiceRunner>> {
+    Ok(proxier_for_mode(mode, node_name, iptables_variant, cluster_cidr)?.map(ServiceRunner::new))
+}
+
+/// The proxier for `mode` (None for [`ProxyMode::None`]) with conntrack flushing of stale UDP
+/// flows: what the standalone Service loop and cluster mode's in-agent proxier both run.
+pub fn proxier_for_mode(
+    mode: ProxyMode,
+    node_name: &str,
+    iptables_variant: &str,
+    cluster_cidr: Option<String>,
+) -> anyhow::Result<Option<hako_proxier::Proxier>> {
     let render = hako_proxier::RenderOpts {
         cluster_cidr,
         ..Default::default()
@@ -467,7 +478,7 @@ pub fn runner_for_mode(
         },
     )
     .with_conntrack(Box::new(hako_proxier::conntrack::NetlinkConntrack));
-    Ok(Some(ServiceRunner::new(proxier)))
+    Ok(Some(proxier))
 }
 
 #[cfg(test)]

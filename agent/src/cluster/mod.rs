@@ -9,6 +9,7 @@ pub mod kubelet_api;
 pub mod node;
 pub mod overlay;
 mod pods;
+pub mod proxy;
 
 use futures::StreamExt;
 use ipnet::IpNet;
@@ -116,6 +117,9 @@ pub enum ClusterError {
     /// The async runtime could not start.
     #[error("tokio runtime: {0}")]
     Runtime(std::io::Error),
+    /// The in-agent proxier (`--proxy-mode`) could not start.
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
 }
 
 /// Settings cluster mode shares with the rest of the agent's command line.
@@ -133,6 +137,11 @@ pub struct NodeSettings {
     pub pod_log_dir: PathBuf,
     /// Static pod manifests (`--pod-manifest-path`): run and mirrored to the apiserver.
     pub pod_manifest_path: Option<PathBuf>,
+    /// In-agent proxier (`--proxy-mode`; [`crate::services::ProxyMode::None`]: off, for
+    /// hako-proxy or kube-proxy to run instead).
+    pub proxy_mode: crate::services::ProxyMode,
+    /// iptables flavour of the proxier ("", "nft", "legacy").
+    pub iptables_variant: String,
 }
 
 /// Everything the loops share.
@@ -266,6 +275,22 @@ pub async fn run_async(
         kubelet_api::start(ctx.client.clone(), opts, ctx.pods.clone())
             .await
             .map_err(ClusterError::KubeletApi)?;
+    }
+    if ctx.node.proxy_mode != crate::services::ProxyMode::None {
+        let popts = proxy::ProxyOptions {
+            mode: ctx.node.proxy_mode,
+            kubeconfig: path.clone(),
+            node_name: ctx.cfg.name.clone(),
+            iptables_variant: ctx.node.iptables_variant.clone(),
+            cluster_cidr: proxy::masquerade_cidr(&ctx.args.cluster_cidr, &ctx.args.pod_cidr),
+            min_sync_period: Duration::from_secs(1),
+        };
+        // Blocking start-up (backend, watchers) off the async workers.
+        tokio::task::spawn_blocking(move || proxy::start(popts))
+            .await
+            .map_err(|e| {
+                ClusterError::Proxy(proxy::ProxyError::Thread(std::io::Error::other(e)))
+            })??;
     }
     let status = tokio::spawn(status_loop(ctx.clone()));
     let lease = tokio::spawn(lease_loop(ctx.clone()));

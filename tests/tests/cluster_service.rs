@@ -194,6 +194,15 @@ fn a_pod_on_one_node_reaches_pods_on_another_through_a_service() {
         .expect("netns")
         .expect("fixture");
 
+    // Nodes may list Services but not EndpointSlices (the Node authorizer's rules): a node
+    // running the proxier needs the grant an operator gives it with
+    // `kubectl create clusterrolebinding hako-node-proxier --clusterrole=system:node-proxier
+    // --group=system:nodes`.
+    for node in ["node1", "node2"] {
+        for verb in ["list", "watch"] {
+            srv.grant(&format!("system:node:{node}"), verb, "endpointslices", "");
+        }
+    }
     let kc1 = tmp.path().join("kubeconfig-node1");
     srv.write_kubeconfig(&kc1, &srv.node_token("node1"))
         .expect("kubeconfig");

@@ -255,8 +255,12 @@ pub fn authorize(
         ("" | "events.k8s.io", "events", "") => {
             matches!(a.verb.as_str(), "create" | "update" | "patch")
         }
-        ("", "services" | "endpoints" | "namespaces", "") => read,
-        ("discovery.k8s.io", "endpointslices", "") => read,
+        ("", "services" | "namespaces", "") => read,
+        // The system:node rules give `get` on endpoints (glusterfs volumes) and nothing on
+        // EndpointSlices: a node that proxies Services needs an RBAC grant for them (e.g.
+        // the system:node-proxier ClusterRole bound to the node), as kube-proxy's own
+        // identity has.
+        ("", "endpoints", "") => a.verb == "get",
         ("authentication.k8s.io", "tokenreviews", "") => a.verb == "create",
         ("authorization.k8s.io", "subjectaccessreviews", "") => a.verb == "create",
         _ => false,
@@ -451,8 +455,11 @@ mod tests {
             (attrs("create", "", "events", "", "ns", ""), true),
             (
                 attrs("list", "discovery.k8s.io", "endpointslices", "", "", ""),
-                true,
+                false,
             ),
+            (attrs("list", "", "services", "", "", ""), true),
+            (attrs("get", "", "endpoints", "", "ns", "e"), true),
+            (attrs("list", "", "endpoints", "", "", ""), false),
             (attrs("create", "", "namespaces", "", "", "x"), false),
             (
                 attrs(

@@ -272,3 +272,352 @@ fn kubelet_api_authn_authz_and_logs() {
         "self-signed cert kept"
     );
 }
+
+/// A WebSocket client of the kubelet API inside a test namespace (TLS trusting the agent's
+/// self-signed serving certificate).
+#[cfg(feature = "root")]
+mod ws {
+    use futures::{SinkExt, StreamExt};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio_rustls::rustls;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::{self, Message};
+
+    pub type Ws =
+        tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+    /// Connects; Err(HTTP status) when the upgrade is refused.
+    pub async fn connect(
+        port: u16,
+        path: &str,
+        token: Option<&str>,
+        protocols: &str,
+        ca: &[u8],
+    ) -> Result<(Ws, String), u16> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut &ca[..]) {
+            roots.add(c.expect("ca pem")).expect("ca");
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("tls versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("tcp");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .expect("tls handshake");
+        let mut req = format!("wss://127.0.0.1:{port}{path}")
+            .into_client_request()
+            .expect("request");
+        if !protocols.is_empty() {
+            req.headers_mut()
+                .insert("sec-websocket-protocol", protocols.parse().expect("hv"));
+        }
+        if let Some(t) = token {
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {t}").parse().expect("hv"));
+        }
+        match tokio_tungstenite::client_async(req, tls).await {
+            Ok((ws, resp)) => {
+                let p = resp
+                    .headers()
+                    .get("sec-websocket-protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                Ok((ws, p))
+            }
+            Err(tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+            Err(e) => panic!("websocket: {e}"),
+        }
+    }
+
+    pub async fn send(ws: &mut Ws, channel: u8, data: &[u8]) {
+        let mut v = vec![channel];
+        v.extend_from_slice(data);
+        ws.send(Message::Binary(v)).await.expect("send");
+    }
+
+    /// Frames until the server closes (or `limit` passes), concatenated per channel.
+    pub async fn collect(ws: &mut Ws, limit: Duration) -> std::collections::BTreeMap<u8, Vec<u8>> {
+        let mut out = std::collections::BTreeMap::<u8, Vec<u8>>::new();
+        let _ = tokio::time::timeout(limit, async {
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Binary(b) = m {
+                    if let Some((&c, rest)) = b.split_first() {
+                        out.entry(c).or_default().extend_from_slice(rest);
+                    }
+                }
+            }
+        })
+        .await;
+        out
+    }
+
+    /// Frames until one on `channel` contains `needle` (or `limit` passes): all of that channel.
+    pub async fn until(ws: &mut Ws, channel: u8, needle: &str, limit: Duration) -> String {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(limit, async {
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Binary(b) = m {
+                    if b.first() == Some(&channel) {
+                        got.extend_from_slice(&b[1..]);
+                        if String::from_utf8_lossy(&got).contains(needle) {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        String::from_utf8_lossy(&got).into_owned()
+    }
+}
+
+/// Root: exec (stdin through `cat`, a non-zero exit code on channel 3, a terminal resize seen
+/// by `stty size`), attach, port-forward to an httpd in the pod, and the metrics endpoints,
+/// against a pod the cluster-mode agent runs under its workers.
+#[cfg(feature = "root")]
+#[test]
+fn kubelet_api_streaming_and_metrics() {
+    use hako_tests::agent::AgentEnv;
+    use std::time::Duration;
+    let mut env = AgentEnv::new("kapi");
+    let srv = env
+        .ns
+        .run(ApiServer::start)
+        .expect("netns")
+        .expect("fixture");
+    let kc = env.root.parent().expect("tmp").join("kubeconfig");
+    srv.write_kubeconfig(&kc, &srv.node_token("node1"))
+        .expect("kubeconfig");
+    let port = 10250u16;
+    env.args.extend(
+        [
+            "--kubeconfig",
+            kc.to_str().expect("path"),
+            "--kubelet-address",
+            "127.0.0.1",
+            "--kubelet-port",
+            "10250",
+        ]
+        .map(String::from),
+    );
+    env.start();
+    srv.create(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"nodeName": "node1", "terminationGracePeriodSeconds": 1, "containers": [
+            {"name": "app", "image": env.image("sleep"),
+             "command": ["sh", "-c", "i=0; while true; do echo tick $i; echo tock $i >&2; i=$((i+1)); sleep 0.2; done"]},
+            {"name": "web", "image": env.image("sleep"),
+             "command": ["sh", "-c", "mkdir -p /www && echo hello-from-the-pod > /www/index.html && exec httpd -f -p 8080 -h /www"]}]}}))
+        .expect("pod");
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let running = srv
+            .get("", "pods", "default", "web")
+            .is_some_and(|p| p["status"]["phase"] == "Running");
+        if running {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "pod not Running; agent log:\n{}",
+            env.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    srv.add_token("alice-token", User::plain("alice"));
+    srv.add_token("bob-token", User::plain("bob"));
+    srv.grant("alice", "get", "nodes", "proxy");
+    let ca = std::fs::read(env.root.join("pki/kubelet.crt")).expect("serving cert");
+    let tok = Some("alice-token");
+    let t0 = Instant::now();
+    let log = env.agent_log();
+    let results = env
+        .ns
+        .run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                use ws::*;
+                let v5 = "v5.channel.k8s.io";
+                let v4 = "v4.channel.k8s.io";
+                let lim = Duration::from_secs(15);
+                let exec = "/exec/default/web/app?command=cat&stdin=1&stdout=1&stderr=1";
+                // Anonymous and unauthorized callers are refused before any upgrade.
+                assert_eq!(connect(port, exec, None, v5, &ca).await.err(), Some(401));
+                assert_eq!(
+                    connect(port, exec, Some("bob-token"), v5, &ca).await.err(),
+                    Some(403)
+                );
+                // No common subprotocol: refused.
+                assert_eq!(
+                    connect(port, exec, tok, "channel.k8s.io", &ca).await.err(),
+                    Some(400)
+                );
+
+                // stdin through cat, closed with the v5 close signal.
+                let (mut s, proto) = connect(port, exec, tok, &format!("{v5},{v4}"), &ca)
+                    .await
+                    .expect("exec");
+                assert_eq!(proto, v5);
+                send(&mut s, 0, b"hello through stdin\n").await;
+                send(&mut s, 0, b"second line\n").await;
+                send(&mut s, 255, &[0]).await;
+                let out = collect(&mut s, lim).await;
+                let stdout = String::from_utf8_lossy(out.get(&1).map_or(&[][..], |v| v)).into_owned();
+                assert_eq!(stdout, "hello through stdin\nsecond line\n");
+                let st: serde_json::Value =
+                    serde_json::from_slice(out.get(&3).expect("status")).expect("status json");
+                assert_eq!(st["status"], "Success", "{st}");
+
+                // A non-zero exit code, stderr on channel 2 (v4).
+                let (mut s, proto) = connect(
+                    port,
+                    "/exec/default/web/app?command=sh&command=-c&command=echo%20oops%20%3E%262%3B%20exit%203&stdout=1&stderr=1",
+                    tok,
+                    v4,
+                    &ca,
+                )
+                .await
+                .expect("exec 2");
+                assert_eq!(proto, v4);
+                let out = collect(&mut s, lim).await;
+                assert_eq!(out.get(&2).map(|v| v.as_slice()), Some(&b"oops\n"[..]));
+                let st: serde_json::Value =
+                    serde_json::from_slice(out.get(&3).expect("status")).expect("status json");
+                assert_eq!(st["status"], "Failure", "{st}");
+                assert_eq!(st["reason"], "NonZeroExitCode", "{st}");
+                assert_eq!(st["details"]["causes"][0]["reason"], "ExitCode", "{st}");
+                assert_eq!(st["details"]["causes"][0]["message"], "3", "{st}");
+
+                // A terminal: the resize reaches the process.
+                let (mut s, _) = connect(
+                    port,
+                    "/exec/default/web/app?command=sh&command=-c&command=sleep%201%3B%20stty%20size&stdin=1&stdout=1&tty=1",
+                    tok,
+                    v5,
+                    &ca,
+                )
+                .await
+                .expect("exec tty");
+                send(&mut s, 4, br#"{"Width":123,"Height":45}"#).await;
+                let out = collect(&mut s, lim).await;
+                let tty = String::from_utf8_lossy(out.get(&1).map_or(&[][..], |v| v)).into_owned();
+                assert!(tty.contains("45 123"), "stty size said {tty:?}");
+
+                // Attach: the container's output as it is written.
+                let (mut s, _) =
+                    connect(port, "/attach/default/web/app?stdout=1&stderr=1", tok, v5, &ca)
+                        .await
+                        .expect("attach");
+                let o = until(&mut s, 1, "tick", lim).await;
+                assert!(o.contains("tick "), "attach stdout: {o:?}");
+                let e = until(&mut s, 2, "tock", lim).await;
+                assert!(e.contains("tock "), "attach stderr: {e:?}");
+                drop(s);
+
+                // Port-forward to the httpd inside the pod's network namespace.
+                let (mut s, _) =
+                    connect(port, "/portForward/default/web?ports=8080", tok, v4, &ca)
+                        .await
+                        .expect("port-forward");
+                let mut first = Vec::new();
+                while first.len() < 2 {
+                    match futures::StreamExt::next(&mut s).await {
+                        Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b))) => first.push(b),
+                        other => panic!("port-forward: {other:?}"),
+                    }
+                }
+                assert_eq!(first[0], vec![0, 0x90, 0x1f], "data channel opens with the port (LE)");
+                assert_eq!(first[1], vec![1, 0x90, 0x1f], "error channel opens with the port (LE)");
+                send(&mut s, 0, b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n").await;
+                let out = collect(&mut s, lim).await;
+                let page = String::from_utf8_lossy(out.get(&0).map_or(&[][..], |v| v)).into_owned();
+                assert!(page.starts_with("HTTP/1.") && page.contains("hello-from-the-pod"), "{page:?}");
+                assert!(out.get(&1).is_none_or(|e| e.is_empty()), "error channel: {out:?}");
+            })
+        })
+        .map_err(|e| format!("{e}; agent log:\n{log}"));
+    results.expect("netns");
+    eprintln!("streaming checks took {:?}", t0.elapsed());
+
+    // Metrics: nodes/metrics and nodes/stats.
+    let curl = |path: &str, token: &str| -> (u16, String) {
+        let out = env
+            .ns
+            .command("curl")
+            .args(["-sk", "-o", "-", "-w", "\n%{http_code}", "-H"])
+            .arg(format!("Authorization: Bearer {token}"))
+            .arg(format!("https://127.0.0.1:{port}{path}"))
+            .output()
+            .expect("curl");
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = s.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    };
+    assert_eq!(curl("/metrics", "alice-token").0, 403);
+    srv.grant("alice", "get", "nodes", "metrics");
+    srv.grant("alice", "get", "nodes", "stats");
+    let (code, body) = curl("/metrics", "alice-token");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("# TYPE kubelet_running_pods gauge"), "{body}");
+    assert!(body.contains("\nkubelet_running_pods 1\n"), "{body}");
+    assert!(
+        body.contains("kubelet_running_containers{container_state=\"running\"} 2\n"),
+        "{body}"
+    );
+    let (code, body) = curl("/metrics/resource", "alice-token");
+    assert_eq!(code, 200, "{body}");
+    let line = body
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "container_memory_working_set_bytes{container=\"app\",namespace=\"default\",pod=\"web\"} ",
+            )
+        })
+        .unwrap_or_else(|| panic!("no container working set: {body}"));
+    let ws: u64 = line
+        .split(' ')
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("value");
+    assert!(ws > 0, "{line}");
+    assert!(
+        body.contains("container_cpu_usage_seconds_total{container=\"web\",namespace=\"default\",pod=\"web\"} "),
+        "{body}"
+    );
+    assert!(
+        body.contains("pod_cpu_usage_seconds_total{namespace=\"default\",pod=\"web\"} "),
+        "{body}"
+    );
+    let (code, body) = curl("/stats/summary", "alice-token");
+    assert_eq!(code, 200, "{body}");
+    let sum: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let pod = &sum["pods"][0];
+    assert_eq!(pod["podRef"]["name"], "web");
+    assert_eq!(pod["containers"].as_array().map(Vec::len), Some(2), "{pod}");
+    assert!(
+        pod["memory"]["workingSetBytes"]
+            .as_u64()
+            .is_some_and(|m| m > 0),
+        "{pod}"
+    );
+    assert!(
+        pod["cpu"]["usageCoreNanoSeconds"]
+            .as_u64()
+            .is_some_and(|c| c > 0),
+        "{pod}"
+    );
+}

@@ -2,7 +2,10 @@
 //! self-signed one kept in the state dir; authentication of bearer tokens through TokenReview
 //! (anonymous requests get 401) and of client certificates signed by `--client-ca-file`; authorization through SubjectAccessReview on `nodes/<sub>` of
 //! this node; `/healthz`, `/pods` and `/containerLogs/{ns}/{pod}/{container}` (tailLines,
-//! timestamps, limitBytes, previous, follow) read from the CRI log files.
+//! timestamps, limitBytes, previous, follow) read from the CRI log files; `/exec`, `/attach`
+//! and `/portForward` over WebSocket ([`super::stream`]); `/metrics` (the agent's own
+//! metrics), `/metrics/resource` and `/stats/summary` (node, pod and container usage from
+//! [`super::stats`]).
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
@@ -43,6 +46,9 @@ pub struct ApiOptions {
     pub client_ca: Option<PathBuf>,
     /// State dir (its filesystem is the node filesystem in /stats/summary).
     pub root_dir: PathBuf,
+    /// The shim runtime of the pod workers (None: no workers; exec, attach, port-forward and
+    /// per-container figures are unavailable).
+    pub shim: Option<hako_shim::client::Runtime>,
 }
 
 /// Node usage for /metrics/resource and /stats/summary.
@@ -89,9 +95,9 @@ pub fn node_usage(root: &Path) -> NodeUsage {
     }
 }
 
-/// The node part of the kubelet's `/metrics/resource` (Prometheus text).
-pub fn render_resource_metrics(u: &NodeUsage) -> String {
-    format!(
+/// The kubelet's `/metrics/resource` (Prometheus text): node, then containers and pods.
+pub fn render_resource_metrics(u: &NodeUsage, cs: &[super::stats::ContainerUsage]) -> String {
+    let node = format!(
         "# HELP node_cpu_usage_seconds_total [STABLE] Cumulative cpu time consumed by the node in core-seconds\n\
          # TYPE node_cpu_usage_seconds_total counter\n\
          node_cpu_usage_seconds_total {} {}\n\
@@ -102,23 +108,23 @@ pub fn render_resource_metrics(u: &NodeUsage) -> String {
          # TYPE scrape_error gauge\n\
          scrape_error 0\n",
         u.cpu_seconds, u.timestamp_ms, u.memory_working_set, u.timestamp_ms
-    )
+    );
+    node + &super::stats::render_resource(cs, u.timestamp_ms)
 }
 
-/// `/stats/summary` with the node section (pods listed by reference only).
-pub fn stats_summary(node: &str, u: &NodeUsage, pods: &[Pod]) -> serde_json::Value {
+/// `/stats/summary`: the node section and every pod with its running containers' figures.
+pub fn stats_summary(
+    node: &str,
+    u: &NodeUsage,
+    pods: &[Pod],
+    cs: &[super::stats::ContainerUsage],
+) -> serde_json::Value {
     let t = k8s_openapi::chrono::DateTime::from_timestamp_millis(u.timestamp_ms)
         .unwrap_or_default()
         .to_rfc3339();
     #[allow(clippy::cast_possible_truncation)]
     let cpu_ns = (u.cpu_seconds * 1e9) as u64;
-    let pods: Vec<serde_json::Value> = pods
-        .iter()
-        .map(|p| {
-            serde_json::json!({"podRef": {"name": p.metadata.name, "namespace": p.metadata.namespace,
-                                          "uid": p.metadata.uid}, "containers": []})
-        })
-        .collect();
+    let pods = super::stats::summary_pods(pods, cs, &t);
     serde_json::json!({"node": {"nodeName": node,
         "cpu": {"time": t, "usageCoreNanoSeconds": cpu_ns},
         "memory": {"time": t, "availableBytes": u.memory_available,
@@ -318,6 +324,7 @@ pub async fn start(client: Client, opts: ApiOptions, pods: PodStore) -> Result<(
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), svc)
+                    .with_upgrades()
                     .await;
             });
         }
@@ -479,6 +486,26 @@ impl Server {
         Ok(r["status"]["allowed"] == true)
     }
 
+    /// Node usage, the pods and their running containers' figures (blocking reads off the
+    /// async workers).
+    async fn usage(&self) -> (NodeUsage, Vec<Pod>, Vec<super::stats::ContainerUsage>) {
+        let pods: Vec<Pod> = self
+            .pods
+            .read()
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default();
+        let (root, shim) = (self.opts.root_dir.clone(), self.opts.shim.clone());
+        tokio::task::spawn_blocking(move || {
+            let m = node_usage(&root);
+            let cs = shim
+                .map(|s| super::stats::collect(&pods, &root, &s))
+                .unwrap_or_default();
+            (m, pods, cs)
+        })
+        .await
+        .unwrap_or_else(|_| (NodeUsage::default(), Vec::new(), Vec::new()))
+    }
+
     async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -527,7 +554,34 @@ impl Server {
             }
         }
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let sctx = || super::stream::StreamCtx {
+            pods: self.pods.clone(),
+            root_dir: self.opts.root_dir.clone(),
+            shim: self.opts.shim.clone(),
+        };
+        let s = |x: &&str| (*x).to_string();
         match segs.as_slice() {
+            [op @ ("exec" | "attach"), ns, pod, .., container] if segs.len() <= 5 => {
+                super::stream::exec_or_attach(
+                    sctx(),
+                    req,
+                    *op == "attach",
+                    s(ns),
+                    s(pod),
+                    s(container),
+                )
+                .await
+            }
+            ["portForward", ns, pod] | ["portForward", ns, pod, _] => {
+                super::stream::port_forward(sctx(), req, s(ns), s(pod)).await
+            }
+            ["metrics"] => {
+                let (_, _, cs) = self.usage().await;
+                text(
+                    StatusCode::OK,
+                    super::stats::render_kubelet_metrics(&self.opts.node_name, &cs),
+                )
+            }
             ["healthz"] => text(StatusCode::OK, "ok"),
             ["pods"] => {
                 let items: Vec<Pod> = self
@@ -540,19 +594,14 @@ impl Server {
             }
             ["containerLogs", ns, pod, container] => self.logs(ns, pod, container, &q),
             ["metrics", "resource"] => {
-                let m = node_usage(&self.opts.root_dir);
-                text(StatusCode::OK, render_resource_metrics(&m))
+                let (m, _, cs) = self.usage().await;
+                text(StatusCode::OK, render_resource_metrics(&m, &cs))
             }
             ["stats", "summary"] => {
-                let m = node_usage(&self.opts.root_dir);
-                let pods: Vec<Pod> = self
-                    .pods
-                    .read()
-                    .map(|p| p.values().cloned().collect())
-                    .unwrap_or_default();
+                let (m, pods, cs) = self.usage().await;
                 text(
                     StatusCode::OK,
-                    stats_summary(&self.opts.node_name, &m, &pods).to_string(),
+                    stats_summary(&self.opts.node_name, &m, &pods, &cs).to_string(),
                 )
             }
             _ => text(StatusCode::NOT_FOUND, "404 page not found"),
@@ -695,7 +744,7 @@ mod tests {
             timestamp_ms: 1000,
             ..Default::default()
         };
-        let t = render_resource_metrics(&u);
+        let t = render_resource_metrics(&u, &[]);
         assert!(
             t.contains("node_cpu_usage_seconds_total 12.5 1000\n"),
             "{t}"
@@ -704,7 +753,7 @@ mod tests {
             t.contains("node_memory_working_set_bytes 1024 1000\n"),
             "{t}"
         );
-        let s = stats_summary("n1", &u, &[]);
+        let s = stats_summary("n1", &u, &[], &[]);
         assert_eq!(s["node"]["cpu"]["usageCoreNanoSeconds"], 12_500_000_000u64);
         assert_eq!(s["node"]["nodeName"], "n1");
     }

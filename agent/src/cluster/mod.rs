@@ -10,6 +10,8 @@ pub mod node;
 pub mod overlay;
 mod pods;
 pub mod proxy;
+pub mod stats;
+pub mod stream;
 
 use futures::StreamExt;
 use ipnet::IpNet;
@@ -271,6 +273,7 @@ pub async fn run_async(
             node_name: ctx.cfg.name.clone(),
             client_ca: ctx.args.client_ca_file.clone(),
             root_dir: ctx.node.root_dir.clone(),
+            shim: workers.as_ref().map(|w| w.shim.clone()),
         };
         kubelet_api::start(ctx.client.clone(), opts, ctx.pods.clone())
             .await

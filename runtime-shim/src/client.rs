@@ -267,6 +267,15 @@ impl ShimClient {
             .map_err(|e| ClientError::Shim(self.id.clone(), e))
     }
 
+    /// A duplicate of the write end of the container's stdin (containers created with
+    /// `process.stdin`); the shim keeps its own, so closing this one does not close stdin.
+    pub fn attach_stdin(&self) -> Result<std::fs::File, ClientError> {
+        let sock = self.dir.join(state::SOCKET);
+        let conn =
+            UnixStream::connect(&sock).map_err(|e| ClientError::Unreachable(self.id.clone(), e))?;
+        crate::stream::attach_stdin(conn).map_err(|e| ClientError::Shim(self.id.clone(), e))
+    }
+
     /// Kill what runs, remove everything of the container; the shim exits.
     pub fn delete(&self) -> Result<State, ClientError> {
         let r = self.call(&Request::Delete)?;

@@ -131,6 +131,8 @@ pub struct Init {
     pub stdout: File,
     /// Read end of the container's stderr.
     pub stderr: File,
+    /// Write end of the container's stdin (`process.stdin`).
+    pub stdin: Option<File>,
     report: File,
     start: Option<File>,
 }
@@ -154,6 +156,10 @@ pub fn create(
     let (err_r, err_w) = pipe()?;
     let (rep_r, rep_w) = pipe()?;
     let (start_r, start_w) = pipe()?;
+    let (in_r, in_w) = match plan.spec.process.stdin {
+        true => pipe().map(|(r, w)| (Some(r), Some(w)))?,
+        false => (None, None),
+    };
     // The pid namespace applies to the shim's next child only: switch for the fork, then
     // switch back (a process whose children would land elsewhere cannot start threads).
     let own_pid_ns = File::open("/proc/self/ns/pid")
@@ -177,9 +183,9 @@ pub fn create(
     }
     match forked.map_err(|e| CreateError::Sys("fork", e))? {
         ForkResult::Child => {
-            drop((out_r, err_r, rep_r, start_w));
+            drop((out_r, err_r, rep_r, start_w, in_w));
             let mut rep = rep_w;
-            let res = child(plan, out_w, err_w, &mut rep, start_r);
+            let res = child(plan, out_w, err_w, &mut rep, start_r, in_r);
             let msg = match res {
                 Ok(never) => match never {},
                 Err(m) => m,
@@ -189,11 +195,12 @@ pub fn create(
             unsafe { libc::_exit(127) }
         }
         ForkResult::Parent { child } => {
-            drop((out_w, err_w, rep_w, start_r));
+            drop((out_w, err_w, rep_w, start_r, in_r));
             let mut init = Init {
                 pid: child,
                 stdout: out_r,
                 stderr: err_r,
+                stdin: in_w,
                 report: rep_r,
                 start: Some(start_w),
             };
@@ -315,6 +322,7 @@ fn child(
     err_w: File,
     rep: &mut File,
     mut start_r: File,
+    stdin: Option<File>,
 ) -> Result<Never, String> {
     let spec = &plan.spec;
     unistd::setsid().map_err(ctx(|| "setsid".into()))?;
@@ -325,8 +333,11 @@ fn child(
         fs::write("/proc/self/oom_score_adj", v.to_string())
             .map_err(ctx(|| format!("write oom_score_adj {v}")))?;
     }
-    // stdio: /dev/null in, pipes out.
-    let null = File::open("/dev/null").map_err(ctx(|| "open /dev/null".into()))?;
+    // stdio: /dev/null (or the attach pipe) in, pipes out.
+    let null = match stdin {
+        Some(r) => r,
+        None => File::open("/dev/null").map_err(ctx(|| "open /dev/null".into()))?,
+    };
     for (fd, target) in [
         (null.as_raw_fd(), 0),
         (out_w.as_raw_fd(), 1),

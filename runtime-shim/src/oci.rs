@@ -77,6 +77,7 @@ pub fn from_oci(id: &str, bundle: &std::path::Path, oci: &Spec) -> Result<Contai
             no_new_privileges: p.no_new_privileges().unwrap_or(false),
             rlimits,
             oom_score_adj: p.oom_score_adj(),
+            stdin: false,
         },
         ..Default::default()
     };

@@ -33,6 +33,9 @@ pub enum Request {
     /// (see [`crate::stream`]): the first response line carries the descriptors, the second
     /// the exit code.
     ExecStream(ExecRequest),
+    /// A duplicate of the write end of the container's stdin (`process.stdin`), handed over
+    /// with the response line (see [`crate::stream`]).
+    AttachStdin,
     /// Kill what runs, remove the cgroup, rootfs and state; the shim exits.
     Delete,
 }

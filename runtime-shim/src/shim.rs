@@ -323,6 +323,28 @@ fn handle(shared: Arc<Shared>, conn: UnixStream) {
         exec_stream(&shared, &conn, x);
         return;
     }
+    if req == Request::AttachStdin {
+        let init = shared.init.lock().unwrap_or_else(|e| e.into_inner());
+        let dup = init.stdin.as_ref().map(File::try_clone);
+        drop(init);
+        let sent = match dup {
+            Some(Ok(f)) => crate::stream::send_line_with_fds(
+                &conn,
+                &ok(shared.snapshot()),
+                &[std::os::fd::AsRawFd::as_raw_fd(&f)],
+            ),
+            Some(Err(e)) => crate::stream::send_line_with_fds(&conn, &err(e), &[]),
+            None => crate::stream::send_line_with_fds(
+                &conn,
+                &err(format!("container {} has no stdin", shared.spec.id)),
+                &[],
+            ),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "attach: hand over stdin");
+        }
+        return;
+    }
     let delete = req == Request::Delete;
     let resp = dispatch(&shared, req);
     respond(&conn, &resp);
@@ -401,7 +423,9 @@ fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
             },
             Err(e) => err(e),
         },
-        Request::ExecStream(_) => err("execStream is answered on its own connection"),
+        Request::ExecStream(_) | Request::AttachStdin => {
+            err("streaming requests are answered on their own connection")
+        }
         Request::Delete => {
             let _ = shared.signal(Signal::SIGKILL);
             let st = shared.wait_stopped(None);

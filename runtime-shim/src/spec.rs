@@ -85,6 +85,9 @@ pub struct Process {
     pub rlimits: Vec<Rlimit>,
     /// Requested oom_score_adj; clamped to the lowest settable value without CAP_SYS_RESOURCE.
     pub oom_score_adj: Option<i32>,
+    /// stdin is a pipe whose write end the shim keeps for attach (`attachStdin`); else
+    /// `/dev/null`.
+    pub stdin: bool,
 }
 
 /// User and groups of a process.

@@ -121,6 +121,25 @@ pub fn recv_line_with_fds(conn: &UnixStream) -> io::Result<(String, Vec<OwnedFd>
     }
 }
 
+/// Asks for the container's stdin (`attachStdin`) on a connected shim socket: a duplicate of
+/// its write end.
+pub fn attach_stdin(conn: UnixStream) -> Result<File, String> {
+    let mut data = serde_json::to_vec(&Request::AttachStdin).map_err(|e| e.to_string())?;
+    data.push(b'\n');
+    (&conn).write_all(&data).map_err(|e| e.to_string())?;
+    let (line, fds) = recv_line_with_fds(&conn).map_err(|e| e.to_string())?;
+    let resp: Response =
+        serde_json::from_str(&line).map_err(|e| format!("bad response {line:?}: {e}"))?;
+    if let Some(e) = resp.error {
+        return Err(e);
+    }
+    let mut fds = fds.into_iter();
+    match (fds.next(), fds.next()) {
+        (Some(fd), None) => Ok(File::from(fd)),
+        _ => Err("attach: unexpected descriptors from the shim".into()),
+    }
+}
+
 /// Sets a terminal's window size (`TIOCSWINSZ` on the master; the process gets SIGWINCH).
 pub fn resize(tty: &File, cols: u16, rows: u16) -> io::Result<()> {
     let ws = libc::winsize {

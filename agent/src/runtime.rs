@@ -331,6 +331,8 @@ pub fn build_spec(pod: &Pod, c: &Container, inp: SpecInputs) -> Result<Container
     process.capabilities = capabilities(c);
     process.no_new_privileges = sc.and_then(|s| s.allow_privilege_escalation) == Some(false);
     process.oom_score_adj = Some(i32::try_from(inp.oom_score_adj).unwrap_or(1000));
+    // `stdin: true`: the shim keeps a stdin pipe for attach (`tty` is not supported).
+    process.stdin = c.stdin.unwrap_or(false);
     let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
     let seccomp = sc
         .and_then(|s| s.seccomp_profile.as_ref())

@@ -418,7 +418,9 @@ fn kubelet_api_streaming_and_metrics() {
             {"name": "app", "image": env.image("sleep"),
              "command": ["sh", "-c", "i=0; while true; do echo tick $i; echo tock $i >&2; i=$((i+1)); sleep 0.2; done"]},
             {"name": "web", "image": env.image("sleep"),
-             "command": ["sh", "-c", "mkdir -p /www && echo hello-from-the-pod > /www/index.html && exec httpd -f -p 8080 -h /www"]}]}}))
+             "command": ["sh", "-c", "mkdir -p /www && echo hello-from-the-pod > /www/index.html && exec httpd -f -p 8080 -h /www"]},
+            {"name": "echo", "image": env.image("sleep"), "stdin": true,
+             "command": ["sh", "-c", "while read l; do echo got:$l; done"]}]}}))
         .expect("pod");
     let end = Instant::now() + Duration::from_secs(60);
     loop {
@@ -527,6 +529,15 @@ fn kubelet_api_streaming_and_metrics() {
                 let e = until(&mut s, 2, "tock", lim).await;
                 assert!(e.contains("tock "), "attach stderr: {e:?}");
                 drop(s);
+                // Attach with stdin to a container whose spec has `stdin: true`.
+                let (mut s, _) =
+                    connect(port, "/attach/default/web/echo?stdin=1&stdout=1", tok, v5, &ca)
+                        .await
+                        .expect("attach stdin");
+                send(&mut s, 0, b"ping\n").await;
+                let o = until(&mut s, 1, "got:ping", lim).await;
+                assert!(o.contains("got:ping\n"), "attach stdin echo: {o:?}");
+                drop(s);
 
                 // Port-forward to the httpd inside the pod's network namespace.
                 let (mut s, _) =
@@ -575,7 +586,7 @@ fn kubelet_api_streaming_and_metrics() {
     assert!(body.contains("# TYPE kubelet_running_pods gauge"), "{body}");
     assert!(body.contains("\nkubelet_running_pods 1\n"), "{body}");
     assert!(
-        body.contains("kubelet_running_containers{container_state=\"running\"} 2\n"),
+        body.contains("kubelet_running_containers{container_state=\"running\"} 3\n"),
         "{body}"
     );
     let (code, body) = curl("/metrics/resource", "alice-token");
@@ -607,7 +618,7 @@ fn kubelet_api_streaming_and_metrics() {
     let sum: serde_json::Value = serde_json::from_str(&body).expect("json");
     let pod = &sum["pods"][0];
     assert_eq!(pod["podRef"]["name"], "web");
-    assert_eq!(pod["containers"].as_array().map(Vec::len), Some(2), "{pod}");
+    assert_eq!(pod["containers"].as_array().map(Vec::len), Some(3), "{pod}");
     assert!(
         pod["memory"]["workingSetBytes"]
             .as_u64()

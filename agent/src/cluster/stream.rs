@@ -435,7 +435,7 @@ pub async fn exec_or_attach(
         let Ok(up) = on.await else { return };
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, None).await;
         if attach {
-            attach_session(ws, target, stdout, stderr).await;
+            attach_session(ws, v5, target, stdin, stdout, stderr).await;
         } else {
             let x = ExecRequest {
                 args: command,
@@ -551,15 +551,58 @@ async fn finish(
     }
 }
 
-/// Attach: the container's output from now on (from its CRI log) until it stops. Input is
-/// not connected (containers run with stdin on /dev/null).
-async fn attach_session(ws: Ws, t: Target, want_stdout: bool, want_stderr: bool) {
+/// Attach: the container's output from now on (from its CRI log) until it stops; input goes
+/// to the container's stdin when its spec has `stdin: true` (a duplicate of the write end the
+/// shim keeps; closing it does not close the container's stdin), else it is dropped.
+async fn attach_session(
+    ws: Ws,
+    v5: bool,
+    t: Target,
+    want_stdin: bool,
+    want_stdout: bool,
+    want_stderr: bool,
+) {
     let (sink, mut src) = ws.split();
     let (tx, writer) = spawn_writer(sink);
+    let input = if want_stdin {
+        let c = t.client.clone();
+        match tokio::task::spawn_blocking(move || c.attach_stdin()).await {
+            Ok(Ok(f)) => Some(f),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "attach: no stdin");
+                None
+            }
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    let (in_tx, in_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    if let Some(mut w) = input {
+        std::thread::spawn(move || {
+            for chunk in in_rx {
+                if w.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let reader = tokio::spawn(async move {
+        let mut in_tx = Some(in_tx);
         while let Some(Ok(m)) = src.next().await {
-            if matches!(m, Message::Close(_)) {
-                break;
+            let data = match m {
+                Message::Binary(b) => b,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            match (data.first(), data.get(1)) {
+                (Some(0), _) => {
+                    if let Some(t) = &in_tx {
+                        let _ = t.send(data[1..].to_vec());
+                    }
+                }
+                (Some(255), Some(0)) if v5 => in_tx = None,
+                _ => {}
             }
         }
     });
@@ -740,14 +783,16 @@ async fn forward_session(ws: Ws, netns: File, ports: Vec<u16>) {
             }
         }
     });
-    // The session ends when every pod connection has closed, or the client goes away.
+    // The session ends when every pod connection has closed, or the client goes away (then
+    // the pod connections are dropped).
+    let aborts: Vec<_> = readers.iter().map(|r| r.abort_handle()).collect();
     let all = futures::future::join_all(readers);
     tokio::pin!(all);
+    let mut client = client;
     tokio::select! {
-        _ = &mut all => {}
-        _ = tokio::time::sleep(Duration::from_secs(4 * 3600)) => {}
+        _ = &mut all => client.abort(),
+        _ = &mut client => aborts.iter().for_each(|a| a.abort()),
     }
-    client.abort();
     let _ = tx.send(Out::Close).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }

@@ -558,6 +558,47 @@ fn kubelet_api_streaming_and_metrics() {
                 let page = String::from_utf8_lossy(out.get(&0).map_or(&[][..], |v| v)).into_owned();
                 assert!(page.starts_with("HTTP/1.") && page.contains("hello-from-the-pod"), "{page:?}");
                 assert!(out.get(&1).is_none_or(|e| e.is_empty()), "error channel: {out:?}");
+
+                // Figures (printed, not asserted): exec round trips and a port-forward download.
+                let n = 10u32;
+                let t = Instant::now();
+                for _ in 0..n {
+                    let (mut s, _) =
+                        connect(port, "/exec/default/web/app?command=true&stdout=1", tok, v5, &ca)
+                            .await
+                            .expect("exec true");
+                    let out = collect(&mut s, lim).await;
+                    assert!(out.contains_key(&3), "status of exec true");
+                }
+                let per_exec = t.elapsed() / n;
+                let (mut s, _) = connect(
+                    port,
+                    "/exec/default/web/web?command=sh&command=-c&command=dd%20if%3D%2Fdev%2Fzero%20of%3D%2Fwww%2Fbig%20bs%3D1048576%20count%3D16&stderr=1",
+                    tok,
+                    v5,
+                    &ca,
+                )
+                .await
+                .expect("exec dd");
+                let out = collect(&mut s, lim).await;
+                let st: serde_json::Value =
+                    serde_json::from_slice(out.get(&3).expect("status")).expect("status json");
+                assert_eq!(st["status"], "Success", "{st}");
+                let (mut s, _) =
+                    connect(port, "/portForward/default/web?ports=8080", tok, v4, &ca)
+                        .await
+                        .expect("port-forward 2");
+                let t = Instant::now();
+                send(&mut s, 0, b"GET /big HTTP/1.0\r\nHost: x\r\n\r\n").await;
+                let out = collect(&mut s, lim).await;
+                let secs = t.elapsed().as_secs_f64();
+                let got = out.get(&0).map_or(0, Vec::len);
+                assert!(got > 16 << 20, "downloaded {got} bytes");
+                #[allow(clippy::cast_precision_loss)]
+                let mib_s = (got as f64 / f64::from(1u32 << 20)) / secs;
+                eprintln!(
+                    "figures: exec round trip (connect, TLS, upgrade, run `true`, status) {per_exec:?}; port-forward download 16 MiB at {mib_s:.0} MiB/s"
+                );
             })
         })
         .map_err(|e| format!("{e}; agent log:\n{log}"));

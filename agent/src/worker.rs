@@ -114,6 +114,8 @@ type ObjMap<T> = BTreeMap<(String, String), T>;
 struct Objects {
     config_maps: ObjMap<ConfigMap>,
     secrets: ObjMap<Secret>,
+    /// ServiceAccount tokens by pod UID (cluster mode, [`PodManager::set_tokens`]).
+    tokens: BTreeMap<String, crate::volumes::projection::PodTokens>,
     generation: u64,
 }
 
@@ -173,6 +175,19 @@ impl PodManager {
     /// Number of pods with a live worker (terminating ones included).
     pub fn worker_count(&self) -> usize {
         self.workers.lock().map(|w| w.len()).unwrap_or(0)
+    }
+
+    /// Sets the ServiceAccount tokens of the pods (by UID; cluster mode). Projected volumes
+    /// of the pods listed here take their serviceAccountToken files from it; a change is
+    /// written into the running pods' volumes on their next pass (the next [`PodManager::sync`]
+    /// wakes them).
+    pub fn set_tokens(&self, tokens: BTreeMap<String, crate::volumes::projection::PodTokens>) {
+        if let Ok(mut o) = self.objects.write() {
+            if o.tokens != tokens {
+                o.tokens = tokens;
+                o.generation += 1;
+            }
+        }
     }
 
     /// Applies the desired state (level-triggered; see the module docs). Must be called from
@@ -1778,10 +1793,16 @@ impl Worker {
         let host_ips: Vec<String> = self.cfg.host_ip.iter().cloned().collect();
         let mem = self.cfg.memory_capacity.to_string();
         let existing = self.volumes.clone();
+        let tokens = self
+            .objects
+            .read()
+            .ok()
+            .and_then(|o| o.tokens.get(&self.uid).cloned());
         let r = blocking(move || {
             let mut ctx = crate::volumes::PodContext::new(&pod, &objects);
             ctx.pod_ips = pod_ips;
             ctx.host_ips = host_ips;
+            ctx.service_account_tokens = tokens;
             ctx.node_allocatable = BTreeMap::from([("memory".to_string(), mem)]);
             match existing {
                 Some(v) => crate::volumes::refresh_pod_volumes(&host, &ctx, &v).map(|_| v),

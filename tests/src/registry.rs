@@ -82,7 +82,19 @@ pub struct RegistryOptions {
     pub port: Option<u16>,
     /// Storage and log dir, kept after drop; a temp dir removed on drop when `None`.
     pub dir: Option<PathBuf>,
+    /// Require HTTP basic auth (`auth: htpasswd`) with [`AUTH_USER`] / [`AUTH_PASSWORD`].
+    /// [`Client`] does not authenticate: push into the storage dir first with auth off, then
+    /// start again on the same dir with auth on.
+    pub basic_auth: bool,
 }
+
+/// User name of a registry started with [`RegistryOptions::basic_auth`].
+pub const AUTH_USER: &str = "hako";
+/// Its password.
+pub const AUTH_PASSWORD: &str = "hako-pull-secret";
+/// bcrypt (cost 4, so that the registry's per-request check is cheap) of [`AUTH_PASSWORD`],
+/// the only hash format the registry's htpasswd accepts.
+const AUTH_BCRYPT: &str = "$2b$04$RcpvO/MGrU1ebHdtxBOXIusbWQRxDbfPV3VlCLdWqCreyEwd.6IhC";
 
 /// A running `docker-registry` on 127.0.0.1. Drop kills it and removes its temp dir.
 #[derive(Debug)]
@@ -98,12 +110,20 @@ fn free_port() -> Result<u16, RegistryError> {
     Ok(l.local_addr().map_err(RegistryError::Port)?.port())
 }
 
-fn config_yaml(addr: &str, storage: &Path) -> String {
+fn config_yaml(addr: &str, storage: &Path, htpasswd: Option<&Path>) -> String {
+    let auth = htpasswd
+        .map(|p| {
+            format!(
+                "auth:\n  htpasswd:\n    realm: hako-test\n    path: {}\n",
+                p.display()
+            )
+        })
+        .unwrap_or_default();
     format!(
         "version: 0.1\n\
          log:\n  level: warn\n  accesslog:\n    disabled: true\n\
          storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-         http:\n  addr: {addr}\n",
+         http:\n  addr: {addr}\n{auth}",
         storage.display()
     )
 }
@@ -152,7 +172,7 @@ impl Registry {
                 Some(p) => p,
                 None => free_port()?,
             };
-            match Self::spawn(&dir, port) {
+            match Self::spawn(&dir, port, opts.basic_auth) {
                 Ok(child) => {
                     let mut reg = Registry {
                         child,
@@ -160,7 +180,7 @@ impl Registry {
                         dir: dir.clone(),
                         _temp: temp.take(),
                     };
-                    match reg.wait_ready(Duration::from_secs(20)) {
+                    match reg.wait_ready(Duration::from_secs(20), opts.basic_auth) {
                         Ok(()) => return Ok(reg),
                         Err(e) => {
                             // Keep the temp dir for the next attempt; drop kills the child.
@@ -175,13 +195,21 @@ impl Registry {
         Err(last.unwrap_or_else(|| RegistryError::Mismatch("no attempt made".into())))
     }
 
-    fn spawn(dir: &Path, port: u16) -> Result<Child, RegistryError> {
+    fn spawn(dir: &Path, port: u16, basic_auth: bool) -> Result<Child, RegistryError> {
         let addr = format!("127.0.0.1:{port}");
         let storage = dir.join("storage");
         std::fs::create_dir_all(&storage).map_err(|e| RegistryError::Dir(storage.clone(), e))?;
+        let htpasswd = dir.join("htpasswd");
+        if basic_auth {
+            std::fs::write(&htpasswd, format!("{AUTH_USER}:{AUTH_BCRYPT}\n"))
+                .map_err(|e| RegistryError::Dir(htpasswd.clone(), e))?;
+        }
         let config = dir.join("config.yml");
-        std::fs::write(&config, config_yaml(&addr, &storage))
-            .map_err(|e| RegistryError::Dir(config.clone(), e))?;
+        std::fs::write(
+            &config,
+            config_yaml(&addr, &storage, basic_auth.then_some(htpasswd.as_path())),
+        )
+        .map_err(|e| RegistryError::Dir(config.clone(), e))?;
         let log_path = dir.join("registry.log");
         let log = File::create(&log_path).map_err(|e| RegistryError::Dir(log_path.clone(), e))?;
         let log2 = log
@@ -202,7 +230,7 @@ impl Registry {
             .map_err(RegistryError::Spawn)
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> Result<(), RegistryError> {
+    fn wait_ready(&mut self, timeout: Duration, basic_auth: bool) -> Result<(), RegistryError> {
         let deadline = Instant::now() + timeout;
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(2))
@@ -215,7 +243,15 @@ impl Registry {
                 break;
             }
             match agent.get(&url).call() {
-                Ok(r) if r.status() == 200 => return Ok(()),
+                Ok(r) if r.status() == 200 && !basic_auth => return Ok(()),
+                Ok(r) if r.status() == 200 => reason = "GET /v2/ answered 200 without auth".into(),
+                Err(ureq::Error::Status(401, r))
+                    if basic_auth
+                        && r.header("WWW-Authenticate")
+                            .is_some_and(|h| h.starts_with("Basic")) =>
+                {
+                    return Ok(())
+                }
                 Ok(r) => reason = format!("GET /v2/ answered {}", r.status()),
                 Err(e) => reason = format!("GET /v2/: {e}"),
             }
@@ -573,7 +609,7 @@ mod tests {
 
     #[test]
     fn config_listens_on_loopback_with_filesystem_storage() {
-        let y = config_yaml("127.0.0.1:5555", Path::new("/x/storage"));
+        let y = config_yaml("127.0.0.1:5555", Path::new("/x/storage"), None);
         for want in [
             "addr: 127.0.0.1:5555",
             "rootdirectory: /x/storage",
@@ -581,6 +617,16 @@ mod tests {
         ] {
             assert!(y.contains(want), "{want} missing in\n{y}");
         }
+        assert!(!y.contains("auth"), "{y}");
+        let y = config_yaml(
+            "127.0.0.1:5555",
+            Path::new("/x/storage"),
+            Some(Path::new("/x/htpasswd")),
+        );
+        assert!(
+            y.ends_with("auth:\n  htpasswd:\n    realm: hako-test\n    path: /x/htpasswd\n"),
+            "{y}"
+        );
     }
 
     #[test]

@@ -447,6 +447,51 @@ async fn token_request_review_and_access_review() {
         ))
         .await;
     assert_eq!(code(e.expect_err("not the pod's SA")), 403);
+    // The Node authorizer: another node may not get a token bound to n1's pod.
+    let n2 = client(&srv, &srv.node_token("n2")).await;
+    let e = n2
+        .request::<serde_json::Value>(http(
+            "POST",
+            "/api/v1/namespaces/default/serviceaccounts/app/token",
+            &req,
+        ))
+        .await;
+    assert_eq!(code(e.expect_err("pod bound to another node")), 403);
+    let denied = srv
+        .requests()
+        .into_iter()
+        .filter(|r| r.user == "system:node:n2" && r.attrs.subresource == "token")
+        .map(|r| r.status)
+        .collect::<Vec<_>>();
+    assert_eq!(denied, [403]);
+    // Lifetimes: at least 10 minutes; a configured maximum shortens longer requests and the
+    // answer's spec says so.
+    let mut short = req.clone();
+    short["spec"]["expirationSeconds"] = json!(60);
+    let e = n1
+        .request::<serde_json::Value>(http(
+            "POST",
+            "/api/v1/namespaces/default/serviceaccounts/app/token",
+            &short,
+        ))
+        .await;
+    assert_eq!(code(e.expect_err("too short")), 422);
+    srv.set_max_token_expiration(30);
+    let tr2: serde_json::Value = n1
+        .request(http(
+            "POST",
+            "/api/v1/namespaces/default/serviceaccounts/app/token",
+            &req,
+        ))
+        .await
+        .expect("token request");
+    assert_eq!(tr2["spec"]["expirationSeconds"], json!(30));
+    let exp = tr2["status"]["expirationTimestamp"]
+        .as_str()
+        .and_then(|t| k8s_openapi::chrono::DateTime::parse_from_rfc3339(t).ok())
+        .expect("expirationTimestamp");
+    let left = exp.timestamp() - k8s_openapi::chrono::Utc::now().timestamp();
+    assert!((25..=31).contains(&left), "{left}");
 
     let rev: serde_json::Value = n1
         .request(http(
@@ -481,4 +526,63 @@ async fn token_request_review_and_access_review() {
             .expect("sar");
         assert_eq!(r["status"]["allowed"], json!(want), "{user} {sub}");
     }
+}
+
+#[tokio::test]
+async fn service_account_admission_and_root_ca() {
+    let srv = ApiServer::start().expect("fixture");
+    // Off by default.
+    let plain = srv.create(pod("plain", "n1")).expect("pod");
+    assert_eq!(plain["spec"]["volumes"].as_array().map(Vec::len), Some(1));
+    assert!(srv
+        .get("", "configmaps", "default", "kube-root-ca.crt")
+        .is_none());
+    srv.enable_service_account_admission();
+    let mut p = pod("sa", "n1");
+    p["metadata"]["namespace"] = json!("team");
+    p["spec"]["initContainers"] = json!([{"name": "i", "image": "busybox:1.36"}]);
+    let created = srv.create(p).expect("pod");
+    let vols = created["spec"]["volumes"].as_array().expect("volumes");
+    let v = vols
+        .iter()
+        .find(|v| {
+            v["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("kube-api-access-"))
+        })
+        .expect("token volume");
+    let src = &v["projected"]["sources"];
+    assert_eq!(src[0]["serviceAccountToken"]["expirationSeconds"], 3607);
+    assert_eq!(src[0]["serviceAccountToken"]["path"], "token");
+    assert_eq!(src[1]["configMap"]["name"], "kube-root-ca.crt");
+    assert_eq!(
+        src[2]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    for f in ["containers", "initContainers"] {
+        let m = &created["spec"][f][0]["volumeMounts"];
+        assert!(
+            m.as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["name"] == v["name"]
+                    && m["mountPath"] == hako_tests::apiserver::SERVICE_ACCOUNT_MOUNT
+                    && m["readOnly"] == true),
+            "{f}: {m}"
+        );
+    }
+    let ca = srv
+        .get("", "configmaps", "team", "kube-root-ca.crt")
+        .expect("root CA published in the pod's namespace");
+    assert_eq!(ca["data"]["ca.crt"], hako_tests::apiserver::CLUSTER_CA_PEM);
+    // The node of the pod may read it (a reference of its pod), another node may not.
+    let n1: Api<ConfigMap> = Api::namespaced(client(&srv, &srv.node_token("n1")).await, "team");
+    assert!(n1.get("kube-root-ca.crt").await.is_ok());
+    let n2: Api<ConfigMap> = Api::namespaced(client(&srv, &srv.node_token("n2")).await, "team");
+    assert_eq!(code(n2.get("kube-root-ca.crt").await.expect_err("n2")), 403);
+    // Opting out.
+    let mut p = pod("no-token", "n1");
+    p["spec"]["automountServiceAccountToken"] = json!(false);
+    let created = srv.create(p).expect("pod");
+    assert_eq!(created["spec"]["volumes"].as_array().map(Vec::len), Some(1));
 }

@@ -133,6 +133,7 @@ fn serve_keeps_a_given_dir_and_port() {
     let reg = Registry::start_with(RegistryOptions {
         port: None,
         dir: Some(dir.clone()),
+        ..Default::default()
     })
     .unwrap();
     assert_eq!(sorted_tags(reg.addr()), all_tags());

@@ -12,6 +12,7 @@ mod pods;
 pub mod proxy;
 pub mod stats;
 pub mod stream;
+mod tokens;
 
 use futures::StreamExt;
 use ipnet::IpNet;
@@ -297,7 +298,13 @@ pub async fn run_async(
     }
     let status = tokio::spawn(status_loop(ctx.clone()));
     let lease = tokio::spawn(lease_loop(ctx.clone()));
-    let manager = workers.map(crate::worker::PodManager::new);
+    // The Downward API's status.hostIP(s) and the pods' hostIP are the Node's InternalIP.
+    let manager = workers.map(|mut w| {
+        if let Some(ip) = ctx.facts.internal_ip {
+            w.host_ip = Some(ip.to_string());
+        }
+        crate::worker::PodManager::new(w)
+    });
     let pods = tokio::spawn(pods::pod_loop(ctx.clone(), watch_client.clone(), manager));
     let overlay = if ctx.args.overlay {
         Some(tokio::spawn(overlay_loop(ctx.clone(), watch_client)))

@@ -16,10 +16,11 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::admit::{self, Rejection};
+use super::tokens::TokenManager;
 use super::Ctx;
 use crate::worker::{DesiredState, PodManager, PodStatusEvent};
 
@@ -31,11 +32,71 @@ struct Objects {
     config_maps: BTreeMap<(String, String), ConfigMap>,
     secrets: BTreeMap<(String, String), Secret>,
     watchers: HashMap<ObjKey, tokio::task::JoinHandle<()>>,
+    /// Objects whose watch has listed them at least once (present or absent).
+    synced: BTreeSet<ObjKey>,
 }
 
 enum ObjEvent {
     ConfigMap(String, String, Option<ConfigMap>),
     Secret(String, String, Option<Secret>),
+    /// The watch of this object completed a (re)list.
+    Listed(ObjKey),
+}
+
+/// How long a new pod waits for the first list of the ConfigMaps and Secrets it references
+/// before it is handed to the workers anyway (a refused or failing watch then shows up as
+/// the workers' FailedMount / CreateContainerConfigError / pull error).
+const OBJECT_WAIT: Duration = Duration::from_secs(5);
+
+/// Watches one object by name (`metadata.name=` field selector; the Node authorizer allows
+/// nothing wider). A (re)list reports the object's state and then [`ObjEvent::Listed`].
+async fn watch_one<K>(
+    client: Client,
+    key: ObjKey,
+    tx: mpsc::UnboundedSender<ObjEvent>,
+    wrap: fn(String, String, Option<K>) -> ObjEvent,
+) where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
+    K::DynamicType: Default,
+{
+    let (kind, ns, name) = key.clone();
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let api: Api<K> = Api::namespaced(client, &ns);
+    let mut s = watcher(api, cfg).boxed();
+    let mut listed: Option<Option<K>> = None;
+    while let Some(ev) = s.next().await {
+        let msg = match ev {
+            Ok(watcher::Event::Apply(o)) => Some(Some(o)),
+            Ok(watcher::Event::Delete(_)) => Some(None),
+            Ok(watcher::Event::Init) => {
+                listed = Some(None);
+                None
+            }
+            Ok(watcher::Event::InitApply(o)) => {
+                listed = Some(Some(o));
+                None
+            }
+            Ok(watcher::Event::InitDone) => {
+                let o = listed.take().flatten();
+                let _ = tx.send(wrap(ns.clone(), name.clone(), o));
+                let _ = tx.send(ObjEvent::Listed(key.clone()));
+                None
+            }
+            Err(e) => {
+                tracing::debug!("watch {kind} {ns}/{name}: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                None
+            }
+        };
+        if let Some(o) = msg {
+            let _ = tx.send(wrap(ns.clone(), name.clone(), o));
+        }
+    }
 }
 
 fn spawn_object_watch(
@@ -43,51 +104,26 @@ fn spawn_object_watch(
     key: ObjKey,
     tx: mpsc::UnboundedSender<ObjEvent>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let (kind, ns, name) = key;
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        if kind == "configmaps" {
-            let api: Api<ConfigMap> = Api::namespaced(client, &ns);
-            let mut s = watcher(api, cfg).boxed();
-            while let Some(ev) = s.next().await {
-                let msg = match ev {
-                    Ok(watcher::Event::Apply(o)) | Ok(watcher::Event::InitApply(o)) => {
-                        Some(Some(o))
-                    }
-                    Ok(watcher::Event::Delete(_)) => Some(None),
-                    Ok(_) => None,
-                    Err(e) => {
-                        tracing::debug!("watch configmap {ns}/{name}: {e}");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        None
-                    }
-                };
-                if let Some(o) = msg {
-                    let _ = tx.send(ObjEvent::ConfigMap(ns.clone(), name.clone(), o));
-                }
-            }
-        } else {
-            let api: Api<Secret> = Api::namespaced(client, &ns);
-            let mut s = watcher(api, cfg).boxed();
-            while let Some(ev) = s.next().await {
-                let msg = match ev {
-                    Ok(watcher::Event::Apply(o)) | Ok(watcher::Event::InitApply(o)) => {
-                        Some(Some(o))
-                    }
-                    Ok(watcher::Event::Delete(_)) => Some(None),
-                    Ok(_) => None,
-                    Err(e) => {
-                        tracing::debug!("watch secret {ns}/{name}: {e}");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        None
-                    }
-                };
-                if let Some(o) = msg {
-                    let _ = tx.send(ObjEvent::Secret(ns.clone(), name.clone(), o));
-                }
-            }
-        }
-    })
+    if key.0 == "configmaps" {
+        tokio::spawn(watch_one::<ConfigMap>(client, key, tx, ObjEvent::ConfigMap))
+    } else {
+        tokio::spawn(watch_one::<Secret>(client, key, tx, ObjEvent::Secret))
+    }
+}
+
+/// The ConfigMaps and Secrets `p` references (imagePullSecrets included).
+fn object_refs(p: &Pod) -> Vec<ObjKey> {
+    let (ns, _) = ns_name(p);
+    let mut v: Vec<ObjKey> = admit::references(p, "configmaps")
+        .into_iter()
+        .map(|n| ("configmaps", ns.clone(), n))
+        .collect();
+    v.extend(
+        admit::references(p, "secrets")
+            .into_iter()
+            .map(|n| ("secrets", ns.clone(), n)),
+    );
+    v
 }
 
 const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
@@ -314,6 +350,12 @@ pub(super) async fn pod_loop(
         suffix_node_name: true,
     };
     let mut static_tick = tokio::time::interval(Duration::from_secs(2));
+    // Pods handed to the workers, and when the others were first admitted.
+    let mut handed: BTreeSet<String> = BTreeSet::new();
+    let mut first_seen: HashMap<String, Instant> = HashMap::new();
+    let mut object_wait = tokio::time::interval(Duration::from_secs(3600));
+    let mut tokens = TokenManager::default();
+    let mut token_tick = tokio::time::interval(Duration::from_secs(1));
     let mut objects = Objects::default();
     let (otx, mut orx) = mpsc::unbounded_channel();
     let mut status_rx = manager.as_ref().map(|m| m.subscribe());
@@ -346,6 +388,7 @@ pub(super) async fn pod_loop(
                 match ev {
                     ObjEvent::ConfigMap(ns, n, o) => match o { Some(o) => { objects.config_maps.insert((ns, n), o); } None => { objects.config_maps.remove(&(ns, n)); } },
                     ObjEvent::Secret(ns, n, o) => match o { Some(o) => { objects.secrets.insert((ns, n), o); } None => { objects.secrets.remove(&(ns, n)); } },
+                    ObjEvent::Listed(k) => { objects.synced.insert(k); }
                 }
                 changed = true;
             }
@@ -382,6 +425,11 @@ pub(super) async fn pod_loop(
                 }
             }
             _ = resync.tick() => changed = true,
+            _ = object_wait.tick() => changed = true,
+            _ = token_tick.tick(), if manager.is_some() => {
+                let running: Vec<&Pod> = pods.values().filter(|p| handed.contains(&uid_of(p))).collect();
+                changed = tokens.due(&running);
+            }
             _ = static_tick.tick(), if ctx.node.pod_manifest_path.is_some() => {
                 if let Some(dir) = &ctx.node.pod_manifest_path {
                     match crate::source::load_dir(dir, &static_opts) {
@@ -531,13 +579,7 @@ pub(super) async fn pod_loop(
         // ConfigMaps and Secrets of the admitted pods: watch each by name.
         let mut want: BTreeSet<ObjKey> = BTreeSet::new();
         for p in pods.values().filter(|p| admitted.contains(&uid_of(p))) {
-            let (ns, _) = ns_name(p);
-            for n in admit::references(p, "configmaps") {
-                want.insert(("configmaps", ns.clone(), n));
-            }
-            for n in admit::references(p, "secrets") {
-                want.insert(("secrets", ns.clone(), n));
-            }
+            want.extend(object_refs(p));
         }
         objects.watchers.retain(|k, h| {
             let keep = want.contains(k);
@@ -546,6 +588,7 @@ pub(super) async fn pod_loop(
             }
             keep
         });
+        objects.synced.retain(|k| want.contains(k));
         for k in want {
             if let std::collections::hash_map::Entry::Vacant(e) = objects.watchers.entry(k) {
                 let h = spawn_object_watch(watch_client.clone(), e.key().clone(), otx.clone());
@@ -556,10 +599,39 @@ pub(super) async fn pod_loop(
             *store = pods.clone();
         }
         if let Some(m) = &manager {
+            // A pod goes to the workers once the objects it references were listed (or after
+            // OBJECT_WAIT), with its ServiceAccount tokens already requested, so that its
+            // first volume setup and image pull see them; afterwards it stays.
+            first_seen.retain(|u, _| admitted.contains(u));
+            let mut waiting = false;
+            for p in pods.values().filter(|p| admitted.contains(&uid_of(p))) {
+                let uid = uid_of(p);
+                if handed.contains(&uid) {
+                    continue;
+                }
+                let since = *first_seen.entry(uid.clone()).or_insert_with(Instant::now);
+                let listed = object_refs(p).iter().all(|k| objects.synced.contains(k));
+                if listed || since.elapsed() >= OBJECT_WAIT {
+                    handed.insert(uid);
+                } else {
+                    waiting = true;
+                }
+            }
+            handed.retain(|u| admitted.contains(u));
+            if waiting {
+                object_wait.reset_after(Duration::from_millis(500));
+            }
+            let running: Vec<&Pod> = pods
+                .values()
+                .filter(|p| handed.contains(&uid_of(p)))
+                .collect();
+            if tokens.sync(&ctx, &running).await {
+                m.set_tokens(tokens.tokens());
+            }
             let desired = DesiredState {
                 pods: pods
                     .values()
-                    .filter(|p| admitted.contains(&uid_of(p)))
+                    .filter(|p| handed.contains(&uid_of(p)))
                     .chain(static_pods.values())
                     .cloned()
                     .collect(),

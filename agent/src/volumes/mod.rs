@@ -116,6 +116,8 @@ pub struct PodContext<'a> {
     pub host_ips: Vec<String>,
     /// Node allocatable (`cpu`, `memory`, ...): resourceFieldRef of an unset limit.
     pub node_allocatable: BTreeMap<String, String>,
+    /// ServiceAccount tokens issued for the pod (cluster mode); `None` without an API server.
+    pub service_account_tokens: Option<projection::PodTokens>,
 }
 
 impl<'a> PodContext<'a> {
@@ -127,6 +129,7 @@ impl<'a> PodContext<'a> {
             pod_ips: Vec::new(),
             host_ips: Vec::new(),
             node_allocatable: BTreeMap::new(),
+            service_account_tokens: None,
         }
     }
 }

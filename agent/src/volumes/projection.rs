@@ -6,10 +6,58 @@ use super::atomic::{FileProjection, Payload};
 use super::{ObjectSource, PodContext, VolumeError};
 use crate::env::{self, EnvContext};
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, DownwardAPIVolumeFile, KeyToPath, ProjectedVolumeSource,
-    SecretVolumeSource,
+    ConfigMapVolumeSource, DownwardAPIVolumeFile, KeyToPath, Pod, ProjectedVolumeSource,
+    SecretVolumeSource, ServiceAccountTokenProjection,
 };
 use std::collections::BTreeMap;
+
+/// `expirationSeconds` of a serviceAccountToken projection that does not set it (the API's
+/// default for the field).
+pub const DEFAULT_TOKEN_EXPIRATION_SECONDS: i64 = 3600;
+
+/// What one serviceAccountToken projection asks the TokenRequest API for: the token's
+/// audience ("" = the apiserver's own audiences) and lifetime. Projections of a pod with the
+/// same audience and lifetime share one token, as with the kubelet.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TokenSpec {
+    /// `audience` of the projection ("" when unset).
+    pub audience: String,
+    /// `expirationSeconds` of the projection.
+    pub expiration_seconds: i64,
+}
+
+impl TokenSpec {
+    /// The spec of one projection.
+    pub fn of(p: &ServiceAccountTokenProjection) -> Self {
+        TokenSpec {
+            audience: p.audience.clone().unwrap_or_default(),
+            expiration_seconds: p
+                .expiration_seconds
+                .unwrap_or(DEFAULT_TOKEN_EXPIRATION_SECONDS),
+        }
+    }
+}
+
+/// The tokens a node obtained for one pod: the token, or why there is none (shown in the
+/// FailedMount message). `None` in [`PodContext::service_account_tokens`] means no API server
+/// is available (standalone mode, static pods).
+pub type PodTokens = BTreeMap<TokenSpec, Result<String, String>>;
+
+/// Every distinct token the pod's projected volumes need.
+pub fn token_specs(pod: &Pod) -> Vec<TokenSpec> {
+    let mut v: Vec<TokenSpec> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| v.projected.as_ref())
+        .flat_map(|p| p.sources.iter().flatten())
+        .filter_map(|s| s.service_account_token.as_ref())
+        .map(TokenSpec::of)
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
 
 /// Default file mode of configMap, secret, downwardAPI and projected volumes.
 pub const DEFAULT_MODE: u32 = 0o644;
@@ -302,9 +350,11 @@ pub fn downward_api(
     Ok(out)
 }
 
-/// Payload of a projected volume: configMap, secret and downwardAPI sources merged in order
-/// (a later source wins a path). serviceAccountToken and clusterTrustBundle sources need an API
-/// server and are rejected with a clear error in standalone mode.
+/// Payload of a projected volume: configMap, secret, downwardAPI and serviceAccountToken
+/// sources merged in order (a later source wins a path). A serviceAccountToken source takes
+/// its token from [`PodContext::service_account_tokens`] (issued through the TokenRequest API
+/// in cluster mode); without an API server (standalone mode, static pods) it is rejected with a
+/// clear error, as are clusterTrustBundle sources.
 pub fn projected(
     volume: &str,
     s: &ProjectedVolumeSource,
@@ -356,11 +406,39 @@ pub fn projected(
             }
         } else if let Some(d) = &src.downward_api {
             downward_items(volume, d.items.as_ref(), mode, ctx, &mut out)?;
-        } else if src.service_account_token.is_some() {
-            return Err(VolumeError::Unsupported {
+        } else if let Some(t) = &src.service_account_token {
+            let Some(tokens) = &ctx.service_account_tokens else {
+                return Err(VolumeError::Unsupported {
+                    volume: volume.to_string(),
+                    what: "projected serviceAccountToken source (needs a kube-apiserver; not available to static pods)".into(),
+                });
+            };
+            super::atomic::validate_path(&t.path).map_err(|reason| VolumeError::Invalid {
                 volume: volume.to_string(),
-                what: "projected serviceAccountToken source (needs a kube-apiserver; not available to static pods)".into(),
-            });
+                reason,
+            })?;
+            let token = match tokens.get(&TokenSpec::of(t)) {
+                Some(Ok(tok)) => tok.clone(),
+                Some(Err(e)) => {
+                    return Err(VolumeError::Invalid {
+                        volume: volume.to_string(),
+                        reason: format!("failed to fetch token: {e}"),
+                    })
+                }
+                None => {
+                    return Err(VolumeError::Invalid {
+                        volume: volume.to_string(),
+                        reason: "failed to fetch token: not requested yet".into(),
+                    })
+                }
+            };
+            out.insert(
+                t.path.clone(),
+                FileProjection {
+                    data: token.into_bytes(),
+                    mode,
+                },
+            );
         } else {
             return Err(VolumeError::Unsupported {
                 volume: volume.to_string(),
@@ -538,6 +616,60 @@ projected:
             .unwrap_err()
             .to_string()
             .contains("serviceAccountToken"));
+    }
+
+    #[test]
+    fn projected_service_account_token() {
+        let o = objs();
+        let mut pod = pod();
+        let v = vol(r#"
+name: kube-api-access-x
+projected:
+  defaultMode: 420
+  sources:
+  - serviceAccountToken: {expirationSeconds: 3607, path: token}
+  - serviceAccountToken: {audience: vault, path: vault/token}
+  - configMap: {name: cfg, items: [{key: color, path: ca.crt}]}
+  - downwardAPI: {items: [{path: namespace, fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}}]}
+"#);
+        pod.spec.as_mut().unwrap().volumes = Some(vec![v.clone()]);
+        let specs = token_specs(&pod);
+        let api = TokenSpec {
+            audience: String::new(),
+            expiration_seconds: 3607,
+        };
+        let vault = TokenSpec {
+            audience: "vault".into(),
+            expiration_seconds: DEFAULT_TOKEN_EXPIRATION_SECONDS,
+        };
+        assert_eq!(specs, [api.clone(), vault.clone()]);
+        let mut ctx = PodContext::new(&pod, &o);
+        let mut tokens = PodTokens::new();
+        tokens.insert(api.clone(), Ok("tok-api".into()));
+        ctx.service_account_tokens = Some(tokens.clone());
+        let e = projected("kube-api-access-x", v.projected.as_ref().unwrap(), &ctx).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "MountVolume.SetUp failed for volume \"kube-api-access-x\" : failed to fetch token: not requested yet"
+        );
+        tokens.insert(vault.clone(), Err("403 Forbidden".into()));
+        ctx.service_account_tokens = Some(tokens.clone());
+        let e = projected("kube-api-access-x", v.projected.as_ref().unwrap(), &ctx).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("failed to fetch token: 403 Forbidden"),
+            "{e}"
+        );
+        tokens.insert(vault, Ok("tok-vault".into()));
+        ctx.service_account_tokens = Some(tokens);
+        let p = projected("kube-api-access-x", v.projected.as_ref().unwrap(), &ctx).unwrap();
+        assert_eq!(text(&p, "token"), "tok-api");
+        assert_eq!(p["token"].mode, 0o644);
+        assert_eq!(text(&p, "vault/token"), "tok-vault");
+        assert_eq!(text(&p, "ca.crt"), "blue");
+        assert_eq!(text(&p, "namespace"), "default");
+        let bad = vol("{name: p, projected: {sources: [{serviceAccountToken: {path: ../t}}]}}");
+        assert!(projected("p", bad.projected.as_ref().unwrap(), &ctx).is_err());
     }
 
     #[test]

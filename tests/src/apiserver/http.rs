@@ -653,7 +653,17 @@ fn token_request(
         }
         None => None,
     };
-    let secs = spec["expirationSeconds"].as_i64().unwrap_or(3600).max(1);
+    let mut secs = spec["expirationSeconds"].as_i64().unwrap_or(3600);
+    if secs < 600 {
+        return Err(ApiError::new(
+            422,
+            "Invalid",
+            "spec.expirationSeconds: Invalid value: may not specify a duration less than 10 minutes",
+        ));
+    }
+    if let Some(max) = st.max_token_expiration {
+        secs = secs.min(max);
+    }
     let expires = k8s_openapi::chrono::Utc::now() + k8s_openapi::chrono::Duration::seconds(secs);
     let token = format!("sa-{}-{}", sa, super::new_uid());
     let audiences: Vec<String> = spec["audiences"]
@@ -681,6 +691,7 @@ fn token_request(
         },
     );
     let mut out = body.clone();
+    out["spec"]["expirationSeconds"] = json!(secs);
     out["apiVersion"] = json!("authentication.k8s.io/v1");
     out["kind"] = json!("TokenRequest");
     out["metadata"]["name"] = json!(sa);

@@ -277,6 +277,16 @@ pub struct IssuedToken {
     pub pod: Option<(String, String, String)>,
 }
 
+/// The fixture's cluster CA certificate (PEM): a fixed self-signed test CA, published as
+/// `ca.crt` of the `kube-root-ca.crt` ConfigMap (the fixture itself serves plain HTTP).
+pub const CLUSTER_CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBoDCCAUWgAwIBAgIUJmT+3v1xGlUDDPKSopmEusxTpJowCgYIKoZIzj0EAwIw\nJDEiMCAGA1UEAwwZaGFrby1hcGlzZXJ2ZXItZml4dHVyZS1jYTAgFw0yNjExMjgx\nNzU1NDVaGA8yMTI2MTEwNDE3NTU0NVowJDEiMCAGA1UEAwwZaGFrby1hcGlzZXJ2\nZXItZml4dHVyZS1jYTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABC0BghC0zmHU\n7uSkAEs+QEP96BiJe6mxRjGMEgSxYbyw4GZ3WY/p4F4Xr8MQWsgfAZSQnRQ9E5bW\nLWZNA8WJDzyjUzBRMB0GA1UdDgQWBBTNXGSpUOuk4zRF9hbB2bn9g2F8eTAfBgNV\nHSMEGDAWgBTNXGSpUOuk4zRF9hbB2bn9g2F8eTAPBgNVHRMBAf8EBTADAQH/MAoG\nCCqGSM49BAMCA0kAMEYCIQCV3M13Q/QCTdjteZatXPM2WzElO0itH0WV0LTDZl5l\nFgIhAPevExvNNZyTUg9SP2XagcRmSZ1jmZvViFLHPhxoJdQw\n-----END CERTIFICATE-----\n";
+
+/// Name of the ConfigMap the root-CA publisher keeps in every namespace.
+pub const ROOT_CA_CONFIGMAP: &str = "kube-root-ca.crt";
+
+/// Where the ServiceAccount admission mounts the token volume.
+pub const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 pub(crate) struct State {
     rv: u64,
     objects: BTreeMap<Key, Value>,
@@ -290,6 +300,10 @@ pub(crate) struct State {
     bookmark_interval: Duration,
     /// Requests answered with 500 before they are served (error injection).
     fail_next: usize,
+    /// The ServiceAccount admission plugin mutates new pods (token volume + mounts).
+    pub(crate) sa_admission: bool,
+    /// Longest token lifetime TokenRequest grants (`--service-account-max-token-expiration`).
+    pub(crate) max_token_expiration: Option<i64>,
 }
 
 pub(crate) struct Shared {
@@ -342,6 +356,58 @@ fn same_object(a: &Value, b: &Value) -> bool {
         v
     };
     strip(a) == strip(b)
+}
+
+/// The ServiceAccount admission plugin's mutation of a new pod: unless the pod opts out
+/// (`automountServiceAccountToken: false`), is a mirror pod, or already mounts something at
+/// the service account path, a projected `kube-api-access-<suffix>` volume (a bound token of
+/// 3607 s, `ca.crt` from `kube-root-ca.crt`, the namespace) mounted read-only into every
+/// container. True when the volume was added.
+fn service_account_admission(pod: &mut Value) -> bool {
+    if pod["metadata"]["annotations"]
+        .get("kubernetes.io/config.mirror")
+        .is_some()
+        || pod["spec"]["automountServiceAccountToken"] == json!(false)
+        || !pod["spec"].is_object()
+    {
+        return false;
+    }
+    let name = format!("kube-api-access-{}", rand_suffix());
+    let vol = json!({"name": name, "projected": {"defaultMode": 420, "sources": [
+        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+        {"configMap": {"name": ROOT_CA_CONFIGMAP, "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace",
+            "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}]}});
+    let mut mounted = false;
+    for f in ["initContainers", "containers"] {
+        for c in pod["spec"][f].as_array_mut().into_iter().flatten() {
+            let has = c["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["mountPath"] == SERVICE_ACCOUNT_MOUNT);
+            if has {
+                continue;
+            }
+            if !c["volumeMounts"].is_array() {
+                c["volumeMounts"] = json!([]);
+            }
+            if let Some(a) = c["volumeMounts"].as_array_mut() {
+                a.push(json!({"name": name, "readOnly": true, "mountPath": SERVICE_ACCOUNT_MOUNT}));
+                mounted = true;
+            }
+        }
+    }
+    if !mounted {
+        return false;
+    }
+    if !pod["spec"]["volumes"].is_array() {
+        pod["spec"]["volumes"] = json!([]);
+    }
+    if let Some(a) = pod["spec"]["volumes"].as_array_mut() {
+        a.push(vol);
+    }
+    true
 }
 
 fn default_pod(obj: &mut Value) {
@@ -476,6 +542,10 @@ impl State {
                 format!("{} \"{name}\" already exists", qualified(info)),
             ));
         }
+        let sa_admitted = info.resource == "pods"
+            && info.group.is_empty()
+            && self.sa_admission
+            && service_account_admission(&mut obj);
         if info.resource == "pods" && info.group.is_empty() {
             default_pod(&mut obj);
             obj["status"] = json!({"phase": "Pending"});
@@ -500,7 +570,29 @@ impl State {
         }
         self.objects.insert(key.clone(), obj.clone());
         self.record(tx, key, EventType::Added, obj.clone(), None);
+        if sa_admitted {
+            self.publish_root_ca(tx, ns);
+        }
         Ok(obj)
+    }
+
+    /// The root-CA publisher: `kube-root-ca.crt` with `ca.crt` in namespace `ns` (created
+    /// when missing).
+    pub(crate) fn publish_root_ca(&mut self, tx: &broadcast::Sender<Arc<StoreEvent>>, ns: &str) {
+        let Some(info) = resource_info("", "configmaps") else {
+            return;
+        };
+        if self
+            .objects
+            .contains_key(&Key::new("", "configmaps", ns, ROOT_CA_CONFIGMAP))
+        {
+            return;
+        }
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": ROOT_CA_CONFIGMAP, "namespace": ns,
+                         "annotations": {"kubernetes.io/description": "Contains a CA bundle that can be used to verify the kube-apiserver when using internal endpoints such as the internal service IP or kubernetes.default.svc. No other usage is guaranteed across distributions of Kubernetes clusters."}},
+            "data": {"ca.crt": CLUSTER_CA_PEM}});
+        let _ = self.create(tx, info, ns, cm, &User::admin());
     }
 
     pub(crate) fn get(&self, info: &ResourceInfo, ns: &str, name: &str) -> Result<Value, ApiError> {
@@ -781,6 +873,8 @@ impl ApiServer {
                 requests: Vec::new(),
                 bookmark_interval: Duration::from_secs(60),
                 fail_next: 0,
+                sa_admission: false,
+                max_token_expiration: None,
             }),
             tx,
         });
@@ -994,6 +1088,20 @@ impl ApiServer {
     /// How often watches with `allowWatchBookmarks` get a BOOKMARK (default 60 s).
     pub fn set_bookmark_interval(&self, d: Duration) {
         self.shared.lock().bookmark_interval = d;
+    }
+
+    /// Turns the ServiceAccount admission plugin on (off by default): new pods get the
+    /// `kube-api-access-*` projected volume and mounts a real apiserver adds, and their
+    /// namespace gets the `kube-root-ca.crt` ConfigMap ([`CLUSTER_CA_PEM`]).
+    pub fn enable_service_account_admission(&self) {
+        self.shared.lock().sa_admission = true;
+    }
+
+    /// Caps the lifetime of issued tokens like `--service-account-max-token-expiration`
+    /// (any value, so that tests can see refreshes): longer requests are shortened and the
+    /// answer's `spec.expirationSeconds` says so.
+    pub fn set_max_token_expiration(&self, seconds: i64) {
+        self.shared.lock().max_token_expiration = Some(seconds.max(1));
     }
 
     /// Answers the next `n` API requests with 500 InternalError.

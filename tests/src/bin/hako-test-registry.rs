@@ -65,7 +65,11 @@ fn main() -> Result<()> {
             set.add(Signal::SIGTERM);
             set.add(Signal::SIGINT);
             set.thread_block().context("blocking SIGTERM/SIGINT")?;
-            let mut reg = Registry::start_with(RegistryOptions { port, dir })?;
+            let mut reg = Registry::start_with(RegistryOptions {
+                port,
+                dir,
+                ..Default::default()
+            })?;
             report(reg.addr(), &reg.client())?;
             let mut out = std::io::stdout().lock();
             writeln!(out, "{}", reg.addr())?;

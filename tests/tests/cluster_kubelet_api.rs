@@ -362,6 +362,127 @@ mod ws {
         out
     }
 
+    /// A stand-in for the apiserver's pod subresource proxy, for `kubectl`: answers
+    /// `GET /api/v1/namespaces/{ns}/pods/{name}` with `pod`, and forwards
+    /// `.../pods/{name}/exec|attach?container=c&...` to the kubelet's `/exec/{ns}/{name}/{c}`
+    /// (and `.../portforward` to `/portForward/{ns}/{name}`) with `token`, relaying the upgraded
+    /// connection as the apiserver's upgrade-aware proxy does.
+    pub async fn apiserver_proxy(
+        l: tokio::net::TcpListener,
+        kubelet: u16,
+        ca: Vec<u8>,
+        token: String,
+        pod: String,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut c, _)) = l.accept().await {
+            let (ca, token, pod) = (ca.clone(), token.clone(), pod.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if c.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let mut lines = text.split("\r\n");
+                let first = lines.next().unwrap_or("");
+                let mut parts = first.split(' ');
+                let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let (path, q) = target.split_once('?').unwrap_or((target, ""));
+                let segs: Vec<&str> = path
+                    .strip_prefix("/api/v1/namespaces/")
+                    .unwrap_or("")
+                    .split('/')
+                    .collect();
+                // Discovery, enough for kubectl to map `pods`.
+                let discovery = match path {
+                    "/api" => Some(
+                        r#"{"kind":"APIVersions","versions":["v1"],"serverAddressByClientCIDRs":[]}"#,
+                    ),
+                    "/apis" => Some(r#"{"kind":"APIGroupList","apiVersion":"v1","groups":[]}"#),
+                    "/api/v1" => Some(
+                        r#"{"kind":"APIResourceList","groupVersion":"v1","resources":[{"name":"pods","singularName":"pod","namespaced":true,"kind":"Pod","verbs":["get","list"],"shortNames":["po"]},{"name":"pods/exec","singularName":"","namespaced":true,"kind":"PodExecOptions","verbs":["create","get"]}]}"#,
+                    ),
+                    _ => None,
+                };
+                if let Some(d) = discovery {
+                    let r = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{d}", d.len());
+                    let _ = c.write_all(r.as_bytes()).await;
+                    return;
+                }
+                let new_path = match segs.as_slice() {
+                    [_, "pods", _] => {
+                        let r = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{pod}", pod.len());
+                        let _ = c.write_all(r.as_bytes()).await;
+                        return;
+                    }
+                    [ns, "pods", name, op @ ("exec" | "attach")] => {
+                        let mut container = "";
+                        let rest: Vec<&str> = q
+                            .split('&')
+                            .filter(|kv| match kv.strip_prefix("container=") {
+                                Some(v) => {
+                                    container = v;
+                                    false
+                                }
+                                None => true,
+                            })
+                            .collect();
+                        format!("/{op}/{ns}/{name}/{container}?{}", rest.join("&"))
+                    }
+                    [ns, "pods", name, "portforward"] => format!("/portForward/{ns}/{name}?{q}"),
+                    _ => {
+                        let _ = c
+                            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    }
+                };
+                let mut req = format!("{method} {new_path} HTTP/1.1\r\n");
+                for l in lines.filter(|l| !l.is_empty()) {
+                    let lower = l.to_ascii_lowercase();
+                    if !lower.starts_with("authorization:") && !lower.starts_with("host:") {
+                        req.push_str(l);
+                        req.push_str("\r\n");
+                    }
+                }
+                req.push_str(&format!(
+                    "Host: 127.0.0.1:{kubelet}\r\nAuthorization: Bearer {token}\r\n\r\n"
+                ));
+                let mut up = tls(kubelet, &ca).await;
+                if up.write_all(req.as_bytes()).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut up).await;
+            });
+        }
+    }
+
+    async fn tls(port: u16, ca: &[u8]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut &ca[..]) {
+            roots.add(c.expect("ca pem")).expect("ca");
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("tls versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("tcp");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .expect("tls handshake")
+    }
+
     /// Frames until one on `channel` contains `needle` (or `limit` passes): all of that channel.
     pub async fn until(ws: &mut Ws, channel: u8, needle: &str, limit: Duration) -> String {
         let mut got = Vec::new();
@@ -441,6 +562,10 @@ fn kubelet_api_streaming_and_metrics() {
     srv.add_token("bob-token", User::plain("bob"));
     srv.grant("alice", "get", "nodes", "proxy");
     let ca = std::fs::read(env.root.join("pki/kubelet.crt")).expect("serving cert");
+    let pod_json = srv
+        .get("", "pods", "default", "web")
+        .expect("pod")
+        .to_string();
     let tok = Some("alice-token");
     let t0 = Instant::now();
     let log = env.agent_log();
@@ -596,6 +721,82 @@ fn kubelet_api_streaming_and_metrics() {
                 assert!(got > 16 << 20, "downloaded {got} bytes");
                 #[allow(clippy::cast_precision_loss)]
                 let mib_s = (got as f64 / f64::from(1u32 << 20)) / secs;
+                // The real kubectl (WebSocket v5) through an apiserver-like proxy: stdin, and
+                // the exit code from the status on channel 3.
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                let server = format!("http://{}", l.local_addr().expect("addr"));
+                tokio::spawn(apiserver_proxy(l, port, ca.clone(), "alice-token".into(), pod_json));
+                let kubectl = |args: &[&str]| {
+                    let mut c = tokio::process::Command::new("kubectl");
+                    c.args(["--kubeconfig", "/dev/null", "--server", &server, "-n", "default"])
+                        .args(args)
+                        .stdin(std::process::Stdio::piped())
+                        .stdout(std::process::Stdio::piped())
+                        .stderr(std::process::Stdio::piped());
+                    c
+                };
+                let mut child = kubectl(&["exec", "-i", "web", "-c", "app", "--", "cat"])
+                    .spawn()
+                    .expect("kubectl");
+                {
+                    use tokio::io::AsyncWriteExt;
+                    let mut i = child.stdin.take().expect("stdin");
+                    i.write_all(b"hello from kubectl\n").await.expect("write");
+                }
+                let out = tokio::time::timeout(lim, child.wait_with_output())
+                    .await
+                    .expect("kubectl exec in time")
+                    .expect("kubectl exec");
+                assert_eq!(
+                    (out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()),
+                    (Some(0), "hello from kubectl\n"),
+                    "kubectl exec -i: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let out = tokio::time::timeout(
+                    lim,
+                    kubectl(&["exec", "web", "-c", "app", "--", "sh", "-c", "echo out; exit 7"]).output(),
+                )
+                .await
+                .expect("kubectl exec in time")
+                .expect("kubectl exec");
+                assert_eq!(
+                    (out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()),
+                    (Some(7), "out\n"),
+                    "kubectl exec exit code: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+
+                // kubectl attach -i to the `stdin: true` container: input in, output back.
+                let mut child = kubectl(&["attach", "-i", "web", "-c", "echo"])
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("kubectl attach");
+                let mut stdin = child.stdin.take().expect("stdin");
+                let mut stdout = child.stdout.take().expect("stdout");
+                let seen = tokio::time::timeout(lim, async {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        // Repeat: the first line may be written before the attach is set up.
+                        let _ = stdin.write_all(b"from-kubectl\n").await;
+                        match tokio::time::timeout(Duration::from_millis(500), stdout.read(&mut buf)).await {
+                            Ok(Ok(0)) | Ok(Err(_)) => break,
+                            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                            Err(_) => {}
+                        }
+                        if String::from_utf8_lossy(&got).contains("got:from-kubectl") {
+                            break;
+                        }
+                    }
+                    String::from_utf8_lossy(&got).into_owned()
+                })
+                .await
+                .unwrap_or_default();
+                let _ = child.kill().await;
+                assert!(seen.contains("got:from-kubectl\n"), "kubectl attach output: {seen:?}");
+
                 eprintln!(
                     "figures: exec round trip (connect, TLS, upgrade, run `true`, status) {per_exec:?}; port-forward download 16 MiB at {mib_s:.0} MiB/s"
                 );

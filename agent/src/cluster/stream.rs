@@ -337,6 +337,13 @@ fn spawn_writer(
                 Out::Close => break,
             }
         }
+        // A normal closure (1000), which clients read as the end of the streams (a close
+        // frame without a code, 1005, is an error to client-go).
+        let bye = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+            reason: "".into(),
+        };
+        let _ = sink.send(Message::Close(Some(bye))).await;
         let _ = sink.close().await;
     });
     (tx, h)

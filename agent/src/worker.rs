@@ -1349,19 +1349,21 @@ impl Worker {
             .map(|r| r.name.clone())
             .collect();
         let o = self.objects.read().ok()?;
+        // Every referenced Secret's docker config, merged in order (the first entry for a
+        // registry wins), so that the one matching the image's registry is found.
+        let mut configs: Vec<String> = Vec::new();
         for n in names {
             if let Some(s) = o.secrets.get(&(ns.clone(), n)) {
                 for k in [".dockerconfigjson", ".dockercfg"] {
                     if let Some(v) = s.data.as_ref().and_then(|d| d.get(k)) {
-                        return Some(String::from_utf8_lossy(&v.0).into_owned());
-                    }
-                    if let Some(v) = s.string_data.as_ref().and_then(|d| d.get(k)) {
-                        return Some(v.clone());
+                        configs.push(String::from_utf8_lossy(&v.0).into_owned());
+                    } else if let Some(v) = s.string_data.as_ref().and_then(|d| d.get(k)) {
+                        configs.push(v.clone());
                     }
                 }
             }
         }
-        None
+        hako_shim::image::reference::merge_docker_configs(configs.iter().map(String::as_str))
     }
 
     fn resolve_env(&self, c: &Container) -> Result<Vec<(String, String)>, env::EnvError> {

@@ -373,6 +373,14 @@ fn image_pull_secrets_for_a_registry_with_auth() {
         "data": {".dockerconfigjson": b64(&config)}}),
     )
     .expect("secret");
+    // A pull secret for another registry only, listed first.
+    let other = json!({"auths": {"other.example:5000": {"username": "u", "password": "p"}}});
+    srv.create(
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+        "metadata": {"name": "other", "namespace": "default"},
+        "data": {".dockerconfigjson": b64(&other)}}),
+    )
+    .expect("secret");
     let legacy = json!({format!("http://{}", reg.addr()): {"auth": auth_b64}});
     srv.create(
         json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockercfg",
@@ -381,40 +389,44 @@ fn image_pull_secrets_for_a_registry_with_auth() {
     )
     .expect("secret");
     env.start();
-    let pod = |name: &str, secret: Option<&str>| {
+    let pod = |name: &str, secrets: &[&str]| {
         let mut p = json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "default"},
             "spec": {"nodeName": "node1", "terminationGracePeriodSeconds": 1,
                 "containers": [{"name": "c", "image": image, "imagePullPolicy": "Always",
                     "command": ["sleep", "3600"]}]}});
-        if let Some(s) = secret {
-            p["spec"]["imagePullSecrets"] = json!([{"name": s}]);
+        if !secrets.is_empty() {
+            let refs: Vec<Value> = secrets.iter().map(|s| json!({"name": s})).collect();
+            p["spec"]["imagePullSecrets"] = Value::from(refs);
         }
         srv.create(p).expect("pod");
     };
-    pod("anonymous", None);
-    pod("with-secret", Some("regcred"));
-    pod("with-dockercfg", Some("legacy"));
+    pod("anonymous", &[]);
+    pod("wrong-registry", &["other"]);
+    pod("with-secret", &["other", "regcred"]);
+    pod("with-dockercfg", &["legacy"]);
     for name in ["with-secret", "with-dockercfg"] {
         wait_for(&format!("{name} Running"), 60, &env, || {
             srv.get("", "pods", "default", name)
                 .filter(|p| p["status"]["phase"] == "Running")
         });
     }
-    let waiting = wait_for("anonymous pull refused", 60, &env, || {
-        let p = srv.get("", "pods", "default", "anonymous")?;
-        let w = &p["status"]["containerStatuses"][0]["state"]["waiting"];
-        matches!(
-            w["reason"].as_str(),
-            Some("ErrImagePull" | "ImagePullBackOff")
-        )
-        .then(|| w.clone())
-    });
-    assert_eq!(
-        srv.get("", "pods", "default", "anonymous").expect("pod")["status"]["phase"],
-        "Pending"
-    );
-    eprintln!("anonymous pull: {waiting}");
+    for name in ["anonymous", "wrong-registry"] {
+        let waiting = wait_for(&format!("{name}: pull refused"), 60, &env, || {
+            let p = srv.get("", "pods", "default", name)?;
+            let w = &p["status"]["containerStatuses"][0]["state"]["waiting"];
+            matches!(
+                w["reason"].as_str(),
+                Some("ErrImagePull" | "ImagePullBackOff")
+            )
+            .then(|| w.clone())
+        });
+        assert_eq!(
+            srv.get("", "pods", "default", name).expect("pod")["status"]["phase"],
+            "Pending"
+        );
+        eprintln!("{name} pull: {waiting}");
+    }
     let forbidden: Vec<_> = srv
         .requests()
         .into_iter()
@@ -422,7 +434,12 @@ fn image_pull_secrets_for_a_registry_with_auth() {
         .map(|r| format!("{} {}", r.method, r.path))
         .collect();
     assert!(forbidden.is_empty(), "{forbidden:?}");
-    for name in ["anonymous", "with-secret", "with-dockercfg"] {
+    for name in [
+        "anonymous",
+        "wrong-registry",
+        "with-secret",
+        "with-dockercfg",
+    ] {
         srv.delete("", "pods", "default", name, &json!({}))
             .expect("delete");
     }

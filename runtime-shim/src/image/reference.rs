@@ -185,6 +185,30 @@ pub fn credentials(
     Ok(None)
 }
 
+/// One docker config JSON (`{"auths": ...}`) with the entries of several `.dockerconfigjson` or
+/// `.dockercfg` documents, in order: a registry named by more than one keeps the first
+/// document's entry (a pod's imagePullSecrets order). Documents that do not parse are skipped;
+/// `None` when no entry remains.
+pub fn merge_docker_configs<'a>(configs: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let mut merged = serde_json::Map::new();
+    let mut hosts = std::collections::HashSet::new();
+    for c in configs {
+        let Ok(serde_json::Value::Object(mut top)) = serde_json::from_str(c) else {
+            continue;
+        };
+        let entries = match top.remove("auths") {
+            Some(serde_json::Value::Object(a)) if !a.is_empty() => a,
+            _ => top,
+        };
+        for (k, v) in entries {
+            if v.is_object() && hosts.insert(key_host(&k)) {
+                merged.insert(k, v);
+            }
+        }
+    }
+    (!merged.is_empty()).then(|| serde_json::json!({ "auths": merged }).to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,5 +274,22 @@ mod tests {
             Some(("x".into(), "y".into()))
         );
         assert!(credentials("nope", "q.io").is_err());
+    }
+
+    #[test]
+    fn merged_docker_configs_first_wins() {
+        let a = r#"{"auths":{"r.io":{"username":"a","password":"1"}}}"#;
+        let legacy =
+            r#"{"https://q.io/v1/":{"auth":"eDp5"},"r.io":{"username":"b","password":"2"}}"#;
+        let m = merge_docker_configs(["not json", a, legacy]).unwrap();
+        assert_eq!(
+            credentials(&m, "r.io").unwrap(),
+            Some(("a".into(), "1".into()))
+        );
+        assert_eq!(
+            credentials(&m, "q.io").unwrap(),
+            Some(("x".into(), "y".into()))
+        );
+        assert_eq!(merge_docker_configs(["{}", "[]"]), None);
     }
 }

@@ -561,6 +561,8 @@ fn kubelet_api_streaming_and_metrics() {
     srv.add_token("alice-token", User::plain("alice"));
     srv.add_token("bob-token", User::plain("bob"));
     srv.grant("alice", "get", "nodes", "proxy");
+    // SPDY upgrades are POSTs: `create` (the kubelet maps the method to the verb).
+    srv.grant("alice", "create", "nodes", "proxy");
     let ca = std::fs::read(env.root.join("pki/kubelet.crt")).expect("serving cert");
     let pod_json = srv
         .get("", "pods", "default", "web")
@@ -766,6 +768,97 @@ fn kubelet_api_streaming_and_metrics() {
                     "kubectl exec exit code: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
+
+                // The same over SPDY (what kubectl falls back to, and what apiservers 1.30+
+                // speak to the kubelet for it).
+                let mut child = kubectl(&["exec", "-i", "web", "-c", "app", "--", "cat"])
+                    .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+                    .spawn()
+                    .expect("kubectl");
+                {
+                    use tokio::io::AsyncWriteExt;
+                    let mut i = child.stdin.take().expect("stdin");
+                    i.write_all(b"hello over spdy\n").await.expect("write");
+                }
+                let out = tokio::time::timeout(lim, child.wait_with_output())
+                    .await
+                    .expect("kubectl exec (SPDY) in time")
+                    .expect("kubectl exec (SPDY)");
+                assert_eq!(
+                    (out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()),
+                    (Some(0), "hello over spdy\n"),
+                    "kubectl exec -i over SPDY: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let out = tokio::time::timeout(
+                    lim,
+                    kubectl(&["exec", "web", "-c", "app", "--", "sh", "-c", "echo out; echo err >&2; exit 5"])
+                        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+                        .output(),
+                )
+                .await
+                .expect("kubectl exec (SPDY) in time")
+                .expect("kubectl exec (SPDY)");
+                assert_eq!(
+                    (
+                        out.status.code(),
+                        String::from_utf8_lossy(&out.stdout).as_ref(),
+                        String::from_utf8_lossy(&out.stderr).lines().next()
+                    ),
+                    (Some(5), "out\n", Some("err")),
+                    "kubectl exec over SPDY: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                // kubectl port-forward: a local port to the pod's httpd, over SPDY, and by
+                // default (kubectl tries SPDY tunnelled in a WebSocket, which is refused, and
+                // falls back to SPDY).
+                for ws_env in ["false", "true"] {
+                let mut child = kubectl(&["port-forward", "--address", "127.0.0.1", "pod/web", ":8080"])
+                    .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", ws_env)
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("kubectl port-forward");
+                let mut so = child.stdout.take().expect("stdout");
+                let local = tokio::time::timeout(lim, async {
+                    use tokio::io::AsyncReadExt;
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    loop {
+                        let n = so.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return None;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        let t = String::from_utf8_lossy(&got).into_owned();
+                        if let Some(p) = t
+                            .split("127.0.0.1:")
+                            .nth(1)
+                            .and_then(|r| r.split(' ').next())
+                            .and_then(|p| p.parse::<u16>().ok())
+                        {
+                            return Some(p);
+                        }
+                    }
+                })
+                .await
+                .ok()
+                .flatten()
+                .expect("kubectl port-forward local port");
+                for _ in 0..2 {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", local))
+                        .await
+                        .expect("connect to kubectl port-forward");
+                    c.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").await.expect("write");
+                    let mut page = String::new();
+                    tokio::time::timeout(lim, c.read_to_string(&mut page))
+                        .await
+                        .expect("page in time")
+                        .expect("page");
+                    assert!(page.contains("hello-from-the-pod"), "via kubectl port-forward: {page:?}");
+                }
+                let _ = child.kill().await;
+                }
 
                 // kubectl attach -i to the `stdin: true` container: input in, output back.
                 let mut child = kubectl(&["attach", "-i", "web", "-c", "echo"])

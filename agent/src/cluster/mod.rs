@@ -10,6 +10,7 @@ pub mod node;
 pub mod overlay;
 mod pods;
 pub mod proxy;
+pub mod spdy;
 pub mod stats;
 pub mod stream;
 mod tokens;

@@ -196,6 +196,45 @@ fn accept(
     Ok((r, proto, on))
 }
 
+/// Whether a request asks for a SPDY/3.1 upgrade.
+fn is_spdy(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all("upgrade")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("spdy/3.1"))
+}
+
+/// Checks a SPDY upgrade offering `protocol` (`X-Stream-Protocol-Version`); the 101 answer
+/// and the pending upgrade.
+fn accept_spdy(
+    req: &mut Request<Incoming>,
+    protocol: &str,
+) -> Result<(Response<Body>, hyper::upgrade::OnUpgrade), (StatusCode, String)> {
+    let offered: Vec<String> = req
+        .headers()
+        .get_all("x-stream-protocol-version")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
+        .collect();
+    if !offered.iter().any(|p| p == protocol) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            format!("no common stream protocol: offered {offered:?}, supported [{protocol:?}]"),
+        ));
+    }
+    let on = hyper::upgrade::on(req);
+    let r = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "Upgrade")
+        .header("upgrade", "SPDY/3.1")
+        .header("x-stream-protocol-version", protocol)
+        .body(Full::new(Bytes::new()).boxed())
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((r, on))
+}
+
 /// A container resolved for a streaming request.
 struct Target {
     client: ShimClient,
@@ -433,6 +472,30 @@ pub async fn exec_or_attach(
         Ok(Err((code, msg))) => return text(code, msg),
         Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
+    if is_spdy(&req) {
+        if attach {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "attach over SPDY is not supported by this node: use a WebSocket client (v5.channel.k8s.io)",
+            );
+        }
+        let (resp, on) = match accept_spdy(&mut req, super::spdy::EXEC_PROTOCOL) {
+            Ok(x) => x,
+            Err((code, msg)) => return text(code, msg),
+        };
+        let x = ExecRequest {
+            args: command,
+            tty,
+            stdin: stdin && !tty,
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            let Ok(up) = on.await else { return };
+            super::spdy::exec_session(TokioIo::new(up), target.client, x, [stdin, stdout, stderr])
+                .await;
+        });
+        return resp;
+    }
     let (resp, proto, on) = match accept(&mut req, &EXEC_PROTOCOLS) {
         Ok(x) => x,
         Err((code, msg)) => return text(code, msg),
@@ -673,7 +736,7 @@ async fn attach_session(
 
 /// Connects to `127.0.0.1:port` from a socket created in the network namespace `netns`
 /// (on a short-lived thread, so no other work runs in that namespace).
-fn connect_in(netns: &File, port: u16) -> std::io::Result<std::net::TcpStream> {
+pub(crate) fn connect_in(netns: &File, port: u16) -> std::io::Result<std::net::TcpStream> {
     let ns = netns.try_clone()?;
     std::thread::spawn(move || {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
@@ -695,8 +758,11 @@ pub async fn port_forward(
     pod: String,
 ) -> Response<Body> {
     let pairs = query_pairs(req.uri().query().unwrap_or(""));
+    let spdy = is_spdy(&req);
+    // Over SPDY the ports come with each stream; over WebSocket in the query.
     let ports = match parse_ports(&pairs) {
         Ok(p) => p,
+        Err(_) if spdy => Vec::new(),
         Err(e) => return text(StatusCode::BAD_REQUEST, e),
     };
     let c2 = ctx.clone();
@@ -705,6 +771,17 @@ pub async fn port_forward(
         Ok(Err((code, msg))) => return text(code, msg),
         Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
+    if spdy {
+        let (resp, on) = match accept_spdy(&mut req, super::spdy::PORT_FORWARD_PROTOCOL) {
+            Ok(x) => x,
+            Err((code, msg)) => return text(code, msg),
+        };
+        tokio::spawn(async move {
+            let Ok(up) = on.await else { return };
+            super::spdy::forward_session(TokioIo::new(up), netns).await;
+        });
+        return resp;
+    }
     let (resp, _proto, on) = match accept(&mut req, &PORT_FORWARD_PROTOCOLS) {
         Ok(x) => x,
         Err((code, msg)) => return text(code, msg),

@@ -1,0 +1,739 @@
+//! SPDY/3.1 streaming for the kubelet API (effectful sessions over pure framing): what
+//! `kubectl exec` (SPDY) and `kubectl port-forward` speak through the apiserver. Framing per the
+//! SPDY/3 draft: control frames (SYN_STREAM, SYN_REPLY, RST_STREAM, PING, GOAWAY; SETTINGS and
+//! WINDOW_UPDATE read and ignored, as the Go client does not enforce flow control either) and
+//! data frames; header blocks are one zlib stream per direction, the client's compressed with
+//! the SPDY/3 dictionary (inflated here with the dictionary preset in a wrapping window), ours
+//! without one. The remote-command protocol `v4.channel.k8s.io` has one stream per role
+//! (`streamType` error, stdin, stdout, stderr, resize); port-forward `portforward.k8s.io` pairs an
+//! error and a data stream per connection by `requestID`, for the port in their `port` header.
+
+use bytes::Bytes;
+use hako_shim::client::ShimClient;
+use hako_shim::protocol::ExecRequest;
+use hyper_util::rt::TokioIo;
+use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
+use miniz_oxide::inflate::TINFLStatus;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write as _;
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+type Io = TokioIo<hyper::upgrade::Upgraded>;
+
+/// The remote-command protocol served over SPDY.
+pub const EXEC_PROTOCOL: &str = "v4.channel.k8s.io";
+/// The port-forward protocol served over SPDY.
+pub const PORT_FORWARD_PROTOCOL: &str = "portforward.k8s.io";
+
+/// The SPDY/3 header-compression dictionary (draft-mbelshe-httpbis-spdy-00 §2.6.10.1):
+/// length-prefixed common header names and values, then a plain tail.
+pub fn dictionary() -> &'static [u8] {
+    static D: OnceLock<Vec<u8>> = OnceLock::new();
+    D.get_or_init(|| {
+        let words = [
+            "options", "head", "post", "put", "delete", "trace", "accept", "accept-charset",
+            "accept-encoding", "accept-language", "accept-ranges", "age", "allow",
+            "authorization", "cache-control", "connection", "content-base", "content-encoding",
+            "content-language", "content-length", "content-location", "content-md5",
+            "content-range", "content-type", "date", "etag", "expect", "expires", "from", "host",
+            "if-match", "if-modified-since", "if-none-match", "if-range", "if-unmodified-since",
+            "last-modified", "location", "max-forwards", "pragma", "proxy-authenticate",
+            "proxy-authorization", "range", "referer", "retry-after", "server", "te", "trailer",
+            "transfer-encoding", "upgrade", "user-agent", "vary", "via", "warning",
+            "www-authenticate", "method", "get", "status", "200 OK", "version", "HTTP/1.1", "url",
+            "public", "set-cookie", "keep-alive", "origin",
+        ];
+        let mut d = Vec::with_capacity(1500);
+        for w in words {
+            d.extend_from_slice(&u32::try_from(w.len()).unwrap_or(0).to_be_bytes());
+            d.extend_from_slice(w.as_bytes());
+        }
+        d.extend_from_slice(
+            concat!(
+                "100101201202205206300302303304305306307402405406407408409410411412413414415416417502504505",
+                "203 Non-Authoritative Information204 No Content301 Moved Permanently400 Bad Request",
+                "401 Unauthorized403 Forbidden404 Not Found500 Internal Server Error501 Not Implemented",
+                "503 Service UnavailableJan Feb Mar Apr May Jun Jul Aug Sept Oct Nov Dec 00:00:00 ",
+                "Mon, Tue, Wed, Thu, Fri, Sat, Sun, GMTchunked,text/html,image/png,image/jpg,image/gif,",
+                "application/xml,application/xhtml+xml,text/plain,text/javascript,publicprivate",
+                "max-age=gzip,deflate,sdchcharset=utf-8charset=iso-8859-1,utf-,*,enq=0."
+            )
+            .as_bytes(),
+        );
+        d
+    })
+}
+
+/// Inflates the peer's header blocks: one zlib stream across frames, with the dictionary
+/// preset before the start of a 32 KiB wrapping window.
+pub struct HeaderInflater {
+    d: Box<DecompressorOxide>,
+    window: Vec<u8>,
+    pos: usize,
+    header_left: Option<usize>,
+}
+
+const WINDOW: usize = 32 * 1024;
+
+impl Default for HeaderInflater {
+    fn default() -> Self {
+        let dict = dictionary();
+        let mut window = vec![0u8; WINDOW];
+        window[..dict.len()].copy_from_slice(dict);
+        HeaderInflater {
+            d: Box::default(),
+            window,
+            pos: dict.len(),
+            header_left: None,
+        }
+    }
+}
+
+impl HeaderInflater {
+    /// The plain bytes of the next compressed chunk.
+    pub fn inflate(&mut self, mut input: &[u8]) -> Result<Vec<u8>, String> {
+        // The zlib header: CMF, FLG (FDICT set: 4 bytes of dictionary id follow).
+        if self.header_left.is_none() {
+            let (&cmf, &flg) = (input.first().ok_or("empty")?, input.get(1).ok_or("short")?);
+            if (u16::from(cmf) << 8 | u16::from(flg)) % 31 != 0 || cmf & 0x0f != 8 {
+                return Err("not a zlib stream".into());
+            }
+            self.header_left = Some(if flg & 0x20 != 0 { 6 } else { 2 });
+        }
+        if let Some(n) = self.header_left.filter(|&n| n > 0) {
+            let k = n.min(input.len());
+            input = &input[k..];
+            self.header_left = Some(n - k);
+        }
+        let mut out = Vec::new();
+        loop {
+            let (st, used, made) = decompress(
+                &mut self.d,
+                input,
+                &mut self.window,
+                self.pos,
+                inflate_flags::TINFL_FLAG_HAS_MORE_INPUT,
+            );
+            out.extend_from_slice(&self.window[self.pos..self.pos + made]);
+            self.pos = (self.pos + made) & (WINDOW - 1);
+            input = &input[used..];
+            match st {
+                TINFLStatus::HasMoreOutput => continue,
+                TINFLStatus::NeedsMoreInput | TINFLStatus::Done => {
+                    if input.is_empty() || st == TINFLStatus::Done {
+                        return Ok(out);
+                    }
+                }
+                e => return Err(format!("inflate header block: {e:?}")),
+            }
+        }
+    }
+}
+
+/// Compresses our header blocks (one zlib stream, no dictionary, a sync flush per block).
+pub struct HeaderDeflater(flate2::Compress);
+
+impl Default for HeaderDeflater {
+    fn default() -> Self {
+        HeaderDeflater(flate2::Compress::new(flate2::Compression::default(), true))
+    }
+}
+
+impl HeaderDeflater {
+    /// The compressed form of a name/value block.
+    pub fn deflate(&mut self, plain: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(plain.len() + 64);
+        let mut input = plain;
+        loop {
+            out.reserve(256);
+            let before = self.0.total_in();
+            if self
+                .0
+                .compress_vec(input, &mut out, flate2::FlushCompress::Sync)
+                .is_err()
+            {
+                break;
+            }
+            let used = usize::try_from(self.0.total_in() - before).unwrap_or(input.len());
+            input = &input[used..];
+            if input.is_empty() && out.len() < out.capacity() {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// A name/value block (SPDY/3: 32-bit counts and lengths; multiple values NUL-separated).
+pub fn encode_headers(h: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    let n = |x: usize| u32::try_from(x).unwrap_or(0).to_be_bytes();
+    b.extend_from_slice(&n(h.len()));
+    for (k, v) in h {
+        b.extend_from_slice(&n(k.len()));
+        b.extend_from_slice(k.to_ascii_lowercase().as_bytes());
+        b.extend_from_slice(&n(v.len()));
+        b.extend_from_slice(v.as_bytes());
+    }
+    b
+}
+
+/// Parses a name/value block; names lowercased.
+pub fn parse_headers(b: &[u8]) -> Option<HashMap<String, String>> {
+    let mut p = 0usize;
+    let mut u32_at = |b: &[u8]| -> Option<usize> {
+        let v = u32::from_be_bytes(b.get(p..p + 4)?.try_into().ok()?);
+        p += 4;
+        usize::try_from(v).ok()
+    };
+    let n = u32_at(b)?;
+    let mut h = HashMap::new();
+    let mut q = 4usize;
+    for _ in 0..n {
+        let kl = usize::try_from(u32::from_be_bytes(b.get(q..q + 4)?.try_into().ok()?)).ok()?;
+        q += 4;
+        let k = String::from_utf8_lossy(b.get(q..q + kl)?).to_ascii_lowercase();
+        q += kl;
+        let vl = usize::try_from(u32::from_be_bytes(b.get(q..q + 4)?.try_into().ok()?)).ok()?;
+        q += 4;
+        let v = String::from_utf8_lossy(b.get(q..q + vl)?).into_owned();
+        q += vl;
+        h.insert(k, v);
+    }
+    Some(h)
+}
+
+/// A frame from the peer.
+#[derive(Debug, PartialEq)]
+pub enum Frame {
+    /// A new stream with its headers.
+    Syn {
+        /// Stream id.
+        id: u32,
+        /// FIN: the peer will send nothing on it.
+        fin: bool,
+        /// Headers (names lowercased).
+        headers: HashMap<String, String>,
+    },
+    /// Data on a stream.
+    Data {
+        /// Stream id.
+        id: u32,
+        /// FIN: the last data of the peer on this stream.
+        fin: bool,
+        /// Payload.
+        data: Bytes,
+    },
+    /// The peer reset a stream.
+    Rst(u32),
+    /// A ping to echo (the whole frame).
+    Ping(Vec<u8>),
+    /// The peer is going away.
+    GoAway,
+    /// Anything else (SETTINGS, WINDOW_UPDATE, HEADERS, NOOP...).
+    Other,
+}
+
+/// Reads one frame (None at a clean end of the connection).
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    inf: &mut HeaderInflater,
+) -> std::io::Result<Option<Frame>> {
+    let mut h = [0u8; 8];
+    match r.read_exact(&mut h).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let flags = h[4];
+    let len = usize::from(h[5]) << 16 | usize::from(h[6]) << 8 | usize::from(h[7]);
+    if len > 16 << 20 {
+        return Err(std::io::Error::other("SPDY frame too large"));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    let bad = |m: &str| std::io::Error::other(m.to_string());
+    if h[0] & 0x80 == 0 {
+        let id = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) & 0x7fff_ffff;
+        return Ok(Some(Frame::Data {
+            id,
+            fin: flags & 0x01 != 0,
+            data: Bytes::from(body),
+        }));
+    }
+    let kind = u16::from_be_bytes([h[2], h[3]]);
+    let id = || -> std::io::Result<u32> {
+        Ok(u32::from_be_bytes(
+            body.get(0..4)
+                .ok_or_else(|| bad("short frame"))?
+                .try_into()
+                .map_err(|_| bad("id"))?,
+        ) & 0x7fff_ffff)
+    };
+    Ok(Some(match kind {
+        1 => {
+            let block = body.get(10..).ok_or_else(|| bad("short SYN_STREAM"))?;
+            let plain = inf.inflate(block).map_err(std::io::Error::other)?;
+            Frame::Syn {
+                id: id()?,
+                fin: flags & 0x01 != 0,
+                headers: parse_headers(&plain).ok_or_else(|| bad("bad header block"))?,
+            }
+        }
+        2 | 8 => {
+            // SYN_REPLY/HEADERS from a client: keep the zlib stream in step.
+            if let Some(block) = body.get(4..).filter(|b| !b.is_empty()) {
+                inf.inflate(block).map_err(std::io::Error::other)?;
+            }
+            Frame::Other
+        }
+        3 => Frame::Rst(id()?),
+        6 => {
+            let mut f = h.to_vec();
+            f.extend_from_slice(&body);
+            Frame::Ping(f)
+        }
+        7 => Frame::GoAway,
+        _ => Frame::Other,
+    }))
+}
+
+fn control(kind: u16, flags: u8, body: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(body.len()).unwrap_or(0).to_be_bytes();
+    let k = kind.to_be_bytes();
+    let mut f = vec![0x80, 3, k[0], k[1], flags, len[1], len[2], len[3]];
+    f.extend_from_slice(body);
+    f
+}
+
+/// A data frame (FIN with `fin`).
+pub fn data_frame(id: u32, fin: bool, data: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(data.len()).unwrap_or(0).to_be_bytes();
+    let idb = (id & 0x7fff_ffff).to_be_bytes();
+    let mut f = vec![
+        idb[0],
+        idb[1],
+        idb[2],
+        idb[3],
+        u8::from(fin),
+        len[1],
+        len[2],
+        len[3],
+    ];
+    f.extend_from_slice(data);
+    f
+}
+
+/// A SYN_REPLY with an empty header block.
+fn syn_reply(id: u32, def: &mut HeaderDeflater) -> Vec<u8> {
+    let mut body = (id & 0x7fff_ffff).to_be_bytes().to_vec();
+    body.extend_from_slice(&def.deflate(&encode_headers(&[])));
+    control(2, 0, &body)
+}
+
+fn goaway(last: u32) -> Vec<u8> {
+    let mut body = (last & 0x7fff_ffff).to_be_bytes().to_vec();
+    body.extend_from_slice(&0u32.to_be_bytes());
+    control(7, 0, &body)
+}
+
+/// Writes whatever arrives; ends (shutting the write side) when every sender is gone.
+fn spawn_writer(mut w: tokio::io::WriteHalf<Io>) -> mpsc::UnboundedSender<Vec<u8>> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            if w.write_all(&f).await.is_err() {
+                return;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    tx
+}
+
+/// Output of a pipe as data frames on `id`, on its own thread; fires at EOF.
+fn pump(
+    mut r: File,
+    id: u32,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+) -> tokio::sync::oneshot::Receiver<()> {
+    let (done, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = vec![0u8; 32 * 1024];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 || tx.send(data_frame(id, false, &buf[..n])).is_err() {
+                break;
+            }
+        }
+        let _ = done.send(());
+    });
+    rx
+}
+
+/// A remote-command session (`exec`) over SPDY: waits for the streams the query promised,
+/// runs the process through the shim's streaming exec, relays, ends with the status on the
+/// error stream.
+pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [bool; 3]) {
+    let [want_stdin, want_stdout, want_stderr] = want;
+    let tty = x.tty;
+    let (mut r, w) = tokio::io::split(io);
+    let tx = spawn_writer(w);
+    let mut inf = HeaderInflater::default();
+    let mut def = HeaderDeflater::default();
+    let mut ids: HashMap<String, u32> = HashMap::new();
+    let mut needed = vec!["error"];
+    if want_stdin {
+        needed.push("stdin");
+    }
+    if want_stdout {
+        needed.push("stdout");
+    }
+    if want_stderr && !tty {
+        needed.push("stderr");
+    }
+    if tty {
+        needed.push("resize");
+    }
+    let mut last = 0;
+    let got = tokio::time::timeout(Duration::from_secs(30), async {
+        while !needed.iter().all(|n| ids.contains_key(*n)) {
+            match read_frame(&mut r, &mut inf).await {
+                Ok(Some(Frame::Syn { id, headers, .. })) => {
+                    last = id;
+                    let _ = tx.send(syn_reply(id, &mut def));
+                    if let Some(t) = headers.get("streamtype") {
+                        ids.insert(t.clone(), id);
+                    }
+                }
+                Ok(Some(Frame::Ping(p))) => {
+                    let _ = tx.send(p);
+                }
+                Ok(Some(_)) => {}
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await
+    .unwrap_or(false);
+    if !got {
+        let _ = tx.send(goaway(last));
+        return;
+    }
+    let err_id = ids.get("error").copied().unwrap_or(0);
+    let started = tokio::task::spawn_blocking(move || client.exec_stream(x)).await;
+    let mut es = match started {
+        Ok(Ok(es)) => es,
+        Ok(Err(e)) => return finish(&tx, err_id, &[], Err(e.to_string()), last),
+        Err(e) => return finish(&tx, err_id, &[], Err(e.to_string()), last),
+    };
+    let io = es.take_stdio();
+    let mut outs = Vec::new();
+    let mut out_ids = Vec::new();
+    let input: Option<File>;
+    let mut resize: Option<File> = None;
+    let out_id = ids.get("stdout").copied();
+    let err_out_id = ids.get("stderr").copied();
+    if let Some(t) = io.tty {
+        if let (Ok(rd), Some(id)) = (t.try_clone(), out_id) {
+            outs.push(pump(rd, id, tx.clone()));
+            out_ids.push(id);
+        } else if let Ok(rd) = t.try_clone() {
+            // Nobody reads the terminal: drain it.
+            std::thread::spawn(move || std::io::copy(&mut { rd }, &mut std::io::sink()));
+        }
+        resize = t.try_clone().ok();
+        input = want_stdin.then_some(t);
+    } else {
+        for (f, id) in [(io.stdout, out_id), (io.stderr, err_out_id)] {
+            match (f, id) {
+                (Some(f), Some(id)) => {
+                    outs.push(pump(f, id, tx.clone()));
+                    out_ids.push(id);
+                }
+                (Some(f), None) => {
+                    std::thread::spawn(move || std::io::copy(&mut { f }, &mut std::io::sink()));
+                }
+                _ => {}
+            }
+        }
+        input = io.stdin;
+    }
+    let (in_tx, in_rx) = std::sync::mpsc::channel::<Bytes>();
+    if let Some(mut w) = input {
+        std::thread::spawn(move || {
+            for chunk in in_rx {
+                if w.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let stdin_id = ids.get("stdin").copied();
+    let resize_id = ids.get("resize").copied();
+    let txr = tx.clone();
+    let reader = tokio::spawn(async move {
+        let mut in_tx = Some(in_tx);
+        let mut pending = Vec::new();
+        loop {
+            match read_frame(&mut r, &mut inf).await {
+                Ok(Some(Frame::Data { id, fin, data })) => {
+                    if Some(id) == stdin_id {
+                        if let Some(t) = &in_tx {
+                            if !data.is_empty() {
+                                let _ = t.send(data);
+                            }
+                        }
+                        if fin {
+                            in_tx = None;
+                        }
+                    } else if Some(id) == resize_id {
+                        pending.extend_from_slice(&data);
+                        let mut it = serde_json::Deserializer::from_slice(&pending)
+                            .into_iter::<serde_json::Value>();
+                        let mut used = 0;
+                        while let Some(Ok(v)) = it.next() {
+                            used = it.byte_offset();
+                            if let (Some(t), Some(sz)) = (
+                                &resize,
+                                super::stream::parse_resize(v.to_string().as_bytes()),
+                            ) {
+                                let _ = hako_shim::stream::resize(t, sz.0, sz.1);
+                            }
+                        }
+                        pending.drain(..used);
+                    }
+                }
+                Ok(Some(Frame::Rst(id))) if Some(id) == stdin_id => in_tx = None,
+                Ok(Some(Frame::Syn { id, .. })) => {
+                    let _ = txr.send(syn_reply(id, &mut def));
+                }
+                Ok(Some(Frame::Ping(p))) => {
+                    let _ = txr.send(p);
+                }
+                Ok(Some(Frame::GoAway)) | Ok(None) | Err(_) => break,
+                Ok(Some(_)) => {}
+            }
+        }
+    });
+    let code = tokio::task::spawn_blocking(move || es.wait())
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    for o in outs {
+        let _ = tokio::time::timeout(Duration::from_secs(1), o).await;
+    }
+    finish(&tx, err_id, &out_ids, code, last);
+    drop(tx);
+    // The client closes the connection once it has the status.
+    let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+}
+
+fn finish(
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+    err_id: u32,
+    outs: &[u32],
+    code: Result<i32, String>,
+    last: u32,
+) {
+    for &id in outs {
+        let _ = tx.send(data_frame(id, true, &[]));
+    }
+    let st = super::stream::exit_status(code).to_string();
+    let _ = tx.send(data_frame(err_id, false, st.as_bytes()));
+    let _ = tx.send(data_frame(err_id, true, &[]));
+    let _ = last;
+}
+
+/// A connection being set up: (error stream, data stream, port).
+type Pair = (Option<u32>, Option<u32>, Option<u16>);
+
+/// A port-forward session over SPDY: every (error, data) stream pair with the same
+/// `requestID` is one connection to `127.0.0.1:<port>` in the pod's network namespace.
+pub async fn forward_session(io: Io, netns: File) {
+    let (mut r, w) = tokio::io::split(io);
+    let tx = spawn_writer(w);
+    let mut inf = HeaderInflater::default();
+    let mut def = HeaderDeflater::default();
+    // requestID → (error stream, data stream, port)
+    let mut pairs: HashMap<String, Pair> = HashMap::new();
+    // data stream → writer to its connection (None: the client finished sending)
+    let mut conns: HashMap<u32, mpsc::UnboundedSender<Option<Bytes>>> = HashMap::new();
+    loop {
+        let f = match read_frame(&mut r, &mut inf).await {
+            Ok(Some(f)) => f,
+            _ => break,
+        };
+        match f {
+            Frame::Syn { id, headers, .. } => {
+                let _ = tx.send(syn_reply(id, &mut def));
+                let req = headers
+                    .get("requestid")
+                    .cloned()
+                    .unwrap_or_else(|| id.to_string());
+                let port = headers
+                    .get("port")
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .filter(|&p| p > 0);
+                let e = pairs.entry(req.clone()).or_default();
+                match headers.get("streamtype").map(String::as_str) {
+                    Some("error") => e.0 = Some(id),
+                    Some("data") => e.1 = Some(id),
+                    _ => continue,
+                }
+                if e.2.is_none() {
+                    e.2 = port;
+                }
+                if let (Some(eid), Some(did)) = (e.0, e.1) {
+                    let port = e.2;
+                    pairs.remove(&req);
+                    let (ctx, crx) = mpsc::unbounded_channel();
+                    conns.insert(did, ctx);
+                    let ns = netns.try_clone();
+                    tokio::spawn(forward_one(ns, port, eid, did, crx, tx.clone()));
+                }
+            }
+            Frame::Data { id, fin, data } => {
+                if let Some(c) = conns.get(&id) {
+                    if !data.is_empty() {
+                        let _ = c.send(Some(data));
+                    }
+                    if fin {
+                        let _ = c.send(None);
+                    }
+                }
+            }
+            Frame::Rst(id) => {
+                if let Some(c) = conns.remove(&id) {
+                    let _ = c.send(None);
+                }
+            }
+            Frame::Ping(p) => {
+                let _ = tx.send(p);
+            }
+            Frame::GoAway => break,
+            Frame::Other => {}
+        }
+    }
+}
+
+async fn forward_one(
+    ns: std::io::Result<File>,
+    port: Option<u16>,
+    eid: u32,
+    did: u32,
+    mut from_client: mpsc::UnboundedReceiver<Option<Bytes>>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+) {
+    let fail = |msg: String| {
+        let _ = tx.send(data_frame(eid, false, msg.as_bytes()));
+        let _ = tx.send(data_frame(eid, true, &[]));
+        let _ = tx.send(data_frame(did, true, &[]));
+    };
+    let Some(port) = port else {
+        return fail("invalid or missing port header".into());
+    };
+    let conn = tokio::task::spawn_blocking(move || {
+        let s = super::stream::connect_in(&ns?, port)?;
+        s.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(s)
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r);
+    let s = match conn {
+        Ok(s) => s,
+        Err(e) => return fail(format!("error forwarding port {port} to pod: {e}")),
+    };
+    let (mut rd, mut wr) = s.into_split();
+    let up = tokio::spawn(async move {
+        while let Some(m) = from_client.recv().await {
+            match m {
+                Some(b) => {
+                    if wr.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx.send(data_frame(did, false, &buf[..n])).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = tx.send(data_frame(did, true, &[]));
+    let _ = tx.send(data_frame(eid, true, &[]));
+    let _ = tokio::time::timeout(Duration::from_secs(5), up).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dictionary_is_the_spdy3_one() {
+        let d = dictionary();
+        assert_eq!(d.len(), 1423);
+        assert_eq!(&d[..11], b"\0\0\0\x07options");
+        assert!(d.ends_with(b"enq=0."));
+    }
+
+    #[test]
+    fn header_blocks_round_trip_through_zlib_with_the_dictionary() {
+        // A peer's stream: zlib with the preset dictionary (FDICT, id 0xe3c6a7c2), two
+        // sync-flushed blocks (made with Python's zlib, `compressobj(zdict=...)`).
+        let hex = |h: &str| -> Vec<u8> {
+            (0..h.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&h[i..i + 2], 16).expect("hex"))
+                .collect()
+        };
+        let z1 =
+            hex("78bbe3c6a7c202e50e703a2b294a4dcc851625aca9a0808614cb45e01c6061606100000000ffff");
+        let z2 = hex("c2aa1454ea803205671124823341099fd100000000ffff");
+        let b1 = encode_headers(&[("streamType", "error"), ("port", "8080")]);
+        let mut inf = HeaderInflater::default();
+        let h1 = parse_headers(&inf.inflate(&z1).expect("i1")).expect("p1");
+        assert_eq!(h1.get("streamtype").map(String::as_str), Some("error"));
+        assert_eq!(h1.get("port").map(String::as_str), Some("8080"));
+        let h2 = parse_headers(&inf.inflate(&z2).expect("i2")).expect("p2");
+        assert_eq!(h2.get("streamtype").map(String::as_str), Some("data"));
+        assert_eq!(h2.get("requestid").map(String::as_str), Some("0"));
+        // Ours inflate without a dictionary.
+        let mut def = HeaderDeflater::default();
+        let ours = def.deflate(&b1);
+        let mut d = flate2::Decompress::new(true);
+        let mut out = Vec::with_capacity(4096);
+        d.decompress_vec(&ours, &mut out, flate2::FlushDecompress::Sync)
+            .expect("d");
+        assert_eq!(out, b1);
+        let again = def.deflate(&b1);
+        let mut out2 = Vec::with_capacity(4096);
+        d.decompress_vec(&again, &mut out2, flate2::FlushDecompress::Sync)
+            .expect("d2");
+        assert_eq!(out2, b1, "one stream across blocks");
+    }
+
+    #[test]
+    fn frames() {
+        let f = data_frame(5, true, b"hi");
+        assert_eq!(f, [0, 0, 0, 5, 1, 0, 0, 2, b'h', b'i']);
+        let mut def = HeaderDeflater::default();
+        let r = syn_reply(3, &mut def);
+        assert_eq!(&r[..4], &[0x80, 3, 0, 2]);
+        assert_eq!(&r[8..12], &[0, 0, 0, 3]);
+    }
+}

@@ -790,6 +790,29 @@ fn kubelet_api_streaming_and_metrics() {
                     "kubectl exec -i over SPDY: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
+                // Bulk input (as `kubectl cp` sends a tar): 4 MiB through stdin over SPDY.
+                let mut child = kubectl(&["exec", "-i", "web", "-c", "app", "--", "wc", "-c"])
+                    .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+                    .spawn()
+                    .expect("kubectl");
+                {
+                    use tokio::io::AsyncWriteExt;
+                    let mut i = child.stdin.take().expect("stdin");
+                    let chunk = vec![b'x'; 1 << 20];
+                    for _ in 0..4 {
+                        i.write_all(&chunk).await.expect("write");
+                    }
+                }
+                let out = tokio::time::timeout(lim, child.wait_with_output())
+                    .await
+                    .expect("kubectl exec wc (SPDY) in time")
+                    .expect("kubectl exec wc (SPDY)");
+                assert_eq!(
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    "4194304",
+                    "kubectl exec -i wc -c over SPDY: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 let out = tokio::time::timeout(
                     lim,
                     kubectl(&["exec", "web", "-c", "app", "--", "sh", "-c", "echo out; echo err >&2; exit 5"])
@@ -860,8 +883,11 @@ fn kubelet_api_streaming_and_metrics() {
                 let _ = child.kill().await;
                 }
 
-                // kubectl attach -i to the `stdin: true` container: input in, output back.
+                // kubectl attach -i to the `stdin: true` container: input in, output back
+                // (WebSocket, then SPDY).
+                for ws_env in ["true", "false"] {
                 let mut child = kubectl(&["attach", "-i", "web", "-c", "echo"])
+                    .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", ws_env)
                     .kill_on_drop(true)
                     .spawn()
                     .expect("kubectl attach");
@@ -888,7 +914,8 @@ fn kubelet_api_streaming_and_metrics() {
                 .await
                 .unwrap_or_default();
                 let _ = child.kill().await;
-                assert!(seen.contains("got:from-kubectl\n"), "kubectl attach output: {seen:?}");
+                assert!(seen.contains("got:from-kubectl\n"), "kubectl attach output ({ws_env}): {seen:?}");
+                }
 
                 eprintln!(
                     "figures: exec round trip (connect, TLS, upgrade, run `true`, status) {per_exec:?}; port-forward download 16 MiB at {mib_s:.0} MiB/s"

@@ -533,6 +533,126 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
 }
 
+/// An attach session over SPDY: the container's output from its CRI log on the stdout and
+/// stderr streams until it stops; the stdin stream to its stdin when its spec has
+/// `stdin: true` (the shim's `attachStdin`).
+pub async fn attach_session(
+    io: Io,
+    client: ShimClient,
+    log_path: std::path::PathBuf,
+    want: [bool; 3],
+) {
+    let [want_stdin, want_stdout, want_stderr] = want;
+    let (mut r, w) = tokio::io::split(io);
+    let tx = spawn_writer(w);
+    let mut inf = HeaderInflater::default();
+    let mut def = HeaderDeflater::default();
+    let mut ids: HashMap<String, u32> = HashMap::new();
+    let mut needed = vec!["error"];
+    for (n, want) in [
+        ("stdin", want_stdin),
+        ("stdout", want_stdout),
+        ("stderr", want_stderr),
+    ] {
+        if want {
+            needed.push(n);
+        }
+    }
+    let got = tokio::time::timeout(Duration::from_secs(30), async {
+        while !needed.iter().all(|n| ids.contains_key(*n)) {
+            match read_frame(&mut r, &mut inf).await {
+                Ok(Some(Frame::Syn { id, headers, .. })) => {
+                    let _ = tx.send(syn_reply(id, &mut def));
+                    if let Some(t) = headers.get("streamtype") {
+                        ids.insert(t.clone(), id);
+                    }
+                }
+                Ok(Some(Frame::Ping(p))) => {
+                    let _ = tx.send(p);
+                }
+                Ok(Some(_)) => {}
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await
+    .unwrap_or(false);
+    if !got {
+        return;
+    }
+    let input = if want_stdin {
+        let c = client.clone();
+        tokio::task::spawn_blocking(move || c.attach_stdin().ok())
+            .await
+            .ok()
+            .flatten()
+    } else {
+        None
+    };
+    let (in_tx, in_rx) = std::sync::mpsc::channel::<Bytes>();
+    if let Some(mut w) = input {
+        std::thread::spawn(move || {
+            for chunk in in_rx {
+                if w.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let stdin_id = ids.get("stdin").copied();
+    let txr = tx.clone();
+    let reader = tokio::spawn(async move {
+        let mut in_tx = Some(in_tx);
+        loop {
+            match read_frame(&mut r, &mut inf).await {
+                Ok(Some(Frame::Data { id, fin, data })) if Some(id) == stdin_id => {
+                    if let Some(t) = &in_tx {
+                        if !data.is_empty() {
+                            let _ = t.send(data);
+                        }
+                    }
+                    if fin {
+                        in_tx = None;
+                    }
+                }
+                Ok(Some(Frame::Syn { id, .. })) => {
+                    let _ = txr.send(syn_reply(id, &mut def));
+                }
+                Ok(Some(Frame::Ping(p))) => {
+                    let _ = txr.send(p);
+                }
+                Ok(Some(Frame::GoAway)) | Ok(None) | Err(_) => break,
+                Ok(Some(_)) => {}
+            }
+        }
+    });
+    let (out_id, err_id) = (ids.get("stdout").copied(), ids.get("stderr").copied());
+    let mut log = super::stream::LogFollower::at_end(log_path);
+    let mut last_check = std::time::Instant::now();
+    loop {
+        if reader.is_finished() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for (c, m) in log.poll() {
+            if let Some(id) = if c == 1 { out_id } else { err_id } {
+                let _ = tx.send(data_frame(id, false, &m));
+            }
+        }
+        if last_check.elapsed() > Duration::from_millis(500) {
+            last_check = std::time::Instant::now();
+            if !super::stream::running(&client).await {
+                break;
+            }
+        }
+    }
+    let outs: Vec<u32> = [out_id, err_id].into_iter().flatten().collect();
+    finish(&tx, ids.get("error").copied().unwrap_or(0), &outs, Ok(0), 0);
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+}
+
 fn finish(
     tx: &mpsc::UnboundedSender<Vec<u8>>,
     err_id: u32,

@@ -473,16 +473,23 @@ pub async fn exec_or_attach(
         Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     if is_spdy(&req) {
-        if attach {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "attach over SPDY is not supported by this node: use a WebSocket client (v5.channel.k8s.io)",
-            );
-        }
         let (resp, on) = match accept_spdy(&mut req, super::spdy::EXEC_PROTOCOL) {
             Ok(x) => x,
             Err((code, msg)) => return text(code, msg),
         };
+        if attach {
+            tokio::spawn(async move {
+                let Ok(up) = on.await else { return };
+                super::spdy::attach_session(
+                    TokioIo::new(up),
+                    target.client,
+                    target.log_path,
+                    [stdin, stdout, stderr],
+                )
+                .await;
+            });
+            return resp;
+        }
         let x = ExecRequest {
             args: command,
             tty,
@@ -676,8 +683,7 @@ async fn attach_session(
             }
         }
     });
-    let mut pos = std::fs::metadata(&t.log_path).map(|m| m.len()).unwrap_or(0);
-    let mut partial: Vec<u8> = Vec::new();
+    let mut log = LogFollower::at_end(t.log_path.clone());
     let mut last_check = std::time::Instant::now();
     loop {
         if reader.is_finished() {
@@ -685,53 +691,87 @@ async fn attach_session(
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let len = std::fs::metadata(&t.log_path).map(|m| m.len()).unwrap_or(0);
-        if len < pos {
-            pos = 0; // rotated
-        }
-        if len > pos {
-            if let Ok(mut f) = File::open(&t.log_path) {
-                use std::io::Seek;
-                let mut buf = Vec::new();
-                if f.seek(std::io::SeekFrom::Start(pos)).is_ok()
-                    && f.take(len - pos).read_to_end(&mut buf).is_ok()
-                {
-                    pos += buf.len() as u64;
-                    partial.extend_from_slice(&buf);
-                    while let Some(i) = partial.iter().position(|&b| b == b'\n') {
-                        let line: Vec<u8> = partial.drain(..=i).collect();
-                        let s = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-                        if let Some((_, stream, full, msg)) = super::kubelet_api::parse_cri_line(&s)
-                        {
-                            let mut m = msg.as_bytes().to_vec();
-                            if full {
-                                m.push(b'\n');
-                            }
-                            let c = match stream {
-                                "stderr" if want_stderr => 2,
-                                "stdout" if want_stdout => 1,
-                                _ => continue,
-                            };
-                            let _ = tx.send(frame(c, &m)).await;
-                        }
-                    }
-                }
+        for (c, m) in log.poll() {
+            if (c == 1 && want_stdout) || (c == 2 && want_stderr) {
+                let _ = tx.send(frame(c, &m)).await;
             }
         }
         if last_check.elapsed() > Duration::from_millis(500) {
             last_check = std::time::Instant::now();
-            let c = t.client.clone();
-            let running = tokio::task::spawn_blocking(move || {
-                c.state().is_ok_and(|s| s.status == Status::Running)
-            })
-            .await
-            .unwrap_or(false);
-            if !running {
+            if !running(&t.client).await {
                 break;
             }
         }
     }
     finish(tx, writer, Ok(0), Some(reader)).await;
+}
+
+/// Whether the container still runs (asks its shim off the async workers).
+pub(crate) async fn running(c: &ShimClient) -> bool {
+    let c = c.clone();
+    tokio::task::spawn_blocking(move || c.state().is_ok_and(|s| s.status == Status::Running))
+        .await
+        .unwrap_or(false)
+}
+
+/// Follows a CRI log file from its end: each poll returns the new complete records as
+/// (1 stdout | 2 stderr, bytes with the newline of full lines).
+pub(crate) struct LogFollower {
+    path: PathBuf,
+    pos: u64,
+    partial: Vec<u8>,
+}
+
+impl LogFollower {
+    /// Starts at the current end of `path`.
+    pub(crate) fn at_end(path: PathBuf) -> Self {
+        let pos = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        LogFollower {
+            path,
+            pos,
+            partial: Vec::new(),
+        }
+    }
+
+    /// New records since the last poll (a shrunken file was rotated: read from its start).
+    pub(crate) fn poll(&mut self) -> Vec<(u8, Vec<u8>)> {
+        use std::io::Seek;
+        let mut out = Vec::new();
+        let len = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        if len < self.pos {
+            self.pos = 0;
+        }
+        if len == self.pos {
+            return out;
+        }
+        let Ok(mut f) = File::open(&self.path) else {
+            return out;
+        };
+        let mut buf = Vec::new();
+        if f.seek(std::io::SeekFrom::Start(self.pos)).is_err()
+            || f.take(len - self.pos).read_to_end(&mut buf).is_err()
+        {
+            return out;
+        }
+        self.pos += buf.len() as u64;
+        self.partial.extend_from_slice(&buf);
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            let s = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            if let Some((_, stream, full, msg)) = super::kubelet_api::parse_cri_line(&s) {
+                let mut m = msg.as_bytes().to_vec();
+                if full {
+                    m.push(b'\n');
+                }
+                match stream {
+                    "stdout" => out.push((1, m)),
+                    "stderr" => out.push((2, m)),
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Connects to `127.0.0.1:port` from a socket created in the network namespace `netns`

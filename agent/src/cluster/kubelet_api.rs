@@ -338,6 +338,18 @@ fn text(code: StatusCode, s: impl Into<String>) -> Response<Body> {
     r
 }
 
+/// The UID the pod's containers and logs are kept under: a mirror pod's is its static pod's
+/// (the `kubernetes.io/config.mirror` annotation, the static pod's config hash = UID).
+pub fn runtime_uid(p: &Pod) -> Option<String> {
+    p.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("kubernetes.io/config.mirror"))
+        .filter(|h| !h.is_empty())
+        .cloned()
+        .or_else(|| p.metadata.uid.clone())
+}
+
 /// The `nodes/<subresource>` a path is authorized against (as the kubelet maps them).
 pub fn subresource_for(path: &str) -> &'static str {
     let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
@@ -621,7 +633,7 @@ impl Server {
                     p.metadata.namespace.as_deref() == Some(ns)
                         && p.metadata.name.as_deref() == Some(pod)
                 })
-                .and_then(|p| p.metadata.uid.clone())
+                .and_then(runtime_uid)
         });
         let Some(uid) = uid else {
             return text(StatusCode::NOT_FOUND, format!("pod {ns}/{pod} not found"));
@@ -756,6 +768,21 @@ mod tests {
         let s = stats_summary("n1", &u, &[], &[]);
         assert_eq!(s["node"]["cpu"]["usageCoreNanoSeconds"], 12_500_000_000u64);
         assert_eq!(s["node"]["nodeName"], "n1");
+    }
+
+    #[test]
+    fn mirror_pods_use_the_static_uid() {
+        let mut p = Pod::default();
+        p.metadata.uid = Some("api-uid".into());
+        assert_eq!(runtime_uid(&p).as_deref(), Some("api-uid"));
+        p.metadata.annotations = Some(
+            [(
+                "kubernetes.io/config.mirror".to_string(),
+                "static-uid".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(runtime_uid(&p).as_deref(), Some("static-uid"));
     }
 
     #[test]

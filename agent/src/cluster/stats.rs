@@ -70,10 +70,10 @@ pub fn cgroup_usage(dirs: &[PathBuf]) -> (Option<u64>, Option<(u64, u64)>) {
 pub fn collect(pods: &[Pod], root_dir: &Path, shim: &ShimRuntime) -> Vec<ContainerUsage> {
     let mut out = Vec::new();
     for p in pods {
-        let Some(uid) = p.metadata.uid.as_deref() else {
+        let Some(uid) = super::kubelet_api::runtime_uid(p) else {
             continue;
         };
-        let mut metas = crate::runtime::read_metas(root_dir, uid);
+        let mut metas = crate::runtime::read_metas(root_dir, &uid);
         metas.sort_by(|a, b| (&a.name, b.attempt).cmp(&(&b.name, a.attempt)));
         metas.dedup_by(|a, b| a.name == b.name);
         for m in metas {
@@ -90,7 +90,7 @@ pub fn collect(pods: &[Pod], root_dir: &Path, shim: &ShimRuntime) -> Vec<Contain
             out.push(ContainerUsage {
                 namespace: p.metadata.namespace.clone().unwrap_or_default(),
                 pod: p.metadata.name.clone().unwrap_or_default(),
-                uid: uid.to_string(),
+                uid: uid.clone(),
                 container: m.name,
                 cpu_seconds,
                 memory_usage: usage,
@@ -230,7 +230,7 @@ pub fn summary_pods(pods: &[Pod], cs: &[ContainerUsage], time: &str) -> Vec<serd
     let ns = |s: f64| (s * 1e9) as u64;
     pods.iter()
         .map(|p| {
-            let uid = p.metadata.uid.clone().unwrap_or_default();
+            let uid = super::kubelet_api::runtime_uid(p).unwrap_or_default();
             let mine: Vec<&ContainerUsage> = cs.iter().filter(|c| c.uid == uid).collect();
             let containers: Vec<serde_json::Value> = mine
                 .iter()

@@ -266,7 +266,7 @@ fn find(
     let Some(p) = p else {
         return Err((StatusCode::NOT_FOUND, format!("pod {ns}/{pod} not found")));
     };
-    let uid = p.metadata.uid.clone().unwrap_or_default();
+    let uid = super::kubelet_api::runtime_uid(&p).unwrap_or_default();
     let name = if container.is_empty() {
         // The kubelet defaults to the only container.
         match p.spec.as_ref().map(|s| s.containers.as_slice()) {

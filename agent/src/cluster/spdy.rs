@@ -182,26 +182,24 @@ pub fn encode_headers(h: &[(&str, &str)]) -> Vec<u8> {
     b
 }
 
-/// Parses a name/value block; names lowercased.
+/// Parses a name/value block; names lowercased (None when it is truncated).
 pub fn parse_headers(b: &[u8]) -> Option<HashMap<String, String>> {
-    let mut p = 0usize;
-    let mut u32_at = |b: &[u8]| -> Option<usize> {
-        let v = u32::from_be_bytes(b.get(p..p + 4)?.try_into().ok()?);
-        p += 4;
-        usize::try_from(v).ok()
+    let be = |x: &[u8]| -> Option<usize> {
+        usize::try_from(u32::from_be_bytes(x.try_into().ok()?)).ok()
     };
-    let n = u32_at(b)?;
+    let mut p = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = b.get(p..p.checked_add(n)?)?;
+        p += n;
+        Some(s)
+    };
+    let count = be(take(4)?)?;
     let mut h = HashMap::new();
-    let mut q = 4usize;
-    for _ in 0..n {
-        let kl = usize::try_from(u32::from_be_bytes(b.get(q..q + 4)?.try_into().ok()?)).ok()?;
-        q += 4;
-        let k = String::from_utf8_lossy(b.get(q..q + kl)?).to_ascii_lowercase();
-        q += kl;
-        let vl = usize::try_from(u32::from_be_bytes(b.get(q..q + 4)?.try_into().ok()?)).ok()?;
-        q += 4;
-        let v = String::from_utf8_lossy(b.get(q..q + vl)?).into_owned();
-        q += vl;
+    for _ in 0..count {
+        let kl = be(take(4)?)?;
+        let k = String::from_utf8_lossy(take(kl)?).to_ascii_lowercase();
+        let vl = be(take(4)?)?;
+        let v = String::from_utf8_lossy(take(vl)?).into_owned();
         h.insert(k, v);
     }
     Some(h)
@@ -429,8 +427,8 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     let started = tokio::task::spawn_blocking(move || client.exec_stream(x)).await;
     let mut es = match started {
         Ok(Ok(es)) => es,
-        Ok(Err(e)) => return finish(&tx, err_id, &[], Err(e.to_string()), last),
-        Err(e) => return finish(&tx, err_id, &[], Err(e.to_string()), last),
+        Ok(Err(e)) => return finish(&tx, err_id, &[], Err(e.to_string())),
+        Err(e) => return finish(&tx, err_id, &[], Err(e.to_string())),
     };
     let io = es.take_stdio();
     let mut outs = Vec::new();
@@ -527,7 +525,7 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     for o in outs {
         let _ = tokio::time::timeout(Duration::from_secs(1), o).await;
     }
-    finish(&tx, err_id, &out_ids, code, last);
+    finish(&tx, err_id, &out_ids, code);
     drop(tx);
     // The client closes the connection once it has the status.
     let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
@@ -648,17 +646,17 @@ pub async fn attach_session(
         }
     }
     let outs: Vec<u32> = [out_id, err_id].into_iter().flatten().collect();
-    finish(&tx, ids.get("error").copied().unwrap_or(0), &outs, Ok(0), 0);
+    finish(&tx, ids.get("error").copied().unwrap_or(0), &outs, Ok(0));
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
 }
 
+/// Ends a remote-command session: FIN on the output streams, the status on the error stream.
 fn finish(
     tx: &mpsc::UnboundedSender<Vec<u8>>,
     err_id: u32,
     outs: &[u32],
     code: Result<i32, String>,
-    last: u32,
 ) {
     for &id in outs {
         let _ = tx.send(data_frame(id, true, &[]));
@@ -666,7 +664,6 @@ fn finish(
     let st = super::stream::exit_status(code).to_string();
     let _ = tx.send(data_frame(err_id, false, st.as_bytes()));
     let _ = tx.send(data_frame(err_id, true, &[]));
-    let _ = last;
 }
 
 /// A connection being set up: (error stream, data stream, port).
@@ -845,6 +842,16 @@ mod tests {
         d.decompress_vec(&again, &mut out2, flate2::FlushDecompress::Sync)
             .expect("d2");
         assert_eq!(out2, b1, "one stream across blocks");
+    }
+
+    #[test]
+    fn name_value_blocks() {
+        let b = encode_headers(&[("streamType", "stdin"), ("port", "80")]);
+        let h = parse_headers(&b).expect("parse");
+        assert_eq!(h.get("streamtype").map(String::as_str), Some("stdin"));
+        assert_eq!(h.get("port").map(String::as_str), Some("80"));
+        assert_eq!(parse_headers(&b[..b.len() - 1]), None, "truncated");
+        assert_eq!(parse_headers(&[0, 0, 0, 9]), None, "count beyond the data");
     }
 
     #[test]

@@ -102,6 +102,46 @@ impl RestartBackoff {
     pub fn reset(&mut self, key: &str) {
         self.entries.remove(key);
     }
+
+    /// The entries in a form that survives an agent restart (kept in the pod's state dir).
+    pub fn save(&self) -> BTreeMap<String, SavedEntry> {
+        self.entries
+            .iter()
+            .map(|(k, e)| {
+                (
+                    k.clone(),
+                    SavedEntry {
+                        backoff_ms: e.backoff.num_milliseconds(),
+                        last_update: e.last_update,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Restores saved entries (a delay above the configured max is capped).
+    pub fn restore(&mut self, saved: BTreeMap<String, SavedEntry>) {
+        for (k, e) in saved {
+            let backoff = Duration::milliseconds(e.backoff_ms.max(0)).min(self.cfg.max);
+            self.entries.insert(
+                k,
+                Entry {
+                    backoff,
+                    last_update: e.last_update,
+                },
+            );
+        }
+    }
+}
+
+/// One saved back-off entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedEntry {
+    /// Current delay in milliseconds.
+    pub backoff_ms: i64,
+    /// When the delay was last raised.
+    pub last_update: DateTime<Utc>,
 }
 
 /// Human form of a delay the way Go prints a `time.Duration` ("10s", "5m0s", "2m40s").

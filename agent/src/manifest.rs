@@ -14,6 +14,155 @@ pub const CONFIG_HASH_ANNOTATION: &str = "kubernetes.io/config.hash";
 pub const CONFIG_SOURCE_ANNOTATION: &str = "kubernetes.io/config.source";
 /// Annotation naming the manifest file a pod came from.
 pub const CONFIG_FILE_ANNOTATION: &str = "hako.dev/config.file";
+/// Annotation carrying the containers' lifecycle `sleep` handlers, which the Kubernetes 1.28
+/// types the agent decodes into do not have: a JSON object
+/// `{"<container>": {"postStart": <seconds>, "preStop": <seconds>}}`. Set by the manifest
+/// loader from the raw document (any value written in the manifest is replaced).
+pub const LIFECYCLE_SLEEP_ANNOTATION: &str = "hako.dev/lifecycle-sleep";
+
+/// Seconds of a container's `sleep` lifecycle handler (`hook`: `postStart` or `preStop`), from
+/// the pod's [`LIFECYCLE_SLEEP_ANNOTATION`].
+pub fn lifecycle_sleep(pod: &Pod, container: &str, hook: &str) -> Option<u64> {
+    let a = pod
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(LIFECYCLE_SLEEP_ANNOTATION)?;
+    let v: Value = serde_json::from_str(a).ok()?;
+    v.get(container)?.get(hook)?.as_u64()
+}
+
+/// Reads the lifecycle `sleep` handlers from a raw pod document (before it is decoded into
+/// the typed Pod, which drops them) into [`LIFECYCLE_SLEEP_ANNOTATION`], and checks them:
+/// `seconds` a non-negative integer not above `terminationGracePeriodSeconds`, and `sleep` the
+/// only handler of its hook.
+fn capture_lifecycle_sleep(value: &mut Value, problems: &mut Vec<String>) {
+    let grace = value
+        .pointer("/spec/terminationGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(30);
+    let mut table = serde_json::Map::new();
+    for field in ["initContainers", "containers"] {
+        let Some(list) = value
+            .pointer(&format!("/spec/{field}"))
+            .and_then(Value::as_array)
+        else {
+            continue;
+        };
+        for (i, c) in list.iter().enumerate() {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
+            for hook in ["postStart", "preStop"] {
+                let Some(h) = c.pointer(&format!("/lifecycle/{hook}")) else {
+                    continue;
+                };
+                let Some(sleep) = h.get("sleep") else {
+                    continue;
+                };
+                let f = format!("spec.{field}[{i}].lifecycle.{hook}");
+                let others = ["exec", "httpGet", "tcpSocket"]
+                    .iter()
+                    .filter(|k| h.get(**k).is_some())
+                    .count();
+                if others > 0 {
+                    problems.push(format!(
+                        "{f}: Forbidden: may not specify more than 1 handler type"
+                    ));
+                    continue;
+                }
+                match sleep.get("seconds").and_then(Value::as_i64) {
+                    Some(n) if (0..=grace).contains(&n) => {
+                        let e = table
+                            .entry(name.to_string())
+                            .or_insert_with(|| Value::Object(Default::default()));
+                        if let Some(o) = e.as_object_mut() {
+                            o.insert(hook.into(), Value::from(n));
+                        }
+                    }
+                    _ => problems.push(format!(
+                        "{f}.sleep.seconds: Invalid value {}: must be greater than or equal to 0 and less than or equal to terminationGracePeriodSeconds ({grace})",
+                        sleep.get("seconds").map(Value::to_string).unwrap_or_else(|| "null".into())
+                    )),
+                }
+            }
+        }
+    }
+    let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let ann = meta
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if let Some(ann) = ann.as_object_mut() {
+        ann.remove(LIFECYCLE_SLEEP_ANNOTATION);
+        if !table.is_empty() {
+            ann.insert(
+                LIFECYCLE_SLEEP_ANNOTATION.into(),
+                Value::from(Value::Object(table).to_string()),
+            );
+        }
+    }
+    if meta
+        .get("annotations")
+        .is_some_and(|a| a.as_object().is_some_and(|o| o.is_empty()))
+    {
+        meta.remove("annotations");
+    }
+}
+
+/// YAML 1.1 octal literals in file modes: `defaultMode: 0644` is 420 for kubectl (YAML 1.1),
+/// but a YAML 1.2 parser reads the plain scalar `0644` as the string "0644". Every `mode` and
+/// `defaultMode` under `spec.volumes` holding such a string of octal digits with a leading 0
+/// becomes its number; a leading-0 string with other digits is reported.
+fn octal_modes(value: &mut Value, problems: &mut Vec<String>) {
+    fn walk(v: &mut Value, path: &str, problems: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    let p = format!("{path}.{k}");
+                    if k == "mode" || k == "defaultMode" {
+                        if let Value::String(t) = x {
+                            let digits = t.strip_prefix('+').unwrap_or(t);
+                            if digits.len() > 1
+                                && digits.starts_with('0')
+                                && digits.bytes().all(|b| b.is_ascii_digit())
+                            {
+                                match i64::from_str_radix(digits, 8) {
+                                    Ok(n) => *x = Value::from(n),
+                                    Err(_) => problems.push(format!(
+                                        "{p}: Invalid value {t:?}: not an octal number"
+                                    )),
+                                }
+                            }
+                        }
+                    } else {
+                        walk(x, &p, problems);
+                    }
+                }
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter_mut().enumerate() {
+                    walk(x, &format!("{path}[{i}]"), problems);
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(vols) = value.pointer_mut("/spec/volumes") {
+        walk(vols, "spec.volumes", problems);
+    }
+}
+
+/// Decodes a raw pod document after the fix-ups the typed Pod cannot express (YAML 1.1 octal
+/// modes, lifecycle `sleep` handlers).
+fn decode_pod(mut value: Value) -> Result<Pod, ManifestErrorKind> {
+    let mut problems = Vec::new();
+    octal_modes(&mut value, &mut problems);
+    capture_lifecycle_sleep(&mut value, &mut problems);
+    if !problems.is_empty() {
+        return Err(ManifestErrorKind::Invalid(problems));
+    }
+    serde_json::from_value::<Pod>(value).map_err(|e| ManifestErrorKind::Decode(e.to_string()))
+}
 
 /// Options for static pods from a manifest directory.
 #[derive(Debug, Clone)]
@@ -218,10 +367,8 @@ fn load_value(file: &str, doc: usize, value: Value, opts: &StaticPodOptions, out
                 load_value(file, doc, item, opts, out);
             }
         }
-        "Pod" => match serde_json::from_value::<Pod>(value) {
-            Err(e) => out
-                .errors
-                .push(err(label, ManifestErrorKind::Decode(e.to_string()))),
+        "Pod" => match decode_pod(value) {
+            Err(kind) => out.errors.push(err(label, kind)),
             Ok(pod) => {
                 let problems = validate_pod(&pod);
                 if !problems.is_empty() {

@@ -1,7 +1,8 @@
 //! Probe and hook handlers (effectful, blocking; the worker runs them on the blocking pool):
 //! exec through the container's shim, httpGet (HTTP/1.1, kubelet's `kube-probe` user agent,
-//! 200–399 = success), tcpSocket (connect), and gRPC health (`grpc.health.v1.Health/Check`
-//! over cleartext HTTP/2 with prior knowledge).
+//! 200–399 = success; scheme HTTPS over TLS without certificate verification, as the kubelet
+//! does), tcpSocket (connect), and gRPC health (`grpc.health.v1.Health/Check` over cleartext
+//! HTTP/2 with prior knowledge).
 //!
 //! The gRPC client is a small hand-written HTTP/2 exchange (one stream, literal HPACK headers,
 //! no response header decoding: success is a response message with status SERVING). A full
@@ -13,7 +14,9 @@ use hako_shim::client::Runtime as ShimRuntime;
 use hako_shim::protocol::ExecRequest;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use tokio_rustls::rustls;
 
 /// Runs probes and hook handlers against containers of one runtime.
 #[derive(Debug, Clone)]
@@ -66,7 +69,74 @@ pub fn exec(
     Ok((r.exit_code, format!("{}{}", r.stdout, r.stderr)))
 }
 
-/// HTTP GET; returns the status code.
+/// Accepts any server certificate (the kubelet's probes and hooks use `InsecureSkipVerify`)
+/// but still checks the handshake signatures, so the peer holds the certificate's key.
+#[derive(Debug)]
+struct NoCertificateVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoCertificateVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The TLS client configuration of HTTPS probes and hooks (built once).
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS configuration: {e}"))?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoCertificateVerification(provider)))
+                .with_no_client_auth();
+            Ok(Arc::new(cfg))
+        })
+        .clone()
+}
+
+/// HTTP GET (scheme `HTTP` or `HTTPS`); returns the status code.
 pub fn http_get(
     scheme: &str,
     host: &str,
@@ -75,19 +145,61 @@ pub fn http_get(
     headers: &[(String, String)],
     timeout: Duration,
 ) -> Result<u16, String> {
-    if !scheme.eq_ignore_ascii_case("http") {
-        return Err(format!("scheme {scheme} is not supported (HTTP only)"));
-    }
-    let mut s = connect(host, port, timeout)?;
     let path = if path.starts_with('/') {
         path.to_string()
     } else {
         format!("/{path}")
     };
+    let tls = if scheme.eq_ignore_ascii_case("https") {
+        true
+    } else if scheme.eq_ignore_ascii_case("http") {
+        false
+    } else {
+        return Err(format!(
+            "scheme {scheme:?} is not supported (HTTP or HTTPS)"
+        ));
+    };
+    let tcp = connect(host, port, timeout)?;
+    if !tls {
+        return http_exchange(tcp, "http", host, port, &path, headers);
+    }
+    let url = format!("https://{}:{port}{path}", host_for_url(host));
+    let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+        .map_err(|e| format!("Get \"{url}\": {e}"))?;
+    let conn = rustls::ClientConnection::new(tls_config()?, name)
+        .map_err(|e| format!("Get \"{url}\": {e}"))?;
+    http_exchange(
+        rustls::StreamOwned::new(conn, tcp),
+        "https",
+        host,
+        port,
+        &path,
+        headers,
+    )
+}
+
+fn host_for_url(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// One request on a connected stream (plain or TLS); returns the status code.
+fn http_exchange(
+    mut s: impl Read + Write,
+    scheme: &str,
+    host: &str,
+    port: u16,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<u16, String> {
+    let url = format!("{scheme}://{}:{port}{path}", host_for_url(host));
     let mut req = format!("GET {path} HTTP/1.1\r\n");
     let has = |n: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
     if !has("host") {
-        req.push_str(&format!("Host: {host}:{port}\r\n"));
+        req.push_str(&format!("Host: {}:{port}\r\n", host_for_url(host)));
     }
     if !has("user-agent") {
         req.push_str("User-Agent: kube-probe/1.28\r\n");
@@ -100,13 +212,17 @@ pub fn http_get(
     }
     req.push_str("Connection: close\r\n\r\n");
     s.write_all(req.as_bytes())
-        .map_err(|e| format!("Get \"http://{host}:{port}{path}\": {e}"))?;
+        .and_then(|()| s.flush())
+        .map_err(|e| format!("Get \"{url}\": {e}"))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 512];
     while !buf.windows(2).any(|w| w == b"\r\n") {
-        let n = s
-            .read(&mut chunk)
-            .map_err(|e| format!("Get \"http://{host}:{port}{path}\": {e}"))?;
+        let n = match s.read(&mut chunk) {
+            Ok(n) => n,
+            // A TLS peer that closes without close_notify after its answer.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => 0,
+            Err(e) => return Err(format!("Get \"{url}\": {e}")),
+        };
         if n == 0 {
             break;
         }
@@ -119,7 +235,7 @@ pub fn http_get(
     line.split_whitespace()
         .nth(1)
         .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| format!("Get \"http://{host}:{port}{path}\": malformed HTTP response"))
+        .ok_or_else(|| format!("Get \"{url}\": malformed HTTP response"))
 }
 
 fn hpack_int(out: &mut Vec<u8>, prefix_bits: u8, first: u8, mut v: usize) {
@@ -342,6 +458,92 @@ impl crate::probe::Prober for RealProber {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-connection HTTPS server with a fresh self-signed certificate; returns the port and
+    /// the request head it received.
+    fn tls_server(status: &'static str) -> (u16, std::thread::JoinHandle<String>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["probe.test".into()]).unwrap();
+        let cert = rustls::pki_types::CertificateDer::from(ck.cert.der().to_vec());
+        let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (tcp, _) = l.accept().unwrap();
+            let conn = rustls::ServerConnection::new(Arc::new(cfg)).unwrap();
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if s.read(&mut b).unwrap_or(0) == 0 {
+                    break;
+                }
+                head.push(b[0]);
+            }
+            let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+            let _ = s.flush();
+            s.conn.send_close_notify();
+            let _ = s.flush();
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        (port, t)
+    }
+
+    #[test]
+    fn https_get_without_verification() {
+        let (port, t) = tls_server("204 No Content");
+        let code = http_get(
+            "HTTPS",
+            "127.0.0.1",
+            port,
+            "healthz",
+            &[("X-Probe".into(), "1".into())],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(code, 204);
+        let head = t.join().unwrap();
+        assert!(head.starts_with("GET /healthz HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("User-Agent: kube-probe/1.28\r\n"), "{head}");
+        assert!(head.contains("X-Probe: 1\r\n"), "{head}");
+        // A host name (sent as SNI) that is not in the certificate is fine too.
+        let (port, t) = tls_server("503 Service Unavailable");
+        assert_eq!(
+            http_get("https", "localhost", port, "/", &[], Duration::from_secs(5)),
+            Ok(503)
+        );
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn https_against_plain_http_fails_and_bad_scheme_is_an_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut b = [0u8; 512];
+            let _ = c.read(&mut b);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        });
+        let r = http_get("HTTPS", "127.0.0.1", port, "/", &[], Duration::from_secs(5));
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.starts_with(&format!("Get \"https://127.0.0.1:{port}/\""))),
+            "{r:?}"
+        );
+        t.join().unwrap();
+        assert!(
+            http_get("ftp", "127.0.0.1", 1, "/", &[], Duration::from_secs(1))
+                .is_err_and(|e| e.contains("not supported"))
+        );
+    }
 
     #[test]
     fn grpc_frames() {

@@ -228,7 +228,15 @@ pub fn pods_table(records: &[PodRecord], wide: bool, now: DateTime<Utc>) -> Stri
             ready,
             status,
             restarts,
-            age(p.metadata.creation_timestamp.as_ref().map(|t| t.0), now),
+            // Static pods have no creationTimestamp: their age is from the start time.
+            age(
+                p.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .or(p.status.as_ref().and_then(|s| s.start_time.as_ref()))
+                    .map(|t| t.0),
+                now,
+            ),
         ];
         if wide {
             let st = p.status.clone().unwrap_or_default();

@@ -4,6 +4,7 @@
 //! [`AgentMetrics`]. A small std-only HTTP/1.1 server on one thread (requests are tiny and rare;
 //! no async runtime or HTTP library is pulled into the binary for it).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -20,16 +21,38 @@ const BUCKETS: [f64; 12] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-#[derive(Debug, Default, Clone)]
+/// The kubelet's buckets of `kubelet_pod_start_duration_seconds`.
+const POD_START_BUCKETS: [f64; 25] = [
+    0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0,
+    300.0, 360.0, 480.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0,
+];
+
+#[derive(Debug, Clone)]
 struct Histogram {
-    counts: [u64; 12],
+    buckets: &'static [f64],
+    counts: Vec<u64>,
     count: u64,
     sum: f64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::with_buckets(&BUCKETS)
+    }
+}
+
 impl Histogram {
+    fn with_buckets(buckets: &'static [f64]) -> Self {
+        Self {
+            buckets,
+            counts: vec![0; buckets.len()],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+
     fn observe(&mut self, v: f64) {
-        for (i, b) in BUCKETS.iter().enumerate() {
+        for (i, b) in self.buckets.iter().enumerate() {
             if v <= *b {
                 self.counts[i] += 1;
             }
@@ -40,7 +63,7 @@ impl Histogram {
 
     fn render(&self, o: &mut String, name: &str, help: &str) {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, b) in BUCKETS.iter().enumerate() {
+        for (i, b) in self.buckets.iter().enumerate() {
             let _ = writeln!(o, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
         }
         let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
@@ -73,7 +96,38 @@ pub struct AgentMetrics {
     pod_sync: Mutex<Histogram>,
     proxy_sync: Mutex<Histogram>,
     pod_start: Mutex<Histogram>,
+    /// Containers started, by type (`container`, `init_container`).
+    started_by_type: Mutex<BTreeMap<&'static str, u64>>,
+    /// Container restarts (starts of an attempt after the first).
+    restarts_total: AtomicU64,
+    /// Probe runs by (type, result).
+    probes: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Image pulls by result (`pulled`, `present`, `failed`).
+    image_pulls: Mutex<BTreeMap<&'static str, u64>>,
+    /// Pod sync errors by reason (the event reason).
+    sync_errors: Mutex<BTreeMap<String, u64>>,
+    /// The pod workers report their pods here (set once a worker reported).
+    workers_attached: AtomicBool,
+    live: Mutex<BTreeMap<String, PodGauge>>,
 }
+
+/// What one pod worker reports for the gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PodGauge {
+    /// The pod has a ready sandbox (the kubelet's "running pod").
+    pub sandbox_running: bool,
+    /// Containers by state: created, running, exited, unknown.
+    pub containers: [u64; 4],
+    /// Sum of the containers' restart counts.
+    pub restarts: u64,
+}
+
+/// The `container_state` label values of [`PodGauge::containers`], in order.
+pub const CONTAINER_STATES: [&str; 4] = ["created", "running", "exited", "unknown"];
+
+/// A probe kind label (`Liveness`, `Readiness`, `Startup`) and result label (`successful`,
+/// `failed`, `unknown`), as the kubelet's `prober_probe_total`.
+pub type ProbeLabels = (&'static str, &'static str);
 
 impl Default for AgentMetrics {
     fn default() -> Self {
@@ -90,7 +144,14 @@ impl Default for AgentMetrics {
             container_restarts: AtomicU64::new(0),
             pod_sync: Mutex::default(),
             proxy_sync: Mutex::default(),
-            pod_start: Mutex::default(),
+            pod_start: Mutex::new(Histogram::with_buckets(&POD_START_BUCKETS)),
+            started_by_type: Mutex::default(),
+            restarts_total: AtomicU64::new(0),
+            probes: Mutex::default(),
+            image_pulls: Mutex::default(),
+            sync_errors: Mutex::default(),
+            workers_attached: AtomicBool::new(false),
+            live: Mutex::default(),
         }
     }
 }
@@ -103,6 +164,13 @@ impl AgentMetrics {
     /// A new set, shared.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// The process's set: what [`start_node_services`] serves and what the pod workers feed
+    /// by default.
+    pub fn shared() -> Arc<Self> {
+        static SHARED: std::sync::OnceLock<Arc<AgentMetrics>> = std::sync::OnceLock::new();
+        SHARED.get_or_init(Self::new).clone()
     }
 
     /// The sync loop is alive (call once per loop iteration).
@@ -150,6 +218,61 @@ impl AgentMetrics {
     /// A container was started.
     pub fn container_started(&self) {
         inc(&self.containers_started);
+    }
+
+    /// A container of the given type (`container` or `init_container`) was started;
+    /// `restart`: it is not the container's first attempt.
+    pub fn container_started_as(&self, container_type: &'static str, restart: bool) {
+        inc(&self.containers_started);
+        if restart {
+            inc(&self.restarts_total);
+        }
+        if let Ok(mut m) = self.started_by_type.lock() {
+            *m.entry(container_type).or_default() += 1;
+        }
+    }
+
+    /// One probe ran: `kind` `Liveness`/`Readiness`/`Startup`, `result`
+    /// `successful`/`failed`/`unknown`.
+    pub fn probe_result(&self, kind: &'static str, result: &'static str) {
+        if let Ok(mut m) = self.probes.lock() {
+            *m.entry((kind, result)).or_default() += 1;
+        }
+    }
+
+    /// An image was made available: `result` `pulled`, `present` or `failed` (failures also
+    /// count in the image pull errors).
+    pub fn image_pull(&self, result: &'static str) {
+        if result == "failed" {
+            inc(&self.image_pull_errors);
+        }
+        if let Ok(mut m) = self.image_pulls.lock() {
+            *m.entry(result).or_default() += 1;
+        }
+    }
+
+    /// A pod sync step failed; `reason` is the event reason (`FailedCreatePodSandBox`,
+    /// `FailedMount`, `CreateContainerError`, ...).
+    pub fn sync_error(&self, reason: &str) {
+        if let Ok(mut m) = self.sync_errors.lock() {
+            *m.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+
+    /// A pod worker's current view of its pod (replaces the previous one). From the first
+    /// call on, the pod gauges come from the workers rather than from [`Self::observe_pods`].
+    pub fn set_pod(&self, uid: &str, g: PodGauge) {
+        self.workers_attached.store(true, Ordering::Relaxed);
+        if let Ok(mut m) = self.live.lock() {
+            m.insert(uid.to_string(), g);
+        }
+    }
+
+    /// The pod is gone from the node.
+    pub fn remove_pod(&self, uid: &str) {
+        if let Ok(mut m) = self.live.lock() {
+            m.remove(uid);
+        }
     }
     /// A CNI operation failed.
     pub fn cni_error(&self) {
@@ -205,19 +328,125 @@ impl AgentMetrics {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
         let ld = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let attached = self.workers_attached.load(Ordering::Relaxed);
+        let live: Vec<PodGauge> = self
+            .live
+            .lock()
+            .map(|m| m.values().copied().collect())
+            .unwrap_or_default();
+        let (pods, by_state, restarts) = if attached {
+            let mut by_state = [0u64; 4];
+            for p in &live {
+                for (i, n) in p.containers.iter().enumerate() {
+                    by_state[i] += n;
+                }
+            }
+            (
+                live.iter().filter(|p| p.sandbox_running).count() as u64,
+                by_state,
+                live.iter().map(|p| p.restarts).sum(),
+            )
+        } else {
+            (
+                ld(&self.pods_running),
+                [0, ld(&self.containers_running), 0, 0],
+                ld(&self.container_restarts),
+            )
+        };
         g(
             &mut o,
             "kubelet_running_pods",
             "gauge",
             "Number of pods that have a running pod sandbox",
-            ld(&self.pods_running),
+            pods,
+        );
+        let _ = writeln!(
+            o,
+            "# HELP kubelet_running_containers Number of containers currently running\n# TYPE kubelet_running_containers gauge"
+        );
+        for (i, st) in CONTAINER_STATES.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "kubelet_running_containers{{container_state=\"{st}\"}} {}",
+                by_state[i]
+            );
+        }
+        g(
+            &mut o,
+            "hako_agent_container_restarts",
+            "gauge",
+            "Sum of the restart counts of the containers on the node",
+            restarts,
         );
         g(
             &mut o,
-            "kubelet_running_containers",
-            "gauge",
-            "Number of containers currently running",
-            ld(&self.containers_running),
+            "hako_agent_container_restarts_total",
+            "counter",
+            "Container restarts performed by this agent",
+            ld(&self.restarts_total),
+        );
+        let labelled = |o: &mut String, name: &str, help: &str, rows: Vec<(String, u64)>| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, v) in rows {
+                let _ = writeln!(o, "{name}{{{labels}}} {v}");
+            }
+        };
+        labelled(
+            &mut o,
+            "kubelet_started_containers_total",
+            "Cumulative number of containers started",
+            self.started_by_type
+                .lock()
+                .map(|m| {
+                    m.iter()
+                        .map(|(t, v)| (format!("container_type=\"{t}\""), *v))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        );
+        labelled(
+            &mut o,
+            "prober_probe_total",
+            "Cumulative number of liveness, readiness or startup probe runs",
+            self.probes
+                .lock()
+                .map(|m| {
+                    m.iter()
+                        .map(|((k, r), v)| (format!("probe_type=\"{k}\",result=\"{r}\""), *v))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        );
+        labelled(
+            &mut o,
+            "hako_agent_image_pulls_total",
+            "Images made available for containers, by result (pulled, present, failed)",
+            self.image_pulls
+                .lock()
+                .map(|m| {
+                    m.iter()
+                        .map(|(r, v)| (format!("result=\"{r}\""), *v))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        );
+        labelled(
+            &mut o,
+            "hako_agent_pod_sync_errors_total",
+            "Failed pod sync steps, by event reason",
+            self.sync_errors
+                .lock()
+                .map(|m| {
+                    m.iter()
+                        .map(|(r, v)| {
+                            (
+                                format!("reason=\"{}\"", r.replace(['"', '\\', '\n'], "_")),
+                                *v,
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         );
         g(
             &mut o,
@@ -334,7 +563,7 @@ impl Drop for NodeServices {
 /// Starts the healthz/metrics server (healthy while [`heartbeat`] beats within 10 s) and the
 /// Service loop ([`crate::services::spawn_poller`]).
 pub fn start_node_services(opts: NodeServicesOptions) -> anyhow::Result<NodeServices> {
-    let metrics = AgentMetrics::new();
+    let metrics = AgentMetrics::shared();
     let server = match opts.healthz_addr {
         Some(a) => Some(
             start(a, metrics.clone(), Duration::from_secs(10))

@@ -36,6 +36,7 @@ use crate::prober::RealProber;
 use crate::record::PodRecord;
 use crate::runtime::{self, ContainerMeta};
 use crate::sandbox::{self, SandboxPaths};
+use crate::server::AgentMetrics;
 use crate::{dns, env, qos, state, status};
 use hako_shim::client::Runtime as ShimRuntime;
 use hako_shim::image::{ImageStore, PullPolicy};
@@ -136,6 +137,7 @@ pub struct PodManager {
     status_tx: broadcast::Sender<PodStatusEvent>,
     pods: Arc<Mutex<BTreeMap<String, Pod>>>,
     first_sync: Mutex<bool>,
+    metrics: Arc<AgentMetrics>,
 }
 
 fn key_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
@@ -146,8 +148,14 @@ fn key_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (St
 }
 
 impl PodManager {
-    /// A manager with no pods.
+    /// A manager with no pods, feeding the process's shared metrics
+    /// ([`AgentMetrics::shared`], what the healthz/metrics server serves).
     pub fn new(cfg: AgentConfig) -> Arc<Self> {
+        Self::with_metrics(cfg, AgentMetrics::shared())
+    }
+
+    /// A manager with no pods whose workers feed `metrics`.
+    pub fn with_metrics(cfg: AgentConfig, metrics: Arc<AgentMetrics>) -> Arc<Self> {
         let (status_tx, _) = broadcast::channel(1024);
         Arc::new(Self {
             cfg: Arc::new(cfg),
@@ -156,6 +164,7 @@ impl PodManager {
             status_tx,
             pods: Arc::default(),
             first_sync: Mutex::new(true),
+            metrics,
         })
     }
 
@@ -288,6 +297,7 @@ impl PodManager {
             pod,
             self.status_tx.clone(),
             self.pods.clone(),
+            self.metrics.clone(),
         );
         tokio::spawn(w.run(rx));
         Handle { tx }
@@ -344,6 +354,11 @@ struct Worker {
     volumes: Option<crate::volumes::PodVolumes>,
     volumes_generation: u64,
     resync_now: bool,
+    /// When the worker first saw the pod (pod start latency).
+    seen_at: std::time::Instant,
+    /// The pod start latency was observed (or the pod was already running when adopted).
+    start_observed: bool,
+    metrics: Arc<AgentMetrics>,
 }
 
 fn blocking<T: Send + 'static>(
@@ -410,6 +425,7 @@ impl Worker {
         pod: Pod,
         status_tx: broadcast::Sender<PodStatusEvent>,
         pods: Arc<Mutex<BTreeMap<String, Pod>>>,
+        metrics: Arc<AgentMetrics>,
     ) -> Self {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let (exit_tx, exit_rx) = mpsc::unbounded_channel();
@@ -439,6 +455,9 @@ impl Worker {
             volumes: None,
             volumes_generation: 0,
             resync_now: false,
+            seen_at: std::time::Instant::now(),
+            start_observed: false,
+            metrics,
         }
     }
 
@@ -508,6 +527,12 @@ impl Worker {
         let Some((prev, sb, insts)) = found else {
             return;
         };
+        if let Some(saved) = std::fs::read(self.pod_dir().join("backoff.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            self.restart_backoff.restore(saved);
+        }
         if let Some(prev) = prev {
             self.record.events = prev.events;
             self.start_time = prev
@@ -560,6 +585,9 @@ impl Worker {
             })
             .map(|(id, _)| id.clone())
             .collect();
+        if !running.is_empty() {
+            self.start_observed = true;
+        }
         for id in running {
             let started = self.insts[&id]
                 .state
@@ -570,6 +598,21 @@ impl Worker {
                 .unwrap_or(now);
             self.setup_probes(&id, started);
             self.watch(&id);
+        }
+    }
+
+    /// Keeps the restart back-off in the pod's state dir, so that an agent restart does not
+    /// restart a crash-looping container at once.
+    fn save_backoff(&self) {
+        let dir = self.pod_dir();
+        let tmp = dir.join(".backoff.json.tmp");
+        let body = serde_json::to_vec(&self.restart_backoff.save()).unwrap_or_default();
+        if std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&tmp, body))
+            .and_then(|()| std::fs::rename(&tmp, dir.join("backoff.json")))
+            .is_err()
+        {
+            tracing::warn!(uid = %self.uid, "could not save the restart back-off");
         }
     }
 
@@ -676,6 +719,7 @@ impl Worker {
     fn publish(&mut self, observed: &ObservedPod) {
         let prev = self.record.pod.status.clone();
         let st = status::compute_status(&self.pod, observed, prev.as_ref(), Utc::now());
+        self.report_metrics(observed, &st);
         if prev.as_ref() == Some(&st) && !self.dirty {
             return;
         }
@@ -699,6 +743,44 @@ impl Worker {
         });
     }
 
+    /// Feeds the pod gauges and, once, the pod start latency (first seen → every regular
+    /// container running).
+    fn report_metrics(&mut self, observed: &ObservedPod, st: &PodStatus) {
+        let mut g = crate::server::PodGauge {
+            sandbox_running: observed.sandbox.as_ref().is_some_and(|s| s.ready),
+            ..Default::default()
+        };
+        for c in &observed.containers {
+            let i = match c.state {
+                RuntimeState::Created => 0,
+                RuntimeState::Running => 1,
+                RuntimeState::Exited => 2,
+                RuntimeState::Unknown => 3,
+            };
+            g.containers[i] += 1;
+        }
+        g.restarts = st
+            .container_statuses
+            .iter()
+            .flatten()
+            .chain(st.init_container_statuses.iter().flatten())
+            .map(|c| u64::try_from(c.restart_count).unwrap_or(0))
+            .sum();
+        self.metrics.set_pod(&self.uid, g);
+        if !self.start_observed {
+            let all_running = st.container_statuses.as_ref().is_some_and(|cs| {
+                !cs.is_empty()
+                    && cs
+                        .iter()
+                        .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+            });
+            if all_running {
+                self.start_observed = true;
+                self.metrics.observe_pod_start(self.seen_at.elapsed());
+            }
+        }
+    }
+
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let Some(mut exit_rx) = self.exit_rx.take() else {
             return;
@@ -716,7 +798,9 @@ impl Worker {
                 self.terminate_and_remove().await;
                 return;
             }
+            let t0 = std::time::Instant::now();
             let progress = self.sync_once().await;
+            self.metrics.observe_pod_sync(t0.elapsed());
             self.run_probes().await;
             let obs = self.observed();
             self.publish(&obs);
@@ -984,6 +1068,7 @@ impl Worker {
             None => None,
         };
         if let Some(e) = failed {
+            self.metrics.cni_error();
             self.event(
                 "Warning",
                 "SandboxChanged",
@@ -1073,6 +1158,8 @@ impl Worker {
                 true
             }
             Err(e) => {
+                self.metrics.sync_error("FailedCreatePodSandBox");
+                self.metrics.cni_error();
                 self.event(
                     "Warning",
                     "FailedCreatePodSandBox",
@@ -1117,6 +1204,8 @@ impl Worker {
         })
         .await;
         if let Some(Err(e)) = r {
+            self.metrics.cni_error();
+            self.metrics.sync_error("FailedKillPod");
             self.event("Warning", "FailedKillPod", &format!("CNI DEL: {e}"));
         }
     }
@@ -1168,10 +1257,12 @@ impl Worker {
                 continue;
             };
             let c = self.container_spec(&i.meta.name);
+            let pre_sleep = crate::manifest::lifecycle_sleep(&self.pod, &i.meta.name, "preStop");
             let pre = c
                 .as_ref()
                 .and_then(|c| c.lifecycle.as_ref())
                 .and_then(|l| l.pre_stop.clone())
+                .filter(|_| pre_sleep.is_none())
                 .map(|h| c.as_ref().map(|c| hook_action(&h, c)));
             let shim = self.cfg.shim.clone();
             let id = id.clone();
@@ -1184,6 +1275,16 @@ impl Worker {
             set.spawn(async move {
                 let start = tokio::time::Instant::now();
                 let mut hook_err = None;
+                if let (Some(secs), true) = (pre_sleep, running) {
+                    // The sleep handler, cut short by the grace period.
+                    let want = Duration::from_secs(secs);
+                    tokio::time::sleep(want.min(grace)).await;
+                    if want > grace {
+                        hook_err = Some(format!(
+                            "container terminated before the sleep hook finished ({secs}s > grace period {grace:?})"
+                        ));
+                    }
+                }
                 if let (Some(Some(action)), true) = (pre, running) {
                     match action {
                         Ok(action) => {
@@ -1285,6 +1386,8 @@ impl Worker {
             .await
         {
             Ok(img) => {
+                self.metrics
+                    .image_pull(if present { "present" } else { "pulled" });
                 if present {
                     self.event(
                         "Normal",
@@ -1319,6 +1422,8 @@ impl Worker {
                         format!("Failed to pull image {image:?}: {e}"),
                     )
                 };
+                self.metrics.image_pull("failed");
+                self.metrics.sync_error(reason);
                 self.event("Warning", "Failed", &msg);
                 self.event("Warning", "Failed", &format!("Error: {reason}"));
                 self.image_backoff.next(&key, now, now);
@@ -1408,6 +1513,7 @@ impl Worker {
     }
 
     fn config_error(&mut self, name: &str, msg: String) {
+        self.metrics.sync_error("CreateContainerConfigError");
         self.event("Warning", "Failed", &format!("Error: {msg}"));
         self.start_failures.insert(
             name.to_string(),
@@ -1531,6 +1637,7 @@ impl Worker {
         if let Some(p) = prev.as_ref().filter(|p| p.state == RuntimeState::Exited) {
             if let Some(fin) = p.finished_at {
                 self.restart_backoff.next(&key, fin, now);
+                self.save_backoff();
             }
         }
         let shim = self.cfg.shim.clone();
@@ -1548,6 +1655,20 @@ impl Worker {
         match created {
             Ok(st) => {
                 self.start_failures.remove(name);
+                let is_init = self
+                    .pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.init_containers.as_ref())
+                    .is_some_and(|ic| ic.iter().any(|c| c.name == name));
+                self.metrics.container_started_as(
+                    if is_init {
+                        "init_container"
+                    } else {
+                        "container"
+                    },
+                    attempt > 0,
+                );
                 if st.oom_score_adj_clamped && !self.clamp_logged {
                     self.clamp_logged = true;
                     self.event(
@@ -1580,7 +1701,11 @@ impl Worker {
                 self.watch(&id);
                 self.gc_instances(name).await;
                 // postStart: the container is not Running until it returns.
-                if let Some(h) = c.lifecycle.as_ref().and_then(|l| l.post_start.clone()) {
+                let post_sleep = crate::manifest::lifecycle_sleep(&self.pod, name, "postStart");
+                let post = c.lifecycle.as_ref().and_then(|l| l.post_start.clone());
+                if let Some(secs) = post_sleep {
+                    tokio::time::sleep(Duration::from_secs(secs)).await;
+                } else if let Some(h) = post {
                     let r = match hook_action(&h, &c) {
                         Ok(action) => {
                             let shim = self.cfg.shim.clone();
@@ -1619,6 +1744,8 @@ impl Worker {
                 true
             }
             Err(e) => {
+                self.metrics.shim_error();
+                self.metrics.sync_error("CreateContainerError");
                 runtime::remove_meta(&self.cfg.root_dir, &self.uid, &id);
                 self.event("Warning", "Failed", &format!("Error: {e}"));
                 self.start_failures.insert(
@@ -1735,6 +1862,17 @@ impl Worker {
             };
             let kind = w.kind;
             let changed = w.record(Utc::now(), &out);
+            self.metrics.probe_result(
+                match kind {
+                    ProbeType::Startup => "Startup",
+                    ProbeType::Liveness => "Liveness",
+                    ProbeType::Readiness => "Readiness",
+                },
+                match out {
+                    ProbeOutcome::Success => "successful",
+                    ProbeOutcome::Failure(_) => "failed",
+                },
+            );
             if let ProbeOutcome::Failure(msg) = &out {
                 let k = match kind {
                     ProbeType::Startup => "Startup",
@@ -1819,6 +1957,7 @@ impl Worker {
                 true
             }
             Some(Err(e)) => {
+                self.metrics.sync_error("FailedMount");
                 self.event("Warning", "FailedMount", &e.to_string());
                 if self.volumes.is_some() {
                     // Refresh failed: old contents stay; try again on the next change.
@@ -1875,6 +2014,7 @@ impl Worker {
         if let Ok(mut m) = self.pods.lock() {
             m.remove(&self.uid);
         }
+        self.metrics.remove_pod(&self.uid);
         let (namespace, name) = self.ns_name();
         tracing::info!(pod = %format!("{namespace}/{name}"), uid = %self.uid, "pod removed");
         let _ = self.status_tx.send(PodStatusEvent {

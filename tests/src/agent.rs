@@ -437,6 +437,25 @@ impl AgentEnv {
             .collect()
     }
 
+    /// The agent's Prometheus text from `GET /metrics` on its default healthz address
+    /// (127.0.0.1:10248 inside the test namespace); empty when it does not answer.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        self.ns
+            .run(|| {
+                let mut s = std::net::TcpStream::connect("127.0.0.1:10248").ok()?;
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .ok()?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).ok()?;
+                Some(out.split_once("\r\n\r\n")?.1.to_string())
+            })
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
     /// Shim container state dirs under the run dir.
     pub fn shim_containers(&self) -> Vec<String> {
         std::fs::read_dir(self.run.join("containers"))
@@ -447,6 +466,19 @@ impl AgentEnv {
             })
             .unwrap_or_default()
     }
+}
+
+/// The value of one sample (`name` with its labels, e.g.
+/// `prober_probe_total{probe_type="Readiness",result="failed"}`) in Prometheus text; None when
+/// absent.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// The end of a string.

@@ -2,7 +2,7 @@
 //! logs and exec, ImagePullBackOff, malformed manifests, CrashLoopBackOff timing, OOMKilled.
 #![cfg(feature = "root")]
 
-use hako_tests::agent::AgentEnv;
+use hako_tests::agent::{metric, AgentEnv};
 use k8s_openapi::chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::time::Duration;
@@ -401,6 +401,22 @@ fn image_pull_backoff_and_malformed_manifest_leave_other_pods_running() {
             && (l.contains("ImagePullBackOff") || l.contains("ErrImagePull"))),
         "{text}"
     );
+    // The failed pulls and the config error are counted.
+    let m = env.metrics();
+    let v = |s: &str| metric(&m, s).unwrap_or(0.0);
+    assert!(
+        v("hako_agent_image_pulls_total{result=\"failed\"}") >= 2.0,
+        "{m}"
+    );
+    assert!(v("hako_agent_image_pull_errors_total") >= 2.0, "{m}");
+    assert!(
+        v("hako_agent_pod_sync_errors_total{reason=\"ErrImagePull\"}") >= 2.0,
+        "{m}"
+    );
+    assert!(
+        v("hako_agent_pod_sync_errors_total{reason=\"CreateContainerConfigError\"}") >= 1.0,
+        "{m}"
+    );
 }
 
 #[test]
@@ -452,7 +468,7 @@ fn crash_loop_backoff_doubles_and_oom_kill_is_reported() {
     assert!(timing.len() >= 3, "{timing:?}");
     // gap[i] = start(i+1) - finish(i); expected back-offs 0, 1, 2, 4 ...
     // The first restart takes no back-off; it may wait for the worker's next pass (≤ 1 s).
-    assert!(timing[0] < 1.5, "{timing:?}");
+    assert!(timing[0] < 2.0, "{timing:?}");
     assert!(timing[1] >= 0.9 && timing[1] < 2.5, "{timing:?}");
     assert!(timing[2] >= 1.9 && timing[2] < 4.5, "{timing:?}");
     if timing.len() > 3 {
@@ -491,9 +507,12 @@ metadata: {{name: vol}}
 spec:
   terminationGracePeriodSeconds: 1
   volumes:
-  - {{name: page, configMap: {{name: page}}}}
+  - {{name: page, configMap: {{name: page, items: [{{key: index.html, path: index.html, mode: 0640}}]}}}}
   - {{name: scratch, emptyDir: {{}}}}
-  - {{name: token, secret: {{secretName: token}}}}
+  - name: token
+    secret:
+      secretName: token
+      defaultMode: 0600
   initContainers:
   - {{name: prep, image: "{img}", command: [sh, -c, "echo from-init > /scratch/note"], volumeMounts: [{{name: scratch, mountPath: /scratch}}]}}
   containers:
@@ -522,6 +541,9 @@ spec:
     assert_eq!(exec("cat /page/index.html"), "version one");
     assert_eq!(exec("cat /scratch/note"), "from-init\n");
     assert_eq!(exec("cat /token/token"), "abc123");
+    // YAML 1.1 octal modes, as kubectl reads them.
+    assert_eq!(exec("stat -L -c %a /token/token"), "600\n");
+    assert_eq!(exec("stat -L -c %a /page/index.html"), "640\n");
     assert!(
         exec("grep ' /token ' /proc/mounts").contains("tmpfs"),
         "secret not on tmpfs"

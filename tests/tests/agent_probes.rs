@@ -1,8 +1,9 @@
-//! Agent root tests: probes (exec, httpGet, tcpSocket, grpc; startup, liveness, readiness) and
-//! their consequences; native sidecars; postStart/preStop hooks and the termination grace.
+//! Agent root tests: probes (exec, httpGet over HTTP and HTTPS, tcpSocket, grpc; startup,
+//! liveness, readiness) and their consequences; native sidecars; postStart/preStop hooks
+//! (exec, httpGet, sleep) and the termination grace; the agent's metrics.
 #![cfg(feature = "root")]
 
-use hako_tests::agent::AgentEnv;
+use hako_tests::agent::{metric, AgentEnv};
 use k8s_openapi::chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -190,6 +191,43 @@ spec:
             .any(|l| l.contains("tcp-node1") && l.contains("0/1")),
         "{text}"
     );
+    // AGE comes from the start time (static pods have no creationTimestamp).
+    assert!(
+        text.lines()
+            .filter(|l| l.contains("-node1"))
+            .all(|l| !l.contains("<unknown>")),
+        "{text}"
+    );
+    // The workers feed the metrics server.
+    let m = env.metrics();
+    let v = |s: &str| metric(&m, s).unwrap_or(-1.0);
+    assert_eq!(v("kubelet_running_pods"), 2.0, "{m}");
+    assert_eq!(
+        v("kubelet_running_containers{container_state=\"running\"}"),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        v("kubelet_started_containers_total{container_type=\"container\"}"),
+        2.0,
+        "{m}"
+    );
+    for (kind, result) in [
+        ("Readiness", "failed"),
+        ("Readiness", "successful"),
+        ("Liveness", "successful"),
+    ] {
+        let s = format!("prober_probe_total{{probe_type=\"{kind}\",result=\"{result}\"}}");
+        assert!(v(&s) >= 1.0, "{s} in\n{m}");
+    }
+    assert_eq!(v("kubelet_pod_start_duration_seconds_count"), 2.0, "{m}");
+    assert_eq!(
+        v("hako_agent_image_pulls_total{result=\"pulled\"}").max(0.0)
+            + v("hako_agent_image_pulls_total{result=\"present\"}").max(0.0),
+        2.0,
+        "{m}"
+    );
+    assert!(v("kubelet_pod_worker_duration_seconds_count") >= 2.0, "{m}");
 }
 
 /// A canned HTTP/2 gRPC health response (SETTINGS, HEADERS :status 200, DATA with status).
@@ -401,5 +439,146 @@ spec:
         env.shim_containers().iter().all(|c| !c.contains("main")),
         "{:?}",
         env.shim_containers()
+    );
+}
+
+/// A process killed (and reaped) when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn https_probes_and_hooks_and_sleep_hooks() {
+    let mut env = AgentEnv::new("ahttps");
+    let img = env.image("sleep");
+    // A TLS server with a self-signed certificate on the agent's loopback (openssl s_server
+    // answers every GET with 200).
+    let dir = env.tmp.path().to_path_buf();
+    let gen = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=probe.test", "-keyout"])
+        .arg(dir.join("k.pem"))
+        .arg("-out")
+        .arg(dir.join("c.pem"))
+        .output()
+        .expect("openssl");
+    assert!(gen.status.success(), "{gen:?}");
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.args([
+        "s_server",
+        "-accept",
+        "127.0.0.1:8443",
+        "-www",
+        "-quiet",
+        "-cert",
+    ])
+    .arg(dir.join("c.pem"))
+    .arg("-key")
+    .arg(dir.join("k.pem"))
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let _server = KillOnDrop(env.ns.run(move || cmd.spawn()).unwrap().expect("s_server"));
+    env.write_manifest(
+        "tls.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: tls}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: "{img}"
+    command: [sh, -c, "exec sleep 3600"]
+    readinessProbe:
+      httpGet: {{scheme: HTTPS, host: 127.0.0.1, port: 8443, path: /ready}}
+      periodSeconds: 1
+    lifecycle:
+      postStart:
+        httpGet: {{scheme: HTTPS, host: 127.0.0.1, port: 8443, path: /started}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: plain}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: "{img}"
+    command: [sh, -c, "mkdir -p /www; echo ok > /www/index.html; exec httpd -f -p 8080 -h /www"]
+    readinessProbe:
+      httpGet: {{scheme: HTTPS, port: 8080}}
+      periodSeconds: 1
+      failureThreshold: 1
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: sleeper}}
+spec:
+  terminationGracePeriodSeconds: 10
+  containers:
+  - name: c
+    image: "{img}"
+    command: [sh, -c, "trap 'echo got TERM; exit 0' TERM; echo started; while true; do sleep 0.1; done"]
+    lifecycle:
+      postStart:
+        sleep: {{seconds: 2}}
+      preStop:
+        sleep: {{seconds: 2}}
+"#
+        ),
+    );
+    env.start();
+    // postStart sleep: the pod is Running only 2 s after its container started.
+    let (seen, rec) = env.wait_for("sleeper Running", T, |e| {
+        let r = e.record("sleeper")?;
+        (r["pod"]["status"]["phase"] == "Running").then(|| (Utc::now(), r))
+    });
+    let started = status_time(
+        &rec["pod"]["status"]["containerStatuses"][0],
+        &["state", "running", "startedAt"],
+    );
+    assert!(
+        seen - started >= k8s_openapi::chrono::Duration::milliseconds(1800),
+        "Running seen {seen}, container started {started}"
+    );
+    // HTTPS readiness and postStart against a self-signed certificate pass.
+    env.wait_running("tls", T);
+    assert!(!has_event(&env, "tls", "FailedPostStartHook", ""));
+    let s = env.container_status("tls", "c").unwrap();
+    assert_eq!(s["restartCount"], 0, "{s}");
+    // HTTPS against a plain HTTP server fails the probe.
+    env.wait_for("HTTPS probe failure", T, |e| {
+        has_event(
+            e,
+            "plain",
+            "Unhealthy",
+            "Readiness probe failed: Get \"https://",
+        )
+        .then_some(())
+    });
+    assert_eq!(ready(&env, "plain"), Some(false));
+    // preStop sleep: SIGTERM comes 2 s after the deletion is seen.
+    let removed = Utc::now();
+    env.remove_manifest("tls.yaml");
+    env.wait_for("sleeper removed", T, |e| {
+        e.record("sleeper").is_none().then_some(())
+    });
+    let lines = log_lines(&env, "sleeper", "c");
+    let term = at(&lines, "got TERM");
+    assert!(
+        term - removed >= k8s_openapi::chrono::Duration::milliseconds(1900),
+        "SIGTERM at {term}, manifest removed at {removed}: {lines:?}"
+    );
+    assert!(
+        term - removed < k8s_openapi::chrono::Duration::seconds(8),
+        "{term} {removed}"
     );
 }

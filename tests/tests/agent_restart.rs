@@ -1,5 +1,6 @@
 //! Agent root tests: agent restart re-adopts running pods (no restart, no duplicate; status
-//! rebuilt; pods deleted meanwhile are cleaned up), and manifest updates/deletes.
+//! rebuilt; pods deleted meanwhile are cleaned up) and keeps a crash loop's back-off, and
+//! manifest updates/deletes.
 #![cfg(feature = "root")]
 
 use hako_tests::agent::AgentEnv;
@@ -302,4 +303,36 @@ fn a_container_whose_shim_died_is_killed_and_restarted() {
         "{:?}",
         env.shim_containers()
     );
+}
+
+#[test]
+fn restart_backoff_survives_an_agent_restart() {
+    let mut env = AgentEnv::new("abackoff");
+    let img = env.image("sleep");
+    env.args = vec![
+        "--restart-backoff-base".into(),
+        "1.5".into(),
+        "--restart-backoff-max".into(),
+        "60".into(),
+    ];
+    env.write_manifest(
+        "crash.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: crash}}\nspec:\n  containers:\n  - {{name: c, image: \"{img}\", command: [sh, -c, \"echo boom; exit 1\"]}}\n"),
+    );
+    env.start();
+    // Attempts start at about 0, 0, 1.5, 4.5 s; the next delay is then 6 s.
+    env.wait_for("3 restarts", T, |e| {
+        let s = e.container_status("crash", "c")?;
+        (s["restartCount"].as_i64()? >= 3 && s["state"]["running"].is_null()).then_some(())
+    });
+    env.stop();
+    env.start();
+    env.wait_for("restart after the agent restart", T, |e| {
+        let s = e.container_status("crash", "c")?;
+        (s["restartCount"].as_i64()? >= 4).then_some(())
+    });
+    let gaps = env.crash_gaps("crash", "c");
+    assert!(gaps.len() >= 4, "{gaps:?}");
+    // Without the saved back-off the new agent restarts the container at once.
+    assert!(gaps[3] >= 5.0, "{gaps:?}");
 }

@@ -587,13 +587,13 @@ impl Server {
             ["portForward", ns, pod] | ["portForward", ns, pod, _] => {
                 super::stream::port_forward(sctx(), req, s(ns), s(pod)).await
             }
-            ["metrics"] => {
-                let (_, _, cs) = self.usage().await;
-                text(
-                    StatusCode::OK,
-                    super::stats::render_kubelet_metrics(&self.opts.node_name, &cs),
-                )
-            }
+            ["metrics"] => text(
+                StatusCode::OK,
+                super::stats::render_kubelet_metrics(
+                    &self.opts.node_name,
+                    &crate::server::AgentMetrics::shared().render(),
+                ),
+            ),
             ["healthz"] => text(StatusCode::OK, "ok"),
             ["pods"] => {
                 let items: Vec<Pod> = self

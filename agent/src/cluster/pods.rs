@@ -596,7 +596,15 @@ pub(super) async fn pod_loop(
             }
         }
         if let Ok(mut store) = ctx.pods.write() {
-            *store = pods.clone();
+            // What the kubelet API serves: the bound pods and the mirrors of the static pods
+            // (their containers are found under the static pod's UID).
+            let mut all = pods.clone();
+            for (key, m) in &mirrors {
+                if wanted.contains(key) {
+                    all.insert(uid_of(m), m.clone());
+                }
+            }
+            *store = all;
         }
         if let Some(m) = &manager {
             // A pod goes to the workers once the objects it references were listed (or after

@@ -314,6 +314,23 @@ fn a_pod_on_one_node_reaches_pods_on_another_through_a_service() {
         (r.contains(CLUSTER_IP) && pods.iter().all(|(_, ip)| r.contains(&format!("{ip}:8080"))))
             .then_some(())
     });
+    // The in-agent proxier's kube-proxy endpoints: /healthz on :10256 after a sync, sync
+    // figures on 127.0.0.1:10249/metrics.
+    let healthz = node2
+        .ns
+        .sh("curl -s -m 3 -w ' %{http_code}' http://127.0.0.1:10256/healthz")
+        .unwrap_or_default();
+    assert!(healthz.ends_with(" 200"), "{healthz}");
+    assert!(healthz.contains("\"healthy\": true"), "{healthz}");
+    let metrics = node2
+        .ns
+        .sh("curl -s -m 3 http://127.0.0.1:10249/metrics")
+        .unwrap_or_default();
+    let syncs = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_duration_seconds_count "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(syncs.is_some_and(|n| n >= 1), "{metrics}");
     // The overlay is up both ways (peers converged) before traffic is checked.
     wait_for("overlay peers", 30, &env, || {
         let a = node2.ns.ip(&["route", "show", "10.244.1.0/24"]).ok()?;

@@ -104,6 +104,13 @@ pub struct ClusterArgs {
     /// CA bundle for kubelet API client certificates (CN = user, O = groups).
     #[arg(long, value_name = "FILE")]
     pub client_ca_file: Option<PathBuf>,
+    /// In-agent proxier (`--proxy-mode`): Prometheus metrics address, kube-proxy's
+    /// `--metrics-bind-address` ("" disables).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
+    pub proxy_metrics_bind_address: String,
+    /// In-agent proxier: `/healthz` address, kube-proxy's `--healthz-bind-address` ("" disables).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
+    pub proxy_healthz_bind_address: String,
 }
 
 /// A cluster-mode failure that stops start-up (runtime failures are retried, never fatal).
@@ -289,6 +296,8 @@ pub async fn run_async(
             iptables_variant: ctx.node.iptables_variant.clone(),
             cluster_cidr: proxy::masquerade_cidr(&ctx.args.cluster_cidr, &ctx.args.pod_cidr),
             min_sync_period: Duration::from_secs(1),
+            metrics_addr: proxy::bind_address(&ctx.args.proxy_metrics_bind_address)?,
+            healthz_addr: proxy::bind_address(&ctx.args.proxy_healthz_bind_address)?,
         };
         // Blocking start-up (backend, watchers) off the async workers.
         tokio::task::spawn_blocking(move || proxy::start(popts))

@@ -10,10 +10,13 @@
 
 use crate::services::ProxyMode;
 use hako_proxier::kube::{Mapper, WatchEvent};
+use hako_proxier::metrics::{self, Metrics};
 use hako_proxier::Proxier;
 use ipnet::IpNet;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What the in-agent proxier needs.
@@ -32,6 +35,89 @@ pub struct ProxyOptions {
     pub cluster_cidr: Option<String>,
     /// Shortest interval between two syncs (events in between are batched).
     pub min_sync_period: Duration,
+    /// Prometheus metrics (`/metrics`, kube-proxy's names), as kube-proxy's
+    /// `--metrics-bind-address`; None: not served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `/healthz` and `/livez` as kube-proxy's `--healthz-bind-address` (200 while a sync
+    /// succeeded within the last two minutes, else 503); None: not served.
+    pub healthz_addr: Option<SocketAddr>,
+}
+
+/// Parses a `--proxy-*-bind-address` flag ("" disables).
+pub fn bind_address(s: &str) -> Result<Option<SocketAddr>, ProxyError> {
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.trim()
+        .parse()
+        .map(Some)
+        .map_err(|e| ProxyError::Address(s.to_string(), format!("{e}")))
+}
+
+/// How long the proxier stays healthy without a successful sync (kube-proxy: twice its
+/// 60 s healthz timeout base).
+const HEALTHY_WITHIN: Duration = Duration::from_secs(120);
+
+/// What the metrics and healthz endpoints read.
+#[derive(Debug, Clone)]
+struct Shared {
+    metrics: Arc<Mutex<Metrics>>,
+    last_ok: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Self {
+            metrics: Arc::default(),
+            last_ok: Arc::default(),
+        }
+    }
+
+    /// Starts the endpoints that were asked for.
+    fn serve(&self, opts: &ProxyOptions) -> Result<(), ProxyError> {
+        if let Some(a) = opts.metrics_addr {
+            let m = self.metrics.clone();
+            metrics::serve(a, move |path| match path {
+                "/metrics" => (
+                    200,
+                    "text/plain; version=0.0.4",
+                    m.lock().map(|m| m.render()).unwrap_or_default(),
+                ),
+                _ => (404, "text/plain", "not found\n".into()),
+            })
+            .map_err(|e| ProxyError::Bind(a, e))?;
+        }
+        if let Some(a) = opts.healthz_addr {
+            let lo = self.last_ok.clone();
+            metrics::serve(a, move |path| {
+                if path != "/healthz" && path != "/livez" {
+                    return (404, "text/plain", "not found\n".into());
+                }
+                let age = lo.lock().ok().and_then(|t| t.map(|t| t.elapsed()));
+                healthz(age)
+            })
+            .map_err(|e| ProxyError::Bind(a, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// The `/healthz` answer for the age of the last successful sync (None: none yet), in
+/// kube-proxy's JSON shape.
+fn healthz(age: Option<Duration>) -> (u16, &'static str, String) {
+    let (code, last) = match age {
+        Some(a) if a <= HEALTHY_WITHIN => (200, format!("{:.0}s ago", a.as_secs_f64())),
+        Some(a) => (503, format!("{:.0}s ago", a.as_secs_f64())),
+        None => (503, "never".to_string()),
+    };
+    (
+        code,
+        "application/json",
+        format!(
+            "{{\"lastUpdated\": \"{last}\", \"healthy\": {}}}\n",
+            code == 200
+        ),
+    )
 }
 
 /// The CIDR the proxier treats as "pod traffic" (not masqueraded towards a ClusterIP): the
@@ -60,6 +146,12 @@ pub enum ProxyError {
     /// The thread could not start.
     #[error("proxier thread: {0}")]
     Thread(std::io::Error),
+    /// A `--proxy-*-bind-address` flag is not an address.
+    #[error("bind address {0:?}: {1}")]
+    Address(String, String),
+    /// The metrics or healthz endpoint could not listen.
+    #[error("listening on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
 }
 
 /// Starts the proxier thread: builds the backend and the watchers (errors are returned at
@@ -103,10 +195,16 @@ pub fn start(opts: ProxyOptions) -> Result<Option<std::thread::JoinHandle<()>>, 
                     return;
                 }
             };
+            let shared = Shared::new();
+            if let Err(e) = shared.serve(&opts) {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
             let _ = ready_tx.send(Ok(()));
             tracing::info!(mode = ?opts.mode, node = %opts.node_name,
-                cluster_cidr = ?opts.cluster_cidr, "proxier started");
-            run(proxier, rx, &opts);
+                cluster_cidr = ?opts.cluster_cidr, metrics = ?opts.metrics_addr,
+                healthz = ?opts.healthz_addr, "proxier started");
+            run(proxier, rx, &opts, &shared);
         })
         .map_err(ProxyError::Thread)?;
     match ready_rx.recv() {
@@ -133,10 +231,10 @@ fn watch(opts: &ProxyOptions) -> Result<Receiver<WatchEvent>, ProxyError> {
 
 /// Syncs from the watchers forever; if the watcher thread ever dies, it is started again and
 /// its relist replaces what the proxier knew.
-fn run(mut proxier: Proxier, mut rx: Receiver<WatchEvent>, opts: &ProxyOptions) {
+fn run(mut proxier: Proxier, mut rx: Receiver<WatchEvent>, opts: &ProxyOptions, shared: &Shared) {
     loop {
         let mut mapper = Mapper::default();
-        pump(&mut proxier, &mut mapper, &rx, opts.min_sync_period);
+        pump(&mut proxier, &mut mapper, &rx, opts.min_sync_period, shared);
         tracing::error!("proxier: the Service/EndpointSlice watchers stopped; restarting them");
         loop {
             std::thread::sleep(Duration::from_secs(5));
@@ -158,6 +256,7 @@ fn pump(
     mapper: &mut Mapper,
     rx: &Receiver<WatchEvent>,
     min_period: Duration,
+    shared: &Shared,
 ) {
     let mut wait = min_period;
     let mut failing = false;
@@ -181,6 +280,14 @@ fn pump(
         let t = Instant::now();
         match proxier.sync() {
             Ok(s) => {
+                let took = t.elapsed();
+                if let Ok(mut m) = shared.metrics.lock() {
+                    m.synced(s.full, took, s.rules);
+                }
+                if let Ok(mut l) = shared.last_ok.lock() {
+                    *l = Some(Instant::now());
+                }
+                crate::server::AgentMetrics::shared().observe_proxy_sync(took);
                 if s.full || s.services_written > 0 {
                     tracing::info!(
                         full = s.full,
@@ -197,6 +304,10 @@ fn pump(
                 wait = min_period;
             }
             Err(e) => {
+                if let Ok(mut m) = shared.metrics.lock() {
+                    m.failures += 1;
+                }
+                crate::server::AgentMetrics::shared().proxy_sync_error();
                 wait = (wait * 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
                 tracing::warn!("proxier sync failed (retry in {wait:?}): {e}");
                 failing = true;
@@ -258,14 +369,32 @@ mod tests {
         .expect("slice")
     }
 
-    /// Sends `evs` on a fresh channel and pumps until it closes.
-    fn feed(proxier: &mut Proxier, mapper: &mut Mapper, evs: Vec<WatchEvent>) {
+    /// Sends `evs` on a fresh channel and pumps until it closes; returns what the
+    /// metrics/healthz endpoints would read.
+    fn feed(proxier: &mut Proxier, mapper: &mut Mapper, evs: Vec<WatchEvent>) -> Shared {
         let (tx, rx) = std::sync::mpsc::channel();
         for e in evs {
             tx.send(e).expect("send");
         }
         drop(tx);
-        pump(proxier, mapper, &rx, Duration::from_millis(5));
+        let shared = Shared::new();
+        pump(proxier, mapper, &rx, Duration::from_millis(5), &shared);
+        shared
+    }
+
+    #[test]
+    fn healthz_follows_the_last_successful_sync() {
+        assert_eq!(healthz(None).0, 503);
+        let (code, ctype, body) = healthz(Some(Duration::from_secs(3)));
+        assert_eq!((code, ctype), (200, "application/json"));
+        assert!(body.contains("\"lastUpdated\": \"3s ago\""), "{body}");
+        assert_eq!(healthz(Some(Duration::from_secs(121))).0, 503);
+        assert_eq!(bind_address("").ok(), Some(None));
+        assert_eq!(
+            bind_address("127.0.0.1:10249").ok(),
+            Some(Some("127.0.0.1:10249".parse().expect("addr")))
+        );
+        assert!(bind_address("localhost").is_err());
     }
 
     #[test]
@@ -291,7 +420,7 @@ mod tests {
         };
         let mut mapper = Mapper::default();
         // Services listed, slices not yet: nothing is programmed (no half picture).
-        feed(
+        let shared = feed(
             &mut proxier,
             &mut mapper,
             vec![
@@ -301,8 +430,12 @@ mod tests {
             ],
         );
         assert_eq!(last(), "");
+        assert!(
+            shared.last_ok.lock().expect("lock").is_none(),
+            "no sync yet"
+        );
         // Slices listed: the sync programs both endpoints.
-        feed(
+        let shared = feed(
             &mut proxier,
             &mut mapper,
             vec![
@@ -310,6 +443,12 @@ mod tests {
                 L(Event::InitApply(slice(&["10.244.2.5", "10.244.2.6"]))),
                 L(Event::InitDone),
             ],
+        );
+        assert!(shared.last_ok.lock().expect("lock").is_some());
+        let text = shared.metrics.lock().expect("lock").render();
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 1"),
+            "{text}"
         );
         let rules = last();
         assert!(rules.contains("10.96.0.50/32"), "{rules}");

@@ -2,7 +2,7 @@
 //! delete message per matching entry; no `conntrack` process). Pure message encoding and
 //! parsing, plus the `Conntrack` effect trait.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use nix::sys::socket::{
     bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
@@ -23,9 +23,12 @@ const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
 const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_DST_PORT: u16 = 3;
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Which entries to delete: every given field must match.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -33,24 +36,26 @@ pub struct CtFilter {
     /// IP protocol number (17 = UDP).
     pub proto: u8,
     /// Original destination (the service address).
-    pub orig_dst: Option<Ipv4Addr>,
+    pub orig_dst: Option<IpAddr>,
     /// Original destination port.
     pub orig_dport: Option<u16>,
     /// Reply source (the endpoint).
-    pub reply_src: Option<Ipv4Addr>,
+    pub reply_src: Option<IpAddr>,
 }
 
 /// One conntrack entry's tuples as far as filtering needs them, and its raw original tuple.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// Address family (AF_INET or AF_INET6), from the addresses of the original tuple.
+    pub family: u8,
     /// Protocol.
     pub proto: u8,
     /// Original destination.
-    pub orig_dst: Option<Ipv4Addr>,
+    pub orig_dst: Option<IpAddr>,
     /// Original destination port.
     pub orig_dport: Option<u16>,
     /// Reply source.
-    pub reply_src: Option<Ipv4Addr>,
+    pub reply_src: Option<IpAddr>,
     /// The CTA_TUPLE_ORIG attribute as received (header included), echoed in the delete.
     pub orig_attr: Vec<u8>,
 }
@@ -62,6 +67,15 @@ impl CtFilter {
             && self.orig_dst.is_none_or(|d| e.orig_dst == Some(d))
             && self.orig_dport.is_none_or(|p| e.orig_dport == Some(p))
             && self.reply_src.is_none_or(|s| e.reply_src == Some(s))
+    }
+
+    /// Whether entries of `family` (AF_INET / AF_INET6) can match: false only when an
+    /// address of the filter is of the other family.
+    pub fn may_match_family(&self, family: u8) -> bool {
+        [self.orig_dst, self.reply_src]
+            .into_iter()
+            .flatten()
+            .all(|a| (if a.is_ipv6() { AF_INET6 } else { AF_INET }) == family)
     }
 }
 
@@ -87,7 +101,7 @@ pub trait Conntrack: Send {
     fn flush(&mut self, filters: &[CtFilter]) -> Result<usize, ConntrackError>;
 }
 
-fn nlmsg(ty: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+fn nlmsg(ty: u16, flags: u16, seq: u32, family: u8, payload: &[u8]) -> Vec<u8> {
     let len = 16 + 4 + payload.len();
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_ne_bytes());
@@ -95,19 +109,25 @@ fn nlmsg(ty: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
     m.extend_from_slice(&flags.to_ne_bytes());
     m.extend_from_slice(&seq.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&[AF_INET, 0, 0, 0]); // nfgenmsg: family, version, res_id
+    m.extend_from_slice(&[family, 0, 0, 0]); // nfgenmsg: family, version, res_id
     m.extend_from_slice(payload);
     m
 }
 
-/// The dump request for IPv4 entries.
-pub fn dump_request(seq: u32) -> Vec<u8> {
-    nlmsg(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, &[])
+/// The dump request for the entries of one family (`AF_INET` = 2, `AF_INET6` = 10).
+pub fn dump_request(seq: u32, family: u8) -> Vec<u8> {
+    nlmsg(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, &[])
 }
 
 /// The delete request for one entry.
 pub fn delete_request(seq: u32, e: &Entry) -> Vec<u8> {
-    nlmsg(CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, &e.orig_attr)
+    nlmsg(
+        CT_DELETE,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        e.family,
+        &e.orig_attr,
+    )
 }
 
 /// Iterates netlink attributes: (type without flags, value, whole attribute bytes).
@@ -129,11 +149,19 @@ fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8], &[u8])> {
     })
 }
 
-fn v4(v: &[u8]) -> Option<Ipv4Addr> {
-    <[u8; 4]>::try_from(v).ok().map(Ipv4Addr::from)
+fn v4(v: &[u8]) -> Option<IpAddr> {
+    <[u8; 4]>::try_from(v)
+        .ok()
+        .map(|a| IpAddr::V4(Ipv4Addr::from(a)))
 }
 
-fn tuple(v: &[u8]) -> (Option<Ipv4Addr>, Option<Ipv4Addr>, u8, Option<u16>) {
+fn v6(v: &[u8]) -> Option<IpAddr> {
+    <[u8; 16]>::try_from(v)
+        .ok()
+        .map(|a| IpAddr::V6(Ipv6Addr::from(a)))
+}
+
+fn tuple(v: &[u8]) -> (Option<IpAddr>, Option<IpAddr>, u8, Option<u16>) {
     let (mut src, mut dst, mut proto, mut dport) = (None, None, 0, None);
     for (t, val, _) in attrs(v) {
         match t {
@@ -142,6 +170,8 @@ fn tuple(v: &[u8]) -> (Option<Ipv4Addr>, Option<Ipv4Addr>, u8, Option<u16>) {
                     match t {
                         CTA_IP_V4_SRC => src = v4(val),
                         CTA_IP_V4_DST => dst = v4(val),
+                        CTA_IP_V6_SRC => src = v6(val),
+                        CTA_IP_V6_DST => dst = v6(val),
                         _ => {}
                     }
                 }
@@ -166,6 +196,7 @@ fn tuple(v: &[u8]) -> (Option<Ipv4Addr>, Option<Ipv4Addr>, u8, Option<u16>) {
 /// Parses one conntrack message body (after nlmsghdr and nfgenmsg).
 pub fn parse_entry(body: &[u8]) -> Option<Entry> {
     let mut e = Entry {
+        family: AF_INET,
         proto: 0,
         orig_dst: None,
         orig_dport: None,
@@ -175,7 +206,10 @@ pub fn parse_entry(body: &[u8]) -> Option<Entry> {
     for (t, val, whole) in attrs(body) {
         match t {
             CTA_TUPLE_ORIG => {
-                let (_, dst, proto, dport) = tuple(val);
+                let (src, dst, proto, dport) = tuple(val);
+                if matches!(src.or(dst), Some(IpAddr::V6(_))) {
+                    e.family = AF_INET6;
+                }
                 e.proto = proto;
                 e.orig_dst = dst;
                 e.orig_dport = dport;
@@ -227,26 +261,34 @@ impl Conntrack for NetlinkConntrack {
         )
         .map_err(sys("bind"))?;
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-        send(raw, &dump_request(1), MsgFlags::empty()).map_err(sys("send dump"))?;
+        // One dump per family a filter can match (a filter without addresses matches both).
+        let fams: Vec<u8> = [AF_INET, AF_INET6]
+            .into_iter()
+            .filter(|&f| filters.iter().any(|flt| flt.may_match_family(f)))
+            .collect();
         let mut buf = vec![0u8; 1 << 16];
         let mut victims = Vec::new();
-        'dump: loop {
-            let n = recv(raw, &mut buf, MsgFlags::empty()).map_err(sys("recv dump"))?;
-            for (ty, body) in messages(&buf[..n]) {
-                match ty {
-                    NLMSG_DONE => break 'dump,
-                    NLMSG_ERROR => {
-                        let code = body
-                            .get(..4)
-                            .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                        if code != 0 {
-                            return Err(ConntrackError::Kernel(code));
+        for (i, fam) in fams.into_iter().enumerate() {
+            let seq = u32::try_from(i + 1).unwrap_or(1);
+            send(raw, &dump_request(seq, fam), MsgFlags::empty()).map_err(sys("send dump"))?;
+            'dump: loop {
+                let n = recv(raw, &mut buf, MsgFlags::empty()).map_err(sys("recv dump"))?;
+                for (ty, body) in messages(&buf[..n]) {
+                    match ty {
+                        NLMSG_DONE => break 'dump,
+                        NLMSG_ERROR => {
+                            let code = body
+                                .get(..4)
+                                .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                            if code != 0 {
+                                return Err(ConntrackError::Kernel(code));
+                            }
                         }
-                    }
-                    _ => {
-                        if let Some(e) = body.get(4..).and_then(parse_entry) {
-                            if filters.iter().any(|f| f.matches(&e)) {
-                                victims.push(e);
+                        _ => {
+                            if let Some(e) = body.get(4..).and_then(parse_entry) {
+                                if filters.iter().any(|f| f.matches(&e)) {
+                                    victims.push(e);
+                                }
                             }
                         }
                     }
@@ -255,7 +297,7 @@ impl Conntrack for NetlinkConntrack {
         }
         let mut deleted = 0;
         for (i, e) in victims.iter().enumerate() {
-            let seq = u32::try_from(i + 2).unwrap_or(u32::MAX);
+            let seq = u32::try_from(i + 3).unwrap_or(u32::MAX);
             send(raw, &delete_request(seq, e), MsgFlags::empty()).map_err(sys("send delete"))?;
             let n = recv(raw, &mut buf, MsgFlags::empty()).map_err(sys("recv ack"))?;
             for (ty, body) in messages(&buf[..n]) {
@@ -290,8 +332,13 @@ mod tests {
         a
     }
 
-    fn tuple_attr(ty: u16, src: [u8; 4], dst: [u8; 4], proto: u8, dport: u16) -> Vec<u8> {
-        let ip = [attr(CTA_IP_V4_SRC, &src), attr(CTA_IP_V4_DST, &dst)].concat();
+    fn tuple_attr(ty: u16, src: &[u8], dst: &[u8], proto: u8, dport: u16) -> Vec<u8> {
+        let (s, d) = if src.len() == 16 {
+            (CTA_IP_V6_SRC, CTA_IP_V6_DST)
+        } else {
+            (CTA_IP_V4_SRC, CTA_IP_V4_DST)
+        };
+        let ip = [attr(s, src), attr(d, dst)].concat();
         let pr = [
             attr(CTA_PROTO_NUM, &[proto]),
             attr(2, &1234u16.to_be_bytes()),
@@ -311,27 +358,27 @@ mod tests {
     #[test]
     fn parse_filter_and_delete_encoding() {
         // As the kernel sends it: orig 10.244.2.10 -> 10.96.0.40:53/udp, reply from 10.244.1.11.
-        let orig = tuple_attr(CTA_TUPLE_ORIG, [10, 244, 2, 10], [10, 96, 0, 40], 17, 53);
+        let orig = tuple_attr(CTA_TUPLE_ORIG, &[10, 244, 2, 10], &[10, 96, 0, 40], 17, 53);
         let reply = tuple_attr(
             CTA_TUPLE_REPLY,
-            [10, 244, 1, 11],
-            [10, 244, 2, 10],
+            &[10, 244, 1, 11],
+            &[10, 244, 2, 10],
             17,
             1234,
         );
         let body = [orig.clone(), reply, attr(3, &[0, 0, 0, 8])].concat();
         let e = parse_entry(&body).expect("entry");
         assert_eq!(e.proto, 17);
-        assert_eq!(e.orig_dst, Some(Ipv4Addr::new(10, 96, 0, 40)));
+        assert_eq!(e.orig_dst, Some(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 40))));
         assert_eq!(e.orig_dport, Some(53));
-        assert_eq!(e.reply_src, Some(Ipv4Addr::new(10, 244, 1, 11)));
+        assert_eq!(e.reply_src, Some(IpAddr::V4(Ipv4Addr::new(10, 244, 1, 11))));
         let cases = [
             (
                 CtFilter {
                     proto: 17,
                     orig_dst: None,
                     orig_dport: None,
-                    reply_src: Some(Ipv4Addr::new(10, 244, 1, 11)),
+                    reply_src: Some(IpAddr::V4(Ipv4Addr::new(10, 244, 1, 11))),
                 },
                 true,
             ),
@@ -340,7 +387,7 @@ mod tests {
                     proto: 17,
                     orig_dst: None,
                     orig_dport: None,
-                    reply_src: Some(Ipv4Addr::new(10, 244, 1, 12)),
+                    reply_src: Some(IpAddr::V4(Ipv4Addr::new(10, 244, 1, 12))),
                 },
                 false,
             ),
@@ -356,7 +403,7 @@ mod tests {
             (
                 CtFilter {
                     proto: 17,
-                    orig_dst: Some(Ipv4Addr::new(10, 96, 0, 40)),
+                    orig_dst: Some(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 40))),
                     orig_dport: Some(53),
                     reply_src: None,
                 },
@@ -365,7 +412,7 @@ mod tests {
             (
                 CtFilter {
                     proto: 17,
-                    orig_dst: Some(Ipv4Addr::new(10, 96, 0, 40)),
+                    orig_dst: Some(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 40))),
                     orig_dport: Some(54),
                     reply_src: None,
                 },
@@ -384,5 +431,34 @@ mod tests {
         assert_eq!(&del[20..], &orig[..]);
         let msgs = messages(&del);
         assert_eq!(msgs.len(), 1);
+    }
+
+    #[test]
+    fn ipv6_entries_parse_and_delete_as_ipv6() {
+        let a = |s: &str| s.parse::<Ipv6Addr>().expect("ip").octets();
+        let orig = tuple_attr(CTA_TUPLE_ORIG, &a("fd00:9::2"), &a("fd00:96::60"), 17, 53);
+        let reply = tuple_attr(
+            CTA_TUPLE_REPLY,
+            &a("fd00:244:1::11"),
+            &a("fd00:9::2"),
+            17,
+            1234,
+        );
+        let e = parse_entry(&[orig.clone(), reply].concat()).expect("entry");
+        assert_eq!(e.family, AF_INET6);
+        assert_eq!(e.orig_dst, Some("fd00:96::60".parse().expect("ip")));
+        assert_eq!(e.reply_src, Some("fd00:244:1::11".parse().expect("ip")));
+        let f = CtFilter {
+            proto: 17,
+            orig_dst: None,
+            orig_dport: None,
+            reply_src: Some("fd00:244:1::11".parse().expect("ip")),
+        };
+        assert!(f.matches(&e));
+        assert!(f.may_match_family(AF_INET6) && !f.may_match_family(AF_INET));
+        let del = delete_request(3, &e);
+        assert_eq!(del[16], AF_INET6, "nfgenmsg family of the delete");
+        assert_eq!(&del[20..], &orig[..]);
+        assert_eq!(dump_request(1, AF_INET6)[16], AF_INET6);
     }
 }

@@ -94,6 +94,39 @@ pub struct Rendered {
     pub svc_only: Option<String>,
 }
 
+/// IP family of one iptables proxier (kube-proxy runs one per family; dual-stack = both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Family {
+    /// IPv4: `iptables-restore`.
+    #[default]
+    V4,
+    /// IPv6: `ip6tables-restore`.
+    V6,
+}
+
+impl Family {
+    /// Whether `ip` belongs to this family.
+    pub fn has(self, ip: &IpAddr) -> bool {
+        match self {
+            Self::V4 => ip.is_ipv4(),
+            Self::V6 => ip.is_ipv6(),
+        }
+    }
+
+    /// Whether a CIDR (or address) text belongs to this family.
+    pub fn has_cidr(self, cidr: &str) -> bool {
+        cidr.contains(':') == (self == Self::V6)
+    }
+
+    /// The `-m recent --mask` of a whole address, as iptables-save prints it.
+    fn full_mask(self) -> &'static str {
+        match self {
+            Self::V4 => "255.255.255.255",
+            Self::V6 => "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        }
+    }
+}
+
 fn ip_match(ip: &IpAddr) -> String {
     match ip {
         IpAddr::V4(v) => format!("{v}/32"),
@@ -101,11 +134,24 @@ fn ip_match(ip: &IpAddr) -> String {
     }
 }
 
-/// Renders IPv4 rules. `changed` = None: full sync (every chain written). Some(set): partial
-/// sync, per-service chains written only for those services (shared chains always in full).
-/// `previous` = per-service chains believed to exist; those no longer desired are flushed and
-/// deleted.
+/// Renders IPv4 rules (`render_family` with `Family::V4`).
 pub fn render(
+    model: &Model,
+    opts: &RenderOpts,
+    changed: Option<&BTreeSet<ServiceKey>>,
+    previous: &BTreeSet<String>,
+) -> Rendered {
+    render_family(Family::V4, model, opts, changed, previous)
+}
+
+/// Renders the rules of one family: only that family's cluster/external/LB IPs and
+/// endpoints, the `--cluster-cidr` and `--nodeport-addresses` entries of that family (both
+/// options may hold one CIDR per family, comma-separated). `changed` = None: full sync
+/// (every chain written). Some(set): partial sync, per-service chains written only for those
+/// services (shared chains always in full). `previous` = per-service chains believed to
+/// exist; those no longer desired are flushed and deleted.
+pub fn render_family(
+    fam: Family,
     model: &Model,
     opts: &RenderOpts,
     changed: Option<&BTreeSet<ServiceKey>>,
@@ -164,13 +210,30 @@ pub fn render(
     let masq_src = if opts.masquerade_all {
         Some(String::new())
     } else {
-        opts.cluster_cidr.as_ref().map(|c| format!("! -s {c} "))
+        opts.cluster_cidr.as_deref().and_then(|c| {
+            c.split(',')
+                .map(str::trim)
+                .find(|c| fam.has_cidr(c))
+                .map(|c| format!("! -s {c} "))
+        })
     };
+    let cluster_cidr = opts.cluster_cidr.as_deref().and_then(|c| {
+        c.split(',')
+            .map(str::trim)
+            .find(|c| fam.has_cidr(c))
+            .map(str::to_string)
+    });
+    let nodeport_addresses: Vec<&String> = opts
+        .nodeport_addresses
+        .iter()
+        .filter(|a| fam.has_cidr(a))
+        .collect();
+    let mask = fam.full_mask();
 
     for (key, ports) in model {
         let write_chains = changed.is_none_or(|c| c.contains(key));
         for sp in ports {
-            if !sp.cluster_ips.iter().any(IpAddr::is_ipv4) {
+            if !sp.cluster_ips.iter().any(|i| fam.has(i)) {
                 continue;
             }
             let name = sp.port_name_string();
@@ -179,12 +242,12 @@ pub fn render(
             let cluster_eps: Vec<&Endpoint> = sp
                 .cluster_endpoints()
                 .into_iter()
-                .filter(|e| e.ip.is_ipv4())
+                .filter(|e| fam.has(&e.ip))
                 .collect();
             let local_eps: Vec<&Endpoint> = sp
                 .local_endpoints()
                 .into_iter()
-                .filter(|e| e.ip.is_ipv4())
+                .filter(|e| fam.has(&e.ip))
                 .collect();
             let has_ext = sp.has_external();
             let use_svc = !cluster_eps.is_empty();
@@ -196,7 +259,7 @@ pub fn render(
             let internal_ok = if sp.internal_local { use_svl } else { use_svc };
 
             // Shared chains: KUBE-SERVICES entries.
-            for cip in sp.cluster_ips.iter().filter(|i| i.is_ipv4()) {
+            for cip in sp.cluster_ips.iter().filter(|i| fam.has(i)) {
                 let d = ip_match(cip);
                 if internal_ok {
                     let _ = writeln!(nat_rules, "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {d} --dport {} -j {internal_chain}", sp.port);
@@ -216,7 +279,7 @@ pub fn render(
                 .iter()
                 .map(|i| (i, "external IP"))
                 .chain(sp.lb_ips.iter().map(|i| (i, "loadbalancer IP")))
-                .filter(|(i, _)| i.is_ipv4())
+                .filter(|(i, _)| fam.has(i))
                 .collect();
             let ext_ok = use_ext && (!sp.external_local || use_svl);
             for (ip, what) in &ext_targets {
@@ -260,23 +323,23 @@ pub fn render(
             let mut mine: Vec<(String, String)> = Vec::new(); // (chain, rules)
             if use_svc {
                 let mut r = String::new();
-                for cip in sp.cluster_ips.iter().filter(|i| i.is_ipv4()) {
+                for cip in sp.cluster_ips.iter().filter(|i| fam.has(i)) {
                     if let Some(src) = &masq_src {
                         let _ = writeln!(r, "-A {} -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {} --dport {} {src}-j KUBE-MARK-MASQ", ch.svc, ip_match(cip), sp.port);
                     }
                 }
-                endpoint_jumps(&mut r, &ch.svc, sp, &cluster_eps);
+                endpoint_jumps(&mut r, &ch.svc, sp, &cluster_eps, mask);
                 mine.push((ch.svc.clone(), r));
             }
             if use_svl {
                 let mut r = String::new();
-                endpoint_jumps(&mut r, &ch.svl, sp, &local_eps);
+                endpoint_jumps(&mut r, &ch.svl, sp, &local_eps, mask);
                 mine.push((ch.svl.clone(), r));
             }
             if use_ext {
                 let mut r = String::new();
                 if sp.external_local {
-                    if let Some(c) = &opts.cluster_cidr {
+                    if let Some(c) = &cluster_cidr {
                         let _ = writeln!(r, "-A {} -m comment --comment \"pod traffic for {name} external destinations\" -s {c} -j {}", ch.ext, ch.svc);
                     }
                     let _ = writeln!(r, "-A {} -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ", ch.ext);
@@ -303,7 +366,7 @@ pub fn render(
             }
             let mut seps = Vec::new();
             if use_svc || use_svl {
-                for ep in sp.endpoints.iter().filter(|e| e.ip.is_ipv4()) {
+                for ep in sp.endpoints.iter().filter(|e| fam.has(&e.ip)) {
                     let sep = endpoint_chain(sp, ep);
                     let mut r = String::new();
                     let _ = writeln!(
@@ -312,7 +375,7 @@ pub fn render(
                         ip_match(&ep.ip)
                     );
                     let recent = if sp.affinity_seconds.is_some() {
-                        format!("-m recent --name {sep} --mask 255.255.255.255 --rsource --set ")
+                        format!("-m recent --name {sep} --mask {mask} --rsource --set ")
                     } else {
                         String::new()
                     };
@@ -333,11 +396,11 @@ pub fn render(
     }
 
     // Node ports last in KUBE-SERVICES.
-    if opts.nodeport_addresses.is_empty() {
+    if nodeport_addresses.is_empty() {
         let _ = writeln!(nat_rules, "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS");
         rules += 1;
     } else {
-        for a in &opts.nodeport_addresses {
+        for a in &nodeport_addresses {
             let _ = writeln!(nat_rules, "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -d {a} -j KUBE-NODEPORTS");
             rules += 1;
         }
@@ -396,12 +459,12 @@ pub fn render(
     }
 }
 
-fn endpoint_jumps(r: &mut String, chain: &str, sp: &ServicePort, eps: &[&Endpoint]) {
+fn endpoint_jumps(r: &mut String, chain: &str, sp: &ServicePort, eps: &[&Endpoint], mask: &str) {
     let name = sp.port_name_string();
     let seps: Vec<String> = eps.iter().map(|e| endpoint_chain(sp, e)).collect();
     if let Some(secs) = sp.affinity_seconds {
         for (sep, ep) in seps.iter().zip(eps) {
-            let _ = writeln!(r, "-A {chain} -m comment --comment \"{name} -> {}\" -m recent --name {sep} --mask 255.255.255.255 --rsource --rcheck --seconds {secs} --reap -j {sep}", ep.addr());
+            let _ = writeln!(r, "-A {chain} -m comment --comment \"{name} -> {}\" -m recent --name {sep} --mask {mask} --rsource --rcheck --seconds {secs} --reap -j {sep}", ep.addr());
         }
     }
     let n = seps.len();
@@ -502,16 +565,30 @@ impl Default for RealIptables {
 impl RealIptables {
     /// `""` for the default alternative, `"legacy"` or `"nft"`.
     pub fn with_variant(v: &str) -> Self {
+        Self::with_variant_family(v, Family::V4)
+    }
+
+    /// The same for one family: `ip6tables{,-legacy,-nft}{,-restore,-save}` for IPv6.
+    pub fn with_variant_family(v: &str, fam: Family) -> Self {
         let sfx = if v.is_empty() {
             String::new()
         } else {
             format!("-{v}")
         };
+        let base = match fam {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        };
         Self {
-            iptables: format!("iptables{sfx}"),
-            restore: format!("iptables{sfx}-restore"),
-            save: format!("iptables{sfx}-save"),
+            iptables: format!("{base}{sfx}"),
+            restore: format!("{base}{sfx}-restore"),
+            save: format!("{base}{sfx}-save"),
         }
+    }
+
+    /// Whether the `iptables` binary of this variant runs (`--version`).
+    pub fn available(&self) -> bool {
+        self.run(&self.iptables, &["--version"], None).is_ok()
     }
 
     fn run(&self, prog: &str, args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {

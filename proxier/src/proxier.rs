@@ -63,31 +63,29 @@ pub enum SyncError {
     Backend(String),
 }
 
-/// The iptables backend.
-pub struct IptablesBackend<I: Iptables> {
+/// One family's iptables proxier state (kube-proxy runs one proxier per family).
+struct FamilyState<I: Iptables> {
+    fam: iptables::Family,
     ipt: I,
-    opts: RenderOpts,
     chains: BTreeSet<String>,
     shared: String,
     base_ok: bool,
 }
 
-impl<I: Iptables> IptablesBackend<I> {
-    /// A backend over `ipt`.
-    pub fn new(ipt: I, opts: RenderOpts) -> Self {
+impl<I: Iptables> FamilyState<I> {
+    fn new(fam: iptables::Family, ipt: I) -> Self {
         Self {
+            fam,
             ipt,
-            opts,
             chains: BTreeSet::new(),
             shared: String::new(),
             base_ok: false,
         }
     }
-}
 
-impl<I: Iptables> Backend for IptablesBackend<I> {
     fn apply(
         &mut self,
+        opts: &RenderOpts,
         model: &Model,
         changed: Option<&BTreeSet<ServiceKey>>,
     ) -> Result<SyncStats, SyncError> {
@@ -98,9 +96,10 @@ impl<I: Iptables> Backend for IptablesBackend<I> {
             let present = self.ipt.list_service_chains()?;
             self.chains.extend(present);
         }
-        let r = iptables::render(
+        let r = iptables::render_family(
+            self.fam,
             model,
-            &self.opts,
+            opts,
             if full { None } else { changed },
             &self.chains,
         );
@@ -116,6 +115,7 @@ impl<I: Iptables> Backend for IptablesBackend<I> {
         }
         self.base_ok = true;
         self.chains = r.chains;
+        self.shared = r.shared;
         Ok(SyncStats {
             full,
             services_written: if full {
@@ -124,12 +124,57 @@ impl<I: Iptables> Backend for IptablesBackend<I> {
                 changed.map_or(0, BTreeSet::len)
             },
             rules: r.rules,
-            bytes: r.text.len(),
+            bytes: payload.len(),
         })
+    }
+}
+
+/// The iptables backend: IPv4 through `iptables-restore`, and with `with_ipv6` IPv6
+/// through `ip6tables-restore` in the same layout (dual-stack).
+pub struct IptablesBackend<I: Iptables> {
+    fams: Vec<FamilyState<I>>,
+    opts: RenderOpts,
+}
+
+impl<I: Iptables> IptablesBackend<I> {
+    /// An IPv4 backend over `ipt`.
+    pub fn new(ipt: I, opts: RenderOpts) -> Self {
+        Self {
+            fams: vec![FamilyState::new(iptables::Family::V4, ipt)],
+            opts,
+        }
+    }
+
+    /// Adds the IPv6 proxier over `ipt6` (an `ip6tables` implementation, e.g.
+    /// `RealIptables::with_variant_family(v, Family::V6)`).
+    #[must_use]
+    pub fn with_ipv6(mut self, ipt6: I) -> Self {
+        self.fams.push(FamilyState::new(iptables::Family::V6, ipt6));
+        self
+    }
+}
+
+impl<I: Iptables> Backend for IptablesBackend<I> {
+    fn apply(
+        &mut self,
+        model: &Model,
+        changed: Option<&BTreeSet<ServiceKey>>,
+    ) -> Result<SyncStats, SyncError> {
+        let mut total = SyncStats::default();
+        for f in &mut self.fams {
+            let st = f.apply(&self.opts, model, changed)?;
+            total.full |= st.full;
+            total.services_written = total.services_written.max(st.services_written);
+            total.rules += st.rules;
+            total.bytes += st.bytes;
+        }
+        Ok(total)
     }
 
     fn needs_full(&mut self) -> bool {
-        !self.base_ok || !matches!(self.ipt.chain_exists("mangle", iptables::CANARY), Ok(true))
+        self.fams.iter_mut().any(|f| {
+            !f.base_ok || !matches!(f.ipt.chain_exists("mangle", iptables::CANARY), Ok(true))
+        })
     }
 }
 
@@ -176,13 +221,12 @@ pub fn stale_udp(old: Option<&Vec<ServicePort>>, new: Option<&Vec<ServicePort>>)
             })
             .unwrap_or_default();
         for ep in sp.cluster_endpoints() {
-            if let (std::net::IpAddr::V4(ip), false) = (ep.ip, now_eps.contains(&(ep.ip, ep.port)))
-            {
+            if !now_eps.contains(&(ep.ip, ep.port)) {
                 out.push(CtFilter {
                     proto: 17,
                     orig_dst: None,
                     orig_dport: None,
-                    reply_src: Some(ip),
+                    reply_src: Some(ep.ip),
                 });
             }
         }
@@ -199,14 +243,12 @@ pub fn stale_udp(old: Option<&Vec<ServicePort>>, new: Option<&Vec<ServicePort>>)
                 .chain(&sp.external_ips)
                 .chain(&sp.lb_ips)
             {
-                if let std::net::IpAddr::V4(ip) = ip {
-                    out.push(CtFilter {
-                        proto: 17,
-                        orig_dst: Some(*ip),
-                        orig_dport: Some(sp.port),
-                        reply_src: None,
-                    });
-                }
+                out.push(CtFilter {
+                    proto: 17,
+                    orig_dst: Some(*ip),
+                    orig_dport: Some(sp.port),
+                    reply_src: None,
+                });
             }
             if let Some(np) = sp.node_port {
                 out.push(CtFilter {

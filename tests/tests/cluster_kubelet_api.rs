@@ -503,13 +503,10 @@ mod ws {
     }
 }
 
-/// Root: exec (stdin through `cat`, a non-zero exit code on channel 3, a terminal resize seen
-/// by `stty size`), attach, port-forward to an httpd in the pod, and the metrics endpoints,
-/// against a pod the cluster-mode agent runs under its workers.
-#[cfg(feature = "root")]
 /// kubectl ≥ 1.30 is on PATH (WebSocket v5 remote commands by default, SPDY on request);
 /// without it the kubectl part of the streaming test is skipped with a message (the same
 /// streams are still checked with the test's own WebSocket client).
+#[cfg(feature = "root")]
 fn kubectl_with_websockets() -> bool {
     let out = Command::new("kubectl")
         .args(["version", "--client", "-o", "json"])
@@ -539,6 +536,10 @@ fn kubectl_with_websockets() -> bool {
     }
 }
 
+/// Root: exec (stdin through `cat`, a non-zero exit code on channel 3, a terminal resize seen
+/// by `stty size`), attach, port-forward to an httpd in the pod, and the metrics endpoints,
+/// against a pod the cluster-mode agent runs under its workers.
+#[cfg(feature = "root")]
 #[test]
 fn kubelet_api_streaming_and_metrics() {
     use hako_tests::agent::AgentEnv;

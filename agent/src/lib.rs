@@ -5,6 +5,7 @@ pub mod actions;
 pub mod backoff;
 pub mod cluster;
 pub mod cni;
+pub mod dirwatch;
 pub mod dns;
 pub mod env;
 pub mod integration;

@@ -2,6 +2,9 @@
 //! dedicated OS thread (namespaces are per thread) and kept alive by bind mounts of
 //! `/proc/thread-self/ns/*` under `<run-dir>/sandboxes/<id>/`. Containers join them by path,
 //! the way the kubelet's pause container shares them. No process is left running for it.
+//! The new network namespace's `lo` is brought up here, on the same thread (containerd's
+//! `use_internal_loopback`), instead of running the CNI `loopback` plugin once per pod.
+#![allow(unsafe_code)] // one ioctl wrapper, `set_loopback_up`
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
@@ -77,6 +80,7 @@ pub fn create(
             unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
                 .map_err(|e| ("unshare", e.to_string()))?;
             nix::unistd::sethostname(&host).map_err(|e| ("sethostname", e.to_string()))?;
+            set_loopback_up().map_err(|e| ("loopback up", e.to_string()))?;
         }
         for (kind, target) in [("net", p.net()), ("ipc", p.ipc()), ("uts", p.uts())] {
             let src = format!("/proc/thread-self/ns/{kind}");
@@ -98,6 +102,36 @@ pub fn create(
         return Err(err(step, e));
     }
     Ok(())
+}
+
+/// Sets `IFF_UP` on `lo` in the calling thread's network namespace (the kernel then adds
+/// 127.0.0.1/8 and ::1, as the CNI loopback plugin's ADD leaves it).
+fn set_loopback_up() -> nix::Result<()> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: nix::libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = nix::libc::c_char::from_ne_bytes([*s]);
+    }
+    // SAFETY: a valid socket and a pointer to an initialised ifreq that outlives the call;
+    // SIOCGIFFLAGS writes only ifr_flags.
+    let r = unsafe { nix::libc::ioctl(sock.as_raw_fd(), nix::libc::SIOCGIFFLAGS, &mut req) };
+    nix::errno::Errno::result(r)?;
+    // SAFETY: SIOCGIFFLAGS succeeded, so the union holds ifru_flags.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    // IFF_UP is 0x1; ifr_flags is a short.
+    let up = nix::libc::c_short::try_from(nix::libc::IFF_UP).unwrap_or(1);
+    req.ifr_ifru.ifru_flags = flags | up;
+    // SAFETY: as above; SIOCSIFFLAGS reads the ifreq.
+    let r = unsafe { nix::libc::ioctl(sock.as_raw_fd(), nix::libc::SIOCSIFFLAGS, &req) };
+    nix::errno::Errno::result(r).map(drop)
 }
 
 /// Unmounts and removes the namespace files (missing ones are fine).

@@ -63,14 +63,43 @@ impl Histogram {
 
     fn render(&self, o: &mut String, name: &str, help: &str) {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(o, name, "");
+    }
+
+    /// The sample lines of one series; `labels` (`k="v"`, may be empty) go before `le`.
+    fn render_series(&self, o: &mut String, name: &str, labels: &str) {
+        let (pre, only) = if labels.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!("{labels},"), format!("{{{labels}}}"))
+        };
         for (i, b) in self.buckets.iter().enumerate() {
-            let _ = writeln!(o, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
+            let _ = writeln!(o, "{name}_bucket{{{pre}le=\"{b}\"}} {}", self.counts[i]);
         }
-        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(o, "{name}_sum {}", self.sum);
-        let _ = writeln!(o, "{name}_count {}", self.count);
+        let _ = writeln!(o, "{name}_bucket{{{pre}le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(o, "{name}_sum{only} {}", self.sum);
+        let _ = writeln!(o, "{name}_count{only} {}", self.count);
     }
 }
+
+/// The `phase` label values of `hako_agent_pod_start_phase_seconds`, in the order a pod goes
+/// through them: the wait for a blocking-pool thread (`blocking_queue`), the sandbox
+/// namespaces (`sandbox_netns`, loopback up included), CNI ADD (`cni_add`), the pod files
+/// (`sandbox_files`: hosts, resolv.conf, hostname, sandbox record), volume setup (`volumes`),
+/// image resolution (`image`), the container spec (`spec`), `shim_create` and `shim_start`,
+/// and each status record write (`status_write`).
+pub const START_PHASES: [&str; 10] = [
+    "blocking_queue",
+    "sandbox_netns",
+    "cni_add",
+    "sandbox_files",
+    "volumes",
+    "image",
+    "spec",
+    "shim_create",
+    "shim_start",
+    "status_write",
+];
 
 /// Agent metrics, shared (`Arc`) between the pod workers, the service loop and the server.
 #[derive(Debug)]
@@ -96,6 +125,8 @@ pub struct AgentMetrics {
     pod_sync: Mutex<Histogram>,
     proxy_sync: Mutex<Histogram>,
     pod_start: Mutex<Histogram>,
+    /// Pod start phases by name ([`START_PHASES`]).
+    start_phases: Mutex<BTreeMap<&'static str, Histogram>>,
     /// Containers started, by type (`container`, `init_container`).
     started_by_type: Mutex<BTreeMap<&'static str, u64>>,
     /// Container restarts (starts of an attempt after the first).
@@ -145,6 +176,7 @@ impl Default for AgentMetrics {
             pod_sync: Mutex::default(),
             proxy_sync: Mutex::default(),
             pod_start: Mutex::new(Histogram::with_buckets(&POD_START_BUCKETS)),
+            start_phases: Mutex::default(),
             started_by_type: Mutex::default(),
             restarts_total: AtomicU64::new(0),
             probes: Mutex::default(),
@@ -212,6 +244,13 @@ impl AgentMetrics {
     pub fn observe_pod_start(&self, d: Duration) {
         if let Ok(mut h) = self.pod_start.lock() {
             h.observe(d.as_secs_f64());
+        }
+    }
+
+    /// One pod start phase (one of [`START_PHASES`]) took `d`.
+    pub fn observe_start_phase(&self, phase: &'static str, d: Duration) {
+        if let Ok(mut m) = self.start_phases.lock() {
+            m.entry(phase).or_default().observe(d.as_secs_f64());
         }
     }
 
@@ -499,6 +538,18 @@ impl AgentMetrics {
                 "Duration in seconds from the agent seeing a pod to all its containers running",
             );
         }
+        if let Ok(m) = self.start_phases.lock() {
+            let name = "hako_agent_pod_start_phase_seconds";
+            let _ = writeln!(
+                o,
+                "# HELP {name} Duration in seconds of each phase of starting a pod\n# TYPE {name} histogram"
+            );
+            for phase in START_PHASES {
+                if let Some(h) = m.get(phase) {
+                    h.render_series(&mut o, name, &format!("phase=\"{phase}\""));
+                }
+            }
+        }
         if let Ok(h) = self.proxy_sync.lock() {
             h.render(
                 &mut o,
@@ -725,6 +776,44 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
+    }
+
+    #[test]
+    fn start_phases_render_as_labelled_series() {
+        let m = AgentMetrics::new();
+        m.observe_start_phase("cni_add", Duration::from_millis(7));
+        m.observe_start_phase("cni_add", Duration::from_millis(30));
+        m.observe_start_phase("shim_create", Duration::from_millis(2));
+        let o = m.render();
+        let n = "hako_agent_pod_start_phase_seconds";
+        assert_eq!(
+            o.matches(&format!("# TYPE {n} histogram")).count(),
+            1,
+            "{o}"
+        );
+        assert!(
+            o.contains(&format!("{n}_bucket{{phase=\"cni_add\",le=\"0.01\"}} 1\n")),
+            "{o}"
+        );
+        assert!(
+            o.contains(&format!("{n}_bucket{{phase=\"cni_add\",le=\"+Inf\"}} 2\n")),
+            "{o}"
+        );
+        assert!(
+            o.contains(&format!("{n}_count{{phase=\"cni_add\"}} 2\n")),
+            "{o}"
+        );
+        assert!(
+            o.contains(&format!("{n}_count{{phase=\"shim_create\"}} 1\n")),
+            "{o}"
+        );
+        // Phases never observed have no series.
+        assert!(!o.contains("phase=\"volumes\""), "{o}");
+        // Unlabelled histograms keep their plain form.
+        assert!(
+            o.contains("kubelet_pod_start_duration_seconds_count 0\n"),
+            "{o}"
+        );
     }
 
     #[test]

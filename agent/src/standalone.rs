@@ -1,5 +1,6 @@
 //! Standalone mode (effectful): the manifest directory feeds the [`PodManager`]. The directory
-//! is re-read every `file_check_frequency`; each change (pod added, updated = new UID,
+//! is re-read when inotify reports a change in it (after a 10 ms window that gathers a burst of
+//! writes into one read) and every `file_check_frequency`; each change (pod added, updated = new UID,
 //! deleted; ConfigMap/Secret changed) becomes a full `sync`. A document that fails to load is
 //! logged once and recorded as a node event (`<root>/events.json`, shown by
 //! `hako-agent get events`); every other pod keeps running.
@@ -25,6 +26,10 @@ pub struct StandaloneOptions {
     /// running and are re-adopted by the next agent).
     pub stop_pods_on_exit: bool,
 }
+
+/// How long a change reported by inotify waits for the rest of its burst before the
+/// directory is read.
+const WATCH_SETTLE: Duration = Duration::from_millis(10);
 
 /// Node events file.
 pub fn events_path(root: &Path) -> PathBuf {
@@ -93,10 +98,35 @@ pub async fn run(cfg: AgentConfig, opts: StandaloneOptions) -> anyhow::Result<()
     let mut last_fp = None;
     let mut tick = tokio::time::interval(opts.file_check_frequency);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = match crate::dirwatch::DirWatch::new(&opts.manifest_dir) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(dir = %opts.manifest_dir.display(), "no inotify watch ({e}); re-reading every {:?} only", opts.file_check_frequency);
+            None
+        }
+    };
     tracing::info!(dir = %opts.manifest_dir.display(), "watching manifest directory");
     loop {
+        let changed = async {
+            match &watch {
+                Some(w) => w.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tick.tick() => {}
+            r = changed => {
+                if let Err(e) = r {
+                    tracing::warn!("manifest directory watch failed ({e}); re-reading every {:?} only", opts.file_check_frequency);
+                    watch = None;
+                } else {
+                    // Gather the rest of a burst (an editor's write + rename, many files).
+                    tokio::time::sleep(WATCH_SETTLE).await;
+                    if let Some(w) = &watch {
+                        w.drain();
+                    }
+                }
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

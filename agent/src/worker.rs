@@ -361,6 +361,16 @@ struct Worker {
     metrics: Arc<AgentMetrics>,
 }
 
+/// Durations of pod start phases measured inside a blocking task, reported by the worker.
+#[derive(Debug, Default)]
+struct Phases(Vec<(&'static str, Duration)>);
+
+impl Phases {
+    fn add(&mut self, phase: &'static str, d: Duration) {
+        self.0.push((phase, d));
+    }
+}
+
 fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> impl std::future::Future<Output = Option<T>> {
@@ -458,6 +468,25 @@ impl Worker {
             seen_at: std::time::Instant::now(),
             start_observed: false,
             metrics,
+        }
+    }
+
+    /// One pod start phase took `d`: the `hako_agent_pod_start_phase_seconds` histogram and a
+    /// debug line on the `hako_agent::startup` target (what `scripts/bench-agent` tabulates).
+    fn phase(&self, phase: &'static str, d: Duration) {
+        self.metrics.observe_start_phase(phase, d);
+        tracing::debug!(
+            target: "hako_agent::startup",
+            uid = %self.uid,
+            phase,
+            ms = d.as_secs_f64() * 1e3,
+            "pod start phase"
+        );
+    }
+
+    fn phases(&self, p: &Phases) {
+        for (phase, d) in &p.0 {
+            self.phase(phase, *d);
         }
     }
 
@@ -727,9 +756,11 @@ impl Worker {
         let mut pod = self.pod.clone();
         pod.status = Some(st.clone());
         self.record.pod = pod.clone();
+        let t = std::time::Instant::now();
         if let Err(e) = state::write_record(&self.cfg.root_dir, &self.record) {
             tracing::warn!(uid = %self.uid, "writing status: {e}");
         }
+        self.phase("status_write", t.elapsed());
         if let Ok(mut m) = self.pods.lock() {
             m.insert(self.uid.clone(), pod);
         }
@@ -776,7 +807,15 @@ impl Worker {
             });
             if all_running {
                 self.start_observed = true;
-                self.metrics.observe_pod_start(self.seen_at.elapsed());
+                let d = self.seen_at.elapsed();
+                self.metrics.observe_pod_start(d);
+                tracing::debug!(
+                    target: "hako_agent::startup",
+                    uid = %self.uid,
+                    phase = "total",
+                    ms = d.as_secs_f64() * 1e3,
+                    "pod started"
+                );
             }
         }
     }
@@ -1095,31 +1134,41 @@ impl Worker {
         let p2 = paths.clone();
         let host_network = self.host_network();
         let host_ip = self.cfg.host_ip.clone();
-        let res = blocking(move || -> Result<Vec<String>, String> {
-            let _ = sandbox::remove(&p2);
-            sandbox::create(&p2, &hostname, host_network).map_err(|e| e.to_string())?;
-            if host_network {
-                return Ok(host_ip.into_iter().collect());
-            }
-            if let Err(e) = cni.loopback_up(&a) {
+        let spawned = std::time::Instant::now();
+        let (res, phases) = blocking(move || {
+            let mut phases = Phases::default();
+            phases.add("blocking_queue", spawned.elapsed());
+            let res = (|| -> Result<Vec<String>, String> {
                 let _ = sandbox::remove(&p2);
-                return Err(e.to_string());
-            }
-            match cni.add(&a) {
-                Ok(r) => Ok(cni::result_ips(&r)),
-                Err(e) => {
-                    let _ = sandbox::remove(&p2);
-                    Err(format!(
-                        "failed to setup network for sandbox {:?}: {e}",
-                        a.container_id
-                    ))
+                let t = std::time::Instant::now();
+                sandbox::create(&p2, &hostname, host_network).map_err(|e| e.to_string())?;
+                phases.add("sandbox_netns", t.elapsed());
+                if host_network {
+                    return Ok(host_ip.into_iter().collect());
                 }
-            }
+                let t = std::time::Instant::now();
+                match cni.add(&a) {
+                    Ok(r) => {
+                        phases.add("cni_add", t.elapsed());
+                        Ok(cni::result_ips(&r))
+                    }
+                    Err(e) => {
+                        let _ = sandbox::remove(&p2);
+                        Err(format!(
+                            "failed to setup network for sandbox {:?}: {e}",
+                            a.container_id
+                        ))
+                    }
+                }
+            })();
+            (res, phases)
         })
         .await
-        .unwrap_or_else(|| Err("sandbox task failed".into()));
+        .unwrap_or_else(|| (Err("sandbox task failed".into()), Phases::default()));
+        self.phases(&phases);
         match res {
             Ok(ips) => {
+                let t = std::time::Instant::now();
                 if attempt > 0 {
                     self.event(
                         "Normal",
@@ -1147,6 +1196,7 @@ impl Worker {
                     dir.join("hostname"),
                     format!("{}\n", dns::pod_hostname(&self.pod)),
                 );
+                self.phase("sandbox_files", t.elapsed());
                 self.sandbox = Some(SandboxInfo {
                     id,
                     attempt,
@@ -1545,9 +1595,12 @@ impl Worker {
                 }
             }
         }
+        let t = std::time::Instant::now();
         let Some(image) = self.pull(&c).await else {
             return false;
         };
+        self.phase("image", t.elapsed());
+        let t_spec = std::time::Instant::now();
         let vars = match self.resolve_env(&c) {
             Ok(v) => v,
             Err(e) => {
@@ -1643,15 +1696,27 @@ impl Worker {
         let shim = self.cfg.shim.clone();
         let root = self.cfg.root_dir.clone();
         let m2 = meta.clone();
-        let created = blocking(move || -> Result<hako_shim::state::State, String> {
-            runtime::write_meta(&root, &m2).map_err(|e| e.to_string())?;
-            let _ = shim.force_delete(&m2.id);
-            let cl = shim.create(&cs).map_err(|e| e.to_string())?;
-            let st = cl.start().map_err(|e| e.to_string())?;
-            Ok(st)
+        self.phase("spec", t_spec.elapsed());
+        let spawned = std::time::Instant::now();
+        let (created, phases) = blocking(move || {
+            let mut phases = Phases::default();
+            phases.add("blocking_queue", spawned.elapsed());
+            let r = (|| -> Result<hako_shim::state::State, String> {
+                runtime::write_meta(&root, &m2).map_err(|e| e.to_string())?;
+                let _ = shim.force_delete(&m2.id);
+                let t = std::time::Instant::now();
+                let cl = shim.create(&cs).map_err(|e| e.to_string())?;
+                phases.add("shim_create", t.elapsed());
+                let t = std::time::Instant::now();
+                let st = cl.start().map_err(|e| e.to_string())?;
+                phases.add("shim_start", t.elapsed());
+                Ok(st)
+            })();
+            (r, phases)
         })
         .await
-        .unwrap_or_else(|| Err("create task failed".into()));
+        .unwrap_or_else(|| (Err("create task failed".into()), Phases::default()));
+        self.phases(&phases);
         match created {
             Ok(st) => {
                 self.start_failures.remove(name);
@@ -1938,6 +2003,7 @@ impl Worker {
             .read()
             .ok()
             .and_then(|o| o.tokens.get(&self.uid).cloned());
+        let t = std::time::Instant::now();
         let r = blocking(move || {
             let mut ctx = crate::volumes::PodContext::new(&pod, &objects);
             ctx.pod_ips = pod_ips;
@@ -1950,6 +2016,7 @@ impl Worker {
             }
         })
         .await;
+        self.phase("volumes", t.elapsed());
         match r {
             Some(Ok(v)) => {
                 self.volumes = Some(v);

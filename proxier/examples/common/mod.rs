@@ -34,12 +34,23 @@ pub fn slice(i: usize, eps: usize) -> EndpointSlice {
     .expect("slice")
 }
 
+/// Peak RSS (VmHWM), MiB.
 #[allow(dead_code)]
 pub fn rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+/// Current RSS (VmRSS), MiB: what a daemon holds between syncs.
+#[allow(dead_code)]
+pub fn rss_now_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+fn status_mib(field: &str) -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let kb: f64 = s
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);

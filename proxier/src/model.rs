@@ -162,7 +162,7 @@ fn pick<'a>(eps: impl Iterator<Item = &'a Endpoint> + Clone) -> Vec<&'a Endpoint
 }
 
 /// Why an object (or part of one) was skipped.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ModelError {
     /// Port number outside 1..=65535.
     #[error("{object}: port {port} out of range")]
@@ -247,6 +247,77 @@ fn valid_cidr(s: &str) -> bool {
     }
 }
 
+/// What the proxier keeps of a Service once converted: its service ports without endpoints
+/// (empty for headless and ExternalName services). The k8s object itself is not kept.
+pub type CompactService = Vec<ServicePort>;
+
+/// One port of an EndpointSlice, as kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SlicePort {
+    name: String,
+    protocol: Option<Protocol>,
+    port: Option<i32>,
+}
+
+/// One endpoint of an EndpointSlice, as kept: its first address parsed (or the error naming
+/// the slice), its conditions, and whether it is on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SliceEndpoint {
+    ip: Option<Result<IpAddr, ModelError>>,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    local: bool,
+}
+
+/// What the proxier keeps of an EndpointSlice once converted (a few bytes per endpoint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactSlice {
+    object: String,
+    ports: Vec<SlicePort>,
+    endpoints: Vec<SliceEndpoint>,
+}
+
+/// Converts an EndpointSlice to what `attach_endpoints` needs; `hostname` decides locality.
+pub fn compact_slice(slice: &EndpointSlice, hostname: &str) -> CompactSlice {
+    let object = format!(
+        "EndpointSlice {}/{}",
+        slice.metadata.namespace.as_deref().unwrap_or("default"),
+        slice.metadata.name.as_deref().unwrap_or("")
+    );
+    let ports = slice
+        .ports
+        .iter()
+        .flatten()
+        .map(|sp| SlicePort {
+            name: sp.name.clone().unwrap_or_default(),
+            protocol: Protocol::parse(sp.protocol.as_deref()),
+            port: sp.port,
+        })
+        .collect();
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .map(|ep| {
+            let c = ep.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            SliceEndpoint {
+                // One address per endpoint is used, as kube-proxy does.
+                ip: ep.addresses.first().map(|a| parse_ip(&object, a)),
+                ready,
+                serving: c.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                local: ep.node_name.as_deref() == Some(hostname),
+            }
+        })
+        .collect();
+    CompactSlice {
+        object,
+        ports,
+        endpoints,
+    }
+}
+
 /// Builds the service ports of one Service from it and its slices. Headless and
 /// ExternalName services yield nothing. Bad ports/addresses are errors naming the object;
 /// bad endpoints are skipped and returned as warnings.
@@ -256,6 +327,14 @@ pub fn build_service(
     hostname: &str,
     warnings: &mut Vec<ModelError>,
 ) -> Result<Vec<ServicePort>, ModelError> {
+    let ports = compact_service(svc)?;
+    let compact: Vec<CompactSlice> = slices.iter().map(|s| compact_slice(s, hostname)).collect();
+    let refs: Vec<&CompactSlice> = compact.iter().collect();
+    Ok(attach_endpoints(&ports, &refs, warnings))
+}
+
+/// The service ports of a Service without endpoints (see `attach_endpoints`).
+pub fn compact_service(svc: &Service) -> Result<CompactService, ModelError> {
     let key = service_key(svc)?;
     let object = format!("Service {key}");
     let Some(spec) = svc.spec.as_ref() else {
@@ -331,56 +410,9 @@ pub fn build_service(
             Some(np) if with_node_ports => Some(port16(&object, np)?),
             _ => None,
         };
-        let port_name = p.name.clone().unwrap_or_default();
-        let mut endpoints = Vec::new();
-        for slice in slices {
-            let sname = format!(
-                "EndpointSlice {}/{}",
-                slice.metadata.namespace.as_deref().unwrap_or("default"),
-                slice.metadata.name.as_deref().unwrap_or("")
-            );
-            let Some(sp) = slice.ports.iter().flatten().find(|sp| {
-                sp.name.as_deref().unwrap_or("") == port_name
-                    && Protocol::parse(sp.protocol.as_deref()) == Some(protocol)
-            }) else {
-                continue;
-            };
-            let Some(raw_port) = sp.port else { continue };
-            let ep_port = match port16(&sname, raw_port) {
-                Ok(p) => p,
-                Err(e) => {
-                    warnings.push(e);
-                    continue;
-                }
-            };
-            for ep in &slice.endpoints {
-                let c = ep.conditions.as_ref();
-                let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                let local = ep.node_name.as_deref() == Some(hostname);
-                // One address per endpoint is used, as kube-proxy does.
-                let Some(addr) = ep.addresses.first() else {
-                    continue;
-                };
-                match parse_ip(&sname, addr) {
-                    Ok(ip) => endpoints.push(Endpoint {
-                        ip,
-                        port: ep_port,
-                        ready,
-                        serving,
-                        terminating,
-                        local,
-                    }),
-                    Err(e) => warnings.push(e),
-                }
-            }
-        }
-        endpoints.sort();
-        endpoints.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
         out.push(ServicePort {
             key: key.clone(),
-            port_name,
+            port_name: p.name.clone().unwrap_or_default(),
             protocol,
             cluster_ips: cluster_ips.clone(),
             port,
@@ -391,10 +423,60 @@ pub fn build_service(
             affinity_seconds,
             external_local,
             internal_local,
-            endpoints,
+            endpoints: Vec::new(),
         });
     }
     Ok(out)
+}
+
+/// The service ports with their endpoints from the slices (named target ports resolved,
+/// sorted, duplicates dropped). Bad endpoints are skipped and returned as warnings.
+pub fn attach_endpoints(
+    ports: &[ServicePort],
+    slices: &[&CompactSlice],
+    warnings: &mut Vec<ModelError>,
+) -> Vec<ServicePort> {
+    let mut out = Vec::with_capacity(ports.len());
+    for p in ports {
+        let mut endpoints = Vec::new();
+        for slice in slices {
+            let Some(sp) = slice
+                .ports
+                .iter()
+                .find(|sp| sp.name == p.port_name && sp.protocol == Some(p.protocol))
+            else {
+                continue;
+            };
+            let Some(raw_port) = sp.port else { continue };
+            let ep_port = match port16(&slice.object, raw_port) {
+                Ok(p) => p,
+                Err(e) => {
+                    warnings.push(e);
+                    continue;
+                }
+            };
+            for ep in &slice.endpoints {
+                match &ep.ip {
+                    None => {}
+                    Some(Ok(ip)) => endpoints.push(Endpoint {
+                        ip: *ip,
+                        port: ep_port,
+                        ready: ep.ready,
+                        serving: ep.serving,
+                        terminating: ep.terminating,
+                        local: ep.local,
+                    }),
+                    Some(Err(e)) => warnings.push(e.clone()),
+                }
+            }
+        }
+        endpoints.sort();
+        endpoints.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
+        let mut sp = p.clone();
+        sp.endpoints = endpoints;
+        out.push(sp);
+    }
+    out
 }
 
 /// Desired state: every service port, grouped by Service.

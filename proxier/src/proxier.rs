@@ -11,7 +11,10 @@ use tracing::{debug, info, warn};
 
 use crate::conntrack::{Conntrack, CtFilter};
 use crate::iptables::{self, Iptables, IptablesError, RenderOpts};
-use crate::model::{build_service, service_key, slice_service_key, Model, ServiceKey, ServicePort};
+use crate::model::{
+    attach_endpoints, compact_service, compact_slice, service_key, slice_service_key,
+    CompactService, CompactSlice, Model, ModelError, ServiceKey, ServicePort,
+};
 
 /// Proxier options.
 #[derive(Debug, Clone, Default)]
@@ -182,8 +185,10 @@ impl<I: Iptables> Backend for IptablesBackend<I> {
 pub struct Proxier {
     backend: Box<dyn Backend>,
     opts: ProxierOpts,
-    services: BTreeMap<ServiceKey, Service>,
-    slices: BTreeMap<ServiceKey, BTreeMap<String, EndpointSlice>>,
+    /// Services as converted (the k8s objects are not kept).
+    services: BTreeMap<ServiceKey, Result<CompactService, ModelError>>,
+    /// EndpointSlices as converted, by Service and slice name.
+    slices: BTreeMap<ServiceKey, BTreeMap<String, CompactSlice>>,
     slice_owner: BTreeMap<(String, String), ServiceKey>,
     model: Model,
     dirty: BTreeSet<ServiceKey>,
@@ -295,7 +300,7 @@ impl Proxier {
         match service_key(&svc) {
             Ok(k) => {
                 self.dirty.insert(k.clone());
-                self.services.insert(k, svc);
+                self.services.insert(k, compact_service(&svc));
             }
             Err(e) => warn!(error = %e, "skipping Service"),
         }
@@ -340,10 +345,12 @@ impl Proxier {
                 self.dirty.insert(old);
             }
         }
+        let compact = compact_slice(&slice, &self.opts.hostname);
+        drop(slice);
         self.slices
             .entry(key.clone())
             .or_default()
-            .insert(name, slice);
+            .insert(name, compact);
         self.dirty.insert(key);
     }
 
@@ -385,15 +392,16 @@ impl Proxier {
         self.services.retain(|k, _| new_keys.contains(k));
         for s in services {
             if let Ok(k) = service_key(&s) {
-                if self.services.get(&k) != Some(&s) {
-                    self.services.insert(k.clone(), s);
+                let c = compact_service(&s);
+                if self.services.get(&k) != Some(&c) {
+                    self.services.insert(k.clone(), c);
                     self.dirty.insert(k);
                 }
             } else {
                 warn!("skipping Service without a name");
             }
         }
-        let mut new_slices: BTreeMap<ServiceKey, BTreeMap<String, EndpointSlice>> = BTreeMap::new();
+        let mut new_slices: BTreeMap<ServiceKey, BTreeMap<String, CompactSlice>> = BTreeMap::new();
         let mut owner = BTreeMap::new();
         for sl in slices {
             let ns = sl
@@ -406,7 +414,8 @@ impl Proxier {
                 continue;
             };
             owner.insert((ns, name.clone()), key.clone());
-            new_slices.entry(key).or_default().insert(name, sl);
+            let c = compact_slice(&sl, &self.opts.hostname);
+            new_slices.entry(key).or_default().insert(name, c);
         }
         for k in self.slices.keys().chain(new_slices.keys()) {
             if self.slices.get(k) != new_slices.get(k) {
@@ -428,25 +437,24 @@ impl Proxier {
     }
 
     fn rebuild(&mut self, key: &ServiceKey) -> Option<Vec<ServicePort>> {
-        let svc = self.services.get(key)?;
-        let slices: Vec<&EndpointSlice> = self
+        let ports = match self.services.get(key)? {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(service = %key, error = %e, "skipping Service");
+                return None;
+            }
+        };
+        let slices: Vec<&CompactSlice> = self
             .slices
             .get(key)
             .map(|m| m.values().collect())
             .unwrap_or_default();
         let mut warnings = Vec::new();
-        let r = build_service(svc, &slices, &self.opts.hostname, &mut warnings);
+        let r = attach_endpoints(ports, &slices, &mut warnings);
         for w in warnings {
             warn!(service = %key, error = %w, "skipping endpoint");
         }
-        match r {
-            Ok(ports) if ports.is_empty() => None,
-            Ok(ports) => Some(ports),
-            Err(e) => {
-                warn!(service = %key, error = %e, "skipping Service");
-                None
-            }
-        }
+        (!r.is_empty()).then_some(r)
     }
 
     /// Folds pending changes into the model and programs the backend: full at start, after
@@ -521,6 +529,7 @@ impl Proxier {
 mod tests {
     use super::*;
     use crate::iptables::{check_jumps, FakeIptables};
+    use crate::model::build_service;
 
     fn svc(name: &str, ip: &str) -> Service {
         serde_yaml::from_str(&format!(
@@ -572,6 +581,17 @@ mod tests {
         assert!(
             last.contains("-X KUBE-SEP-"),
             "stale endpoint chain removed:\n{last}"
+        );
+        // An endpoint-only change leaves every shared chain alone: no KUBE-SERVICES line, no
+        // filter table, just a's chains.
+        assert!(
+            !last.contains("KUBE-SERVICES") && !last.contains("*filter"),
+            "shared chains not rewritten:\n{last}"
+        );
+        assert_eq!(
+            last.lines().filter(|l| l.starts_with("-A ")).count(),
+            3,
+            "a's service chain jump and its endpoint's two rules:\n{last}"
         );
         let nat = &st.chains["nat"];
         assert_eq!(nat.iter().filter(|c| c.starts_with("KUBE-SEP-")).count(), 2);

@@ -160,7 +160,11 @@ pub fn base_rules(o: &RenderOpts) -> String {
     let cm = "-m comment --comment";
     if o.masquerade_all {
         let _ = writeln!(t, "-A KUBE-SERVICES {cm} \"service cluster IP + port, masquerade all\" -m set --match-set KUBE-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ");
-    } else if let Some(cidr) = &o.cluster_cidr {
+    } else if let Some(cidr) = o
+        .cluster_cidr
+        .as_deref()
+        .and_then(|c| c.split(',').map(str::trim).find(|c| !c.contains(':')))
+    {
         let _ = writeln!(t, "-A KUBE-SERVICES {cm} \"service cluster IP + port from outside the cluster\" -m set --match-set KUBE-CLUSTER-IP dst,dst ! -s {cidr} -j KUBE-MARK-MASQ");
     }
     let _ = writeln!(t, "-A KUBE-SERVICES {cm} \"external IP + port\" -m set --match-set KUBE-EXTERNAL-IP dst,dst -j KUBE-EXTERNAL");

@@ -695,7 +695,11 @@ fn render_port(f: Fam, o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids
     let mut svc_rules = Vec::new();
     if opts.masquerade_all {
         svc_rules.push(mark_masq());
-    } else if let Some(c) = opts.cluster_cidr.as_deref().and_then(|c| f.cidr(c)) {
+    } else if let Some(c) = opts
+        .cluster_cidr
+        .as_deref()
+        .and_then(|c| c.split(',').find_map(|c| f.cidr(c.trim())))
+    {
         let mut e = in_cidr(saddr(f, r(0)), r(0), c, false);
         e.extend(mark_masq());
         svc_rules.push(e);
@@ -725,7 +729,11 @@ fn render_port(f: Fam, o: &mut SvcObjs, sp: &ServicePort, opts: &RenderOpts, ids
     if sp.external_local {
         // Pods and the node itself reach external addresses through the cluster policy;
         // everyone else only reaches local endpoints, with the client address kept.
-        if let Some(c) = opts.cluster_cidr.as_deref().and_then(|c| f.cidr(c)) {
+        if let Some(c) = opts
+            .cluster_cidr
+            .as_deref()
+            .and_then(|c| c.split(',').find_map(|c| f.cidr(c.trim())))
+        {
             let mut e = in_cidr(saddr(f, r(0)), r(0), c, true);
             e.push(to_svc());
             ext_rules.push(e);

@@ -271,6 +271,16 @@ fn ipv6_render_matches_golden() {
         "IPv4 endpoints stay in the ip table"
     );
     assert!(text.contains("payload nh+24/16 => r8"), "ip6 daddr");
+    // A dual-stack --cluster-cidr list: each family takes its own CIDR.
+    let dual = RenderOpts {
+        cluster_cidr: Some("10.244.0.0/16, fd00:244::/48".into()),
+        ..RenderOpts::default()
+    };
+    let d6d = layout::render(layout::IPV6, p.model(), &dual, &mut Ids::default());
+    assert_eq!(d6d.text(), text, "the IPv6 CIDR of the list is used");
+    let d4d = layout::render(layout::IPV4, p.model(), &dual, &mut Ids::default());
+    let d4o = layout::render(layout::IPV4, p.model(), &opts(), &mut Ids::default());
+    assert_eq!(d4d.text(), d4o.text(), "the IPv4 CIDR of the list is used");
     // The IPv4 table of the same model has the IPv4 endpoint only.
     let d4 = layout::render(layout::IPV4, p.model(), &opts(), &mut Ids::default());
     let t4 = d4.text();

@@ -467,7 +467,11 @@ fn crash_loop_backoff_doubles_and_oom_kill_is_reported() {
     // plus the container's first start, which took up to 4.75 s while the machine was also
     // building and linking (fsyncs of the state files wait behind that I/O). The doubling
     // below is what the back-off is judged by.
-    assert!(timing[0] < 6.0, "{timing:?}; agent log:\n{}", env.agent_log());
+    assert!(
+        timing[0] < 6.0,
+        "{timing:?}; agent log:\n{}",
+        env.agent_log()
+    );
     assert!(timing[1] >= 0.9 && timing[1] < 2.5, "{timing:?}");
     assert!(timing[2] >= 1.9 && timing[2] < 4.5, "{timing:?}");
     if timing.len() > 3 {

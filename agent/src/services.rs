@@ -457,8 +457,8 @@ pub fn proxier_for_mode(
     };
     let backend: Box<dyn hako_proxier::Backend> = match mode {
         ProxyMode::None => return Ok(None),
-        ProxyMode::Iptables => Box::new(hako_proxier::IptablesBackend::new(
-            hako_proxier::RealIptables::with_variant(iptables_variant),
+        ProxyMode::Iptables => Box::new(hako_proxier::IptablesBackend::real(
+            iptables_variant,
             render.clone(),
         )),
         ProxyMode::Nftables => Box::new(hako_proxier::NftablesBackend::new(render.clone())),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use hako_proxier::metrics::{self, Metrics};
-use hako_proxier::{config, IptablesBackend, Proxier, ProxierOpts, RealIptables, RenderOpts};
+use hako_proxier::{config, IptablesBackend, Proxier, ProxierOpts, RenderOpts};
 use tracing::{error, info};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -140,22 +140,7 @@ fn main() -> anyhow::Result<()> {
     } else if matches!(cli.proxy_mode, Mode::Nftables) {
         Box::new(hako_proxier::NftablesBackend::new(render))
     } else {
-        let b = IptablesBackend::new(RealIptables::with_variant(&cli.iptables_variant), render);
-        // Dual-stack as kube-proxy: a second proxier through ip6tables when the kernel has
-        // IPv6 and the ip6tables binaries run.
-        let ip6 = hako_proxier::iptables::RealIptables::with_variant_family(
-            &cli.iptables_variant,
-            hako_proxier::iptables::Family::V6,
-        );
-        if std::path::Path::new("/proc/sys/net/ipv6").exists() && ip6.available() {
-            tracing::info!(binary = %ip6.restore, "IPv6 services through ip6tables");
-            Box::new(b.with_ipv6(ip6))
-        } else {
-            tracing::warn!(
-                "no IPv6 (kernel or ip6tables missing): IPv6 services are not programmed"
-            );
-            Box::new(b)
-        }
+        Box::new(IptablesBackend::real(&cli.iptables_variant, render))
     };
     let mut proxier = Proxier::new(backend, opts)
         .with_conntrack(Box::new(hako_proxier::conntrack::NetlinkConntrack));

@@ -157,6 +157,23 @@ impl<I: Iptables> IptablesBackend<I> {
     }
 }
 
+impl IptablesBackend<iptables::RealIptables> {
+    /// The backend over the real `iptables` binaries of `variant` ("", "nft", "legacy"),
+    /// dual-stack as kube-proxy runs: a second proxier through `ip6tables` when the kernel has
+    /// IPv6 and the ip6tables binaries run (else IPv4 only, with a warning).
+    pub fn real(variant: &str, opts: RenderOpts) -> Self {
+        let b = Self::new(iptables::RealIptables::with_variant(variant), opts);
+        let ip6 = iptables::RealIptables::with_variant_family(variant, iptables::Family::V6);
+        if std::path::Path::new("/proc/sys/net/ipv6").exists() && ip6.available() {
+            info!(binary = %ip6.restore, "IPv6 services through ip6tables");
+            b.with_ipv6(ip6)
+        } else {
+            warn!("no IPv6 (kernel or ip6tables missing): IPv6 services are not programmed");
+            b
+        }
+    }
+}
+
 impl<I: Iptables> Backend for IptablesBackend<I> {
     fn apply(
         &mut self,

@@ -83,12 +83,14 @@ impl Histogram {
 }
 
 /// The `phase` label values of `hako_agent_pod_start_phase_seconds`, in the order a pod goes
-/// through them: the wait for a blocking-pool thread (`blocking_queue`), the sandbox
+/// through them: the wait for one of the sandbox creation slots (`sandbox_slot`, 2 per CPU),
+/// the wait for a blocking-pool thread (`blocking_queue`), the sandbox
 /// namespaces (`sandbox_netns`, loopback up included), CNI ADD (`cni_add`), the pod files
 /// (`sandbox_files`: hosts, resolv.conf, hostname, sandbox record), volume setup (`volumes`),
 /// image resolution (`image`), the container spec (`spec`), `shim_create` and `shim_start`,
 /// and each status record write (`status_write`).
-pub const START_PHASES: [&str; 10] = [
+pub const START_PHASES: [&str; 11] = [
+    "sandbox_slot",
     "blocking_queue",
     "sandbox_netns",
     "cni_add",

@@ -138,6 +138,15 @@ pub struct PodManager {
     pods: Arc<Mutex<BTreeMap<String, Pod>>>,
     first_sync: Mutex<bool>,
     metrics: Arc<AgentMetrics>,
+    sandbox_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Sandbox creations (netns + CNI ADD) that run at once: 2 per CPU. In a burst of new pods the
+/// blocking pool serves tasks in order, so without this limit every pod's sandbox is queued
+/// ahead of the first pod's container and all pods finish together at the end of the burst;
+/// with it, pods whose sandbox is ready start their containers while later sandboxes wait.
+fn sandbox_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
 }
 
 fn key_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
@@ -165,6 +174,7 @@ impl PodManager {
             pods: Arc::default(),
             first_sync: Mutex::new(true),
             metrics,
+            sandbox_slots: Arc::new(tokio::sync::Semaphore::new(sandbox_slots())),
         })
     }
 
@@ -298,6 +308,7 @@ impl PodManager {
             self.status_tx.clone(),
             self.pods.clone(),
             self.metrics.clone(),
+            self.sandbox_slots.clone(),
         );
         tokio::spawn(w.run(rx));
         Handle { tx }
@@ -359,6 +370,7 @@ struct Worker {
     /// The pod start latency was observed (or the pod was already running when adopted).
     start_observed: bool,
     metrics: Arc<AgentMetrics>,
+    sandbox_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Durations of pod start phases measured inside a blocking task, reported by the worker.
@@ -436,6 +448,7 @@ impl Worker {
         status_tx: broadcast::Sender<PodStatusEvent>,
         pods: Arc<Mutex<BTreeMap<String, Pod>>>,
         metrics: Arc<AgentMetrics>,
+        sandbox_slots: Arc<tokio::sync::Semaphore>,
     ) -> Self {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let (exit_tx, exit_rx) = mpsc::unbounded_channel();
@@ -468,6 +481,7 @@ impl Worker {
             seen_at: std::time::Instant::now(),
             start_observed: false,
             metrics,
+            sandbox_slots,
         }
     }
 
@@ -1134,8 +1148,12 @@ impl Worker {
         let p2 = paths.clone();
         let host_network = self.host_network();
         let host_ip = self.cfg.host_ip.clone();
+        let t = std::time::Instant::now();
+        let slot = self.sandbox_slots.clone().acquire_owned().await.ok();
+        self.phase("sandbox_slot", t.elapsed());
         let spawned = std::time::Instant::now();
         let (res, phases) = blocking(move || {
+            let _slot = slot;
             let mut phases = Phases::default();
             phases.add("blocking_queue", spawned.elapsed());
             let res = (|| -> Result<Vec<String>, String> {

@@ -10,7 +10,7 @@ use std::io::Write as _;
 use std::time::Instant;
 
 use hako_proxier::ipvs::{IpvsBackend, IpvsOpts};
-use hako_proxier::{Backend, IptablesBackend, Proxier, ProxierOpts, RealIptables, RenderOpts};
+use hako_proxier::{Backend, IptablesBackend, Proxier, ProxierOpts, RealIptables};
 
 mod common;
 use common::{rss_mib, slice, svc};
@@ -25,10 +25,7 @@ fn main() -> anyhow::Result<()> {
     std::process::Command::new("ip")
         .args(["link", "set", "lo", "up"])
         .status()?;
-    let ropts = RenderOpts {
-        cluster_cidr: Some("10.128.0.0/9".into()),
-        ..RenderOpts::default()
-    };
+    let ropts = common::render_opts();
     let backend: Box<dyn Backend> = match mode.as_str() {
         "ipvs" => Box::new(
             IpvsBackend::new(IpvsOpts {

@@ -8,30 +8,15 @@
 use std::time::Instant;
 
 use hako_proxier::nft::layout::{self, Ids};
-use hako_proxier::{NftablesBackend, Proxier, ProxierOpts, RenderOpts};
+use hako_proxier::NftablesBackend;
 
 mod common;
-use common::{rss_mib, slice, svc};
+use common::{loaded_proxier, render_opts, rss_mib, size_args, slice};
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
-    let eps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
-    let ropts = RenderOpts {
-        cluster_cidr: Some("10.128.0.0/9".into()),
-        ..RenderOpts::default()
-    };
-    let mut p = Proxier::new(
-        Box::new(NftablesBackend::new(ropts.clone())),
-        ProxierOpts {
-            hostname: "n".into(),
-            render: ropts.clone(),
-        },
-    );
-    for i in 0..n {
-        p.on_service_add(svc(i));
-        p.on_endpointslice_add(slice(i, eps));
-    }
+    let (n, eps) = size_args();
+    let ropts = render_opts();
+    let mut p = loaded_proxier(Box::new(NftablesBackend::new(ropts.clone())), n, eps);
     let t = Instant::now();
     let full = p.sync()?;
     let full_s = t.elapsed().as_secs_f64();

@@ -7,30 +7,16 @@ use std::collections::BTreeSet;
 use std::io::Write as _;
 
 use hako_proxier::iptables::render;
-use hako_proxier::{FakeIptables, IptablesBackend, Proxier, ProxierOpts, RenderOpts};
+use hako_proxier::{FakeIptables, IptablesBackend};
 
 mod common;
-use common::{slice, svc};
+use common::{loaded_proxier, render_opts, size_args};
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
-    let eps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
-    let ropts = RenderOpts {
-        cluster_cidr: Some("10.128.0.0/9".into()),
-        ..RenderOpts::default()
-    };
-    let mut p = Proxier::new(
-        Box::new(IptablesBackend::new(FakeIptables::default(), ropts.clone())),
-        ProxierOpts {
-            hostname: "n".into(),
-            render: ropts.clone(),
-        },
-    );
-    for i in 0..n {
-        p.on_service_add(svc(i));
-        p.on_endpointslice_add(slice(i, eps));
-    }
+    let (n, eps) = size_args();
+    let ropts = render_opts();
+    let backend = IptablesBackend::new(FakeIptables::default(), ropts.clone());
+    let mut p = loaded_proxier(Box::new(backend), n, eps);
     p.sync()?;
     let r = render(p.model(), &ropts, None, &BTreeSet::new());
     std::io::stdout().lock().write_all(r.text.as_bytes())?;

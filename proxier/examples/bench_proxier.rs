@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use hako_proxier::iptables::{nft_zero_split, render};
-use hako_proxier::{IptablesBackend, Proxier, ProxierOpts, RealIptables, RenderOpts};
+use hako_proxier::{IptablesBackend, Proxier, ProxierOpts, RealIptables};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 fn slice(i: usize, eps: usize, shift: usize) -> EndpointSlice {
@@ -41,10 +41,7 @@ fn main() -> anyhow::Result<()> {
     let variant = args.get(1).cloned().unwrap_or_default();
     let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1000);
     let eps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
-    let ropts = RenderOpts {
-        cluster_cidr: Some("10.128.0.0/9".into()),
-        ..RenderOpts::default()
-    };
+    let ropts = common::render_opts();
     let mut p = Proxier::new(
         Box::new(IptablesBackend::new(
             RealIptables::with_variant(&variant),

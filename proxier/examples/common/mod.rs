@@ -3,6 +3,45 @@
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+/// The render options of every bench (pod traffic from 10.128.0.0/9 is not masqueraded).
+#[allow(dead_code)]
+pub fn render_opts() -> hako_proxier::RenderOpts {
+    hako_proxier::RenderOpts {
+        cluster_cidr: Some("10.128.0.0/9".into()),
+        ..hako_proxier::RenderOpts::default()
+    }
+}
+
+/// A proxier over `backend` holding N services (`svc`) with E endpoints each (`slice`).
+#[allow(dead_code)]
+pub fn loaded_proxier(
+    backend: Box<dyn hako_proxier::Backend>,
+    n: usize,
+    eps: usize,
+) -> hako_proxier::Proxier {
+    let mut p = hako_proxier::Proxier::new(
+        backend,
+        hako_proxier::ProxierOpts {
+            hostname: "n".into(),
+            render: render_opts(),
+        },
+    );
+    for i in 0..n {
+        p.on_service_add(svc(i));
+        p.on_endpointslice_add(slice(i, eps));
+    }
+    p
+}
+
+/// N and E from the first two arguments (default 1,000 × 5).
+#[allow(dead_code)]
+pub fn size_args() -> (usize, usize) {
+    let args: Vec<String> = std::env::args().collect();
+    let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let eps = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
+    (n, eps)
+}
+
 #[allow(dead_code)]
 pub fn svc(i: usize) -> Service {
     serde_yaml::from_str(&format!(

@@ -36,6 +36,20 @@ fn slice(i: usize, eps: usize, shift: usize) -> EndpointSlice {
 mod common;
 use common::{rss_mib, rss_now_mib, svc};
 
+/// `<ipt>-restore --noflush -w` fed `parts` in order; whether it succeeded.
+fn restore(ipt: &str, parts: &[&[u8]]) -> anyhow::Result<bool> {
+    let mut child = Command::new(format!("{ipt}-restore"))
+        .args(["--noflush", "-w"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    if let Some(mut w) = child.stdin.take() {
+        for p in parts {
+            w.write_all(p)?;
+        }
+    }
+    Ok(child.wait()?.success())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let variant = args.get(1).cloned().unwrap_or_default();
@@ -86,16 +100,13 @@ fn main() -> anyhow::Result<()> {
         format!("iptables-{variant}")
     };
     let t = Instant::now();
-    let mut child = Command::new(format!("{ipt}-restore"))
-        .args(["--noflush", "-w"])
-        .stdin(Stdio::piped())
-        .spawn()?;
-    if let Some(mut w) = child.stdin.take() {
-        w.write_all(
-            b"*nat\n:KUBE-MARK-MASQ - [0:0]\n-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\nCOMMIT\n",
-        )?;
-    }
-    anyhow::ensure!(child.wait()?.success(), "floor restore failed");
+    anyhow::ensure!(
+        restore(
+            &ipt,
+            &[b"*nat\n:KUBE-MARK-MASQ - [0:0]\n-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\nCOMMIT\n"],
+        )?,
+        "floor restore failed"
+    );
     let floor_s = t.elapsed().as_secs_f64();
 
     // Bare restore of the same full payload on emptied tables.
@@ -109,23 +120,15 @@ fn main() -> anyhow::Result<()> {
     // load within minutes).
     let nft = RealIptables::with_variant(&variant).is_nft_flavour();
     let (at, zero) = nft_zero_split(&r.text);
+    let text = r.text.as_bytes();
     let t = Instant::now();
-    let mut child = Command::new(format!("{ipt}-restore"))
-        .args(["--noflush", "-w"])
-        .stdin(Stdio::piped())
-        .spawn()?;
-    if let Some(mut w) = child.stdin.take() {
-        if zero && nft {
-            w.write_all(&r.text.as_bytes()[..at])?;
-            w.write_all(b"-Z\n")?;
-            w.write_all(&r.text.as_bytes()[at..])?;
-        } else {
-            w.write_all(r.text.as_bytes())?;
-        }
-    }
-    let st = child.wait()?;
+    let ok = if zero && nft {
+        restore(&ipt, &[&text[..at], b"-Z\n", &text[at..]])?
+    } else {
+        restore(&ipt, &[text])?
+    };
     let bare_s = t.elapsed().as_secs_f64();
-    anyhow::ensure!(st.success(), "bare restore failed");
+    anyhow::ensure!(ok, "bare restore failed");
     let v = if variant.is_empty() {
         "default"
     } else {

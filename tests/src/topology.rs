@@ -136,3 +136,16 @@ fn host_ifname(ns_name: &str) -> String {
         .collect();
     format!("v{}", tail.replace('-', ""))
 }
+
+/// One query over a connected UDP socket (read timeout set by the caller): sends "q" until an
+/// answer comes, at most 10 times; the answer (a backend's name), or "" when none came.
+pub fn udp_ask(sock: &std::net::UdpSocket) -> String {
+    let mut buf = [0u8; 16];
+    for _ in 0..10 {
+        let _ = sock.send(b"q");
+        if let Ok(n) = sock.recv(&mut buf) {
+            return String::from_utf8_lossy(&buf[..n]).into_owned();
+        }
+    }
+    String::new()
+}

@@ -398,16 +398,7 @@ fn udp_flow_after_endpoint_removal(variant: &str, flush: bool) {
     client
         .set_read_timeout(Some(std::time::Duration::from_millis(500)))
         .unwrap();
-    let ask = || -> String {
-        let mut buf = [0u8; 16];
-        for _ in 0..10 {
-            let _ = client.send(b"q");
-            if let Ok(n) = client.recv(&mut buf) {
-                return String::from_utf8_lossy(&buf[..n]).into_owned();
-            }
-        }
-        String::new()
-    };
+    let ask = || hako_tests::topology::udp_ask(&client);
     let udp_svc = |slice_eps: &str| -> (Service, EndpointSlice) {
         (
             serde_yaml::from_str(
@@ -690,16 +681,7 @@ fn ipv6_clusterip_reject_udp(variant: &str) {
         .unwrap();
     sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))
         .unwrap();
-    let ask = || -> String {
-        let mut buf = [0u8; 16];
-        for _ in 0..10 {
-            let _ = sock.send(b"q");
-            if let Ok(n) = sock.recv(&mut buf) {
-                return String::from_utf8_lossy(&buf[..n]).into_owned();
-            }
-        }
-        String::new()
-    };
+    let ask = || hako_tests::topology::udp_ask(&sock);
     assert_eq!(ask(), "b1");
     assert_eq!(ask(), "b1", "same flow, same backend");
     proxier.on_endpointslice_update(slice6("dns6", udp_target, &["fd00:244:2::11"]));

@@ -395,16 +395,7 @@ fn nft_udp_flow_moves_after_endpoint_removal() {
     client
         .set_read_timeout(Some(std::time::Duration::from_millis(500)))
         .unwrap();
-    let ask = || -> String {
-        let mut buf = [0u8; 16];
-        for _ in 0..10 {
-            let _ = client.send(b"q");
-            if let Ok(n) = client.recv(&mut buf) {
-                return String::from_utf8_lossy(&buf[..n]).into_owned();
-            }
-        }
-        String::new()
-    };
+    let ask = || hako_tests::topology::udp_ask(&client);
     let udp_svc = |slice_eps: &str| -> (Service, EndpointSlice) {
         (
             serde_yaml::from_str(

@@ -3,7 +3,6 @@
 //! `cargo run --release -p hako-proxier --example bench_payload -- 10000 5 > payload`.
 #![allow(clippy::print_stdout)]
 
-use std::collections::BTreeSet;
 use std::io::Write as _;
 
 use hako_proxier::iptables::render;
@@ -18,7 +17,7 @@ fn main() -> anyhow::Result<()> {
     let backend = IptablesBackend::new(FakeIptables::default(), ropts.clone());
     let mut p = loaded_proxier(Box::new(backend), n, eps);
     p.sync()?;
-    let r = render(p.model(), &ropts, None, &BTreeSet::new());
+    let r = render(p.model(), &ropts);
     std::io::stdout().lock().write_all(r.text.as_bytes())?;
     Ok(())
 }

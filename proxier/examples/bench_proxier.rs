@@ -5,7 +5,6 @@
 //! seconds of a one-chain restore on the loaded table (the floor of any partial sync).
 #![allow(clippy::print_stdout)]
 
-use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -89,7 +88,7 @@ fn main() -> anyhow::Result<()> {
     let rss_state = rss_now_mib();
     let rss_peak = rss_mib();
     let t = Instant::now();
-    let r = render(p.model(), &ropts, None, &BTreeSet::new());
+    let r = render(p.model(), &ropts);
     let render_s = t.elapsed().as_secs_f64();
 
     // Floor of any sync on this table: a restore that rewrites one tiny chain (legacy

@@ -78,22 +78,6 @@ impl SvcChains {
     }
 }
 
-/// The output of one render.
-#[derive(Debug, Clone, Default)]
-pub struct Rendered {
-    /// `iptables-restore` input.
-    pub text: String,
-    /// Every per-service nat chain the desired state has (for GC and partial syncs).
-    pub chains: BTreeSet<String>,
-    /// Rules written in this payload.
-    pub rules: usize,
-    /// The shared chains' rules (filter and nat), to compare with the previous sync's.
-    pub shared: String,
-    /// Partial renders only: the payload without the shared chains, usable when `shared`
-    /// equals what the kernel already has.
-    pub svc_only: Option<String>,
-}
-
 /// IP family of one iptables proxier (kube-proxy runs one per family; dual-stack = both).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum Family {
@@ -134,345 +118,487 @@ fn ip_match(ip: &IpAddr) -> String {
     }
 }
 
-/// Renders IPv4 rules (`render_family` with `Family::V4`).
-pub fn render(
-    model: &Model,
-    opts: &RenderOpts,
-    changed: Option<&BTreeSet<ServiceKey>>,
-    previous: &BTreeSet<String>,
-) -> Rendered {
-    render_family(Family::V4, model, opts, changed, previous)
+/// Renders a full IPv4 payload (`render_family` with `Family::V4`).
+pub fn render(model: &Model, opts: &RenderOpts) -> Rendered {
+    render_family(Family::V4, model, opts)
 }
 
-/// Renders the rules of one family: only that family's cluster/external/LB IPs and
-/// endpoints, the `--cluster-cidr` and `--nodeport-addresses` entries of that family (both
-/// options may hold one CIDR per family, comma-separated). `changed` = None: full sync
-/// (every chain written). Some(set): partial sync, per-service chains written only for those
-/// services (shared chains always in full). `previous` = per-service chains believed to
-/// exist; those no longer desired are flushed and deleted.
-pub fn render_family(
+/// Renders a full payload of one family from scratch (no chains to delete): only that
+/// family's cluster/external/LB IPs and endpoints, the `--cluster-cidr` and
+/// `--nodeport-addresses` entries of that family (both options may hold one CIDR per family,
+/// comma-separated).
+pub fn render_family(fam: Family, model: &Model, opts: &RenderOpts) -> Rendered {
+    Renderer::new(fam).full(model, opts, &BTreeSet::new())
+}
+
+/// Family-wide inputs of a render, derived once from the options.
+struct Ctx {
     fam: Family,
-    model: &Model,
-    opts: &RenderOpts,
-    changed: Option<&BTreeSet<ServiceKey>>,
-    previous: &BTreeSet<String>,
-) -> Rendered {
-    let mut filter_chains = String::new();
-    let mut filter_rules = String::new();
-    let mut nat_chains = String::new();
-    let mut nat_rules = String::new();
-    let mut svc_nat_rules = String::new();
-    let mut nodeports = String::new();
-    let mut rules = 0usize;
-    let mut desired = BTreeSet::new();
+    /// `! -s CIDR ` (or empty with `--masquerade-all`) for the off-cluster masquerade rule.
+    masq_src: Option<String>,
+    cluster_cidr: Option<String>,
+    nodeport_addresses: Vec<String>,
+    mask: &'static str,
+}
 
-    for c in [
-        "KUBE-SERVICES",
-        "KUBE-EXTERNAL-SERVICES",
-        "KUBE-FORWARD",
-        "KUBE-PROXY-FIREWALL",
-        "KUBE-NODEPORTS",
-    ] {
-        let _ = writeln!(filter_chains, ":{c} - [0:0]");
-    }
-    for c in [
-        "KUBE-SERVICES",
-        "KUBE-NODEPORTS",
-        "KUBE-POSTROUTING",
-        "KUBE-MARK-MASQ",
-    ] {
-        let _ = writeln!(nat_chains, ":{c} - [0:0]");
-    }
-    let nat_shared_len = nat_chains.len();
-    // Static rules.
-    let statics = [
-        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP".to_string(),
-        format!("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK} -j ACCEPT"),
-        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_string(),
-    ];
-    for r in statics {
-        filter_rules.push_str(&r);
-        filter_rules.push('\n');
-        rules += 1;
-    }
-    let nat_statics = [
-        format!("-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK} -j RETURN"),
-        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000".to_string(),
-        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".to_string(),
-        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000".to_string(),
-    ];
-    for r in nat_statics {
-        nat_rules.push_str(&r);
-        nat_rules.push('\n');
-        rules += 1;
-    }
-
-    let masq_src = if opts.masquerade_all {
-        Some(String::new())
-    } else {
-        opts.cluster_cidr.as_deref().and_then(|c| {
+impl Ctx {
+    fn new(fam: Family, opts: &RenderOpts) -> Self {
+        let cluster_cidr = opts.cluster_cidr.as_deref().and_then(|c| {
             c.split(',')
                 .map(str::trim)
                 .find(|c| fam.has_cidr(c))
-                .map(|c| format!("! -s {c} "))
-        })
-    };
-    let cluster_cidr = opts.cluster_cidr.as_deref().and_then(|c| {
-        c.split(',')
-            .map(str::trim)
-            .find(|c| fam.has_cidr(c))
-            .map(str::to_string)
-    });
-    let nodeport_addresses: Vec<&String> = opts
-        .nodeport_addresses
-        .iter()
-        .filter(|a| fam.has_cidr(a))
-        .collect();
-    let mask = fam.full_mask();
-
-    for (key, ports) in model {
-        let write_chains = changed.is_none_or(|c| c.contains(key));
-        for sp in ports {
-            if !sp.cluster_ips.iter().any(|i| fam.has(i)) {
-                continue;
-            }
-            let name = sp.port_name_string();
-            let proto = sp.protocol.lower();
-            let ch = SvcChains::of(sp);
-            let cluster_eps: Vec<&Endpoint> = sp
-                .cluster_endpoints()
-                .into_iter()
-                .filter(|e| fam.has(&e.ip))
-                .collect();
-            let local_eps: Vec<&Endpoint> = sp
-                .local_endpoints()
-                .into_iter()
-                .filter(|e| fam.has(&e.ip))
-                .collect();
-            let has_ext = sp.has_external();
-            let use_svc = !cluster_eps.is_empty();
-            let use_svl =
-                (sp.internal_local || (has_ext && sp.external_local)) && !local_eps.is_empty();
-            let use_ext = has_ext && use_svc;
-            let use_fw = use_ext && !sp.lb_ips.is_empty() && !sp.lb_source_ranges.is_empty();
-            let internal_chain = if sp.internal_local { &ch.svl } else { &ch.svc };
-            let internal_ok = if sp.internal_local { use_svl } else { use_svc };
-
-            // Shared chains: KUBE-SERVICES entries.
-            for cip in sp.cluster_ips.iter().filter(|i| fam.has(i)) {
-                let d = ip_match(cip);
-                if internal_ok {
-                    let _ = writeln!(nat_rules, "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {d} --dport {} -j {internal_chain}", sp.port);
-                } else {
-                    let why = if use_svc {
-                        "has no local endpoints"
-                    } else {
-                        "has no endpoints"
-                    };
-                    let verdict = if use_svc { "DROP" } else { "REJECT" };
-                    let _ = writeln!(filter_rules, "-A KUBE-SERVICES -m comment --comment \"{name} {why}\" -m {proto} -p {proto} -d {d} --dport {} -j {verdict}", sp.port);
-                }
-                rules += 1;
-            }
-            let ext_targets: Vec<(&IpAddr, &str)> = sp
-                .external_ips
+                .map(str::to_string)
+        });
+        let masq_src = if opts.masquerade_all {
+            Some(String::new())
+        } else {
+            cluster_cidr.as_ref().map(|c| format!("! -s {c} "))
+        };
+        Self {
+            fam,
+            masq_src,
+            cluster_cidr,
+            nodeport_addresses: opts
+                .nodeport_addresses
                 .iter()
-                .map(|i| (i, "external IP"))
-                .chain(sp.lb_ips.iter().map(|i| (i, "loadbalancer IP")))
-                .filter(|(i, _)| fam.has(i))
-                .collect();
-            let ext_ok = use_ext && (!sp.external_local || use_svl);
-            for (ip, what) in &ext_targets {
-                let d = ip_match(ip);
-                if ext_ok {
-                    let target = if use_fw && *what == "loadbalancer IP" {
-                        &ch.fw
-                    } else {
-                        &ch.ext
-                    };
-                    let _ = writeln!(nat_rules, "-A KUBE-SERVICES -m comment --comment \"{name} {what}\" -m {proto} -p {proto} -d {d} --dport {} -j {target}", sp.port);
-                    if use_fw && *what == "loadbalancer IP" {
-                        let _ = writeln!(filter_rules, "-A KUBE-PROXY-FIREWALL -m comment --comment \"{name} traffic not accepted by {}\" -m {proto} -p {proto} -d {d} --dport {} -j DROP", ch.fw, sp.port);
-                        rules += 1;
-                    }
-                } else {
-                    let (why, verdict) = if use_svc {
-                        ("has no local endpoints", "DROP")
-                    } else {
-                        ("has no endpoints", "REJECT")
-                    };
-                    let _ = writeln!(filter_rules, "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{name} {why}\" -m {proto} -p {proto} -d {d} --dport {} -j {verdict}", sp.port);
-                }
-                rules += 1;
-            }
-            if let Some(np) = sp.node_port {
-                if ext_ok {
-                    let _ = writeln!(nodeports, "-A KUBE-NODEPORTS -m comment --comment {name} -m {proto} -p {proto} --dport {np} -j {}", ch.ext);
-                } else {
-                    let (why, verdict) = if use_svc {
-                        ("has no local endpoints", "DROP")
-                    } else {
-                        ("has no endpoints", "REJECT")
-                    };
-                    let _ = writeln!(filter_rules, "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{name} {why}\" -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {np} -j {verdict}");
-                }
-                rules += 1;
-            }
+                .filter(|a| fam.has_cidr(a))
+                .cloned()
+                .collect(),
+            mask: fam.full_mask(),
+        }
+    }
+}
 
-            // Per-service chains. Not written (partial sync, service unchanged): only their
-            // names, for the stale-chain difference.
-            if !write_chains {
-                for (used, c) in [
-                    (use_svc, &ch.svc),
-                    (use_svl, &ch.svl),
-                    (use_ext, &ch.ext),
-                    (use_fw, &ch.fw),
-                ] {
-                    if used {
-                        desired.insert(c.clone());
-                    }
-                }
-                if use_svc || use_svl {
-                    for ep in sp.endpoints.iter().filter(|e| fam.has(&e.ip)) {
-                        desired.insert(endpoint_chain(sp, ep));
-                    }
-                }
-                continue;
-            }
-            let mut mine: Vec<(String, String)> = Vec::new(); // (chain, rules)
-            if use_svc {
-                let mut r = String::new();
-                for cip in sp.cluster_ips.iter().filter(|i| fam.has(i)) {
-                    if let Some(src) = &masq_src {
-                        let _ = writeln!(r, "-A {} -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {} --dport {} {src}-j KUBE-MARK-MASQ", ch.svc, ip_match(cip), sp.port);
-                    }
-                }
-                endpoint_jumps(&mut r, &ch.svc, sp, &cluster_eps, mask);
-                mine.push((ch.svc.clone(), r));
-            }
-            if use_svl {
-                let mut r = String::new();
-                endpoint_jumps(&mut r, &ch.svl, sp, &local_eps, mask);
-                mine.push((ch.svl.clone(), r));
-            }
-            if use_ext {
-                let mut r = String::new();
-                if sp.external_local {
-                    if let Some(c) = &cluster_cidr {
-                        let _ = writeln!(r, "-A {} -m comment --comment \"pod traffic for {name} external destinations\" -s {c} -j {}", ch.ext, ch.svc);
-                    }
-                    let _ = writeln!(r, "-A {} -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ", ch.ext);
-                    let _ = writeln!(r, "-A {} -m comment --comment \"route LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {}", ch.ext, ch.svc);
-                    if use_svl {
-                        let _ = writeln!(r, "-A {} -j {}", ch.ext, ch.svl);
-                    }
+/// One service's share of a render: its lines in the shared chains and the names of its own
+/// nat chains. Kept between syncs, so that a partial render costs only the changed services.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct SvcFrag {
+    /// Its filter lines, then its nat `KUBE-SERVICES` lines, then its `KUBE-NODEPORTS`
+    /// lines, split at `cut`.
+    shared: String,
+    cut: [usize; 2],
+    /// Rules in `shared`.
+    shared_rules: usize,
+    /// Its nat chains (`KUBE-SVC-*`, `KUBE-SVL-*`, `KUBE-EXT-*`, `KUBE-FW-*`, `KUBE-SEP-*`).
+    chains: Vec<Box<str>>,
+    /// Rules in those chains.
+    chain_rules: usize,
+}
+
+impl SvcFrag {
+    fn filter(&self) -> &str {
+        &self.shared[..self.cut[0]]
+    }
+    fn nat(&self) -> &str {
+        &self.shared[self.cut[0]..self.cut[1]]
+    }
+    fn nodeports(&self) -> &str {
+        &self.shared[self.cut[1]..]
+    }
+}
+
+/// Chains written by a render: declarations and rules.
+#[derive(Default)]
+struct ChainOut {
+    decls: String,
+    rules: String,
+    count: usize,
+}
+
+impl ChainOut {
+    fn chain(&mut self, chain: &str, rules: &str) {
+        let _ = writeln!(self.decls, ":{chain} - [0:0]");
+        self.count += rules.lines().count();
+        self.rules.push_str(rules);
+    }
+}
+
+/// Renders the rules of one service (all its ports) in one family; its chains' content goes
+/// to `out`.
+#[allow(clippy::too_many_lines)]
+fn render_service(ctx: &Ctx, ports: &[ServicePort], out: &mut ChainOut) -> SvcFrag {
+    let fam = ctx.fam;
+    let mask = ctx.mask;
+    let mut filter_rules = String::new();
+    let mut nat_rules = String::new();
+    let mut nodeports = String::new();
+    let mut shared_rules = 0usize;
+    let mut chains: Vec<Box<str>> = Vec::new();
+    let before = out.count;
+    for sp in ports {
+        if !sp.cluster_ips.iter().any(|i| fam.has(i)) {
+            continue;
+        }
+        let name = sp.port_name_string();
+        let proto = sp.protocol.lower();
+        let ch = SvcChains::of(sp);
+        let cluster_eps: Vec<&Endpoint> = sp
+            .cluster_endpoints()
+            .into_iter()
+            .filter(|e| fam.has(&e.ip))
+            .collect();
+        let local_eps: Vec<&Endpoint> = sp
+            .local_endpoints()
+            .into_iter()
+            .filter(|e| fam.has(&e.ip))
+            .collect();
+        let has_ext = sp.has_external();
+        let use_svc = !cluster_eps.is_empty();
+        let use_svl =
+            (sp.internal_local || (has_ext && sp.external_local)) && !local_eps.is_empty();
+        let use_ext = has_ext && use_svc;
+        let use_fw = use_ext && !sp.lb_ips.is_empty() && !sp.lb_source_ranges.is_empty();
+        let internal_chain = if sp.internal_local { &ch.svl } else { &ch.svc };
+        let internal_ok = if sp.internal_local { use_svl } else { use_svc };
+
+        // Shared chains: KUBE-SERVICES entries.
+        for cip in sp.cluster_ips.iter().filter(|i| fam.has(i)) {
+            let d = ip_match(cip);
+            if internal_ok {
+                let _ = writeln!(nat_rules, "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {d} --dport {} -j {internal_chain}", sp.port);
+            } else {
+                let why = if use_svc {
+                    "has no local endpoints"
                 } else {
-                    let _ = writeln!(r, "-A {} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ", ch.ext);
-                    let _ = writeln!(r, "-A {} -j {}", ch.ext, ch.svc);
-                }
-                mine.push((ch.ext.clone(), r));
+                    "has no endpoints"
+                };
+                let verdict = if use_svc { "DROP" } else { "REJECT" };
+                let _ = writeln!(filter_rules, "-A KUBE-SERVICES -m comment --comment \"{name} {why}\" -m {proto} -p {proto} -d {d} --dport {} -j {verdict}", sp.port);
             }
-            if use_fw {
+            shared_rules += 1;
+        }
+        let ext_targets: Vec<(&IpAddr, &str)> = sp
+            .external_ips
+            .iter()
+            .map(|i| (i, "external IP"))
+            .chain(sp.lb_ips.iter().map(|i| (i, "loadbalancer IP")))
+            .filter(|(i, _)| fam.has(i))
+            .collect();
+        let ext_ok = use_ext && (!sp.external_local || use_svl);
+        for (ip, what) in &ext_targets {
+            let d = ip_match(ip);
+            if ext_ok {
+                let target = if use_fw && *what == "loadbalancer IP" {
+                    &ch.fw
+                } else {
+                    &ch.ext
+                };
+                let _ = writeln!(nat_rules, "-A KUBE-SERVICES -m comment --comment \"{name} {what}\" -m {proto} -p {proto} -d {d} --dport {} -j {target}", sp.port);
+                if use_fw && *what == "loadbalancer IP" {
+                    let _ = writeln!(filter_rules, "-A KUBE-PROXY-FIREWALL -m comment --comment \"{name} traffic not accepted by {}\" -m {proto} -p {proto} -d {d} --dport {} -j DROP", ch.fw, sp.port);
+                    shared_rules += 1;
+                }
+            } else {
+                let (why, verdict) = if use_svc {
+                    ("has no local endpoints", "DROP")
+                } else {
+                    ("has no endpoints", "REJECT")
+                };
+                let _ = writeln!(filter_rules, "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{name} {why}\" -m {proto} -p {proto} -d {d} --dport {} -j {verdict}", sp.port);
+            }
+            shared_rules += 1;
+        }
+        if let Some(np) = sp.node_port {
+            if ext_ok {
+                let _ = writeln!(nodeports, "-A KUBE-NODEPORTS -m comment --comment {name} -m {proto} -p {proto} --dport {np} -j {}", ch.ext);
+            } else {
+                let (why, verdict) = if use_svc {
+                    ("has no local endpoints", "DROP")
+                } else {
+                    ("has no endpoints", "REJECT")
+                };
+                let _ = writeln!(filter_rules, "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{name} {why}\" -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {np} -j {verdict}");
+            }
+            shared_rules += 1;
+        }
+
+        // Per-service chains.
+        if use_svc {
+            let mut r = String::new();
+            for cip in sp.cluster_ips.iter().filter(|i| fam.has(i)) {
+                if let Some(src) = &ctx.masq_src {
+                    let _ = writeln!(r, "-A {} -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {} --dport {} {src}-j KUBE-MARK-MASQ", ch.svc, ip_match(cip), sp.port);
+                }
+            }
+            endpoint_jumps(&mut r, &ch.svc, sp, &cluster_eps, mask);
+            out.chain(&ch.svc, &r);
+            chains.push(ch.svc.as_str().into());
+        }
+        if use_svl {
+            let mut r = String::new();
+            endpoint_jumps(&mut r, &ch.svl, sp, &local_eps, mask);
+            out.chain(&ch.svl, &r);
+            chains.push(ch.svl.as_str().into());
+        }
+        if use_ext {
+            let mut r = String::new();
+            if sp.external_local {
+                if let Some(c) = &ctx.cluster_cidr {
+                    let _ = writeln!(r, "-A {} -m comment --comment \"pod traffic for {name} external destinations\" -s {c} -j {}", ch.ext, ch.svc);
+                }
+                let _ = writeln!(r, "-A {} -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ", ch.ext);
+                let _ = writeln!(r, "-A {} -m comment --comment \"route LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {}", ch.ext, ch.svc);
+                if use_svl {
+                    let _ = writeln!(r, "-A {} -j {}", ch.ext, ch.svl);
+                }
+            } else {
+                let _ = writeln!(r, "-A {} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ", ch.ext);
+                let _ = writeln!(r, "-A {} -j {}", ch.ext, ch.svc);
+            }
+            out.chain(&ch.ext, &r);
+            chains.push(ch.ext.as_str().into());
+        }
+        if use_fw {
+            let mut r = String::new();
+            for src in &sp.lb_source_ranges {
+                let _ = writeln!(
+                    r,
+                    "-A {} -m comment --comment \"{name} loadbalancer IP\" -s {src} -j {}",
+                    ch.fw, ch.ext
+                );
+            }
+            out.chain(&ch.fw, &r);
+            chains.push(ch.fw.as_str().into());
+        }
+        if use_svc || use_svl {
+            for ep in sp.endpoints.iter().filter(|e| fam.has(&e.ip)) {
+                let sep = endpoint_chain(sp, ep);
                 let mut r = String::new();
-                for src in &sp.lb_source_ranges {
-                    let _ = writeln!(
-                        r,
-                        "-A {} -m comment --comment \"{name} loadbalancer IP\" -s {src} -j {}",
-                        ch.fw, ch.ext
-                    );
-                }
-                mine.push((ch.fw.clone(), r));
-            }
-            let mut seps = Vec::new();
-            if use_svc || use_svl {
-                for ep in sp.endpoints.iter().filter(|e| fam.has(&e.ip)) {
-                    let sep = endpoint_chain(sp, ep);
-                    let mut r = String::new();
-                    let _ = writeln!(
-                        r,
-                        "-A {sep} -m comment --comment {name} -s {} -j KUBE-MARK-MASQ",
-                        ip_match(&ep.ip)
-                    );
-                    let recent = if sp.affinity_seconds.is_some() {
-                        format!("-m recent --name {sep} --mask {mask} --rsource --set ")
-                    } else {
-                        String::new()
-                    };
-                    let _ = writeln!(r, "-A {sep} -m comment --comment {name} -m {proto} -p {proto} {recent}-j DNAT --to-destination {}", ep.addr());
-                    seps.push((sep, r));
-                }
-            }
-            mine.extend(seps);
-            for (chain, r) in mine {
-                let _ = writeln!(nat_chains, ":{chain} - [0:0]");
-                rules += r.lines().count();
-                svc_nat_rules.push_str(&r);
-                desired.insert(chain);
+                let _ = writeln!(
+                    r,
+                    "-A {sep} -m comment --comment {name} -s {} -j KUBE-MARK-MASQ",
+                    ip_match(&ep.ip)
+                );
+                let recent = if sp.affinity_seconds.is_some() {
+                    format!("-m recent --name {sep} --mask {mask} --rsource --set ")
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(r, "-A {sep} -m comment --comment {name} -m {proto} -p {proto} {recent}-j DNAT --to-destination {}", ep.addr());
+                out.chain(&sep, &r);
+                chains.push(sep.into());
             }
         }
     }
+    let cut = [filter_rules.len(), filter_rules.len() + nat_rules.len()];
+    let mut shared = filter_rules;
+    shared.push_str(&nat_rules);
+    shared.push_str(&nodeports);
+    SvcFrag {
+        shared,
+        cut,
+        shared_rules,
+        chains,
+        chain_rules: out.count - before,
+    }
+}
 
-    // Node ports last in KUBE-SERVICES.
-    if nodeport_addresses.is_empty() {
-        let _ = writeln!(nat_rules, "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS");
-        rules += 1;
-    } else {
-        for a in &nodeport_addresses {
-            let _ = writeln!(nat_rules, "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -d {a} -j KUBE-NODEPORTS");
+/// The output of one render.
+#[derive(Debug, Clone, Default)]
+pub struct Rendered {
+    /// `iptables-restore` input.
+    pub text: String,
+    /// Rules written in this payload.
+    pub rules: usize,
+    /// Whether the payload rewrites the shared chains (always for a full render; for a
+    /// partial one only when the changed services' lines in them changed).
+    pub shared: bool,
+}
+
+/// Incremental renderer of one family. It keeps each service's lines in the shared chains
+/// and the names of its chains from the last render, so that a partial render writes the
+/// changed services' chains only, renders nothing else, and rewrites the shared chains (by
+/// concatenating the kept lines) only when the changed services' lines in them changed.
+/// A render is speculative: after a failed restore, the caller must do a full render.
+#[derive(Debug, Default)]
+pub struct Renderer {
+    fam: Family,
+    frags: BTreeMap<ServiceKey, SvcFrag>,
+}
+
+impl Renderer {
+    /// A renderer with nothing rendered yet.
+    pub fn new(fam: Family) -> Self {
+        Self {
+            fam,
+            frags: BTreeMap::new(),
+        }
+    }
+
+    /// Every per-service nat chain of the last render.
+    pub fn chains(&self) -> impl Iterator<Item = &str> {
+        self.frags
+            .values()
+            .flat_map(|f| f.chains.iter().map(AsRef::as_ref))
+    }
+
+    /// Full render: every chain written. Chains of the last render and those in `present`
+    /// (e.g. found in the kernel) that are no longer desired are flushed and deleted.
+    pub fn full(
+        &mut self,
+        model: &Model,
+        opts: &RenderOpts,
+        present: &BTreeSet<String>,
+    ) -> Rendered {
+        let ctx = Ctx::new(self.fam, opts);
+        let mut stale: BTreeSet<String> = present.clone();
+        stale.extend(self.chains().map(str::to_string));
+        let mut out = ChainOut::default();
+        self.frags.clear();
+        for (key, ports) in model {
+            let f = render_service(&ctx, ports, &mut out);
+            self.frags.insert(key.clone(), f);
+        }
+        for c in self.chains() {
+            stale.remove(c);
+        }
+        self.assemble(&ctx, true, &out, &stale)
+    }
+
+    /// Partial render of the `changed` services: their chains written, the chains they no
+    /// longer need deleted, the shared chains rewritten only when their lines in them changed.
+    pub fn partial(
+        &mut self,
+        model: &Model,
+        opts: &RenderOpts,
+        changed: &BTreeSet<ServiceKey>,
+    ) -> Rendered {
+        let ctx = Ctx::new(self.fam, opts);
+        let mut out = ChainOut::default();
+        let mut shared = false;
+        let mut stale = BTreeSet::new();
+        for key in changed {
+            let old = self.frags.remove(key);
+            let new = model
+                .get(key)
+                .map(|ports| render_service(&ctx, ports, &mut out));
+            let old_shared = old.as_ref().map_or("", |f| f.shared.as_str());
+            let new_shared = new.as_ref().map_or("", |f| f.shared.as_str());
+            shared |= old_shared != new_shared;
+            if let Some(old) = old {
+                for c in old.chains {
+                    if !new.as_ref().is_some_and(|n| n.chains.contains(&c)) {
+                        stale.insert(String::from(c));
+                    }
+                }
+            }
+            if let Some(new) = new {
+                self.frags.insert(key.clone(), new);
+            }
+        }
+        self.assemble(&ctx, shared, &out, &stale)
+    }
+
+    /// The payload: the shared chains in full when `shared` (from the kept lines), the
+    /// chains in `out`, `stale` chains flushed and deleted.
+    fn assemble(
+        &self,
+        ctx: &Ctx,
+        shared: bool,
+        out: &ChainOut,
+        stale: &BTreeSet<String>,
+    ) -> Rendered {
+        let mut stale_decls = String::new();
+        let mut deletes = String::new();
+        for c in stale {
+            let _ = writeln!(stale_decls, ":{c} - [0:0]");
+            let _ = writeln!(deletes, "-X {c}");
+        }
+        let mut rules = out.count;
+        if !shared {
+            let mut text = String::with_capacity(
+                out.decls.len() + out.rules.len() + 2 * stale_decls.len() + 16,
+            );
+            text.push_str("*nat\n");
+            text.push_str(&out.decls);
+            text.push_str(&stale_decls);
+            text.push_str(&out.rules);
+            text.push_str(&deletes);
+            text.push_str("COMMIT\n");
+            return Rendered {
+                text,
+                rules,
+                shared: false,
+            };
+        }
+        let shared_len: usize = self.frags.values().map(|f| f.shared.len()).sum();
+        let mut text = String::with_capacity(
+            shared_len + out.decls.len() + out.rules.len() + 2 * stale_decls.len() + 4096,
+        );
+        text.push_str("*filter\n");
+        for c in [
+            "KUBE-SERVICES",
+            "KUBE-EXTERNAL-SERVICES",
+            "KUBE-FORWARD",
+            "KUBE-PROXY-FIREWALL",
+            "KUBE-NODEPORTS",
+        ] {
+            let _ = writeln!(text, ":{c} - [0:0]");
+        }
+        let statics = [
+            "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP".to_string(),
+            format!("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK} -j ACCEPT"),
+            "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_string(),
+        ];
+        for r in statics {
+            text.push_str(&r);
+            text.push('\n');
             rules += 1;
         }
-    }
-    // Stale chains: flush then delete.
-    let stale: Vec<&String> = previous.difference(&desired).collect();
-    let mut svc_decls = String::new();
-    for c in &stale {
-        let _ = writeln!(svc_decls, ":{c} - [0:0]");
-    }
-    let mut deletes = String::new();
-    for c in &stale {
-        let _ = writeln!(deletes, "-X {c}");
-    }
-    let mut text = String::with_capacity(
-        filter_chains.len()
-            + filter_rules.len()
-            + nat_chains.len()
-            + nat_rules.len()
-            + svc_nat_rules.len()
-            + nodeports.len()
-            + svc_decls.len()
-            + deletes.len()
-            + 64,
-    );
-    text.push_str("*filter\n");
-    text.push_str(&filter_chains);
-    text.push_str(&filter_rules);
-    text.push_str("COMMIT\n*nat\n");
-    text.push_str(&nat_chains);
-    text.push_str(&svc_decls);
-    text.push_str(&nat_rules);
-    text.push_str(&nodeports);
-    text.push_str(&svc_nat_rules);
-    text.push_str(&deletes);
-    text.push_str("COMMIT\n");
-    // Shared chains' content, for skipping them when a partial sync leaves them unchanged.
-    let shared = format!("{filter_rules}\u{0}{nat_rules}\u{0}{nodeports}");
-    let svc_only = if changed.is_some() {
-        let mut t = String::from("*nat\n");
-        t.push_str(&nat_chains[nat_shared_len..]);
-        t.push_str(&svc_decls);
-        t.push_str(&svc_nat_rules);
-        t.push_str(&deletes);
-        t.push_str("COMMIT\n");
-        Some(t)
-    } else {
-        None
-    };
-    Rendered {
-        text,
-        chains: desired,
-        rules,
-        shared,
-        svc_only,
+        for f in self.frags.values() {
+            text.push_str(f.filter());
+            rules += f.shared_rules;
+        }
+        text.push_str("COMMIT\n*nat\n");
+        for c in [
+            "KUBE-SERVICES",
+            "KUBE-NODEPORTS",
+            "KUBE-POSTROUTING",
+            "KUBE-MARK-MASQ",
+        ] {
+            let _ = writeln!(text, ":{c} - [0:0]");
+        }
+        text.push_str(&out.decls);
+        text.push_str(&stale_decls);
+        let nat_statics = [
+            format!("-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK} -j RETURN"),
+            "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000".to_string(),
+            "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".to_string(),
+            "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000".to_string(),
+        ];
+        for r in nat_statics {
+            text.push_str(&r);
+            text.push('\n');
+            rules += 1;
+        }
+        for f in self.frags.values() {
+            text.push_str(f.nat());
+        }
+        // Node ports last in KUBE-SERVICES.
+        let last = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+        if ctx.nodeport_addresses.is_empty() {
+            let _ = writeln!(
+                text,
+                "{last} -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+            );
+            rules += 1;
+        } else {
+            for a in &ctx.nodeport_addresses {
+                let _ = writeln!(text, "{last} -d {a} -j KUBE-NODEPORTS");
+                rules += 1;
+            }
+        }
+        for f in self.frags.values() {
+            text.push_str(f.nodeports());
+        }
+        text.push_str(&out.rules);
+        text.push_str(&deletes);
+        text.push_str("COMMIT\n");
+        Rendered {
+            text,
+            rules,
+            shared: true,
+        }
     }
 }
 
@@ -982,6 +1108,160 @@ mod tests {
             local: false,
         };
         assert_eq!(endpoint_chain(&s, &ep), "KUBE-SEP-SXIVWICOYRO3J4NJ");
+    }
+
+    /// Partial renders over a sequence of changes keep the same per-service state and leave
+    /// the same set of chains in the kernel as a full render of the final model, and rewrite
+    /// the shared chains only when a changed service's lines in them changed.
+    #[test]
+    fn partial_renders_agree_with_full_renders() {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let ep = |i: u64| Endpoint {
+            ip: format!("10.1.0.{}", i + 1).parse().expect("ip"),
+            port: 8080,
+            ready: true,
+            serving: true,
+            terminating: false,
+            local: i % 2 == 0,
+        };
+        let opts = RenderOpts {
+            cluster_cidr: Some("10.1.0.0/16".into()),
+            ..RenderOpts::default()
+        };
+        let mut model = Model::new();
+        let mut r = Renderer::new(Family::V4);
+        let mut kernel: BTreeSet<String> = BTreeSet::new();
+        let shared_lines = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| {
+                    [
+                        "KUBE-SERVICES",
+                        "KUBE-NODEPORTS",
+                        "KUBE-EXTERNAL-SERVICES",
+                        "KUBE-PROXY-FIREWALL",
+                    ]
+                    .iter()
+                    .any(|c| l.starts_with(&format!("-A {c} ")))
+                })
+                .map(str::to_string)
+                .collect()
+        };
+        let mut kernel_shared = Vec::new();
+        let apply = |text: &str, kernel: &mut BTreeSet<String>, kernel_shared: &mut Vec<String>| {
+            if text.starts_with("*filter") {
+                *kernel_shared = shared_lines(text);
+            }
+            for l in text.lines() {
+                if let Some(c) = l.strip_prefix(':') {
+                    let c = c.split_whitespace().next().unwrap_or_default();
+                    if is_service_chain(c) {
+                        kernel.insert(c.to_string());
+                    }
+                } else if let Some(c) = l.strip_prefix("-X ") {
+                    kernel.remove(c);
+                }
+            }
+        };
+        apply(
+            &r.full(&model, &opts, &BTreeSet::new()).text,
+            &mut kernel,
+            &mut kernel_shared,
+        );
+        let (mut quiet, mut loud) = (0, 0);
+        for step in 0..400 {
+            let i = next(8);
+            let key = ServiceKey {
+                namespace: "ns".into(),
+                name: format!("s{i}"),
+            };
+            let mut ports = model.get(&key).cloned().unwrap_or_else(|| {
+                let mut p = sp("ns", &key.name, "p", Protocol::Tcp);
+                p.cluster_ips = vec![format!("10.96.0.{}", i + 1).parse().expect("ip")];
+                vec![p]
+            });
+            let endpoints_only = match next(6) {
+                0 | 1 => {
+                    let e = ep(next(6));
+                    let eps = &mut ports[0].endpoints;
+                    match eps.iter().position(|x| x.ip == e.ip) {
+                        Some(at) => drop(eps.remove(at)),
+                        None => {
+                            eps.push(e);
+                            eps.sort_by_key(|x| x.ip);
+                        }
+                    }
+                    true
+                }
+                2 => {
+                    ports[0].node_port = ports[0]
+                        .node_port
+                        .xor(Some(30000 + u16::try_from(i).expect("small")));
+                    false
+                }
+                3 => {
+                    ports[0].internal_local ^= true;
+                    false
+                }
+                4 => {
+                    ports[0].affinity_seconds = ports[0].affinity_seconds.xor(Some(60));
+                    false
+                }
+                _ => {
+                    if model.remove(&key).is_none() {
+                        model.insert(key.clone(), ports);
+                    }
+                    ports = Vec::new();
+                    false
+                }
+            };
+            if !ports.is_empty() {
+                let had_eps = model.get(&key).is_some_and(|p| !p[0].endpoints.is_empty());
+                let has_eps = !ports[0].endpoints.is_empty();
+                let local_same = model.get(&key).is_some_and(|p| {
+                    p[0].endpoints.iter().any(|e| e.local)
+                        == ports[0].endpoints.iter().any(|e| e.local)
+                });
+                let quiet_expected = endpoints_only && had_eps && has_eps && local_same;
+                model.insert(key.clone(), ports);
+                let out = r.partial(&model, &opts, &BTreeSet::from([key.clone()]));
+                if quiet_expected {
+                    assert!(
+                        !out.shared,
+                        "step {step}: endpoint-only change rewrote shared chains"
+                    );
+                }
+                if out.shared {
+                    loud += 1
+                } else {
+                    quiet += 1
+                }
+                apply(&out.text, &mut kernel, &mut kernel_shared);
+            } else {
+                let out = r.partial(&model, &opts, &BTreeSet::from([key.clone()]));
+                apply(&out.text, &mut kernel, &mut kernel_shared);
+            }
+            let mut fresh = Renderer::new(Family::V4);
+            let want = fresh.full(&model, &opts, &BTreeSet::new());
+            assert_eq!(r.frags, fresh.frags, "step {step}: kept state differs");
+            let want_chains: BTreeSet<String> = fresh.chains().map(str::to_string).collect();
+            assert_eq!(
+                kernel_shared,
+                shared_lines(&want.text),
+                "step {step}: shared chains"
+            );
+            assert_eq!(kernel, want_chains, "step {step}: chains in the kernel");
+            assert!(check_jumps(&want.text).is_empty());
+        }
+        assert!(
+            quiet > 20 && loud > 20,
+            "both kinds exercised: {quiet} / {loud}"
+        );
     }
 
     #[test]

@@ -68,20 +68,16 @@ pub enum SyncError {
 
 /// One family's iptables proxier state (kube-proxy runs one proxier per family).
 struct FamilyState<I: Iptables> {
-    fam: iptables::Family,
     ipt: I,
-    chains: BTreeSet<String>,
-    shared: String,
+    renderer: iptables::Renderer,
     base_ok: bool,
 }
 
 impl<I: Iptables> FamilyState<I> {
     fn new(fam: iptables::Family, ipt: I) -> Self {
         Self {
-            fam,
             ipt,
-            chains: BTreeSet::new(),
-            shared: String::new(),
+            renderer: iptables::Renderer::new(fam),
             base_ok: false,
         }
     }
@@ -93,32 +89,20 @@ impl<I: Iptables> FamilyState<I> {
         changed: Option<&BTreeSet<ServiceKey>>,
     ) -> Result<SyncStats, SyncError> {
         let full = changed.is_none() || !self.base_ok;
-        if full {
-            self.ipt.ensure_base()?;
-            // Everything of ours in the kernel is candidate for GC.
-            let present = self.ipt.list_service_chains()?;
-            self.chains.extend(present);
-        }
-        let r = iptables::render_family(
-            self.fam,
-            model,
-            opts,
-            if full { None } else { changed },
-            &self.chains,
-        );
-        // A partial sync leaves the shared chains alone when their rules did not change.
-        let payload = match &r.svc_only {
-            Some(t) if !full && r.shared == self.shared => t,
-            _ => &r.text,
+        // The renderer's state is speculative: until a restore succeeds, the next sync is a
+        // full one.
+        self.base_ok = false;
+        let r = match changed {
+            Some(c) if !full => self.renderer.partial(model, opts, c),
+            _ => {
+                self.ipt.ensure_base()?;
+                // Everything of ours in the kernel is candidate for GC.
+                let present = self.ipt.list_service_chains()?;
+                self.renderer.full(model, opts, &present)
+            }
         };
-        let res = self.ipt.restore(payload);
-        if let Err(e) = res {
-            self.base_ok = false;
-            return Err(e.into());
-        }
+        self.ipt.restore(&r.text)?;
         self.base_ok = true;
-        self.chains = r.chains;
-        self.shared = r.shared;
         Ok(SyncStats {
             full,
             services_written: if full {
@@ -127,7 +111,7 @@ impl<I: Iptables> FamilyState<I> {
                 changed.map_or(0, BTreeSet::len)
             },
             rules: r.rules,
-            bytes: payload.len(),
+            bytes: r.text.len(),
         })
     }
 }

@@ -2,7 +2,6 @@
 //! `testdata/iptables-full.golden` (set UPDATE_GOLDEN=1 to rewrite), and every jump target
 //! of the payload must exist.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use hako_proxier::config;
@@ -35,7 +34,7 @@ fn full_render_matches_golden() {
     );
     p.replace_all(objs.services, objs.slices);
     p.sync().expect("sync");
-    let r = render(p.model(), &opts(), None, &BTreeSet::new());
+    let r = render(p.model(), &opts());
     let problems = check_jumps(&r.text);
     assert!(problems.is_empty(), "{problems:?}");
     let golden = testdata("iptables-full.golden");
@@ -72,7 +71,7 @@ fn ipv6_render_matches_golden() {
     );
     p.replace_all(objs.services, objs.slices);
     p.sync().expect("sync");
-    let r6 = render_family(Family::V6, p.model(), &opts, None, &BTreeSet::new());
+    let r6 = render_family(Family::V6, p.model(), &opts);
     let problems = check_jumps(&r6.text);
     assert!(problems.is_empty(), "{problems:?}");
     let golden = testdata("iptables-ip6.golden");
@@ -91,7 +90,7 @@ fn ipv6_render_matches_golden() {
         .text
         .contains("DNAT --to-destination [fd00:244:1::2]:8080"));
     assert!(r6.text.contains("-d fd00:96::14/128 --dport 80 -j REJECT"));
-    let r4 = render_family(Family::V4, p.model(), &opts, None, &BTreeSet::new());
+    let r4 = render_family(Family::V4, p.model(), &opts);
     assert!(check_jumps(&r4.text).is_empty());
     assert!(r4.text.contains("-d 10.96.0.60/32"), "{}", r4.text);
     assert!(!r4.text.contains("fd00:"), "{}", r4.text);

@@ -291,6 +291,17 @@ pub enum Expr {
         /// Data register (maps).
         sreg_data: Option<u32>,
     },
+    /// Remove the key in `sreg` from a dynamic map, if present (NFT_DYNSET_OP_DELETE);
+    /// evaluation goes on either way. The kernel wants a data register for a map even
+    /// though a delete ignores it.
+    DynsetDelete {
+        /// Map name.
+        set: String,
+        /// Key register.
+        sreg: u32,
+        /// Data register (written earlier in the rule; its value is not used).
+        sreg_data: u32,
+    },
 }
 
 fn hex(b: &[u8]) -> String {
@@ -358,6 +369,11 @@ impl fmt::Display for Expr {
                 Some(d) => write!(f, "update @{set} r{sreg} : r{d}"),
                 None => write!(f, "update @{set} r{sreg}"),
             },
+            Self::DynsetDelete {
+                set,
+                sreg,
+                sreg_data,
+            } => write!(f, "delete @{set} r{sreg} : r{sreg_data}"),
         }
     }
 }
@@ -393,7 +409,7 @@ impl Expr {
             Self::Masquerade => "masq",
             Self::Reject { .. } | Self::RejectTcpReset => "reject",
             Self::Counter => "counter",
-            Self::DynsetUpdate { .. } => "dynset",
+            Self::DynsetUpdate { .. } | Self::DynsetDelete { .. } => "dynset",
         }
     }
 
@@ -496,6 +512,16 @@ impl Expr {
                     attr_u32(b, 5, *d);
                 }
                 attr_u32(b, 3, 1); // NFT_DYNSET_OP_UPDATE
+                attr_str(b, 1, set);
+            }
+            Self::DynsetDelete {
+                set,
+                sreg,
+                sreg_data,
+            } => {
+                attr_u32(b, 4, *sreg);
+                attr_u32(b, 5, *sreg_data);
+                attr_u32(b, 3, 2); // NFT_DYNSET_OP_DELETE
                 attr_str(b, 1, set);
             }
         }
@@ -1062,6 +1088,8 @@ mod tests {
     const REF_FIB_REJECT: &str = "02000000060001007400000006000200630000007c0004802800018008000100666962001c0002800800030000000002080002000000000308000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800800010002000000240001800b00010072656a65637400001400028008000100000000000500020003000000";
     const REF_TCP_RESET: &str = "02000000060001007400000006000200630000007800048024000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010006000000240001800b00010072656a65637400001400028008000100000000010500020000000000";
     const REF_GOTO: &str = "02000000060001007400000006000200630000003c000480380001800e000100696d6d656469617465000000240002800800010000000000180002801400028008000100fffffffc0600020063000000";
+    // `delete @affm { ip saddr : 0x1 }` on a map (nftables 1.0.6, kernel 6.18).
+    const REF_DYNSET_DELETE: &str = "0200000006000100740000000600020063000000a4000480340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c08000400000000042c0001800e000100696d6d6564696174650000001800028008000100000000020c0002800800010001000000400001800b00010064796e736574000030000280080004000000000108000500000000020800030000000002090001006166666d000000000800020000000002";
     const REF_DYNSET: &str = "02000000060001007400000006000200630000006c000480340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c0800040000000004340001800b00010064796e7365740000240002800800040000000001080003000000000108000100616666000800020000000003";
 
     #[test]
@@ -1166,6 +1194,27 @@ mod tests {
             ],
         );
         assert_eq!(without_set_id(REF_DYNSET), dynset);
+        let delete = rule_bytes(
+            "c",
+            &[
+                Expr::Payload {
+                    base: BASE_NETWORK,
+                    offset: 12,
+                    len: 4,
+                    dreg: 1,
+                },
+                Expr::Immediate {
+                    dreg: 2,
+                    data: 1u32.to_ne_bytes().to_vec(),
+                },
+                Expr::DynsetDelete {
+                    set: "affm".into(),
+                    sreg: 1,
+                    sreg_data: 2,
+                },
+            ],
+        );
+        assert_eq!(without_set_id(REF_DYNSET_DELETE), delete);
     }
 
     /// Drops the trailing 8-byte set id attribute and fixes the enclosing lengths (the

@@ -2,8 +2,9 @@
 //! Per service port: one chain (`svc-*`) whose rule picks `numgen random mod N` as a slot
 //! and looks `id . slot` up in one of [`SHARDS`] shared `endpoints-<k>` data maps
 //! (k = id mod SHARDS) for the DNAT address and port; a verdict map keyed by
-//! `daddr . l4proto . dport` reaches the service chains. See the README for the measurements
-//! behind this layout.
+//! `daddr . l4proto . dport` reaches the service chains. With ClientIP affinity the chain
+//! also keeps a dynamic map client → endpoint id ([`endpoint_ids`], stable while the
+//! endpoint exists). See the README for the measurements behind this layout.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -44,6 +45,41 @@ pub const MAX_SLOTS: u32 = 4096;
 pub fn endpoints_map(id: u32) -> String {
     format!("{ENDPOINTS}{}", id % SHARDS)
 }
+
+/// Affinity ids of a chain's endpoints (`addr . port` data), in the order given. An id is a
+/// hash (32-bit FNV-1a) of the endpoint's address and port, so it does not depend on the
+/// other endpoints: affinity entries of the remaining endpoints stay valid when one goes
+/// away. Two endpoints of one chain with the same hash: the one with the smaller
+/// `addr . port` keeps it, the next takes the next free value (so when the smaller one goes
+/// away, the other's id changes and its clients pick again). An id equal to a slot key of
+/// the chain is harmless: the id rules come first, so such a recorded slot simply pins the
+/// client to that id's endpoint.
+pub fn endpoint_ids(eps: &[Vec<u8>]) -> Vec<u32> {
+    assign_ids(eps, fnv1a)
+}
+
+fn fnv1a(b: &[u8]) -> u32 {
+    b.iter().fold(0x811c_9dc5, |h: u32, x| {
+        (h ^ u32::from(*x)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// [`endpoint_ids`] with the hash given (tests force collisions).
+pub fn assign_ids(eps: &[Vec<u8>], hash: impl Fn(&[u8]) -> u32) -> Vec<u32> {
+    let mut order: Vec<usize> = (0..eps.len()).collect();
+    order.sort_by(|a, b| eps[*a].cmp(&eps[*b]));
+    let mut used = BTreeSet::new();
+    let mut ids = vec![0; eps.len()];
+    for i in order {
+        let mut id = hash(&eps[i]);
+        while !used.insert(id) {
+            id = id.wrapping_add(1);
+        }
+        ids[i] = id;
+    }
+    ids
+}
+
 /// Set of `addr . addr` for every endpoint: hairpin traffic is masqueraded.
 pub const HAIRPIN: &str = "hairpin";
 /// The chain whose rule count tells that the table is intact.
@@ -81,8 +117,6 @@ pub struct SvcObjs {
     pub sets: BTreeMap<String, SetSpec>,
     /// Elements in shared maps: (set, key) → data.
     pub elems: BTreeMap<(String, Vec<u8>), ElemData>,
-    /// Affinity maps and the endpoints they may point at (flushed when one goes away).
-    pub affinity_eps: BTreeMap<String, BTreeSet<Vec<u8>>>,
     /// Endpoint addresses (for the hairpin set).
     pub endpoint_ips: BTreeSet<Vec<u8>>,
 }
@@ -535,7 +569,11 @@ fn chain_suffix(sp: &ServicePort) -> String {
     service_chain("", sp)
 }
 
-/// Balancing rules of chain `chain` (id `id`) over `eps`.
+/// Balancing rules of chain `chain` (id `id`) over `eps`. With affinity, in order: one rule
+/// per endpoint for a client whose entry holds that endpoint's id; one rule that forgets any
+/// other entry (none, or the id of an endpoint that is gone) and records a random slot; one
+/// rule per endpoint that turns its just-recorded slot into its id; a last rule balancing
+/// without affinity when recording failed.
 fn balance(
     f: Fam,
     o: &mut SvcObjs,
@@ -590,8 +628,9 @@ fn balance(
         e.extend(to_ep(r(0)));
         return vec![e];
     };
-    // ClientIP affinity: a dynamic map client → endpoint slot with the affinity timeout,
-    // refreshed by every new connection; a miss picks a slot and records it.
+    // ClientIP affinity: a dynamic map client → endpoint id with the affinity timeout,
+    // refreshed by every new connection. Ids are stable (a hash of address and port), so an
+    // endpoint going away leaves the other endpoints' clients where they are.
     // The timeout is part of the name: a changed timeout is a new map, the old one deleted.
     let aff = format!("aff-{chain}-{secs}");
     o.sets.insert(
@@ -603,55 +642,83 @@ fn balance(
             timeout_ms: u64::try_from(secs.max(1)).unwrap_or(1) * 1000,
         },
     );
-    o.affinity_eps
-        .insert(aff.clone(), eps.iter().cloned().collect());
-    let remember = Expr::DynsetUpdate {
+    let ep_ids = endpoint_ids(&eps);
+    // The entry of the client (r8) in r13, compared with `value`; then `then`, the
+    // endpoint's DNAT.
+    let per_ep = |value: u32, then: Vec<Expr>, d: &[u8]| -> Rule {
+        let mut e = vec![
+            saddr(f, r(0)),
+            Expr::Lookup {
+                set: aff.clone(),
+                sreg: r(0),
+                dreg: Some(r(5)),
+            },
+            Expr::Cmp {
+                sreg: r(5),
+                eq: true,
+                data: value.to_ne_bytes().to_vec(),
+            },
+        ];
+        e.extend(then);
+        e.extend([
+            Expr::Immediate {
+                dreg: r(0),
+                data: d[..f.alen as usize].to_vec(),
+            },
+            Expr::Immediate {
+                dreg: r(f.regs()),
+                data: d[f.alen as usize..f.alen as usize + 2].to_vec(),
+            },
+            Expr::Dnat {
+                family: f.nfproto,
+                addr_reg: r(0),
+                port_reg: r(f.regs()),
+            },
+        ]);
+        e
+    };
+    let id_into_r13 = |eid: u32| Expr::Immediate {
+        dreg: r(5),
+        data: eid.to_ne_bytes().to_vec(),
+    };
+    let update = |sreg_data: u32| Expr::DynsetUpdate {
         set: aff.clone(),
         sreg: r(0),
-        sreg_data: Some(r(4)),
+        sreg_data: Some(sreg_data),
     };
-    // One rule per endpoint: the client's remembered slot is this endpoint's.
+    let delete = |sreg_data: u32| Expr::DynsetDelete {
+        set: aff.clone(),
+        sreg: r(0),
+        sreg_data,
+    };
+    // 1. The client's entry holds the id of an endpoint: refresh its timeout, DNAT there
+    //    (an `update` of an existing element only refreshes it).
     let mut rules: Vec<Rule> = eps
         .iter()
-        .enumerate()
-        .map(|(slot, d)| {
-            vec![
-                saddr(f, r(0)),
-                Expr::Lookup {
-                    set: aff.clone(),
-                    sreg: r(0),
-                    dreg: Some(r(4)),
-                },
-                Expr::Cmp {
-                    sreg: r(4),
-                    eq: true,
-                    data: base.wrapping_add(u32_len(slot)).to_ne_bytes().to_vec(),
-                },
-                // Refresh the entry's timeout (the value written is the one found).
-                Expr::Immediate {
-                    dreg: r(4),
-                    data: base.wrapping_add(u32_len(slot)).to_ne_bytes().to_vec(),
-                },
-                remember.clone(),
-                Expr::Immediate {
-                    dreg: r(0),
-                    data: d[..f.alen as usize].to_vec(),
-                },
-                Expr::Immediate {
-                    dreg: r(f.regs()),
-                    data: d[f.alen as usize..f.alen as usize + 2].to_vec(),
-                },
-                Expr::Dnat {
-                    family: f.nfproto,
-                    addr_reg: r(0),
-                    port_reg: r(f.regs()),
-                },
-            ]
-        })
+        .zip(&ep_ids)
+        .map(|(d, eid)| per_ep(*eid, vec![id_into_r13(*eid), update(r(5))], d))
         .collect();
-    let mut fresh = vec![numgen(r(4)), saddr(f, r(0)), remember];
-    fresh.extend(to_ep(r(4)));
-    rules.push(fresh);
+    // 2. No entry, or the id of an endpoint that is gone: forget it and record a random
+    //    slot (`numgen random mod N offset id*MAX_SLOTS`, what nft can show as map data).
+    rules.push(vec![
+        saddr(f, r(0)),
+        numgen(r(4)),
+        delete(r(4)),
+        update(r(4)),
+    ]);
+    // 3. The slot just recorded: replace it with that slot's endpoint id, DNAT there.
+    for (slot, (d, eid)) in eps.iter().zip(&ep_ids).enumerate() {
+        let key = base.wrapping_add(u32_len(slot));
+        rules.push(per_ep(
+            key,
+            vec![id_into_r13(*eid), delete(r(5)), update(r(5))],
+            d,
+        ));
+    }
+    // 4. Recording failed (no room in the map): balance without affinity.
+    let mut last = vec![numgen(r(4))];
+    last.extend(to_ep(r(4)));
+    rules.push(last);
     rules
 }
 
@@ -886,7 +953,9 @@ impl Desired {
                             }
                         }
                     }
-                    Expr::Lookup { set, .. } | Expr::DynsetUpdate { set, .. }
+                    Expr::Lookup { set, .. }
+                    | Expr::DynsetUpdate { set, .. }
+                    | Expr::DynsetDelete { set, .. }
                         if !sets.contains(set) =>
                     {
                         problems.push(format!("{where_}: missing set @{set}"));

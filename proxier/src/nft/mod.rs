@@ -363,14 +363,9 @@ impl<S: Sink> NftablesBackend<S> {
                     del_sets.push(name.clone());
                 }
             }
-            // Affinity entries may point at a removed endpoint: forget them all.
-            for (set, eps) in &old.affinity_eps {
-                if let Some(now) = new.affinity_eps.get(set) {
-                    if !eps.is_subset(now) {
-                        b.flush_set(set);
-                    }
-                }
-            }
+            // Affinity entries of a removed endpoint stay until their client's next
+            // connection (the chain's last rule forgets them) or their timeout: entries
+            // of the other endpoints stay valid (ids do not depend on other endpoints).
             for ((set, k), d) in &old.elems {
                 if new.elems.get(&(set.clone(), k.clone())) != Some(d) {
                     del_elems.entry(set.clone()).or_default().push(k.clone());

@@ -312,3 +312,149 @@ fn cidrs_parse_per_family_and_reject_bad_input() {
     assert_eq!(v6.cidr("10.0.0.0/8"), None);
     assert_eq!(v6.cidr("fd00::/129"), None);
 }
+
+fn sticky(name: &str, ip: &str) -> Service {
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {name}, namespace: ns}}\nspec: {{clusterIP: {ip}, sessionAffinity: ClientIP, ports: [{{name: p, port: 80}}]}}"
+    ))
+    .expect("svc")
+}
+
+/// Endpoint address → affinity id, from the per-endpoint rules of the service's chain:
+/// the rules that compare the client's entry with the id they write back (entry holds an
+/// id), and the rules that replace a just-recorded slot with an id.
+type EpIds = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
+fn affinity_ids(o: &layout::SvcObjs) -> (EpIds, EpIds) {
+    use super::wire::{Expr, REG32};
+    let (_, rules) = o
+        .chains
+        .iter()
+        .find(|(n, _)| n.starts_with("svc-"))
+        .expect("svc chain");
+    let (mut by_id, mut by_slot) = (EpIds::new(), EpIds::new());
+    for rule in rules {
+        let cmp = rule.iter().find_map(|e| match e {
+            Expr::Cmp { sreg, data, .. } if *sreg == REG32 + 5 => Some(data.clone()),
+            _ => None,
+        });
+        let id = rule.iter().find_map(|e| match e {
+            Expr::Immediate { dreg, data } if *dreg == REG32 + 5 => Some(data.clone()),
+            _ => None,
+        });
+        let addr = rule.iter().find_map(|e| match e {
+            Expr::Immediate { dreg, data } if *dreg == REG32 => Some(data.clone()),
+            _ => None,
+        });
+        if let (Some(cmp), Some(id), Some(addr)) = (cmp, id, addr) {
+            if cmp == id {
+                by_id.insert(addr, id);
+            } else {
+                by_slot.insert(addr, id);
+            }
+        }
+    }
+    (by_id, by_slot)
+}
+
+#[test]
+fn affinity_ids_stay_when_another_endpoint_goes() {
+    let mut p = Proxier::new(
+        Box::new(IptablesBackend::new(FakeIptables::default(), opts())),
+        ProxierOpts::default(),
+    );
+    p.on_service_add(sticky("s", "10.96.0.9"));
+    p.on_endpointslice_add(slice("s", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+    p.sync().expect("sync");
+    let key = crate::model::ServiceKey {
+        namespace: "ns".into(),
+        name: "s".into(),
+    };
+    let render = |m: &crate::model::Model| {
+        layout::render_service(layout::IPV4, &m[&key], &opts(), &mut Ids::default())
+    };
+    let (before, slots_before) = affinity_ids(&render(p.model()));
+    assert_eq!(before.len(), 3, "{before:?}");
+    assert_eq!(
+        slots_before, before,
+        "a recorded slot becomes its endpoint's id"
+    );
+    // The first endpoint goes: the others shift down a slot but keep their ids.
+    p.on_endpointslice_update(slice("s", &["10.0.0.2", "10.0.0.3"]));
+    p.sync().expect("sync");
+    let (after, slots_after) = affinity_ids(&render(p.model()));
+    assert_eq!(after.len(), 2);
+    for (ep, id) in &after {
+        assert_eq!(before.get(ep), Some(id), "id of {ep:?} changed");
+    }
+    assert_eq!(slots_after, after);
+    // Without an entry of a present endpoint, the entry is forgotten before a slot is
+    // recorded (an update alone would keep a stale value).
+    let o = render(p.model());
+    let (_, rules) = o
+        .chains
+        .iter()
+        .find(|(n, _)| n.starts_with("svc-"))
+        .expect("svc chain");
+    let record: Vec<String> = rules
+        .iter()
+        .find(|r| {
+            r.iter()
+                .any(|e| matches!(e, super::wire::Expr::Numgen { .. }))
+        })
+        .expect("record rule")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let del = record.iter().position(|e| e.starts_with("delete @aff-"));
+    let upd = record.iter().position(|e| e.starts_with("update @aff-"));
+    assert!(del.is_some() && del < upd, "{record:?}");
+}
+
+#[test]
+fn affinity_ids_resolve_collisions_deterministically() {
+    let eps = vec![vec![3u8], vec![1], vec![2]];
+    // Every endpoint hashes alike: the smallest keeps the hash, the next ones follow.
+    assert_eq!(layout::assign_ids(&eps, |_| 7), vec![9, 7, 8]);
+    // Same ids whatever the order of the endpoints.
+    let rev: Vec<Vec<u8>> = eps.iter().rev().cloned().collect();
+    assert_eq!(layout::assign_ids(&rev, |_| 7), vec![8, 7, 9]);
+    // Wrapping at the top of the range.
+    assert_eq!(
+        layout::assign_ids(&eps[..2], |_| u32::MAX),
+        vec![0, u32::MAX]
+    );
+    // Distinct hashes are kept as they are.
+    let ids = layout::endpoint_ids(&eps);
+    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 3);
+    assert_eq!(layout::endpoint_ids(&eps[1..]), ids[1..].to_vec());
+}
+
+#[test]
+fn endpoint_removal_keeps_the_affinity_map() {
+    let mut p = Proxier::new(
+        Box::new(IptablesBackend::new(FakeIptables::default(), opts())),
+        ProxierOpts::default(),
+    );
+    p.on_service_add(sticky("s", "10.96.0.9"));
+    p.on_endpointslice_add(slice("s", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+    p.sync().expect("sync");
+    let mut be = NftablesBackend::with_sink(RecordingSink::default(), opts());
+    be.apply(p.model(), None).expect("full");
+    p.on_endpointslice_update(slice("s", &["10.0.0.2", "10.0.0.3"]));
+    p.sync().expect("sync");
+    let changed: BTreeSet<_> = p.model().keys().cloned().collect();
+    be.apply(p.model(), Some(&changed)).expect("partial");
+    let batch = be.sink().batches.last().expect("batch").clone();
+    assert!(
+        !batch.iter().any(|m| m.starts_with("flush set")),
+        "the affinity map is kept: {batch:?}"
+    );
+    assert!(
+        !batch.iter().any(|m| m.contains("set aff-")),
+        "the affinity map is neither deleted nor recreated: {batch:?}"
+    );
+    assert!(
+        batch.iter().any(|m| m.starts_with("flush chain svc-")),
+        "{batch:?}"
+    );
+}

@@ -224,6 +224,128 @@ fn nft_clusterip_spread_affinity_reject() {
     assert_eq!(env.pods.len(), 3);
 }
 
+/// One TCP connection from `src` (an address of `ns`) to `dst`: the backend's answer, or
+/// "FAIL: <error>".
+fn ask_from(ns: &NetNs, src: &str, dst: &str) -> String {
+    use nix::sys::socket::{
+        bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+    };
+    use std::io::Read as _;
+    let src: std::net::SocketAddrV4 = format!("{src}:0").parse().unwrap();
+    let dst: std::net::SocketAddrV4 = dst.parse().unwrap();
+    ns.run(|| {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        let tv = nix::sys::time::TimeVal::new(2, 0);
+        // Bounds the connect (SO_SNDTIMEO) and the read (SO_RCVTIMEO).
+        setsockopt(&fd, sockopt::SendTimeout, &tv)?;
+        setsockopt(&fd, sockopt::ReceiveTimeout, &tv)?;
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(src))?;
+        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(dst))?;
+        let mut out = String::new();
+        std::net::TcpStream::from(fd)
+            .read_to_string(&mut out)
+            .map_err(|e| nix::Error::try_from(e).unwrap_or(nix::Error::EIO))?;
+        Ok::<_, nix::Error>(out.trim().to_string())
+    })
+    .unwrap()
+    .unwrap_or_else(|e| format!("FAIL: {e}"))
+}
+
+/// The backend every one of 5 connections from `src` reaches (panics unless it is one).
+fn stuck_backend(ns: &NetNs, src: &str, dst: &str) -> String {
+    let answers: Vec<String> = (0..5).map(|_| ask_from(ns, src, dst)).collect();
+    let c = counts(&answers);
+    assert_eq!(c.len(), 1, "client {src} must stick to one backend: {c:?}");
+    let b = c.into_keys().next().unwrap();
+    assert!(b.starts_with('b'), "client {src}: {b}");
+    b
+}
+
+/// ClientIP affinity across endpoint changes: an endpoint going away (or coming back) moves
+/// only its own clients; those get a new backend and keep it.
+#[test]
+fn nft_affinity_survives_endpoint_changes() {
+    let mut env = Env::new(3);
+    // Twelve client addresses on the client pod (10.244.2.10 is its first).
+    let srcs: Vec<String> = (10..22).map(|i| format!("10.244.2.{i}")).collect();
+    for s in &srcs[1..] {
+        env.client
+            .ip(&["addr", "add", &format!("{s}/24"), "dev", "eth0"])
+            .unwrap();
+    }
+    env.proxier.on_service_add(service(
+        "sticky",
+        "10.96.0.13",
+        ", sessionAffinity: ClientIP",
+    ));
+    env.proxier.on_endpointslice_add(slice("sticky", &B));
+    assert!(env.sync().full);
+    let svc = "10.96.0.13:80";
+    let all = |env: &Env| -> BTreeMap<String, String> {
+        srcs.iter()
+            .map(|s| (s.clone(), stuck_backend(&env.client, s, svc)))
+            .collect()
+    };
+    let ep = |b: &str| B[b[1..].parse::<usize>().unwrap() - 1];
+    let first = all(&env);
+    // Client A and a client B on another backend; z is the backend neither uses.
+    let a = &srcs[0];
+    let x = first[a].clone();
+    let b = srcs
+        .iter()
+        .find(|s| first[*s] != x)
+        .unwrap_or_else(|| panic!("all 12 clients on {x} (odds 1 in 177,147): {first:?}"));
+    let y = first[b].clone();
+    let z = ["b1", "b2", "b3"]
+        .into_iter()
+        .find(|n| *n != x && *n != y)
+        .unwrap();
+
+    // z's endpoint goes: every client of x and y keeps its backend (before stable ids the
+    // whole affinity map was flushed); z's own clients move and stick.
+    env.proxier
+        .on_endpointslice_update(slice("sticky", &[ep(&x), ep(&y)]));
+    assert!(!env.sync().full);
+    let second = all(&env);
+    for (s, was) in &first {
+        if was == z {
+            assert_ne!(second[s], z, "client {s} still on the removed endpoint");
+        } else {
+            assert_eq!(&second[s], was, "client {s} moved when {z} went away");
+        }
+    }
+
+    // z comes back (slots shift again): nobody moves.
+    env.proxier.on_endpointslice_update(slice("sticky", &B));
+    assert!(!env.sync().full);
+    assert_eq!(all(&env), second, "an added endpoint moved clients");
+
+    // A's endpoint goes: A gets another backend and keeps it; B and every client not on x
+    // stay where they were.
+    let remaining: Vec<_> = B.iter().copied().filter(|e| *e != ep(&x)).collect();
+    env.proxier
+        .on_endpointslice_update(slice("sticky", &remaining));
+    assert!(!env.sync().full);
+    let third = all(&env);
+    assert_ne!(third[a], x, "client A still on its removed endpoint");
+    assert_eq!(third[b], y, "client B moved");
+    for (s, was) in &second {
+        if *was != x {
+            assert_eq!(&third[s], was, "client {s} moved when {x} went away");
+        }
+    }
+    // A keeps its new backend.
+    assert_eq!(stuck_backend(&env.client, a, svc), third[a]);
+    // nft still reads the table (the proxier itself never runs nft).
+    let listing = nft(&env, "list table ip hako");
+    assert!(listing.contains("delete @aff-"), "{listing}");
+}
+
 #[test]
 fn nft_nodeport_and_local_policy() {
     let mut env = Env::new(1);
@@ -486,8 +608,9 @@ fn nft_hairpin_and_load_balancer_source_ranges() {
     assert_eq!(a, vec!["b1".to_string()], "source now allowed");
 }
 
-/// IPv6: the `ip6 hako` table DNATs a ClusterIP to an IPv6 backend and refuses a service
-/// without endpoints, in namespaces of its own (node, client, backend).
+/// IPv6: the `ip6 hako` table DNATs a ClusterIP (with ClientIP affinity) to an IPv6 backend
+/// and refuses a service without endpoints, in namespaces of its own (node, client,
+/// backend).
 #[test]
 fn nft_ipv6_clusterip_and_reject() {
     hako_tests::netns::require_root();
@@ -566,7 +689,7 @@ fn nft_ipv6_clusterip_and_reject() {
     );
     let svc = |name: &str, ip: &str| -> Service {
         serde_yaml::from_str(&format!(
-            "metadata: {{name: {name}, namespace: t}}\nspec: {{ipFamilies: [IPv6], clusterIPs: ['{ip}'], clusterIP: '{ip}', ports: [{{name: p, port: 80}}]}}"
+            "metadata: {{name: {name}, namespace: t}}\nspec: {{ipFamilies: [IPv6], clusterIPs: ['{ip}'], clusterIP: '{ip}', sessionAffinity: ClientIP, ports: [{{name: p, port: 80}}]}}"
         ))
         .unwrap()
     };
@@ -612,6 +735,8 @@ fn nft_ipv6_clusterip_and_reject() {
         "fd00:9::2",
         "DNAT to the IPv6 backend, client address kept"
     );
+    // ClientIP affinity: the second connection goes through the remembered entry.
+    assert_eq!(dial("fd00:96::60").unwrap().trim(), "fd00:9::2");
     let t = std::time::Instant::now();
     let err = dial("fd00:96::61").expect_err("no endpoints");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
@@ -620,6 +745,22 @@ fn nft_ipv6_clusterip_and_reject() {
     assert!(
         listing.contains("fd00:96::60 . tcp . 80 : goto svc-"),
         "{listing}"
+    );
+    // The client's affinity entry holds the endpoint's id (the value its rule compares).
+    let entry = listing
+        .lines()
+        .find(|l| l.contains("fd00:9::2 expires"))
+        .unwrap_or_else(|| panic!("no affinity entry: {listing}"));
+    let id = entry
+        .rsplit(": ")
+        .next()
+        .unwrap()
+        .trim_end_matches([' ', '}']);
+    assert!(
+        listing.contains(&format!(
+            "{{ ip6 saddr : {id} }} dnat to [fd00:244:1::11]:8080"
+        )),
+        "{entry}\n{listing}"
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     server.join().unwrap();

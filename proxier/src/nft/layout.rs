@@ -3,8 +3,8 @@
 //! and looks `id . slot` up in one of [`SHARDS`] shared `endpoints-<k>` data maps
 //! (k = id mod SHARDS) for the DNAT address and port; a verdict map keyed by
 //! `daddr . l4proto . dport` reaches the service chains. With ClientIP affinity the chain
-//! also keeps a dynamic map client → endpoint id ([`endpoint_ids`], stable while the
-//! endpoint exists). See the README for the measurements behind this layout.
+//! also keeps `id*MAX_SLOTS . client` → endpoint id ([`endpoint_ids`], stable while the
+//! endpoint exists) in one of [`SHARDS`] shared dynamic maps `affinity-<k>`. See the README for the measurements behind this layout.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -45,6 +45,22 @@ pub const MAX_SLOTS: u32 = 4096;
 pub fn endpoints_map(id: u32) -> String {
     format!("{ENDPOINTS}{}", id % SHARDS)
 }
+
+/// Dynamic maps `affinity-<k>` (ClientIP affinity): `id*MAX_SLOTS . client address` →
+/// endpoint id, entries timing out after the service's affinity timeout.
+pub const AFFINITY: &str = "affinity-";
+
+/// The affinity map of service id `id`.
+pub fn affinity_map(id: u32) -> String {
+    format!("{AFFINITY}{}", id % SHARDS)
+}
+
+/// Most entries of one affinity map (the services of a shard share it; a full map makes
+/// new clients balance without affinity).
+pub const AFFINITY_MAX: u32 = 1 << 20;
+
+/// Default timeout of affinity entries (every rule gives its service's own).
+const AFFINITY_DEFAULT_MS: u64 = 10_800_000;
 
 /// Affinity ids of a chain's endpoints (`addr . port` data), in the order given. An id is a
 /// hash (32-bit FNV-1a) of the endpoint's address and port, so it does not depend on the
@@ -113,7 +129,7 @@ pub type ChainSpec = (String, Option<Hook>, Vec<Rule>);
 pub struct SvcObjs {
     /// Regular chains and their rules.
     pub chains: BTreeMap<String, Vec<Rule>>,
-    /// Own sets (ClientIP affinity).
+    /// Own sets (none in the current layout: affinity maps are shared).
     pub sets: BTreeMap<String, SetSpec>,
     /// Elements in shared maps: (set, key) → data.
     pub elems: BTreeMap<(String, Vec<u8>), ElemData>,
@@ -426,12 +442,14 @@ pub fn shared(f: Fam, opts: &RenderOpts) -> (BTreeMap<String, SetSpec>, Vec<Chai
         key_type: concat(&[f.addr_type(), 12, 13]),
         data: SetData::Verdict,
         timeout_ms: 0,
+        max_elems: 0,
     };
     let key2 = SetSpec {
         key_len: 8,
         key_type: concat(&[12, 13]),
         data: SetData::Verdict,
         timeout_ms: 0,
+        max_elems: 0,
     };
     let mut sets = BTreeMap::new();
     sets.insert(SERVICE_IPS.to_string(), key3.clone());
@@ -441,12 +459,23 @@ pub fn shared(f: Fam, opts: &RenderOpts) -> (BTreeMap<String, SetSpec>, Vec<Chai
     sets.insert(NO_ENDPOINT_NODEPORTS.to_string(), key2);
     for k in 0..SHARDS {
         sets.insert(
+            affinity_map(k),
+            SetSpec {
+                key_len: 4 + f.alen,
+                key_type: concat(&[TYPE_MARK, f.addr_type()]),
+                data: SetData::Value(4, TYPE_MARK),
+                timeout_ms: AFFINITY_DEFAULT_MS,
+                max_elems: AFFINITY_MAX,
+            },
+        );
+        sets.insert(
             endpoints_map(k),
             SetSpec {
                 key_len: 4,
                 key_type: TYPE_MARK,
                 data: SetData::Value(f.alen + 4, concat(&[f.addr_type(), 13])),
                 timeout_ms: 0,
+                max_elems: 0,
             },
         );
     }
@@ -457,6 +486,7 @@ pub fn shared(f: Fam, opts: &RenderOpts) -> (BTreeMap<String, SetSpec>, Vec<Chai
             key_type: concat(&[f.addr_type(), f.addr_type()]),
             data: SetData::None,
             timeout_ms: 0,
+            max_elems: 0,
         },
     );
     let jump = |c: &str| vec![vec![Expr::Verdict(Verdict::Jump(c.into()))]];
@@ -628,26 +658,27 @@ fn balance(
         e.extend(to_ep(r(0)));
         return vec![e];
     };
-    // ClientIP affinity: a dynamic map client → endpoint id with the affinity timeout,
-    // refreshed by every new connection. Ids are stable (a hash of address and port), so an
-    // endpoint going away leaves the other endpoints' clients where they are.
-    // The timeout is part of the name: a changed timeout is a new map, the old one deleted.
-    let aff = format!("aff-{chain}-{secs}");
-    o.sets.insert(
-        aff.clone(),
-        SetSpec {
-            key_len: f.alen,
-            key_type: f.addr_type(),
-            data: SetData::Value(4, TYPE_MARK),
-            timeout_ms: u64::try_from(secs.max(1)).unwrap_or(1) * 1000,
-        },
-    );
+    // ClientIP affinity: shared dynamic maps `affinity-<k>` keyed by
+    // `id*MAX_SLOTS . client address` → endpoint id, each entry with the service's affinity
+    // timeout, refreshed by every new connection. Ids are stable (a hash of address and
+    // port), so an endpoint going away leaves the other endpoints' clients where they are.
+    let aff = affinity_map(id);
+    let timeout_ms = u64::try_from(secs.max(1)).unwrap_or(1) * 1000;
     let ep_ids = endpoint_ids(&eps);
-    // The entry of the client (r8) in r13, compared with `value`; then `then`, the
-    // endpoint's DNAT.
+    // The key: this chain's base (r8), the client address (r9..).
+    let key = || {
+        [
+            Expr::Immediate {
+                dreg: r(0),
+                data: base.to_ne_bytes().to_vec(),
+            },
+            saddr(f, r(1)),
+        ]
+    };
+    // The client's entry in r13, compared with `value`; then `then`, the endpoint's DNAT.
     let per_ep = |value: u32, then: Vec<Expr>, d: &[u8]| -> Rule {
-        let mut e = vec![
-            saddr(f, r(0)),
+        let mut e = key().to_vec();
+        e.extend([
             Expr::Lookup {
                 set: aff.clone(),
                 sreg: r(0),
@@ -658,7 +689,7 @@ fn balance(
                 eq: true,
                 data: value.to_ne_bytes().to_vec(),
             },
-        ];
+        ]);
         e.extend(then);
         e.extend([
             Expr::Immediate {
@@ -685,6 +716,7 @@ fn balance(
         set: aff.clone(),
         sreg: r(0),
         sreg_data: Some(sreg_data),
+        timeout_ms,
     };
     let delete = |sreg_data: u32| Expr::DynsetDelete {
         set: aff.clone(),
@@ -700,12 +732,9 @@ fn balance(
         .collect();
     // 2. No entry, or the id of an endpoint that is gone: forget it and record a random
     //    slot (`numgen random mod N offset id*MAX_SLOTS`, what nft can show as map data).
-    rules.push(vec![
-        saddr(f, r(0)),
-        numgen(r(4)),
-        delete(r(4)),
-        update(r(4)),
-    ]);
+    let mut record = key().to_vec();
+    record.extend([numgen(r(6)), delete(r(6)), update(r(6))]);
+    rules.push(record);
     // 3. The slot just recorded: replace it with that slot's endpoint id, DNAT there.
     for (slot, (d, eid)) in eps.iter().zip(&ep_ids).enumerate() {
         let key = base.wrapping_add(u32_len(slot));
@@ -716,8 +745,8 @@ fn balance(
         ));
     }
     // 4. Recording failed (no room in the map): balance without affinity.
-    let mut last = vec![numgen(r(4))];
-    last.extend(to_ep(r(4)));
+    let mut last = vec![numgen(r(6))];
+    last.extend(to_ep(r(6)));
     rules.push(last);
     rules
 }

@@ -63,9 +63,8 @@ fn full_render_matches_golden_and_references_resolve() {
     assert!(text.contains(": 10.244.1.2:8080") && text.contains(": 10.244.1.3:8080"));
     assert!(!text.contains("10.244.2.4:8080"));
     assert!(text.contains("numgen random mod 2 offset 8192 => r8; lookup r8 @endpoints-2 => r8"));
-    // Affinity: a dynamic set with the 600 s timeout.
-    assert!(text.contains("timeout_ms: 600000"));
-    assert!(text.contains("update @aff-svc-"));
+    // Affinity: entries of the shared dynamic map with the service's 600 s timeout.
+    assert!(text.contains("update @affinity-1 r8 timeout 600000ms : r13"));
     // NodePort + external IP go through the external chain (masquerade, then the service).
     assert!(text.contains("element service-nodeports tcp . 30080 : goto ext-"));
     assert!(text.contains("element service-ips 203.0.113.7 . tcp . 80 : goto ext-"));
@@ -341,7 +340,8 @@ fn affinity_ids(o: &layout::SvcObjs) -> (EpIds, EpIds) {
             Expr::Immediate { dreg, data } if *dreg == REG32 + 5 => Some(data.clone()),
             _ => None,
         });
-        let addr = rule.iter().find_map(|e| match e {
+        // The last write of r8: the DNAT address (the first is the chain's key part).
+        let addr = rule.iter().rev().find_map(|e| match e {
             Expr::Immediate { dreg, data } if *dreg == REG32 => Some(data.clone()),
             _ => None,
         });
@@ -405,8 +405,12 @@ fn affinity_ids_stay_when_another_endpoint_goes() {
         .iter()
         .map(ToString::to_string)
         .collect();
-    let del = record.iter().position(|e| e.starts_with("delete @aff-"));
-    let upd = record.iter().position(|e| e.starts_with("update @aff-"));
+    let del = record
+        .iter()
+        .position(|e| e.starts_with("delete @affinity-"));
+    let upd = record
+        .iter()
+        .position(|e| e.starts_with("update @affinity-"));
     assert!(del.is_some() && del < upd, "{record:?}");
 }
 
@@ -450,7 +454,7 @@ fn endpoint_removal_keeps_the_affinity_map() {
         "the affinity map is kept: {batch:?}"
     );
     assert!(
-        !batch.iter().any(|m| m.contains("set aff-")),
+        !batch.iter().any(|m| m.contains("set affinity-")),
         "the affinity map is neither deleted nor recreated: {batch:?}"
     );
     assert!(

@@ -83,6 +83,8 @@ const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
 const NFTA_SET_DATA_TYPE: u16 = 6;
 const NFTA_SET_DATA_LEN: u16 = 7;
+const NFTA_SET_DESC: u16 = 9;
+const NFTA_SET_DESC_SIZE: u16 = 1;
 const NFTA_SET_ID: u16 = 10;
 const NFTA_SET_TIMEOUT: u16 = 11;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
@@ -290,6 +292,8 @@ pub enum Expr {
         sreg: u32,
         /// Data register (maps).
         sreg_data: Option<u32>,
+        /// Timeout of the element in ms (NFTA_DYNSET_TIMEOUT); 0: the set's.
+        timeout_ms: u64,
     },
     /// Remove the key in `sreg` from a dynamic map, if present (NFT_DYNSET_OP_DELETE);
     /// evaluation goes on either way. The kernel wants a data register for a map even
@@ -365,10 +369,17 @@ impl fmt::Display for Expr {
                 set,
                 sreg,
                 sreg_data,
-            } => match sreg_data {
-                Some(d) => write!(f, "update @{set} r{sreg} : r{d}"),
-                None => write!(f, "update @{set} r{sreg}"),
-            },
+                timeout_ms,
+            } => {
+                write!(f, "update @{set} r{sreg}")?;
+                if *timeout_ms > 0 {
+                    write!(f, " timeout {timeout_ms}ms")?;
+                }
+                match sreg_data {
+                    Some(d) => write!(f, " : r{d}"),
+                    None => Ok(()),
+                }
+            }
             Self::DynsetDelete {
                 set,
                 sreg,
@@ -506,12 +517,16 @@ impl Expr {
                 set,
                 sreg,
                 sreg_data,
+                timeout_ms,
             } => {
                 attr_u32(b, 4, *sreg);
                 if let Some(d) = sreg_data {
                     attr_u32(b, 5, *d);
                 }
                 attr_u32(b, 3, 1); // NFT_DYNSET_OP_UPDATE
+                if *timeout_ms > 0 {
+                    attr(b, 6, &timeout_ms.to_be_bytes()); // NFTA_DYNSET_TIMEOUT
+                }
                 attr_str(b, 1, set);
             }
             Self::DynsetDelete {
@@ -561,6 +576,9 @@ pub struct SetSpec {
     pub data: SetData,
     /// Default timeout in ms (dynamic sets with timeout); 0 = none.
     pub timeout_ms: u64,
+    /// Most elements (NFTA_SET_DESC_SIZE); 0 = the kernel's default (a set filled from
+    /// the packet path is then capped at 65,535).
+    pub max_elems: u32,
 }
 
 /// Chain base hook.
@@ -758,6 +776,11 @@ impl Batch {
                 }
                 if s.timeout_ms > 0 {
                     attr(b, NFTA_SET_TIMEOUT, &s.timeout_ms.to_be_bytes());
+                }
+                if s.max_elems > 0 {
+                    nest(b, NFTA_SET_DESC, |b| {
+                        attr_u32(b, NFTA_SET_DESC_SIZE, s.max_elems);
+                    });
                 }
                 attr_u32(b, NFTA_SET_ID, id);
             },
@@ -1090,6 +1113,8 @@ mod tests {
     const REF_GOTO: &str = "02000000060001007400000006000200630000003c000480380001800e000100696d6d656469617465000000240002800800010000000000180002801400028008000100fffffffc0600020063000000";
     // `delete @affm { ip saddr : 0x1 }` on a map (nftables 1.0.6, kernel 6.18).
     const REF_DYNSET_DELETE: &str = "0200000006000100740000000600020063000000a4000480340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c08000400000000042c0001800e000100696d6d6564696174650000001800028008000100000000020c0002800800010001000000400001800b00010064796e736574000030000280080004000000000108000500000000020800030000000002090001006166666d000000000800020000000002";
+    // `update @aff { ip saddr timeout 5s }`.
+    const REF_DYNSET_TIMEOUT: &str = "020000000600010074000000060002006300000078000480340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c0800040000000004400001800b00010064796e736574000030000280080004000000000108000300000000010c00060000000000000013880800010061666600080002000000008e";
     const REF_DYNSET: &str = "02000000060001007400000006000200630000006c000480340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c0800040000000004340001800b00010064796e7365740000240002800800040000000001080003000000000108000100616666000800020000000003";
 
     #[test]
@@ -1190,10 +1215,29 @@ mod tests {
                     set: "aff".into(),
                     sreg: 1,
                     sreg_data: None,
+                    timeout_ms: 0,
                 },
             ],
         );
         assert_eq!(without_set_id(REF_DYNSET), dynset);
+        let with_timeout = rule_bytes(
+            "c",
+            &[
+                Expr::Payload {
+                    base: BASE_NETWORK,
+                    offset: 12,
+                    len: 4,
+                    dreg: 1,
+                },
+                Expr::DynsetUpdate {
+                    set: "aff".into(),
+                    sreg: 1,
+                    sreg_data: None,
+                    timeout_ms: 5000,
+                },
+            ],
+        );
+        assert_eq!(without_set_id(REF_DYNSET_TIMEOUT), with_timeout);
         let delete = rule_bytes(
             "c",
             &[

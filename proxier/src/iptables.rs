@@ -540,11 +540,7 @@ impl Renderer {
             format!("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK} -j ACCEPT"),
             "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_string(),
         ];
-        for r in statics {
-            text.push_str(&r);
-            text.push('\n');
-            rules += 1;
-        }
+        rules += push_lines(&mut text, &statics);
         for f in self.frags.values() {
             text.push_str(f.filter());
             rules += f.shared_rules;
@@ -566,11 +562,7 @@ impl Renderer {
             "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".to_string(),
             "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000".to_string(),
         ];
-        for r in nat_statics {
-            text.push_str(&r);
-            text.push('\n');
-            rules += 1;
-        }
+        rules += push_lines(&mut text, &nat_statics);
         for f in self.frags.values() {
             text.push_str(f.nat());
         }
@@ -600,6 +592,15 @@ impl Renderer {
             shared: true,
         }
     }
+}
+
+/// Appends `lines`, one per line; returns how many.
+fn push_lines(text: &mut String, lines: &[String]) -> usize {
+    for l in lines {
+        text.push_str(l);
+        text.push('\n');
+    }
+    lines.len()
 }
 
 fn endpoint_jumps(r: &mut String, chain: &str, sp: &ServicePort, eps: &[&Endpoint], mask: &str) {

@@ -319,6 +319,18 @@ fn sticky(name: &str, ip: &str) -> Service {
     .expect("svc")
 }
 
+/// A synced proxier with one ClientIP-affinity service over three endpoints.
+fn sticky_over_three() -> Proxier {
+    let mut p = Proxier::new(
+        Box::new(IptablesBackend::new(FakeIptables::default(), opts())),
+        ProxierOpts::default(),
+    );
+    p.on_service_add(sticky("s", "10.96.0.9"));
+    p.on_endpointslice_add(slice("s", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+    p.sync().expect("sync");
+    p
+}
+
 /// Endpoint address → affinity id, from the per-endpoint rules of the service's chain:
 /// the rules that compare the client's entry with the id they write back (entry holds an
 /// id), and the rules that replace a just-recorded slot with an id.
@@ -358,13 +370,7 @@ fn affinity_ids(o: &layout::SvcObjs) -> (EpIds, EpIds) {
 
 #[test]
 fn affinity_ids_stay_when_another_endpoint_goes() {
-    let mut p = Proxier::new(
-        Box::new(IptablesBackend::new(FakeIptables::default(), opts())),
-        ProxierOpts::default(),
-    );
-    p.on_service_add(sticky("s", "10.96.0.9"));
-    p.on_endpointslice_add(slice("s", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
-    p.sync().expect("sync");
+    let mut p = sticky_over_three();
     let key = crate::model::ServiceKey {
         namespace: "ns".into(),
         name: "s".into(),
@@ -435,13 +441,7 @@ fn affinity_ids_resolve_collisions_deterministically() {
 
 #[test]
 fn endpoint_removal_keeps_the_affinity_map() {
-    let mut p = Proxier::new(
-        Box::new(IptablesBackend::new(FakeIptables::default(), opts())),
-        ProxierOpts::default(),
-    );
-    p.on_service_add(sticky("s", "10.96.0.9"));
-    p.on_endpointslice_add(slice("s", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
-    p.sync().expect("sync");
+    let mut p = sticky_over_three();
     let mut be = NftablesBackend::with_sink(RecordingSink::default(), opts());
     be.apply(p.model(), None).expect("full");
     p.on_endpointslice_update(slice("s", &["10.0.0.2", "10.0.0.3"]));

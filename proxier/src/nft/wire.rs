@@ -1202,51 +1202,26 @@ mod tests {
             ),
             REF_TCP_RESET
         );
-        let dynset = rule_bytes(
-            "c",
-            &[
-                Expr::Payload {
-                    base: BASE_NETWORK,
-                    offset: 12,
-                    len: 4,
-                    dreg: 1,
-                },
-                Expr::DynsetUpdate {
-                    set: "aff".into(),
-                    sreg: 1,
-                    sreg_data: None,
-                    timeout_ms: 0,
-                },
-            ],
-        );
-        assert_eq!(without_set_id(REF_DYNSET), dynset);
-        let with_timeout = rule_bytes(
-            "c",
-            &[
-                Expr::Payload {
-                    base: BASE_NETWORK,
-                    offset: 12,
-                    len: 4,
-                    dreg: 1,
-                },
-                Expr::DynsetUpdate {
-                    set: "aff".into(),
-                    sreg: 1,
-                    sreg_data: None,
-                    timeout_ms: 5000,
-                },
-            ],
-        );
-        assert_eq!(without_set_id(REF_DYNSET_TIMEOUT), with_timeout);
+        let update = |timeout_ms| {
+            rule_bytes(
+                "c",
+                &[
+                    saddr4(),
+                    Expr::DynsetUpdate {
+                        set: "aff".into(),
+                        sreg: 1,
+                        sreg_data: None,
+                        timeout_ms,
+                    },
+                ],
+            )
+        };
+        assert_eq!(without_set_id(REF_DYNSET), update(0));
+        assert_eq!(without_set_id(REF_DYNSET_TIMEOUT), update(5000));
         let delete = rule_bytes(
             "c",
             &[
-                Expr::Payload {
-                    base: BASE_NETWORK,
-                    offset: 12,
-                    len: 4,
-                    dreg: 1,
-                },
+                saddr4(),
                 Expr::Immediate {
                     dreg: 2,
                     data: 1u32.to_ne_bytes().to_vec(),
@@ -1259,6 +1234,16 @@ mod tests {
             ],
         );
         assert_eq!(without_set_id(REF_DYNSET_DELETE), delete);
+    }
+
+    /// `ip saddr` into register 1.
+    fn saddr4() -> Expr {
+        Expr::Payload {
+            base: BASE_NETWORK,
+            offset: 12,
+            len: 4,
+            dreg: 1,
+        }
     }
 
     /// Drops the trailing 8-byte set id attribute and fixes the enclosing lengths (the

@@ -12,6 +12,7 @@ pub mod image;
 pub mod layer;
 pub mod logs;
 pub mod oci;
+pub mod pidfd;
 pub mod protocol;
 pub mod seccomp;
 pub mod shim;

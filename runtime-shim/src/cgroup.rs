@@ -1,11 +1,14 @@
 //! cgroup v1 (including the hybrid layout) and v2: create a container's cgroup under an
-//! injected filesystem root, write limits, add processes, read OOM kills, remove. Effectful
-//! (files only); value conversion is pure.
+//! injected filesystem root, write limits, add processes, read OOM kills, kill every process
+//! in it, remove. Effectful (files, and pidfds for the v1 kill); value conversion is pure.
 
+use crate::pidfd::PidFd;
 use crate::spec::CgroupSpec;
+use nix::sys::signal::Signal;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// cgroup errors, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +25,12 @@ pub enum CgroupError {
     /// The cgroup path is not relative or escapes the root.
     #[error("invalid cgroup path {0:?}")]
     BadPath(String),
+    /// The v1 freezer did not reach `FROZEN` in time (the kill went ahead regardless).
+    #[error("freeze {0}: still {1:?} after {2:?}")]
+    Freeze(PathBuf, String, Duration),
+    /// Processes were still in the cgroup after every kill round.
+    #[error("cgroup {0} still holds processes {1:?}")]
+    Busy(PathBuf, Vec<i32>),
 }
 
 /// Which cgroup layout a root has.
@@ -33,8 +42,14 @@ pub enum Layout {
     V1,
 }
 
-/// v1 controllers the shim manages.
-pub const V1_CONTROLLERS: &[&str] = &["cpu", "cpuacct", "memory", "pids"];
+/// v1 controllers the shim manages. `freezer` sets no limit: it lets [`kill_all`] stop every
+/// process of the container (no fork, no exit) while it signals them one by one.
+pub const V1_CONTROLLERS: &[&str] = &["cpu", "cpuacct", "memory", "pids", "freezer"];
+
+/// How long a v1 freeze may take before the kill goes ahead unfrozen.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Kill rounds over `cgroup.procs` when nothing can freeze the cgroup.
+const KILL_ROUNDS: usize = 50;
 
 /// Detect the layout of a cgroup filesystem root.
 pub fn detect(root: &Path) -> Result<Layout, CgroupError> {
@@ -317,12 +332,114 @@ impl Cgroup {
         out
     }
 
+    /// SIGKILL every process in the cgroup ([`kill_all`]).
+    pub fn kill_all(&self) -> Result<(), CgroupError> {
+        kill_all(&self.dirs)
+    }
+
     /// Remove the directories this cgroup created (leaf first); busy ones are left.
     pub fn remove(&self) {
         for d in self.created.iter().rev() {
             let _ = fs::remove_dir(d);
         }
     }
+}
+
+/// Pids listed in the `cgroup.procs` of `dirs` (the union; pids outside the reader's pid
+/// namespace, shown as 0, are left out).
+fn procs_of(dirs: &[PathBuf]) -> Vec<i32> {
+    let mut out = Vec::new();
+    for d in dirs {
+        for l in fs::read_to_string(d.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
+            if let Ok(p) = l.trim().parse::<i32>() {
+                if p > 0 && !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// SIGKILL, through a pidfd, each process listed in the cgroup; the number signalled.
+/// A pid read from `cgroup.procs` may have been recycled by the time it is opened, so the
+/// list is read again after the pidfds pin their processes, and a process is signalled only
+/// if its pid is still listed then: had it been reaped before that second read, the signal
+/// through its pidfd reaches nobody.
+fn kill_listed(dirs: &[PathBuf]) -> usize {
+    let fds: Vec<PidFd> = procs_of(dirs)
+        .into_iter()
+        .filter_map(|p| PidFd::open(p).ok())
+        .collect();
+    let listed = procs_of(dirs);
+    fds.iter()
+        .filter(|fd| listed.contains(&fd.pid()))
+        .filter(|fd| fd.signal(Signal::SIGKILL).is_ok())
+        .count()
+}
+
+/// Read a v1 `freezer.state` until it shows `want` (bounded).
+fn await_freezer(state: &Path, want: &str, timeout: Duration) -> Result<(), CgroupError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = fs::read_to_string(state).unwrap_or_default();
+        if now.trim() == want {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(CgroupError::Freeze(
+                state.to_path_buf(),
+                now.trim().to_string(),
+                timeout,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// SIGKILL every process in the cgroup whose leaf directories are `dirs` (the v2 leaf, or
+/// one per v1 hierarchy), the container's forked children and exec'd processes included:
+/// - v2: `cgroup.kill` (the kernel kills the whole cgroup, racing forks included);
+/// - v1 with a freezer leaf: freeze, SIGKILL each process through a pidfd, thaw (frozen
+///   processes cannot fork or exit, so the list cannot change under the kill; they die
+///   as they thaw), as runc's `signalAllProcesses` does;
+/// - otherwise: rounds of SIGKILL through pidfds until `cgroup.procs` is empty (bounded).
+///
+/// Then waits (bounded) for the processes to leave; [`CgroupError::Busy`] if some stay.
+pub fn kill_all(dirs: &[PathBuf]) -> Result<(), CgroupError> {
+    let existing: Vec<PathBuf> = dirs.iter().filter(|d| d.is_dir()).cloned().collect();
+    if existing.is_empty() {
+        return Ok(());
+    }
+    let mut freeze_err = None;
+    if let Some(d) = existing.iter().find(|d| d.join("cgroup.kill").exists()) {
+        write(&d.join("cgroup.kill"), "1")?;
+    } else if let Some(d) = existing.iter().find(|d| d.join("freezer.state").exists()) {
+        let state = d.join("freezer.state");
+        write(&state, "FROZEN")?;
+        freeze_err = await_freezer(&state, "FROZEN", FREEZE_TIMEOUT).err();
+        kill_listed(&existing);
+        write(&state, "THAWED")?;
+    }
+    let mut left = procs_of(&existing);
+    for _ in 0..KILL_ROUNDS {
+        if left.is_empty() {
+            break;
+        }
+        kill_listed(&existing);
+        std::thread::sleep(Duration::from_millis(20));
+        left = procs_of(&existing);
+    }
+    if !left.is_empty() {
+        return Err(CgroupError::Busy(existing[0].clone(), left));
+    }
+    if let Some(e) = freeze_err {
+        tracing::warn!(error = %e, "cgroup killed without a complete freeze");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -368,6 +485,46 @@ mod tests {
         let v2 = plan_writes(&s, Layout::V2);
         assert!(v2.contains(&("", "cpu.max", "50000 100000".into())));
         assert!(v2.contains(&("", "pids.max", "20".into())));
+    }
+
+    #[test]
+    fn kill_all_on_fake_roots() {
+        use std::os::unix::process::ExitStatusExt;
+        // Nothing to kill where the cgroup is gone.
+        assert!(kill_all(&[PathBuf::from("/nonexistent/hako-cgroup")]).is_ok());
+        // v2: one write to cgroup.kill, and the kernel does the rest.
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("cgroup.kill"), "").unwrap();
+        fs::write(d.path().join("cgroup.procs"), "").unwrap();
+        kill_all(&[d.path().to_path_buf()]).unwrap();
+        assert_eq!(
+            fs::read_to_string(d.path().join("cgroup.kill")).unwrap(),
+            "1"
+        );
+        // v1: the listed process (our child) dies through its pidfd, the freezer is thawed
+        // after, and a cgroup whose list never empties is reported busy.
+        let mut child = std::process::Command::new("sleep")
+            .arg("1000")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let (mem, frz) = (d.path().join("memory"), d.path().join("freezer"));
+        for (dir, procs) in [(&mem, format!("{pid}\n")), (&frz, format!("0\n{pid}\n"))] {
+            fs::create_dir(dir).unwrap();
+            fs::write(dir.join("cgroup.procs"), procs).unwrap();
+        }
+        fs::write(frz.join("freezer.state"), "THAWED\n").unwrap();
+        let r = kill_all(&[mem, frz.clone()]);
+        assert!(
+            matches!(&r, Err(CgroupError::Busy(_, p)) if p == &vec![pid]),
+            "{r:?}"
+        );
+        assert_eq!(child.wait().unwrap().signal(), Some(9));
+        assert_eq!(
+            fs::read_to_string(frz.join("freezer.state")).unwrap(),
+            "THAWED"
+        );
     }
 
     #[test]

@@ -1,16 +1,23 @@
 //! The shim daemon: creates the container, copies its output into the CRI log, records its
 //! state and exit code, and serves the lifecycle API on a unix socket until `delete`.
 //! Effectful.
+//!
+//! Process identity: the container's PID 1 is held by a pidfd opened right after the fork
+//! (while it is our unreaped child, so the pidfd names it and nothing else), and every signal
+//! goes through that pidfd. The reaper observes the exit with `waitid(WNOWAIT)`, marks the
+//! container exited, and only then reaps the zombie, all under the write side of
+//! `Shared::exited`; whoever holds the read side and sees `false` may use the pid (signals,
+//! `/proc/<pid>/ns/*` for exec) knowing it cannot have been given to another process.
 #![allow(unsafe_code)]
 
 use crate::cgroup::Cgroup;
 use crate::container::{self, Init, InitPlan};
 use crate::logs::{rfc3339_nano, CriLog, Stream};
+use crate::pidfd::{self, PidFd, PidfdError};
 use crate::protocol::{ExecRequest, ExecResult, Request, Response};
 use crate::spec::ContainerSpec;
 use crate::state::{self, State, Status};
-use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -19,7 +26,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Daemon errors (reported to the creator through the ready pipe).
@@ -42,6 +49,17 @@ pub enum ShimError {
     Io(String, io::Error),
 }
 
+/// Why a signal was not delivered.
+#[derive(Debug, thiserror::Error)]
+enum SignalError {
+    /// The container has exited: nothing was signalled.
+    #[error("container {0} is not running")]
+    NotRunning(String),
+    /// The signal could not be sent.
+    #[error(transparent)]
+    Pidfd(PidfdError),
+}
+
 struct Shared {
     dir: PathBuf,
     spec: ContainerSpec,
@@ -50,6 +68,11 @@ struct Shared {
     cv: Condvar,
     init: Mutex<Init>,
     cgroup: Option<Cgroup>,
+    /// The container's PID 1 (opened while it was our unreaped child).
+    init_fd: PidFd,
+    /// Set once PID 1 has exited, before it is reaped; the reaper holds the write side while
+    /// it sets this and reaps (see the module docs).
+    exited: RwLock<bool>,
 }
 
 impl Shared {
@@ -89,12 +112,28 @@ impl Shared {
         st.clone()
     }
 
-    fn signal(&self, sig: Signal) -> Result<(), String> {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.status == Status::Stopped {
-            return Ok(());
+    /// Signal PID 1 through its pidfd, unless it has exited.
+    fn signal(&self, sig: Signal) -> Result<(), SignalError> {
+        let exited = self.exited.read().unwrap_or_else(|e| e.into_inner());
+        let not_running = || SignalError::NotRunning(self.spec.id.clone());
+        if *exited || self.snapshot().status == Status::Stopped {
+            return Err(not_running());
         }
-        kill(Pid::from_raw(st.pid), sig).map_err(|e| format!("kill {}: {e}", st.pid))
+        match self.init_fd.signal(sig) {
+            Ok(()) => Ok(()),
+            Err(PidfdError::Exited(_)) => Err(not_running()),
+            Err(e) => Err(SignalError::Pidfd(e)),
+        }
+    }
+
+    /// SIGKILL every process in the container's cgroup (forked children and exec'd
+    /// processes too, which outlive PID 1 in a shared pid namespace).
+    fn kill_cgroup(&self) {
+        if let Some(c) = &self.cgroup {
+            if let Err(e) = c.kill_all() {
+                tracing::warn!(error = %e, "kill the container's cgroup");
+            }
+        }
     }
 }
 
@@ -190,18 +229,32 @@ fn setup_container(
         ),
         None => None,
     };
-    // The shim moves the child into its cgroup while the child sets up its mounts.
-    let join = |pid: Pid| match &cgroup {
-        Some(c) => c.add(pid.as_raw()).map_err(|e| e.to_string()),
-        None => Ok(()),
+    // Right after the fork the child is ours and unreaped: its pid cannot name another
+    // process yet, so the pidfd and the start time opened now are the container's. The shim
+    // also moves the child into its cgroup while the child sets up its mounts.
+    let mut held: Option<(PidFd, Option<u64>)> = None;
+    let join = |pid: Pid| {
+        let fd = PidFd::open(pid.as_raw()).map_err(|e| e.to_string())?;
+        held = Some((fd, pidfd::start_time(pid.as_raw()).ok()));
+        match &cgroup {
+            Some(c) => c.add(pid.as_raw()).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
     };
     let made = InitPlan::new(&spec, dir, Vec::new(), oom.map(|o| o.0))
         .and_then(|plan| container::create(&plan, join).map(|init| (plan, init)));
     let (plan, init) = made?;
+    let Some((init_fd, pid_start_time)) = held else {
+        // create() succeeds only after the hook did.
+        return Err(ShimError::Io(
+            "container process".into(),
+            io::Error::other("created without a pidfd"),
+        ));
+    };
     // From here on an error must also end the container process.
     let kill_init = |e: ShimError| {
-        let _ = kill(init.pid, Signal::SIGKILL);
-        let _ = waitpid(init.pid, None);
+        let _ = init_fd.signal(Signal::SIGKILL);
+        let _ = init_fd.wait_exit(true);
         e
     };
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -231,6 +284,8 @@ fn setup_container(
         status: Status::Created,
         shim_pid: std::process::id() as i32,
         pid: init.pid.as_raw(),
+        pid_start_time,
+        shim_start_time: pidfd::start_time(std::process::id() as i32).ok(),
         exit_code: None,
         reason: None,
         created_at: rfc3339_nano(SystemTime::now()),
@@ -241,7 +296,6 @@ fn setup_container(
         cgroup_dirs: cgroup.as_ref().map(|c| c.dirs.clone()).unwrap_or_default(),
     };
     state::write(dir, &st).map_err(|e| kill_init(ShimError::Io("write state".into(), e)))?;
-    let pid = init.pid;
     // Drop our copies of the pipes' read ends held by Init: the threads own clones.
     let shared = Arc::new(Shared {
         dir: dir.to_path_buf(),
@@ -251,25 +305,31 @@ fn setup_container(
         cv: Condvar::new(),
         init: Mutex::new(init),
         cgroup,
+        init_fd,
+        exited: RwLock::new(false),
     });
     let s2 = shared.clone();
-    std::thread::spawn(move || reap(s2, pid, done_rx));
+    std::thread::spawn(move || reap(s2, done_rx));
     Ok(shared)
 }
 
-fn reap(shared: Arc<Shared>, pid: Pid, logs_done: std::sync::mpsc::Receiver<()>) {
-    let code = loop {
-        match waitpid(pid, None) {
-            Ok(WaitStatus::Exited(_, c)) => break c,
-            Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
-            Ok(_) => continue,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                tracing::error!(error = %e, "waitpid");
-                break 255;
-            }
+fn reap(shared: Arc<Shared>, logs_done: std::sync::mpsc::Receiver<()>) {
+    // Observe the exit but leave the zombie: until it is reaped its pid stays taken.
+    let code = match shared.init_fd.wait_exit(false) {
+        Ok(exit) => exit.code(),
+        Err(e) => {
+            tracing::error!(error = %e, "wait for the container process");
+            255
         }
     };
+    {
+        // Marked exited before the zombie goes: no signal or exec uses the pid after this.
+        let mut exited = shared.exited.write().unwrap_or_else(|e| e.into_inner());
+        *exited = true;
+        if let Err(e) = shared.init_fd.wait_exit(true) {
+            tracing::error!(error = %e, "reap the container process");
+        }
+    }
     // Let the log copiers drain what the container wrote (bounded: a process outside this
     // pid namespace may hold the pipes).
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -399,6 +459,8 @@ fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
             },
             Err(e) => err(format!("signal {signal}: {e}")),
         },
+        // Only PID 1 is signalled (in its own pid namespace its end takes every process
+        // with it, as for the kubelet); delete kills the whole cgroup.
         Request::Stop { grace_ms } => {
             let st = shared.snapshot();
             if st.status == Status::Created {
@@ -428,7 +490,10 @@ fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
         }
         Request::Delete => {
             let _ = shared.signal(Signal::SIGKILL);
+            shared.kill_cgroup();
             let st = shared.wait_stopped(None);
+            // Whatever was started in the cgroup after the first kill.
+            shared.kill_cgroup();
             if cleanup(shared) {
                 // Gone before the answer: the caller may reuse the id at once.
                 let _ = fs::remove_dir_all(&shared.dir);
@@ -517,8 +582,11 @@ fn spawn_exec(
     x: &ExecRequest,
     stream: bool,
 ) -> Result<(std::process::Child, Option<File>), String> {
+    // Held until the process is spawned: PID 1 cannot be reaped (and its pid reused) while
+    // its /proc entries are read and its namespaces joined.
+    let exited = shared.exited.read().unwrap_or_else(|e| e.into_inner());
     let st = shared.snapshot();
-    if st.status != Status::Running {
+    if *exited || st.status != Status::Running {
         return Err(format!("container {} is not running", st.id));
     }
     if x.args.is_empty() {
@@ -635,6 +703,7 @@ fn spawn_exec(
     })
     .join()
     .map_err(|_| "exec thread panicked".to_string())??;
+    drop(exited);
     Ok((child, master))
 }
 
@@ -644,13 +713,23 @@ fn collect_exec(
     master: Option<File>,
     x: &ExecRequest,
 ) -> Result<ExecResult, String> {
-    let cpid = Pid::from_raw(child.id() as i32);
+    let mut child = child;
+    // Not waited for yet, so the pid is still the exec'd process's: the timer kills it
+    // through this pidfd, which cannot reach whoever gets the pid after the wait below.
+    let fd = match PidFd::open(child.id() as i32) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("exec: {e}"));
+        }
+    };
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let timeout = x.timeout_ms.map(Duration::from_millis);
     let timer = std::thread::spawn(move || match timeout {
         Some(t) => {
             if rx.recv_timeout(t).is_err() {
-                let _ = kill(cpid, Signal::SIGKILL);
+                let _ = fd.signal(Signal::SIGKILL);
                 return true;
             }
             false

@@ -29,6 +29,14 @@ pub struct State {
     pub shim_pid: i32,
     /// Host pid of the container's PID 1.
     pub pid: i32,
+    /// Start time of `pid` (field 22 of `/proc/<pid>/stat`): with `pid` it names the
+    /// process, so a later process given the same pid is never taken for the container.
+    /// Absent in state files written before it was recorded.
+    #[serde(default)]
+    pub pid_start_time: Option<u64>,
+    /// Start time of `shim_pid`, as for `pid_start_time`.
+    #[serde(default)]
+    pub shim_start_time: Option<u64>,
     /// Exit code (128+signal when killed by a signal).
     pub exit_code: Option<i32>,
     /// Kubernetes-style reason: `Completed`, `Error`, `OOMKilled`.
@@ -117,6 +125,8 @@ mod tests {
             status: Status::Running,
             shim_pid: 1,
             pid: 2,
+            pid_start_time: Some(7),
+            shim_start_time: Some(5),
             exit_code: None,
             reason: None,
             created_at: "t".into(),
@@ -129,5 +139,24 @@ mod tests {
         write(&c, &st).unwrap();
         std::fs::create_dir(d.path().join("junk")).unwrap();
         assert_eq!(list(d.path()).unwrap(), vec![st]);
+    }
+
+    #[test]
+    fn state_files_without_start_times_still_parse() {
+        let old = r#"{"id":"c1","status":"running","shimPid":10,"pid":11,"exitCode":null,
+            "reason":null,"createdAt":"t","startedAt":"t","finishedAt":null,
+            "oomScoreAdj":null,"oomScoreAdjClamped":false,"cgroupDirs":["/sys/fs/cgroup/pids/x"]}"#;
+        let st: State = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (st.pid, st.pid_start_time, st.shim_start_time),
+            (11, None, None)
+        );
+        let new = serde_json::to_string(&State {
+            pid_start_time: Some(123),
+            ..st
+        })
+        .unwrap();
+        assert!(new.contains(r#""pidStartTime":123"#), "{new}");
+        assert!(new.contains(r#""shimStartTime":null"#), "{new}");
     }
 }

@@ -1,6 +1,11 @@
 //! The agent's side of the runtime: start a `hako-shim` process per container and talk to
 //! it over its unix socket; list and re-adopt containers from the state root. Effectful.
+//!
+//! A pid read from a state file is only a hint: the process it named may be gone and the
+//! pid reused. [`Runtime::force_delete`] signals a recorded process only through a pidfd
+//! opened for the pid and then checked against the recorded start time.
 
+use crate::pidfd::PidFd;
 use crate::protocol::{ExecRequest, ExecResult, Request, Response};
 use crate::spec::ContainerSpec;
 use crate::state::{self, State};
@@ -107,9 +112,10 @@ impl Runtime {
         }
     }
 
-    /// Remove a container whose shim is gone (or will not answer): SIGKILL the recorded
-    /// container and shim processes, remove its cgroup directories and its state directory.
-    /// A live shim is asked to delete first.
+    /// Remove a container whose shim is gone (or will not answer): SIGKILL the recorded shim
+    /// and container processes that are still the recorded ones (pid + start time, through
+    /// a pidfd), then every process left in the container's cgroup, and remove its cgroup
+    /// directories and its state directory. A live shim is asked to delete first.
     pub fn force_delete(&self, id: &str) -> Result<(), ClientError> {
         let c = self.client(id);
         if c.delete().is_ok() {
@@ -117,16 +123,23 @@ impl Runtime {
         }
         let dir = self.dir(id);
         if let Ok(st) = c.recorded_state() {
-            use nix::sys::signal::{kill, Signal};
-            use nix::unistd::Pid;
-            for pid in [st.shim_pid, st.pid] {
-                // Only signal processes that still look like ours.
-                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let ours = pid == st.shim_pid
-                    && String::from_utf8_lossy(&cmd).contains(&*dir.to_string_lossy());
-                if pid > 1 && (ours || (pid == st.pid && st.status != state::Status::Stopped)) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
+            use nix::sys::signal::Signal;
+            // The shim first, so that it does not act on the container meanwhile.
+            let shim = match st.shim_start_time {
+                Some(t) => recorded_process(st.shim_pid, t),
+                None => legacy_shim(st.shim_pid, &dir),
+            };
+            // A state file without a start time cannot name the container's process: its
+            // cgroup below is the only way to it.
+            let init = match (st.status, st.pid_start_time) {
+                (state::Status::Stopped, _) | (_, None) => None,
+                (_, Some(t)) => recorded_process(st.pid, t),
+            };
+            for fd in [shim, init].into_iter().flatten() {
+                let _ = fd.signal(Signal::SIGKILL);
+            }
+            if let Err(e) = crate::cgroup::kill_all(&st.cgroup_dirs) {
+                tracing::warn!(container = id, error = %e, "kill the container's cgroup");
             }
             for d in st.cgroup_dirs.iter() {
                 for _ in 0..50 {
@@ -162,6 +175,27 @@ impl Runtime {
     pub fn list(&self) -> Result<Vec<State>, ClientError> {
         state::list(&self.state_root).map_err(|e| ClientError::Io("*".into(), e))
     }
+}
+
+/// A pidfd on the process recorded as `pid` started at `start_time`, if it still runs.
+fn recorded_process(pid: i32, start_time: u64) -> Option<PidFd> {
+    if pid <= 1 {
+        return None;
+    }
+    PidFd::open_checked(pid, start_time).ok().flatten()
+}
+
+/// A pidfd on the shim of a state file written before start times were recorded: the
+/// process on that pid must have the state directory on its command line, checked after
+/// the pidfd pins it (and it must still be alive after the check).
+fn legacy_shim(pid: i32, dir: &Path) -> Option<PidFd> {
+    if pid <= 1 {
+        return None;
+    }
+    let fd = PidFd::open(pid).ok()?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let ours = String::from_utf8_lossy(&cmd).contains(&*dir.to_string_lossy());
+    (ours && fd.is_alive().ok()?).then_some(fd)
 }
 
 /// A connection target for one container's shim.

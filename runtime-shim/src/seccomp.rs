@@ -7,6 +7,7 @@
 
 pub mod bpf;
 pub mod default_profile;
+pub mod localhost;
 pub mod profile;
 pub mod syscalls;
 

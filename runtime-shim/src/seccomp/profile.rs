@@ -266,7 +266,8 @@ fn action(
         Action::Kill | Action::KillThread => SeccompAction::KillThread,
         Action::KillProcess => SeccompAction::KillProcess,
         Action::Trap => SeccompAction::Trap,
-        Action::Trace => SeccompAction::Trace(data(errno.unwrap_or(0))),
+        // runc passes errnoRet (else the profile's default errno) as the tracer's message.
+        Action::Trace => SeccompAction::Trace(data(errno.unwrap_or(default_errno))),
         Action::Log => SeccompAction::Log,
         Action::Notify => return Err(ProfileError::UnsupportedAction(a)),
     })

@@ -67,6 +67,11 @@ struct Cli {
         global = true
     )]
     pod_log_dir: PathBuf,
+    /// Directory of Localhost seccomp profiles: `localhostProfile: profiles/x.json` is read
+    /// from <dir>/profiles/x.json (default <root-dir>/seccomp, the kubelet's
+    /// --seccomp-profile-root layout).
+    #[arg(long, value_name = "DIR")]
+    seccomp_profile_root: Option<PathBuf>,
     /// The hako-shim binary (default: next to this binary, else /usr/local/bin/hako-shim).
     #[arg(long, value_name = "FILE", env = "HAKO_SHIM_BIN", global = true)]
     shim_binary: Option<PathBuf>,
@@ -620,5 +625,9 @@ fn worker_config(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
         },
         sync_period: secs(cli.sync_frequency),
         cni_check_period: secs(cli.cni_check_frequency),
+        seccomp_profile_root: cli
+            .seccomp_profile_root
+            .clone()
+            .unwrap_or_else(|| cli.root_dir.join("seccomp")),
     })
 }

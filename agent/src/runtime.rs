@@ -195,6 +195,8 @@ pub struct SpecInputs<'a> {
     pub cgroup_parent: &'a str,
     /// CRI log path.
     pub log_path: PathBuf,
+    /// Directory of Localhost seccomp profiles (`--seccomp-profile-root`).
+    pub seccomp_profile_root: &'a Path,
 }
 
 /// The pod's cgroup path relative to the hierarchy root (kubelet cgroupfs layout).
@@ -305,7 +307,8 @@ fn capabilities(c: &Container) -> Option<Vec<String>> {
     Some(set)
 }
 
-/// Builds the shim spec; an error is a CreateContainerConfigError message (pure).
+/// Builds the shim spec; an error is a CreateContainerConfigError message. Pure, except that
+/// a Localhost seccomp profile is read from `inp.seccomp_profile_root`.
 pub fn build_spec(pod: &Pod, c: &Container, inp: SpecInputs) -> Result<ContainerSpec, String> {
     let mut process = process_for(&inp.image.config, &inp.command, &inp.args);
     if process.args.is_empty() {
@@ -333,11 +336,18 @@ pub fn build_spec(pod: &Pod, c: &Container, inp: SpecInputs) -> Result<Container
     process.oom_score_adj = Some(i32::try_from(inp.oom_score_adj).unwrap_or(1000));
     // `stdin: true`: the shim keeps a stdin pipe for attach (`tty` is not supported).
     process.stdin = c.stdin.unwrap_or(false);
-    let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
-    let seccomp = sc
-        .and_then(|s| s.seccomp_profile.as_ref())
-        .or_else(|| psc.and_then(|s| s.seccomp_profile.as_ref()))
-        .map(|p| p.type_.as_str());
+    let seccomp = if privileged {
+        // Privileged containers run unconfined (the kubelet and containerd do the same).
+        SeccompProfile::Unconfined
+    } else {
+        match seccomp_request(pod, c)? {
+            SeccompRequest::Unconfined => SeccompProfile::Unconfined,
+            SeccompRequest::RuntimeDefault => SeccompProfile::RuntimeDefault,
+            SeccompRequest::Localhost(name) => {
+                localhost_seccomp(inp.seccomp_profile_root, &name, &process)?
+            }
+        }
+    };
     let spec = pod.spec.clone().unwrap_or_default();
     let req = qos::effective_requests(c);
     let lim = qos::limits(c);
@@ -385,12 +395,60 @@ pub fn build_spec(pod: &Pod, c: &Container, inp: SpecInputs) -> Result<Container
             max_size: 10 << 20,
             max_files: 5,
         }),
-        seccomp: if seccomp == Some("RuntimeDefault") {
-            SeccompProfile::RuntimeDefault
-        } else {
-            SeccompProfile::Unconfined
-        },
+        seccomp,
     })
+}
+
+/// The seccomp profile a container asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SeccompRequest {
+    /// No filter (also when nothing is set: the kubelet's default without `seccompDefault`).
+    Unconfined,
+    /// The runtime's default profile.
+    RuntimeDefault,
+    /// `localhostProfile`, relative to the profile root.
+    Localhost(String),
+}
+
+/// The container's `securityContext.seccompProfile`, else the pod's; an error is a
+/// CreateContainerConfigError message. Pure.
+pub fn seccomp_request(pod: &Pod, c: &Container) -> Result<SeccompRequest, String> {
+    let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let Some(p) = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.seccomp_profile.as_ref())
+        .or_else(|| psc.and_then(|s| s.seccomp_profile.as_ref()))
+    else {
+        return Ok(SeccompRequest::Unconfined);
+    };
+    match p.type_.as_str() {
+        "Unconfined" => Ok(SeccompRequest::Unconfined),
+        "RuntimeDefault" => Ok(SeccompRequest::RuntimeDefault),
+        "Localhost" => match p.localhost_profile.as_deref() {
+            Some(name) if !name.is_empty() => Ok(SeccompRequest::Localhost(name.to_string())),
+            _ => Err("seccompProfile type Localhost needs localhostProfile".into()),
+        },
+        t => Err(format!("unknown seccompProfile type {t:?}")),
+    }
+}
+
+/// Read a Localhost profile beneath `root` and check that it compiles for the container's
+/// capabilities, so that a bad profile fails the container here, naming the file, instead of
+/// in the shim (effectful: reads the file).
+fn localhost_seccomp(
+    root: &Path,
+    name: &str,
+    process: &hako_shim::spec::Process,
+) -> Result<SeccompProfile, String> {
+    let p = hako_shim::seccomp::localhost::read(root, name).map_err(|e| e.to_string())?;
+    let caps = match &process.capabilities {
+        Some(names) => hako_shim::capabilities::parse_set(names).map_err(|e| e.to_string())?,
+        None => hako_shim::capabilities::default_set(),
+    };
+    let profile = SeccompProfile::Localhost(Box::new(p));
+    hako_shim::seccomp::compile(&profile, &caps).map_err(|e| e.to_string())?;
+    Ok(profile)
 }
 
 /// A bind mount.
@@ -455,6 +513,71 @@ mod tests {
         let u = user_for(&p3, c3, &image("app")).unwrap();
         assert_eq!(u.spec, "1001:2000");
         assert_eq!(u.additional_gids, vec![3000]);
+    }
+
+    #[test]
+    fn seccomp_requests() {
+        let req = |yaml: &str| {
+            let p = pod(yaml);
+            let c = p.spec.as_ref().unwrap().containers[0].clone();
+            seccomp_request(&p, &c)
+        };
+        let base = "metadata: {name: p, uid: u}\nspec:\n";
+        assert_eq!(
+            req(&format!("{base}  containers: [{{name: c, image: x}}]\n")),
+            Ok(SeccompRequest::Unconfined)
+        );
+        let pod_level = format!("{base}  securityContext: {{seccompProfile: {{type: Localhost, localhostProfile: profiles/a.json}}}}\n");
+        assert_eq!(
+            req(&format!(
+                "{pod_level}  containers: [{{name: c, image: x}}]\n"
+            )),
+            Ok(SeccompRequest::Localhost("profiles/a.json".into()))
+        );
+        assert_eq!(
+            req(&format!("{pod_level}  containers: [{{name: c, image: x, securityContext: {{seccompProfile: {{type: RuntimeDefault}}}}}}]\n")),
+            Ok(SeccompRequest::RuntimeDefault),
+            "the container's profile overrides the pod's"
+        );
+        assert_eq!(
+            req(&format!("{pod_level}  containers: [{{name: c, image: x, securityContext: {{seccompProfile: {{type: Unconfined}}}}}}]\n")),
+            Ok(SeccompRequest::Unconfined)
+        );
+        assert!(req(&format!("{base}  containers: [{{name: c, image: x, securityContext: {{seccompProfile: {{type: Localhost}}}}}}]\n"))
+            .unwrap_err()
+            .contains("needs localhostProfile"));
+        assert!(req(&format!("{base}  containers: [{{name: c, image: x, securityContext: {{seccompProfile: {{type: Strict}}}}}}]\n"))
+            .unwrap_err()
+            .contains("unknown seccompProfile type"));
+    }
+
+    #[test]
+    fn localhost_profiles_are_read_and_checked() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("profiles")).unwrap();
+        std::fs::write(
+            t.path().join("profiles/ok.json"),
+            r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            t.path().join("profiles/notify.json"),
+            r#"{"defaultAction": "SCMP_ACT_NOTIFY"}"#,
+        )
+        .unwrap();
+        let process = hako_shim::spec::Process::default();
+        match localhost_seccomp(t.path(), "profiles/ok.json", &process).unwrap() {
+            SeccompProfile::Localhost(p) => assert!(p.path.ends_with("profiles/ok.json")),
+            other => panic!("{other:?}"),
+        }
+        for (name, want) in [
+            ("profiles/missing.json", "profiles/missing.json"),
+            ("profiles/notify.json", "not supported"),
+            ("/etc/passwd", "relative path"),
+        ] {
+            let e = localhost_seccomp(t.path(), name, &process).unwrap_err();
+            assert!(e.contains(want), "{name}: {e}");
+        }
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub struct AgentConfig {
     pub sync_period: Duration,
     /// How often CNI CHECK runs per pod.
     pub cni_check_period: Duration,
+    /// Directory of Localhost seccomp profiles (`--seccomp-profile-root`).
+    pub seccomp_profile_root: PathBuf,
 }
 
 /// Desired state from a source.
@@ -1685,6 +1687,7 @@ impl Worker {
                 cgroup_root: self.cfg.cgroup_root.clone(),
                 cgroup_parent: &self.cfg.cgroup_parent,
                 log_path: log_path.clone(),
+                seccomp_profile_root: &self.cfg.seccomp_profile_root,
             },
         );
         let cs = match cs {

@@ -104,11 +104,9 @@ impl InitPlan {
                 None => crate::capabilities::default_set(),
             }
         };
-        let seccomp = match spec.seccomp {
-            crate::seccomp::SeccompProfile::RuntimeDefault if !spec.privileged => {
-                Some(crate::seccomp::build(&caps)?)
-            }
-            _ => None,
+        let seccomp = match &spec.seccomp {
+            _ if spec.privileged => None,
+            p => crate::seccomp::compile(p, &caps)?,
         };
         Ok(Self {
             seccomp,

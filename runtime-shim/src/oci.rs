@@ -19,6 +19,9 @@ pub enum OciError {
     /// The spec asks for a namespace the shim does not support (user, cgroup, time).
     #[error("OCI spec of {0}: unsupported namespace {1}")]
     Namespace(String, String),
+    /// `linux.seccomp` is not a profile the shim can enforce.
+    #[error("OCI spec of {0}: linux.seccomp: {1}")]
+    Seccomp(String, String),
 }
 
 fn name_of<T: serde::Serialize>(v: &T) -> String {
@@ -152,8 +155,32 @@ pub fn from_oci(id: &str, bundle: &std::path::Path, oci: &Spec) -> Result<Contai
             }
         }
         spec.cgroup = Some(cg);
+        if let Some(sc) = l.seccomp() {
+            spec.seccomp = seccomp_of(id, sc)?;
+        }
     }
     Ok(spec)
+}
+
+/// The bundle's `linux.seccomp` as a profile document (the same OCI format the agent reads
+/// for Localhost profiles), so a bundle's filter is enforced, never dropped. Pure.
+fn seccomp_of(
+    id: &str,
+    sc: &oci_spec::runtime::LinuxSeccomp,
+) -> Result<crate::seccomp::SeccompProfile, OciError> {
+    let bad = |e: String| OciError::Seccomp(id.into(), e);
+    let doc = serde_json::to_vec(sc).map_err(|e| bad(e.to_string()))?;
+    let profile = crate::seccomp::profile::Profile::parse(&doc).map_err(|e| bad(e.to_string()))?;
+    // Refuse actions the shim cannot enforce now rather than at create time.
+    profile
+        .policy(&std::collections::HashSet::new())
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(crate::seccomp::SeccompProfile::Localhost(Box::new(
+        crate::seccomp::LocalhostProfile {
+            path: "config.json linux.seccomp".into(),
+            profile,
+        },
+    )))
 }
 
 #[cfg(test)]
@@ -176,5 +203,33 @@ mod tests {
         .unwrap();
         let want: ContainerSpec = serde_json::from_str(&want_text).unwrap();
         assert_eq!(got, want, "{}", serde_json::to_string_pretty(&got).unwrap());
+    }
+
+    #[test]
+    fn a_bundles_seccomp_profile_is_kept() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/oci-config.json"
+        ))
+        .unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["linux"]["seccomp"] = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+        });
+        let oci: Spec = serde_json::from_value(v.clone()).unwrap();
+        let got = from_oci("c1", std::path::Path::new("/bundle"), &oci).unwrap();
+        let crate::seccomp::SeccompProfile::Localhost(p) = &got.seccomp else {
+            panic!("bundle seccomp dropped: {:?}", got.seccomp);
+        };
+        assert_eq!(p.path, "config.json linux.seccomp");
+        // An action the shim cannot enforce fails the conversion instead of running unconfined.
+        v["linux"]["seccomp"]["defaultAction"] = serde_json::json!("SCMP_ACT_NOTIFY");
+        let oci: Spec = serde_json::from_value(v).unwrap();
+        assert!(matches!(
+            from_oci("c1", std::path::Path::new("/bundle"), &oci),
+            Err(OciError::Seccomp(..))
+        ));
     }
 }

@@ -13,6 +13,7 @@ pub mod layer;
 pub mod logs;
 pub mod oci;
 pub mod protocol;
+pub mod saferoot;
 pub mod seccomp;
 pub mod shim;
 pub mod spec;

@@ -742,39 +742,87 @@ fn lstat_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Option<FileStat>, Errno
 }
 
 /// Remove whatever is at `name` in `dir` (a directory with its contents), never following
-/// a symlink: tar overwrite semantics for a later entry with the same name.
+/// a symlink: tar overwrite semantics for a later entry with the same name. Depth-first
+/// without recursion (a hostile tree can be deep); one descriptor per level is held.
 fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
     let Some(st) = lstat_at(dir, name)? else {
         return Ok(());
     };
-    if file_type(&st) == SFlag::S_IFDIR {
-        let sub = open_child(
-            dir,
-            name,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-            Mode::empty(),
-        )?;
-        // Listing through /proc/self/fd of our own descriptor reads exactly that directory.
-        let names: Vec<OsString> = std::fs::read_dir(saferoot::fd_path(sub.as_fd()))
-            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?
-            .map(|d| d.map(|d| d.file_name()))
-            .collect::<Result<_, _>>()
-            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
-        for n in names {
-            remove_at(sub.as_fd(), &n)?;
-        }
-        nix::unistd::unlinkat(
-            Some(dir.as_raw_fd()),
-            name,
-            nix::unistd::UnlinkatFlags::RemoveDir,
-        )
-    } else {
-        nix::unistd::unlinkat(
+    if file_type(&st) != SFlag::S_IFDIR {
+        return nix::unistd::unlinkat(
             Some(dir.as_raw_fd()),
             name,
             nix::unistd::UnlinkatFlags::NoRemoveDir,
-        )
+        );
     }
+    // Each level: the directory, its name in the level below, subdirectories still to go.
+    let mut stack = vec![enter_dir(dir, name)?];
+    loop {
+        let next = match stack.last_mut() {
+            None => return Ok(()),
+            Some(top) => match top.pending.pop() {
+                Some(sub) => Some(enter_dir(top.fd.as_fd(), &sub)?),
+                None => None,
+            },
+        };
+        match next {
+            Some(level) => stack.push(level),
+            None => {
+                let Some(done) = stack.pop() else {
+                    return Ok(());
+                };
+                drop(done.fd);
+                let parent = stack.last().map_or(dir, |l| l.fd.as_fd());
+                nix::unistd::unlinkat(
+                    Some(parent.as_raw_fd()),
+                    done.name.as_os_str(),
+                    nix::unistd::UnlinkatFlags::RemoveDir,
+                )?;
+            }
+        }
+    }
+}
+
+/// A directory being emptied by [`remove_at`].
+struct Level {
+    fd: OwnedFd,
+    name: OsString,
+    pending: Vec<OsString>,
+}
+
+/// Open directory `name` in `dir`, unlink everything in it but subdirectories and return
+/// those as pending.
+fn enter_dir(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Level, Errno> {
+    let fd = open_child(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    )?;
+    let io = |e: io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+    // Listing through /proc/self/fd of our own descriptor reads exactly that directory.
+    let names: Vec<OsString> = std::fs::read_dir(saferoot::fd_path(fd.as_fd()))
+        .map_err(io)?
+        .map(|d| d.map(|d| d.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    let mut pending = Vec::new();
+    for n in names {
+        match lstat_at(fd.as_fd(), &n)? {
+            Some(st) if file_type(&st) == SFlag::S_IFDIR => pending.push(n),
+            Some(_) => nix::unistd::unlinkat(
+                Some(fd.as_raw_fd()),
+                n.as_os_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            )?,
+            None => {}
+        }
+    }
+    Ok(Level {
+        fd,
+        name: name.to_os_string(),
+        pending,
+    })
 }
 
 /// fsetxattr(2) on an open (not O_PATH) descriptor.
@@ -1017,6 +1065,38 @@ mod tests {
             .unwrap()
             .file_type()
             .is_fifo());
+        host_unchanged(&s);
+    }
+
+    #[test]
+    fn a_later_entry_replaces_a_directory_tree_without_following_symlinks() {
+        use tar::EntryType as T;
+        let s = scene();
+        let host = s.host.to_str().unwrap().to_string();
+        let deep = "t/".to_string() + &"d/".repeat(300);
+        let deep_file = format!("{deep}f");
+        let data = raw_tar(&[
+            ("t/", T::Directory, None, b""),
+            ("t/a", T::Regular, None, b"a"),
+            ("t/out", T::Symlink, Some(&host), b""),
+            ("t/sub/", T::Directory, None, b""),
+            ("t/sub/x", T::Symlink, Some(&host), b""),
+            ("t", T::Regular, None, b"file now"),
+        ]);
+        // Long names need GNU long-name headers: build the deep part with the tar crate.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(T::Regular);
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_uid(nix::unistd::getuid().as_raw().into());
+        h.set_gid(nix::unistd::getgid().as_raw().into());
+        b.append_data(&mut h, &deep_file, &b"z"[..]).unwrap();
+        let mut deep_tar = b.into_inner().unwrap();
+        deep_tar.truncate(deep_tar.len() - 1024);
+        deep_tar.extend_from_slice(&data);
+        unpack(&deep_tar[..], &s.layer).unwrap();
+        assert_eq!(std::fs::read(s.layer.join("t")).unwrap(), b"file now");
         host_unchanged(&s);
     }
 

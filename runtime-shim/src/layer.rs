@@ -1068,6 +1068,78 @@ mod tests {
         host_unchanged(&s);
     }
 
+    /// `getxattr` without following a final symlink; `None` when absent.
+    fn get_xattr(p: &Path, key: &std::ffi::CStr) -> Option<Vec<u8>> {
+        let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+        let mut v = vec![0u8; 256];
+        // SAFETY: NUL-terminated strings and a live buffer of `v.len()` bytes.
+        let n =
+            unsafe { libc::lgetxattr(c.as_ptr(), key.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        let n = usize::try_from(n).ok()?;
+        v.truncate(n);
+        Some(v)
+    }
+
+    #[test]
+    fn xattrs_from_pax_headers_land_on_the_entry_itself() {
+        use tar::EntryType as T;
+        let s = scene();
+        let root = nix::unistd::geteuid().is_root();
+        let mut b = tar::Builder::new(Vec::new());
+        let entry = |b: &mut tar::Builder<Vec<u8>>, name: &str, ty: T, link: Option<&str>| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(ty);
+            h.set_size(if ty == T::Regular { 1 } else { 0 });
+            h.set_mode(0o644);
+            h.set_mtime(1_000_000);
+            h.set_uid(nix::unistd::getuid().as_raw().into());
+            h.set_gid(nix::unistd::getgid().as_raw().into());
+            match link {
+                Some(l) => b.append_link(&mut h, name, l).unwrap(),
+                None => {
+                    let data: &[u8] = if ty == T::Regular { b"x" } else { b"" };
+                    b.append_data(&mut h, name, data).unwrap();
+                }
+            }
+        };
+        b.append_pax_extensions([("SCHILY.xattr.user.hako", &b"file"[..])])
+            .unwrap();
+        entry(&mut b, "f", T::Regular, None);
+        b.append_pax_extensions([("SCHILY.xattr.user.hako", &b"dir"[..])])
+            .unwrap();
+        entry(&mut b, "d", T::Directory, None);
+        // On a symlink to the host: set on the link (trusted.* as root), never its target;
+        // a user.* one is not possible on a symlink and is skipped.
+        let host = s.host.join("secret");
+        let mut exts: Vec<(&str, &[u8])> = vec![("SCHILY.xattr.user.hako", b"link")];
+        if root {
+            exts.push(("SCHILY.xattr.trusted.hako", b"link"));
+        }
+        b.append_pax_extensions(exts).unwrap();
+        entry(&mut b, "l", T::Symlink, Some(host.to_str().unwrap()));
+        let data = b.into_inner().unwrap();
+        unpack(&data[..], &s.layer).unwrap();
+        let k = c"user.hako";
+        assert_eq!(
+            get_xattr(&s.layer.join("f"), k).as_deref(),
+            Some(&b"file"[..])
+        );
+        assert_eq!(
+            get_xattr(&s.layer.join("d"), k).as_deref(),
+            Some(&b"dir"[..])
+        );
+        assert_eq!(get_xattr(&s.layer.join("l"), k), None);
+        if root {
+            assert_eq!(
+                get_xattr(&s.layer.join("l"), c"trusted.hako").as_deref(),
+                Some(&b"link"[..])
+            );
+        }
+        assert_eq!(get_xattr(&host, c"trusted.hako"), None);
+        assert_eq!(get_xattr(&host, k), None);
+        host_unchanged(&s);
+    }
+
     #[test]
     fn a_later_entry_replaces_a_directory_tree_without_following_symlinks() {
         use tar::EntryType as T;

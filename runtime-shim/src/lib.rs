@@ -14,6 +14,7 @@ pub mod logs;
 pub mod oci;
 pub mod pidfd;
 pub mod protocol;
+pub mod saferoot;
 pub mod seccomp;
 pub mod shim;
 pub mod spec;

@@ -205,12 +205,43 @@ struct Entry {
     gid: u64,
 }
 
+/// What a [`LayerBuilder::raw`] entry is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawKind {
+    /// A regular file with this content.
+    File(Vec<u8>),
+    /// A directory.
+    Dir,
+    /// A symlink with this target.
+    Symlink(String),
+    /// A hard link to this name.
+    Hardlink(String),
+    /// A character device (major, minor).
+    Char(u32, u32),
+    /// A block device (major, minor).
+    Block(u32, u32),
+    /// A named pipe.
+    Fifo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RawEntry {
+    name: String,
+    kind: RawKind,
+    mode: u32,
+}
+
+/// Longest name or link name a raw entry may have (the old tar header fields).
+const RAW_NAME_MAX: usize = 100;
+
 /// Builds one layer tar. Paths are relative to the image root (a leading `/` is dropped);
 /// missing parent directories are added as `0755 root:root`; entries are written sorted by
-/// path (parents first) with hard links last, all with mtime [`FIXED_MTIME`].
+/// path (parents first) with hard links last, then [`LayerBuilder::raw`] entries in the
+/// order added, all with mtime [`FIXED_MTIME`].
 #[derive(Debug, Clone, Default)]
 pub struct LayerBuilder {
     entries: BTreeMap<String, Entry>,
+    raw: Vec<RawEntry>,
     created_by: String,
 }
 
@@ -223,6 +254,7 @@ impl LayerBuilder {
     pub fn new(created_by: &str) -> Self {
         LayerBuilder {
             entries: BTreeMap::new(),
+            raw: Vec::new(),
             created_by: created_by.to_string(),
         }
     }
@@ -306,9 +338,65 @@ impl LayerBuilder {
         me
     }
 
+    /// An entry written verbatim after all others, in the order added, owned by root: its
+    /// name and link name go into the header unchanged (`..`, absolute names and any order
+    /// allowed; at most 100 bytes each) and no parent directories are added. For hostile
+    /// layers in tests.
+    pub fn raw(mut self, name: &str, kind: RawKind, mode: u32) -> Self {
+        self.raw.push(RawEntry {
+            name: name.to_string(),
+            kind,
+            mode,
+        });
+        self
+    }
+
     /// Entry paths in the order they are written to the tar.
     pub fn paths(&self) -> Vec<String> {
-        self.ordered().into_iter().map(|(p, _)| p).collect()
+        self.ordered()
+            .into_iter()
+            .map(|(p, _)| p)
+            .chain(self.raw.iter().map(|r| r.name.clone()))
+            .collect()
+    }
+
+    fn append_raw(b: &mut tar::Builder<Vec<u8>>, r: &RawEntry) -> Result<(), ImageError> {
+        let invalid = || ImageError::InvalidPath(r.name.clone());
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(FIXED_MTIME);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mode(r.mode);
+        let (ty, data, link): (tar::EntryType, &[u8], Option<&str>) = match &r.kind {
+            RawKind::File(d) => (tar::EntryType::Regular, d, None),
+            RawKind::Dir => (tar::EntryType::Directory, &[], None),
+            RawKind::Symlink(t) => (tar::EntryType::Symlink, &[], Some(t)),
+            RawKind::Hardlink(t) => (tar::EntryType::Link, &[], Some(t)),
+            RawKind::Char(..) => (tar::EntryType::Char, &[], None),
+            RawKind::Block(..) => (tar::EntryType::Block, &[], None),
+            RawKind::Fifo => (tar::EntryType::Fifo, &[], None),
+        };
+        h.set_entry_type(ty);
+        h.set_size(data.len() as u64);
+        if let RawKind::Char(major, minor) | RawKind::Block(major, minor) = r.kind {
+            let err = |io| ImageError::Tar(r.name.clone(), io);
+            h.set_device_major(major).map_err(err)?;
+            h.set_device_minor(minor).map_err(err)?;
+        }
+        let old = h.as_old_mut();
+        if r.name.is_empty() || r.name.len() > RAW_NAME_MAX {
+            return Err(invalid());
+        }
+        old.name[..r.name.len()].copy_from_slice(r.name.as_bytes());
+        if let Some(l) = link {
+            if l.len() > RAW_NAME_MAX {
+                return Err(invalid());
+            }
+            old.linkname[..l.len()].copy_from_slice(l.as_bytes());
+        }
+        h.set_cksum();
+        b.append(&h, data)
+            .map_err(|io| ImageError::Tar(r.name.clone(), io))
     }
 
     fn ordered(&self) -> Vec<(String, Entry)> {
@@ -367,6 +455,9 @@ impl LayerBuilder {
                     b.append_link(&mut h, &path, target).map_err(err)?;
                 }
             }
+        }
+        for r in &self.raw {
+            Self::append_raw(&mut b, r)?;
         }
         b.into_inner()
             .map_err(|io| ImageError::Tar("<end of archive>".into(), io))
@@ -790,6 +881,56 @@ mod tests {
         }
         let l = LayerBuilder::new("t").opaque("/data/old", 0o755);
         assert_eq!(l.paths(), ["data", "data/old", "data/old/.wh..wh..opq"]);
+    }
+
+    #[test]
+    fn raw_entries_are_verbatim_and_last() {
+        let l = LayerBuilder::new("t")
+            .raw("x", RawKind::Symlink("/host/dir".into()), 0o777)
+            .raw("../../up", RawKind::File(b"hi".to_vec()), 0o644)
+            .raw("h", RawKind::Hardlink("../../etc/passwd".into()), 0o644)
+            .raw("null", RawKind::Char(1, 3), 0o666)
+            .file("a", 0o644, "");
+        assert_eq!(l.paths(), ["a", "x", "../../up", "h", "null"]);
+        let tar_bytes = l.tar().unwrap();
+        let mut a = tar::Archive::new(tar_bytes.as_slice());
+        let got: Vec<_> = a
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let h = e.header();
+                (
+                    String::from_utf8_lossy(&e.path_bytes()).into_owned(),
+                    h.entry_type(),
+                    e.link_name_bytes()
+                        .map(|b| String::from_utf8_lossy(&b).into_owned()),
+                    h.device_major().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got[1..],
+            [
+                (
+                    "x".into(),
+                    tar::EntryType::Symlink,
+                    Some("/host/dir".into()),
+                    None
+                ),
+                ("../../up".into(), tar::EntryType::Regular, None, None),
+                (
+                    "h".into(),
+                    tar::EntryType::Link,
+                    Some("../../etc/passwd".into()),
+                    None
+                ),
+                ("null".into(), tar::EntryType::Char, None, Some(1)),
+            ]
+        );
+        let long = "n".repeat(101);
+        let r = LayerBuilder::new("t").raw(&long, RawKind::Dir, 0o755).tar();
+        assert!(matches!(r, Err(ImageError::InvalidPath(_))), "{r:?}");
     }
 
     #[test]

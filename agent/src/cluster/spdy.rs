@@ -2,7 +2,11 @@
 //! `kubectl exec` (SPDY) and `kubectl port-forward` speak through the apiserver. Framing per the
 //! SPDY/3 draft: control frames (SYN_STREAM, SYN_REPLY, RST_STREAM, PING, GOAWAY; SETTINGS and
 //! WINDOW_UPDATE read and ignored, as the Go client does not enforce flow control either) and
-//! data frames; header blocks are one zlib stream per direction, the client's compressed with
+//! data frames. Everything from the peer is bounded: frame lengths ([`MAX_CONTROL_FRAME`],
+//! [`MAX_DATA_FRAME`]), the inflated size of a header block ([`MAX_HEADER_BLOCK`]), streams
+//! per session ([`MAX_STREAMS`]); queues to the peer, to a process's stdin and to a forwarded
+//! connection are bounded channels, so a slow consumer stops the reading of the peer (TCP
+//! back-pressure) instead of growing memory; header blocks are one zlib stream per direction, the client's compressed with
 //! the SPDY/3 dictionary (inflated here with the dictionary preset in a wrapping window), ours
 //! without one. The remote-command protocol `v4.channel.k8s.io` has one stream per role
 //! (`streamType` error, stdin, stdout, stderr, resize); port-forward `portforward.k8s.io` pairs an
@@ -79,6 +83,20 @@ pub struct HeaderInflater {
 
 const WINDOW: usize = 32 * 1024;
 
+/// The most plain bytes one header block may inflate to (kubectl's are a few hundred; Go's
+/// net/http allows 1 MiB of headers per request, SPDY streams here carry a handful).
+pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// The longest control frame accepted (the compressed header block and its fields).
+pub const MAX_CONTROL_FRAME: usize = 128 * 1024;
+/// The longest data frame accepted (the peer's initial window is 64 KiB; Go's spdystream
+/// writes at most 32 KiB at a time).
+pub const MAX_DATA_FRAME: usize = 256 * 1024;
+/// Streams one session may open.
+pub const MAX_STREAMS: usize = 256;
+/// Frames queued to the writer of one session, and chunks queued to one stdin or
+/// port-forward connection, before the reader stops reading the peer (back-pressure).
+const QUEUE: usize = 64;
+
 impl Default for HeaderInflater {
     fn default() -> Self {
         let dict = dictionary();
@@ -94,7 +112,8 @@ impl Default for HeaderInflater {
 }
 
 impl HeaderInflater {
-    /// The plain bytes of the next compressed chunk.
+    /// The plain bytes of the next compressed chunk; an error when they would exceed
+    /// [`MAX_HEADER_BLOCK`] (a zlib bomb) or the stream is not zlib.
     pub fn inflate(&mut self, mut input: &[u8]) -> Result<Vec<u8>, String> {
         // The zlib header: CMF, FLG (FDICT set: 4 bytes of dictionary id follow).
         if self.header_left.is_none() {
@@ -118,6 +137,11 @@ impl HeaderInflater {
                 self.pos,
                 inflate_flags::TINFL_FLAG_HAS_MORE_INPUT,
             );
+            if out.len() + made > MAX_HEADER_BLOCK {
+                return Err(format!(
+                    "header block inflates past {MAX_HEADER_BLOCK} bytes"
+                ));
+            }
             out.extend_from_slice(&self.window[self.pos..self.pos + made]);
             self.pos = (self.pos + made) & (WINDOW - 1);
             input = &input[used..];
@@ -249,8 +273,15 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
     }
     let flags = h[4];
     let len = usize::from(h[5]) << 16 | usize::from(h[6]) << 8 | usize::from(h[7]);
-    if len > 16 << 20 {
-        return Err(std::io::Error::other("SPDY frame too large"));
+    let max = if h[0] & 0x80 != 0 {
+        MAX_CONTROL_FRAME
+    } else {
+        MAX_DATA_FRAME
+    };
+    if len > max {
+        return Err(std::io::Error::other(format!(
+            "SPDY frame of {len} bytes (at most {max})"
+        )));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
@@ -339,9 +370,12 @@ fn goaway(last: u32) -> Vec<u8> {
     control(7, 0, &body)
 }
 
+/// Frames to the peer (bounded: a peer that does not read stalls our readers of it).
+type Tx = mpsc::Sender<Vec<u8>>;
+
 /// Writes whatever arrives; ends (shutting the write side) when every sender is gone.
-fn spawn_writer(mut w: tokio::io::WriteHalf<Io>) -> mpsc::UnboundedSender<Vec<u8>> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+fn spawn_writer(mut w: tokio::io::WriteHalf<Io>) -> Tx {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     tokio::spawn(async move {
         while let Some(f) = rx.recv().await {
             if w.write_all(&f).await.is_err() {
@@ -354,17 +388,13 @@ fn spawn_writer(mut w: tokio::io::WriteHalf<Io>) -> mpsc::UnboundedSender<Vec<u8
 }
 
 /// Output of a pipe as data frames on `id`, on its own thread; fires at EOF.
-fn pump(
-    mut r: File,
-    id: u32,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
-) -> tokio::sync::oneshot::Receiver<()> {
+fn pump(mut r: File, id: u32, tx: Tx) -> tokio::sync::oneshot::Receiver<()> {
     let (done, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         use std::io::Read;
         let mut buf = vec![0u8; 32 * 1024];
         while let Ok(n) = r.read(&mut buf) {
-            if n == 0 || tx.send(data_frame(id, false, &buf[..n])).is_err() {
+            if n == 0 || tx.blocking_send(data_frame(id, false, &buf[..n])).is_err() {
                 break;
             }
         }
@@ -399,17 +429,20 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     }
     let mut last = 0;
     let got = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut syns = 0usize;
         while !needed.iter().all(|n| ids.contains_key(*n)) {
             match read_frame(&mut r, &mut inf).await {
+                Ok(Some(Frame::Syn { .. })) if syns >= 16 => return false,
                 Ok(Some(Frame::Syn { id, headers, .. })) => {
+                    syns += 1;
                     last = id;
-                    let _ = tx.send(syn_reply(id, &mut def));
+                    let _ = tx.send(syn_reply(id, &mut def)).await;
                     if let Some(t) = headers.get("streamtype") {
                         ids.insert(t.clone(), id);
                     }
                 }
                 Ok(Some(Frame::Ping(p))) => {
-                    let _ = tx.send(p);
+                    let _ = tx.send(p).await;
                 }
                 Ok(Some(_)) => {}
                 _ => return false,
@@ -420,15 +453,15 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     .await
     .unwrap_or(false);
     if !got {
-        let _ = tx.send(goaway(last));
+        let _ = tx.send(goaway(last)).await;
         return;
     }
     let err_id = ids.get("error").copied().unwrap_or(0);
     let started = tokio::task::spawn_blocking(move || client.exec_stream(x)).await;
     let mut es = match started {
         Ok(Ok(es)) => es,
-        Ok(Err(e)) => return finish(&tx, err_id, &[], Err(e.to_string())),
-        Err(e) => return finish(&tx, err_id, &[], Err(e.to_string())),
+        Ok(Err(e)) => return finish(&tx, err_id, &[], Err(e.to_string())).await,
+        Err(e) => return finish(&tx, err_id, &[], Err(e.to_string())).await,
     };
     let io = es.take_stdio();
     let mut outs = Vec::new();
@@ -462,10 +495,12 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
         }
         input = io.stdin;
     }
-    let (in_tx, in_rx) = std::sync::mpsc::channel::<Bytes>();
+    // stdin: bounded, so a process that does not read stalls the reader of the peer (and
+    // TCP then stalls the client) instead of queueing without end.
+    let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(QUEUE);
     if let Some(mut w) = input {
         std::thread::spawn(move || {
-            for chunk in in_rx {
+            while let Some(chunk) = in_rx.blocking_recv() {
                 if w.write_all(&chunk).is_err() {
                     break;
                 }
@@ -484,7 +519,7 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
                     if Some(id) == stdin_id {
                         if let Some(t) = &in_tx {
                             if !data.is_empty() {
-                                let _ = t.send(data);
+                                let _ = t.send(data).await;
                             }
                         }
                         if fin {
@@ -509,10 +544,10 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
                 }
                 Ok(Some(Frame::Rst(id))) if Some(id) == stdin_id => in_tx = None,
                 Ok(Some(Frame::Syn { id, .. })) => {
-                    let _ = txr.send(syn_reply(id, &mut def));
+                    let _ = txr.send(syn_reply(id, &mut def)).await;
                 }
                 Ok(Some(Frame::Ping(p))) => {
-                    let _ = txr.send(p);
+                    let _ = txr.send(p).await;
                 }
                 Ok(Some(Frame::GoAway)) | Ok(None) | Err(_) => break,
                 Ok(Some(_)) => {}
@@ -525,7 +560,7 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     for o in outs {
         let _ = tokio::time::timeout(Duration::from_secs(1), o).await;
     }
-    finish(&tx, err_id, &out_ids, code);
+    finish(&tx, err_id, &out_ids, code).await;
     drop(tx);
     // The client closes the connection once it has the status.
     let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
@@ -557,16 +592,19 @@ pub async fn attach_session(
         }
     }
     let got = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut syns = 0usize;
         while !needed.iter().all(|n| ids.contains_key(*n)) {
             match read_frame(&mut r, &mut inf).await {
+                Ok(Some(Frame::Syn { .. })) if syns >= 16 => return false,
                 Ok(Some(Frame::Syn { id, headers, .. })) => {
-                    let _ = tx.send(syn_reply(id, &mut def));
+                    syns += 1;
+                    let _ = tx.send(syn_reply(id, &mut def)).await;
                     if let Some(t) = headers.get("streamtype") {
                         ids.insert(t.clone(), id);
                     }
                 }
                 Ok(Some(Frame::Ping(p))) => {
-                    let _ = tx.send(p);
+                    let _ = tx.send(p).await;
                 }
                 Ok(Some(_)) => {}
                 _ => return false,
@@ -588,10 +626,12 @@ pub async fn attach_session(
     } else {
         None
     };
-    let (in_tx, in_rx) = std::sync::mpsc::channel::<Bytes>();
+    // stdin: bounded, so a process that does not read stalls the reader of the peer (and
+    // TCP then stalls the client) instead of queueing without end.
+    let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(QUEUE);
     if let Some(mut w) = input {
         std::thread::spawn(move || {
-            for chunk in in_rx {
+            while let Some(chunk) = in_rx.blocking_recv() {
                 if w.write_all(&chunk).is_err() {
                     break;
                 }
@@ -607,7 +647,7 @@ pub async fn attach_session(
                 Ok(Some(Frame::Data { id, fin, data })) if Some(id) == stdin_id => {
                     if let Some(t) = &in_tx {
                         if !data.is_empty() {
-                            let _ = t.send(data);
+                            let _ = t.send(data).await;
                         }
                     }
                     if fin {
@@ -615,10 +655,10 @@ pub async fn attach_session(
                     }
                 }
                 Ok(Some(Frame::Syn { id, .. })) => {
-                    let _ = txr.send(syn_reply(id, &mut def));
+                    let _ = txr.send(syn_reply(id, &mut def)).await;
                 }
                 Ok(Some(Frame::Ping(p))) => {
-                    let _ = txr.send(p);
+                    let _ = txr.send(p).await;
                 }
                 Ok(Some(Frame::GoAway)) | Ok(None) | Err(_) => break,
                 Ok(Some(_)) => {}
@@ -635,7 +675,7 @@ pub async fn attach_session(
         tokio::time::sleep(Duration::from_millis(100)).await;
         for (c, m) in log.poll() {
             if let Some(id) = if c == 1 { out_id } else { err_id } {
-                let _ = tx.send(data_frame(id, false, &m));
+                let _ = tx.send(data_frame(id, false, &m)).await;
             }
         }
         if last_check.elapsed() > Duration::from_millis(500) {
@@ -646,31 +686,28 @@ pub async fn attach_session(
         }
     }
     let outs: Vec<u32> = [out_id, err_id].into_iter().flatten().collect();
-    finish(&tx, ids.get("error").copied().unwrap_or(0), &outs, Ok(0));
+    finish(&tx, ids.get("error").copied().unwrap_or(0), &outs, Ok(0)).await;
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
 }
 
 /// Ends a remote-command session: FIN on the output streams, the status on the error stream.
-fn finish(
-    tx: &mpsc::UnboundedSender<Vec<u8>>,
-    err_id: u32,
-    outs: &[u32],
-    code: Result<i32, String>,
-) {
+async fn finish(tx: &Tx, err_id: u32, outs: &[u32], code: Result<i32, String>) {
     for &id in outs {
-        let _ = tx.send(data_frame(id, true, &[]));
+        let _ = tx.send(data_frame(id, true, &[])).await;
     }
     let st = super::stream::exit_status(code).to_string();
-    let _ = tx.send(data_frame(err_id, false, st.as_bytes()));
-    let _ = tx.send(data_frame(err_id, true, &[]));
+    let _ = tx.send(data_frame(err_id, false, st.as_bytes())).await;
+    let _ = tx.send(data_frame(err_id, true, &[])).await;
 }
 
 /// A connection being set up: (error stream, data stream, port).
 type Pair = (Option<u32>, Option<u32>, Option<u16>);
 
 /// A port-forward session over SPDY: every (error, data) stream pair with the same
-/// `requestID` is one connection to `127.0.0.1:<port>` in the pod's network namespace.
+/// `requestID` is one connection to `127.0.0.1:<port>` in the pod's network namespace. At
+/// most [`MAX_STREAMS`] streams per session; a protocol error (an oversized frame or header
+/// block, too many streams) ends the session with GOAWAY.
 pub async fn forward_session(io: Io, netns: File) {
     let (mut r, w) = tokio::io::split(io);
     let tx = spawn_writer(w);
@@ -679,15 +716,28 @@ pub async fn forward_session(io: Io, netns: File) {
     // requestID → (error stream, data stream, port)
     let mut pairs: HashMap<String, Pair> = HashMap::new();
     // data stream → writer to its connection (None: the client finished sending)
-    let mut conns: HashMap<u32, mpsc::UnboundedSender<Option<Bytes>>> = HashMap::new();
+    let mut conns: HashMap<u32, mpsc::Sender<Option<Bytes>>> = HashMap::new();
+    let (mut last, mut opened) = (0u32, 0usize);
     loop {
         let f = match read_frame(&mut r, &mut inf).await {
             Ok(Some(f)) => f,
-            _ => break,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "port-forward: SPDY protocol error");
+                let _ = tx.send(goaway(last)).await;
+                break;
+            }
         };
         match f {
             Frame::Syn { id, headers, .. } => {
-                let _ = tx.send(syn_reply(id, &mut def));
+                opened += 1;
+                if opened > MAX_STREAMS || pairs.len() >= MAX_STREAMS / 2 {
+                    tracing::debug!("port-forward: too many streams in one session");
+                    let _ = tx.send(goaway(last)).await;
+                    break;
+                }
+                last = id;
+                let _ = tx.send(syn_reply(id, &mut def)).await;
                 let req = headers
                     .get("requestid")
                     .cloned()
@@ -696,11 +746,16 @@ pub async fn forward_session(io: Io, netns: File) {
                     .get("port")
                     .and_then(|p| p.parse::<u16>().ok())
                     .filter(|&p| p > 0);
-                let e = pairs.entry(req.clone()).or_default();
-                match headers.get("streamtype").map(String::as_str) {
-                    Some("error") => e.0 = Some(id),
-                    Some("data") => e.1 = Some(id),
+                let kind = match headers.get("streamtype").map(String::as_str) {
+                    Some("error") => 0,
+                    Some("data") => 1,
                     _ => continue,
+                };
+                let e = pairs.entry(req.clone()).or_default();
+                if kind == 0 {
+                    e.0 = Some(id);
+                } else {
+                    e.1 = Some(id);
                 }
                 if e.2.is_none() {
                     e.2 = port;
@@ -708,7 +763,7 @@ pub async fn forward_session(io: Io, netns: File) {
                 if let (Some(eid), Some(did)) = (e.0, e.1) {
                     let port = e.2;
                     pairs.remove(&req);
-                    let (ctx, crx) = mpsc::unbounded_channel();
+                    let (ctx, crx) = mpsc::channel(QUEUE);
                     conns.insert(did, ctx);
                     let ns = netns.try_clone();
                     tokio::spawn(forward_one(ns, port, eid, did, crx, tx.clone()));
@@ -716,21 +771,22 @@ pub async fn forward_session(io: Io, netns: File) {
             }
             Frame::Data { id, fin, data } => {
                 if let Some(c) = conns.get(&id) {
+                    // Waits when the pod side is slow: the client is then not read either.
                     if !data.is_empty() {
-                        let _ = c.send(Some(data));
+                        let _ = c.send(Some(data)).await;
                     }
                     if fin {
-                        let _ = c.send(None);
+                        let _ = c.send(None).await;
                     }
                 }
             }
             Frame::Rst(id) => {
                 if let Some(c) = conns.remove(&id) {
-                    let _ = c.send(None);
+                    let _ = c.try_send(None);
                 }
             }
             Frame::Ping(p) => {
-                let _ = tx.send(p);
+                let _ = tx.send(p).await;
             }
             Frame::GoAway => break,
             Frame::Other => {}
@@ -743,16 +799,19 @@ async fn forward_one(
     port: Option<u16>,
     eid: u32,
     did: u32,
-    mut from_client: mpsc::UnboundedReceiver<Option<Bytes>>,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    mut from_client: mpsc::Receiver<Option<Bytes>>,
+    tx: Tx,
 ) {
     let fail = |msg: String| {
-        let _ = tx.send(data_frame(eid, false, msg.as_bytes()));
-        let _ = tx.send(data_frame(eid, true, &[]));
-        let _ = tx.send(data_frame(did, true, &[]));
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(data_frame(eid, false, msg.as_bytes())).await;
+            let _ = tx.send(data_frame(eid, true, &[])).await;
+            let _ = tx.send(data_frame(did, true, &[])).await;
+        }
     };
     let Some(port) = port else {
-        return fail("invalid or missing port header".into());
+        return fail("invalid or missing port header".into()).await;
     };
     let conn = tokio::task::spawn_blocking(move || {
         let s = super::stream::connect_in(&ns?, port)?;
@@ -764,7 +823,7 @@ async fn forward_one(
     .and_then(|r| r);
     let s = match conn {
         Ok(s) => s,
-        Err(e) => return fail(format!("error forwarding port {port} to pod: {e}")),
+        Err(e) => return fail(format!("error forwarding port {port} to pod: {e}")).await,
     };
     let (mut rd, mut wr) = s.into_split();
     let up = tokio::spawn(async move {
@@ -785,14 +844,14 @@ async fn forward_one(
         match rd.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if tx.send(data_frame(did, false, &buf[..n])).is_err() {
+                if tx.send(data_frame(did, false, &buf[..n])).await.is_err() {
                     break;
                 }
             }
         }
     }
-    let _ = tx.send(data_frame(did, true, &[]));
-    let _ = tx.send(data_frame(eid, true, &[]));
+    let _ = tx.send(data_frame(did, true, &[])).await;
+    let _ = tx.send(data_frame(eid, true, &[])).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), up).await;
 }
 
@@ -852,6 +911,36 @@ mod tests {
         assert_eq!(h.get("port").map(String::as_str), Some("80"));
         assert_eq!(parse_headers(&b[..b.len() - 1]), None, "truncated");
         assert_eq!(parse_headers(&[0, 0, 0, 9]), None, "count beyond the data");
+    }
+
+    #[test]
+    fn header_bombs_are_refused() {
+        // One zlib stream (a peer may leave the dictionary unused) of 1 MiB of zeros.
+        let mut c = flate2::Compress::new(flate2::Compression::best(), true);
+        let plain = vec![0u8; 1 << 20];
+        let mut z = Vec::with_capacity(1 << 16);
+        c.compress_vec(&plain, &mut z, flate2::FlushCompress::Sync)
+            .expect("z");
+        assert!(z.len() < 8 * 1024, "{}", z.len());
+        let e = HeaderInflater::default().inflate(&z).expect_err("bomb");
+        assert!(e.contains("inflates past"), "{e}");
+    }
+
+    #[test]
+    fn frame_lengths_are_capped() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        // A data frame claiming 16 MiB - 1 bytes, and a control frame of 1 MiB.
+        for h in [
+            [0u8, 0, 0, 1, 0, 0xff, 0xff, 0xff],
+            [0x80, 3, 0, 1, 0, 0x10, 0, 0],
+        ] {
+            let mut inf = HeaderInflater::default();
+            let r = rt.block_on(read_frame(&mut &h[..], &mut inf));
+            let e = r.expect_err("too long");
+            assert!(e.to_string().contains("at most"), "{e}");
+        }
     }
 
     #[test]

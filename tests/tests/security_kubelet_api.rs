@@ -229,6 +229,9 @@ fn random_tokens_cost_bounded_reviews_and_memory() {
     let agent = start_agent(&srv, tmp.path(), port, &[]);
     let c = connector(&tmp.path().join("root/pki/kubelet.crt"));
     let rt = rt();
+    // A known client, reviewed before the flood (cached).
+    let admin = srv.admin_token();
+    assert_eq!(curl(port, "/healthz", Some(&admin)).0, 200);
     // Warm up (allocator, TLS), then wait for the bucket to refill.
     rt.block_on(flood(&c, port, 200, 4));
     std::thread::sleep(Duration::from_secs(3));
@@ -260,7 +263,9 @@ fn random_tokens_cost_bounded_reviews_and_memory() {
         after.saturating_sub(before) < 5 * 1024,
         "RSS grew from {before} KiB to {after} KiB"
     );
-    assert_eq!(curl(port, "/healthz", Some(&srv.admin_token())).0, 200);
+    // The known client is served at once (its review is cached); a new token right after the
+    // flood may be throttled (429) until the bucket refills.
+    assert_eq!(curl(port, "/healthz", Some(&admin)).0, 200);
 }
 
 #[test]

@@ -292,6 +292,17 @@ fn idle_and_slow_connections_do_not_block_healthz() {
                     .expect("tcp"),
             );
         }
+        // A client that made one request and keeps the connection idle.
+        let mut kept = tls(&c, port).await.expect("kept-alive tls");
+        let req = format!(
+            "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {admin}\r\n\r\n"
+        );
+        kept.write_all(req.as_bytes()).await.expect("request");
+        let mut kbuf = Vec::new();
+        assert_eq!(
+            read_response(&mut kept, &mut kbuf).await.expect("response"),
+            200
+        );
         // A client sending its request head a byte at a time.
         let slow = tls(&c, port).await.expect("slow tls");
         let (mut rd, mut wr) = tokio::io::split(slow);
@@ -344,6 +355,12 @@ fn idle_and_slow_connections_do_not_block_healthz() {
                 "idle TLS connection still open"
             );
         }
+        let mut b = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(10), kept.read(&mut b)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "idle kept-alive connection still open"
+        );
         for s in raw.iter_mut().take(5) {
             let mut b = [0u8; 16];
             let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await;

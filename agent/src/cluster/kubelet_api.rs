@@ -1,7 +1,10 @@
 //! The kubelet API on :10250 (effectful): TLS with a serving certificate from flags or a
-//! self-signed one kept in the state dir; authentication of bearer tokens through TokenReview
-//! (anonymous requests get 401) and of client certificates signed by `--client-ca-file`; authorization through SubjectAccessReview on `nodes/<sub>` of
-//! this node; `/healthz`, `/pods` and `/containerLogs/{ns}/{pod}/{container}` (tailLines,
+//! self-signed one kept in the state dir (key 0600); authentication of bearer tokens through
+//! TokenReview (anonymous requests get 401; cached, rate-bounded: [`super::auth`]) and of
+//! client certificates signed by `--client-ca-file`; authorization through
+//! SubjectAccessReview on `nodes/<sub>` of this node (cached; the streaming endpoints are
+//! `create`); bounded connections ([`Limits`]: count, TLS handshake and request-head
+//! deadlines); `/healthz`, `/pods` and `/containerLogs/{ns}/{pod}/{container}` (tailLines,
 //! timestamps, limitBytes, previous, follow) read from the CRI log files; `/exec`, `/attach`
 //! and `/portForward` over WebSocket ([`super::stream`]); `/metrics` (the agent's own
 //! metrics), `/metrics/resource` and `/stats/summary` (node, pod and container usage from

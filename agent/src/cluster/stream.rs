@@ -6,8 +6,10 @@
 //! `i` a data channel `2i` and an error channel `2i+1`, each opened by the port number as two
 //! bytes little endian). The exec runs through the shim's streaming exec (its stdio handed
 //! over as descriptors); attach follows the container's CRI log (output only); port-forward
-//! connects to `127.0.0.1:<port>` from a socket made in the pod's network namespace. SPDY
-//! upgrades of the same endpoints go to [`super::spdy`].
+//! connects to `127.0.0.1:<port>` from a socket made in the pod's network namespace, entered
+//! through the sandbox's bind-mounted namespace file (never a container pid, which could be
+//! recycled). Client messages are capped at [`MAX_WS_MESSAGE`] and stdin is a bounded queue.
+//! SPDY upgrades of the same endpoints go to [`super::spdy`].
 
 use super::kubelet_api::PodStore;
 use bytes::Bytes;

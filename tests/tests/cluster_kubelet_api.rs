@@ -103,6 +103,8 @@ fn kubelet_api_client_certificates() {
             ])
             .arg("--client-ca-file")
             .arg(d.join("ca.crt"))
+            // Permissions granted mid-test apply at once (denials are cached 30 s by default).
+            .args(["--authorization-webhook-cache-unauthorized-ttl", "0"])
             .arg("--root-dir")
             .arg(d.join("root"))
             .arg("--run-dir")
@@ -177,6 +179,8 @@ fn kubelet_api_authn_authz_and_logs() {
             .arg(tmp.path().join("run"))
             .arg("--pod-log-dir")
             .arg(&logs)
+            // Permissions granted mid-test apply at once (denials are cached 30 s by default).
+            .args(["--authorization-webhook-cache-unauthorized-ttl", "0"])
             .arg("--cni-conf-dir")
             .arg(tmp.path().join("net.d"))
             .stdout(Stdio::null())
@@ -562,6 +566,9 @@ fn kubelet_api_streaming_and_metrics() {
             "127.0.0.1",
             "--kubelet-port",
             "10250",
+            // Permissions granted mid-test apply at once (denials are cached 30 s by default).
+            "--authorization-webhook-cache-unauthorized-ttl",
+            "0",
         ]
         .map(String::from),
     );

@@ -1,7 +1,10 @@
 //! The kubelet API on :10250 (effectful): TLS with a serving certificate from flags or a
-//! self-signed one kept in the state dir; authentication of bearer tokens through TokenReview
-//! (anonymous requests get 401) and of client certificates signed by `--client-ca-file`; authorization through SubjectAccessReview on `nodes/<sub>` of
-//! this node; `/healthz`, `/pods` and `/containerLogs/{ns}/{pod}/{container}` (tailLines,
+//! self-signed one kept in the state dir (key 0600); authentication of bearer tokens through
+//! TokenReview (anonymous requests get 401; cached, rate-bounded: [`super::auth`]) and of
+//! client certificates signed by `--client-ca-file`; authorization through
+//! SubjectAccessReview on `nodes/<sub>` of this node (cached; the streaming endpoints are
+//! `create`); bounded connections ([`Limits`]: count, TLS handshake and request-head
+//! deadlines); `/healthz`, `/pods` and `/containerLogs/{ns}/{pod}/{container}` (tailLines,
 //! timestamps, limitBytes, previous, follow) read from the CRI log files; `/exec`, `/attach`
 //! and `/portForward` over WebSocket ([`super::stream`]); `/metrics` (the agent's own
 //! metrics), `/metrics/resource` and `/stats/summary` (node, pod and container usage from
@@ -18,8 +21,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use tokio_rustls::rustls;
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -49,6 +52,34 @@ pub struct ApiOptions {
     /// The shim runtime of the pod workers (None: no workers; exec, attach, port-forward and
     /// per-container figures are unavailable).
     pub shim: Option<hako_shim::client::Runtime>,
+    /// The pod workers' run dir (sandbox namespaces under `sandboxes/<id>`; None: no workers).
+    pub run_dir: Option<PathBuf>,
+    /// Review caches, rate and deadlines.
+    pub auth: super::auth::AuthOptions,
+    /// Connection bounds.
+    pub limits: Limits,
+}
+
+/// Bounds on the connections of the kubelet API.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Deadline of the TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Deadline for a whole request head, from the moment the connection waits for one (so
+    /// it is also the idle timeout of a kept-alive connection).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Node usage for /metrics/resource and /stats/summary.
@@ -146,6 +177,37 @@ pub enum ApiError {
     Listen(SocketAddr, std::io::Error),
 }
 
+/// Writes `data` to a new file at `path` created with `mode` (tmp + fsync + rename).
+fn write_private(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(d) = path.parent() {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Makes a key file readable by its owner only (a key written 0644 by an older agent).
+fn restrict_key(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let m = std::fs::metadata(path)?;
+    if m.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        tracing::warn!(key = %path.display(), "serving key was readable by others: now 0600");
+    }
+    Ok(())
+}
+
 fn load_or_make_cert(o: &ApiOptions) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
     let e = |m: String| ApiError::Cert(m);
     if let Some((c, k)) = &o.cert {
@@ -155,13 +217,14 @@ fn load_or_make_cert(o: &ApiOptions) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
     }
     let (cp, kp) = (o.pki_dir.join("kubelet.crt"), o.pki_dir.join("kubelet.key"));
     if let (Ok(c), Ok(k)) = (std::fs::read(&cp), std::fs::read(&kp)) {
+        restrict_key(&kp).map_err(|x| e(format!("{}: {x}", kp.display())))?;
         return Ok((c, k));
     }
     let ck = rcgen::generate_simple_self_signed(o.sans.clone()).map_err(|x| e(x.to_string()))?;
     let (cert, key) = (ck.cert.pem(), ck.key_pair.serialize_pem());
     std::fs::create_dir_all(&o.pki_dir).map_err(|x| e(x.to_string()))?;
-    std::fs::write(&cp, &cert).map_err(|x| e(x.to_string()))?;
-    std::fs::write(&kp, &key).map_err(|x| e(x.to_string()))?;
+    write_private(&kp, key.as_bytes(), 0o600).map_err(|x| e(format!("{}: {x}", kp.display())))?;
+    write_private(&cp, cert.as_bytes(), 0o644).map_err(|x| e(format!("{}: {x}", cp.display())))?;
     tracing::info!(cert = %cp.display(), "wrote a self-signed kubelet serving certificate");
     Ok((cert.into_bytes(), key.into_bytes()))
 }
@@ -270,15 +333,13 @@ pub fn subject_identity(cert: &[u8]) -> Option<(String, Vec<String>)> {
     Some((cn?, orgs))
 }
 
-/// An authenticated identity: (user name, groups).
-type Identity = (String, Vec<String>);
+use super::auth::{Auth, AuthError, UserInfo};
 
 struct Server {
-    client: Client,
     opts: ApiOptions,
     pods: PodStore,
-    /// token → (user, groups, when) from TokenReview, cached for a minute.
-    authn_cache: Mutex<HashMap<String, (Option<Identity>, Instant)>>,
+    /// Cached, bounded TokenReview and SubjectAccessReview.
+    auth: Auth,
 }
 
 /// Starts the kubelet API; returns once listening.
@@ -293,36 +354,65 @@ pub async fn start(client: Client, opts: ApiOptions, pods: PodStore) -> Result<(
         .await
         .map_err(|e| ApiError::Listen(opts.addr, e))?;
     tracing::info!(addr = %opts.addr, "kubelet API listening");
+    let limits = opts.limits.clone();
     let srv = Arc::new(Server {
-        client,
+        auth: Auth::new(
+            opts.auth.clone(),
+            Arc::new(super::auth::ApiReviewer(client)),
+        ),
         opts,
         pods,
-        authn_cache: Mutex::new(HashMap::new()),
     });
+    let conns = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // EMFILE and the like: back off instead of spinning.
+                    tracing::debug!(error = %e, "kubelet API accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = conns.clone().try_acquire_owned() else {
+                tracing::debug!("kubelet API: connection limit reached, closing a new connection");
+                drop(tcp);
                 continue;
             };
             let acceptor = acceptor.clone();
             let srv = srv.clone();
+            let limits = limits.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
+                let _permit = permit;
+                let tls =
+                    match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(tls)) => tls,
+                        _ => return,
+                    };
                 // A verified client certificate (chain checked against --client-ca-file).
                 let cert_id = tls
                     .get_ref()
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .and_then(|c| subject_identity(c.as_ref()));
+                    .and_then(|c| subject_identity(c.as_ref()))
+                    .map(|(name, groups)| UserInfo {
+                        name,
+                        groups,
+                        ..Default::default()
+                    });
                 let svc = hyper::service::service_fn(move |req| {
                     let srv = srv.clone();
                     let cert_id = cert_id.clone();
                     async move { Ok::<_, Infallible>(srv.handle(req, cert_id).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
+                    .max_buf_size(64 * 1024)
                     .serve_connection(TokioIo::new(tls), svc)
                     .with_upgrades()
                     .await;
@@ -442,62 +532,6 @@ fn query(q: &str) -> HashMap<String, String> {
 }
 
 impl Server {
-    async fn authenticate(&self, token: &str) -> Option<Identity> {
-        if let Ok(c) = self.authn_cache.lock() {
-            if let Some((u, at)) = c.get(token) {
-                if at.elapsed() < Duration::from_secs(60) {
-                    return u.clone();
-                }
-            }
-        }
-        let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-                                      "spec": {"token": token}});
-        let req = http_post("/apis/authentication.k8s.io/v1/tokenreviews", &body)?;
-        let r: serde_json::Value = match self.client.request(req).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("TokenReview failed: {e}");
-                return None;
-            }
-        };
-        let user = (r["status"]["authenticated"] == true).then(|| {
-            (
-                r["status"]["user"]["username"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
-                r["status"]["user"]["groups"]
-                    .as_array()
-                    .map(|g| {
-                        g.iter()
-                            .filter_map(|x| x.as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            )
-        });
-        if let Ok(mut c) = self.authn_cache.lock() {
-            c.insert(token.to_string(), (user.clone(), Instant::now()));
-        }
-        user
-    }
-
-    async fn authorize(
-        &self,
-        user: &str,
-        groups: &[String],
-        verb: &str,
-        sub: &str,
-    ) -> Result<bool, String> {
-        let body = serde_json::json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
-            "spec": {"user": user, "groups": groups, "resourceAttributes": {
-                "verb": verb, "resource": "nodes", "subresource": sub, "name": self.opts.node_name}}});
-        let req = http_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", &body)
-            .ok_or("request")?;
-        let r: serde_json::Value = self.client.request(req).await.map_err(|e| e.to_string())?;
-        Ok(r["status"]["allowed"] == true)
-    }
-
     /// Node usage, the pods and their running containers' figures (blocking reads off the
     /// async workers).
     async fn usage(&self) -> (NodeUsage, Vec<Pod>, Vec<super::stats::ContainerUsage>) {
@@ -521,7 +555,7 @@ impl Server {
     async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        cert_id: Option<Identity>,
+        cert_id: Option<UserInfo>,
     ) -> Response<Body> {
         let path = req.uri().path().to_string();
         let q = query(req.uri().query().unwrap_or(""));
@@ -531,32 +565,44 @@ impl Server {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_string);
-        let id = match (cert_id, token) {
-            (Some(id), _) => Some(id),
-            (None, Some(t)) => self.authenticate(&t).await,
-            (None, None) => None,
+        let user = match (cert_id, token) {
+            (Some(id), _) => id,
+            (None, Some(t)) => match self.auth.authenticate(&t).await {
+                Ok(u) => u,
+                Err(AuthError::Throttled) => {
+                    let mut r = text(StatusCode::TOO_MANY_REQUESTS, "Too many requests");
+                    r.headers_mut().insert(
+                        hyper::header::RETRY_AFTER,
+                        hyper::header::HeaderValue::from_static("1"),
+                    );
+                    return r;
+                }
+                Err(AuthError::Review(e)) => {
+                    tracing::warn!("TokenReview failed: {e}");
+                    return text(StatusCode::UNAUTHORIZED, "Unauthorized");
+                }
+                Err(AuthError::Unauthenticated) => {
+                    return text(StatusCode::UNAUTHORIZED, "Unauthorized")
+                }
+            },
+            (None, None) => return text(StatusCode::UNAUTHORIZED, "Unauthorized"),
         };
-        let Some((user, groups)) = id else {
-            return text(StatusCode::UNAUTHORIZED, "Unauthorized");
-        };
-        let verb = match *req.method() {
-            hyper::Method::GET | hyper::Method::HEAD => "get",
-            hyper::Method::POST => "create",
-            hyper::Method::PUT => "update",
-            hyper::Method::PATCH => "patch",
-            hyper::Method::DELETE => "delete",
-            _ => "get",
-        };
+        let verb = super::auth::verb_for(req.method(), &path);
         let sub = subresource_for(&path);
-        match self.authorize(&user, &groups, verb, sub).await {
+        match self
+            .auth
+            .authorize(&user, verb, sub, &self.opts.node_name)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => {
+                let name = &user.name;
                 return text(
                     StatusCode::FORBIDDEN,
                     format!(
-                        "Forbidden (user={user}, verb={verb}, resource=nodes, subresource={sub})"
+                        "Forbidden (user={name}, verb={verb}, resource=nodes, subresource={sub})"
                     ),
-                )
+                );
             }
             Err(e) => {
                 return text(
@@ -569,6 +615,7 @@ impl Server {
         let sctx = || super::stream::StreamCtx {
             pods: self.pods.clone(),
             root_dir: self.opts.root_dir.clone(),
+            run_dir: self.opts.run_dir.clone(),
             shim: self.opts.shim.clone(),
         };
         let s = |x: &&str| (*x).to_string();
@@ -698,15 +745,6 @@ impl Server {
         }));
         Response::new(BodyExt::boxed(body))
     }
-}
-
-fn http_post(path: &str, body: &serde_json::Value) -> Option<http::Request<Vec<u8>>> {
-    http::Request::builder()
-        .method("POST")
-        .uri(path)
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(body).ok()?)
-        .ok()
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! `overlay` modules.
 
 pub mod admit;
+pub mod auth;
 pub mod facts;
 pub mod kubelet_api;
 pub mod node;
@@ -104,6 +105,25 @@ pub struct ClusterArgs {
     /// CA bundle for kubelet API client certificates (CN = user, O = groups).
     #[arg(long, value_name = "FILE")]
     pub client_ca_file: Option<PathBuf>,
+    /// kubelet API: how long a successful TokenReview is cached (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub authentication_token_webhook_cache_ttl: u64,
+    /// kubelet API: how long a failed TokenReview is cached (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub authentication_token_webhook_failure_cache_ttl: u64,
+    /// kubelet API: how long an allowed SubjectAccessReview is cached (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub authorization_webhook_cache_authorized_ttl: u64,
+    /// kubelet API: how long a denied SubjectAccessReview is cached (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub authorization_webhook_cache_unauthorized_ttl: u64,
+    /// kubelet API: TokenReviews of uncached tokens per second; beyond it (and its burst of
+    /// twice as many) requests with unknown tokens get 429.
+    #[arg(long, value_name = "PER_SECOND", default_value_t = 10.0)]
+    pub authentication_token_review_qps: f64,
+    /// kubelet API: connections served at once (more are closed on accept).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub kubelet_max_connections: usize,
     /// In-agent proxier (`--proxy-mode`): Prometheus metrics address, kube-proxy's
     /// `--metrics-bind-address` ("" disables).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
@@ -283,6 +303,28 @@ pub async fn run_async(
             client_ca: ctx.args.client_ca_file.clone(),
             root_dir: ctx.node.root_dir.clone(),
             shim: workers.as_ref().map(|w| w.shim.clone()),
+            run_dir: workers.as_ref().map(|w| w.run_dir.clone()),
+            auth: auth::AuthOptions {
+                authn_ttl: Duration::from_secs(ctx.args.authentication_token_webhook_cache_ttl),
+                authn_failure_ttl: Duration::from_secs(
+                    ctx.args.authentication_token_webhook_failure_cache_ttl,
+                ),
+                authz_allowed_ttl: Duration::from_secs(
+                    ctx.args.authorization_webhook_cache_authorized_ttl,
+                ),
+                authz_denied_ttl: Duration::from_secs(
+                    ctx.args.authorization_webhook_cache_unauthorized_ttl,
+                ),
+                review_rate: ctx.args.authentication_token_review_qps.max(0.1),
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                review_burst: (ctx.args.authentication_token_review_qps * 2.0).clamp(1.0, 10_000.0)
+                    as u32,
+                ..Default::default()
+            },
+            limits: kubelet_api::Limits {
+                max_connections: ctx.args.kubelet_max_connections,
+                ..Default::default()
+            },
         };
         kubelet_api::start(ctx.client.clone(), opts, ctx.pods.clone())
             .await

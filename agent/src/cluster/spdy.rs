@@ -1,8 +1,16 @@
 //! SPDY/3.1 streaming for the kubelet API (effectful sessions over pure framing): what
 //! `kubectl exec` (SPDY) and `kubectl port-forward` speak through the apiserver. Framing per the
-//! SPDY/3 draft: control frames (SYN_STREAM, SYN_REPLY, RST_STREAM, PING, GOAWAY; SETTINGS and
-//! WINDOW_UPDATE read and ignored, as the Go client does not enforce flow control either) and
-//! data frames; header blocks are one zlib stream per direction, the client's compressed with
+//! SPDY/3 draft: control frames (SYN_STREAM, SYN_REPLY, RST_STREAM, PING, GOAWAY, SETTINGS,
+//! WINDOW_UPDATE) and data frames. SPDY/3.1 flow control: every chunk of stdin or port-forward
+//! data is granted back to the peer with a WINDOW_UPDATE only once its consumer took it (so a
+//! slow process or pod socket back-pressures a client that honours windows), and our data
+//! honours the peer's per-stream windows once the peer has shown it manages them by sending a
+//! WINDOW_UPDATE (Go's spdystream, under kubectl and the apiserver, never does: holding it to
+//! 64 KiB would stall every session). Everything from the peer is bounded: frame lengths ([`MAX_CONTROL_FRAME`],
+//! [`MAX_DATA_FRAME`]), the inflated size of a header block ([`MAX_HEADER_BLOCK`]), streams
+//! per session ([`MAX_STREAMS`]); queues to the peer, to a process's stdin and to a forwarded
+//! connection are bounded channels, so a slow consumer stops the reading of the peer (TCP
+//! back-pressure) instead of growing memory; header blocks are one zlib stream per direction, the client's compressed with
 //! the SPDY/3 dictionary (inflated here with the dictionary preset in a wrapping window), ours
 //! without one. The remote-command protocol `v4.channel.k8s.io` has one stream per role
 //! (`streamType` error, stdin, stdout, stderr, resize); port-forward `portforward.k8s.io` pairs an
@@ -79,6 +87,20 @@ pub struct HeaderInflater {
 
 const WINDOW: usize = 32 * 1024;
 
+/// The most plain bytes one header block may inflate to (kubectl's are a few hundred; Go's
+/// net/http allows 1 MiB of headers per request, SPDY streams here carry a handful).
+pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// The longest control frame accepted (the compressed header block and its fields).
+pub const MAX_CONTROL_FRAME: usize = 128 * 1024;
+/// The longest data frame accepted (the peer's initial window is 64 KiB; Go's spdystream
+/// writes at most 32 KiB at a time).
+pub const MAX_DATA_FRAME: usize = 256 * 1024;
+/// Streams one session may open.
+pub const MAX_STREAMS: usize = 256;
+/// Frames queued to the writer of one session, and chunks queued to one stdin or
+/// port-forward connection, before the reader stops reading the peer (back-pressure).
+const QUEUE: usize = 64;
+
 impl Default for HeaderInflater {
     fn default() -> Self {
         let dict = dictionary();
@@ -94,7 +116,8 @@ impl Default for HeaderInflater {
 }
 
 impl HeaderInflater {
-    /// The plain bytes of the next compressed chunk.
+    /// The plain bytes of the next compressed chunk; an error when they would exceed
+    /// [`MAX_HEADER_BLOCK`] (a zlib bomb) or the stream is not zlib.
     pub fn inflate(&mut self, mut input: &[u8]) -> Result<Vec<u8>, String> {
         // The zlib header: CMF, FLG (FDICT set: 4 bytes of dictionary id follow).
         if self.header_left.is_none() {
@@ -118,6 +141,11 @@ impl HeaderInflater {
                 self.pos,
                 inflate_flags::TINFL_FLAG_HAS_MORE_INPUT,
             );
+            if out.len() + made > MAX_HEADER_BLOCK {
+                return Err(format!(
+                    "header block inflates past {MAX_HEADER_BLOCK} bytes"
+                ));
+            }
             out.extend_from_slice(&self.window[self.pos..self.pos + made]);
             self.pos = (self.pos + made) & (WINDOW - 1);
             input = &input[used..];
@@ -232,7 +260,19 @@ pub enum Frame {
     Ping(Vec<u8>),
     /// The peer is going away.
     GoAway,
-    /// Anything else (SETTINGS, WINDOW_UPDATE, HEADERS, NOOP...).
+    /// The peer consumed `delta` more bytes of stream `id` (SPDY/3.1: id 0 is the session).
+    WindowUpdate {
+        /// Stream id (0: the whole session).
+        id: u32,
+        /// Bytes the peer may now receive beyond the previous window.
+        delta: u32,
+    },
+    /// SETTINGS from the peer: its initial per-stream window when it sets one.
+    Settings {
+        /// SETTINGS_INITIAL_WINDOW_SIZE (id 7).
+        initial_window: Option<u32>,
+    },
+    /// Anything else (HEADERS, SYN_REPLY, NOOP...).
     Other,
 }
 
@@ -249,8 +289,15 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
     }
     let flags = h[4];
     let len = usize::from(h[5]) << 16 | usize::from(h[6]) << 8 | usize::from(h[7]);
-    if len > 16 << 20 {
-        return Err(std::io::Error::other("SPDY frame too large"));
+    let max = if h[0] & 0x80 != 0 {
+        MAX_CONTROL_FRAME
+    } else {
+        MAX_DATA_FRAME
+    };
+    if len > max {
+        return Err(std::io::Error::other(format!(
+            "SPDY frame of {len} bytes (at most {max})"
+        )));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
@@ -296,6 +343,26 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
             Frame::Ping(f)
         }
         7 => Frame::GoAway,
+        9 => {
+            let delta = body.get(4..8).ok_or_else(|| bad("short WINDOW_UPDATE"))?;
+            let delta = u32::from_be_bytes(delta.try_into().map_err(|_| bad("delta"))?);
+            Frame::WindowUpdate {
+                id: id()?,
+                delta: delta & 0x7fff_ffff,
+            }
+        }
+        4 => {
+            // Entries: flags (1), id (3), value (4).
+            let n = id()? as usize;
+            let entries = body.get(4..).unwrap_or_default();
+            let initial_window = entries
+                .chunks_exact(8)
+                .take(n)
+                .filter(|e| e[1..4] == [0, 0, 7])
+                .filter_map(|e| e[4..8].try_into().ok().map(u32::from_be_bytes))
+                .next_back();
+            Frame::Settings { initial_window }
+        }
         _ => Frame::Other,
     }))
 }
@@ -333,15 +400,157 @@ fn syn_reply(id: u32, def: &mut HeaderDeflater) -> Vec<u8> {
     control(2, 0, &body)
 }
 
+/// A WINDOW_UPDATE granting the peer `delta` more bytes on stream `id`.
+pub fn window_update(id: u32, delta: u32) -> Vec<u8> {
+    let mut body = (id & 0x7fff_ffff).to_be_bytes().to_vec();
+    body.extend_from_slice(&(delta & 0x7fff_ffff).to_be_bytes());
+    control(9, 0, &body)
+}
+
+/// The SPDY/3 initial per-stream window.
+pub const INITIAL_WINDOW: i64 = 64 * 1024;
+
+#[derive(Debug)]
+struct Windows {
+    /// The peer has sent a WINDOW_UPDATE: it does flow control, so its windows are honoured.
+    /// (Go's spdystream, which kubectl uses, neither sends nor reads WINDOW_UPDATE: windows
+    /// are kept but not waited on until a peer shows it manages them.)
+    enforced: bool,
+    initial: i64,
+    per_stream: HashMap<u32, i64>,
+    closed: bool,
+}
+
+/// The peer's receive windows for the data we send (SPDY/3.1 flow control, per stream).
+#[derive(Debug)]
+pub struct SendWindows {
+    state: std::sync::Mutex<Windows>,
+    changed: tokio::sync::Notify,
+}
+
+impl Default for SendWindows {
+    fn default() -> Self {
+        SendWindows {
+            state: std::sync::Mutex::new(Windows {
+                enforced: false,
+                initial: INITIAL_WINDOW,
+                per_stream: HashMap::new(),
+                closed: false,
+            }),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl SendWindows {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Windows> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A WINDOW_UPDATE from the peer (stream 0, the session window, is not tracked).
+    pub fn update(&self, id: u32, delta: u32) {
+        {
+            let mut st = self.lock();
+            st.enforced = true;
+            if id != 0 {
+                let init = st.initial;
+                let w = st.per_stream.entry(id).or_insert(init);
+                *w = w.saturating_add(i64::from(delta)).min(i64::from(i32::MAX));
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The peer's SETTINGS_INITIAL_WINDOW_SIZE: every window moves by the difference.
+    pub fn set_initial(&self, v: u32) {
+        {
+            let mut st = self.lock();
+            let d = i64::from(v) - st.initial;
+            st.initial = i64::from(v);
+            for w in st.per_stream.values_mut() {
+                *w += d;
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The session ended: nobody waits any more.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_waiters();
+    }
+
+    /// How many of `want` bytes may be sent on `id` now (at least 1), waiting while the
+    /// peer's window is spent; None once the session has ended.
+    pub async fn take(&self, id: u32, want: usize) -> Option<usize> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if st.closed {
+                    return None;
+                }
+                let (enforced, init) = (st.enforced, st.initial);
+                let w = st.per_stream.entry(id).or_insert(init);
+                let want64 = i64::try_from(want).unwrap_or(i64::MAX);
+                if !enforced {
+                    *w -= want64;
+                    return Some(want);
+                }
+                if *w > 0 {
+                    let n = want64.min(*w);
+                    *w -= n;
+                    return Some(usize::try_from(n).unwrap_or(0).max(1));
+                }
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Sends `data` on stream `id` in as many data frames as the peer's window allows.
+async fn send_data(tx: &Tx, fc: &SendWindows, id: u32, mut data: &[u8]) -> bool {
+    while !data.is_empty() {
+        let Some(n) = fc.take(id, data.len()).await else {
+            return false;
+        };
+        let n = n.min(data.len());
+        if tx.send(data_frame(id, false, &data[..n])).await.is_err() {
+            return false;
+        }
+        data = &data[n..];
+    }
+    true
+}
+
+/// Hands data of stream `id` to its consumer (a bounded queue: waits while it is full), then
+/// grants the peer as many bytes again, so the client's window follows what was consumed.
+async fn deliver<T>(tx: &Tx, to: &mpsc::Sender<T>, id: u32, item: T, len: usize) -> bool {
+    if to.send(item).await.is_err() {
+        return false;
+    }
+    if let Ok(d) = u32::try_from(len) {
+        if d > 0 {
+            let _ = tx.send(window_update(id, d)).await;
+        }
+    }
+    true
+}
+
 fn goaway(last: u32) -> Vec<u8> {
     let mut body = (last & 0x7fff_ffff).to_be_bytes().to_vec();
     body.extend_from_slice(&0u32.to_be_bytes());
     control(7, 0, &body)
 }
 
+/// Frames to the peer (bounded: a peer that does not read stalls our readers of it).
+type Tx = mpsc::Sender<Vec<u8>>;
+
 /// Writes whatever arrives; ends (shutting the write side) when every sender is gone.
-fn spawn_writer(mut w: tokio::io::WriteHalf<Io>) -> mpsc::UnboundedSender<Vec<u8>> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+fn spawn_writer(mut w: tokio::io::WriteHalf<Io>) -> Tx {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     tokio::spawn(async move {
         while let Some(f) = rx.recv().await {
             if w.write_all(&f).await.is_err() {
@@ -357,14 +566,15 @@ fn spawn_writer(mut w: tokio::io::WriteHalf<Io>) -> mpsc::UnboundedSender<Vec<u8
 fn pump(
     mut r: File,
     id: u32,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: Tx,
+    fc: std::sync::Arc<SendWindows>,
 ) -> tokio::sync::oneshot::Receiver<()> {
     let (done, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         use std::io::Read;
         let mut buf = vec![0u8; 32 * 1024];
         while let Ok(n) = r.read(&mut buf) {
-            if n == 0 || tx.send(data_frame(id, false, &buf[..n])).is_err() {
+            if n == 0 || !futures::executor::block_on(send_data(&tx, &fc, id, &buf[..n])) {
                 break;
             }
         }
@@ -381,6 +591,7 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     let tty = x.tty;
     let (mut r, w) = tokio::io::split(io);
     let tx = spawn_writer(w);
+    let fc = std::sync::Arc::new(SendWindows::default());
     let mut inf = HeaderInflater::default();
     let mut def = HeaderDeflater::default();
     let mut ids: HashMap<String, u32> = HashMap::new();
@@ -399,18 +610,25 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     }
     let mut last = 0;
     let got = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut syns = 0usize;
         while !needed.iter().all(|n| ids.contains_key(*n)) {
             match read_frame(&mut r, &mut inf).await {
+                Ok(Some(Frame::Syn { .. })) if syns >= 16 => return false,
                 Ok(Some(Frame::Syn { id, headers, .. })) => {
+                    syns += 1;
                     last = id;
-                    let _ = tx.send(syn_reply(id, &mut def));
+                    let _ = tx.send(syn_reply(id, &mut def)).await;
                     if let Some(t) = headers.get("streamtype") {
                         ids.insert(t.clone(), id);
                     }
                 }
                 Ok(Some(Frame::Ping(p))) => {
-                    let _ = tx.send(p);
+                    let _ = tx.send(p).await;
                 }
+                Ok(Some(Frame::WindowUpdate { id, delta })) => fc.update(id, delta),
+                Ok(Some(Frame::Settings {
+                    initial_window: Some(v),
+                })) => fc.set_initial(v),
                 Ok(Some(_)) => {}
                 _ => return false,
             }
@@ -420,15 +638,15 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     .await
     .unwrap_or(false);
     if !got {
-        let _ = tx.send(goaway(last));
+        let _ = tx.send(goaway(last)).await;
         return;
     }
     let err_id = ids.get("error").copied().unwrap_or(0);
     let started = tokio::task::spawn_blocking(move || client.exec_stream(x)).await;
     let mut es = match started {
         Ok(Ok(es)) => es,
-        Ok(Err(e)) => return finish(&tx, err_id, &[], Err(e.to_string())),
-        Err(e) => return finish(&tx, err_id, &[], Err(e.to_string())),
+        Ok(Err(e)) => return finish(&tx, err_id, &[], Err(e.to_string())).await,
+        Err(e) => return finish(&tx, err_id, &[], Err(e.to_string())).await,
     };
     let io = es.take_stdio();
     let mut outs = Vec::new();
@@ -439,7 +657,7 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     let err_out_id = ids.get("stderr").copied();
     if let Some(t) = io.tty {
         if let (Ok(rd), Some(id)) = (t.try_clone(), out_id) {
-            outs.push(pump(rd, id, tx.clone()));
+            outs.push(pump(rd, id, tx.clone(), fc.clone()));
             out_ids.push(id);
         } else if let Ok(rd) = t.try_clone() {
             // Nobody reads the terminal: drain it.
@@ -451,7 +669,7 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
         for (f, id) in [(io.stdout, out_id), (io.stderr, err_out_id)] {
             match (f, id) {
                 (Some(f), Some(id)) => {
-                    outs.push(pump(f, id, tx.clone()));
+                    outs.push(pump(f, id, tx.clone(), fc.clone()));
                     out_ids.push(id);
                 }
                 (Some(f), None) => {
@@ -462,10 +680,12 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
         }
         input = io.stdin;
     }
-    let (in_tx, in_rx) = std::sync::mpsc::channel::<Bytes>();
+    // stdin: bounded, so a process that does not read stalls the reader of the peer (and
+    // TCP then stalls the client) instead of queueing without end.
+    let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(QUEUE);
     if let Some(mut w) = input {
         std::thread::spawn(move || {
-            for chunk in in_rx {
+            while let Some(chunk) = in_rx.blocking_recv() {
                 if w.write_all(&chunk).is_err() {
                     break;
                 }
@@ -475,6 +695,7 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     let stdin_id = ids.get("stdin").copied();
     let resize_id = ids.get("resize").copied();
     let txr = tx.clone();
+    let fcr = fc.clone();
     let reader = tokio::spawn(async move {
         let mut in_tx = Some(in_tx);
         let mut pending = Vec::new();
@@ -484,7 +705,8 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
                     if Some(id) == stdin_id {
                         if let Some(t) = &in_tx {
                             if !data.is_empty() {
-                                let _ = t.send(data);
+                                let n = data.len();
+                                let _ = deliver(&txr, t, id, data, n).await;
                             }
                         }
                         if fin {
@@ -509,15 +731,21 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
                 }
                 Ok(Some(Frame::Rst(id))) if Some(id) == stdin_id => in_tx = None,
                 Ok(Some(Frame::Syn { id, .. })) => {
-                    let _ = txr.send(syn_reply(id, &mut def));
+                    let _ = txr.send(syn_reply(id, &mut def)).await;
                 }
                 Ok(Some(Frame::Ping(p))) => {
-                    let _ = txr.send(p);
+                    let _ = txr.send(p).await;
                 }
+                Ok(Some(Frame::WindowUpdate { id, delta })) => fcr.update(id, delta),
+                Ok(Some(Frame::Settings {
+                    initial_window: Some(v),
+                })) => fcr.set_initial(v),
                 Ok(Some(Frame::GoAway)) | Ok(None) | Err(_) => break,
                 Ok(Some(_)) => {}
             }
         }
+        // The client is gone: nothing waits for its windows any more.
+        fcr.close();
     });
     let code = tokio::task::spawn_blocking(move || es.wait())
         .await
@@ -525,7 +753,8 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     for o in outs {
         let _ = tokio::time::timeout(Duration::from_secs(1), o).await;
     }
-    finish(&tx, err_id, &out_ids, code);
+    finish(&tx, err_id, &out_ids, code).await;
+    fc.close();
     drop(tx);
     // The client closes the connection once it has the status.
     let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
@@ -543,6 +772,7 @@ pub async fn attach_session(
     let [want_stdin, want_stdout, want_stderr] = want;
     let (mut r, w) = tokio::io::split(io);
     let tx = spawn_writer(w);
+    let fc = std::sync::Arc::new(SendWindows::default());
     let mut inf = HeaderInflater::default();
     let mut def = HeaderDeflater::default();
     let mut ids: HashMap<String, u32> = HashMap::new();
@@ -557,17 +787,24 @@ pub async fn attach_session(
         }
     }
     let got = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut syns = 0usize;
         while !needed.iter().all(|n| ids.contains_key(*n)) {
             match read_frame(&mut r, &mut inf).await {
+                Ok(Some(Frame::Syn { .. })) if syns >= 16 => return false,
                 Ok(Some(Frame::Syn { id, headers, .. })) => {
-                    let _ = tx.send(syn_reply(id, &mut def));
+                    syns += 1;
+                    let _ = tx.send(syn_reply(id, &mut def)).await;
                     if let Some(t) = headers.get("streamtype") {
                         ids.insert(t.clone(), id);
                     }
                 }
                 Ok(Some(Frame::Ping(p))) => {
-                    let _ = tx.send(p);
+                    let _ = tx.send(p).await;
                 }
+                Ok(Some(Frame::WindowUpdate { id, delta })) => fc.update(id, delta),
+                Ok(Some(Frame::Settings {
+                    initial_window: Some(v),
+                })) => fc.set_initial(v),
                 Ok(Some(_)) => {}
                 _ => return false,
             }
@@ -588,10 +825,12 @@ pub async fn attach_session(
     } else {
         None
     };
-    let (in_tx, in_rx) = std::sync::mpsc::channel::<Bytes>();
+    // stdin: bounded, so a process that does not read stalls the reader of the peer (and
+    // TCP then stalls the client) instead of queueing without end.
+    let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(QUEUE);
     if let Some(mut w) = input {
         std::thread::spawn(move || {
-            for chunk in in_rx {
+            while let Some(chunk) = in_rx.blocking_recv() {
                 if w.write_all(&chunk).is_err() {
                     break;
                 }
@@ -600,6 +839,7 @@ pub async fn attach_session(
     }
     let stdin_id = ids.get("stdin").copied();
     let txr = tx.clone();
+    let fcr = fc.clone();
     let reader = tokio::spawn(async move {
         let mut in_tx = Some(in_tx);
         loop {
@@ -607,7 +847,8 @@ pub async fn attach_session(
                 Ok(Some(Frame::Data { id, fin, data })) if Some(id) == stdin_id => {
                     if let Some(t) = &in_tx {
                         if !data.is_empty() {
-                            let _ = t.send(data);
+                            let n = data.len();
+                            let _ = deliver(&txr, t, id, data, n).await;
                         }
                     }
                     if fin {
@@ -615,15 +856,21 @@ pub async fn attach_session(
                     }
                 }
                 Ok(Some(Frame::Syn { id, .. })) => {
-                    let _ = txr.send(syn_reply(id, &mut def));
+                    let _ = txr.send(syn_reply(id, &mut def)).await;
                 }
                 Ok(Some(Frame::Ping(p))) => {
-                    let _ = txr.send(p);
+                    let _ = txr.send(p).await;
                 }
+                Ok(Some(Frame::WindowUpdate { id, delta })) => fcr.update(id, delta),
+                Ok(Some(Frame::Settings {
+                    initial_window: Some(v),
+                })) => fcr.set_initial(v),
                 Ok(Some(Frame::GoAway)) | Ok(None) | Err(_) => break,
                 Ok(Some(_)) => {}
             }
         }
+        // The client is gone: nothing waits for its windows any more.
+        fcr.close();
     });
     let (out_id, err_id) = (ids.get("stdout").copied(), ids.get("stderr").copied());
     let mut log = super::stream::LogFollower::at_end(log_path);
@@ -635,7 +882,7 @@ pub async fn attach_session(
         tokio::time::sleep(Duration::from_millis(100)).await;
         for (c, m) in log.poll() {
             if let Some(id) = if c == 1 { out_id } else { err_id } {
-                let _ = tx.send(data_frame(id, false, &m));
+                let _ = send_data(&tx, &fc, id, &m).await;
             }
         }
         if last_check.elapsed() > Duration::from_millis(500) {
@@ -646,48 +893,60 @@ pub async fn attach_session(
         }
     }
     let outs: Vec<u32> = [out_id, err_id].into_iter().flatten().collect();
-    finish(&tx, ids.get("error").copied().unwrap_or(0), &outs, Ok(0));
+    finish(&tx, ids.get("error").copied().unwrap_or(0), &outs, Ok(0)).await;
+    fc.close();
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
 }
 
 /// Ends a remote-command session: FIN on the output streams, the status on the error stream.
-fn finish(
-    tx: &mpsc::UnboundedSender<Vec<u8>>,
-    err_id: u32,
-    outs: &[u32],
-    code: Result<i32, String>,
-) {
+async fn finish(tx: &Tx, err_id: u32, outs: &[u32], code: Result<i32, String>) {
     for &id in outs {
-        let _ = tx.send(data_frame(id, true, &[]));
+        let _ = tx.send(data_frame(id, true, &[])).await;
     }
     let st = super::stream::exit_status(code).to_string();
-    let _ = tx.send(data_frame(err_id, false, st.as_bytes()));
-    let _ = tx.send(data_frame(err_id, true, &[]));
+    let _ = tx.send(data_frame(err_id, false, st.as_bytes())).await;
+    let _ = tx.send(data_frame(err_id, true, &[])).await;
 }
 
 /// A connection being set up: (error stream, data stream, port).
 type Pair = (Option<u32>, Option<u32>, Option<u16>);
 
 /// A port-forward session over SPDY: every (error, data) stream pair with the same
-/// `requestID` is one connection to `127.0.0.1:<port>` in the pod's network namespace.
+/// `requestID` is one connection to `127.0.0.1:<port>` in the pod's network namespace. At
+/// most [`MAX_STREAMS`] streams per session; a protocol error (an oversized frame or header
+/// block, too many streams) ends the session with GOAWAY.
 pub async fn forward_session(io: Io, netns: File) {
     let (mut r, w) = tokio::io::split(io);
     let tx = spawn_writer(w);
+    let fc = std::sync::Arc::new(SendWindows::default());
     let mut inf = HeaderInflater::default();
     let mut def = HeaderDeflater::default();
     // requestID → (error stream, data stream, port)
     let mut pairs: HashMap<String, Pair> = HashMap::new();
     // data stream → writer to its connection (None: the client finished sending)
-    let mut conns: HashMap<u32, mpsc::UnboundedSender<Option<Bytes>>> = HashMap::new();
+    let mut conns: HashMap<u32, mpsc::Sender<Option<Bytes>>> = HashMap::new();
+    let (mut last, mut opened) = (0u32, 0usize);
     loop {
         let f = match read_frame(&mut r, &mut inf).await {
             Ok(Some(f)) => f,
-            _ => break,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "port-forward: SPDY protocol error");
+                let _ = tx.send(goaway(last)).await;
+                break;
+            }
         };
         match f {
             Frame::Syn { id, headers, .. } => {
-                let _ = tx.send(syn_reply(id, &mut def));
+                opened += 1;
+                if opened > MAX_STREAMS || pairs.len() >= MAX_STREAMS / 2 {
+                    tracing::debug!("port-forward: too many streams in one session");
+                    let _ = tx.send(goaway(last)).await;
+                    break;
+                }
+                last = id;
+                let _ = tx.send(syn_reply(id, &mut def)).await;
                 let req = headers
                     .get("requestid")
                     .cloned()
@@ -696,11 +955,16 @@ pub async fn forward_session(io: Io, netns: File) {
                     .get("port")
                     .and_then(|p| p.parse::<u16>().ok())
                     .filter(|&p| p > 0);
-                let e = pairs.entry(req.clone()).or_default();
-                match headers.get("streamtype").map(String::as_str) {
-                    Some("error") => e.0 = Some(id),
-                    Some("data") => e.1 = Some(id),
+                let kind = match headers.get("streamtype").map(String::as_str) {
+                    Some("error") => 0,
+                    Some("data") => 1,
                     _ => continue,
+                };
+                let e = pairs.entry(req.clone()).or_default();
+                if kind == 0 {
+                    e.0 = Some(id);
+                } else {
+                    e.1 = Some(id);
                 }
                 if e.2.is_none() {
                     e.2 = port;
@@ -708,51 +972,68 @@ pub async fn forward_session(io: Io, netns: File) {
                 if let (Some(eid), Some(did)) = (e.0, e.1) {
                     let port = e.2;
                     pairs.remove(&req);
-                    let (ctx, crx) = mpsc::unbounded_channel();
+                    let (ctx, crx) = mpsc::channel(QUEUE);
                     conns.insert(did, ctx);
                     let ns = netns.try_clone();
-                    tokio::spawn(forward_one(ns, port, eid, did, crx, tx.clone()));
+                    tokio::spawn(forward_one(
+                        ns,
+                        port,
+                        (eid, did),
+                        crx,
+                        tx.clone(),
+                        fc.clone(),
+                    ));
                 }
             }
             Frame::Data { id, fin, data } => {
                 if let Some(c) = conns.get(&id) {
+                    // Waits when the pod side is slow: the client is then not read either.
                     if !data.is_empty() {
-                        let _ = c.send(Some(data));
+                        let n = data.len();
+                        let _ = deliver(&tx, c, id, Some(data), n).await;
                     }
                     if fin {
-                        let _ = c.send(None);
+                        let _ = c.send(None).await;
                     }
                 }
             }
             Frame::Rst(id) => {
                 if let Some(c) = conns.remove(&id) {
-                    let _ = c.send(None);
+                    let _ = c.try_send(None);
                 }
             }
             Frame::Ping(p) => {
-                let _ = tx.send(p);
+                let _ = tx.send(p).await;
             }
+            Frame::WindowUpdate { id, delta } => fc.update(id, delta),
+            Frame::Settings {
+                initial_window: Some(v),
+            } => fc.set_initial(v),
             Frame::GoAway => break,
-            Frame::Other => {}
+            Frame::Settings { .. } | Frame::Other => {}
         }
     }
+    fc.close();
 }
 
 async fn forward_one(
     ns: std::io::Result<File>,
     port: Option<u16>,
-    eid: u32,
-    did: u32,
-    mut from_client: mpsc::UnboundedReceiver<Option<Bytes>>,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    (eid, did): (u32, u32),
+    mut from_client: mpsc::Receiver<Option<Bytes>>,
+    tx: Tx,
+    fc: std::sync::Arc<SendWindows>,
 ) {
     let fail = |msg: String| {
-        let _ = tx.send(data_frame(eid, false, msg.as_bytes()));
-        let _ = tx.send(data_frame(eid, true, &[]));
-        let _ = tx.send(data_frame(did, true, &[]));
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(data_frame(eid, false, msg.as_bytes())).await;
+            let _ = tx.send(data_frame(eid, true, &[])).await;
+            let _ = tx.send(data_frame(did, true, &[])).await;
+        }
     };
     let Some(port) = port else {
-        return fail("invalid or missing port header".into());
+        return fail("invalid or missing port header".into()).await;
     };
     let conn = tokio::task::spawn_blocking(move || {
         let s = super::stream::connect_in(&ns?, port)?;
@@ -764,7 +1045,7 @@ async fn forward_one(
     .and_then(|r| r);
     let s = match conn {
         Ok(s) => s,
-        Err(e) => return fail(format!("error forwarding port {port} to pod: {e}")),
+        Err(e) => return fail(format!("error forwarding port {port} to pod: {e}")).await,
     };
     let (mut rd, mut wr) = s.into_split();
     let up = tokio::spawn(async move {
@@ -785,14 +1066,14 @@ async fn forward_one(
         match rd.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if tx.send(data_frame(did, false, &buf[..n])).is_err() {
+                if !send_data(&tx, &fc, did, &buf[..n]).await {
                     break;
                 }
             }
         }
     }
-    let _ = tx.send(data_frame(did, true, &[]));
-    let _ = tx.send(data_frame(eid, true, &[]));
+    let _ = tx.send(data_frame(did, true, &[])).await;
+    let _ = tx.send(data_frame(eid, true, &[])).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), up).await;
 }
 
@@ -852,6 +1133,108 @@ mod tests {
         assert_eq!(h.get("port").map(String::as_str), Some("80"));
         assert_eq!(parse_headers(&b[..b.len() - 1]), None, "truncated");
         assert_eq!(parse_headers(&[0, 0, 0, 9]), None, "count beyond the data");
+    }
+
+    #[test]
+    fn header_bombs_are_refused() {
+        // One zlib stream (a peer may leave the dictionary unused) of 1 MiB of zeros.
+        let mut c = flate2::Compress::new(flate2::Compression::best(), true);
+        let plain = vec![0u8; 1 << 20];
+        let mut z = Vec::with_capacity(1 << 16);
+        c.compress_vec(&plain, &mut z, flate2::FlushCompress::Sync)
+            .expect("z");
+        assert!(z.len() < 8 * 1024, "{}", z.len());
+        let r = HeaderInflater::default().inflate(&z);
+        assert!(
+            matches!(&r, Err(e) if e.contains("inflates past")),
+            "a zlib bomb inflated: {:?}",
+            r.as_ref().map(Vec::len)
+        );
+    }
+
+    #[test]
+    fn frame_lengths_are_capped() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        // A data frame claiming 16 MiB - 1 bytes, and a control frame of 1 MiB.
+        for h in [
+            [0u8, 0, 0, 1, 0, 0xff, 0xff, 0xff],
+            [0x80, 3, 0, 1, 0, 0x10, 0, 0],
+        ] {
+            let mut inf = HeaderInflater::default();
+            let r = rt.block_on(read_frame(&mut &h[..], &mut inf));
+            let e = r.expect_err("too long");
+            assert!(e.to_string().contains("at most"), "{e}");
+        }
+    }
+
+    #[test]
+    fn window_updates_and_settings_are_read() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        let mut inf = HeaderInflater::default();
+        let f = window_update(5, 4096);
+        assert_eq!(f, [0x80, 3, 0, 9, 0, 0, 0, 8, 0, 0, 0, 5, 0, 0, 0x10, 0]);
+        let r = rt
+            .block_on(read_frame(&mut &f[..], &mut inf))
+            .expect("read");
+        assert_eq!(r, Some(Frame::WindowUpdate { id: 5, delta: 4096 }));
+        // SETTINGS: two entries, ROUND_TRIP_TIME (3) and INITIAL_WINDOW_SIZE (7).
+        let body = [
+            0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 9, 0, 0, 0, 7, 0, 0, 0x20, 0,
+        ];
+        let f = control(4, 0, &body);
+        let r = rt
+            .block_on(read_frame(&mut &f[..], &mut inf))
+            .expect("read");
+        assert_eq!(
+            r,
+            Some(Frame::Settings {
+                initial_window: Some(8192)
+            })
+        );
+        // A short WINDOW_UPDATE is an error, not a panic.
+        let f = control(9, 0, &[0, 0, 0, 1]);
+        assert!(rt.block_on(read_frame(&mut &f[..], &mut inf)).is_err());
+    }
+
+    #[test]
+    fn send_windows_wait_only_for_peers_that_update_them() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            // A peer that never sends WINDOW_UPDATE (Go's spdystream) is never waited on.
+            let fc = SendWindows::default();
+            assert_eq!(fc.take(1, 1 << 20).await, Some(1 << 20));
+            // Once a peer updates windows, they are honoured.
+            let fc = std::sync::Arc::new(SendWindows::default());
+            fc.update(3, 0);
+            assert_eq!(fc.take(3, 40_000).await, Some(40_000));
+            assert_eq!(fc.take(3, 40_000).await, Some(65_536 - 40_000));
+            let waiting = tokio::time::timeout(Duration::from_millis(50), fc.take(3, 10)).await;
+            assert!(waiting.is_err(), "the window is spent");
+            let fc2 = fc.clone();
+            let t = tokio::spawn(async move { fc2.take(3, 10_000).await });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            fc.update(3, 4_000);
+            assert_eq!(t.await.expect("join"), Some(4_000));
+            // A smaller initial window from SETTINGS applies to open streams.
+            fc.set_initial(1_000);
+            assert_eq!(fc.take(9, 5_000).await, Some(1_000));
+            let fc3 = fc.clone();
+            let t = tokio::spawn(async move { fc3.take(9, 1).await });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            fc.close();
+            assert_eq!(
+                t.await.expect("join"),
+                None,
+                "ended sessions release waiters"
+            );
+        });
     }
 
     #[test]

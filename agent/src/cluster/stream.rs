@@ -6,8 +6,10 @@
 //! `i` a data channel `2i` and an error channel `2i+1`, each opened by the port number as two
 //! bytes little endian). The exec runs through the shim's streaming exec (its stdio handed
 //! over as descriptors); attach follows the container's CRI log (output only); port-forward
-//! connects to `127.0.0.1:<port>` from a socket made in the pod's network namespace. SPDY
-//! upgrades of the same endpoints go to [`super::spdy`].
+//! connects to `127.0.0.1:<port>` from a socket made in the pod's network namespace, entered
+//! through the sandbox's bind-mounted namespace file (never a container pid, which could be
+//! recycled). Client messages are capped at [`MAX_WS_MESSAGE`] and stdin is a bounded queue.
+//! SPDY upgrades of the same endpoints go to [`super::spdy`].
 
 use super::kubelet_api::PodStore;
 use bytes::Bytes;
@@ -38,13 +40,32 @@ pub const EXEC_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"]
 /// The port-forward subprotocols served ("" = none offered; both are the binary form).
 pub const PORT_FORWARD_PROTOCOLS: [&str; 2] = ["v4.channel.k8s.io", ""];
 
+/// Chunks queued to a process's stdin before the reader of the client waits (back-pressure).
+const STDIN_QUEUE: usize = 64;
+/// The largest WebSocket message and frame accepted from a client (client-go sends stdin
+/// and port-forward data in 32 KiB chunks).
+pub const MAX_WS_MESSAGE: usize = 1 << 20;
+
+/// WebSocket limits for the streaming endpoints.
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+        max_message_size: Some(MAX_WS_MESSAGE),
+        max_frame_size: Some(MAX_WS_MESSAGE),
+        max_write_buffer_size: 4 << 20,
+        ..Default::default()
+    }
+}
+
 /// What the streaming handlers need from the API server.
 #[derive(Clone)]
 pub struct StreamCtx {
     /// Pods bound to the node.
     pub pods: PodStore,
-    /// Agent state root (container metadata under `pods/<uid>/containers`).
+    /// Agent state root (container metadata under `pods/<uid>/containers`, the sandbox
+    /// record in `pods/<uid>/sandbox.json`).
     pub root_dir: PathBuf,
+    /// The pod workers' run dir (sandbox namespaces under `sandboxes/<id>`).
+    pub run_dir: Option<PathBuf>,
     /// The shim runtime (None: no pod workers run here; the endpoints answer 503).
     pub shim: Option<ShimRuntime>,
 }
@@ -239,7 +260,6 @@ fn accept_spdy(
 /// A container resolved for a streaming request.
 struct Target {
     client: ShimClient,
-    pid: i32,
     log_path: PathBuf,
 }
 
@@ -296,7 +316,6 @@ fn find(
     match client.state() {
         Ok(st) if st.status == Status::Running => Ok(Target {
             client,
-            pid: st.pid,
             log_path: meta.log_path,
         }),
         Ok(_) => Err((
@@ -307,44 +326,73 @@ fn find(
     }
 }
 
-/// A running process of a pod for its network namespace: any running container (blocking).
+/// Whether a sandbox id is one the agent makes (`<uid chars>-s<attempt>`): a plain name, so
+/// it cannot leave `<run-dir>/sandboxes`.
+pub fn valid_sandbox_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The pod's network namespace: the sandbox's bind-mounted `net` file (blocking). Named by the
+/// sandbox, never by a container pid, which could be recycled into another namespace.
 fn pod_netns(ctx: &StreamCtx, ns: &str, pod: &str) -> Result<File, (StatusCode, String)> {
-    let names: Vec<String> = ctx
-        .pods
-        .read()
-        .ok()
-        .and_then(|p| {
-            p.values()
-                .find(|p| {
-                    p.metadata.namespace.as_deref() == Some(ns)
-                        && p.metadata.name.as_deref() == Some(pod)
-                })
-                .and_then(|p| p.spec.as_ref())
-                .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
-        })
-        .unwrap_or_default();
-    if names.is_empty() {
+    let Some(run_dir) = &ctx.run_dir else {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node runs no pod workers".into(),
+        ));
+    };
+    let uid = ctx.pods.read().ok().and_then(|p| {
+        p.values()
+            .find(|p| {
+                p.metadata.namespace.as_deref() == Some(ns)
+                    && p.metadata.name.as_deref() == Some(pod)
+            })
+            .map(|p| super::kubelet_api::runtime_uid(p).unwrap_or_default())
+    });
+    let Some(uid) = uid.filter(|u| valid_sandbox_id(u)) else {
         return Err((StatusCode::NOT_FOUND, format!("pod {ns}/{pod} not found")));
+    };
+    let no_sandbox = || {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("pod {ns}/{pod} has no running sandbox"),
+        )
+    };
+    let rec: serde_json::Value =
+        std::fs::read(ctx.root_dir.join("pods").join(&uid).join("sandbox.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(no_sandbox)?;
+    let id = rec["id"]
+        .as_str()
+        .filter(|i| valid_sandbox_id(i))
+        .ok_or_else(no_sandbox)?;
+    let paths = crate::sandbox::SandboxPaths::new(run_dir, id);
+    if !paths.exists() {
+        return Err(no_sandbox());
     }
-    let mut last = (
-        StatusCode::BAD_REQUEST,
-        format!("pod {ns}/{pod} has no running container"),
-    );
-    for n in names {
-        match find(ctx, ns, pod, &n) {
-            Ok(t) => {
-                return File::open(format!("/proc/{}/ns/net", t.pid)).map_err(|e| {
-                    (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("network namespace of pod {ns}/{pod}: {e}"),
-                    )
-                })
-            }
-            Err(e) if e.0 != StatusCode::BAD_REQUEST => last = e,
-            Err(_) => {}
-        }
+    let f = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(paths.net())
     }
-    Err(last)
+    .map_err(|e| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("network namespace of pod {ns}/{pod}: {e}"),
+        )
+    })?;
+    // Only a namespace file (nsfs) is entered.
+    match nix::sys::statfs::fstatfs(&f) {
+        Ok(s) if s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC => Ok(f),
+        _ => Err(no_sandbox()),
+    }
 }
 
 /// What goes to the WebSocket writer.
@@ -511,7 +559,9 @@ pub async fn exec_or_attach(
     let v5 = proto == EXEC_PROTOCOLS[0];
     tokio::spawn(async move {
         let Ok(up) = on.await else { return };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, None).await;
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(ws_config()))
+                .await;
         if attach {
             attach_session(ws, v5, target, stdin, stdout, stderr).await;
         } else {
@@ -566,10 +616,10 @@ async fn exec_session(
         input = io.stdin;
     }
     // stdin: a thread owns the write end; dropping its sender closes it (EOF).
-    let (in_tx, in_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(STDIN_QUEUE);
     if let Some(mut w) = input {
         std::thread::spawn(move || {
-            for chunk in in_rx {
+            while let Some(chunk) = in_rx.blocking_recv() {
                 if w.write_all(&chunk).is_err() {
                     break;
                 }
@@ -587,7 +637,7 @@ async fn exec_session(
             match (data.first(), data.get(1)) {
                 (Some(0), _) => {
                     if let Some(t) = &in_tx {
-                        let _ = t.send(data[1..].to_vec());
+                        let _ = t.send(data[1..].to_vec()).await;
                     }
                 }
                 (Some(4), _) => {
@@ -655,10 +705,10 @@ async fn attach_session(
     } else {
         None
     };
-    let (in_tx, in_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(STDIN_QUEUE);
     if let Some(mut w) = input {
         std::thread::spawn(move || {
-            for chunk in in_rx {
+            while let Some(chunk) = in_rx.blocking_recv() {
                 if w.write_all(&chunk).is_err() {
                     break;
                 }
@@ -676,7 +726,7 @@ async fn attach_session(
             match (data.first(), data.get(1)) {
                 (Some(0), _) => {
                     if let Some(t) = &in_tx {
-                        let _ = t.send(data[1..].to_vec());
+                        let _ = t.send(data[1..].to_vec()).await;
                     }
                 }
                 (Some(255), Some(0)) if v5 => in_tx = None,
@@ -829,7 +879,9 @@ pub async fn port_forward(
     };
     tokio::spawn(async move {
         let Ok(up) = on.await else { return };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, None).await;
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(ws_config()))
+                .await;
         forward_session(ws, netns, ports).await;
     });
     resp

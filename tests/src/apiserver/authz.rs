@@ -8,12 +8,16 @@ use std::collections::BTreeMap;
 use super::Key;
 
 /// An authenticated user.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct User {
     /// User name (`system:node:n1`, `system:serviceaccount:ns:sa`, `alice`).
     pub name: String,
     /// Groups (`system:nodes`, `system:masters`, `system:authenticated`).
     pub groups: Vec<String>,
+    /// UID as TokenReview reports it ("" for none).
+    pub uid: String,
+    /// Extra attributes as TokenReview reports them.
+    pub extra: BTreeMap<String, Vec<String>>,
 }
 
 impl User {
@@ -22,6 +26,7 @@ impl User {
         User {
             name: format!("system:node:{node}"),
             groups: vec!["system:nodes".into(), "system:authenticated".into()],
+            ..Default::default()
         }
     }
     /// A cluster administrator (`system:masters`).
@@ -29,6 +34,7 @@ impl User {
         User {
             name: "admin".into(),
             groups: vec!["system:masters".into(), "system:authenticated".into()],
+            ..Default::default()
         }
     }
     /// An ordinary user with no groups beyond `system:authenticated`.
@@ -36,7 +42,16 @@ impl User {
         User {
             name: name.into(),
             groups: vec!["system:authenticated".into()],
+            ..Default::default()
         }
+    }
+    /// The same user with a UID and one extra attribute (what a webhook token authenticator
+    /// or a bound service-account token reports).
+    pub fn with_identity(mut self, uid: &str, extra_key: &str, extra_value: &str) -> Self {
+        self.uid = uid.into();
+        self.extra
+            .insert(extra_key.into(), vec![extra_value.to_string()]);
+        self
     }
     /// The node name when this is a node identity.
     pub fn node_name(&self) -> Option<&str> {

@@ -548,9 +548,10 @@ fn list(
 }
 
 fn review(shared: &Arc<Shared>, resource: &str, body: &Value) -> Response<Body> {
-    let st = shared.lock();
+    let mut st = shared.lock();
     let mut out = body.clone();
     if resource == "tokenreviews" {
+        st.token_reviews += 1;
         let tok = body["spec"]["token"].as_str().unwrap_or("");
         let user = st.tokens.get(tok).cloned().or_else(|| {
             st.issued
@@ -559,25 +560,72 @@ fn review(shared: &Arc<Shared>, resource: &str, body: &Value) -> Response<Body> 
                 .map(|i| i.user.clone())
         });
         out["status"] = match user {
-            Some(u) => json!({"authenticated": true,
-                              "user": {"username": u.name, "groups": u.groups},
-                              "audiences": body["spec"]["audiences"]}),
+            Some(u) => {
+                let mut user = json!({"username": u.name, "groups": u.groups});
+                if !u.uid.is_empty() {
+                    user["uid"] = json!(u.uid);
+                }
+                if !u.extra.is_empty() {
+                    user["extra"] = json!(u.extra);
+                }
+                json!({"authenticated": true, "user": user, "audiences": body["spec"]["audiences"]})
+            }
             None => json!({"authenticated": false, "error": "invalid bearer token"}),
         };
     } else {
         let spec = &body["spec"];
-        let user = User {
-            name: spec["user"].as_str().unwrap_or("").into(),
-            groups: spec["groups"]
-                .as_array()
+        st.access_reviews.push(spec.clone());
+        // Validation as the apiserver does it (422), then the fixture's own check that a
+        // reviewer passes on the whole identity TokenReview gave it (400).
+        let ra = &spec["resourceAttributes"];
+        let nra = &spec["nonResourceAttributes"];
+        let no_user = spec["user"].as_str().unwrap_or("").is_empty()
+            && spec["groups"].as_array().is_none_or(|g| g.is_empty());
+        if no_user {
+            return err(&ApiError::new(
+                422,
+                "Invalid",
+                "spec.user: Invalid value: \"\": at least one of user or group must be specified",
+            ));
+        }
+        if ra.is_object() == nra.is_object() {
+            return err(&ApiError::new(
+                422,
+                "Invalid",
+                "spec.resourceAttributes: Invalid value: exactly one of nonResourceAttributes or resourceAttributes must be specified",
+            ));
+        }
+        let strs = |v: &Value| -> Vec<String> {
+            v.as_array()
                 .map(|g| {
                     g.iter()
                         .filter_map(|x| x.as_str().map(String::from))
                         .collect()
                 })
+                .unwrap_or_default()
+        };
+        let user = User {
+            name: spec["user"].as_str().unwrap_or("").into(),
+            groups: strs(&spec["groups"]),
+            uid: spec["uid"].as_str().unwrap_or("").into(),
+            extra: spec["extra"]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), strs(v))).collect())
                 .unwrap_or_default(),
         };
-        let ra = &spec["resourceAttributes"];
+        let known = st
+            .tokens
+            .values()
+            .find(|u| u.name == user.name && !u.uid.is_empty())
+            .cloned();
+        if let Some(k) = known {
+            if k.uid != user.uid || k.groups != user.groups || k.extra != user.extra {
+                return err(&ApiError::bad_request(format!(
+                    "SubjectAccessReview for {} does not carry the identity TokenReview gave (uid/groups/extra)",
+                    user.name
+                )));
+            }
+        }
         let s = |v: &Value| v.as_str().unwrap_or("").to_string();
         let a = Attrs {
             verb: s(&ra["verb"]),
@@ -684,6 +732,7 @@ fn token_request(
                     format!("system:serviceaccounts:{ns}"),
                     "system:authenticated".into(),
                 ],
+                ..Default::default()
             },
             expires,
             audiences,

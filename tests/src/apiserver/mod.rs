@@ -297,6 +297,10 @@ pub(crate) struct State {
     issued: HashMap<String, IssuedToken>,
     rules: Vec<Rule>,
     requests: Vec<RequestRecord>,
+    /// TokenReviews served.
+    pub(crate) token_reviews: u64,
+    /// The specs of the SubjectAccessReviews received, in order.
+    pub(crate) access_reviews: Vec<Value>,
     bookmark_interval: Duration,
     /// Requests answered with 500 before they are served (error injection).
     fail_next: usize,
@@ -871,6 +875,8 @@ impl ApiServer {
                 issued: HashMap::new(),
                 rules: Vec::new(),
                 requests: Vec::new(),
+                token_reviews: 0,
+                access_reviews: Vec::new(),
                 bookmark_interval: Duration::from_secs(60),
                 fail_next: 0,
                 sa_admission: false,
@@ -942,6 +948,16 @@ impl ApiServer {
     /// Registers a bearer token for a user.
     pub fn add_token(&self, token: &str, user: User) {
         self.shared.lock().tokens.insert(token.into(), user);
+    }
+
+    /// How many TokenReviews were served.
+    pub fn token_reviews(&self) -> u64 {
+        self.shared.lock().token_reviews
+    }
+
+    /// The specs of the SubjectAccessReviews received (valid or not), in order.
+    pub fn access_reviews(&self) -> Vec<Value> {
+        self.shared.lock().access_reviews.clone()
     }
 
     /// Registers and returns a token for `system:node:<node>` (group `system:nodes`).

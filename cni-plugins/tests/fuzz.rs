@@ -1,6 +1,7 @@
 //! Fuzz targets for hako-cni's parsers: the stdin network configuration (with its IPAM
 //! ranges, routes and prevResult) with the node subnet file, a chain's prevResult, and the
-//! rtnetlink replies the plugin and the overlay library read.
+//! rtnetlink replies the plugin and the overlay library read, and the overlay's peer list
+//! (from Node objects) and its plan.
 //!
 //! `fuzz_*` targets are `#[ignore]`d and run for `HAKO_FUZZ_SECONDS` (scripts/fuzz);
 //! `quick_*` run a few deterministic inputs in the unit lane. See tests/fuzz/harness.rs.
@@ -16,6 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use hako_cni::config::{self, NetConf, RangeConf};
 use hako_cni::ipam::Range;
 use hako_cni::netlink;
+use hako_cni::overlay::{desired, plan, Op, Peer, State};
 use hako_cni::version::{CniResult, Interface, IpConfig, Route};
 use harness::{apply, fuzz, quick, raw, text, Edit};
 use ipnet::IpNet;
@@ -618,4 +620,98 @@ fn fuzz_cni_netlink() {
 #[test]
 fn quick_cni_netlink() {
     quick(QUICK, netlink_input(), check_netlink);
+}
+
+// ---- overlay peers ---------------------------------------------------------------------
+
+/// A peer as the agent writes it from a Node (address, pod CIDR and VTEP MAC annotation).
+fn peer_json() -> impl Strategy<Value = Value> {
+    let mac = prop_oneof![
+        3 => any::<[u8; 6]>().prop_map(|m| netlink::fmt_mac(&m)),
+        1 => proptest::sample::select(vec![
+            "00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff", "+a:bb:cc:dd:ee:ff", "aa:bb:cc:dd:ee",
+            "aa:bb:cc:dd:ee:ff:00", "aa-bb-cc-dd-ee-ff", "",
+        ])
+        .prop_map(str::to_string),
+        1 => text(),
+    ];
+    (ip_text(), net_text(), mac).prop_flat_map(|(ip, cidr, mac)| {
+        json::shaped(vec![
+            ("nodeIP", json!(ip)),
+            ("podCIDR", json!(cidr)),
+            ("vtepMAC", json!(mac)),
+        ])
+    })
+}
+
+/// The state `ops` leave `s` in.
+fn applied(mut s: State, ops: &[Op]) -> State {
+    for op in ops {
+        match op {
+            Op::FdbSet(m, ip) => {
+                s.fdb.insert((*m, *ip));
+            }
+            Op::FdbDel(m, ip) => {
+                s.fdb.remove(&(*m, *ip));
+            }
+            Op::NeighSet(ip, m) => {
+                s.neigh.insert(*ip, *m);
+            }
+            Op::NeighDel(ip) => {
+                s.neigh.remove(ip);
+            }
+            Op::RouteSet(d, gw) => {
+                s.routes.insert(*d, *gw);
+            }
+            Op::RouteDel(d, _) => {
+                s.routes.remove(d);
+            }
+        }
+    }
+    s
+}
+
+fn check_overlay((now, before, ed): &(Vec<Value>, Vec<Value>, Vec<Edit>)) -> Result<(), String> {
+    let text = apply(Value::Array(now.clone()).to_string().into_bytes(), ed);
+    let Ok(peers) = serde_json::from_slice::<Vec<Peer>>(&text) else {
+        return Ok(());
+    };
+    let old: Vec<Peer> = serde_json::from_value(Value::Array(before.clone())).unwrap_or_default();
+    let local = peers.first().map(|p| p.node_ip);
+    let (Ok(want), Ok(current)) = (desired(&peers, local), desired(&old, None)) else {
+        return Ok(());
+    };
+    let (ops, _) = plan(&current, &want);
+    let got = applied(current, &ops);
+    if got != want {
+        return Err(format!("plan leaves {got:?}, want {want:?}"));
+    }
+    if !plan(&want, &want).0.is_empty() {
+        return Err("a state plans changes to itself".into());
+    }
+    // Peers read back from what the agent writes.
+    let back: Result<Vec<Peer>, _> = serde_json::to_value(&peers).and_then(serde_json::from_value);
+    if back.as_ref().ok() != Some(&peers) {
+        return Err(format!("peers read back as {back:?}"));
+    }
+    Ok(())
+}
+
+fn overlay_input() -> impl Strategy<Value = (Vec<Value>, Vec<Value>, Vec<Edit>)> {
+    (
+        proptest::collection::vec(peer_json(), 0..5),
+        proptest::collection::vec(peer_json(), 0..5),
+        edits(4),
+    )
+}
+
+#[test]
+#[ignore = "fuzz target: scripts/fuzz"]
+fn fuzz_cni_overlay_peers() {
+    fuzz("fuzz_cni_overlay_peers", overlay_input(), check_overlay);
+}
+
+#[test]
+fn quick_cni_overlay_peers() {
+    quick(QUICK, overlay_input(), check_overlay);
 }

@@ -107,7 +107,8 @@ impl Range {
     pub fn next_free(&self, last: Option<IpAddr>, used: &HashSet<IpAddr>) -> Option<IpAddr> {
         let v4 = self.start.is_ipv4();
         let (s, e) = (to_u128(self.start), to_u128(self.end));
-        let size = e - s + 1;
+        // A whole IPv6 space (`::/0` from `::`) has 2^128 addresses: one more than a u128.
+        let size = e.checked_sub(s)?.saturating_add(1);
         let mut cur = match last.map(to_u128) {
             Some(l) if l >= s && l < e => l + 1,
             _ => s,

@@ -194,6 +194,17 @@ pub fn addr_net(m: &AddressMessage) -> Option<IpNet> {
     IpNet::new(ip, m.header.prefix_len).ok()
 }
 
+/// Decodes the message at the start of `bytes` (a reply datagram may hold several).
+/// netlink-packet-route 0.19 panics on some malformed attributes instead of failing (an
+/// IFLA_STATS shorter than its struct, as older kernels send: rust-netlink/
+/// netlink-packet-route#143): such a message is a decode error here, not a crash of the
+/// plugin or of the agent's overlay controller.
+pub fn decode_message(bytes: &[u8]) -> Result<NetlinkMessage<RouteNetlinkMessage>, String> {
+    std::panic::catch_unwind(|| NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes))
+        .map_err(|_| "malformed message (the decoder panicked)".to_string())?
+        .map_err(|e| e.to_string())
+}
+
 impl Netlink {
     /// Opens a socket in the calling thread's network namespace.
     pub fn open() -> Result<Self, NlError> {
@@ -226,7 +237,7 @@ impl Netlink {
             let (bytes, _) = self.sock.recv_from_full().map_err(NlError::Socket)?;
             let mut off = 0usize;
             while off < bytes.len() {
-                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes[off..])
+                let m = decode_message(&bytes[off..])
                     .map_err(|e| NlError::Decode(format!("{op}: {e}")))?;
                 let len = m.header.length as usize;
                 if len == 0 {

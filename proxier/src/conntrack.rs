@@ -222,8 +222,9 @@ pub fn parse_entry(body: &[u8]) -> Option<Entry> {
     (!e.orig_attr.is_empty()).then_some(e)
 }
 
-/// Splits a datagram into netlink messages: (type, body after nlmsghdr).
-fn messages(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+/// Splits a datagram into netlink messages: (type, body after nlmsghdr). A message whose
+/// length does not fit ends the split.
+pub fn messages(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     let mut out = Vec::new();
     while b.len() >= 16 {
         let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;

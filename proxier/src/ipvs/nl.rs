@@ -245,9 +245,10 @@ pub fn get_str(v: &[u8]) -> String {
     String::from_utf8_lossy(&v[..end]).into_owned()
 }
 
-/// The errno of an NLMSG_ERROR payload (0 = ack).
+/// The errno of an NLMSG_ERROR payload (0 = ack). A code of i32::MIN, which no errno
+/// negates to, reads as i32::MAX: still an error.
 pub fn error_code(payload: &[u8]) -> Option<i32> {
-    Some(-i32::from_ne_bytes(payload.get(..4)?.try_into().ok()?))
+    Some(i32::from_ne_bytes(payload.get(..4)?.try_into().ok()?).saturating_neg())
 }
 
 /// A netlink socket of one protocol in the calling thread's network namespace.

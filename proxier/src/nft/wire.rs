@@ -959,7 +959,9 @@ fn sys(op: &'static str) -> impl Fn(nix::Error) -> NetlinkError {
     move |source| NetlinkError::Sys { op, source }
 }
 
-fn messages(buf: &[u8]) -> Vec<(u16, u32, &[u8])> {
+/// Splits a datagram of the kernel's replies into (type, sequence number, payload after
+/// nlmsghdr); a message whose length does not fit ends the split.
+pub fn messages(buf: &[u8]) -> Vec<(u16, u32, &[u8])> {
     let mut out = Vec::new();
     let mut off = 0;
     while off + 16 <= buf.len() {
@@ -975,8 +977,12 @@ fn messages(buf: &[u8]) -> Vec<(u16, u32, &[u8])> {
     out
 }
 
-fn errno_text(code: i32) -> String {
-    nix::errno::Errno::from_raw(-code).desc().to_string()
+/// The text of an NLMSG_ERROR code (a negated errno; i32::MIN, which negates to no errno,
+/// reads as an unknown one).
+pub fn errno_text(code: i32) -> String {
+    nix::errno::Errno::from_raw(code.saturating_neg())
+        .desc()
+        .to_string()
 }
 
 impl Socket {

@@ -433,14 +433,15 @@ spec:
     env.stop();
     env.remove_manifest("p.yaml");
     env.start();
-    env.wait_for("the orphaned pod's subPath mount removed", T, |e| {
-        (subpath_mounts(e).is_empty() && e.record("gone").is_none()).then_some(())
-    });
-    // The volume's contents are untouched; the pod directory is gone.
+    // The subPath mount goes, then the pod directory (only once nothing is mounted in it).
+    env.wait_for(
+        "the orphaned pod's subPath mount and directory removed",
+        T,
+        |e| (subpath_mounts(e).is_empty() && ls(&e.root.join("pods")).is_empty()).then_some(()),
+    );
+    // The volume's contents are untouched.
     assert_eq!(
         std::fs::read_to_string(shared.join("a/b/file")).unwrap(),
         "hi\n"
     );
-    let pods: Vec<String> = ls(&env.root.join("pods"));
-    assert!(pods.is_empty(), "pod dirs left: {pods:?}");
 }

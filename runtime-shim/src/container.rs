@@ -2,22 +2,29 @@
 //! pid/mnt/uts/ipc namespaces (or the pod's), overlayfs rootfs, standard mounts, pivot_root,
 //! masked paths, hostname, user, capabilities, rlimits, oom_score_adj, cgroup; then wait for
 //! `start` and exec. Effectful: every syscall is a small wrapper here.
+//!
+//! The rootfs comes from an image and may hold hostile symlinks, and a destination may lie in
+//! a volume another container is changing: every mount destination is resolved inside the
+//! rootfs descriptor ([`Resolve::InRoot`], runc's semantics), missing entries are made with
+//! *at calls on the parent's descriptor, and mounts go onto `/proc/self/fd/N` of the opened
+//! destination, never onto a joined path.
 #![allow(unsafe_code)]
 
+use crate::saferoot::{fd_path, Resolve, Root};
 use crate::spec::{ContainerSpec, Mount, Rootfs};
 use crate::users;
 use caps::{CapSet, Capability};
 use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
-use nix::sys::stat::{mknod, Mode, SFlag};
+use nix::sys::stat::{Mode, SFlag};
 use nix::unistd::{self, ForkResult, Gid, Pid, Uid};
 use std::collections::HashSet;
-use std::ffi::CString;
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Default `PATH` when the spec's env has none.
@@ -271,49 +278,6 @@ fn mnt(
     })
 }
 
-fn inside(root: &Path, p: &str) -> PathBuf {
-    secure_join(root, p)
-}
-
-/// Resolve `path` inside `root` as if `root` were `/`: symlinks in the rootfs (absolute or
-/// relative, `..` included) never lead outside it. Components that do not exist are kept
-/// literally (they will be created). Like runc's filepath-securejoin.
-pub fn secure_join(root: &Path, path: &str) -> PathBuf {
-    let mut pending: Vec<String> = path
-        .split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .map(str::to_string)
-        .rev()
-        .collect();
-    let mut cur: Vec<String> = Vec::new();
-    let mut links = 0;
-    while let Some(c) = pending.pop() {
-        if c == ".." {
-            cur.pop();
-            continue;
-        }
-        let candidate = cur
-            .iter()
-            .fold(root.to_path_buf(), |p, c| p.join(c))
-            .join(&c);
-        match fs::symlink_metadata(&candidate) {
-            Ok(m) if m.file_type().is_symlink() && links < 40 => {
-                links += 1;
-                let target = fs::read_link(&candidate).unwrap_or_default();
-                let t = target.to_string_lossy();
-                if t.starts_with('/') {
-                    cur.clear();
-                }
-                for part in t.split('/').filter(|x| !x.is_empty() && *x != ".").rev() {
-                    pending.push(part.to_string());
-                }
-            }
-            _ => cur.push(c),
-        }
-    }
-    cur.iter().fold(root.to_path_buf(), |p, c| p.join(c))
-}
-
 fn child(
     plan: &InitPlan,
     out_w: File,
@@ -404,10 +368,13 @@ fn child(
         }
         Rootfs::None => return Err("no rootfs".into()),
     }
-    standard_mounts(root, spec.privileged)?;
+    // Every destination below is resolved inside the rootfs through this descriptor.
+    let rootfs = Root::open(root).map_err(|e| e.to_string())?;
+    standard_mounts(&rootfs, spec.privileged)?;
     for m in &spec.mounts {
-        volume(root, m)?;
+        volume(&rootfs, m)?;
     }
+    drop(rootfs);
     if let Some(h) = &spec.hostname {
         unistd::sethostname(h).map_err(ctx(|| format!("sethostname {h}")))?;
     }
@@ -594,50 +561,223 @@ fn rlimit_resource(name: &str) -> Option<nix::sys::resource::Resource> {
     })
 }
 
-fn mkdir(p: &Path) -> Result<(), String> {
-    fs::create_dir_all(p).map_err(ctx(|| format!("mkdir {}", p.display())))
+/// Whether a mount destination is a directory or a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DestKind {
+    Dir,
+    File,
 }
 
-fn standard_mounts(root: &Path, privileged: bool) -> Result<(), String> {
+/// A mount destination inside the rootfs, resolved with [`Resolve::InRoot`] (symlinks in the
+/// image resolve as if the rootfs were `/`, like runc's securejoin) and created with *at calls
+/// on the parent's descriptor: the parent directory, the entry's name in it and the entry
+/// itself (`O_PATH|O_NOFOLLOW`). Mounts go onto `/proc/self/fd/N` of `fd`, never onto a
+/// joined path, so a symlink swapped in afterwards (say by another container sharing the
+/// volume the destination lies in) redirects nothing.
+struct Dest {
+    parent: OwnedFd,
+    name: OsString,
+    fd: OwnedFd,
+    /// The destination as given, for messages.
+    path: String,
+}
+
+fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: `fd` was just returned by a successful open and is owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn open_path_nofollow(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd, nix::Error> {
+    nix::fcntl::openat(
+        Some(dir.as_raw_fd()),
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(owned)
+}
+
+fn file_type(fd: BorrowedFd<'_>) -> Result<SFlag, nix::Error> {
+    let st = nix::sys::stat::fstat(fd.as_raw_fd())?;
+    Ok(SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT)
+}
+
+fn same_inode(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<bool, nix::Error> {
+    let (x, y) = (
+        nix::sys::stat::fstat(a.as_raw_fd())?,
+        nix::sys::stat::fstat(b.as_raw_fd())?,
+    );
+    Ok(x.st_dev == y.st_dev && x.st_ino == y.st_ino)
+}
+
+/// Resolve (and create when missing) the mount destination `path` inside `root`. A final
+/// component that is a symlink is followed inside the root too (at most 40 times), so a
+/// dangling `/etc/resolv.conf -> ../run/x` makes `/run/x` inside the rootfs, as runc does.
+fn dest(root: &Root, path: &str, kind: DestKind) -> Result<Dest, String> {
+    let mut cur = PathBuf::from(path);
+    for _ in 0..40 {
+        let (parent, name) = root
+            .parent_of(&cur, Resolve::InRoot, Some(Mode::from_bits_truncate(0o755)))
+            .map_err(ctx(|| format!("mount destination {path}")))?;
+        match open_path_nofollow(parent.as_fd(), &name) {
+            Ok(fd) => {
+                if file_type(fd.as_fd()).map_err(ctx(|| format!("stat {path}")))? == SFlag::S_IFLNK
+                {
+                    let target = nix::fcntl::readlinkat(Some(parent.as_raw_fd()), name.as_os_str())
+                        .map_err(ctx(|| format!("readlink {}", cur.display())))?;
+                    // Relative targets resolve from the link's directory; absolute ones from
+                    // the rootfs (parent_of treats a leading '/' as the root).
+                    cur = cur
+                        .parent()
+                        .unwrap_or(Path::new("/"))
+                        .join(Path::new(&target));
+                    continue;
+                }
+                return Ok(Dest {
+                    parent,
+                    name,
+                    fd,
+                    path: path.to_string(),
+                });
+            }
+            Err(nix::Error::ENOENT) => {
+                let made = match kind {
+                    DestKind::Dir => nix::sys::stat::mkdirat(
+                        Some(parent.as_raw_fd()),
+                        name.as_os_str(),
+                        Mode::from_bits_truncate(0o755),
+                    ),
+                    DestKind::File => nix::fcntl::openat(
+                        Some(parent.as_raw_fd()),
+                        name.as_os_str(),
+                        OFlag::O_CREAT
+                            | OFlag::O_EXCL
+                            | OFlag::O_NOFOLLOW
+                            | OFlag::O_WRONLY
+                            | OFlag::O_CLOEXEC,
+                        Mode::from_bits_truncate(0o644),
+                    )
+                    .map(|fd| drop(owned(fd))),
+                };
+                match made {
+                    // Made now, or by someone else meanwhile: look again.
+                    Ok(()) | Err(nix::Error::EEXIST) => continue,
+                    Err(e) => return Err(format!("create mount destination {path}: {e}")),
+                }
+            }
+            Err(e) => return Err(format!("open mount destination {path}: {e}")),
+        }
+    }
+    Err(format!(
+        "mount destination {path}: too many levels of symbolic links"
+    ))
+}
+
+impl Dest {
+    /// The root of what is now mounted on the destination: its name looked up again in the
+    /// (held) parent, which crosses into the new mount.
+    fn mounted(&self) -> Result<OwnedFd, String> {
+        open_path_nofollow(self.parent.as_fd(), &self.name)
+            .map_err(ctx(|| format!("reopen mount destination {}", self.path)))
+    }
+
+    /// Mount onto the destination's descriptor.
+    fn mount(
+        &self,
+        src: Option<&Path>,
+        what: &str,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<(), String> {
+        mount(src, &fd_path(self.fd.as_fd()), fstype, flags, data).map_err(|e| {
+            format!(
+                "mount {what} on {} ({}): {e}",
+                self.path,
+                fstype.unwrap_or("bind")
+            )
+        })
+    }
+
+    /// Change flags or propagation of what is mounted on the destination (`expect`: the
+    /// inode the mount's root must be, for bind mounts).
+    fn remount(&self, flags: MsFlags, expect: Option<BorrowedFd<'_>>) -> Result<(), String> {
+        let top = self.mounted()?;
+        if let Some(src) = expect {
+            if !same_inode(top.as_fd(), src).map_err(ctx(|| format!("stat {}", self.path)))? {
+                return Err(format!(
+                    "mount destination {} changed while it was being mounted",
+                    self.path
+                ));
+            }
+        }
+        mount(
+            None::<&str>,
+            &fd_path(top.as_fd()),
+            None::<&str>,
+            flags,
+            None::<&str>,
+        )
+        .map_err(|e| format!("remount {} ({flags:?}): {e}", self.path))
+    }
+}
+
+/// Open a bind-mount source. Sources are paths the agent chose on the host (volume
+/// directories, its own subPath bind mounts, pod files), so symlinks in them are followed,
+/// as runc does for `source`; the mount is then made from the descriptor.
+fn open_source(src: &str) -> Result<OwnedFd, String> {
+    nix::fcntl::open(src, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+        .map(owned)
+        .map_err(ctx(|| format!("open mount source {src}")))
+}
+
+fn standard_mounts(root: &Root, privileged: bool) -> Result<(), String> {
     let nse = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    let proc_ = inside(root, "/proc");
-    mkdir(&proc_)?;
-    mnt(Some("proc"), &proc_, Some("proc"), nse, None)?;
-    let sys = inside(root, "/sys");
-    mkdir(&sys)?;
+    let proc_ = dest(root, "/proc", DestKind::Dir)?;
+    proc_.mount(Some(Path::new("proc")), "proc", Some("proc"), nse, None)?;
+    let sys = dest(root, "/sys", DestKind::Dir)?;
     let ro = if privileged {
         MsFlags::empty()
     } else {
         MsFlags::MS_RDONLY
     };
-    if mnt(Some("sysfs"), &sys, Some("sysfs"), nse | ro, None).is_err() {
+    if sys
+        .mount(
+            Some(Path::new("sysfs")),
+            "sysfs",
+            Some("sysfs"),
+            nse | ro,
+            None,
+        )
+        .is_err()
+    {
         // Not the owner of the network namespace: bind the host's /sys instead.
-        mnt(
-            Some("/sys"),
-            &sys,
+        let host_sys = open_source("/sys")?;
+        sys.mount(
+            Some(&fd_path(host_sys.as_fd())),
+            "/sys",
             None,
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None,
         )?;
         if !privileged {
-            mnt(
-                None,
-                &sys,
-                None,
+            sys.remount(
                 MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
-                None,
+                Some(host_sys.as_fd()),
             )?;
         }
     }
-    let dev = inside(root, "/dev");
-    mkdir(&dev)?;
-    mnt(
-        Some("tmpfs"),
-        &dev,
+    let dev_dest = dest(root, "/dev", DestKind::Dir)?;
+    dev_dest.mount(
+        Some(Path::new("tmpfs")),
+        "tmpfs",
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
         Some("mode=755,size=65536k"),
     )?;
+    // Everything below is made in the fresh tmpfs, through its descriptor.
+    let dev = Root::from_fd(dev_dest.mounted()?, PathBuf::from("/dev"));
+    let devfd = dev.as_fd().as_raw_fd();
     for (name, major, minor) in [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -646,47 +786,53 @@ fn standard_mounts(root: &Path, privileged: bool) -> Result<(), String> {
         ("urandom", 1, 9),
         ("tty", 5, 0),
     ] {
-        let p = dev.join(name);
-        let made = mknod(
-            &p,
+        let made = nix::sys::stat::mknodat(
+            Some(devfd),
+            name,
             SFlag::S_IFCHR,
             Mode::from_bits_truncate(0o666),
             nix::sys::stat::makedev(major, minor),
         );
         if made.is_err() {
-            File::create(&p).map_err(ctx(|| format!("create {}", p.display())))?;
-            mnt(
-                Some(&format!("/dev/{name}")),
-                &p,
+            let host = open_source(&format!("/dev/{name}"))?;
+            let node = dest(&dev, name, DestKind::File)?;
+            node.mount(
+                Some(&fd_path(host.as_fd())),
+                &format!("/dev/{name}"),
                 None,
                 MsFlags::MS_BIND,
                 None,
             )?;
         } else {
-            let _ = fs::set_permissions(&p, fs::Permissions::from_mode(0o666));
+            let _ = nix::sys::stat::fchmodat(
+                Some(devfd),
+                name,
+                Mode::from_bits_truncate(0o666),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            );
         }
     }
-    let pts = dev.join("pts");
-    mkdir(&pts)?;
-    mnt(
-        Some("devpts"),
-        &pts,
+    dest(&dev, "pts", DestKind::Dir)?.mount(
+        Some(Path::new("devpts")),
+        "devpts",
         Some("devpts"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
     )?;
-    let shm = dev.join("shm");
-    mkdir(&shm)?;
-    mnt(
-        Some("shm"),
-        &shm,
+    dest(&dev, "shm", DestKind::Dir)?.mount(
+        Some(Path::new("shm")),
+        "shm",
         Some("tmpfs"),
         nse,
         Some("mode=1777,size=65536k"),
     )?;
-    let mq = dev.join("mqueue");
-    mkdir(&mq)?;
-    mnt(Some("mqueue"), &mq, Some("mqueue"), nse, None)?;
+    dest(&dev, "mqueue", DestKind::Dir)?.mount(
+        Some(Path::new("mqueue")),
+        "mqueue",
+        Some("mqueue"),
+        nse,
+        None,
+    )?;
     for (link, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -695,13 +841,13 @@ fn standard_mounts(root: &Path, privileged: bool) -> Result<(), String> {
         ("stderr", "/proc/self/fd/2"),
         ("core", "/proc/kcore"),
     ] {
-        symlink(target, dev.join(link)).map_err(ctx(|| format!("symlink /dev/{link}")))?;
+        unistd::symlinkat(target, Some(devfd), link)
+            .map_err(ctx(|| format!("symlink /dev/{link}")))?;
     }
     Ok(())
 }
 
-fn volume(root: &Path, m: &Mount) -> Result<(), String> {
-    let target = inside(root, &m.destination);
+fn volume(root: &Root, m: &Mount) -> Result<(), String> {
     let kind = m.kind.as_deref().unwrap_or("bind");
     let mut flags = MsFlags::empty();
     let mut ro = false;
@@ -721,19 +867,17 @@ fn volume(root: &Path, m: &Mount) -> Result<(), String> {
         }
     }
     if kind == "bind" {
-        let src = Path::new(&m.source);
-        let meta = fs::metadata(src).map_err(ctx(|| format!("mount source {}", m.source)))?;
-        if meta.is_dir() {
-            mkdir(&target)?;
-        } else if !target.exists() {
-            if let Some(p) = target.parent() {
-                mkdir(p)?;
-            }
-            File::create(&target).map_err(ctx(|| format!("create {}", target.display())))?;
-        }
-        mnt(
-            Some(&m.source),
-            &target,
+        let src = open_source(&m.source)?;
+        let dir = file_type(src.as_fd()).map_err(ctx(|| format!("mount source {}", m.source)))?
+            == SFlag::S_IFDIR;
+        let target = dest(
+            root,
+            &m.destination,
+            if dir { DestKind::Dir } else { DestKind::File },
+        )?;
+        target.mount(
+            Some(&fd_path(src.as_fd())),
+            &m.source,
             None,
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None,
@@ -743,24 +887,27 @@ fn volume(root: &Path, m: &Mount) -> Result<(), String> {
             if ro {
                 f |= MsFlags::MS_RDONLY;
             }
-            mnt(None, &target, None, f, None)?;
+            target.remount(f, Some(src.as_fd()))?;
+        }
+        if !prop.is_empty() {
+            target.remount(prop, Some(src.as_fd()))?;
         }
     } else {
-        mkdir(&target)?;
+        let target = dest(root, &m.destination, DestKind::Dir)?;
         if ro {
             flags |= MsFlags::MS_RDONLY;
         }
         let d = data.join(",");
-        mnt(
-            Some(&m.source),
-            &target,
+        target.mount(
+            Some(Path::new(&m.source)),
+            &m.source,
             Some(kind),
             flags,
             (!d.is_empty()).then_some(d.as_str()),
         )?;
-    }
-    if !prop.is_empty() {
-        mnt(None, &target, None, prop, None)?;
+        if !prop.is_empty() {
+            target.remount(prop, None)?;
+        }
     }
     Ok(())
 }
@@ -882,24 +1029,39 @@ mod tests {
     }
 
     #[test]
-    fn secure_join_stays_inside() {
+    fn destinations_resolve_inside_the_rootfs() {
+        use std::os::unix::fs::symlink;
         let d = tempfile::tempdir().unwrap();
-        let r = d.path();
-        fs::create_dir_all(r.join("etc")).unwrap();
-        symlink("/etc", r.join("abs")).unwrap();
-        symlink("../../../../outside", r.join("etc/rel")).unwrap();
-        symlink("loop2", r.join("loop1")).unwrap();
-        symlink("loop1", r.join("loop2")).unwrap();
-        for (p, want) in [
-            ("/data", "data"),
-            ("/abs/x", "etc/x"),
-            ("/etc/rel/y", "outside/y"),
-            ("/../../z", "z"),
-            ("a/./b/../c", "a/c"),
-        ] {
-            assert_eq!(secure_join(r, p), r.join(want), "{p}");
-        }
-        assert!(secure_join(r, "/loop1/x").starts_with(r));
+        let rootfs = d.path().join("rootfs");
+        let host = d.path().join("host");
+        fs::create_dir_all(rootfs.join("etc")).unwrap();
+        fs::create_dir_all(&host).unwrap();
+        // Absolute symlinks naming host paths, a dangling relative one, a loop.
+        symlink(host.join("hosts"), rootfs.join("etc/hosts")).unwrap();
+        symlink("../run/resolv.conf", rootfs.join("etc/resolv.conf")).unwrap();
+        symlink(&host, rootfs.join("data")).unwrap();
+        symlink("loop2", rootfs.join("loop1")).unwrap();
+        symlink("loop1", rootfs.join("loop2")).unwrap();
+        let root = Root::open(&rootfs).unwrap();
+        let inside = |p: &Path| rootfs.join(p.strip_prefix("/").unwrap());
+
+        let hosts = dest(&root, "/etc/hosts", DestKind::File).unwrap();
+        assert!(!host.join("hosts").exists(), "created on the host");
+        assert!(inside(&host.join("hosts")).is_file());
+        assert_eq!(
+            fs::read_link(fd_path(hosts.fd.as_fd())).unwrap(),
+            inside(&host.join("hosts"))
+        );
+        dest(&root, "/etc/resolv.conf", DestKind::File).unwrap();
+        assert!(rootfs.join("run/resolv.conf").is_file());
+        let data = dest(&root, "/data/sub", DestKind::Dir).unwrap();
+        assert!(!host.join("sub").exists());
+        assert!(inside(&host.join("sub")).is_dir());
+        assert_eq!(data.name, "sub");
+        // Existing entries are used as they are; `..` never leaves the rootfs.
+        dest(&root, "/../../etc", DestKind::Dir).unwrap();
+        assert!(dest(&root, "/loop1", DestKind::Dir).is_err());
+        assert_eq!(fs::read_dir(&host).unwrap().count(), 0);
     }
 
     #[test]

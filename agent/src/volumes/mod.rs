@@ -8,15 +8,17 @@
 //!    it again and keeps emptyDir contents and existing tmpfs mounts). A missing non-optional
 //!    ConfigMap/Secret or key is a [`VolumeError`] whose Display text is the kubelet's
 //!    `MountVolume.SetUp failed for volume "x" : ...` message, for a `FailedMount` event.
-//! 2. [`mounts_for_container`] per container: the container's `volumeMounts` as [`MountSpec`]s
-//!    (bind mounts: `source` on the host, `destination` in the container, `readonly`,
-//!    `propagation` → `rprivate`/`rslave`/`rshared`).
+//! 2. [`mounts_for_container`] per container start: the container's `volumeMounts` as
+//!    [`MountSpec`]s (bind mounts: `source` on the host, `destination` in the container,
+//!    `readonly`, `propagation` → `rprivate`/`rslave`/`rshared`). A subPath is resolved inside
+//!    its volume descriptor by descriptor and bind-mounted onto an agent-owned path, which is
+//!    the source handed to the runtime ([`subpath`]).
 //! 3. [`refresh_pod_volumes`] periodically and when ConfigMaps/Secrets change: contents of
 //!    configMap, secret, downwardAPI and projected volumes are updated in place with the atomic
 //!    `..data` swap, so running containers see the new files (except through subPath mounts,
 //!    as in Kubernetes).
 //! 4. [`teardown_pod_volumes`] after the pod's containers are gone: unmounts and removes
-//!    `<root>/pods/<uid>/volumes`.
+//!    `<root>/pods/<uid>/volume-subpaths` and `<root>/pods/<uid>/volumes`.
 //!
 //! Memory-backed volumes (emptyDir `medium: Memory`, secret, downwardAPI, projected) are tmpfs
 //! mounts, as with the kubelet; a secret therefore never touches the disk.
@@ -25,6 +27,7 @@ pub mod atomic;
 pub mod hostpath;
 pub mod mount;
 pub mod projection;
+pub mod subpath;
 
 use crate::manifest::Snapshot;
 use crate::quantity;
@@ -292,6 +295,9 @@ pub struct PodVolume {
 pub struct PodVolumes {
     /// Pod UID.
     pub uid: String,
+    /// Agent root directory; subPath bind mounts live under
+    /// `<root>/pods/<uid>/volume-subpaths`.
+    pub root: PathBuf,
     /// Volumes by name.
     pub volumes: BTreeMap<String, PodVolume>,
 }
@@ -527,6 +533,7 @@ pub fn setup_pod_volumes(host: &VolumeHost, ctx: &PodContext) -> Result<PodVolum
     }
     let mut out = PodVolumes {
         uid,
+        root: host.root.clone(),
         volumes: BTreeMap::new(),
     };
     for (v, pv, p) in planned {
@@ -587,12 +594,17 @@ pub fn refresh_pod_volumes(
     }
 }
 
-/// Unmounts and removes `<root>/pods/<uid>/volumes` (hostPath sources are never touched).
-/// Succeeds when it is already gone.
+/// Unmounts and removes the pod's subPath mounts (`<root>/pods/<uid>/volume-subpaths`), then
+/// `<root>/pods/<uid>/volumes` (hostPath sources are never touched). Succeeds when they are
+/// already gone.
 pub fn teardown_pod_volumes(host: &VolumeHost, uid: &str) -> Result<(), VolumeError> {
     if uid.is_empty() || uid.contains('/') || uid.starts_with('.') {
         return Err(VolumeError::InvalidPath(format!("pod uid {uid:?}")));
     }
+    subpath::clean_pod(&host.root, uid).map_err(|e| VolumeError::Mount {
+        path: subpath::subpaths_dir(&host.root, uid),
+        message: e.to_string(),
+    })?;
     let dir = host.volumes_dir(uid);
     mount::unmount_all(&dir)?;
     let left = mount::mounts_under(&dir);
@@ -624,19 +636,27 @@ fn check_sub_path(p: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The container's volumeMounts as bind mounts (see [`MountSpec`]).
+/// The container's volumeMounts as bind mounts (see [`MountSpec`]). Effectful for subPath
+/// mounts, which it makes (see [`subpath`]); the container's earlier subPath mounts are
+/// removed first.
 ///
 /// - API-data volumes are always read-only, like the kubelet mounts them.
-/// - `subPath` must stay inside the volume after symlinks are resolved (the resolved path is
-///   what gets mounted, like the kubelet's safe subpath); for emptyDir and hostPath a missing
-///   subPath directory is created. `subPathExpr` is not supported.
+/// - `subPath` is resolved inside the volume fd by fd (symlinks may not lead outside it, a
+///   symlink swapped in meanwhile is an error), bind-mounted onto
+///   `<root>/pods/<uid>/volume-subpaths/<volume>/<container>/<index>`, and that path is the
+///   mount's source; for emptyDir and hostPath a missing subPath directory is created inside
+///   the volume. `subPathExpr` is not supported.
 /// - `mountPropagation: Bidirectional` needs a privileged container.
 pub fn mounts_for_container(
     vols: &PodVolumes,
     c: &Container,
 ) -> Result<Vec<MountSpec>, VolumeError> {
     let mut out = Vec::new();
-    for m in c.volume_mounts.iter().flatten() {
+    subpath::clean_container(&vols.root, &vols.uid, &c.name).map_err(|e| VolumeError::Mount {
+        path: subpath::subpaths_dir(&vols.root, &vols.uid),
+        message: e.to_string(),
+    })?;
+    for (index, m) in c.volume_mounts.iter().flatten().enumerate() {
         let bad = |reason: String| VolumeError::BadMount {
             container: c.name.clone(),
             mount: m.name.clone(),
@@ -674,24 +694,17 @@ pub fn mounts_for_container(
         let mut source = v.path.clone();
         if let Some(sp) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
             check_sub_path(sp).map_err(bad)?;
-            let joined = v.path.join(sp);
-            if !joined.exists()
-                && matches!(v.kind, VolumeKind::EmptyDir { .. } | VolumeKind::HostPath)
-            {
-                std::fs::create_dir_all(&joined)
-                    .map_err(|e| bad(format!("creating subPath {}: {e}", joined.display())))?;
-            }
-            let resolved = joined
-                .canonicalize()
-                .map_err(|e| bad(format!("subPath {}: {e}", joined.display())))?;
-            let base = v
-                .path
-                .canonicalize()
-                .map_err(|e| bad(format!("volume {}: {e}", v.path.display())))?;
-            if !resolved.starts_with(&base) {
-                return Err(bad(format!("subPath {sp:?} resolves outside the volume")));
-            }
-            source = resolved;
+            source = subpath::prepare(&subpath::SubPathMount {
+                root: &vols.root,
+                uid: &vols.uid,
+                volume: &m.name,
+                volume_path: &v.path,
+                create: matches!(v.kind, VolumeKind::EmptyDir { .. } | VolumeKind::HostPath),
+                container: &c.name,
+                index,
+                sub_path: sp,
+            })
+            .map_err(|e| bad(e.to_string()))?;
         }
         out.push(MountSpec {
             source,
@@ -762,16 +775,32 @@ spec:
             std::fs::read_to_string(base.join("kubernetes.io~configmap/cfg/greeting")).unwrap(),
             "hi"
         );
-        let c = &p.spec.as_ref().unwrap().containers[0];
-        let ms = mounts_for_container(&vols, c).unwrap();
+        let mut c = p.spec.as_ref().unwrap().containers[0].clone();
+        let root_user = nix::unistd::geteuid().is_root();
+        if !root_user {
+            // subPath mounts are bind mounts: without privileges, check the rest only.
+            c.volume_mounts.as_mut().unwrap()[2].sub_path = None;
+        }
+        let ms = mounts_for_container(&vols, &c).unwrap();
         assert_eq!(ms.len(), 4);
         assert!(!ms[0].readonly);
         assert!(ms[1].readonly, "configMap volumes are read-only");
-        assert!(
-            ms[2].source.ends_with("greeting") && ms[2].source.to_str().unwrap().contains("..20"),
-            "{:?}",
-            ms[2].source
-        );
+        if root_user {
+            // The configMap key (a symlink into ..data) is bind-mounted onto an agent path.
+            let want = root.path().join("pods/uid-1/volume-subpaths/cfg/c/2");
+            assert_eq!(ms[2].source, want);
+            assert!(ms[2].readonly);
+            assert!(mount::is_mount_point(&want));
+            assert_eq!(std::fs::read_to_string(&want).unwrap(), "hi");
+            // A second start replaces the mount instead of stacking another.
+            mounts_for_container(&vols, &c).unwrap();
+            let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            let n = mount::mount_points(&text)
+                .iter()
+                .filter(|m| **m == want)
+                .count();
+            assert_eq!(n, 1);
+        }
         assert_eq!(ms[3].propagation, Propagation::HostToContainer);
         assert_eq!(ms[3].oci_options(), ["rbind", "ro", "rslave"]);
         // Refresh: unchanged, then changed.
@@ -799,6 +828,7 @@ spec:
         assert!(base.join("kubernetes.io~empty-dir/cache/f").exists());
         teardown_pod_volumes(&host, "uid-1").unwrap();
         assert!(!base.exists());
+        assert!(!root.path().join("pods/uid-1/volume-subpaths").exists());
         assert!(hostdir.path().exists());
         teardown_pod_volumes(&host, "uid-1").unwrap();
     }
@@ -828,6 +858,7 @@ spec:
     fn mount_errors() {
         let vols = PodVolumes {
             uid: "u".into(),
+            root: "/nonexistent/hako-root".into(),
             volumes: [(
                 "v".to_string(),
                 PodVolume {

@@ -18,23 +18,16 @@ use hako_agent::cluster::spdy::{
     data_frame, encode_headers, parse_headers, read_frame, Frame, HeaderDeflater, HeaderInflater,
 };
 use hako_agent::cluster::stream::{
-    parse_ports, parse_resize, pct_decode, pick_protocol, query_pairs,
+    exec_inbound, forward_inbound, parse_ports, parse_resize, pct_decode, pick_protocol,
+    query_pairs, Inbound,
 };
 use hako_agent::manifest::{self, StaticPodOptions};
 use hako_agent::quantity::{self, Nano};
-use harness::{apply, fuzz, quick, raw, text, Edit};
+use harness::{apply, edits, fuzz, quick, raw, text, Edit};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
 const QUICK: u32 = 48;
-
-fn edits(max: usize) -> impl Strategy<Value = Vec<Edit>> {
-    // Half the inputs stay valid, so the round-trip properties are checked often.
-    prop_oneof![
-        Just(Vec::new()),
-        proptest::collection::vec(harness::edit(), 1..=max)
-    ]
-}
 
 // ---- SPDY header blocks ----------------------------------------------------------------
 
@@ -377,7 +370,7 @@ fn spdy_header_block_inflation_is_bounded() {
     });
 }
 
-// ---- WebSocket streams: query, ports, protocols, resize ---------------------------------
+// ---- WebSocket streams: query, ports, protocols, resize, channel frames ----------------
 
 #[derive(Debug, Clone)]
 enum WsInput {
@@ -393,6 +386,8 @@ enum WsInput {
     Resize(u16, u16, Vec<Edit>),
     /// Any JSON as a resize message.
     ResizeJson(Value),
+    /// A binary message as a client sends it: channel byte, payload, maybe edited.
+    Channel(u8, Vec<u8>, bool, Vec<Edit>),
 }
 
 fn query_piece() -> impl Strategy<Value = String> {
@@ -431,6 +426,13 @@ fn ws_input() -> impl Strategy<Value = WsInput> {
         2 => (any::<u16>(), any::<u16>(), edits(4)).prop_map(|(w, h, e)| WsInput::Resize(w, h, e)),
         1 => json::shaped(vec![("Width", json!(80)), ("Height", json!(24))])
             .prop_map(WsInput::ResizeJson),
+        2 => (
+            prop_oneof![Just(0u8), Just(1), Just(2), Just(4), Just(255), any::<u8>()],
+            raw(64),
+            any::<bool>(),
+            edits(2)
+        )
+            .prop_map(|(c, d, v5, e)| WsInput::Channel(c, d, v5, e)),
     ]
 }
 
@@ -498,6 +500,40 @@ fn check_ws(input: &WsInput) -> Result<(), String> {
         }
         WsInput::ResizeJson(v) => {
             let _ = parse_resize(v.to_string().as_bytes());
+        }
+        WsInput::Channel(c, payload, v5, ed) => {
+            let mut msg = vec![*c];
+            msg.extend_from_slice(payload);
+            let msg = apply(msg, ed);
+            let exec = exec_inbound(&msg, *v5);
+            let fwd = forward_inbound(&msg);
+            if ed.is_empty() {
+                let want_exec = match (c, payload.first()) {
+                    (0, _) => Inbound::Stdin(payload),
+                    (4, _) => Inbound::Resize(parse_resize(payload)),
+                    (255, Some(0)) if *v5 => Inbound::CloseStdin,
+                    _ => Inbound::Ignored,
+                };
+                if exec != want_exec {
+                    return Err(format!("exec message {msg:?} read as {exec:?}"));
+                }
+                let want_fwd = if c % 2 == 0 && !payload.is_empty() {
+                    Inbound::Forward {
+                        conn: usize::from(c / 2),
+                        data: payload,
+                    }
+                } else {
+                    Inbound::Ignored
+                };
+                if fwd != want_fwd {
+                    return Err(format!("port-forward message {msg:?} read as {fwd:?}"));
+                }
+            }
+            if let Inbound::Forward { conn, .. } = fwd {
+                if conn > 127 {
+                    return Err(format!("connection index {conn} from one byte"));
+                }
+            }
         }
     }
     Ok(())

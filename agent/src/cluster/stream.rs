@@ -484,6 +484,48 @@ pub fn parse_resize(b: &[u8]) -> Option<(u16, u16)> {
     Some((w, h))
 }
 
+/// What one binary WebSocket message from the client means (channel byte first). Pure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound<'a> {
+    /// Bytes for the process's stdin (exec/attach channel 0).
+    Stdin(&'a [u8]),
+    /// A terminal resize (exec/attach channel 4); None when the message is not a size.
+    Resize(Option<(u16, u16)>),
+    /// The client closed stdin (v5: `[255, 0]`).
+    CloseStdin,
+    /// Bytes for port-forward connection `conn` (data channel `2 * conn`).
+    Forward {
+        /// Index of the port in the request.
+        conn: usize,
+        /// Payload.
+        data: &'a [u8],
+    },
+    /// Nothing to do (empty, an unknown or output channel, an error channel from the client).
+    Ignored,
+}
+
+/// An exec or attach message: channel 0 stdin, 4 resize, `[255, 0]` stdin close with v5.
+pub fn exec_inbound(data: &[u8], v5: bool) -> Inbound<'_> {
+    match data.split_first() {
+        Some((0, rest)) => Inbound::Stdin(rest),
+        Some((4, rest)) => Inbound::Resize(parse_resize(rest)),
+        Some((255, [0, ..])) if v5 => Inbound::CloseStdin,
+        _ => Inbound::Ignored,
+    }
+}
+
+/// A port-forward message: data on channel `2i` goes to connection `i`; error channels
+/// (odd) and empty payloads are ignored.
+pub fn forward_inbound(data: &[u8]) -> Inbound<'_> {
+    match data.split_first() {
+        Some((&c, rest)) if c % 2 == 0 && !rest.is_empty() => Inbound::Forward {
+            conn: usize::from(c / 2),
+            data: rest,
+        },
+        _ => Inbound::Ignored,
+    }
+}
+
 /// `/exec/{ns}/{pod}/[{uid}/]{container}` and `/attach/...`.
 pub async fn exec_or_attach(
     ctx: StreamCtx,
@@ -634,20 +676,20 @@ async fn exec_session(
                 Message::Close(_) => break,
                 _ => continue,
             };
-            match (data.first(), data.get(1)) {
-                (Some(0), _) => {
+            match exec_inbound(&data, v5) {
+                Inbound::Stdin(b) => {
                     if let Some(t) = &in_tx {
-                        let _ = t.send(data[1..].to_vec()).await;
+                        let _ = t.send(b.to_vec()).await;
                     }
                 }
-                (Some(4), _) => {
-                    if let (Some(t), Some((w, h))) = (&resize, parse_resize(&data[1..])) {
+                Inbound::Resize(Some((w, h))) => {
+                    if let Some(t) = &resize {
                         if let Err(e) = hako_shim::stream::resize(t, w, h) {
                             tracing::debug!(error = %e, "exec: terminal resize");
                         }
                     }
                 }
-                (Some(255), Some(0)) if v5 => in_tx = None,
+                Inbound::CloseStdin => in_tx = None,
                 _ => {}
             }
         }
@@ -723,13 +765,13 @@ async fn attach_session(
                 Message::Close(_) => break,
                 _ => continue,
             };
-            match (data.first(), data.get(1)) {
-                (Some(0), _) => {
+            match exec_inbound(&data, v5) {
+                Inbound::Stdin(b) => {
                     if let Some(t) = &in_tx {
-                        let _ = t.send(data[1..].to_vec()).await;
+                        let _ = t.send(b.to_vec()).await;
                     }
                 }
-                (Some(255), Some(0)) if v5 => in_tx = None,
+                Inbound::CloseStdin => in_tx = None,
                 _ => {}
             }
         }
@@ -947,15 +989,12 @@ async fn forward_session(ws: Ws, netns: File, ports: Vec<u16>) {
                 Message::Close(_) => break,
                 _ => continue,
             };
-            let Some((&c, rest)) = d.split_first() else {
+            let Inbound::Forward { conn, data } = forward_inbound(&d) else {
                 continue;
             };
-            if c % 2 == 1 || rest.is_empty() {
-                continue;
-            }
-            if let Some(Some(w)) = conns.get_mut(usize::from(c / 2)) {
-                if w.write_all(rest).await.is_err() {
-                    conns[usize::from(c / 2)] = None;
+            if let Some(Some(w)) = conns.get_mut(conn) {
+                if w.write_all(data).await.is_err() {
+                    conns[conn] = None;
                 }
             }
         }

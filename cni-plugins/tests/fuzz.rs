@@ -19,7 +19,7 @@ use hako_cni::ipam::Range;
 use hako_cni::netlink;
 use hako_cni::overlay::{desired, plan, Op, Peer, State};
 use hako_cni::version::{CniResult, Interface, IpConfig, Route};
-use harness::{apply, fuzz, quick, raw, text, Edit};
+use harness::{apply, edits, fuzz, quick, raw, text, Edit};
 use ipnet::IpNet;
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
@@ -31,13 +31,6 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 
 const QUICK: u32 = 48;
-
-fn edits(max: usize) -> impl Strategy<Value = Vec<Edit>> {
-    prop_oneof![
-        Just(Vec::new()),
-        proptest::collection::vec(harness::edit(), 1..=max)
-    ]
-}
 
 // ---- addresses -------------------------------------------------------------------------
 

@@ -14,17 +14,10 @@ use hako_proxier::conntrack::{self, CtFilter, Entry};
 use hako_proxier::ipvs::genl::{self, DestKey, VsConf, VsKey};
 use hako_proxier::ipvs::{link, nl};
 use hako_proxier::nft::wire;
-use harness::{apply, fuzz, quick, raw, Edit};
+use harness::{apply, edits, fuzz, quick, raw, Edit};
 use proptest::prelude::*;
 
 const QUICK: u32 = 64;
-
-fn edits(max: usize) -> impl Strategy<Value = Vec<Edit>> {
-    prop_oneof![
-        Just(Vec::new()),
-        proptest::collection::vec(harness::edit(), 1..=max)
-    ]
-}
 
 fn ip() -> impl Strategy<Value = IpAddr> {
     prop_oneof![

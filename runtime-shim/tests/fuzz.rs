@@ -14,18 +14,11 @@ use hako_shim::image::reference::{self, normalize};
 use hako_shim::image::{parse_config, process_for};
 use hako_shim::logs::{format_record, parse_record, Stream};
 use hako_shim::users;
-use harness::{apply, fuzz, quick, text, Edit};
+use harness::{apply, edits, fuzz, quick, text, Edit};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
 const QUICK: u32 = 64;
-
-fn edits(max: usize) -> impl Strategy<Value = Vec<Edit>> {
-    prop_oneof![
-        Just(Vec::new()),
-        proptest::collection::vec(harness::edit(), 1..=max)
-    ]
-}
 
 // ---- image references and pull secrets -------------------------------------------------
 

@@ -462,6 +462,13 @@ pub fn edit() -> impl Strategy<Value = Edit> {
     ]
 }
 
+/// No edit for half the inputs (so round-trip properties are checked often), else 1 to
+/// `max` random edits.
+pub fn edits(max: usize) -> impl Strategy<Value = Vec<Edit>> {
+    use proptest::prelude::*;
+    prop_oneof![Just(Vec::new()), proptest::collection::vec(edit(), 1..=max)]
+}
+
 /// Applies edits in order.
 pub fn apply(mut b: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
     for e in edits {

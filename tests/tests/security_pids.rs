@@ -13,7 +13,7 @@ use hako_shim::state::Status;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
-use shim_support::Env;
+use shim_support::{rmdir_tree, Env};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -47,17 +47,6 @@ impl Drop for OuterGuard {
             }
         }
     }
-}
-
-fn rmdir_tree(p: &Path) {
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                rmdir_tree(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(p);
 }
 
 /// Run `scenario` (given a unique tag) as PID 1 of a fresh pid namespace with its own /proc.

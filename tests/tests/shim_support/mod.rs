@@ -164,7 +164,8 @@ impl Env {
     }
 }
 
-fn rmdir_tree(p: &Path) {
+/// Removes empty directories bottom-up (cgroup directories cannot be removed recursively).
+pub fn rmdir_tree(p: &Path) {
     if let Ok(rd) = std::fs::read_dir(p) {
         for e in rd.flatten() {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {

@@ -1,5 +1,6 @@
 //! hako-shim on cgroup v2 in the VM lane's guest (the host mounts v1): a memory limit leads
-//! to OOMKilled, a pids limit holds, and exec lands in the container's v2 cgroup.
+//! to OOMKilled, a pids limit holds, exec lands in the container's v2 cgroup, and delete kills
+//! every process of the cgroup.
 #![cfg(feature = "vm")]
 
 #[path = "shim_support/mod.rs"]
@@ -76,4 +77,58 @@ fn v2_pids_limit_and_exec_cgroup() {
     assert_eq!(st.status, Status::Stopped);
     c.delete().unwrap();
     assert!(!dir.exists());
+}
+
+/// Delete on cgroup v2 ends every process of the container through `cgroup.kill`, also the
+/// children that outlive PID 1 in a shared pid namespace (the host's v1 lane uses the freezer).
+#[test]
+fn v2_delete_kills_the_whole_cgroup() {
+    require_guest();
+    let env = Env::new("vmkill");
+    let mut spec = env.spec(
+        "kill",
+        &["sh", "-c", "sleep 1000 & sleep 1000 & exec sleep 1000"],
+    );
+    spec.namespaces.pid = Some("/proc/self/ns/pid".into());
+    spec.cgroup = Some(env.cgroup("kill"));
+    let c = env.create(&spec).unwrap();
+    let st = c.start().unwrap();
+    let dir = st.cgroup_dirs[0].clone();
+    assert!(
+        dir.join("cgroup.kill").exists(),
+        "not a v2 cgroup: {}",
+        dir.display()
+    );
+    let listed = || -> Vec<i32> {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while listed().len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "three processes: {:?}",
+            listed()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pids = listed();
+    // A process counts as gone once it is a zombie or reaped (the guest's init reaps orphans).
+    let alive = |p: &i32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    };
+    c.delete().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(alive) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after delete: {:?}",
+            pids.iter().filter(|p| alive(p)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!dir.exists(), "cgroup {} left", dir.display());
 }

@@ -180,17 +180,10 @@ impl Drop for Env {
     fn drop(&mut self) {
         let ids = self.made.lock().map(|m| m.clone()).unwrap_or_default();
         for id in ids {
-            let c = self.rt.client(&id);
-            let recorded = c.recorded_state().ok();
-            if c.delete().is_err() {
-                if let Some(st) = recorded {
-                    for pid in [st.pid, st.shim_pid] {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                }
+            // force_delete signals only processes whose start time matches the state file
+            // (never a recycled pid) and kills what is left in the container's cgroup.
+            if self.rt.client(&id).delete().is_err() {
+                let _ = self.rt.force_delete(&id);
             }
         }
         let root = Path::new("/sys/fs/cgroup");

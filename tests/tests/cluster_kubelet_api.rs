@@ -4,6 +4,8 @@
 //! permitted user reading a container's CRI log (tailLines, timestamps, limitBytes). Runs the
 //! real `hako-agent` (build it first) and `curl`. No root.
 
+mod tls_support;
+
 use hako_tests::agent::target_bin;
 use hako_tests::apiserver::{ApiServer, User};
 use serde_json::json;
@@ -282,9 +284,7 @@ fn kubelet_api_authn_authz_and_logs() {
 #[cfg(feature = "root")]
 mod ws {
     use futures::{SinkExt, StreamExt};
-    use std::sync::Arc;
     use std::time::Duration;
-    use tokio_rustls::rustls;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::{self, Message};
 
@@ -299,23 +299,7 @@ mod ws {
         protocols: &str,
         ca: &[u8],
     ) -> Result<(Ws, String), u16> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut &ca[..]) {
-            roots.add(c.expect("ca pem")).expect("ca");
-        }
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("tls versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("tcp");
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(name, tcp)
+        let tls = super::tls_support::connect(&super::tls_support::connector(ca), port)
             .await
             .expect("tls handshake");
         let mut req = format!("wss://127.0.0.1:{port}{path}")
@@ -466,23 +450,7 @@ mod ws {
     }
 
     async fn tls(port: u16, ca: &[u8]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut &ca[..]) {
-            roots.add(c.expect("ca pem")).expect("ca");
-        }
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("tls versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("tcp");
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(name, tcp)
+        super::tls_support::connect(&super::tls_support::connector(ca), port)
             .await
             .expect("tls handshake")
     }

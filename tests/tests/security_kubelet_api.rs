@@ -8,17 +8,17 @@
 
 #![cfg(feature = "root")]
 
+mod tls_support;
+
 use hako_tests::agent::target_bin;
 use hako_tests::apiserver::{ApiServer, User};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_rustls::rustls;
 
-type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+use tls_support::Tls;
 
 struct Agent {
     child: Child,
@@ -110,25 +110,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 /// A TLS client trusting the agent's self-signed certificate.
 fn connector(ca_file: &Path) -> tokio_rustls::TlsConnector {
-    let pem = std::fs::read(ca_file).expect("agent certificate");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &pem[..]) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("tls versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-}
-
-async fn tls(c: &tokio_rustls::TlsConnector, port: u16) -> std::io::Result<Tls> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
-    c.connect(name, tcp).await
+    tls_support::connector(&std::fs::read(ca_file).expect("agent certificate"))
 }
 
 /// Reads one HTTP/1.1 response with a Content-Length body; its status.
@@ -187,7 +169,7 @@ async fn flood(c: &tokio_rustls::TlsConnector, port: u16, n: usize, conns: usize
             let mut i = 0;
             while i < per {
                 if s.is_none() {
-                    s = tls(&c, port).await.ok();
+                    s = tls_support::connect(&c, port).await.ok();
                     buf.clear();
                     if s.is_none() {
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -282,7 +264,7 @@ fn idle_and_slow_connections_do_not_block_healthz() {
         // handshake.
         let mut idle = Vec::new();
         for _ in 0..200 {
-            idle.push(tls(&c, port).await.expect("idle tls"));
+            idle.push(tls_support::connect(&c, port).await.expect("idle tls"));
         }
         let mut raw = Vec::new();
         for _ in 0..20 {
@@ -293,7 +275,9 @@ fn idle_and_slow_connections_do_not_block_healthz() {
             );
         }
         // A client that made one request and keeps the connection idle.
-        let mut kept = tls(&c, port).await.expect("kept-alive tls");
+        let mut kept = tls_support::connect(&c, port)
+            .await
+            .expect("kept-alive tls");
         let req = format!(
             "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {admin}\r\n\r\n"
         );
@@ -304,7 +288,7 @@ fn idle_and_slow_connections_do_not_block_healthz() {
             200
         );
         // A client sending its request head a byte at a time.
-        let slow = tls(&c, port).await.expect("slow tls");
+        let slow = tls_support::connect(&c, port).await.expect("slow tls");
         let (mut rd, mut wr) = tokio::io::split(slow);
         let start = Instant::now();
         let dripper = tokio::spawn(async move {
@@ -515,7 +499,7 @@ fn spdy_header_bomb_ends_the_session_only() {
     let c = connector(&tmp.path().join("root/pki/kubelet.crt"));
     let rt = rt();
     let outcome = rt.block_on(async {
-        let mut s = tls(&c, port).await.expect("tls");
+        let mut s = tls_support::connect(&c, port).await.expect("tls");
         let req = format!(
             "POST /portForward/default/bomb HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {admin}\r\n\
              Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n\

@@ -328,11 +328,13 @@ impl CniConfig {
             "config": String::from_utf8_lossy(&list.bytes),
             "result": result,
         });
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).map_err(|e| CniError::Cache(d.to_path_buf(), e))?;
-        }
-        std::fs::write(&path, serde_json::to_vec(&cache).unwrap_or_default())
-            .map_err(|e| CniError::Cache(path.clone(), e))?;
+        // DEL after an agent restart needs it: durable (a torn cache would leak the attachment).
+        hako_shim::durable::write_file(
+            &path,
+            &serde_json::to_vec(&cache).unwrap_or_default(),
+            0o644,
+        )
+        .map_err(|e| CniError::Cache(path.clone(), e))?;
         Ok(result)
     }
 

@@ -61,13 +61,8 @@ pub fn meta_dir(root: &Path, pod_uid: &str) -> PathBuf {
 /// Writes a metadata file (effectful).
 pub fn write_meta(root: &Path, m: &ContainerMeta) -> std::io::Result<()> {
     let d = meta_dir(root, &m.pod_uid);
-    std::fs::create_dir_all(&d)?;
-    let tmp = d.join(format!(".{}.tmp", m.id));
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(m).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(tmp, d.join(format!("{}.json", m.id)))
+    let data = serde_json::to_vec_pretty(m).map_err(std::io::Error::other)?;
+    hako_shim::durable::write_file(&d.join(format!("{}.json", m.id)), &data, 0o644)
 }
 
 /// Every metadata file of a pod (effectful; unreadable ones are skipped).

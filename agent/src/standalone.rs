@@ -50,15 +50,9 @@ fn record_errors(root: &Path, errors: &[ManifestError]) {
     for e in errors {
         rec.add_event("Warning", "FailedManifest", &e.to_string(), Utc::now());
     }
-    let _ = std::fs::create_dir_all(root);
-    let tmp = root.join(".events.json.tmp");
-    if std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(&rec.events).unwrap_or_default(),
-    )
-    .is_ok()
-    {
-        let _ = std::fs::rename(tmp, events_path(root));
+    let body = serde_json::to_vec_pretty(&rec.events).unwrap_or_default();
+    if let Err(e) = hako_shim::durable::write_file(&events_path(root), &body, 0o644) {
+        tracing::warn!(error = %e, "could not save the node events");
     }
 }
 

@@ -56,16 +56,13 @@ pub fn read_records(root: &Path) -> Result<(Vec<PodRecord>, Vec<StateError>), St
     Ok((ok, bad))
 }
 
-/// Writes a record atomically (temporary file in the same directory, then rename).
+/// Writes a record durably (`hako_shim::durable`: temporary file, fsync, rename).
 pub fn write_record(root: &Path, rec: &PodRecord) -> Result<PathBuf, StateError> {
     let uid = rec.pod.metadata.uid.as_deref().unwrap_or("unknown");
     let path = record_path(root, uid);
-    let dir = path.parent().unwrap_or(root).to_path_buf();
-    std::fs::create_dir_all(&dir).map_err(|e| StateError::Write(dir.clone(), e))?;
-    let tmp = dir.join(".status.json.tmp");
     let body = serde_json::to_vec_pretty(rec).map_err(|e| StateError::Decode(path.clone(), e))?;
-    std::fs::write(&tmp, body).map_err(|e| StateError::Write(tmp.clone(), e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| StateError::Write(path.clone(), e))?;
+    hako_shim::durable::write_file(&path, &body, 0o644)
+        .map_err(|e| StateError::Write(path.clone(), e))?;
     Ok(path)
 }
 

@@ -649,15 +649,10 @@ impl Worker {
     /// Keeps the restart back-off in the pod's state dir, so that an agent restart does not
     /// restart a crash-looping container at once.
     fn save_backoff(&self) {
-        let dir = self.pod_dir();
-        let tmp = dir.join(".backoff.json.tmp");
+        let path = self.pod_dir().join("backoff.json");
         let body = serde_json::to_vec(&self.restart_backoff.save()).unwrap_or_default();
-        if std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::write(&tmp, body))
-            .and_then(|()| std::fs::rename(&tmp, dir.join("backoff.json")))
-            .is_err()
-        {
-            tracing::warn!(uid = %self.uid, "could not save the restart back-off");
+        if let Err(e) = hako_shim::durable::write_file(&path, &body, 0o644) {
+            tracing::warn!(uid = %self.uid, error = %e, "could not save the restart back-off");
         }
     }
 
@@ -1203,10 +1198,14 @@ impl Worker {
                 };
                 let dir = self.pod_dir();
                 let _ = std::fs::create_dir_all(&dir);
-                let _ = std::fs::write(
-                    dir.join("sandbox.json"),
-                    serde_json::to_vec(&rec).unwrap_or_default(),
-                );
+                // Adoption after an agent restart reads it: durable, and a failure is logged.
+                if let Err(e) = hako_shim::durable::write_file(
+                    &dir.join("sandbox.json"),
+                    &serde_json::to_vec(&rec).unwrap_or_default(),
+                    0o644,
+                ) {
+                    tracing::error!(uid = %self.uid, sandbox = %id, error = %e, "could not record the sandbox");
+                }
                 // hosts, resolv.conf, hostname files shared by the pod's containers.
                 let hosts = dns::pod_hosts_file(&self.pod, &ips, &self.cfg.dns.cluster_domain);
                 let resolv = dns::pod_resolv_conf(&self.pod, &self.cfg.dns).render();

@@ -8,6 +8,7 @@ pub mod capabilities;
 pub mod cgroup;
 pub mod client;
 pub mod container;
+pub mod durable;
 pub mod image;
 pub mod layer;
 pub mod logs;

@@ -73,12 +73,10 @@ pub fn reason(exit_code: i32, oom_kills: u64) -> &'static str {
     }
 }
 
-/// Write the state atomically.
+/// Write the state durably (a force_delete after a crash relies on it).
 pub fn write(dir: &Path, st: &State) -> io::Result<()> {
-    let tmp = dir.join(".state.json.tmp");
     let data = serde_json::to_vec_pretty(st).map_err(io::Error::other)?;
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(tmp, dir.join(STATE_FILE))
+    crate::durable::write_file(&dir.join(STATE_FILE), &data, 0o644)
 }
 
 /// Read a container's last recorded state.

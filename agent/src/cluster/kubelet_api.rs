@@ -177,26 +177,6 @@ pub enum ApiError {
     Listen(SocketAddr, std::io::Error),
 }
 
-/// Writes `data` to a new file at `path` created with `mode` (tmp + fsync + rename).
-fn write_private(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(d) = path.parent() {
-        std::fs::File::open(d)?.sync_all()?;
-    }
-    Ok(())
-}
-
 /// Makes a key file readable by its owner only (a key written 0644 by an older agent).
 fn restrict_key(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
@@ -223,8 +203,10 @@ fn load_or_make_cert(o: &ApiOptions) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
     let ck = rcgen::generate_simple_self_signed(o.sans.clone()).map_err(|x| e(x.to_string()))?;
     let (cert, key) = (ck.cert.pem(), ck.key_pair.serialize_pem());
     std::fs::create_dir_all(&o.pki_dir).map_err(|x| e(x.to_string()))?;
-    write_private(&kp, key.as_bytes(), 0o600).map_err(|x| e(format!("{}: {x}", kp.display())))?;
-    write_private(&cp, cert.as_bytes(), 0o644).map_err(|x| e(format!("{}: {x}", cp.display())))?;
+    hako_shim::durable::write_file(&kp, key.as_bytes(), 0o600)
+        .map_err(|x| e(format!("{}: {x}", kp.display())))?;
+    hako_shim::durable::write_file(&cp, cert.as_bytes(), 0o644)
+        .map_err(|x| e(format!("{}: {x}", cp.display())))?;
     tracing::info!(cert = %cp.display(), "wrote a self-signed kubelet serving certificate");
     Ok((cert.into_bytes(), key.into_bytes()))
 }

@@ -608,12 +608,7 @@ fn overlay_cfg(ctx: &Ctx) -> hako_cni::overlay::OverlayConfig {
 }
 
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    hako_shim::durable::write_file(path, text.as_bytes(), 0o644)
 }
 
 /// Overlay controller: device, subnet file and own annotations once the pod CIDR is known,

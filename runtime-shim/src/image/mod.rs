@@ -267,14 +267,9 @@ impl ImageStore {
 
     fn write_image(&self, img: &Image) -> Result<(), ImageError> {
         let f = self.image_file(&img.reference);
-        let tmp = self
-            .root
-            .join("tmp")
-            .join(format!("{}.json", hex::encode(rand_bytes())));
         let data = serde_json::to_vec_pretty(img)
             .map_err(|e| ImageError::Io(f.clone(), io::Error::other(e)))?;
-        std::fs::write(&tmp, data).map_err(|e| ImageError::Io(tmp.clone(), e))?;
-        std::fs::rename(&tmp, &f).map_err(|e| ImageError::Io(f, e))
+        crate::durable::write_file(&f, &data, 0o644).map_err(|e| ImageError::Io(f, e))
     }
 
     /// Record a use (for GC ordering).

@@ -53,21 +53,94 @@ impl SandboxPaths {
     }
 }
 
+/// Whose a sandbox is: written to `<dir>/owner.json` before any namespace or network exists,
+/// so that whatever a crash leaves behind can be torn down (CNI DEL needs the pod's identity)
+/// and attributed to its pod, or found to belong to none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxOwner {
+    /// Pod UID.
+    pub uid: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// A hostNetwork pod (no CNI attachment).
+    #[serde(default)]
+    pub host_network: bool,
+}
+
+impl SandboxOwner {
+    /// True when this sandbox `id` belongs to the pod `uid`: by its owner record, or (a record
+    /// torn by a crash) by the UID prefix of the id (`<first 12 alphanumerics of uid>-s<n>`).
+    pub fn owned_by(owner: Option<&SandboxOwner>, id: &str, uid: &str) -> bool {
+        match owner {
+            Some(o) => o.uid == uid,
+            None => id
+                .split_once("-s")
+                .is_some_and(|(p, _)| p == id_prefix(uid)),
+        }
+    }
+}
+
+/// The UID part of a sandbox id.
+pub fn id_prefix(uid: &str) -> String {
+    uid.chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(12)
+        .collect()
+}
+
+impl SandboxPaths {
+    /// The owner record.
+    pub fn owner_file(&self) -> PathBuf {
+        self.dir.join("owner.json")
+    }
+    /// The sandbox id (the directory's name).
+    pub fn id(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default()
+    }
+    /// The owner record, when readable.
+    pub fn owner(&self) -> Option<SandboxOwner> {
+        std::fs::read(self.owner_file())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+}
+
+/// Every sandbox directory under `run_dir/sandboxes` (effectful).
+pub fn list(run_dir: &Path) -> Vec<SandboxPaths> {
+    let dir = run_dir.join("sandboxes");
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return vec![];
+    };
+    let mut v: Vec<SandboxPaths> = rd
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| SandboxPaths { dir: e.path() })
+        .collect();
+    v.sort_by(|a, b| a.dir.cmp(&b.dir));
+    v
+}
+
 /// Creates the namespaces with `hostname` set in the UTS namespace. With `host_network` the
 /// `net` and `uts` files refer to the agent's own namespaces (hostNetwork pods) and only the
-/// IPC namespace is new.
+/// IPC namespace is new. The owner record is written (durably) first.
 pub fn create(
     paths: &SandboxPaths,
     hostname: &str,
     host_network: bool,
+    owner: &SandboxOwner,
 ) -> Result<(), SandboxError> {
-    let id = paths
-        .dir
-        .file_name()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_default();
+    let id = paths.id();
     let err = |step: &'static str, e: String| SandboxError::Step(id.clone(), step, e);
     std::fs::create_dir_all(&paths.dir).map_err(|e| err("mkdir", e.to_string()))?;
+    let record = serde_json::to_vec(owner).map_err(|e| err("owner record", e.to_string()))?;
+    hako_shim::durable::write_file(&paths.owner_file(), &record, 0o644)
+        .map_err(|e| err("owner record", e.to_string()))?;
     for p in [paths.net(), paths.ipc(), paths.uts()] {
         std::fs::write(&p, b"").map_err(|e| err("create ns file", e.to_string()))?;
     }
@@ -150,6 +223,67 @@ pub fn remove(paths: &SandboxPaths) -> Result<(), SandboxError> {
             Err(e) => return Err(SandboxError::Step(id, "remove ns file", e.to_string())),
         }
     }
+    match std::fs::remove_file(paths.owner_file()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(SandboxError::Step(id, "remove owner record", e.to_string())),
+    }
     let _ = std::fs::remove_dir(&paths.dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ownership_by_record_or_by_id_prefix() {
+        let uid = "6f1c2a3b-4d5e-6f70-8192-a3b4c5d6e7f8";
+        assert_eq!(id_prefix(uid), "6f1c2a3b4d5e");
+        let id = format!("{}-s3", id_prefix(uid));
+        let mine = SandboxOwner {
+            uid: uid.into(),
+            ..Default::default()
+        };
+        let other = SandboxOwner {
+            uid: "other".into(),
+            ..Default::default()
+        };
+        assert!(SandboxOwner::owned_by(Some(&mine), &id, uid));
+        // The record wins over the id.
+        assert!(!SandboxOwner::owned_by(Some(&other), &id, uid));
+        // No record (torn by a crash): the id's prefix decides.
+        assert!(SandboxOwner::owned_by(None, &id, uid));
+        assert!(!SandboxOwner::owned_by(None, "6f1c2a3b4d5f-s0", uid));
+        assert!(!SandboxOwner::owned_by(None, "6f1c2a3b4d5e", uid));
+        assert!(!SandboxOwner::owned_by(None, "", uid));
+    }
+
+    #[test]
+    fn list_and_owner_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(list(tmp.path()).is_empty());
+        let a = SandboxPaths::new(tmp.path(), "b-s0");
+        let b = SandboxPaths::new(tmp.path(), "a-s1");
+        std::fs::create_dir_all(&a.dir).unwrap();
+        std::fs::create_dir_all(&b.dir).unwrap();
+        std::fs::write(tmp.path().join("sandboxes").join("stray-file"), b"").unwrap();
+        let owner = SandboxOwner {
+            uid: "u".into(),
+            namespace: "ns".into(),
+            name: "p".into(),
+            host_network: true,
+        };
+        std::fs::write(a.owner_file(), serde_json::to_vec(&owner).unwrap()).unwrap();
+        std::fs::write(b.owner_file(), b"{torn").unwrap();
+        let l = list(tmp.path());
+        assert_eq!(l, vec![b.clone(), a.clone()]);
+        assert_eq!(a.owner(), Some(owner));
+        assert_eq!(b.owner(), None);
+        assert_eq!(a.id(), "b-s0");
+        // remove() takes the record and the directory too.
+        remove(&a).unwrap();
+        assert!(!a.dir.exists());
+        remove(&a).unwrap();
+    }
 }

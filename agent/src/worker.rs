@@ -35,7 +35,7 @@ use crate::probe::{ProbeOutcome, ProbeSpec, ProbeTarget, ProbeType, ProbeWorker,
 use crate::prober::RealProber;
 use crate::record::PodRecord;
 use crate::runtime::{self, ContainerMeta};
-use crate::sandbox::{self, SandboxPaths};
+use crate::sandbox::{self, SandboxOwner, SandboxPaths};
 use crate::server::AgentMetrics;
 use crate::{dns, env, qos, state, status};
 use hako_shim::client::Runtime as ShimRuntime;
@@ -141,6 +141,47 @@ pub struct PodManager {
     first_sync: Mutex<bool>,
     metrics: Arc<AgentMetrics>,
     sandbox_slots: Arc<tokio::sync::Semaphore>,
+    /// When sandboxes that belong to no pod were last looked for, and whether a teardown of
+    /// such sandboxes is running.
+    sandbox_gc: Mutex<Option<std::time::Instant>>,
+    sandbox_gc_running: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How often sandboxes that belong to no pod are looked for (besides the first sync).
+const SANDBOX_GC_PERIOD: Duration = Duration::from_secs(60);
+
+/// The one way a sandbox is torn down, from whatever exists of it: CNI DEL (with the cached
+/// result and config, or with the current network list when nothing was cached, as libcni
+/// and containerd do), then the namespace mounts, the owner record and the directory. A failed
+/// DEL keeps the sandbox — its netns and owner record — so that a later pass can DEL again;
+/// nothing is dropped half torn down.
+fn teardown(
+    cni: &CniConfig,
+    paths: &SandboxPaths,
+    a: &Attachment,
+    host_network: bool,
+) -> Result<(), String> {
+    if !host_network {
+        let mut a = a.clone();
+        if !paths.exists() {
+            // Gone with a reboot or never mounted: DEL still releases addresses and host links.
+            a.netns = PathBuf::new();
+        }
+        cni.del(&a).map_err(|e| format!("CNI DEL: {e}"))?;
+    }
+    sandbox::remove(paths).map_err(|e| e.to_string())
+}
+
+/// The CNI attachment of a sandbox known only by its directory (and owner record, if any).
+fn orphan_attachment(paths: &SandboxPaths, owner: &SandboxOwner) -> Attachment {
+    Attachment {
+        container_id: paths.id(),
+        netns: paths.net(),
+        ifname: "eth0".into(),
+        pod_namespace: owner.namespace.clone(),
+        pod_name: owner.name.clone(),
+        pod_uid: owner.uid.clone(),
+    }
 }
 
 /// Sandbox creations (netns + CNI ADD) that run at once: 2 per CPU. In a burst of new pods the
@@ -177,6 +218,8 @@ impl PodManager {
             first_sync: Mutex::new(true),
             metrics,
             sandbox_slots: Arc::new(tokio::sync::Semaphore::new(sandbox_slots())),
+            sandbox_gc: Mutex::new(None),
+            sandbox_gc_running: Arc::default(),
         })
     }
 
@@ -296,6 +339,64 @@ impl PodManager {
             let h = self.spawn_worker(pod, true);
             workers.insert(uid, h);
         }
+        self.gc_sandboxes(first, &workers);
+    }
+
+    /// Tears down, in the background, every sandbox under the run dir that belongs to no pod
+    /// with a worker: left by a crash before the pod's record named it, or kept by a failed
+    /// CNI DEL of a pod that is gone. Runs at the first sync and then at most once a
+    /// [`SANDBOX_GC_PERIOD`]; a pod's own stale sandboxes are its worker's to remove.
+    fn gc_sandboxes(&self, first: bool, workers: &HashMap<String, Handle>) {
+        use std::sync::atomic::Ordering;
+        {
+            let Ok(mut last) = self.sandbox_gc.lock() else {
+                return;
+            };
+            if !first && last.is_some_and(|t| t.elapsed() < SANDBOX_GC_PERIOD) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        if self.sandbox_gc_running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let unowned: Vec<(SandboxPaths, SandboxOwner)> = sandbox::list(&self.cfg.run_dir)
+            .into_iter()
+            .filter_map(|p| {
+                let owner = p.owner();
+                let id = p.id();
+                let owned = workers
+                    .keys()
+                    .any(|uid| SandboxOwner::owned_by(owner.as_ref(), &id, uid));
+                (!owned).then(|| (p, owner.unwrap_or_default()))
+            })
+            .collect();
+        if unowned.is_empty() {
+            self.sandbox_gc_running.store(false, Ordering::SeqCst);
+            return;
+        }
+        let cni = self.cfg.cni.clone();
+        let running = self.sandbox_gc_running.clone();
+        let metrics = self.metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            for (paths, owner) in unowned {
+                let id = paths.id();
+                let a = orphan_attachment(&paths, &owner);
+                match teardown(&cni, &paths, &a, owner.host_network) {
+                    Ok(()) => tracing::info!(
+                        sandbox = %id,
+                        pod = %format!("{}/{}", owner.namespace, owner.name),
+                        uid = %owner.uid,
+                        "removed a sandbox that belongs to no pod"
+                    ),
+                    Err(e) => {
+                        metrics.cni_error();
+                        tracing::warn!(sandbox = %id, uid = %owner.uid, "could not remove a sandbox that belongs to no pod (retried later): {e}");
+                    }
+                }
+            }
+            running.store(false, Ordering::SeqCst);
+        });
     }
 
     fn spawn_worker(self: &Arc<Self>, pod: Pod, delete: bool) -> Handle {
@@ -328,6 +429,9 @@ struct Inst {
 }
 
 struct SandboxInfo {
+    /// Something of it may exist on the node (netns, CNI attachment): it must be torn down
+    /// before the pod is gone or a new sandbox is made.
+    present: bool,
     id: String,
     attempt: u32,
     ready: bool,
@@ -553,6 +657,19 @@ impl Worker {
                 std::fs::read(root.join("pods").join(&uid).join("sandbox.json"))
                     .ok()
                     .and_then(|b| serde_json::from_slice(&b).ok());
+            // This pod's sandboxes that its record does not name: left by a start that a
+            // crash interrupted (before the record was written) or by an earlier attempt.
+            let stale: Vec<(SandboxPaths, Option<SandboxOwner>)> = sandbox::list(&run_dir)
+                .into_iter()
+                .map(|p| {
+                    let o = p.owner();
+                    (p, o)
+                })
+                .filter(|(p, o)| {
+                    SandboxOwner::owned_by(o.as_ref(), &p.id(), &uid)
+                        && sb.as_ref().is_none_or(|s| s.id != p.id())
+                })
+                .collect();
             let sb = sb.map(|s| {
                 let paths = SandboxPaths::new(&run_dir, &s.id);
                 let ok = paths.exists();
@@ -566,12 +683,28 @@ impl Worker {
                     (m, st)
                 })
                 .collect();
-            (prev, sb, insts)
+            (prev, sb, insts, stale)
         })
         .await;
-        let Some((prev, sb, insts)) = found else {
+        let Some((prev, sb, insts, stale)) = found else {
             return;
         };
+        for (paths, owner) in stale {
+            let id = paths.id();
+            let host_network = owner.map_or_else(|| self.host_network(), |o| o.host_network);
+            let a = self.attachment(&id, paths.net());
+            let cni = self.cfg.cni.clone();
+            match blocking(move || teardown(&cni, &paths, &a, host_network)).await {
+                Some(Ok(())) => {
+                    tracing::info!(uid = %self.uid, sandbox = %id, "removed a sandbox left by an interrupted start")
+                }
+                Some(Err(e)) => {
+                    self.metrics.cni_error();
+                    tracing::warn!(uid = %self.uid, sandbox = %id, "could not remove a sandbox left by an interrupted start (retried once the pod is gone): {e}")
+                }
+                None => {}
+            }
+        }
         if let Some(saved) = std::fs::read(self.pod_dir().join("backoff.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -589,6 +722,7 @@ impl Worker {
         }
         if let Some((s, paths, ok)) = sb {
             self.sandbox = Some(SandboxInfo {
+                present: true,
                 id: s.id,
                 attempt: s.attempt,
                 ready: ok,
@@ -965,9 +1099,9 @@ impl Worker {
             .unwrap_or_default();
         if phase == "Succeeded" || phase == "Failed" {
             // Done: make sure nothing runs and the sandbox is gone, then just report.
-            if self.sandbox.as_ref().is_some_and(|s| s.ready) || self.any_running() {
-                self.kill_pod().await;
-                return true;
+            if self.sandbox.as_ref().is_some_and(|s| s.ready || s.present) || self.any_running() {
+                // No progress while the sandbox cannot be torn down: retried after a wait.
+                return self.kill_pod().await;
             }
             return false;
         }
@@ -981,9 +1115,10 @@ impl Worker {
         for a in plan {
             match a {
                 Action::KillPod => {
-                    if self.sandbox.as_ref().is_some_and(|s| s.ready) || self.any_running() {
-                        self.kill_pod().await;
-                        progress = true;
+                    if self.sandbox.as_ref().is_some_and(|s| s.ready || s.present)
+                        || self.any_running()
+                    {
+                        progress = self.kill_pod().await;
                     }
                 }
                 Action::CreateSandbox { attempt } => {
@@ -1131,13 +1266,11 @@ impl Worker {
     }
 
     async fn create_sandbox(&mut self, attempt: u32) -> bool {
-        let uid12: String = self
-            .uid
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric())
-            .take(12)
-            .collect();
-        let id = format!("{uid12}-s{attempt}");
+        // The previous sandbox goes first (its addresses, veth and netns).
+        if !self.teardown_sandbox().await {
+            return false;
+        }
+        let id = format!("{}-s{attempt}", sandbox::id_prefix(&self.uid));
         let paths = SandboxPaths::new(&self.cfg.run_dir, &id);
         let hostname = dns::pod_hostname(&self.pod);
         let a = self.attachment(&id, paths.net());
@@ -1145,6 +1278,13 @@ impl Worker {
         let p2 = paths.clone();
         let host_network = self.host_network();
         let host_ip = self.cfg.host_ip.clone();
+        let (namespace, name) = self.ns_name();
+        let owner = SandboxOwner {
+            uid: self.uid.clone(),
+            namespace,
+            name,
+            host_network,
+        };
         let t = std::time::Instant::now();
         let slot = self.sandbox_slots.clone().acquire_owned().await.ok();
         self.phase("sandbox_slot", t.elapsed());
@@ -1154,9 +1294,17 @@ impl Worker {
             let mut phases = Phases::default();
             phases.add("blocking_queue", spawned.elapsed());
             let res = (|| -> Result<Vec<String>, String> {
-                let _ = sandbox::remove(&p2);
+                if p2.dir.exists() {
+                    // Same id from a failed attempt whose DEL did not go through.
+                    teardown(&cni, &p2, &a, host_network).map_err(|e| {
+                        format!(
+                            "could not remove the previous sandbox {:?}: {e}",
+                            a.container_id
+                        )
+                    })?;
+                }
                 let t = std::time::Instant::now();
-                sandbox::create(&p2, &hostname, host_network).map_err(|e| e.to_string())?;
+                sandbox::create(&p2, &hostname, host_network, &owner).map_err(|e| e.to_string())?;
                 phases.add("sandbox_netns", t.elapsed());
                 if host_network {
                     return Ok(host_ip.into_iter().collect());
@@ -1168,9 +1316,14 @@ impl Worker {
                         Ok(cni::result_ips(&r))
                     }
                     Err(e) => {
-                        let _ = sandbox::remove(&p2);
+                        // Undo the whole chain at once (containerd's DEL after a failed ADD);
+                        // if DEL fails too, the sandbox stays for the next attempt to DEL.
+                        let undo = match teardown(&cni, &p2, &a, false) {
+                            Ok(()) => String::new(),
+                            Err(d) => format!(" (and the cleanup failed: {d})"),
+                        };
                         Err(format!(
-                            "failed to setup network for sandbox {:?}: {e}",
+                            "failed to setup network for sandbox {:?}: {e}{undo}",
                             a.container_id
                         ))
                     }
@@ -1217,6 +1370,7 @@ impl Worker {
                 );
                 self.phase("sandbox_files", t.elapsed());
                 self.sandbox = Some(SandboxInfo {
+                    present: true,
                     id,
                     attempt,
                     ready: true,
@@ -1247,39 +1401,46 @@ impl Worker {
             .unwrap_or(false)
     }
 
-    async fn teardown_sandbox(&mut self) {
+    /// Tears the pod's sandbox down (see [`teardown`]); true when nothing of it is left.
+    async fn teardown_sandbox(&mut self) -> bool {
         let host_network = self.host_network();
         let Some(sb) = self.sandbox.as_mut() else {
-            return;
+            return true;
         };
         sb.ready = false;
-        let a = {
-            let (ns, name) = key_of(&self.pod.metadata);
-            Attachment {
-                container_id: sb.id.clone(),
-                netns: sb.paths.net(),
-                ifname: "eth0".into(),
-                pod_namespace: ns,
-                pod_name: name,
-                pod_uid: self.uid.clone(),
-            }
-        };
+        if !sb.present {
+            return true;
+        }
+        let (id, paths) = (sb.id.clone(), sb.paths.clone());
+        let a = self.attachment(&id, paths.net());
         let cni = self.cfg.cni.clone();
-        let paths = sb.paths.clone();
-        let r = blocking(move || {
-            let r = if host_network { Ok(()) } else { cni.del(&a) };
-            let _ = sandbox::remove(&paths);
-            r
-        })
-        .await;
-        if let Some(Err(e)) = r {
-            self.metrics.cni_error();
-            self.metrics.sync_error("FailedKillPod");
-            self.event("Warning", "FailedKillPod", &format!("CNI DEL: {e}"));
+        let r = blocking(move || teardown(&cni, &paths, &a, host_network)).await;
+        match r {
+            Some(Ok(())) => {
+                if let Some(sb) = self.sandbox.as_mut() {
+                    sb.present = false;
+                }
+                true
+            }
+            Some(Err(e)) => {
+                self.metrics.cni_error();
+                self.metrics.sync_error("FailedKillPod");
+                self.event(
+                    "Warning",
+                    "FailedKillPod",
+                    &format!(
+                        "error killing pod: failed to destroy network for sandbox {id:?}: {e}"
+                    ),
+                );
+                false
+            }
+            None => false,
         }
     }
 
-    async fn kill_pod(&mut self) {
+    /// Stops every container (in termination order) and tears the sandbox down; true when the
+    /// sandbox is gone.
+    async fn kill_pod(&mut self) -> bool {
         let spec = self.pod.spec.clone().unwrap_or_default();
         let obs = self.observed();
         let grace = self.grace();
@@ -1309,7 +1470,7 @@ impl Worker {
         if !created.is_empty() {
             self.stop_many(created, Duration::ZERO).await;
         }
-        self.teardown_sandbox().await;
+        self.teardown_sandbox().await
     }
 
     /// preStop hooks, then SIGTERM and SIGKILL when `grace` (counting preStop) runs out; the
@@ -2058,11 +2219,8 @@ impl Worker {
     }
 
     async fn terminate_and_remove(&mut self) {
+        // A sandbox whose DEL failed stays for the manager's sandbox GC to retry.
         self.kill_pod().await;
-        if let Some(sb) = self.sandbox.as_ref() {
-            let paths = sb.paths.clone();
-            blocking(move || sandbox::remove(&paths)).await;
-        }
         let ids: Vec<String> = self.insts.keys().cloned().collect();
         let shim = self.cfg.shim.clone();
         let root = self.cfg.root_dir.clone();

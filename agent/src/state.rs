@@ -27,6 +27,19 @@ pub fn record_path(root: &Path, uid: &str) -> PathBuf {
     root.join("pods").join(uid).join("status.json")
 }
 
+/// Reads one pod's record: `None` when it has none (adoption reads one record per pod, not the
+/// whole directory per pod).
+pub fn read_record(root: &Path, uid: &str) -> Result<Option<PodRecord>, StateError> {
+    let p = record_path(root, uid);
+    match std::fs::read(&p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StateError::Read(p, e)),
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| StateError::Decode(p, e)),
+    }
+}
+
 /// Reads every record under `<root>/pods`; a missing directory means no pods. Unreadable
 /// records are returned as errors beside the good ones.
 pub fn read_records(root: &Path) -> Result<(Vec<PodRecord>, Vec<StateError>), StateError> {
@@ -85,5 +98,12 @@ mod tests {
         assert_eq!(ok.len(), 1);
         assert_eq!(bad.len(), 1);
         assert!(bad[0].to_string().contains("pods/u2/status.json"));
+        let one = read_record(dir.path(), "u1").unwrap().unwrap();
+        assert_eq!(one.pod.metadata.name.as_deref(), Some("a"));
+        assert!(read_record(dir.path(), "u3").unwrap().is_none());
+        assert!(matches!(
+            read_record(dir.path(), "u2"),
+            Err(StateError::Decode(..))
+        ));
     }
 }

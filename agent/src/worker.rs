@@ -319,12 +319,7 @@ impl PodManager {
         }
         for uid in orphans {
             // A pod from an earlier run that is no longer wanted: adopt it, then delete it.
-            let rec = state::read_records(&self.cfg.root_dir)
-                .ok()
-                .and_then(|(recs, _)| {
-                    recs.into_iter()
-                        .find(|r| r.pod.metadata.uid.as_deref() == Some(uid.as_str()))
-                });
+            let rec = state::read_record(&self.cfg.root_dir, &uid).ok().flatten();
             let pod = rec.map(|r| r.pod).unwrap_or_else(|| Pod {
                 metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
                     uid: Some(uid.clone()),
@@ -649,9 +644,9 @@ impl Worker {
         let shim = self.cfg.shim.clone();
         let run_dir = self.cfg.run_dir.clone();
         let found = blocking(move || {
-            let prev = state::read_records(&root).ok().and_then(|(recs, _)| {
-                recs.into_iter()
-                    .find(|r| r.pod.metadata.uid.as_deref() == Some(uid.as_str()))
+            let prev = state::read_record(&root, &uid).unwrap_or_else(|e| {
+                tracing::warn!(%uid, "pod record not adopted: {e}");
+                None
             });
             let sb: Option<SandboxRecord> =
                 std::fs::read(root.join("pods").join(&uid).join("sandbox.json"))
@@ -659,8 +654,11 @@ impl Worker {
                     .and_then(|b| serde_json::from_slice(&b).ok());
             // This pod's sandboxes that its record does not name: left by a start that a
             // crash interrupted (before the record was written) or by an earlier attempt.
+            // Its ids start with the UID's prefix: only those owner records are read.
+            let prefix = format!("{}-s", sandbox::id_prefix(&uid));
             let stale: Vec<(SandboxPaths, Option<SandboxOwner>)> = sandbox::list(&run_dir)
                 .into_iter()
+                .filter(|p| p.id().starts_with(&prefix))
                 .map(|p| {
                     let o = p.owner();
                     (p, o)

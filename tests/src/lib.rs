@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod cluster;
 pub mod images;
 pub mod netns;
 pub mod registry;

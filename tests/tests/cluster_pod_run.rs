@@ -12,7 +12,7 @@
 #![cfg(feature = "root")]
 
 use hako_tests::agent::AgentEnv;
-use hako_tests::apiserver::ApiServer;
+use hako_tests::cluster::{cluster_env, condition as cond};
 use hako_tests::registry::{Registry, RegistryOptions, AUTH_PASSWORD, AUTH_USER};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -32,14 +32,6 @@ fn wait_for<T>(what: &str, secs: u64, env: &AgentEnv, mut f: impl FnMut() -> Opt
     }
 }
 
-fn cond(p: &Value, t: &str) -> Value {
-    p["status"]["conditions"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["type"] == t))
-        .map(|c| c["status"].clone())
-        .unwrap_or(Value::Null)
-}
-
 /// Host pid of the pod's first container, from the containerID in the apiserver's status.
 fn container_pid(env: &AgentEnv, pod: &Value) -> i64 {
     let cid = pod["status"]["containerStatuses"][0]["containerID"]
@@ -51,33 +43,6 @@ fn container_pid(env: &AgentEnv, pod: &Value) -> i64 {
     )
     .expect("state json");
     state["pid"].as_i64().expect("pid")
-}
-
-/// A cluster-mode agent (node1) in a fresh test namespace with the apiserver fixture.
-fn cluster_env(tag: &str) -> (AgentEnv, ApiServer) {
-    let mut env = AgentEnv::new(tag);
-    let srv = env
-        .ns
-        .run(ApiServer::start)
-        .expect("netns")
-        .expect("fixture");
-    let kc = env.root.parent().expect("tmp").join("kubeconfig");
-    srv.write_kubeconfig(&kc, &srv.node_token("node1"))
-        .expect("kubeconfig");
-    env.args.extend(
-        [
-            "--kubeconfig",
-            kc.to_str().expect("path"),
-            "--kubelet-port",
-            "0",
-            "--node-lease-renew-interval",
-            "1",
-            "--node-status-update-frequency",
-            "1",
-        ]
-        .map(String::from),
-    );
-    (env, srv)
 }
 
 #[test]

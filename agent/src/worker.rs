@@ -125,10 +125,18 @@ struct Objects {
 enum Msg {
     Update(Box<Pod>),
     Delete,
+    /// ConfigMaps, Secrets or tokens changed: look at the pod's volumes again.
+    Wake,
 }
 
+/// A worker as the manager sees it. Messages go only on a change — the pod object differs from
+/// the last one sent, the referenced objects' generation moved, the pod left the desired set —
+/// so that a worker busy stopping containers does not queue a copy of its pod per sync (with
+/// 100 pods being deleted that queued ~10,000 pod copies and the allocator kept the peak).
 struct Handle {
     tx: mpsc::UnboundedSender<Msg>,
+    last: Pod,
+    deleting: bool,
 }
 
 /// Owns the pod workers; the seam between pod sources and the node (see the module docs).
@@ -145,6 +153,8 @@ pub struct PodManager {
     /// such sandboxes is running.
     sandbox_gc: Mutex<Option<std::time::Instant>>,
     sandbox_gc_running: Arc<std::sync::atomic::AtomicBool>,
+    /// The objects' generation the workers were last woken for.
+    woken_generation: std::sync::atomic::AtomicU64,
 }
 
 /// How often sandboxes that belong to no pod are looked for (besides the first sync).
@@ -220,6 +230,7 @@ impl PodManager {
             sandbox_slots: Arc::new(tokio::sync::Semaphore::new(sandbox_slots())),
             sandbox_gc: Mutex::new(None),
             sandbox_gc_running: Arc::default(),
+            woken_generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -289,14 +300,27 @@ impl PodManager {
             Err(e) => e.into_inner(),
         };
         workers.retain(|_, h| !h.tx.is_closed());
-        for (uid, h) in workers.iter() {
+        let generation = self.objects.read().map(|o| o.generation).unwrap_or(0);
+        let wake = self
+            .woken_generation
+            .swap(generation, std::sync::atomic::Ordering::SeqCst)
+            != generation;
+        for (uid, h) in workers.iter_mut() {
             match want.get(uid) {
-                Some(p) => {
+                Some(p) if h.last != *p => {
+                    h.last = p.clone();
                     let _ = h.tx.send(Msg::Update(Box::new(p.clone())));
                 }
-                None => {
+                Some(_) => {
+                    if wake {
+                        let _ = h.tx.send(Msg::Wake);
+                    }
+                }
+                None if !h.deleting => {
+                    h.deleting = true;
                     let _ = h.tx.send(Msg::Delete);
                 }
+                None => {}
             }
         }
         let mut orphans: Vec<String> = Vec::new();
@@ -399,6 +423,7 @@ impl PodManager {
         if delete {
             let _ = tx.send(Msg::Delete);
         }
+        let last = pod.clone();
         let w = Worker::new(
             self.cfg.clone(),
             self.objects.clone(),
@@ -409,7 +434,11 @@ impl PodManager {
             self.sandbox_slots.clone(),
         );
         tokio::spawn(w.run(rx));
-        Handle { tx }
+        Handle {
+            tx,
+            last,
+            deleting: delete,
+        }
     }
 }
 
@@ -525,20 +554,52 @@ fn hook_action(h: &LifecycleHandler, c: &Container) -> Result<crate::probe::Prob
         .map_err(|e| e.to_string())
 }
 
+/// One request to a container's shim over its socket, answered asynchronously: a wait or a
+/// stop holds no thread while the container takes its time (a blocking-pool thread per
+/// stopping container made the pool, and the process's memory, grow with every mass deletion).
+async fn shim_request(
+    sock: &std::path::Path,
+    req: &hako_shim::protocol::Request,
+) -> Result<hako_shim::protocol::Response, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(sock)
+        .await
+        .map_err(|e| format!("{}: {e}", sock.display()))?;
+    let mut data = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    data.push(b'\n');
+    s.write_all(&data)
+        .await
+        .map_err(|e| format!("{}: {e}", sock.display()))?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(s)
+        .read_line(&mut line)
+        .await
+        .map_err(|e| format!("{}: {e}", sock.display()))?;
+    let resp: hako_shim::protocol::Response =
+        serde_json::from_str(&line).map_err(|e| format!("bad shim response {line:?}: {e}"))?;
+    match resp.error {
+        Some(e) => Err(e),
+        None => Ok(resp),
+    }
+}
+
 /// Waits for a container's exit on its shim socket (async, no polling).
 async fn wait_exit(sock: PathBuf) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::UnixStream::connect(&sock).await else {
-        return;
-    };
-    if s.write_all(b"{\"op\":\"wait\",\"timeoutMs\":null}\n")
+    let wait = hako_shim::protocol::Request::Wait { timeout_ms: None };
+    let _ = shim_request(&sock, &wait).await;
+}
+
+/// SIGTERM, SIGKILL after `grace` (the shim does both and answers at the exit); SIGKILL when
+/// the stop itself fails.
+async fn stop_container(sock: PathBuf, grace: Duration) {
+    use hako_shim::protocol::Request;
+    let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+    if shim_request(&sock, &Request::Stop { grace_ms })
         .await
         .is_err()
     {
-        return;
+        let _ = shim_request(&sock, &Request::Kill { signal: 9 }).await;
     }
-    let mut line = String::new();
-    let _ = tokio::io::BufReader::new(s).read_line(&mut line).await;
 }
 
 impl Worker {
@@ -1016,6 +1077,7 @@ impl Worker {
                 }
             }
             Msg::Delete => self.deleting = true,
+            Msg::Wake => {}
         }
     }
 
@@ -1556,14 +1618,7 @@ impl Worker {
                 {
                     left = left.max(Duration::from_secs(2).min(grace));
                 }
-                let id2 = id.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    let c = shim.client(&id2);
-                    if c.stop(left).is_err() {
-                        let _ = c.kill(9);
-                    }
-                })
-                .await;
+                stop_container(shim.dir(&id).join(hako_shim::state::SOCKET), left).await;
                 (id, name, hook_err)
             });
         }

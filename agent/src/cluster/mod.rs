@@ -251,8 +251,13 @@ pub fn run(
     node: &NodeSettings,
     workers: Option<crate::worker::AgentConfig>,
 ) -> Result<(), ClusterError> {
+    // Blocking pool bounded as in standalone mode: a burst of 100 pod starts or deletions
+    // otherwise grew it to a thread per call (100+ threads, each with its malloc arena).
+    // Calls that wait for long (exec sessions, container stops) do not hold pool threads.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(16)
+        .thread_keep_alive(Duration::from_secs(5))
         .enable_all()
         .build()
         .map_err(ClusterError::Runtime)?;

@@ -747,9 +747,9 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
         // The client is gone: nothing waits for its windows any more.
         fcr.close();
     });
-    let code = tokio::task::spawn_blocking(move || es.wait())
+    let code = super::stream::on_own_thread("exec-wait", move || es.wait())
         .await
-        .unwrap_or_else(|e| Err(e.to_string()));
+        .unwrap_or_else(Err);
     for o in outs {
         let _ = tokio::time::timeout(Duration::from_secs(1), o).await;
     }

@@ -696,9 +696,9 @@ async fn exec_session(
         // The client is gone: the process sees EOF on stdin.
         drop(in_tx);
     });
-    let code = tokio::task::spawn_blocking(move || es.wait())
+    let code = on_own_thread("exec-wait", move || es.wait())
         .await
-        .unwrap_or_else(|e| Err(e.to_string()));
+        .unwrap_or_else(Err);
     // Output still in the pipes; bounded (a background process may hold them).
     for o in outs {
         let _ = tokio::time::timeout(Duration::from_secs(1), o).await;
@@ -1011,6 +1011,23 @@ async fn forward_session(ws: Ws, netns: File, ports: Vec<u16>) {
     }
     let _ = tx.send(Out::Close).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
+/// Runs `f` on a thread of its own and awaits its result: an exec or attach session can last
+/// for hours and must not hold one of the runtime's bounded blocking-pool threads (pod sync,
+/// CNI and shim calls need them).
+pub(crate) async fn on_own_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| format!("{name} thread: {e}"))?;
+    rx.await.map_err(|e| format!("{name} thread: {e}"))
 }
 
 #[cfg(test)]

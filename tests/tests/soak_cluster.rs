@@ -191,6 +191,9 @@ fn pod_churn_leaves_nothing_and_memory_flat() {
         );
         figures.push((rss_full, rss_empty, threads_empty));
     }
+    if std::env::var_os("SOAK_AGENT_LOG").is_some() {
+        println!("agent log:\n{}", env.agent_log());
+    }
     let (first_full, first_empty, _) = figures[0];
     let (last_full, last_empty, last_threads) = figures[figures.len() - 1];
     println!(

@@ -311,11 +311,10 @@ impl PodManager {
                     h.last = p.clone();
                     let _ = h.tx.send(Msg::Update(Box::new(p.clone())));
                 }
-                Some(_) => {
-                    if wake {
-                        let _ = h.tx.send(Msg::Wake);
-                    }
+                Some(_) if wake => {
+                    let _ = h.tx.send(Msg::Wake);
                 }
+                Some(_) => {}
                 None if !h.deleting => {
                     h.deleting = true;
                     let _ = h.tx.send(Msg::Delete);

@@ -81,6 +81,10 @@ struct Cli {
     /// CNI plugin directory (repeatable; searched in order).
     #[arg(long = "cni-bin-dir", value_name = "DIR", default_values = ["/opt/cni/bin"])]
     cni_bin_dirs: Vec<PathBuf>,
+    /// Deadline of one CNI plugin invocation, in seconds (default: what the kubelet gives a
+    /// whole RunPodSandbox); past it the plugin and its process group are killed.
+    #[arg(long, value_name = "SECONDS", default_value_t = hako_agent::cni::DEFAULT_CNI_TIMEOUT.as_secs_f64())]
+    cni_timeout: f64,
     /// cgroup filesystem root.
     #[arg(long, value_name = "DIR")]
     cgroup_root: Option<PathBuf>,
@@ -607,6 +611,7 @@ fn worker_config(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
             conf_dir: cli.cni_conf_dir.clone(),
             bin_dirs: cli.cni_bin_dirs.clone(),
             cache_dir: cli.root_dir.join("cni"),
+            timeout: secs(cli.cni_timeout),
         },
         cgroup_root: cli.cgroup_root.clone(),
         cgroup_parent: cli.cgroup_parent.clone(),

@@ -168,3 +168,79 @@ fn hung_cni_plugin_fails_the_sandbox_within_the_deadline_and_leaks_nothing() {
     assert!(veths(&env).is_empty(), "{:?}", veths(&env));
     assert!(mounted_netns(&env).is_empty(), "{:?}", mounted_netns(&env));
 }
+
+fn proxier_service() -> (
+    k8s_openapi::api::core::v1::Service,
+    k8s_openapi::api::discovery::v1::EndpointSlice,
+) {
+    let svc = serde_yaml::from_str(
+        "metadata: {name: web, namespace: t}\nspec: {clusterIP: 10.96.0.10, ports: [{name: p, port: 80}]}",
+    )
+    .unwrap();
+    let slice = serde_yaml::from_str(
+        "metadata: {name: web-1, namespace: t, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: p, port: 8080}]\nendpoints: [{addresses: [10.244.1.11], nodeName: n}]",
+    )
+    .unwrap();
+    (svc, slice)
+}
+
+/// The legacy flavour takes the xtables lock: held by someone else (a private lock file,
+/// never the host's /run/xtables.lock), a sync gives up with a lock error instead of
+/// waiting forever, and the next sync after the release programs everything in full.
+#[test]
+fn proxier_gives_up_on_a_held_xtables_lock_and_recovers_after_release() {
+    use hako_proxier::iptables::IptablesError;
+    use hako_proxier::proxier::SyncError;
+    use hako_proxier::{IptablesBackend, Proxier, ProxierOpts, RealIptables, RenderOpts};
+    hako_tests::require_root();
+    let ns = hako_tests::NetNs::new("dllock").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let lock_path = tmp.path().join("xtables.lock");
+    let ipt = RealIptables::with_variant("legacy").with_lock_file(&lock_path);
+    let render = RenderOpts::default();
+    let mut proxier = Proxier::new(
+        Box::new(IptablesBackend::new(ipt, render.clone())),
+        ProxierOpts {
+            hostname: "n".into(),
+            render,
+        },
+    );
+    let (svc, slice) = proxier_service();
+    proxier.on_service_add(svc);
+    proxier.on_endpointslice_add(slice);
+    let lock_file = std::fs::File::create(&lock_path).unwrap();
+    let held = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .expect("take the private xtables lock");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let first = std::thread::scope(|s| {
+        let ns = &ns;
+        let p = &mut proxier;
+        s.spawn(move || {
+            let _ = tx.send(ns.run(|| p.sync()).unwrap());
+        });
+        let r = rx.recv_timeout(Duration::from_secs(60));
+        // Released either way, so a sync stuck on the lock (the bug) can finish and the
+        // scope can end.
+        drop(held);
+        r.expect("a sync under a held xtables lock returned within 60 s")
+    });
+    match &first {
+        Err(SyncError::Iptables(IptablesError::Lock { stderr, .. })) => {
+            assert!(stderr.contains("xtables lock"), "{stderr}")
+        }
+        r => panic!("expected a lock error, got {r:?}"),
+    }
+    assert!(first.unwrap_err().to_string().contains("gave up"));
+    // Lock free: the next sync is a full one and programs the service.
+    let stats = ns
+        .run(|| proxier.sync())
+        .unwrap()
+        .expect("sync after release");
+    assert!(stats.full);
+    let rules = ns.sh("iptables-legacy-save -t nat").unwrap();
+    assert!(
+        rules.contains("-d 10.96.0.10/32") && rules.contains("KUBE-SVC-"),
+        "{rules}"
+    );
+}

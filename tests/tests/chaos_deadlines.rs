@@ -244,3 +244,52 @@ fn proxier_gives_up_on_a_held_xtables_lock_and_recovers_after_release() {
         "{rules}"
     );
 }
+
+/// A registry that stalls mid-blob: the pull is cancelled after the progress deadline with
+/// ErrImagePull, the pod can be deleted while it retries, and once the registry answers
+/// again the image pulls and a pod runs.
+#[test]
+fn stalled_blob_fails_the_pull_at_the_progress_deadline() {
+    let mut env = AgentEnv::new("dlpull");
+    let upstream = env.registry.addr().to_string();
+    let proxy = env
+        .ns
+        .run(move || hako_tests::registry::StallProxy::start(&upstream))
+        .unwrap()
+        .expect("stall proxy");
+    let img = proxy.reference("busybox:sleep");
+    env.args = vec!["--image-pull-progress-deadline".into(), "3".into()];
+    env.write_manifest(
+        "p.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: c, image: \"{img}\"}}\n"),
+    );
+    env.start();
+    let msg = env.wait_for("ErrImagePull from the progress deadline", T, |e| {
+        e.events("p")
+            .into_iter()
+            .find(|(r, m)| r == "Failed" && m.contains("no progress"))
+            .map(|(_, m)| m)
+    });
+    assert!(msg.contains("Failed to pull image"), "{msg}");
+    assert!(proxy.stalled() >= 1);
+    env.wait_for("ErrImagePull or ImagePullBackOff", T, |e| {
+        let s = e.container_status("p", "c")?;
+        let r = s["state"]["waiting"]["reason"].as_str()?.to_string();
+        (r == "ErrImagePull" || r == "ImagePullBackOff").then_some(())
+    });
+    // Deleted while its pulls keep stalling: gone within the bound.
+    env.remove_manifest("p.yaml");
+    env.wait_for("stalled pod removed", T, |e| {
+        e.record("p").is_none().then_some(())
+    });
+    // The registry answers again: the same image pulls and runs.
+    proxy.set_stall(false);
+    env.write_manifest(
+        "q.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: q}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: c, image: \"{img}\"}}\n"),
+    );
+    env.wait_running("q", T);
+    env.remove_manifest("q.yaml");
+    env.wait_for("pods removed", T, |e| e.records().is_empty().then_some(()));
+    drop(proxy);
+}

@@ -6,9 +6,19 @@
 //! (`type: loopback`, interface `lo`) is brought up first, as containerd does.
 
 use serde_json::{json, Value};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Default `--cni-timeout`: what the kubelet gives a whole RunPodSandbox (twice its 2 min
+/// runtime request timeout), which bounds containerd's CNI setup of that sandbox.
+pub const DEFAULT_CNI_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Most bytes kept of a plugin's stdout or stderr (the rest is read and dropped).
+const MAX_PLUGIN_OUTPUT: u64 = 4 << 20;
 
 /// CNI failures, with the plugin's code and message when it returned one.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +41,16 @@ pub enum CniError {
     /// Result cache I/O.
     #[error("cni cache {0}: {1}")]
     Cache(PathBuf, std::io::Error),
+    /// The plugin did not finish within the deadline; it was killed with its process group.
+    #[error("plugin type={plugin:?} ({command}) did not finish within {}s; killed", .after.as_secs_f64())]
+    Timeout {
+        /// Plugin type.
+        plugin: String,
+        /// ADD, DEL, CHECK.
+        command: String,
+        /// The deadline it ran into.
+        after: Duration,
+    },
 }
 
 /// A plugin's error result.
@@ -68,6 +88,9 @@ pub struct CniConfig {
     pub bin_dirs: Vec<PathBuf>,
     /// Result cache dir (`<root>/cni`).
     pub cache_dir: PathBuf,
+    /// Deadline of one plugin invocation (`--cni-timeout`); past it the plugin and everything
+    /// in its process group is killed and the call fails with [`CniError::Timeout`].
+    pub timeout: Duration,
 }
 
 /// Identity of one attachment.
@@ -194,6 +217,104 @@ fn version_at_least(v: &str, major: u64, minor: u64) -> bool {
     (a, b) >= (major, minor)
 }
 
+/// Why a bounded run of a child failed.
+enum Bounded {
+    Io(std::io::Error),
+    Timeout,
+}
+
+/// Feeds `input` to the child, collects its stdout and stderr and waits for it, all within
+/// `timeout`. Past it the child's process group (the child is its leader) gets SIGKILL — while
+/// the leader is still unreaped, so the group id cannot name anyone else — and it is reaped.
+fn run_bounded(
+    child: &mut std::process::Child,
+    input: Vec<u8>,
+    timeout: Duration,
+) -> Result<std::process::Output, Bounded> {
+    let deadline = Instant::now() + timeout;
+    if let Some(mut w) = child.stdin.take() {
+        // A writer thread: a plugin that does not read its stdin must not block us.
+        std::thread::spawn(move || {
+            let _ = w.write_all(&input);
+        });
+    }
+    let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
+    let mut readers = 0;
+    for (is_out, r) in [
+        (
+            true,
+            child
+                .stdout
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        ),
+        (
+            false,
+            child
+                .stderr
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        ),
+    ] {
+        let Some(r) = r else { continue };
+        readers += 1;
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut r = r;
+            let _ = r.by_ref().take(MAX_PLUGIN_OUTPUT).read_to_end(&mut buf);
+            // Drain the rest so the plugin is not blocked on a full pipe.
+            let _ = std::io::copy(&mut r, &mut std::io::sink());
+            let _ = tx.send((is_out, buf));
+        });
+    }
+    drop(tx);
+    let pgid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let kill_group = |child: &mut std::process::Child| {
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
+    };
+    // Exited (but not reaped: WNOWAIT keeps the group id ours) within the deadline?
+    let mut nap = Duration::from_millis(1);
+    loop {
+        use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+        match waitid(
+            Id::Pid(pgid),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+        ) {
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {}
+            Ok(_) => break,
+            Err(e) => return Err(Bounded::Io(e.into())),
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            kill_group(child);
+            return Err(Bounded::Timeout);
+        }
+        std::thread::sleep(nap.min(deadline - now));
+        nap = (nap * 2).min(Duration::from_millis(50));
+    }
+    // Its output, which a forked straggler holding the pipes could still withhold.
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    for _ in 0..readers {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((true, b)) => stdout = b,
+            Ok((false, b)) => stderr = b,
+            Err(_) => {
+                kill_group(child);
+                return Err(Bounded::Timeout);
+            }
+        }
+    }
+    let status = child.wait().map_err(Bounded::Io)?;
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
 impl CniConfig {
     fn find_plugin(&self, ty: &str) -> Result<PathBuf, CniError> {
         self.bin_dirs
@@ -238,17 +359,21 @@ impl CniConfig {
             .env("CNI_ARGS", a.cni_args())
             .env("CNI_PATH", path)
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            // Its own process group, so a timeout kills whatever it forked too.
+            .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| CniError::Exec(ty.to_string(), e))?;
-        if let Some(mut i) = child.stdin.take() {
-            let _ = i.write_all(&stdin);
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| CniError::Exec(ty.to_string(), e))?;
+        let out = run_bounded(&mut child, stdin, self.timeout).map_err(|e| match e {
+            Bounded::Io(e) => CniError::Exec(ty.to_string(), e),
+            Bounded::Timeout => CniError::Timeout {
+                plugin: ty.to_string(),
+                command: command.to_string(),
+                after: self.timeout,
+            },
+        })?;
         let stdout: Option<Value> = serde_json::from_slice(&out.stdout).ok();
         if !out.status.success() {
             let (code, msg, details) = match &stdout {
@@ -413,5 +538,96 @@ mod tests {
         assert_eq!(result_ips(&r), vec!["10.1.0.5", "fd00::5"]);
         assert!(version_at_least("1.0.0", 0, 4));
         assert!(!version_at_least("0.3.1", 0, 4));
+    }
+
+    fn plugin_dir(script: &str) -> (tempfile::TempDir, CniConfig) {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("slow");
+        std::fs::write(&p, script).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = CniConfig {
+            conf_dir: d.path().into(),
+            bin_dirs: vec![d.path().into()],
+            cache_dir: d.path().join("cache"),
+            timeout: Duration::from_millis(500),
+        };
+        (d, cfg)
+    }
+
+    fn attachment() -> Attachment {
+        Attachment {
+            container_id: "c".into(),
+            netns: "/proc/self/ns/net".into(),
+            ifname: "eth0".into(),
+            pod_namespace: "ns".into(),
+            pod_name: "p".into(),
+            pod_uid: "u".into(),
+        }
+    }
+
+    fn list() -> NetworkList {
+        parse_list(
+            Path::new("x.conflist"),
+            br#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"slow"}]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_hung_plugin_and_what_it_forked_are_killed_at_the_deadline() {
+        let (d, cfg) = plugin_dir("");
+        // The script writes into its own dir, known only now.
+        let script = format!(
+            "#!/bin/sh\nsleep 600 &\necho $! > {}/child\nsleep 600\n",
+            d.path().display()
+        );
+        std::fs::write(d.path().join("slow"), script).unwrap();
+        let l = list();
+        let (tx, rx) = mpsc::channel();
+        let cfg2 = cfg.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(cfg2.exec("ADD", &l, &l.plugins[0], None, &attachment()));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("exec of a hung plugin returned within 30 s");
+        assert!(
+            matches!(r, Err(CniError::Timeout { ref command, .. }) if command == "ADD"),
+            "{r:?}"
+        );
+        let pid: i32 = std::fs::read_to_string(d.path().join("child"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Killed with the group (it may linger as a zombie of init for a moment).
+        let gone = (0..100).any(|_| {
+            let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let dead = st.is_empty() || st.split(' ').nth(2) == Some("Z");
+            if !dead {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            dead
+        });
+        assert!(gone, "forked child {pid} survived the timeout");
+    }
+
+    #[test]
+    fn a_plugin_within_the_deadline_is_unaffected() {
+        let (_d, cfg) = plugin_dir(
+            "#!/bin/sh\ncat >/dev/null\necho '{\"cniVersion\":\"1.0.0\",\"ips\":[{\"address\":\"10.0.0.2/24\"}]}'\n",
+        );
+        let l = list();
+        let r = cfg
+            .exec("ADD", &l, &l.plugins[0], None, &attachment())
+            .unwrap()
+            .unwrap();
+        assert_eq!(result_ips(&r), vec!["10.0.0.2"]);
+        let (_d, cfg) = plugin_dir("#!/bin/sh\necho '{\"code\":7,\"msg\":\"bad\"}'\nexit 1\n");
+        match cfg.exec("ADD", &l, &l.plugins[0], None, &attachment()) {
+            Err(CniError::Plugin(f)) => assert_eq!((f.code, f.msg.as_str()), (7, "bad")),
+            r => panic!("{r:?}"),
+        }
     }
 }

@@ -81,6 +81,14 @@ struct Cli {
     /// CNI plugin directory (repeatable; searched in order).
     #[arg(long = "cni-bin-dir", value_name = "DIR", default_values = ["/opt/cni/bin"])]
     cni_bin_dirs: Vec<PathBuf>,
+    /// Deadline of one CNI plugin invocation, in seconds (default: what the kubelet gives a
+    /// whole RunPodSandbox); past it the plugin and its process group are killed.
+    #[arg(long, value_name = "SECONDS", default_value_t = hako_agent::cni::DEFAULT_CNI_TIMEOUT.as_secs_f64())]
+    cni_timeout: f64,
+    /// Image pull progress deadline in seconds (kubelet: 1m): a pull that receives no bytes
+    /// for this long is cancelled and fails with ErrImagePull.
+    #[arg(long, value_name = "SECONDS", default_value_t = hako_shim::image::DEFAULT_PROGRESS_DEADLINE.as_secs_f64())]
+    image_pull_progress_deadline: f64,
     /// cgroup filesystem root.
     #[arg(long, value_name = "DIR")]
     cgroup_root: Option<PathBuf>,
@@ -596,7 +604,8 @@ fn worker_config(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
     let host =
         dns::ResolvConf::parse(&std::fs::read_to_string(&cli.resolv_conf).unwrap_or_default());
     let images = hako_shim::image::ImageStore::open(cli.root_dir.join("images"))
-        .with_context(|| format!("opening image store under {}", cli.root_dir.display()))?;
+        .with_context(|| format!("opening image store under {}", cli.root_dir.display()))?
+        .with_progress_deadline(secs(cli.image_pull_progress_deadline));
     Ok(hako_agent::worker::AgentConfig {
         root_dir: cli.root_dir.clone(),
         run_dir: cli.run_dir.clone(),
@@ -607,6 +616,7 @@ fn worker_config(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
             conf_dir: cli.cni_conf_dir.clone(),
             bin_dirs: cli.cni_bin_dirs.clone(),
             cache_dir: cli.root_dir.join("cni"),
+            timeout: secs(cli.cni_timeout),
         },
         cgroup_root: cli.cgroup_root.clone(),
         cgroup_parent: cli.cgroup_parent.clone(),

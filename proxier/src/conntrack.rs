@@ -93,6 +93,32 @@ pub enum ConntrackError {
     /// Kernel returned an error.
     #[error("ctnetlink error {0}")]
     Kernel(i32),
+    /// No answer from the kernel within the receive timeout (the flush stops; the socket is
+    /// one per flush, so the next one starts fresh).
+    #[error("ctnetlink {op}: no answer from the kernel within {}s", .after.as_secs_f64())]
+    Timeout {
+        /// What was being done.
+        op: &'static str,
+        /// The timeout.
+        after: std::time::Duration,
+    },
+}
+
+/// `recv` on a socket with `SO_RCVTIMEO`: EAGAIN is the timeout, EINTR is retried.
+fn recv_timed(
+    fd: std::os::fd::RawFd,
+    buf: &mut [u8],
+    op: &'static str,
+    after: std::time::Duration,
+) -> Result<usize, ConntrackError> {
+    loop {
+        match recv(fd, buf, MsgFlags::empty()) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::EAGAIN) => return Err(ConntrackError::Timeout { op, after }),
+            Err(source) => return Err(ConntrackError::Sys { op, source }),
+        }
+    }
 }
 
 /// Deleting conntrack entries.
@@ -239,9 +265,34 @@ pub fn messages(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     out
 }
 
-/// ctnetlink in the calling thread's network namespace.
+/// ctnetlink in the calling thread's network namespace; its socket's receives give up after
+/// [`crate::NETLINK_RECV_TIMEOUT`].
 #[derive(Debug, Default, Clone)]
 pub struct NetlinkConntrack;
+
+/// A bound ctnetlink socket whose receives give up after `timeout`.
+fn ct_socket(timeout: std::time::Duration) -> Result<std::os::fd::OwnedFd, ConntrackError> {
+    let sys = |op| move |source| ConntrackError::Sys { op, source };
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )
+    .map_err(sys("socket"))?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &NetlinkAddr::new(0, 0),
+    )
+    .map_err(sys("bind"))?;
+    nix::sys::socket::setsockopt(
+        &fd,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &crate::ipvs::nl::timeval(timeout),
+    )
+    .map_err(sys("SO_RCVTIMEO"))?;
+    Ok(fd)
+}
 
 impl Conntrack for NetlinkConntrack {
     fn flush(&mut self, filters: &[CtFilter]) -> Result<usize, ConntrackError> {
@@ -249,18 +300,8 @@ impl Conntrack for NetlinkConntrack {
             return Ok(0);
         }
         let sys = |op| move |source| ConntrackError::Sys { op, source };
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkNetFilter,
-        )
-        .map_err(sys("socket"))?;
-        bind(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            &NetlinkAddr::new(0, 0),
-        )
-        .map_err(sys("bind"))?;
+        let timeout = crate::NETLINK_RECV_TIMEOUT;
+        let fd = ct_socket(timeout)?;
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
         // One dump per family a filter can match (a filter without addresses matches both).
         let fams: Vec<u8> = [AF_INET, AF_INET6]
@@ -273,7 +314,7 @@ impl Conntrack for NetlinkConntrack {
             let seq = u32::try_from(i + 1).unwrap_or(1);
             send(raw, &dump_request(seq, fam), MsgFlags::empty()).map_err(sys("send dump"))?;
             'dump: loop {
-                let n = recv(raw, &mut buf, MsgFlags::empty()).map_err(sys("recv dump"))?;
+                let n = recv_timed(raw, &mut buf, "recv dump", timeout)?;
                 for (ty, body) in messages(&buf[..n]) {
                     match ty {
                         NLMSG_DONE => break 'dump,
@@ -300,7 +341,7 @@ impl Conntrack for NetlinkConntrack {
         for (i, e) in victims.iter().enumerate() {
             let seq = u32::try_from(i + 3).unwrap_or(u32::MAX);
             send(raw, &delete_request(seq, e), MsgFlags::empty()).map_err(sys("send delete"))?;
-            let n = recv(raw, &mut buf, MsgFlags::empty()).map_err(sys("recv ack"))?;
+            let n = recv_timed(raw, &mut buf, "recv ack", timeout)?;
             for (ty, body) in messages(&buf[..n]) {
                 if ty == NLMSG_ERROR {
                     let code = body
@@ -321,6 +362,26 @@ impl Conntrack for NetlinkConntrack {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_answer_is_a_timeout_error() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let d = std::time::Duration::from_millis(200);
+            let fd = ct_socket(d).expect("socket");
+            let mut buf = [0u8; 64];
+            let _ = tx.send(recv_timed(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &mut buf,
+                "recv dump",
+                d,
+            ));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("a receive without an answer returned");
+        assert!(matches!(r, Err(ConntrackError::Timeout { .. })), "{r:?}");
+    }
 
     fn attr(ty: u16, val: &[u8]) -> Vec<u8> {
         let mut a = Vec::new();

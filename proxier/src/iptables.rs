@@ -643,9 +643,29 @@ pub const JUMPS: &[(&str, &str, &str)] = &[
     ("nat", "POSTROUTING", "-m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING"),
 ];
 
+/// Seconds an `iptables`/`iptables-restore` call waits for the xtables lock before it gives
+/// up (kube-proxy's `-w 5`): a lock held forever by someone else fails the sync instead of
+/// hanging it, and the next sync (a full one) tries again.
+pub const LOCK_WAIT_SECS: &str = "5";
+
+/// The lock arguments of every `iptables`/`iptables-restore` call, as kube-proxy passes them
+/// (`-w 5 -W 100000`: wait at most 5 s, polling every 100 ms). Both flavours of iptables 1.8
+/// accept them; the legacy flavour takes the lock (`/run/xtables.lock`, or the file named by
+/// `XTABLES_LOCKFILE`), the nf_tables flavour needs none and ignores `-w`; 1.8.9 ignores `-W`
+/// with a warning on stderr. `iptables-save` takes no lock (and the legacy one rejects `-w`).
+pub const WAIT_ARGS: [&str; 4] = ["-w", LOCK_WAIT_SECS, "-W", "100000"];
+
+/// The warning iptables 1.8.9 prints for `-W`, left out of error messages.
+const W_IGNORED: &str = "Ignoring deprecated --wait-interval option.";
+
+/// Whether a failed call's stderr says that the xtables lock was not had in time.
+pub fn is_lock_failure(stderr: &str) -> bool {
+    stderr.contains("holding the xtables lock") || stderr.contains("Can't lock")
+}
+
 /// Effects on the kernel's iptables.
 pub trait Iptables: Send {
-    /// Feeds `text` to `iptables-restore --noflush -w`.
+    /// Feeds `text` to `iptables-restore --noflush -w 5 -W 100000`.
     fn restore(&mut self, text: &str) -> Result<(), IptablesError>;
     /// Whether `chain` exists in `table`.
     fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool, IptablesError>;
@@ -665,6 +685,14 @@ pub enum IptablesError {
         cmd: String,
         /// Cause.
         source: std::io::Error,
+    },
+    /// The xtables lock was held by someone else for the whole wait; nothing was changed.
+    #[error("{cmd}: another process held the xtables lock for more than {LOCK_WAIT_SECS}s; gave up (the next sync retries in full): {stderr}")]
+    Lock {
+        /// Command.
+        cmd: String,
+        /// Its stderr.
+        stderr: String,
     },
     /// The command failed.
     #[error("{cmd} failed: {stderr}")]
@@ -700,6 +728,9 @@ pub struct RealIptables {
     pub save: String,
     /// Whether the binaries are the nf_tables flavour (None: not asked yet).
     nft_flavour: Option<bool>,
+    /// The xtables lock file the legacy flavour takes (`XTABLES_LOCKFILE`; None: its
+    /// default `/run/xtables.lock`, or whatever this process's environment says).
+    lock_file: Option<std::path::PathBuf>,
 }
 
 /// Chain declarations in a `*nat` section from which an nf_tables-flavour restore gets a
@@ -765,7 +796,24 @@ impl RealIptables {
                 "legacy" => Some(false),
                 _ => None,
             },
+            lock_file: None,
         }
+    }
+
+    /// A command for one of these binaries, with this lock file in its environment.
+    pub fn command(&self, prog: &str) -> Command {
+        let mut command = Command::new(prog);
+        if let Some(l) = &self.lock_file {
+            command.env("XTABLES_LOCKFILE", l);
+        }
+        command
+    }
+
+    /// The same binaries taking `path` as their xtables lock (`XTABLES_LOCKFILE`), e.g. to
+    /// keep a test off the host's lock.
+    pub fn with_lock_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.lock_file = Some(path.into());
+        self
     }
 
     /// Whether these are the nf_tables flavour (`iptables --version` says `nf_tables`),
@@ -797,7 +845,8 @@ impl RealIptables {
         stdin: Option<Vec<&str>>,
     ) -> Result<String, IptablesError> {
         let cmd = format!("{prog} {}", args.join(" "));
-        let mut child = Command::new(prog)
+        let mut child = self
+            .command(prog)
             .args(args)
             .stdin(if stdin.is_some() {
                 Stdio::piped()
@@ -829,9 +878,17 @@ impl RealIptables {
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
-            Err(IptablesError::Failed {
-                cmd,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            let stderr = String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .filter(|l| l.trim() != W_IGNORED)
+                .collect::<Vec<_>>()
+                .join("\n")
+                .trim()
+                .to_string();
+            Err(if is_lock_failure(&stderr) {
+                IptablesError::Lock { cmd, stderr }
+            } else {
+                IptablesError::Failed { cmd, stderr }
             })
         }
     }
@@ -867,16 +924,16 @@ impl Iptables for RealIptables {
         } else {
             vec![text]
         };
-        self.run_pieces(&self.restore.clone(), &["--noflush", "-w"], Some(pieces))
+        let mut args = vec!["--noflush"];
+        args.extend(WAIT_ARGS);
+        self.run_pieces(&self.restore.clone(), &args, Some(pieces))
             .map(|_| ())
     }
 
     fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool, IptablesError> {
-        match self.run(
-            &self.iptables.clone(),
-            &["-w", "-t", table, "-S", chain, "1"],
-            None,
-        ) {
+        let mut args = WAIT_ARGS.to_vec();
+        args.extend(["-t", table, "-S", chain, "1"]);
+        match self.run(&self.iptables.clone(), &args, None) {
             Ok(_) => Ok(true),
             Err(IptablesError::Failed { .. }) => Ok(false),
             Err(e) => Err(e),
@@ -907,20 +964,26 @@ impl Iptables for RealIptables {
         base.push_str("COMMIT\n");
         self.restore(&base)?;
         for (table, chain, rule) in JUMPS {
-            let mut args = vec![
-                "-w".to_string(),
-                "-t".into(),
+            let mut args: Vec<String> = WAIT_ARGS.iter().map(|a| (*a).to_string()).collect();
+            let op = args.len() + 2;
+            args.extend([
+                "-t".to_string(),
                 (*table).into(),
                 "-C".into(),
                 (*chain).into(),
-            ];
+            ]);
             args.extend(split_rule(rule));
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
-            if self.run(&ipt, &a, None).is_err() {
-                args[3] = "-I".into();
-                let a: Vec<&str> = args.iter().map(String::as_str).collect();
-                self.run(&ipt, &a, None)?;
+            match self.run(&ipt, &a, None) {
+                Ok(_) => continue,
+                Err(e @ (IptablesError::Lock { .. } | IptablesError::Spawn { .. })) => {
+                    return Err(e)
+                }
+                Err(IptablesError::Failed { .. }) => {}
             }
+            args[op] = "-I".into();
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.run(&ipt, &a, None)?;
         }
         Ok(())
     }

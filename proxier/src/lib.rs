@@ -11,6 +11,12 @@ pub mod model;
 pub mod nft;
 pub mod proxier;
 
+/// How long a netlink socket of the IPVS, ipset, link, conntrack and nf_tables clients waits
+/// for the kernel's next answer (`SO_RCVTIMEO`) before the request fails with a timeout error
+/// (the next sync then starts from a fresh socket). The kernel answers within milliseconds;
+/// this only bounds a sync that would otherwise hang forever.
+pub const NETLINK_RECV_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub use crate::iptables::{FakeIptables, Iptables, RealIptables, RenderOpts};
 pub use crate::nft::NftablesBackend;
 pub use crate::proxier::{Backend, IptablesBackend, Proxier, ProxierOpts, SyncError, SyncStats};

@@ -325,6 +325,220 @@ impl Drop for Registry {
     }
 }
 
+/// A stall mode in front of a registry: an HTTP/1.1 proxy on 127.0.0.1 (in the network
+/// namespace of the thread that starts it) that forwards every request to `upstream`, and
+/// while stalling is on answers a blob `GET` of more than [`STALL_MIN_BLOB`] bytes with its
+/// headers and the first half of the body, then sends nothing more (the connection stays
+/// open) until the client gives up, stalling is turned off, or the proxy is dropped. Pulls
+/// through [`StallProxy::reference`] see a registry that stalls mid-blob.
+#[derive(Debug)]
+pub struct StallProxy {
+    addr: String,
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Smallest blob [`StallProxy`] stalls (image configs are smaller, layers larger).
+pub const STALL_MIN_BLOB: usize = 4096;
+
+impl StallProxy {
+    /// Listens on a free port of 127.0.0.1, forwarding to `upstream` (`host:port`), with
+    /// stalling on.
+    pub fn start(upstream: &str) -> Result<StallProxy, RegistryError> {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(RegistryError::Port)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(RegistryError::Port)?;
+        let addr = listener
+            .local_addr()
+            .map_err(RegistryError::Port)?
+            .to_string();
+        let stall = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicUsize::new(0));
+        let (st, sp, sd, up) = (
+            stall.clone(),
+            stop.clone(),
+            stalled.clone(),
+            upstream.to_string(),
+        );
+        // A thread spawned here shares this thread's network namespace, and so do its own.
+        let accept = std::thread::spawn(move || {
+            use std::sync::atomic::Ordering;
+            while !sp.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (st, sp, sd, up) = (st.clone(), sp.clone(), sd.clone(), up.clone());
+                        std::thread::spawn(move || proxy_conn(conn, &up, &st, &sp, &sd));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(StallProxy {
+            addr,
+            stall,
+            stop,
+            stalled,
+            accept: Some(accept),
+        })
+    }
+
+    /// `127.0.0.1:<port>` of the proxy.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// `<proxy addr>/<name_tag>`.
+    pub fn reference(&self, name_tag: &str) -> String {
+        format!("{}/{name_tag}", self.addr)
+    }
+
+    /// Turns stalling on or off (off also ends the stalls under way: their connections close).
+    pub fn set_stall(&self, on: bool) {
+        self.stall.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many blob responses were stalled so far.
+    pub fn stalled(&self) -> usize {
+        self.stalled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Reads one request head (up to the blank line); None when the client closed or the proxy
+/// stops.
+fn read_head(
+    conn: &mut std::net::TcpStream,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Option<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) || head.len() > 64 << 10 {
+            return None;
+        }
+        match conn.read(&mut b) {
+            Ok(0) => return None,
+            Ok(_) => head.push(b[0]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+fn proxy_conn(
+    mut conn: std::net::TcpStream,
+    upstream: &str,
+    stall: &std::sync::atomic::AtomicBool,
+    stop: &std::sync::atomic::AtomicBool,
+    stalled: &std::sync::atomic::AtomicUsize,
+) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+    let agent = ureq::AgentBuilder::new()
+        .redirects(0)
+        .timeout(Duration::from_secs(30))
+        .build();
+    while let Some(head) = read_head(&mut conn, stop) {
+        let mut lines = head.lines();
+        let mut first = lines.next().unwrap_or_default().split(' ');
+        let (method, path) = (
+            first.next().unwrap_or_default().to_string(),
+            first.next().unwrap_or_default().to_string(),
+        );
+        let mut req = agent.request(&method, &format!("http://{upstream}{path}"));
+        for l in lines {
+            if let Some((k, v)) = l.split_once(':') {
+                if ["accept", "authorization"].contains(&k.trim().to_ascii_lowercase().as_str()) {
+                    req = req.set(k.trim(), v.trim());
+                }
+            }
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(_) => return,
+        };
+        let status = resp.status();
+        let mut out = format!("HTTP/1.1 {status} {}\r\n", resp.status_text());
+        let upstream_len = resp.header("Content-Length").map(str::to_string);
+        for name in resp.headers_names() {
+            let lower = name.to_ascii_lowercase();
+            if ["content-length", "transfer-encoding", "connection"].contains(&lower.as_str()) {
+                continue;
+            }
+            for v in resp.all(&name) {
+                out.push_str(&format!("{name}: {v}\r\n"));
+            }
+        }
+        let mut body = Vec::new();
+        if method != "HEAD"
+            && resp
+                .into_reader()
+                .take(1 << 30)
+                .read_to_end(&mut body)
+                .is_err()
+        {
+            return;
+        }
+        let len = if method == "HEAD" {
+            upstream_len.unwrap_or_else(|| "0".into())
+        } else {
+            body.len().to_string()
+        };
+        out.push_str(&format!("Content-Length: {len}\r\n\r\n"));
+        let stall_this = method == "GET"
+            && path.contains("/blobs/")
+            && body.len() > STALL_MIN_BLOB
+            && stall.load(Ordering::SeqCst);
+        if !stall_this {
+            if conn.write_all(out.as_bytes()).is_err() || conn.write_all(&body).is_err() {
+                return;
+            }
+            continue;
+        }
+        stalled.fetch_add(1, Ordering::SeqCst);
+        let _ = conn.write_all(out.as_bytes());
+        let _ = conn.write_all(&body[..body.len() / 2]);
+        let _ = conn.flush();
+        // Hold: nothing more until the client leaves, stalling ends or the proxy stops.
+        let mut b = [0u8; 512];
+        while stall.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+            match conn.read(&mut b) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+        }
+        return;
+    }
+}
+
 /// A response body with its content type and `Docker-Content-Digest` header.
 #[derive(Debug, Clone)]
 pub struct Fetched {

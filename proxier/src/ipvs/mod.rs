@@ -15,7 +15,7 @@ pub mod nl;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -234,8 +234,10 @@ pub const JUMPS: &[(&str, &str, &[&str])] = &[
 
 fn ensure_jumps(ipt: &RealIptables) -> Result<(), SyncError> {
     for (table, chain, rule) in JUMPS {
-        let check = Command::new(&ipt.iptables)
-            .args(["-w", "-t", table, "-C", chain])
+        let check = ipt
+            .command(&ipt.iptables)
+            .args(crate::iptables::WAIT_ARGS)
+            .args(["-t", table, "-C", chain])
             .args(*rule)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -244,8 +246,10 @@ fn ensure_jumps(ipt: &RealIptables) -> Result<(), SyncError> {
         if matches!(check, Ok(s) if s.success()) {
             continue;
         }
-        let out = Command::new(&ipt.iptables)
-            .args(["-w", "-t", table, "-I", chain])
+        let out = ipt
+            .command(&ipt.iptables)
+            .args(crate::iptables::WAIT_ARGS)
+            .args(["-t", table, "-I", chain])
             .args(*rule)
             .stdin(Stdio::null())
             .output()

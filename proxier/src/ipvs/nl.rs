@@ -54,6 +54,10 @@ pub enum NlError {
     /// A reply could not be parsed.
     #[error("malformed netlink reply: {0}")]
     Malformed(String),
+    /// No answer from the kernel within the receive timeout; the socket is replaced before
+    /// its next request.
+    #[error("netlink: no answer from the kernel within {}s", .0.as_secs_f64())]
+    Timeout(std::time::Duration),
 }
 
 impl NlError {
@@ -251,10 +255,21 @@ pub fn error_code(payload: &[u8]) -> Option<i32> {
     Some(i32::from_ne_bytes(payload.get(..4)?.try_into().ok()?).saturating_neg())
 }
 
+/// `SO_RCVTIMEO`'s value for `d` (at least 1 µs: zero would mean no timeout).
+pub fn timeval(d: std::time::Duration) -> nix::sys::time::TimeVal {
+    use nix::sys::time::TimeValLike;
+    nix::sys::time::TimeVal::microseconds(i64::try_from(d.as_micros()).unwrap_or(i64::MAX).max(1))
+}
+
 /// A netlink socket of one protocol in the calling thread's network namespace.
 #[derive(Debug)]
 pub struct Socket {
     fd: OwnedFd,
+    proto: SockProtocol,
+    timeout: std::time::Duration,
+    /// A receive timed out: answers may still arrive for old requests, so the next request
+    /// goes through a fresh socket.
+    stale: bool,
     seq: u32,
     rbuf: Vec<u8>,
 }
@@ -263,8 +278,28 @@ pub struct Socket {
 const BATCH: usize = 200;
 
 impl Socket {
-    /// Opens and binds a socket of `proto`.
+    /// Opens and binds a socket of `proto` whose receives give up after
+    /// [`crate::NETLINK_RECV_TIMEOUT`].
     pub fn open(proto: SockProtocol) -> Result<Self, NlError> {
+        Self::open_with_timeout(proto, crate::NETLINK_RECV_TIMEOUT)
+    }
+
+    /// The same with another receive timeout.
+    pub fn open_with_timeout(
+        proto: SockProtocol,
+        timeout: std::time::Duration,
+    ) -> Result<Self, NlError> {
+        Ok(Self {
+            fd: Self::open_fd(proto, timeout)?,
+            proto,
+            timeout,
+            stale: false,
+            seq: 1,
+            rbuf: vec![0; 1 << 16],
+        })
+    }
+
+    fn open_fd(proto: SockProtocol, timeout: std::time::Duration) -> Result<OwnedFd, NlError> {
         let fd = socket(
             AddressFamily::Netlink,
             SockType::Raw,
@@ -280,11 +315,21 @@ impl Socket {
         // Room for the acknowledgements of a whole batch.
         let _ = setsockopt(&fd, sockopt::RcvBuf, &(4 << 20));
         let _ = setsockopt(&fd, sockopt::SndBuf, &(4 << 20));
-        Ok(Self {
-            fd,
-            seq: 1,
-            rbuf: vec![0; 1 << 16],
-        })
+        let tv = timeval(timeout);
+        setsockopt(&fd, sockopt::ReceiveTimeout, &tv).map_err(|source| NlError::Sys {
+            op: "SO_RCVTIMEO",
+            source,
+        })?;
+        Ok(fd)
+    }
+
+    /// Replaces the socket after a timeout (same protocol and timeout, sequence numbers go on).
+    fn refresh(&mut self) -> Result<(), NlError> {
+        if self.stale {
+            self.fd = Self::open_fd(self.proto, self.timeout)?;
+            self.stale = false;
+        }
+        Ok(())
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -303,6 +348,10 @@ impl Socket {
             match recv(self.fd.as_raw_fd(), &mut self.rbuf, MsgFlags::empty()) {
                 Ok(n) => return Ok(self.rbuf[..n].to_vec()),
                 Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => {
+                    self.stale = true;
+                    return Err(NlError::Timeout(self.timeout));
+                }
                 Err(source) => return Err(NlError::Sys { op: "recv", source }),
             }
         }
@@ -317,6 +366,7 @@ impl Socket {
         ignore: &[i32],
         what: &dyn Fn(usize) -> String,
     ) -> Result<(), NlError> {
+        self.refresh()?;
         let mut first_err = None;
         for (chunk_no, chunk) in reqs.chunks(BATCH).enumerate() {
             let mut buf = Vec::new();
@@ -361,6 +411,7 @@ impl Socket {
         what: &str,
         tap: &mut dyn FnMut(&[u8]),
     ) -> Result<Vec<(u16, Vec<u8>)>, NlError> {
+        self.refresh()?;
         let seq = self.next_seq();
         let b = req.finish(seq);
         let flags = u16::from_ne_bytes([b[6], b[7]]);
@@ -427,6 +478,31 @@ mod tests {
         assert_eq!(get_u32(attr(a, 4).expect("u32")), Some(7));
         // Padding: "rr\0" is 3 bytes, padded to 4.
         assert_eq!(nested.len(), 8 + 8);
+    }
+
+    /// A kernel that does not answer: the receive gives up at the timeout (instead of blocking
+    /// the sync forever) and the next request works on a fresh socket.
+    #[test]
+    fn a_missing_answer_times_out_and_the_next_request_uses_a_fresh_socket() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = Socket::open_with_timeout(
+                SockProtocol::NetlinkRoute,
+                std::time::Duration::from_millis(200),
+            )
+            .expect("socket");
+            // Nothing was asked, so nothing will come.
+            let first = s.recv_datagram().map(|_| ());
+            // RTM_GETLINK dump: answered.
+            let dump = MsgBuilder::new(18, NLM_F_REQUEST | NLM_F_DUMP, &[0; 16]);
+            let links = s.request(&dump, "listing links", &mut |_| {});
+            let _ = tx.send((first, links.map(|l| l.len())));
+        });
+        let (first, links) = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("a receive without an answer returned");
+        assert!(matches!(first, Err(NlError::Timeout(_))), "{first:?}");
+        assert!(links.expect("dump after the timeout") >= 1);
     }
 
     #[test]

@@ -948,11 +948,20 @@ pub enum NetlinkError {
     /// The kernel rejected the batch (nothing of it was applied).
     #[error("nf_tables rejected the batch: {0}")]
     Rejected(String),
+    /// No answer from the kernel within the receive timeout (the sink replaces the socket).
+    #[error("nf_tables netlink {op}: no answer from the kernel within {}s", .after.as_secs_f64())]
+    Timeout {
+        /// What was being done.
+        op: &'static str,
+        /// The timeout.
+        after: std::time::Duration,
+    },
 }
 
 /// An nf_tables netlink socket in the calling thread's network namespace.
 pub struct Socket {
     fd: OwnedFd,
+    timeout: std::time::Duration,
 }
 
 fn sys(op: &'static str) -> impl Fn(nix::Error) -> NetlinkError {
@@ -986,8 +995,13 @@ pub fn errno_text(code: i32) -> String {
 }
 
 impl Socket {
-    /// Opens the socket.
+    /// Opens the socket; its receives give up after [`crate::NETLINK_RECV_TIMEOUT`].
     pub fn open() -> Result<Self, NetlinkError> {
+        Self::open_with_timeout(crate::NETLINK_RECV_TIMEOUT)
+    }
+
+    /// The same with another receive timeout.
+    pub fn open_with_timeout(timeout: std::time::Duration) -> Result<Self, NetlinkError> {
         let fd = socket(
             AddressFamily::Netlink,
             SockType::Raw,
@@ -998,9 +1012,27 @@ impl Socket {
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(sys("bind"))?;
         // Errors carry the offending message; leave room for many.
         let _ = setsockopt(&fd, sockopt::RcvBufForce, &(8 << 20));
-        let tv = nix::sys::time::TimeVal::new(60, 0);
+        let tv = crate::ipvs::nl::timeval(timeout);
         setsockopt(&fd, sockopt::ReceiveTimeout, &tv).map_err(sys("SO_RCVTIMEO"))?;
-        Ok(Self { fd })
+        Ok(Self { fd, timeout })
+    }
+
+    /// One datagram: EAGAIN (the receive timeout) is [`NetlinkError::Timeout`], EINTR is
+    /// retried.
+    fn recv_into(&self, buf: &mut [u8], op: &'static str) -> Result<usize, NetlinkError> {
+        loop {
+            match recv(self.fd.as_raw_fd(), buf, MsgFlags::empty()) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => {
+                    return Err(NetlinkError::Timeout {
+                        op,
+                        after: self.timeout,
+                    })
+                }
+                Err(source) => return Err(NetlinkError::Sys { op, source }),
+            }
+        }
     }
 
     /// Sends a finished batch in one message and waits for the kernel's verdict: all of it
@@ -1017,7 +1049,7 @@ impl Socket {
         let mut rbuf = vec![0u8; 1 << 20];
         let mut first_err: Option<String> = None;
         loop {
-            let n = recv(self.fd.as_raw_fd(), &mut rbuf, MsgFlags::empty()).map_err(sys("recv"))?;
+            let n = self.recv_into(&mut rbuf, "recv")?;
             for (ty, seq, body) in messages(&rbuf[..n]) {
                 if ty != NLMSG_ERROR {
                     continue;
@@ -1064,8 +1096,7 @@ impl Socket {
         let mut rbuf = vec![0u8; 1 << 16];
         let mut n_rules = 0;
         loop {
-            let n = recv(self.fd.as_raw_fd(), &mut rbuf, MsgFlags::empty())
-                .map_err(sys("recv dump"))?;
+            let n = self.recv_into(&mut rbuf, "recv dump")?;
             for (ty, _, body) in messages(&rbuf[..n]) {
                 match ty {
                     NLMSG_DONE => return Ok(Some(n_rules)),
@@ -1098,6 +1129,21 @@ fn libc_enoent() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_answer_is_a_timeout_error() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let s =
+                Socket::open_with_timeout(std::time::Duration::from_millis(200)).expect("socket");
+            let mut buf = [0u8; 64];
+            let _ = tx.send(s.recv_into(&mut buf, "recv").map(|_| ()));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("a receive without an answer returned");
+        assert!(matches!(r, Err(NetlinkError::Timeout { .. })), "{r:?}");
+    }
 
     /// The nfgenmsg + attributes of the NEWRULE message of `rule`, as `Batch` encodes it.
     fn rule_bytes(chain: &str, exprs: &[Expr]) -> String {

@@ -16,7 +16,11 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Default image pull progress deadline (the kubelet's `--image-pull-progress-deadline`):
+/// a pull with no bytes for this long is cancelled.
+pub const DEFAULT_PROGRESS_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Image store errors, naming the image.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,18 @@ pub enum ImageError {
     /// The image config is not valid JSON.
     #[error("image {0}: bad config: {1}")]
     Config(String, String),
+    /// No bytes arrived for the progress deadline; the pull was cancelled.
+    #[error("cancel pulling image {image} because of no progress for {}s, latest progress: {what} ({bytes} bytes)", .after.as_secs_f64())]
+    Stalled {
+        /// Image reference.
+        image: String,
+        /// What was being fetched (manifest and config, or a blob digest).
+        what: String,
+        /// Bytes of it received before the stall.
+        bytes: u64,
+        /// The progress deadline.
+        after: Duration,
+    },
 }
 
 /// Kubernetes image pull policy.
@@ -191,6 +207,78 @@ fn dir_size(p: &Path) -> u64 {
 pub struct ImageStore {
     root: PathBuf,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    progress_deadline: Duration,
+}
+
+/// Bytes received and when the last ones came, shared by a writer and its watchdog.
+struct Progress {
+    state: Mutex<(u64, Instant)>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new((0, Instant::now())),
+        }
+    }
+
+    fn add(&self, n: usize) {
+        if n > 0 {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.0 += n as u64;
+            st.1 = Instant::now();
+        }
+    }
+
+    fn get(&self) -> (u64, Instant) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves once no bytes came for `deadline`, with the bytes received so far.
+    async fn stalled(&self, deadline: Duration) -> u64 {
+        loop {
+            let (bytes, last) = self.get();
+            let idle = last.elapsed();
+            if idle >= deadline {
+                return bytes;
+            }
+            tokio::time::sleep((deadline - idle).min(Duration::from_secs(1))).await;
+        }
+    }
+}
+
+/// An `AsyncWrite` that counts what goes through it into a [`Progress`].
+struct ProgressWriter<'a, W> {
+    inner: W,
+    progress: &'a Progress,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ProgressWriter<'_, W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.progress.add(*n);
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 impl ImageStore {
@@ -220,7 +308,15 @@ impl ImageStore {
         Ok(Self {
             root,
             locks: Mutex::new(HashMap::new()),
+            progress_deadline: DEFAULT_PROGRESS_DEADLINE,
         })
+    }
+
+    /// The same store cancelling pulls that receive no bytes for `deadline` (the kubelet's
+    /// `--image-pull-progress-deadline`; default [`DEFAULT_PROGRESS_DEADLINE`]).
+    pub fn with_progress_deadline(mut self, deadline: Duration) -> Self {
+        self.progress_deadline = deadline;
+        self
     }
 
     fn image_file(&self, reference: &str) -> PathBuf {
@@ -371,10 +467,20 @@ impl ImageStore {
         let oref: oci_client::Reference = name.parse().map_err(|e: oci_client::ParseError| {
             ImageError::Registry(name.clone(), e.to_string())
         })?;
-        let (manifest, digest, config) = client
-            .pull_manifest_and_config(&oref, &auth)
-            .await
-            .map_err(reg_err)?;
+        // Manifest and config are small documents: no progress for the deadline is the same
+        // as not done within it.
+        let (manifest, digest, config) = tokio::time::timeout(
+            self.progress_deadline,
+            client.pull_manifest_and_config(&oref, &auth),
+        )
+        .await
+        .map_err(|_| ImageError::Stalled {
+            image: name.clone(),
+            what: "manifest and config".into(),
+            bytes: 0,
+            after: self.progress_deadline,
+        })?
+        .map_err(reg_err)?;
         if let Some(want) = &r.digest {
             if want != &digest {
                 return Err(ImageError::Digest {
@@ -451,11 +557,26 @@ impl ImageStore {
         let f = tokio::fs::File::create(&blob)
             .await
             .map_err(|e| ImageError::Io(blob.clone(), e))?;
-        let mut w = tokio::io::BufWriter::new(f);
-        client
-            .pull_blob(oref, l, &mut w)
-            .await
-            .map_err(|e| ImageError::Registry(name.to_string(), e.to_string()))?;
+        let progress = Progress::new();
+        let mut w = ProgressWriter {
+            inner: tokio::io::BufWriter::new(f),
+            progress: &progress,
+        };
+        // Cancelled (the download dropped, its connection closed) once no bytes came for the
+        // progress deadline.
+        tokio::select! {
+            r = client.pull_blob(oref, l, &mut w) => {
+                r.map_err(|e| ImageError::Registry(name.to_string(), e.to_string()))?;
+            }
+            bytes = progress.stalled(self.progress_deadline) => {
+                return Err(ImageError::Stalled {
+                    image: name.to_string(),
+                    what: format!("blob {}", l.digest),
+                    bytes,
+                    after: self.progress_deadline,
+                });
+            }
+        }
         tokio::io::AsyncWriteExt::flush(&mut w)
             .await
             .map_err(|e| ImageError::Io(blob.clone(), e))?;
@@ -581,6 +702,34 @@ fn rand_bytes() -> [u8; 8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes keep a download alive; silence for the deadline ends it.
+    #[tokio::test]
+    async fn progress_deadline_counts_silence_not_total_time() {
+        let progress = Progress::new();
+        let mut w = ProgressWriter {
+            inner: Vec::new(),
+            progress: &progress,
+        };
+        let deadline = Duration::from_millis(300);
+        let feed = async {
+            // 1 s of steady bytes (longer than the deadline), then silence.
+            for _ in 0..10 {
+                tokio::io::AsyncWriteExt::write_all(&mut w, b"0123456789")
+                    .await
+                    .expect("write");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            std::future::pending::<()>().await;
+        };
+        let t0 = Instant::now();
+        let bytes = tokio::select! {
+            () = feed => unreachable!("the feed never ends"),
+            b = progress.stalled(deadline) => b,
+        };
+        assert_eq!(bytes, 100);
+        assert!(t0.elapsed() >= Duration::from_millis(900 + 300));
+    }
 
     #[test]
     fn config_subset() {

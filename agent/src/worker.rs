@@ -137,6 +137,8 @@ struct Handle {
     tx: mpsc::UnboundedSender<Msg>,
     last: Pod,
     deleting: bool,
+    /// Set once the pod is being deleted: the worker's long waits (an image pull) give way.
+    deletion: tokio::sync::watch::Sender<bool>,
 }
 
 /// Owns the pod workers; the seam between pod sources and the node (see the module docs).
@@ -308,6 +310,9 @@ impl PodManager {
         for (uid, h) in workers.iter_mut() {
             match want.get(uid) {
                 Some(p) if h.last != *p => {
+                    if p.metadata.deletion_timestamp.is_some() {
+                        h.deletion.send_replace(true);
+                    }
                     h.last = p.clone();
                     let _ = h.tx.send(Msg::Update(Box::new(p.clone())));
                 }
@@ -317,6 +322,7 @@ impl PodManager {
                 Some(_) => {}
                 None if !h.deleting => {
                     h.deleting = true;
+                    h.deletion.send_replace(true);
                     let _ = h.tx.send(Msg::Delete);
                 }
                 None => {}
@@ -423,20 +429,15 @@ impl PodManager {
             let _ = tx.send(Msg::Delete);
         }
         let last = pod.clone();
-        let w = Worker::new(
-            self.cfg.clone(),
-            self.objects.clone(),
-            pod,
-            self.status_tx.clone(),
-            self.pods.clone(),
-            self.metrics.clone(),
-            self.sandbox_slots.clone(),
-        );
+        let (deletion, deletion_rx) =
+            tokio::sync::watch::channel(delete || pod.metadata.deletion_timestamp.is_some());
+        let w = Worker::new(self, pod, deletion_rx);
         tokio::spawn(w.run(rx));
         Handle {
             tx,
             last,
             deleting: delete,
+            deletion,
         }
     }
 }
@@ -500,6 +501,8 @@ struct Worker {
     start_observed: bool,
     metrics: Arc<AgentMetrics>,
     sandbox_slots: Arc<tokio::sync::Semaphore>,
+    /// True once the pod is being deleted (set by the manager, ahead of the messages).
+    deletion: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Durations of pod start phases measured inside a blocking task, reported by the worker.
@@ -602,22 +605,17 @@ async fn stop_container(sock: PathBuf, grace: Duration) {
 }
 
 impl Worker {
-    fn new(
-        cfg: Arc<AgentConfig>,
-        objects: Arc<RwLock<Objects>>,
-        pod: Pod,
-        status_tx: broadcast::Sender<PodStatusEvent>,
-        pods: Arc<Mutex<BTreeMap<String, Pod>>>,
-        metrics: Arc<AgentMetrics>,
-        sandbox_slots: Arc<tokio::sync::Semaphore>,
-    ) -> Self {
+    /// A worker for `pod`, sharing the manager's configuration, objects, status channel,
+    /// pod list, metrics and sandbox slots.
+    fn new(mgr: &PodManager, pod: Pod, deletion: tokio::sync::watch::Receiver<bool>) -> Self {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let (exit_tx, exit_rx) = mpsc::unbounded_channel();
+        let cfg = mgr.cfg.clone();
         let backoff = cfg.backoff;
         Self {
             record: PodRecord::new(pod.clone()),
             cfg,
-            objects,
+            objects: mgr.objects.clone(),
             pod,
             uid,
             dirty: true,
@@ -630,8 +628,8 @@ impl Worker {
             probes: HashMap::new(),
             start_time: None,
             last_cni_check: None,
-            status_tx,
-            pods,
+            status_tx: mgr.status_tx.clone(),
+            pods: mgr.pods.clone(),
             exit_tx,
             exit_rx: Some(exit_rx),
             deleting: false,
@@ -641,8 +639,18 @@ impl Worker {
             resync_now: false,
             seen_at: std::time::Instant::now(),
             start_observed: false,
-            metrics,
-            sandbox_slots,
+            metrics: mgr.metrics.clone(),
+            sandbox_slots: mgr.sandbox_slots.clone(),
+            deletion,
+        }
+    }
+
+    /// Resolves once the pod is being deleted (at once if it already is).
+    fn deleted(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.deletion.clone();
+        async move {
+            // A closed channel: the manager is gone, nothing will wait for this pod.
+            let _ = rx.wait_for(|d| *d).await;
         }
     }
 
@@ -1661,12 +1669,22 @@ impl Worker {
             self.event("Normal", "Pulling", &format!("Pulling image {image:?}"));
         }
         let t0 = std::time::Instant::now();
-        match self
-            .cfg
-            .images
-            .ensure(&image, policy, creds.as_deref())
-            .await
-        {
+        // The pull runs in a task of its own: a deletion of the pod does not wait for it (the
+        // kubelet cancels the pull's context); the pull then ends on its own, at the latest at
+        // the progress deadline, and what it fetched stays in the store for the next pod.
+        let images = self.cfg.images.clone();
+        let (reference, creds2) = (image.clone(), creds.clone());
+        let pull =
+            tokio::spawn(async move { images.ensure(&reference, policy, creds2.as_deref()).await });
+        let result = tokio::select! {
+            r = pull => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+            () = self.deleted() => {
+                let (ns, name) = self.ns_name();
+                tracing::info!(pod = %format!("{ns}/{name}"), %image, "pod deleted during the image pull: not waiting for it");
+                return None;
+            }
+        };
+        match result {
             Ok(img) => {
                 self.metrics
                     .image_pull(if present { "present" } else { "pulled" });

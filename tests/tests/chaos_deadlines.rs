@@ -293,3 +293,45 @@ fn stalled_blob_fails_the_pull_at_the_progress_deadline() {
     env.wait_for("pods removed", T, |e| e.records().is_empty().then_some(()));
     drop(proxy);
 }
+
+/// A pod deleted while its image pull is stalled is removed at once, not after the pull's
+/// progress deadline (here 10 minutes): deletion pre-empts the pull.
+#[test]
+fn deletion_does_not_wait_for_a_stalled_pull() {
+    let mut env = AgentEnv::new("dlcancel");
+    let upstream = env.registry.addr().to_string();
+    let proxy = env
+        .ns
+        .run(move || hako_tests::registry::StallProxy::start(&upstream))
+        .unwrap()
+        .expect("stall proxy");
+    let img = proxy.reference("busybox:sleep");
+    env.args = vec!["--image-pull-progress-deadline".into(), "600".into()];
+    env.write_manifest(
+        "p.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: c, image: \"{img}\"}}\n"),
+    );
+    env.start();
+    env.wait_for("the pull to stall", T, |e| {
+        let pulling = e.agent_log().contains("Pulling image");
+        (pulling && proxy.stalled() >= 1).then_some(())
+    });
+    let t0 = std::time::Instant::now();
+    env.remove_manifest("p.yaml");
+    env.wait_for(
+        "pod removed during its pull",
+        Duration::from_secs(30),
+        |e| {
+            let gone = e.record("p").is_none()
+                && e.agent_log().contains("pod deleted during the image pull")
+                && e.agent_log().contains("pod removed");
+            gone.then_some(())
+        },
+    );
+    eprintln!(
+        "pod removed {:.1} s after its manifest, its pull still stalled",
+        t0.elapsed().as_secs_f64()
+    );
+    proxy.set_stall(false);
+    drop(proxy);
+}

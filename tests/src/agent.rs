@@ -510,17 +510,7 @@ impl Drop for AgentEnv {
             }
         }
         // Mounts under the temp dir (pod namespaces), deepest first.
-        let prefix = self.tmp.path().to_string_lossy().to_string();
-        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(String::from))
-            .filter(|m| m.starts_with(&prefix))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-        }
+        let _ = crate::holdings::unmount_under(self.tmp.path());
         for r in cgroup_roots() {
             remove_tree(&r.join(&self.cgroup_parent));
         }

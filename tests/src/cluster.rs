@@ -4,11 +4,11 @@
 use crate::agent::AgentEnv;
 use crate::apiserver::ApiServer;
 use serde_json::Value;
+use std::path::PathBuf;
 
-/// The agent (not started) and the fixture; the agent's kubeconfig holds node1's token, its
-/// kubelet API is off, and it renews its Lease and node status every second.
-pub fn cluster_env(tag: &str) -> (AgentEnv, ApiServer) {
-    let mut env = AgentEnv::new(tag);
+/// The fixture started inside `env`'s namespace, and a kubeconfig for node1 next to the
+/// agent's dirs (what `--kubeconfig` takes).
+pub fn start_fixture(env: &AgentEnv) -> (ApiServer, PathBuf) {
     let srv = env
         .ns
         .run(ApiServer::start)
@@ -17,6 +17,14 @@ pub fn cluster_env(tag: &str) -> (AgentEnv, ApiServer) {
     let kc = env.root.parent().expect("tmp").join("kubeconfig");
     srv.write_kubeconfig(&kc, &srv.node_token("node1"))
         .expect("kubeconfig");
+    (srv, kc)
+}
+
+/// The agent (not started) and the fixture; the agent's kubeconfig holds node1's token, its
+/// kubelet API is off, and it renews its Lease and node status every second.
+pub fn cluster_env(tag: &str) -> (AgentEnv, ApiServer) {
+    let mut env = AgentEnv::new(tag);
+    let (srv, kc) = start_fixture(&env);
     env.args.extend(
         [
             "--kubeconfig",

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod cluster;
+pub mod holdings;
 pub mod images;
 pub mod netns;
 pub mod registry;

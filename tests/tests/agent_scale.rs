@@ -6,16 +6,8 @@
 #![allow(clippy::print_stdout, clippy::cast_possible_truncation)]
 
 use hako_tests::agent::AgentEnv;
+use hako_tests::holdings::proc_status;
 use std::time::{Duration, Instant};
-
-fn proc_status(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
 
 #[test]
 #[ignore]

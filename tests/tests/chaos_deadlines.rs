@@ -245,12 +245,13 @@ fn proxier_gives_up_on_a_held_xtables_lock_and_recovers_after_release() {
     );
 }
 
-/// A registry that stalls mid-blob: the pull is cancelled after the progress deadline with
-/// ErrImagePull, the pod can be deleted while it retries, and once the registry answers
-/// again the image pulls and a pod runs.
-#[test]
-fn stalled_blob_fails_the_pull_at_the_progress_deadline() {
-    let mut env = AgentEnv::new("dlpull");
+/// An agent whose pod `p` pulls busybox through a [`StallProxy`](hako_tests::registry::StallProxy)
+/// (stalling from the start) with a progress deadline of `deadline_secs`; started.
+fn stalled_pull_env(
+    tag: &str,
+    deadline_secs: u64,
+) -> (AgentEnv, hako_tests::registry::StallProxy, String) {
+    let mut env = AgentEnv::new(tag);
     let upstream = env.registry.addr().to_string();
     let proxy = env
         .ns
@@ -258,12 +259,24 @@ fn stalled_blob_fails_the_pull_at_the_progress_deadline() {
         .unwrap()
         .expect("stall proxy");
     let img = proxy.reference("busybox:sleep");
-    env.args = vec!["--image-pull-progress-deadline".into(), "3".into()];
+    env.args = vec![
+        "--image-pull-progress-deadline".into(),
+        deadline_secs.to_string(),
+    ];
     env.write_manifest(
         "p.yaml",
         &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: c, image: \"{img}\"}}\n"),
     );
     env.start();
+    (env, proxy, img)
+}
+
+/// A registry that stalls mid-blob: the pull is cancelled after the progress deadline with
+/// ErrImagePull, the pod can be deleted while it retries, and once the registry answers
+/// again the image pulls and a pod runs.
+#[test]
+fn stalled_blob_fails_the_pull_at_the_progress_deadline() {
+    let (env, proxy, img) = stalled_pull_env("dlpull", 3);
     let msg = env.wait_for("ErrImagePull from the progress deadline", T, |e| {
         e.events("p")
             .into_iter()
@@ -298,20 +311,7 @@ fn stalled_blob_fails_the_pull_at_the_progress_deadline() {
 /// progress deadline (here 10 minutes): deletion pre-empts the pull.
 #[test]
 fn deletion_does_not_wait_for_a_stalled_pull() {
-    let mut env = AgentEnv::new("dlcancel");
-    let upstream = env.registry.addr().to_string();
-    let proxy = env
-        .ns
-        .run(move || hako_tests::registry::StallProxy::start(&upstream))
-        .unwrap()
-        .expect("stall proxy");
-    let img = proxy.reference("busybox:sleep");
-    env.args = vec!["--image-pull-progress-deadline".into(), "600".into()];
-    env.write_manifest(
-        "p.yaml",
-        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: c, image: \"{img}\"}}\n"),
-    );
-    env.start();
+    let (env, proxy, _) = stalled_pull_env("dlcancel", 600);
     env.wait_for("the pull to stall", T, |e| {
         let pulling = e.agent_log().contains("Pulling image");
         (pulling && proxy.stalled() >= 1).then_some(())

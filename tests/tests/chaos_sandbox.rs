@@ -10,6 +10,7 @@
 #![cfg(feature = "root")]
 
 use hako_tests::agent::{target_bin, AgentEnv};
+use hako_tests::holdings::{holdings, unmount_under, Holdings};
 use rand::{Rng, SeedableRng};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -114,57 +115,13 @@ impl Chaos {
         self.env.stop();
     }
 
-    /// What the node holds for pods: sandbox dirs, veths on the bridge, IPAM reservations,
-    /// CNI cache entries, shim containers.
-    fn held(&self) -> Held {
-        let dir_names = |d: PathBuf| -> Vec<String> {
-            std::fs::read_dir(d)
-                .map(|rd| {
-                    rd.flatten()
-                        .map(|e| e.file_name().to_string_lossy().to_string())
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let veths = self
-            .env
-            .ns
-            .ip(&["-o", "link", "show", "master", "hkbr0"])
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .count();
-        let ipam = dir_names(self.env.tmp.path().join("ipam"))
-            .into_iter()
-            .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
-            .count();
-        let prefix = self.env.run.join("sandboxes").display().to_string();
-        let ns_mounts = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(&prefix) && m.ends_with("/net"))
-            .count();
-        Held {
-            sandboxes: dir_names(self.env.run.join("sandboxes")).len(),
-            ns_mounts,
-            veths,
-            ipam,
-            cache: dir_names(self.env.root.join("cni").join("results")).len(),
-            containers: self.env.shim_containers().len(),
-        }
+    fn held(&self) -> Holdings {
+        holdings(&self.env)
     }
 
     /// Waits until the node holds exactly what `pods` running pods need.
-    fn wait_held(&self, what: &str, pods: usize) -> Held {
-        let want = Held {
-            sandboxes: pods,
-            ns_mounts: pods,
-            veths: pods,
-            ipam: pods,
-            cache: pods,
-            containers: pods,
-        };
+    fn wait_held(&self, what: &str, pods: usize) -> Holdings {
+        let want = Holdings::for_pods(pods);
         let deadline = Instant::now() + T;
         loop {
             let h = self.held();
@@ -180,16 +137,6 @@ impl Chaos {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct Held {
-    sandboxes: usize,
-    ns_mounts: usize,
-    veths: usize,
-    ipam: usize,
-    cache: usize,
-    containers: usize,
 }
 
 #[test]
@@ -317,17 +264,8 @@ fn a_lost_run_dir_releases_the_old_sandbox() {
     for st in rt.list().unwrap_or_default() {
         rt.force_delete(&st.id).unwrap();
     }
-    let prefix = c.env.run.display().to_string();
-    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(String::from))
-        .filter(|m| m.starts_with(&prefix))
-        .collect();
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in mounts {
-        nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH).unwrap();
-    }
+    let failed = unmount_under(&c.env.run);
+    assert!(failed.is_empty(), "{failed:?}");
     std::fs::remove_dir_all(&c.env.run).unwrap();
     std::fs::create_dir_all(&c.env.run).unwrap();
     // The pod's old address is still reserved, its old veth died with the netns.

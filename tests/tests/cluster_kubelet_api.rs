@@ -517,14 +517,7 @@ fn kubelet_api_streaming_and_metrics() {
     use hako_tests::agent::AgentEnv;
     use std::time::Duration;
     let mut env = AgentEnv::new("kapi");
-    let srv = env
-        .ns
-        .run(ApiServer::start)
-        .expect("netns")
-        .expect("fixture");
-    let kc = env.root.parent().expect("tmp").join("kubeconfig");
-    srv.write_kubeconfig(&kc, &srv.node_token("node1"))
-        .expect("kubeconfig");
+    let (srv, kc) = hako_tests::cluster::start_fixture(&env);
     let port = 10250u16;
     env.args.extend(
         [

@@ -58,16 +58,9 @@ fn issued_for(srv: &ApiServer, uid: &str) -> Vec<(String, Expiry)> {
 fn service_account_token_projected_and_refreshed() {
     const TTL: i64 = 15;
     let mut env = AgentEnv::new("cltok");
-    let srv = env
-        .ns
-        .run(ApiServer::start)
-        .expect("netns")
-        .expect("fixture");
+    let (srv, kc) = hako_tests::cluster::start_fixture(&env);
     srv.enable_service_account_admission();
     srv.set_max_token_expiration(TTL);
-    let kc = env.root.parent().expect("tmp").join("kubeconfig");
-    srv.write_kubeconfig(&kc, &srv.node_token("node1"))
-        .expect("kubeconfig");
     env.args.extend(
         [
             "--kubeconfig",

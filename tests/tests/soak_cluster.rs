@@ -9,6 +9,7 @@
 #![allow(clippy::print_stdout)]
 
 use hako_tests::cluster::{cluster_env, condition};
+use hako_tests::holdings::{dir_entries, holdings, ip_files, mounts_under, proc_status, Holdings};
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,25 +19,6 @@ fn env_or(key: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn proc_status(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn entries(d: &Path) -> Vec<String> {
-    std::fs::read_dir(d)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Pod and container cgroups under the agent's cgroup parent, in every hierarchy (the
@@ -140,42 +122,23 @@ fn pod_churn_leaves_nothing_and_memory_flat() {
         wait(
             &format!("cycle {cycle}: nothing left on the node"),
             &mut || {
-                let sandboxes = entries(&env.run.join("sandboxes"));
-                let containers = entries(&env.run.join("containers"));
-                let pod_dirs = entries(&env.root.join("pods"));
-                let cache = entries(&env.root.join("cni").join("results"));
-                let addrs: Vec<String> = walk_ips(&ipam);
-                let veths = env
-                    .ns
-                    .ip(&["-o", "link", "show", "master", "hkbr0"])
-                    .unwrap_or_default()
-                    .lines()
-                    .filter(|l| !l.trim().is_empty())
-                    .count();
-                let shims = env.shim_containers().len();
+                let h = holdings(&env);
+                let run_containers = dir_entries(&env.run.join("containers"));
+                let pod_dirs = dir_entries(&env.root.join("pods"));
+                let addrs = ip_files(&ipam);
                 let cg = cgroups(&env.cgroup_parent);
-                let prefix = env.tmp.path().display().to_string();
-                let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-                    .unwrap_or_default()
-                    .lines()
-                    .filter_map(|l| l.split(' ').nth(4))
-                    .filter(|m| m.starts_with(&prefix))
-                    .count();
-                let left = sandboxes.len()
-                    + containers.len()
+                let mounts = mounts_under(env.tmp.path());
+                let left = usize::from(h != Holdings::default())
+                    + run_containers.len()
                     + pod_dirs.len()
-                    + cache.len()
                     + addrs.len()
-                    + veths
-                    + shims
                     + cg.len()
-                    + mounts;
+                    + mounts.len();
                 (left > 0).then(|| {
                     format!(
-                    "sandboxes {sandboxes:?}, containers {containers:?}, pod dirs {pod_dirs:?}, \
-                     CNI cache {cache:?}, addresses {addrs:?}, veths {veths}, shims {shims}, \
-                     cgroups {cg:?}, mounts {mounts}"
-                )
+                        "{h:?}, shim dirs {run_containers:?}, pod dirs {pod_dirs:?}, \
+                     addresses {addrs:?}, cgroups {cg:?}, mounts {mounts:?}"
+                    )
                 })
             },
         );
@@ -209,18 +172,4 @@ fn pod_churn_leaves_nothing_and_memory_flat() {
         "RSS grew from {first_empty} KiB to {last_empty} KiB over {cycles} cycles"
     );
     assert!(last_threads <= 40, "{last_threads} threads after the churn");
-}
-
-/// IPAM reservations: files named by an address, in the store and any per-network subdir.
-fn walk_ips(d: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            out.extend(walk_ips(&e.path()));
-        } else if name.parse::<std::net::IpAddr>().is_ok() {
-            out.push(name);
-        }
-    }
-    out
 }

@@ -26,6 +26,8 @@ const MAX_RECORD: usize = 1 << 20;
 const MAX_JOINED: usize = 1 << 20;
 /// Read size.
 const CHUNK: usize = 64 * 1024;
+/// Output is handed to the sink in chunks of about this size (and at the end of each poll).
+const FLUSH_AT: usize = 32 * 1024;
 
 /// Log reading errors.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +143,8 @@ pub struct LogWriter<'s> {
     skip: [bool; 2],
     written: u64,
     done: bool,
+    gone: bool,
+    buf: Vec<u8>,
     sink: &'s mut dyn FnMut(&[u8]) -> bool,
 }
 
@@ -152,6 +156,8 @@ impl<'s> LogWriter<'s> {
             skip: [false; 2],
             written: 0,
             done: false,
+            gone: false,
+            buf: Vec::new(),
             sink,
         }
     }
@@ -197,10 +203,24 @@ impl<'s> LogWriter<'s> {
             }
         }
         self.written += b.len() as u64;
-        if !b.is_empty() && !(self.sink)(b) {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= FLUSH_AT || self.done {
+            return self.flush() && !self.done;
+        }
+        true
+    }
+
+    /// Hands the buffered output to the sink; false when the sink is gone.
+    pub fn flush(&mut self) -> bool {
+        if self.buf.is_empty() {
+            return !self.gone;
+        }
+        if !self.gone && !(self.sink)(&self.buf) {
+            self.gone = true;
             self.done = true;
         }
-        !self.done
+        self.buf.clear();
+        !self.gone
     }
 
     /// Whether nothing more will be written.
@@ -449,7 +469,7 @@ pub fn read_logs(
             }
         })?;
     }
-    if !opts.follow || w.done() || stop {
+    if !w.flush() || !opts.follow || w.done() || stop {
         return Ok(());
     }
     let mut last_check: Option<Instant> = None;
@@ -462,7 +482,7 @@ pub fn read_logs(
                 stop = !w.write(&b);
             }
         })?;
-        if stop || w.done() || ctl.cancelled() {
+        if !w.flush() || stop || w.done() || ctl.cancelled() {
             return Ok(());
         }
         if any {

@@ -371,9 +371,9 @@ impl CriLog {
 }
 
 impl LogFile {
-    /// Renames the current file to `<path>.<YYYYMMDD-HHMMSS>` (`.<n>` added when that name is
-    /// taken), opens a new one and removes the oldest rotated files beyond `max_files - 1`.
-    /// On error the current file stays open (nothing is lost; the next write retries).
+    /// Removes the oldest rotated files beyond `max_files - 2`, renames the current file to
+    /// `<path>.<YYYYMMDD-HHMMSS>` (`.<n>` added within one second) and opens a new one. On
+    /// error the open file stays in use (nothing is lost; the next write retries).
     fn rotate(&mut self) -> io::Result<()> {
         if self.max_files <= 1 {
             self.file.set_len(0)?;
@@ -396,27 +396,21 @@ impl LogFile {
             target.push(format!(".{n}"));
         }
         let target = PathBuf::from(target);
-        let next = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(tmp_name(&self.path))?;
-        std::fs::rename(&self.path, &target)?;
-        std::fs::rename(tmp_name(&self.path), &self.path)?;
-        self.file = next;
-        self.size = 0;
+        // Remove the oldest first, so that with the new file no more than max_files exist.
         let rotated = rotated_files(&self.path);
-        let keep = usize::try_from(self.max_files - 1).unwrap_or(usize::MAX);
+        let keep = usize::try_from(self.max_files - 2).unwrap_or(usize::MAX);
         for old in &rotated[..rotated.len().saturating_sub(keep)] {
             let _ = std::fs::remove_file(old);
         }
+        std::fs::rename(&self.path, &target)?;
+        // Until the new file opens, records go on into the renamed one (nothing is lost).
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        self.size = 0;
         Ok(())
     }
-}
-
-fn tmp_name(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_os_string();
-    p.push(".tmp");
-    PathBuf::from(p)
 }
 
 #[cfg(test)]

@@ -51,16 +51,35 @@ fn restart_count(rec: &PodRecord, c: &str) -> Option<i32> {
         .map(|s| s.restart_count)
 }
 
-/// The shim's view of one container for `logs -f` (running while its shim says so).
+/// Whether one container runs, for `logs -f`: its shim says so, or when the shim cannot be
+/// asked (another `--run-dir`), the agent's pod record does.
 struct ShimFollow {
     client: hako_shim::client::ShimClient,
+    root: PathBuf,
+    pod: String,
+    id: String,
 }
 
 impl hako_agent::logs::FollowCtl for ShimFollow {
     fn running(&mut self) -> bool {
-        self.client
-            .state()
-            .is_ok_and(|s| s.status == hako_shim::state::Status::Running)
+        match self.client.state() {
+            Ok(s) => s.status == hako_shim::state::Status::Running,
+            Err(_) => find_pod(&self.root, &self.pod).is_ok_and(|rec| {
+                rec.pod.status.as_ref().is_some_and(|st| {
+                    st.container_statuses
+                        .iter()
+                        .flatten()
+                        .chain(st.init_container_statuses.iter().flatten())
+                        .any(|c| {
+                            c.container_id
+                                .as_deref()
+                                .and_then(|i| i.strip_prefix("hako://"))
+                                == Some(self.id.as_str())
+                                && c.state.as_ref().is_some_and(|s| s.running.is_some())
+                        })
+                })
+            }),
+        }
     }
 }
 
@@ -94,8 +113,12 @@ pub fn logs(
         .join(format!("{}_{}_{uid}", rec.namespace(), rec.name()))
         .join(&c)
         .join(format!("{attempt}.log"));
+    let id = hako_agent::runtime::container_id(&uid, &c, attempt);
     let mut ctl = ShimFollow {
-        client: shim.client(&hako_agent::runtime::container_id(&uid, &c, attempt)),
+        client: shim.client(&id),
+        root: root.to_path_buf(),
+        pod: pod.to_string(),
+        id,
     };
     let mut out = std::io::stdout().lock();
     let mut failed: Option<std::io::Error> = None;

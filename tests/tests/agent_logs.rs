@@ -209,3 +209,118 @@ spec:
         "{files:?}"
     );
 }
+
+/// Body bytes and HTTP code of a GET to the kubelet API through curl (`-k`: self-signed).
+fn api_get(port: u16, path: &str, token: &str) -> (u16, Vec<u8>) {
+    let out = Command::new("curl")
+        .args(["-sk", "-o", "-", "-w", "\n%{http_code}"])
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!("https://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl");
+    let s = out.stdout;
+    let nl = s.iter().rposition(|&b| b == b'\n').unwrap_or(0);
+    let code = String::from_utf8_lossy(&s[(nl + 1).min(s.len())..])
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (code, s[..nl].to_vec())
+}
+
+#[test]
+fn kubelet_api_container_logs_are_byte_exact() {
+    use hako_tests::apiserver::{ApiServer, User};
+    let srv = ApiServer::start().expect("fixture");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kc = tmp.path().join("kubeconfig");
+    srv.write_kubeconfig(&kc, &srv.node_token("n1"))
+        .expect("kubeconfig");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let logs = tmp.path().join("logs");
+    let _agent = Reap(
+        Command::new(target_bin("hako-agent", "HAKO_AGENT_BIN"))
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args(["--hostname-override", "n1", "--node-ip", "192.0.2.10"])
+            .args(["--kubelet-address", "127.0.0.1"])
+            .args(["--kubelet-port", &port.to_string()])
+            .arg("--root-dir")
+            .arg(tmp.path().join("root"))
+            .arg("--run-dir")
+            .arg(tmp.path().join("run"))
+            .arg("--pod-log-dir")
+            .arg(&logs)
+            .arg("--cni-conf-dir")
+            .arg(tmp.path().join("net.d"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let p = srv
+        .create(serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "raw", "namespace": "default"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "127.0.0.1:1/x:1"}]}}))
+        .expect("pod");
+    let uid = p["metadata"]["uid"].as_str().expect("uid").to_string();
+    let dir = logs.join(format!("default_raw_{uid}/c"));
+    std::fs::create_dir_all(&dir).expect("log dir");
+    // An invalid byte; a 4-byte character split across a P record and its F record, with a
+    // stderr line between them; a rotated file that is not read.
+    let mut log = Vec::new();
+    log.extend_from_slice(b"2026-11-28T10:00:00.000000001Z stdout F bad \xff byte\n");
+    log.extend_from_slice(b"2026-11-28T10:00:01.000000001Z stdout P smile \xf0\x9f\n");
+    log.extend_from_slice(b"2026-11-28T10:00:01.000000002Z stderr F err\n");
+    log.extend_from_slice(b"2026-11-28T10:00:01.000000003Z stdout F \x98\x80!\n");
+    std::fs::write(dir.join("0.log"), &log).expect("log");
+    std::fs::write(
+        dir.join("0.log.20261128-095959"),
+        b"2026-11-28T09:59:59.000000001Z stdout F old\n",
+    )
+    .expect("rotated");
+    srv.add_token("alice-token", User::plain("alice"));
+    srv.grant("alice", "get", "nodes", "proxy");
+    let path = "/containerLogs/default/raw/c";
+    let end = Instant::now() + T;
+    let (code, body) = loop {
+        let r = api_get(port, path, "alice-token");
+        if (r.0 != 404 && r.0 != 0) || Instant::now() > end {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        body,
+        b"bad \xff byte\nsmile \xf0\x9ferr\n\x98\x80!\n".to_vec(),
+        "records pass through as written"
+    );
+    let (_, body) = api_get(port, &format!("{path}?tailLines=2"), "alice-token");
+    assert_eq!(
+        body,
+        b"err\nsmile \xf0\x9f\x98\x80!\n".to_vec(),
+        "tail joins lines"
+    );
+    let (_, body) = api_get(
+        port,
+        &format!("{path}?sinceTime=2026-11-28T10:00:01Z&tailLines=9&timestamps=true"),
+        "alice-token",
+    );
+    assert_eq!(
+        body,
+        b"2026-11-28T10:00:01.000000002Z err\n2026-11-28T10:00:01.000000001Z smile \xf0\x9f\x98\x80!\n"
+            .to_vec()
+    );
+    let (_, body) = api_get(port, &format!("{path}?limitBytes=5"), "alice-token");
+    assert_eq!(body, b"bad \xff".to_vec());
+    // follow on a container that no runtime runs: everything, then the end.
+    let (code, body) = api_get(port, &format!("{path}?follow=true"), "alice-token");
+    assert_eq!(code, 200);
+    assert_eq!(
+        body,
+        b"bad \xff byte\nsmile \xf0\x9ferr\n\x98\x80!\n".to_vec()
+    );
+}

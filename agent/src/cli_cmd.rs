@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 use hako_agent::record::PodRecord;
 use hako_agent::state;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 fn find_pod(root: &Path, name: &str) -> anyhow::Result<PodRecord> {
@@ -51,30 +51,53 @@ fn restart_count(rec: &PodRecord, c: &str) -> Option<i32> {
         .map(|s| s.restart_count)
 }
 
-fn print_records(text: &str, out: &mut impl Write) -> std::io::Result<()> {
-    for line in text.lines() {
-        match hako_shim::logs::parse_record(line) {
-            Some(r) if r.partial => write!(out, "{}", r.line)?,
-            Some(r) => writeln!(out, "{}", r.line)?,
-            None => {}
-        }
-    }
-    Ok(())
+/// Whether one container runs, for `logs -f`: its shim says so, or when the shim cannot be
+/// asked (another `--run-dir`), the agent's pod record does.
+struct ShimFollow {
+    client: hako_shim::client::ShimClient,
+    root: PathBuf,
+    pod: String,
+    id: String,
 }
 
-/// `hako-agent logs POD [-c C] [--previous] [-f]`.
+impl hako_agent::logs::FollowCtl for ShimFollow {
+    fn running(&mut self) -> bool {
+        match self.client.state() {
+            Ok(s) => s.status == hako_shim::state::Status::Running,
+            Err(_) => find_pod(&self.root, &self.pod).is_ok_and(|rec| {
+                rec.pod.status.as_ref().is_some_and(|st| {
+                    st.container_statuses
+                        .iter()
+                        .flatten()
+                        .chain(st.init_container_statuses.iter().flatten())
+                        .any(|c| {
+                            c.container_id
+                                .as_deref()
+                                .and_then(|i| i.strip_prefix("hako://"))
+                                == Some(self.id.as_str())
+                                && c.state.as_ref().is_some_and(|s| s.running.is_some())
+                        })
+                })
+            }),
+        }
+    }
+}
+
+/// `hako-agent logs POD [-c C] [--previous] [-f] [--tail N] [--timestamps] [--limit-bytes N]
+/// [--since-time T]`: the bytes of the CRI log as written (no UTF-8 requirement).
 pub fn logs(
     root: &Path,
     log_dir: &Path,
+    shim: &hako_shim::client::Runtime,
     pod: &str,
     container: Option<&str>,
     previous: bool,
-    follow: bool,
+    opts: &hako_agent::logs::LogOptions,
 ) -> anyhow::Result<()> {
     let rec = find_pod(root, pod)?;
     let c = pick_container(&rec, container)?;
     let uid = rec.pod.metadata.uid.clone().unwrap_or_default();
-    let n = restart_count(&rec, &c).unwrap_or(0);
+    let n = u32::try_from(restart_count(&rec, &c).unwrap_or(0)).unwrap_or(0);
     let attempt = if previous {
         if n == 0 {
             bail!(
@@ -90,48 +113,31 @@ pub fn logs(
         .join(format!("{}_{}_{uid}", rec.namespace(), rec.name()))
         .join(&c)
         .join(format!("{attempt}.log"));
-    let mut f = std::fs::File::open(&path).with_context(|| {
-        format!(
-            "container {c:?} in pod {:?}: no log at {}",
-            rec.name(),
-            path.display()
-        )
-    })?;
-    let mut out = std::io::stdout().lock();
-    let mut text = String::new();
-    f.read_to_string(&mut text)?;
-    // Keep an incomplete last line for the next read.
-    let mut pending = match text.rfind('\n') {
-        Some(i) => {
-            print_records(&text[..=i], &mut out)?;
-            text[i + 1..].to_string()
-        }
-        None => text,
+    let id = hako_agent::runtime::container_id(&uid, &c, attempt);
+    let mut ctl = ShimFollow {
+        client: shim.client(&id),
+        root: root.to_path_buf(),
+        pod: pod.to_string(),
+        id,
     };
-    out.flush()?;
-    if !follow {
-        print_records(&pending, &mut out)?;
-        return Ok(());
-    }
-    let mut pos = f.stream_position()?;
-    loop {
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        if len < pos {
-            // Rotated: start over on the new file.
-            f = std::fs::File::open(&path)?;
-            pos = 0;
+    let mut out = std::io::stdout().lock();
+    let mut failed: Option<std::io::Error> = None;
+    hako_agent::logs::read_logs(&path, opts, &mut ctl, &mut |b| match out
+        .write_all(b)
+        .and_then(|()| out.flush())
+    {
+        Ok(()) => true,
+        Err(e) => {
+            failed = Some(e);
+            false
         }
-        f.seek(SeekFrom::Start(pos))?;
-        let mut more = String::new();
-        f.read_to_string(&mut more)?;
-        pos = f.stream_position()?;
-        pending.push_str(&more);
-        if let Some(i) = pending.rfind('\n') {
-            print_records(&pending[..=i], &mut out)?;
-            pending = pending[i + 1..].to_string();
-            out.flush()?;
-        }
+    })
+    .with_context(|| format!("container {c:?} in pod {:?}", rec.name()))?;
+    match failed {
+        // The reader of a pipe went away (`logs -f | head`): not an error.
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Some(e) => Err(e.into()),
+        None => Ok(()),
     }
 }
 

@@ -9,6 +9,7 @@ pub mod dirwatch;
 pub mod dns;
 pub mod env;
 pub mod integration;
+pub mod logs;
 pub mod manifest;
 pub mod observed;
 pub mod probe;

@@ -67,6 +67,15 @@ struct Cli {
         global = true
     )]
     pod_log_dir: PathBuf,
+    /// Rotate a container's CRI log when it would pass this size (a quantity: 10Mi, 512Ki;
+    /// the kubelet's --container-log-max-size).
+    #[arg(long, value_name = "QUANTITY", default_value = "10Mi", value_parser = parse_log_size)]
+    container_log_max_size: u64,
+    /// Log files kept per container, the current one included (at least 2; the kubelet's
+    /// --container-log-max-files).
+    #[arg(long, value_name = "N", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(2..))]
+    container_log_max_files: u32,
     /// Directory of Localhost seccomp profiles: `localhostProfile: profiles/x.json` is read
     /// from <dir>/profiles/x.json (default <root-dir>/seccomp, the kubelet's
     /// --seccomp-profile-root layout).
@@ -165,9 +174,24 @@ enum Cmd {
         /// The previous instance's log.
         #[arg(short, long)]
         previous: bool,
-        /// Keep printing new lines.
+        /// Keep printing new lines until the container exits (across log rotations).
         #[arg(short, long)]
         follow: bool,
+        /// Only the last N lines of the log.
+        #[arg(long, value_name = "N")]
+        tail: Option<u64>,
+        /// Prefix each line with its RFC 3339 time.
+        #[arg(long)]
+        timestamps: bool,
+        /// Stop after this many bytes.
+        #[arg(long, value_name = "N")]
+        limit_bytes: Option<u64>,
+        /// Only lines from the last SECONDS.
+        #[arg(long, value_name = "SECONDS", conflicts_with = "since_time")]
+        since: Option<u64>,
+        /// Only lines at or after this RFC 3339 time.
+        #[arg(long, value_name = "TIME")]
+        since_time: Option<String>,
     },
     /// Run a command in a container.
     Exec {
@@ -236,15 +260,45 @@ fn main() -> anyhow::Result<()> {
             container,
             previous,
             follow,
+            tail,
+            timestamps,
+            limit_bytes,
+            since,
+            since_time,
         }) => {
+            let since_nanos = match (since, since_time) {
+                (Some(s), _) => Some(
+                    i128::try_from(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_nanos(),
+                    )
+                    .unwrap_or(0)
+                        - i128::from(*s) * 1_000_000_000,
+                ),
+                (None, Some(t)) => Some(
+                    hako_shim::logs::parse_rfc3339(t.as_bytes())
+                        .with_context(|| format!("--since-time {t:?} is not an RFC 3339 time"))?,
+                ),
+                (None, None) => None,
+            };
+            let opts = hako_agent::logs::LogOptions {
+                tail_lines: *tail,
+                since_nanos,
+                timestamps: *timestamps,
+                limit_bytes: *limit_bytes,
+                follow: *follow,
+            };
             return cli_cmd::logs(
                 &cli.root_dir,
                 &cli.pod_log_dir,
+                &shim_runtime(&cli),
                 pod,
                 container.as_deref(),
                 *previous,
-                *follow,
-            )
+                &opts,
+            );
         }
         Some(Cmd::Exec {
             pod,
@@ -361,6 +415,15 @@ fn main() -> anyhow::Result<()> {
 
 fn secs(v: f64) -> std::time::Duration {
     std::time::Duration::from_secs_f64(if v.is_finite() && v > 0.0 { v } else { 0.001 })
+}
+
+/// `--container-log-max-size`: a positive quantity of bytes.
+fn parse_log_size(s: &str) -> Result<u64, String> {
+    let q = hako_agent::quantity::parse(s).map_err(|e| e.to_string())?;
+    u64::try_from(q.value())
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} is not a positive size"))
 }
 
 fn shim_runtime(cli: &Cli) -> hako_shim::client::Runtime {
@@ -639,5 +702,7 @@ fn worker_config(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
             .seccomp_profile_root
             .clone()
             .unwrap_or_else(|| cli.root_dir.join("seccomp")),
+        container_log_max_size: cli.container_log_max_size,
+        container_log_max_files: cli.container_log_max_files,
     })
 }

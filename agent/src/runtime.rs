@@ -190,6 +190,10 @@ pub struct SpecInputs<'a> {
     pub cgroup_parent: &'a str,
     /// CRI log path.
     pub log_path: PathBuf,
+    /// CRI log rotation size in bytes (`--container-log-max-size`).
+    pub log_max_size: u64,
+    /// CRI log files kept, current included (`--container-log-max-files`).
+    pub log_max_files: u32,
     /// Directory of Localhost seccomp profiles (`--seccomp-profile-root`).
     pub seccomp_profile_root: &'a Path,
 }
@@ -387,8 +391,8 @@ pub fn build_spec(pod: &Pod, c: &Container, inp: SpecInputs) -> Result<Container
         }),
         log: Some(LogSpec {
             path: inp.log_path,
-            max_size: 10 << 20,
-            max_files: 5,
+            max_size: inp.log_max_size,
+            max_files: inp.log_max_files,
         }),
         seccomp,
     })

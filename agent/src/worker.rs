@@ -83,6 +83,10 @@ pub struct AgentConfig {
     pub cni_check_period: Duration,
     /// Directory of Localhost seccomp profiles (`--seccomp-profile-root`).
     pub seccomp_profile_root: PathBuf,
+    /// CRI log rotation size in bytes (`--container-log-max-size`, 10Mi).
+    pub container_log_max_size: u64,
+    /// CRI log files kept per container, current included (`--container-log-max-files`, 5).
+    pub container_log_max_files: u32,
 }
 
 /// Desired state from a source.
@@ -1917,6 +1921,8 @@ impl Worker {
                 cgroup_root: self.cfg.cgroup_root.clone(),
                 cgroup_parent: &self.cfg.cgroup_parent,
                 log_path: log_path.clone(),
+                log_max_size: self.cfg.container_log_max_size,
+                log_max_files: self.cfg.container_log_max_files,
                 seccomp_profile_root: &self.cfg.seccomp_profile_root,
             },
         );

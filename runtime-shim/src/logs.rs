@@ -1,5 +1,11 @@
-//! CRI log format (`<RFC3339Nano> stdout|stderr F|P <line>`) and a size-rotated log file
-//! writer. Formatting is pure; [`CriLog`] writes files.
+//! CRI log format (`<RFC3339Nano> stdout|stderr F|P <line>`): formatting and byte-exact
+//! parsing (pure), and [`CriLog`], the size- and count-rotated log file writer (effectful).
+//!
+//! Rotation follows the kubelet's container log manager: the current file `N.log` is renamed
+//! to `N.log.<YYYYMMDD-HHMMSS>` (UTC) and a new `N.log` is opened; at most `max_files` files
+//! (the current one included) are kept, the oldest rotated ones are removed. Rotated files are
+//! not compressed. Rotation happens between two records under the writer's lock, so a record is
+//! never split across files, and a record is written even when rotation fails.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -104,6 +110,176 @@ pub fn parse_record(line: &str) -> Option<Record> {
     })
 }
 
+/// A parsed CRI record borrowing the raw bytes of its line (no UTF-8 requirement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    /// Timestamp text (RFC 3339, as written).
+    pub time: &'a [u8],
+    /// Which stream.
+    pub stream: Stream,
+    /// `P` record: the line continues in the next record.
+    pub partial: bool,
+    /// Payload without the newline, raw bytes.
+    pub payload: &'a [u8],
+}
+
+/// Parse one CRI log line (without its newline) as bytes; `None` when it is not in the format.
+/// The payload is passed through untouched: invalid UTF-8 and characters split across `P`
+/// records stay exactly as the container wrote them.
+pub fn parse_record_bytes(line: &[u8]) -> Option<RecordRef<'_>> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let mut it = line.splitn(4, |&b| b == b' ');
+    let time = it.next()?;
+    let stream = match it.next()? {
+        b"stdout" => Stream::Stdout,
+        b"stderr" => Stream::Stderr,
+        _ => return None,
+    };
+    let partial = match it.next()? {
+        b"P" => true,
+        b"F" => false,
+        _ => return None,
+    };
+    let payload = it.next().unwrap_or(b"");
+    parse_rfc3339(time)?;
+    Some(RecordRef {
+        time,
+        stream,
+        partial,
+        payload,
+    })
+}
+
+/// Parse an RFC 3339 time (`2006-01-02T15:04:05[.fraction](Z|±hh:mm)`) as nanoseconds since
+/// the Unix epoch (negative before it); `None` when it is not one.
+pub fn parse_rfc3339(t: &[u8]) -> Option<i128> {
+    let t = std::str::from_utf8(t).ok()?;
+    if t.len() < 20 || !t.is_char_boundary(19) {
+        return None;
+    }
+    let (date_time, rest) = t.split_at(19);
+    let b = date_time.as_bytes();
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let s = &date_time[r];
+        if s.bytes().all(|c| c.is_ascii_digit()) {
+            s.parse().ok()
+        } else {
+            None
+        }
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    let (frac, zone) = match rest.strip_prefix('.') {
+        Some(r) => {
+            let n = r.bytes().take_while(u8::is_ascii_digit).count();
+            if n == 0 {
+                return None;
+            }
+            (&r[..n], &r[n..])
+        }
+        None => ("", rest),
+    };
+    let mut nanos: i128 = 0;
+    for (i, c) in frac.bytes().enumerate().take(9) {
+        nanos += i128::from(c - b'0') * 10i128.pow(8 - u32::try_from(i).ok()?);
+    }
+    let offset_secs: i64 = match zone.as_bytes() {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2]
+            if [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()) =>
+        {
+            let v = i64::from((h1 - b'0') * 10 + (h2 - b'0')) * 3600
+                + i64::from((m1 - b'0') * 10 + (m2 - b'0')) * 60;
+            if *sign == b'+' {
+                v
+            } else {
+                -v
+            }
+        }
+        _ => return None,
+    };
+    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s - offset_secs;
+    Some(i128::from(secs) * 1_000_000_000 + nanos)
+}
+
+// Inverse of `civil_from_days` (Howard Hinnant's days-from-civil).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The suffix the kubelet gives a rotated log file (`20060102-150405`, UTC).
+pub fn rotation_suffix(t: SystemTime) -> String {
+    let full = rfc3339_nano(t);
+    // 2006-01-02T15:04:05.000000000Z
+    let b = full.as_bytes();
+    let pick = |r: std::ops::Range<usize>| String::from_utf8_lossy(&b[r]).into_owned();
+    format!(
+        "{}{}{}-{}{}{}",
+        pick(0..4),
+        pick(5..7),
+        pick(8..10),
+        pick(11..13),
+        pick(14..16),
+        pick(17..19)
+    )
+}
+
+/// The rotated files of the log at `path` (`<name>.<YYYYMMDD-HHMMSS>[.<n>]`), oldest first.
+pub fn rotated_files(path: &Path) -> Vec<PathBuf> {
+    let Some(dir) = path.parent() else {
+        return Vec::new();
+    };
+    let mut v: Vec<((String, u64), PathBuf)> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let p = e.path();
+                    rotated_key(path, &p).map(|k| (k, p))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v.into_iter().map(|(_, p)| p).collect()
+}
+
+/// (`YYYYMMDD-HHMMSS`, n) of a rotated file `<log>.<YYYYMMDD-HHMMSS>[.<n>]` of `log`.
+fn rotated_key(log: &Path, rotated: &Path) -> Option<(String, u64)> {
+    let name = log.file_name()?.to_string_lossy().into_owned();
+    let n = rotated.file_name()?.to_string_lossy().into_owned();
+    let rest = n.strip_prefix(&name)?.strip_prefix('.')?;
+    let (ts, seq) = match rest.split_once('.') {
+        Some((ts, seq)) => (ts, seq.parse::<u64>().ok()?),
+        None => (rest, 0),
+    };
+    let ok = ts.len() == 15
+        && ts.bytes().enumerate().all(|(i, c)| {
+            if i == 8 {
+                c == b'-'
+            } else {
+                c.is_ascii_digit()
+            }
+        });
+    ok.then(|| (ts.to_string(), seq))
+}
+
 /// A CRI log file shared by the stdout and stderr copiers, rotated by size.
 #[derive(Clone)]
 pub struct CriLog {
@@ -142,7 +318,10 @@ impl CriLog {
         let rec = format_record(&rfc3339_nano(SystemTime::now()), stream, partial, payload);
         let mut f = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if f.max_size > 0 && f.size > 0 && f.size + rec.len() as u64 > f.max_size {
-            f.rotate()?;
+            // A failed rotation keeps the current file: the record is written either way.
+            if let Err(e) = f.rotate() {
+                tracing::warn!(path = %f.path.display(), error = %e, "log rotation failed");
+            }
         }
         f.file.write_all(&rec)?;
         f.size += rec.len() as u64;
@@ -192,22 +371,39 @@ impl CriLog {
 }
 
 impl LogFile {
+    /// Removes the oldest rotated files beyond `max_files - 2`, renames the current file to
+    /// `<path>.<YYYYMMDD-HHMMSS>` (`.<n>` added within one second) and opens a new one. On
+    /// error the open file stays in use (nothing is lost; the next write retries).
     fn rotate(&mut self) -> io::Result<()> {
-        let name = |n: u32| {
-            let mut p = self.path.clone().into_os_string();
-            p.push(format!(".{n}"));
-            PathBuf::from(p)
-        };
-        if self.max_files == 0 {
+        if self.max_files <= 1 {
             self.file.set_len(0)?;
             self.size = 0;
             return Ok(());
         }
-        let _ = std::fs::remove_file(name(self.max_files));
-        for n in (1..self.max_files).rev() {
-            let _ = std::fs::rename(name(n), name(n + 1));
+        let suffix = rotation_suffix(SystemTime::now());
+        // Within one second, `.<n>` counts up past every name of that second still present
+        // (never reusing a removed one), so the names sort in rotation order.
+        let taken = rotated_files(&self.path)
+            .iter()
+            .filter_map(|p| rotated_key(&self.path, p))
+            .filter(|(ts, _)| *ts == suffix)
+            .map(|(_, n)| n + 1)
+            .max();
+        let mut target = self.path.clone().into_os_string();
+        target.push(".");
+        target.push(&suffix);
+        if let Some(n) = taken {
+            target.push(format!(".{n}"));
         }
-        std::fs::rename(&self.path, name(1))?;
+        let target = PathBuf::from(target);
+        // Remove the oldest first, so that with the new file no more than max_files exist.
+        let rotated = rotated_files(&self.path);
+        let keep = usize::try_from(self.max_files - 2).unwrap_or(usize::MAX);
+        for old in &rotated[..rotated.len().saturating_sub(keep)] {
+            let _ = std::fs::remove_file(old);
+        }
+        std::fs::rename(&self.path, &target)?;
+        // Until the new file opens, records go on into the renamed one (nothing is lost).
         self.file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -255,23 +451,91 @@ mod tests {
     fn copy_splits_and_rotates() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("0.log");
-        let log = CriLog::open(&path, 200, 2).unwrap();
+        let log = CriLog::open(&path, 200, 3).unwrap();
         let mut input = Vec::new();
         for i in 0..20 {
             input.extend_from_slice(format!("line {i}\n").as_bytes());
         }
         input.extend_from_slice(b"tail");
         log.copy_from(&input[..], Stream::Stdout).unwrap();
-        let cur = std::fs::read_to_string(&path).unwrap();
-        assert!(std::fs::metadata(&path).unwrap().len() <= 200);
-        assert!(path.with_file_name("0.log.1").exists());
-        assert!(path.with_file_name("0.log.2").exists());
-        assert!(!path.with_file_name("0.log.3").exists());
-        let last = cur.lines().last().unwrap();
-        let rec = parse_record(last).unwrap();
-        assert_eq!((rec.partial, rec.line.as_str()), (true, "tail"));
-        for l in cur.lines() {
-            assert!(parse_record(l).is_some(), "{l}");
+        let cur = std::fs::read(&path).unwrap();
+        assert!(cur.len() <= 200);
+        let rotated = rotated_files(&path);
+        assert_eq!(rotated.len(), 2, "{rotated:?}");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        // The newest lines survive whole, in order, across the kept files.
+        let mut all = Vec::new();
+        for p in rotated.iter().chain([&path]) {
+            all.extend(std::fs::read(p).unwrap());
         }
+        let lines: Vec<RecordRef<'_>> = all
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| parse_record_bytes(l).unwrap())
+            .collect();
+        let last = lines.last().unwrap();
+        assert_eq!((last.partial, last.payload), (true, &b"tail"[..]));
+        assert_eq!(lines[lines.len() - 2].payload, b"line 19");
+        let nums: Vec<u32> = lines[..lines.len() - 1]
+            .iter()
+            .map(|r| {
+                std::str::from_utf8(&r.payload[5..])
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert!(nums.windows(2).all(|w| w[1] == w[0] + 1), "{nums:?}");
+    }
+
+    #[test]
+    fn bytes_parse_raw() {
+        let r =
+            parse_record_bytes(b"2026-11-18T09:46:40.123456789Z stdout P a\xff\xf0\x9f").unwrap();
+        assert_eq!(r.stream, Stream::Stdout);
+        assert!(r.partial);
+        assert_eq!(r.payload, b"a\xff\xf0\x9f");
+        let r = parse_record_bytes(b"2026-11-18T09:46:40.1Z stderr F \n").unwrap();
+        assert_eq!(
+            (r.stream, r.partial, r.payload),
+            (Stream::Stderr, false, &b""[..])
+        );
+        for bad in [
+            &b"garbage"[..],
+            b"2026-11-18T09:46:40Z stdin F x",
+            b"2026-11-18T09:46:40Z stdout X x",
+            b"2026-13-18T09:46:40Z stdout F x",
+            b"",
+        ] {
+            assert!(parse_record_bytes(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn rfc3339_parse() {
+        for (t, want) in [
+            ("1970-01-01T00:00:00Z", Some(0i128)),
+            ("1970-01-01T00:00:01.5Z", Some(1_500_000_000)),
+            ("1970-01-01T01:00:00+01:00", Some(0)),
+            (
+                "2026-11-18T11:06:40.123456789Z",
+                Some(1_795_000_000_123_456_789),
+            ),
+            ("2026-11-18T11:06:40.Z", None),
+            ("2026-11-18 11:06:40Z", None),
+            ("2026-11-18T11:06:40", None),
+        ] {
+            assert_eq!(parse_rfc3339(t.as_bytes()), want, "{t}");
+        }
+        let t = UNIX_EPOCH + Duration::new(1_795_000_000, 7);
+        assert_eq!(
+            parse_rfc3339(rfc3339_nano(t).as_bytes()),
+            Some(1_795_000_000_000_000_007)
+        );
+        assert_eq!(rotation_suffix(t), "20261118-110640");
     }
 }

@@ -156,7 +156,8 @@ pub struct LogSpec {
     pub path: PathBuf,
     /// Rotate when the file exceeds this many bytes (0: never).
     pub max_size: u64,
-    /// Rotated files kept beside the current one (`<path>.1` newest).
+    /// Files kept, the current one included (the kubelet's `--container-log-max-files`):
+    /// rotated files are `<path>.<YYYYMMDD-HHMMSS>`; 0 or 1 truncates in place instead.
     pub max_files: u32,
 }
 

@@ -435,57 +435,94 @@ pub fn subresource_for(path: &str) -> &'static str {
     }
 }
 
-/// One CRI log line: (timestamp, stream, full/partial, message).
-pub fn parse_cri_line(line: &str) -> Option<(&str, &str, bool, &str)> {
-    let mut it = line.splitn(4, ' ');
-    let ts = it.next()?;
-    let stream = it.next()?;
-    let tag = it.next()?;
-    let msg = it.next().unwrap_or("");
-    Some((ts, stream, tag != "P", msg))
+/// The log options of a `/containerLogs` query (the kubelet's `PodLogOptions`: `tailLines`,
+/// `sinceSeconds` or `sinceTime`, `timestamps`, `limitBytes`, `follow`); `now_nanos` is the
+/// current time for `sinceSeconds`.
+pub fn log_options(
+    q: &HashMap<String, String>,
+    now_nanos: i128,
+) -> Result<crate::logs::LogOptions, String> {
+    let flag = |k: &str| matches!(q.get(k).map(String::as_str), Some("true" | "1"));
+    let num = |k: &str| -> Result<Option<u64>, String> {
+        q.get(k)
+            .map(|v| {
+                v.parse::<i64>()
+                    .map_err(|_| format!("{k}: {v:?} is not an integer"))
+                    .map(|n| u64::try_from(n.max(0)).unwrap_or(0))
+            })
+            .transpose()
+    };
+    let since_nanos = match (num("sinceSeconds")?, q.get("sinceTime")) {
+        (Some(_), Some(_)) => return Err("at most one of sinceTime or sinceSeconds".into()),
+        (Some(s), None) => Some(now_nanos - i128::from(s) * 1_000_000_000),
+        (None, Some(t)) => {
+            let t = percent_decode(t);
+            Some(
+                hako_shim::logs::parse_rfc3339(t.as_bytes())
+                    .ok_or_else(|| format!("sinceTime: {t:?} is not an RFC 3339 time"))?,
+            )
+        }
+        (None, None) => None,
+    };
+    Ok(crate::logs::LogOptions {
+        tail_lines: num("tailLines")?,
+        since_nanos,
+        timestamps: flag("timestamps"),
+        limit_bytes: num("limitBytes")?,
+        follow: flag("follow"),
+    })
 }
 
-/// Renders CRI log content as `kubectl logs` shows it.
-pub fn render_logs(
-    content: &str,
-    tail: Option<usize>,
-    timestamps: bool,
-    limit: Option<usize>,
-) -> String {
-    let mut lines: Vec<String> = Vec::new();
-    let mut partial = String::new();
-    let mut first_ts: Option<String> = None;
-    for l in content.lines() {
-        let Some((ts, _stream, full, msg)) = parse_cri_line(l) else {
-            continue;
-        };
-        if first_ts.is_none() {
-            first_ts = Some(ts.to_string());
-        }
-        partial.push_str(msg);
-        if full {
-            let ts = first_ts.take().unwrap_or_default();
-            let line = if timestamps {
-                format!("{ts} {partial}\n")
-            } else {
-                format!("{partial}\n")
-            };
-            lines.push(line);
-            partial.clear();
-        }
-    }
-    let start = tail.map_or(0, |t| lines.len().saturating_sub(t));
-    let mut out: String = lines[start..].concat();
-    if let Some(l) = limit {
-        if out.len() > l {
-            let mut cut = l;
-            while !out.is_char_boundary(cut) {
-                cut -= 1;
+/// `%XX` and `+` decoding of a query value (`sinceTime=2026-01-01T00:00:00%2B01:00`).
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = |c: u8| char::from(c).to_digit(16);
+                match (
+                    b.get(i + 1).and_then(|&c| hex(c)),
+                    b.get(i + 2).and_then(|&c| hex(c)),
+                ) {
+                    (Some(h), Some(l)) => {
+                        out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
             }
-            out.truncate(cut);
+            b'+' => out.push(b' '),
+            c => out.push(c),
         }
+        i += 1;
     }
-    out
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The attempt number of a `<attempt>.log` file.
+fn log_attempt(p: &Path) -> Option<u32> {
+    p.file_name()?.to_str()?.strip_suffix(".log")?.parse().ok()
+}
+
+/// A follow's view of the container (its shim) and of the HTTP client (the channel).
+struct ApiFollow {
+    client: Option<hako_shim::client::ShimClient>,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+}
+
+impl crate::logs::FollowCtl for ApiFollow {
+    fn running(&mut self) -> bool {
+        self.client.as_ref().is_some_and(|c| {
+            c.state()
+                .is_ok_and(|s| s.status == hako_shim::state::Status::Running)
+        })
+    }
+    fn cancelled(&self) -> bool {
+        self.tx.is_closed()
+    }
 }
 
 fn log_files(dir: &Path) -> Vec<PathBuf> {
@@ -688,40 +725,52 @@ impl Server {
                 ),
             );
         };
-        let tail = q.get("tailLines").and_then(|t| t.parse().ok());
-        let ts = matches!(q.get("timestamps").map(String::as_str), Some("true" | "1"));
-        let limit = q.get("limitBytes").and_then(|t| t.parse().ok());
-        let content = std::fs::read_to_string(&file).unwrap_or_default();
-        let first = render_logs(&content, tail, ts, limit);
-        let follow = matches!(q.get("follow").map(String::as_str), Some("true" | "1"));
-        if !follow {
-            return text(StatusCode::OK, first);
+        let now = i128::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        )
+        .unwrap_or(0);
+        let opts = match log_options(q, now) {
+            Ok(o) => o,
+            Err(e) => return text(StatusCode::BAD_REQUEST, e),
+        };
+        if let Err(e) = std::fs::File::open(&file) {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("open log {}: {e}", file.display()),
+            );
         }
-        // Follow: poll the file for growth and stream complete new lines.
-        let start = content.len();
-        let init = Some(Bytes::from(first));
-        let stream = futures::stream::unfold(
-            (init, file, start),
-            move |(init, file, mut pos)| async move {
-                if let Some(b) = init {
-                    return Some((b, (None, file, pos)));
+        let client = match (&self.opts.shim, log_attempt(&file)) {
+            (Some(shim), Some(attempt)) => {
+                Some(shim.client(&crate::runtime::container_id(&uid, container, attempt)))
+            }
+            _ => None,
+        };
+        // The reader runs on its own thread (a follow may last as long as the container) and
+        // hands bounded chunks to the response through a bounded channel; it stops when the
+        // client is gone.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+        let mut ctl = ApiFollow {
+            client,
+            tx: tx.clone(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("container-logs".into())
+            .spawn(move || {
+                let r = crate::logs::read_logs(&file, &opts, &mut ctl, &mut |b| {
+                    tx.blocking_send(Bytes::copy_from_slice(b)).is_ok()
+                });
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "container log read ended");
                 }
-                loop {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    let data = std::fs::read_to_string(&file).ok()?;
-                    if data.len() > pos {
-                        let end = data[pos..].rfind('\n').map(|i| pos + i + 1).unwrap_or(pos);
-                        if end > pos {
-                            let chunk = render_logs(&data[pos..end], None, ts, None);
-                            pos = end;
-                            return Some((Bytes::from(chunk), (None, file, pos)));
-                        }
-                    } else if data.len() < pos {
-                        return None;
-                    }
-                }
-            },
-        );
+            });
+        if let Err(e) = spawned {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+        }
+        let stream =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
         let body = StreamBody::new(futures::StreamExt::map(stream, |b| {
             Ok::<_, Infallible>(Frame::data(b))
         }));
@@ -734,16 +783,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cri_logs_render() {
-        let c = "2026-01-01T00:00:00.1Z stdout F one\n2026-01-01T00:00:01.1Z stderr P tw\n2026-01-01T00:00:01.2Z stderr F o\n2026-01-01T00:00:02.1Z stdout F three\n";
-        assert_eq!(render_logs(c, None, false, None), "one\ntwo\nthree\n");
-        assert_eq!(render_logs(c, Some(1), false, None), "three\n");
+    fn container_log_query() {
+        let q = |s: &str| query(s);
+        let o = log_options(&q("tailLines=3&timestamps=true&limitBytes=10&follow=1"), 0).unwrap();
         assert_eq!(
-            render_logs(c, Some(1), true, None),
-            "2026-01-01T00:00:02.1Z three\n"
+            o,
+            crate::logs::LogOptions {
+                tail_lines: Some(3),
+                since_nanos: None,
+                timestamps: true,
+                limit_bytes: Some(10),
+                follow: true,
+            }
         );
-        assert_eq!(render_logs(c, None, false, Some(5)), "one\nt");
-        assert_eq!(render_logs(c, Some(0), false, None), "");
+        let o = log_options(&q("sinceSeconds=2"), 5_000_000_000).unwrap();
+        assert_eq!(o.since_nanos, Some(3_000_000_000));
+        let o = log_options(&q("sinceTime=1970-01-01T01:00:01%2B01:00"), 0).unwrap();
+        assert_eq!(o.since_nanos, Some(1_000_000_000));
+        for bad in [
+            "tailLines=x",
+            "sinceTime=yesterday",
+            "sinceSeconds=1&sinceTime=1970-01-01T00:00:00Z",
+        ] {
+            assert!(log_options(&q(bad), 0).is_err(), "{bad}");
+        }
+        assert_eq!(log_attempt(Path::new("/x/c/12.log")), Some(12));
+        assert_eq!(log_attempt(Path::new("/x/c/0.log.20260101-000000")), None);
+        assert_eq!(percent_decode("a%2Bb+c%zz%4"), "a+b c%zz%4");
     }
 
     #[test]

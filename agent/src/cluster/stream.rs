@@ -792,6 +792,12 @@ async fn attach_session(
         if last_check.elapsed() > Duration::from_millis(500) {
             last_check = std::time::Instant::now();
             if !running(&t.client).await {
+                // What it wrote before it exited.
+                for (c, m) in log.poll() {
+                    if (c == 1 && want_stdout) || (c == 2 && want_stderr) {
+                        let _ = tx.send(frame(c, &m)).await;
+                    }
+                }
                 break;
             }
         }
@@ -807,63 +813,20 @@ pub(crate) async fn running(c: &ShimClient) -> bool {
         .unwrap_or(false)
 }
 
-/// Follows a CRI log file from its end: each poll returns the new complete records as
-/// (1 stdout | 2 stderr, bytes with the newline of full lines).
-pub(crate) struct LogFollower {
-    path: PathBuf,
-    pos: u64,
-    partial: Vec<u8>,
-}
+/// Follows a container's CRI log from its end for attach (see [`crate::logs::AttachFollower`]:
+/// raw bytes, across rotations): each poll returns the new pieces as (1 stdout | 2 stderr,
+/// bytes, with the newline of lines that end).
+pub(crate) struct LogFollower(crate::logs::AttachFollower);
 
 impl LogFollower {
     /// Starts at the current end of `path`.
     pub(crate) fn at_end(path: PathBuf) -> Self {
-        let pos = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        LogFollower {
-            path,
-            pos,
-            partial: Vec::new(),
-        }
+        LogFollower(crate::logs::AttachFollower::at_end(&path))
     }
 
-    /// New records since the last poll (a shrunken file was rotated: read from its start).
+    /// New output since the last poll.
     pub(crate) fn poll(&mut self) -> Vec<(u8, Vec<u8>)> {
-        use std::io::Seek;
-        let mut out = Vec::new();
-        let len = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
-        if len < self.pos {
-            self.pos = 0;
-        }
-        if len == self.pos {
-            return out;
-        }
-        let Ok(mut f) = File::open(&self.path) else {
-            return out;
-        };
-        let mut buf = Vec::new();
-        if f.seek(std::io::SeekFrom::Start(self.pos)).is_err()
-            || f.take(len - self.pos).read_to_end(&mut buf).is_err()
-        {
-            return out;
-        }
-        self.pos += buf.len() as u64;
-        self.partial.extend_from_slice(&buf);
-        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=i).collect();
-            let s = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-            if let Some((_, stream, full, msg)) = super::kubelet_api::parse_cri_line(&s) {
-                let mut m = msg.as_bytes().to_vec();
-                if full {
-                    m.push(b'\n');
-                }
-                match stream {
-                    "stdout" => out.push((1, m)),
-                    "stderr" => out.push((2, m)),
-                    _ => {}
-                }
-            }
-        }
-        out
+        self.0.poll()
     }
 }
 

@@ -144,23 +144,37 @@ pub fn termination_message(m: &ContainerMeta, policy: Option<&str>, failed: bool
         .map(|b| String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned())
         .unwrap_or_default();
     if msg.is_empty() && failed && policy == Some("FallbackToLogsOnError") {
-        let text = std::fs::read_to_string(&m.log_path).unwrap_or_default();
-        let lines: Vec<String> = text
-            .lines()
-            .filter_map(hako_shim::logs::parse_record)
-            .map(|r| r.line)
-            .collect();
-        let start = lines.len().saturating_sub(80);
-        msg = lines[start..].join("\n");
-        if msg.len() > 2048 {
-            let cut = msg.len() - 2048;
-            let cut = (cut..msg.len())
-                .find(|i| msg.is_char_boundary(*i))
-                .unwrap_or(msg.len());
-            msg = msg[cut..].to_string();
-        }
+        let bytes = std::fs::read(&m.log_path).unwrap_or_default();
+        msg = log_tail(&bytes, 80, 2048);
     }
     msg
+}
+
+/// The last `lines` lines (at most `max_bytes`, cut at a character boundary) of a CRI log, as
+/// the kubelet's `FallbackToLogsOnError` takes them: `P` records joined with the rest of their
+/// line as bytes, so an invalid byte or a character split across records does not lose the
+/// message (pure).
+pub fn log_tail(log: &[u8], lines: usize, max_bytes: usize) -> String {
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut open = false;
+    for r in log
+        .split(|&b| b == b'\n')
+        .filter_map(hako_shim::logs::parse_record_bytes)
+    {
+        match out.last_mut() {
+            Some(l) if open => l.extend_from_slice(r.payload),
+            _ => out.push(r.payload.to_vec()),
+        }
+        open = r.partial;
+    }
+    let start = out.len().saturating_sub(lines);
+    let joined = out[start..].join(&b'\n');
+    let text = String::from_utf8_lossy(&joined);
+    let cut = text.len().saturating_sub(max_bytes);
+    let cut = (cut..text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(text.len());
+    text[cut..].to_string()
 }
 
 /// Node-level inputs of a container spec.
@@ -585,5 +599,21 @@ mod tests {
         let p = pod("metadata: {name: p, uid: u}\nspec:\n  containers: [{name: c, image: x, securityContext: {capabilities: {drop: [ALL], add: [NET_ADMIN]}}}]\n");
         let c = &p.spec.as_ref().unwrap().containers[0];
         assert_eq!(capabilities(c), Some(vec!["CAP_NET_ADMIN".to_string()]));
+    }
+
+    #[test]
+    fn log_tail_is_byte_safe() {
+        let log = b"2024-01-01T00:00:00.000000000Z stdout P ab\xf0\x9f\n\
+2024-01-01T00:00:00.000000001Z stdout F \x98\x80cd\n\
+not a record\n\
+2024-01-01T00:00:00.000000002Z stderr F bad \xff byte\n\
+2024-01-01T00:00:00.000000003Z stdout F last\n";
+        assert_eq!(
+            log_tail(log, 80, 2048),
+            "ab\u{1F600}cd\nbad \u{FFFD} byte\nlast"
+        );
+        assert_eq!(log_tail(log, 1, 2048), "last");
+        assert_eq!(log_tail(log, 80, 6), "e\nlast");
+        assert_eq!(log_tail(b"", 80, 2048), "");
     }
 }

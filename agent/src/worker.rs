@@ -488,6 +488,12 @@ struct Worker {
     image_backoff: RestartBackoff,
     image_failed_at: BTreeMap<String, DateTime<Utc>>,
     probes: HashMap<String, Vec<ProbeWorker>>,
+    /// Probes running now (container id, index in its probe list): each runs in a task of its
+    /// own, like the kubelet's prober workers, and reports on `probe_tx`; the pod's sync, status
+    /// and deletion never wait for a probe.
+    probes_in_flight: std::collections::HashSet<(String, usize)>,
+    probe_tx: mpsc::UnboundedSender<ProbeDone>,
+    probe_rx: Option<mpsc::UnboundedReceiver<ProbeDone>>,
     start_time: Option<DateTime<Utc>>,
     last_cni_check: Option<std::time::Instant>,
     status_tx: broadcast::Sender<PodStatusEvent>,
@@ -507,6 +513,13 @@ struct Worker {
     sandbox_slots: Arc<tokio::sync::Semaphore>,
     /// True once the pod is being deleted (set by the manager, ahead of the messages).
     deletion: tokio::sync::watch::Receiver<bool>,
+}
+
+/// A probe's result, from its task to its worker (`None`: the probe task failed).
+struct ProbeDone {
+    id: String,
+    idx: usize,
+    out: Option<ProbeOutcome>,
 }
 
 /// Durations of pod start phases measured inside a blocking task, reported by the worker.
@@ -614,6 +627,7 @@ impl Worker {
     fn new(mgr: &PodManager, pod: Pod, deletion: tokio::sync::watch::Receiver<bool>) -> Self {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let (exit_tx, exit_rx) = mpsc::unbounded_channel();
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let cfg = mgr.cfg.clone();
         let backoff = cfg.backoff;
         Self {
@@ -630,6 +644,9 @@ impl Worker {
             image_backoff: RestartBackoff::new(backoff),
             image_failed_at: BTreeMap::new(),
             probes: HashMap::new(),
+            probes_in_flight: Default::default(),
+            probe_tx,
+            probe_rx: Some(probe_rx),
             start_time: None,
             last_cni_check: None,
             status_tx: mgr.status_tx.clone(),
@@ -1036,7 +1053,8 @@ impl Worker {
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
-        let Some(mut exit_rx) = self.exit_rx.take() else {
+        let (Some(mut exit_rx), Some(mut probe_rx)) = (self.exit_rx.take(), self.probe_rx.take())
+        else {
             return;
         };
         self.adopt().await;
@@ -1074,6 +1092,12 @@ impl Worker {
                         self.refresh(&id).await;
                     }
                 }
+                Some(done) = probe_rx.recv() => {
+                    self.probe_done(done);
+                    while let Ok(done) = probe_rx.try_recv() {
+                        self.probe_done(done);
+                    }
+                }
                 _ = tokio::time::sleep(wait) => {}
             }
         }
@@ -1109,7 +1133,10 @@ impl Worker {
                 .iter()
                 .find(|w| w.kind == ProbeType::Startup)
                 .is_none_or(|w| w.result() == ProbeResult::Success);
-            for w in ws {
+            for (idx, w) in ws.iter().enumerate() {
+                if self.probes_in_flight.contains(&(id.clone(), idx)) {
+                    continue;
+                }
                 // Only probes that may run: startup until it passed, the others after.
                 let gated = match w.kind {
                     ProbeType::Startup => startup_done,
@@ -2136,6 +2163,7 @@ impl Worker {
         }
     }
 
+    /// Starts every probe that is due and not already running, each in a task of its own.
     async fn run_probes(&mut self) {
         let now = Utc::now();
         let pod_ip = self
@@ -2143,7 +2171,6 @@ impl Worker {
             .as_ref()
             .and_then(|s| s.ips.first().cloned())
             .unwrap_or_default();
-        let mut set = tokio::task::JoinSet::new();
         for (id, ws) in &self.probes {
             let running = self.insts.get(id).is_some_and(|i| {
                 i.state
@@ -2155,7 +2182,9 @@ impl Worker {
                 .find(|w| w.kind == ProbeType::Startup)
                 .is_none_or(|w| w.result() == ProbeResult::Success);
             for (idx, w) in ws.iter().enumerate() {
-                if !w.due(now, running, startup_done) {
+                if !w.due(now, running, startup_done)
+                    || !self.probes_in_flight.insert((id.clone(), idx))
+                {
                     continue;
                 }
                 let shim = self.cfg.shim.clone();
@@ -2166,47 +2195,47 @@ impl Worker {
                 let action = w.spec.action.clone();
                 let timeout = w.spec.timeout;
                 let id = id.clone();
-                set.spawn_blocking(move || {
-                    let out = RealProber { shim }.run(&target, &action, timeout);
-                    (id, idx, out)
+                let tx = self.probe_tx.clone();
+                tokio::spawn(async move {
+                    let out = tokio::task::spawn_blocking(move || {
+                        RealProber { shim }.run(&target, &action, timeout)
+                    })
+                    .await
+                    .ok();
+                    // The worker may be gone (the pod was removed): nothing to report to.
+                    let _ = tx.send(ProbeDone { id, idx, out });
                 });
             }
         }
-        while let Some(r) = set.join_next().await {
-            let Ok((id, idx, out)) = r else { continue };
-            let name = self
-                .insts
-                .get(&id)
-                .map(|i| i.meta.name.clone())
-                .unwrap_or_default();
-            let Some(w) = self.probes.get_mut(&id).and_then(|ws| ws.get_mut(idx)) else {
-                continue;
-            };
-            let kind = w.kind;
-            let changed = w.record(Utc::now(), &out);
-            self.metrics.probe_result(
-                match kind {
-                    ProbeType::Startup => "Startup",
-                    ProbeType::Liveness => "Liveness",
-                    ProbeType::Readiness => "Readiness",
-                },
-                match out {
-                    ProbeOutcome::Success => "successful",
-                    ProbeOutcome::Failure(_) => "failed",
-                },
-            );
-            if let ProbeOutcome::Failure(msg) = &out {
-                let k = match kind {
-                    ProbeType::Startup => "Startup",
-                    ProbeType::Liveness => "Liveness",
-                    ProbeType::Readiness => "Readiness",
-                };
-                let _ = name;
-                self.event("Warning", "Unhealthy", &format!("{k} probe failed: {msg}"));
-            }
-            if changed.is_some() {
-                self.dirty = true;
-            }
+    }
+
+    /// A probe finished: its result goes to its worker (events, metrics, status).
+    fn probe_done(&mut self, done: ProbeDone) {
+        let ProbeDone { id, idx, out } = done;
+        self.probes_in_flight.remove(&(id.clone(), idx));
+        let Some(out) = out else { return };
+        let Some(w) = self.probes.get_mut(&id).and_then(|ws| ws.get_mut(idx)) else {
+            return;
+        };
+        let kind = w.kind;
+        let changed = w.record(Utc::now(), &out);
+        let k = match kind {
+            ProbeType::Startup => "Startup",
+            ProbeType::Liveness => "Liveness",
+            ProbeType::Readiness => "Readiness",
+        };
+        self.metrics.probe_result(
+            k,
+            match out {
+                ProbeOutcome::Success => "successful",
+                ProbeOutcome::Failure(_) => "failed",
+            },
+        );
+        if let ProbeOutcome::Failure(msg) = &out {
+            self.event("Warning", "Unhealthy", &format!("{k} probe failed: {msg}"));
+        }
+        if changed.is_some() {
+            self.dirty = true;
         }
     }
 

@@ -582,3 +582,50 @@ spec:
         "{term} {removed}"
     );
 }
+
+/// Probes run in tasks of their own (the kubelet's prober workers): a readiness probe that
+/// takes 37 s does not hold up the pod's deletion, which finishes within its 1 s grace period.
+#[test]
+fn a_slow_probe_does_not_hold_up_the_pod() {
+    let mut env = AgentEnv::new("pslow");
+    let img = env.image("sleep");
+    env.write_manifest(
+        "slow.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: slow}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: \"{img}\"\n    readinessProbe: {{exec: {{command: [sleep, \"37\"]}}, periodSeconds: 1, timeoutSeconds: 60}}\n"),
+    );
+    env.start();
+    // Running, not ready: the first probe has not finished.
+    env.wait_for("pod Running", Duration::from_secs(60), |e| {
+        (e.phase("slow").as_deref() == Some("Running")).then_some(())
+    });
+    // The first probe is running (a `sleep 37` in the container).
+    env.wait_for("the probe to run", Duration::from_secs(30), |_| {
+        sleep_37_runs().then_some(())
+    });
+    let t0 = Instant::now();
+    env.remove_manifest("slow.yaml");
+    env.wait_for(
+        "pod removed while its probe runs",
+        Duration::from_secs(15),
+        |e| e.records().is_empty().then_some(()),
+    );
+    eprintln!(
+        "pod removed {:.1} s after its manifest, its 37 s probe still running",
+        t0.elapsed().as_secs_f64()
+    );
+    // The probe's process went with the container.
+    env.wait_for(
+        "the probe's process to be gone",
+        Duration::from_secs(10),
+        |_| (!sleep_37_runs()).then_some(()),
+    );
+}
+
+fn sleep_37_runs() -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|p| std::fs::read_to_string(p.path().join("cmdline")).ok())
+        .any(|c| c == "sleep\x0037\x00")
+}

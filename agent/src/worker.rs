@@ -1383,11 +1383,16 @@ impl Worker {
             name,
             host_network,
         };
+        // What undoing a creation that the pod's deletion overtook needs.
+        let undo = (self.cfg.cni.clone(), paths.clone(), a.clone());
         let t = std::time::Instant::now();
-        let slot = self.sandbox_slots.clone().acquire_owned().await.ok();
+        let slot = tokio::select! {
+            s = self.sandbox_slots.clone().acquire_owned() => s.ok(),
+            () = self.deleted() => return false,
+        };
         self.phase("sandbox_slot", t.elapsed());
         let spawned = std::time::Instant::now();
-        let (res, phases) = blocking(move || {
+        let mut task = tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let mut phases = Phases::default();
             phases.add("blocking_queue", spawned.elapsed());
@@ -1428,9 +1433,28 @@ impl Worker {
                 }
             })();
             (res, phases)
-        })
-        .await
-        .unwrap_or_else(|| (Err("sandbox task failed".into()), Phases::default()));
+        });
+        let (res, phases) = tokio::select! {
+            r = &mut task => r.unwrap_or_else(|_| (Err("sandbox task failed".into()), Phases::default())),
+            () = self.deleted() => {
+                // The pod is being deleted: do not wait for the CNI chain. Its thread goes on
+                // (bounded by --cni-timeout) and what it made is torn down when it returns.
+                let (ns, name) = self.ns_name();
+                tracing::info!(pod = %format!("{ns}/{name}"), sandbox = %id, "pod deleted during sandbox creation: not waiting for it");
+                let (cni, paths, a) = undo;
+                tokio::spawn(async move {
+                    if let Ok((Ok(_), _)) = task.await {
+                        let id = paths.id();
+                        match tokio::task::spawn_blocking(move || teardown(&cni, &paths, &a, host_network)).await {
+                            Ok(Ok(())) => tracing::info!(sandbox = %id, "removed a sandbox whose pod was deleted during its creation"),
+                            Ok(Err(e)) => tracing::warn!(sandbox = %id, "could not remove a sandbox whose pod was deleted during its creation (the sandbox GC retries): {e}"),
+                            Err(_) => {}
+                        }
+                    }
+                });
+                return false;
+            }
+        };
         self.phases(&phases);
         match res {
             Ok(ips) => {
@@ -2052,8 +2076,13 @@ impl Worker {
                 // postStart: the container is not Running until it returns.
                 let post_sleep = crate::manifest::lifecycle_sleep(&self.pod, name, "postStart");
                 let post = c.lifecycle.as_ref().and_then(|l| l.post_start.clone());
+                // A deletion of the pod does not wait for the hook: the container is stopped
+                // next, and the hook's process with it.
                 if let Some(secs) = post_sleep {
-                    tokio::time::sleep(Duration::from_secs(secs)).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(secs)) => {}
+                        () = self.deleted() => return true,
+                    }
                 } else if let Some(h) = post {
                     let r = match hook_action(&h, &c) {
                         Ok(action) => {
@@ -2062,15 +2091,20 @@ impl Worker {
                                 pod_ip,
                                 container_id: id.clone(),
                             };
-                            blocking(move || {
+                            let hook = blocking(move || {
                                 RealProber { shim }.run(
                                     &target,
                                     &action,
                                     k8s_openapi::chrono::Duration::seconds(30),
                                 )
-                            })
-                            .await
-                            .unwrap_or(ProbeOutcome::Failure("hook task failed".into()))
+                            });
+                            tokio::select! {
+                                r = hook => r.unwrap_or(ProbeOutcome::Failure("hook task failed".into())),
+                                () = self.deleted() => {
+                                    tracing::info!(uid = %self.uid, container = %name, "pod deleted during postStart: not waiting for the hook");
+                                    return true;
+                                }
+                            }
                         }
                         Err(e) => ProbeOutcome::Failure(e),
                     };

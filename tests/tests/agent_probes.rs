@@ -622,10 +622,46 @@ fn a_slow_probe_does_not_hold_up_the_pod() {
 }
 
 fn sleep_37_runs() -> bool {
+    proc_with_cmdline("sleep\x0037\x00")
+}
+
+/// A pod deleted while a postStart hook runs does not wait for the hook: the container is
+/// stopped (and the hook's process with it) within the grace period.
+#[test]
+fn deletion_does_not_wait_for_a_post_start_hook() {
+    let mut env = AgentEnv::new("phook");
+    let img = env.image("sleep");
+    env.write_manifest(
+        "hook.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: hook}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: \"{img}\"\n    lifecycle: {{postStart: {{exec: {{command: [sleep, \"38\"]}}}}}}\n"),
+    );
+    env.start();
+    env.wait_for("the hook to run", Duration::from_secs(60), |_| {
+        proc_with_cmdline("sleep\x0038\x00").then_some(())
+    });
+    let t0 = Instant::now();
+    env.remove_manifest("hook.yaml");
+    env.wait_for(
+        "pod removed during its postStart hook",
+        Duration::from_secs(15),
+        |e| e.agent_log().contains("pod removed").then_some(()),
+    );
+    eprintln!(
+        "pod removed {:.1} s after its manifest, during its 38 s postStart hook",
+        t0.elapsed().as_secs_f64()
+    );
+    env.wait_for(
+        "the hook's process to be gone",
+        Duration::from_secs(10),
+        |_| (!proc_with_cmdline("sleep\x0038\x00")).then_some(()),
+    );
+}
+
+fn proc_with_cmdline(cmdline: &str) -> bool {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|p| std::fs::read_to_string(p.path().join("cmdline")).ok())
-        .any(|c| c == "sleep\x0037\x00")
+        .any(|c| c == cmdline)
 }

@@ -4,7 +4,7 @@
 //! mount, no host veth on the bridge, no IPAM reservation, no CNI cache entry, no container.
 //! The second plugin of the chain is a small script (`hk-step`) whose behaviour the test sets
 //! with marker files next to it: `kill-on-add` / `kill-on-del` SIGKILL its parent (the agent)
-//! once, `fail-add` makes every ADD fail, `slow` makes every call take 0.3 s (so that random
+//! once, `fail-add` makes every ADD fail, `slow-add` makes ADD take 15 s, `slow` makes every call take 0.3 s (so that random
 //! kills land inside the chain often). A seeded run kills the agent at random moments of
 //! pod creation and deletion (`HAKO_CHAOS_SEED`, `HAKO_CHAOS_ITERATIONS`).
 #![cfg(feature = "root")]
@@ -25,6 +25,7 @@ conf=$(cat)
 if [ -e "$d/slow" ]; then sleep 0.3; fi
 case "$CNI_COMMAND" in
 ADD)
+  if [ -e "$d/slow-add" ]; then sleep 15; fi
   if [ -e "$d/kill-on-add" ]; then rm -f "$d/kill-on-add"; kill -9 "$PPID"; sleep 2; exit 1; fi
   if [ -e "$d/fail-add" ]; then
     echo '{"cniVersion":"1.1.0","code":999,"msg":"hk-step: ADD refused by the test"}'
@@ -331,4 +332,31 @@ fn random_agent_kills_during_pod_churn_converge_and_leak_nothing() {
         c.env.stop();
     }
     eprintln!("chaos: {iterations} iterations, {kills} agent kills, nothing leaked");
+}
+
+/// A pod deleted while its CNI ADD runs is removed without waiting for the chain; what the
+/// chain made is torn down when it returns.
+#[test]
+fn deletion_during_a_slow_cni_add_does_not_wait_and_leaks_nothing() {
+    let mut c = Chaos::new("chslow");
+    c.arm("slow-add");
+    c.env.write_manifest("app.yaml", &c.pod("app"));
+    c.env.start();
+    // hako-cni's ADD is done, hk-step is in its 15 s sleep.
+    c.env.wait_for("the chain to be half done", T, |e| {
+        (holdings(e).veths == 1).then_some(())
+    });
+    let t0 = Instant::now();
+    c.env.remove_manifest("app.yaml");
+    c.env.wait_for(
+        "pod removed during its CNI ADD",
+        Duration::from_secs(10),
+        |e| e.agent_log().contains("pod removed").then_some(()),
+    );
+    eprintln!(
+        "pod removed {:.1} s after its manifest, its CNI ADD still running",
+        t0.elapsed().as_secs_f64()
+    );
+    c.disarm("slow-add");
+    c.wait_held("after the ADD returned", 0);
 }

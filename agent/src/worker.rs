@@ -613,13 +613,20 @@ async fn wait_exit(sock: PathBuf) {
 async fn stop_container(sock: PathBuf, grace: Duration) {
     use hako_shim::protocol::Request;
     let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-    if shim_request(&sock, &Request::Stop { grace_ms })
-        .await
-        .is_err()
-    {
-        let _ = shim_request(&sock, &Request::Kill { signal: 9 }).await;
+    // The shim answers at the exit, at the latest right after its SIGKILL at `grace`; a shim
+    // that does not answer by then is not waited for longer.
+    let stop = Request::Stop { grace_ms };
+    match tokio::time::timeout(grace + SHIM_ANSWER, shim_request(&sock, &stop)).await {
+        Ok(Ok(_)) => {}
+        _ => {
+            let kill = Request::Kill { signal: 9 };
+            let _ = tokio::time::timeout(SHIM_ANSWER, shim_request(&sock, &kill)).await;
+        }
     }
 }
+
+/// How long a shim may take to answer beyond what the request itself waits for.
+const SHIM_ANSWER: Duration = Duration::from_secs(10);
 
 impl Worker {
     /// A worker for `pod`, sharing the manager's configuration, objects, status channel,

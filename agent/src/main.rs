@@ -4,14 +4,15 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use hako_agent::manifest::{SourceEvent, SourcedPod, StaticPodOptions};
-use hako_agent::{actions, dns, env, observed, qos, record, render, source, state, status};
+use hako_agent::cli::render;
+use hako_agent::model::{actions, dns, env, observed, qos, record, status};
+use hako_agent::source::dir as source;
+use hako_agent::source::manifest::{SourceEvent, SourcedPod, StaticPodOptions};
+use hako_agent::sys::state;
 use k8s_openapi::chrono::Utc;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
-
-mod cli_cmd;
 
 /// hako node agent (kubelet-like).
 ///
@@ -92,7 +93,7 @@ struct Cli {
     cni_bin_dirs: Vec<PathBuf>,
     /// Deadline of one CNI plugin invocation, in seconds (default: what the kubelet gives a
     /// whole RunPodSandbox); past it the plugin and its process group are killed.
-    #[arg(long, value_name = "SECONDS", default_value_t = hako_agent::cni::DEFAULT_CNI_TIMEOUT.as_secs_f64())]
+    #[arg(long, value_name = "SECONDS", default_value_t = hako_agent::sys::cni::DEFAULT_CNI_TIMEOUT.as_secs_f64())]
     cni_timeout: f64,
     /// Image pull progress deadline in seconds (kubelet: 1m): a pull that receives no bytes
     /// for this long is cancelled and fails with ErrImagePull.
@@ -131,16 +132,16 @@ struct Cli {
     /// match. Cluster mode (default none): the cluster's Services and EndpointSlices, as
     /// hako-proxy would program them.
     #[arg(long, value_name = "MODE")]
-    proxy_mode: Option<hako_agent::services::ProxyMode>,
+    proxy_mode: Option<hako_agent::proxy::standalone::ProxyMode>,
     /// iptables flavour for --proxy-mode iptables/ipvs: "" (system default), nft or legacy.
     #[arg(long, value_name = "VARIANT", default_value = "")]
     iptables_variant: String,
     /// Address of /healthz and /metrics ("" disables the server).
-    #[arg(long, value_name = "ADDR", default_value = hako_agent::server::DEFAULT_ADDR)]
+    #[arg(long, value_name = "ADDR", default_value = hako_agent::api::healthz::DEFAULT_ADDR)]
     healthz_bind_address: String,
     /// Cluster mode (--kubeconfig and the node registration, Lease and overlay options).
     #[command(flatten)]
-    cluster: hako_agent::cluster::ClusterArgs,
+    cluster: hako_agent::node::ClusterArgs,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -283,14 +284,14 @@ fn main() -> anyhow::Result<()> {
                 ),
                 (None, None) => None,
             };
-            let opts = hako_agent::logs::LogOptions {
+            let opts = hako_agent::sys::logs::LogOptions {
                 tail_lines: *tail,
                 since_nanos,
                 timestamps: *timestamps,
                 limit_bytes: *limit_bytes,
                 follow: *follow,
             };
-            return cli_cmd::logs(
+            return hako_agent::cli::commands::logs(
                 &cli.root_dir,
                 &cli.pod_log_dir,
                 &shim_runtime(&cli),
@@ -305,7 +306,7 @@ fn main() -> anyhow::Result<()> {
             container,
             command,
         }) => {
-            let code = cli_cmd::exec(
+            let code = hako_agent::cli::commands::exec(
                 &cli.root_dir,
                 &shim_runtime(&cli),
                 pod,
@@ -370,7 +371,7 @@ fn main() -> anyhow::Result<()> {
                 Some(Ok(ip)) => Some(ip),
                 Some(Err(e)) => anyhow::bail!("--node-ip: {e}"),
             };
-            let node = hako_agent::cluster::NodeSettings {
+            let node = hako_agent::node::NodeSettings {
                 node_name: cli.hostname_override.clone(),
                 root_dir: cli.root_dir.clone(),
                 node_ip,
@@ -379,7 +380,7 @@ fn main() -> anyhow::Result<()> {
                 pod_manifest_path: cli.pod_manifest_path.clone(),
                 proxy_mode: cli
                     .proxy_mode
-                    .unwrap_or(hako_agent::services::ProxyMode::None),
+                    .unwrap_or(hako_agent::proxy::standalone::ProxyMode::None),
                 iptables_variant: cli.iptables_variant.clone(),
             };
             let workers = match worker_config(&cli) {
@@ -389,7 +390,7 @@ fn main() -> anyhow::Result<()> {
                     None
                 }
             };
-            hako_agent::cluster::run(&cli.cluster, &node, workers)?;
+            hako_agent::node::run(&cli.cluster, &node, workers)?;
         }
         None => {
             let Some(dir) = &cli.pod_manifest_path else {
@@ -419,7 +420,7 @@ fn secs(v: f64) -> std::time::Duration {
 
 /// `--container-log-max-size`: a positive quantity of bytes.
 fn parse_log_size(s: &str) -> Result<u64, String> {
-    let q = hako_agent::quantity::parse(s).map_err(|e| e.to_string())?;
+    let q = hako_agent::model::quantity::parse(s).map_err(|e| e.to_string())?;
     u64::try_from(q.value())
         .ok()
         .filter(|v| *v > 0)
@@ -459,15 +460,15 @@ fn run_agent(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
                 .with_context(|| format!("--healthz-bind-address {a:?}"))?,
         ),
     };
-    let node_services =
-        hako_agent::server::start_node_services(hako_agent::server::NodeServicesOptions {
+    let node_services = hako_agent::api::healthz::start_node_services(
+        hako_agent::api::healthz::NodeServicesOptions {
             healthz_addr,
             proxy_mode: cli
                 .proxy_mode
-                .unwrap_or(hako_agent::services::ProxyMode::Iptables),
+                .unwrap_or(hako_agent::proxy::standalone::ProxyMode::Iptables),
             iptables_variant: cli.iptables_variant.clone(),
             cluster_cidr: None,
-            poller: hako_agent::services::PollerOptions {
+            poller: hako_agent::proxy::standalone::PollerOptions {
                 manifest_dir: dir.to_path_buf(),
                 static_pods: StaticPodOptions {
                     node_name: cli.hostname_override.clone(),
@@ -476,8 +477,11 @@ fn run_agent(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
                 root: cli.root_dir.clone(),
                 period: std::time::Duration::from_millis(500),
             },
-        })?;
-    rt.spawn(hako_agent::server::heartbeat(node_services.metrics.clone()));
+        },
+    )?;
+    rt.spawn(hako_agent::api::healthz::heartbeat(
+        node_services.metrics.clone(),
+    ));
     rt.block_on(hako_agent::standalone::run(
         cfg,
         hako_agent::standalone::StandaloneOptions {
@@ -578,7 +582,7 @@ fn dry_run(cli: &Cli, dir: &std::path::Path, out: &mut impl Write) -> anyhow::Re
 
 fn describe_plan(
     sp: &SourcedPod,
-    s: &hako_agent::manifest::Snapshot,
+    s: &hako_agent::source::manifest::Snapshot,
     dns_settings: &dns::DnsSettings,
     mem: i128,
     out: &mut impl Write,
@@ -675,7 +679,7 @@ fn worker_config(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
         pod_log_dir: cli.pod_log_dir.clone(),
         shim: shim_runtime(cli),
         images: std::sync::Arc::new(images),
-        cni: hako_agent::cni::CniConfig {
+        cni: hako_agent::sys::cni::CniConfig {
             conf_dir: cli.cni_conf_dir.clone(),
             bin_dirs: cli.cni_bin_dirs.clone(),
             cache_dir: cli.root_dir.join("cni"),
@@ -690,7 +694,7 @@ fn worker_config(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
         },
         memory_capacity: cli.memory_capacity.unwrap_or_else(memory_capacity),
         host_ip: cli.node_ip.clone().or_else(default_node_ip),
-        backoff: hako_agent::backoff::BackoffConfig {
+        backoff: hako_agent::model::backoff::BackoffConfig {
             initial: k8s_openapi::chrono::Duration::from_std(secs(cli.restart_backoff_base))
                 .unwrap_or_default(),
             max: k8s_openapi::chrono::Duration::from_std(secs(cli.restart_backoff_max))

@@ -5,9 +5,9 @@
 //! logged once and recorded as a node event (`<root>/events.json`, shown by
 //! `hako-agent get events`); every other pod keeps running.
 
-use crate::manifest::{ManifestError, StaticPodOptions};
-use crate::record::PodEvent;
-use crate::source::DirSource;
+use crate::model::record::PodEvent;
+use crate::source::dir::DirSource;
+use crate::source::manifest::{ManifestError, StaticPodOptions};
 use crate::worker::{AgentConfig, DesiredState, PodManager};
 use k8s_openapi::chrono::Utc;
 use std::path::{Path, PathBuf};
@@ -45,7 +45,7 @@ pub fn read_events(root: &Path) -> Vec<PodEvent> {
 }
 
 fn record_errors(root: &Path, errors: &[ManifestError]) {
-    let mut rec = crate::record::PodRecord::new(Default::default());
+    let mut rec = crate::model::record::PodRecord::new(Default::default());
     rec.events = read_events(root);
     for e in errors {
         rec.add_event("Warning", "FailedManifest", &e.to_string(), Utc::now());
@@ -92,7 +92,7 @@ pub async fn run(cfg: AgentConfig, opts: StandaloneOptions) -> anyhow::Result<()
     let mut last_fp = None;
     let mut tick = tokio::time::interval(opts.file_check_frequency);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut watch = match crate::dirwatch::DirWatch::new(&opts.manifest_dir) {
+    let mut watch = match crate::source::dirwatch::DirWatch::new(&opts.manifest_dir) {
         Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!(dir = %opts.manifest_dir.display(), "no inotify watch ({e}); re-reading every {:?} only", opts.file_check_frequency);
@@ -167,8 +167,8 @@ pub async fn run(cfg: AgentConfig, opts: StandaloneOptions) -> anyhow::Result<()
     Ok(())
 }
 
-fn describe(ev: &crate::manifest::SourceEvent) -> String {
-    use crate::manifest::SourceEvent as E;
+fn describe(ev: &crate::source::manifest::SourceEvent) -> String {
+    use crate::source::manifest::SourceEvent as E;
     match ev {
         E::PodAdded(p) => format!("pod {} added ({})", name(&p.pod), p.file),
         E::PodUpdated { old, new } => format!(

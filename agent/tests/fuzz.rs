@@ -13,16 +13,16 @@ mod json;
 
 use std::collections::HashMap;
 
-use hako_agent::cluster::kubelet_api::subject_identity;
-use hako_agent::cluster::spdy::{
+use hako_agent::api::kubelet_api::subject_identity;
+use hako_agent::api::spdy::{
     data_frame, encode_headers, parse_headers, read_frame, Frame, HeaderDeflater, HeaderInflater,
 };
-use hako_agent::cluster::stream::{
+use hako_agent::api::stream::{
     exec_inbound, forward_inbound, parse_ports, parse_resize, pct_decode, pick_protocol,
     query_pairs, Inbound,
 };
-use hako_agent::manifest::{self, StaticPodOptions};
-use hako_agent::quantity::{self, Nano};
+use hako_agent::model::quantity::{self, Nano};
+use hako_agent::source::manifest::{self, StaticPodOptions};
 use harness::{apply, edits, fuzz, quick, raw, text, Edit};
 use proptest::prelude::*;
 use serde_json::{json, Value};

@@ -3,7 +3,7 @@
 //! server in a "pod" namespace, and a readiness flip takes the pod out of the rules.
 #![cfg(feature = "root")]
 
-use hako_agent::services::ServiceRunner;
+use hako_agent::proxy::standalone::ServiceRunner;
 use hako_tests::Topology;
 use k8s_openapi::api::core::v1::{Pod, Service};
 

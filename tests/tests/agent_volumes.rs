@@ -3,7 +3,7 @@
 //! hostPath type checks against real sockets and devices, and file modes.
 #![cfg(feature = "root")]
 
-use hako_agent::volumes::{
+use hako_agent::sys::volumes::{
     mounts_for_container, refresh_pod_volumes, setup_pod_volumes, teardown_pod_volumes, MapObjects,
     PodContext, PodVolumes, VolumeHost,
 };

@@ -1,0 +1,376 @@
+//! Pod admission as the kubelet does it for pods bound to this node (pure): node selector and
+//! required node affinity, NoExecute taints, and resource fit against allocatable. A rejected
+//! pod gets phase Failed with the kubelet's reason.
+
+use k8s_openapi::api::core::v1::{
+    Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration,
+};
+use std::collections::BTreeMap;
+
+use crate::model::quantity;
+
+/// Why a pod was rejected: (reason, message), as the kubelet writes them into the status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// `OutOfcpu`, `OutOfmemory`, `OutOfpods`, `NodeAffinity`, `TaintToleration`.
+    pub reason: String,
+    /// Human message.
+    pub message: String,
+}
+
+fn reject(reason: &str, message: String) -> Rejection {
+    Rejection {
+        reason: reason.into(),
+        message,
+    }
+}
+
+fn req_matches(r: &NodeSelectorRequirement, labels: &BTreeMap<String, String>) -> bool {
+    let v = labels.get(&r.key);
+    let vals = r.values.clone().unwrap_or_default();
+    let num = |s: &str| s.parse::<i64>().ok();
+    match r.operator.as_str() {
+        "In" => v.is_some_and(|v| vals.contains(v)),
+        "NotIn" => v.is_none_or(|v| !vals.contains(v)),
+        "Exists" => v.is_some(),
+        "DoesNotExist" => v.is_none(),
+        "Gt" => match (v.and_then(|v| num(v)), vals.first().and_then(|x| num(x))) {
+            (Some(a), Some(b)) => a > b,
+            _ => false,
+        },
+        "Lt" => match (v.and_then(|v| num(v)), vals.first().and_then(|x| num(x))) {
+            (Some(a), Some(b)) => a < b,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn term_matches(t: &NodeSelectorTerm, node: &Node) -> bool {
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let exprs = t.match_expressions.clone().unwrap_or_default();
+    let fields = t.match_fields.clone().unwrap_or_default();
+    if exprs.is_empty() && fields.is_empty() {
+        // An empty term matches nothing.
+        return false;
+    }
+    let name: BTreeMap<String, String> = [(
+        "metadata.name".to_string(),
+        node.metadata.name.clone().unwrap_or_default(),
+    )]
+    .into();
+    exprs.iter().all(|r| req_matches(r, &labels)) && fields.iter().all(|r| req_matches(r, &name))
+}
+
+/// nodeSelector and requiredDuringSchedulingIgnoredDuringExecution.
+pub fn node_affinity_ok(pod: &Pod, node: &Node) -> bool {
+    let Some(spec) = &pod.spec else { return true };
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    if let Some(sel) = &spec.node_selector {
+        if sel.iter().any(|(k, v)| labels.get(k) != Some(v)) {
+            return false;
+        }
+    }
+    let required = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
+    match required {
+        None => true,
+        Some(r) => r.node_selector_terms.iter().any(|t| term_matches(t, node)),
+    }
+}
+
+/// Whether a toleration tolerates a taint (key, operator Exists/Equal, value, effect).
+pub fn tolerates(t: &Toleration, taint: &Taint) -> bool {
+    if let Some(e) = t.effect.as_deref().filter(|e| !e.is_empty()) {
+        if e != taint.effect {
+            return false;
+        }
+    }
+    match t.key.as_deref().filter(|k| !k.is_empty()) {
+        None => t.operator.as_deref() == Some("Exists"),
+        Some(k) if k != taint.key => false,
+        Some(_) => match t.operator.as_deref().unwrap_or("Equal") {
+            "Exists" => true,
+            _ => t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or(""),
+        },
+    }
+}
+
+/// Sum of a resource's requests (max of init containers vs. the sum of regular ones, plus
+/// overhead), in milli-units for cpu and units otherwise.
+pub fn pod_request(pod: &Pod, resource: &str) -> i128 {
+    let Some(spec) = &pod.spec else { return 0 };
+    let val = |c: &k8s_openapi::api::core::v1::Container| -> i128 {
+        let r = c.resources.as_ref();
+        let q = r
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|m| m.get(resource))
+            .or_else(|| {
+                r.and_then(|r| r.limits.as_ref())
+                    .and_then(|m| m.get(resource))
+            });
+        q.and_then(|q| quantity::parse(&q.0).ok())
+            .map(|n| {
+                if resource == "cpu" {
+                    n.milli_value()
+                } else {
+                    n.value()
+                }
+            })
+            .unwrap_or(0)
+    };
+    let main: i128 = spec.containers.iter().map(val).sum();
+    let init = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(val)
+        .max()
+        .unwrap_or(0);
+    main.max(init)
+}
+
+fn allocatable(node: &Node, resource: &str) -> Option<i128> {
+    let q = node.status.as_ref()?.allocatable.as_ref()?.get(resource)?;
+    let n = quantity::parse(&q.0).ok()?;
+    Some(if resource == "cpu" {
+        n.milli_value()
+    } else {
+        n.value()
+    })
+}
+
+/// Admits `pod` on `node` next to the already admitted, still active pods `others`.
+pub fn admit(pod: &Pod, node: &Node, others: &[&Pod]) -> Result<(), Rejection> {
+    if !node_affinity_ok(pod, node) {
+        return Err(reject(
+            "NodeAffinity",
+            "Pod was rejected: Predicate NodeAffinity failed".into(),
+        ));
+    }
+    let tolerations = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.tolerations.clone())
+        .unwrap_or_default();
+    for taint in node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+    {
+        // The kubelet only enforces NoExecute taints at admission.
+        if taint.effect == "NoExecute" && !tolerations.iter().any(|t| tolerates(t, &taint)) {
+            return Err(reject(
+                "TaintToleration",
+                format!(
+                    "Pod was rejected: Predicate TaintToleration failed: node(s) had untolerated taint {{{}: {}}}",
+                    taint.key,
+                    taint.value.as_deref().unwrap_or("")
+                ),
+            ));
+        }
+    }
+    if let Some(max) = allocatable(node, "pods") {
+        let used = i128::try_from(others.len()).unwrap_or(i128::MAX);
+        if used + 1 > max {
+            return Err(reject(
+                "OutOfpods",
+                format!("Pod was rejected: Node didn't have enough resource: pods, requested: 1, used: {used}, capacity: {max}"),
+            ));
+        }
+    }
+    for r in ["cpu", "memory", "ephemeral-storage"] {
+        let want = pod_request(pod, r);
+        if want == 0 {
+            continue;
+        }
+        let Some(cap) = allocatable(node, r) else {
+            continue;
+        };
+        let used: i128 = others.iter().map(|p| pod_request(p, r)).sum();
+        if used + want > cap {
+            return Err(reject(
+                &format!("OutOf{r}"),
+                format!("Pod was rejected: Node didn't have enough resource: {r}, requested: {want}, used: {used}, capacity: {cap}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Names of ConfigMaps (kind "configmaps") or Secrets ("secrets") a pod references.
+pub fn references(pod: &Pod, kind: &str) -> Vec<String> {
+    let v = serde_json::to_value(pod).unwrap_or_default();
+    let spec = &v["spec"];
+    let mut out = Vec::new();
+    let s = |x: &serde_json::Value| x.as_str().map(str::to_string);
+    if kind == "secrets" {
+        for ips in spec["imagePullSecrets"].as_array().into_iter().flatten() {
+            out.extend(s(&ips["name"]));
+        }
+    }
+    for vol in spec["volumes"].as_array().into_iter().flatten() {
+        match kind {
+            "configmaps" => out.extend(s(&vol["configMap"]["name"])),
+            _ => out.extend(s(&vol["secret"]["secretName"])),
+        }
+        for src in vol["projected"]["sources"].as_array().into_iter().flatten() {
+            match kind {
+                "configmaps" => out.extend(s(&src["configMap"]["name"])),
+                _ => out.extend(s(&src["secret"]["name"])),
+            }
+        }
+    }
+    for f in ["containers", "initContainers"] {
+        for c in spec[f].as_array().into_iter().flatten() {
+            for e in c["env"].as_array().into_iter().flatten() {
+                match kind {
+                    "configmaps" => out.extend(s(&e["valueFrom"]["configMapKeyRef"]["name"])),
+                    _ => out.extend(s(&e["valueFrom"]["secretKeyRef"]["name"])),
+                }
+            }
+            for e in c["envFrom"].as_array().into_iter().flatten() {
+                match kind {
+                    "configmaps" => out.extend(s(&e["configMapRef"]["name"])),
+                    _ => out.extend(s(&e["secretRef"]["name"])),
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node() -> Node {
+        serde_json::from_value(
+            json!({"metadata": {"name": "n1", "labels": {"disk": "ssd", "gen": "5"}},
+            "spec": {"taints": [{"key": "dedicated", "value": "infra", "effect": "NoExecute"},
+                                {"key": "soft", "effect": "NoSchedule"}]},
+            "status": {"allocatable": {"cpu": "2", "memory": "1Gi", "pods": "3"}}}),
+        )
+        .expect("node")
+    }
+
+    fn pod(extra: serde_json::Value) -> Pod {
+        let mut p = json!({"metadata": {"name": "p"}, "spec": {
+            "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoExecute"}],
+            "containers": [{"name": "c", "image": "i"}]}});
+        crate::model::admit::tests::merge(&mut p, extra);
+        serde_json::from_value(p).expect("pod")
+    }
+
+    fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (a, b) => *a = b,
+        }
+    }
+
+    fn reason(p: &Pod, others: &[&Pod]) -> Option<String> {
+        admit(p, &node(), others).err().map(|r| r.reason)
+    }
+
+    #[test]
+    fn admission_table() {
+        assert_eq!(reason(&pod(json!({})), &[]), None);
+        assert_eq!(
+            reason(
+                &pod(json!({"spec": {"nodeSelector": {"disk": "ssd"}}})),
+                &[]
+            ),
+            None
+        );
+        assert_eq!(
+            reason(
+                &pod(json!({"spec": {"nodeSelector": {"disk": "hdd"}}})),
+                &[]
+            )
+            .as_deref(),
+            Some("NodeAffinity")
+        );
+        let aff = |op: &str, vals: serde_json::Value| {
+            pod(
+                json!({"spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "gen", "operator": op, "values": vals}]}]}}}}}),
+            )
+        };
+        assert_eq!(reason(&aff("Gt", json!(["4"])), &[]), None);
+        assert_eq!(
+            reason(&aff("Lt", json!(["4"])), &[]).as_deref(),
+            Some("NodeAffinity")
+        );
+        assert_eq!(reason(&aff("In", json!(["5", "6"])), &[]), None);
+        assert_eq!(
+            reason(&aff("NotIn", json!(["5"])), &[]).as_deref(),
+            Some("NodeAffinity")
+        );
+        let untolerated: Pod = serde_json::from_value(
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}]}}),
+        )
+        .expect("pod");
+        assert_eq!(
+            reason(&untolerated, &[]).as_deref(),
+            Some("TaintToleration")
+        );
+        let big = pod(json!({"spec": {"containers": [{"name": "c", "image": "i",
+            "resources": {"requests": {"cpu": "1500m"}}}]}}));
+        assert_eq!(reason(&big, &[]), None);
+        assert_eq!(reason(&big, &[&big]).as_deref(), Some("OutOfcpu"));
+        let mem = pod(json!({"spec": {"containers": [{"name": "c", "image": "i",
+            "resources": {"limits": {"memory": "2Gi"}}}]}}));
+        assert_eq!(reason(&mem, &[]).as_deref(), Some("OutOfmemory"));
+        let p = pod(json!({}));
+        assert_eq!(reason(&p, &[&p, &p, &p]).as_deref(), Some("OutOfpods"));
+    }
+
+    #[test]
+    fn toleration_rules() {
+        let t = Taint {
+            key: "k".into(),
+            value: Some("v".into()),
+            effect: "NoExecute".into(),
+            time_added: None,
+        };
+        let tol = |v: serde_json::Value| -> Toleration { serde_json::from_value(v).expect("t") };
+        assert!(tolerates(&tol(json!({"operator": "Exists"})), &t));
+        assert!(tolerates(&tol(json!({"key": "k", "value": "v"})), &t));
+        assert!(!tolerates(&tol(json!({"key": "k", "value": "w"})), &t));
+        assert!(!tolerates(
+            &tol(json!({"key": "k", "operator": "Exists", "effect": "NoSchedule"})),
+            &t
+        ));
+    }
+
+    #[test]
+    fn references_of_a_pod() {
+        let p: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {
+            "imagePullSecrets": [{"name": "pull"}],
+            "volumes": [{"name": "a", "configMap": {"name": "cm1"}}, {"name": "b", "secret": {"secretName": "s1"}},
+                        {"name": "c", "projected": {"sources": [{"configMap": {"name": "kube-root-ca.crt"}}]}}],
+            "containers": [{"name": "c", "image": "i", "envFrom": [{"configMapRef": {"name": "cm2"}}],
+                "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s2", "key": "k"}}}]}]}}))
+        .expect("pod");
+        assert_eq!(
+            references(&p, "configmaps"),
+            ["cm1", "cm2", "kube-root-ca.crt"]
+        );
+        assert_eq!(references(&p, "secrets"), ["pull", "s1", "s2"]);
+    }
+}

@@ -1,0 +1,12 @@
+//! The agent's effects on the machine: the container runtime through `hako-shim`
+//! ([`runtime`]), the CNI chain ([`cni`]), pod sandbox namespaces ([`sandbox`]), volumes
+//! ([`volumes`]), pod records on disk ([`state`]), probe and hook handlers ([`prober`]) and
+//! container log files ([`logs`]).
+
+pub mod cni;
+pub mod logs;
+pub mod prober;
+pub mod runtime;
+pub mod sandbox;
+pub mod state;
+pub mod volumes;

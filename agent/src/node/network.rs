@@ -115,6 +115,28 @@ pub(crate) async fn overlay_loop(ctx: Arc<Ctx>, watch_client: Client) {
     }
 }
 
+/// Why the overlay could not be set up (retried).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OverlayError {
+    /// The blocking task setting the device up failed.
+    #[error("overlay device task: {0}")]
+    Task(String),
+    /// The VXLAN device could not be made.
+    #[error("overlay device: {0}")]
+    Device(hako_cni::overlay::OverlayError),
+    /// The subnet file could not be written.
+    #[error("writing {}: {source}", path.display())]
+    SubnetFile {
+        /// The subnet file.
+        path: std::path::PathBuf,
+        /// The write error.
+        source: std::io::Error,
+    },
+    /// The node's annotations could not be patched.
+    #[error("annotating node: {0}")]
+    Annotate(kube::Error),
+}
+
 /// Sets the overlay up once the pod CIDR is known: VXLAN device, subnet file, annotations.
 /// Ok(false) while the pod CIDR is not known yet.
 async fn configure(
@@ -122,7 +144,7 @@ async fn configure(
     ocfg: &hako_cni::overlay::OverlayConfig,
     own: &Api<Node>,
     me: Option<&Node>,
-) -> Result<bool, String> {
+) -> Result<bool, OverlayError> {
     let from_flag = !ctx.args.pod_cidr.is_empty();
     let cidrs: Vec<IpNet> = if from_flag {
         ctx.args.pod_cidr.clone()
@@ -152,11 +174,13 @@ async fn configure(
     let c2 = ocfg.clone();
     let dev = tokio::task::spawn_blocking(move || hako_cni::overlay::ensure_device(&c2))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| OverlayError::Task(e.to_string()))?
+        .map_err(OverlayError::Device)?;
     let text = overlay::subnet_env(&ctx.args.cluster_cidr, &cidrs, dev.mtu);
-    write_atomic(&ctx.args.subnet_file, &text)
-        .map_err(|e| format!("writing {}: {e}", ctx.args.subnet_file.display()))?;
+    write_atomic(&ctx.args.subnet_file, &text).map_err(|e| OverlayError::SubnetFile {
+        path: ctx.args.subnet_file.clone(),
+        source: e,
+    })?;
     let mut ann = serde_json::Map::new();
     ann.insert(
         overlay::ANN_VTEP_MAC.into(),
@@ -176,7 +200,7 @@ async fn configure(
         &Patch::Merge(serde_json::json!({"metadata": {"annotations": ann}})),
     )
     .await
-    .map_err(|e| format!("annotating node: {e}"))?;
+    .map_err(OverlayError::Annotate)?;
     tracing::info!(dev = %dev.name, mac = %overlay::fmt_mac(&dev.mac), ip = %dev.local_ip,
         subnet_file = %ctx.args.subnet_file.display(), "overlay configured");
     Ok(true)

@@ -85,7 +85,31 @@ fn service_account(p: &Pod) -> String {
         .unwrap_or_else(|| "default".into())
 }
 
-async fn request(ctx: &Ctx, pod: &Pod, spec: &TokenSpec) -> Result<Issued, String> {
+/// Why a token could not be issued (kept as the volume's error text until the next retry).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TokenError {
+    /// The request body could not be encoded.
+    #[error("encoding the TokenRequest: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The apiserver refused the request.
+    #[error("{code} {reason}: {message}")]
+    Refused {
+        /// HTTP status.
+        code: u16,
+        /// Status reason.
+        reason: String,
+        /// Status message.
+        message: String,
+    },
+    /// The request did not reach the apiserver or its answer could not be read.
+    #[error(transparent)]
+    Client(kube::Error),
+    /// The answer carries no token.
+    #[error("the TokenRequest answer has {0}")]
+    NoToken(&'static str),
+}
+
+async fn request(ctx: &Ctx, pod: &Pod, spec: &TokenSpec) -> Result<Issued, TokenError> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     let sa = service_account(pod);
     let tr = TokenRequest {
@@ -105,20 +129,22 @@ async fn request(ctx: &Ctx, pod: &Pod, spec: &TokenSpec) -> Result<Issued, Strin
         },
         ..Default::default()
     };
-    let body = serde_json::to_vec(&tr).map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(&tr)?;
     let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
     let out: TokenRequest = api
         .create_subresource("token", &sa, &PostParams::default(), body)
         .await
         .map_err(|e| match e {
-            kube::Error::Api(r) => format!("{} {}: {}", r.code, r.reason, r.message),
-            e => e.to_string(),
+            kube::Error::Api(r) => TokenError::Refused {
+                code: r.code,
+                reason: r.reason,
+                message: r.message,
+            },
+            e => TokenError::Client(e),
         })?;
-    let st = out
-        .status
-        .ok_or_else(|| "the TokenRequest answer has no status".to_string())?;
+    let st = out.status.ok_or(TokenError::NoToken("no status"))?;
     if st.token.is_empty() {
-        return Err("the TokenRequest answer has an empty token".into());
+        return Err(TokenError::NoToken("an empty token"));
     }
     Ok(Issued {
         token: st.token,
@@ -204,6 +230,7 @@ impl TokenManager {
                     changed = true;
                 }
                 Err(err) => {
+                    let err = err.to_string();
                     tracing::warn!(pod = %name, "token request: {err} (retry in {:?})", e.retry_delay);
                     e.retry_at = Some(std::time::Instant::now() + e.retry_delay);
                     e.retry_delay = (e.retry_delay * 2).min(RETRY_MAX);

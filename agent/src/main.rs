@@ -494,6 +494,7 @@ fn run_agent(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
             stop_pods_on_exit: cli.stop_pods_on_exit,
         },
     ))
+    .context("installing the signal handlers")
 }
 
 /// Polls the directory and prints each change (the loop the pod workers will hang off).

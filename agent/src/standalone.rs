@@ -80,8 +80,8 @@ fn desired(src: &DirSource) -> DesiredState {
     }
 }
 
-/// Runs until SIGINT/SIGTERM.
-pub async fn run(cfg: AgentConfig, opts: StandaloneOptions) -> anyhow::Result<()> {
+/// Runs until SIGINT/SIGTERM. Fails only when the signal handlers cannot be installed.
+pub async fn run(cfg: AgentConfig, opts: StandaloneOptions) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let root = cfg.root_dir.clone();
     let mgr: Arc<PodManager> = PodManager::new(cfg);

@@ -49,3 +49,17 @@ pub fn condition(obj: &Value, t: &str) -> Value {
         .map(|c| c["status"].clone())
         .unwrap_or(Value::Null)
 }
+
+/// Host pid of the pod's first container, from the containerID in the apiserver's status
+/// (the shim's `state.json` under the agent's run dir).
+pub fn container_pid(env: &AgentEnv, pod: &Value) -> i64 {
+    let cid = pod["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .and_then(|c| c.strip_prefix("hako://"))
+        .expect("containerID");
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(env.run.join("containers").join(cid).join("state.json")).expect("state"),
+    )
+    .expect("state json");
+    state["pid"].as_i64().expect("pid")
+}

@@ -17,3 +17,26 @@ pub mod vm;
 
 pub use netns::{require_root, NetNs};
 pub use topology::{Node, Topology};
+
+/// Polls `f` every `period` until it returns Some, or panics after `timeout` with `what` and
+/// the text `context` gives (an agent's log, typically).
+pub fn poll_until<T>(
+    what: &str,
+    timeout: std::time::Duration,
+    period: std::time::Duration,
+    context: impl Fn() -> String,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}; {}",
+            context()
+        );
+        std::thread::sleep(period);
+    }
+}

@@ -64,19 +64,14 @@ impl Agent {
     }
 }
 
-fn wait_for<T>(what: &str, secs: u64, agent: &Agent, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out waiting for {what}; agent log:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_for<T>(what: &str, secs: u64, agent: &Agent, f: impl FnMut() -> Option<T>) -> T {
+    hako_tests::poll_until(
+        what,
+        Duration::from_secs(secs),
+        Duration::from_millis(100),
+        || format!("agent log:\n{}", agent.log()),
+        f,
+    )
 }
 
 fn condition<'a>(node: &'a Value, t: &str) -> &'a Value {

@@ -10,7 +10,7 @@ use hako_tests::apiserver::ApiServer;
 use hako_tests::{require_root, NetNs, Topology};
 use serde_json::json;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 struct Agent {
     child: Child,
@@ -32,19 +32,14 @@ fn logs(agents: &[Agent]) -> String {
         .join("\n----\n")
 }
 
-fn wait_for<T>(what: &str, secs: u64, agents: &[Agent], mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out waiting for {what}; agent logs:\n{}",
-            logs(agents)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait_for<T>(what: &str, secs: u64, agents: &[Agent], f: impl FnMut() -> Option<T>) -> T {
+    hako_tests::poll_until(
+        what,
+        Duration::from_secs(secs),
+        Duration::from_millis(200),
+        || format!("agent logs:\n{}", logs(agents)),
+        f,
+    )
 }
 
 fn ping(ns: &NetNs, ip: &str) -> bool {

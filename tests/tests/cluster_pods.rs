@@ -8,7 +8,7 @@ use hako_tests::agent::target_bin;
 use hako_tests::apiserver::ApiServer;
 use serde_json::{json, Value};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 struct Agent {
     child: Child,
@@ -62,19 +62,14 @@ fn start(srv: &ApiServer, node: &str) -> Agent {
     Agent { child, tmp }
 }
 
-fn wait_for<T>(what: &str, secs: u64, agent: &Agent, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out waiting for {what}; agent log:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_for<T>(what: &str, secs: u64, agent: &Agent, f: impl FnMut() -> Option<T>) -> T {
+    hako_tests::poll_until(
+        what,
+        Duration::from_secs(secs),
+        Duration::from_millis(100),
+        || format!("agent log:\n{}", agent.log()),
+        f,
+    )
 }
 
 fn pod(name: &str, node: &str, spec: Value) -> Value {

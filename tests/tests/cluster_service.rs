@@ -46,19 +46,14 @@ impl Drop for Agent {
     }
 }
 
-fn wait_for<T>(what: &str, secs: u64, env: &AgentEnv, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out waiting for {what}; node1 agent log:\n{}",
-            tail(&env.agent_log(), 6000)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait_for<T>(what: &str, secs: u64, env: &AgentEnv, f: impl FnMut() -> Option<T>) -> T {
+    hako_tests::poll_until(
+        what,
+        Duration::from_secs(secs),
+        Duration::from_millis(200),
+        || format!("node1 agent log:\n{}", tail(&env.agent_log(), 6000)),
+        f,
+    )
 }
 
 fn ready(p: &Value) -> bool {

@@ -9,35 +9,18 @@
 
 use hako_tests::agent::AgentEnv;
 use hako_tests::apiserver::{ApiServer, CLUSTER_CA_PEM, SERVICE_ACCOUNT_MOUNT};
+use hako_tests::cluster::container_pid;
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-fn wait_for<T>(what: &str, secs: u64, env: &AgentEnv, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out waiting for {what}; agent log:\n{}",
-            env.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Host pid of the pod's first container, from the containerID in the apiserver's status.
-fn container_pid(env: &AgentEnv, pod: &Value) -> i64 {
-    let cid = pod["status"]["containerStatuses"][0]["containerID"]
-        .as_str()
-        .and_then(|c| c.strip_prefix("hako://"))
-        .expect("containerID");
-    let state: Value = serde_json::from_slice(
-        &std::fs::read(env.run.join("containers").join(cid).join("state.json")).expect("state"),
+fn wait_for<T>(what: &str, secs: u64, env: &AgentEnv, f: impl FnMut() -> Option<T>) -> T {
+    hako_tests::poll_until(
+        what,
+        Duration::from_secs(secs),
+        Duration::from_millis(100),
+        || format!("agent log:\n{}", env.agent_log()),
+        f,
     )
-    .expect("state json");
-    state["pid"].as_i64().expect("pid")
 }
 
 type Expiry = k8s_openapi::chrono::DateTime<k8s_openapi::chrono::Utc>;

@@ -12,6 +12,7 @@ pub mod holdings;
 pub mod images;
 pub mod netns;
 pub mod registry;
+pub mod service_net;
 pub mod topology;
 pub mod vm;
 

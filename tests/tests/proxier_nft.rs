@@ -8,46 +8,20 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hako_proxier::{NftablesBackend, Proxier, ProxierOpts, RenderOpts};
-use hako_tests::{NetNs, Topology};
+use hako_tests::service_net::{connect, counts, service, slice, ServiceNet, B, NODE};
+use hako_tests::NetNs;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-const NODE: &str = "node-a";
-
 struct Env {
-    servers: Vec<std::process::Child>,
-    topo: Topology,
-    pods: BTreeMap<String, NetNs>,
-    client: NetNs,
+    net: ServiceNet,
     proxier: Proxier,
 }
 
-fn service(name: &str, ip: &str, extra: &str) -> Service {
-    serde_yaml::from_str(&format!(
-        "metadata: {{name: {name}, namespace: t}}\nspec: {{clusterIP: {ip}, ports: [{{name: p, port: 80, nodePort: {np}}}] {extra}}}",
-        np = 30000 + ip.rsplit('.').next().unwrap().parse::<u16>().unwrap(),
-    ))
-    .unwrap()
-}
-
-fn slice(svc: &str, eps: &[(&str, &str)]) -> EndpointSlice {
-    let eps: Vec<String> = eps
-        .iter()
-        .map(|(ip, node)| format!("{{addresses: [{ip}], nodeName: {node}}}"))
-        .collect();
-    serde_yaml::from_str(&format!(
-        "metadata: {{name: {svc}-1, namespace: t, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}]\nendpoints: [{}]",
-        eps.join(",")
-    ))
-    .unwrap()
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        for c in &mut self.servers {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+impl std::ops::Deref for Env {
+    type Target = ServiceNet;
+    fn deref(&self) -> &ServiceNet {
+        &self.net
     }
 }
 
@@ -55,31 +29,7 @@ impl Env {
     /// Node 0 runs the proxier; backends b1..bN on bridge kb (10.244.1.0/24); the client pod
     /// on bridge kc (10.244.2.0/24); node 1 is "outside".
     fn new(backends: usize) -> Env {
-        let topo = Topology::new(2, 1500).unwrap();
-        let node = &topo.nodes[0];
-        node.ns.sh("sysctl -qw net.ipv4.ip_forward=1").unwrap();
-        node.add_bridge("kb", "10.244.1.1/24").unwrap();
-        node.add_bridge("kc", "10.244.2.1/24").unwrap();
-        // Service IPs need a route for rejects to happen in FORWARD.
-        node.ns
-            .ip(&["route", "add", "default", "via", "192.0.2.1"])
-            .unwrap();
-        let mut pods = BTreeMap::new();
-        let mut servers = Vec::new();
-        for i in 1..=backends {
-            let pod = node
-                .add_pod("kb", &format!("10.244.1.{}/24", 10 + i), "10.244.1.1")
-                .unwrap();
-            servers.push(
-                pod.spawn(&format!("exec busybox nc -ll -p 8080 -e echo b{i}"))
-                    .unwrap(),
-            );
-            pods.insert(format!("b{i}"), pod);
-        }
-        let client = node.add_pod("kc", "10.244.2.10/24", "10.244.2.1").unwrap();
-        for (name, pod) in &pods {
-            wait_answer(pod, "127.0.0.1 8080", name);
-        }
+        let net = ServiceNet::new(backends);
         let render = RenderOpts {
             cluster_cidr: Some("10.244.0.0/16".into()),
             ..RenderOpts::default()
@@ -91,69 +41,14 @@ impl Env {
                 render,
             },
         );
-        Env {
-            servers,
-            topo,
-            pods,
-            client,
-            proxier,
-        }
-    }
-
-    fn node(&self) -> &NetNs {
-        &self.topo.nodes[0].ns
+        Env { net, proxier }
     }
 
     fn sync(&mut self) -> hako_proxier::SyncStats {
         let p = &mut self.proxier;
-        self.topo.nodes[0].ns.run(|| p.sync()).unwrap().unwrap()
-    }
-
-    /// Connects `n` times from `from` to `target` ("ip port"), returns each answer ("" on
-    /// failure) and the last error text.
-    fn connect(from: &NetNs, target: &str, n: usize) -> (Vec<String>, String) {
-        let out = from
-            .sh_output(&format!(
-                "for i in $(seq {n}); do busybox nc -w 2 {target} </dev/null || echo FAIL; done"
-            ))
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect();
-        (stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+        self.net.topo.nodes[0].ns.run(|| p.sync()).unwrap().unwrap()
     }
 }
-
-fn wait_answer(ns: &NetNs, target: &str, want: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let (got, _) = Env::connect(ns, target, 1);
-        if got.first().map(String::as_str) == Some(want) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{target} in {} never answered {want}: {got:?}",
-            ns.name()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-fn counts(answers: &[String]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for a in answers {
-        *m.entry(a.clone()).or_insert(0) += 1;
-    }
-    m
-}
-
-const B: [(&str, &str); 3] = [
-    ("10.244.1.11", NODE),
-    ("10.244.1.12", NODE),
-    ("10.244.1.13", NODE),
-];
 
 /// `nft` output in the node namespace (reading state only; the proxier itself never runs nft).
 fn nft(env: &Env, args: &str) -> String {
@@ -199,7 +94,7 @@ fn nft_clusterip_spread_affinity_reject() {
         .on_service_add(service("empty", "10.96.0.12", ""));
     assert!(env.sync().full);
 
-    let (answers, _) = Env::connect(&env.client, "10.96.0.10 80", 300);
+    let (answers, _) = connect(&env.client, "10.96.0.10 80", 300);
     let c = counts(&answers);
     assert_eq!(c.values().sum::<usize>(), 300, "{c:?}");
     for b in ["b1", "b2", "b3"] {
@@ -207,13 +102,13 @@ fn nft_clusterip_spread_affinity_reject() {
         assert!((50..=150).contains(&n), "{b} got {n} of 300: {c:?}");
     }
 
-    let (answers, _) = Env::connect(&env.client, "10.96.0.11 80", 30);
+    let (answers, _) = connect(&env.client, "10.96.0.11 80", 30);
     let c = counts(&answers);
     assert_eq!(c.len(), 1, "affinity must stick to one backend: {c:?}");
     assert!(!c.contains_key("FAIL"), "{c:?}");
 
     let t = std::time::Instant::now();
-    let (answers, err) = Env::connect(&env.client, "10.96.0.12 80", 1);
+    let (answers, err) = connect(&env.client, "10.96.0.12 80", 1);
     assert_eq!(answers, vec!["FAIL".to_string()]);
     assert!(err.contains("refused"), "no endpoints must refuse: {err}");
     assert!(
@@ -369,9 +264,9 @@ fn nft_nodeport_and_local_policy() {
     env.sync();
 
     let outside = &env.topo.nodes[1].ns;
-    let (a, _) = Env::connect(outside, &format!("{node_ip} 30020"), 1);
+    let (a, _) = connect(outside, &format!("{node_ip} 30020"), 1);
     assert_eq!(a, vec!["b1".to_string()]);
-    let (a, _) = Env::connect(outside, &format!("{node_ip} 30021"), 1);
+    let (a, _) = connect(outside, &format!("{node_ip} 30021"), 1);
     assert_eq!(a, vec!["b1".to_string()]);
     let ct = env
         .node()
@@ -393,7 +288,7 @@ fn nft_nodeport_and_local_policy() {
         line21.contains("dst=192.0.2.12 "),
         "local policy keeps the client IP: {ct}"
     );
-    let (a, err) = Env::connect(outside, &format!("{node_ip} 30022"), 1);
+    let (a, err) = connect(outside, &format!("{node_ip} 30022"), 1);
     assert_eq!(a, vec!["FAIL".to_string()], "no local endpoint must drop");
     assert!(!err.contains("refused"), "dropped, not rejected: {err}");
 }
@@ -444,9 +339,9 @@ fn nft_partial_sync_and_repair() {
     assert_ne!(handles(&env, &one), one_before);
     let eps_after = eps_map(&env, &one);
     assert_ne!(eps_before, eps_after);
-    let (a, _) = Env::connect(&env.client, "10.96.0.30 80", 20);
+    let (a, _) = connect(&env.client, "10.96.0.30 80", 20);
     assert_eq!(counts(&a).keys().collect::<Vec<_>>(), vec!["b2"]);
-    let (a, _) = Env::connect(&env.client, "10.96.0.31 80", 20);
+    let (a, _) = connect(&env.client, "10.96.0.31 80", 20);
     assert_eq!(counts(&a).len(), 2, "two still balanced: {a:?}");
 
     // Affinity service loses an endpoint: only its chain changes; it still answers.
@@ -454,21 +349,21 @@ fn nft_partial_sync_and_repair() {
         .on_endpointslice_update(slice("three", &B[1..2]));
     assert!(!env.sync().full);
     assert_eq!(handles(&env, &two), two_before);
-    let (a, _) = Env::connect(&env.client, "10.96.0.32 80", 5);
+    let (a, _) = connect(&env.client, "10.96.0.32 80", 5);
     assert_eq!(counts(&a).keys().collect::<Vec<_>>(), vec!["b2"]);
 
     // Delete the table by hand: the next sync notices and repairs it.
     env.node().sh("nft delete table ip hako").unwrap();
-    let (a, _) = Env::connect(&env.client, "10.96.0.31 80", 1);
+    let (a, _) = connect(&env.client, "10.96.0.31 80", 1);
     assert_eq!(a, vec!["FAIL".to_string()]);
     assert!(env.sync().full);
-    let (a, _) = Env::connect(&env.client, "10.96.0.31 80", 1);
+    let (a, _) = connect(&env.client, "10.96.0.31 80", 1);
     assert!(a[0] == "b1" || a[0] == "b2", "{a:?}");
 
     // Flush its rules by hand: repaired too.
     env.node().sh("nft flush table ip hako").unwrap();
     assert!(env.sync().full);
-    let (a, _) = Env::connect(&env.client, "10.96.0.31 80", 1);
+    let (a, _) = connect(&env.client, "10.96.0.31 80", 1);
     assert!(a[0] == "b1" || a[0] == "b2", "{a:?}");
 }
 
@@ -582,7 +477,7 @@ fn nft_hairpin_and_load_balancer_source_ranges() {
     env.node()
         .sh("for p in $(ls /sys/class/net/kb/brif); do bridge link set dev $p hairpin on; done")
         .unwrap();
-    let (a, err) = Env::connect(b1, "10.96.0.50 80", 3);
+    let (a, err) = connect(b1, "10.96.0.50 80", 3);
     let ct = env
         .node()
         .sh("conntrack -L -p tcp 2>/dev/null | grep 'dst=10.96.0.50 ' || true")
@@ -597,14 +492,14 @@ fn nft_hairpin_and_load_balancer_source_ranges() {
     outside
         .ip(&["route", "add", "203.0.113.9/32", "via", &node_ip])
         .unwrap();
-    let (a, err) = Env::connect(outside, "203.0.113.9 80", 1);
+    let (a, err) = connect(outside, "203.0.113.9 80", 1);
     assert_eq!(a, vec!["FAIL".to_string()], "source not in the ranges");
     assert!(!err.contains("refused"), "dropped, not rejected: {err}");
     env.proxier
         .on_service_update(lb("198.51.100.0/24, 192.0.2.0/24"));
     assert!(!env.sync().full);
     let outside = &env.topo.nodes[1].ns;
-    let (a, _) = Env::connect(outside, "203.0.113.9 80", 1);
+    let (a, _) = connect(outside, "203.0.113.9 80", 1);
     assert_eq!(a, vec!["b1".to_string()], "source now allowed");
 }
 

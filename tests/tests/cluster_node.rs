@@ -3,76 +3,11 @@
 //! and survival of an apiserver restart and injected errors. Runs the real `hako-agent`
 //! binary (build it first: `cargo build -p hako-agent`). No root needed: no overlay here.
 
-use hako_tests::agent::target_bin;
 use hako_tests::apiserver::ApiServer;
+use hako_tests::cluster::PlainAgent;
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Agent {
-    child: Child,
-    _tmp: tempfile::TempDir,
-    cni_dir: std::path::PathBuf,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Agent {
-    fn start(srv: &ApiServer, node: &str, extra: &[&str]) -> Agent {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let kc = tmp.path().join("kubeconfig");
-        srv.write_kubeconfig(&kc, &srv.node_token(node))
-            .expect("kubeconfig");
-        let cni_dir = tmp.path().join("net.d");
-        std::fs::create_dir_all(&cni_dir).expect("cni dir");
-        let log = tmp.path().join("agent.log");
-        let logf = std::fs::File::create(&log).expect("log");
-        let child = Command::new(target_bin("hako-agent", "HAKO_AGENT_BIN"))
-            .arg("--kubeconfig")
-            .arg(&kc)
-            .args(["--hostname-override", node, "--node-ip", "192.0.2.10"])
-            .args(["--kubelet-port", "0"])
-            .arg("--root-dir")
-            .arg(tmp.path().join("root"))
-            .arg("--run-dir")
-            .arg(tmp.path().join("run"))
-            .arg("--cni-conf-dir")
-            .arg(&cni_dir)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .expect("spawn hako-agent");
-        Agent {
-            child,
-            _tmp: tmp,
-            cni_dir,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-fn wait_for<T>(what: &str, secs: u64, agent: &Agent, f: impl FnMut() -> Option<T>) -> T {
-    hako_tests::poll_until(
-        what,
-        Duration::from_secs(secs),
-        Duration::from_millis(100),
-        || format!("agent log:\n{}", agent.log()),
-        f,
-    )
-}
 
 fn condition<'a>(node: &'a Value, t: &str) -> &'a Value {
     node["status"]["conditions"]
@@ -108,8 +43,8 @@ fn registration_readiness_lease_and_restrictions() {
         "--system-reserved",
         "cpu=100m,memory=64Mi",
     ]);
-    let agent = Agent::start(&srv, "n1", &args);
-    let node = wait_for("node registration with status", 20, &agent, || {
+    let agent = PlainAgent::start(&srv, "n1", &args);
+    let node = agent.wait_for("node registration with status", 20, || {
         srv.get("", "nodes", "", "n1")
             .filter(|n| n["status"]["nodeInfo"].is_object())
     });
@@ -174,14 +109,14 @@ fn registration_readiness_lease_and_restrictions() {
 
     // A CNI config makes the node Ready.
     write_conflist(&agent.cni_dir);
-    let node = wait_for("Ready=True", 10, &agent, || {
+    let node = agent.wait_for("Ready=True", 10, || {
         srv.get("", "nodes", "", "n1")
             .filter(|n| condition(n, "Ready")["status"] == "True")
     });
     assert_eq!(condition(&node, "Ready")["reason"], "KubeletReady");
 
     // Lease: renewed about every second (the configured period), duration 4×.
-    let lease = wait_for("lease", 10, &agent, || {
+    let lease = agent.wait_for("lease", 10, || {
         srv.get("coordination.k8s.io", "leases", "kube-node-lease", "n1")
     });
     assert_eq!(lease["spec"]["holderIdentity"], "n1");
@@ -231,24 +166,24 @@ fn registration_readiness_lease_and_restrictions() {
 #[test]
 fn survives_apiserver_restart_and_errors() {
     let mut srv = ApiServer::start().expect("fixture");
-    let agent = Agent::start(&srv, "n2", FAST);
+    let agent = PlainAgent::start(&srv, "n2", FAST);
     let renew_time = |srv: &ApiServer| {
         srv.get("coordination.k8s.io", "leases", "kube-node-lease", "n2")
             .and_then(|l| l["spec"]["renewTime"].as_str().map(str::to_string))
     };
-    wait_for("lease", 20, &agent, || renew_time(&srv));
+    agent.wait_for("lease", 20, || renew_time(&srv));
     srv.stop();
     std::thread::sleep(Duration::from_secs(3));
     let before = renew_time(&srv).expect("lease kept across stop");
     srv.restart().expect("restart");
-    wait_for("renewal after restart", 15, &agent, || {
+    agent.wait_for("renewal after restart", 15, || {
         renew_time(&srv).filter(|t| *t != before)
     });
     // Transient 500s: the agent backs off and carries on.
     srv.fail_next(5);
     let after_errors = renew_time(&srv).expect("lease");
     std::thread::sleep(Duration::from_millis(1200));
-    wait_for("renewal after errors", 15, &agent, || {
+    agent.wait_for("renewal after errors", 15, || {
         renew_time(&srv).filter(|t| *t != after_errors)
     });
     assert!(
@@ -258,5 +193,5 @@ fn survives_apiserver_restart_and_errors() {
     );
     // Still the same process: it never exited.
     let mut agent = agent;
-    assert!(agent.child.try_wait().expect("wait").is_none());
+    assert!(agent.exited().is_none());
 }

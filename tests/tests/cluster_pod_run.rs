@@ -11,21 +11,10 @@
 //! Secret it runs.
 #![cfg(feature = "root")]
 
-use hako_tests::agent::AgentEnv;
-use hako_tests::cluster::{cluster_env, condition as cond, container_pid};
+use hako_tests::cluster::{cluster_env, condition as cond, container_pid, wait_for};
 use hako_tests::registry::{Registry, RegistryOptions, AUTH_PASSWORD, AUTH_USER};
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
-
-fn wait_for<T>(what: &str, secs: u64, env: &AgentEnv, f: impl FnMut() -> Option<T>) -> T {
-    hako_tests::poll_until(
-        what,
-        Duration::from_secs(secs),
-        Duration::from_millis(100),
-        || format!("agent log:\n{}", env.agent_log()),
-        f,
-    )
-}
+use std::time::Instant;
 
 #[test]
 fn pod_runs_reports_status_and_is_deleted_gracefully() {

@@ -4,71 +4,23 @@
 //! watch surviving an apiserver restart and a 410 Gone (relist). Runs the real `hako-agent`
 //! (build it first). No root: the admitted pod is not expected to start here.
 
-use hako_tests::agent::target_bin;
 use hako_tests::apiserver::ApiServer;
+use hako_tests::cluster::PlainAgent;
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-struct Agent {
-    child: Child,
-    tmp: tempfile::TempDir,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Agent {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.tmp.path().join("agent.log")).unwrap_or_default()
-    }
-}
-
-fn start(srv: &ApiServer, node: &str) -> Agent {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let kc = tmp.path().join("kubeconfig");
-    srv.write_kubeconfig(&kc, &srv.node_token(node))
-        .expect("kubeconfig");
-    let log = std::fs::File::create(tmp.path().join("agent.log")).expect("log");
-    let child = Command::new(target_bin("hako-agent", "HAKO_AGENT_BIN"))
-        .arg("--kubeconfig")
-        .arg(&kc)
-        .args(["--hostname-override", node, "--node-ip", "192.0.2.10"])
-        .args(["--kubelet-port", "0"])
-        .args(["--register-with-taints", "dedicated=infra:NoExecute"])
-        .args([
+/// The agent as node `node`, with a NoExecute taint and 1 s Lease and status periods.
+fn start(srv: &ApiServer, node: &str) -> PlainAgent {
+    PlainAgent::start(
+        srv,
+        node,
+        &[
+            "--register-with-taints",
+            "dedicated=infra:NoExecute",
             "--node-lease-renew-interval",
             "1",
             "--node-status-update-frequency",
             "1",
-        ])
-        .arg("--root-dir")
-        .arg(tmp.path().join("root"))
-        .arg("--run-dir")
-        .arg(tmp.path().join("run"))
-        .arg("--pod-log-dir")
-        .arg(tmp.path().join("logs"))
-        .arg("--cni-conf-dir")
-        .arg(tmp.path().join("net.d"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn hako-agent");
-    Agent { child, tmp }
-}
-
-fn wait_for<T>(what: &str, secs: u64, agent: &Agent, f: impl FnMut() -> Option<T>) -> T {
-    hako_tests::poll_until(
-        what,
-        Duration::from_secs(secs),
-        Duration::from_millis(100),
-        || format!("agent log:\n{}", agent.log()),
-        f,
+        ],
     )
 }
 
@@ -96,7 +48,7 @@ fn failed_reason(srv: &ApiServer, name: &str) -> Option<String> {
 fn admission_deletion_and_watch_resilience() {
     let mut srv = ApiServer::start().expect("fixture");
     let agent = start(&srv, "n1");
-    wait_for("node", 20, &agent, || {
+    agent.wait_for("node", 20, || {
         srv.get("", "nodes", "", "n1")
             .filter(|n| n["status"]["allocatable"]["cpu"].is_string())
     });
@@ -136,7 +88,7 @@ fn admission_deletion_and_watch_resilience() {
     ))
     .expect("pod");
     for (name, _, reason) in &cases {
-        let got = wait_for("rejection", 15, &agent, || failed_reason(&srv, name));
+        let got = agent.wait_for("rejection", 15, || failed_reason(&srv, name));
         assert_eq!(&got, reason, "{name}");
         let msg = srv.get("", "pods", "default", name).expect("pod")["status"]["message"].clone();
         assert!(
@@ -145,7 +97,7 @@ fn admission_deletion_and_watch_resilience() {
             "{msg}"
         );
     }
-    let events = wait_for("events", 10, &agent, || {
+    let events = agent.wait_for("events", 10, || {
         let ev = srv.list("", "events");
         (ev.len() >= 3).then_some(ev)
     });
@@ -162,7 +114,7 @@ fn admission_deletion_and_watch_resilience() {
     );
 
     // The ConfigMap is watched by name, never listed.
-    wait_for("configmap watch", 10, &agent, || {
+    agent.wait_for("configmap watch", 10, || {
         srv.requests()
             .iter()
             .any(|r| {
@@ -183,7 +135,7 @@ fn admission_deletion_and_watch_resilience() {
     ))
     .expect("pod");
     assert_eq!(
-        wait_for("rejection after restart", 20, &agent, || failed_reason(
+        agent.wait_for("rejection after restart", 20, || failed_reason(
             &srv,
             "after-restart"
         )),
@@ -198,7 +150,7 @@ fn admission_deletion_and_watch_resilience() {
     ))
     .expect("pod");
     assert_eq!(
-        wait_for("rejection after 410", 30, &agent, || failed_reason(
+        agent.wait_for("rejection after 410", 30, || failed_reason(
             &srv,
             "after-410"
         )),
@@ -221,12 +173,12 @@ fn admission_deletion_and_watch_resilience() {
 fn graceful_deletion_uses_uid_precondition() {
     let srv = ApiServer::start().expect("fixture");
     let agent = start(&srv, "n3");
-    wait_for("node", 20, &agent, || srv.get("", "nodes", "", "n3"));
+    agent.wait_for("node", 20, || srv.get("", "nodes", "", "n3"));
     // Rejected (untolerated NoExecute taint), so no worker holds it; then made Running again
     // so that the apiserver's graceful path applies to the delete.
     srv.create(pod("g", "n3", json!({"tolerations": []})))
         .expect("pod");
-    wait_for("rejection", 15, &agent, || failed_reason(&srv, "g"));
+    agent.wait_for("rejection", 15, || failed_reason(&srv, "g"));
     srv.merge_patch(
         "",
         "pods",
@@ -250,7 +202,7 @@ fn graceful_deletion_uses_uid_precondition() {
         )
         .expect("graceful delete");
     assert!(p["metadata"]["deletionTimestamp"].is_string());
-    wait_for("final delete", 15, &agent, || {
+    agent.wait_for("final delete", 15, || {
         srv.get("", "pods", "default", "g").is_none().then_some(())
     });
     let del = srv

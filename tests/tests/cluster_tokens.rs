@@ -9,19 +9,8 @@
 
 use hako_tests::agent::AgentEnv;
 use hako_tests::apiserver::{ApiServer, CLUSTER_CA_PEM, SERVICE_ACCOUNT_MOUNT};
-use hako_tests::cluster::container_pid;
+use hako_tests::cluster::{container_pid, wait_for};
 use serde_json::{json, Value};
-use std::time::Duration;
-
-fn wait_for<T>(what: &str, secs: u64, env: &AgentEnv, f: impl FnMut() -> Option<T>) -> T {
-    hako_tests::poll_until(
-        what,
-        Duration::from_secs(secs),
-        Duration::from_millis(100),
-        || format!("agent log:\n{}", env.agent_log()),
-        f,
-    )
-}
 
 type Expiry = k8s_openapi::chrono::DateTime<k8s_openapi::chrono::Utc>;
 

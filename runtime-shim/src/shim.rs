@@ -17,6 +17,7 @@ use crate::pidfd::{self, PidFd, PidfdError};
 use crate::protocol::{ExecRequest, ExecResult, Request, Response};
 use crate::spec::ContainerSpec;
 use crate::state::{self, State, Status};
+use crate::sys::LinuxSyscall;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use std::fs::{self, File};
@@ -44,6 +45,9 @@ pub enum ShimError {
     /// The container could not be created.
     #[error(transparent)]
     Create(#[from] container::CreateError),
+    /// A pidfd on the container process could not be opened.
+    #[error(transparent)]
+    Pidfd(#[from] PidfdError),
     /// Log, state or socket I/O failed.
     #[error("{0}: {1}")]
     Io(String, io::Error),
@@ -233,11 +237,11 @@ fn setup_container(
     // process yet, so the pidfd and the start time opened now are the container's. The shim
     // also moves the child into its cgroup while the child sets up its mounts.
     let mut held: Option<(PidFd, Option<u64>)> = None;
-    let join = |pid: Pid| {
-        let fd = PidFd::open(pid.as_raw()).map_err(|e| e.to_string())?;
+    let join = |pid: Pid| -> Result<(), ShimError> {
+        let fd = PidFd::open(pid.as_raw())?;
         held = Some((fd, pidfd::start_time(pid.as_raw()).ok()));
         match &cgroup {
-            Some(c) => c.add(pid.as_raw()).map_err(|e| e.to_string()),
+            Some(c) => Ok(c.add(pid.as_raw())?),
             None => Ok(()),
         }
     };
@@ -685,7 +689,7 @@ fn spawn_exec(
             if let Some(f) = &filter {
                 crate::seccomp::apply(f).map_err(io::Error::other)?;
             }
-            container::set_identity(&id, &caps).map_err(io::Error::other)?;
+            container::set_identity(&LinuxSyscall, &id, &caps).map_err(io::Error::other)?;
             if nnp {
                 nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)?;
             }

@@ -19,7 +19,7 @@ use crate::users;
 use caps::{CapSet, Capability};
 use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags};
-use nix::sched::{setns, CloneFlags};
+use nix::sched::CloneFlags;
 use nix::sys::stat::{Mode, SFlag};
 use nix::unistd::{self, ForkResult, Gid, Pid, Uid};
 use std::collections::HashSet;
@@ -1209,6 +1209,55 @@ fn mask(sys: &dyn Syscall, p: &Path) -> Result<(), SetupError> {
     }
 }
 
+/// What an exec'd process does in its pre-exec hook, all prepared before the fork.
+pub struct ExecSetup {
+    /// Make stdin (a terminal) the controlling terminal of a new session.
+    pub tty: bool,
+    /// `cgroup.procs` files to join.
+    pub cgroup_procs: Vec<CString>,
+    /// The namespaces of the container's PID 1 ([`open_namespaces`]).
+    pub namespaces: Vec<(OwnedFd, CloneFlags)>,
+    /// Working directory inside the container.
+    pub cwd: String,
+    /// The container's seccomp filter.
+    pub seccomp: Option<seccompiler::BpfProgram>,
+    /// The user to become.
+    pub identity: users::Identity,
+    /// The capability set to keep.
+    pub caps: HashSet<Capability>,
+    /// Set no_new_privs last.
+    pub no_new_privs: bool,
+}
+
+/// The pre-exec hook of an exec (in the forked child): controlling terminal, cgroup,
+/// namespaces, chdir, seccomp, identity and capabilities, no_new_privs, in that order. The
+/// error keeps the errno, which is all the parent learns of it.
+pub fn exec_setup(sys: &dyn Syscall, s: &ExecSetup) -> io::Result<()> {
+    let to_io = |e: SysError| match e {
+        SysError::Errno(e) => io::Error::from(e),
+        SysError::Io(e) => e,
+        other => io::Error::other(other),
+    };
+    if s.tty {
+        take_controlling_tty()?;
+    }
+    for p in &s.cgroup_procs {
+        write_zero(p)?;
+    }
+    for (fd, flag) in &s.namespaces {
+        sys.setns(fd.as_fd(), *flag).map_err(to_io)?;
+    }
+    sys.chdir(Path::new(&s.cwd)).map_err(to_io)?;
+    if let Some(f) = &s.seccomp {
+        sys.load_seccomp(f).map_err(to_io)?;
+    }
+    set_identity(sys, &s.identity, &s.caps).map_err(io::Error::other)?;
+    if s.no_new_privs {
+        sys.set_no_new_privs().map_err(to_io)?;
+    }
+    Ok(())
+}
+
 /// Open `/proc/<pid>/ns/<name>` for every namespace an exec joins.
 pub fn open_namespaces(pid: Pid) -> io::Result<Vec<(OwnedFd, CloneFlags)>> {
     let mut out = Vec::new();
@@ -1222,14 +1271,6 @@ pub fn open_namespaces(pid: Pid) -> io::Result<Vec<(OwnedFd, CloneFlags)>> {
         out.push((OwnedFd::from(f), flag));
     }
     Ok(out)
-}
-
-/// Join the namespaces in a pre-exec hook (the forked child of the exec).
-pub fn join_namespaces(fds: &[(OwnedFd, CloneFlags)]) -> io::Result<()> {
-    for (fd, flag) in fds {
-        setns(fd, *flag).map_err(io::Error::from)?;
-    }
-    Ok(())
 }
 
 /// Duplicate a raw fd into a `File` (for the pre-exec hook's cgroup join).
@@ -2100,6 +2141,74 @@ mod tests {
                 ]
             );
             assert!(!calls.iter().any(|c| matches!(c, Call::Chmod(..))));
+        }
+
+        #[test]
+        fn exec_hook_joins_then_confines_and_keeps_the_errno() {
+            let dir = tempfile::tempdir().unwrap();
+            let ns: Vec<(OwnedFd, CloneFlags)> = [
+                ("ipc", CloneFlags::CLONE_NEWIPC),
+                ("uts", CloneFlags::CLONE_NEWUTS),
+                ("net", CloneFlags::CLONE_NEWNET),
+                ("mnt", CloneFlags::CLONE_NEWNS),
+            ]
+            .iter()
+            .map(|(n, f)| {
+                let p = dir.path().join(n);
+                fs::write(&p, "").unwrap();
+                (OwnedFd::from(File::open(p).unwrap()), *f)
+            })
+            .collect();
+            let caps = crate::capabilities::default_set();
+            let setup = ExecSetup {
+                tty: false,
+                cgroup_procs: Vec::new(),
+                namespaces: ns,
+                cwd: "/srv".into(),
+                seccomp: Some(crate::seccomp::build(&caps).unwrap()),
+                identity: users::Identity {
+                    uid: 1000,
+                    gid: 1000,
+                    groups: vec![1000],
+                    home: "/home/app".into(),
+                },
+                caps,
+                no_new_privs: true,
+            };
+            let sys = RecordingSyscall::new();
+            exec_setup(&sys, &setup).unwrap();
+            let calls = sys.calls();
+            let joined: Vec<CloneFlags> = calls[..4]
+                .iter()
+                .map(|c| match c {
+                    Call::Setns(p, f) => {
+                        assert!(p.starts_with(dir.path()), "{p:?}");
+                        *f
+                    }
+                    other => panic!("{other:?} before the namespaces"),
+                })
+                .collect();
+            assert_eq!(
+                joined,
+                [
+                    CloneFlags::CLONE_NEWIPC,
+                    CloneFlags::CLONE_NEWUTS,
+                    CloneFlags::CLONE_NEWNET,
+                    CloneFlags::CLONE_NEWNS
+                ]
+            );
+            // Inside the mount namespace first, then the filter, then the identity.
+            assert_eq!(calls[4], Call::Chdir("/srv".into()));
+            assert!(matches!(calls[5], Call::LoadSeccomp(n) if n > 0));
+            let uid = first(&calls, "setresuid", |c| *c == Call::Setresuid(1000));
+            assert!(uid > 5);
+            assert_eq!(calls.last(), Some(&Call::NoNewPrivs));
+
+            // A refused setns stops the hook there, and the parent learns the errno.
+            let sys = RecordingSyscall::new().fail_at(2, Errno::EPERM);
+            let err = exec_setup(&sys, &setup).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+            assert_eq!(sys.calls().len(), 3);
         }
 
         #[test]

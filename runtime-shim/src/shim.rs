@@ -682,9 +682,16 @@ fn spawn_exec(
         .clone()
         .or_else(|| spec.process.cwd.clone())
         .unwrap_or_else(|| "/".into());
-    let caps = shared.plan_caps();
-    let nnp = spec.process.no_new_privileges;
-    let filter = shared.plan.seccomp().cloned();
+    let hook = container::ExecSetup {
+        tty: x.tty,
+        cgroup_procs: procs,
+        namespaces: ns,
+        cwd,
+        seccomp: shared.plan.seccomp().cloned(),
+        identity: id,
+        caps: shared.plan_caps(),
+        no_new_privs: spec.process.no_new_privileges,
+    };
     let mut cmd = Command::new(&exe);
     cmd.arg0(&x.args[0]).args(&x.args[1..]).env_clear();
     let tty = x.tty;
@@ -720,24 +727,7 @@ fn spawn_exec(
     // SAFETY: the hook runs in the forked child before exec and only makes system calls
     // (open/write, setns, chdir, set*id, capset, prctl) on data prepared before the fork.
     unsafe {
-        cmd.pre_exec(move || {
-            if tty {
-                container::take_controlling_tty()?;
-            }
-            for p in &procs {
-                container::write_zero(p)?;
-            }
-            container::join_namespaces(&ns)?;
-            nix::unistd::chdir(Path::new(&cwd)).map_err(io::Error::from)?;
-            if let Some(f) = &filter {
-                crate::seccomp::apply(f).map_err(io::Error::other)?;
-            }
-            container::set_identity(&LinuxSyscall, &id, &caps).map_err(io::Error::other)?;
-            if nnp {
-                nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)?;
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || container::exec_setup(&LinuxSyscall, &hook));
     }
     // Fork from a thread that joined the container's pid namespace for its children; that
     // thread ends right after (it could not start threads any more).

@@ -33,6 +33,9 @@ pub enum ClientError {
     /// The shim answered with an error.
     #[error("container {0}: {1}")]
     Shim(String, String),
+    /// A streamed request (exec stream, stdin attach) failed.
+    #[error("container {0}: {1}")]
+    Stream(String, crate::stream::StreamError),
     /// Local I/O failed.
     #[error("container {0}: {1}")]
     Io(String, io::Error),
@@ -298,7 +301,7 @@ impl ShimClient {
         let conn =
             UnixStream::connect(&sock).map_err(|e| ClientError::Unreachable(self.id.clone(), e))?;
         crate::stream::ExecStream::start(conn, req)
-            .map_err(|e| ClientError::Shim(self.id.clone(), e))
+            .map_err(|e| ClientError::Stream(self.id.clone(), e))
     }
 
     /// A duplicate of the write end of the container's stdin (containers created with
@@ -307,7 +310,7 @@ impl ShimClient {
         let sock = self.dir.join(state::SOCKET);
         let conn =
             UnixStream::connect(&sock).map_err(|e| ClientError::Unreachable(self.id.clone(), e))?;
-        crate::stream::attach_stdin(conn).map_err(|e| ClientError::Shim(self.id.clone(), e))
+        crate::stream::attach_stdin(conn).map_err(|e| ClientError::Stream(self.id.clone(), e))
     }
 
     /// Kill what runs, remove everything of the container; the shim exits.

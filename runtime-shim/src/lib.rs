@@ -21,4 +21,5 @@ pub mod shim;
 pub mod spec;
 pub mod state;
 pub mod stream;
+pub mod sys;
 pub mod users;

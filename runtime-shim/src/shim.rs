@@ -17,6 +17,7 @@ use crate::pidfd::{self, PidFd, PidfdError};
 use crate::protocol::{ExecRequest, ExecResult, Request, Response};
 use crate::spec::ContainerSpec;
 use crate::state::{self, State, Status};
+use crate::sys::LinuxSyscall;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use std::fs::{self, File};
@@ -44,9 +45,56 @@ pub enum ShimError {
     /// The container could not be created.
     #[error(transparent)]
     Create(#[from] container::CreateError),
+    /// A pidfd on the container process could not be opened.
+    #[error(transparent)]
+    Pidfd(#[from] PidfdError),
     /// Log, state or socket I/O failed.
     #[error("{0}: {1}")]
     Io(String, io::Error),
+}
+
+/// Why an exec into the container failed (the response's error).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The container's PID 1 has exited (or was never started).
+    #[error("container {0} is not running")]
+    NotRunning(String),
+    /// The request has no arguments.
+    #[error("exec: args is empty")]
+    NoArgs,
+    /// The spec's user is not in the container's /etc/passwd or /etc/group.
+    #[error(transparent)]
+    User(crate::users::UserError),
+    /// The program is not in the container's `PATH`.
+    #[error("exec: {0:?} not found in the container's PATH")]
+    NotFound(String),
+    /// The namespaces of the container's PID 1 could not be opened.
+    #[error("open namespaces of {0}: {1}")]
+    Namespaces(Pid, io::Error),
+    /// No terminal could be opened in the container's devpts.
+    #[error("open a terminal in {0}: {1}")]
+    Terminal(Pid, io::Error),
+    /// The terminal's descriptor could not be duplicated.
+    #[error("dup terminal: {0}")]
+    DupTerminal(io::Error),
+    /// The pid namespace of the container's PID 1 could not be opened.
+    #[error("open pid namespace of {0}: {1}")]
+    OpenPidNamespace(Pid, io::Error),
+    /// The spawning thread could not join the container's pid namespace.
+    #[error("join pid namespace: {0}")]
+    JoinPidNamespace(nix::Error),
+    /// The process could not be started (fork, pre-exec setup or exec).
+    #[error("exec {0}: {1}")]
+    Spawn(String, io::Error),
+    /// The spawning thread panicked.
+    #[error("exec thread panicked")]
+    ThreadPanicked,
+    /// No pidfd could be opened on the started process (it was killed).
+    #[error("exec: {0}")]
+    Pidfd(PidfdError),
+    /// Waiting for the process failed.
+    #[error("wait exec: {0}")]
+    Wait(io::Error),
 }
 
 /// Why a signal was not delivered.
@@ -233,11 +281,11 @@ fn setup_container(
     // process yet, so the pidfd and the start time opened now are the container's. The shim
     // also moves the child into its cgroup while the child sets up its mounts.
     let mut held: Option<(PidFd, Option<u64>)> = None;
-    let join = |pid: Pid| {
-        let fd = PidFd::open(pid.as_raw()).map_err(|e| e.to_string())?;
+    let join = |pid: Pid| -> Result<(), ShimError> {
+        let fd = PidFd::open(pid.as_raw())?;
         held = Some((fd, pidfd::start_time(pid.as_raw()).ok()));
         match &cgroup {
-            Some(c) => c.add(pid.as_raw()).map_err(|e| e.to_string()),
+            Some(c) => Ok(c.add(pid.as_raw())?),
             None => Ok(()),
         }
     };
@@ -570,7 +618,7 @@ fn exec_stream(shared: &Arc<Shared>, conn: &UnixStream, x: &ExecRequest) {
     );
 }
 
-fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, String> {
+fn exec(shared: &Arc<Shared>, x: &ExecRequest) -> Result<ExecResult, ExecError> {
     let (child, master) = spawn_exec(shared, x, false)?;
     collect_exec(child, master, x)
 }
@@ -581,16 +629,16 @@ fn spawn_exec(
     shared: &Arc<Shared>,
     x: &ExecRequest,
     stream: bool,
-) -> Result<(std::process::Child, Option<File>), String> {
+) -> Result<(std::process::Child, Option<File>), ExecError> {
     // Held until the process is spawned: PID 1 cannot be reaped (and its pid reused) while
     // its /proc entries are read and its namespaces joined.
     let exited = shared.exited.read().unwrap_or_else(|e| e.into_inner());
     let st = shared.snapshot();
     if *exited || st.status != Status::Running {
-        return Err(format!("container {} is not running", st.id));
+        return Err(ExecError::NotRunning(st.id));
     }
     if x.args.is_empty() {
-        return Err("exec: args is empty".into());
+        return Err(ExecError::NoArgs);
     }
     let pid = Pid::from_raw(st.pid);
     let root = PathBuf::from(format!("/proc/{pid}/root"));
@@ -602,7 +650,7 @@ fn spawn_exec(
         &read("etc/passwd"),
         &read("etc/group"),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(ExecError::User)?;
     let mut env = spec.process.env.clone();
     env.extend(x.env.iter().cloned());
     let path_var = env
@@ -618,10 +666,9 @@ fn spawn_exec(
             .split(':')
             .map(|d| format!("{}/{}", d.trim_end_matches('/'), x.args[0]))
             .find(|p| fs::metadata(root.join(p.trim_start_matches('/'))).is_ok_and(|m| m.is_file()))
-            .ok_or_else(|| format!("exec: {:?} not found in the container's PATH", x.args[0]))?
+            .ok_or_else(|| ExecError::NotFound(x.args[0].clone()))?
     };
-    let ns =
-        container::open_namespaces(pid).map_err(|e| format!("open namespaces of {pid}: {e}"))?;
+    let ns = container::open_namespaces(pid).map_err(|e| ExecError::Namespaces(pid, e))?;
     let procs: Vec<std::ffi::CString> = shared
         .cgroup
         .as_ref()
@@ -635,17 +682,24 @@ fn spawn_exec(
         .clone()
         .or_else(|| spec.process.cwd.clone())
         .unwrap_or_else(|| "/".into());
-    let caps = shared.plan_caps();
-    let nnp = spec.process.no_new_privileges;
-    let filter = shared.plan.seccomp().cloned();
+    let hook = container::ExecSetup {
+        tty: x.tty,
+        cgroup_procs: procs,
+        namespaces: ns,
+        cwd,
+        seccomp: shared.plan.seccomp().cloned(),
+        identity: id,
+        caps: shared.plan_caps(),
+        no_new_privs: spec.process.no_new_privileges,
+    };
     let mut cmd = Command::new(&exe);
     cmd.arg0(&x.args[0]).args(&x.args[1..]).env_clear();
     let tty = x.tty;
     let mut master = None;
     if tty {
-        let (m, slave) = container::open_container_pty(pid)
-            .map_err(|e| format!("open a terminal in {pid}: {e}"))?;
-        let dup = |f: &File| f.try_clone().map_err(|e| format!("dup terminal: {e}"));
+        let (m, slave) =
+            container::open_container_pty(pid).map_err(|e| ExecError::Terminal(pid, e))?;
+        let dup = |f: &File| f.try_clone().map_err(ExecError::DupTerminal);
         cmd.stdin(Stdio::from(dup(&slave)?))
             .stdout(Stdio::from(dup(&slave)?))
             .stderr(Stdio::from(slave));
@@ -673,36 +727,19 @@ fn spawn_exec(
     // SAFETY: the hook runs in the forked child before exec and only makes system calls
     // (open/write, setns, chdir, set*id, capset, prctl) on data prepared before the fork.
     unsafe {
-        cmd.pre_exec(move || {
-            if tty {
-                container::take_controlling_tty()?;
-            }
-            for p in &procs {
-                container::write_zero(p)?;
-            }
-            container::join_namespaces(&ns)?;
-            nix::unistd::chdir(Path::new(&cwd)).map_err(io::Error::from)?;
-            if let Some(f) = &filter {
-                crate::seccomp::apply(f).map_err(io::Error::other)?;
-            }
-            container::set_identity(&id, &caps).map_err(io::Error::other)?;
-            if nnp {
-                nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)?;
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || container::exec_setup(&LinuxSyscall, &hook));
     }
     // Fork from a thread that joined the container's pid namespace for its children; that
     // thread ends right after (it could not start threads any more).
     let pidns = File::open(format!("/proc/{pid}/ns/pid"))
-        .map_err(|e| format!("open pid namespace of {pid}: {e}"))?;
+        .map_err(|e| ExecError::OpenPidNamespace(pid, e))?;
     let child = std::thread::spawn(move || {
         nix::sched::setns(&pidns, nix::sched::CloneFlags::CLONE_NEWPID)
-            .map_err(|e| format!("join pid namespace: {e}"))?;
-        cmd.spawn().map_err(|e| format!("exec {exe}: {e}"))
+            .map_err(ExecError::JoinPidNamespace)?;
+        cmd.spawn().map_err(|e| ExecError::Spawn(exe, e))
     })
     .join()
-    .map_err(|_| "exec thread panicked".to_string())??;
+    .map_err(|_| ExecError::ThreadPanicked)??;
     drop(exited);
     Ok((child, master))
 }
@@ -712,7 +749,7 @@ fn collect_exec(
     child: std::process::Child,
     master: Option<File>,
     x: &ExecRequest,
-) -> Result<ExecResult, String> {
+) -> Result<ExecResult, ExecError> {
     let mut child = child;
     // Not waited for yet, so the pid is still the exec'd process's: the timer kills it
     // through this pidfd, which cannot reach whoever gets the pid after the wait below.
@@ -721,7 +758,7 @@ fn collect_exec(
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!("exec: {e}"));
+            return Err(ExecError::Pidfd(e));
         }
     };
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -756,9 +793,7 @@ fn collect_exec(
         });
         (buf, done_rx)
     });
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("wait exec: {e}"));
+    let out = child.wait_with_output().map_err(ExecError::Wait);
     // A background process may keep the terminal open: answer with what came within 1 s.
     let tty_out = reader.map(|(buf, done)| {
         let _ = done.recv_timeout(Duration::from_secs(1));

@@ -13,6 +13,59 @@ use std::io::{self, BufRead, BufReader, IoSlice, IoSliceMut, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+/// Client-side errors of a streamed request.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The request could not be encoded.
+    #[error(transparent)]
+    Encode(serde_json::Error),
+    /// Sending the request or receiving the answer failed.
+    #[error(transparent)]
+    Io(io::Error),
+    /// The shim's answer line is not a response.
+    #[error("bad response {line:?}: {source}")]
+    BadResponse {
+        /// The line received.
+        line: String,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+    /// The shim answered with an error (its message).
+    #[error("{0}")]
+    Shim(String),
+    /// `attachStdin` was answered with other than one descriptor.
+    #[error("attach: unexpected descriptors from the shim")]
+    AttachDescriptors,
+    /// `execStream` was answered with descriptors that do not match the request.
+    #[error("exec stream: unexpected descriptors from the shim")]
+    ExecDescriptors,
+    /// The exit line carries no exit code.
+    #[error("exec stream: no exit code")]
+    NoExitCode,
+}
+
+/// Sends one request line on a connected shim socket and receives the answer line with its
+/// descriptors; an error answer becomes [`StreamError::Shim`].
+fn request(conn: &UnixStream, req: &Request) -> Result<(Response, Vec<OwnedFd>), StreamError> {
+    let mut data = serde_json::to_vec(req).map_err(StreamError::Encode)?;
+    data.push(b'\n');
+    (&*conn).write_all(&data).map_err(StreamError::Io)?;
+    let (line, fds) = recv_line_with_fds(conn).map_err(StreamError::Io)?;
+    let resp = parse_response(line)?;
+    Ok((resp, fds))
+}
+
+fn parse_response(line: String) -> Result<Response, StreamError> {
+    let resp: Response = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(source) => return Err(StreamError::BadResponse { line, source }),
+    };
+    match resp.error {
+        Some(e) => Err(StreamError::Shim(e)),
+        None => Ok(resp),
+    }
+}
+
 /// The descriptors of a running streamed exec, in the order they travel.
 #[derive(Debug, Default)]
 pub struct ExecStdio {
@@ -123,20 +176,12 @@ pub fn recv_line_with_fds(conn: &UnixStream) -> io::Result<(String, Vec<OwnedFd>
 
 /// Asks for the container's stdin (`attachStdin`) on a connected shim socket: a duplicate of
 /// its write end.
-pub fn attach_stdin(conn: UnixStream) -> Result<File, String> {
-    let mut data = serde_json::to_vec(&Request::AttachStdin).map_err(|e| e.to_string())?;
-    data.push(b'\n');
-    (&conn).write_all(&data).map_err(|e| e.to_string())?;
-    let (line, fds) = recv_line_with_fds(&conn).map_err(|e| e.to_string())?;
-    let resp: Response =
-        serde_json::from_str(&line).map_err(|e| format!("bad response {line:?}: {e}"))?;
-    if let Some(e) = resp.error {
-        return Err(e);
-    }
+pub fn attach_stdin(conn: UnixStream) -> Result<File, StreamError> {
+    let (_, fds) = request(&conn, &Request::AttachStdin)?;
     let mut fds = fds.into_iter();
     match (fds.next(), fds.next()) {
         (Some(fd), None) => Ok(File::from(fd)),
-        _ => Err("attach: unexpected descriptors from the shim".into()),
+        _ => Err(StreamError::AttachDescriptors),
     }
 }
 
@@ -166,19 +211,9 @@ pub struct ExecStream {
 
 impl ExecStream {
     /// Sends the request on a connected shim socket and receives the descriptors.
-    pub fn start(conn: UnixStream, req: ExecRequest) -> Result<Self, String> {
-        let mut data =
-            serde_json::to_vec(&Request::ExecStream(req.clone())).map_err(|e| e.to_string())?;
-        data.push(b'\n');
-        (&conn).write_all(&data).map_err(|e| e.to_string())?;
-        let (line, fds) = recv_line_with_fds(&conn).map_err(|e| e.to_string())?;
-        let resp: Response =
-            serde_json::from_str(&line).map_err(|e| format!("bad response {line:?}: {e}"))?;
-        if let Some(e) = resp.error {
-            return Err(e);
-        }
-        let stdio = ExecStdio::from_fds(&req, fds)
-            .ok_or_else(|| "exec stream: unexpected descriptors from the shim".to_string())?;
+    pub fn start(conn: UnixStream, req: ExecRequest) -> Result<Self, StreamError> {
+        let (_, fds) = request(&conn, &Request::ExecStream(req.clone()))?;
+        let stdio = ExecStdio::from_fds(&req, fds).ok_or(StreamError::ExecDescriptors)?;
         Ok(ExecStream { stdio, conn })
     }
 
@@ -188,19 +223,21 @@ impl ExecStream {
     }
 
     /// Blocks until the process has exited; its exit code (128+signal when killed).
-    pub fn wait(self) -> Result<i32, String> {
+    pub fn wait_exit(self) -> Result<i32, StreamError> {
         let mut line = String::new();
         BufReader::new(&self.conn)
             .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
-        let resp: Response =
-            serde_json::from_str(&line).map_err(|e| format!("bad response {line:?}: {e}"))?;
-        if let Some(e) = resp.error {
-            return Err(e);
-        }
-        resp.exec
+            .map_err(StreamError::Io)?;
+        parse_response(line)?
+            .exec
             .map(|x| x.exit_code)
-            .ok_or_else(|| "exec stream: no exit code".to_string())
+            .ok_or(StreamError::NoExitCode)
+    }
+
+    /// [`ExecStream::wait_exit`] with the error as its message, for callers that carry it
+    /// as text (the agent's exec streams; they can move to `wait_exit`).
+    pub fn wait(self) -> Result<i32, String> {
+        self.wait_exit().map_err(|e| e.to_string())
     }
 }
 
@@ -230,6 +267,33 @@ mod tests {
         let (line2, fds2) = recv_line_with_fds(&b).expect("recv 2");
         assert_eq!(line2, line);
         assert!(fds2.is_empty());
+    }
+
+    #[test]
+    fn answers_become_typed_errors() {
+        let e = parse_response(r#"{"error":"container x is not running"}"#.into()).unwrap_err();
+        assert!(matches!(&e, StreamError::Shim(m) if m == "container x is not running"));
+        assert_eq!(e.to_string(), "container x is not running");
+        let e = parse_response("nope\n".into()).unwrap_err();
+        assert!(
+            matches!(&e, StreamError::BadResponse { line, .. } if line == "nope\n"),
+            "{e}"
+        );
+        assert!(parse_response("{}".into()).is_ok());
+        // An attach answered with two descriptors is refused, and both are closed.
+        let (a, b) = UnixStream::pair().expect("pair");
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        let resp = Response::default();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut line = String::new();
+                BufReader::new(&a).read_line(&mut line).expect("request");
+                assert!(line.contains("attachStdin"), "{line}");
+                send_line_with_fds(&a, &resp, &[r.as_raw_fd(), w.as_raw_fd()]).expect("send");
+            });
+            let e = attach_stdin(b).unwrap_err();
+            assert!(matches!(e, StreamError::AttachDescriptors), "{e}");
+        });
     }
 
     #[test]

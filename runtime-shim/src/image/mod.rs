@@ -55,7 +55,7 @@ pub enum ImageError {
     Io(PathBuf, io::Error),
     /// The image config is not valid JSON.
     #[error("image {0}: bad config: {1}")]
-    Config(String, String),
+    Config(String, ConfigError),
     /// No bytes arrived for the progress deadline; the pull was cancelled.
     #[error("cancel pulling image {image} because of no progress for {}s, latest progress: {what} ({bytes} bytes)", .after.as_secs_f64())]
     Stalled {
@@ -119,8 +119,13 @@ pub struct Image {
     pub last_used: u64,
 }
 
+/// An image config that is not valid JSON of the expected shape.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ConfigError(#[from] serde_json::Error);
+
 /// Parse the parts of an image config JSON that matter. Pure.
-pub fn parse_config(json: &str) -> Result<ImageConfig, String> {
+pub fn parse_config(json: &str) -> Result<ImageConfig, ConfigError> {
     #[derive(Deserialize, Default)]
     #[serde(rename_all = "PascalCase", default)]
     struct C {
@@ -135,7 +140,7 @@ pub fn parse_config(json: &str) -> Result<ImageConfig, String> {
     struct Top {
         config: Option<C>,
     }
-    let t: Top = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let t: Top = serde_json::from_str(json)?;
     let c = t.config.unwrap_or_default();
     Ok(ImageConfig {
         entrypoint: c.entrypoint.unwrap_or_default(),

@@ -36,6 +36,11 @@ impl Histogram {
         self.count += 1;
     }
 
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
     fn write(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (i, b) in BUCKETS.iter().enumerate() {

@@ -766,7 +766,7 @@ mod tests {
             self.syncs.push((t, full));
             self.clock.at.set(self.clock.at.get() + self.took);
             if self.fail.pop_front().unwrap_or(false) {
-                return Err(SyncError::Backend("boom".into()));
+                return Err(crate::nft::NftError::NoState.into());
             }
             Ok(SyncStats {
                 full: self.syncs.len() == 1 || full,

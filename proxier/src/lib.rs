@@ -8,6 +8,7 @@ pub mod ipvs;
 pub mod kube;
 pub mod metrics;
 pub mod model;
+pub mod netlink;
 pub mod nft;
 pub mod proxier;
 pub mod runner;

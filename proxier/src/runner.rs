@@ -483,10 +483,17 @@ pub struct WatchSource {
 impl WatchSource {
     /// Events from `rx`, with a fresh mapper (a new watch starts with a relist).
     pub fn new(rx: Receiver<WatchEvent>) -> Self {
-        Self {
-            rx,
-            mapper: Mapper::default(),
-        }
+        Self::with_mapper(rx, Mapper::default())
+    }
+
+    /// Events from `rx` continuing `mapper`'s state (what was listed stays listed).
+    pub fn with_mapper(rx: Receiver<WatchEvent>, mapper: Mapper) -> Self {
+        Self { rx, mapper }
+    }
+
+    /// The mapper, to continue on another channel.
+    pub fn into_mapper(self) -> Mapper {
+        self.mapper
     }
 }
 
@@ -865,6 +872,60 @@ mod tests {
         let (syncs, _) = run(cfg, &[], &[0, 1200, 1300, 2600], 0, 2700);
         let at: Vec<u64> = syncs.iter().map(|s| s.0).collect();
         assert_eq!(at, [0, 1510, 2700]);
+    }
+
+    #[test]
+    fn watch_events_reach_the_rules_only_once_both_kinds_are_listed() {
+        use ::kube::runtime::watcher::Event;
+        use WatchEvent::{Service as S, Slice as L};
+        let fake = crate::FakeIptables::default();
+        let state = fake.state.clone();
+        let mut proxier = Proxier::new(
+            Box::new(crate::IptablesBackend::new(fake, Default::default())),
+            crate::ProxierOpts::default(),
+        );
+        let svc = serde_yaml::from_str(
+            "metadata: {name: web, namespace: default}\nspec: {clusterIP: 10.96.0.50, ports: [{name: http, port: 80}]}",
+        )
+        .expect("svc");
+        let slice = serde_yaml::from_str(
+            "metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.2.5]}]",
+        )
+        .expect("slice");
+        let mut runner = Runner::new(cfg(5, 3600));
+        // Services listed, the channel closes: no sync (no half picture).
+        let (tx, rx) = std::sync::mpsc::channel();
+        for e in [S(Event::Init), S(Event::InitApply(svc)), S(Event::InitDone)] {
+            tx.send(e).expect("send");
+        }
+        drop(tx);
+        let mut src = WatchSource::new(rx);
+        assert_eq!(runner.run(&mut proxier, &mut src), Ok(RunEnd::Closed));
+        assert!(state.lock().expect("state").restores.is_empty());
+        assert!(runner
+            .status()
+            .lock()
+            .expect("status")
+            .last_success
+            .is_none());
+        // The slices arrive on the next channel, same mapper: one sync programs both.
+        let (tx, rx) = std::sync::mpsc::channel();
+        for e in [
+            L(Event::Init),
+            L(Event::InitApply(slice)),
+            L(Event::InitDone),
+        ] {
+            tx.send(e).expect("send");
+        }
+        drop(tx);
+        let mut src = WatchSource::with_mapper(rx, src.into_mapper());
+        assert_eq!(runner.run(&mut proxier, &mut src), Ok(RunEnd::Closed));
+        let restores = state.lock().expect("state").restores.clone();
+        assert_eq!(restores.len(), 1);
+        assert!(restores[0].contains("10.244.2.5:8080"), "{}", restores[0]);
+        let st = runner.status().lock().expect("status").clone();
+        assert!(st.last_success.is_some());
+        assert_eq!(st.metrics.full.count(), 1);
     }
 
     #[test]

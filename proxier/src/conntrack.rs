@@ -4,11 +4,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use nix::sys::socket::{
-    bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
-    SockType,
-};
 use tracing::debug;
+
+use crate::netlink::{self, RecvError};
 
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
@@ -106,19 +104,15 @@ pub enum ConntrackError {
 
 /// `recv` on a socket with `SO_RCVTIMEO`: EAGAIN is the timeout, EINTR is retried.
 fn recv_timed(
-    fd: std::os::fd::RawFd,
+    s: &netlink_sys::Socket,
     buf: &mut [u8],
     op: &'static str,
     after: std::time::Duration,
 ) -> Result<usize, ConntrackError> {
-    loop {
-        match recv(fd, buf, MsgFlags::empty()) {
-            Ok(n) => return Ok(n),
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(nix::errno::Errno::EAGAIN) => return Err(ConntrackError::Timeout { op, after }),
-            Err(source) => return Err(ConntrackError::Sys { op, source }),
-        }
-    }
+    netlink::recv(s, buf).map_err(|e| match e {
+        RecvError::Timeout => ConntrackError::Timeout { op, after },
+        RecvError::Sys(source) => ConntrackError::Sys { op, source },
+    })
 }
 
 /// Deleting conntrack entries.
@@ -250,19 +244,12 @@ pub fn parse_entry(body: &[u8]) -> Option<Entry> {
 
 /// Splits a datagram into netlink messages: (type, body after nlmsghdr). A message whose
 /// length does not fit ends the split.
-pub fn messages(mut b: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while b.len() >= 16 {
-        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        let ty = u16::from_ne_bytes([b[4], b[5]]);
-        if len < 16 || len > b.len() {
-            break;
-        }
-        out.push((ty, &b[16..len]));
-        let adv = (len + 3) & !3;
-        b = if adv >= b.len() { &[] } else { &b[adv..] };
-    }
-    out
+pub fn messages(b: &[u8]) -> Vec<(u16, &[u8])> {
+    netlink::split(b)
+        .msgs
+        .into_iter()
+        .map(|m| (m.ty, m.payload))
+        .collect()
 }
 
 /// ctnetlink in the calling thread's network namespace; its socket's receives give up after
@@ -271,27 +258,11 @@ pub fn messages(mut b: &[u8]) -> Vec<(u16, &[u8])> {
 pub struct NetlinkConntrack;
 
 /// A bound ctnetlink socket whose receives give up after `timeout`.
-fn ct_socket(timeout: std::time::Duration) -> Result<std::os::fd::OwnedFd, ConntrackError> {
-    let sys = |op| move |source| ConntrackError::Sys { op, source };
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
-    )
-    .map_err(sys("socket"))?;
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &NetlinkAddr::new(0, 0),
-    )
-    .map_err(sys("bind"))?;
-    nix::sys::socket::setsockopt(
-        &fd,
-        nix::sys::socket::sockopt::ReceiveTimeout,
-        &crate::ipvs::nl::timeval(timeout),
-    )
-    .map_err(sys("SO_RCVTIMEO"))?;
-    Ok(fd)
+fn ct_socket(timeout: std::time::Duration) -> Result<netlink_sys::Socket, ConntrackError> {
+    netlink::open(netlink::NETLINK_NETFILTER, timeout).map_err(|e| ConntrackError::Sys {
+        op: e.op,
+        source: e.source,
+    })
 }
 
 impl Conntrack for NetlinkConntrack {
@@ -301,8 +272,7 @@ impl Conntrack for NetlinkConntrack {
         }
         let sys = |op| move |source| ConntrackError::Sys { op, source };
         let timeout = crate::NETLINK_RECV_TIMEOUT;
-        let fd = ct_socket(timeout)?;
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let sock = ct_socket(timeout)?;
         // One dump per family a filter can match (a filter without addresses matches both).
         let fams: Vec<u8> = [AF_INET, AF_INET6]
             .into_iter()
@@ -312,9 +282,9 @@ impl Conntrack for NetlinkConntrack {
         let mut victims = Vec::new();
         for (i, fam) in fams.into_iter().enumerate() {
             let seq = u32::try_from(i + 1).unwrap_or(1);
-            send(raw, &dump_request(seq, fam), MsgFlags::empty()).map_err(sys("send dump"))?;
+            netlink::send(&sock, &dump_request(seq, fam)).map_err(sys("send dump"))?;
             'dump: loop {
-                let n = recv_timed(raw, &mut buf, "recv dump", timeout)?;
+                let n = recv_timed(&sock, &mut buf, "recv dump", timeout)?;
                 for (ty, body) in messages(&buf[..n]) {
                     match ty {
                         NLMSG_DONE => break 'dump,
@@ -340,8 +310,8 @@ impl Conntrack for NetlinkConntrack {
         let mut deleted = 0;
         for (i, e) in victims.iter().enumerate() {
             let seq = u32::try_from(i + 3).unwrap_or(u32::MAX);
-            send(raw, &delete_request(seq, e), MsgFlags::empty()).map_err(sys("send delete"))?;
-            let n = recv_timed(raw, &mut buf, "recv ack", timeout)?;
+            netlink::send(&sock, &delete_request(seq, e)).map_err(sys("send delete"))?;
+            let n = recv_timed(&sock, &mut buf, "recv ack", timeout)?;
             for (ty, body) in messages(&buf[..n]) {
                 if ty == NLMSG_ERROR {
                     let code = body
@@ -370,12 +340,7 @@ mod tests {
             let d = std::time::Duration::from_millis(200);
             let fd = ct_socket(d).expect("socket");
             let mut buf = [0u8; 64];
-            let _ = tx.send(recv_timed(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                &mut buf,
-                "recv dump",
-                d,
-            ));
+            let _ = tx.send(recv_timed(&fd, &mut buf, "recv dump", d));
         });
         let r = rx
             .recv_timeout(std::time::Duration::from_secs(30))

@@ -4,7 +4,7 @@
 //! back-off on every error and never end on a transient failure.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 
 use ::kube::runtime::watcher::{self, Event};
@@ -151,32 +151,67 @@ impl Mapper {
     }
 }
 
+/// Why the watchers did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The kubeconfig file could not be read or parsed.
+    #[error("reading kubeconfig {}: {error}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong (in the message; not a `source`, so it is printed once).
+        error: ::kube::config::KubeconfigError,
+    },
+    /// The kubeconfig does not make a client configuration.
+    #[error("kubeconfig {}: {error}", .path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        error: ::kube::config::KubeconfigError,
+    },
+    /// The client could not be built.
+    #[error("{0}")]
+    Client(::kube::Error),
+    /// The watchers' runtime or thread could not start.
+    #[error("{0}")]
+    Io(std::io::Error),
+}
+
 /// Reads `kubeconfig` (errors are reported at once) and starts the watchers on a thread of
 /// their own; events arrive on `tx`. The watchers retry with back-off forever; the thread
 /// ends only when `tx`'s receiver is gone.
 pub fn spawn_watchers(
     kubeconfig: &Path,
     tx: Sender<WatchEvent>,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let kc = ::kube::config::Kubeconfig::read_from(kubeconfig)
-        .map_err(|e| anyhow::anyhow!("reading kubeconfig {}: {e}", kubeconfig.display()))?;
+) -> Result<std::thread::JoinHandle<()>, WatchError> {
+    let kc =
+        ::kube::config::Kubeconfig::read_from(kubeconfig).map_err(|error| WatchError::Read {
+            path: kubeconfig.to_path_buf(),
+            error,
+        })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(WatchError::Io)?;
     let config = rt
         .block_on(::kube::Config::from_custom_kubeconfig(
             kc,
             &::kube::config::KubeConfigOptions::default(),
         ))
-        .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", kubeconfig.display()))?;
+        .map_err(|error| WatchError::Config {
+            path: kubeconfig.to_path_buf(),
+            error,
+        })?;
     // The client spawns its request buffer on the runtime.
     let client = {
         let _rt = rt.enter();
-        Client::try_from(config)?
+        Client::try_from(config).map_err(WatchError::Client)?
     };
-    Ok(std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("kube-watch".into())
-        .spawn(move || rt.block_on(run(client, tx)))?)
+        .spawn(move || rt.block_on(run(client, tx)))
+        .map_err(WatchError::Io)
 }
 
 async fn run(client: Client, tx: Sender<WatchEvent>) {

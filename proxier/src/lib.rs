@@ -8,8 +8,10 @@ pub mod ipvs;
 pub mod kube;
 pub mod metrics;
 pub mod model;
+pub mod netlink;
 pub mod nft;
 pub mod proxier;
+pub mod runner;
 
 /// How long a netlink socket of the IPVS, ipset, link, conntrack and nf_tables clients waits
 /// for the kernel's next answer (`SO_RCVTIMEO`) before the request fails with a timeout error

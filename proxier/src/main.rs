@@ -3,14 +3,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
-use hako_proxier::metrics::{self, Metrics};
-use hako_proxier::{config, IptablesBackend, Proxier, ProxierOpts, RenderOpts};
-use tracing::{error, info};
+use hako_proxier::metrics;
+use hako_proxier::runner::{DirSource, RunEnd, Runner, RunnerConfig, WatchSource};
+use hako_proxier::{IptablesBackend, Proxier, ProxierOpts, RenderOpts};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
@@ -144,28 +143,33 @@ fn main() -> anyhow::Result<()> {
     };
     let mut proxier = Proxier::new(backend, opts)
         .with_conntrack(Box::new(hako_proxier::conntrack::NetlinkConntrack));
+    // The runner decides the periodic full resync; the proxier's own check agrees.
     proxier.full_period = cli.sync_period;
+    let mut runner = Runner::new(RunnerConfig::new(cli.min_sync_period, cli.sync_period));
+    let status = runner.status();
 
-    let m = Arc::new(Mutex::new(Metrics::default()));
     let healthy_within = cli.sync_period.max(Duration::from_secs(60)) * 2;
-    let last_ok = Arc::new(Mutex::new(Instant::now()));
     if !cli.once {
-        let mm = m.clone();
+        let st = status.clone();
         metrics::serve(cli.metrics_bind_address, move |path| match path {
             "/metrics" => (
                 200,
                 "text/plain; version=0.0.4",
-                mm.lock().map(|m| m.render()).unwrap_or_default(),
+                st.lock().map(|s| s.metrics.render()).unwrap_or_default(),
             ),
             _ => (404, "text/plain", "not found\n".into()),
         })
         .with_context(|| format!("binding {}", cli.metrics_bind_address))?;
-        let lo = last_ok.clone();
+        let st = status.clone();
         metrics::serve(cli.healthz_bind_address, move |path| {
             if path != "/healthz" && path != "/livez" {
                 return (404, "text/plain", "not found\n".into());
             }
-            let age = lo.lock().map(|t| t.elapsed()).unwrap_or_default();
+            // Healthy from the start until a sync is overdue.
+            let age = st
+                .lock()
+                .map(|s| s.last_success.unwrap_or(s.started).elapsed())
+                .unwrap_or_default();
             let code = if age <= healthy_within { 200 } else { 503 };
             (
                 code,
@@ -179,76 +183,38 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", cli.healthz_bind_address))?;
     }
 
-    let kube_rx = match &cli.kubeconfig {
-        Some(kc) => {
+    match (&cli.kubeconfig, dir) {
+        (Some(kc), _) => {
             let (tx, rx) = std::sync::mpsc::channel();
             hako_proxier::kube::spawn_watchers(kc, tx)?;
-            Some(rx)
-        }
-        None => None,
-    };
-    let mut mapper = hako_proxier::kube::Mapper::default();
-
-    let mut fp = None;
-    let mut backoff = cli.min_sync_period;
-    loop {
-        if let Some(rx) = &kube_rx {
-            // Take events until the next sync is due; sync only once both kinds are listed.
-            let until = Instant::now() + backoff;
-            while let Some(left) = until.checked_duration_since(Instant::now()) {
-                match rx.recv_timeout(left) {
-                    Ok(ev) => mapper.handle(ev, &mut proxier),
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                        bail!("the API watchers stopped")
-                    }
-                }
+            let mut source = WatchSource::new(rx);
+            if cli.once {
+                runner
+                    .run_once(&mut proxier, &mut source)
+                    .map_err(|_| anyhow::anyhow!("the API watchers stopped"))??;
+                return Ok(());
             }
-            if !mapper.ready() {
-                continue;
+            match runner.run(&mut proxier, &mut source) {
+                Ok(RunEnd::Closed) => bail!("the API watchers stopped"),
+                Err(never) => match never {},
             }
         }
-        let now_fp = dir.as_ref().map(|d| config::fingerprint(d));
-        if let (Some(dir), true) = (&dir, fp != now_fp) {
-            let objs =
-                config::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
-            info!(
-                services = objs.services.len(),
-                slices = objs.slices.len(),
-                "config read"
-            );
-            proxier.replace_all(objs.services, objs.slices);
-            fp = now_fp;
-        }
-        let t = Instant::now();
-        match proxier.sync() {
-            Ok(s) => {
-                if s.rules > 0 || s.full {
-                    if let Ok(mut g) = m.lock() {
-                        g.synced(s.full, t.elapsed(), s.rules);
-                    }
-                }
-                if let Ok(mut g) = last_ok.lock() {
-                    *g = Instant::now();
-                }
-                backoff = cli.min_sync_period;
+        (None, Some(dir)) => {
+            let mut source = DirSource::new(dir.clone());
+            let reading = || format!("reading {}", dir.display());
+            if cli.once {
+                runner
+                    .run_once(&mut proxier, &mut source)
+                    .with_context(reading)??;
+                return Ok(());
             }
-            Err(e) => {
-                error!(error = %e, "sync failed");
-                if let Ok(mut g) = m.lock() {
-                    g.failures += 1;
-                }
-                if cli.once {
-                    return Err(e.into());
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+            match runner
+                .run(&mut proxier, &mut source)
+                .with_context(reading)?
+            {
+                RunEnd::Closed => bail!("the config directory source stopped"),
             }
         }
-        if cli.once {
-            return Ok(());
-        }
-        if kube_rx.is_none() {
-            std::thread::sleep(backoff);
-        }
+        (None, None) => bail!("--config-dir DIR or --kubeconfig FILE is required"),
     }
 }

@@ -1,12 +1,20 @@
-//! Prometheus metrics and the healthz endpoint, served by a tiny blocking HTTP server
-//! (one thread per listener; the endpoints are scraped rarely).
+//! Prometheus metrics (kube-proxy's names; the text exposition is written here, pure) and
+//! the HTTP server of the metrics and healthz endpoints (effectful: hyper on a thread of
+//! its own per listener).
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tracing::warn;
 
 const BUCKETS: &[f64] = &[
@@ -34,6 +42,11 @@ impl Histogram {
         }
         self.sum += v;
         self.count += 1;
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count
     }
 
     fn write(&self, out: &mut String, name: &str, help: &str) {
@@ -107,44 +120,83 @@ impl Metrics {
     }
 }
 
+/// How long a client may take to send a request's headers before its connection is
+/// closed (the hand-written server this replaced had the same read timeout).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves `GET <path>` on `addr` with the body `body()` returns (status, content type,
-/// text) on a background thread.
+/// text) on a background thread. Binding errors are returned at once.
 pub fn serve<F>(addr: SocketAddr, body: F) -> std::io::Result<()>
 where
     F: Fn(&str) -> (u16, &'static str, String) + Send + 'static,
 {
-    let l = TcpListener::bind(addr)?;
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut s) = conn else { continue };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut line = String::new();
-            let mut r = BufReader::new(match s.try_clone() {
-                Ok(c) => c,
-                Err(_) => continue,
+    serve_on(TcpListener::bind(addr)?, body)
+}
+
+/// [`serve`] on a bound listener (tests bind port 0 and read the address first).
+///
+/// hyper's HTTP/1 server on a current-thread tokio runtime of its own thread: every
+/// connection is a task, so a client that connects and sends nothing holds only its own
+/// connection (closed after [`HEADER_READ_TIMEOUT`]) and never delays another's `/healthz`.
+pub fn serve_on<F>(listener: TcpListener, body: F) -> std::io::Result<()>
+where
+    F: Fn(&str) -> (u16, &'static str, String) + Send + 'static,
+{
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body = Arc::new(Mutex::new(body));
+    std::thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        warn!(error = %e, "metrics/healthz listener");
+                        return;
+                    }
+                };
+                loop {
+                    let stream = match listener.accept().await {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            // EMFILE and the like: wait instead of spinning.
+                            warn!(error = %e, "accepting an HTTP connection");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let body = body.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req: Request<Incoming>| {
+                            let target = req
+                                .uri()
+                                .path_and_query()
+                                .map_or("/", |p| p.as_str())
+                                .to_string();
+                            let (code, ctype, text) = match body.lock() {
+                                Ok(f) => f(&target),
+                                Err(_) => (500, "text/plain", "internal error\n".into()),
+                            };
+                            let resp = Response::builder()
+                                .status(StatusCode::from_u16(code).unwrap_or(StatusCode::OK))
+                                .header(CONTENT_TYPE, ctype)
+                                .body(Full::new(Bytes::from(text)));
+                            async move { resp }
+                        });
+                        let conn = http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(HEADER_READ_TIMEOUT)
+                            .serve_connection(TokioIo::new(stream), svc);
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "HTTP connection");
+                        }
+                    });
+                }
             });
-            if r.read_line(&mut line).is_err() {
-                continue;
-            }
-            // Drain headers.
-            let mut h = String::new();
-            while r.read_line(&mut h).is_ok_and(|n| n > 2) {
-                h.clear();
-            }
-            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-            let (code, ctype, text) = body(&path);
-            let reason = if code == 200 {
-                "OK"
-            } else if code == 404 {
-                "Not Found"
-            } else {
-                "Service Unavailable"
-            };
-            if let Err(e) = write!(s, "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len()) {
-                warn!(error = %e, "writing HTTP response");
-            }
-        }
-    });
+        })?;
     Ok(())
 }
 
@@ -166,5 +218,49 @@ mod tests {
             "kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{le=\"0.005\"} 1"
         ));
         assert!(t.contains("kubeproxy_sync_proxy_rules_iptables_total 3"));
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(addr)?;
+        // A bound on the wait, so a stalled server fails the test instead of hanging it.
+        c.set_read_timeout(Some(Duration::from_secs(4)))?;
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        c.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn an_idle_client_does_not_stall_healthz() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        serve_on(l, |path| match path {
+            "/healthz" => (200, "application/json", "{\"ok\": true}\n".into()),
+            _ => (404, "text/plain", "not found\n".into()),
+        })
+        .expect("serve");
+        // Connects and sends nothing (the old server read its request line for 5 s before
+        // accepting anyone else).
+        let idle = std::net::TcpStream::connect(addr).expect("idle client");
+        let mut partial = std::net::TcpStream::connect(addr).expect("slow client");
+        std::io::Write::write_all(&mut partial, b"GET /heal").expect("partial request");
+        let r = get(addr, "/healthz").expect("healthz answered while two clients stall");
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.contains("content-type: application/json"), "{r}");
+        assert!(r.ends_with("{\"ok\": true}\n"), "{r}");
+        let r = get(addr, "/nope").expect("404 answered");
+        assert!(r.starts_with("HTTP/1.1 404 Not Found\r\n"), "{r}");
+        drop((idle, partial));
+    }
+
+    #[test]
+    fn binding_a_used_address_is_an_error() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        assert!(serve(addr, |_| (200, "text/plain", String::new())).is_err());
     }
 }

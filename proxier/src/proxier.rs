@@ -61,9 +61,12 @@ pub enum SyncError {
     /// iptables failed.
     #[error(transparent)]
     Iptables(#[from] IptablesError),
-    /// Other backend failure.
-    #[error("{0}")]
-    Backend(String),
+    /// The nftables backend failed.
+    #[error(transparent)]
+    Nftables(#[from] crate::nft::NftError),
+    /// The IPVS backend failed.
+    #[error(transparent)]
+    Ipvs(#[from] crate::ipvs::IpvsError),
 }
 
 /// One family's iptables proxier state (kube-proxy runs one proxier per family).

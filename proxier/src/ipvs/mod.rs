@@ -81,8 +81,43 @@ pub struct IpvsStats {
     pub dests: usize,
 }
 
+/// IPVS backend failures.
+#[derive(Debug, thiserror::Error)]
+pub enum IpvsError {
+    /// A netlink request (IPVS, ipset, rtnetlink) failed.
+    #[error(transparent)]
+    Netlink(#[from] NlError),
+    /// `--ipvs-scheduler` names no scheduler hako knows.
+    #[error("unknown IPVS scheduler {name:?} (one of {known})")]
+    Scheduler {
+        /// The name given.
+        name: String,
+        /// The known ones, comma-separated.
+        known: String,
+    },
+    /// `--ipvs-device` is not a valid interface name.
+    #[error("bad IPVS device name {0:?} (1 to 15 characters)")]
+    Device(String),
+    /// An `iptables` command for the fixed jumps could not run.
+    #[error("running {cmd}: {source}")]
+    Spawn {
+        /// The binary.
+        cmd: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// An `iptables` command for the fixed jumps failed.
+    #[error("{cmd}: {stderr}")]
+    Iptables {
+        /// The command line.
+        cmd: String,
+        /// Its error output.
+        stderr: String,
+    },
+}
+
 fn ipvs_err(e: NlError) -> SyncError {
-    SyncError::Backend(e.to_string())
+    SyncError::Ipvs(IpvsError::Netlink(e))
 }
 
 /// The sysctls IPVS mode needs: (path under /proc/sys, value, why).
@@ -253,14 +288,16 @@ fn ensure_jumps(ipt: &RealIptables) -> Result<(), SyncError> {
             .args(*rule)
             .stdin(Stdio::null())
             .output()
-            .map_err(|e| SyncError::Backend(format!("running {}: {e}", ipt.iptables)))?;
+            .map_err(|source| IpvsError::Spawn {
+                cmd: ipt.iptables.clone(),
+                source,
+            })?;
         if !out.status.success() {
-            return Err(SyncError::Backend(format!(
-                "{} -t {table} -I {chain} {}: {}",
-                ipt.iptables,
-                rule.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            return Err(IpvsError::Iptables {
+                cmd: format!("{} -t {table} -I {chain} {}", ipt.iptables, rule.join(" ")),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            }
+            .into());
         }
     }
     Ok(())
@@ -321,17 +358,14 @@ impl IpvsBackend {
     /// message naming the modules when the kernel has no IPVS, and on a bad scheduler.
     pub fn new(opts: IpvsOpts) -> Result<Self, SyncError> {
         if !SCHEDULERS.contains(&opts.scheduler.as_str()) {
-            return Err(SyncError::Backend(format!(
-                "unknown IPVS scheduler {:?} (one of {})",
-                opts.scheduler,
-                SCHEDULERS.join(", ")
-            )));
+            return Err(IpvsError::Scheduler {
+                name: opts.scheduler.clone(),
+                known: SCHEDULERS.join(", "),
+            }
+            .into());
         }
         if opts.device.is_empty() || opts.device.len() > 15 {
-            return Err(SyncError::Backend(format!(
-                "bad IPVS device name {:?} (1 to 15 characters)",
-                opts.device
-            )));
+            return Err(IpvsError::Device(opts.device.clone()).into());
         }
         let ipvs = IpvsClient::open().map_err(ipvs_err)?;
         Ok(Self {

@@ -1,13 +1,11 @@
-//! Minimal netlink plumbing shared by the IPVS (generic netlink), ipset (nfnetlink) and
-//! link/address (rtnetlink) clients: attribute encoding and parsing (pure), and a socket
-//! that sends batches of requests and collects their acknowledgements or dump replies.
+//! Netlink requests of the IPVS (generic netlink), ipset (nfnetlink) and link/address
+//! (rtnetlink) clients: attribute encoding and parsing (pure), and a socket that sends
+//! batches of requests and collects their acknowledgements or dump replies. The socket
+//! itself, its receive timeout and the header framing are [`crate::netlink`]'s.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use nix::sys::socket::{setsockopt, sockopt, SockProtocol};
 
-use nix::sys::socket::{
-    bind, recv, send, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
-    SockProtocol, SockType,
-};
+use crate::netlink::{self, RecvError};
 
 /// Message types and flags.
 pub const NLMSG_ERROR: u16 = 2;
@@ -174,39 +172,17 @@ impl MsgBuilder {
     }
 }
 
-/// One received netlink message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Msg<'a> {
-    /// Type.
-    pub ty: u16,
-    /// Flags.
-    pub flags: u16,
-    /// Sequence number.
-    pub seq: u32,
-    /// Everything after the 16-byte header.
-    pub payload: &'a [u8],
-}
+pub use crate::netlink::Msg;
 
 /// Splits a datagram into messages.
-pub fn messages(mut b: &[u8]) -> Result<Vec<Msg<'_>>, NlError> {
-    let mut out = Vec::new();
-    while b.len() >= 16 {
-        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        if len < 16 || len > b.len() {
-            return Err(NlError::Malformed(format!(
-                "message length {len} in {} bytes",
-                b.len()
-            )));
-        }
-        out.push(Msg {
-            ty: u16::from_ne_bytes([b[4], b[5]]),
-            flags: u16::from_ne_bytes([b[6], b[7]]),
-            seq: u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
-            payload: &b[16..len],
-        });
-        b = &b[pad4(len).min(b.len())..];
+pub fn messages(b: &[u8]) -> Result<Vec<Msg<'_>>, NlError> {
+    let s = netlink::split(b);
+    match s.bad {
+        Some((len, left)) => Err(NlError::Malformed(format!(
+            "message length {len} in {left} bytes"
+        ))),
+        None => Ok(s.msgs),
     }
-    Ok(out)
 }
 
 /// Iterates attributes: (type without the nested/byte-order flags, value).
@@ -255,16 +231,12 @@ pub fn error_code(payload: &[u8]) -> Option<i32> {
     Some(i32::from_ne_bytes(payload.get(..4)?.try_into().ok()?).saturating_neg())
 }
 
-/// `SO_RCVTIMEO`'s value for `d` (at least 1 µs: zero would mean no timeout).
-pub fn timeval(d: std::time::Duration) -> nix::sys::time::TimeVal {
-    use nix::sys::time::TimeValLike;
-    nix::sys::time::TimeVal::microseconds(i64::try_from(d.as_micros()).unwrap_or(i64::MAX).max(1))
-}
+pub use crate::netlink::timeval;
 
 /// A netlink socket of one protocol in the calling thread's network namespace.
 #[derive(Debug)]
 pub struct Socket {
-    fd: OwnedFd,
+    fd: netlink_sys::Socket,
     proto: SockProtocol,
     timeout: std::time::Duration,
     /// A receive timed out: answers may still arrive for old requests, so the next request
@@ -299,27 +271,17 @@ impl Socket {
         })
     }
 
-    fn open_fd(proto: SockProtocol, timeout: std::time::Duration) -> Result<OwnedFd, NlError> {
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            proto,
-        )
-        .map_err(|source| NlError::Sys {
-            op: "socket",
-            source,
+    fn open_fd(
+        proto: SockProtocol,
+        timeout: std::time::Duration,
+    ) -> Result<netlink_sys::Socket, NlError> {
+        let fd = netlink::open(proto as isize, timeout).map_err(|e| NlError::Sys {
+            op: e.op,
+            source: e.source,
         })?;
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))
-            .map_err(|source| NlError::Sys { op: "bind", source })?;
         // Room for the acknowledgements of a whole batch.
         let _ = setsockopt(&fd, sockopt::RcvBuf, &(4 << 20));
         let _ = setsockopt(&fd, sockopt::SndBuf, &(4 << 20));
-        let tv = timeval(timeout);
-        setsockopt(&fd, sockopt::ReceiveTimeout, &tv).map_err(|source| NlError::Sys {
-            op: "SO_RCVTIMEO",
-            source,
-        })?;
         Ok(fd)
     }
 
@@ -338,22 +300,18 @@ impl Socket {
     }
 
     fn send_all(&self, buf: &[u8]) -> Result<(), NlError> {
-        send(self.fd.as_raw_fd(), buf, MsgFlags::empty())
-            .map_err(|source| NlError::Sys { op: "send", source })?;
+        netlink::send(&self.fd, buf).map_err(|source| NlError::Sys { op: "send", source })?;
         Ok(())
     }
 
     fn recv_datagram(&mut self) -> Result<Vec<u8>, NlError> {
-        loop {
-            match recv(self.fd.as_raw_fd(), &mut self.rbuf, MsgFlags::empty()) {
-                Ok(n) => return Ok(self.rbuf[..n].to_vec()),
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::EAGAIN) => {
-                    self.stale = true;
-                    return Err(NlError::Timeout(self.timeout));
-                }
-                Err(source) => return Err(NlError::Sys { op: "recv", source }),
+        match netlink::recv(&self.fd, &mut self.rbuf) {
+            Ok(n) => Ok(self.rbuf[..n].to_vec()),
+            Err(RecvError::Timeout) => {
+                self.stale = true;
+                Err(NlError::Timeout(self.timeout))
             }
+            Err(RecvError::Sys(source)) => Err(NlError::Sys { op: "recv", source }),
         }
     }
 

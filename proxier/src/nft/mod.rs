@@ -19,9 +19,23 @@ use crate::iptables::RenderOpts;
 use crate::model::{Model, ServiceKey};
 use crate::proxier::{Backend, SyncError, SyncStats};
 
+/// nftables backend failures.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    /// The kernel or the socket failed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// A partial sync came before any full one (the next sync is full).
+    #[error("nftables: partial sync without state")]
+    NoState,
+    /// A service's affinity set changed its timeout, which only a full sync can apply.
+    #[error("nftables: set {0} changed shape; full sync needed")]
+    SetShape(String),
+}
+
 impl From<NetlinkError> for SyncError {
     fn from(e: NetlinkError) -> Self {
-        SyncError::Backend(e.to_string())
+        SyncError::Nftables(NftError::Netlink(e))
     }
 }
 
@@ -228,9 +242,7 @@ impl<S: Sink> NftablesBackend<S> {
         changed: &BTreeSet<ServiceKey>,
     ) -> Result<SyncStats, SyncError> {
         let Some(mut states) = self.state.take() else {
-            return Err(SyncError::Backend(
-                "nftables: partial sync without state".into(),
-            ));
+            return Err(NftError::NoState.into());
         };
         let mut b = Batch::new(NFPROTO_IPV4, TABLE);
         let mut rules = 0usize;
@@ -324,9 +336,7 @@ impl<S: Sink> NftablesBackend<S> {
                     Some(o) if o == s => {}
                     Some(_) => {
                         // Timeout changed: the set is recreated below (after its users).
-                        return Err(SyncError::Backend(format!(
-                            "nftables: set {name} changed shape; full sync needed"
-                        )));
+                        return Err(NftError::SetShape(name.clone()).into());
                     }
                     None => b.add_set(name, s),
                 }

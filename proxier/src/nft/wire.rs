@@ -3,12 +3,8 @@
 //! batch per transaction, and a small socket client (no `nft` process).
 
 use std::fmt;
-use std::os::fd::{AsRawFd, OwnedFd};
 
-use nix::sys::socket::{
-    bind, recv, send, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
-    SockProtocol, SockType,
-};
+use nix::sys::socket::{setsockopt, sockopt};
 
 /// NFNL_SUBSYS_NFTABLES.
 const SUBSYS: u16 = 10;
@@ -960,7 +956,7 @@ pub enum NetlinkError {
 
 /// An nf_tables netlink socket in the calling thread's network namespace.
 pub struct Socket {
-    fd: OwnedFd,
+    fd: netlink_sys::Socket,
     timeout: std::time::Duration,
 }
 
@@ -971,19 +967,11 @@ fn sys(op: &'static str) -> impl Fn(nix::Error) -> NetlinkError {
 /// Splits a datagram of the kernel's replies into (type, sequence number, payload after
 /// nlmsghdr); a message whose length does not fit ends the split.
 pub fn messages(buf: &[u8]) -> Vec<(u16, u32, &[u8])> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off + 16 <= buf.len() {
-        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
-        if len < 16 || off + len > buf.len() {
-            break;
-        }
-        let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-        let seq = u32::from_ne_bytes([buf[off + 8], buf[off + 9], buf[off + 10], buf[off + 11]]);
-        out.push((ty, seq, &buf[off + 16..off + len]));
-        off += (len + 3) & !3;
-    }
-    out
+    crate::netlink::split(buf)
+        .msgs
+        .into_iter()
+        .map(|m| (m.ty, m.seq, m.payload))
+        .collect()
 }
 
 /// The text of an NLMSG_ERROR code (a negated errno; i32::MIN, which negates to no errno,
@@ -1002,37 +990,27 @@ impl Socket {
 
     /// The same with another receive timeout.
     pub fn open_with_timeout(timeout: std::time::Duration) -> Result<Self, NetlinkError> {
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkNetFilter,
-        )
-        .map_err(sys("socket"))?;
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(sys("bind"))?;
+        let fd = crate::netlink::open(crate::netlink::NETLINK_NETFILTER, timeout).map_err(|e| {
+            NetlinkError::Sys {
+                op: e.op,
+                source: e.source,
+            }
+        })?;
         // Errors carry the offending message; leave room for many.
         let _ = setsockopt(&fd, sockopt::RcvBufForce, &(8 << 20));
-        let tv = crate::ipvs::nl::timeval(timeout);
-        setsockopt(&fd, sockopt::ReceiveTimeout, &tv).map_err(sys("SO_RCVTIMEO"))?;
         Ok(Self { fd, timeout })
     }
 
     /// One datagram: EAGAIN (the receive timeout) is [`NetlinkError::Timeout`], EINTR is
     /// retried.
     fn recv_into(&self, buf: &mut [u8], op: &'static str) -> Result<usize, NetlinkError> {
-        loop {
-            match recv(self.fd.as_raw_fd(), buf, MsgFlags::empty()) {
-                Ok(n) => return Ok(n),
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::EAGAIN) => {
-                    return Err(NetlinkError::Timeout {
-                        op,
-                        after: self.timeout,
-                    })
-                }
-                Err(source) => return Err(NetlinkError::Sys { op, source }),
-            }
-        }
+        crate::netlink::recv(&self.fd, buf).map_err(|e| match e {
+            crate::netlink::RecvError::Timeout => NetlinkError::Timeout {
+                op,
+                after: self.timeout,
+            },
+            crate::netlink::RecvError::Sys(source) => NetlinkError::Sys { op, source },
+        })
     }
 
     /// Sends a finished batch in one message and waits for the kernel's verdict: all of it
@@ -1045,7 +1023,7 @@ impl Socket {
         // The whole batch must go in one skb.
         let want = buf.len() + (1 << 16);
         setsockopt(&self.fd, sockopt::SndBufForce, &want).map_err(sys("SO_SNDBUFFORCE"))?;
-        send(self.fd.as_raw_fd(), &buf, MsgFlags::empty()).map_err(sys("send"))?;
+        crate::netlink::send(&self.fd, &buf).map_err(sys("send"))?;
         let mut rbuf = vec![0u8; 1 << 20];
         let mut first_err: Option<String> = None;
         loop {
@@ -1092,7 +1070,7 @@ impl Socket {
         attr_str(&mut b, NFTA_RULE_CHAIN, chain);
         let len = u32_len(b.len());
         b[..4].copy_from_slice(&len.to_ne_bytes());
-        send(self.fd.as_raw_fd(), &b, MsgFlags::empty()).map_err(sys("send dump"))?;
+        crate::netlink::send(&self.fd, &b).map_err(sys("send dump"))?;
         let mut rbuf = vec![0u8; 1 << 16];
         let mut n_rules = 0;
         loop {

@@ -1,11 +1,13 @@
 //! Host-local style IPAM: range arithmetic and the round-robin allocator (pure), and the
-//! on-disk store under a file lock (effectful, rooted at a given directory).
+//! allocation store behind the [`IpamStore`] seam: [`DiskStore`] (effectful, a directory
+//! under a file lock) and [`MemStore`] (in memory, for tests and dry runs).
 //!
-//! Store layout (compatible in spirit with host-local): one file per allocated address,
+//! Disk layout (compatible in spirit with host-local): one file per allocated address,
 //! named by the address, holding `<container id>\r\n<ifname>`; `last_reserved_ip.<n>` per
 //! range; `lock` taken with `flock` around every read-modify-write.
 
-use std::collections::HashSet;
+use std::cell::{RefCell, RefMut};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -31,6 +33,32 @@ fn from_u128(v: u128, v4: bool) -> IpAddr {
     }
 }
 
+/// A range that cannot be used (configuration code 7).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    /// Fewer than two usable addresses.
+    #[error("subnet {0} is too small")]
+    TooSmall(IpNet),
+    /// The gateway, start or end lies outside the subnet (or is of the other family).
+    #[error("{what} {ip} is outside {subnet}")]
+    Outside {
+        /// `gateway`, `rangeStart` or `rangeEnd`.
+        what: &'static str,
+        /// The offending address.
+        ip: IpAddr,
+        /// The range's subnet.
+        subnet: IpNet,
+    },
+    /// `rangeStart` comes after `rangeEnd`.
+    #[error("rangeStart {start} is after rangeEnd {end}")]
+    Reversed {
+        /// First address.
+        start: IpAddr,
+        /// Last address.
+        end: IpAddr,
+    },
+}
+
 /// One allocation range, defaults applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Range {
@@ -48,11 +76,11 @@ impl Range {
     /// Applies defaults (gateway = network + 1, or the host bits of the subnet when set;
     /// start = network + 1; end = broadcast − 1 for IPv4, last address for IPv6) and checks
     /// that everything lies inside the subnet.
-    pub fn from_conf(c: &RangeConf) -> Result<Range, String> {
+    pub fn from_conf(c: &RangeConf) -> Result<Range, RangeError> {
         let subnet = c.subnet.trunc();
         let v4 = subnet.addr().is_ipv4();
         if (v4 && subnet.prefix_len() > 30) || (!v4 && subnet.prefix_len() > 126) {
-            return Err(format!("subnet {} is too small", c.subnet));
+            return Err(RangeError::TooSmall(c.subnet));
         }
         let net = to_u128(subnet.network());
         let last = to_u128(subnet.broadcast());
@@ -71,11 +99,11 @@ impl Range {
             ("rangeEnd", end),
         ] {
             if !subnet.contains(&ip) || ip.is_ipv4() != v4 {
-                return Err(format!("{what} {ip} is outside {subnet}"));
+                return Err(RangeError::Outside { what, ip, subnet });
             }
         }
         if to_u128(start) > to_u128(end) {
-            return Err(format!("rangeStart {start} is after rangeEnd {end}"));
+            return Err(RangeError::Reversed { start, end });
         }
         Ok(Range {
             subnet,
@@ -141,19 +169,116 @@ pub enum IpamError {
     Exhausted(IpNet, usize),
 }
 
-/// The on-disk store, locked for as long as the value lives.
-pub struct Store {
-    dir: PathBuf,
-    _lock: Flock<File>,
-}
-
 /// Owner record of one allocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Owner {
     /// Container id.
     pub container_id: String,
     /// Interface name.
     pub ifname: String,
+}
+
+/// Where allocations live. `lock` takes the store's exclusive lock; every read and change
+/// goes through the returned handle, and the lock is released when the handle drops.
+/// Callers keep the handle only while reserving or releasing (never across netlink work).
+pub trait IpamStore {
+    /// Takes the exclusive lock (blocking while another process holds it).
+    fn lock(&self) -> Result<Box<dyn LockedStore + '_>, IpamError>;
+}
+
+/// The operations of a locked store. The required methods are the storage primitives; the
+/// provided ones (`find`, `allocate`, `release_owner`) are the allocator, the same for every
+/// store.
+pub trait LockedStore {
+    /// Every allocated address (cheap: no owner records read).
+    fn used(&self) -> Result<HashSet<IpAddr>, IpamError>;
+    /// Every allocation with its owner.
+    fn allocations(&self) -> Result<Vec<(IpAddr, Owner)>, IpamError>;
+    /// Records `ip` as held by `owner`; fails when `ip` is already recorded.
+    fn reserve(&self, ip: IpAddr, owner: &Owner) -> Result<(), IpamError>;
+    /// Forgets one address (a missing one is fine).
+    fn release(&self, ip: IpAddr) -> Result<(), IpamError>;
+    /// The address last reserved in range `idx` (`None`: none yet, or unreadable).
+    fn last_reserved(&self, idx: usize) -> Option<IpAddr>;
+    /// Remembers `ip` as the last reservation in range `idx` (round robin resumes after it).
+    fn set_last_reserved(&self, idx: usize, ip: IpAddr) -> Result<(), IpamError>;
+
+    /// Addresses held by `id` + `ifname`.
+    fn find(&self, id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
+        Ok(self
+            .allocations()?
+            .into_iter()
+            .filter(|(_, o)| o.container_id == id && o.ifname == ifname)
+            .map(|(ip, _)| ip)
+            .collect())
+    }
+
+    /// Allocates the next free address of `range` (index `idx`) to `id` + `ifname`:
+    /// round robin after the last reservation, skipping reserved and `used` addresses;
+    /// `used` gains the new address.
+    fn allocate(
+        &self,
+        idx: usize,
+        range: &Range,
+        used: &mut HashSet<IpAddr>,
+        id: &str,
+        ifname: &str,
+    ) -> Result<IpAddr, IpamError> {
+        let last = self.last_reserved(idx);
+        let in_range = used.iter().filter(|ip| range.subnet.contains(*ip)).count();
+        let ip = range
+            .next_free(last, used)
+            .ok_or(IpamError::Exhausted(range.subnet, in_range))?;
+        self.reserve(
+            ip,
+            &Owner {
+                container_id: id.to_string(),
+                ifname: ifname.to_string(),
+            },
+        )?;
+        used.insert(ip);
+        self.set_last_reserved(idx, ip)?;
+        Ok(ip)
+    }
+
+    /// Releases everything `id` + `ifname` holds; returns what was released.
+    fn release_owner(&self, id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let ips = self.find(id, ifname)?;
+        for ip in &ips {
+            self.release(*ip)?;
+        }
+        Ok(ips)
+    }
+}
+
+/// The on-disk store rooted at a directory (created on first lock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskStore {
+    dir: PathBuf,
+}
+
+impl DiskStore {
+    /// The store in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        DiskStore { dir: dir.into() }
+    }
+
+    /// Its directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl IpamStore for DiskStore {
+    fn lock(&self) -> Result<Box<dyn LockedStore + '_>, IpamError> {
+        Ok(Box::new(Store::open(&self.dir)?))
+    }
+}
+
+/// The on-disk store, locked for as long as the value lives.
+pub struct Store {
+    dir: PathBuf,
+    _lock: Flock<File>,
 }
 
 impl Store {
@@ -180,8 +305,13 @@ impl Store {
         IpamError::Store(self.dir.clone(), e)
     }
 
-    /// Every allocated address (file names only; cheap).
-    pub fn used(&self) -> Result<HashSet<IpAddr>, IpamError> {
+    fn last_path(&self, idx: usize) -> PathBuf {
+        self.dir.join(format!("last_reserved_ip.{idx}"))
+    }
+}
+
+impl LockedStore for Store {
+    fn used(&self) -> Result<HashSet<IpAddr>, IpamError> {
         let mut out = HashSet::new();
         for e in fs::read_dir(&self.dir).map_err(|e| self.err(e))? {
             let e = e.map_err(|e| self.err(e))?;
@@ -192,8 +322,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Every allocation with its owner.
-    pub fn allocations(&self) -> Result<Vec<(IpAddr, Owner)>, IpamError> {
+    fn allocations(&self) -> Result<Vec<(IpAddr, Owner)>, IpamError> {
         let mut out = Vec::new();
         for ip in self.used()? {
             let text = match fs::read_to_string(self.dir.join(ip.to_string())) {
@@ -215,63 +344,136 @@ impl Store {
         Ok(out)
     }
 
-    /// Addresses held by `id` + `ifname`.
-    pub fn find(&self, id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
-        Ok(self
-            .allocations()?
-            .into_iter()
-            .filter(|(_, o)| o.container_id == id && o.ifname == ifname)
-            .map(|(ip, _)| ip)
-            .collect())
-    }
-
-    fn last_path(&self, idx: usize) -> PathBuf {
-        self.dir.join(format!("last_reserved_ip.{idx}"))
-    }
-
-    /// Allocates the next free address of `range` (index `idx`) to `id` + `ifname`.
-    pub fn allocate(
-        &self,
-        idx: usize,
-        range: &Range,
-        used: &mut HashSet<IpAddr>,
-        id: &str,
-        ifname: &str,
-    ) -> Result<IpAddr, IpamError> {
-        let last = fs::read_to_string(self.last_path(idx))
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
-        let in_range = used.iter().filter(|ip| range.subnet.contains(*ip)).count();
-        let ip = range
-            .next_free(last, used)
-            .ok_or(IpamError::Exhausted(range.subnet, in_range))?;
+    fn reserve(&self, ip: IpAddr, owner: &Owner) -> Result<(), IpamError> {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(self.dir.join(ip.to_string()))
             .map_err(|e| self.err(e))?;
-        f.write_all(format!("{id}\r\n{ifname}").as_bytes())
-            .map_err(|e| self.err(e))?;
-        used.insert(ip);
-        fs::write(self.last_path(idx), ip.to_string()).map_err(|e| self.err(e))?;
-        Ok(ip)
+        f.write_all(format!("{}\r\n{}", owner.container_id, owner.ifname).as_bytes())
+            .map_err(|e| self.err(e))
     }
 
-    /// Releases one address (a missing one is fine).
-    pub fn release(&self, ip: IpAddr) -> Result<(), IpamError> {
+    fn release(&self, ip: IpAddr) -> Result<(), IpamError> {
         match fs::remove_file(self.dir.join(ip.to_string())) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(self.err(e)),
             _ => Ok(()),
         }
     }
 
-    /// Releases everything `id` + `ifname` holds; returns what was released.
-    pub fn release_owner(&self, id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
-        let ips = self.find(id, ifname)?;
-        for ip in &ips {
-            self.release(*ip)?;
+    fn last_reserved(&self, idx: usize) -> Option<IpAddr> {
+        fs::read_to_string(self.last_path(idx))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    fn set_last_reserved(&self, idx: usize, ip: IpAddr) -> Result<(), IpamError> {
+        fs::write(self.last_path(idx), ip.to_string()).map_err(|e| self.err(e))
+    }
+}
+
+/// What a [`MemStore`] holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemState {
+    /// Allocations by address.
+    pub allocations: BTreeMap<IpAddr, Owner>,
+    /// Last reservation per range index.
+    pub last: HashMap<usize, IpAddr>,
+    /// When set, every change fails with this errno (a full or read-only disk).
+    pub fail_writes: Option<i32>,
+}
+
+/// An in-memory store with the disk store's semantics (a second `reserve` of one address
+/// fails, a missing `release` is fine). Locking twice at once is an error instead of a
+/// deadlock.
+#[derive(Debug, Default)]
+pub struct MemStore {
+    state: RefCell<MemState>,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A copy of the current contents.
+    pub fn snapshot(&self) -> MemState {
+        self.state.borrow().clone()
+    }
+
+    /// Changes the contents directly (test setup).
+    pub fn edit(&self, f: impl FnOnce(&mut MemState)) {
+        f(&mut self.state.borrow_mut())
+    }
+}
+
+const MEM_PATH: &str = "<memory>";
+
+impl IpamStore for MemStore {
+    fn lock(&self) -> Result<Box<dyn LockedStore + '_>, IpamError> {
+        let st = self
+            .state
+            .try_borrow_mut()
+            .map_err(|_| IpamError::Lock(PathBuf::from(MEM_PATH), nix::errno::Errno::EDEADLK))?;
+        Ok(Box::new(MemLocked(RefCell::new(st))))
+    }
+}
+
+struct MemLocked<'a>(RefCell<RefMut<'a, MemState>>);
+
+impl<'a> MemLocked<'a> {
+    fn write(&self) -> Result<RefMut<'_, RefMut<'a, MemState>>, IpamError> {
+        let st = self.0.borrow_mut();
+        match st.fail_writes {
+            Some(errno) => Err(IpamError::Store(
+                PathBuf::from(MEM_PATH),
+                io::Error::from_raw_os_error(errno),
+            )),
+            None => Ok(st),
         }
-        Ok(ips)
+    }
+}
+
+impl LockedStore for MemLocked<'_> {
+    fn used(&self) -> Result<HashSet<IpAddr>, IpamError> {
+        Ok(self.0.borrow().allocations.keys().copied().collect())
+    }
+
+    fn allocations(&self) -> Result<Vec<(IpAddr, Owner)>, IpamError> {
+        Ok(self
+            .0
+            .borrow()
+            .allocations
+            .iter()
+            .map(|(ip, o)| (*ip, o.clone()))
+            .collect())
+    }
+
+    fn reserve(&self, ip: IpAddr, owner: &Owner) -> Result<(), IpamError> {
+        let mut st = self.write()?;
+        if st.allocations.contains_key(&ip) {
+            return Err(IpamError::Store(
+                PathBuf::from(MEM_PATH),
+                io::Error::from(io::ErrorKind::AlreadyExists),
+            ));
+        }
+        st.allocations.insert(ip, owner.clone());
+        Ok(())
+    }
+
+    fn release(&self, ip: IpAddr) -> Result<(), IpamError> {
+        self.write()?.allocations.remove(&ip);
+        Ok(())
+    }
+
+    fn last_reserved(&self, idx: usize) -> Option<IpAddr> {
+        self.0.borrow().last.get(&idx).copied()
+    }
+
+    fn set_last_reserved(&self, idx: usize, ip: IpAddr) -> Result<(), IpamError> {
+        self.write()?.last.insert(idx, ip);
+        Ok(())
     }
 }
 

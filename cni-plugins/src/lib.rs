@@ -8,6 +8,7 @@ pub mod ipam;
 pub mod masq;
 pub mod netlink;
 pub mod overlay;
+pub mod plan;
 pub mod plugin;
 pub mod skel;
 pub mod version;

@@ -592,4 +592,84 @@ mod tests {
         let e = store.allocate(0, &r, &mut used, "y", "eth0").unwrap_err();
         assert!(e.to_string().contains("no free address"), "{e}");
     }
+
+    /// The same sequence against the disk store and the in-memory one gives the same
+    /// answers, so tests on `MemStore` say something about `DiskStore`.
+    #[test]
+    fn disk_and_memory_stores_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskStore::new(dir.path().join("net"));
+        let mem = MemStore::new();
+        let r = range("10.9.0.0/29"); // .2 .. .6
+        let stores: [&dyn IpamStore; 2] = [&disk, &mem];
+        let mut answers = Vec::new();
+        for store in stores {
+            let s = store.lock().unwrap();
+            let mut used = s.used().unwrap();
+            let mut got = vec![];
+            for id in ["a", "b", "c"] {
+                got.push(s.allocate(0, &r, &mut used, id, "eth0").unwrap());
+            }
+            // A second reservation of a held address fails; the owner is unchanged.
+            assert!(s
+                .reserve(
+                    got[0],
+                    &Owner {
+                        container_id: "z".into(),
+                        ifname: "eth0".into()
+                    }
+                )
+                .is_err());
+            s.release(got[1]).unwrap();
+            s.release(got[1]).unwrap(); // missing is fine
+            let mut used = s.used().unwrap();
+            got.push(s.allocate(0, &r, &mut used, "d", "eth0").unwrap());
+            got.extend(s.release_owner("a", "eth0").unwrap());
+            let mut all = s.allocations().unwrap();
+            all.sort();
+            let last = s.last_reserved(0);
+            let exhausted = {
+                let mut used = s.used().unwrap();
+                s.allocate(0, &r, &mut used, "e", "eth0").unwrap();
+                s.allocate(0, &r, &mut used, "f", "eth0").unwrap();
+                s.allocate(0, &r, &mut used, "g", "eth0").unwrap();
+                s.allocate(0, &r, &mut used, "h", "eth0")
+                    .unwrap_err()
+                    .to_string()
+            };
+            answers.push((got, all, last, exhausted));
+        }
+        assert_eq!(answers[0], answers[1]);
+        let (got, all, last, exhausted) = &answers[0];
+        assert_eq!(
+            got,
+            &["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.2"]
+                .map(ip)
+                .to_vec()
+        );
+        assert_eq!(all.len(), 2);
+        assert_eq!(*last, Some(ip("10.9.0.5")));
+        assert_eq!(
+            exhausted,
+            "no free address left in range 10.9.0.0/29 (5 allocated)"
+        );
+    }
+
+    #[test]
+    fn memory_store_refuses_a_second_lock_and_can_fail_writes() {
+        let mem = MemStore::new();
+        let held = mem.lock().unwrap();
+        assert!(matches!(mem.lock(), Err(IpamError::Lock(..))));
+        drop(held);
+        mem.edit(|s| s.fail_writes = Some(libc::EIO));
+        let s = mem.lock().unwrap();
+        let mut used = HashSet::new();
+        let e = s
+            .allocate(0, &range("10.9.0.0/29"), &mut used, "a", "eth0")
+            .unwrap_err();
+        assert!(matches!(e, IpamError::Store(..)), "{e}");
+        assert!(used.is_empty());
+        drop(s);
+        assert!(mem.snapshot().allocations.is_empty());
+    }
 }

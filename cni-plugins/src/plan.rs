@@ -518,3 +518,389 @@ pub fn is_orphan_veth(
 ) -> bool {
     master == Some(bridge) && is_host_veth_name(name) && !valid_hosts.contains(name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::resolve;
+    use crate::skel::parse_env;
+    use serde_json::json;
+    use std::collections::HashMap;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn env(id: &str, ifname: &str) -> Env {
+        let m: HashMap<&str, &str> = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", id),
+            ("CNI_NETNS", "/run/netns/pod"),
+            ("CNI_IFNAME", ifname),
+        ]
+        .into_iter()
+        .collect();
+        parse_env(|k| m.get(k).map(|v| v.to_string())).unwrap()
+    }
+
+    /// A configuration with `extra` JSON members, resolved without a subnet file.
+    fn conf(extra: &str) -> (NetConf, Network) {
+        let c = NetConf::parse(
+            format!(r#"{{"cniVersion":"1.1.0","name":"pods","dataDir":"/var/lib/x"{extra}}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let n = resolve(&c, None).unwrap();
+        (c, n)
+    }
+
+    const V4: &str = r#","ipam":{"ranges":[{"subnet":"10.5.0.0/24"}]}"#;
+
+    /// The plan for `extra`, with the given addresses reserved in range order.
+    fn plan_for(extra: &str, ips: &[&str]) -> (NetConf, Network, NetPlan) {
+        let (c, n) = conf(extra);
+        let reserved: Vec<(IpAddr, &Range)> =
+            ips.iter().zip(&n.ranges).map(|(a, r)| (ip(a), r)).collect();
+        let p = plan(&env("c1", "eth0"), &c, &n, &reserved);
+        (c.clone(), n.clone(), p)
+    }
+
+    fn bridge(p: &NetPlan) -> &BridgeSpec {
+        match &p.steps[0] {
+            Step::Bridge(b) => b,
+            s => panic!("first step {s:?}"),
+        }
+    }
+
+    fn container(p: &NetPlan) -> &ContainerSpec {
+        match p.steps.last() {
+            Some(Step::Container(c)) => c,
+            s => panic!("last step {s:?}"),
+        }
+    }
+
+    #[test]
+    fn default_config_plans_every_step_in_order() {
+        let (_, _, p) = plan_for(V4, &["10.5.0.2"]);
+        assert_eq!(
+            p.step_names(),
+            ["bridge", "masq", "veth", "hairpin", "container"]
+        );
+        let host = host_veth_name("c1", "eth0");
+        assert_eq!(
+            bridge(&p),
+            &BridgeSpec {
+                name: "hako0".into(),
+                mtu: 1500,
+                mac: bridge_mac("hako0"),
+                promisc: false,
+                gateways: vec![net("10.5.0.1/24")],
+                forward_ipv4: true,
+                forward_ipv6: false,
+            }
+        );
+        assert_eq!(
+            p.steps[2],
+            Step::Veth(VethSpec {
+                host: host.clone(),
+                container: "eth0".into(),
+                mtu: 1500
+            })
+        );
+        assert_eq!(p.steps[3], Step::Hairpin { host: host.clone() });
+        assert_eq!(
+            container(&p),
+            &ContainerSpec {
+                ifname: "eth0".into(),
+                addrs: vec![net("10.5.0.2/24")],
+                routes: vec![(net("0.0.0.0/0"), ip("10.5.0.1"))],
+            }
+        );
+        assert_eq!(p.reserved, vec![ip("10.5.0.2")]);
+        // Only the veth has an undo: the bridge and the masquerade table are shared.
+        let undos: Vec<_> = p.steps.iter().filter_map(Step::undo).collect();
+        assert_eq!(undos, vec![UndoStep::DeleteLink(host)]);
+    }
+
+    #[test]
+    fn is_gateway_off_leaves_the_bridge_without_addresses_or_forwarding() {
+        let (_, _, p) = plan_for(&format!(r#","isGateway":false{V4}"#), &["10.5.0.2"]);
+        let b = bridge(&p);
+        assert!(b.gateways.is_empty(), "{b:?}");
+        assert!(!b.forward_ipv4 && !b.forward_ipv6);
+        // isDefaultGateway is separate: the container still routes via the gateway.
+        assert_eq!(
+            container(&p).routes,
+            vec![(net("0.0.0.0/0"), ip("10.5.0.1"))]
+        );
+    }
+
+    #[test]
+    fn ip_masq_on_renders_the_bridge_table_and_off_drops_the_step() {
+        let (c, n, p) = plan_for(
+            &format!(r#","clusterNetwork":"10.0.0.0/8"{V4}"#),
+            &["10.5.0.2"],
+        );
+        let Step::Masquerade(r) = &p.steps[1] else {
+            panic!("{:?}", p.steps[1]);
+        };
+        assert_eq!(r.table, "hako_cni_hako0");
+        assert_eq!(r.marker_dir, c.data_dir);
+        assert_eq!(r.script, masq::render("hako0", &n));
+        assert!(
+            r.script.contains(
+                "ip saddr 10.5.0.0/24 ip daddr != { 10.0.0.0/8, 224.0.0.0/4 } masquerade"
+            ),
+            "{}",
+            r.script
+        );
+        let (_, _, p) = plan_for(&format!(r#","ipMasq":false{V4}"#), &["10.5.0.2"]);
+        assert_eq!(p.step_names(), ["bridge", "veth", "hairpin", "container"]);
+    }
+
+    #[test]
+    fn hairpin_off_and_promisc_on() {
+        let (_, _, p) = plan_for(
+            &format!(r#","hairpinMode":false,"promiscMode":true{V4}"#),
+            &["10.5.0.2"],
+        );
+        assert_eq!(p.step_names(), ["bridge", "masq", "veth", "container"]);
+        assert!(bridge(&p).promisc);
+    }
+
+    #[test]
+    fn custom_mtu_reaches_bridge_veth_and_result() {
+        let (_, _, p) = plan_for(&format!(r#","mtu":9000{V4}"#), &["10.5.0.2"]);
+        assert_eq!(bridge(&p).mtu, 9000);
+        let Step::Veth(v) = &p.steps[2] else {
+            panic!("{:?}", p.steps[2]);
+        };
+        assert_eq!(v.mtu, 9000);
+        let r = p.result.build(&Macs::default());
+        assert_eq!(r.interfaces[0].mtu, None, "the bridge reports no MTU");
+        assert_eq!(r.interfaces[1].mtu, Some(9000));
+        assert_eq!(r.interfaces[2].mtu, Some(9000));
+    }
+
+    #[test]
+    fn dual_stack_plans_both_families() {
+        let (_, _, p) = plan_for(
+            r#","bridge":"br1","ipam":{"ranges":[{"subnet":"10.5.0.0/24"},{"subnet":"fd05::/64","gateway":"fd05::fe"}]}"#,
+            &["10.5.0.7", "fd05::7"],
+        );
+        let b = bridge(&p);
+        assert_eq!(b.name, "br1");
+        assert_eq!(b.mac, bridge_mac("br1"));
+        assert_eq!(b.gateways, vec![net("10.5.0.1/24"), net("fd05::fe/64")]);
+        assert!(b.forward_ipv4 && b.forward_ipv6);
+        let c = container(&p);
+        assert_eq!(c.addrs, vec![net("10.5.0.7/24"), net("fd05::7/64")]);
+        assert_eq!(
+            c.routes,
+            vec![
+                (net("0.0.0.0/0"), ip("10.5.0.1")),
+                (net("::/0"), ip("fd05::fe"))
+            ]
+        );
+        assert_eq!(
+            p.result.ips,
+            vec![
+                (net("10.5.0.7/24"), ip("10.5.0.1")),
+                (net("fd05::7/64"), ip("fd05::fe"))
+            ]
+        );
+    }
+
+    #[test]
+    fn static_routes_from_ipam_follow_their_family_and_gateway() {
+        let (_, _, p) = plan_for(
+            r#","isDefaultGateway":false,"ipam":{"ranges":[{"subnet":"10.5.0.0/24"},{"subnet":"fd05::/64"}],"routes":[{"dst":"192.168.0.0/16"},{"dst":"fd99::/64","gw":"fd05::99"},{"dst":"172.16.0.0/12","gw":"10.5.0.254"}]}"#,
+            &["10.5.0.2", "fd05::2"],
+        );
+        assert_eq!(
+            container(&p).routes,
+            vec![
+                (net("192.168.0.0/16"), ip("10.5.0.1")),
+                (net("172.16.0.0/12"), ip("10.5.0.254")),
+                (net("fd99::/64"), ip("fd05::99")),
+            ]
+        );
+        assert_eq!(p.result.routes, container(&p).routes);
+    }
+
+    #[test]
+    fn result_names_the_macs_and_appends_to_prev_result() {
+        let (_, _, p) = plan_for(
+            &format!(r#","dns":{{"nameservers":["10.96.0.10"]}}{V4}"#),
+            &["10.5.0.2"],
+        );
+        let macs = Macs {
+            bridge: [2, 0, 0, 0, 0, 1],
+            host: [2, 0, 0, 0, 0, 2],
+            container: [2, 0, 0, 0, 0, 3],
+        };
+        let r = p.result.build(&macs);
+        let names: Vec<_> = r.interfaces.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["hako0", host_veth_name("c1", "eth0").as_str(), "eth0"]
+        );
+        assert_eq!(r.interfaces[2].mac, "02:00:00:00:00:03");
+        assert_eq!(r.interfaces[2].sandbox.as_deref(), Some("/run/netns/pod"));
+        assert_eq!(r.ips[0].interface, Some(2));
+        assert_eq!(r.ips[0].gateway, Some(ip("10.5.0.1")));
+        assert_eq!(r.dns, json!({"nameservers": ["10.96.0.10"]}));
+        // Chained after a plugin that reported one interface: indexes shift by one, the
+        // previous entries come first, and an empty previous DNS block is replaced.
+        let prev = CniResult {
+            interfaces: vec![Interface {
+                name: "lo".into(),
+                mac: "00:00:00:00:00:00".into(),
+                mtu: None,
+                sandbox: Some("/run/netns/pod".into()),
+            }],
+            ips: vec![],
+            routes: vec![Route {
+                dst: net("10.96.0.0/12"),
+                gw: None,
+            }],
+            dns: json!({}),
+        };
+        let m = merge_prev(Some(prev), r.clone());
+        assert_eq!(m.interfaces.len(), 4);
+        assert_eq!(m.interfaces[0].name, "lo");
+        assert_eq!(m.ips[0].interface, Some(3));
+        assert_eq!(m.routes.len(), 2);
+        assert_eq!(m.routes[0].dst, net("10.96.0.0/12"));
+        assert_eq!(m.dns, r.dns);
+        assert_eq!(merge_prev(None, r.clone()), r);
+    }
+
+    #[test]
+    fn del_plan_names_the_owner_the_host_veth_and_the_fallback() {
+        let p = plan_del(&env("c9", "net1"));
+        assert_eq!(p.owner.container_id, "c9");
+        assert_eq!(p.owner.ifname, "net1");
+        assert_eq!(p.host, host_veth_name("c9", "net1"));
+        assert_eq!(
+            p.container,
+            Some((PathBuf::from("/run/netns/pod"), "net1".to_string()))
+        );
+    }
+
+    #[test]
+    fn check_compares_mtu_addresses_routes_host_and_store() {
+        let (c, _, p) = plan_for(V4, &["10.5.0.2"]);
+        let prev = p.result.build(&Macs::default());
+        let want = plan_check(&env("c1", "eth0"), &c, &prev).unwrap();
+        assert_eq!(want.addrs, vec![net("10.5.0.2/24")]);
+        let good = ContainerView {
+            index: 7,
+            mtu: Some(1500),
+            addrs: [net("10.5.0.2/24"), net("fe80::1/64")]
+                .into_iter()
+                .collect(),
+            routes: vec![(Some(net("0.0.0.0/0")), Some(ip("10.5.0.1")), Some(7))],
+        };
+        want.compare_container(&good).unwrap();
+        for (view, needle) in [
+            (
+                ContainerView {
+                    mtu: Some(1400),
+                    ..good.clone()
+                },
+                "eth0 mtu 1400, expected 1500",
+            ),
+            (
+                ContainerView {
+                    addrs: HashSet::new(),
+                    ..good.clone()
+                },
+                "address 10.5.0.2/24 missing on eth0",
+            ),
+            (
+                ContainerView {
+                    routes: vec![(Some(net("0.0.0.0/0")), Some(ip("10.5.0.9")), Some(7))],
+                    ..good.clone()
+                },
+                "route 0.0.0.0/0 via 10.5.0.1 missing",
+            ),
+            (
+                ContainerView {
+                    index: 8,
+                    ..good.clone()
+                },
+                "route 0.0.0.0/0 via 10.5.0.1 missing",
+            ),
+        ] {
+            let e = want.compare_container(&view).unwrap_err();
+            assert_eq!(
+                (e.code, e.details.as_str()),
+                (codes::CHECK_MISMATCH, needle)
+            );
+        }
+        want.compare_host(Some(3), Some(Some(3))).unwrap();
+        for (br, host) in [
+            (None, Some(Some(3))),
+            (Some(3), None),
+            (Some(3), Some(Some(4))),
+            (Some(3), Some(None)),
+        ] {
+            assert_eq!(
+                want.compare_host(br, host).unwrap_err().code,
+                codes::CHECK_MISMATCH
+            );
+        }
+        want.compare_store(&[ip("10.5.0.2")].into_iter().collect())
+            .unwrap();
+        let e = want.compare_store(&HashSet::new()).unwrap_err();
+        assert_eq!(e.details, "10.5.0.2 is not allocated to this attachment");
+        // A prevResult without this interface is a mismatch before anything is read.
+        let e = plan_check(&env("c1", "eth1"), &c, &prev).unwrap_err();
+        assert_eq!(e.code, codes::CHECK_MISMATCH);
+    }
+
+    #[test]
+    fn gc_keeps_valid_attachments_and_only_our_orphan_veths() {
+        let owner = |c: &str, i: &str| Owner {
+            container_id: c.into(),
+            ifname: i.into(),
+        };
+        let valid: HashSet<Attachment> = [Attachment {
+            container_id: "keep".into(),
+            ifname: "eth0".into(),
+        }]
+        .into_iter()
+        .collect();
+        let allocs = vec![
+            (ip("10.5.0.2"), owner("keep", "eth0")),
+            (ip("10.5.0.3"), owner("keep", "eth1")),
+            (ip("10.5.0.4"), owner("gone", "eth0")),
+        ];
+        let released: Vec<IpAddr> = gc_releases(allocs, &valid)
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        assert_eq!(released, vec![ip("10.5.0.3"), ip("10.5.0.4")]);
+        let hosts: HashSet<String> = [host_veth_name("keep", "eth0")].into_iter().collect();
+        let gone = host_veth_name("gone", "eth0");
+        assert!(is_orphan_veth(&gone, Some(4), 4, &hosts));
+        assert!(!is_orphan_veth(
+            &host_veth_name("keep", "eth0"),
+            Some(4),
+            4,
+            &hosts
+        ));
+        assert!(!is_orphan_veth(&gone, Some(5), 4, &hosts), "other bridge");
+        assert!(!is_orphan_veth(&gone, None, 4, &hosts), "no bridge");
+        assert!(!is_orphan_veth("hakoeth", Some(4), 4, &hosts), "not ours");
+        assert!(
+            !is_orphan_veth("vethabcdef12345", Some(4), 4, &hosts),
+            "not ours"
+        );
+    }
+}

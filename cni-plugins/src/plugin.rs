@@ -899,3 +899,296 @@ mod tests {
         }
     }
 }
+
+/// ADD and DEL against the in-memory store and a recording network.
+#[cfg(test)]
+mod seam_tests {
+    use super::*;
+    use crate::ipam::{MemStore, Owner};
+    use crate::skel::parse_env;
+    use std::collections::{BTreeMap, HashMap};
+
+    /// Records each call as a line; fails the call whose line starts with `fail`.
+    #[derive(Default)]
+    struct Rec {
+        fail: Option<&'static str>,
+        calls: Vec<String>,
+        /// Host links that exist (for DEL).
+        host_links: HashSet<String>,
+    }
+
+    impl Rec {
+        fn call(&mut self, line: String) -> Result<(), CniError> {
+            let fail = self.fail.is_some_and(|f| line.starts_with(f));
+            self.calls.push(line);
+            if fail {
+                return Err(CniError::new(codes::NETLINK, "injected", ""));
+            }
+            Ok(())
+        }
+    }
+
+    impl AttachNet for Rec {
+        fn ensure_bridge(&mut self, s: &BridgeSpec) -> Result<BridgeLink, CniError> {
+            self.call(format!(
+                "bridge {} mtu {} gw {:?}",
+                s.name, s.mtu, s.gateways
+            ))?;
+            Ok(BridgeLink {
+                index: 3,
+                mac: [2, 0, 0, 0, 0, 3],
+                created: false,
+            })
+        }
+        fn ensure_masq(&mut self, r: &masq::Rules, created: bool) -> Result<(), CniError> {
+            self.call(format!("masq {} created={created}", r.table))
+        }
+        fn create_veth(
+            &mut self,
+            host: &str,
+            ifname: &str,
+            mtu: u32,
+            bridge: u32,
+            _: &File,
+        ) -> Result<HostLink, CniError> {
+            self.call(format!("veth {host}/{ifname} mtu {mtu} on {bridge}"))?;
+            self.host_links.insert(host.to_string());
+            Ok(HostLink {
+                index: 9,
+                mac: [2, 0, 0, 0, 0, 9],
+            })
+        }
+        fn set_hairpin(&mut self, index: u32) -> Result<(), CniError> {
+            self.call(format!("hairpin {index}"))
+        }
+        fn configure_container(
+            &mut self,
+            _: &File,
+            ifname: &str,
+            addrs: &[IpNet],
+            routes: &[(IpNet, IpAddr)],
+        ) -> Result<[u8; 6], CniError> {
+            self.call(format!("container {ifname} {addrs:?} {routes:?}"))?;
+            Ok([2, 0, 0, 0, 0, 0x0c])
+        }
+        fn delete_link(&mut self, name: &str) -> Result<(), CniError> {
+            self.host_links.remove(name);
+            self.call(format!("delete {name}"))
+        }
+    }
+
+    impl DetachNet for Rec {
+        fn delete_host_veth(&mut self, name: &str) -> Result<bool, CniError> {
+            let had = self.host_links.remove(name);
+            self.call(format!("delete host {name}"))?;
+            Ok(had)
+        }
+        fn delete_container_veth(&mut self, netns: &Path, ifname: &str) -> Result<(), CniError> {
+            self.call(format!("delete container {} {ifname}", netns.display()))
+        }
+    }
+
+    fn env(cmd: &str, id: &str, netns: Option<&str>) -> Env {
+        let mut m: HashMap<&str, &str> = [
+            ("CNI_COMMAND", cmd),
+            ("CNI_CONTAINERID", id),
+            ("CNI_IFNAME", "eth0"),
+        ]
+        .into_iter()
+        .collect();
+        if let Some(n) = netns {
+            m.insert("CNI_NETNS", n);
+        }
+        parse_env(|k| m.get(k).map(|v| v.to_string())).unwrap()
+    }
+
+    fn conf(ranges: &str) -> (NetConf, Network) {
+        let c = NetConf::parse(
+            format!(r#"{{"cniVersion":"1.1.0","name":"n","dataDir":"/nonexistent/hako-test","ipam":{{"ranges":{ranges}}}}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let n = resolve(&c, None).unwrap();
+        (c, n)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn owner(id: &str) -> Owner {
+        Owner {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+        }
+    }
+
+    fn held(store: &MemStore) -> BTreeMap<IpAddr, Owner> {
+        store.snapshot().allocations
+    }
+
+    fn add(
+        rec: &mut Rec,
+        store: &MemStore,
+        id: &str,
+        c: &NetConf,
+        n: &Network,
+    ) -> Result<Value, CniError> {
+        let ns = File::open("/dev/null").unwrap();
+        add_with_store(rec, store, &env("ADD", id, Some("/run/netns/p")), c, n, &ns)
+    }
+
+    #[test]
+    fn add_applies_the_plan_and_records_the_reservation() {
+        let (c, n) = conf(r#"[{"subnet":"10.7.0.0/24"}]"#);
+        let store = MemStore::new();
+        let mut rec = Rec::default();
+        let r = add(&mut rec, &store, "c1", &c, &n).unwrap();
+        let host = host_veth_name("c1", "eth0");
+        assert_eq!(
+            rec.calls,
+            [
+                "bridge hako0 mtu 1500 gw [10.7.0.1/24]".to_string(),
+                "masq hako_cni_hako0 created=false".into(),
+                format!("veth {host}/eth0 mtu 1500 on 3"),
+                "hairpin 9".into(),
+                "container eth0 [10.7.0.2/24] [(0.0.0.0/0, 10.7.0.1)]".into(),
+            ]
+        );
+        assert_eq!(r["ips"][0]["address"], "10.7.0.2/24");
+        assert_eq!(r["interfaces"][0]["mac"], "02:00:00:00:00:03");
+        assert_eq!(r["interfaces"][1]["mac"], "02:00:00:00:00:09");
+        assert_eq!(r["interfaces"][2]["mac"], "02:00:00:00:00:0c");
+        assert_eq!(held(&store), [(ip("10.7.0.2"), owner("c1"))].into());
+        assert_eq!(store.snapshot().last.get(&0), Some(&ip("10.7.0.2")));
+        // The next ADD continues round robin after the last reservation.
+        let r = add(&mut Rec::default(), &store, "c2", &c, &n).unwrap();
+        assert_eq!(r["ips"][0]["address"], "10.7.0.3/24");
+    }
+
+    #[test]
+    fn exhausted_range_is_code_102_and_releases_the_other_family() {
+        // 10.8.0.0/30: .1 is the gateway, .2 the only address; fd08::/126: ::2, ::3.
+        let (c, n) = conf(r#"[{"subnet":"10.8.0.0/30"},{"subnet":"fd08::/126"}]"#);
+        let store = MemStore::new();
+        add(&mut Rec::default(), &store, "c1", &c, &n).unwrap();
+        let before = held(&store);
+        let mut rec = Rec::default();
+        let e = add(&mut rec, &store, "c2", &c, &n).unwrap_err();
+        assert_eq!(e.code, codes::IPAM_EXHAUSTED);
+        assert_eq!(e.msg, "address range exhausted");
+        assert_eq!(
+            e.details,
+            "no free address left in range 10.8.0.0/30 (1 allocated)"
+        );
+        assert!(rec.calls.is_empty(), "{:?}", rec.calls);
+        assert_eq!(held(&store), before);
+        // IPv4 free again, IPv6 full: the IPv4 address reserved first is released.
+        store.edit(|s| {
+            s.allocations.remove(&ip("10.8.0.2"));
+            s.allocations.insert(ip("fd08::3"), owner("x"));
+        });
+        let before = held(&store);
+        let e = add(&mut Rec::default(), &store, "c3", &c, &n).unwrap_err();
+        assert_eq!(e.code, codes::IPAM_EXHAUSTED);
+        assert!(e.details.contains("fd08::/126"), "{e}");
+        assert_eq!(held(&store), before);
+    }
+
+    #[test]
+    fn duplicate_attachment_is_code_107_and_changes_nothing() {
+        let (c, n) = conf(r#"[{"subnet":"10.7.0.0/24"}]"#);
+        let store = MemStore::new();
+        add(&mut Rec::default(), &store, "c1", &c, &n).unwrap();
+        let before = store.snapshot();
+        let mut rec = Rec::default();
+        let e = add(&mut rec, &store, "c1", &c, &n).unwrap_err();
+        assert_eq!(e.code, codes::EXISTS);
+        assert_eq!(e.details, "c1 eth0 already holds addresses; DEL it first");
+        assert!(rec.calls.is_empty());
+        assert_eq!(store.snapshot(), before);
+    }
+
+    #[test]
+    fn store_failure_is_code_103_before_any_link() {
+        let (c, n) = conf(r#"[{"subnet":"10.7.0.0/24"}]"#);
+        let store = MemStore::new();
+        store.edit(|s| s.fail_writes = Some(libc::ENOSPC));
+        let mut rec = Rec::default();
+        let e = add(&mut rec, &store, "c1", &c, &n).unwrap_err();
+        assert_eq!(e.code, codes::IPAM_STORE);
+        assert!(rec.calls.is_empty());
+        assert!(held(&store).is_empty());
+    }
+
+    #[test]
+    fn failure_after_the_veth_deletes_it_then_releases() {
+        let (c, n) = conf(r#"[{"subnet":"10.7.0.0/24"},{"subnet":"fd07::/64"}]"#);
+        let host = host_veth_name("c1", "eth0");
+        for (fail, undone) in [
+            ("bridge", false),
+            ("masq", false),
+            ("veth", false),
+            ("hairpin", true),
+            ("container", true),
+        ] {
+            let store = MemStore::new();
+            let mut rec = Rec {
+                fail: Some(fail),
+                ..Default::default()
+            };
+            let e = add(&mut rec, &store, "c1", &c, &n).unwrap_err();
+            assert_eq!(e.msg, "injected", "{fail}");
+            assert!(held(&store).is_empty(), "{fail}: reservation left behind");
+            assert!(rec.host_links.is_empty(), "{fail}: veth left behind");
+            let deleted = rec.calls.last() == Some(&format!("delete {host}"));
+            assert_eq!(deleted, undone, "{fail}: {:?}", rec.calls);
+            assert!(rec.calls.iter().any(|l| l.starts_with(fail)));
+        }
+    }
+
+    #[test]
+    fn del_releases_only_this_attachment_and_deletes_its_veth() {
+        let (c, n) = conf(r#"[{"subnet":"10.7.0.0/24"}]"#);
+        let store = MemStore::new();
+        let mut rec = Rec::default();
+        add(&mut rec, &store, "c1", &c, &n).unwrap();
+        add(&mut rec, &store, "c2", &c, &n).unwrap();
+        rec.calls.clear();
+        del_with(&mut rec, &store, &env("DEL", "c1", Some("/run/netns/p"))).unwrap();
+        assert_eq!(held(&store), [(ip("10.7.0.3"), owner("c2"))].into());
+        assert_eq!(
+            rec.calls,
+            [format!("delete host {}", host_veth_name("c1", "eth0"))]
+        );
+        // Again: nothing held, no host veth: the container side is cleaned, still success.
+        rec.calls.clear();
+        del_with(&mut rec, &store, &env("DEL", "c1", Some("/run/netns/p"))).unwrap();
+        assert_eq!(
+            rec.calls,
+            [
+                format!("delete host {}", host_veth_name("c1", "eth0")),
+                "delete container /run/netns/p eth0".into()
+            ]
+        );
+        // Without CNI_NETNS only the host side is tried.
+        rec.calls.clear();
+        del_with(&mut rec, &store, &env("DEL", "c1", None)).unwrap();
+        assert_eq!(rec.calls.len(), 1);
+        assert_eq!(held(&store).len(), 1);
+    }
+
+    #[test]
+    fn del_store_failure_is_code_103_and_touches_no_link() {
+        let store = MemStore::new();
+        store.edit(|s| {
+            s.allocations.insert(ip("10.7.0.2"), owner("c1"));
+            s.fail_writes = Some(libc::EROFS);
+        });
+        let mut rec = Rec::default();
+        let e = del_with(&mut rec, &store, &env("DEL", "c1", None)).unwrap_err();
+        assert_eq!(e.code, codes::IPAM_STORE);
+        assert!(rec.calls.is_empty());
+        assert_eq!(held(&store).len(), 1);
+    }
+}

@@ -1,6 +1,7 @@
 //! hako CNI plugin: CNI spec 1.1 protocol (`skel`), configuration (`config`), IPAM
-//! (`ipam`), bridge/veth attachments (`plugin`), masquerade (`masq`), the VXLAN overlay
-//! library (`overlay`), rtnetlink access (`netlink`) and result shapes (`version`).
+//! (`ipam`), the commands as data (`plan`, pure) and applied (`plugin`), masquerade
+//! (`masq`), the VXLAN overlay library (`overlay`), rtnetlink access (`netlink`) and result
+//! shapes (`version`). The code map is in the package README.
 
 pub mod cli;
 pub mod config;

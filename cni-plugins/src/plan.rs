@@ -67,14 +67,17 @@ pub struct BridgeSpec {
     pub forward_ipv6: bool,
 }
 
-/// The veth pair of one attachment; the container end is created inside the pod netns in
-/// the same request.
+/// The veth pair of one attachment. The container end is not moved after the fact: it is
+/// created inside the pod netns by the same request (`IFLA_NET_NS_FD` on the peer).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VethSpec {
     /// Host end (`hako` + 11 hex), enslaved to the bridge and up.
     pub host: String,
     /// Container end (`CNI_IFNAME`).
     pub container: String,
+    /// The pod netns the container end is made in (`CNI_NETNS`; applied through the
+    /// namespace file opened before the plan).
+    pub netns: PathBuf,
     /// MTU of both ends.
     pub mtu: u32,
 }
@@ -289,9 +292,11 @@ pub fn plan(env: &Env, conf: &NetConf, net: &Network, reserved: &[(IpAddr, &Rang
             net,
         )));
     }
+    let netns = env.netns.clone().unwrap_or_default();
     steps.push(Step::Veth(VethSpec {
         host: host.clone(),
         container: env.ifname.clone(),
+        netns: netns.clone(),
         mtu: net.mtu,
     }));
     if conf.hairpin_mode {
@@ -608,6 +613,7 @@ mod tests {
             Step::Veth(VethSpec {
                 host: host.clone(),
                 container: "eth0".into(),
+                netns: "/run/netns/pod".into(),
                 mtu: 1500
             })
         );

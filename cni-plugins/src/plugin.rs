@@ -248,6 +248,21 @@ pub trait DetachNet {
     /// Deletes the veth end `ifname` inside the netns at `netns`; a missing netns or
     /// interface (or one that is not a veth) is left alone.
     fn delete_container_veth(&mut self, netns: &Path, ifname: &str) -> Result<(), CniError>;
+    /// GC: the bridge's index and every named host link (`None` without the bridge).
+    fn host_links(&mut self, bridge: &str) -> Result<Option<(u32, Vec<LinkView>)>, CniError>;
+    /// GC: deletes a host link by index (a missing one is fine).
+    fn delete_link_index(&mut self, index: u32) -> Result<(), CniError>;
+}
+
+/// A host link as GC sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkView {
+    /// Name.
+    pub name: String,
+    /// Interface index.
+    pub index: u32,
+    /// Master (bridge) index.
+    pub master: Option<u32>,
 }
 
 /// `AttachNet` and `DetachNet` over rtnetlink and nft.
@@ -396,6 +411,30 @@ impl DetachNet for LinkNet {
             }
             Ok(())
         })?
+    }
+
+    fn host_links(&mut self, bridge: &str) -> Result<Option<(u32, Vec<LinkView>)>, CniError> {
+        let nl = self.nl()?;
+        let Some(br) = nl.link_by_name(bridge).map_err(nl_err)? else {
+            return Ok(None);
+        };
+        let links = nl
+            .links()
+            .map_err(nl_err)?
+            .iter()
+            .filter_map(|l| {
+                Some(LinkView {
+                    name: netlink::link_name(l)?.to_string(),
+                    index: l.header.index,
+                    master: netlink::link_master(l),
+                })
+            })
+            .collect();
+        Ok(Some((br.header.index, links)))
+    }
+
+    fn delete_link_index(&mut self, index: u32) -> Result<(), CniError> {
+        netlink::ignore_missing(self.nl()?.link_del_index(index)).map_err(nl_err)
     }
 }
 
@@ -693,6 +732,16 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
 
 /// GC: releases allocations and removes host veths not in `cni.dev/valid-attachments`.
 pub fn gc(conf: &NetConf) -> Result<(), CniError> {
+    // The socket opens after the release, as DEL's does.
+    gc_with(&mut LinkNet::lazy(), &DiskStore::new(&conf.data_dir), conf)
+}
+
+/// GC over any `DetachNet` and `IpamStore`.
+pub fn gc_with(
+    links: &mut dyn DetachNet,
+    store: &dyn IpamStore,
+    conf: &NetConf,
+) -> Result<(), CniError> {
     // Without the list every allocation would look stale: refuse rather than wipe.
     let valid: HashSet<Attachment> = conf
         .valid_attachments
@@ -711,30 +760,20 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
         .map(|a| host_veth_name(&a.container_id, &a.ifname))
         .collect();
     {
-        let disk = DiskStore::new(&conf.data_dir);
-        let store = disk.lock().map_err(ipam_err)?;
-        let allocations = store.allocations().map_err(ipam_err)?;
+        let locked = store.lock().map_err(ipam_err)?;
+        let allocations = locked.allocations().map_err(ipam_err)?;
         for (ip, owner) in plan::gc_releases(allocations, &valid) {
             tracing::info!(%ip, container = %owner.container_id, "gc: releasing");
-            store.release(ip).map_err(ipam_err)?;
+            locked.release(ip).map_err(ipam_err)?;
         }
     }
-    let mut nl = Netlink::open().map_err(nl_err)?;
-    let Some(br) = nl.link_by_name(&conf.bridge).map_err(nl_err)? else {
+    let Some((bridge, host_links)) = links.host_links(&conf.bridge)? else {
         return Ok(());
     };
-    for l in nl.links().map_err(nl_err)? {
-        let Some(name) = netlink::link_name(&l) else {
-            continue;
-        };
-        if plan::is_orphan_veth(
-            name,
-            netlink::link_master(&l),
-            br.header.index,
-            &valid_hosts,
-        ) {
-            tracing::info!(link = name, "gc: removing orphan veth");
-            netlink::ignore_missing(nl.link_del_index(l.header.index)).map_err(nl_err)?;
+    for l in host_links {
+        if plan::is_orphan_veth(&l.name, l.master, bridge, &valid_hosts) {
+            tracing::info!(link = l.name, "gc: removing orphan veth");
+            links.delete_link_index(l.index)?;
         }
     }
     Ok(())
@@ -915,6 +954,8 @@ mod seam_tests {
         calls: Vec<String>,
         /// Host links that exist (for DEL).
         host_links: HashSet<String>,
+        /// The links GC sees (`None`: no bridge); the bridge's index is 3.
+        ports: Option<Vec<LinkView>>,
     }
 
     impl Rec {
@@ -985,6 +1026,13 @@ mod seam_tests {
         }
         fn delete_container_veth(&mut self, netns: &Path, ifname: &str) -> Result<(), CniError> {
             self.call(format!("delete container {} {ifname}", netns.display()))
+        }
+        fn host_links(&mut self, bridge: &str) -> Result<Option<(u32, Vec<LinkView>)>, CniError> {
+            self.call(format!("links {bridge}"))?;
+            Ok(self.ports.clone().map(|p| (3, p)))
+        }
+        fn delete_link_index(&mut self, index: u32) -> Result<(), CniError> {
+            self.call(format!("delete index {index}"))
         }
     }
 
@@ -1190,5 +1238,63 @@ mod seam_tests {
         assert_eq!(e.code, codes::IPAM_STORE);
         assert!(rec.calls.is_empty());
         assert_eq!(held(&store).len(), 1);
+    }
+
+    #[test]
+    fn gc_releases_stale_allocations_and_deletes_only_orphan_veths_on_the_bridge() {
+        let with_valid = |v: &str| {
+            NetConf::parse(
+                format!(r#"{{"cniVersion":"1.1.0","name":"n","dataDir":"/nonexistent/x"{v}}}"#)
+                    .as_bytes(),
+            )
+            .unwrap()
+        };
+        let store = MemStore::new();
+        store.edit(|s| {
+            s.allocations.insert(ip("10.7.0.2"), owner("keep"));
+            s.allocations.insert(ip("fd07::2"), owner("keep"));
+            s.allocations.insert(ip("10.7.0.3"), owner("gone"));
+        });
+        let view = |name: String, index: u32, master: Option<u32>| LinkView {
+            name,
+            index,
+            master,
+        };
+        let mut rec = Rec {
+            ports: Some(vec![
+                view("hako0".into(), 3, None),
+                view(host_veth_name("keep", "eth0"), 10, Some(3)),
+                view(host_veth_name("gone", "eth0"), 11, Some(3)),
+                view(host_veth_name("other", "eth0"), 12, Some(4)),
+                view("eth0".into(), 2, None),
+                view("vethfe01".into(), 13, Some(3)),
+            ]),
+            ..Default::default()
+        };
+        // Without the list GC refuses (7) and touches nothing.
+        let e = gc_with(&mut rec, &store, &with_valid("")).unwrap_err();
+        assert_eq!(e.code, codes::INVALID_CONFIG);
+        assert!(rec.calls.is_empty());
+        assert_eq!(held(&store).len(), 3);
+        let c =
+            with_valid(r#","cni.dev/valid-attachments":[{"containerID":"keep","ifname":"eth0"}]"#);
+        gc_with(&mut rec, &store, &c).unwrap();
+        assert_eq!(
+            held(&store),
+            [
+                (ip("10.7.0.2"), owner("keep")),
+                (ip("fd07::2"), owner("keep"))
+            ]
+            .into()
+        );
+        assert_eq!(rec.calls, ["links hako0", "delete index 11"]);
+        // No bridge: the store is still collected, no link is touched.
+        store.edit(|s| {
+            s.allocations.insert(ip("10.7.0.4"), owner("gone"));
+        });
+        let mut rec = Rec::default();
+        gc_with(&mut rec, &store, &c).unwrap();
+        assert_eq!(rec.calls, ["links hako0"]);
+        assert_eq!(held(&store).len(), 2);
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::overlay::{self, OverlayConfig, Peer};
+use crate::overlay::{self, OverlayConfig, OverlayError, Peer};
 
 #[derive(Parser)]
 #[command(
@@ -87,14 +87,39 @@ fn print(v: &serde_json::Value) {
     );
 }
 
-fn overlay_main(cmd: OverlayCmd) -> anyhow::Result<()> {
-    use anyhow::Context;
+/// A failed operator command.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The peer file could not be read.
+    #[error("reading {}", .0.display())]
+    Read(PathBuf, #[source] std::io::Error),
+    /// The peer file is not a JSON array of peers.
+    #[error("parsing {}", .0.display())]
+    Parse(PathBuf, #[source] serde_json::Error),
+    /// The overlay could not be set up or read.
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+}
+
+/// `error: cause: cause ...`, the whole source chain on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+fn overlay_main(cmd: OverlayCmd) -> Result<(), CliError> {
     match cmd {
         OverlayCmd::Sync { peers, dev } => {
-            let text = std::fs::read_to_string(&peers)
-                .with_context(|| format!("reading {}", peers.display()))?;
-            let list: Vec<Peer> = serde_json::from_str(&text)
-                .with_context(|| format!("parsing {}", peers.display()))?;
+            let text =
+                std::fs::read_to_string(&peers).map_err(|e| CliError::Read(peers.clone(), e))?;
+            let list: Vec<Peer> =
+                serde_json::from_str(&text).map_err(|e| CliError::Parse(peers.clone(), e))?;
             let cfg = dev.config();
             let info = overlay::ensure_device(&cfg)?;
             let report = overlay::sync_peers(&cfg, &list)?;
@@ -143,7 +168,7 @@ pub fn main() -> i32 {
         Top::Overlay(cmd) => match overlay_main(cmd) {
             Ok(()) => 0,
             Err(e) => {
-                tracing::error!("{e:#}");
+                tracing::error!("{}", chain(&e));
                 1
             }
         },

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::ipam::Range;
+use crate::ipam::{Range, RangeError};
 use crate::version;
 
 /// Default bridge name.
@@ -29,6 +29,9 @@ pub enum ConfigError {
     /// Decoded but invalid (code 7).
     #[error("invalid network configuration: {0}")]
     Invalid(String),
+    /// A range that cannot be used (code 7).
+    #[error("invalid network configuration: {0}")]
+    Range(#[from] RangeError),
     /// cniVersion not spoken (code 1).
     #[error("incompatible CNI version {0:?} (supported: {supported})", supported = version::SUPPORTED.join(", "))]
     Version(String),
@@ -39,7 +42,7 @@ impl ConfigError {
     pub fn code(&self) -> u32 {
         match self {
             ConfigError::Decode(_) => 6,
-            ConfigError::Invalid(_) => 7,
+            ConfigError::Invalid(_) | ConfigError::Range(_) => 7,
             ConfigError::Version(_) => 1,
         }
     }
@@ -305,7 +308,7 @@ impl NetConf {
         let mut seen_v4 = false;
         let mut seen_v6 = false;
         for r in &ranges {
-            Range::from_conf(r).map_err(ConfigError::Invalid)?;
+            Range::from_conf(r)?;
             let seen = if r.subnet.addr().is_ipv4() {
                 &mut seen_v4
             } else {
@@ -439,8 +442,7 @@ pub fn resolve(conf: &NetConf, subnet_env: Option<&str>) -> Result<Network, Conf
     let ranges = range_confs
         .iter()
         .map(Range::from_conf)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(ConfigError::Invalid)?;
+        .collect::<Result<Vec<_>, _>>()?;
     let mtu = conf.mtu.or(env.mtu).unwrap_or(DEFAULT_MTU);
     let mut cluster = if conf.cluster_networks.is_empty() {
         env.networks.clone()

@@ -1,6 +1,7 @@
 //! hako CNI plugin: CNI spec 1.1 protocol (`skel`), configuration (`config`), IPAM
-//! (`ipam`), bridge/veth attachments (`plugin`), masquerade (`masq`), the VXLAN overlay
-//! library (`overlay`), rtnetlink access (`netlink`) and result shapes (`version`).
+//! (`ipam`), the commands as data (`plan`, pure) and applied (`plugin`), masquerade
+//! (`masq`), the VXLAN overlay library (`overlay`), rtnetlink access (`netlink`) and result
+//! shapes (`version`). The code map is in the package README.
 
 pub mod cli;
 pub mod config;
@@ -8,6 +9,7 @@ pub mod ipam;
 pub mod masq;
 pub mod netlink;
 pub mod overlay;
+pub mod plan;
 pub mod plugin;
 pub mod skel;
 pub mod version;

@@ -1,15 +1,17 @@
 //! IP masquerade of pod traffic leaving the cluster networks: one nftables table per bridge
-//! (`inet hako_cni_<bridge>`), rendered purely and loaded atomically with one `nft -f -`.
+//! (`inet hako_cni_<bridge>`), rendered purely (`render`, `rules`) and loaded atomically
+//! with one `nft -f -` (`ensure`, effectful).
 //! Loaded when the bridge is created or the ruleset changed; otherwise a marker file in the
 //! data directory makes the check a single small read (no process on the ADD path).
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{NetConf, Network};
+use crate::config::Network;
 use crate::skel::{codes, CniError};
 
 /// The nftables table name for a bridge.
@@ -51,16 +53,36 @@ pub fn render(bridge: &str, net: &Network) -> String {
     )
 }
 
+/// The masquerade table of one bridge, rendered, and where its marker lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    /// Table name (`hako_cni_<bridge>`).
+    pub table: String,
+    /// The nft script ([`render`]).
+    pub script: String,
+    /// Directory of the marker file (the IPAM data directory).
+    pub marker_dir: PathBuf,
+}
+
+/// The rules for `bridge` and `net`, with the marker in `data_dir`. Pure.
+pub fn rules(bridge: &str, data_dir: &Path, net: &Network) -> Rules {
+    Rules {
+        table: table_name(bridge),
+        script: render(bridge, net),
+        marker_dir: data_dir.to_path_buf(),
+    }
+}
+
 /// Ensures the masquerade table. `bridge_created` forces a load.
-pub fn ensure(conf: &NetConf, net: &Network, bridge_created: bool) -> Result<(), CniError> {
-    let script = render(&conf.bridge, net);
+pub fn ensure(rules: &Rules, bridge_created: bool) -> Result<(), CniError> {
+    let script = &rules.script;
     let hash = hex::encode(Sha256::digest(script.as_bytes()));
     let ns_ino = std::fs::metadata("/proc/thread-self/ns/net")
         .map(|m| m.ino())
         .unwrap_or(0);
-    let marker = conf
-        .data_dir
-        .join(format!("masq-{ns_ino}-{}", table_name(&conf.bridge)));
+    let marker = rules
+        .marker_dir
+        .join(format!("masq-{ns_ino}-{}", rules.table));
     if !bridge_created && std::fs::read_to_string(&marker).is_ok_and(|m| m == hash) {
         return Ok(());
     }
@@ -86,11 +108,11 @@ pub fn ensure(conf: &NetConf, net: &Network, bridge_created: bool) -> Result<(),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    let _ = std::fs::create_dir_all(&conf.data_dir);
+    let _ = std::fs::create_dir_all(&rules.marker_dir);
     if let Err(e) = std::fs::write(&marker, &hash) {
         tracing::warn!("cannot write {}: {e}", marker.display());
     }
-    tracing::info!(table = %table_name(&conf.bridge), "masquerade rules loaded");
+    tracing::info!(table = %rules.table, "masquerade rules loaded");
     Ok(())
 }
 

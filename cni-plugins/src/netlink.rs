@@ -199,10 +199,21 @@ pub fn addr_net(m: &AddressMessage) -> Option<IpNet> {
 /// IFLA_STATS shorter than its struct, as older kernels send: rust-netlink/
 /// netlink-packet-route#143): such a message is a decode error here, not a crash of the
 /// plugin or of the agent's overlay controller.
-pub fn decode_message(bytes: &[u8]) -> Result<NetlinkMessage<RouteNetlinkMessage>, String> {
+pub fn decode_message(bytes: &[u8]) -> Result<NetlinkMessage<RouteNetlinkMessage>, DecodeError> {
     std::panic::catch_unwind(|| NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes))
-        .map_err(|_| "malformed message (the decoder panicked)".to_string())?
-        .map_err(|e| e.to_string())
+        .map_err(|_| DecodeError::Panicked)?
+        .map_err(|e| DecodeError::Invalid(e.to_string()))
+}
+
+/// Why a reply could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The decoder rejected the bytes.
+    #[error("{0}")]
+    Invalid(String),
+    /// The decoder panicked on them (caught).
+    #[error("malformed message (the decoder panicked)")]
+    Panicked,
 }
 
 impl Netlink {

@@ -1,5 +1,7 @@
-//! The commands: ADD (bridge, veth, addresses, routes, masquerade) under an undo guard,
-//! idempotent DEL, CHECK, GC and STATUS. Effectful (netlink, netns entry, IPAM store, nft).
+//! The commands applied: ADD (reserve, `plan()`, apply the steps under an undo guard), DEL,
+//! CHECK, GC and STATUS. Effectful: the kernel through `AttachNet`/`DetachNet` (netlink in
+//! `LinkNet`), the IPAM store through `IpamStore`, netns entry on a dedicated thread. What
+//! each command does is decided in `plan`.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -14,35 +16,16 @@ use netlink_packet_route::link::{
 };
 use netlink_packet_route::AddressFamily;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::config::{resolve, Attachment, NetConf, Network};
-use crate::ipam::{IpamError, Range, Store};
-use crate::netlink::{self, fmt_mac, Netlink, NlError};
+use crate::ipam::{DiskStore, IpamError, IpamStore, Range};
+use crate::masq;
+use crate::netlink::{self, Netlink, NlError};
+use crate::plan::{self, BridgeSpec, ContainerView, Macs, NetPlan, Step, UndoStep};
 use crate::skel::{codes, CniError, Env};
-use crate::version::{CniResult, Interface, IpConfig, Route};
+use crate::version::CniResult;
 
-/// Prefix of host-side veth names.
-pub const HOST_VETH_PREFIX: &str = "hako";
-
-/// Host-side veth name: `hako` + 11 hex digits of sha256(container id, ifname).
-pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(container_id.as_bytes());
-    h.update([0u8]);
-    h.update(ifname.as_bytes());
-    let hex = hex::encode(h.finalize());
-    format!("{HOST_VETH_PREFIX}{}", &hex[..11])
-}
-
-/// The bridge's MAC, derived from its name (locally administered, unicast).
-pub fn bridge_mac(bridge: &str) -> [u8; 6] {
-    let d = Sha256::digest(format!("hako-bridge\0{bridge}").as_bytes());
-    let mut mac = [0u8; 6];
-    mac.copy_from_slice(&d[..6]);
-    mac[0] = (mac[0] & 0xfe) | 0x02;
-    mac
-}
+pub use crate::plan::{bridge_mac, container_routes, host_veth_name, HOST_VETH_PREFIX};
 
 /// True when the link is of `kind`.
 fn is_kind(l: &LinkMessage, kind: InfoKind) -> bool {
@@ -120,40 +103,34 @@ fn write_sysctl_1(path: &str) {
 }
 
 /// Ensures the bridge with its gateway addresses, up. Returns (bridge, newly created).
-fn ensure_bridge(
-    nl: &mut Netlink,
-    conf: &NetConf,
-    net: &Network,
-) -> Result<(LinkMessage, bool), CniError> {
+fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<(LinkMessage, bool), CniError> {
     let mut created = false;
-    let br = match nl.link_by_name(&conf.bridge).map_err(nl_err)? {
+    let br = match nl.link_by_name(&spec.name).map_err(nl_err)? {
         Some(b) => b,
         None => {
             let mut m = LinkMessage::default();
-            m.attributes
-                .push(LinkAttribute::IfName(conf.bridge.clone()));
-            m.attributes.push(LinkAttribute::Mtu(net.mtu));
+            m.attributes.push(LinkAttribute::IfName(spec.name.clone()));
+            m.attributes.push(LinkAttribute::Mtu(spec.mtu));
             // A fixed MAC keeps the bridge from taking over its ports' addresses.
-            m.attributes
-                .push(LinkAttribute::Address(bridge_mac(&conf.bridge).to_vec()));
+            m.attributes.push(LinkAttribute::Address(spec.mac.to_vec()));
             m.attributes
                 .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
                     InfoKind::Bridge,
                 )]));
             m.header.flags = vec![LinkFlag::Up];
             m.header.change_mask = vec![LinkFlag::Up];
-            match nl.link_add(&format!("add bridge {}", conf.bridge), m) {
+            match nl.link_add(&format!("add bridge {}", spec.name), m) {
                 Ok(()) => created = true,
                 Err(e) if e.is_exists() => {}
                 Err(e) => return Err(nl_err(e)),
             }
-            nl.link_by_name(&conf.bridge)
+            nl.link_by_name(&spec.name)
                 .map_err(nl_err)?
                 .ok_or_else(|| {
                     CniError::new(
                         codes::TRY_AGAIN,
                         "bridge vanished while being created",
-                        conf.bridge.clone(),
+                        spec.name.clone(),
                     )
                 })?
         }
@@ -162,39 +139,38 @@ fn ensure_bridge(
         return Err(CniError::new(
             codes::INVALID_CONFIG,
             "invalid network configuration",
-            format!("{} exists and is not a bridge", conf.bridge),
+            format!("{} exists and is not a bridge", spec.name),
         ));
     }
     let idx = br.header.index;
     if !br.header.flags.contains(&LinkFlag::Up) {
         nl.link_up(idx).map_err(nl_err)?;
     }
-    if conf.promisc_mode && !br.header.flags.contains(&LinkFlag::Promisc) {
+    if spec.promisc && !br.header.flags.contains(&LinkFlag::Promisc) {
         let mut m = LinkMessage::default();
         m.header.index = idx;
         m.header.flags = vec![LinkFlag::Promisc];
         m.header.change_mask = vec![LinkFlag::Promisc];
         nl.link_set("set bridge promisc", m).map_err(nl_err)?;
     }
-    if conf.is_gateway {
+    if !spec.gateways.is_empty() {
         let have: HashSet<IpNet> = nl
             .addrs(idx)
             .map_err(nl_err)?
             .iter()
             .filter_map(netlink::addr_net)
             .collect();
-        for r in &net.ranges {
-            let gw = r.gateway_net();
-            if !have.contains(&gw) {
-                netlink::ignore_exists(nl.addr_add(idx, gw)).map_err(nl_err)?;
+        for gw in &spec.gateways {
+            if !have.contains(gw) {
+                netlink::ignore_exists(nl.addr_add(idx, *gw)).map_err(nl_err)?;
             }
         }
-        if net.ranges.iter().any(|r| r.subnet.addr().is_ipv4()) {
-            write_sysctl_1("/proc/sys/net/ipv4/ip_forward");
-        }
-        if net.ranges.iter().any(|r| r.subnet.addr().is_ipv6()) {
-            write_sysctl_1("/proc/sys/net/ipv6/conf/all/forwarding");
-        }
+    }
+    if spec.forward_ipv4 {
+        write_sysctl_1("/proc/sys/net/ipv4/ip_forward");
+    }
+    if spec.forward_ipv6 {
+        write_sysctl_1("/proc/sys/net/ipv6/conf/all/forwarding");
     }
     Ok((br, created))
 }
@@ -232,18 +208,16 @@ pub struct HostLink {
     pub mac: [u8; 6],
 }
 
-/// The effects of ADD, one method per step (netlink in `LinkNet`, a recorder in tests).
+/// The effects of ADD, one method per plan step (netlink in `LinkNet`, a recorder in
+/// tests).
 pub trait AttachNet {
-    /// Ensures the bridge with the gateway addresses, up.
-    fn ensure_bridge(&mut self, conf: &NetConf, net: &Network) -> Result<BridgeLink, CniError>;
-    /// Ensures the masquerade rules (forced when the bridge was just created).
-    fn ensure_masq(
-        &mut self,
-        conf: &NetConf,
-        net: &Network,
-        bridge_created: bool,
-    ) -> Result<(), CniError>;
-    /// Creates the veth pair `host` (on the bridge, up) / `ifname` (inside `ns`).
+    /// Ensures the bridge with the gateway addresses, up ([`Step::Bridge`]).
+    fn ensure_bridge(&mut self, spec: &BridgeSpec) -> Result<BridgeLink, CniError>;
+    /// Ensures the masquerade rules, forced when the bridge was just created
+    /// ([`Step::Masquerade`]).
+    fn ensure_masq(&mut self, rules: &masq::Rules, bridge_created: bool) -> Result<(), CniError>;
+    /// Creates the veth pair `host` (on the bridge, up) / `ifname` (inside `ns`)
+    /// ([`Step::Veth`]).
     fn create_veth(
         &mut self,
         host: &str,
@@ -252,9 +226,10 @@ pub trait AttachNet {
         bridge: u32,
         ns: &File,
     ) -> Result<HostLink, CniError>;
-    /// Turns on hairpin mode on a bridge port.
+    /// Turns on hairpin mode on a bridge port ([`Step::Hairpin`]).
     fn set_hairpin(&mut self, index: u32) -> Result<(), CniError>;
-    /// Inside `ns`: addresses, link up, routes; returns the interface's MAC.
+    /// Inside `ns`: addresses, link up, routes; returns the interface's MAC
+    /// ([`Step::Container`]).
     fn configure_container(
         &mut self,
         ns: &File,
@@ -262,16 +237,65 @@ pub trait AttachNet {
         addrs: &[IpNet],
         routes: &[(IpNet, IpAddr)],
     ) -> Result<[u8; 6], CniError>;
-    /// Deletes a host link by name (missing is fine).
+    /// Deletes a host link by name (missing is fine) ([`UndoStep::DeleteLink`]).
     fn delete_link(&mut self, name: &str) -> Result<(), CniError>;
 }
 
-/// `AttachNet` over rtnetlink and nft.
-pub struct LinkNet(pub Netlink);
+/// The effects of DEL (netlink in `LinkNet`, a recorder in tests).
+pub trait DetachNet {
+    /// Deletes the host veth `name` (the pair goes with it); returns whether it existed.
+    fn delete_host_veth(&mut self, name: &str) -> Result<bool, CniError>;
+    /// Deletes the veth end `ifname` inside the netns at `netns`; a missing netns or
+    /// interface (or one that is not a veth) is left alone.
+    fn delete_container_veth(&mut self, netns: &Path, ifname: &str) -> Result<(), CniError>;
+    /// GC: the bridge's index and every named host link (`None` without the bridge).
+    fn host_links(&mut self, bridge: &str) -> Result<Option<(u32, Vec<LinkView>)>, CniError>;
+    /// GC: deletes a host link by index (a missing one is fine).
+    fn delete_link_index(&mut self, index: u32) -> Result<(), CniError>;
+}
+
+/// A host link as GC sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkView {
+    /// Name.
+    pub name: String,
+    /// Interface index.
+    pub index: u32,
+    /// Master (bridge) index.
+    pub master: Option<u32>,
+}
+
+/// `AttachNet` and `DetachNet` over rtnetlink and nft.
+pub struct LinkNet {
+    nl: Option<Netlink>,
+}
+
+impl LinkNet {
+    /// Opens the netlink socket now (in the calling thread's netns).
+    pub fn open() -> Result<Self, CniError> {
+        Ok(LinkNet {
+            nl: Some(Netlink::open().map_err(nl_err)?),
+        })
+    }
+
+    /// Opens the socket on first use.
+    pub fn lazy() -> Self {
+        LinkNet { nl: None }
+    }
+
+    fn nl(&mut self) -> Result<&mut Netlink, CniError> {
+        if self.nl.is_none() {
+            self.nl = Some(Netlink::open().map_err(nl_err)?);
+        }
+        self.nl
+            .as_mut()
+            .ok_or_else(|| CniError::new(codes::INTERNAL, "netlink socket missing", ""))
+    }
+}
 
 impl AttachNet for LinkNet {
-    fn ensure_bridge(&mut self, conf: &NetConf, net: &Network) -> Result<BridgeLink, CniError> {
-        let (br, created) = ensure_bridge(&mut self.0, conf, net)?;
+    fn ensure_bridge(&mut self, spec: &BridgeSpec) -> Result<BridgeLink, CniError> {
+        let (br, created) = ensure_bridge(self.nl()?, spec)?;
         Ok(BridgeLink {
             index: br.header.index,
             mac: netlink::link_mac(&br).unwrap_or_default(),
@@ -279,13 +303,8 @@ impl AttachNet for LinkNet {
         })
     }
 
-    fn ensure_masq(
-        &mut self,
-        conf: &NetConf,
-        net: &Network,
-        bridge_created: bool,
-    ) -> Result<(), CniError> {
-        crate::masq::ensure(conf, net, bridge_created)
+    fn ensure_masq(&mut self, rules: &masq::Rules, bridge_created: bool) -> Result<(), CniError> {
+        masq::ensure(rules, bridge_created)
     }
 
     fn create_veth(
@@ -296,7 +315,7 @@ impl AttachNet for LinkNet {
         bridge: u32,
         ns: &File,
     ) -> Result<HostLink, CniError> {
-        let nl = &mut self.0;
+        let nl = self.nl()?;
         let mut peer = LinkMessage::default();
         peer.attributes
             .push(LinkAttribute::IfName(ifname.to_string()));
@@ -333,7 +352,7 @@ impl AttachNet for LinkNet {
     }
 
     fn set_hairpin(&mut self, index: u32) -> Result<(), CniError> {
-        set_hairpin(&mut self.0, index).map_err(nl_err)
+        set_hairpin(self.nl()?, index).map_err(nl_err)
     }
 
     fn configure_container(
@@ -366,35 +385,80 @@ impl AttachNet for LinkNet {
     }
 
     fn delete_link(&mut self, name: &str) -> Result<(), CniError> {
-        self.0.link_del_name(name).map_err(nl_err)
+        self.nl()?.link_del_name(name).map_err(nl_err)
     }
 }
 
-/// What ADD created, undone on failure.
-struct Undo<'a> {
-    data_dir: &'a Path,
-    ips: Vec<IpAddr>,
-    host_veth: Option<String>,
+impl DetachNet for LinkNet {
+    fn delete_host_veth(&mut self, name: &str) -> Result<bool, CniError> {
+        let nl = self.nl()?;
+        let had = nl.link_by_name(name).map_err(nl_err)?.is_some();
+        nl.link_del_name(name).map_err(nl_err)?;
+        Ok(had)
+    }
+
+    fn delete_container_veth(&mut self, netns: &Path, ifname: &str) -> Result<(), CniError> {
+        let Ok(ns) = File::open(netns) else {
+            return Ok(());
+        };
+        let ifname = ifname.to_string();
+        in_netns(&ns, move || -> Result<(), CniError> {
+            let mut nl = Netlink::open().map_err(nl_err)?;
+            if let Some(l) = nl.link_by_name(&ifname).map_err(nl_err)? {
+                if is_kind(&l, InfoKind::Veth) {
+                    netlink::ignore_missing(nl.link_del_index(l.header.index)).map_err(nl_err)?;
+                }
+            }
+            Ok(())
+        })?
+    }
+
+    fn host_links(&mut self, bridge: &str) -> Result<Option<(u32, Vec<LinkView>)>, CniError> {
+        let nl = self.nl()?;
+        let Some(br) = nl.link_by_name(bridge).map_err(nl_err)? else {
+            return Ok(None);
+        };
+        let links = nl
+            .links()
+            .map_err(nl_err)?
+            .iter()
+            .filter_map(|l| {
+                Some(LinkView {
+                    name: netlink::link_name(l)?.to_string(),
+                    index: l.header.index,
+                    master: netlink::link_master(l),
+                })
+            })
+            .collect();
+        Ok(Some((br.header.index, links)))
+    }
+
+    fn delete_link_index(&mut self, index: u32) -> Result<(), CniError> {
+        netlink::ignore_missing(self.nl()?.link_del_index(index)).map_err(nl_err)
+    }
 }
 
-impl Undo<'_> {
-    fn run(&self, net: &mut dyn AttachNet) {
-        if let Some(name) = &self.host_veth {
-            if let Err(e) = net.delete_link(name) {
-                tracing::warn!("undo: deleting {name}: {e}");
+/// Undoes what a failed ADD made: the undo steps in reverse, then the reservation.
+fn undo(links: &mut dyn AttachNet, store: &dyn IpamStore, steps: &[UndoStep], ips: &[IpAddr]) {
+    for u in steps.iter().rev() {
+        match u {
+            UndoStep::DeleteLink(name) => {
+                if let Err(e) = links.delete_link(name) {
+                    tracing::warn!("undo: deleting {name}: {e}");
+                }
             }
         }
-        if !self.ips.is_empty() {
-            match Store::open(self.data_dir) {
-                Ok(s) => {
-                    for ip in &self.ips {
-                        if let Err(e) = s.release(*ip) {
-                            tracing::warn!("undo: releasing {ip}: {e}");
-                        }
+    }
+    if !ips.is_empty() {
+        match store.lock() {
+            Ok(s) => {
+                for ip in ips {
+                    if let Err(e) = s.release(*ip) {
+                        tracing::warn!("undo: releasing {ip}: {e}");
                     }
                 }
-                Err(e) => tracing::warn!("undo: {e}"),
             }
+            Err(e) => tracing::warn!("undo: {e}"),
         }
     }
 }
@@ -404,13 +468,105 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
     let net = network(conf)?;
     let netns_path = env.netns.clone().unwrap_or_default();
     let ns = open_netns(&netns_path, codes::INVALID_ENV)?;
-    let mut links = LinkNet(Netlink::open().map_err(nl_err)?);
+    let mut links = LinkNet::open()?;
     add_with(&mut links, env, conf, &net, &ns)
 }
 
-/// ADD over any `AttachNet`: reserve, attach, build the result; undo everything on failure.
+/// ADD over any `AttachNet`, with the IPAM store in `conf.data_dir`.
 pub fn add_with(
     links: &mut dyn AttachNet,
+    env: &Env,
+    conf: &NetConf,
+    net: &Network,
+    ns: &File,
+) -> Result<Value, CniError> {
+    add_with_store(links, &DiskStore::new(&conf.data_dir), env, conf, net, ns)
+}
+
+/// One reserved address and its range.
+type Reservation<'n> = (IpAddr, &'n Range);
+
+/// A failed reservation: the error, and what was reserved before it (to release).
+type ReserveFailure = (Vec<IpAddr>, CniError);
+
+/// Reserves one address per range for (container id, ifname) under the store's lock
+/// (held only for this). On failure, returns what was reserved so far with the error.
+fn reserve<'n>(
+    store: &dyn IpamStore,
+    env: &Env,
+    net: &'n Network,
+) -> Result<Vec<Reservation<'n>>, ReserveFailure> {
+    let locked = store.lock().map_err(|e| (vec![], ipam_err(e)))?;
+    let held = locked
+        .find(&env.container_id, &env.ifname)
+        .map_err(|e| (vec![], ipam_err(e)))?;
+    if !held.is_empty() {
+        return Err((
+            vec![],
+            CniError::new(
+                codes::EXISTS,
+                "attachment exists",
+                format!(
+                    "{} {} already holds addresses; DEL it first",
+                    env.container_id, env.ifname
+                ),
+            ),
+        ));
+    }
+    let mut used = locked.used().map_err(|e| (vec![], ipam_err(e)))?;
+    let mut out = Vec::new();
+    for (i, r) in net.ranges.iter().enumerate() {
+        match locked.allocate(i, r, &mut used, &env.container_id, &env.ifname) {
+            Ok(ip) => out.push((ip, r)),
+            Err(e) => return Err((out.into_iter().map(|(ip, _)| ip).collect(), ipam_err(e))),
+        }
+    }
+    Ok(out)
+}
+
+/// Applies the plan's steps in order; every step that succeeds pushes its undo.
+fn apply(
+    links: &mut dyn AttachNet,
+    plan: &NetPlan,
+    ns: &File,
+    undo: &mut Vec<UndoStep>,
+) -> Result<Macs, CniError> {
+    let mut macs = Macs::default();
+    let mut bridge = BridgeLink {
+        index: 0,
+        mac: [0; 6],
+        created: false,
+    };
+    let mut host = HostLink {
+        index: 0,
+        mac: [0; 6],
+    };
+    for step in &plan.steps {
+        match step {
+            Step::Bridge(spec) => {
+                bridge = links.ensure_bridge(spec)?;
+                macs.bridge = bridge.mac;
+            }
+            Step::Masquerade(rules) => links.ensure_masq(rules, bridge.created)?,
+            Step::Veth(v) => {
+                host = links.create_veth(&v.host, &v.container, v.mtu, bridge.index, ns)?;
+                macs.host = host.mac;
+            }
+            Step::Hairpin { .. } => links.set_hairpin(host.index)?,
+            Step::Container(c) => {
+                macs.container = links.configure_container(ns, &c.ifname, &c.addrs, &c.routes)?
+            }
+        }
+        undo.extend(step.undo());
+    }
+    Ok(macs)
+}
+
+/// ADD over any `AttachNet` and `IpamStore`: reserve, plan, apply, build the result;
+/// undo everything on failure.
+pub fn add_with_store(
+    links: &mut dyn AttachNet,
+    store: &dyn IpamStore,
     env: &Env,
     conf: &NetConf,
     net: &Network,
@@ -423,199 +579,56 @@ pub fn add_with(
         None => None,
     };
     // Reserve addresses first: the lock is held only for this.
-    let mut undo = Undo {
-        data_dir: &conf.data_dir,
-        ips: vec![],
-        host_veth: None,
-    };
-    let ips: Vec<(IpAddr, &Range)> = {
-        let store = Store::open(&conf.data_dir).map_err(ipam_err)?;
-        if !store
-            .find(&env.container_id, &env.ifname)
-            .map_err(ipam_err)?
-            .is_empty()
-        {
-            return Err(CniError::new(
-                codes::EXISTS,
-                "attachment exists",
-                format!(
-                    "{} {} already holds addresses; DEL it first",
-                    env.container_id, env.ifname
-                ),
-            ));
+    let reserved = match reserve(store, env, net) {
+        Ok(r) => r,
+        Err((ips, e)) => {
+            undo(links, store, &[], &ips);
+            return Err(e);
         }
-        let mut used = store.used().map_err(ipam_err)?;
-        let mut out = Vec::new();
-        for (i, r) in net.ranges.iter().enumerate() {
-            match store.allocate(i, r, &mut used, &env.container_id, &env.ifname) {
-                Ok(ip) => {
-                    undo.ips.push(ip);
-                    out.push((ip, r));
-                }
-                Err(e) => {
-                    drop(store);
-                    undo.run(links);
-                    return Err(ipam_err(e));
-                }
-            }
-        }
-        out
     };
-    let netns_path = env.netns.clone().unwrap_or_default();
-    match attach(links, env, conf, net, ns, &netns_path, &ips, &mut undo) {
-        Ok(mut result) => {
-            if let Some(mut p) = prev {
-                let off = p.interfaces.len();
-                for ip in &mut result.ips {
-                    ip.interface = ip.interface.map(|i| i + off);
-                }
-                p.interfaces.append(&mut result.interfaces);
-                p.ips.append(&mut result.ips);
-                p.routes.append(&mut result.routes);
-                if p.dns.is_null() || p.dns == serde_json::json!({}) {
-                    p.dns = result.dns;
-                }
-                result = p;
-            }
+    let plan = plan::plan(env, conf, net, &reserved);
+    let mut undo_steps = Vec::new();
+    match apply(links, &plan, ns, &mut undo_steps) {
+        Ok(macs) => {
+            let addrs: Vec<IpNet> = plan.result.ips.iter().map(|(a, _)| *a).collect();
+            tracing::info!(ips = ?addrs, "attached");
+            let result = plan::merge_prev(prev, plan.result.build(&macs));
             Ok(result.render(&conf.cni_version))
         }
         Err(e) => {
-            undo.run(links);
+            undo(links, store, &undo_steps, &plan.reserved);
             Err(e)
         }
     }
 }
 
-/// The container's routes: default route(s) via the gateway and configured extra routes.
-pub fn container_routes(conf: &NetConf, ranges: &[&Range]) -> Vec<(IpNet, IpAddr)> {
-    let mut routes = Vec::new();
-    for r in ranges {
-        if conf.is_default_gateway {
-            let any = IpNet::new(
-                if r.gateway.is_ipv4() {
-                    IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
-                } else {
-                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
-                },
-                0,
-            )
-            .unwrap_or(r.subnet);
-            routes.push((any, r.gateway));
-        }
-        for extra in &conf.routes {
-            if extra.dst.addr().is_ipv4() == r.gateway.is_ipv4() {
-                routes.push((extra.dst, extra.gw.unwrap_or(r.gateway)));
-            }
-        }
-    }
-    routes
-}
-
-#[allow(clippy::too_many_arguments)]
-fn attach(
-    links: &mut dyn AttachNet,
-    env: &Env,
-    conf: &NetConf,
-    net: &Network,
-    ns: &File,
-    netns_path: &Path,
-    ips: &[(IpAddr, &Range)],
-    undo: &mut Undo<'_>,
-) -> Result<CniResult, CniError> {
-    let br = links.ensure_bridge(conf, net)?;
-    if conf.ip_masq {
-        links.ensure_masq(conf, net, br.created)?;
-    }
-    let host = host_veth_name(&env.container_id, &env.ifname);
-    let host_link = links.create_veth(&host, &env.ifname, net.mtu, br.index, ns)?;
-    undo.host_veth = Some(host.clone());
-    if conf.hairpin_mode {
-        links.set_hairpin(host_link.index)?;
-    }
-    let addrs: Vec<IpNet> = ips.iter().map(|(ip, r)| r.with_prefix(*ip)).collect();
-    let ranges: Vec<&Range> = ips.iter().map(|(_, r)| *r).collect();
-    let routes = container_routes(conf, &ranges);
-    let cmac = links.configure_container(ns, &env.ifname, &addrs, &routes)?;
-    let mut result = CniResult {
-        interfaces: vec![
-            Interface {
-                name: conf.bridge.clone(),
-                mac: fmt_mac(&br.mac),
-                mtu: None,
-                sandbox: None,
-            },
-            Interface {
-                name: host,
-                mac: fmt_mac(&host_link.mac),
-                mtu: Some(net.mtu),
-                sandbox: None,
-            },
-            Interface {
-                name: env.ifname.clone(),
-                mac: fmt_mac(&cmac),
-                mtu: Some(net.mtu),
-                sandbox: Some(netns_path.display().to_string()),
-            },
-        ],
-        ips: vec![],
-        routes: vec![],
-        dns: conf.dns.clone(),
-    };
-    for ((_, r), a) in ips.iter().zip(&addrs) {
-        result.ips.push(IpConfig {
-            address: *a,
-            gateway: Some(r.gateway),
-            interface: Some(2),
-        });
-    }
-    result.routes = routes
-        .into_iter()
-        .map(|(dst, gw)| Route { dst, gw: Some(gw) })
-        .collect();
-    tracing::info!(ips = ?addrs, "attached");
-    Ok(result)
-}
-
 /// DEL: releases the addresses and removes the veth; anything missing is success.
 pub fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    // The socket opens after the release, so a DEL releases even without netlink.
+    del_with(&mut LinkNet::lazy(), &DiskStore::new(&conf.data_dir), env)
+}
+
+/// DEL over any `DetachNet` and `IpamStore`.
+pub fn del_with(
+    links: &mut dyn DetachNet,
+    store: &dyn IpamStore,
+    env: &Env,
+) -> Result<(), CniError> {
+    let plan = plan::plan_del(env);
     {
-        let store = Store::open(&conf.data_dir).map_err(ipam_err)?;
-        let released = store
-            .release_owner(&env.container_id, &env.ifname)
+        let locked = store.lock().map_err(ipam_err)?;
+        let released = locked
+            .release_owner(&plan.owner.container_id, &plan.owner.ifname)
             .map_err(ipam_err)?;
         tracing::info!(ips = ?released, "released");
     }
-    let host = host_veth_name(&env.container_id, &env.ifname);
-    let mut nl = Netlink::open().map_err(nl_err)?;
-    let had_host = nl.link_by_name(&host).map_err(nl_err)?.is_some();
-    nl.link_del_name(&host).map_err(nl_err)?;
-    if !had_host {
+    if !links.delete_host_veth(&plan.host)? {
         // Deleting the host end removes the pair; without it, clean the container side.
-        if let Some(p) = &env.netns {
-            if let Ok(ns) = File::open(p) {
-                let ifname = env.ifname.clone();
-                in_netns(&ns, move || -> Result<(), CniError> {
-                    let mut nl = Netlink::open().map_err(nl_err)?;
-                    if let Some(l) = nl.link_by_name(&ifname).map_err(nl_err)? {
-                        if is_kind(&l, InfoKind::Veth) {
-                            netlink::ignore_missing(nl.link_del_index(l.header.index))
-                                .map_err(nl_err)?;
-                        }
-                    }
-                    Ok(())
-                })??;
-            }
+        if let Some((netns, ifname)) = &plan.container {
+            links.delete_container_veth(netns, ifname)?;
         }
     }
     Ok(())
-}
-
-fn mismatch(details: String) -> CniError {
-    CniError::new(
-        codes::CHECK_MISMATCH,
-        "attachment differs from prevResult",
-        details,
-    )
 }
 
 /// CHECK: the container interface, its addresses and routes, the host veth and the IPAM
@@ -632,24 +645,9 @@ pub fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         .map_err(|e| CniError::new(codes::DECODE, "failed to decode prevResult", e.to_string()))?;
     let netns_path = env.netns.clone().unwrap_or_default();
     let ns = open_netns(&netns_path, codes::UNKNOWN_CONTAINER)?;
-    let cidx = prev
-        .interfaces
-        .iter()
-        .position(|i| i.name == env.ifname && i.sandbox.is_some())
-        .ok_or_else(|| mismatch(format!("prevResult has no interface {}", env.ifname)))?;
-    let want_addrs: Vec<IpNet> = prev
-        .ips
-        .iter()
-        .filter(|i| i.interface == Some(cidx))
-        .map(|i| i.address)
-        .collect();
-    let want_mtu = prev.interfaces[cidx].mtu;
-    let want_routes: Vec<(IpNet, Option<IpAddr>)> =
-        prev.routes.iter().map(|r| (r.dst, r.gw)).collect();
-    let ifname = env.ifname.clone();
-    let want_addrs_in = want_addrs.clone();
-    in_netns(&ns, move || -> Result<(), CniError> {
-        let want_addrs = want_addrs_in;
+    let want = plan::plan_check(env, conf, &prev)?;
+    let ifname = want.ifname.clone();
+    let view = in_netns(&ns, move || -> Result<ContainerView, CniError> {
         let mut nl = Netlink::open().map_err(nl_err)?;
         let link = nl.link_by_name(&ifname).map_err(nl_err)?.ok_or_else(|| {
             CniError::new(
@@ -658,73 +656,55 @@ pub fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
                 format!("no {ifname} in the container"),
             )
         })?;
-        let idx = link.header.index;
-        if let (Some(w), Some(h)) = (want_mtu, netlink::link_mtu(&link)) {
-            if w != h {
-                return Err(mismatch(format!("{ifname} mtu {h}, expected {w}")));
-            }
-        }
-        let have: HashSet<IpNet> = nl
-            .addrs(idx)
+        let index = link.header.index;
+        let addrs = nl
+            .addrs(index)
             .map_err(nl_err)?
             .iter()
             .filter_map(netlink::addr_net)
             .collect();
-        for a in &want_addrs {
-            if !have.contains(a) {
-                return Err(mismatch(format!("address {a} missing on {ifname}")));
-            }
-        }
         let mut routes = nl.routes(AddressFamily::Inet).map_err(nl_err)?;
         routes.extend(nl.routes(AddressFamily::Inet6).map_err(nl_err)?);
-        for (dst, gw) in &want_routes {
-            let found = routes.iter().any(|r| {
-                netlink::route_dst(r) == Some(*dst)
-                    && (gw.is_none() || netlink::route_gw(r) == *gw)
-                    && netlink::route_oif(r) == Some(idx)
-            });
-            if !found {
-                let via = gw.map(|g| format!(" via {g}")).unwrap_or_default();
-                return Err(mismatch(format!("route {dst}{via} missing")));
-            }
-        }
-        Ok(())
+        Ok(ContainerView {
+            index,
+            mtu: netlink::link_mtu(&link),
+            addrs,
+            routes: routes
+                .iter()
+                .map(|r| {
+                    (
+                        netlink::route_dst(r),
+                        netlink::route_gw(r),
+                        netlink::route_oif(r),
+                    )
+                })
+                .collect(),
+        })
     })??;
-    let host = host_veth_name(&env.container_id, &env.ifname);
+    want.compare_container(&view)?;
     let mut nl = Netlink::open().map_err(nl_err)?;
-    let br = nl.link_by_name(&conf.bridge).map_err(nl_err)?;
-    let hl = nl.link_by_name(&host).map_err(nl_err)?;
-    match (br, hl) {
-        (Some(b), Some(h)) if netlink::link_master(&h) == Some(b.header.index) => {}
-        _ => {
-            return Err(mismatch(format!(
-                "host veth {host} missing or not on {}",
-                conf.bridge
-            )))
-        }
-    }
-    let store = Store::open(&conf.data_dir).map_err(ipam_err)?;
-    let held: HashSet<IpAddr> = store
-        .find(&env.container_id, &env.ifname)
+    let br = nl.link_by_name(&want.bridge).map_err(nl_err)?;
+    let hl = nl.link_by_name(&want.host).map_err(nl_err)?;
+    want.compare_host(
+        br.map(|b| b.header.index),
+        hl.as_ref().map(netlink::link_master),
+    )?;
+    let store = DiskStore::new(&conf.data_dir);
+    let locked = store.lock().map_err(ipam_err)?;
+    let held: HashSet<IpAddr> = locked
+        .find(&want.owner.container_id, &want.owner.ifname)
         .map_err(ipam_err)?
         .into_iter()
         .collect();
-    for a in &want_addrs {
-        if !held.contains(&a.addr()) {
-            return Err(mismatch(format!(
-                "{} is not allocated to this attachment",
-                a.addr()
-            )));
-        }
-    }
-    Ok(())
+    want.compare_store(&held)
 }
 
 /// STATUS: ranges resolvable, IPAM store usable, a free address left.
 pub fn status(conf: &NetConf) -> Result<(), CniError> {
     let unavailable = |d: String| CniError::new(codes::NOT_AVAILABLE, "plugin not available", d);
     let net = network(conf).map_err(|e| unavailable(e.details))?;
-    let store = Store::open(&conf.data_dir).map_err(|e| unavailable(e.to_string()))?;
+    let disk = DiskStore::new(&conf.data_dir);
+    let store = disk.lock().map_err(|e| unavailable(e.to_string()))?;
     let probe = conf.data_dir.join(".status-probe");
     std::fs::write(&probe, b"")
         .map_err(|e| unavailable(format!("{} not writable: {e}", conf.data_dir.display())))?;
@@ -752,6 +732,16 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
 
 /// GC: releases allocations and removes host veths not in `cni.dev/valid-attachments`.
 pub fn gc(conf: &NetConf) -> Result<(), CniError> {
+    // The socket opens after the release, as DEL's does.
+    gc_with(&mut LinkNet::lazy(), &DiskStore::new(&conf.data_dir), conf)
+}
+
+/// GC over any `DetachNet` and `IpamStore`.
+pub fn gc_with(
+    links: &mut dyn DetachNet,
+    store: &dyn IpamStore,
+    conf: &NetConf,
+) -> Result<(), CniError> {
     // Without the list every allocation would look stale: refuse rather than wipe.
     let valid: HashSet<Attachment> = conf
         .valid_attachments
@@ -770,33 +760,20 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
         .map(|a| host_veth_name(&a.container_id, &a.ifname))
         .collect();
     {
-        let store = Store::open(&conf.data_dir).map_err(ipam_err)?;
-        for (ip, owner) in store.allocations().map_err(ipam_err)? {
-            let a = Attachment {
-                container_id: owner.container_id,
-                ifname: owner.ifname,
-            };
-            if !valid.contains(&a) {
-                tracing::info!(%ip, container = %a.container_id, "gc: releasing");
-                store.release(ip).map_err(ipam_err)?;
-            }
+        let locked = store.lock().map_err(ipam_err)?;
+        let allocations = locked.allocations().map_err(ipam_err)?;
+        for (ip, owner) in plan::gc_releases(allocations, &valid) {
+            tracing::info!(%ip, container = %owner.container_id, "gc: releasing");
+            locked.release(ip).map_err(ipam_err)?;
         }
     }
-    let mut nl = Netlink::open().map_err(nl_err)?;
-    let Some(br) = nl.link_by_name(&conf.bridge).map_err(nl_err)? else {
+    let Some((bridge, host_links)) = links.host_links(&conf.bridge)? else {
         return Ok(());
     };
-    for l in nl.links().map_err(nl_err)? {
-        let Some(name) = netlink::link_name(&l) else {
-            continue;
-        };
-        if netlink::link_master(&l) == Some(br.header.index)
-            && name.starts_with(HOST_VETH_PREFIX)
-            && name.len() == HOST_VETH_PREFIX.len() + 11
-            && !valid_hosts.contains(name)
-        {
-            tracing::info!(link = name, "gc: removing orphan veth");
-            netlink::ignore_missing(nl.link_del_index(l.header.index)).map_err(nl_err)?;
+    for l in host_links {
+        if plan::is_orphan_veth(&l.name, l.master, bridge, &valid_hosts) {
+            tracing::info!(link = l.name, "gc: removing orphan veth");
+            links.delete_link_index(l.index)?;
         }
     }
     Ok(())
@@ -805,6 +782,7 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipam::{LockedStore, Store};
 
     #[test]
     fn host_names_are_stable_short_and_distinct() {
@@ -839,7 +817,7 @@ mod tests {
     }
 
     impl AttachNet for Fake {
-        fn ensure_bridge(&mut self, _: &NetConf, _: &Network) -> Result<BridgeLink, CniError> {
+        fn ensure_bridge(&mut self, _: &BridgeSpec) -> Result<BridgeLink, CniError> {
             self.step("bridge")?;
             Ok(BridgeLink {
                 index: 1,
@@ -847,7 +825,7 @@ mod tests {
                 created: true,
             })
         }
-        fn ensure_masq(&mut self, _: &NetConf, _: &Network, created: bool) -> Result<(), CniError> {
+        fn ensure_masq(&mut self, _: &masq::Rules, created: bool) -> Result<(), CniError> {
             assert!(created);
             self.step("masq")
         }
@@ -958,5 +936,365 @@ mod tests {
                 "{step}: reservation left behind"
             );
         }
+    }
+}
+
+/// ADD and DEL against the in-memory store and a recording network.
+#[cfg(test)]
+mod seam_tests {
+    use super::*;
+    use crate::ipam::{MemStore, Owner};
+    use crate::skel::parse_env;
+    use std::collections::{BTreeMap, HashMap};
+
+    /// Records each call as a line; fails the call whose line starts with `fail`.
+    #[derive(Default)]
+    struct Rec {
+        fail: Option<&'static str>,
+        calls: Vec<String>,
+        /// Host links that exist (for DEL).
+        host_links: HashSet<String>,
+        /// The links GC sees (`None`: no bridge); the bridge's index is 3.
+        ports: Option<Vec<LinkView>>,
+    }
+
+    impl Rec {
+        fn call(&mut self, line: String) -> Result<(), CniError> {
+            let fail = self.fail.is_some_and(|f| line.starts_with(f));
+            self.calls.push(line);
+            if fail {
+                return Err(CniError::new(codes::NETLINK, "injected", ""));
+            }
+            Ok(())
+        }
+    }
+
+    impl AttachNet for Rec {
+        fn ensure_bridge(&mut self, s: &BridgeSpec) -> Result<BridgeLink, CniError> {
+            self.call(format!(
+                "bridge {} mtu {} gw {:?}",
+                s.name, s.mtu, s.gateways
+            ))?;
+            Ok(BridgeLink {
+                index: 3,
+                mac: [2, 0, 0, 0, 0, 3],
+                created: false,
+            })
+        }
+        fn ensure_masq(&mut self, r: &masq::Rules, created: bool) -> Result<(), CniError> {
+            self.call(format!("masq {} created={created}", r.table))
+        }
+        fn create_veth(
+            &mut self,
+            host: &str,
+            ifname: &str,
+            mtu: u32,
+            bridge: u32,
+            _: &File,
+        ) -> Result<HostLink, CniError> {
+            self.call(format!("veth {host}/{ifname} mtu {mtu} on {bridge}"))?;
+            self.host_links.insert(host.to_string());
+            Ok(HostLink {
+                index: 9,
+                mac: [2, 0, 0, 0, 0, 9],
+            })
+        }
+        fn set_hairpin(&mut self, index: u32) -> Result<(), CniError> {
+            self.call(format!("hairpin {index}"))
+        }
+        fn configure_container(
+            &mut self,
+            _: &File,
+            ifname: &str,
+            addrs: &[IpNet],
+            routes: &[(IpNet, IpAddr)],
+        ) -> Result<[u8; 6], CniError> {
+            self.call(format!("container {ifname} {addrs:?} {routes:?}"))?;
+            Ok([2, 0, 0, 0, 0, 0x0c])
+        }
+        fn delete_link(&mut self, name: &str) -> Result<(), CniError> {
+            self.host_links.remove(name);
+            self.call(format!("delete {name}"))
+        }
+    }
+
+    impl DetachNet for Rec {
+        fn delete_host_veth(&mut self, name: &str) -> Result<bool, CniError> {
+            let had = self.host_links.remove(name);
+            self.call(format!("delete host {name}"))?;
+            Ok(had)
+        }
+        fn delete_container_veth(&mut self, netns: &Path, ifname: &str) -> Result<(), CniError> {
+            self.call(format!("delete container {} {ifname}", netns.display()))
+        }
+        fn host_links(&mut self, bridge: &str) -> Result<Option<(u32, Vec<LinkView>)>, CniError> {
+            self.call(format!("links {bridge}"))?;
+            Ok(self.ports.clone().map(|p| (3, p)))
+        }
+        fn delete_link_index(&mut self, index: u32) -> Result<(), CniError> {
+            self.call(format!("delete index {index}"))
+        }
+    }
+
+    fn env(cmd: &str, id: &str, netns: Option<&str>) -> Env {
+        let mut m: HashMap<&str, &str> = [
+            ("CNI_COMMAND", cmd),
+            ("CNI_CONTAINERID", id),
+            ("CNI_IFNAME", "eth0"),
+        ]
+        .into_iter()
+        .collect();
+        if let Some(n) = netns {
+            m.insert("CNI_NETNS", n);
+        }
+        parse_env(|k| m.get(k).map(|v| v.to_string())).unwrap()
+    }
+
+    fn conf(ranges: &str) -> (NetConf, Network) {
+        let c = NetConf::parse(
+            format!(r#"{{"cniVersion":"1.1.0","name":"n","dataDir":"/nonexistent/hako-test","ipam":{{"ranges":{ranges}}}}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let n = resolve(&c, None).unwrap();
+        (c, n)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn owner(id: &str) -> Owner {
+        Owner {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+        }
+    }
+
+    fn held(store: &MemStore) -> BTreeMap<IpAddr, Owner> {
+        store.snapshot().allocations
+    }
+
+    fn add(
+        rec: &mut Rec,
+        store: &MemStore,
+        id: &str,
+        c: &NetConf,
+        n: &Network,
+    ) -> Result<Value, CniError> {
+        let ns = File::open("/dev/null").unwrap();
+        add_with_store(rec, store, &env("ADD", id, Some("/run/netns/p")), c, n, &ns)
+    }
+
+    #[test]
+    fn add_applies_the_plan_and_records_the_reservation() {
+        let (c, n) = conf(r#"[{"subnet":"10.7.0.0/24"}]"#);
+        let store = MemStore::new();
+        let mut rec = Rec::default();
+        let r = add(&mut rec, &store, "c1", &c, &n).unwrap();
+        let host = host_veth_name("c1", "eth0");
+        assert_eq!(
+            rec.calls,
+            [
+                "bridge hako0 mtu 1500 gw [10.7.0.1/24]".to_string(),
+                "masq hako_cni_hako0 created=false".into(),
+                format!("veth {host}/eth0 mtu 1500 on 3"),
+                "hairpin 9".into(),
+                "container eth0 [10.7.0.2/24] [(0.0.0.0/0, 10.7.0.1)]".into(),
+            ]
+        );
+        assert_eq!(r["ips"][0]["address"], "10.7.0.2/24");
+        assert_eq!(r["interfaces"][0]["mac"], "02:00:00:00:00:03");
+        assert_eq!(r["interfaces"][1]["mac"], "02:00:00:00:00:09");
+        assert_eq!(r["interfaces"][2]["mac"], "02:00:00:00:00:0c");
+        assert_eq!(held(&store), [(ip("10.7.0.2"), owner("c1"))].into());
+        assert_eq!(store.snapshot().last.get(&0), Some(&ip("10.7.0.2")));
+        // The next ADD continues round robin after the last reservation.
+        let r = add(&mut Rec::default(), &store, "c2", &c, &n).unwrap();
+        assert_eq!(r["ips"][0]["address"], "10.7.0.3/24");
+    }
+
+    #[test]
+    fn exhausted_range_is_code_102_and_releases_the_other_family() {
+        // 10.8.0.0/30: .1 is the gateway, .2 the only address; fd08::/126: ::2, ::3.
+        let (c, n) = conf(r#"[{"subnet":"10.8.0.0/30"},{"subnet":"fd08::/126"}]"#);
+        let store = MemStore::new();
+        add(&mut Rec::default(), &store, "c1", &c, &n).unwrap();
+        let before = held(&store);
+        let mut rec = Rec::default();
+        let e = add(&mut rec, &store, "c2", &c, &n).unwrap_err();
+        assert_eq!(e.code, codes::IPAM_EXHAUSTED);
+        assert_eq!(e.msg, "address range exhausted");
+        assert_eq!(
+            e.details,
+            "no free address left in range 10.8.0.0/30 (1 allocated)"
+        );
+        assert!(rec.calls.is_empty(), "{:?}", rec.calls);
+        assert_eq!(held(&store), before);
+        // IPv4 free again, IPv6 full: the IPv4 address reserved first is released.
+        store.edit(|s| {
+            s.allocations.remove(&ip("10.8.0.2"));
+            s.allocations.insert(ip("fd08::3"), owner("x"));
+        });
+        let before = held(&store);
+        let e = add(&mut Rec::default(), &store, "c3", &c, &n).unwrap_err();
+        assert_eq!(e.code, codes::IPAM_EXHAUSTED);
+        assert!(e.details.contains("fd08::/126"), "{e}");
+        assert_eq!(held(&store), before);
+    }
+
+    #[test]
+    fn duplicate_attachment_is_code_107_and_changes_nothing() {
+        let (c, n) = conf(r#"[{"subnet":"10.7.0.0/24"}]"#);
+        let store = MemStore::new();
+        add(&mut Rec::default(), &store, "c1", &c, &n).unwrap();
+        let before = store.snapshot();
+        let mut rec = Rec::default();
+        let e = add(&mut rec, &store, "c1", &c, &n).unwrap_err();
+        assert_eq!(e.code, codes::EXISTS);
+        assert_eq!(e.details, "c1 eth0 already holds addresses; DEL it first");
+        assert!(rec.calls.is_empty());
+        assert_eq!(store.snapshot(), before);
+    }
+
+    #[test]
+    fn store_failure_is_code_103_before_any_link() {
+        let (c, n) = conf(r#"[{"subnet":"10.7.0.0/24"}]"#);
+        let store = MemStore::new();
+        store.edit(|s| s.fail_writes = Some(libc::ENOSPC));
+        let mut rec = Rec::default();
+        let e = add(&mut rec, &store, "c1", &c, &n).unwrap_err();
+        assert_eq!(e.code, codes::IPAM_STORE);
+        assert!(rec.calls.is_empty());
+        assert!(held(&store).is_empty());
+    }
+
+    #[test]
+    fn failure_after_the_veth_deletes_it_then_releases() {
+        let (c, n) = conf(r#"[{"subnet":"10.7.0.0/24"},{"subnet":"fd07::/64"}]"#);
+        let host = host_veth_name("c1", "eth0");
+        for (fail, undone) in [
+            ("bridge", false),
+            ("masq", false),
+            ("veth", false),
+            ("hairpin", true),
+            ("container", true),
+        ] {
+            let store = MemStore::new();
+            let mut rec = Rec {
+                fail: Some(fail),
+                ..Default::default()
+            };
+            let e = add(&mut rec, &store, "c1", &c, &n).unwrap_err();
+            assert_eq!(e.msg, "injected", "{fail}");
+            assert!(held(&store).is_empty(), "{fail}: reservation left behind");
+            assert!(rec.host_links.is_empty(), "{fail}: veth left behind");
+            let deleted = rec.calls.last() == Some(&format!("delete {host}"));
+            assert_eq!(deleted, undone, "{fail}: {:?}", rec.calls);
+            assert!(rec.calls.iter().any(|l| l.starts_with(fail)));
+        }
+    }
+
+    #[test]
+    fn del_releases_only_this_attachment_and_deletes_its_veth() {
+        let (c, n) = conf(r#"[{"subnet":"10.7.0.0/24"}]"#);
+        let store = MemStore::new();
+        let mut rec = Rec::default();
+        add(&mut rec, &store, "c1", &c, &n).unwrap();
+        add(&mut rec, &store, "c2", &c, &n).unwrap();
+        rec.calls.clear();
+        del_with(&mut rec, &store, &env("DEL", "c1", Some("/run/netns/p"))).unwrap();
+        assert_eq!(held(&store), [(ip("10.7.0.3"), owner("c2"))].into());
+        assert_eq!(
+            rec.calls,
+            [format!("delete host {}", host_veth_name("c1", "eth0"))]
+        );
+        // Again: nothing held, no host veth: the container side is cleaned, still success.
+        rec.calls.clear();
+        del_with(&mut rec, &store, &env("DEL", "c1", Some("/run/netns/p"))).unwrap();
+        assert_eq!(
+            rec.calls,
+            [
+                format!("delete host {}", host_veth_name("c1", "eth0")),
+                "delete container /run/netns/p eth0".into()
+            ]
+        );
+        // Without CNI_NETNS only the host side is tried.
+        rec.calls.clear();
+        del_with(&mut rec, &store, &env("DEL", "c1", None)).unwrap();
+        assert_eq!(rec.calls.len(), 1);
+        assert_eq!(held(&store).len(), 1);
+    }
+
+    #[test]
+    fn del_store_failure_is_code_103_and_touches_no_link() {
+        let store = MemStore::new();
+        store.edit(|s| {
+            s.allocations.insert(ip("10.7.0.2"), owner("c1"));
+            s.fail_writes = Some(libc::EROFS);
+        });
+        let mut rec = Rec::default();
+        let e = del_with(&mut rec, &store, &env("DEL", "c1", None)).unwrap_err();
+        assert_eq!(e.code, codes::IPAM_STORE);
+        assert!(rec.calls.is_empty());
+        assert_eq!(held(&store).len(), 1);
+    }
+
+    #[test]
+    fn gc_releases_stale_allocations_and_deletes_only_orphan_veths_on_the_bridge() {
+        let with_valid = |v: &str| {
+            NetConf::parse(
+                format!(r#"{{"cniVersion":"1.1.0","name":"n","dataDir":"/nonexistent/x"{v}}}"#)
+                    .as_bytes(),
+            )
+            .unwrap()
+        };
+        let store = MemStore::new();
+        store.edit(|s| {
+            s.allocations.insert(ip("10.7.0.2"), owner("keep"));
+            s.allocations.insert(ip("fd07::2"), owner("keep"));
+            s.allocations.insert(ip("10.7.0.3"), owner("gone"));
+        });
+        let view = |name: String, index: u32, master: Option<u32>| LinkView {
+            name,
+            index,
+            master,
+        };
+        let mut rec = Rec {
+            ports: Some(vec![
+                view("hako0".into(), 3, None),
+                view(host_veth_name("keep", "eth0"), 10, Some(3)),
+                view(host_veth_name("gone", "eth0"), 11, Some(3)),
+                view(host_veth_name("other", "eth0"), 12, Some(4)),
+                view("eth0".into(), 2, None),
+                view("vethfe01".into(), 13, Some(3)),
+            ]),
+            ..Default::default()
+        };
+        // Without the list GC refuses (7) and touches nothing.
+        let e = gc_with(&mut rec, &store, &with_valid("")).unwrap_err();
+        assert_eq!(e.code, codes::INVALID_CONFIG);
+        assert!(rec.calls.is_empty());
+        assert_eq!(held(&store).len(), 3);
+        let c =
+            with_valid(r#","cni.dev/valid-attachments":[{"containerID":"keep","ifname":"eth0"}]"#);
+        gc_with(&mut rec, &store, &c).unwrap();
+        assert_eq!(
+            held(&store),
+            [
+                (ip("10.7.0.2"), owner("keep")),
+                (ip("fd07::2"), owner("keep"))
+            ]
+            .into()
+        );
+        assert_eq!(rec.calls, ["links hako0", "delete index 11"]);
+        // No bridge: the store is still collected, no link is touched.
+        store.edit(|s| {
+            s.allocations.insert(ip("10.7.0.4"), owner("gone"));
+        });
+        let mut rec = Rec::default();
+        gc_with(&mut rec, &store, &c).unwrap();
+        assert_eq!(rec.calls, ["links hako0"]);
+        assert_eq!(held(&store).len(), 2);
     }
 }

@@ -82,7 +82,7 @@ impl From<ConfigError> for CniError {
     fn from(e: ConfigError) -> Self {
         let msg = match e {
             ConfigError::Decode(_) => "failed to decode network configuration",
-            ConfigError::Invalid(_) => "invalid network configuration",
+            ConfigError::Invalid(_) | ConfigError::Range(_) => "invalid network configuration",
             ConfigError::Version(_) => "incompatible CNI version",
         };
         CniError::new(e.code(), msg, e.to_string())

@@ -1,7 +1,6 @@
 //! Re-adoption after an agent restart: the pod record, the sandbox, every container with its
 //! shim state, and the saved restart back-off; stale sandboxes of this pod are torn down.
 
-use super::sandbox::teardown;
 use super::{blocking, Inst, SandboxInfo, SandboxRecord, Worker};
 use crate::sys::runtime::{self, ContainerMeta};
 use crate::sys::sandbox::{self, SandboxOwner, SandboxPaths};
@@ -14,7 +13,8 @@ impl Worker {
     pub(super) async fn adopt(&mut self) {
         let root = self.cfg.root_dir.clone();
         let uid = self.uid.clone();
-        let shim = self.cfg.shim.clone();
+        let rt = self.fx.runtime.clone();
+        let net = self.fx.network.clone();
         let run_dir = self.cfg.run_dir.clone();
         let found = blocking(move || {
             let prev = state::read_record(&root, &uid).unwrap_or_else(|e| {
@@ -29,7 +29,8 @@ impl Worker {
             // crash interrupted (before the record was written) or by an earlier attempt.
             // Its ids start with the UID's prefix: only those owner records are read.
             let prefix = format!("{}-s", sandbox::id_prefix(&uid));
-            let stale: Vec<(SandboxPaths, Option<SandboxOwner>)> = sandbox::list(&run_dir)
+            let stale: Vec<(SandboxPaths, Option<SandboxOwner>)> = net
+                .list()
                 .into_iter()
                 .filter(|p| p.id().starts_with(&prefix))
                 .map(|p| {
@@ -43,14 +44,14 @@ impl Worker {
                 .collect();
             let sb = sb.map(|s| {
                 let paths = SandboxPaths::new(&run_dir, &s.id);
-                let ok = paths.exists();
+                let ok = net.exists(&paths);
                 (s, paths, ok)
             });
             let metas = runtime::read_metas(&root, &uid);
             let insts: Vec<(ContainerMeta, Option<hako_shim::state::State>)> = metas
                 .into_iter()
                 .map(|m| {
-                    let st = runtime::shim_state(&shim, &m.id);
+                    let st = rt.state(&m.id);
                     (m, st)
                 })
                 .collect();
@@ -64,8 +65,8 @@ impl Worker {
             let id = paths.id();
             let host_network = owner.map_or_else(|| self.host_network(), |o| o.host_network);
             let a = self.attachment(&id, paths.net());
-            let cni = self.cfg.cni.clone();
-            match blocking(move || teardown(&cni, &paths, &a, host_network)).await {
+            let net = self.fx.network.clone();
+            match blocking(move || net.teardown(&paths, &a, host_network)).await {
                 Some(Ok(())) => {
                     tracing::info!(uid = %self.uid, sandbox = %id, "removed a sandbox left by an interrupted start")
                 }
@@ -124,7 +125,7 @@ impl Worker {
         if n > 0 {
             tracing::info!(uid = %self.uid, containers = n, "re-adopted pod");
         }
-        let now = Utc::now();
+        let now = self.fx.clock.now();
         let running: Vec<String> = self
             .insts
             .iter()

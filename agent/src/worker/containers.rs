@@ -2,74 +2,32 @@
 //! (preStop, SIGTERM, SIGKILL through the shim socket), kill of unknown instances, exit watches
 //! and the GC of old instances.
 
-use super::hooks::hook_action;
+use super::effects::RuntimeError;
+use super::hooks::{self, hook_action};
 use super::{blocking, Inst, Objects, Phases, Worker};
 use crate::model::actions::{self, termination_order};
 use crate::model::observed::{RuntimeState, StartFailure};
-use crate::model::probe::{ProbeOutcome, ProbeTarget, Prober};
+use crate::model::probe::ProbeTarget;
 use crate::model::{backoff, env, qos, status};
-use crate::sys::prober::RealProber;
 use crate::sys::runtime::{self, ContainerMeta};
 use k8s_openapi::api::core::v1::Container;
 use k8s_openapi::chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
-/// One request to a container's shim over its socket, answered asynchronously: a wait or a
-/// stop holds no thread while the container takes its time (a blocking-pool thread per
-/// stopping container made the pool, and the process's memory, grow with every mass deletion).
-pub(super) async fn shim_request(
-    sock: &std::path::Path,
-    req: &hako_shim::protocol::Request,
-) -> Result<hako_shim::protocol::Response, String> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let mut s = tokio::net::UnixStream::connect(sock)
-        .await
-        .map_err(|e| format!("{}: {e}", sock.display()))?;
-    let mut data = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    data.push(b'\n');
-    s.write_all(&data)
-        .await
-        .map_err(|e| format!("{}: {e}", sock.display()))?;
-    let mut line = String::new();
-    tokio::io::BufReader::new(s)
-        .read_line(&mut line)
-        .await
-        .map_err(|e| format!("{}: {e}", sock.display()))?;
-    let resp: hako_shim::protocol::Response =
-        serde_json::from_str(&line).map_err(|e| format!("bad shim response {line:?}: {e}"))?;
-    match resp.error {
-        Some(e) => Err(e),
-        None => Ok(resp),
-    }
+/// Why a container could not be created and started, naming it.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StartError {
+    /// Its metadata (for re-adoption) could not be written.
+    #[error(transparent)]
+    Meta(std::io::Error),
+    /// The runtime failed to create or start it.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The blocking task ended without an answer.
+    #[error("create task failed")]
+    Task,
 }
-
-/// Waits for a container's exit on its shim socket (async, no polling).
-pub(super) async fn wait_exit(sock: PathBuf) {
-    let wait = hako_shim::protocol::Request::Wait { timeout_ms: None };
-    let _ = shim_request(&sock, &wait).await;
-}
-
-/// SIGTERM, SIGKILL after `grace` (the shim does both and answers at the exit); SIGKILL when
-/// the stop itself fails.
-pub(super) async fn stop_container(sock: PathBuf, grace: Duration) {
-    use hako_shim::protocol::Request;
-    let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-    // The shim answers at the exit, at the latest right after its SIGKILL at `grace`; a shim
-    // that does not answer by then is not waited for longer.
-    let stop = Request::Stop { grace_ms };
-    match tokio::time::timeout(grace + SHIM_ANSWER, shim_request(&sock, &stop)).await {
-        Ok(Ok(_)) => {}
-        _ => {
-            let kill = Request::Kill { signal: 9 };
-            let _ = tokio::time::timeout(SHIM_ANSWER, shim_request(&sock, &kill)).await;
-        }
-    }
-}
-
-/// How long a shim may take to answer beyond what the request itself waits for.
-pub(super) const SHIM_ANSWER: Duration = Duration::from_secs(10);
 
 impl Worker {
     pub(super) fn read_message(&mut self, id: &str) {
@@ -94,21 +52,19 @@ impl Worker {
             return;
         }
         i.watching = true;
-        let sock = self.cfg.shim.dir(id).join(hako_shim::state::SOCKET);
+        let exited = self.fx.runtime.wait_exit(id);
         let tx = self.exit_tx.clone();
         let id = id.to_string();
         tokio::spawn(async move {
-            wait_exit(sock).await;
+            exited.await;
             let _ = tx.send(id);
         });
     }
 
     pub(super) async fn refresh(&mut self, id: &str) {
-        let shim = self.cfg.shim.clone();
+        let rt = self.fx.runtime.clone();
         let cid = id.to_string();
-        let st = blocking(move || runtime::shim_state(&shim, &cid))
-            .await
-            .flatten();
+        let st = blocking(move || rt.state(&cid)).await.flatten();
         let exited = st
             .as_ref()
             .is_some_and(|s| s.status == hako_shim::state::Status::Stopped);
@@ -141,11 +97,11 @@ impl Worker {
     /// A container whose shim is gone: SIGKILL what its record names, remove its state, and
     /// keep it as exited (137) so restart policy and back-off apply.
     pub(super) async fn kill_unknown(&mut self, id: &str) {
-        let shim = self.cfg.shim.clone();
+        let rt = self.fx.runtime.clone();
         let cid = id.to_string();
         let rec = blocking(move || {
-            let r = shim.client(&cid).recorded_state().ok();
-            if let Err(e) = shim.force_delete(&cid) {
+            let r = rt.recorded_state(&cid);
+            if let Err(e) = rt.force_delete(&cid) {
                 tracing::warn!(container = %cid, "removing container without shim: {e}");
             }
             r
@@ -156,8 +112,12 @@ impl Worker {
             st.status = hako_shim::state::Status::Stopped;
             st.exit_code = Some(137);
             st.reason = Some("Error".into());
-            st.finished_at =
-                Some(Utc::now().to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Nanos, true));
+            st.finished_at = Some(
+                self.fx
+                    .clock
+                    .now()
+                    .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Nanos, true),
+            );
             i.state = Some(st);
             i.message_read = true;
             i.watching = false;
@@ -222,61 +182,26 @@ impl Worker {
                 .and_then(|c| c.lifecycle.as_ref())
                 .and_then(|l| l.pre_stop.clone())
                 .filter(|_| pre_sleep.is_none())
-                .map(|h| c.as_ref().map(|c| hook_action(&h, c)));
-            let shim = self.cfg.shim.clone();
+                .and_then(|h| c.as_ref().map(|c| hook_action(&h, c)));
+            let rt = self.fx.runtime.clone();
+            let prober = self.fx.prober.clone();
             let id = id.clone();
             let name = i.meta.name.clone();
-            let pod_ip = pod_ip.clone();
+            let target = ProbeTarget {
+                pod_ip: pod_ip.clone(),
+                container_id: id.clone(),
+            };
             let running = i
                 .state
                 .as_ref()
                 .is_some_and(|s| s.status == hako_shim::state::Status::Running);
             set.spawn(async move {
                 let start = tokio::time::Instant::now();
-                let mut hook_err = None;
-                if let (Some(secs), true) = (pre_sleep, running) {
-                    // The sleep handler, cut short by the grace period.
-                    let want = Duration::from_secs(secs);
-                    tokio::time::sleep(want.min(grace)).await;
-                    if want > grace {
-                        hook_err = Some(format!(
-                            "container terminated before the sleep hook finished ({secs}s > grace period {grace:?})"
-                        ));
-                    }
-                }
-                if let (Some(Some(action)), true) = (pre, running) {
-                    match action {
-                        Ok(action) => {
-                            let shim2 = shim.clone();
-                            let id2 = id.clone();
-                            let r = tokio::time::timeout(
-                                grace,
-                                tokio::task::spawn_blocking(move || {
-                                    RealProber { shim: shim2 }.run(
-                                        &ProbeTarget {
-                                            pod_ip,
-                                            container_id: id2,
-                                        },
-                                        &action,
-                                        k8s_openapi::chrono::Duration::from_std(grace)
-                                            .unwrap_or_default(),
-                                    )
-                                }),
-                            )
-                            .await;
-                            match r {
-                                Ok(Ok(ProbeOutcome::Success)) => {}
-                                Ok(Ok(ProbeOutcome::Failure(e))) => hook_err = Some(e),
-                                Ok(Err(e)) => hook_err = Some(e.to_string()),
-                                Err(_) => {
-                                    hook_err =
-                                        Some(format!("PreStopHook timed out after {grace:?}"))
-                                }
-                            }
-                        }
-                        Err(e) => hook_err = Some(e),
-                    }
-                }
+                let hook_err = if running {
+                    hooks::pre_stop(prober, pre_sleep, pre, target, grace).await
+                } else {
+                    None
+                };
                 // kubelet: at least 2 s after preStop.
                 let mut left = grace.saturating_sub(start.elapsed());
                 if grace > Duration::ZERO
@@ -287,7 +212,7 @@ impl Worker {
                 {
                     left = left.max(Duration::from_secs(2).min(grace));
                 }
-                stop_container(shim.dir(&id).join(hako_shim::state::SOCKET), left).await;
+                rt.stop(&id, left).await;
                 (id, name, hook_err)
             });
         }
@@ -345,7 +270,12 @@ impl Worker {
         };
         let mut pod = self.pod.clone();
         let obs = self.observed();
-        pod.status = Some(status::compute_status(&self.pod, &obs, None, Utc::now()));
+        pod.status = Some(status::compute_status(
+            &self.pod,
+            &obs,
+            None,
+            self.fx.clock.now(),
+        ));
         env::resolve_env(&pod, c, &ctx)
     }
 
@@ -371,7 +301,7 @@ impl Worker {
         };
         let sb_paths = sb.paths.clone();
         let pod_ip = sb.ips.first().cloned().unwrap_or_default();
-        let now = Utc::now();
+        let now = self.fx.clock.now();
         let obs = self.observed();
         let prev = obs.latest(name).cloned();
         let key = backoff::key(&self.uid, name);
@@ -420,7 +350,7 @@ impl Worker {
         ];
         mounts.push(runtime::bind(&term_log, &term_path, false));
         if let Some(vols) = &self.volumes {
-            match crate::sys::volumes::mounts_for_container(vols, &c) {
+            match self.fx.volumes.mounts_for_container(vols, &c) {
                 Ok(ms) => mounts.extend(ms.into_iter().map(|m| hako_shim::spec::Mount {
                     options: m.oci_options(),
                     destination: m.destination,
@@ -435,7 +365,7 @@ impl Worker {
         }
         let spec = self.pod.spec.clone().unwrap_or_default();
         let wanted = qos::container_oom_score_adj(&spec, &c, self.cfg.memory_capacity);
-        let layers = self.cfg.images.layer_dirs(&image);
+        let layers = self.fx.runtime.layer_dirs(&image);
         let command = env::expand_command(c.command.as_deref().unwrap_or(&[]), &vars);
         let args = env::expand_command(c.args.as_deref().unwrap_or(&[]), &vars);
         let cs = runtime::build_spec(
@@ -483,7 +413,7 @@ impl Worker {
                 self.save_backoff();
             }
         }
-        let shim = self.cfg.shim.clone();
+        let rt = self.fx.runtime.clone();
         let root = self.cfg.root_dir.clone();
         let m2 = meta.clone();
         self.phase("spec", t_spec.elapsed());
@@ -491,21 +421,21 @@ impl Worker {
         let (created, phases) = blocking(move || {
             let mut phases = Phases::default();
             phases.add("blocking_queue", spawned.elapsed());
-            let r = (|| -> Result<hako_shim::state::State, String> {
-                runtime::write_meta(&root, &m2).map_err(|e| e.to_string())?;
-                let _ = shim.force_delete(&m2.id);
+            let r = (|| -> Result<hako_shim::state::State, StartError> {
+                runtime::write_meta(&root, &m2).map_err(StartError::Meta)?;
+                let _ = rt.force_delete(&m2.id);
                 let t = std::time::Instant::now();
-                let cl = shim.create(&cs).map_err(|e| e.to_string())?;
+                rt.create(&cs)?;
                 phases.add("shim_create", t.elapsed());
                 let t = std::time::Instant::now();
-                let st = cl.start().map_err(|e| e.to_string())?;
+                let st = rt.start(&m2.id)?;
                 phases.add("shim_start", t.elapsed());
                 Ok(st)
             })();
             (r, phases)
         })
         .await
-        .unwrap_or_else(|| (Err("create task failed".into()), Phases::default()));
+        .unwrap_or_else(|| (Err(StartError::Task), Phases::default()));
         self.phases(&phases);
         match created {
             Ok(st) => {
@@ -542,7 +472,7 @@ impl Worker {
                     .as_deref()
                     .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
                     .map(|t| t.with_timezone(&Utc))
-                    .unwrap_or_else(Utc::now);
+                    .unwrap_or_else(|| self.fx.clock.now());
                 self.insts.insert(
                     id.clone(),
                     Inst {
@@ -556,55 +486,8 @@ impl Worker {
                 self.watch(&id);
                 self.gc_instances(name).await;
                 // postStart: the container is not Running until it returns.
-                let post_sleep =
-                    crate::source::manifest::lifecycle_sleep(&self.pod, name, "postStart");
-                let post = c.lifecycle.as_ref().and_then(|l| l.post_start.clone());
-                // A deletion of the pod does not wait for the hook: the container is stopped
-                // next, and the hook's process with it.
-                if let Some(secs) = post_sleep {
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(secs)) => {}
-                        () = self.deleted() => return true,
-                    }
-                } else if let Some(h) = post {
-                    let r = match hook_action(&h, &c) {
-                        Ok(action) => {
-                            let shim = self.cfg.shim.clone();
-                            let target = ProbeTarget {
-                                pod_ip,
-                                container_id: id.clone(),
-                            };
-                            let hook = blocking(move || {
-                                RealProber { shim }.run(
-                                    &target,
-                                    &action,
-                                    k8s_openapi::chrono::Duration::seconds(30),
-                                )
-                            });
-                            tokio::select! {
-                                r = hook => r.unwrap_or(ProbeOutcome::Failure("hook task failed".into())),
-                                () = self.deleted() => {
-                                    tracing::info!(uid = %self.uid, container = %name, "pod deleted during postStart: not waiting for the hook");
-                                    return true;
-                                }
-                            }
-                        }
-                        Err(e) => ProbeOutcome::Failure(e),
-                    };
-                    if let ProbeOutcome::Failure(e) = r {
-                        self.event(
-                            "Warning",
-                            "FailedPostStartHook",
-                            &format!("PostStartHook failed: {e}"),
-                        );
-                        self.event(
-                            "Normal",
-                            "Killing",
-                            &format!("FailedPostStartHook: stopping container {name}"),
-                        );
-                        self.stop_many(vec![id.clone()], self.grace()).await;
-                        return true;
-                    }
+                if !self.post_start(&c, &id, pod_ip).await {
+                    return true;
                 }
                 self.setup_probes(&id, started);
                 true
@@ -618,7 +501,7 @@ impl Worker {
                     name.to_string(),
                     StartFailure {
                         reason: "CreateContainerError".into(),
-                        message: e,
+                        message: e.to_string(),
                     },
                 );
                 false
@@ -641,10 +524,10 @@ impl Worker {
             self.insts.remove(&id);
             self.probes.remove(&id);
             runtime::remove_meta(&self.cfg.root_dir, &self.uid, &id);
-            let shim = self.cfg.shim.clone();
+            let rt = self.fx.runtime.clone();
             let term = self.pod_dir().join("termination").join(&id);
             blocking(move || {
-                let _ = shim.force_delete(&id);
+                let _ = rt.force_delete(&id);
                 let _ = std::fs::remove_dir_all(term);
             })
             .await;

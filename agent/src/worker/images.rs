@@ -1,12 +1,12 @@
 //! Image pulls through the shim's image store, with their own back-off (ErrImagePull →
 //! ImagePullBackOff) and the pod's imagePullSecrets.
 
+use super::effects::RuntimeError;
 use super::Worker;
 use crate::model::backoff;
 use crate::model::observed::StartFailure;
 use hako_shim::image::PullPolicy;
 use k8s_openapi::api::core::v1::Container;
-use k8s_openapi::chrono::Utc;
 
 pub(super) fn pull_policy(p: Option<&str>) -> PullPolicy {
     match p {
@@ -20,7 +20,7 @@ impl Worker {
     pub(super) async fn pull(&mut self, c: &Container) -> Option<hako_shim::image::Image> {
         let image = c.image.clone().unwrap_or_default();
         let key = backoff::key(&self.uid, &c.name);
-        let now = Utc::now();
+        let now = self.fx.clock.now();
         if let Some(t) = self.image_failed_at.get(&c.name) {
             if self.image_backoff.in_backoff_since(&key, *t, now) {
                 let msg = format!("Back-off pulling image {image:?}");
@@ -36,8 +36,7 @@ impl Worker {
             }
         }
         let policy = pull_policy(c.image_pull_policy.as_deref());
-        let present =
-            policy != PullPolicy::Always && self.cfg.images.get(&image).ok().flatten().is_some();
+        let present = policy != PullPolicy::Always && self.fx.runtime.image(&image).is_some();
         let creds = self.pull_secret();
         if !present && policy != PullPolicy::Never {
             self.event("Normal", "Pulling", &format!("Pulling image {image:?}"));
@@ -46,12 +45,9 @@ impl Worker {
         // The pull runs in a task of its own: a deletion of the pod does not wait for it (the
         // kubelet cancels the pull's context); the pull then ends on its own, at the latest at
         // the progress deadline, and what it fetched stays in the store for the next pod.
-        let images = self.cfg.images.clone();
-        let (reference, creds2) = (image.clone(), creds.clone());
-        let pull =
-            tokio::spawn(async move { images.ensure(&reference, policy, creds2.as_deref()).await });
+        let pull = tokio::spawn(self.fx.runtime.ensure_image(image.clone(), policy, creds));
         let result = tokio::select! {
-            r = pull => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+            r = pull => r.unwrap_or(Err(RuntimeError::Task("pull"))),
             () = self.deleted() => {
                 let (ns, name) = self.ns_name();
                 tracing::info!(pod = %format!("{ns}/{name}"), %image, "pod deleted during the image pull: not waiting for it");
@@ -101,7 +97,8 @@ impl Worker {
                 self.event("Warning", "Failed", &msg);
                 self.event("Warning", "Failed", &format!("Error: {reason}"));
                 self.image_backoff.next(&key, now, now);
-                self.image_failed_at.insert(c.name.clone(), Utc::now());
+                self.image_failed_at
+                    .insert(c.name.clone(), self.fx.clock.now());
                 // Next pass reports ImagePullBackOff until the back-off expires.
                 self.resync_now = true;
                 self.start_failures.insert(

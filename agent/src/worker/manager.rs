@@ -2,10 +2,11 @@
 //! pod UID, messages only on a change, orphans of a previous run, and the GC of sandboxes that
 //! belong to no pod.
 
-use super::sandbox::{orphan_attachment, teardown};
+use super::effects::Effects;
+use super::sandbox::orphan_attachment;
 use super::{key_of, AgentConfig, DesiredState, Msg, ObjMap, Objects, PodStatusEvent, Worker};
 use crate::api::healthz::AgentMetrics;
-use crate::sys::sandbox::{self, SandboxOwner, SandboxPaths};
+use crate::sys::sandbox::{SandboxOwner, SandboxPaths};
 use crate::sys::state;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use std::collections::{BTreeMap, HashMap};
@@ -41,6 +42,8 @@ pub struct PodManager {
     pub(super) sandbox_gc_running: Arc<std::sync::atomic::AtomicBool>,
     /// The objects' generation the workers were last woken for.
     pub(super) woken_generation: std::sync::atomic::AtomicU64,
+    /// What the workers reach the machine through.
+    pub(super) effects: Effects,
 }
 
 /// How often sandboxes that belong to no pod are looked for (besides the first sync).
@@ -63,19 +66,37 @@ impl PodManager {
 
     /// A manager with no pods whose workers feed `metrics`.
     pub fn with_metrics(cfg: AgentConfig, metrics: Arc<AgentMetrics>) -> Arc<Self> {
+        Self::build(cfg, metrics, None)
+    }
+
+    /// A manager whose workers reach the machine through `effects` (fakes in tests); its
+    /// [`PodManager::pods`] and [`PodManager::subscribe`] are fed only by `effects.sink`.
+    pub fn with_effects(
+        cfg: AgentConfig,
+        metrics: Arc<AgentMetrics>,
+        effects: Effects,
+    ) -> Arc<Self> {
+        Self::build(cfg, metrics, Some(effects))
+    }
+
+    fn build(cfg: AgentConfig, metrics: Arc<AgentMetrics>, effects: Option<Effects>) -> Arc<Self> {
         let (status_tx, _) = broadcast::channel(1024);
+        let pods: Arc<Mutex<BTreeMap<String, Pod>>> = Arc::default();
+        let effects =
+            effects.unwrap_or_else(|| Effects::real(&cfg, pods.clone(), status_tx.clone()));
         Arc::new(Self {
             cfg: Arc::new(cfg),
             objects: Arc::default(),
             workers: Mutex::new(HashMap::new()),
             status_tx,
-            pods: Arc::default(),
+            pods,
             first_sync: Mutex::new(true),
             metrics,
             sandbox_slots: Arc::new(tokio::sync::Semaphore::new(sandbox_slots())),
             sandbox_gc: Mutex::new(None),
             sandbox_gc_running: Arc::default(),
             woken_generation: std::sync::atomic::AtomicU64::new(0),
+            effects,
         })
     }
 
@@ -227,7 +248,10 @@ impl PodManager {
         if self.sandbox_gc_running.swap(true, Ordering::SeqCst) {
             return;
         }
-        let unowned: Vec<(SandboxPaths, SandboxOwner)> = sandbox::list(&self.cfg.run_dir)
+        let unowned: Vec<(SandboxPaths, SandboxOwner)> = self
+            .effects
+            .network
+            .list()
             .into_iter()
             .filter_map(|p| {
                 let owner = p.owner();
@@ -242,14 +266,14 @@ impl PodManager {
             self.sandbox_gc_running.store(false, Ordering::SeqCst);
             return;
         }
-        let cni = self.cfg.cni.clone();
+        let net = self.effects.network.clone();
         let running = self.sandbox_gc_running.clone();
         let metrics = self.metrics.clone();
         tokio::task::spawn_blocking(move || {
             for (paths, owner) in unowned {
                 let id = paths.id();
                 let a = orphan_attachment(&paths, &owner);
-                match teardown(&cni, &paths, &a, owner.host_network) {
+                match net.teardown(&paths, &a, owner.host_network) {
                     Ok(()) => tracing::info!(
                         sandbox = %id,
                         pod = %format!("{}/{}", owner.namespace, owner.name),

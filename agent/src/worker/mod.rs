@@ -37,6 +37,8 @@
 //! - `probes`: probe scheduling and results; `volumes`: the pod's volumes;
 //! - `adopt`: re-adoption after an agent restart; `publish`: status, events, metrics.
 
+pub mod effects;
+
 mod adopt;
 mod containers;
 mod hooks;
@@ -49,6 +51,8 @@ mod sync;
 mod volumes;
 
 pub use manager::PodManager;
+
+use effects::Effects;
 
 use crate::api::healthz::AgentMetrics;
 use crate::model::backoff::{self, BackoffConfig, RestartBackoff};
@@ -65,9 +69,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodStatus, Secret};
 use k8s_openapi::chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
 /// Node-level configuration of the workers.
 #[derive(Clone)]
@@ -209,8 +213,8 @@ struct Worker {
     probe_rx: Option<mpsc::UnboundedReceiver<ProbeDone>>,
     start_time: Option<DateTime<Utc>>,
     last_cni_check: Option<std::time::Instant>,
-    status_tx: broadcast::Sender<PodStatusEvent>,
-    pods: Arc<Mutex<BTreeMap<String, Pod>>>,
+    /// What the worker reaches the machine through.
+    fx: Effects,
     exit_tx: mpsc::UnboundedSender<String>,
     exit_rx: Option<mpsc::UnboundedReceiver<String>>,
     deleting: bool,
@@ -294,8 +298,7 @@ impl Worker {
             probe_rx: Some(probe_rx),
             start_time: None,
             last_cni_check: None,
-            status_tx: mgr.status_tx.clone(),
-            pods: mgr.pods.clone(),
+            fx: mgr.effects.clone(),
             exit_tx,
             exit_rx: Some(exit_rx),
             deleting: false,
@@ -364,7 +367,7 @@ impl Worker {
         };
         self.adopt().await;
         if self.start_time.is_none() {
-            self.start_time = Some(Utc::now());
+            self.start_time = Some(self.fx.clock.now());
         }
         loop {
             // Drain pending messages first.
@@ -422,7 +425,7 @@ impl Worker {
     }
 
     fn next_wake(&self) -> Duration {
-        let now = Utc::now();
+        let now = self.fx.clock.now();
         let mut wake =
             now + k8s_openapi::chrono::Duration::from_std(self.cfg.sync_period).unwrap_or_default();
         for (id, ws) in &self.probes {
@@ -497,7 +500,8 @@ impl Worker {
         // A sandbox whose DEL failed stays for the manager's sandbox GC to retry.
         self.kill_pod().await;
         let ids: Vec<String> = self.insts.keys().cloned().collect();
-        let shim = self.cfg.shim.clone();
+        let rt = self.fx.runtime.clone();
+        let vols = self.fx.volumes.clone();
         let root = self.cfg.root_dir.clone();
         let uid = self.uid.clone();
         let cg_root = self
@@ -512,10 +516,9 @@ impl Worker {
             .map(|s| runtime::pod_cgroup(&self.cfg.cgroup_parent, s, &uid));
         blocking(move || {
             for id in ids {
-                let _ = shim.force_delete(&id);
+                let _ = rt.force_delete(&id);
             }
-            let host = crate::sys::volumes::VolumeHost::new(root.clone());
-            if let Err(e) = crate::sys::volumes::teardown_pod_volumes(&host, &uid) {
+            if let Err(e) = vols.teardown(&uid) {
                 tracing::warn!(%uid, "volume teardown: {e}; keeping the pod directory");
                 return;
             }
@@ -531,18 +534,9 @@ impl Worker {
             let _ = std::fs::remove_dir_all(root.join("pods").join(&uid));
         })
         .await;
-        if let Ok(mut m) = self.pods.lock() {
-            m.remove(&self.uid);
-        }
         self.metrics.remove_pod(&self.uid);
         let (namespace, name) = self.ns_name();
         tracing::info!(pod = %format!("{namespace}/{name}"), uid = %self.uid, "pod removed");
-        let _ = self.status_tx.send(PodStatusEvent {
-            uid: self.uid.clone(),
-            namespace,
-            name,
-            status: self.record.pod.status.clone().unwrap_or_default(),
-            terminated: true,
-        });
+        self.fx.sink.removed(&self.record);
     }
 }

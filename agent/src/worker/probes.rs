@@ -3,8 +3,7 @@
 
 use super::{ProbeDone, Worker};
 use crate::model::observed::ProbeResult;
-use crate::model::probe::{ProbeOutcome, ProbeSpec, ProbeTarget, ProbeType, ProbeWorker, Prober};
-use crate::sys::prober::RealProber;
+use crate::model::probe::{ProbeOutcome, ProbeSpec, ProbeTarget, ProbeType, ProbeWorker};
 use k8s_openapi::chrono::{DateTime, Utc};
 
 impl Worker {
@@ -39,7 +38,7 @@ impl Worker {
 
     /// Starts every probe that is due and not already running, each in a task of its own.
     pub(super) async fn run_probes(&mut self) {
-        let now = Utc::now();
+        let now = self.fx.clock.now();
         let pod_ip = self
             .sandbox
             .as_ref()
@@ -61,7 +60,7 @@ impl Worker {
                 {
                     continue;
                 }
-                let shim = self.cfg.shim.clone();
+                let prober = self.fx.prober.clone();
                 let target = ProbeTarget {
                     pod_ip: pod_ip.clone(),
                     container_id: id.clone(),
@@ -71,11 +70,10 @@ impl Worker {
                 let id = id.clone();
                 let tx = self.probe_tx.clone();
                 tokio::spawn(async move {
-                    let out = tokio::task::spawn_blocking(move || {
-                        RealProber { shim }.run(&target, &action, timeout)
-                    })
-                    .await
-                    .ok();
+                    let out =
+                        tokio::task::spawn_blocking(move || prober.run(&target, &action, timeout))
+                            .await
+                            .ok();
                     // The worker may be gone (the pod was removed): nothing to report to.
                     let _ = tx.send(ProbeDone { id, idx, out });
                 });
@@ -92,7 +90,7 @@ impl Worker {
             return;
         };
         let kind = w.kind;
-        let changed = w.record(Utc::now(), &out);
+        let changed = w.record(self.fx.clock.now(), &out);
         let k = match kind {
             ProbeType::Startup => "Startup",
             ProbeType::Liveness => "Liveness",

@@ -1,12 +1,10 @@
 //! What the worker tells the world: status (record on disk, pod list, status channel), events
 //! and metrics.
 
-use super::{Phases, PodStatusEvent, Worker};
+use super::{Phases, Worker};
 use crate::model::observed::{ObservedPod, RuntimeState};
 use crate::model::status;
-use crate::sys::state;
 use k8s_openapi::api::core::v1::PodStatus;
-use k8s_openapi::chrono::Utc;
 use std::time::Duration;
 
 impl Worker {
@@ -36,37 +34,25 @@ impl Worker {
         } else {
             tracing::info!(pod = %format!("{ns}/{name}"), reason, "{message}");
         }
-        self.record.add_event(type_, reason, message, Utc::now());
+        self.record
+            .add_event(type_, reason, message, self.fx.clock.now());
         self.dirty = true;
     }
 
     pub(super) fn publish(&mut self, observed: &ObservedPod) {
         let prev = self.record.pod.status.clone();
-        let st = status::compute_status(&self.pod, observed, prev.as_ref(), Utc::now());
+        let st = status::compute_status(&self.pod, observed, prev.as_ref(), self.fx.clock.now());
         self.report_metrics(observed, &st);
         if prev.as_ref() == Some(&st) && !self.dirty {
             return;
         }
         self.dirty = false;
         let mut pod = self.pod.clone();
-        pod.status = Some(st.clone());
-        self.record.pod = pod.clone();
+        pod.status = Some(st);
+        self.record.pod = pod;
         let t = std::time::Instant::now();
-        if let Err(e) = state::write_record(&self.cfg.root_dir, &self.record) {
-            tracing::warn!(uid = %self.uid, "writing status: {e}");
-        }
+        self.fx.sink.publish(&self.record);
         self.phase("status_write", t.elapsed());
-        if let Ok(mut m) = self.pods.lock() {
-            m.insert(self.uid.clone(), pod);
-        }
-        let (namespace, name) = self.ns_name();
-        let _ = self.status_tx.send(PodStatusEvent {
-            uid: self.uid.clone(),
-            namespace,
-            name,
-            status: st,
-            terminated: false,
-        });
     }
 
     /// Feeds the pod gauges and, once, the pod start latency (first seen → every regular

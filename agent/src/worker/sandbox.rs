@@ -1,32 +1,40 @@
 //! The pod sandbox (effectful): namespaces + CNI ADD on creation, CNI DEL + namespace removal
-//! on teardown (the one [`teardown`] path), and the periodic CNI CHECK.
+//! on teardown (the one `PodNetwork::teardown` path), and the periodic CNI CHECK.
 
+use super::effects::NetworkError;
 use super::{blocking, Phases, SandboxInfo, SandboxRecord, Worker};
 use crate::model::dns;
-use crate::sys::cni::{self, Attachment, CniConfig};
+use crate::sys::cni::Attachment;
 use crate::sys::sandbox::{self, SandboxOwner, SandboxPaths};
 use std::path::PathBuf;
 
-/// The one way a sandbox is torn down, from whatever exists of it: CNI DEL (with the cached
-/// result and config, or with the current network list when nothing was cached, as libcni
-/// and containerd do), then the namespace mounts, the owner record and the directory. A failed
-/// DEL keeps the sandbox — its netns and owner record — so that a later pass can DEL again;
-/// nothing is dropped half torn down.
-pub(super) fn teardown(
-    cni: &CniConfig,
-    paths: &SandboxPaths,
-    a: &Attachment,
-    host_network: bool,
-) -> Result<(), String> {
-    if !host_network {
-        let mut a = a.clone();
-        if !paths.exists() {
-            // Gone with a reboot or never mounted: DEL still releases addresses and host links.
-            a.netns = PathBuf::new();
-        }
-        cni.del(&a).map_err(|e| format!("CNI DEL: {e}"))?;
-    }
-    sandbox::remove(paths).map_err(|e| e.to_string())
+/// Why a sandbox could not be created, naming the sandbox.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SandboxCreateError {
+    /// The same id is left by a failed attempt and could not be torn down.
+    #[error("could not remove the previous sandbox {0:?}: {1}")]
+    Previous(String, Box<NetworkError>),
+    /// The namespaces could not be made.
+    #[error(transparent)]
+    Namespaces(Box<NetworkError>),
+    /// CNI ADD failed (and with it, maybe, the cleanup DEL).
+    #[error("failed to setup network for sandbox {sandbox:?}: {add}{}", cleanup_note(.cleanup.as_deref()))]
+    Network {
+        /// Sandbox id.
+        sandbox: String,
+        /// The ADD's failure.
+        add: Box<NetworkError>,
+        /// The cleanup's failure, if it failed too.
+        cleanup: Option<Box<NetworkError>>,
+    },
+    /// The blocking task ended without an answer.
+    #[error("sandbox task failed")]
+    Task,
+}
+
+fn cleanup_note(e: Option<&NetworkError>) -> String {
+    e.map(|d| format!(" (and the cleanup failed: {d})"))
+        .unwrap_or_default()
 }
 
 /// The CNI attachment of a sandbox known only by its directory (and owner record, if any).
@@ -66,9 +74,9 @@ impl Worker {
         }
         self.last_cni_check = Some(std::time::Instant::now());
         let a = self.attachment(&sb.id, sb.paths.net());
-        let cni = self.cfg.cni.clone();
-        let netns_ok = sb.paths.exists();
-        let r = blocking(move || cni.check(&a)).await;
+        let net = self.fx.network.clone();
+        let netns_ok = net.exists(&sb.paths);
+        let r = blocking(move || net.check(&a)).await;
         let failed = match r {
             Some(Ok(())) if netns_ok => None,
             Some(Ok(())) => Some("network namespace is gone".to_string()),
@@ -97,7 +105,7 @@ impl Worker {
         let paths = SandboxPaths::new(&self.cfg.run_dir, &id);
         let hostname = dns::pod_hostname(&self.pod);
         let a = self.attachment(&id, paths.net());
-        let cni = self.cfg.cni.clone();
+        let net = self.fx.network.clone();
         let p2 = paths.clone();
         let host_network = self.host_network();
         let host_ip = self.cfg.host_ip.clone();
@@ -109,7 +117,7 @@ impl Worker {
             host_network,
         };
         // What undoing a creation that the pod's deletion overtook needs.
-        let undo = (self.cfg.cni.clone(), paths.clone(), a.clone());
+        let undo = (net.clone(), paths.clone(), a.clone());
         let t = std::time::Instant::now();
         let slot = tokio::select! {
             s = self.sandbox_slots.clone().acquire_owned() => s.ok(),
@@ -121,56 +129,52 @@ impl Worker {
             let _slot = slot;
             let mut phases = Phases::default();
             phases.add("blocking_queue", spawned.elapsed());
-            let res = (|| -> Result<Vec<String>, String> {
-                if p2.dir.exists() {
+            let res = (|| -> Result<Vec<String>, SandboxCreateError> {
+                if net.present(&p2) {
                     // Same id from a failed attempt whose DEL did not go through.
-                    teardown(&cni, &p2, &a, host_network).map_err(|e| {
-                        format!(
-                            "could not remove the previous sandbox {:?}: {e}",
-                            a.container_id
-                        )
+                    net.teardown(&p2, &a, host_network).map_err(|e| {
+                        SandboxCreateError::Previous(a.container_id.clone(), Box::new(e))
                     })?;
                 }
                 let t = std::time::Instant::now();
-                sandbox::create(&p2, &hostname, host_network, &owner).map_err(|e| e.to_string())?;
+                net.create(&p2, &hostname, host_network, &owner)
+                    .map_err(|e| SandboxCreateError::Namespaces(Box::new(e)))?;
                 phases.add("sandbox_netns", t.elapsed());
                 if host_network {
                     return Ok(host_ip.into_iter().collect());
                 }
                 let t = std::time::Instant::now();
-                match cni.add(&a) {
-                    Ok(r) => {
+                match net.add(&a) {
+                    Ok(ips) => {
                         phases.add("cni_add", t.elapsed());
-                        Ok(cni::result_ips(&r))
+                        Ok(ips)
                     }
                     Err(e) => {
                         // Undo the whole chain at once (containerd's DEL after a failed ADD);
                         // if DEL fails too, the sandbox stays for the next attempt to DEL.
-                        let undo = match teardown(&cni, &p2, &a, false) {
-                            Ok(()) => String::new(),
-                            Err(d) => format!(" (and the cleanup failed: {d})"),
-                        };
-                        Err(format!(
-                            "failed to setup network for sandbox {:?}: {e}{undo}",
-                            a.container_id
-                        ))
+                        let cleanup = net.teardown(&p2, &a, false).err().map(Box::new);
+                        Err(SandboxCreateError::Network {
+                            sandbox: a.container_id.clone(),
+                            add: Box::new(e),
+                            cleanup,
+                        })
                     }
                 }
             })();
             (res, phases)
         });
         let (res, phases) = tokio::select! {
-            r = &mut task => r.unwrap_or_else(|_| (Err("sandbox task failed".into()), Phases::default())),
+            r = &mut task => r.unwrap_or_else(|_| (Err(SandboxCreateError::Task), Phases::default())),
             () = self.deleted() => {
                 // The pod is being deleted: do not wait for the CNI chain. Its thread goes on
                 // (bounded by --cni-timeout) and what it made is torn down when it returns.
                 let (ns, name) = self.ns_name();
                 tracing::info!(pod = %format!("{ns}/{name}"), sandbox = %id, "pod deleted during sandbox creation: not waiting for it");
-                let (cni, paths, a) = undo;
+                let (net, paths, a) = undo;
                 tokio::spawn(async move {
                     if let Ok((Ok(_), _)) = task.await {
                         let id = paths.id();
-                        match tokio::task::spawn_blocking(move || teardown(&cni, &paths, &a, host_network)).await {
+                        match tokio::task::spawn_blocking(move || net.teardown(&paths, &a, host_network)).await {
                             Ok(Ok(())) => tracing::info!(sandbox = %id, "removed a sandbox whose pod was deleted during its creation"),
                             Ok(Err(e)) => tracing::warn!(sandbox = %id, "could not remove a sandbox whose pod was deleted during its creation (the sandbox GC retries): {e}"),
                             Err(_) => {}
@@ -252,8 +256,8 @@ impl Worker {
         }
         let (id, paths) = (sb.id.clone(), sb.paths.clone());
         let a = self.attachment(&id, paths.net());
-        let cni = self.cfg.cni.clone();
-        let r = blocking(move || teardown(&cni, &paths, &a, host_network)).await;
+        let net = self.fx.network.clone();
+        let r = blocking(move || net.teardown(&paths, &a, host_network)).await;
         match r {
             Some(Ok(())) => {
                 if let Some(sb) = self.sandbox.as_mut() {

@@ -8,7 +8,6 @@ use crate::model::observed::{
 use crate::model::probe::ProbeType;
 use crate::model::status;
 use crate::sys::runtime;
-use k8s_openapi::chrono::Utc;
 
 impl Worker {
     pub(super) fn observed(&self) -> ObservedPod {
@@ -57,7 +56,7 @@ impl Worker {
     /// One pass of planning and acting; true when something changed that may allow the next
     /// step right away.
     pub(super) async fn sync_once(&mut self) -> bool {
-        let now = Utc::now();
+        let now = self.fx.clock.now();
         let obs = self.observed();
         let phase = status::compute_status(&self.pod, &obs, None, now)
             .phase

@@ -39,7 +39,7 @@ impl Worker {
         if self.volumes.is_some() && generation == self.volumes_generation {
             return true;
         }
-        let host = crate::sys::volumes::VolumeHost::new(self.cfg.root_dir.clone());
+        let vols = self.fx.volumes.clone();
         let pod = self.pod.clone();
         let pod_ips = self
             .sandbox
@@ -62,8 +62,8 @@ impl Worker {
             ctx.service_account_tokens = tokens;
             ctx.node_allocatable = BTreeMap::from([("memory".to_string(), mem)]);
             match existing {
-                Some(v) => crate::sys::volumes::refresh_pod_volumes(&host, &ctx, &v).map(|_| v),
-                None => crate::sys::volumes::setup_pod_volumes(&host, &ctx),
+                Some(v) => vols.refresh(&ctx, &v).map(|_| v),
+                None => vols.setup(&ctx),
             }
         })
         .await;

@@ -38,6 +38,10 @@
 //! - `adopt`: re-adoption after an agent restart; `publish`: status, events, metrics.
 
 pub mod effects;
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
 
 mod adopt;
 mod containers;

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
+use tracing::Instrument;
 
 /// A worker as the manager sees it. Messages go only on a change — the pod object differs from
 /// the last one sent, the referenced objects' generation moved, the pod left the desired set —
@@ -298,8 +299,15 @@ impl PodManager {
         let last = pod.clone();
         let (deletion, deletion_rx) =
             tokio::sync::watch::channel(delete || pod.metadata.deletion_timestamp.is_some());
+        let (namespace, name) = key_of(&pod.metadata);
+        let span = tracing::info_span!(
+            "pod",
+            %namespace,
+            %name,
+            uid = %pod.metadata.uid.as_deref().unwrap_or_default()
+        );
         let w = Worker::new(self, pod, deletion_rx);
-        tokio::spawn(w.run(rx));
+        tokio::spawn(w.run(rx).instrument(span));
         Handle {
             tx,
             last,

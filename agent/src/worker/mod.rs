@@ -76,6 +76,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 /// Node-level configuration of the workers.
 #[derive(Clone)]
@@ -383,7 +384,10 @@ impl Worker {
                 return;
             }
             let t0 = std::time::Instant::now();
-            let progress = self.sync_once().await;
+            let progress = self
+                .sync_once()
+                .instrument(tracing::debug_span!("sync"))
+                .await;
             self.metrics.observe_pod_sync(t0.elapsed());
             self.run_probes().await;
             let obs = self.observed();

@@ -1,6 +1,6 @@
-//! Containers (effectful): start (env, mounts and OCI spec building, shim create/start), stop
-//! (preStop, SIGTERM, SIGKILL through the shim socket), kill of unknown instances, exit watches
-//! and the GC of old instances.
+//! Containers: start (env, mounts and OCI spec building, runtime create/start, postStart),
+//! stop (preStop, then the runtime's SIGTERM and SIGKILL at the grace period), kill of unknown
+//! instances, exit watches and the GC of old instances — all through the worker's effects.
 
 use super::effects::RuntimeError;
 use super::hooks::{self, hook_action};

@@ -1,7 +1,8 @@
 //! Pod workers and the pod manager (effectful): one tokio task per pod drives
-//! [`compute_actions`](crate::model::actions::compute_actions) through the real effects — the pod sandbox (namespaces + CNI), images
-//! (`hako_shim::image::ImageStore`), containers (`hako-shim`), probes and lifecycle hooks —
-//! and writes the pod's status and events to `<root>/pods/<uid>/status.json`.
+//! [`compute_actions`](crate::model::actions::compute_actions) through the effect traits of
+//! [`effects`] — the pod sandbox (namespaces + CNI), images and containers (`hako-shim`),
+//! volumes, probes and lifecycle hooks, the clock — and publishes the pod's status and events
+//! (`<root>/pods/<uid>/status.json` with the real effects of `crate::sys::effects`).
 //!
 //! # The seam for pod sources
 //!

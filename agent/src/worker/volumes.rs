@@ -1,0 +1,90 @@
+//! The pod's volumes: set up once, refreshed when the referenced objects change.
+
+use super::{blocking, Worker};
+use std::collections::BTreeMap;
+
+impl Worker {
+    /// The ConfigMaps and Secrets the pod's volumes may read, and their generation.
+    pub(super) fn volume_objects(&self) -> (crate::sys::volumes::MapObjects, u64) {
+        let o = self.objects.read();
+        match o.as_deref() {
+            Ok(o) => (
+                crate::sys::volumes::MapObjects {
+                    config_maps: o.config_maps.clone(),
+                    secrets: o.secrets.clone(),
+                },
+                o.generation,
+            ),
+            Err(_) => (Default::default(), 0),
+        }
+    }
+
+    /// Sets up the pod's volumes once (idempotent, also after an agent restart), and refreshes
+    /// configMap/secret/downwardAPI/projected contents when the objects changed. False while a
+    /// volume cannot be set up (FailedMount).
+    pub(super) async fn ensure_volumes(&mut self) -> bool {
+        let has = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.as_ref())
+            .is_some_and(|v| !v.is_empty());
+        if !has {
+            return true;
+        }
+        let (generation, objects) = {
+            let (objects, g) = self.volume_objects();
+            (g, objects)
+        };
+        if self.volumes.is_some() && generation == self.volumes_generation {
+            return true;
+        }
+        let vols = self.fx.volumes.clone();
+        let pod = self.pod.clone();
+        let pod_ips = self
+            .sandbox
+            .as_ref()
+            .map(|s| s.ips.clone())
+            .unwrap_or_default();
+        let host_ips: Vec<String> = self.cfg.host_ip.iter().cloned().collect();
+        let mem = self.cfg.memory_capacity.to_string();
+        let existing = self.volumes.clone();
+        let tokens = self
+            .objects
+            .read()
+            .ok()
+            .and_then(|o| o.tokens.get(&self.uid).cloned());
+        let t = std::time::Instant::now();
+        let r = blocking(move || {
+            let mut ctx = crate::sys::volumes::PodContext::new(&pod, &objects);
+            ctx.pod_ips = pod_ips;
+            ctx.host_ips = host_ips;
+            ctx.service_account_tokens = tokens;
+            ctx.node_allocatable = BTreeMap::from([("memory".to_string(), mem)]);
+            match existing {
+                Some(v) => vols.refresh(&ctx, &v).map(|_| v),
+                None => vols.setup(&ctx),
+            }
+        })
+        .await;
+        self.phase("volumes", t.elapsed());
+        match r {
+            Some(Ok(v)) => {
+                self.volumes = Some(v);
+                self.volumes_generation = generation;
+                true
+            }
+            Some(Err(e)) => {
+                self.metrics.sync_error("FailedMount");
+                self.event("Warning", "FailedMount", &e.to_string());
+                if self.volumes.is_some() {
+                    // Refresh failed: old contents stay; try again on the next change.
+                    self.volumes_generation = generation;
+                    return true;
+                }
+                false
+            }
+            None => false,
+        }
+    }
+}

@@ -10,6 +10,7 @@
 //! metrics), `/metrics/resource` and `/stats/summary` (node, pod and container usage from
 //! [`crate::api::stats`]).
 
+use crate::api::query::Query;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -17,7 +18,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -435,33 +436,45 @@ pub fn subresource_for(path: &str) -> &'static str {
     }
 }
 
+/// Why a `/containerLogs` query was refused (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogQueryError {
+    /// A numeric parameter (`tailLines`, `sinceSeconds`, `limitBytes`) is not an integer.
+    #[error("{0}: {1:?} is not an integer")]
+    NotInteger(String, String),
+    /// Both `sinceSeconds` and `sinceTime`.
+    #[error("at most one of sinceTime or sinceSeconds")]
+    BothSince,
+    /// `sinceTime` is not an RFC 3339 time.
+    #[error("sinceTime: {0:?} is not an RFC 3339 time")]
+    SinceTime(String),
+}
+
 /// The log options of a `/containerLogs` query (the kubelet's `PodLogOptions`: `tailLines`,
 /// `sinceSeconds` or `sinceTime`, `timestamps`, `limitBytes`, `follow`); `now_nanos` is the
 /// current time for `sinceSeconds`.
 pub fn log_options(
-    q: &HashMap<String, String>,
+    q: &Query,
     now_nanos: i128,
-) -> Result<crate::sys::logs::LogOptions, String> {
-    let flag = |k: &str| matches!(q.get(k).map(String::as_str), Some("true" | "1"));
-    let num = |k: &str| -> Result<Option<u64>, String> {
+) -> Result<crate::sys::logs::LogOptions, LogQueryError> {
+    let flag = |k: &str| matches!(q.get(k), Some("true" | "1"));
+    let num = |k: &str| -> Result<Option<u64>, LogQueryError> {
         q.get(k)
             .map(|v| {
                 v.parse::<i64>()
-                    .map_err(|_| format!("{k}: {v:?} is not an integer"))
+                    .map_err(|_| LogQueryError::NotInteger(k.into(), v.into()))
                     .map(|n| u64::try_from(n.max(0)).unwrap_or(0))
             })
             .transpose()
     };
     let since_nanos = match (num("sinceSeconds")?, q.get("sinceTime")) {
-        (Some(_), Some(_)) => return Err("at most one of sinceTime or sinceSeconds".into()),
+        (Some(_), Some(_)) => return Err(LogQueryError::BothSince),
         (Some(s), None) => Some(now_nanos - i128::from(s) * 1_000_000_000),
-        (None, Some(t)) => {
-            let t = percent_decode(t);
-            Some(
-                hako_shim::logs::parse_rfc3339(t.as_bytes())
-                    .ok_or_else(|| format!("sinceTime: {t:?} is not an RFC 3339 time"))?,
-            )
-        }
+        // Decoded once, with the rest of the query.
+        (None, Some(t)) => Some(
+            hako_shim::logs::parse_rfc3339(t.as_bytes())
+                .ok_or_else(|| LogQueryError::SinceTime(t.into()))?,
+        ),
         (None, None) => None,
     };
     Ok(crate::sys::logs::LogOptions {
@@ -473,34 +486,8 @@ pub fn log_options(
     })
 }
 
-/// `%XX` and `+` decoding of a query value (`sinceTime=2026-01-01T00:00:00%2B01:00`).
-fn percent_decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = |c: u8| char::from(c).to_digit(16);
-                match (
-                    b.get(i + 1).and_then(|&c| hex(c)),
-                    b.get(i + 2).and_then(|&c| hex(c)),
-                ) {
-                    (Some(h), Some(l)) => {
-                        out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+#[cfg(test)]
+use crate::api::query::decode as percent_decode;
 
 /// The attempt number of a `<attempt>.log` file.
 fn log_attempt(p: &Path) -> Option<u32> {
@@ -542,12 +529,8 @@ fn log_files(dir: &Path) -> Vec<PathBuf> {
     v.into_iter().map(|(_, p)| p).collect()
 }
 
-fn query(q: &str) -> HashMap<String, String> {
-    q.split('&')
-        .filter_map(|p| p.split_once('=').or(Some((p, ""))))
-        .filter(|(k, _)| !k.is_empty())
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+fn query(q: &str) -> Query {
+    Query::parse(q)
 }
 
 impl Server {
@@ -686,13 +669,7 @@ impl Server {
         }
     }
 
-    fn logs(
-        &self,
-        ns: &str,
-        pod: &str,
-        container: &str,
-        q: &HashMap<String, String>,
-    ) -> Response<Body> {
+    fn logs(&self, ns: &str, pod: &str, container: &str, q: &Query) -> Response<Body> {
         let uid = self.pods.read().ok().and_then(|p| {
             p.values()
                 .find(|p| {
@@ -710,7 +687,7 @@ impl Server {
             .join(format!("{ns}_{pod}_{uid}"))
             .join(container);
         let files = log_files(&dir);
-        let previous = matches!(q.get("previous").map(String::as_str), Some("true" | "1"));
+        let previous = matches!(q.get("previous"), Some("true" | "1"));
         let file = if previous {
             files.len().checked_sub(2).and_then(|i| files.get(i))
         } else {
@@ -734,7 +711,7 @@ impl Server {
         .unwrap_or(0);
         let opts = match log_options(q, now) {
             Ok(o) => o,
-            Err(e) => return text(StatusCode::BAD_REQUEST, e),
+            Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
         };
         if let Err(e) = std::fs::File::open(&file) {
             return text(
@@ -810,6 +787,26 @@ mod tests {
         assert_eq!(log_attempt(Path::new("/x/c/12.log")), Some(12));
         assert_eq!(log_attempt(Path::new("/x/c/0.log.20260101-000000")), None);
         assert_eq!(percent_decode("a%2Bb+c%zz%4"), "a+b c%zz%4");
+    }
+
+    #[test]
+    fn container_log_query_is_decoded_like_the_streaming_endpoints() {
+        // Keys and numbers were read undecoded here (only sinceTime was decoded), while exec
+        // and port-forward decoded everything: one parser now.
+        let o = log_options(&query("tail%4Cines=%33&follow=%74rue"), 0).unwrap();
+        assert_eq!(o.tail_lines, Some(3));
+        assert!(o.follow);
+        // sinceTime is decoded once: an escaped `%` stays a `%` and is refused.
+        assert_eq!(
+            log_options(&query("sinceTime=1970-01-01T01:00:01%252B01:00"), 0),
+            Err(LogQueryError::SinceTime(
+                "1970-01-01T01:00:01%2B01:00".into()
+            ))
+        );
+        assert_eq!(
+            log_options(&query("tailLines=x"), 0).map_err(|e| e.to_string()),
+            Err("tailLines: \"x\" is not an integer".to_string())
+        );
     }
 
     #[test]

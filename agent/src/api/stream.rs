@@ -76,42 +76,11 @@ fn text(code: StatusCode, s: impl Into<String>) -> Response<Body> {
     r
 }
 
-/// Decodes `%XX` and `+` of a query component (invalid escapes are kept as they are).
-pub fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let h = std::str::from_utf8(&b[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match h {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub use crate::api::query::decode as pct_decode;
 
 /// Every `key=value` of a query string, decoded, in order (repeated keys kept).
 pub fn query_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (pct_decode(k), pct_decode(v))
-        })
-        .collect()
+    crate::api::query::Query::parse(q).into_pairs()
 }
 
 fn flag(pairs: &[(String, String)], key: &str) -> bool {

@@ -255,62 +255,24 @@ fn tls_config(
         .map_err(|x| e(x.to_string()))
 }
 
-/// Reads one DER TLV: (tag, content, rest).
-fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, b) = b.split_first()?;
-    let (&l0, mut b) = b.split_first()?;
-    let len = if l0 < 0x80 {
-        usize::from(l0)
-    } else {
-        let n = usize::from(l0 & 0x7f);
-        if n == 0 || n > 4 || b.len() < n {
-            return None;
-        }
-        let mut l = 0usize;
-        for &x in &b[..n] {
-            l = (l << 8) | usize::from(x);
-        }
-        b = &b[n..];
-        l
-    };
-    if b.len() < len {
-        return None;
-    }
-    Some((tag, &b[..len], &b[len..]))
-}
-
 /// The subject's CommonName and Organizations of a DER certificate (the user and groups of a
-/// client certificate, as the apiserver and kubelet read them).
+/// client certificate, as the apiserver and kubelet read them: the last CN, every O in order).
+/// None when the certificate does not parse or has no CN.
 pub fn subject_identity(cert: &[u8]) -> Option<(String, Vec<String>)> {
-    let (_, certificate, _) = der(cert)?;
-    let (_, tbs, _) = der(certificate)?;
-    let mut rest = tbs;
-    let mut fields = Vec::new();
-    while !rest.is_empty() {
-        let (tag, content, r) = der(rest)?;
-        fields.push((tag, content));
-        rest = r;
-    }
-    // [0] version is optional; then serial, signature, issuer, validity, subject.
-    let skip = usize::from(fields.first()?.0 == 0xa0);
-    let subject = fields.get(skip + 4)?.1;
+    use x509_parser::oid_registry::{OID_X509_COMMON_NAME, OID_X509_ORGANIZATION_NAME};
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let (_, c) = X509Certificate::from_der(cert).ok()?;
     let (mut cn, mut orgs) = (None, Vec::new());
-    let mut rdns = subject;
-    while !rdns.is_empty() {
-        let (_, set, r) = der(rdns)?;
-        rdns = r;
-        let mut atvs = set;
-        while !atvs.is_empty() {
-            let (_, atv, r2) = der(atvs)?;
-            atvs = r2;
-            let (_, oid, v) = der(atv)?;
-            let (_, val, _) = der(v)?;
-            let val = String::from_utf8_lossy(val).into_owned();
-            match oid {
-                [0x55, 0x04, 0x03] => cn = Some(val),
-                [0x55, 0x04, 0x0a] => orgs.push(val),
-                _ => {}
-            }
+    for a in c.subject().iter_attributes() {
+        let val = || {
+            a.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|_| String::from_utf8_lossy(a.attr_value().data).into_owned())
+        };
+        if *a.attr_type() == OID_X509_COMMON_NAME {
+            cn = Some(val());
+        } else if *a.attr_type() == OID_X509_ORGANIZATION_NAME {
+            orgs.push(val());
         }
     }
     Some((cn?, orgs))
@@ -829,6 +791,52 @@ mod tests {
             ))
         );
         assert_eq!(subject_identity(b"\x30\x03\x02\x01"), None);
+    }
+
+    #[test]
+    fn client_certificate_subject_cases() {
+        // (organization, common name) → identity; no CN is no identity. (rcgen keeps one
+        // value per attribute type, so several O are not made here.)
+        type Case<'a> = (
+            &'a [&'a str],
+            &'a [&'a str],
+            Option<(&'a str, &'a [&'a str])>,
+        );
+        let cases: [Case; 4] = [
+            (&[], &["alice"], Some(("alice", &[]))),
+            (&["g1"], &["bob"], Some(("bob", &["g1"]))),
+            (&["system:nodes"], &[], None),
+            (&["o"], &["système"], Some(("système", &["o"]))),
+        ];
+        for (orgs, cns, want) in cases {
+            let mut params = rcgen::CertificateParams::new(vec!["x".into()]).expect("params");
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            for o in orgs {
+                params
+                    .distinguished_name
+                    .push(rcgen::DnType::OrganizationName, *o);
+            }
+            for c in cns {
+                params
+                    .distinguished_name
+                    .push(rcgen::DnType::CommonName, *c);
+            }
+            let key = rcgen::KeyPair::generate().expect("key");
+            let cert = params.self_signed(&key).expect("cert");
+            let want =
+                want.map(|(c, gs)| (c.to_string(), gs.iter().map(|g| (*g).to_string()).collect()));
+            assert_eq!(subject_identity(cert.der()), want, "{orgs:?} {cns:?}");
+        }
+        // A truncated certificate is no identity (never a panic).
+        let mut params = rcgen::CertificateParams::new(vec!["x".into()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "c");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let der = params.self_signed(&key).expect("cert").der().to_vec();
+        for n in [0, 1, 10, der.len() / 2, der.len() - 1] {
+            assert_eq!(subject_identity(&der[..n]), None, "{n}");
+        }
     }
 
     #[test]

@@ -92,6 +92,20 @@ pub const MAX_STREAMS: usize = 256;
 /// port-forward connection, before the reader stops reading the peer (back-pressure).
 const QUEUE: usize = 64;
 
+/// Why a header block could not be inflated (the session ends).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InflateError {
+    /// The first block of the stream is empty.
+    #[error("empty header block")]
+    Empty,
+    /// The block inflates past [`MAX_HEADER_BLOCK`] (a zlib bomb).
+    #[error("header block inflates past {MAX_HEADER_BLOCK} bytes")]
+    TooLarge,
+    /// Not zlib, or another dictionary than SPDY/3's (zlib's message).
+    #[error("inflate header block: {0}")]
+    Zlib(String),
+}
+
 impl Default for HeaderInflater {
     fn default() -> Self {
         HeaderInflater(flate2::Decompress::new(true))
@@ -101,9 +115,9 @@ impl Default for HeaderInflater {
 impl HeaderInflater {
     /// The plain bytes of the next compressed chunk; an error when they would exceed
     /// [`MAX_HEADER_BLOCK`] (a zlib bomb) or the stream is not zlib.
-    pub fn inflate(&mut self, mut input: &[u8]) -> Result<Vec<u8>, String> {
+    pub fn inflate(&mut self, mut input: &[u8]) -> Result<Vec<u8>, InflateError> {
         if input.is_empty() && self.0.total_in() == 0 {
-            return Err("empty".into());
+            return Err(InflateError::Empty);
         }
         // One byte past the bound shows that the block is too large.
         let cap = MAX_HEADER_BLOCK + 1;
@@ -119,9 +133,7 @@ impl HeaderInflater {
             let used = usize::try_from(self.0.total_in() - in0).unwrap_or(input.len());
             input = input.get(used..).unwrap_or_default();
             if out.len() > MAX_HEADER_BLOCK {
-                return Err(format!(
-                    "header block inflates past {MAX_HEADER_BLOCK} bytes"
-                ));
+                return Err(InflateError::TooLarge);
             }
             match r {
                 Ok(flate2::Status::StreamEnd) => return Ok(out),
@@ -136,9 +148,9 @@ impl HeaderInflater {
                 Err(e) if e.needs_dictionary().is_some() => {
                     self.0
                         .set_dictionary(dictionary())
-                        .map_err(|e| format!("inflate header block: {e}"))?;
+                        .map_err(|e| InflateError::Zlib(e.to_string()))?;
                 }
-                Err(e) => return Err(format!("inflate header block: {e}")),
+                Err(e) => return Err(InflateError::Zlib(e.to_string())),
             }
         }
     }
@@ -627,8 +639,8 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     let started = tokio::task::spawn_blocking(move || client.exec_stream(x)).await;
     let mut es = match started {
         Ok(Ok(es)) => es,
-        Ok(Err(e)) => return finish(&tx, err_id, &[], Err(e.to_string())).await,
-        Err(e) => return finish(&tx, err_id, &[], Err(e.to_string())).await,
+        Ok(Err(e)) => return finish(&tx, err_id, &[], Err(e.to_string().into())).await,
+        Err(e) => return finish(&tx, err_id, &[], Err(e.to_string().into())).await,
     };
     let io = es.take_stdio();
     let mut outs = Vec::new();
@@ -729,9 +741,11 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
         // The client is gone: nothing waits for its windows any more.
         fcr.close();
     });
-    let code = crate::api::stream::on_own_thread("exec-wait", move || es.wait())
-        .await
-        .unwrap_or_else(Err);
+    let code = crate::api::stream::on_own_thread("exec-wait", move || {
+        es.wait().map_err(crate::api::stream::SessionError::from)
+    })
+    .await
+    .unwrap_or_else(Err);
     for o in outs {
         let _ = tokio::time::timeout(Duration::from_secs(1), o).await;
     }
@@ -882,7 +896,12 @@ pub async fn attach_session(
 }
 
 /// Ends a remote-command session: FIN on the output streams, the status on the error stream.
-async fn finish(tx: &Tx, err_id: u32, outs: &[u32], code: Result<i32, String>) {
+async fn finish(
+    tx: &Tx,
+    err_id: u32,
+    outs: &[u32],
+    code: Result<i32, crate::api::stream::SessionError>,
+) {
     for &id in outs {
         let _ = tx.send(data_frame(id, true, &[])).await;
     }
@@ -1149,7 +1168,7 @@ mod tests {
         assert!(z.len() < 8 * 1024, "{}", z.len());
         let r = HeaderInflater::default().inflate(&z);
         assert!(
-            matches!(&r, Err(e) if e.contains("inflates past")),
+            matches!(&r, Err(e) if e.to_string().contains("inflates past")),
             "a zlib bomb inflated: {:?}",
             r.as_ref().map(Vec::len)
         );

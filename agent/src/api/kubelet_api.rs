@@ -256,23 +256,48 @@ fn tls_config(
 }
 
 /// The subject's CommonName and Organizations of a DER certificate (the user and groups of a
-/// client certificate, as the apiserver and kubelet read them: the last CN, every O in order).
-/// None when the certificate does not parse or has no CN.
+/// client certificate, as the apiserver and kubelet read them: the last CN, every O in order,
+/// values of any string type, lossy UTF-8). None when the structure does not parse or there
+/// is no CN.
+///
+/// The certificate was verified by rustls (webpki) before this reads it, so only the path to
+/// the subject is walked: Certificate → TBSCertificate → optional `[0]` version, serial,
+/// signature, issuer, validity, subject. Each element is read with asn1-rs's BER `Any`
+/// (x509-parser's ASN.1 layer), which also takes long-form lengths; a full
+/// `X509Certificate::from_der` would refuse what the reader accepted before (non-minimal
+/// lengths, an unchecked public key), which the fuzz target pins.
 pub fn subject_identity(cert: &[u8]) -> Option<(String, Vec<String>)> {
+    use x509_parser::asn1_rs::{Any, FromBer as _};
     use x509_parser::oid_registry::{OID_X509_COMMON_NAME, OID_X509_ORGANIZATION_NAME};
-    use x509_parser::prelude::{FromDer as _, X509Certificate};
-    let (_, c) = X509Certificate::from_der(cert).ok()?;
+    /// The elements of a constructed value, each as (tag, content).
+    fn elements(mut b: &[u8]) -> Option<Vec<Any<'_>>> {
+        let mut v = Vec::new();
+        while !b.is_empty() {
+            let (rest, a) = Any::from_ber(b).ok()?;
+            v.push(a);
+            b = rest;
+        }
+        Some(v)
+    }
+    let (_, certificate) = Any::from_ber(cert).ok()?;
+    let (_, tbs) = Any::from_ber(certificate.data).ok()?;
+    let fields = elements(tbs.data)?;
+    // [0] version is optional; then serial, signature, issuer, validity, subject.
+    let first = fields.first()?;
+    let skip = usize::from(first.header.is_contextspecific() && first.tag().0 == 0);
+    let subject = fields.get(skip + 4)?;
+    let (cn_oid, o_oid) = (OID_X509_COMMON_NAME, OID_X509_ORGANIZATION_NAME);
     let (mut cn, mut orgs) = (None, Vec::new());
-    for a in c.subject().iter_attributes() {
-        let val = || {
-            a.as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|_| String::from_utf8_lossy(a.attr_value().data).into_owned())
-        };
-        if *a.attr_type() == OID_X509_COMMON_NAME {
-            cn = Some(val());
-        } else if *a.attr_type() == OID_X509_ORGANIZATION_NAME {
-            orgs.push(val());
+    for rdn in elements(subject.data)? {
+        for atv in elements(rdn.data)? {
+            let (rest, oid) = Any::from_ber(atv.data).ok()?;
+            let (_, value) = Any::from_ber(rest).ok()?;
+            let value = || String::from_utf8_lossy(value.data).into_owned();
+            if oid.data == cn_oid.as_bytes() {
+                cn = Some(value());
+            } else if oid.data == o_oid.as_bytes() {
+                orgs.push(value());
+            }
         }
     }
     Some((cn?, orgs))

@@ -88,13 +88,39 @@ pub enum AuthError {
     Throttled,
     /// The review call failed or ran out of time (401 for authn, 500 for authz).
     #[error("review failed: {0}")]
-    Review(String),
+    Review(ReviewError),
+}
+
+/// The review named in a [`ReviewError`].
+pub const TOKEN_REVIEW: &str = "TokenReview";
+/// The review named in a [`ReviewError`].
+pub const ACCESS_REVIEW: &str = "SubjectAccessReview";
+
+/// Why a TokenReview or SubjectAccessReview call gave no answer (the first field names the
+/// review).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReviewError {
+    /// The request could not be built.
+    #[error("{0}: building the request: {1}")]
+    Request(&'static str, String),
+    /// The apiserver call failed (kube's message).
+    #[error("{0}: {1}")]
+    Call(&'static str, String),
+    /// No answer within the review deadline.
+    #[error("{0} timed out")]
+    TimedOut(&'static str),
+    /// The review task ended without an answer (the runtime shut down, or a panic).
+    #[error("{0}: review task: {1}")]
+    Task(&'static str, String),
 }
 
 /// The two review calls (effect).
 pub trait Reviewer: Send + Sync + 'static {
     /// TokenReview: the user of `token`, None when the token is not valid.
-    fn token_review(&self, token: String) -> BoxFuture<'static, Result<Option<UserInfo>, String>>;
+    fn token_review(
+        &self,
+        token: String,
+    ) -> BoxFuture<'static, Result<Option<UserInfo>, ReviewError>>;
     /// SubjectAccessReview of `verb` on `nodes/<sub>` of `node`: allowed or not.
     fn access_review(
         &self,
@@ -102,7 +128,7 @@ pub trait Reviewer: Send + Sync + 'static {
         verb: String,
         sub: String,
         node: String,
-    ) -> BoxFuture<'static, Result<bool, String>>;
+    ) -> BoxFuture<'static, Result<bool, ReviewError>>;
 }
 
 /// The SubjectAccessReview the kubelet sends for a request on its API (pure).
@@ -137,17 +163,25 @@ pub fn access_review_object(
 #[derive(Clone)]
 pub struct ApiReviewer(pub kube::Client);
 
-fn post<T: serde::Serialize>(path: &str, body: &T) -> Result<http::Request<Vec<u8>>, String> {
+fn post<T: serde::Serialize>(
+    review: &'static str,
+    path: &str,
+    body: &T,
+) -> Result<http::Request<Vec<u8>>, ReviewError> {
+    let e = |x: String| ReviewError::Request(review, x);
     http::Request::builder()
         .method("POST")
         .uri(path)
         .header("content-type", "application/json")
-        .body(serde_json::to_vec(body).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())
+        .body(serde_json::to_vec(body).map_err(|x| e(x.to_string()))?)
+        .map_err(|x| e(x.to_string()))
 }
 
 impl Reviewer for ApiReviewer {
-    fn token_review(&self, token: String) -> BoxFuture<'static, Result<Option<UserInfo>, String>> {
+    fn token_review(
+        &self,
+        token: String,
+    ) -> BoxFuture<'static, Result<Option<UserInfo>, ReviewError>> {
         let c = self.0.clone();
         async move {
             let tr = TokenReview {
@@ -157,8 +191,15 @@ impl Reviewer for ApiReviewer {
                 },
                 ..Default::default()
             };
-            let req = post("/apis/authentication.k8s.io/v1/tokenreviews", &tr)?;
-            let r: TokenReview = c.request(req).await.map_err(|e| e.to_string())?;
+            let req = post(
+                TOKEN_REVIEW,
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                &tr,
+            )?;
+            let r: TokenReview = c
+                .request(req)
+                .await
+                .map_err(|e| ReviewError::Call(TOKEN_REVIEW, e.to_string()))?;
             let Some(st) = r.status.filter(|s| s.authenticated == Some(true)) else {
                 return Ok(None);
             };
@@ -179,12 +220,19 @@ impl Reviewer for ApiReviewer {
         verb: String,
         sub: String,
         node: String,
-    ) -> BoxFuture<'static, Result<bool, String>> {
+    ) -> BoxFuture<'static, Result<bool, ReviewError>> {
         let c = self.0.clone();
         async move {
             let sar = access_review_object(&user, &verb, &sub, &node);
-            let req = post("/apis/authorization.k8s.io/v1/subjectaccessreviews", &sar)?;
-            let r: SubjectAccessReview = c.request(req).await.map_err(|e| e.to_string())?;
+            let req = post(
+                ACCESS_REVIEW,
+                "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+                &sar,
+            )?;
+            let r: SubjectAccessReview = c
+                .request(req)
+                .await
+                .map_err(|e| ReviewError::Call(ACCESS_REVIEW, e.to_string()))?;
             Ok(r.status.is_some_and(|s| s.allowed))
         }
         .boxed()
@@ -353,13 +401,16 @@ impl Auth {
                 // even when every request waiting on it has gone away.
                 let task = tokio::spawn(async move {
                     let call = async {
-                        let _permit = sem.acquire_owned().await.map_err(|e| e.to_string())?;
+                        let _permit = sem
+                            .acquire_owned()
+                            .await
+                            .map_err(|e| ReviewError::Task(TOKEN_REVIEW, e.to_string()))?;
                         r.token_review(token).await
                     };
                     let res = match tokio::time::timeout(o.review_timeout, call).await {
                         Ok(Ok(u)) => Ok(u),
                         Ok(Err(e)) => Err(AuthError::Review(e)),
-                        Err(_) => Err(AuthError::Review("TokenReview timed out".into())),
+                        Err(_) => Err(AuthError::Review(ReviewError::TimedOut(TOKEN_REVIEW))),
                     };
                     let mut st = lock(&state);
                     st.authn_inflight.remove(&k);
@@ -372,7 +423,14 @@ impl Auth {
                     res
                 });
                 let f = task
-                    .map(|j| j.unwrap_or_else(|e| Err(AuthError::Review(e.to_string()))))
+                    .map(|j| {
+                        j.unwrap_or_else(|e| {
+                            Err(AuthError::Review(ReviewError::Task(
+                                TOKEN_REVIEW,
+                                e.to_string(),
+                            )))
+                        })
+                    })
                     .boxed()
                     .shared();
                 st.authn_inflight.insert(k, f.clone());
@@ -411,7 +469,7 @@ impl Auth {
                     let res = match tokio::time::timeout(o.review_timeout, call).await {
                         Ok(Ok(a)) => Ok(a),
                         Ok(Err(e)) => Err(AuthError::Review(e)),
-                        Err(_) => Err(AuthError::Review("SubjectAccessReview timed out".into())),
+                        Err(_) => Err(AuthError::Review(ReviewError::TimedOut(ACCESS_REVIEW))),
                     };
                     let mut st = lock(&state);
                     st.authz_inflight.remove(&k);
@@ -426,7 +484,14 @@ impl Auth {
                     res
                 });
                 let f = task
-                    .map(|j| j.unwrap_or_else(|e| Err(AuthError::Review(e.to_string()))))
+                    .map(|j| {
+                        j.unwrap_or_else(|e| {
+                            Err(AuthError::Review(ReviewError::Task(
+                                ACCESS_REVIEW,
+                                e.to_string(),
+                            )))
+                        })
+                    })
                     .boxed()
                     .shared();
                 st.authz_inflight.insert(k, f.clone());
@@ -476,7 +541,7 @@ mod tests {
         fn token_review(
             &self,
             token: String,
-        ) -> BoxFuture<'static, Result<Option<UserInfo>, String>> {
+        ) -> BoxFuture<'static, Result<Option<UserInfo>, ReviewError>> {
             self.tr.fetch_add(1, Ordering::SeqCst);
             let d = self.delay;
             async move {
@@ -496,7 +561,7 @@ mod tests {
             verb: String,
             _sub: String,
             _node: String,
-        ) -> BoxFuture<'static, Result<bool, String>> {
+        ) -> BoxFuture<'static, Result<bool, ReviewError>> {
             self.sar.fetch_add(1, Ordering::SeqCst);
             async move { Ok(user.name == "alice" && verb == "get") }.boxed()
         }

@@ -1,12 +1,18 @@
 //! The agent's health and metrics server (the kubelet's 127.0.0.1:10248): `GET /healthz` is
 //! `ok` (200) while the sync loop is alive — it called [`AgentMetrics::heartbeat`] within the
 //! staleness window — and 503 otherwise; `GET /metrics` is the Prometheus text exposition of
-//! [`AgentMetrics`]. A small std-only HTTP/1.1 server on one thread (requests are tiny and rare;
-//! no async runtime or HTTP library is pulled into the binary for it).
+//! [`AgentMetrics`]. HTTP/1.1 through hyper on a thread and runtime of its own, one task per
+//! connection with deadlines (an idle client no longer holds up everyone else); the Prometheus
+//! text is written here (see [`AgentMetrics::render`]).
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
+use hyper::StatusCode;
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -644,7 +650,7 @@ pub fn start_node_services(opts: NodeServicesOptions) -> anyhow::Result<NodeServ
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -657,9 +663,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Wake the accept loop.
-        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        // Stops the accept loop; the runtime goes with its thread, closing every connection.
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -711,67 +718,122 @@ pub fn respond(
     }
 }
 
-/// Binds `addr` and serves `/healthz` and `/metrics` on a thread until the [`Server`] is
-/// dropped. `max_age`: the healthz staleness window for the sync loop heartbeat.
+/// Connections served at once; more are closed as soon as they are accepted.
+const MAX_CONNECTIONS: usize = 64;
+/// Deadline for a request head (an idle or slow client is dropped after it).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline for a whole connection (one request and its answer).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds `addr` and serves `/healthz` and `/metrics` on a thread of its own (with its own
+/// small tokio runtime, so a blocked sync loop cannot delay the answer that it is blocked)
+/// until the [`Server`] is dropped. `max_age`: the healthz staleness window for the sync
+/// loop heartbeat. HTTP/1.1 through hyper, one task per connection: an idle or slow client
+/// holds only its own connection, for at most [`HEADER_READ_TIMEOUT`].
 pub fn start(
     addr: SocketAddr,
     metrics: Arc<AgentMetrics>,
     max_age: Duration,
 ) -> std::io::Result<Server> {
     let listener = TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let thread = std::thread::Builder::new().name("healthz".into()).spawn(move || {
-        for conn in listener.incoming() {
-            if stop2.load(Ordering::Relaxed) {
-                break;
-            }
-            let Ok(mut s) = conn else { continue };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-            let Ok(clone) = s.try_clone() else { continue };
-            let mut r = BufReader::new(clone);
-            let mut line = String::new();
-            if r.read_line(&mut line).is_err() || line.is_empty() {
-                continue;
-            }
-            let mut h = String::new();
-            while r.read_line(&mut h).is_ok_and(|n| n > 2) {
-                h.clear();
-            }
-            let mut parts = line.split_whitespace();
-            let method = parts.next().unwrap_or("");
-            let path = parts.next().unwrap_or("/");
-            let (code, ctype, body) = respond(&metrics, max_age, method, path);
-            debug!(method, path, code, "healthz request");
-            let reason = match code {
-                200 => "OK",
-                404 => "Not Found",
-                405 => "Method Not Allowed",
-                _ => "Service Unavailable",
-            };
-            let body = if method == "HEAD" { "" } else { body.as_str() };
-            if let Err(e) = write!(
-                s,
-                "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            ) {
-                warn!(error = %e, "writing HTTP response");
-            }
-        }
-    })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("healthz".into())
+        .spawn(move || rt.block_on(serve(listener, metrics, max_age, stopped)))?;
     Ok(Server {
         addr,
-        stop,
+        stop: Some(stop),
         thread: Some(thread),
     })
+}
+
+/// The accept loop; returns (dropping the listener and, with the runtime, every
+/// connection) when `stopped` fires or its sender is dropped.
+async fn serve(
+    listener: TcpListener,
+    metrics: Arc<AgentMetrics>,
+    max_age: Duration,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "healthz listener");
+            return;
+        }
+    };
+    let conns = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let tcp = tokio::select! {
+            _ = &mut stopped => return,
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // EMFILE and the like: back off instead of spinning.
+                    debug!(error = %e, "healthz accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            debug!("healthz: connection limit reached, closing a new connection");
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                let r = answer(&metrics, max_age, req.method().as_str(), req.uri());
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(false)
+                .title_case_headers(true)
+                .max_buf_size(16 * 1024)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+            if let Err(e) = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                debug!(error = %e, "healthz connection timed out");
+            }
+        });
+    }
+}
+
+/// The HTTP answer to one request ([`respond`]'s status, type and body; no body for HEAD;
+/// the connection closes after it, as clients of this port expect).
+fn answer(
+    metrics: &AgentMetrics,
+    max_age: Duration,
+    method: &str,
+    uri: &hyper::Uri,
+) -> hyper::Response<Full<Bytes>> {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let (code, ctype, body) = respond(metrics, max_age, method, path);
+    debug!(method, path, code, "healthz request");
+    let body = if method == "HEAD" {
+        String::new()
+    } else {
+        body
+    };
+    let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    h.insert(CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
 
     fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -859,6 +921,26 @@ mod tests {
             std::net::TcpStream::connect(addr).is_err(),
             "server stopped on drop"
         );
+    }
+
+    #[test]
+    fn an_idle_client_does_not_stall_healthz() {
+        let m = AgentMetrics::new();
+        m.heartbeat();
+        let srv = start("127.0.0.1:0".parse().unwrap(), m, Duration::from_secs(60)).unwrap();
+        // Connects and sends nothing (a port scan, a stuck probe, a slowloris).
+        let idle = std::net::TcpStream::connect(srv.addr()).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut s = std::net::TcpStream::connect(srv.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        write!(s, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let r = s.read_to_string(&mut out);
+        assert!(
+            r.is_ok() && out.starts_with("HTTP/1.1 200") && out.ends_with("ok"),
+            "{r:?} {out:?}"
+        );
+        drop(idle);
     }
 
     #[test]

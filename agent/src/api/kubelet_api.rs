@@ -10,6 +10,7 @@
 //! metrics), `/metrics/resource` and `/stats/summary` (node, pod and container usage from
 //! [`crate::api::stats`]).
 
+use crate::api::query::Query;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -17,7 +18,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -254,61 +255,48 @@ fn tls_config(
         .map_err(|x| e(x.to_string()))
 }
 
-/// Reads one DER TLV: (tag, content, rest).
-fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, b) = b.split_first()?;
-    let (&l0, mut b) = b.split_first()?;
-    let len = if l0 < 0x80 {
-        usize::from(l0)
-    } else {
-        let n = usize::from(l0 & 0x7f);
-        if n == 0 || n > 4 || b.len() < n {
-            return None;
-        }
-        let mut l = 0usize;
-        for &x in &b[..n] {
-            l = (l << 8) | usize::from(x);
-        }
-        b = &b[n..];
-        l
-    };
-    if b.len() < len {
-        return None;
-    }
-    Some((tag, &b[..len], &b[len..]))
-}
-
 /// The subject's CommonName and Organizations of a DER certificate (the user and groups of a
-/// client certificate, as the apiserver and kubelet read them).
+/// client certificate, as the apiserver and kubelet read them: the last CN, every O in order,
+/// values of any string type, lossy UTF-8). None when the structure does not parse or there
+/// is no CN.
+///
+/// The certificate was verified by rustls (webpki) before this reads it, so only the path to
+/// the subject is walked: Certificate → TBSCertificate → optional `[0]` version, serial,
+/// signature, issuer, validity, subject. Each element is read with asn1-rs's BER `Any`
+/// (x509-parser's ASN.1 layer), which also takes long-form lengths; a full
+/// `X509Certificate::from_der` would refuse what the reader accepted before (non-minimal
+/// lengths, an unchecked public key), which the fuzz target pins.
 pub fn subject_identity(cert: &[u8]) -> Option<(String, Vec<String>)> {
-    let (_, certificate, _) = der(cert)?;
-    let (_, tbs, _) = der(certificate)?;
-    let mut rest = tbs;
-    let mut fields = Vec::new();
-    while !rest.is_empty() {
-        let (tag, content, r) = der(rest)?;
-        fields.push((tag, content));
-        rest = r;
+    use x509_parser::asn1_rs::{Any, FromBer as _};
+    use x509_parser::oid_registry::{OID_X509_COMMON_NAME, OID_X509_ORGANIZATION_NAME};
+    /// The elements of a constructed value, each as (tag, content).
+    fn elements(mut b: &[u8]) -> Option<Vec<Any<'_>>> {
+        let mut v = Vec::new();
+        while !b.is_empty() {
+            let (rest, a) = Any::from_ber(b).ok()?;
+            v.push(a);
+            b = rest;
+        }
+        Some(v)
     }
+    let (_, certificate) = Any::from_ber(cert).ok()?;
+    let (_, tbs) = Any::from_ber(certificate.data).ok()?;
+    let fields = elements(tbs.data)?;
     // [0] version is optional; then serial, signature, issuer, validity, subject.
-    let skip = usize::from(fields.first()?.0 == 0xa0);
-    let subject = fields.get(skip + 4)?.1;
+    let first = fields.first()?;
+    let skip = usize::from(first.header.is_contextspecific() && first.tag().0 == 0);
+    let subject = fields.get(skip + 4)?;
+    let (cn_oid, o_oid) = (OID_X509_COMMON_NAME, OID_X509_ORGANIZATION_NAME);
     let (mut cn, mut orgs) = (None, Vec::new());
-    let mut rdns = subject;
-    while !rdns.is_empty() {
-        let (_, set, r) = der(rdns)?;
-        rdns = r;
-        let mut atvs = set;
-        while !atvs.is_empty() {
-            let (_, atv, r2) = der(atvs)?;
-            atvs = r2;
-            let (_, oid, v) = der(atv)?;
-            let (_, val, _) = der(v)?;
-            let val = String::from_utf8_lossy(val).into_owned();
-            match oid {
-                [0x55, 0x04, 0x03] => cn = Some(val),
-                [0x55, 0x04, 0x0a] => orgs.push(val),
-                _ => {}
+    for rdn in elements(subject.data)? {
+        for atv in elements(rdn.data)? {
+            let (rest, oid) = Any::from_ber(atv.data).ok()?;
+            let (_, value) = Any::from_ber(rest).ok()?;
+            let value = || String::from_utf8_lossy(value.data).into_owned();
+            if oid.data == cn_oid.as_bytes() {
+                cn = Some(value());
+            } else if oid.data == o_oid.as_bytes() {
+                orgs.push(value());
             }
         }
     }
@@ -435,33 +423,45 @@ pub fn subresource_for(path: &str) -> &'static str {
     }
 }
 
+/// Why a `/containerLogs` query was refused (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogQueryError {
+    /// A numeric parameter (`tailLines`, `sinceSeconds`, `limitBytes`) is not an integer.
+    #[error("{0}: {1:?} is not an integer")]
+    NotInteger(String, String),
+    /// Both `sinceSeconds` and `sinceTime`.
+    #[error("at most one of sinceTime or sinceSeconds")]
+    BothSince,
+    /// `sinceTime` is not an RFC 3339 time.
+    #[error("sinceTime: {0:?} is not an RFC 3339 time")]
+    SinceTime(String),
+}
+
 /// The log options of a `/containerLogs` query (the kubelet's `PodLogOptions`: `tailLines`,
 /// `sinceSeconds` or `sinceTime`, `timestamps`, `limitBytes`, `follow`); `now_nanos` is the
 /// current time for `sinceSeconds`.
 pub fn log_options(
-    q: &HashMap<String, String>,
+    q: &Query,
     now_nanos: i128,
-) -> Result<crate::sys::logs::LogOptions, String> {
-    let flag = |k: &str| matches!(q.get(k).map(String::as_str), Some("true" | "1"));
-    let num = |k: &str| -> Result<Option<u64>, String> {
+) -> Result<crate::sys::logs::LogOptions, LogQueryError> {
+    let flag = |k: &str| matches!(q.get(k), Some("true" | "1"));
+    let num = |k: &str| -> Result<Option<u64>, LogQueryError> {
         q.get(k)
             .map(|v| {
                 v.parse::<i64>()
-                    .map_err(|_| format!("{k}: {v:?} is not an integer"))
+                    .map_err(|_| LogQueryError::NotInteger(k.into(), v.into()))
                     .map(|n| u64::try_from(n.max(0)).unwrap_or(0))
             })
             .transpose()
     };
     let since_nanos = match (num("sinceSeconds")?, q.get("sinceTime")) {
-        (Some(_), Some(_)) => return Err("at most one of sinceTime or sinceSeconds".into()),
+        (Some(_), Some(_)) => return Err(LogQueryError::BothSince),
         (Some(s), None) => Some(now_nanos - i128::from(s) * 1_000_000_000),
-        (None, Some(t)) => {
-            let t = percent_decode(t);
-            Some(
-                hako_shim::logs::parse_rfc3339(t.as_bytes())
-                    .ok_or_else(|| format!("sinceTime: {t:?} is not an RFC 3339 time"))?,
-            )
-        }
+        // Decoded once, with the rest of the query.
+        (None, Some(t)) => Some(
+            hako_shim::logs::parse_rfc3339(t.as_bytes())
+                .ok_or_else(|| LogQueryError::SinceTime(t.into()))?,
+        ),
         (None, None) => None,
     };
     Ok(crate::sys::logs::LogOptions {
@@ -473,34 +473,8 @@ pub fn log_options(
     })
 }
 
-/// `%XX` and `+` decoding of a query value (`sinceTime=2026-01-01T00:00:00%2B01:00`).
-fn percent_decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = |c: u8| char::from(c).to_digit(16);
-                match (
-                    b.get(i + 1).and_then(|&c| hex(c)),
-                    b.get(i + 2).and_then(|&c| hex(c)),
-                ) {
-                    (Some(h), Some(l)) => {
-                        out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+#[cfg(test)]
+use crate::api::query::decode as percent_decode;
 
 /// The attempt number of a `<attempt>.log` file.
 fn log_attempt(p: &Path) -> Option<u32> {
@@ -542,12 +516,8 @@ fn log_files(dir: &Path) -> Vec<PathBuf> {
     v.into_iter().map(|(_, p)| p).collect()
 }
 
-fn query(q: &str) -> HashMap<String, String> {
-    q.split('&')
-        .filter_map(|p| p.split_once('=').or(Some((p, ""))))
-        .filter(|(k, _)| !k.is_empty())
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+fn query(q: &str) -> Query {
+    Query::parse(q)
 }
 
 impl Server {
@@ -686,13 +656,7 @@ impl Server {
         }
     }
 
-    fn logs(
-        &self,
-        ns: &str,
-        pod: &str,
-        container: &str,
-        q: &HashMap<String, String>,
-    ) -> Response<Body> {
+    fn logs(&self, ns: &str, pod: &str, container: &str, q: &Query) -> Response<Body> {
         let uid = self.pods.read().ok().and_then(|p| {
             p.values()
                 .find(|p| {
@@ -710,7 +674,7 @@ impl Server {
             .join(format!("{ns}_{pod}_{uid}"))
             .join(container);
         let files = log_files(&dir);
-        let previous = matches!(q.get("previous").map(String::as_str), Some("true" | "1"));
+        let previous = matches!(q.get("previous"), Some("true" | "1"));
         let file = if previous {
             files.len().checked_sub(2).and_then(|i| files.get(i))
         } else {
@@ -734,7 +698,7 @@ impl Server {
         .unwrap_or(0);
         let opts = match log_options(q, now) {
             Ok(o) => o,
-            Err(e) => return text(StatusCode::BAD_REQUEST, e),
+            Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
         };
         if let Err(e) = std::fs::File::open(&file) {
             return text(
@@ -813,6 +777,26 @@ mod tests {
     }
 
     #[test]
+    fn container_log_query_is_decoded_like_the_streaming_endpoints() {
+        // Keys and numbers were read undecoded here (only sinceTime was decoded), while exec
+        // and port-forward decoded everything: one parser now.
+        let o = log_options(&query("tail%4Cines=%33&follow=%74rue"), 0).unwrap();
+        assert_eq!(o.tail_lines, Some(3));
+        assert!(o.follow);
+        // sinceTime is decoded once: an escaped `%` stays a `%` and is refused.
+        assert_eq!(
+            log_options(&query("sinceTime=1970-01-01T01:00:01%252B01:00"), 0),
+            Err(LogQueryError::SinceTime(
+                "1970-01-01T01:00:01%2B01:00".into()
+            ))
+        );
+        assert_eq!(
+            log_options(&query("tailLines=x"), 0).map_err(|e| e.to_string()),
+            Err("tailLines: \"x\" is not an integer".to_string())
+        );
+    }
+
+    #[test]
     fn client_certificate_subject() {
         let mut params = rcgen::CertificateParams::new(vec!["x".into()]).expect("params");
         params.distinguished_name = rcgen::DistinguishedName::new();
@@ -832,6 +816,52 @@ mod tests {
             ))
         );
         assert_eq!(subject_identity(b"\x30\x03\x02\x01"), None);
+    }
+
+    #[test]
+    fn client_certificate_subject_cases() {
+        // (organization, common name) → identity; no CN is no identity. (rcgen keeps one
+        // value per attribute type, so several O are not made here.)
+        type Case<'a> = (
+            &'a [&'a str],
+            &'a [&'a str],
+            Option<(&'a str, &'a [&'a str])>,
+        );
+        let cases: [Case; 4] = [
+            (&[], &["alice"], Some(("alice", &[]))),
+            (&["g1"], &["bob"], Some(("bob", &["g1"]))),
+            (&["system:nodes"], &[], None),
+            (&["o"], &["système"], Some(("système", &["o"]))),
+        ];
+        for (orgs, cns, want) in cases {
+            let mut params = rcgen::CertificateParams::new(vec!["x".into()]).expect("params");
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            for o in orgs {
+                params
+                    .distinguished_name
+                    .push(rcgen::DnType::OrganizationName, *o);
+            }
+            for c in cns {
+                params
+                    .distinguished_name
+                    .push(rcgen::DnType::CommonName, *c);
+            }
+            let key = rcgen::KeyPair::generate().expect("key");
+            let cert = params.self_signed(&key).expect("cert");
+            let want =
+                want.map(|(c, gs)| (c.to_string(), gs.iter().map(|g| (*g).to_string()).collect()));
+            assert_eq!(subject_identity(cert.der()), want, "{orgs:?} {cns:?}");
+        }
+        // A truncated certificate is no identity (never a panic).
+        let mut params = rcgen::CertificateParams::new(vec!["x".into()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "c");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let der = params.self_signed(&key).expect("cert").der().to_vec();
+        for n in [0, 1, 10, der.len() / 2, der.len() - 1] {
+            assert_eq!(subject_identity(&der[..n]), None, "{n}");
+        }
     }
 
     #[test]

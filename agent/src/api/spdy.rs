@@ -11,8 +11,8 @@
 //! per session ([`MAX_STREAMS`]); queues to the peer, to a process's stdin and to a forwarded
 //! connection are bounded channels, so a slow consumer stops the reading of the peer (TCP
 //! back-pressure) instead of growing memory; header blocks are one zlib stream per direction, the client's compressed with
-//! the SPDY/3 dictionary (inflated here with the dictionary preset in a wrapping window), ours
-//! without one. The remote-command protocol `v4.channel.k8s.io` has one stream per role
+//! the SPDY/3 dictionary (handed to zlib, flate2's zlib-rs backend, when the stream asks for
+//! it), ours without one. The remote-command protocol `v4.channel.k8s.io` has one stream per role
 //! (`streamType` error, stdin, stdout, stderr, resize); port-forward `portforward.k8s.io` pairs an
 //! error and a data stream per connection by `requestID`, for the port in their `port` header.
 
@@ -20,8 +20,6 @@ use bytes::Bytes;
 use hako_shim::client::ShimClient;
 use hako_shim::protocol::ExecRequest;
 use hyper_util::rt::TokioIo;
-use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
-use miniz_oxide::inflate::TINFLStatus;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write as _;
@@ -76,16 +74,9 @@ pub fn dictionary() -> &'static [u8] {
     })
 }
 
-/// Inflates the peer's header blocks: one zlib stream across frames, with the dictionary
-/// preset before the start of a 32 KiB wrapping window.
-pub struct HeaderInflater {
-    d: Box<DecompressorOxide>,
-    window: Vec<u8>,
-    pos: usize,
-    header_left: Option<usize>,
-}
-
-const WINDOW: usize = 32 * 1024;
+/// Inflates the peer's header blocks: one zlib stream across frames, the SPDY/3 dictionary
+/// given to zlib when the stream asks for it (FDICT; zlib checks its Adler-32 id).
+pub struct HeaderInflater(flate2::Decompress);
 
 /// The most plain bytes one header block may inflate to (kubectl's are a few hundred; Go's
 /// net/http allows 1 MiB of headers per request, SPDY streams here carry a handful).
@@ -101,62 +92,65 @@ pub const MAX_STREAMS: usize = 256;
 /// port-forward connection, before the reader stops reading the peer (back-pressure).
 const QUEUE: usize = 64;
 
+/// Why a header block could not be inflated (the session ends).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InflateError {
+    /// The first block of the stream is empty.
+    #[error("empty header block")]
+    Empty,
+    /// The block inflates past [`MAX_HEADER_BLOCK`] (a zlib bomb).
+    #[error("header block inflates past {MAX_HEADER_BLOCK} bytes")]
+    TooLarge,
+    /// Not zlib, or another dictionary than SPDY/3's (zlib's message).
+    #[error("inflate header block: {0}")]
+    Zlib(String),
+}
+
 impl Default for HeaderInflater {
     fn default() -> Self {
-        let dict = dictionary();
-        let mut window = vec![0u8; WINDOW];
-        window[..dict.len()].copy_from_slice(dict);
-        HeaderInflater {
-            d: Box::default(),
-            window,
-            pos: dict.len(),
-            header_left: None,
-        }
+        HeaderInflater(flate2::Decompress::new(true))
     }
 }
 
 impl HeaderInflater {
     /// The plain bytes of the next compressed chunk; an error when they would exceed
     /// [`MAX_HEADER_BLOCK`] (a zlib bomb) or the stream is not zlib.
-    pub fn inflate(&mut self, mut input: &[u8]) -> Result<Vec<u8>, String> {
-        // The zlib header: CMF, FLG (FDICT set: 4 bytes of dictionary id follow).
-        if self.header_left.is_none() {
-            let (&cmf, &flg) = (input.first().ok_or("empty")?, input.get(1).ok_or("short")?);
-            if (u16::from(cmf) << 8 | u16::from(flg)) % 31 != 0 || cmf & 0x0f != 8 {
-                return Err("not a zlib stream".into());
-            }
-            self.header_left = Some(if flg & 0x20 != 0 { 6 } else { 2 });
+    pub fn inflate(&mut self, mut input: &[u8]) -> Result<Vec<u8>, InflateError> {
+        if input.is_empty() && self.0.total_in() == 0 {
+            return Err(InflateError::Empty);
         }
-        if let Some(n) = self.header_left.filter(|&n| n > 0) {
-            let k = n.min(input.len());
-            input = &input[k..];
-            self.header_left = Some(n - k);
-        }
-        let mut out = Vec::new();
+        // One byte past the bound shows that the block is too large.
+        let cap = MAX_HEADER_BLOCK + 1;
+        let mut out = Vec::with_capacity(1024);
         loop {
-            let (st, used, made) = decompress(
-                &mut self.d,
-                input,
-                &mut self.window,
-                self.pos,
-                inflate_flags::TINFL_FLAG_HAS_MORE_INPUT,
-            );
-            if out.len() + made > MAX_HEADER_BLOCK {
-                return Err(format!(
-                    "header block inflates past {MAX_HEADER_BLOCK} bytes"
-                ));
+            if out.len() == out.capacity() {
+                out.reserve_exact(out.len().max(1024).min(cap - out.len()));
             }
-            out.extend_from_slice(&self.window[self.pos..self.pos + made]);
-            self.pos = (self.pos + made) & (WINDOW - 1);
-            input = &input[used..];
-            match st {
-                TINFLStatus::HasMoreOutput => continue,
-                TINFLStatus::NeedsMoreInput | TINFLStatus::Done => {
-                    if input.is_empty() || st == TINFLStatus::Done {
-                        return Ok(out);
-                    }
+            let (in0, out0) = (self.0.total_in(), out.len());
+            let r = self
+                .0
+                .decompress_vec(input, &mut out, flate2::FlushDecompress::Sync);
+            let used = usize::try_from(self.0.total_in() - in0).unwrap_or(input.len());
+            input = input.get(used..).unwrap_or_default();
+            if out.len() > MAX_HEADER_BLOCK {
+                return Err(InflateError::TooLarge);
+            }
+            match r {
+                Ok(flate2::Status::StreamEnd) => return Ok(out),
+                // Everything consumed and flushed (room left in the output), or no progress.
+                Ok(_)
+                    if out.len() < out.capacity()
+                        && (input.is_empty() || (used == 0 && out.len() == out0)) =>
+                {
+                    return Ok(out)
                 }
-                e => return Err(format!("inflate header block: {e:?}")),
+                Ok(_) => {}
+                Err(e) if e.needs_dictionary().is_some() => {
+                    self.0
+                        .set_dictionary(dictionary())
+                        .map_err(|e| InflateError::Zlib(e.to_string()))?;
+                }
+                Err(e) => return Err(InflateError::Zlib(e.to_string())),
             }
         }
     }
@@ -645,8 +639,8 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     let started = tokio::task::spawn_blocking(move || client.exec_stream(x)).await;
     let mut es = match started {
         Ok(Ok(es)) => es,
-        Ok(Err(e)) => return finish(&tx, err_id, &[], Err(e.to_string())).await,
-        Err(e) => return finish(&tx, err_id, &[], Err(e.to_string())).await,
+        Ok(Err(e)) => return finish(&tx, err_id, &[], Err(e.to_string().into())).await,
+        Err(e) => return finish(&tx, err_id, &[], Err(e.to_string().into())).await,
     };
     let io = es.take_stdio();
     let mut outs = Vec::new();
@@ -747,9 +741,11 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
         // The client is gone: nothing waits for its windows any more.
         fcr.close();
     });
-    let code = crate::api::stream::on_own_thread("exec-wait", move || es.wait())
-        .await
-        .unwrap_or_else(Err);
+    let code = crate::api::stream::on_own_thread("exec-wait", move || {
+        es.wait().map_err(crate::api::stream::SessionError::from)
+    })
+    .await
+    .unwrap_or_else(Err);
     for o in outs {
         let _ = tokio::time::timeout(Duration::from_secs(1), o).await;
     }
@@ -900,7 +896,12 @@ pub async fn attach_session(
 }
 
 /// Ends a remote-command session: FIN on the output streams, the status on the error stream.
-async fn finish(tx: &Tx, err_id: u32, outs: &[u32], code: Result<i32, String>) {
+async fn finish(
+    tx: &Tx,
+    err_id: u32,
+    outs: &[u32],
+    code: Result<i32, crate::api::stream::SessionError>,
+) {
     for &id in outs {
         let _ = tx.send(data_frame(id, true, &[])).await;
     }
@@ -1126,6 +1127,27 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_with_another_dictionary_is_refused() {
+        // FDICT names the dictionary by its Adler-32; zlib refuses the SPDY/3 one for it.
+        let mut c = flate2::Compress::new(flate2::Compression::default(), true);
+        c.set_dictionary(b"not the spdy dictionary").expect("dict");
+        let mut z = Vec::with_capacity(256);
+        c.compress_vec(
+            &encode_headers(&[("a", "b")]),
+            &mut z,
+            flate2::FlushCompress::Sync,
+        )
+        .expect("z");
+        let r = HeaderInflater::default().inflate(&z);
+        assert!(r.is_err(), "{r:?}");
+        // And a block that is not zlib at all.
+        assert!(HeaderInflater::default()
+            .inflate(b"\x00\x00\x00\x01")
+            .is_err());
+        assert!(HeaderInflater::default().inflate(b"").is_err());
+    }
+
+    #[test]
     fn name_value_blocks() {
         let b = encode_headers(&[("streamType", "stdin"), ("port", "80")]);
         let h = parse_headers(&b).expect("parse");
@@ -1146,7 +1168,7 @@ mod tests {
         assert!(z.len() < 8 * 1024, "{}", z.len());
         let r = HeaderInflater::default().inflate(&z);
         assert!(
-            matches!(&r, Err(e) if e.contains("inflates past")),
+            matches!(&r, Err(e) if e.to_string().contains("inflates past")),
             "a zlib bomb inflated: {:?}",
             r.as_ref().map(Vec::len)
         );

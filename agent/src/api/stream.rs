@@ -76,42 +76,11 @@ fn text(code: StatusCode, s: impl Into<String>) -> Response<Body> {
     r
 }
 
-/// Decodes `%XX` and `+` of a query component (invalid escapes are kept as they are).
-pub fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let h = std::str::from_utf8(&b[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match h {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub use crate::api::query::decode as pct_decode;
 
 /// Every `key=value` of a query string, decoded, in order (repeated keys kept).
 pub fn query_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (pct_decode(k), pct_decode(v))
-        })
-        .collect()
+    crate::api::query::Query::parse(q).into_pairs()
 }
 
 fn flag(pairs: &[(String, String)], key: &str) -> bool {
@@ -122,26 +91,43 @@ fn flag(pairs: &[(String, String)], key: &str) -> bool {
         .is_some_and(|(_, v)| matches!(v.as_str(), "1" | "true" | "True" | "TRUE"))
 }
 
+/// Why the ports of a port-forward request were refused (400; the kubelet's messages).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortsError {
+    /// `port=` with nothing.
+    #[error("query parameter \"port\" cannot be empty")]
+    Empty,
+    /// Not a number from 0 to 65535.
+    #[error("unable to parse {0:?} as a port: {1}")]
+    Parse(String, std::num::ParseIntError),
+    /// Port 0.
+    #[error("port {0:?} must be > 0")]
+    Zero(String),
+    /// No port at all.
+    #[error("query parameter \"port\" is required")]
+    Missing,
+}
+
 /// The ports of a port-forward request (`ports=80,8080&ports=9000`), as the kubelet checks them.
-pub fn parse_ports(pairs: &[(String, String)]) -> Result<Vec<u16>, String> {
+pub fn parse_ports(pairs: &[(String, String)]) -> Result<Vec<u16>, PortsError> {
     let mut ports = Vec::new();
     for (_, v) in pairs.iter().filter(|(k, _)| k == "port" || k == "ports") {
         if v.is_empty() {
-            return Err("query parameter \"port\" cannot be empty".into());
+            return Err(PortsError::Empty);
         }
         for p in v.split(',') {
             let n: u16 = p
                 .trim()
                 .parse()
-                .map_err(|e| format!("unable to parse {p:?} as a port: {e}"))?;
+                .map_err(|e| PortsError::Parse(p.into(), e))?;
             if n == 0 {
-                return Err(format!("port {p:?} must be > 0"));
+                return Err(PortsError::Zero(p.into()));
             }
             ports.push(n);
         }
     }
     if ports.is_empty() {
-        return Err("query parameter \"port\" is required".into());
+        return Err(PortsError::Missing);
     }
     Ok(ports)
 }
@@ -462,17 +448,43 @@ fn pump(
     rx
 }
 
+/// Why a remote-command session has no exit code (a 500 `metav1.Status` to the client).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// A thread of the session could not be started or went away: (thread name, why).
+    #[error("{0} thread: {1}")]
+    Thread(String, String),
+    /// The shim could not start the process or lost it (its message).
+    #[error("{0}")]
+    Exec(String),
+}
+
+impl From<String> for SessionError {
+    fn from(m: String) -> Self {
+        SessionError::Exec(m)
+    }
+}
+
+impl From<&str> for SessionError {
+    fn from(m: &str) -> Self {
+        SessionError::Exec(m.into())
+    }
+}
+
 /// `metav1.Status` for the error channel, as the kubelet writes it.
-pub fn exit_status(code: Result<i32, String>) -> serde_json::Value {
+pub fn exit_status(code: Result<i32, SessionError>) -> serde_json::Value {
     match code {
         Ok(0) => serde_json::json!({"metadata": {}, "status": "Success"}),
         Ok(c) => serde_json::json!({"metadata": {}, "status": "Failure",
             "message": format!("command terminated with non-zero exit code: exit status {c}"),
             "reason": "NonZeroExitCode",
             "details": {"causes": [{"reason": "ExitCode", "message": c.to_string()}]}}),
-        Err(e) => serde_json::json!({"metadata": {}, "status": "Failure", "message": e,
+        Err(e) => {
+            let e = e.to_string();
+            serde_json::json!({"metadata": {}, "status": "Failure", "message": e,
             "reason": "InternalError", "code": 500,
-            "details": {"causes": [{"message": e}]}}),
+            "details": {"causes": [{"message": e}]}})
+        }
     }
 }
 
@@ -639,8 +651,8 @@ async fn exec_session(
     let started = tokio::task::spawn_blocking(move || client.exec_stream(x)).await;
     let mut es = match started {
         Ok(Ok(es)) => es,
-        Ok(Err(e)) => return finish(tx, writer, Err(e.to_string()), None).await,
-        Err(e) => return finish(tx, writer, Err(e.to_string()), None).await,
+        Ok(Err(e)) => return finish(tx, writer, Err(e.to_string().into()), None).await,
+        Err(e) => return finish(tx, writer, Err(e.to_string().into()), None).await,
     };
     let io = es.take_stdio();
     let mut outs = Vec::new();
@@ -701,7 +713,7 @@ async fn exec_session(
         // The client is gone: the process sees EOF on stdin.
         drop(in_tx);
     });
-    let code = on_own_thread("exec-wait", move || es.wait())
+    let code = on_own_thread("exec-wait", move || es.wait().map_err(SessionError::from))
         .await
         .unwrap_or_else(Err);
     // Output still in the pipes; bounded (a background process may hold them).
@@ -714,7 +726,7 @@ async fn exec_session(
 async fn finish(
     tx: mpsc::Sender<Out>,
     writer: tokio::task::JoinHandle<()>,
-    code: Result<i32, String>,
+    code: Result<i32, SessionError>,
     reader: Option<tokio::task::JoinHandle<()>>,
 ) {
     let st = exit_status(code).to_string();
@@ -864,7 +876,7 @@ pub async fn port_forward(
     let ports = match parse_ports(&pairs) {
         Ok(p) => p,
         Err(_) if spdy => Vec::new(),
-        Err(e) => return text(StatusCode::BAD_REQUEST, e),
+        Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let c2 = ctx.clone();
     let netns = match tokio::task::spawn_blocking(move || pod_netns(&c2, &ns, &pod)).await {
@@ -987,15 +999,16 @@ async fn forward_session(ws: Ws, netns: File, ports: Vec<u16>) {
 pub(crate) async fn on_own_thread<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, String> {
+) -> Result<T, SessionError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
             let _ = tx.send(f());
         })
-        .map_err(|e| format!("{name} thread: {e}"))?;
-    rx.await.map_err(|e| format!("{name} thread: {e}"))
+        .map_err(|e| SessionError::Thread(name.into(), e.to_string()))?;
+    rx.await
+        .map_err(|e| SessionError::Thread(name.into(), e.to_string()))
 }
 
 #[cfg(test)]
@@ -1026,6 +1039,24 @@ mod tests {
         assert!(parse_ports(&query_pairs("ports=x")).is_err());
         assert!(parse_ports(&query_pairs("ports=")).is_err());
         assert!(parse_ports(&query_pairs("")).is_err());
+    }
+
+    #[test]
+    fn port_and_session_errors_keep_their_messages() {
+        let e = |q: &str| parse_ports(&query_pairs(q)).map_err(|e| e.to_string());
+        assert_eq!(e("ports=0"), Err("port \"0\" must be > 0".into()));
+        assert_eq!(
+            e("ports="),
+            Err("query parameter \"port\" cannot be empty".into())
+        );
+        assert_eq!(e(""), Err("query parameter \"port\" is required".into()));
+        assert!(matches!(
+            parse_ports(&query_pairs("port=99999")),
+            Err(PortsError::Parse(p, _)) if p == "99999"
+        ));
+        let s = exit_status(Err(SessionError::Thread("exec-wait".into(), "gone".into())));
+        assert_eq!(s["message"], "exec-wait thread: gone");
+        assert_eq!(s["code"], 500);
     }
 
     #[test]

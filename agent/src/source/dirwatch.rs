@@ -1,62 +1,55 @@
 //! Wakes the manifest directory loop when the directory changes (effectful: one inotify
 //! descriptor watching a directory, read through tokio's reactor), the way the kubelet's file
-//! source watches its static pod path. The periodic re-read stays as the fallback.
-#![allow(unsafe_code)] // inotify_init1 and inotify_add_watch (nix's inotify feature is off)
+//! source watches its static pod path. The periodic re-read stays as the fallback. The
+//! descriptor is nix's [`Inotify`]; the one unsafe block left is tokio's registration
+//! contract (the descriptor stays open while registered), which no safe API covers.
 
-use std::ffi::CString;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::Path;
 use tokio::io::unix::AsyncFd;
 
+/// The inotify instance, as tokio's reactor registers it (by its raw descriptor).
+struct Watcher(Inotify);
+
+impl AsRawFd for Watcher {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
 /// An inotify watch on one directory (entries created, removed, renamed, written).
 pub struct DirWatch {
-    fd: AsyncFd<OwnedFd>,
+    fd: AsyncFd<Watcher>,
 }
 
 impl DirWatch {
     /// Watches `dir` (not recursively). Must be called inside a tokio runtime.
     pub fn new(dir: &Path) -> io::Result<Self> {
-        use nix::libc;
-        // SAFETY: no pointers are passed; the flags are valid.
-        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a new descriptor owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let path = CString::new(dir.as_os_str().as_bytes())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let mask = libc::IN_CREATE
-            | libc::IN_DELETE
-            | libc::IN_MOVED_TO
-            | libc::IN_MOVED_FROM
-            | libc::IN_CLOSE_WRITE
-            | libc::IN_MODIFY
-            | libc::IN_ATTRIB
-            | libc::IN_DELETE_SELF
-            | libc::IN_MOVE_SELF;
-        // SAFETY: a valid inotify descriptor and a NUL-terminated path that outlives the call.
-        let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) };
-        if wd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the OwnedFd moves into the AsyncFd and is closed only when it is dropped, so
-        // the descriptor stays open and the same for the AsyncFd's whole lifetime.
-        let fd = unsafe { AsyncFd::register(fd) }?;
+        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        let mask = AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_MODIFY
+            | AddWatchFlags::IN_ATTRIB
+            | AddWatchFlags::IN_DELETE_SELF
+            | AddWatchFlags::IN_MOVE_SELF;
+        ino.add_watch(dir, mask)?;
+        #[allow(unsafe_code)]
+        // SAFETY: the Inotify moves into the AsyncFd and is closed only when the AsyncFd is
+        // dropped, so the descriptor stays open and the same for the registration's lifetime.
+        let fd = unsafe { AsyncFd::register(Watcher(ino)) }?;
         Ok(Self { fd })
     }
 
     /// Waits until at least one change was reported, then drains every pending event.
     pub async fn changed(&self) -> io::Result<()> {
-        let mut buf = [0u8; 4096];
         loop {
             let mut guard = self.fd.readable().await?;
-            let read = guard.try_io(|fd| {
-                nix::unistd::read(fd.get_ref().as_raw_fd(), &mut buf).map_err(io::Error::from)
-            });
-            match read {
+            match guard.try_io(|w| w.get_ref().0.read_events().map_err(io::Error::from)) {
                 Ok(Ok(_)) => break,
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
@@ -68,8 +61,13 @@ impl DirWatch {
 
     /// Reads and drops what is pending (non-blocking).
     pub fn drain(&self) {
-        let mut buf = [0u8; 4096];
-        while nix::unistd::read(self.fd.get_ref().as_raw_fd(), &mut buf).is_ok_and(|n| n > 0) {}
+        while self
+            .fd
+            .get_ref()
+            .0
+            .read_events()
+            .is_ok_and(|e| !e.is_empty())
+        {}
     }
 }
 

@@ -233,12 +233,6 @@ impl ExecStream {
             .map(|x| x.exit_code)
             .ok_or(StreamError::NoExitCode)
     }
-
-    /// [`ExecStream::wait_exit`] with the error as its message, for callers that carry it
-    /// as text (the agent's exec streams; they can move to `wait_exit`).
-    pub fn wait(self) -> Result<i32, String> {
-        self.wait_exit().map_err(|e| e.to_string())
-    }
 }
 
 #[cfg(test)]

@@ -742,7 +742,8 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
         fcr.close();
     });
     let code = crate::api::stream::on_own_thread("exec-wait", move || {
-        es.wait().map_err(crate::api::stream::SessionError::from)
+        es.wait_exit()
+            .map_err(|e| crate::api::stream::SessionError::Exec(e.to_string()))
     })
     .await
     .unwrap_or_else(Err);

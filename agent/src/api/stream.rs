@@ -713,9 +713,12 @@ async fn exec_session(
         // The client is gone: the process sees EOF on stdin.
         drop(in_tx);
     });
-    let code = on_own_thread("exec-wait", move || es.wait().map_err(SessionError::from))
-        .await
-        .unwrap_or_else(Err);
+    let code = on_own_thread("exec-wait", move || {
+        es.wait_exit()
+            .map_err(|e| SessionError::Exec(e.to_string()))
+    })
+    .await
+    .unwrap_or_else(Err);
     // Output still in the pipes; bounded (a background process may hold them).
     for o in outs {
         let _ = tokio::time::timeout(Duration::from_secs(1), o).await;

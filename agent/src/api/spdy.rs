@@ -577,41 +577,29 @@ fn pump(
     rx
 }
 
-/// A remote-command session (`exec`) over SPDY: waits for the streams the query promised,
-/// runs the process through the shim's streaming exec, relays, ends with the status on the
-/// error stream.
-pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [bool; 3]) {
-    let [want_stdin, want_stdout, want_stderr] = want;
-    let tty = x.tty;
-    let (mut r, w) = tokio::io::split(io);
-    let tx = spawn_writer(w);
-    let fc = std::sync::Arc::new(SendWindows::default());
-    let mut inf = HeaderInflater::default();
-    let mut def = HeaderDeflater::default();
+/// The opening of a remote-command session: answers the client's SYN_STREAMs (and its
+/// pings, window updates and settings) until every stream type in `needed` exists. The
+/// streams by type; or, when the client opens more than 16 streams, breaks the framing or
+/// takes longer than 30 s, the last stream id it opened (for a GOAWAY).
+async fn await_streams<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    inf: &mut HeaderInflater,
+    def: &mut HeaderDeflater,
+    tx: &Tx,
+    fc: &SendWindows,
+    needed: &[&str],
+) -> Result<HashMap<String, u32>, u32> {
     let mut ids: HashMap<String, u32> = HashMap::new();
-    let mut needed = vec!["error"];
-    if want_stdin {
-        needed.push("stdin");
-    }
-    if want_stdout {
-        needed.push("stdout");
-    }
-    if want_stderr && !tty {
-        needed.push("stderr");
-    }
-    if tty {
-        needed.push("resize");
-    }
     let mut last = 0;
     let got = tokio::time::timeout(Duration::from_secs(30), async {
         let mut syns = 0usize;
         while !needed.iter().all(|n| ids.contains_key(*n)) {
-            match read_frame(&mut r, &mut inf).await {
+            match read_frame(r, inf).await {
                 Ok(Some(Frame::Syn { .. })) if syns >= 16 => return false,
                 Ok(Some(Frame::Syn { id, headers, .. })) => {
                     syns += 1;
                     last = id;
-                    let _ = tx.send(syn_reply(id, &mut def)).await;
+                    let _ = tx.send(syn_reply(id, def)).await;
                     if let Some(t) = headers.get("streamtype") {
                         ids.insert(t.clone(), id);
                     }
@@ -631,10 +619,44 @@ pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [boo
     })
     .await
     .unwrap_or(false);
-    if !got {
-        let _ = tx.send(goaway(last)).await;
-        return;
+    if got {
+        Ok(ids)
+    } else {
+        Err(last)
     }
+}
+
+/// A remote-command session (`exec`) over SPDY: waits for the streams the query promised,
+/// runs the process through the shim's streaming exec, relays, ends with the status on the
+/// error stream.
+pub async fn exec_session(io: Io, client: ShimClient, x: ExecRequest, want: [bool; 3]) {
+    let [want_stdin, want_stdout, want_stderr] = want;
+    let tty = x.tty;
+    let (mut r, w) = tokio::io::split(io);
+    let tx = spawn_writer(w);
+    let fc = std::sync::Arc::new(SendWindows::default());
+    let mut inf = HeaderInflater::default();
+    let mut def = HeaderDeflater::default();
+    let mut needed = vec!["error"];
+    if want_stdin {
+        needed.push("stdin");
+    }
+    if want_stdout {
+        needed.push("stdout");
+    }
+    if want_stderr && !tty {
+        needed.push("stderr");
+    }
+    if tty {
+        needed.push("resize");
+    }
+    let ids = match await_streams(&mut r, &mut inf, &mut def, &tx, &fc, &needed).await {
+        Ok(ids) => ids,
+        Err(last) => {
+            let _ = tx.send(goaway(last)).await;
+            return;
+        }
+    };
     let err_id = ids.get("error").copied().unwrap_or(0);
     let started = tokio::task::spawn_blocking(move || client.exec_stream(x)).await;
     let mut es = match started {
@@ -772,7 +794,6 @@ pub async fn attach_session(
     let fc = std::sync::Arc::new(SendWindows::default());
     let mut inf = HeaderInflater::default();
     let mut def = HeaderDeflater::default();
-    let mut ids: HashMap<String, u32> = HashMap::new();
     let mut needed = vec!["error"];
     for (n, want) in [
         ("stdin", want_stdin),
@@ -783,36 +804,9 @@ pub async fn attach_session(
             needed.push(n);
         }
     }
-    let got = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut syns = 0usize;
-        while !needed.iter().all(|n| ids.contains_key(*n)) {
-            match read_frame(&mut r, &mut inf).await {
-                Ok(Some(Frame::Syn { .. })) if syns >= 16 => return false,
-                Ok(Some(Frame::Syn { id, headers, .. })) => {
-                    syns += 1;
-                    let _ = tx.send(syn_reply(id, &mut def)).await;
-                    if let Some(t) = headers.get("streamtype") {
-                        ids.insert(t.clone(), id);
-                    }
-                }
-                Ok(Some(Frame::Ping(p))) => {
-                    let _ = tx.send(p).await;
-                }
-                Ok(Some(Frame::WindowUpdate { id, delta })) => fc.update(id, delta),
-                Ok(Some(Frame::Settings {
-                    initial_window: Some(v),
-                })) => fc.set_initial(v),
-                Ok(Some(_)) => {}
-                _ => return false,
-            }
-        }
-        true
-    })
-    .await
-    .unwrap_or(false);
-    if !got {
+    let Ok(ids) = await_streams(&mut r, &mut inf, &mut def, &tx, &fc, &needed).await else {
         return;
-    }
+    };
     let input = if want_stdin {
         let c = client.clone();
         tokio::task::spawn_blocking(move || c.attach_stdin().ok())

@@ -5,19 +5,25 @@
 //! `hako-proxy` or kube-proxy.
 //!
 //! Effectful: a thread of its own (the watchers run on another, with their own tokio
-//! runtime), programming the kernel through the chosen backend. [`masquerade_cidr`] and the
-//! event pump are pure enough to be unit-tested with a fake backend.
+//! runtime), programming the kernel through the chosen backend. The sync cadence (rate limit,
+//! back-off, hourly full resync, the kube-proxy metrics and the healthz timestamp) is
+//! `hako_proxier::runner::Runner`'s, fed by a `WatchSource`; this module adds the agent's
+//! metrics and log line through the runner's observer. [`masquerade_cidr`] and the observer
+//! are unit-tested with a fake backend.
 
+use crate::api::healthz::AgentMetrics;
 use crate::proxy::standalone::ProxyMode;
-use hako_proxier::kube::{Mapper, WatchEvent};
-use hako_proxier::metrics::{self, Metrics};
-use hako_proxier::Proxier;
+use hako_proxier::kube::{WatchError, WatchEvent};
+use hako_proxier::metrics;
+use hako_proxier::runner::{
+    RunEnd, Runner, RunnerConfig, SharedStatus, SyncEvent, SyncWhen, WatchSource,
+};
+use hako_proxier::{Proxier, SyncError};
 use ipnet::IpNet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
 
 /// What the in-agent proxier needs.
 #[derive(Debug, Clone)]
@@ -51,55 +57,88 @@ pub fn bind_address(s: &str) -> Result<Option<SocketAddr>, ProxyError> {
     s.trim()
         .parse()
         .map(Some)
-        .map_err(|e| ProxyError::Address(s.to_string(), format!("{e}")))
+        .map_err(|e| ProxyError::Address(s.to_string(), e))
 }
 
 /// How long the proxier stays healthy without a successful sync (kube-proxy: twice its
 /// 60 s healthz timeout base).
 const HEALTHY_WITHIN: Duration = Duration::from_secs(120);
 
-/// What the metrics and healthz endpoints read.
-#[derive(Debug, Clone)]
-struct Shared {
-    metrics: Arc<Mutex<Metrics>>,
-    last_ok: Arc<Mutex<Option<Instant>>>,
+/// The runner's timing: a check (and a sync, changed or not) at most every
+/// `min_sync_period`, back-off 100 ms to 30 s while syncs fail, a full resync hourly (the
+/// proxier's own `full_period`).
+fn runner_config(min_sync_period: Duration) -> RunnerConfig {
+    RunnerConfig {
+        min_sync_period,
+        sync_period: Duration::from_secs(3600),
+        sync_when: SyncWhen::EveryPeriod,
+        backoff_min: hako_proxier::runner::BACKOFF_MIN,
+        backoff_max: hako_proxier::runner::BACKOFF_MAX,
+    }
 }
 
-impl Shared {
-    fn new() -> Self {
-        Self {
-            metrics: Arc::default(),
-            last_ok: Arc::default(),
-        }
-    }
+/// The sync runner with the agent's observer ([`observe`]).
+fn runner(min_sync_period: Duration) -> Runner {
+    let runner = Runner::new(runner_config(min_sync_period));
+    let status = runner.status();
+    runner.with_observer(move |ev| observe(&status, ev))
+}
 
-    /// Starts the endpoints that were asked for.
-    fn serve(&self, opts: &ProxyOptions) -> Result<(), ProxyError> {
-        if let Some(a) = opts.metrics_addr {
-            let m = self.metrics.clone();
-            metrics::serve(a, move |path| match path {
-                "/metrics" => (
-                    200,
-                    "text/plain; version=0.0.4",
-                    m.lock().map(|m| m.render()).unwrap_or_default(),
-                ),
-                _ => (404, "text/plain", "not found\n".into()),
-            })
-            .map_err(|e| ProxyError::Bind(a, e))?;
+/// What the agent adds to each sync the runner ran: its own metrics, the "service rules
+/// synced" line, and the kube-proxy figures of syncs that wrote nothing (the runner records
+/// only syncs that wrote rules; this proxier has always recorded every successful sync in
+/// `kubeproxy_sync_proxy_rules_duration_seconds`, so its figures stay as they were).
+fn observe(status: &SharedStatus, ev: &SyncEvent<'_>) {
+    match ev {
+        SyncEvent::Synced { stats, took, .. } => {
+            if stats.rules == 0 && !stats.full {
+                let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+                st.metrics.synced(false, *took, 0);
+            }
+            AgentMetrics::shared().observe_proxy_sync(*took);
+            if stats.full || stats.services_written > 0 {
+                tracing::info!(
+                    full = stats.full,
+                    services = stats.services_written,
+                    rules = stats.rules,
+                    took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                    "service rules synced"
+                );
+            }
         }
-        if let Some(a) = opts.healthz_addr {
-            let lo = self.last_ok.clone();
-            metrics::serve(a, move |path| {
-                if path != "/healthz" && path != "/livez" {
-                    return (404, "text/plain", "not found\n".into());
-                }
-                let age = lo.lock().ok().and_then(|t| t.map(|t| t.elapsed()));
-                healthz(age)
-            })
-            .map_err(|e| ProxyError::Bind(a, e))?;
-        }
-        Ok(())
+        SyncEvent::Failed { .. } => AgentMetrics::shared().proxy_sync_error(),
     }
+}
+
+/// Starts the endpoints that were asked for, reading the runner's status.
+fn serve(status: &SharedStatus, opts: &ProxyOptions) -> Result<(), ProxyError> {
+    if let Some(a) = opts.metrics_addr {
+        let st = status.clone();
+        metrics::serve(a, move |path| match path {
+            "/metrics" => (
+                200,
+                "text/plain; version=0.0.4",
+                st.lock().map(|s| s.metrics.render()).unwrap_or_default(),
+            ),
+            _ => (404, "text/plain", "not found\n".into()),
+        })
+        .map_err(|e| ProxyError::Bind(a, e))?;
+    }
+    if let Some(a) = opts.healthz_addr {
+        let st = status.clone();
+        metrics::serve(a, move |path| {
+            if path != "/healthz" && path != "/livez" {
+                return (404, "text/plain", "not found\n".into());
+            }
+            let age = st
+                .lock()
+                .ok()
+                .and_then(|s| s.last_success.map(|t| t.elapsed()));
+            healthz(age)
+        })
+        .map_err(|e| ProxyError::Bind(a, e))?;
+    }
+    Ok(())
 }
 
 /// The `/healthz` answer for the age of the last successful sync (None: none yet), in
@@ -137,18 +176,19 @@ pub fn masquerade_cidr(cluster: &[IpNet], node_pod_cidrs: &[IpNet]) -> Option<St
 /// Why the proxier did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// The backend could not be set up (e.g. IPVS without the ip_vs modules).
+    /// The backend could not be set up (e.g. IPVS without the ip_vs modules). The cause is
+    /// in the message, not a `source`, so it is printed once.
     #[error("proxy mode {0:?}: {1}")]
-    Backend(ProxyMode, String),
-    /// The watchers could not start (kubeconfig).
+    Backend(ProxyMode, SyncError),
+    /// The watchers could not start (kubeconfig); the cause is in the message.
     #[error("Service/EndpointSlice watchers: {0}")]
-    Watchers(String),
+    Watchers(WatchError),
     /// The thread could not start.
     #[error("proxier thread: {0}")]
     Thread(std::io::Error),
     /// A `--proxy-*-bind-address` flag is not an address.
     #[error("bind address {0:?}: {1}")]
-    Address(String, String),
+    Address(String, std::net::AddrParseError),
     /// The metrics or healthz endpoint could not listen.
     #[error("listening on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
@@ -184,7 +224,7 @@ pub fn start(opts: ProxyOptions) -> Result<Option<std::thread::JoinHandle<()>>, 
                     return;
                 }
                 Err(e) => {
-                    let _ = ready_tx.send(Err(ProxyError::Backend(opts.mode, format!("{e:#}"))));
+                    let _ = ready_tx.send(Err(ProxyError::Backend(opts.mode, e)));
                     return;
                 }
             };
@@ -195,8 +235,8 @@ pub fn start(opts: ProxyOptions) -> Result<Option<std::thread::JoinHandle<()>>, 
                     return;
                 }
             };
-            let shared = Shared::new();
-            if let Err(e) = shared.serve(&opts) {
+            let runner = runner(opts.min_sync_period);
+            if let Err(e) = serve(&runner.status(), &opts) {
                 let _ = ready_tx.send(Err(e));
                 return;
             }
@@ -204,7 +244,7 @@ pub fn start(opts: ProxyOptions) -> Result<Option<std::thread::JoinHandle<()>>, 
             tracing::info!(mode = ?opts.mode, node = %opts.node_name,
                 cluster_cidr = ?opts.cluster_cidr, metrics = ?opts.metrics_addr,
                 healthz = ?opts.healthz_addr, "proxier started");
-            run(proxier, rx, &opts, &shared);
+            run(proxier, rx, &opts, runner);
         })
         .map_err(ProxyError::Thread)?;
     match ready_rx.recv() {
@@ -224,101 +264,39 @@ pub fn start(opts: ProxyOptions) -> Result<Option<std::thread::JoinHandle<()>>, 
 
 fn watch(opts: &ProxyOptions) -> Result<Receiver<WatchEvent>, ProxyError> {
     let (tx, rx) = std::sync::mpsc::channel();
-    hako_proxier::kube::spawn_watchers(&opts.kubeconfig, tx)
-        .map_err(|e| ProxyError::Watchers(format!("{e:#}")))?;
+    hako_proxier::kube::spawn_watchers(&opts.kubeconfig, tx).map_err(ProxyError::Watchers)?;
     Ok(rx)
 }
 
-/// Syncs from the watchers forever; if the watcher thread ever dies, it is started again and
-/// its relist replaces what the proxier knew.
-fn run(mut proxier: Proxier, mut rx: Receiver<WatchEvent>, opts: &ProxyOptions, shared: &Shared) {
+/// Syncs from the watchers forever; if the watcher thread ever dies, it is started again
+/// (every 5 s until it starts) and its relist replaces what the proxier knew. The runner,
+/// and with it the metrics and the healthz timestamp, carries on across restarts.
+fn run(
+    mut proxier: Proxier,
+    mut rx: Receiver<WatchEvent>,
+    opts: &ProxyOptions,
+    mut runner: Runner,
+) {
     loop {
-        let mut mapper = Mapper::default();
-        pump(&mut proxier, &mut mapper, &rx, opts.min_sync_period, shared);
+        match runner.run(&mut proxier, &mut WatchSource::new(rx)) {
+            Ok(RunEnd::Closed) => {}
+            Err(never) => match never {},
+        }
         tracing::error!("proxier: the Service/EndpointSlice watchers stopped; restarting them");
-        loop {
+        rx = loop {
             std::thread::sleep(Duration::from_secs(5));
             match watch(opts) {
-                Ok(r) => {
-                    rx = r;
-                    break;
-                }
+                Ok(r) => break r,
                 Err(e) => tracing::warn!("proxier: {e}"),
             }
-        }
-    }
-}
-
-/// Feeds watch events to the proxier and syncs at most every `min_period` (once both kinds
-/// were listed), backing off up to 30 s while syncs fail. Returns when the channel closes.
-fn pump(
-    proxier: &mut Proxier,
-    mapper: &mut Mapper,
-    rx: &Receiver<WatchEvent>,
-    min_period: Duration,
-    shared: &Shared,
-) {
-    let mut wait = min_period;
-    let mut failing = false;
-    let mut closed = false;
-    while !closed {
-        let until = Instant::now() + wait;
-        while let Some(left) = until.checked_duration_since(Instant::now()) {
-            match rx.recv_timeout(left) {
-                Ok(ev) => mapper.handle(ev, proxier),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    // Program what was received, then hand back.
-                    closed = true;
-                    break;
-                }
-            }
-        }
-        if !mapper.ready() {
-            continue;
-        }
-        let t = Instant::now();
-        match proxier.sync() {
-            Ok(s) => {
-                let took = t.elapsed();
-                if let Ok(mut m) = shared.metrics.lock() {
-                    m.synced(s.full, took, s.rules);
-                }
-                if let Ok(mut l) = shared.last_ok.lock() {
-                    *l = Some(Instant::now());
-                }
-                crate::api::healthz::AgentMetrics::shared().observe_proxy_sync(took);
-                if s.full || s.services_written > 0 {
-                    tracing::info!(
-                        full = s.full,
-                        services = s.services_written,
-                        rules = s.rules,
-                        took_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
-                        "service rules synced"
-                    );
-                }
-                if failing {
-                    tracing::info!("proxier sync recovered");
-                }
-                failing = false;
-                wait = min_period;
-            }
-            Err(e) => {
-                if let Ok(mut m) = shared.metrics.lock() {
-                    m.failures += 1;
-                }
-                crate::api::healthz::AgentMetrics::shared().proxy_sync_error();
-                wait = (wait * 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
-                tracing::warn!("proxier sync failed (retry in {wait:?}): {e}");
-                failing = true;
-            }
-        }
+        };
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hako_proxier::kube::Mapper;
     use hako_proxier::kube::WatchEvent::{Service as S, Slice as L};
     use kube::runtime::watcher::Event;
 
@@ -369,17 +347,41 @@ mod tests {
         .expect("slice")
     }
 
-    /// Sends `evs` on a fresh channel and pumps until it closes; returns what the
-    /// metrics/healthz endpoints would read.
-    fn feed(proxier: &mut Proxier, mapper: &mut Mapper, evs: Vec<WatchEvent>) -> Shared {
+    /// Sends `evs` on a fresh channel and runs `runner` until it closes, continuing `mapper`
+    /// (what was listed stays listed); returns the mapper for the next feed.
+    fn feed(
+        runner: &mut Runner,
+        proxier: &mut Proxier,
+        mapper: Mapper,
+        evs: Vec<WatchEvent>,
+    ) -> Mapper {
         let (tx, rx) = std::sync::mpsc::channel();
         for e in evs {
             tx.send(e).expect("send");
         }
         drop(tx);
-        let shared = Shared::new();
-        pump(proxier, mapper, &rx, Duration::from_millis(5), &shared);
-        shared
+        let mut src = WatchSource::with_mapper(rx, mapper);
+        match runner.run(proxier, &mut src) {
+            Ok(RunEnd::Closed) => {}
+            Err(never) => match never {},
+        }
+        src.into_mapper()
+    }
+
+    /// `kubeproxy_sync_proxy_rules_duration_seconds_count` (all syncs) and the partial
+    /// one, as `/metrics` shows them.
+    fn sync_counts(runner: &Runner) -> (u64, u64) {
+        let text = runner.status().lock().expect("status").metrics.render();
+        let count = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+        };
+        (
+            count("kubeproxy_sync_proxy_rules_duration_seconds_count "),
+            count("kubeproxy_sync_partial_proxy_rules_duration_seconds_count "),
+        )
     }
 
     #[test]
@@ -418,11 +420,13 @@ mod tests {
                 .cloned()
                 .unwrap_or_default()
         };
-        let mut mapper = Mapper::default();
+        let mut runner = runner(Duration::from_millis(5));
+        let last_success = |r: &Runner| r.status().lock().expect("status").last_success;
         // Services listed, slices not yet: nothing is programmed (no half picture).
-        let shared = feed(
+        let mapper = feed(
+            &mut runner,
             &mut proxier,
-            &mut mapper,
+            Mapper::default(),
             vec![
                 S(Event::Init),
                 S(Event::InitApply(svc())),
@@ -430,38 +434,42 @@ mod tests {
             ],
         );
         assert_eq!(last(), "");
-        assert!(
-            shared.last_ok.lock().expect("lock").is_none(),
-            "no sync yet"
-        );
+        assert!(last_success(&runner).is_none(), "no sync yet");
         // Slices listed: the sync programs both endpoints.
-        let shared = feed(
+        let mapper = feed(
+            &mut runner,
             &mut proxier,
-            &mut mapper,
+            mapper,
             vec![
                 L(Event::Init),
                 L(Event::InitApply(slice(&["10.244.2.5", "10.244.2.6"]))),
                 L(Event::InitDone),
             ],
         );
-        assert!(shared.last_ok.lock().expect("lock").is_some());
-        let text = shared.metrics.lock().expect("lock").render();
-        assert!(
-            text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 1"),
-            "{text}"
-        );
+        assert!(last_success(&runner).is_some());
+        assert_eq!(sync_counts(&runner), (1, 0));
         let rules = last();
         assert!(rules.contains("10.96.0.50/32"), "{rules}");
         assert!(rules.contains("10.244.2.5:8080"), "{rules}");
         assert!(rules.contains("10.244.2.6:8080"), "{rules}");
         // An endpoint leaves: the next sync drops it.
-        feed(
+        let mapper = feed(
+            &mut runner,
             &mut proxier,
-            &mut mapper,
+            mapper,
             vec![L(Event::Apply(slice(&["10.244.2.6"])))],
         );
         let rules = last();
         assert!(!rules.contains("10.244.2.5:8080"), "{rules}");
         assert!(rules.contains("10.244.2.6:8080"), "{rules}");
+        assert_eq!(sync_counts(&runner), (2, 1));
+        // Nothing new: the check still syncs (a no-op for the rules) and, as this proxier
+        // always did, counts it and refreshes the healthz timestamp.
+        let restores = state.lock().expect("state").restores.len();
+        let before = last_success(&runner);
+        feed(&mut runner, &mut proxier, mapper, vec![]);
+        assert_eq!(state.lock().expect("state").restores.len(), restores);
+        assert_eq!(sync_counts(&runner), (3, 2));
+        assert!(last_success(&runner) > before);
     }
 }

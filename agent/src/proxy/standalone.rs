@@ -3,22 +3,26 @@
 //! a runner feeds them to `hako_proxier::Proxier` so a ClusterIP works with no cluster.
 //!
 //! [`build_slices`] is pure. [`ServiceRunner`] owns the proxier and syncs only when the
-//! Services or the slices changed. [`spawn_poller`] is the agent's loop: every period it reads
-//! the Services from the manifest directory and the pods (with status) from
-//! `<root>/pods/*/status.json`, so a readiness flip recorded by a pod worker reaches the
+//! Services or the slices changed. [`spawn_poller`] is the agent's loop, effectful: the one
+//! sync runner of `hako_proxier` (`runner::Runner`, on-change mode) over a `Poll` source that
+//! every period reads the Services from the manifest directory and the pods (with status)
+//! from `<root>/pods/*/status.json`, so a readiness flip recorded by a pod worker reaches the
 //! dataplane within one period.
 
 use crate::api::healthz::AgentMetrics;
 use crate::source::manifest::StaticPodOptions;
+use hako_proxier::runner::{RunEnd, Runner, RunnerConfig, Source, SyncEvent, SyncWhen, Wake};
+use hako_proxier::{Proxier, SyncError};
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -239,12 +243,63 @@ pub fn build_slices(services: &[Service], pods: &[Pod]) -> Vec<EndpointSlice> {
     out
 }
 
+/// What the proxier was last given: the Service loop's change detection.
+#[derive(Debug, Default)]
+struct Fed(Option<(Vec<Service>, Vec<EndpointSlice>)>);
+
+/// What one [`Fed::feed`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Feed {
+    /// The Services or slices differed and were handed to the proxier.
+    changed: bool,
+    /// Services read.
+    services: usize,
+    /// Slices built.
+    slices: usize,
+}
+
+impl Fed {
+    /// Builds the slices of `services` from `pods` and hands both to `proxier` when they
+    /// differ from what it was last given.
+    fn feed(&mut self, proxier: &mut Proxier, services: Vec<Service>, pods: &[Pod]) -> Feed {
+        let slices = build_slices(&services, pods);
+        let mut feed = Feed {
+            changed: false,
+            services: services.len(),
+            slices: slices.len(),
+        };
+        if self
+            .0
+            .as_ref()
+            .is_none_or(|(s, e)| *s != services || *e != slices)
+        {
+            proxier.replace_all(services.clone(), slices.clone());
+            self.0 = Some((services, slices));
+            feed.changed = true;
+        }
+        feed
+    }
+}
+
+/// The runner's timing for a poll `period`: a check every period, a sync only when the
+/// Services or slices changed, a failed sync retried every period (no growth), no periodic
+/// full resync.
+fn runner_config(period: Duration) -> RunnerConfig {
+    RunnerConfig {
+        min_sync_period: period,
+        sync_period: Duration::MAX,
+        sync_when: SyncWhen::OnChange,
+        backoff_min: period,
+        backoff_max: period,
+    }
+}
+
 /// Feeds the proxier and syncs when something changed.
 pub struct ServiceRunner {
-    proxier: hako_proxier::Proxier,
-    last: Option<(Vec<Service>, Vec<EndpointSlice>)>,
-    /// Time of the last successful sync.
-    pub last_sync: Option<Instant>,
+    proxier: Proxier,
+    fed: Fed,
+    /// Decides [`Self::update`]'s syncs (no rate limit: every update may sync).
+    runner: Runner,
 }
 
 /// What one update did.
@@ -260,11 +315,11 @@ pub struct UpdateOutcome {
 
 impl ServiceRunner {
     /// A runner over a proxier.
-    pub fn new(proxier: hako_proxier::Proxier) -> Self {
+    pub fn new(proxier: Proxier) -> Self {
         Self {
             proxier,
-            last: None,
-            last_sync: None,
+            fed: Fed::default(),
+            runner: Runner::new(runner_config(Duration::ZERO)),
         }
     }
 
@@ -278,7 +333,7 @@ impl ServiceRunner {
             hako_proxier::RealIptables::with_variant(variant),
             render.clone(),
         );
-        Self::new(hako_proxier::Proxier::new(
+        Self::new(Proxier::new(
             Box::new(backend),
             hako_proxier::ProxierOpts {
                 hostname: node_name.to_string(),
@@ -288,42 +343,74 @@ impl ServiceRunner {
     }
 
     /// Builds the slices and syncs the proxier when the Services or slices differ from the last
-    /// successful update (or the last sync failed).
+    /// update (or the last sync failed).
     pub fn update(
         &mut self,
         services: Vec<Service>,
         pods: &[Pod],
-    ) -> Result<UpdateOutcome, hako_proxier::SyncError> {
-        let slices = build_slices(&services, pods);
-        let n = slices.len();
-        if self
-            .last
-            .as_ref()
-            .is_some_and(|(s, e)| *s == services && *e == slices)
-        {
+    ) -> Result<UpdateOutcome, SyncError> {
+        let started = Instant::now();
+        let feed = self.fed.feed(&mut self.proxier, services, pods);
+        if feed.changed {
+            self.runner.notify();
+        }
+        let Some(plan) = self.runner.schedule().decide(Instant::now()) else {
             return Ok(UpdateOutcome {
                 synced: false,
-                slices: n,
+                slices: feed.slices,
                 took: Duration::ZERO,
             });
+        };
+        self.runner.sync_now(&mut self.proxier, plan.full)?;
+        Ok(UpdateOutcome {
+            synced: true,
+            slices: feed.slices,
+            took: started.elapsed(),
+        })
+    }
+
+    /// The Service loop until `stop` is set: a [`Poll`] every `opts.period`, a sync when it
+    /// fed a change (or to retry a failure), recorded in `metrics` and logged.
+    fn run(mut self, opts: PollerOptions, metrics: Arc<AgentMetrics>, stop: Arc<AtomicBool>) {
+        let counts = Arc::new(Mutex::new(Feed {
+            changed: false,
+            services: 0,
+            slices: 0,
+        }));
+        let (m, c) = (metrics.clone(), counts.clone());
+        let mut runner = Runner::new(runner_config(opts.period)).with_observer(move |ev| {
+            observe(&m, &c, ev);
+        });
+        let mut poll = Poll {
+            opts,
+            metrics,
+            stop,
+            fed: self.fed,
+            counts,
+        };
+        match runner.run(&mut self.proxier, &mut poll) {
+            Ok(RunEnd::Closed) => {}
+            Err(never) => match never {},
         }
-        let started = Instant::now();
-        self.proxier.replace_all(services.clone(), slices.clone());
-        match self.proxier.sync() {
-            Ok(_) => {
-                self.last = Some((services, slices));
-                self.last_sync = Some(Instant::now());
-                Ok(UpdateOutcome {
-                    synced: true,
-                    slices: n,
-                    took: started.elapsed(),
-                })
-            }
-            Err(e) => {
-                self.last = None;
-                Err(e)
-            }
+    }
+}
+
+/// The agent's record of one sync of the Service loop: its metrics and the "service rules
+/// synced" line with the counts of the last feed (`counts`). A failure is logged by the
+/// runner ("proxier sync failed; retrying") and retried next period.
+fn observe(metrics: &AgentMetrics, counts: &Mutex<Feed>, ev: &SyncEvent<'_>) {
+    match ev {
+        SyncEvent::Synced { took, .. } => {
+            metrics.observe_proxy_sync(*took);
+            let c = *counts.lock().unwrap_or_else(|p| p.into_inner());
+            info!(
+                services = c.services,
+                slices = c.slices,
+                took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                "service rules synced"
+            );
         }
+        SyncEvent::Failed { .. } => metrics.proxy_sync_error(),
     }
 }
 
@@ -339,69 +426,108 @@ pub struct PollerOptions {
     pub period: Duration,
 }
 
+/// Sleeps until `deadline` in steps of at most 100 ms; false when `stop` was set.
+fn sleep_until(deadline: Instant, stop: &AtomicBool) -> bool {
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        match deadline.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => {
+                std::thread::sleep(left.min(Duration::from_millis(100)));
+            }
+            _ => return true,
+        }
+    }
+}
+
+/// The pods with their status from the records (None, logged, when they cannot be read).
+fn read_pods(root: &Path) -> Option<Vec<Pod>> {
+    match crate::sys::state::read_records(root) {
+        Ok((recs, _)) => Some(recs.into_iter().map(|r| r.pod).collect()),
+        Err(e) => {
+            warn!(error = %e, "services: reading pod records");
+            None
+        }
+    }
+}
+
+/// The Service loop's source: at each deadline it reads the pods from the records (and
+/// refreshes the pod and container gauges of `metrics` from them) and the Services from the
+/// manifest directory, and feeds the proxier when they changed. Read errors are logged and
+/// the check is idle (the manifest source reports bad documents itself). Ready once it has
+/// fed the proxier; closed when `stop` is set.
+struct Poll {
+    opts: PollerOptions,
+    metrics: Arc<AgentMetrics>,
+    stop: Arc<AtomicBool>,
+    fed: Fed,
+    /// The counts of the last feed, for the observer's log line.
+    counts: Arc<Mutex<Feed>>,
+}
+
+impl Source<Proxier> for Poll {
+    type Error = Infallible;
+
+    fn wait(&mut self, deadline: Instant, proxier: &mut Proxier) -> Result<Wake, Infallible> {
+        if !sleep_until(deadline, &self.stop) {
+            return Ok(Wake::Closed { changed: false });
+        }
+        let Some(pods) = read_pods(&self.opts.root) else {
+            return Ok(Wake::Idle);
+        };
+        self.metrics.observe_pods(&pods);
+        let services: Vec<Service> =
+            match crate::source::dir::load_dir(&self.opts.manifest_dir, &self.opts.static_pods) {
+                Ok(l) => l.snapshot.services.into_values().collect(),
+                Err(e) => {
+                    warn!(error = %e, "services: reading the manifest directory");
+                    return Ok(Wake::Idle);
+                }
+            };
+        let feed = self.fed.feed(proxier, services, &pods);
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = feed;
+        Ok(if feed.changed {
+            Wake::Changed
+        } else {
+            Wake::Idle
+        })
+    }
+
+    fn ready(&self) -> bool {
+        self.fed.0.is_some()
+    }
+}
+
 /// Runs the Service loop on a thread until `stop` is set: every period, Services from the
-/// manifest directory and pods from the records go through [`ServiceRunner::update`]; the pod
-/// and container gauges of `metrics` are refreshed from the same records. Load errors of the
-/// directory are logged (the manifest source reports bad documents itself); sync failures are
-/// retried next period.
+/// manifest directory and pods from the records reach the proxier through
+/// `hako_proxier::runner::Runner` (a sync only when they changed; a failed sync is retried
+/// next period); the pod and container gauges of `metrics` are refreshed from the same
+/// records. `runner` None ([`ProxyMode::None`]): the gauges only.
 pub fn spawn_poller(
-    mut runner: Option<ServiceRunner>,
+    runner: Option<ServiceRunner>,
     opts: PollerOptions,
     metrics: Arc<AgentMetrics>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("services".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                poll_once(runner.as_mut(), &opts, &metrics);
-                let mut slept = Duration::ZERO;
-                while slept < opts.period && !stop.load(Ordering::Relaxed) {
-                    let d = Duration::from_millis(100).min(opts.period - slept);
-                    std::thread::sleep(d);
-                    slept += d;
+        .spawn(move || match runner {
+            Some(r) => r.run(opts, metrics, stop),
+            None => {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(pods) = read_pods(&opts.root) {
+                        metrics.observe_pods(&pods);
+                    }
+                    let next = Instant::now()
+                        .checked_add(opts.period)
+                        .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+                    if !sleep_until(next, &stop) {
+                        break;
+                    }
                 }
             }
         })
-}
-
-/// One iteration of the poller (public for tests). `runner` None: metrics only.
-pub fn poll_once(runner: Option<&mut ServiceRunner>, opts: &PollerOptions, metrics: &AgentMetrics) {
-    let pods: Vec<Pod> = match crate::sys::state::read_records(&opts.root) {
-        Ok((recs, _)) => recs.into_iter().map(|r| r.pod).collect(),
-        Err(e) => {
-            warn!(error = %e, "services: reading pod records");
-            return;
-        }
-    };
-    metrics.observe_pods(&pods);
-    let Some(runner) = runner else { return };
-    let services: Vec<Service> =
-        match crate::source::dir::load_dir(&opts.manifest_dir, &opts.static_pods) {
-            Ok(l) => l.snapshot.services.into_values().collect(),
-            Err(e) => {
-                warn!(error = %e, "services: reading the manifest directory");
-                return;
-            }
-        };
-    let n = services.len();
-    match runner.update(services, &pods) {
-        Ok(o) => {
-            if o.synced {
-                metrics.observe_proxy_sync(o.took);
-                info!(
-                    services = n,
-                    slices = o.slices,
-                    took_ms = u64::try_from(o.took.as_millis()).unwrap_or(u64::MAX),
-                    "service rules synced"
-                );
-            }
-        }
-        Err(e) => {
-            warn!(error = %e, "service rules sync failed; retrying");
-            metrics.proxy_sync_error();
-        }
-    }
 }
 
 /// The dataplane the standalone agent programs for its Services.
@@ -417,17 +543,20 @@ pub enum ProxyMode {
     None,
 }
 
+/// A `--proxy-mode` value that names no mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown proxy mode {0:?} (iptables, nftables, ipvs, none)")]
+pub struct UnknownProxyMode(pub String);
+
 impl std::str::FromStr for ProxyMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownProxyMode;
+    fn from_str(s: &str) -> Result<Self, UnknownProxyMode> {
         match s {
             "iptables" | "" => Ok(Self::Iptables),
             "nftables" => Ok(Self::Nftables),
             "ipvs" => Ok(Self::Ipvs),
             "none" => Ok(Self::None),
-            o => Err(format!(
-                "unknown proxy mode {o:?} (iptables, nftables, ipvs, none)"
-            )),
+            o => Err(UnknownProxyMode(o.to_string())),
         }
     }
 }
@@ -439,18 +568,19 @@ pub fn runner_for_mode(
     node_name: &str,
     iptables_variant: &str,
     cluster_cidr: Option<String>,
-) -> anyhow::Result<Option<ServiceRunner>> {
+) -> Result<Option<ServiceRunner>, SyncError> {
     Ok(proxier_for_mode(mode, node_name, iptables_variant, cluster_cidr)?.map(ServiceRunner::new))
 }
 
 /// The proxier for `mode` (None for [`ProxyMode::None`]) with conntrack flushing of stale UDP
 /// flows: what the standalone Service loop and cluster mode's in-agent proxier both run.
+/// Fails when the backend cannot be set up (IPVS without the ip_vs modules).
 pub fn proxier_for_mode(
     mode: ProxyMode,
     node_name: &str,
     iptables_variant: &str,
     cluster_cidr: Option<String>,
-) -> anyhow::Result<Option<hako_proxier::Proxier>> {
+) -> Result<Option<Proxier>, SyncError> {
     let render = hako_proxier::RenderOpts {
         cluster_cidr,
         ..Default::default()
@@ -470,7 +600,7 @@ pub fn proxier_for_mode(
             },
         )?),
     };
-    let proxier = hako_proxier::Proxier::new(
+    let proxier = Proxier::new(
         backend,
         hako_proxier::ProxierOpts {
             hostname: node_name.to_string(),
@@ -612,41 +742,185 @@ status:
 
     #[test]
     fn runner_syncs_only_on_change() {
-        let fake = hako_proxier::FakeIptables::default();
-        let state = fake.state.clone();
-        let backend = hako_proxier::IptablesBackend::new(fake, Default::default());
-        let mut r = ServiceRunner::new(hako_proxier::Proxier::new(
-            Box::new(backend),
-            Default::default(),
-        ));
+        let (proxier, state) = fake_proxier();
+        let mut r = ServiceRunner::new(proxier);
         let mut pods = vec![pod("a", "{app: web}", "10.244.0.2", true, "")];
         assert!(r.update(vec![svc(SVC)], &pods).unwrap().synced);
         let n = state.lock().unwrap().restores.len();
-        assert!(state
-            .lock()
-            .unwrap()
-            .restores
-            .last()
-            .unwrap()
-            .contains("10.244.0.2:8080"));
+        assert!(last_restore(&state).contains("10.244.0.2:8080"));
         assert!(!r.update(vec![svc(SVC)], &pods).unwrap().synced);
         assert_eq!(state.lock().unwrap().restores.len(), n);
         // Readiness flips: the endpoint leaves the rules.
-        pods[0]
-            .status
-            .as_mut()
-            .unwrap()
-            .conditions
-            .as_mut()
-            .unwrap()[0]
-            .status = "False".into();
+        pods[0] = unready(&pods[0]);
         assert!(r.update(vec![svc(SVC)], &pods).unwrap().synced);
-        assert!(!state
+        assert!(!last_restore(&state).contains("10.244.0.2:8080"));
+        // A failed sync is retried by the next update, with nothing new.
+        let pods = vec![pod("b", "{app: web}", "10.244.0.3", true, "")];
+        state.lock().unwrap().fail_next = true;
+        assert!(r.update(vec![svc(SVC)], &pods).is_err());
+        assert!(!last_restore(&state).contains("10.244.0.3:8080"));
+        assert!(r.update(vec![svc(SVC)], &pods).unwrap().synced);
+        assert!(last_restore(&state).contains("10.244.0.3:8080"));
+        assert!(!r.update(vec![svc(SVC)], &pods).unwrap().synced);
+    }
+
+    /// The pod with its Ready condition False.
+    fn unready(p: &Pod) -> Pod {
+        let mut p = p.clone();
+        if let Some(c) = p.status.as_mut().and_then(|s| s.conditions.as_mut()) {
+            c[0].status = "False".into();
+        }
+        p
+    }
+
+    /// Writes the pod's status record under `root`, as a pod worker does.
+    fn record(root: &Path, p: &Pod) {
+        crate::sys::state::write_record(root, &crate::model::record::PodRecord::new(p.clone()))
+            .unwrap();
+    }
+
+    /// The last restore payload the fake iptables received ("" before any).
+    fn last_restore(state: &Mutex<hako_proxier::iptables::FakeState>) -> String {
+        state
             .lock()
             .unwrap()
             .restores
             .last()
-            .unwrap()
-            .contains("10.244.0.2:8080"));
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A manifest dir with the web Service, and a root whose records hold `pods`.
+    fn poll_env(pods: &[Pod]) -> (tempfile::TempDir, PollerOptions) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("manifests");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("svc.yaml"),
+            format!("apiVersion: v1\nkind: Service\n{SVC}\n"),
+        )
+        .unwrap();
+        let root = tmp.path().join("root");
+        for p in pods {
+            crate::sys::state::write_record(
+                &root,
+                &crate::model::record::PodRecord::new(p.clone()),
+            )
+            .unwrap();
+        }
+        let opts = PollerOptions {
+            manifest_dir: dir,
+            static_pods: StaticPodOptions::default(),
+            root,
+            period: Duration::from_millis(20),
+        };
+        (tmp, opts)
+    }
+
+    fn fake_proxier() -> (Proxier, Arc<Mutex<hako_proxier::iptables::FakeState>>) {
+        let fake = hako_proxier::FakeIptables::default();
+        let state = fake.state.clone();
+        let backend = hako_proxier::IptablesBackend::new(fake, Default::default());
+        (Proxier::new(Box::new(backend), Default::default()), state)
+    }
+
+    #[test]
+    fn poll_feeds_changes_only_and_closes_on_stop() {
+        let ready = pod("a", "{app: web}", "10.244.0.2", true, "");
+        let (_tmp, opts) = poll_env(std::slice::from_ref(&ready));
+        let (mut proxier, _) = fake_proxier();
+        let metrics = Arc::new(AgentMetrics::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let root = opts.root.clone();
+        let mut poll = Poll {
+            opts,
+            metrics: metrics.clone(),
+            stop: stop.clone(),
+            fed: Fed::default(),
+            counts: Arc::new(Mutex::new(Feed {
+                changed: false,
+                services: 0,
+                slices: 0,
+            })),
+        };
+        assert!(!poll.ready(), "nothing fed yet");
+        let now = Instant::now;
+        assert_eq!(poll.wait(now(), &mut proxier), Ok(Wake::Changed));
+        assert!(poll.ready());
+        assert_eq!(
+            *poll.counts.lock().unwrap(),
+            Feed {
+                changed: true,
+                services: 1,
+                slices: 1
+            }
+        );
+        assert_eq!(poll.wait(now(), &mut proxier), Ok(Wake::Idle));
+        // A readiness flip recorded by the pod worker is a change.
+        record(&root, &unready(&ready));
+        assert_eq!(poll.wait(now(), &mut proxier), Ok(Wake::Changed));
+        assert_eq!(poll.wait(now(), &mut proxier), Ok(Wake::Idle));
+        assert!(
+            metrics.render().contains("kubelet_running_pods"),
+            "pod gauges refreshed"
+        );
+        stop.store(true, Ordering::Relaxed);
+        let far = now() + Duration::from_secs(3600);
+        assert_eq!(
+            poll.wait(far, &mut proxier),
+            Ok(Wake::Closed { changed: false })
+        );
+    }
+
+    #[test]
+    fn the_loop_programs_the_pods_and_a_readiness_flip_then_stops() {
+        let ready = pod("a", "{app: web}", "10.244.0.2", true, "");
+        let (_tmp, opts) = poll_env(std::slice::from_ref(&ready));
+        let root = opts.root.clone();
+        let (proxier, state) = fake_proxier();
+        let metrics = Arc::new(AgentMetrics::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = spawn_poller(
+            Some(ServiceRunner::new(proxier)),
+            opts,
+            metrics.clone(),
+            stop.clone(),
+        )
+        .unwrap();
+        let last = || last_restore(&state);
+        let errors = |m: &AgentMetrics| m.proxy_sync_errors.load(Ordering::Relaxed);
+        let until = |what: &str, f: &dyn Fn() -> bool| {
+            let end = Instant::now() + Duration::from_secs(20);
+            while !f() {
+                assert!(Instant::now() < end, "{what}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        until("the ready pod programmed", &|| {
+            last().contains("10.244.0.2:8080")
+        });
+        // The flip's first sync fails; the next period retries it.
+        state.lock().unwrap().fail_next = true;
+        record(&root, &unready(&ready));
+        until("the unready pod gone from the rules", &|| {
+            !last().contains("10.244.0.2:8080")
+        });
+        // Nothing changes any more: no further syncs.
+        let n = state.lock().unwrap().restores.len();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            state.lock().unwrap().restores.len(),
+            n,
+            "synced without a change"
+        );
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        // Two syncs and the failure, in the agent's metrics.
+        assert_eq!(errors(&metrics), 1);
+        let text = metrics.render();
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 2"),
+            "{text}"
+        );
     }
 }

@@ -309,13 +309,16 @@ fn a_pod_on_one_node_reaches_pods_on_another_through_a_service() {
         (r.contains(CLUSTER_IP) && pods.iter().all(|(_, ip)| r.contains(&format!("{ip}:8080"))))
             .then_some(())
     });
-    // The in-agent proxier's kube-proxy endpoints: /healthz on :10256 after a sync, sync
+    // The in-agent proxier's kube-proxy endpoints: /healthz on :10256 once the sync that
+    // wrote those rules has finished (the rules are visible while it still runs), sync
     // figures on 127.0.0.1:10249/metrics.
-    let healthz = node2
-        .ns
-        .sh("curl -s -m 3 -w ' %{http_code}' http://127.0.0.1:10256/healthz")
-        .unwrap_or_default();
-    assert!(healthz.ends_with(" 200"), "{healthz}");
+    let healthz = wait_for("/healthz 200 after the first sync", 10, &env, || {
+        let h = node2
+            .ns
+            .sh("curl -s -m 3 -w ' %{http_code}' http://127.0.0.1:10256/healthz")
+            .unwrap_or_default();
+        h.ends_with(" 200").then_some(h)
+    });
     assert!(healthz.contains("\"healthy\": true"), "{healthz}");
     let metrics = node2
         .ns

@@ -619,14 +619,34 @@ impl Drop for NodeServices {
     }
 }
 
+/// Why the node services could not start. The texts are those the agent printed before the
+/// error became typed; the healthz bind error is part of the message (not a `source`), as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeServicesError {
+    /// The healthz/metrics listener could not be bound.
+    #[error("healthz server on {addr}: {error}")]
+    Healthz {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The bind (or listener setup) error.
+        error: std::io::Error,
+    },
+    /// The Service proxier for the chosen mode could not be set up (its own error, unchanged).
+    #[error(transparent)]
+    Proxier(Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// The Service loop's thread could not be spawned.
+    #[error(transparent)]
+    Poller(std::io::Error),
+}
+
 /// Starts the healthz/metrics server (healthy while [`heartbeat`] beats within 10 s) and the
 /// Service loop ([`crate::proxy::standalone::spawn_poller`]).
-pub fn start_node_services(opts: NodeServicesOptions) -> anyhow::Result<NodeServices> {
+pub fn start_node_services(opts: NodeServicesOptions) -> Result<NodeServices, NodeServicesError> {
     let metrics = AgentMetrics::shared();
     let server = match opts.healthz_addr {
         Some(a) => Some(
             start(a, metrics.clone(), Duration::from_secs(10))
-                .map_err(|e| anyhow::anyhow!("healthz server on {a}: {e}"))?,
+                .map_err(|error| NodeServicesError::Healthz { addr: a, error })?,
         ),
         None => None,
     };
@@ -635,10 +655,12 @@ pub fn start_node_services(opts: NodeServicesOptions) -> anyhow::Result<NodeServ
         &opts.poller.static_pods.node_name,
         &opts.iptables_variant,
         opts.cluster_cidr.clone(),
-    )?;
+    )
+    .map_err(|e| NodeServicesError::Proxier(e.into()))?;
     let stop = Arc::new(AtomicBool::new(false));
     let poller =
-        crate::proxy::standalone::spawn_poller(runner, opts.poller, metrics.clone(), stop.clone())?;
+        crate::proxy::standalone::spawn_poller(runner, opts.poller, metrics.clone(), stop.clone())
+            .map_err(NodeServicesError::Poller)?;
     Ok(NodeServices {
         metrics,
         server,
@@ -954,5 +976,21 @@ mod tests {
             respond(&m, Duration::from_secs(1), "GET", "/metrics?x=1").0,
             200
         );
+    }
+
+    /// The bind failure reads as it did when it was an `anyhow!` message, and (as then) it
+    /// carries no separate cause, so `main` prints no extra "Caused by" line.
+    #[test]
+    fn node_services_error_text_is_unchanged() {
+        use std::error::Error as _;
+        let addr: SocketAddr = "127.0.0.1:10248".parse().unwrap();
+        let error = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let want = format!("healthz server on 127.0.0.1:10248: {error}");
+        let e = NodeServicesError::Healthz { addr, error };
+        assert_eq!(e.to_string(), want);
+        assert!(e.source().is_none());
+        let inner = std::io::Error::other("iptables-restore not found");
+        let e = NodeServicesError::Proxier(Box::new(inner));
+        assert_eq!(e.to_string(), "iptables-restore not found");
     }
 }

@@ -18,6 +18,112 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio_rustls::rustls;
 
+/// Why a probe or hook handler failed. The Display text is the probe failure output that
+/// events (`Liveness probe failed: ...`) and hook failure messages carry, in the kubelet's words.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The host name did not resolve.
+    #[error("resolve {addr}: {source}")]
+    Resolve {
+        /// `host:port` as looked up.
+        addr: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// The host name resolved to no address.
+    #[error("resolve {0}: no address")]
+    NoAddress(String),
+    /// The TCP connection failed or timed out.
+    #[error("dial tcp {addr}: {source}")]
+    Dial {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The connect error.
+        source: std::io::Error,
+    },
+    /// The shim could not run the command.
+    #[error(transparent)]
+    Exec(#[from] hako_shim::client::ClientError),
+    /// The command ran past the probe's timeout.
+    #[error("command {argv:?} timed out after {secs}s")]
+    ExecTimedOut {
+        /// The command.
+        argv: Vec<String>,
+        /// The timeout in whole seconds.
+        secs: u64,
+    },
+    /// The command exited non-zero without output.
+    #[error("command {argv:?} exited with {code}")]
+    Exited {
+        /// The command.
+        argv: Vec<String>,
+        /// Its exit code.
+        code: i32,
+    },
+    /// The command exited non-zero; its output (trailing whitespace trimmed) is the message.
+    #[error("{0}")]
+    Output(String),
+    /// An httpGet scheme other than HTTP or HTTPS.
+    #[error("scheme {0:?} is not supported (HTTP or HTTPS)")]
+    UnsupportedScheme(String),
+    /// The TLS client configuration could not be built.
+    #[error("TLS configuration: {0}")]
+    TlsConfig(rustls::Error),
+    /// The HTTP request to `url` failed.
+    #[error("Get \"{url}\": {source}")]
+    Http {
+        /// The URL requested.
+        url: String,
+        /// What failed.
+        source: HttpError,
+    },
+    /// The server answered with a status outside 200–399.
+    #[error("HTTP probe failed with statuscode: {0}")]
+    HttpStatus(u16),
+    /// The gRPC exchange with `target` failed on the wire.
+    #[error("rpc error to {target}: {source}")]
+    Rpc {
+        /// `host:port`.
+        target: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The gRPC peer broke the protocol (frame too large, stream reset, GOAWAY, ...).
+    #[error("rpc error to {target}: {what}")]
+    RpcProtocol {
+        /// `host:port`.
+        target: String,
+        /// What the peer did.
+        what: &'static str,
+    },
+    /// The health RPC did not complete before the probe's timeout.
+    #[error("timeout: health rpc did not complete within {0:?}")]
+    RpcTimeout(Duration),
+    /// The health service answered with a status other than SERVING.
+    #[error("service unhealthy (responded with status {0})")]
+    Unhealthy(u64),
+    /// The health response could not be decoded.
+    #[error("malformed health response")]
+    MalformedHealth,
+}
+
+/// What failed in an HTTP GET after the connection was made.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The host is not a valid TLS server name.
+    #[error(transparent)]
+    ServerName(#[from] rustls::pki_types::InvalidDnsNameError),
+    /// The TLS session could not be set up.
+    #[error(transparent)]
+    Tls(#[from] rustls::Error),
+    /// Sending the request or reading the answer failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The answer does not start with an HTTP status line.
+    #[error("malformed HTTP response")]
+    Malformed,
+}
+
 /// Runs probes and hook handlers against containers of one runtime.
 #[derive(Debug, Clone)]
 pub struct RealProber {
@@ -25,21 +131,22 @@ pub struct RealProber {
     pub shim: ShimRuntime,
 }
 
-fn addr(host: &str, port: u16) -> Result<SocketAddr, String> {
+fn addr(host: &str, port: u16) -> Result<SocketAddr, ProbeError> {
     let h = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
     };
-    h.to_socket_addrs()
-        .map_err(|e| format!("resolve {h}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("resolve {h}: no address"))
+    match h.to_socket_addrs() {
+        Ok(mut a) => a.next().ok_or(ProbeError::NoAddress(h)),
+        Err(source) => Err(ProbeError::Resolve { addr: h, source }),
+    }
 }
 
-fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, String> {
+fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, ProbeError> {
     let a = addr(host, port)?;
-    let s = TcpStream::connect_timeout(&a, timeout).map_err(|e| format!("dial tcp {a}: {e}"))?;
+    let s = TcpStream::connect_timeout(&a, timeout)
+        .map_err(|source| ProbeError::Dial { addr: a, source })?;
     let _ = s.set_read_timeout(Some(timeout));
     let _ = s.set_write_timeout(Some(timeout));
     Ok(s)
@@ -51,20 +158,17 @@ pub fn exec(
     container_id: &str,
     argv: &[String],
     timeout: Duration,
-) -> Result<(i32, String), String> {
-    let r = shim
-        .client(container_id)
-        .exec(ExecRequest {
-            args: argv.to_vec(),
-            timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
-            ..Default::default()
-        })
-        .map_err(|e| e.to_string())?;
+) -> Result<(i32, String), ProbeError> {
+    let r = shim.client(container_id).exec(ExecRequest {
+        args: argv.to_vec(),
+        timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+        ..Default::default()
+    })?;
     if r.timed_out {
-        return Err(format!(
-            "command {argv:?} timed out after {}s",
-            timeout.as_secs()
-        ));
+        return Err(ProbeError::ExecTimedOut {
+            argv: argv.to_vec(),
+            secs: timeout.as_secs(),
+        });
     }
     Ok((r.exit_code, format!("{}{}", r.stdout, r.stderr)))
 }
@@ -120,20 +224,20 @@ impl rustls::client::danger::ServerCertVerifier for NoCertificateVerification {
 }
 
 /// The TLS client configuration of HTTPS probes and hooks (built once).
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
-    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, ProbeError> {
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, rustls::Error>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
             let provider = Arc::new(rustls::crypto::ring::default_provider());
             let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("TLS configuration: {e}"))?
+                .with_safe_default_protocol_versions()?
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(NoCertificateVerification(provider)))
                 .with_no_client_auth();
             Ok(Arc::new(cfg))
         })
         .clone()
+        .map_err(ProbeError::TlsConfig)
 }
 
 /// HTTP GET (scheme `HTTP` or `HTTPS`); returns the status code.
@@ -144,7 +248,7 @@ pub fn http_get(
     path: &str,
     headers: &[(String, String)],
     timeout: Duration,
-) -> Result<u16, String> {
+) -> Result<u16, ProbeError> {
     let path = if path.starts_with('/') {
         path.to_string()
     } else {
@@ -155,19 +259,20 @@ pub fn http_get(
     } else if scheme.eq_ignore_ascii_case("http") {
         false
     } else {
-        return Err(format!(
-            "scheme {scheme:?} is not supported (HTTP or HTTPS)"
-        ));
+        return Err(ProbeError::UnsupportedScheme(scheme.to_string()));
     };
     let tcp = connect(host, port, timeout)?;
     if !tls {
         return http_exchange(tcp, "http", host, port, &path, headers);
     }
     let url = format!("https://{}:{port}{path}", host_for_url(host));
+    let http = |source: HttpError| ProbeError::Http {
+        url: url.clone(),
+        source,
+    };
     let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-        .map_err(|e| format!("Get \"{url}\": {e}"))?;
-    let conn = rustls::ClientConnection::new(tls_config()?, name)
-        .map_err(|e| format!("Get \"{url}\": {e}"))?;
+        .map_err(|e| http(e.into()))?;
+    let conn = rustls::ClientConnection::new(tls_config()?, name).map_err(|e| http(e.into()))?;
     http_exchange(
         rustls::StreamOwned::new(conn, tcp),
         "https",
@@ -194,7 +299,7 @@ fn http_exchange(
     port: u16,
     path: &str,
     headers: &[(String, String)],
-) -> Result<u16, String> {
+) -> Result<u16, ProbeError> {
     let url = format!("{scheme}://{}:{port}{path}", host_for_url(host));
     let mut req = format!("GET {path} HTTP/1.1\r\n");
     let has = |n: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
@@ -213,7 +318,10 @@ fn http_exchange(
     req.push_str("Connection: close\r\n\r\n");
     s.write_all(req.as_bytes())
         .and_then(|()| s.flush())
-        .map_err(|e| format!("Get \"{url}\": {e}"))?;
+        .map_err(|e| ProbeError::Http {
+            url: url.clone(),
+            source: e.into(),
+        })?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 512];
     while !buf.windows(2).any(|w| w == b"\r\n") {
@@ -221,7 +329,12 @@ fn http_exchange(
             Ok(n) => n,
             // A TLS peer that closes without close_notify after its answer.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => 0,
-            Err(e) => return Err(format!("Get \"{url}\": {e}")),
+            Err(e) => {
+                return Err(ProbeError::Http {
+                    url,
+                    source: e.into(),
+                })
+            }
         };
         if n == 0 {
             break;
@@ -235,7 +348,10 @@ fn http_exchange(
     line.split_whitespace()
         .nth(1)
         .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| format!("Get \"{url}\": malformed HTTP response"))
+        .ok_or(ProbeError::Http {
+            url,
+            source: HttpError::Malformed,
+        })
 }
 
 fn hpack_int(out: &mut Vec<u8>, prefix_bits: u8, first: u8, mut v: usize) {
@@ -339,31 +455,40 @@ pub fn grpc_health_status(msg: &[u8]) -> Option<u64> {
 }
 
 /// gRPC health check: Ok when the server answers SERVING.
-pub fn grpc_check(host: &str, port: u16, service: &str, timeout: Duration) -> Result<(), String> {
+pub fn grpc_check(
+    host: &str,
+    port: u16,
+    service: &str,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
     let deadline = Instant::now() + timeout;
     let mut s = connect(host, port, timeout)?;
     let target = format!("{host}:{port}");
+    let rpc = |source: std::io::Error| ProbeError::Rpc {
+        target: target.clone(),
+        source,
+    };
+    let protocol = |what: &'static str| ProbeError::RpcProtocol {
+        target: target.clone(),
+        what,
+    };
     s.write_all(&grpc_health_request(&target, service))
-        .map_err(|e| format!("rpc error to {target}: {e}"))?;
+        .map_err(rpc)?;
     let mut data = Vec::new();
     loop {
         if Instant::now() > deadline {
-            return Err(format!(
-                "timeout: health rpc did not complete within {timeout:?}"
-            ));
+            return Err(ProbeError::RpcTimeout(timeout));
         }
         let mut hdr = [0u8; 9];
-        s.read_exact(&mut hdr)
-            .map_err(|e| format!("rpc error to {target}: {e}"))?;
+        s.read_exact(&mut hdr).map_err(rpc)?;
         let len = usize::from(hdr[0]) << 16 | usize::from(hdr[1]) << 8 | usize::from(hdr[2]);
         let (ty, flags) = (hdr[3], hdr[4]);
         let stream = u32::from_be_bytes([hdr[5], hdr[6], hdr[7], hdr[8]]) & 0x7fff_ffff;
         if len > 1 << 20 {
-            return Err(format!("rpc error to {target}: frame too large"));
+            return Err(protocol("frame too large"));
         }
         let mut payload = vec![0u8; len];
-        s.read_exact(&mut payload)
-            .map_err(|e| format!("rpc error to {target}: {e}"))?;
+        s.read_exact(&mut payload).map_err(rpc)?;
         match ty {
             4 if flags & 1 == 0 => {
                 let mut ack = Vec::new();
@@ -387,21 +512,17 @@ pub fn grpc_check(host: &str, port: u16, service: &str, timeout: Duration) -> Re
                     if data.len() >= 5 + want {
                         return match grpc_health_status(&data[..5 + want]) {
                             Some(1) => Ok(()),
-                            Some(st) => {
-                                Err(format!("service unhealthy (responded with status {st})"))
-                            }
-                            None => Err("malformed health response".into()),
+                            Some(st) => Err(ProbeError::Unhealthy(st)),
+                            None => Err(ProbeError::MalformedHealth),
                         };
                     }
                 }
             }
             1 if stream == 1 && flags & 1 != 0 => {
-                return Err(format!(
-                    "rpc error to {target}: stream ended without a response"
-                ));
+                return Err(protocol("stream ended without a response"));
             }
-            3 if stream == 1 => return Err(format!("rpc error to {target}: stream reset")),
-            7 => return Err(format!("rpc error to {target}: connection closed (GOAWAY)")),
+            3 if stream == 1 => return Err(protocol("stream reset")),
+            7 => return Err(protocol("connection closed (GOAWAY)")),
             _ => {}
         }
     }
@@ -420,9 +541,12 @@ impl crate::model::probe::Prober for RealProber {
                 match exec(&self.shim, &target.container_id, command, timeout) {
                     Ok((0, _)) => Ok(()),
                     Ok((code, out)) => Err(if out.trim().is_empty() {
-                        format!("command {command:?} exited with {code}")
+                        ProbeError::Exited {
+                            argv: command.clone(),
+                            code,
+                        }
                     } else {
-                        out.trim_end().to_string()
+                        ProbeError::Output(out.trim_end().to_string())
                     }),
                     Err(e) => Err(e),
                 }
@@ -437,7 +561,7 @@ impl crate::model::probe::Prober for RealProber {
                 let h = host.as_deref().unwrap_or(&target.pod_ip);
                 match http_get(scheme, h, *port, path, headers, timeout) {
                     Ok(code) if (200..400).contains(&code) => Ok(()),
-                    Ok(code) => Err(format!("HTTP probe failed with statuscode: {code}")),
+                    Ok(code) => Err(ProbeError::HttpStatus(code)),
                     Err(e) => Err(e),
                 }
             }
@@ -450,7 +574,7 @@ impl crate::model::probe::Prober for RealProber {
         };
         match r {
             Ok(()) => ProbeOutcome::Success,
-            Err(e) => ProbeOutcome::Failure(e),
+            Err(e) => ProbeOutcome::Failure(e.to_string()),
         }
     }
 }
@@ -516,8 +640,8 @@ mod tests {
         // A host name (sent as SNI) that is not in the certificate is fine too.
         let (port, t) = tls_server("503 Service Unavailable");
         assert_eq!(
-            http_get("https", "localhost", port, "/", &[], Duration::from_secs(5)),
-            Ok(503)
+            http_get("https", "localhost", port, "/", &[], Duration::from_secs(5)).unwrap(),
+            503
         );
         t.join().unwrap();
     }
@@ -532,7 +656,8 @@ mod tests {
             let _ = c.read(&mut b);
             let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
         });
-        let r = http_get("HTTPS", "127.0.0.1", port, "/", &[], Duration::from_secs(5));
+        let r = http_get("HTTPS", "127.0.0.1", port, "/", &[], Duration::from_secs(5))
+            .map_err(|e| e.to_string());
         assert!(
             r.as_ref()
                 .is_err_and(|e| e.starts_with(&format!("Get \"https://127.0.0.1:{port}/\""))),
@@ -541,7 +666,7 @@ mod tests {
         t.join().unwrap();
         assert!(
             http_get("ftp", "127.0.0.1", 1, "/", &[], Duration::from_secs(1))
-                .is_err_and(|e| e.contains("not supported"))
+                .is_err_and(|e| e.to_string().contains("not supported"))
         );
     }
 
@@ -558,5 +683,67 @@ mod tests {
         let mut v = Vec::new();
         hpack_int(&mut v, 7, 0, 200);
         assert_eq!(v, vec![127, 73]);
+    }
+
+    /// Probe failure outputs are the kubelet's words, and root tests match them in events.
+    #[test]
+    fn probe_error_messages_are_unchanged() {
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        for (e, want) in [
+            (
+                ProbeError::Dial {
+                    addr: a,
+                    source: refused(),
+                },
+                format!("dial tcp 10.0.0.1:80: {}", refused()),
+            ),
+            (
+                ProbeError::NoAddress("x:80".into()),
+                "resolve x:80: no address".into(),
+            ),
+            (
+                ProbeError::HttpStatus(404),
+                "HTTP probe failed with statuscode: 404".into(),
+            ),
+            (
+                ProbeError::Http {
+                    url: "http://10.0.0.1:80/".into(),
+                    source: HttpError::Malformed,
+                },
+                "Get \"http://10.0.0.1:80/\": malformed HTTP response".into(),
+            ),
+            (
+                ProbeError::ExecTimedOut {
+                    argv: vec!["sleep".into(), "9".into()],
+                    secs: 1,
+                },
+                "command [\"sleep\", \"9\"] timed out after 1s".into(),
+            ),
+            (
+                ProbeError::Exited {
+                    argv: vec!["false".into()],
+                    code: 1,
+                },
+                "command [\"false\"] exited with 1".into(),
+            ),
+            (
+                ProbeError::Unhealthy(2),
+                "service unhealthy (responded with status 2)".into(),
+            ),
+            (
+                ProbeError::RpcProtocol {
+                    target: "10.0.0.1:50051".into(),
+                    what: "stream reset",
+                },
+                "rpc error to 10.0.0.1:50051: stream reset".into(),
+            ),
+            (
+                ProbeError::RpcTimeout(Duration::from_secs(1)),
+                "timeout: health rpc did not complete within 1s".into(),
+            ),
+        ] {
+            assert_eq!(e.to_string(), want);
+        }
     }
 }

@@ -18,6 +18,41 @@ use k8s_openapi::chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Why a container's spec could not be built: the message of its CreateContainerConfigError
+/// (the Display text is what events and the container's waiting message carry).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// runAsNonRoot with runAsUser 0 (kubelet `verifyRunAsNonRoot`).
+    #[error("container's runAsUser breaks non-root policy")]
+    RunAsUserRoot,
+    /// runAsNonRoot and the image's user is root or unset.
+    #[error("container has runAsNonRoot and image will run as root")]
+    ImageRunsAsRoot,
+    /// runAsNonRoot and the image names its user, which cannot be checked.
+    #[error(
+        "container has runAsNonRoot and image has non-numeric user ({0}), cannot verify user is non-root"
+    )]
+    NonNumericUser(String),
+    /// Neither the container nor the image gives a command.
+    #[error("no command specified")]
+    NoCommand,
+    /// `type: Localhost` without `localhostProfile`.
+    #[error("seccompProfile type Localhost needs localhostProfile")]
+    LocalhostWithoutProfile,
+    /// A seccomp profile type other than Unconfined, RuntimeDefault or Localhost.
+    #[error("unknown seccompProfile type {0:?}")]
+    UnknownSeccompType(String),
+    /// The Localhost profile could not be read or parsed.
+    #[error(transparent)]
+    LocalhostProfile(#[from] hako_shim::seccomp::localhost::LocalhostError),
+    /// A capability name the shim does not know.
+    #[error(transparent)]
+    Capability(#[from] hako_shim::capabilities::UnknownCapability),
+    /// The profile does not compile for the container's capabilities.
+    #[error(transparent)]
+    Seccomp(#[from] hako_shim::seccomp::SeccompError),
+}
+
 /// What the agent records of each container it created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -229,7 +264,7 @@ pub fn pod_cgroup(cgroup_parent: &str, spec: &PodSpec, uid: &str) -> String {
 
 /// The user the container runs as, and its check against runAsNonRoot (kubelet
 /// `verifyRunAsNonRoot` messages).
-fn user_for(pod: &Pod, c: &Container, image: &Image) -> Result<User, String> {
+fn user_for(pod: &Pod, c: &Container, image: &Image) -> Result<User, ConfigError> {
     let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
     let csc = c.security_context.as_ref();
     let run_as_user = csc
@@ -245,21 +280,15 @@ fn user_for(pod: &Pod, c: &Container, image: &Image) -> Result<User, String> {
     let image_user = image.config.user.clone().unwrap_or_default();
     if non_root {
         match run_as_user {
-            Some(0) => return Err("container's runAsUser breaks non-root policy".into()),
+            Some(0) => return Err(ConfigError::RunAsUserRoot),
             Some(_) => {}
             None => {
                 let u = image_user.split(':').next().unwrap_or("");
                 match u.parse::<i64>() {
-                    Ok(0) => return Err("container has runAsNonRoot and image will run as root".into()),
+                    Ok(0) => return Err(ConfigError::ImageRunsAsRoot),
                     Ok(_) => {}
-                    Err(_) if u.is_empty() => {
-                        return Err("container has runAsNonRoot and image will run as root".into())
-                    }
-                    Err(_) => {
-                        return Err(format!(
-                            "container has runAsNonRoot and image has non-numeric user ({u}), cannot verify user is non-root"
-                        ))
-                    }
+                    Err(_) if u.is_empty() => return Err(ConfigError::ImageRunsAsRoot),
+                    Err(_) => return Err(ConfigError::NonNumericUser(u.to_string())),
                 }
             }
         }
@@ -322,10 +351,10 @@ fn capabilities(c: &Container) -> Option<Vec<String>> {
 
 /// Builds the shim spec; an error is a CreateContainerConfigError message. Pure, except that
 /// a Localhost seccomp profile is read from `inp.seccomp_profile_root`.
-pub fn build_spec(pod: &Pod, c: &Container, inp: SpecInputs) -> Result<ContainerSpec, String> {
+pub fn build_spec(pod: &Pod, c: &Container, inp: SpecInputs) -> Result<ContainerSpec, ConfigError> {
     let mut process = process_for(&inp.image.config, &inp.command, &inp.args);
     if process.args.is_empty() {
-        return Err("no command specified".into());
+        return Err(ConfigError::NoCommand);
     }
     // Image env first, container env overrides.
     let mut env: Vec<String> = process.env.clone();
@@ -425,7 +454,7 @@ pub enum SeccompRequest {
 
 /// The container's `securityContext.seccompProfile`, else the pod's; an error is a
 /// CreateContainerConfigError message. Pure.
-pub fn seccomp_request(pod: &Pod, c: &Container) -> Result<SeccompRequest, String> {
+pub fn seccomp_request(pod: &Pod, c: &Container) -> Result<SeccompRequest, ConfigError> {
     let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
     let Some(p) = c
         .security_context
@@ -440,9 +469,9 @@ pub fn seccomp_request(pod: &Pod, c: &Container) -> Result<SeccompRequest, Strin
         "RuntimeDefault" => Ok(SeccompRequest::RuntimeDefault),
         "Localhost" => match p.localhost_profile.as_deref() {
             Some(name) if !name.is_empty() => Ok(SeccompRequest::Localhost(name.to_string())),
-            _ => Err("seccompProfile type Localhost needs localhostProfile".into()),
+            _ => Err(ConfigError::LocalhostWithoutProfile),
         },
-        t => Err(format!("unknown seccompProfile type {t:?}")),
+        t => Err(ConfigError::UnknownSeccompType(t.to_string())),
     }
 }
 
@@ -453,14 +482,14 @@ fn localhost_seccomp(
     root: &Path,
     name: &str,
     process: &hako_shim::spec::Process,
-) -> Result<SeccompProfile, String> {
-    let p = hako_shim::seccomp::localhost::read(root, name).map_err(|e| e.to_string())?;
+) -> Result<SeccompProfile, ConfigError> {
+    let p = hako_shim::seccomp::localhost::read(root, name)?;
     let caps = match &process.capabilities {
-        Some(names) => hako_shim::capabilities::parse_set(names).map_err(|e| e.to_string())?,
+        Some(names) => hako_shim::capabilities::parse_set(names)?,
         None => hako_shim::capabilities::default_set(),
     };
     let profile = SeccompProfile::Localhost(Box::new(p));
-    hako_shim::seccomp::compile(&profile, &caps).map_err(|e| e.to_string())?;
+    hako_shim::seccomp::compile(&profile, &caps)?;
     Ok(profile)
 }
 
@@ -507,6 +536,8 @@ mod tests {
     #[test]
     fn run_as_non_root_table() {
         let base = "metadata: {name: p, uid: u}\nspec:\n  securityContext: {runAsNonRoot: true}\n  containers: [{name: c, image: x}]\n";
+        let user_for =
+            |p: &Pod, c: &Container, i: &Image| super::user_for(p, c, i).map_err(|e| e.to_string());
         let p = pod(base);
         let c = &p.spec.as_ref().unwrap().containers[0];
         assert!(user_for(&p, c, &image(""))
@@ -533,7 +564,7 @@ mod tests {
         let req = |yaml: &str| {
             let p = pod(yaml);
             let c = p.spec.as_ref().unwrap().containers[0].clone();
-            seccomp_request(&p, &c)
+            seccomp_request(&p, &c).map_err(|e| e.to_string())
         };
         let base = "metadata: {name: p, uid: u}\nspec:\n";
         assert_eq!(
@@ -588,7 +619,9 @@ mod tests {
             ("profiles/notify.json", "not supported"),
             ("/etc/passwd", "relative path"),
         ] {
-            let e = localhost_seccomp(t.path(), name, &process).unwrap_err();
+            let e = localhost_seccomp(t.path(), name, &process)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{name}: {e}");
         }
     }
@@ -615,5 +648,42 @@ not a record\n\
         assert_eq!(log_tail(log, 1, 2048), "last");
         assert_eq!(log_tail(log, 80, 6), "e\nlast");
         assert_eq!(log_tail(b"", 80, 2048), "");
+    }
+
+    /// The Display of each variant is the message the kubelet (and this agent before the
+    /// error became typed) puts in CreateContainerConfigError events.
+    #[test]
+    fn config_error_messages_are_unchanged() {
+        for (e, want) in [
+            (
+                ConfigError::RunAsUserRoot,
+                "container's runAsUser breaks non-root policy",
+            ),
+            (
+                ConfigError::ImageRunsAsRoot,
+                "container has runAsNonRoot and image will run as root",
+            ),
+            (
+                ConfigError::NonNumericUser("app".into()),
+                "container has runAsNonRoot and image has non-numeric user (app), cannot verify user is non-root",
+            ),
+            (ConfigError::NoCommand, "no command specified"),
+            (
+                ConfigError::LocalhostWithoutProfile,
+                "seccompProfile type Localhost needs localhostProfile",
+            ),
+            (
+                ConfigError::UnknownSeccompType("Strict".into()),
+                "unknown seccompProfile type \"Strict\"",
+            ),
+            (
+                ConfigError::Capability(hako_shim::capabilities::UnknownCapability(
+                    "CAP_NOPE".into(),
+                )),
+                "unknown capability \"CAP_NOPE\"",
+            ),
+        ] {
+            assert_eq!(e.to_string(), want);
+        }
     }
 }

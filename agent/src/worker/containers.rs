@@ -392,7 +392,7 @@ impl Worker {
         let cs = match cs {
             Ok(s) => s,
             Err(e) => {
-                self.config_error(name, e);
+                self.config_error(name, e.to_string());
                 return false;
             }
         };

@@ -27,31 +27,69 @@ pub struct FileProjection {
 /// Relative path → file.
 pub type Payload = BTreeMap<String, FileProjection>;
 
+/// Why a payload path (or a payload) is invalid; the Display text is the kubelet's message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// The path is empty.
+    #[error("path must not be empty")]
+    Empty,
+    /// The path is longer than 4096 bytes.
+    #[error("{0:?}: path must be less than or equal to 4096 characters")]
+    TooLong(String),
+    /// The path is absolute.
+    #[error("{0:?}: must be a relative path")]
+    Absolute(String),
+    /// The path starts with `..`.
+    #[error("{0:?}: must not start with '..'")]
+    StartsWithDotDot(String),
+    /// An element is longer than 255 bytes.
+    #[error("{0:?}: path elements must be less than or equal to 255 characters")]
+    ElementTooLong(String),
+    /// An element is `..`.
+    #[error("{0:?}: must not contain '..'")]
+    ContainsDotDot(String),
+    /// A file mode above 0777.
+    #[error("{path:?}: mode {mode:#o} is out of range (0..0777)")]
+    Mode {
+        /// The path.
+        path: String,
+        /// The mode asked for.
+        mode: u32,
+    },
+    /// The path names no file (`.` or `./`).
+    #[error("{0:?}: path must name a file")]
+    NoFile(String),
+    /// One entry is a file and the directory of another (`a` and `a/b`).
+    #[error("{dir:?} is both a file and a directory of {path:?}")]
+    FileAndDirectory {
+        /// The entry used as a directory.
+        dir: String,
+        /// The entry beneath it.
+        path: String,
+    },
+}
+
 /// Validates one payload path like the kubelet (`validatePath`): relative, not empty, no `..`
 /// element, not starting with `..`, at most 4096 bytes with elements of at most 255.
-pub fn validate_path(p: &str) -> Result<(), String> {
+pub fn validate_path(p: &str) -> Result<(), PathError> {
     if p.is_empty() {
-        return Err("path must not be empty".into());
+        return Err(PathError::Empty);
     }
     if p.len() > 4096 {
-        return Err(format!(
-            "{p:?}: path must be less than or equal to 4096 characters"
-        ));
+        return Err(PathError::TooLong(p.to_string()));
     }
     if Path::new(p).is_absolute() {
-        return Err(format!("{p:?}: must be a relative path"));
+        return Err(PathError::Absolute(p.to_string()));
     }
     if p.starts_with("..") {
-        return Err(format!("{p:?}: must not start with '..'"));
+        return Err(PathError::StartsWithDotDot(p.to_string()));
     }
     for c in Path::new(p).components() {
         match c {
             Component::Normal(s) if s.len() > 255 => {
-                return Err(format!(
-                    "{p:?}: path elements must be less than or equal to 255 characters"
-                ))
+                return Err(PathError::ElementTooLong(p.to_string()))
             }
-            Component::ParentDir => return Err(format!("{p:?}: must not contain '..'")),
+            Component::ParentDir => return Err(PathError::ContainsDotDot(p.to_string())),
             _ => {}
         }
     }
@@ -71,19 +109,19 @@ fn clean(p: &str) -> String {
 }
 
 /// Validates and normalizes every path of a payload.
-pub fn validate_payload(payload: &Payload) -> Result<Payload, String> {
+pub fn validate_payload(payload: &Payload) -> Result<Payload, PathError> {
     let mut out = Payload::new();
     for (p, f) in payload {
         validate_path(p)?;
         if f.mode > 0o777 {
-            return Err(format!(
-                "{p:?}: mode {:#o} is out of range (0..0777)",
-                f.mode
-            ));
+            return Err(PathError::Mode {
+                path: p.clone(),
+                mode: f.mode,
+            });
         }
         let c = clean(p);
         if c.is_empty() {
-            return Err(format!("{p:?}: path must name a file"));
+            return Err(PathError::NoFile(p.clone()));
         }
         out.insert(c, f.clone());
     }
@@ -96,9 +134,10 @@ pub fn validate_payload(payload: &Payload) -> Result<Payload, String> {
             }
             prefix.push_str(seg);
             if out.contains_key(&prefix) {
-                return Err(format!(
-                    "{prefix:?} is both a file and a directory of {p:?}"
-                ));
+                return Err(PathError::FileAndDirectory {
+                    dir: prefix,
+                    path: p.clone(),
+                });
             }
         }
     }
@@ -175,7 +214,7 @@ fn current(dir: &Path) -> Option<(String, Payload)> {
 /// Writes `payload` into `dir` with the atomic scheme. Returns whether anything changed (an
 /// identical payload with all user-visible links in place is a no-op).
 pub fn write(dir: &Path, payload: &Payload) -> Result<bool, VolumeError> {
-    let payload = validate_payload(payload).map_err(VolumeError::InvalidPath)?;
+    let payload = validate_payload(payload)?;
     let visible = user_visible(&payload);
     let old = current(dir);
     let links_ok = visible
@@ -319,6 +358,7 @@ mod tests {
         p.insert("a/b".into(), f("2", 0o644));
         assert!(validate_payload(&p)
             .unwrap_err()
+            .to_string()
             .contains("both a file and a directory"));
         let mut p = Payload::new();
         p.insert("a".into(), f("1", 0o1777));
@@ -382,5 +422,49 @@ mod tests {
         assert!(write(d.path(), &p).is_err());
         assert_eq!(fs::read_to_string(d.path().join("k")).unwrap(), "user");
         assert!(fs::symlink_metadata(d.path().join(DATA_DIR)).is_err());
+    }
+
+    /// The Display of each variant is the message the kubelet's `validatePath` gives, and the
+    /// one volume events carried before the error became typed.
+    #[test]
+    fn path_error_messages_are_unchanged() {
+        let f = |d: &str, mode| FileProjection {
+            data: d.as_bytes().to_vec(),
+            mode,
+        };
+        for (p, want) in [
+            ("", "path must not be empty".to_string()),
+            ("/etc/x", "\"/etc/x\": must be a relative path".into()),
+            ("..x", "\"..x\": must not start with '..'".into()),
+            ("a/../b", "\"a/../b\": must not contain '..'".into()),
+            (
+                &"a".repeat(256),
+                format!(
+                    "{:?}: path elements must be less than or equal to 255 characters",
+                    "a".repeat(256)
+                ),
+            ),
+        ] {
+            assert_eq!(validate_path(p).unwrap_err().to_string(), want, "{p}");
+        }
+        let mut p = Payload::new();
+        p.insert("a".into(), f("1", 0o1777));
+        assert_eq!(
+            validate_payload(&p).unwrap_err().to_string(),
+            "\"a\": mode 0o1777 is out of range (0..0777)"
+        );
+        let mut p = Payload::new();
+        p.insert("./".into(), f("1", 0o644));
+        assert_eq!(
+            validate_payload(&p).unwrap_err().to_string(),
+            "\"./\": path must name a file"
+        );
+        let mut p = Payload::new();
+        p.insert("a".into(), f("1", 0o644));
+        p.insert("a/b".into(), f("2", 0o644));
+        assert_eq!(
+            validate_payload(&p).unwrap_err().to_string(),
+            "\"a\" is both a file and a directory of \"a/b\""
+        );
     }
 }

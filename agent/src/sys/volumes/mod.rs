@@ -200,6 +200,27 @@ pub enum VolumeError {
     /// An invalid payload path.
     #[error("invalid path: {0}")]
     InvalidPath(String),
+    /// A payload the atomic writer refuses.
+    #[error("invalid path: {0}")]
+    Payload(#[from] atomic::PathError),
+    /// An `items[].path` (or projected file path) of a volume is invalid.
+    #[error("MountVolume.SetUp failed for volume \"{volume}\" : {source}")]
+    ItemPath {
+        /// Volume name.
+        volume: String,
+        /// What is wrong with the path.
+        source: atomic::PathError,
+    },
+    /// A volumeMount's subPath is invalid.
+    #[error("container {container}: volumeMount {mount:?}: {source}")]
+    SubPath {
+        /// Container name.
+        container: String,
+        /// Mount name.
+        mount: String,
+        /// What is wrong.
+        source: SubPathError,
+    },
     /// A mount or unmount failed.
     #[error("{}: {message}", path.display())]
     Mount {
@@ -625,13 +646,24 @@ pub fn teardown_pod_volumes(host: &VolumeHost, uid: &str) -> Result<(), VolumeEr
     }
 }
 
+/// Why a volumeMount's subPath is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubPathError {
+    /// The subPath is absolute.
+    #[error("subPath {0:?} must be a relative path")]
+    Absolute(String),
+    /// The subPath has a `..` element.
+    #[error("subPath {0:?} must not contain '..'")]
+    ParentDir(String),
+}
+
 /// Validates a subPath: relative, no `..` element.
-fn check_sub_path(p: &str) -> Result<(), String> {
+fn check_sub_path(p: &str) -> Result<(), SubPathError> {
     if Path::new(p).is_absolute() {
-        return Err(format!("subPath {p:?} must be a relative path"));
+        return Err(SubPathError::Absolute(p.to_string()));
     }
     if Path::new(p).components().any(|c| c == Component::ParentDir) {
-        return Err(format!("subPath {p:?} must not contain '..'"));
+        return Err(SubPathError::ParentDir(p.to_string()));
     }
     Ok(())
 }
@@ -693,7 +725,11 @@ pub fn mounts_for_container(
         };
         let mut source = v.path.clone();
         if let Some(sp) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
-            check_sub_path(sp).map_err(bad)?;
+            check_sub_path(sp).map_err(|source| VolumeError::SubPath {
+                container: c.name.clone(),
+                mount: m.name.clone(),
+                source,
+            })?;
             source = subpath::prepare(&subpath::SubPathMount {
                 root: &vols.root,
                 uid: &vols.uid,
@@ -902,5 +938,24 @@ spec:
         assert!(volume_kind(&v).is_err());
         assert!(valid_volume_name("a-1"));
         assert!(!valid_volume_name("A") && !valid_volume_name("../x") && !valid_volume_name(""));
+    }
+
+    /// A refused subPath keeps the message the mount error carried when it was a string.
+    #[test]
+    fn sub_path_messages_are_unchanged() {
+        assert_eq!(check_sub_path("a/b"), Ok(()));
+        let e = |p: &str| VolumeError::SubPath {
+            container: "c".into(),
+            mount: "data".into(),
+            source: check_sub_path(p).unwrap_err(),
+        };
+        assert_eq!(
+            e("/etc").to_string(),
+            "container c: volumeMount \"data\": subPath \"/etc\" must be a relative path"
+        );
+        assert_eq!(
+            e("a/../..").to_string(),
+            "container c: volumeMount \"data\": subPath \"a/../..\" must not contain '..'"
+        );
     }
 }

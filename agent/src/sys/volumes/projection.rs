@@ -41,6 +41,11 @@ impl TokenSpec {
 /// The tokens a node obtained for one pod: the token, or why there is none (shown in the
 /// FailedMount message). `None` in [`PodContext::service_account_tokens`] means no API server
 /// is available (standalone mode, static pods).
+///
+/// The error side stays text on purpose: it is the TokenRequest failure as the API server (or
+/// the transport) worded it, recorded once by the token manager in `node/tokens.rs`, compared
+/// by value there to notice a changed failure, and shared with every pod worker; the volume
+/// code only quotes it in the FailedMount message and never branches on it.
 pub type PodTokens = BTreeMap<TokenSpec, Result<String, String>>;
 
 /// Every distinct token the pod's projected volumes need.
@@ -130,9 +135,9 @@ fn key_payload(
                     });
                 };
                 let mode = check_mode(volume, "items.mode", it.mode)?.unwrap_or(default_mode);
-                super::atomic::validate_path(&it.path).map_err(|reason| VolumeError::Invalid {
+                super::atomic::validate_path(&it.path).map_err(|source| VolumeError::ItemPath {
                     volume: volume.to_string(),
-                    reason,
+                    source,
                 })?;
                 out.insert(
                     it.path.clone(),
@@ -321,9 +326,9 @@ fn downward_items(
     out: &mut Payload,
 ) -> Result<(), VolumeError> {
     for f in items.into_iter().flatten() {
-        super::atomic::validate_path(&f.path).map_err(|reason| VolumeError::Invalid {
+        super::atomic::validate_path(&f.path).map_err(|source| VolumeError::ItemPath {
             volume: volume.to_string(),
-            reason,
+            source,
         })?;
         let mode = check_mode(volume, "items.mode", f.mode)?.unwrap_or(default_mode);
         let v = downward_value(volume, f, ctx)?;
@@ -413,9 +418,9 @@ pub fn projected(
                     what: "projected serviceAccountToken source (needs a kube-apiserver; not available to static pods)".into(),
                 });
             };
-            super::atomic::validate_path(&t.path).map_err(|reason| VolumeError::Invalid {
+            super::atomic::validate_path(&t.path).map_err(|source| VolumeError::ItemPath {
                 volume: volume.to_string(),
-                reason,
+                source,
             })?;
             let token = match tokens.get(&TokenSpec::of(t)) {
                 Some(Ok(tok)) => tok.clone(),

@@ -271,22 +271,33 @@ fn atomic_update_as_readers_see_it() {
     assert_eq!(ts.len(), 2, "{ts:?}");
 
     // A container holding a bind mount of the volume sees the update (a private mount
-    // namespace with the volume bound elsewhere stands in for the container).
-    let out = std::process::Command::new("unshare")
+    // namespace with the volume bound elsewhere stands in for the container). The reader
+    // reads once, then waits for the signal file the test creates after the update (10 s at
+    // most), then reads again: no timing is assumed.
+    let signal = std::env::temp_dir().join(format!("hako-vol-signal-{}", std::process::id()));
+    let _ = std::fs::remove_file(&signal);
+    let mut child = std::process::Command::new("unshare")
         .args(["-m", "--propagation", "private", "sh", "-c"])
         .arg(format!(
-            "mkdir -p /tmp/hako-vol-bind-$$ && mount --bind {} /tmp/hako-vol-bind-$$ && cat /tmp/hako-vol-bind-$$/greeting; echo; sleep 0.5; cat /tmp/hako-vol-bind-$$/greeting; umount /tmp/hako-vol-bind-$$; rmdir /tmp/hako-vol-bind-$$",
-            cfg.display()
+            "mkdir -p /tmp/hako-vol-bind-$$ && mount --bind {} /tmp/hako-vol-bind-$$ && cat /tmp/hako-vol-bind-$$/greeting; echo; i=0; while [ ! -e {} ] && [ $i -lt 500 ]; do sleep 0.02; i=$((i+1)); done; cat /tmp/hako-vol-bind-$$/greeting; umount /tmp/hako-vol-bind-$$; rmdir /tmp/hako-vol-bind-$$",
+            cfg.display(),
+            signal.display()
         ))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("unshare");
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).expect("first read");
     o.config_maps
         .insert(("default".into(), "cfg".into()), cm("final", "green"));
     refresh_pod_volumes(&g.host, &PodContext::new(&p, &o), &vols).expect("refresh");
-    let out = out.wait_with_output().expect("wait");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "v1199\nfinal");
+    std::fs::write(&signal, b"").expect("signal");
+    let mut second = String::new();
+    stdout.read_to_string(&mut second).expect("second read");
+    child.wait().expect("wait");
+    let _ = std::fs::remove_file(&signal);
+    assert_eq!(format!("{first}{second}"), "v1199\nfinal");
 
     // A deleted ConfigMap: refresh reports it and keeps the last contents.
     o.config_maps.clear();

@@ -55,9 +55,20 @@ fn slice(svc: &str, ip: &str) -> serde_json::Value {
     })
 }
 
-/// Waits until `pred` holds for the node's nat table.
+/// Waits until `pred` holds for the node's nat table (30 s at most).
 fn wait_nat(ns: &NetNs, what: &str, daemon: &mut Daemon, pred: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_nat_for(ns, what, daemon, Duration::from_secs(30), pred);
+}
+
+/// Waits until `pred` holds for the node's nat table, `limit` at most.
+fn wait_nat_for(
+    ns: &NetNs,
+    what: &str,
+    daemon: &mut Daemon,
+    limit: Duration,
+    pred: impl Fn(&str) -> bool,
+) {
+    let deadline = Instant::now() + limit;
     loop {
         let nat = ns.sh("iptables-save -t nat").unwrap();
         if pred(&nat) {
@@ -67,10 +78,10 @@ fn wait_nat(ns: &NetNs, what: &str, daemon: &mut Daemon, pred: impl Fn(&str) -> 
             let log = std::fs::read_to_string(&daemon.1).unwrap_or_default();
             panic!("hako-proxy exited ({st}) while waiting for {what}:\n{log}");
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{nat}"
-        );
+        if Instant::now() >= deadline {
+            let log = std::fs::read_to_string(&daemon.1).unwrap_or_default();
+            panic!("timed out waiting for {what}:\n{nat}\n--- hako-proxy log:\n{log}");
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -143,10 +154,14 @@ fn kubeconfig_watchers_feed_the_proxier() {
     api.compact();
     api.fail_next(4);
     ns.run(|| api.restart()).unwrap().unwrap();
-    wait_nat(
+    // Each watch backs off as client-go's reflector does (0.8 s doubling to 30 s, with
+    // jitter): after a broken connection, the injected failures and a 410, one watch can
+    // be 25-40 s away from its relist, so this wait is longer than the others.
+    wait_nat_for(
         &ns,
         "the service created across the failures",
         &mut d,
+        Duration::from_secs(90),
         |nat| nat.contains("-d 10.96.0.52/32") && nat.contains("10.244.0.8:8080"),
     );
     assert!(

@@ -246,6 +246,10 @@ fn force_delete_spares_processes_that_took_the_recorded_pids() {
             }
             assert_eq!(c.recorded_state().unwrap().status, Status::Running);
             let dir = env.rt.dir("orphan");
+            // A process is named by (pid, start time in clock ticks of 10 ms): one that takes
+            // the pid within the tick the container started in cannot be told apart (see the
+            // shim README's limits). Let a tick pass, as any real pid reuse does.
+            std::thread::sleep(Duration::from_millis(20));
             // Unrelated processes get both pids; the one on the shim's pid even has the
             // state directory on its command line.
             let mut on_init = spawn_on_pid(st.pid, &mut impostor());

@@ -214,6 +214,17 @@ fn current(dir: &Path) -> Option<(String, Payload)> {
 /// Writes `payload` into `dir` with the atomic scheme. Returns whether anything changed (an
 /// identical payload with all user-visible links in place is a no-op).
 pub fn write(dir: &Path, payload: &Payload) -> Result<bool, VolumeError> {
+    write_with(dir, payload, &|| Ok(()))
+}
+
+/// [`write`], calling `set_perms` once the new files are written and before `..data` is
+/// swapped to them (the kubelet's `setPerms` hook: fsGroup ownership is in place before any
+/// reader can see the new files). Not called when nothing changed.
+pub fn write_with(
+    dir: &Path,
+    payload: &Payload,
+    set_perms: &dyn Fn() -> Result<(), VolumeError>,
+) -> Result<bool, VolumeError> {
     let payload = validate_payload(payload)?;
     let visible = user_visible(&payload);
     let old = current(dir);
@@ -257,6 +268,7 @@ pub fn write(dir: &Path, payload: &Payload) -> Result<bool, VolumeError> {
             fs::set_permissions(&fp, fs::Permissions::from_mode(f.mode))
                 .map_err(io(&fp, "chmod"))?;
         }
+        set_perms()?;
         // 2. ..data_tmp -> ts, renamed over ..data (atomic).
         let tmp = dir.join(DATA_DIR_TMP);
         let _ = fs::remove_file(&tmp);

@@ -26,6 +26,7 @@
 pub mod atomic;
 pub mod hostpath;
 pub mod mount;
+pub mod ownership;
 pub mod projection;
 pub mod subpath;
 
@@ -523,6 +524,42 @@ fn plan(
     Ok(out)
 }
 
+fn ownership_error(volume: &str, e: ownership::OwnershipError) -> VolumeError {
+    VolumeError::Invalid {
+        volume: volume.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Writes an API-data volume's payload. With an fsGroup, file modes get the group's read bits
+/// first (so an unchanged payload compares equal to what is on disk), and the whole volume is
+/// re-owned before `..data` is swapped, as the kubelet's secret/configMap/downwardAPI/projected
+/// plugins do through `SetVolumeOwnership`. They pass no fsGroupChangePolicy (a policy that
+/// skipped the walk would leave each update's new files without the group), so neither does
+/// this: every write walks the volume.
+fn write_api_data(
+    volume: &str,
+    path: &Path,
+    mut p: atomic::Payload,
+    fs_group: Option<ownership::FsGroup>,
+) -> Result<bool, VolumeError> {
+    let Some(fs) = fs_group else {
+        return atomic::write(path, &p);
+    };
+    for f in p.values_mut() {
+        f.mode = ownership::adjusted_mode(f.mode, false, true) & 0o777;
+    }
+    let fs = ownership::FsGroup {
+        policy: ownership::ChangePolicy::Always,
+        ..fs
+    };
+    atomic::write_with(path, &p, &|| {
+        ownership::set_volume_ownership(path, fs, true)
+            .map(|_| ())
+            .map_err(|e| ownership_error(volume, e))
+    })
+}
+
 /// emptyDir `sizeLimit` in bytes (tmpfs `size=`).
 fn size_limit(v: &Volume) -> Result<Option<u64>, VolumeError> {
     let Some(q) = v.empty_dir.as_ref().and_then(|e| e.size_limit.as_ref()) else {
@@ -557,10 +594,16 @@ pub fn setup_pod_volumes(host: &VolumeHost, ctx: &PodContext) -> Result<PodVolum
         root: host.root.clone(),
         volumes: BTreeMap::new(),
     };
+    let fs_group = ownership::FsGroup::of(ctx.pod);
     for (v, pv, p) in planned {
         if pv.kind != VolumeKind::HostPath {
+            // A volume made now (not one kept from before an agent restart) gets the fsGroup
+            // walk, as the kubelet's emptyDir SetUp does once: it is empty, so nothing of the
+            // pod's is walked.
+            let mut fresh = !pv.path.exists();
             std::fs::create_dir_all(&pv.path).map_err(io(&pv.path, "creating volume directory"))?;
             if pv.kind.memory_backed() {
+                fresh |= host.mount_tmpfs && !mount::is_mount_point(&pv.path);
                 if host.mount_tmpfs {
                     mount::mount_tmpfs(&pv.path, size_limit(&v)?)?;
                 } else {
@@ -571,10 +614,14 @@ pub fn setup_pod_volumes(host: &VolumeHost, ctx: &PodContext) -> Result<PodVolum
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(&pv.path, std::fs::Permissions::from_mode(0o777))
                     .map_err(io(&pv.path, "chmod"))?;
+                if let Some(fs) = fs_group.filter(|_| fresh) {
+                    ownership::set_volume_ownership(&pv.path, fs, false)
+                        .map_err(|e| ownership_error(&v.name, e))?;
+                }
             }
         }
         if pv.kind.is_api_data() {
-            let changed = atomic::write(&pv.path, &p)?;
+            let changed = write_api_data(&v.name, &pv.path, p, fs_group)?;
             debug!(volume = %v.name, changed, "volume contents written");
         }
         out.volumes.insert(v.name.clone(), pv);
@@ -601,7 +648,10 @@ pub fn refresh_pod_volumes(
         if !pv.kind.is_api_data() {
             continue;
         }
-        match payload(&v, &pv.kind, ctx).and_then(|p| atomic::write(&pv.path, &p)) {
+        let fs_group = ownership::FsGroup::of(ctx.pod);
+        match payload(&v, &pv.kind, ctx)
+            .and_then(|p| write_api_data(&v.name, &pv.path, p, fs_group))
+        {
             Ok(c) => changed |= c,
             Err(e) => {
                 warn!(volume = %v.name, error = %e, "volume refresh failed; keeping the old contents");
@@ -938,6 +988,65 @@ spec:
         assert!(volume_kind(&v).is_err());
         assert!(valid_volume_name("a-1"));
         assert!(!valid_volume_name("A") && !valid_volume_name("../x") && !valid_volume_name(""));
+    }
+
+    /// fsGroup: group ownership, setgid directories and group read bits on API-data volumes
+    /// (also after an update), a group-writable setgid emptyDir; root only (chown).
+    #[test]
+    fn fs_group_ownership() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let host = VolumeHost {
+            root: root.path().into(),
+            mount_tmpfs: false,
+        };
+        let p = pod(r#"
+metadata: {name: web, namespace: default, uid: uid-fs}
+spec:
+  securityContext: {runAsUser: 1000, fsGroup: 4242}
+  containers: [{name: c, image: busybox}]
+  volumes:
+  - {name: sec, secret: {secretName: s, defaultMode: 0o440}}
+  - {name: cfg, configMap: {name: cfg, items: [{key: greeting, path: sub/g, mode: 0o400}]}}
+  - {name: scratch, emptyDir: {}}
+"#);
+        let mut o = objs();
+        o.secrets.insert(
+            ("default".into(), "s".into()),
+            serde_yaml::from_str("metadata: {name: s}\ndata: {data-1: dmFsdWUtMQ==}").unwrap(),
+        );
+        let vols = setup_pod_volumes(&host, &PodContext::new(&p, &o)).unwrap();
+        let md = |p: PathBuf| std::fs::metadata(p).unwrap();
+        let sec = vols.volumes["sec"].path.clone();
+        let f = md(sec.join("data-1"));
+        assert_eq!((f.gid(), f.mode() & 0o7777), (4242, 0o440));
+        let g = md(vols.volumes["cfg"].path.join("sub/g"));
+        assert_eq!(
+            (g.gid(), g.mode() & 0o7777),
+            (4242, 0o440),
+            "item mode 0400 + group read"
+        );
+        let d = md(vols.volumes["cfg"].path.join("sub"));
+        assert_eq!(d.mode() & 0o2000, 0o2000, "setgid directory");
+        let e = md(vols.volumes["scratch"].path.clone());
+        assert_eq!((e.gid(), e.mode() & 0o7777), (4242, 0o2777));
+        // Unchanged: no rewrite. Changed: the new files have the group too.
+        assert!(!refresh_pod_volumes(&host, &PodContext::new(&p, &o), &vols).unwrap());
+        o.secrets.insert(
+            ("default".into(), "s".into()),
+            serde_yaml::from_str("metadata: {name: s}\ndata: {data-1: dmFsdWUtMg==}").unwrap(),
+        );
+        assert!(refresh_pod_volumes(&host, &PodContext::new(&p, &o), &vols).unwrap());
+        let f = md(sec.join("data-1"));
+        assert_eq!((f.gid(), f.mode() & 0o7777), (4242, 0o440));
+        assert_eq!(
+            std::fs::read_to_string(sec.join("data-1")).unwrap(),
+            "value-2"
+        );
+        teardown_pod_volumes(&host, "uid-fs").unwrap();
     }
 
     /// A refused subPath keeps the message the mount error carried when it was a string.

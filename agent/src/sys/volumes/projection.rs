@@ -437,6 +437,13 @@ pub fn projected(
                     })
                 }
             };
+            // The kubelet writes the token 0600 when the pod has an fsGroup (the ownership
+            // walk then adds the group's read bit), whatever defaultMode says.
+            let mode = if super::ownership::FsGroup::of(ctx.pod).is_some() {
+                0o600
+            } else {
+                mode
+            };
             out.insert(
                 t.path.clone(),
                 FileProjection {
@@ -593,6 +600,34 @@ downwardAPI:
             .unwrap_err()
             .to_string()
             .contains("containerName"));
+    }
+
+    #[test]
+    fn token_mode_with_fs_group() {
+        let o = objs();
+        let mut pod = pod();
+        let v = vol("{name: t, projected: {defaultMode: 0o644, sources: [{serviceAccountToken: {path: token}}, {configMap: {name: cfg, items: [{key: color, path: c}]}}]}}");
+        let mut tokens = PodTokens::new();
+        tokens.insert(
+            TokenSpec::of(
+                v.projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
+                    .service_account_token
+                    .as_ref()
+                    .unwrap(),
+            ),
+            Ok("tok".into()),
+        );
+        let run = |pod: &Pod| {
+            let mut ctx = PodContext::new(pod, &o);
+            ctx.service_account_tokens = Some(tokens.clone());
+            projected("t", v.projected.as_ref().unwrap(), &ctx).unwrap()
+        };
+        assert_eq!(run(&pod)["token"].mode, 0o644);
+        pod.spec.as_mut().unwrap().security_context =
+            Some(serde_yaml::from_str("{fsGroup: 1001}").unwrap());
+        let p = run(&pod);
+        assert_eq!(p["token"].mode, 0o600, "kubelet: 0600 when fsGroup is set");
+        assert_eq!(p["c"].mode, 0o644, "other files keep defaultMode");
     }
 
     #[test]

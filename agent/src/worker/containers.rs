@@ -12,7 +12,6 @@ use crate::model::{backoff, env, qos, status};
 use crate::sys::runtime::{self, ContainerMeta};
 use k8s_openapi::api::core::v1::Container;
 use k8s_openapi::chrono::{DateTime, Utc};
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Why a container could not be created and started, naming it.
@@ -257,16 +256,7 @@ impl Worker {
                 .map(|s| s.ips.clone())
                 .unwrap_or_default(),
             host_ips: self.cfg.host_ip.iter().cloned().collect(),
-            node_allocatable: BTreeMap::from([
-                ("memory".to_string(), self.cfg.memory_capacity.to_string()),
-                (
-                    "cpu".to_string(),
-                    std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(1)
-                        .to_string(),
-                ),
-            ]),
+            node_allocatable: self.node_allocatable(),
         };
         let mut pod = self.pod.clone();
         let obs = self.observed();

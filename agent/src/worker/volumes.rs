@@ -4,6 +4,22 @@ use super::{blocking, Worker};
 use std::collections::BTreeMap;
 
 impl Worker {
+    /// Node allocatable as the Downward API sees it (`resourceFieldRef` of a limit that is
+    /// not set, the kubelet's defaultPodLimitsForDownwardAPI): one source for env vars and
+    /// volume files.
+    pub(super) fn node_allocatable(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("memory".to_string(), self.cfg.memory_capacity.to_string()),
+            (
+                "cpu".to_string(),
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+                    .to_string(),
+            ),
+        ])
+    }
+
     /// The ConfigMaps and Secrets the pod's volumes may read, and their generation.
     pub(super) fn volume_objects(&self) -> (crate::sys::volumes::MapObjects, u64) {
         let o = self.objects.read();
@@ -47,7 +63,7 @@ impl Worker {
             .map(|s| s.ips.clone())
             .unwrap_or_default();
         let host_ips: Vec<String> = self.cfg.host_ip.iter().cloned().collect();
-        let mem = self.cfg.memory_capacity.to_string();
+        let allocatable = self.node_allocatable();
         let existing = self.volumes.clone();
         let tokens = self
             .objects
@@ -60,7 +76,7 @@ impl Worker {
             ctx.pod_ips = pod_ips;
             ctx.host_ips = host_ips;
             ctx.service_account_tokens = tokens;
-            ctx.node_allocatable = BTreeMap::from([("memory".to_string(), mem)]);
+            ctx.node_allocatable = allocatable;
             match existing {
                 Some(v) => vols.refresh(&ctx, &v).map(|_| v),
                 None => vols.setup(&ctx),

@@ -602,6 +602,33 @@ downwardAPI:
             .contains("containerName"));
     }
 
+    /// A limit that is not set reads as node allocatable (what the worker passes in), the
+    /// same as the env var path.
+    #[test]
+    fn downward_default_limits_are_node_allocatable() {
+        let o = objs();
+        let pod: Pod = serde_yaml::from_str(
+            "metadata: {name: p, namespace: default, uid: u}\nspec: {containers: [{name: client-container, image: i}]}",
+        )
+        .unwrap();
+        let mut ctx = PodContext::new(&pod, &o);
+        ctx.node_allocatable = [
+            ("cpu".to_string(), "2".to_string()),
+            ("memory".to_string(), "1Gi".to_string()),
+        ]
+        .into();
+        let v = vol(r#"
+name: podinfo
+downwardAPI:
+  items:
+  - {path: cpu_limit, resourceFieldRef: {containerName: client-container, resource: limits.cpu, divisor: "1"}}
+  - {path: memory_limit, resourceFieldRef: {containerName: client-container, resource: limits.memory, divisor: "1"}}
+"#);
+        let p = downward_api("podinfo", v.downward_api.as_ref().unwrap(), &ctx).unwrap();
+        assert_eq!(text(&p, "cpu_limit"), "2");
+        assert_eq!(text(&p, "memory_limit"), "1073741824");
+    }
+
     #[test]
     fn token_mode_with_fs_group() {
         let o = objs();

@@ -340,7 +340,9 @@ impl Worker {
         ];
         mounts.push(runtime::bind(&term_log, &term_path, false));
         if let Some(vols) = &self.volumes {
-            match self.fx.volumes.mounts_for_container(vols, &c) {
+            match crate::sys::volumes::expand_sub_path_exprs(&c, &vars)
+                .and_then(|c| self.fx.volumes.mounts_for_container(vols, &c))
+            {
                 Ok(ms) => mounts.extend(ms.into_iter().map(|m| hako_shim::spec::Mount {
                     options: m.oci_options(),
                     destination: m.destination,

@@ -705,6 +705,72 @@ pub enum SubPathError {
     /// The subPath has a `..` element.
     #[error("subPath {0:?} must not contain '..'")]
     ParentDir(String),
+    /// A `$(VAR)` of a subPathExpr names a variable the container does not have (or has
+    /// empty); the kubelet's `ExpandContainerVolumeMounts` message.
+    #[error("subPathExpr {expr:?}: missing value for {}", vars.join(", "))]
+    MissingValue {
+        /// The subPathExpr as written.
+        expr: String,
+        /// The variables without a value, sorted.
+        vars: Vec<String>,
+    },
+}
+
+/// Expands one subPathExpr with the container's environment as the kubelet does
+/// (`ExpandContainerVolumeMounts`): `$(VAR)` takes VAR's value, `$$` is a `$`; a reference to
+/// a variable that is not set or is empty is an error naming it (the kubelet refuses to start
+/// the container rather than mount a different directory). The result still goes through the
+/// subPath checks (relative, no `..`).
+pub fn expand_sub_path_expr(expr: &str, env: &[(String, String)]) -> Result<String, SubPathError> {
+    let missing = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    let out = crate::model::env::expand(expr, &|k| {
+        let v = env
+            .iter()
+            .rev()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty());
+        if v.is_none() {
+            missing.borrow_mut().insert(k.to_string());
+        }
+        Some(v.unwrap_or_default())
+    });
+    let missing = missing.into_inner();
+    if !missing.is_empty() {
+        return Err(SubPathError::MissingValue {
+            expr: expr.to_string(),
+            vars: missing.into_iter().collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// The container with every `subPathExpr` expanded into `subPath` (see
+/// [`expand_sub_path_expr`]), ready for [`mounts_for_container`]. `env` is the container's
+/// resolved environment.
+pub fn expand_sub_path_exprs(
+    c: &Container,
+    env: &[(String, String)],
+) -> Result<Container, VolumeError> {
+    let mut c = c.clone();
+    let name = c.name.clone();
+    for m in c.volume_mounts.iter_mut().flatten() {
+        let Some(expr) = m.sub_path_expr.take().filter(|e| !e.is_empty()) else {
+            continue;
+        };
+        let sp = expand_sub_path_expr(&expr, env).map_err(|source| VolumeError::SubPath {
+            container: name.clone(),
+            mount: m.name.clone(),
+            source,
+        })?;
+        check_sub_path(&sp).map_err(|source| VolumeError::SubPath {
+            container: name.clone(),
+            mount: m.name.clone(),
+            source,
+        })?;
+        m.sub_path = Some(sp);
+    }
+    Ok(c)
 }
 
 /// Validates a subPath: relative, no `..` element.
@@ -727,7 +793,7 @@ fn check_sub_path(p: &str) -> Result<(), SubPathError> {
 ///   symlink swapped in meanwhile is an error), bind-mounted onto
 ///   `<root>/pods/<uid>/volume-subpaths/<volume>/<container>/<index>`, and that path is the
 ///   mount's source; for emptyDir and hostPath a missing subPath directory is created inside
-///   the volume. `subPathExpr` is not supported.
+///   the volume. A `subPathExpr` must have been expanded first ([`expand_sub_path_exprs`]).
 /// - `mountPropagation: Bidirectional` needs a privileged container.
 pub fn mounts_for_container(
     vols: &PodVolumes,
@@ -755,7 +821,9 @@ pub fn mounts_for_container(
             )));
         }
         if m.sub_path_expr.as_deref().is_some_and(|s| !s.is_empty()) {
-            return Err(bad("subPathExpr is not supported".into()));
+            return Err(bad(
+                "subPathExpr must be expanded with the container's environment first".into(),
+            ));
         }
         let propagation = match m.mount_propagation.as_deref().unwrap_or("None") {
             "None" | "" => Propagation::Private,
@@ -973,7 +1041,10 @@ spec:
                 "{name: v, mountPath: /a, mountPropagation: Sideways}",
                 "unsupported",
             ),
-            ("{name: v, mountPath: /a, subPathExpr: $(X)}", "subPathExpr"),
+            (
+                "{name: v, mountPath: /a, subPathExpr: $(X)}",
+                "subPathExpr must be expanded",
+            ),
         ] {
             let e = mounts_for_container(&vols, &c(m)).unwrap_err().to_string();
             assert!(e.contains(want), "{m}: {e}");
@@ -988,6 +1059,57 @@ spec:
         assert!(volume_kind(&v).is_err());
         assert!(valid_volume_name("a-1"));
         assert!(!valid_volume_name("A") && !valid_volume_name("../x") && !valid_volume_name(""));
+    }
+
+    #[test]
+    fn sub_path_expr_expansion() {
+        let env: Vec<(String, String)> = [("POD_NAME", "foo"), ("EMPTY", ""), ("UP", "..")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (expr, want) in [
+            ("$(POD_NAME)", Ok("foo")),
+            ("logs/$(POD_NAME)/x", Ok("logs/foo/x")),
+            ("$$(POD_NAME)", Ok("$(POD_NAME)")),
+            ("plain", Ok("plain")),
+            ("$(NOPE)", Err("missing value for NOPE")),
+            ("$(EMPTY)/$(NOPE)", Err("missing value for EMPTY, NOPE")),
+        ] {
+            let got = expand_sub_path_expr(expr, &env).map_err(|e| e.to_string());
+            match want {
+                Ok(w) => assert_eq!(got.as_deref(), Ok(w), "{expr}"),
+                Err(w) => assert!(
+                    got.as_ref().is_err_and(|e| e.contains(w)),
+                    "{expr}: {got:?}"
+                ),
+            }
+        }
+        let c = |expr: &str| -> Container {
+            serde_yaml::from_str(&format!(
+                "{{name: c, volumeMounts: [{{name: v, mountPath: /a, subPathExpr: '{expr}'}}, {{name: v, mountPath: /b}}]}}"
+            ))
+            .unwrap()
+        };
+        let out = expand_sub_path_exprs(&c("$(POD_NAME)"), &env).unwrap();
+        let m = out.volume_mounts.as_ref().unwrap();
+        assert_eq!(m[0].sub_path.as_deref(), Some("foo"));
+        assert_eq!(m[0].sub_path_expr, None);
+        assert_eq!(m[1].sub_path, None);
+        // The expanded value goes through the subPath checks.
+        for (expr, want) in [
+            ("/$(POD_NAME)", "must be a relative path"),
+            ("$(UP)", "must not contain '..'"),
+            ("a/$(UP)/b", "must not contain '..'"),
+            ("$(NOPE)", "missing value for NOPE"),
+        ] {
+            let e = expand_sub_path_exprs(&c(expr), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(want) && e.starts_with("container c: volumeMount \"v\""),
+                "{expr}: {e}"
+            );
+        }
     }
 
     /// fsGroup: group ownership, setgid directories and group read bits on API-data volumes

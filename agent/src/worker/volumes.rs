@@ -1,7 +1,21 @@
-//! The pod's volumes: set up once, refreshed when the referenced objects change.
+//! The pod's volumes: set up once, refreshed when the referenced objects or the pod's labels
+//! and annotations (downwardAPI files) change.
 
 use super::{blocking, Worker};
+use k8s_openapi::api::core::v1::Pod;
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+
+/// What a volume refresh depends on besides the objects: the pod metadata that downwardAPI
+/// files show (labels and annotations; name, namespace and uid never change), folded into one
+/// number with the objects' generation.
+fn refresh_key(objects_generation: u64, pod: &Pod) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    objects_generation.hash(&mut h);
+    pod.metadata.labels.hash(&mut h);
+    pod.metadata.annotations.hash(&mut h);
+    h.finish()
+}
 
 impl Worker {
     /// Node allocatable as the Downward API sees it (`resourceFieldRef` of a limit that is
@@ -50,7 +64,7 @@ impl Worker {
         }
         let (generation, objects) = {
             let (objects, g) = self.volume_objects();
-            (g, objects)
+            (refresh_key(g, &self.pod), objects)
         };
         if self.volumes.is_some() && generation == self.volumes_generation {
             return true;
@@ -102,5 +116,29 @@ impl Worker {
             }
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_key_follows_labels_and_annotations() {
+        let pod = |y: &str| -> Pod { serde_yaml::from_str(y).unwrap() };
+        let a = pod("metadata: {name: p, labels: {k: v}, annotations: {builder: bar}}");
+        let b = pod("metadata: {name: p, labels: {k: v}, annotations: {builder: foo}}");
+        let c = pod("metadata: {name: p, labels: {k: v, k3: v3}, annotations: {builder: bar}}");
+        let mut d = a.clone();
+        d.spec = Some(Default::default());
+        assert_eq!(refresh_key(1, &a), refresh_key(1, &a.clone()));
+        assert_eq!(
+            refresh_key(1, &a),
+            refresh_key(1, &d),
+            "spec/status changes do not count"
+        );
+        assert_ne!(refresh_key(1, &a), refresh_key(1, &b));
+        assert_ne!(refresh_key(1, &a), refresh_key(1, &c));
+        assert_ne!(refresh_key(1, &a), refresh_key(2, &a));
     }
 }

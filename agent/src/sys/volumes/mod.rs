@@ -13,10 +13,14 @@
 //!    `readonly`, `propagation` → `rprivate`/`rslave`/`rshared`). A subPath is resolved inside
 //!    its volume descriptor by descriptor and bind-mounted onto an agent-owned path, which is
 //!    the source handed to the runtime ([`subpath`]).
-//! 3. [`refresh_pod_volumes`] periodically and when ConfigMaps/Secrets change: contents of
-//!    configMap, secret, downwardAPI and projected volumes are updated in place with the atomic
-//!    `..data` swap, so running containers see the new files (except through subPath mounts,
-//!    as in Kubernetes).
+//! 3. [`refresh_pod_volumes`] when ConfigMaps/Secrets/tokens change or a pod update changes
+//!    its labels or annotations: contents of configMap, secret, downwardAPI and projected
+//!    volumes are updated in place with the atomic `..data` swap, so running containers see
+//!    the new files (except through subPath mounts, as in Kubernetes).
+//!
+//! With a pod `fsGroup`, volumes get the group's ownership as the kubelet gives it
+//! ([`ownership`]); a container's `subPathExpr` is expanded with its environment by
+//! [`expand_sub_path_exprs`] before [`mounts_for_container`].
 //! 4. [`teardown_pod_volumes`] after the pod's containers are gone: unmounts and removes
 //!    `<root>/pods/<uid>/volume-subpaths` and `<root>/pods/<uid>/volumes`.
 //!

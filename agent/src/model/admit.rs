@@ -12,11 +12,16 @@ use crate::model::quantity;
 /// Why a pod was rejected: (reason, message), as the kubelet writes them into the status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
-    /// `OutOfcpu`, `OutOfmemory`, `OutOfpods`, `NodeAffinity`, `TaintToleration`.
+    /// `OutOfcpu`, `OutOfmemory`, `OutOfpods`, `NodeAffinity`, `TaintToleration`,
+    /// `PodOSNotSupported`, `PodOSSelectorNodeLabelDoesNotMatch`.
     pub reason: String,
     /// Human message.
     pub message: String,
 }
+
+/// The node label naming the OS, and this node's OS (the kubelet's `runtime.GOOS`).
+const OS_LABEL: &str = "kubernetes.io/os";
+const NODE_OS: &str = "linux";
 
 fn reject(reason: &str, message: String) -> Rejection {
     Rejection {
@@ -148,6 +153,28 @@ fn allocatable(node: &Node, resource: &str) -> Option<i128> {
 
 /// Admits `pod` on `node` next to the already admitted, still active pods `others`.
 pub fn admit(pod: &Pod, node: &Node, others: &[&Pod]) -> Result<(), Rejection> {
+    // The OS checks come first, as in the kubelet's predicate admit handler.
+    let node_os = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(OS_LABEL))
+        .filter(|os| os.as_str() == NODE_OS)
+        .map_or(NODE_OS, String::as_str);
+    let pod_os_label = pod.metadata.labels.as_ref().and_then(|l| l.get(OS_LABEL));
+    if pod_os_label.is_some_and(|os| os != node_os) {
+        return Err(reject(
+            "PodOSSelectorNodeLabelDoesNotMatch",
+            "Failed to admit pod as the `kubernetes.io/os` label doesn't match node label".into(),
+        ));
+    }
+    let pod_os = pod.spec.as_ref().and_then(|s| s.os.as_ref());
+    if pod_os.is_some_and(|os| os.name != NODE_OS) {
+        return Err(reject(
+            "PodOSNotSupported",
+            "Failed to admit pod as the OS field doesn't match node OS".into(),
+        ));
+    }
     if !node_affinity_ok(pod, node) {
         return Err(reject(
             "NodeAffinity",
@@ -285,6 +312,29 @@ mod tests {
 
     fn reason(p: &Pod, others: &[&Pod]) -> Option<String> {
         admit(p, &node(), others).err().map(|r| r.reason)
+    }
+
+    #[test]
+    fn os_checks_as_the_kubelet() {
+        let os = |extra| reason(&pod(extra), &[]);
+        assert_eq!(os(json!({"spec": {"os": {"name": "linux"}}})), None);
+        assert_eq!(
+            os(json!({"spec": {"os": {"name": "windows"}}})).as_deref(),
+            Some("PodOSNotSupported")
+        );
+        assert_eq!(
+            os(json!({"metadata": {"labels": {"kubernetes.io/os": "linux"}}})),
+            None
+        );
+        // The label check comes first and compares the pod's own label.
+        assert_eq!(
+            os(
+                json!({"metadata": {"labels": {"kubernetes.io/os": "windows"}},
+                      "spec": {"os": {"name": "windows"}}})
+            )
+            .as_deref(),
+            Some("PodOSSelectorNodeLabelDoesNotMatch")
+        );
     }
 
     #[test]

@@ -141,6 +141,38 @@ pub fn pod_hostname(pod: &Pod) -> String {
     h
 }
 
+/// The `/etc/hosts` of a `hostNetwork` pod, as the kubelet writes it: the node's own
+/// `/etc/hosts` under a "(host network)" header (which is not the header of a pod-network file,
+/// so tools and the upstream KubeletManagedEtcHosts spec tell them apart), then hostAliases.
+pub fn host_network_hosts_file(pod: &Pod, node_hosts: &str) -> String {
+    let mut s = String::from("# Kubernetes-managed hosts file (host network).\n");
+    s.push_str(node_hosts);
+    if !node_hosts.is_empty() && !node_hosts.ends_with('\n') {
+        s.push('\n');
+    }
+    push_host_aliases(&mut s, pod);
+    s
+}
+
+fn push_host_aliases(s: &mut String, pod: &Pod) {
+    let aliases = pod.spec.as_ref().and_then(|s| s.host_aliases.as_ref());
+    if let Some(aliases) = aliases.filter(|a| !a.is_empty()) {
+        s.push_str("\n# Entries added by HostAliases.\n");
+        for a in aliases {
+            s.push_str(&format!(
+                "{}\t{}\n",
+                a.ip,
+                a.hostnames
+                    .iter()
+                    .flatten()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\t")
+            ));
+        }
+    }
+}
+
 /// The kubelet-managed `/etc/hosts`: localhost entries, the pod's IPs with hostname (FQDN when
 /// `subdomain` is set), then hostAliases.
 pub fn pod_hosts_file(pod: &Pod, pod_ips: &[String], cluster_domain: &str) -> String {
@@ -162,22 +194,7 @@ pub fn pod_hosts_file(pod: &Pod, pod_ips: &[String], cluster_domain: &str) -> St
             None => s.push_str(&format!("{ip}\t{host}\n")),
         }
     }
-    let aliases = pod.spec.as_ref().and_then(|s| s.host_aliases.as_ref());
-    if let Some(aliases) = aliases.filter(|a| !a.is_empty()) {
-        s.push_str("\n# Entries added by HostAliases.\n");
-        for a in aliases {
-            s.push_str(&format!(
-                "{}\t{}\n",
-                a.ip,
-                a.hostnames
-                    .iter()
-                    .flatten()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("\t")
-            ));
-        }
-    }
+    push_host_aliases(&mut s, pod);
     s
 }
 
@@ -225,6 +242,18 @@ mod tests {
             pod_resolv_conf(&pod(base), &no_dns).render(),
             "search corp.example\nnameserver 192.0.2.53\noptions edns0\n"
         );
+    }
+
+    #[test]
+    fn host_network_hosts_keep_the_node_file() {
+        let p = pod("spec:\n  hostNetwork: true\n  hostAliases:\n  - ip: 1.2.3.4\n    hostnames: [a, b]\n  containers: []\n");
+        let got = host_network_hosts_file(&p, "127.0.0.1 localhost\n10.1.1.1 node-a");
+        assert_eq!(
+            got,
+            "# Kubernetes-managed hosts file (host network).\n127.0.0.1 localhost\n10.1.1.1 node-a\n\n# Entries added by HostAliases.\n1.2.3.4\ta\tb\n"
+        );
+        // The pod-network header is not a prefix of this one (the upstream spec checks that).
+        assert!(!got.contains("# Kubernetes-managed hosts file.\n"));
     }
 
     #[test]

@@ -258,13 +258,45 @@ fn go_list(v: &[String]) -> String {
     format!("[{}]", v.join(" "))
 }
 
-/// The pod conditions, in the kubelet's order.
+/// The condition types the kubelet owns; every other condition of a pod (readiness gates,
+/// `DisruptionTarget`, ...) belongs to whoever set it and is kept as it is.
+pub const KUBELET_CONDITIONS: [&str; 5] = [
+    "PodReadyToStartContainers",
+    "Initialized",
+    "Ready",
+    "ContainersReady",
+    "PodScheduled",
+];
+
+/// Why the readiness gates hold the pod back (kubelet `GeneratePodReadyCondition`): a gate whose
+/// condition is missing or not "True".
+fn readiness_gate_messages(spec: &PodSpec, external: &[PodCondition]) -> Vec<String> {
+    let mut out = vec![];
+    for g in spec.readiness_gates.iter().flatten() {
+        match external.iter().find(|c| c.type_ == g.condition_type) {
+            None => out.push(format!(
+                "corresponding condition of pod readiness gate {:?} does not exist.",
+                g.condition_type
+            )),
+            Some(c) if c.status != "True" => out.push(format!(
+                "the status of pod readiness gate {:?} is not \"True\", but {}",
+                g.condition_type, c.status
+            )),
+            Some(_) => {}
+        }
+    }
+    out
+}
+
+/// The pod conditions, in the kubelet's order. `external` holds the pod's conditions that others
+/// own (readiness gates are read from them).
 pub fn conditions(
     spec: &PodSpec,
     phase: &str,
     sandbox_ready: bool,
     init: &[ContainerStatus],
     main: &[ContainerStatus],
+    external: &[PodCondition],
 ) -> Vec<PodCondition> {
     let inits = spec.init_containers.as_deref().unwrap_or(&[]);
     // Initialized
@@ -365,6 +397,17 @@ pub fn conditions(
     };
     let mut pod_ready = ready.clone();
     pod_ready.type_ = "Ready".into();
+    if pod_ready.status == "True" {
+        let unready = readiness_gate_messages(spec, external);
+        if !unready.is_empty() {
+            pod_ready = cond(
+                "Ready",
+                false,
+                Some("ReadinessGatesNotReady"),
+                Some(unready.join(", ")),
+            );
+        }
+    }
     vec![
         cond("PodReadyToStartContainers", sandbox_ready, None, None),
         initialized,
@@ -372,6 +415,17 @@ pub fn conditions(
         ready,
         cond("PodScheduled", true, None, None),
     ]
+}
+
+/// The kubelet's reason and message for a pod past its `activeDeadlineSeconds`.
+pub const DEADLINE_REASON: &str = "DeadlineExceeded";
+pub const DEADLINE_MESSAGE: &str = "Pod was active on the node longer than the specified deadline";
+
+/// When the pod's `activeDeadlineSeconds` runs out (counted from status.startTime, as the
+/// kubelet's active deadline handler does); None without a deadline or a start time.
+pub fn active_deadline(spec: &PodSpec, start: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    let secs = spec.active_deadline_seconds?;
+    start?.checked_add_signed(k8s_openapi::chrono::Duration::try_seconds(secs)?)
 }
 
 /// Computes the full pod status. `previous` keeps condition transition times stable.
@@ -387,9 +441,31 @@ pub fn compute_status(
     let inits = spec.init_containers.clone().unwrap_or_default();
     let init = container_statuses(pod, spec, &inits, observed, true);
     let main = container_statuses(pod, spec, &spec.containers, observed, false);
-    let ph = phase(spec, &init, &main);
+    let mut ph = phase(spec, &init, &main);
+    // A pod past its active deadline fails (a pod that already finished keeps its phase).
+    let deadline = (ph != "Succeeded"
+        && ph != "Failed"
+        && active_deadline(spec, observed.start_time).is_some_and(|d| d <= now))
+        || pod
+            .status
+            .as_ref()
+            .is_some_and(|s| s.reason.as_deref() == Some(DEADLINE_REASON));
+    if deadline {
+        ph = "Failed";
+    }
     let sandbox_ready = observed.sandbox.as_ref().is_some_and(|s| s.ready);
-    let mut conds = conditions(spec, ph, sandbox_ready, &init, &main);
+    // Conditions others set (readiness gates, DisruptionTarget) are kept as the kubelet's status
+    // manager keeps them.
+    let external: Vec<PodCondition> = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|c| !KUBELET_CONDITIONS.contains(&c.type_.as_str()))
+        .cloned()
+        .collect();
+    let mut conds = conditions(spec, ph, sandbox_ready, &init, &main, &external);
     for c in &mut conds {
         let prev = previous
             .and_then(|p| p.conditions.as_ref())
@@ -400,6 +476,7 @@ pub fn compute_status(
         };
         c.last_probe_time = None;
     }
+    conds.extend(external);
     let ips: Vec<String> = observed
         .sandbox
         .as_ref()
@@ -415,6 +492,8 @@ pub fn compute_status(
         pod_ips: (!ips.is_empty()).then(|| ips.iter().map(|ip| PodIP { ip: ip.clone() }).collect()),
         host_ip: observed.host_ip.clone(),
         start_time: observed.start_time.map(Time),
+        reason: deadline.then(|| DEADLINE_REASON.to_string()),
+        message: deadline.then(|| DEADLINE_MESSAGE.to_string()),
         ..Default::default()
     }
 }
@@ -705,6 +784,122 @@ mod tests {
             assert_eq!(state_reason(cs), want_state, "{name}: state");
             assert_eq!(cs.restart_count, restarts, "{name}: restarts");
         }
+    }
+
+    fn ready_of(s: &PodStatus) -> (String, Option<String>, Option<String>) {
+        let c = s
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Ready")
+            .expect("Ready condition");
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn readiness_gates_hold_ready_until_their_conditions_are_true() {
+        let mut p = pod("Always", &[], &["a"]);
+        if let Some(spec) = p.spec.as_mut() {
+            spec.readiness_gates = Some(vec![
+                k8s_openapi::api::core::v1::PodReadinessGate {
+                    condition_type: "k8s.io/test-condition1".into(),
+                },
+                k8s_openapi::api::core::v1::PodReadinessGate {
+                    condition_type: "k8s.io/test-condition2".into(),
+                },
+            ]);
+        }
+        let o = obs(&[("a", 0, Running, 0, false, NP)]);
+        let external = |a: &str, b: Option<&str>| {
+            let mut v = vec![PodCondition {
+                type_: "k8s.io/test-condition1".into(),
+                status: a.into(),
+                ..Default::default()
+            }];
+            if let Some(b) = b {
+                v.push(PodCondition {
+                    type_: "k8s.io/test-condition2".into(),
+                    status: b.into(),
+                    ..Default::default()
+                });
+            }
+            v
+        };
+        let with = |conds: Vec<PodCondition>| {
+            let mut p = p.clone();
+            p.status = Some(PodStatus {
+                conditions: Some(conds),
+                ..Default::default()
+            });
+            compute_status(&p, &o, None, t(10))
+        };
+        let s = compute_status(&p, &o, None, t(10));
+        assert_eq!(
+            ready_of(&s),
+            (
+                "False".into(),
+                Some("ReadinessGatesNotReady".into()),
+                Some("corresponding condition of pod readiness gate \"k8s.io/test-condition1\" does not exist., corresponding condition of pod readiness gate \"k8s.io/test-condition2\" does not exist.".into())
+            )
+        );
+        let s = with(external("True", Some("False")));
+        assert_eq!(
+            ready_of(&s).2.as_deref(),
+            Some("the status of pod readiness gate \"k8s.io/test-condition2\" is not \"True\", but False")
+        );
+        // The conditions others own are kept in the status.
+        let types: Vec<String> = s
+            .conditions
+            .iter()
+            .flatten()
+            .map(|c| c.type_.clone())
+            .collect();
+        assert!(
+            types.contains(&"k8s.io/test-condition1".to_string()),
+            "{types:?}"
+        );
+        assert_eq!(ready_of(&with(external("True", Some("True")))).0, "True");
+        // ContainersReady stays the kubelet's own: the gates only hold Ready.
+        let s = with(external("False", None));
+        let cr = s
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "ContainersReady")
+            .unwrap();
+        assert_eq!(cr.status, "True");
+    }
+
+    #[test]
+    fn active_deadline_fails_the_pod_with_the_kubelets_reason() {
+        let mut p = pod("Always", &[], &["a"]);
+        let mut o = obs(&[("a", 0, Running, 0, false, NP)]);
+        o.start_time = Some(t(0));
+        assert_eq!(
+            compute_status(&p, &o, None, t(10)).phase.as_deref(),
+            Some("Running")
+        );
+        if let Some(spec) = p.spec.as_mut() {
+            spec.active_deadline_seconds = Some(5);
+        }
+        let before = compute_status(&p, &o, None, t(4));
+        assert_eq!(before.phase.as_deref(), Some("Running"));
+        assert_eq!(before.reason, None);
+        let after = compute_status(&p, &o, None, t(5));
+        assert_eq!(after.phase.as_deref(), Some("Failed"));
+        assert_eq!(after.reason.as_deref(), Some(DEADLINE_REASON));
+        assert_eq!(after.message.as_deref(), Some(DEADLINE_MESSAGE));
+        // A pod that already succeeded keeps its phase.
+        let mut done = pod("Never", &[], &["a"]);
+        if let Some(spec) = done.spec.as_mut() {
+            spec.active_deadline_seconds = Some(5);
+        }
+        let mut o = obs(&[("a", 0, Exited, 0, false, NP)]);
+        o.start_time = Some(t(0));
+        assert_eq!(
+            compute_status(&done, &o, None, t(50)).phase.as_deref(),
+            Some("Succeeded")
+        );
     }
 
     #[test]

@@ -329,6 +329,11 @@ impl Worker {
         let _ = std::fs::create_dir_all(&term_dir);
         let term_log = term_dir.join("termination-log");
         let _ = std::fs::write(&term_log, b"");
+        // Writable by any user the container runs as (the kubelet makes it 0666 too).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&term_log, std::fs::Permissions::from_mode(0o666));
+        }
         let term_path = c
             .termination_message_path
             .clone()

@@ -225,6 +225,8 @@ struct Worker {
     exit_rx: Option<mpsc::UnboundedReceiver<String>>,
     deleting: bool,
     clamp_logged: bool,
+    /// The DeadlineExceeded event was recorded.
+    deadline_noted: bool,
     volumes: Option<crate::sys::volumes::PodVolumes>,
     volumes_generation: u64,
     resync_now: bool,
@@ -309,6 +311,7 @@ impl Worker {
             exit_rx: Some(exit_rx),
             deleting: false,
             clamp_logged: false,
+            deadline_noted: false,
             volumes: None,
             volumes_generation: 0,
             resync_now: false,
@@ -465,6 +468,17 @@ impl Worker {
                 if let Some(d) = w.next_due() {
                     wake = wake.min(d);
                 }
+            }
+        }
+        // The active deadline.
+        if let Some(d) = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| crate::model::status::active_deadline(s, self.start_time))
+        {
+            if d > now {
+                wake = wake.min(d);
             }
         }
         // The next CNI CHECK.

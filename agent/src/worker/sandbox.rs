@@ -211,7 +211,13 @@ impl Worker {
                     tracing::error!(uid = %self.uid, sandbox = %id, error = %e, "could not record the sandbox");
                 }
                 // hosts, resolv.conf, hostname files shared by the pod's containers.
-                let hosts = dns::pod_hosts_file(&self.pod, &ips, &self.cfg.dns.cluster_domain);
+                let hosts = if self.host_network() {
+                    // The node's file as the kubelet takes it (an unreadable one counts as empty).
+                    let node_hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+                    dns::host_network_hosts_file(&self.pod, &node_hosts)
+                } else {
+                    dns::pod_hosts_file(&self.pod, &ips, &self.cfg.dns.cluster_domain)
+                };
                 let resolv = dns::pod_resolv_conf(&self.pod, &self.cfg.dns).render();
                 let _ = std::fs::write(dir.join("etc-hosts"), hosts);
                 let _ = std::fs::write(dir.join("resolv.conf"), resolv);

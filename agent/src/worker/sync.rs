@@ -58,9 +58,12 @@ impl Worker {
     pub(super) async fn sync_once(&mut self) -> bool {
         let now = self.fx.clock.now();
         let obs = self.observed();
-        let phase = status::compute_status(&self.pod, &obs, None, now)
-            .phase
-            .unwrap_or_default();
+        let st = status::compute_status(&self.pod, &obs, None, now);
+        let phase = st.phase.unwrap_or_default();
+        if st.reason.as_deref() == Some(status::DEADLINE_REASON) && !self.deadline_noted {
+            self.deadline_noted = true;
+            self.event("Warning", status::DEADLINE_REASON, status::DEADLINE_MESSAGE);
+        }
         if phase == "Succeeded" || phase == "Failed" {
             // Done: make sure nothing runs and the sandbox is gone, then just report.
             if self.sandbox.as_ref().is_some_and(|s| s.ready || s.present) || self.any_running() {

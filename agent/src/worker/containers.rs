@@ -267,6 +267,7 @@ impl Worker {
                         .to_string(),
                 ),
             ]),
+            services: Some(&o.services),
         };
         let mut pod = self.pod.clone();
         let obs = self.observed();

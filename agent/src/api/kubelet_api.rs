@@ -392,6 +392,21 @@ pub async fn start(client: Client, opts: ApiOptions, pods: PodStore) -> Result<(
     Ok(())
 }
 
+/// A JSON answer (`Content-Type: application/json`, as the kubelet's `/pods`).
+fn json(code: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut r = text(code, v.to_string());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The kubelet's `/pods` answer: a v1 `PodList` of the pods bound to the node.
+pub fn pod_list(items: Vec<Pod>) -> serde_json::Value {
+    serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+}
+
 fn text(code: StatusCode, s: impl Into<String>) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(s.into())).boxed());
     *r.status_mut() = code;
@@ -637,8 +652,7 @@ impl Server {
                     .read()
                     .map(|p| p.values().cloned().collect())
                     .unwrap_or_default();
-                let body = serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items});
-                text(StatusCode::OK, body.to_string())
+                json(StatusCode::OK, &pod_list(items))
             }
             ["containerLogs", ns, pod, container] => self.logs(ns, pod, container, &q),
             ["metrics", "resource"] => {

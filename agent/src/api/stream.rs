@@ -1,8 +1,13 @@
 //! Streaming endpoints of the kubelet API over WebSocket (effectful): `/exec` and `/attach`
-//! with the `v5.channel.k8s.io` and `v4.channel.k8s.io` subprotocols (one byte of channel in
-//! front of every binary message: 0 stdin, 1 stdout, 2 stderr, 3 the final `metav1.Status`,
-//! 4 terminal resize `{"Width":w,"Height":h}`; v5 adds 255 = close the channel in the next
-//! byte), and `/portForward` with the kubelet's port-forward WebSocket protocol (per port
+//! with the subprotocols the kubelet serves ([`Framing`]): `v5.channel.k8s.io`,
+//! `v4.channel.k8s.io`, `v4.base64.channel.k8s.io`, `channel.k8s.io`,
+//! `base64.channel.k8s.io` and none (= `channel.k8s.io`). Binary ones put one byte of channel
+//! in front of every binary message (0 stdin, 1 stdout, 2 stderr, 3 error/status, 4 terminal
+//! resize `{"Width":w,"Height":h}`; v5 adds 255 = close the channel in the next byte); base64
+//! ones send text messages of the channel as an ASCII digit and the payload in standard
+//! base64. v4 and v5 write the final `metav1.Status` as JSON on channel 3; the older ones
+//! write nothing on success and the status message as text on failure. As the kubelet, an
+//! empty message on the lowest writable channel opens every session. And `/portForward` with the kubelet's port-forward WebSocket protocol (per port
 //! `i` a data channel `2i` and an error channel `2i+1`, each opened by the port number as two
 //! bytes little endian). The exec runs through the shim's streaming exec (its stdio handed
 //! over as descriptors); attach follows the container's CRI log (output only); port-forward
@@ -35,8 +40,99 @@ use tokio_tungstenite::WebSocketStream;
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
-/// The remote-command subprotocols served, preferred first.
-pub const EXEC_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
+/// The remote-command subprotocols served ("" = none offered: binary v1, as the kubelet). The
+/// first one the client offers wins.
+pub const EXEC_PROTOCOLS: [&str; 6] = [
+    "v5.channel.k8s.io",
+    "v4.channel.k8s.io",
+    "v4.base64.channel.k8s.io",
+    "channel.k8s.io",
+    "base64.channel.k8s.io",
+    "",
+];
+
+/// How one remote-command subprotocol frames messages and reports the end (pure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    /// Text messages: channel as an ASCII digit, payload base64 (else binary: channel byte).
+    pub base64: bool,
+    /// The final status is `metav1.Status` JSON, success included (v4, v5); else only a
+    /// failure's message text (channel.k8s.io, base64.channel.k8s.io).
+    pub status_json: bool,
+    /// `[255, channel]` closes a channel (v5).
+    pub v5: bool,
+}
+
+impl Framing {
+    /// Binary framing without the v5 close signal (port-forward, SPDY-less tests).
+    pub const BINARY: Framing = Framing {
+        base64: false,
+        status_json: true,
+        v5: false,
+    };
+
+    /// The framing of a negotiated subprotocol (None: not a remote-command subprotocol).
+    pub fn of(protocol: &str) -> Option<Framing> {
+        let (base64, status_json, v5) = match protocol {
+            "v5.channel.k8s.io" => (false, true, true),
+            "v4.channel.k8s.io" => (false, true, false),
+            "v4.base64.channel.k8s.io" => (true, true, false),
+            "channel.k8s.io" | "" => (false, false, false),
+            "base64.channel.k8s.io" => (true, false, false),
+            _ => return None,
+        };
+        Some(Framing {
+            base64,
+            status_json,
+            v5,
+        })
+    }
+
+    /// One message to the client on `channel`.
+    pub fn encode(self, channel: u8, data: &[u8]) -> Message {
+        if self.base64 {
+            use base64::Engine as _;
+            let mut t = String::with_capacity(1 + data.len().div_ceil(3) * 4);
+            t.push(char::from(b'0'.wrapping_add(channel)));
+            base64::engine::general_purpose::STANDARD.encode_string(data, &mut t);
+            Message::Text(t)
+        } else {
+            let mut v = Vec::with_capacity(data.len() + 1);
+            v.push(channel);
+            v.extend_from_slice(data);
+            Message::Binary(v)
+        }
+    }
+
+    /// A client message as (channel byte, payload) bytes; None for control messages, a
+    /// message of the other kind's framing or undecodable base64 (dropped, as the kubelet
+    /// drops a frame it cannot decode).
+    pub fn decode(self, m: Message) -> Option<Vec<u8>> {
+        let text = match (m, self.base64) {
+            (Message::Binary(b), false) => return Some(b),
+            (Message::Text(t), true) => t.into_bytes(),
+            (Message::Binary(b), true) => b,
+            _ => return None,
+        };
+        use base64::Engine as _;
+        let (&c, rest) = text.split_first()?;
+        let mut v = vec![c.wrapping_sub(b'0')];
+        base64::engine::general_purpose::STANDARD
+            .decode_vec(rest, &mut v)
+            .ok()?;
+        Some(v)
+    }
+
+    /// What goes on the error channel at the end (None: nothing, a v1 success).
+    pub fn status_message(self, code: Result<i32, SessionError>) -> Option<Vec<u8>> {
+        let st = exit_status(code);
+        if self.status_json {
+            return Some(st.to_string().into_bytes());
+        }
+        (st["status"] != "Success")
+            .then(|| st["message"].as_str().unwrap_or("").as_bytes().to_vec())
+    }
+}
 /// The port-forward subprotocols served ("" = none offered; both are the binary form).
 pub const PORT_FORWARD_PROTOCOLS: [&str; 2] = ["v4.channel.k8s.io", ""];
 
@@ -388,11 +484,8 @@ enum Out {
     Close,
 }
 
-fn frame(channel: u8, data: &[u8]) -> Out {
-    let mut v = Vec::with_capacity(data.len() + 1);
-    v.push(channel);
-    v.extend_from_slice(data);
-    Out::Msg(Message::Binary(v))
+fn frame(f: Framing, channel: u8, data: &[u8]) -> Out {
+    Out::Msg(f.encode(channel, data))
 }
 
 /// Runs the writer half: sends what arrives until `Close` (or a send error).
@@ -426,6 +519,7 @@ fn spawn_writer(
 /// Copies a blocking reader into a channel on its own thread; the receiver fires at EOF.
 fn pump(
     mut r: File,
+    f: Framing,
     channel: Option<u8>,
     tx: mpsc::Sender<Out>,
 ) -> tokio::sync::oneshot::Receiver<()> {
@@ -438,7 +532,7 @@ fn pump(
                 break;
             }
             if let Some(c) = channel {
-                if tx.blocking_send(frame(c, &buf[..n])).is_err() {
+                if tx.blocking_send(frame(f, c, &buf[..n])).is_err() {
                     break;
                 }
             }
@@ -615,14 +709,19 @@ pub async fn exec_or_attach(
         Ok(x) => x,
         Err((code, msg)) => return text(code, msg),
     };
-    let v5 = proto == EXEC_PROTOCOLS[0];
+    let Some(framing) = Framing::of(&proto) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("unknown protocol {proto:?}"),
+        );
+    };
     tokio::spawn(async move {
         let Ok(up) = on.await else { return };
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(ws_config()))
                 .await;
         if attach {
-            attach_session(ws, v5, target, stdin, stdout, stderr).await;
+            attach_session(ws, framing, target, stdin, stdout, stderr).await;
         } else {
             let x = ExecRequest {
                 args: command,
@@ -630,7 +729,7 @@ pub async fn exec_or_attach(
                 stdin: stdin && !tty,
                 ..Default::default()
             };
-            exec_session(ws, v5, target.client, x, stdin, stdout, stderr && !tty).await;
+            exec_session(ws, framing, target.client, x, stdin, stdout, stderr && !tty).await;
         }
     });
     resp
@@ -639,7 +738,7 @@ pub async fn exec_or_attach(
 #[allow(clippy::too_many_arguments)]
 async fn exec_session(
     ws: Ws,
-    v5: bool,
+    f: Framing,
     client: ShimClient,
     x: ExecRequest,
     want_stdin: bool,
@@ -648,11 +747,12 @@ async fn exec_session(
 ) {
     let (sink, mut src) = ws.split();
     let (tx, writer) = spawn_writer(sink);
+    opened(&tx, f, want_stdout, want_stderr).await;
     let started = tokio::task::spawn_blocking(move || client.exec_stream(x)).await;
     let mut es = match started {
         Ok(Ok(es)) => es,
-        Ok(Err(e)) => return finish(tx, writer, Err(e.to_string().into()), None).await,
-        Err(e) => return finish(tx, writer, Err(e.to_string().into()), None).await,
+        Ok(Err(e)) => return finish(tx, writer, f, Err(e.to_string().into()), None).await,
+        Err(e) => return finish(tx, writer, f, Err(e.to_string().into()), None).await,
     };
     let io = es.take_stdio();
     let mut outs = Vec::new();
@@ -660,16 +760,17 @@ async fn exec_session(
     let mut resize: Option<File> = None;
     if let Some(t) = io.tty {
         if let Ok(r) = t.try_clone() {
-            outs.push(pump(r, want_stdout.then_some(1), tx.clone()));
+            outs.push(pump(r, f, want_stdout.then_some(1), tx.clone()));
         }
         resize = t.try_clone().ok();
         if want_stdin {
             input = Some(t);
         }
     } else {
+        let framing = f;
         for (f, c, want) in [(io.stdout, 1u8, want_stdout), (io.stderr, 2u8, want_stderr)] {
             if let Some(f) = f {
-                outs.push(pump(f, want.then_some(c), tx.clone()));
+                outs.push(pump(f, framing, want.then_some(c), tx.clone()));
             }
         }
         input = io.stdin;
@@ -688,12 +789,11 @@ async fn exec_session(
     let reader = tokio::spawn(async move {
         let mut in_tx = Some(in_tx);
         while let Some(Ok(m)) = src.next().await {
-            let data = match m {
-                Message::Binary(b) => b,
-                Message::Close(_) => break,
-                _ => continue,
-            };
-            match exec_inbound(&data, v5) {
+            if let Message::Close(_) = m {
+                break;
+            }
+            let Some(data) = f.decode(m) else { continue };
+            match exec_inbound(&data, f.v5) {
                 Inbound::Stdin(b) => {
                     if let Some(t) = &in_tx {
                         let _ = t.send(b.to_vec()).await;
@@ -723,17 +823,32 @@ async fn exec_session(
     for o in outs {
         let _ = tokio::time::timeout(Duration::from_secs(1), o).await;
     }
-    finish(tx, writer, code, Some(reader)).await;
+    finish(tx, writer, f, code, Some(reader)).await;
+}
+
+/// The kubelet's first message of a session: an empty one on the lowest writable channel
+/// (stdout, else stderr, else the error channel), telling the client the streams are open.
+async fn opened(tx: &mpsc::Sender<Out>, f: Framing, stdout: bool, stderr: bool) {
+    let c = if stdout {
+        1
+    } else if stderr {
+        2
+    } else {
+        3
+    };
+    let _ = tx.send(frame(f, c, &[])).await;
 }
 
 async fn finish(
     tx: mpsc::Sender<Out>,
     writer: tokio::task::JoinHandle<()>,
+    f: Framing,
     code: Result<i32, SessionError>,
     reader: Option<tokio::task::JoinHandle<()>>,
 ) {
-    let st = exit_status(code).to_string();
-    let _ = tx.send(frame(3, st.as_bytes())).await;
+    if let Some(st) = f.status_message(code) {
+        let _ = tx.send(frame(f, 3, &st)).await;
+    }
     let _ = tx.send(Out::Close).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
     if let Some(r) = reader {
@@ -746,7 +861,7 @@ async fn finish(
 /// shim keeps; closing it does not close the container's stdin), else it is dropped.
 async fn attach_session(
     ws: Ws,
-    v5: bool,
+    f: Framing,
     t: Target,
     want_stdin: bool,
     want_stdout: bool,
@@ -754,6 +869,7 @@ async fn attach_session(
 ) {
     let (sink, mut src) = ws.split();
     let (tx, writer) = spawn_writer(sink);
+    opened(&tx, f, want_stdout, want_stderr).await;
     let input = if want_stdin {
         let c = t.client.clone();
         match tokio::task::spawn_blocking(move || c.attach_stdin()).await {
@@ -780,12 +896,11 @@ async fn attach_session(
     let reader = tokio::spawn(async move {
         let mut in_tx = Some(in_tx);
         while let Some(Ok(m)) = src.next().await {
-            let data = match m {
-                Message::Binary(b) => b,
-                Message::Close(_) => break,
-                _ => continue,
-            };
-            match exec_inbound(&data, v5) {
+            if let Message::Close(_) = m {
+                break;
+            }
+            let Some(data) = f.decode(m) else { continue };
+            match exec_inbound(&data, f.v5) {
                 Inbound::Stdin(b) => {
                     if let Some(t) = &in_tx {
                         let _ = t.send(b.to_vec()).await;
@@ -806,7 +921,7 @@ async fn attach_session(
         tokio::time::sleep(Duration::from_millis(100)).await;
         for (c, m) in log.poll() {
             if (c == 1 && want_stdout) || (c == 2 && want_stderr) {
-                let _ = tx.send(frame(c, &m)).await;
+                let _ = tx.send(frame(f, c, &m)).await;
             }
         }
         if last_check.elapsed() > Duration::from_millis(500) {
@@ -815,14 +930,14 @@ async fn attach_session(
                 // What it wrote before it exited.
                 for (c, m) in log.poll() {
                     if (c == 1 && want_stdout) || (c == 2 && want_stderr) {
-                        let _ = tx.send(frame(c, &m)).await;
+                        let _ = tx.send(frame(f, c, &m)).await;
                     }
                 }
                 break;
             }
         }
     }
-    finish(tx, writer, Ok(0), Some(reader)).await;
+    finish(tx, writer, f, Ok(0), Some(reader)).await;
 }
 
 /// Whether the container still runs (asks its shim off the async workers).
@@ -920,8 +1035,12 @@ async fn forward_session(ws: Ws, netns: File, ports: Vec<u16>) {
     for (i, &port) in ports.iter().enumerate() {
         let Ok(i) = u8::try_from(i) else { break };
         let (data, err) = (i.saturating_mul(2), i.saturating_mul(2).saturating_add(1));
-        let _ = tx.send(frame(data, &port.to_le_bytes())).await;
-        let _ = tx.send(frame(err, &port.to_le_bytes())).await;
+        let _ = tx
+            .send(frame(Framing::BINARY, data, &port.to_le_bytes()))
+            .await;
+        let _ = tx
+            .send(frame(Framing::BINARY, err, &port.to_le_bytes()))
+            .await;
         let nsf = netns.try_clone();
         let conn = tokio::task::spawn_blocking(move || {
             let s = connect_in(&nsf?, port)?;
@@ -943,13 +1062,17 @@ async fn forward_session(ws: Ws, netns: File, ports: Vec<u16>) {
                         match r.read(&mut buf).await {
                             Ok(0) => break,
                             Ok(n) => {
-                                if tx.send(frame(data, &buf[..n])).await.is_err() {
+                                if tx
+                                    .send(frame(Framing::BINARY, data, &buf[..n]))
+                                    .await
+                                    .is_err()
+                                {
                                     break;
                                 }
                             }
                             Err(e) => {
                                 let msg = format!("error forwarding port {port}: {e}");
-                                let _ = tx.send(frame(err, msg.as_bytes())).await;
+                                let _ = tx.send(frame(Framing::BINARY, err, msg.as_bytes())).await;
                                 break;
                             }
                         }
@@ -959,7 +1082,7 @@ async fn forward_session(ws: Ws, netns: File, ports: Vec<u16>) {
             Err(e) => {
                 conns.push(None);
                 let msg = format!("error forwarding port {port} to pod: {e}");
-                let _ = tx.send(frame(err, msg.as_bytes())).await;
+                let _ = tx.send(frame(Framing::BINARY, err, msg.as_bytes())).await;
             }
         }
     }
@@ -1068,12 +1191,79 @@ mod tests {
             pick_protocol("v4.channel.k8s.io, v5.channel.k8s.io", &EXEC_PROTOCOLS).as_deref(),
             Some("v4.channel.k8s.io")
         );
-        assert_eq!(pick_protocol("channel.k8s.io", &EXEC_PROTOCOLS), None);
-        assert_eq!(pick_protocol("", &EXEC_PROTOCOLS), None);
+        for p in [
+            "channel.k8s.io",
+            "base64.channel.k8s.io",
+            "v4.base64.channel.k8s.io",
+        ] {
+            assert_eq!(pick_protocol(p, &EXEC_PROTOCOLS).as_deref(), Some(p));
+        }
+        // The client's order decides, as the kubelet's handshake.
+        assert_eq!(
+            pick_protocol("base64.channel.k8s.io,channel.k8s.io", &EXEC_PROTOCOLS).as_deref(),
+            Some("base64.channel.k8s.io")
+        );
+        assert_eq!(pick_protocol("", &EXEC_PROTOCOLS).as_deref(), Some(""));
+        assert_eq!(pick_protocol("v9.channel.k8s.io", &EXEC_PROTOCOLS), None);
         assert_eq!(
             pick_protocol("", &PORT_FORWARD_PROTOCOLS).as_deref(),
             Some("")
         );
+    }
+
+    #[test]
+    fn framings() {
+        // (protocol, base64, JSON status, v5)
+        let cases = [
+            ("v5.channel.k8s.io", false, true, true),
+            ("v4.channel.k8s.io", false, true, false),
+            ("v4.base64.channel.k8s.io", true, true, false),
+            ("channel.k8s.io", false, false, false),
+            ("", false, false, false),
+            ("base64.channel.k8s.io", true, false, false),
+        ];
+        for (p, b64, json, v5) in cases {
+            let f = Framing::of(p).expect(p);
+            assert_eq!((f.base64, f.status_json, f.v5), (b64, json, v5), "{p}");
+        }
+        assert_eq!(Framing::of("v9.channel.k8s.io"), None);
+        // Every served protocol has a framing.
+        assert!(EXEC_PROTOCOLS.iter().all(|p| Framing::of(p).is_some()));
+
+        let bin = Framing::of("channel.k8s.io").unwrap();
+        let b64 = Framing::of("base64.channel.k8s.io").unwrap();
+        // The upstream wsstream examples: "foo\n" on stdin, "\n" on stdout.
+        assert_eq!(bin.encode(1, b"\n"), Message::Binary(vec![1, 10]));
+        assert_eq!(b64.encode(1, b"\n"), Message::Text("1Cg==".into()));
+        assert_eq!(b64.encode(3, b""), Message::Text("3".into()));
+        assert_eq!(
+            b64.decode(Message::Text("0Zm9vCg==".into())),
+            Some(b"\0foo\n".to_vec())
+        );
+        assert_eq!(
+            bin.decode(Message::Binary(vec![0, 102, 111, 111, 10])),
+            Some(b"\0foo\n".to_vec())
+        );
+        for bad in [
+            Message::Text("0not base64!".into()),
+            Message::Text(String::new()),
+            Message::Ping(vec![]),
+        ] {
+            assert_eq!(b64.decode(bad.clone()), None, "{bad:?}");
+        }
+        assert_eq!(bin.decode(Message::Text("0Zm9v".into())), None);
+
+        // Status: v1 is silent on success and writes the message on failure; v4 writes JSON.
+        assert_eq!(bin.status_message(Ok(0)), None);
+        let m = bin.status_message(Ok(3)).expect("failure text");
+        assert_eq!(
+            String::from_utf8_lossy(&m),
+            exit_status(Ok(3))["message"].as_str().unwrap()
+        );
+        let v4 = Framing::of("v4.base64.channel.k8s.io").unwrap();
+        let j: serde_json::Value =
+            serde_json::from_slice(&v4.status_message(Ok(0)).expect("json")).unwrap();
+        assert_eq!(j["status"], "Success");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Container environment resolution: value, envFrom (prefix), configMapKeyRef, secretKeyRef,
-//! fieldRef (Downward API), resourceFieldRef (divisor) and `$(VAR)` expansion exactly as
-//! Kubernetes' expansion package does (pure).
+//! fieldRef (Downward API), resourceFieldRef (divisor), `$(VAR)` expansion exactly as
+//! Kubernetes' expansion package does, and the service-link variables of the kubelet's
+//! `getServiceEnvVarMap` + `envvars.FromServices` (pure).
 
 use crate::model::quantity;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, Service};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
@@ -46,6 +47,10 @@ pub enum EnvError {
     /// resourceFieldRef names a container that does not exist.
     #[error("container {0} not found")]
     Container(String),
+    /// The Service source has not listed yet (the kubelet waits for its service informer
+    /// before it builds the environment of a pod from the apiserver).
+    #[error("services have not yet been read at least once, cannot construct envvars")]
+    ServicesNotListed,
 }
 
 impl EnvError {
@@ -66,6 +71,115 @@ pub struct EnvContext<'a> {
     pub host_ips: Vec<String>,
     /// Node allocatable, used for limits that are not set (kubelet defaultPodLimitsForDownwardAPI).
     pub node_allocatable: BTreeMap<String, String>,
+    /// The Services for the service-link variables (None: no Service source).
+    pub services: Option<&'a ServiceFeed>,
+}
+
+/// What the node knows of Services (the kubelet's service lister).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum ServiceFeed {
+    /// No Service source (a node without an apiserver): no service variables, as a kubelet
+    /// without a service lister.
+    #[default]
+    Absent,
+    /// A Service source that has not completed its first list: pods from the apiserver wait
+    /// ([`EnvError::ServicesNotListed`]); static pods go on without service variables.
+    NotListed,
+    /// Every Service the source has (all namespaces).
+    Listed(Vec<Service>),
+}
+
+/// The annotation naming a pod's source (`api` for pods from the apiserver).
+const CONFIG_SOURCE: &str = "kubernetes.io/config.source";
+
+/// A static pod (from a manifest file or URL, not from the apiserver).
+fn is_static(pod: &Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CONFIG_SOURCE))
+        .is_some_and(|s| s != "api")
+}
+
+/// `makeEnvVariableName`: upper case, `-` becomes `_`.
+fn env_name(s: &str) -> String {
+    s.replace('-', "_").to_uppercase()
+}
+
+/// A Service with a ClusterIP (not headless, not ExternalName) and at least one port.
+fn has_cluster_ip(s: &Service) -> bool {
+    s.spec.as_ref().is_some_and(|sp| {
+        !matches!(sp.cluster_ip.as_deref(), None | Some("") | Some("None"))
+            && sp.ports.as_ref().is_some_and(|p| !p.is_empty())
+    })
+}
+
+/// The service-link variables of one Service (`envvars.FromServices`): `{SVC}_SERVICE_HOST`,
+/// `{SVC}_SERVICE_PORT` (first port), `{SVC}_SERVICE_PORT_{NAME}` per named port, and the
+/// Docker link variables `{SVC}_PORT` (first port) and `{SVC}_PORT_{port}_{PROTO}[_PROTO|_PORT|_ADDR]`.
+pub fn service_vars(s: &Service) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Some(sp) = s.spec.as_ref().filter(|_| has_cluster_ip(s)) else {
+        return out;
+    };
+    let ip = sp.cluster_ip.clone().unwrap_or_default();
+    let ports = sp.ports.as_deref().unwrap_or(&[]);
+    let Some(first) = ports.first() else {
+        return out;
+    };
+    let prefix = env_name(s.metadata.name.as_deref().unwrap_or(""));
+    out.push((format!("{prefix}_SERVICE_HOST"), ip.clone()));
+    out.push((format!("{prefix}_SERVICE_PORT"), first.port.to_string()));
+    for p in ports {
+        if let Some(n) = p.name.as_deref().filter(|n| !n.is_empty()) {
+            out.push((
+                format!("{prefix}_SERVICE_PORT_{}", env_name(n)),
+                p.port.to_string(),
+            ));
+        }
+    }
+    // net.JoinHostPort: an IPv6 address in brackets.
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.clone()
+    };
+    for (i, p) in ports.iter().enumerate() {
+        let proto = p
+            .protocol
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .unwrap_or("TCP");
+        let (lower, upper) = (proto.to_lowercase(), proto.to_uppercase());
+        let url = format!("{lower}://{host}:{}", p.port);
+        if i == 0 {
+            out.push((format!("{prefix}_PORT"), url.clone()));
+        }
+        let pp = format!("{prefix}_PORT_{}_{upper}", p.port);
+        out.push((pp.clone(), url));
+        out.push((format!("{pp}_PROTO"), lower));
+        out.push((format!("{pp}_PORT"), p.port.to_string()));
+        out.push((format!("{pp}_ADDR"), ip.clone()));
+    }
+    out
+}
+
+/// The service-link variables of a pod in `ns` (the kubelet's `getServiceEnvVarMap`): the
+/// `kubernetes` Service of `default` always, the other Services of `ns` when
+/// `enableServiceLinks`; Services without a ClusterIP are skipped; a Service of `ns` named
+/// `kubernetes` wins over the one of `default`. Sorted by name.
+pub fn service_env(ns: &str, enable_links: bool, services: &[Service]) -> BTreeMap<String, String> {
+    let mut chosen: BTreeMap<&str, &Service> = BTreeMap::new();
+    for s in services.iter().filter(|s| has_cluster_ip(s)) {
+        let name = s.metadata.name.as_deref().unwrap_or("");
+        let sns = s.metadata.namespace.as_deref().unwrap_or("default");
+        if sns == "default" && name == "kubernetes" {
+            chosen.entry(name).or_insert(s);
+        } else if sns == ns && enable_links {
+            chosen.insert(name, s);
+        }
+    }
+    chosen.values().flat_map(|s| service_vars(s)).collect()
 }
 
 /// Kubernetes `expansion.Expand`: `$(VAR)` is replaced when VAR is known, left as is otherwise;
@@ -247,6 +361,19 @@ pub fn resolve_env(
         .namespace
         .clone()
         .unwrap_or_else(|| "default".into());
+    let service = match ctx.services {
+        None | Some(ServiceFeed::Absent) => BTreeMap::new(),
+        Some(ServiceFeed::NotListed) if is_static(pod) => BTreeMap::new(),
+        Some(ServiceFeed::NotListed) => return Err(EnvError::ServicesNotListed),
+        Some(ServiceFeed::Listed(all)) => service_env(
+            &ns,
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.enable_service_links)
+                .unwrap_or(true),
+            all,
+        ),
+    };
     let mut env: Vec<(String, String)> = Vec::new();
     for from in container.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
@@ -277,11 +404,13 @@ pub fn resolve_env(
         let value = match (&e.value, &e.value_from) {
             (Some(v), _) if !v.is_empty() => {
                 let snapshot = env.clone();
+                // The container's variables first, then the service variables.
                 expand(v, &|name| {
                     snapshot
                         .iter()
                         .find(|(k, _)| k == name)
                         .map(|(_, v)| v.clone())
+                        .or_else(|| service.get(name).cloned())
                 })
             }
             (_, Some(src)) => {
@@ -337,6 +466,12 @@ pub fn resolve_env(
             _ => String::new(),
         };
         ordered_set(&mut env, e.name.clone(), value);
+    }
+    // Service variables after the container's own; a name the container sets is its own.
+    for (k, v) in service {
+        if !env.iter().any(|(n, _)| *n == k) {
+            env.push((k, v));
+        }
     }
     Ok(env)
 }
@@ -426,6 +561,7 @@ spec:
             ]
             .into_iter()
             .collect(),
+            services: None,
         };
         resolve_env(&p, &c, &ctx)
     }
@@ -467,6 +603,137 @@ spec:
         for (y, want) in table {
             assert_eq!(run(y), want, "{y}");
         }
+    }
+
+    fn svc(y: &str) -> Service {
+        serde_yaml::from_str(y).unwrap()
+    }
+
+    fn services() -> Vec<Service> {
+        [
+            "metadata: {name: kubernetes, namespace: default}\nspec: {clusterIP: 10.96.0.1, ports: [{name: https, port: 443, protocol: TCP}]}",
+            "metadata: {name: fooservice, namespace: prod}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 8765}]}",
+            "metadata: {name: redis-master, namespace: prod}\nspec: {clusterIP: 10.96.0.11, ports: [{name: redis, port: 6379}, {name: dns-udp, port: 53, protocol: UDP}]}",
+            "metadata: {name: headless, namespace: prod}\nspec: {clusterIP: None, ports: [{port: 80}]}",
+            "metadata: {name: ext, namespace: prod}\nspec: {type: ExternalName, externalName: example.org}",
+            "metadata: {name: noports, namespace: prod}\nspec: {clusterIP: 10.96.0.12}",
+            "metadata: {name: elsewhere, namespace: other}\nspec: {clusterIP: 10.96.0.13, ports: [{port: 80}]}",
+            "metadata: {name: v6, namespace: six}\nspec: {clusterIP: 'fd00::10', ports: [{port: 80}]}",
+        ]
+        .iter()
+        .map(|y| svc(y))
+        .collect()
+    }
+
+    #[test]
+    fn service_link_variables_follow_the_kubelet() {
+        let all = services();
+        let env = service_env("prod", true, &all);
+        let want: BTreeMap<String, String> = kv(&[
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+            ("KUBERNETES_SERVICE_PORT", "443"),
+            ("KUBERNETES_SERVICE_PORT_HTTPS", "443"),
+            ("KUBERNETES_PORT", "tcp://10.96.0.1:443"),
+            ("KUBERNETES_PORT_443_TCP", "tcp://10.96.0.1:443"),
+            ("KUBERNETES_PORT_443_TCP_PROTO", "tcp"),
+            ("KUBERNETES_PORT_443_TCP_PORT", "443"),
+            ("KUBERNETES_PORT_443_TCP_ADDR", "10.96.0.1"),
+            ("FOOSERVICE_SERVICE_HOST", "10.96.0.10"),
+            ("FOOSERVICE_SERVICE_PORT", "8765"),
+            ("FOOSERVICE_PORT", "tcp://10.96.0.10:8765"),
+            ("FOOSERVICE_PORT_8765_TCP", "tcp://10.96.0.10:8765"),
+            ("FOOSERVICE_PORT_8765_TCP_PROTO", "tcp"),
+            ("FOOSERVICE_PORT_8765_TCP_PORT", "8765"),
+            ("FOOSERVICE_PORT_8765_TCP_ADDR", "10.96.0.10"),
+            ("REDIS_MASTER_SERVICE_HOST", "10.96.0.11"),
+            ("REDIS_MASTER_SERVICE_PORT", "6379"),
+            ("REDIS_MASTER_SERVICE_PORT_REDIS", "6379"),
+            ("REDIS_MASTER_SERVICE_PORT_DNS_UDP", "53"),
+            ("REDIS_MASTER_PORT", "tcp://10.96.0.11:6379"),
+            ("REDIS_MASTER_PORT_6379_TCP", "tcp://10.96.0.11:6379"),
+            ("REDIS_MASTER_PORT_6379_TCP_PROTO", "tcp"),
+            ("REDIS_MASTER_PORT_6379_TCP_PORT", "6379"),
+            ("REDIS_MASTER_PORT_6379_TCP_ADDR", "10.96.0.11"),
+            ("REDIS_MASTER_PORT_53_UDP", "udp://10.96.0.11:53"),
+            ("REDIS_MASTER_PORT_53_UDP_PROTO", "udp"),
+            ("REDIS_MASTER_PORT_53_UDP_PORT", "53"),
+            ("REDIS_MASTER_PORT_53_UDP_ADDR", "10.96.0.11"),
+        ])
+        .into_iter()
+        .collect();
+        assert_eq!(env, want);
+        // enableServiceLinks: false keeps only the master service; other namespaces see theirs.
+        let off = service_env("prod", false, &all);
+        assert_eq!(off.len(), 8, "{off:?}");
+        assert!(off.keys().all(|k| k.starts_with("KUBERNETES_")), "{off:?}");
+        let six = service_env("six", true, &all);
+        assert_eq!(six["V6_PORT"], "tcp://[fd00::10]:80");
+        assert_eq!(six["V6_SERVICE_HOST"], "fd00::10");
+        assert!(!six.contains_key("ELSEWHERE_SERVICE_HOST"));
+        // A `kubernetes` Service of the pod's own namespace wins over default's, in any order.
+        let mut mine = all.clone();
+        mine.insert(0, svc("metadata: {name: kubernetes, namespace: prod}\nspec: {clusterIP: 10.96.0.99, ports: [{port: 80}]}"));
+        assert_eq!(
+            service_env("prod", true, &mine)["KUBERNETES_SERVICE_HOST"],
+            "10.96.0.99"
+        );
+        mine.reverse();
+        assert_eq!(
+            service_env("prod", true, &mine)["KUBERNETES_SERVICE_HOST"],
+            "10.96.0.99"
+        );
+        // Nothing without services.
+        assert!(service_env("prod", true, &[]).is_empty());
+    }
+
+    #[test]
+    fn service_links_in_the_container_env() {
+        let p = pod();
+        let feed = ServiceFeed::Listed(services());
+        let resolve = |env_yaml: &str, pod: &Pod, feed: &ServiceFeed| {
+            let extra: Container = serde_yaml::from_str(&format!("name: c\n{env_yaml}")).unwrap();
+            let ctx = EnvContext {
+                services: Some(feed),
+                ..Default::default()
+            };
+            resolve_env(pod, &extra, &ctx)
+        };
+        // The container's value wins; its own variables come first; `$(SVC_...)` expands.
+        let env = resolve(
+            "env: [{name: FOOSERVICE_SERVICE_HOST, value: mine}, {name: U, value: 'http://$(FOOSERVICE_SERVICE_HOST):$(FOOSERVICE_SERVICE_PORT)'}]",
+            &p,
+            &feed,
+        )
+        .unwrap();
+        assert_eq!(env[0], ("FOOSERVICE_SERVICE_HOST".into(), "mine".into()));
+        assert_eq!(env[1], ("U".into(), "http://mine:8765".into()));
+        assert_eq!(
+            env.iter()
+                .filter(|(k, _)| k == "FOOSERVICE_SERVICE_HOST")
+                .count(),
+            1
+        );
+        assert!(env.contains(&("KUBERNETES_SERVICE_HOST".into(), "10.96.0.1".into())));
+        assert_eq!(env.len(), 2 + 28 - 1);
+        // Not listed yet: an apiserver pod waits, a static pod goes on without them.
+        assert_eq!(
+            resolve("env: []", &p, &ServiceFeed::NotListed),
+            Err(EnvError::ServicesNotListed)
+        );
+        let mut st = p.clone();
+        st.metadata.annotations = Some(
+            [(CONFIG_SOURCE.to_string(), "file".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        assert_eq!(resolve("env: []", &st, &ServiceFeed::NotListed), Ok(vec![]));
+        // No Service source: none.
+        assert_eq!(resolve("env: []", &p, &ServiceFeed::Absent), Ok(vec![]));
+        // enableServiceLinks: false.
+        let mut off = p.clone();
+        off.spec.as_mut().unwrap().enable_service_links = Some(false);
+        let env = resolve("env: []", &off, &feed).unwrap();
+        assert_eq!(env.len(), 8);
     }
 
     #[test]

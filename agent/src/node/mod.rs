@@ -355,6 +355,9 @@ pub async fn run_async(
         }
         crate::worker::PodManager::new(w)
     });
+    let _services = manager
+        .clone()
+        .map(|m| apiserver::spawn_service_feed(watch_client.clone(), m));
     let pods = tokio::spawn(apiserver::pod_loop(
         ctx.clone(),
         watch_client.clone(),

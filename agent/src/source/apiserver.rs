@@ -5,7 +5,8 @@
 //! manager, patches `pods/<name>/status` (coalesced, flushed every 100 ms), and finishes
 //! graceful deletions with a grace-0 delete carrying a UID precondition. The workers' events
 //! (Pulling, Pulled, Created, Started, Killing, BackOff, Unhealthy, FailedMount, ...) are
-//! forwarded as core/v1 Events in the pod's namespace.
+//! forwarded as core/v1 Events in the pod's namespace. A separate Service feed
+//! ([`spawn_service_feed`]) watches every Service for the containers' service-link variables.
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, ObjectReference, Pod, PodStatus, Secret};
@@ -324,6 +325,62 @@ async fn final_delete(client: &Client, ns: &str, name: &str, uid: &str) {
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
         Err(e) => tracing::warn!("deleting {ns}/{name}: {e}"),
     }
+}
+
+/// The Service feed of the pod workers (the kubelet's service informer): marks the Services
+/// as not yet listed at once (so that pods from the apiserver wait for the first list, as
+/// the kubelet does), then watches all Services (the Node authorizer allows list/watch) and
+/// hands the whole set to the workers after every list and change.
+pub(crate) fn spawn_service_feed(
+    client: Client,
+    manager: Arc<PodManager>,
+) -> tokio::task::JoinHandle<()> {
+    use crate::model::env::ServiceFeed;
+    use k8s_openapi::api::core::v1::Service;
+    manager.set_services(ServiceFeed::NotListed);
+    tokio::spawn(async move {
+        let api: Api<Service> = Api::all(client);
+        let mut stream = watcher(api, watcher::Config::default()).boxed();
+        let key = |s: &Service| {
+            (
+                s.metadata.namespace.clone().unwrap_or_default(),
+                s.metadata.name.clone().unwrap_or_default(),
+            )
+        };
+        let mut all: BTreeMap<(String, String), Service> = BTreeMap::new();
+        let mut relist: Option<BTreeMap<(String, String), Service>> = None;
+        let mut listed = false;
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(watcher::Event::Apply(s)) => {
+                    all.insert(key(&s), s);
+                }
+                Ok(watcher::Event::Delete(s)) => {
+                    all.remove(&key(&s));
+                }
+                Ok(watcher::Event::Init) => {
+                    relist = Some(BTreeMap::new());
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(s)) => {
+                    relist.get_or_insert_with(BTreeMap::new).insert(key(&s), s);
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    all = relist.take().unwrap_or_default();
+                    listed = true;
+                }
+                Err(e) => {
+                    tracing::warn!("service watch: {e} (the watcher re-lists)");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+            if listed {
+                manager.set_services(ServiceFeed::Listed(all.values().cloned().collect()));
+            }
+        }
+    })
 }
 
 /// The pod loop. `manager` is None when the agent runs without a container runtime (pods are

@@ -119,6 +119,16 @@ impl Assembler {
         }
     }
 
+    /// The end of the input: a last record without its newline (a runtime that stopped
+    /// mid-write, a file cut short) is parsed and handed out as the kubelet does with an
+    /// incomplete last line.
+    pub fn finish(&mut self, out: &mut dyn FnMut(Piece<'_>)) {
+        let line = std::mem::take(&mut self.rest);
+        if !std::mem::take(&mut self.skipping) && !line.is_empty() {
+            self.record(&line, out);
+        }
+    }
+
     fn record(&mut self, line: &[u8], out: &mut dyn FnMut(Piece<'_>)) {
         let Some(r) = parse_record_bytes(line) else {
             return;
@@ -373,6 +383,12 @@ impl CriFollower {
         Ok(any)
     }
 
+    /// Hands out an unterminated last record (see [`Assembler::finish`]); called once
+    /// nothing more will be read.
+    fn finish(&mut self, out: &mut dyn FnMut(Piece<'_>)) {
+        self.asm.finish(out);
+    }
+
     /// Reads everything written since the last call. When the file at the path was replaced
     /// (rotated), the old file is drained first and reading goes on in the new one. Returns
     /// whether any bytes were read.
@@ -452,22 +468,30 @@ pub fn read_logs(
             lines: VecDeque::new(),
             open: [Vec::new(), Vec::new()],
         };
-        rd.drain(&mut |p| {
+        let mut add = |p: Piece<'_>| {
             let b = w.render(&p);
             tail.add(p.stream, b, p.ends_line);
-        })?;
+        };
+        rd.drain(&mut add)?;
+        if !opts.follow {
+            rd.finish(&mut add);
+        }
         for l in tail.finish() {
             if !w.write(&l) {
                 break;
             }
         }
     } else {
-        rd.drain(&mut |p| {
+        let mut add = |p: Piece<'_>| {
             if !stop {
                 let b = w.render(&p);
                 stop = !w.write(&b);
             }
-        })?;
+        };
+        rd.drain(&mut add)?;
+        if !opts.follow {
+            rd.finish(&mut add);
+        }
     }
     if !w.flush() || !opts.follow || w.done() || stop {
         return Ok(());
@@ -489,7 +513,15 @@ pub fn read_logs(
             continue;
         }
         if exited {
-            // One more idle poll after the exit was seen: the log is complete.
+            // One more idle poll after the exit was seen: the log is complete (an
+            // unterminated last record included).
+            rd.finish(&mut |p| {
+                if !stop {
+                    let b = w.render(&p);
+                    stop = !w.write(&b);
+                }
+            });
+            w.flush();
             return Ok(());
         }
         if last_check.is_none_or(|t| t.elapsed() >= STATE_CHECK) {
@@ -679,7 +711,58 @@ mod tests {
         let mut c = b"not a record\n".to_vec();
         c.extend(rec(T1, Stream::Stdout, false, b"ok"));
         c.extend_from_slice(b"2026-01-01T00:00:02.000000000Z stdout F half");
-        assert_eq!(read(&c, LogOptions::default()), b"ok\n".to_vec());
+        // An unterminated last record is printed, as the kubelet prints an incomplete last
+        // line (it was dropped before).
+        assert_eq!(read(&c, LogOptions::default()), b"ok\nhalf\n".to_vec());
+        let mut g = b"garbage without newline".to_vec();
+        assert_eq!(read(&g, LogOptions::default()), b"".to_vec());
+        g.clear();
+        assert_eq!(read(&g, LogOptions::default()), b"".to_vec());
+    }
+
+    #[test]
+    fn a_last_partial_record_is_printed() {
+        // The projected-volume e2e container: `cat` of files without a newline. The shim
+        // writes the last bytes as a `P` record; the kubelet prints it without a newline.
+        let log = [
+            rec(T1, Stream::Stdout, false, b"first"),
+            rec(T2, Stream::Stdout, true, b"secret-value-1"),
+            rec(T3, Stream::Stdout, true, b"configmap-value-1"),
+        ]
+        .concat();
+        let mut unterminated = log.clone();
+        unterminated.pop();
+        let o = |tail: Option<u64>, ts: bool, follow: bool| LogOptions {
+            tail_lines: tail,
+            timestamps: ts,
+            follow,
+            ..Default::default()
+        };
+        let cases: [(LogOptions, &str); 6] = [
+            (o(None, false, false), "first\nsecret-value-1configmap-value-1"),
+            (o(Some(1), false, false), "secret-value-1configmap-value-1"),
+            (o(Some(2), false, false), "first\nsecret-value-1configmap-value-1"),
+            (
+                o(None, true, false),
+                "2026-01-01T00:00:01.000000000Z first\n2026-01-01T00:00:02.000000000Z secret-value-1configmap-value-1",
+            ),
+            (
+                o(Some(1), true, false),
+                "2026-01-01T00:00:02.000000000Z secret-value-1configmap-value-1",
+            ),
+            // Follow of an exited container: everything, then the end.
+            (o(None, false, true), "first\nsecret-value-1configmap-value-1"),
+        ];
+        for content in [&log, &unterminated] {
+            for (opts, want) in &cases {
+                assert_eq!(
+                    String::from_utf8_lossy(&read(content, opts.clone())),
+                    *want,
+                    "{opts:?} (newline at the end: {})",
+                    content == &log
+                );
+            }
+        }
     }
 
     /// A scripted follow: each wait runs the next step; running() is false once the script

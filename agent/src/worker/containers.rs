@@ -257,6 +257,7 @@ impl Worker {
                 .unwrap_or_default(),
             host_ips: self.cfg.host_ip.iter().cloned().collect(),
             node_allocatable: self.node_allocatable(),
+            services: Some(&o.services),
         };
         let mut pod = self.pod.clone();
         let obs = self.observed();

@@ -132,6 +132,19 @@ impl PodManager {
         }
     }
 
+    /// Sets the Services the containers' service-link variables come from (cluster mode:
+    /// [`ServiceFeed::NotListed`](crate::model::env::ServiceFeed) until the Service watch has
+    /// listed once). A change wakes the workers on the next [`PodManager::sync`]; containers
+    /// already running keep their environment.
+    pub fn set_services(&self, services: crate::model::env::ServiceFeed) {
+        if let Ok(mut o) = self.objects.write() {
+            if o.services != services {
+                o.services = services;
+                o.generation += 1;
+            }
+        }
+    }
+
     /// Applies the desired state (level-triggered; see the module docs). Must be called from
     /// within a tokio runtime.
     pub fn sync(self: &Arc<Self>, desired: DesiredState) {

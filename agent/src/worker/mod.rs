@@ -152,6 +152,8 @@ struct Objects {
     secrets: ObjMap<Secret>,
     /// ServiceAccount tokens by pod UID (cluster mode, [`PodManager::set_tokens`]).
     tokens: BTreeMap<String, crate::sys::volumes::projection::PodTokens>,
+    /// Services for the service-link variables ([`PodManager::set_services`]).
+    services: crate::model::env::ServiceFeed,
     generation: u64,
 }
 

@@ -323,3 +323,36 @@ fn client_certificates_are_refused_clearly() {
     );
     nothing_recorded(&store, &root);
 }
+
+#[test]
+fn the_agent_pulls_a_pod_image_through_registry_config_path() {
+    use hako_tests::agent::AgentEnv;
+    use std::time::Duration;
+    let mut env = AgentEnv::new("oreg");
+    // A registry name that does not resolve, served over plain HTTP by the fixture's registry
+    // (inside the agent's namespace) as its hosts.toml says.
+    let name = format!("hako-agent-mirror-{}.invalid", std::process::id());
+    let certs = env.tmp.path().join("certs.d");
+    write(
+        &certs.join(&name).join("hosts.toml"),
+        &format!(
+            "server = \"https://{name}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            env.registry.addr()
+        ),
+    );
+    let image = format!("{name}/busybox:sleep");
+    env.write_manifest(
+        "mirror.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: mirrored}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: c, image: \"{image}\", imagePullPolicy: Always}}\n"
+        ),
+    );
+    env.args = vec![
+        "--registry-config-path".into(),
+        certs.to_string_lossy().into_owned(),
+    ];
+    env.start();
+    let r = env.wait_running("mirrored", Duration::from_secs(90));
+    let st = &r["pod"]["status"]["containerStatuses"][0];
+    assert_eq!(st["image"], image.as_str(), "{st}");
+}

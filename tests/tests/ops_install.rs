@@ -4,7 +4,8 @@
 //! (Delegate=yes, KillMode=process, the install paths, `systemd-analyze verify`), the daemons'
 //! flag files accepted by the binaries, a conflist whose cniVersion every plugin in it supports
 //! (hako-cni and Debian's reference portmap), edited configuration kept until `--purge`, a
-//! custom prefix; and `scripts/demo`'s package list without the VM lane's qemu and kernel.
+//! custom prefix; `scripts/demo`'s package list without the VM lane's qemu and kernel; and the
+//! agent's error naming the plugin and versions when Debian's portmap refuses a cniVersion.
 //! Needs `cargo build -p hako-agent -p hako-shim -p hako-cni -p hako-proxier` (same target dir).
 
 use hako_tests::agent::target_bin;
@@ -375,5 +376,63 @@ fn the_demo_installs_only_its_own_packages() {
     assert!(!calls.is_empty(), "scripts/demo never runs scripts/setup");
     for c in calls {
         assert!(c.contains("scripts/setup --demo"), "{c}");
+    }
+}
+
+/// The agent's error for a list whose cniVersion Debian's reference portmap does not support
+/// (the old example conflist's 1.1.0) names the plugin, its binary and both sides' versions.
+#[test]
+fn a_cni_version_mismatch_with_the_reference_portmap_is_named() {
+    use hako_agent::sys::cni::{Attachment, CniConfig, CniError};
+    require_root();
+    let portmap = Path::new("/usr/lib/cni/portmap");
+    assert!(
+        portmap.exists(),
+        "{} missing (scripts/setup installs containernetworking-plugins)",
+        portmap.display()
+    );
+    let d = tempfile::tempdir().unwrap();
+    let conf = d.path().join("net.d");
+    std::fs::create_dir_all(&conf).unwrap();
+    let list = conf.join("10-hako.conflist");
+    std::fs::write(
+        &list,
+        r#"{"cniVersion": "1.1.0", "name": "hako",
+            "plugins": [{"type": "portmap", "capabilities": {"portMappings": true}}]}"#,
+    )
+    .unwrap();
+    let cni = CniConfig {
+        conf_dir: conf,
+        bin_dirs: vec![PathBuf::from("/usr/lib/cni")],
+        cache_dir: d.path().join("cache"),
+        timeout: std::time::Duration::from_secs(30),
+    };
+    // The plugin refuses the version before it looks at the namespace.
+    let a = Attachment {
+        container_id: "hako-ops-install-version".into(),
+        netns: "/proc/self/ns/net".into(),
+        ifname: "eth0".into(),
+        pod_namespace: "default".into(),
+        pod_name: "p".into(),
+        pod_uid: "u".into(),
+    };
+    let e = cni.add(&a).unwrap_err();
+    let CniError::IncompatibleVersion(m) = &e else {
+        panic!("not a version mismatch: {e:?}")
+    };
+    assert_eq!(m.plugin, "portmap");
+    assert_eq!(m.config_version, "1.1.0");
+    assert!(m.supported.iter().any(|v| v == "1.0.0"), "{m:?}");
+    assert!(!m.supported.iter().any(|v| v == "1.1.0"), "{m:?}");
+    let text = e.to_string();
+    eprintln!("{text}");
+    for want in [
+        "\"portmap\"",
+        "/usr/lib/cni/portmap",
+        "\"1.1.0\"",
+        "1.0.0",
+        &list.display().to_string(),
+    ] {
+        assert!(text.contains(want), "{want:?} not in {text}");
     }
 }

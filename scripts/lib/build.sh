@@ -45,13 +45,9 @@ TXT
     echo "other builds (README.md, On a fresh machine); later builds take seconds" >&2
   fi
   start=$(date +%s)
-  # --progress: cargo's own bar on a terminal; a line per crate otherwise (logs, CI).
-  if [ -t 2 ]; then
-    (cd "$REPO" && "${as_user[@]}" "$cargo" build --release "$@")
-  else
-    (cd "$REPO" && "${as_user[@]}" "$cargo" build --release --color never "$@" 2>&1 \
-      | grep --line-buffered -E '^ *(Compiling|Finished|error|warning: unused)' >&2; exit "${PIPESTATUS[0]}")
-  fi
+  # No -q: cargo's own progress bar on a terminal, and a "Compiling <crate>" line per crate
+  # when the output is a log or a pipe.
+  (cd "$REPO" && "${as_user[@]}" "$cargo" build --release "$@")
   secs=$(( $(date +%s) - start ))
   echo "built in $((secs / 60)) min $((secs % 60)) s" >&2
 }

@@ -99,6 +99,11 @@ struct Cli {
     /// for this long is cancelled and fails with ErrImagePull.
     #[arg(long, value_name = "SECONDS", default_value_t = hako_shim::image::DEFAULT_PROGRESS_DEADLINE.as_secs_f64())]
     image_pull_progress_deadline: f64,
+    /// Registry host configuration directory, containerd's `config_path`:
+    /// `DIR/<host[:port]>/hosts.toml` (or `DIR/_default/hosts.toml`) names mirrors, private
+    /// CAs, `skip_verify` and plain HTTP per registry. A missing directory means none.
+    #[arg(long, value_name = "DIR", default_value = hako_shim::image::hosts::DEFAULT_CONFIG_PATH)]
+    registry_config_path: PathBuf,
     /// cgroup filesystem root.
     #[arg(long, value_name = "DIR")]
     cgroup_root: Option<PathBuf>,
@@ -673,7 +678,10 @@ fn worker_config(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
         dns::ResolvConf::parse(&std::fs::read_to_string(&cli.resolv_conf).unwrap_or_default());
     let images = hako_shim::image::ImageStore::open(cli.root_dir.join("images"))
         .with_context(|| format!("opening image store under {}", cli.root_dir.display()))?
-        .with_progress_deadline(secs(cli.image_pull_progress_deadline));
+        .with_progress_deadline(secs(cli.image_pull_progress_deadline))
+        .with_registry_hosts(hako_shim::image::hosts::RegistryHosts::at(
+            &cli.registry_config_path,
+        ));
     Ok(hako_agent::worker::AgentConfig {
         root_dir: cli.root_dir.clone(),
         run_dir: cli.run_dir.clone(),

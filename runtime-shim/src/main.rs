@@ -94,6 +94,10 @@ enum Cmd {
         /// Docker config JSON file with registry credentials.
         #[arg(long)]
         docker_config: Option<PathBuf>,
+        /// Registry host configuration directory (containerd's `config_path`):
+        /// `DIR/<host[:port]>/hosts.toml` names mirrors, CAs, `skip_verify`, plain HTTP.
+        #[arg(long, value_name = "DIR", default_value = hako_shim::image::hosts::DEFAULT_CONFIG_PATH)]
+        registry_config_path: PathBuf,
         /// Image reference.
         reference: String,
     },
@@ -165,8 +169,15 @@ fn main() -> anyhow::Result<()> {
             image_root,
             policy,
             docker_config,
+            registry_config_path,
             reference,
-        } => pull(image_root, &policy, docker_config, &reference),
+        } => pull(
+            image_root,
+            &policy,
+            docker_config,
+            &registry_config_path,
+            &reference,
+        ),
         Cmd::Images { image_root } => print(&ImageStore::open(image_root)?.list()?),
     }
 }
@@ -233,6 +244,7 @@ fn pull(
     root: PathBuf,
     policy: &str,
     docker_config: Option<PathBuf>,
+    registry_config_path: &std::path::Path,
     reference: &str,
 ) -> anyhow::Result<()> {
     let policy = match policy {
@@ -248,7 +260,9 @@ fn pull(
         None => None,
     };
     let start = std::time::Instant::now();
-    let store = ImageStore::open(root)?;
+    let store = ImageStore::open(root)?.with_registry_hosts(
+        hako_shim::image::hosts::RegistryHosts::at(registry_config_path),
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

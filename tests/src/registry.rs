@@ -86,6 +86,19 @@ pub struct RegistryOptions {
     /// [`Client`] does not authenticate: push into the storage dir first with auth off, then
     /// start again on the same dir with auth on.
     pub basic_auth: bool,
+    /// Serve HTTPS (`http.tls`) with this certificate chain and key (PEM files). [`Client`]
+    /// speaks plain HTTP: push into the storage dir first with TLS off, then start again on
+    /// the same dir with TLS on, as for `basic_auth`.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The serving certificate and key of a registry started with [`RegistryOptions::tls`].
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate (chain), naming 127.0.0.1.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
 }
 
 /// User name of a registry started with [`RegistryOptions::basic_auth`].
@@ -110,7 +123,12 @@ fn free_port() -> Result<u16, RegistryError> {
     Ok(l.local_addr().map_err(RegistryError::Port)?.port())
 }
 
-fn config_yaml(addr: &str, storage: &Path, htpasswd: Option<&Path>) -> String {
+fn config_yaml(
+    addr: &str,
+    storage: &Path,
+    htpasswd: Option<&Path>,
+    tls: Option<&TlsFiles>,
+) -> String {
     let auth = htpasswd
         .map(|p| {
             format!(
@@ -119,11 +137,20 @@ fn config_yaml(addr: &str, storage: &Path, htpasswd: Option<&Path>) -> String {
             )
         })
         .unwrap_or_default();
+    let tls = tls
+        .map(|t| {
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                t.cert.display(),
+                t.key.display()
+            )
+        })
+        .unwrap_or_default();
     format!(
         "version: 0.1\n\
          log:\n  level: warn\n  accesslog:\n    disabled: true\n\
          storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-         http:\n  addr: {addr}\n{auth}",
+         http:\n  addr: {addr}\n{tls}{auth}",
         storage.display()
     )
 }
@@ -172,7 +199,7 @@ impl Registry {
                 Some(p) => p,
                 None => free_port()?,
             };
-            match Self::spawn(&dir, port, opts.basic_auth) {
+            match Self::spawn(&dir, port, opts.basic_auth, opts.tls.as_ref()) {
                 Ok(child) => {
                     let mut reg = Registry {
                         child,
@@ -180,7 +207,11 @@ impl Registry {
                         dir: dir.clone(),
                         _temp: temp.take(),
                     };
-                    match reg.wait_ready(Duration::from_secs(20), opts.basic_auth) {
+                    match reg.wait_ready(
+                        Duration::from_secs(20),
+                        opts.basic_auth,
+                        opts.tls.is_some(),
+                    ) {
                         Ok(()) => return Ok(reg),
                         Err(e) => {
                             // Keep the temp dir for the next attempt; drop kills the child.
@@ -195,7 +226,12 @@ impl Registry {
         Err(last.unwrap_or_else(|| RegistryError::Mismatch("no attempt made".into())))
     }
 
-    fn spawn(dir: &Path, port: u16, basic_auth: bool) -> Result<Child, RegistryError> {
+    fn spawn(
+        dir: &Path,
+        port: u16,
+        basic_auth: bool,
+        tls: Option<&TlsFiles>,
+    ) -> Result<Child, RegistryError> {
         let addr = format!("127.0.0.1:{port}");
         let storage = dir.join("storage");
         std::fs::create_dir_all(&storage).map_err(|e| RegistryError::Dir(storage.clone(), e))?;
@@ -207,7 +243,12 @@ impl Registry {
         let config = dir.join("config.yml");
         std::fs::write(
             &config,
-            config_yaml(&addr, &storage, basic_auth.then_some(htpasswd.as_path())),
+            config_yaml(
+                &addr,
+                &storage,
+                basic_auth.then_some(htpasswd.as_path()),
+                tls,
+            ),
         )
         .map_err(|e| RegistryError::Dir(config.clone(), e))?;
         let log_path = dir.join("registry.log");
@@ -230,7 +271,12 @@ impl Registry {
             .map_err(RegistryError::Spawn)
     }
 
-    fn wait_ready(&mut self, timeout: Duration, basic_auth: bool) -> Result<(), RegistryError> {
+    fn wait_ready(
+        &mut self,
+        timeout: Duration,
+        basic_auth: bool,
+        tls: bool,
+    ) -> Result<(), RegistryError> {
         let deadline = Instant::now() + timeout;
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(2))
@@ -243,6 +289,12 @@ impl Registry {
                 break;
             }
             match agent.get(&url).call() {
+                // Go's TLS server answers a plain HTTP request with 400 "Client sent an HTTP
+                // request to an HTTPS server": listening, and speaking TLS.
+                Err(ureq::Error::Status(400, _)) if tls => return Ok(()),
+                Ok(r) if tls => {
+                    reason = format!("GET /v2/ over plain HTTP answered {}", r.status())
+                }
                 Ok(r) if r.status() == 200 && !basic_auth => return Ok(()),
                 Ok(r) if r.status() == 200 => reason = "GET /v2/ answered 200 without auth".into(),
                 Err(ureq::Error::Status(401, r))
@@ -823,7 +875,7 @@ mod tests {
 
     #[test]
     fn config_listens_on_loopback_with_filesystem_storage() {
-        let y = config_yaml("127.0.0.1:5555", Path::new("/x/storage"), None);
+        let y = config_yaml("127.0.0.1:5555", Path::new("/x/storage"), None, None);
         for want in [
             "addr: 127.0.0.1:5555",
             "rootdirectory: /x/storage",
@@ -836,9 +888,22 @@ mod tests {
             "127.0.0.1:5555",
             Path::new("/x/storage"),
             Some(Path::new("/x/htpasswd")),
+            None,
         );
         assert!(
             y.ends_with("auth:\n  htpasswd:\n    realm: hako-test\n    path: /x/htpasswd\n"),
+            "{y}"
+        );
+        assert!(!y.contains("tls"), "{y}");
+        let tls = TlsFiles {
+            cert: "/x/cert.pem".into(),
+            key: "/x/key.pem".into(),
+        };
+        let y = config_yaml("127.0.0.1:5555", Path::new("/x/storage"), None, Some(&tls));
+        assert!(
+            y.ends_with(
+                "http:\n  addr: 127.0.0.1:5555\n  tls:\n    certificate: /x/cert.pem\n    key: /x/key.pem\n"
+            ),
             "{y}"
         );
     }

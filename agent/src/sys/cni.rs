@@ -38,6 +38,9 @@ pub enum CniError {
     /// The plugin returned an error.
     #[error(transparent)]
     Plugin(Box<PluginFailure>),
+    /// The plugin does not support the list's `cniVersion` (CNI error code 1).
+    #[error(transparent)]
+    IncompatibleVersion(Box<VersionMismatch>),
     /// Result cache I/O.
     #[error("cni cache {0}: {1}")]
     Cache(PathBuf, std::io::Error),
@@ -69,6 +72,78 @@ pub struct PluginFailure {
     pub msg: String,
     /// Details.
     pub details: String,
+}
+
+/// A plugin refused the network list's `cniVersion`: which plugin, which version the list
+/// asks for and which versions the plugin supports (from its `VERSION` answer, or from its
+/// error message when it gives none), so that the operator can pick a version every plugin of
+/// the list supports.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "CNI plugin {plugin:?} ({}) of network {network:?} does not support cniVersion {config_version:?} \
+     ({command}); it supports {}; set \"cniVersion\" in {} to a version every plugin of the list \
+     supports{}",
+    .binary.display(),
+    supported_text(.supported, .msg),
+    .config.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "the conflist".into()),
+    max_common_hint(.supported, .config_version)
+)]
+pub struct VersionMismatch {
+    /// Plugin type.
+    pub plugin: String,
+    /// The plugin binary that was run.
+    pub binary: PathBuf,
+    /// Network name.
+    pub network: String,
+    /// The conflist file, when the list came from one.
+    pub config: Option<PathBuf>,
+    /// ADD, DEL, CHECK.
+    pub command: String,
+    /// The list's `cniVersion`.
+    pub config_version: String,
+    /// What the plugin's `VERSION` command answered in `supportedVersions` (empty when it
+    /// gave no usable answer).
+    pub supported: Vec<String>,
+    /// The plugin's own error message and details.
+    pub msg: String,
+}
+
+fn supported_text(supported: &[String], msg: &str) -> String {
+    if supported.is_empty() {
+        format!("an unknown set of versions (it said: {msg})")
+    } else {
+        format!("[{}]", supported.join(", "))
+    }
+}
+
+/// " (for example 1.0.0)": the highest supported version below the asked one, if any.
+fn max_common_hint(supported: &[String], asked: &str) -> String {
+    let key = |v: &str| -> (u64, u64, u64) {
+        let mut it = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+        (
+            it.next().unwrap_or(0),
+            it.next().unwrap_or(0),
+            it.next().unwrap_or(0),
+        )
+    };
+    supported
+        .iter()
+        .filter(|v| key(v) < key(asked))
+        .max_by_key(|v| key(v))
+        .map(|v| format!(" (for example {v})"))
+        .unwrap_or_default()
+}
+
+/// The `supportedVersions` of a plugin's `VERSION` answer.
+fn parse_supported_versions(stdout: &[u8]) -> Vec<String> {
+    serde_json::from_slice::<Value>(stdout)
+        .ok()
+        .and_then(|v| v.get("supportedVersions").cloned())
+        .and_then(|v| v.as_array().cloned())
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
 }
 
 fn details_suffix(d: &str) -> String {
@@ -130,6 +205,8 @@ pub struct NetworkList {
     pub plugins: Vec<Value>,
     /// The raw bytes (cached for DEL).
     pub bytes: Vec<u8>,
+    /// The file the list was read from (for error messages).
+    pub path: Option<PathBuf>,
 }
 
 /// Parses a `.conflist` (or a single-plugin `.conf`, wrapped into a list).
@@ -162,6 +239,7 @@ pub fn parse_list(path: &Path, bytes: &[u8]) -> Result<NetworkList, CniError> {
         cni_version,
         plugins,
         bytes: bytes.to_vec(),
+        path: Some(path.to_path_buf()),
     })
 }
 
@@ -394,6 +472,20 @@ impl CniConfig {
                     String::from_utf8_lossy(&out.stderr).trim().to_string(),
                 ),
             };
+            if code == 1 {
+                // "incompatible CNI versions": ask the plugin what it supports (libcni's
+                // VERSION query) so that the error names the versions to choose from.
+                return Err(CniError::IncompatibleVersion(Box::new(VersionMismatch {
+                    plugin: ty.to_string(),
+                    supported: self.supported_versions(&bin, &list.cni_version),
+                    binary: bin,
+                    network: list.name.clone(),
+                    config: list.path.clone(),
+                    command: command.to_string(),
+                    config_version: list.cni_version.clone(),
+                    msg: format!("{msg}{}", details_suffix(&details)),
+                })));
+            }
             return Err(CniError::Plugin(Box::new(PluginFailure {
                 plugin: ty.to_string(),
                 network: list.name.clone(),
@@ -404,6 +496,29 @@ impl CniConfig {
             })));
         }
         Ok(stdout)
+    }
+
+    /// A plugin's `supportedVersions` (`CNI_COMMAND=VERSION`, bounded by the plugin deadline);
+    /// empty when it gives no usable answer.
+    fn supported_versions(&self, bin: &Path, config_version: &str) -> Vec<String> {
+        let Ok(mut child) = Command::new(bin)
+            .env_clear()
+            .env("CNI_COMMAND", "VERSION")
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        else {
+            return Vec::new();
+        };
+        let input =
+            serde_json::to_vec(&json!({ "cniVersion": config_version })).unwrap_or_default();
+        match run_bounded(&mut child, input, self.timeout.min(Duration::from_secs(10))) {
+            Ok(out) => parse_supported_versions(&out.stdout),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Brings up `lo` in the netns with the `loopback` plugin (skipped when not installed).
@@ -417,6 +532,7 @@ impl CniConfig {
             cni_version: "1.0.0".into(),
             plugins: vec![json!({"type": "loopback"})],
             bytes: vec![],
+            path: None,
         };
         let lo = Attachment {
             ifname: "lo".into(),
@@ -629,5 +745,70 @@ mod tests {
             Err(CniError::Plugin(f)) => assert_eq!((f.code, f.msg.as_str()), (7, "bad")),
             r => panic!("{r:?}"),
         }
+    }
+
+    /// A plugin speaking like the reference plugins' skel: VERSION answers its supported
+    /// versions, ADD with a newer cniVersion fails with code 1.
+    const SKEL_LIKE: &str = "#!/bin/sh\ncat >/dev/null\nif [ \"$CNI_COMMAND\" = VERSION ]; then\n  echo '{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[\"0.3.1\",\"0.4.0\",\"1.0.0\"]}'\n  exit 0\nfi\necho '{\"code\":1,\"msg\":\"incompatible CNI versions\",\"details\":\"config is \\\"1.1.0\\\", plugin supports [\\\"0.3.1\\\" \\\"0.4.0\\\" \\\"1.0.0\\\"]\"}'\nexit 1\n";
+
+    #[test]
+    fn a_version_mismatch_names_the_plugin_and_the_versions() {
+        let (_d, cfg) = plugin_dir(SKEL_LIKE);
+        let l = parse_list(
+            Path::new("/etc/cni/net.d/10-x.conflist"),
+            br#"{"cniVersion":"1.1.0","name":"n","plugins":[{"type":"slow"}]}"#,
+        )
+        .unwrap();
+        let e = cfg
+            .exec("ADD", &l, &l.plugins[0], None, &attachment())
+            .unwrap_err();
+        let CniError::IncompatibleVersion(m) = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(m.plugin, "slow");
+        assert_eq!(m.config_version, "1.1.0");
+        assert_eq!(m.supported, vec!["0.3.1", "0.4.0", "1.0.0"]);
+        let text = e.to_string();
+        for want in [
+            "\"slow\"",
+            "cniVersion \"1.1.0\"",
+            "[0.3.1, 0.4.0, 1.0.0]",
+            "/etc/cni/net.d/10-x.conflist",
+            "for example 1.0.0",
+        ] {
+            assert!(text.contains(want), "{want:?} not in {text}");
+        }
+    }
+
+    #[test]
+    fn a_mismatch_without_a_version_answer_keeps_the_plugin_message() {
+        let (_d, cfg) = plugin_dir(
+            "#!/bin/sh\ncat >/dev/null\necho '{\"code\":1,\"msg\":\"incompatible CNI versions\"}'\nexit 1\n",
+        );
+        let l = list();
+        let e = cfg
+            .exec("ADD", &l, &l.plugins[0], None, &attachment())
+            .unwrap_err();
+        assert!(matches!(&e, CniError::IncompatibleVersion(m) if m.supported.is_empty()));
+        assert!(
+            e.to_string()
+                .contains("unknown set of versions (it said: incompatible CNI versions)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn max_common_hint_picks_the_highest_lower_version() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            max_common_hint(&v(&["0.4.0", "1.0.0", "0.10.0"]), "1.1.0"),
+            " (for example 1.0.0)"
+        );
+        assert_eq!(max_common_hint(&v(&["1.1.0"]), "1.0.0"), "");
+        assert_eq!(
+            parse_supported_versions(br#"{"supportedVersions":["1.0.0"]}"#),
+            vec!["1.0.0"]
+        );
+        assert!(parse_supported_versions(b"garbage").is_empty());
     }
 }

@@ -2,12 +2,16 @@
 //! registries, HTTPS with token auth otherwise), verifies every blob's digest, unpacks each
 //! layer once into its own directory (content-addressed by blob digest) for overlayfs, and
 //! records complete images only after every layer is in place. Pull policy, per-reference
-//! pull de-duplication and size-bounded GC. Effectful (network, files).
+//! pull de-duplication and size-bounded GC. Where a registry is reached (mirrors, private CAs,
+//! plain HTTP, `skip_verify`) comes from containerd-style `certs.d/<host>/hosts.toml` files
+//! ([`hosts`]). Effectful (network, files).
 
+pub mod hosts;
 pub mod reference;
 
 use crate::layer;
-use oci_client::client::{ClientConfig, ClientProtocol};
+use hosts::{Endpoint, RegistryHosts, Scheme};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use reference::ImageRef;
 use serde::{Deserialize, Serialize};
@@ -34,6 +38,9 @@ pub enum ImageError {
     /// The registry refused or failed (unknown image, auth, network).
     #[error("pull {0}: {1}")]
     Registry(String, String),
+    /// The registry host configuration (hosts.toml) of the image's registry is unusable.
+    #[error("pull {0}: {1}")]
+    Hosts(String, hosts::HostsError),
     /// A blob's content does not match its digest.
     #[error("pull {image}: blob {digest} does not match its digest (got {got})")]
     Digest {
@@ -208,11 +215,122 @@ fn dir_size(p: &Path) -> u64 {
     total
 }
 
+/// An `oci-client` client for one endpoint: its scheme, its CAs added to the system roots,
+/// `skip_verify`. Client certificates are refused: the HTTP client under `oci-client` 0.14 has
+/// no way to present one, and pulling without it would only fail later and less clearly.
+fn client_for(ep: &Endpoint) -> Result<oci_client::Client, ImageError> {
+    let who = || format!("registry host {}", ep.url());
+    if let Some((cert, _)) = ep.client.first() {
+        return Err(ImageError::Registry(
+            who(),
+            format!(
+                "client certificates (hosts.toml `client`, {}) are not supported yet",
+                cert.display()
+            ),
+        ));
+    }
+    let mut extra = Vec::new();
+    for p in &ep.ca {
+        let pem = std::fs::read(p).map_err(|e| {
+            ImageError::Hosts(
+                who(),
+                hosts::HostsError::Certificate {
+                    what: "ca",
+                    path: p.clone(),
+                    host: ep.url(),
+                    err: e,
+                },
+            )
+        })?;
+        let certs = pem_certificates(&pem);
+        if certs.is_empty() {
+            return Err(ImageError::Hosts(
+                who(),
+                hosts::HostsError::Certificate {
+                    what: "ca",
+                    path: p.clone(),
+                    host: ep.url(),
+                    err: io::Error::new(io::ErrorKind::InvalidData, "no PEM certificate in it"),
+                },
+            ));
+        }
+        extra.extend(certs.into_iter().map(|data| Certificate {
+            encoding: CertificateEncoding::Pem,
+            data,
+        }));
+    }
+    let protocol = match ep.scheme {
+        Scheme::Http => ClientProtocol::Http,
+        Scheme::Https => ClientProtocol::Https,
+    };
+    oci_client::Client::try_from(ClientConfig {
+        protocol,
+        extra_root_certificates: extra,
+        accept_invalid_certificates: ep.skip_verify,
+        connect_timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    })
+    .map_err(|e| ImageError::Registry(who(), error_chain(&e)))
+}
+
+/// Each `CERTIFICATE` block of a PEM bundle on its own (the HTTP client reads one per call).
+fn pem_certificates(pem: &[u8]) -> Vec<Vec<u8>> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let text = String::from_utf8_lossy(pem);
+    let mut out = Vec::new();
+    let mut rest = text.as_ref();
+    while let Some(b) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let Some(e) = rest[b..].find(END) else { break };
+        out.push(format!("{}\n", &rest[b..b + e + END.len()]).into_bytes());
+        rest = &rest[b + e + END.len()..];
+    }
+    out
+}
+
+/// The reference as sent to `ep`: the registry's own name for its default upstream, the
+/// endpoint's host otherwise (the original registry then goes along as the `ns` parameter,
+/// as containerd sends it to mirrors).
+fn reference_for(
+    base: &oci_client::Reference,
+    ep: &Endpoint,
+    registry: &str,
+) -> oci_client::Reference {
+    let mut r = base.clone();
+    if !(ep.upstream && ep.host == hosts::default_upstream(registry).host) {
+        r.set_mirror_registry(ep.host.clone());
+    }
+    r
+}
+
+/// An error with its sources (`reqwest` hides the TLS or connection reason in them).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = c.source();
+    }
+    s
+}
+
+/// An image error's text without the leading `pull <image>: `.
+fn unprefixed(e: &ImageError, name: &str) -> String {
+    let s = e.to_string();
+    s.strip_prefix(&format!("pull {name}: "))
+        .map(str::to_string)
+        .unwrap_or(s)
+}
+
 /// The content-addressed image store.
 pub struct ImageStore {
     root: PathBuf,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     progress_deadline: Duration,
+    hosts: RegistryHosts,
 }
 
 /// Bytes received and when the last ones came, shared by a writer and its watchdog.
@@ -287,6 +405,24 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ProgressWriter<
 }
 
 impl ImageStore {
+    /// `msg` with a pointer to the hosts.toml that would fix an untrusted certificate.
+    fn tls_hint(&self, mut msg: String, registry: &str) -> String {
+        if msg.contains("UnknownIssuer") || msg.contains("invalid peer certificate") {
+            let file = match self.hosts.config_path() {
+                Some(d) => d
+                    .join(registry)
+                    .join(hosts::HOSTS_FILE)
+                    .display()
+                    .to_string(),
+                None => format!("<config_path>/{registry}/{}", hosts::HOSTS_FILE),
+            };
+            msg.push_str(&format!(
+                " (a private CA is trusted with `ca = \"ca.crt\"` in {file}, like containerd's certs.d)"
+            ));
+        }
+        msg
+    }
+
     /// Open (create) a store; removes old leftovers of interrupted pulls.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
         let root = root.into();
@@ -314,7 +450,15 @@ impl ImageStore {
             root,
             locks: Mutex::new(HashMap::new()),
             progress_deadline: DEFAULT_PROGRESS_DEADLINE,
+            hosts: RegistryHosts::none(),
         })
+    }
+
+    /// The same store reaching registries as the hosts.toml files under `hosts` say
+    /// (default: no configuration, each registry is its own upstream).
+    pub fn with_registry_hosts(mut self, hosts: RegistryHosts) -> Self {
+        self.hosts = hosts;
+        self
     }
 
     /// The same store cancelling pulls that receive no bytes for `deadline` (the kubelet's
@@ -450,42 +594,90 @@ impl ImageStore {
         let name = r.to_string();
         let span = tracing::info_span!("pull", image = %name);
         let _e = span.enter();
-        let reg_err = |e: oci_client::errors::OciDistributionError| {
-            ImageError::Registry(name.clone(), e.to_string())
-        };
-        let protocol = if reference::is_loopback(&r.registry) {
-            ClientProtocol::Http
-        } else {
-            ClientProtocol::Https
-        };
-        let client = oci_client::Client::new(ClientConfig {
-            protocol,
-            ..Default::default()
-        });
-        let auth = match docker_config {
-            Some(c) => match reference::credentials(c, &r.registry)? {
-                Some((u, p)) => RegistryAuth::Basic(u, p),
-                None => RegistryAuth::Anonymous,
-            },
-            None => RegistryAuth::Anonymous,
-        };
-        let oref: oci_client::Reference = name.parse().map_err(|e: oci_client::ParseError| {
+        let endpoints = self
+            .hosts
+            .endpoints(&r.registry)
+            .map_err(|e| ImageError::Hosts(name.clone(), e))?;
+        let base: oci_client::Reference = name.parse().map_err(|e: oci_client::ParseError| {
             ImageError::Registry(name.clone(), e.to_string())
         })?;
-        // Manifest and config are small documents: no progress for the deadline is the same
-        // as not done within it.
-        let (manifest, digest, config) = tokio::time::timeout(
-            self.progress_deadline,
-            client.pull_manifest_and_config(&oref, &auth),
-        )
-        .await
-        .map_err(|_| ImageError::Stalled {
-            image: name.clone(),
-            what: "manifest and config".into(),
-            bytes: 0,
-            after: self.progress_deadline,
-        })?
-        .map_err(reg_err)?;
+        let candidates: Vec<&Endpoint> = endpoints
+            .iter()
+            .filter(|e| e.can_fetch(r.digest.is_some()))
+            .collect();
+        if candidates.is_empty() {
+            return Err(ImageError::Registry(
+                name.clone(),
+                format!(
+                    "no host in the registry configuration of {} may {} it",
+                    r.registry,
+                    if r.digest.is_some() {
+                        "pull"
+                    } else {
+                        "resolve"
+                    }
+                ),
+            ));
+        }
+        // Mirrors in order, then the upstream (containerd's hosts order): the first that
+        // serves the manifest and config is used for the layers too.
+        let mut failures: Vec<String> = Vec::new();
+        let mut last_err = None;
+        let mut chosen = None;
+        for ep in &candidates {
+            let attempt = async {
+                let client = client_for(ep)?;
+                let oref = reference_for(&base, ep, &r.registry);
+                let creds_host = if ep.upstream { &r.registry } else { &ep.host };
+                let auth = match docker_config {
+                    Some(c) => match reference::credentials(c, creds_host)? {
+                        Some((u, p)) => RegistryAuth::Basic(u, p),
+                        None => RegistryAuth::Anonymous,
+                    },
+                    None => RegistryAuth::Anonymous,
+                };
+                // Manifest and config are small documents: no progress for the deadline is
+                // the same as not done within it.
+                let got = tokio::time::timeout(
+                    self.progress_deadline,
+                    client.pull_manifest_and_config(&oref, &auth),
+                )
+                .await
+                .map_err(|_| ImageError::Stalled {
+                    image: name.clone(),
+                    what: format!("manifest and config from {}", ep.url()),
+                    bytes: 0,
+                    after: self.progress_deadline,
+                })?
+                .map_err(|e| {
+                    ImageError::Registry(name.clone(), self.tls_hint(error_chain(&e), &r.registry))
+                })?;
+                Ok::<_, ImageError>((client, oref, got))
+            };
+            match attempt.await {
+                Ok(x) => {
+                    if !ep.upstream {
+                        tracing::info!(mirror = %ep.url(), "resolved through a mirror");
+                    }
+                    chosen = Some(x);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(host = %ep.url(), error = %e, "registry host failed");
+                    failures.push(format!("{}: {}", ep.url(), unprefixed(&e, &name)));
+                    last_err = Some(e);
+                }
+            }
+        }
+        let Some((client, oref, (manifest, digest, config))) = chosen else {
+            return Err(match last_err {
+                Some(e) if candidates.len() == 1 => e,
+                _ => ImageError::Registry(
+                    name.clone(),
+                    format!("every registry host failed: {}", failures.join("; ")),
+                ),
+            });
+        };
         if let Some(want) = &r.digest {
             if want != &digest {
                 return Err(ImageError::Digest {
@@ -785,5 +977,16 @@ mod tests {
         ));
         assert_eq!(s.list().unwrap(), vec![]);
         assert_eq!(s.gc(&HashSet::new(), 0).unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn pem_bundles_split_into_certificates() {
+        let one = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----";
+        let bundle = format!("junk\n{one}\n# comment\n{one}\n");
+        let certs = pem_certificates(bundle.as_bytes());
+        assert_eq!(certs.len(), 2);
+        assert_eq!(certs[0], format!("{one}\n").into_bytes());
+        assert!(pem_certificates(b"-----BEGIN CERTIFICATE-----\nno end").is_empty());
+        assert!(pem_certificates(b"").is_empty());
     }
 }

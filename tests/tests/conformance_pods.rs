@@ -13,6 +13,9 @@
 //!   sysctls on the node" (reason `SysctlForbidden`, status and event), plus
 //!   `--allowed-unsafe-sysctls` and a hostNetwork pod's net sysctl.
 //!
+//! - standalone: an ephemeral container added to a manifest, an unsafe sysctl refused by the
+//!   pod worker.
+//!
 //! Runs the real `hako-agent`, `hako-shim` (build them first), `curl` and the local registry.
 #![cfg(feature = "root")]
 
@@ -578,4 +581,68 @@ fn sysctls_allowed_unsafe() {
     assert_eq!(ph, "Failed");
     let st = srv.get("", "pods", "default", "sysctl-other").expect("pod")["status"].clone();
     assert_eq!(st["reason"], "SysctlForbidden", "{st}");
+}
+
+/// Standalone (`--pod-manifest-path`): an ephemeral container added to a manifest joins the
+/// running pod (same UID, the app container not restarted) and its output is in its CRI log;
+/// a manifest pod with an unsafe sysctl is refused by the worker with SysctlForbidden.
+#[test]
+fn standalone_manifest_ephemeral_and_sysctl() {
+    let mut env = AgentEnv::new("confsa");
+    env.start();
+    let img = env.image("sleep");
+    let base = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: dbg\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: app\n    image: {img}\n    command: [sleep, '10000']\n"
+    );
+    env.write_manifest("dbg.yaml", &base);
+    let first = env.wait_running("dbg", Duration::from_secs(60));
+    let uid = first["pod"]["metadata"]["uid"].clone();
+    let app_id = first["pod"]["status"]["containerStatuses"][0]["containerID"].clone();
+    env.write_manifest(
+        "dbg.yaml",
+        &format!(
+            "{base}  ephemeralContainers:\n  - name: debugger\n    image: {img}\n    command: [sh, -c, 'echo polo; sleep 3600']\n"
+        ),
+    );
+    let rec = env.wait_for("debugger running", Duration::from_secs(60), |e| {
+        let r = e.record("dbg")?;
+        let running = r["pod"]["status"]["ephemeralContainerStatuses"]
+            .as_array()?
+            .iter()
+            .any(|s| s["name"] == "debugger" && s["state"]["running"].is_object());
+        running.then_some(r)
+    });
+    assert_eq!(rec["pod"]["metadata"]["uid"], uid, "the same pod");
+    assert_eq!(
+        rec["pod"]["status"]["containerStatuses"][0]["containerID"], app_id,
+        "app not restarted"
+    );
+    let dir = env.logs.join(format!(
+        "default_dbg-node1_{}/debugger/0.log",
+        uid.as_str().unwrap_or("")
+    ));
+    let log = env.wait_for("debugger log", Duration::from_secs(20), |_| {
+        std::fs::read_to_string(&dir)
+            .ok()
+            .filter(|l| l.contains("polo"))
+    });
+    assert!(log.contains("stdout F polo"), "{log:?}");
+
+    env.write_manifest(
+        "unsafe.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: unsafe\nspec:\n  securityContext:\n    sysctls:\n    - {{name: kernel.msgmax, value: '10000000000'}}\n  containers:\n  - name: c\n    image: {img}\n    command: [sleep, '10000']\n"
+        ),
+    );
+    let st = env.wait_for("unsafe pod refused", Duration::from_secs(30), |e| {
+        let r = e.record("unsafe")?;
+        (r["pod"]["status"]["phase"] == "Failed").then(|| r["pod"]["status"].clone())
+    });
+    assert_eq!(st["reason"], "SysctlForbidden", "{st}");
+    assert!(st["containerStatuses"].is_null(), "{st}");
+    assert!(env
+        .events("unsafe")
+        .iter()
+        .any(|(r, m)| r == "SysctlForbidden" && m.contains("\"kernel.msgmax\" not allowlisted")));
+    env.stop();
 }

@@ -494,7 +494,16 @@ fn sysctls() {
     ))
     .expect("pod");
 
-    for name in ["sysctl-dots", "sysctl-slashes"] {
+    // A hostNetwork pod still has its own IPC namespace: its IPC sysctls are allowed.
+    srv.create(sysctl_pod(
+        "sysctl-hostnet-ipc",
+        &img,
+        json!([{"name": "kernel.shm_rmid_forced", "value": "1"}]),
+        json!({"hostNetwork": true}),
+    ))
+    .expect("pod");
+
+    for name in ["sysctl-dots", "sysctl-slashes", "sysctl-hostnet-ipc"] {
         let ph = wait_for("sysctl pod done", 60, &env, || phase(&srv, name));
         assert_eq!(ph, "Succeeded", "{name}");
         let log = kubelet_logs(&env, &srv, name, "test-container");

@@ -9,7 +9,8 @@
 //!   names, no ports/probes, RBAC and the Node authorizer), a target container's pid
 //!   namespace, and an exited ephemeral container that is never restarted;
 //! - `test/e2e/common/node/sysctl.go`: "should support sysctls" (`kernel.shm_rmid_forced = 1`),
-//!   "…with slashes as separator", "should not launch unsafe, but not explicitly enabled
+//!   "…with slashes as separator", "should reject invalid sysctls" (the apiserver's
+//!   validation, in the fixture), "should not launch unsafe, but not explicitly enabled
 //!   sysctls on the node" (reason `SysctlForbidden`, status and event), plus
 //!   `--allowed-unsafe-sysctls` and a hostNetwork pod's net sysctl.
 //!
@@ -494,6 +495,34 @@ fn sysctls() {
     ))
     .expect("pod");
 
+    // "should reject invalid sysctls": the apiserver refuses the invalid names only.
+    let (code, st) = api(
+        &env,
+        &srv,
+        &srv.admin_token(),
+        "POST",
+        "/api/v1/namespaces/default/pods",
+        "application/json",
+        Some(&sysctl_pod(
+            "sysctl-invalid",
+            &img,
+            json!([{"name": "foo-", "value": "bar"},
+                   {"name": "kernel.shmmax", "value": "100000000"},
+                   {"name": "safe-and-unsafe", "value": "100000000"},
+                   {"name": "bar..", "value": "42"}]),
+            json!({}),
+        )),
+    );
+    assert_eq!(code, 422, "{st}");
+    let msg = st["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("Invalid value: \"foo-\"") && msg.contains("Invalid value: \"bar..\""),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("safe-and-unsafe") && !msg.contains("kernel.shmmax"),
+        "{msg}"
+    );
     // A hostNetwork pod still has its own IPC namespace: its IPC sysctls are allowed.
     srv.create(sysctl_pod(
         "sysctl-hostnet-ipc",

@@ -4,7 +4,8 @@
 //! (a DNS-label name unique across containers, init and ephemeral containers, an image, no
 //! ports/probes/lifecycle/resources/resizePolicy/restartPolicy, a `targetContainerName` that
 //! names a container or init container), and the rules for the pod itself: no ephemeral
-//! containers on create, no change to them through a pod update.
+//! containers on create, no change to them through a pod update; with them, the create-time
+//! check of `securityContext.sysctls` names (`validateSysctls`).
 
 use serde_json::Value;
 
@@ -47,13 +48,46 @@ fn invalid(pod: &Value, errs: Vec<String>) -> Result<(), String> {
     Err(format!("Pod \"{name}\" is invalid: {}", errs.join(", ")))
 }
 
-/// A pod create: ephemeral containers cannot be set on create.
-pub fn validate_create(pod: &Value) -> Result<(), String> {
-    let errs = if list(pod, "ephemeralContainers").is_empty() {
-        vec![]
-    } else {
-        vec!["spec.ephemeralContainers: Forbidden: cannot be set on create".to_string()]
+/// The API's sysctl name pattern (`^([a-z0-9]([-_a-z0-9]*[a-z0-9])?[\./])*[a-z0-9]([-_a-z0-9]*[a-z0-9])?$`,
+/// at most 253 characters).
+fn sysctl_name_ok(name: &str) -> bool {
+    let seg = |s: &str| {
+        let b = s.as_bytes();
+        let an = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+        !b.is_empty()
+            && b.first().is_some_and(an)
+            && b.last().is_some_and(an)
+            && b.iter().all(|c| an(c) || *c == b'-' || *c == b'_')
     };
+    name.len() <= 253 && name.split(['.', '/']).all(seg)
+}
+
+/// A pod create: ephemeral containers cannot be set on create; `securityContext.sysctls`
+/// names must be sysctl names, each at most once (`validateSysctls`).
+pub fn validate_create(pod: &Value) -> Result<(), String> {
+    let mut errs = Vec::new();
+    if !list(pod, "ephemeralContainers").is_empty() {
+        errs.push("spec.ephemeralContainers: Forbidden: cannot be set on create".to_string());
+    }
+    let sysctls = pod["spec"]["securityContext"]["sysctls"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    let mut names: Vec<&str> = Vec::new();
+    for (i, s) in sysctls.iter().enumerate() {
+        let name = name_of(s);
+        let path = format!("spec.securityContext.sysctls[{i}].name");
+        if name.is_empty() {
+            errs.push(format!("{path}: Required value"));
+        } else if !sysctl_name_ok(name) {
+            errs.push(format!(
+                "{path}: Invalid value: {name:?}: must have at most 253 characters and match regex ^([a-z0-9]([-_a-z0-9]*[a-z0-9])?[\\./])*[a-z0-9]([-_a-z0-9]*[a-z0-9])?$"
+            ));
+        } else if names.contains(&name) {
+            errs.push(format!("{path}: Duplicate value: {name:?}"));
+        } else {
+            names.push(name);
+        }
+    }
     invalid(pod, errs)
 }
 
@@ -193,6 +227,25 @@ mod tests {
         let mut mirror = empty.clone();
         mirror["metadata"]["annotations"] = json!({"kubernetes.io/config.mirror": "h"});
         assert!(validate_update(&mirror, &one).is_err());
+        // sysctl.go "should reject invalid sysctls": the invalid names, not the valid ones.
+        let mut bad = empty.clone();
+        bad["spec"]["securityContext"] = json!({"sysctls": [
+            {"name": "foo-", "value": "bar"}, {"name": "kernel.shmmax", "value": "1"},
+            {"name": "safe-and-unsafe", "value": "1"}, {"name": "bar..", "value": "42"}]});
+        let e = validate_create(&bad).unwrap_err();
+        assert!(
+            e.contains("Invalid value: \"foo-\"") && e.contains("Invalid value: \"bar..\""),
+            "{e}"
+        );
+        assert!(
+            !e.contains("safe-and-unsafe") && !e.contains("kernel.shmmax"),
+            "{e}"
+        );
+        bad["spec"]["securityContext"]["sysctls"] = json!([
+            {"name": "kernel.shmmax", "value": "1"}, {"name": "kernel.shmmax", "value": "2"}]);
+        assert!(validate_create(&bad)
+            .unwrap_err()
+            .contains("Duplicate value"));
         // Not on create, not through a pod update.
         assert_eq!(validate_create(&empty), Ok(()));
         assert!(validate_create(&one).is_err());

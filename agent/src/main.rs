@@ -82,6 +82,11 @@ struct Cli {
     /// --seccomp-profile-root layout).
     #[arg(long, value_name = "DIR")]
     seccomp_profile_root: Option<PathBuf>,
+    /// Unsafe sysctls (or prefixes ending in `*`) pods may set besides the safe set,
+    /// comma-separated; each must be namespaced (kernel.shm*, kernel.msg*, kernel.sem,
+    /// fs.mqueue.*, net.*), as the kubelet's --allowed-unsafe-sysctls.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    allowed_unsafe_sysctls: Vec<String>,
     /// The hako-shim binary (default: next to this binary, else /usr/local/bin/hako-shim).
     #[arg(long, value_name = "FILE", env = "HAKO_SHIM_BIN", global = true)]
     shim_binary: Option<PathBuf>,
@@ -717,5 +722,7 @@ fn worker_config(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
             .unwrap_or_else(|| cli.root_dir.join("seccomp")),
         container_log_max_size: cli.container_log_max_size,
         container_log_max_files: cli.container_log_max_files,
+        sysctls: hako_agent::model::admit::SysctlAllowlist::new(&cli.allowed_unsafe_sysctls)
+            .context("--allowed-unsafe-sysctls")?,
     })
 }

@@ -276,6 +276,228 @@ pub fn references(pod: &Pod, kind: &str) -> Vec<String> {
     out
 }
 
+/// The kernel namespace a sysctl belongs to, as the kubelet knows them
+/// (`k8s.io/component-helpers/node/util/sysctl`): only these may be set per pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SysctlNamespace {
+    /// The IPC namespace (`kernel.shm*`, `kernel.msg*`, `kernel.sem`, `fs.mqueue.*`).
+    Ipc,
+    /// The network namespace (`net.*`).
+    Net,
+}
+
+impl SysctlNamespace {
+    fn as_str(self) -> &'static str {
+        match self {
+            SysctlNamespace::Ipc => "ipc",
+            SysctlNamespace::Net => "net",
+        }
+    }
+}
+
+/// The namespace of a (dot-separated) sysctl, `None` when it is not known to be namespaced.
+pub fn sysctl_namespace(name: &str) -> Option<SysctlNamespace> {
+    if name == "kernel.sem" {
+        return Some(SysctlNamespace::Ipc);
+    }
+    [
+        ("kernel.shm", SysctlNamespace::Ipc),
+        ("kernel.msg", SysctlNamespace::Ipc),
+        ("fs.mqueue.", SysctlNamespace::Ipc),
+        ("net.", SysctlNamespace::Net),
+    ]
+    .into_iter()
+    .find(|(p, _)| name.starts_with(p))
+    .map(|(_, ns)| ns)
+}
+
+/// The sysctls the kubelet v1.28 allows without `--allowed-unsafe-sysctls`
+/// (`pkg/kubelet/sysctl/safe_sysctls.go`; `net.ipv4.ip_local_reserved_ports` needs kernel 3.16,
+/// which every supported kernel has; the `tcp_keepalive_*` ones came with v1.29).
+pub const SAFE_SYSCTLS: &[&str] = &[
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.ip_local_reserved_ports",
+];
+
+/// The dot-separated form of a sysctl name: a name whose first separator is `/` has its `/`
+/// and `.` swapped (`net/ipv4/conf/eno2.100/rp_filter` is `net.ipv4.conf.eno2/100.rp_filter`),
+/// as the kubelet's `ConvertSysctlVariableToDotsSeparator`.
+pub fn sysctl_dots(name: &str) -> String {
+    match name.find(['.', '/']) {
+        Some(i) if name.as_bytes()[i] == b'/' => name
+            .chars()
+            .map(|c| match c {
+                '/' => '.',
+                '.' => '/',
+                c => c,
+            })
+            .collect(),
+        _ => name.to_string(),
+    }
+}
+
+/// The path of a (dot-separated) sysctl under `/proc/sys`: dots are directory separators and
+/// a `/` stands for a dot inside one component.
+pub fn sysctl_path(dots: &str) -> String {
+    dots.chars()
+        .map(|c| match c {
+            '.' => '/',
+            '/' => '.',
+            c => c,
+        })
+        .collect()
+}
+
+/// A valid sysctl name (the API's `^([a-z0-9]([-_a-z0-9]*[a-z0-9])?[\./])*[a-z0-9]([-_a-z0-9]*[a-z0-9])?$`,
+/// at most 253 characters): no empty, `.` or `..` component can come out of it.
+pub fn valid_sysctl_name(name: &str) -> bool {
+    let seg_ok = |s: &str| {
+        let b = s.as_bytes();
+        let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+        !b.is_empty()
+            && b.first().is_some_and(alnum)
+            && b.last().is_some_and(alnum)
+            && b.iter().all(|c| alnum(c) || *c == b'-' || *c == b'_')
+    };
+    !name.is_empty() && name.len() <= 253 && name.split(['.', '/']).all(seg_ok)
+}
+
+/// Why a `--allowed-unsafe-sysctls` pattern was refused (at startup, as the kubelet).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SysctlPatternError {
+    /// Not a sysctl name, or a name followed by one `*`.
+    #[error("sysctl {0:?} must have at most 253 characters and be a sysctl name or a prefix ending in '*'")]
+    Invalid(String),
+    /// Not known to be namespaced: it would change the whole node.
+    #[error("the sysctl {0:?} are not known to be namespaced")]
+    NotNamespaced(String),
+}
+
+/// The sysctls pods may set: the safe set plus the operator's `--allowed-unsafe-sysctls`
+/// (names or prefixes ending in `*`), each known to be namespaced (kubelet `patternAllowlist`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysctlAllowlist {
+    exact: BTreeMap<String, SysctlNamespace>,
+    prefixes: Vec<(String, SysctlNamespace)>,
+}
+
+impl Default for SysctlAllowlist {
+    fn default() -> Self {
+        Self::new(&[]).unwrap_or(SysctlAllowlist {
+            exact: BTreeMap::new(),
+            prefixes: Vec::new(),
+        })
+    }
+}
+
+impl SysctlAllowlist {
+    /// The safe set plus `unsafe_patterns`.
+    pub fn new(unsafe_patterns: &[String]) -> Result<Self, SysctlPatternError> {
+        let mut w = SysctlAllowlist {
+            exact: BTreeMap::new(),
+            prefixes: Vec::new(),
+        };
+        let patterns = SAFE_SYSCTLS
+            .iter()
+            .map(|s| s.to_string())
+            .chain(unsafe_patterns.iter().map(|s| s.trim().to_string()))
+            .filter(|s| !s.is_empty());
+        for p in patterns {
+            let (name, glob) = match p.strip_suffix('*') {
+                Some(n) => (n, true),
+                None => (p.as_str(), false),
+            };
+            let stem = name.trim_end_matches(['.', '/']);
+            if name.contains('*')
+                || (!stem.is_empty() && !valid_sysctl_name(stem))
+                || (stem.is_empty() && !glob)
+            {
+                return Err(SysctlPatternError::Invalid(p.clone()));
+            }
+            let dots = sysctl_dots(name);
+            let Some(ns) = sysctl_namespace(&dots) else {
+                return Err(SysctlPatternError::NotNamespaced(sysctl_dots(&p)));
+            };
+            if glob {
+                w.prefixes.push((dots, ns));
+            } else {
+                w.exact.insert(dots, ns);
+            }
+        }
+        Ok(w)
+    }
+
+    /// kubelet `validateSysctl`: allowlisted, and not for a namespace the pod shares with the
+    /// host.
+    fn check(&self, name: &str, host_net: bool, host_ipc: bool) -> Result<(), String> {
+        let dots = sysctl_dots(name);
+        let ns = self.exact.get(&dots).copied().or_else(|| {
+            self.prefixes
+                .iter()
+                .find(|(p, _)| dots.starts_with(p.as_str()))
+                .map(|(_, ns)| *ns)
+        });
+        match ns {
+            Some(ns @ SysctlNamespace::Ipc) if host_ipc => Err(format!(
+                "{dots:?} not allowed with host {} enabled",
+                ns.as_str()
+            )),
+            Some(ns @ SysctlNamespace::Net) if host_net => Err(format!(
+                "{dots:?} not allowed with host {} enabled",
+                ns.as_str()
+            )),
+            Some(_) if valid_sysctl_name(&dots) => Ok(()),
+            _ => Err(format!("{dots:?} not allowlisted")),
+        }
+    }
+
+    /// Admits the pod's `securityContext.sysctls` (reason `SysctlForbidden` and the kubelet's
+    /// message otherwise).
+    pub fn admit(&self, pod: &Pod) -> Result<(), Rejection> {
+        let Some(spec) = &pod.spec else { return Ok(()) };
+        let sysctls = spec
+            .security_context
+            .as_ref()
+            .and_then(|s| s.sysctls.as_deref())
+            .unwrap_or(&[]);
+        for s in sysctls {
+            if let Err(e) = self.check(
+                &s.name,
+                spec.host_network.unwrap_or(false),
+                spec.host_ipc.unwrap_or(false),
+            ) {
+                return Err(reject(
+                    SYSCTL_FORBIDDEN,
+                    format!("Pod was rejected: forbidden sysctl: {e}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The kubelet's reason for a pod refused for its sysctls.
+pub const SYSCTL_FORBIDDEN: &str = "SysctlForbidden";
+
+/// The pod's sysctls as (path under `/proc/sys`, value), in spec order; only meaningful for a
+/// pod [`SysctlAllowlist::admit`] admitted.
+pub fn pod_sysctls(pod: &Pod) -> Vec<(String, String)> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.security_context.as_ref())
+        .and_then(|s| s.sysctls.as_ref())
+        .map(|l| {
+            l.iter()
+                .map(|s| (sysctl_path(&sysctl_dots(&s.name)), s.value.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,5 +644,100 @@ mod tests {
             ["cm1", "cm2", "kube-root-ca.crt"]
         );
         assert_eq!(references(&p, "secrets"), ["pull", "s1", "s2"]);
+    }
+
+    #[test]
+    fn sysctl_admission_table() {
+        let safe = SysctlAllowlist::default();
+        let ok = |w: &SysctlAllowlist, extra: serde_json::Value| {
+            w.admit(&pod(json!({ "spec": extra })))
+                .map_err(|r| (r.reason, r.message))
+        };
+        let sys = |n: &str| json!({"securityContext": {"sysctls": [{"name": n, "value": "1"}]}});
+        // The safe set, either separator.
+        assert_eq!(ok(&safe, sys("kernel.shm_rmid_forced")), Ok(()));
+        assert_eq!(ok(&safe, sys("kernel/shm_rmid_forced")), Ok(()));
+        assert_eq!(ok(&safe, sys("net.ipv4.ip_local_port_range")), Ok(()));
+        assert_eq!(ok(&safe, json!({})), Ok(()));
+        // Unsafe without the flag, with the kubelet's reason and message.
+        assert_eq!(
+            ok(&safe, sys("kernel.msgmax")),
+            Err((
+                "SysctlForbidden".to_string(),
+                "Pod was rejected: forbidden sysctl: \"kernel.msgmax\" not allowlisted".to_string()
+            ))
+        );
+        assert!(ok(&safe, sys("net.ipv4.tcp_keepalive_time")).is_err());
+        // Sharing the namespace with the host.
+        let mut hn = sys("net.ipv4.ip_local_port_range");
+        hn["hostNetwork"] = json!(true);
+        assert_eq!(
+            ok(&safe, hn).unwrap_err().1,
+            "Pod was rejected: forbidden sysctl: \"net.ipv4.ip_local_port_range\" not allowed with host net enabled"
+        );
+        let mut hi = sys("kernel.shm_rmid_forced");
+        hi["hostIPC"] = json!(true);
+        assert!(ok(&safe, hi)
+            .unwrap_err()
+            .1
+            .ends_with("not allowed with host ipc enabled"));
+        let mut hn_ipc = sys("kernel.shm_rmid_forced");
+        hn_ipc["hostNetwork"] = json!(true);
+        assert_eq!(ok(&safe, hn_ipc), Ok(()));
+        // --allowed-unsafe-sysctls: names and globs, namespaced only.
+        let w = SysctlAllowlist::new(&["kernel.msg*".into(), "net.core.somaxconn".into()]).unwrap();
+        assert_eq!(ok(&w, sys("kernel.msgmax")), Ok(()));
+        assert_eq!(ok(&w, sys("net.core.somaxconn")), Ok(()));
+        assert!(ok(&w, sys("net.core.rmem_max")).is_err());
+        // Names that are not sysctl names never pass, whatever the globs.
+        let all = SysctlAllowlist::new(&["net.*".into()]).unwrap();
+        assert!(ok(&all, sys("net.ipv4/../../x")).is_err());
+        assert!(ok(&all, sys("net..x")).is_err());
+        assert_eq!(ok(&all, sys("net.ipv4.conf.eth0.rp_filter")), Ok(()));
+        for bad in ["kernel.hostname", "vm.swappiness", "*", "fs.*"] {
+            assert!(
+                matches!(
+                    SysctlAllowlist::new(&[bad.into()]),
+                    Err(SysctlPatternError::NotNamespaced(_))
+                ),
+                "{bad}"
+            );
+        }
+        for bad in ["net.*.x", "Net.Core", "net.core.x**"] {
+            assert!(
+                matches!(
+                    SysctlAllowlist::new(&[bad.into()]),
+                    Err(SysctlPatternError::Invalid(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn sysctl_names_and_paths() {
+        assert_eq!(
+            sysctl_dots("net/ipv4/conf/eno2.100/rp_filter"),
+            "net.ipv4.conf.eno2/100.rp_filter"
+        );
+        assert_eq!(
+            sysctl_dots("net.ipv4.conf.eno2/100.rp_filter"),
+            "net.ipv4.conf.eno2/100.rp_filter"
+        );
+        assert_eq!(
+            sysctl_path("net.ipv4.conf.eno2/100.rp_filter"),
+            "net/ipv4/conf/eno2.100/rp_filter"
+        );
+        let p: Pod = serde_json::from_value(json!({"spec": {"containers": [],
+            "securityContext": {"sysctls": [{"name": "kernel/shm_rmid_forced", "value": "1"},
+                                            {"name": "net.ipv4.ping_group_range", "value": "0 200"}]}}}))
+        .unwrap();
+        assert_eq!(
+            pod_sysctls(&p),
+            vec![
+                ("kernel/shm_rmid_forced".to_string(), "1".to_string()),
+                ("net/ipv4/ping_group_range".to_string(), "0 200".to_string())
+            ]
+        );
     }
 }

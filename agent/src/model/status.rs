@@ -441,6 +441,21 @@ pub fn compute_status(
     let inits = spec.init_containers.clone().unwrap_or_default();
     let init = container_statuses(pod, spec, &inits, observed, true);
     let main = container_statuses(pod, spec, &spec.containers, observed, false);
+    // Ephemeral containers: reported, never counted for phase or readiness.
+    let ephemeral: Vec<Container> = spec
+        .ephemeral_containers
+        .iter()
+        .flatten()
+        .map(|e| Container {
+            name: e.name.clone(),
+            image: e.image.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let mut ephemeral_statuses = container_statuses(pod, spec, &ephemeral, observed, false);
+    for s in &mut ephemeral_statuses {
+        s.ready = false;
+    }
     let mut ph = phase(spec, &init, &main);
     // A pod past its active deadline fails (a pod that already finished keeps its phase).
     let deadline = (ph != "Succeeded"
@@ -487,6 +502,7 @@ pub fn compute_status(
         conditions: Some(conds),
         init_container_statuses: (!inits.is_empty()).then_some(init),
         container_statuses: Some(main),
+        ephemeral_container_statuses: (!ephemeral.is_empty()).then_some(ephemeral_statuses),
         qos_class: Some(qos::pod_qos(spec).as_str().into()),
         pod_ip: ips.first().cloned(),
         pod_ips: (!ips.is_empty()).then(|| ips.iter().map(|ip| PodIP { ip: ip.clone() }).collect()),

@@ -581,7 +581,9 @@ pub(crate) async fn pod_loop(
                 .filter(|o| admitted.contains(&uid_of(o)) && !is_terminal(o))
                 .copied()
                 .collect();
-            match admit::admit(p, node, &others) {
+            let admitted_here = admit::admit(p, node, &others)
+                .and_then(|()| manager.as_ref().map_or(Ok(()), |m| m.sysctls().admit(p)));
+            match admitted_here {
                 Ok(()) => {
                     admitted.insert(uid);
                 }

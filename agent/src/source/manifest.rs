@@ -710,8 +710,14 @@ fn default_container(c: &mut Container) {
 /// toleration and phase Pending.
 pub fn apply_static_defaults(mut pod: Pod, file: &str, opts: &StaticPodOptions) -> Pod {
     if pod.metadata.uid.as_deref().unwrap_or("").is_empty() {
+        // Ephemeral containers added to a manifest update the pod, they do not make a new one
+        // (as the ephemeralcontainers subresource leaves a pod's UID alone).
+        let mut hashed = pod.clone();
+        if let Some(s) = &mut hashed.spec {
+            s.ephemeral_containers = None;
+        }
         let mut h = Sha256::new();
-        h.update(serde_json::to_vec(&pod).unwrap_or_default());
+        h.update(serde_json::to_vec(&hashed).unwrap_or_default());
         h.update(format!("host:{}", opts.node_name));
         h.update(format!("file:{file}"));
         pod.metadata.uid = Some(hex::encode(&h.finalize()[..16]));
@@ -896,6 +902,28 @@ mod tests {
         assert_eq!(uid(&a), uid(&b));
         assert_ne!(uid(&a), uid(&c));
         assert_ne!(uid(&a), uid(&d));
+        // Adding an ephemeral container updates the same pod.
+        let e = load(
+            &files(&[(
+                "/m/a.yaml",
+                &format!(
+                    "{WEB}  ephemeralContainers:\n  - name: debugger\n    image: busybox:1.36\n"
+                ),
+            )]),
+            &opts,
+        );
+        assert_eq!(e.errors, vec![]);
+        assert_eq!(uid(&a), uid(&e));
+        let pod = &e.snapshot.pods.values().next().unwrap().pod;
+        assert_eq!(
+            pod.spec
+                .as_ref()
+                .unwrap()
+                .ephemeral_containers
+                .as_ref()
+                .map(Vec::len),
+            Some(1)
+        );
     }
 
     #[test]

@@ -218,8 +218,15 @@ impl PodNetwork for CniNetwork {
         hostname: &str,
         host_network: bool,
         owner: &SandboxOwner,
+        sysctls: &[(String, String)],
     ) -> Result<(), NetworkError> {
-        Ok(sandbox::create(paths, hostname, host_network, owner)?)
+        Ok(sandbox::create(
+            paths,
+            hostname,
+            host_network,
+            owner,
+            sysctls,
+        )?)
     }
 
     fn add(&self, a: &Attachment) -> Result<Vec<String>, NetworkError> {

@@ -126,14 +126,17 @@ pub fn list(run_dir: &Path) -> Vec<SandboxPaths> {
     v
 }
 
-/// Creates the namespaces with `hostname` set in the UTS namespace. With `host_network` the
-/// `net` and `uts` files refer to the agent's own namespaces (hostNetwork pods) and only the
-/// IPC namespace is new. The owner record is written (durably) first.
+/// Creates the namespaces with `hostname` set in the UTS namespace and the pod's `sysctls`
+/// (paths under `/proc/sys` and values, already admitted) written in them before any
+/// container joins. With `host_network` the `net` and `uts` files refer to the agent's own
+/// namespaces (hostNetwork pods) and only the IPC namespace is new: a `net/` sysctl is then
+/// refused. The owner record is written (durably) first.
 pub fn create(
     paths: &SandboxPaths,
     hostname: &str,
     host_network: bool,
     owner: &SandboxOwner,
+    sysctls: &[(String, String)],
 ) -> Result<(), SandboxError> {
     let id = paths.id();
     let err = |step: &'static str, e: String| SandboxError::Step(id.clone(), step, e);
@@ -146,6 +149,7 @@ pub fn create(
     }
     let p = paths.clone();
     let host = hostname.to_string();
+    let sysctls = sysctls.to_vec();
     let res = std::thread::spawn(move || -> Result<(), (&'static str, String)> {
         if host_network {
             unshare(CloneFlags::CLONE_NEWIPC).map_err(|e| ("unshare", e.to_string()))?;
@@ -155,6 +159,8 @@ pub fn create(
             nix::unistd::sethostname(&host).map_err(|e| ("sethostname", e.to_string()))?;
             set_loopback_up().map_err(|e| ("loopback up", e.to_string()))?;
         }
+        // /proc/sys/{net,kernel} answer for the namespaces of the thread that opens them.
+        write_sysctls(&sysctls, host_network)?;
         for (kind, target) in [("net", p.net()), ("ipc", p.ipc()), ("uts", p.uts())] {
             let src = format!("/proc/thread-self/ns/{kind}");
             mount(
@@ -173,6 +179,38 @@ pub fn create(
     if let Err((step, e)) = res {
         let _ = remove(paths);
         return Err(err(step, e));
+    }
+    Ok(())
+}
+
+/// Writes each sysctl (path under `/proc/sys`, value) in the calling thread's namespaces.
+fn write_sysctls(
+    sysctls: &[(String, String)],
+    host_network: bool,
+) -> Result<(), (&'static str, String)> {
+    use std::io::Write;
+    for (path, value) in sysctls {
+        let plain = path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+        if !plain
+            || !(path.starts_with("net/")
+                || path.starts_with("kernel/")
+                || path.starts_with("fs/mqueue/"))
+        {
+            return Err(("sysctl", format!("{path}: not a namespaced sysctl")));
+        }
+        if host_network && path.starts_with("net/") {
+            return Err((
+                "sysctl",
+                format!("{path}: the pod uses the host's network namespace"),
+            ));
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(Path::new("/proc/sys").join(path))
+            .and_then(|mut f| f.write_all(value.as_bytes()))
+            .map_err(|e| ("sysctl", format!("{}={value}: {e}", path.replace('/', "."))))?;
     }
     Ok(())
 }

@@ -132,7 +132,25 @@ impl Worker {
         let obs = self.observed();
         let grace = self.grace();
         let deadline = tokio::time::Instant::now() + grace;
-        for wave in termination_order(&spec, &obs) {
+        let mut waves = termination_order(&spec, &obs);
+        // Running ephemeral containers stop with the regular containers.
+        let ephemeral: Vec<String> = super::ephemeral_containers(&self.pod)
+            .into_iter()
+            .map(|(c, _)| c.name)
+            .filter(|n| {
+                obs.latest(n)
+                    .is_some_and(|c| c.state == RuntimeState::Running)
+            })
+            .collect();
+        if !ephemeral.is_empty() {
+            match waves.first_mut() {
+                Some(first) if spec.containers.iter().any(|c| first.contains(&c.name)) => {
+                    first.extend(ephemeral)
+                }
+                _ => waves.insert(0, ephemeral),
+            }
+        }
+        for wave in waves {
             let ids: Vec<String> = wave
                 .iter()
                 .filter_map(|n| obs.latest(n).map(|c| c.id.clone()))
@@ -387,13 +405,23 @@ impl Worker {
                 seccomp_profile_root: &self.cfg.seccomp_profile_root,
             },
         );
-        let cs = match cs {
+        let mut cs = match cs {
             Ok(s) => s,
             Err(e) => {
                 self.config_error(name, e.to_string());
                 return false;
             }
         };
+        if let Some(Some(target)) = self.ephemeral_target(name) {
+            // The target container's pid namespace (`kubectl debug --target`).
+            match self.pid_namespace_of(&target) {
+                Some(ns) => cs.namespaces.pid = Some(ns),
+                None => {
+                    self.config_error(name, format!("target container {target:?} is not running"));
+                    return false;
+                }
+            }
+        }
         let meta = ContainerMeta {
             id: id.clone(),
             pod_uid: self.uid.clone(),
@@ -444,14 +472,14 @@ impl Worker {
                     .as_ref()
                     .and_then(|s| s.init_containers.as_ref())
                     .is_some_and(|ic| ic.iter().any(|c| c.name == name));
-                self.metrics.container_started_as(
-                    if is_init {
-                        "init_container"
-                    } else {
-                        "container"
-                    },
-                    attempt > 0,
-                );
+                let kind = if is_init {
+                    "init_container"
+                } else if self.ephemeral_target(name).is_some() {
+                    "ephemeral_container"
+                } else {
+                    "container"
+                };
+                self.metrics.container_started_as(kind, attempt > 0);
                 if st.oom_score_adj_clamped && !self.clamp_logged {
                     self.clamp_logged = true;
                     self.event(
@@ -505,6 +533,21 @@ impl Worker {
                 false
             }
         }
+    }
+
+    /// `/proc/<pid>/ns/pid` of the running instance of container `name`, checked against the
+    /// start time the shim recorded (a recycled pid is not that container).
+    fn pid_namespace_of(&self, name: &str) -> Option<std::path::PathBuf> {
+        let id = self.latest_running(name)?;
+        let st = self.insts.get(&id)?.state.as_ref()?;
+        if st.status != hako_shim::state::Status::Running || st.pid <= 0 {
+            return None;
+        }
+        let now = hako_shim::pidfd::start_time(st.pid).ok()?;
+        if st.pid_start_time.is_some_and(|t| t != now) {
+            return None;
+        }
+        Some(std::path::PathBuf::from(format!("/proc/{}/ns/pid", st.pid)))
     }
 
     /// Keeps the two newest instances of a container (current and previous, for lastState

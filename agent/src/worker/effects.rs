@@ -109,13 +109,15 @@ pub trait PodNetwork: Send + Sync {
     fn present(&self, paths: &SandboxPaths) -> bool;
     /// Its namespaces are mounted.
     fn exists(&self, paths: &SandboxPaths) -> bool;
-    /// Creates the namespaces (blocking) and records the owner.
+    /// Creates the namespaces (blocking) with the pod's admitted `sysctls` (paths under
+    /// `/proc/sys`, values) set in them, and records the owner.
     fn create(
         &self,
         paths: &SandboxPaths,
         hostname: &str,
         host_network: bool,
         owner: &SandboxOwner,
+        sysctls: &[(String, String)],
     ) -> Result<(), NetworkError>;
     /// CNI ADD (blocking); the pod IPs of the result.
     fn add(&self, a: &Attachment) -> Result<Vec<String>, NetworkError>;

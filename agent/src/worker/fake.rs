@@ -345,8 +345,12 @@ impl PodNetwork for FakeNetwork {
         _hostname: &str,
         _host_network: bool,
         _owner: &SandboxOwner,
+        sysctls: &[(String, String)],
     ) -> Result<(), NetworkError> {
         log(&self.calls, format!("sandbox {}", paths.id()));
+        for (k, v) in sysctls {
+            log(&self.calls, format!("sysctl {k}={v}"));
+        }
         self.st.lock().unwrap().sandboxes.insert(paths.id());
         Ok(())
     }

@@ -101,6 +101,11 @@ impl PodManager {
         })
     }
 
+    /// The sysctls pods may set (for sources that admit pods themselves).
+    pub fn sysctls(&self) -> &crate::model::admit::SysctlAllowlist {
+        &self.cfg.sysctls
+    }
+
     /// Status changes of every pod.
     pub fn subscribe(&self) -> broadcast::Receiver<PodStatusEvent> {
         self.status_tx.subscribe()

@@ -116,6 +116,8 @@ pub struct AgentConfig {
     pub container_log_max_size: u64,
     /// CRI log files kept per container, current included (`--container-log-max-files`, 5).
     pub container_log_max_files: u32,
+    /// The sysctls pods may set (the safe set and `--allowed-unsafe-sysctls`).
+    pub sysctls: crate::model::admit::SysctlAllowlist,
 }
 
 /// Desired state from a source.
@@ -240,6 +242,9 @@ struct Worker {
     sandbox_slots: Arc<tokio::sync::Semaphore>,
     /// True once the pod is being deleted (set by the manager, ahead of the messages).
     deletion: tokio::sync::watch::Receiver<bool>,
+    /// The pod was refused before anything of it ran (its sysctls): it stays Failed with this
+    /// reason and nothing of it is started.
+    rejected: Option<crate::model::admit::Rejection>,
 }
 
 /// A probe's result, from its task to its worker (`None`: the probe task failed).
@@ -278,6 +283,41 @@ fn all_containers(pod: &Pod) -> Vec<Container> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The pod's ephemeral containers as containers (what the runtime starts): the fields the API
+/// forbids for them (ports, probes, lifecycle, resources, resize and restart policy) are
+/// dropped, whatever the source sent, and `targetContainerName` is returned beside each.
+fn ephemeral_containers(pod: &Pod) -> Vec<(Container, Option<String>)> {
+    let list = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.ephemeral_containers.as_deref())
+        .unwrap_or(&[]);
+    list.iter()
+        .filter_map(|ec| {
+            let mut v = serde_json::to_value(ec).ok()?;
+            let obj = v.as_object_mut()?;
+            let target = obj
+                .remove("targetContainerName")
+                .and_then(|t| t.as_str().map(str::to_string))
+                .filter(|t| !t.is_empty());
+            for f in [
+                "ports",
+                "livenessProbe",
+                "readinessProbe",
+                "startupProbe",
+                "lifecycle",
+                "resources",
+                "resizePolicy",
+                "restartPolicy",
+            ] {
+                obj.remove(f);
+            }
+            let c: Container = serde_json::from_value(v).ok()?;
+            Some((c, target))
+        })
+        .collect()
 }
 
 impl Worker {
@@ -322,6 +362,7 @@ impl Worker {
             metrics: mgr.metrics.clone(),
             sandbox_slots: mgr.sandbox_slots.clone(),
             deletion,
+            rejected: None,
         }
     }
 
@@ -346,6 +387,21 @@ impl Worker {
         all_containers(&self.pod)
             .into_iter()
             .find(|c| c.name == name)
+            .or_else(|| {
+                ephemeral_containers(&self.pod)
+                    .into_iter()
+                    .map(|(c, _)| c)
+                    .find(|c| c.name == name)
+            })
+    }
+
+    /// The target container of ephemeral container `name`: `Some(None)` for an ephemeral
+    /// container without one, `None` when `name` is not an ephemeral container.
+    fn ephemeral_target(&self, name: &str) -> Option<Option<String>> {
+        ephemeral_containers(&self.pod)
+            .into_iter()
+            .find(|(c, _)| c.name == name)
+            .map(|(_, t)| t)
     }
 
     fn host_network(&self) -> bool {

@@ -41,7 +41,20 @@ impl Worker {
 
     pub(super) fn publish(&mut self, observed: &ObservedPod) {
         let prev = self.record.pod.status.clone();
-        let st = status::compute_status(&self.pod, observed, prev.as_ref(), self.fx.clock.now());
+        let st = match &self.rejected {
+            // As the kubelet's rejectPod: phase Failed with the reason and message only.
+            Some(r) => PodStatus {
+                phase: Some("Failed".into()),
+                reason: Some(r.reason.clone()),
+                message: Some(r.message.clone()),
+                host_ip: observed.host_ip.clone(),
+                start_time: observed
+                    .start_time
+                    .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+                ..Default::default()
+            },
+            None => status::compute_status(&self.pod, observed, prev.as_ref(), self.fx.clock.now()),
+        };
         self.report_metrics(observed, &st);
         if prev.as_ref() == Some(&st) && !self.dirty {
             return;

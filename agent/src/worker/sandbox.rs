@@ -108,6 +108,7 @@ impl Worker {
         let net = self.fx.network.clone();
         let p2 = paths.clone();
         let host_network = self.host_network();
+        let sysctls = crate::model::admit::pod_sysctls(&self.pod);
         let host_ip = self.cfg.host_ip.clone();
         let (namespace, name) = self.ns_name();
         let owner = SandboxOwner {
@@ -137,7 +138,7 @@ impl Worker {
                     })?;
                 }
                 let t = std::time::Instant::now();
-                net.create(&p2, &hostname, host_network, &owner)
+                net.create(&p2, &hostname, host_network, &owner, &sysctls)
                     .map_err(|e| SandboxCreateError::Namespaces(Box::new(e)))?;
                 phases.add("sandbox_netns", t.elapsed());
                 if host_network {

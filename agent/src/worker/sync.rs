@@ -53,9 +53,31 @@ impl Worker {
         }
     }
 
+    /// Admission of what only the node can judge, before anything of a new pod runs (the
+    /// kubelet's sysctl admit handler): a refused pod is Failed with the kubelet's reason and
+    /// a Warning event, and is never started. A source that admits pods itself (the apiserver
+    /// source) refuses them before they reach a worker; this holds for every source.
+    fn refused(&mut self) -> bool {
+        if self.sandbox.is_some() || !self.insts.is_empty() {
+            return false;
+        }
+        match self.cfg.sysctls.admit(&self.pod) {
+            Ok(()) => false,
+            Err(r) => {
+                let msg = r.message.clone();
+                self.event("Warning", &r.reason.clone(), &msg);
+                self.rejected = Some(r);
+                true
+            }
+        }
+    }
+
     /// One pass of planning and acting; true when something changed that may allow the next
     /// step right away.
     pub(super) async fn sync_once(&mut self) -> bool {
+        if self.rejected.is_some() || self.refused() {
+            return false;
+        }
         let now = self.fx.clock.now();
         let obs = self.observed();
         let st = status::compute_status(&self.pod, &obs, None, now);
@@ -78,6 +100,11 @@ impl Worker {
         self.cni_check().await;
         let obs = self.observed();
         let plan = compute_actions(&self.pod, &obs, now, &self.restart_backoff);
+        // Ephemeral containers are started once the sandbox stands (kubelet
+        // computePodActions: not while the sandbox is being (re)made or the pod killed).
+        let pod_level = plan
+            .iter()
+            .any(|a| matches!(a, Action::KillPod | Action::CreateSandbox { .. }));
         let mut progress = false;
         for a in plan {
             match a {
@@ -136,6 +163,28 @@ impl Worker {
                     );
                 }
             }
+        }
+        if !pod_level && self.sandbox.as_ref().is_some_and(|s| s.ready) {
+            progress |= self.start_ephemeral().await;
+        }
+        progress
+    }
+
+    /// Starts each ephemeral container that has never had an instance: they are never
+    /// restarted (an exited one stays exited), and one whose start failed is retried on the
+    /// next pass, as the kubelet does while it has no status for it.
+    async fn start_ephemeral(&mut self) -> bool {
+        let names: Vec<String> = super::ephemeral_containers(&self.pod)
+            .into_iter()
+            .map(|(c, _)| c.name)
+            .filter(|n| !self.insts.values().any(|i| &i.meta.name == n))
+            .collect();
+        let mut progress = false;
+        for name in names {
+            if self.deleting || *self.deletion.borrow() {
+                break;
+            }
+            progress |= self.start_container(&name).await;
         }
         progress
     }

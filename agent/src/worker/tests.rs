@@ -47,6 +47,7 @@ fn config(dir: &std::path::Path, cni_check_period: Duration) -> AgentConfig {
         seccomp_profile_root: d("seccomp"),
         container_log_max_size: 10 << 20,
         container_log_max_files: 5,
+        sysctls: Default::default(),
     }
 }
 
@@ -592,6 +593,7 @@ async fn adoption_of_a_running_container_starts_no_duplicate() {
             "web",
             false,
             &Default::default(),
+            &[],
         )
         .unwrap();
     let c0 = h.w.container_spec("app").unwrap();
@@ -664,4 +666,109 @@ async fn failed_cni_del_keeps_the_sandbox_and_is_retried() {
     assert_eq!(h.calls(), ["teardown uid1-s0"]);
     assert!(h.fx.network.sandboxes().is_empty());
     assert_eq!(h.phase(), "Succeeded");
+}
+
+fn ephemeral_status(h: &Harness, name: &str) -> Option<ContainerStatus> {
+    h.last()
+        .pod
+        .status
+        .and_then(|s| s.ephemeral_container_statuses)
+        .into_iter()
+        .flatten()
+        .find(|c| c.name == name)
+}
+
+#[tokio::test]
+async fn ephemeral_container_added_by_update_starts_once_and_is_never_restarted() {
+    let spec = json!({"containers": [c("app")]});
+    let mut h = Harness::new(pod(spec.clone()));
+    h.settle().await;
+    assert!(h.running("app"));
+    h.calls();
+    // The update adds a debugger (with fields the API forbids for it: they are dropped).
+    let mut with_ec = spec.clone();
+    with_ec["ephemeralContainers"] = json!([{"name": "debugger", "image": "busybox",
+        "targetContainerName": "app", "ports": [{"containerPort": 80}],
+        "readinessProbe": {"exec": {"command": ["false"]}}}]);
+    h.w.on_msg(super::Msg::Update(Box::new(pod(with_ec))));
+    h.step().await;
+    let calls = h.calls();
+    assert_eq!(starts(&calls), ["start uid1-debugger-0"], "{calls:?}");
+    assert!(!calls.iter().any(|c| c.starts_with("sandbox")), "{calls:?}");
+    let st = ephemeral_status(&h, "debugger").expect("ephemeral status");
+    assert!(st.state.and_then(|s| s.running).is_some());
+    assert!(!st.ready);
+    // Ephemeral containers have no entry among the regular ones and do not change the phase.
+    assert_eq!(h.phase(), "Running");
+    assert_eq!(h.condition("Ready"), "True");
+    // It exits: it stays terminated (restartPolicy Always does not apply to it).
+    h.fx.runtime.exit(&id("debugger", 0), 0);
+    h.settle().await;
+    h.fx.clock.advance(600);
+    h.settle().await;
+    let calls = h.calls();
+    assert!(starts(&calls).is_empty(), "{calls:?}");
+    let st = ephemeral_status(&h, "debugger").expect("ephemeral status");
+    assert_eq!(
+        st.state.and_then(|s| s.terminated).map(|t| t.exit_code),
+        Some(0)
+    );
+    assert!(h.running("app"));
+}
+
+#[tokio::test]
+async fn ephemeral_container_waits_for_a_running_target() {
+    let mut h = Harness::new(pod(json!({
+        "containers": [c("app")],
+        "ephemeralContainers": [{"name": "dbg", "image": "busybox", "targetContainerName": "gone"}],
+    })));
+    h.settle().await;
+    let calls = h.calls();
+    assert!(
+        !starts(&calls).contains(&"start uid1-dbg-0".to_string()),
+        "{calls:?}"
+    );
+    let st = ephemeral_status(&h, "dbg").expect("ephemeral status");
+    assert_eq!(
+        st.state
+            .and_then(|s| s.waiting)
+            .and_then(|w| w.reason)
+            .as_deref(),
+        Some("CreateContainerConfigError")
+    );
+}
+
+#[tokio::test]
+async fn sysctls_reach_the_sandbox_and_unsafe_ones_fail_the_pod() {
+    let mut h = Harness::new(pod(json!({
+        "securityContext": {"sysctls": [{"name": "kernel.shm_rmid_forced", "value": "1"},
+                                        {"name": "net/ipv4/ping_group_range", "value": "0 5"}]},
+        "containers": [c("app")],
+    })));
+    h.step().await;
+    let calls = h.calls();
+    assert_eq!(
+        calls[..3],
+        [
+            "sandbox uid1-s0",
+            "sysctl kernel/shm_rmid_forced=1",
+            "sysctl net/ipv4/ping_group_range=0 5"
+        ],
+        "{calls:?}"
+    );
+    let mut h = Harness::new(pod(json!({
+        "securityContext": {"sysctls": [{"name": "kernel.msgmax", "value": "10000000000"}]},
+        "containers": [c("app")],
+    })));
+    h.step().await;
+    h.step().await;
+    assert!(h.calls().is_empty(), "nothing of a refused pod runs");
+    assert_eq!(h.phase(), "Failed");
+    let st = h.last().pod.status.unwrap_or_default();
+    assert_eq!(st.reason.as_deref(), Some("SysctlForbidden"));
+    assert_eq!(
+        st.message.as_deref(),
+        Some("Pod was rejected: forbidden sysctl: \"kernel.msgmax\" not allowlisted")
+    );
+    assert!(h.reasons().contains(&"SysctlForbidden".to_string()));
 }

@@ -397,8 +397,9 @@ fn route(
         return err(&ApiError::bad_request("the namespace is required"));
     }
     let tx = &shared.tx;
+    let ephemeral = info.resource == "pods" && sub == "ephemeralcontainers";
     let result = match verb {
-        "get" if sub.is_empty() || (sub == "status" && info.status) => {
+        "get" if sub.is_empty() || (sub == "status" && info.status) || ephemeral => {
             shared.lock().get(info, &namespace, &name)
         }
         "list" => Ok(list(
@@ -422,7 +423,7 @@ fn route(
         "create" if info.resource == "serviceaccounts" && sub == "token" => {
             token_request(shared, user, &namespace, &name, body_json)
         }
-        "update" if sub.is_empty() || (sub == "status" && info.status) => {
+        "update" if sub.is_empty() || (sub == "status" && info.status) || ephemeral => {
             let prv = body_json["metadata"]["resourceVersion"]
                 .as_str()
                 .map(str::to_string);
@@ -430,7 +431,7 @@ fn route(
                 tx, info, &namespace, &name, &sub, body_json, prv, user, "update",
             )
         }
-        "patch" if sub.is_empty() || (sub == "status" && info.status) => do_patch(
+        "patch" if sub.is_empty() || (sub == "status" && info.status) || ephemeral => do_patch(
             shared,
             info,
             &namespace,

@@ -12,6 +12,7 @@
 //! Effectful: owns a tokio runtime and a listening socket.
 
 pub mod authz;
+pub mod ephemeral;
 mod http;
 pub mod patch;
 pub mod select;
@@ -551,8 +552,10 @@ impl State {
             && self.sa_admission
             && service_account_admission(&mut obj);
         if info.resource == "pods" && info.group.is_empty() {
+            ephemeral::validate_create(&obj).map_err(|m| ApiError::new(422, "Invalid", m))?;
             default_pod(&mut obj);
             obj["status"] = json!({"phase": "Pending"});
+            obj["metadata"]["generation"] = json!(1);
         }
         let attrs = Attrs {
             verb: "create".into(),
@@ -642,10 +645,24 @@ impl State {
                 "the name of the object ({body_name}) does not match the name on the URL ({name})"
             )));
         }
+        let pod = info.resource == "pods" && info.group.is_empty();
         if subresource == "status" {
             let status = new.get("status").cloned().unwrap_or(Value::Null);
             new = old.clone();
             new["status"] = status;
+        } else if pod && subresource == "ephemeralcontainers" {
+            // Only spec.ephemeralContainers changes (dropNonEphemeralContainerUpdates).
+            let ecs = new["spec"]["ephemeralContainers"].clone();
+            new = old.clone();
+            match ecs {
+                Value::Null => {
+                    if let Some(s) = new["spec"].as_object_mut() {
+                        s.remove("ephemeralContainers");
+                    }
+                }
+                v => new["spec"]["ephemeralContainers"] = v,
+            }
+            ephemeral::validate_update(&old, &new).map_err(|m| ApiError::new(422, "Invalid", m))?;
         } else if !subresource.is_empty() {
             return Err(ApiError::new(
                 404,
@@ -654,6 +671,10 @@ impl State {
             ));
         } else if info.status {
             new["status"] = old.get("status").cloned().unwrap_or(Value::Null);
+            if pod {
+                ephemeral::validate_pod_update(&old, &new)
+                    .map_err(|m| ApiError::new(422, "Invalid", m))?;
+            }
         }
         if let Some(m) = new["metadata"].as_object_mut() {
             for f in [
@@ -695,6 +716,21 @@ impl State {
             .map_err(|m| ApiError::new(403, "Forbidden", m))?;
         if same_object(&old, &new) {
             return Ok(old);
+        }
+        if pod {
+            match old["metadata"].get("generation").cloned() {
+                Some(g) => new["metadata"]["generation"] = g,
+                None => {
+                    if let Some(m) = new["metadata"].as_object_mut() {
+                        m.remove("generation");
+                    }
+                }
+            }
+        }
+        if pod && old.get("spec") != new.get("spec") {
+            // metadata.generation counts spec changes (1 on create).
+            let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
+            new["metadata"]["generation"] = json!(g + 1);
         }
         let rv = self.bump();
         new["metadata"]["resourceVersion"] = json!(rv.to_string());

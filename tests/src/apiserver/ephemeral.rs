@@ -91,13 +91,125 @@ pub fn validate_create(pod: &Value) -> Result<(), String> {
     invalid(pod, errs)
 }
 
-/// A pod update (the main resource): the ephemeral containers may not change through it.
+/// `v` without nulls, empty objects and empty lists (at any depth): a typed client's round trip
+/// drops or adds those, and the apiserver compares decoded Go structs where they are the same.
+fn normalized(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.clone(), normalized(v)))
+                .filter(|(_, v)| !is_empty(v))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(normalized).collect()),
+        v => v.clone(),
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+/// A pod update (PUT or PATCH of the pod itself) as `ValidatePodUpdate` allows it: the spec may
+/// change only in `containers[*].image`, `initContainers[*].image`, `activeDeadlineSeconds`
+/// (set when unset, or lowered; never removed), `tolerations` (additions only),
+/// `terminationGracePeriodSeconds` (to 1 from a negative value) and `schedulingGates` (removals);
+/// ephemeral containers change only through their subresource.
 pub fn validate_pod_update(old: &Value, new: &Value) -> Result<(), String> {
-    let errs = if list(old, "ephemeralContainers") == list(new, "ephemeralContainers") {
-        vec![]
-    } else {
-        vec!["spec: Forbidden: pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative); ephemeral containers are added through the ephemeralcontainers subresource".to_string()]
+    const FORBIDDEN_MSG: &str = "spec: Forbidden: pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)";
+    let mut errs = Vec::new();
+    if list(old, "ephemeralContainers") != list(new, "ephemeralContainers") {
+        errs.push(format!(
+            "{FORBIDDEN_MSG}; ephemeral containers are added through the ephemeralcontainers subresource"
+        ));
+        return invalid(new, errs);
+    }
+    let (os, ns) = (&old["spec"], &new["spec"]);
+    match (os["activeDeadlineSeconds"].as_i64(), &ns["activeDeadlineSeconds"]) {
+        (_, Value::Number(n)) => {
+            let v = n.as_i64().unwrap_or(-1);
+            if !(0..=i64::from(i32::MAX)).contains(&v) {
+                errs.push(format!(
+                    "spec.activeDeadlineSeconds: Invalid value: {n}: must be between 0 and 2147483647, inclusive"
+                ));
+            } else if os["activeDeadlineSeconds"].as_i64().is_some_and(|o| o < v) {
+                errs.push(format!(
+                    "spec.activeDeadlineSeconds: Invalid value: {v}: must be less than or equal to previous value"
+                ));
+            }
+        }
+        (Some(_), Value::Null) => errs.push(
+            "spec.activeDeadlineSeconds: Invalid value: \"null\": must not update from a positive integer to nil value".into(),
+        ),
+        _ => {}
+    }
+    if !errs.is_empty() {
+        return invalid(new, errs);
+    }
+    // The new spec with every field that may change put back to the old value: what is left
+    // must be equal.
+    let mut probe = ns.clone();
+    for field in ["containers", "initContainers"] {
+        let olds = os[field].as_array().map_or(&[][..], Vec::as_slice);
+        // (`get_mut`: indexing a missing key mutably would insert a null.)
+        if let Some(news) = probe.get_mut(field).and_then(Value::as_array_mut) {
+            if news.len() == olds.len() {
+                for (n, o) in news.iter_mut().zip(olds) {
+                    n["image"] = o["image"].clone();
+                }
+            }
+        }
+    }
+    let set = |v: &mut Value, k: &str, to: &Value| {
+        if let Some(m) = v.as_object_mut() {
+            match to {
+                Value::Null => {
+                    m.remove(k);
+                }
+                to => {
+                    m.insert(k.to_string(), to.clone());
+                }
+            }
+        }
     };
+    set(
+        &mut probe,
+        "activeDeadlineSeconds",
+        &os["activeDeadlineSeconds"],
+    );
+    let old_tol = os["tolerations"].as_array().map_or(&[][..], Vec::as_slice);
+    let new_tol = ns["tolerations"].as_array().map_or(&[][..], Vec::as_slice);
+    if old_tol.iter().all(|t| new_tol.contains(t)) {
+        set(&mut probe, "tolerations", &os["tolerations"]);
+    }
+    if os["terminationGracePeriodSeconds"]
+        .as_i64()
+        .is_some_and(|g| g < 0)
+        && ns["terminationGracePeriodSeconds"].as_i64() == Some(1)
+    {
+        set(
+            &mut probe,
+            "terminationGracePeriodSeconds",
+            &os["terminationGracePeriodSeconds"],
+        );
+    }
+    let old_gates = os["schedulingGates"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    let new_gates = ns["schedulingGates"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    if new_gates.iter().all(|g| old_gates.contains(g)) {
+        set(&mut probe, "schedulingGates", &os["schedulingGates"]);
+    }
+    if normalized(&probe) != normalized(os) {
+        errs.push(FORBIDDEN_MSG.to_string());
+    }
     invalid(new, errs)
 }
 
@@ -178,6 +290,57 @@ mod tests {
             "initContainers": [{"name": "init", "image": "i"}],
             "containers": [{"name": "app", "image": "i"}],
             "ephemeralContainers": ecs}})
+    }
+
+    #[test]
+    fn pod_update_mutability_as_validate_pod_update() {
+        let base = json!({"metadata": {"name": "p"}, "spec": {
+            "containers": [{"name": "app", "image": "i:1"}],
+            "tolerations": [{"key": "a", "operator": "Exists"}],
+            "restartPolicy": "Always"}});
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut p = base.clone();
+            f(&mut p);
+            p
+        };
+        let ok = |n: &Value| validate_pod_update(&base, n);
+        assert_eq!(ok(&base), Ok(()));
+        assert_eq!(
+            ok(&with(
+                &|p| p["spec"]["containers"][0]["image"] = json!("i:2")
+            )),
+            Ok(())
+        );
+        assert_eq!(
+            ok(&with(&|p| p["spec"]["activeDeadlineSeconds"] = json!(5))),
+            Ok(())
+        );
+        assert_eq!(
+            ok(&with(&|p| {
+                p["spec"]["tolerations"] =
+                    json!([{"key": "a", "operator": "Exists"}, {"key": "b", "operator": "Exists"}])
+            })),
+            Ok(())
+        );
+        // Everything else is refused.
+        for bad in [
+            with(&|p| p["spec"]["restartPolicy"] = json!("Never")),
+            with(&|p| p["spec"]["containers"][0]["command"] = json!(["sh"])),
+            with(&|p| p["spec"]["tolerations"] = json!([])),
+            with(&|p| p["spec"]["nodeName"] = json!("other")),
+        ] {
+            let e = ok(&bad).unwrap_err();
+            assert!(e.contains("pod updates may not change fields"), "{e}");
+        }
+        // activeDeadlineSeconds: lowered only, never removed.
+        let d10 = with(&|p| p["spec"]["activeDeadlineSeconds"] = json!(10));
+        let mut d5 = d10.clone();
+        d5["spec"]["activeDeadlineSeconds"] = json!(5);
+        assert_eq!(validate_pod_update(&d10, &d5), Ok(()));
+        let e = validate_pod_update(&d5, &d10).unwrap_err();
+        assert!(e.contains("less than or equal to previous value"), "{e}");
+        let e = validate_pod_update(&d5, &base).unwrap_err();
+        assert!(e.contains("to nil value"), "{e}");
     }
 
     #[test]

@@ -101,6 +101,14 @@ fn spawn_copy(
     });
 }
 
+/// An unbuffered handle on this process's stdout or stderr that takes no lock (`main`
+/// holds the `Stdout` lock while a subcommand runs, so copier threads must not use it).
+fn raw_out(fd: BorrowedFd<'_>) -> Result<File, TermError> {
+    fd.try_clone_to_owned()
+        .map(File::from)
+        .map_err(TermError::Dup)
+}
+
 /// Waits for `n` copiers to finish, at most [`DRAIN`] in all.
 fn drain(done: &mpsc::Receiver<()>, n: usize) {
     let until = std::time::Instant::now() + DRAIN;
@@ -143,7 +151,7 @@ pub fn exec_tty(mut stream: ExecStream, forward_stdin: bool) -> Result<i32, Term
     });
     let (tx, rx) = mpsc::channel();
     let reader = master.try_clone().map_err(TermError::Dup)?;
-    spawn_copy(reader, std::io::stdout(), tx.clone());
+    spawn_copy(reader, raw_out(std::io::stdout().as_fd())?, tx.clone());
     if forward_stdin {
         // Ends with the process (this process exits); never waited for.
         let (tx_in, _) = mpsc::channel();
@@ -161,8 +169,8 @@ pub fn exec_pipes(mut stream: ExecStream) -> Result<i32, TermError> {
     let (tx, rx) = mpsc::channel();
     let out: File = io.stdout.ok_or(TermError::Missing("stdout"))?;
     let err: File = io.stderr.ok_or(TermError::Missing("stderr"))?;
-    spawn_copy(out, std::io::stdout(), tx.clone());
-    spawn_copy(err, std::io::stderr(), tx.clone());
+    spawn_copy(out, raw_out(std::io::stdout().as_fd())?, tx.clone());
+    spawn_copy(err, raw_out(std::io::stderr().as_fd())?, tx.clone());
     if let Some(input) = io.stdin {
         // Dropping the pipe's write end at stdin's EOF gives the command its EOF.
         let (tx_in, _) = mpsc::channel();

@@ -83,6 +83,21 @@ impl Scope {
     }
 }
 
+/// Whether a saved rule matches one of IPVS mode's ipsets (`-m set --match-set NAME`).
+fn matches_our_set(rule: &str) -> bool {
+    let mut it = rule.split_whitespace();
+    while let Some(w) = it.next() {
+        if w == "--match-set" {
+            if let Some(name) = it.next() {
+                if SETS.iter().any(|(n, _, _)| *n == name) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
 /// The target of a rule (`-j X` or `-g X`), from an `iptables-save` line.
 fn rule_target(rule: &str) -> Option<&str> {
     let mut it = rule.split_whitespace();
@@ -96,8 +111,9 @@ fn rule_target(rule: &str) -> Option<&str> {
 
 /// The `iptables-restore --noflush` payload that removes the chains `scope` owns from an
 /// `iptables-save` dump: the rules of other chains that jump into them are deleted (`-D`
-/// with the rule as saved), the chains are flushed (declared) and deleted (`-X`). Empty
-/// when there is nothing to remove.
+/// with the rule as saved), and so are, when the scope removes IPVS mode, the rules of
+/// other chains that match its ipsets (they would keep the sets busy); the chains are
+/// flushed (declared) and deleted (`-X`). Empty when there is nothing to remove.
 pub fn plan_iptables(save: &str, scope: Scope) -> String {
     let mut out = String::new();
     let mut table: Option<&str> = None;
@@ -115,11 +131,13 @@ pub fn plan_iptables(save: &str, scope: Scope) -> String {
             .filter_map(|r| {
                 let rest = r.strip_prefix("-A ")?;
                 let chain = rest.split_whitespace().next()?;
-                let target = rule_target(rest)?;
-                (!doomed.contains(chain) && doomed.contains(target)).then(|| format!("-D {rest}"))
+                let target = rule_target(rest).unwrap_or("");
+                let uses_set = scope.ipvs() && matches_our_set(rest);
+                (!doomed.contains(chain) && (doomed.contains(target) || uses_set))
+                    .then(|| format!("-D {rest}"))
             })
             .collect();
-        if !doomed.is_empty() {
+        if !doomed.is_empty() || !jumps.is_empty() {
             let _ = writeln!(out, "*{t}");
             for c in &doomed {
                 let _ = writeln!(out, ":{c} - [0:0]");
@@ -493,6 +511,30 @@ COMMIT
         let p = plan_iptables(SAVE, Scope::IpvsOnly);
         assert_eq!(chains_removed(&p), ["KUBE-NODE-PORT"]);
         assert!(p.contains("-D KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODE-PORT"));
+    }
+
+    #[test]
+    fn ipvs_scopes_release_the_sets() {
+        let save = "*nat
+:POSTROUTING ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+-A POSTROUTING -j KUBE-POSTROUTING
+-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst ! -s 10.244.0.0/16 -j KUBE-MARK-MASQ
+-A KUBE-POSTROUTING -m set --match-set KUBE-LOOP-BACK dst,dst,src -j MASQUERADE
+-A KUBE-POSTROUTING -m set --match-set SOMEONE-ELSES dst -j MASQUERADE
+COMMIT
+";
+        let p = plan_iptables(save, Scope::IpvsOnly);
+        assert_eq!(chains_removed(&p), Vec::<&str>::new());
+        let dels: Vec<&str> = p.lines().filter(|l| l.starts_with("-D ")).collect();
+        assert_eq!(dels.len(), 2, "{p}");
+        assert!(dels
+            .iter()
+            .all(|d| d.contains("KUBE-CLUSTER-IP") || d.contains("KUBE-LOOP-BACK")));
+        // iptables mode's own cleanup leaves set rules alone (no sets to release).
+        assert_eq!(plan_iptables(save, Scope::IptablesOnly), "");
     }
 
     #[test]

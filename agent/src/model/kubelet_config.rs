@@ -165,7 +165,6 @@ const UNSUPPORTED: &[&str] = &[
 const ALWAYS_ON: &[&str] = &[
     "authentication.webhook.enabled",
     "registerNode",
-    "serializeImagePulls",
     "cgroupsPerQOS",
     "cpuCFSQuota",
     "enableControllerAttachDetach",
@@ -311,6 +310,12 @@ pub fn parse_kubelet_config(text: &str) -> Result<(KubeletSettings, Vec<String>)
             "cgroupDriver: {d} is not supported by hako, which writes cgroupfs directly (under --cgroup-root/--cgroup-parent); the driver of the container runtime does not apply"
         )),
     }
+    if doc.bool("serializeImagePulls")? == Some(true) {
+        doc.notes.push(
+            "serializeImagePulls: true is not supported by hako (pods pull their images in parallel), ignored"
+                .into(),
+        );
+    }
     doc.unsupported(UNSUPPORTED);
     for p in ALWAYS_ON {
         if doc.bool(p)? == Some(false) {
@@ -423,6 +428,7 @@ containerLogMaxSize: 5Mi
 containerLogMaxFiles: 3
 authentication: {webhook: {enabled: false, cacheTTL: 1m}}
 authorization: {mode: AlwaysAllow, webhook: {cacheAuthorizedTTL: 10s}}
+serializeImagePulls: false
 logging: {verbosity: 4, format: json}
 readOnlyPort: 10255
 notAField: 1

@@ -3,12 +3,14 @@
 #![allow(clippy::print_stdout)]
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use hako_agent::cli::render;
 use hako_agent::model::{actions, dns, env, observed, qos, record, status};
 use hako_agent::source::dir as source;
 use hako_agent::source::manifest::{SourceEvent, SourcedPod, StaticPodOptions};
 use hako_agent::sys::state;
+use hako_proxier::logging::LogFormat;
 use k8s_openapi::chrono::Utc;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -23,6 +25,25 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(name = "hako-agent", version, about, long_about)]
 struct Cli {
+    /// A KubeletConfiguration (kubelet.config.k8s.io/v1beta1, YAML or JSON, such as kubeadm's
+    /// /var/lib/kubelet/config.yaml) for the fields hako has flags for (see agent/README.md,
+    /// "Usage"). Flags given on the command line override the file, as with the kubelet;
+    /// fields hako does not implement are logged once and ignored.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log format: text (plain, colour only on a terminal) or json (the kubelet's
+    /// --logging-format).
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    /// Log verbosity (klog's -v): 0-2 info, 3-4 debug, 5 trace for hako's crates, 6+ trace
+    /// for all. Without it RUST_LOG applies (default info).
+    #[arg(short = 'v', long = "v", value_name = "N", global = true)]
+    verbosity: Option<u8>,
+    /// Remove every rule, chain, set, table, IPVS service and dummy device that any proxy
+    /// mode (iptables, ipvs, nftables; the agent's, hako-proxy's or kube-proxy's) left in this
+    /// network namespace, then exit (hako-proxy --cleanup).
+    #[arg(long)]
+    cleanup_proxier: bool,
     /// Directory of Pod/ConfigMap/Secret/Service manifests (YAML or JSON, multi-document).
     #[arg(long, value_name = "DIR")]
     pod_manifest_path: Option<PathBuf>,
@@ -174,6 +195,9 @@ enum Cmd {
         resource: String,
         /// Pod name (or namespace/name).
         name: String,
+        /// Output format: the pod record as YAML or JSON instead of the text.
+        #[arg(short, long, value_enum)]
+        output: Option<DescribeOutput>,
     },
     /// Print a container's log (CRI log files under --pod-log-dir).
     Logs {
@@ -211,10 +235,23 @@ enum Cmd {
         /// Container (default: the first container).
         #[arg(short, long)]
         container: Option<String>,
+        /// Pass stdin to the command.
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Run the command on a terminal: this terminal goes raw, its size is given to the
+        /// container's terminal and followed (SIGWINCH). Needs stdin to be a terminal.
+        #[arg(short = 't', long)]
+        tty: bool,
         /// Command and arguments (after --).
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum DescribeOutput {
+    Yaml,
+    Json,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -243,14 +280,214 @@ fn memory_capacity() -> i128 {
         .unwrap_or(1 << 30)
 }
 
+/// Whether the flag `id` was given on the command line (flags override the config file).
+fn given(m: &ArgMatches, id: &str) -> bool {
+    m.value_source(id) == Some(ValueSource::CommandLine)
+}
+
+fn secs_u64(d: std::time::Duration) -> u64 {
+    d.as_secs().max(1)
+}
+
+/// Applies a KubeletConfiguration to the flags not given on the command line; returns the
+/// notes to log once logging is up.
+fn apply_config(
+    cli: &mut Cli,
+    m: &ArgMatches,
+    path: &std::path::Path,
+) -> anyhow::Result<Vec<String>> {
+    use hako_agent::model::kubelet_config::parse_kubelet_config;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --config {}", path.display()))?;
+    let (s, notes) =
+        parse_kubelet_config(&text).with_context(|| format!("--config {}", path.display()))?;
+    let c = &mut cli.cluster;
+    macro_rules! set {
+        ($id:literal, $dst:expr, $v:expr) => {
+            if !given(m, $id) {
+                if let Some(v) = $v {
+                    $dst = v;
+                }
+            }
+        };
+    }
+    set!(
+        "pod_manifest_path",
+        cli.pod_manifest_path,
+        s.static_pod_path.map(|p| Some(PathBuf::from(p)))
+    );
+    if let Some(a) = &s.address {
+        let ip = a
+            .parse()
+            .with_context(|| format!("--config: address {a:?}"))?;
+        set!("kubelet_address", c.kubelet_address, Some(ip));
+    }
+    set!("kubelet_port", c.kubelet_port, s.port);
+    set!(
+        "healthz_bind_address",
+        cli.healthz_bind_address,
+        s.healthz_bind_address
+    );
+    set!(
+        "tls_cert_file",
+        c.tls_cert_file,
+        s.tls_cert_file.map(|p| Some(PathBuf::from(p)))
+    );
+    set!(
+        "tls_private_key_file",
+        c.tls_private_key_file,
+        s.tls_private_key_file.map(|p| Some(PathBuf::from(p)))
+    );
+    set!(
+        "client_ca_file",
+        c.client_ca_file,
+        s.client_ca_file.map(|p| Some(PathBuf::from(p)))
+    );
+    set!(
+        "authentication_token_webhook_cache_ttl",
+        c.authentication_token_webhook_cache_ttl,
+        s.authentication_cache_ttl.map(secs_u64)
+    );
+    set!(
+        "authorization_webhook_cache_authorized_ttl",
+        c.authorization_webhook_cache_authorized_ttl,
+        s.authorization_cache_authorized_ttl.map(secs_u64)
+    );
+    set!(
+        "authorization_webhook_cache_unauthorized_ttl",
+        c.authorization_webhook_cache_unauthorized_ttl,
+        s.authorization_cache_unauthorized_ttl.map(secs_u64)
+    );
+    set!("cluster_dns", cli.cluster_dns, s.cluster_dns);
+    set!("cluster_domain", cli.cluster_domain, s.cluster_domain);
+    set!(
+        "resolv_conf",
+        cli.resolv_conf,
+        s.resolv_conf.map(PathBuf::from)
+    );
+    if let Some(p) = &s.pod_cidr {
+        let nets = p
+            .split(',')
+            .map(|n| n.trim().parse())
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("--config: podCIDR {p:?}"))?;
+        set!("pod_cidr", c.pod_cidr, Some(nets));
+    }
+    set!("max_pods", c.max_pods, s.max_pods);
+    set!("cgroup_parent", cli.cgroup_parent, s.cgroup_root);
+    set!("eviction_hard", c.eviction_hard, s.eviction_hard);
+    set!("system_reserved", c.system_reserved, s.system_reserved);
+    set!(
+        "register_with_taints",
+        c.register_with_taints,
+        s.register_with_taints
+    );
+    set!(
+        "sync_frequency",
+        cli.sync_frequency,
+        s.sync_frequency.map(|d| d.as_secs_f64())
+    );
+    set!(
+        "file_check_frequency",
+        cli.file_check_frequency,
+        s.file_check_frequency.map(|d| d.as_secs_f64())
+    );
+    set!(
+        "node_status_update_frequency",
+        c.node_status_update_frequency,
+        s.node_status_update_frequency.map(secs_u64)
+    );
+    set!(
+        "node_status_report_frequency",
+        c.node_status_report_frequency,
+        s.node_status_report_frequency.map(secs_u64)
+    );
+    // The kubelet renews its Lease every quarter of the lease duration.
+    set!(
+        "node_lease_renew_interval",
+        c.node_lease_renew_interval,
+        s.node_lease_duration_seconds.map(|d| (d / 4).max(1))
+    );
+    if let Some(q) = &s.container_log_max_size {
+        let v =
+            parse_log_size(q).map_err(|e| anyhow::anyhow!("--config: containerLogMaxSize: {e}"))?;
+        set!(
+            "container_log_max_size",
+            cli.container_log_max_size,
+            Some(v)
+        );
+    }
+    if let Some(n) = s.container_log_max_files {
+        anyhow::ensure!(n >= 2, "--config: containerLogMaxFiles must be at least 2");
+        set!(
+            "container_log_max_files",
+            cli.container_log_max_files,
+            Some(n)
+        );
+    }
+    set!("verbosity", cli.verbosity, s.verbosity.map(Some));
+    if s.log_format.as_deref() == Some("json") {
+        set!("log_format", cli.log_format, Some(LogFormat::Json));
+    }
+    Ok(notes)
+}
+
+/// Removes the leftovers of the proxy modes other than `mode` (all of them with
+/// `full`), as kube-proxy does when it starts; returns false when a step failed.
+fn proxier_cleanup(
+    mode: hako_agent::proxy::standalone::ProxyMode,
+    variant: &str,
+    full: bool,
+) -> bool {
+    use hako_agent::proxy::standalone::ProxyMode;
+    use hako_proxier::cleanup::{self, CleanupOpts, Scope};
+    let (scope, nft) = match (full, mode) {
+        (true, _) => (Scope::All, true),
+        (false, ProxyMode::None) => return true,
+        (false, ProxyMode::Iptables) => (Scope::IpvsOnly, true),
+        (false, ProxyMode::Ipvs) => (Scope::IptablesOnly, true),
+        (false, ProxyMode::Nftables) => (Scope::All, false),
+    };
+    let mut variants = vec![variant.to_string()];
+    if full {
+        variants.extend(["legacy".to_string(), "nft".to_string()]);
+    }
+    let opts = CleanupOpts {
+        iptables_variants: variants,
+        ipvs_devices: vec![hako_proxier::ipvs::DEFAULT_DEVICE.to_string()],
+        ipvs_always: full,
+    };
+    let (report, errs) = cleanup::cleanup(scope, nft, &opts);
+    if full || report != cleanup::CleanupReport::default() {
+        tracing::info!(?report, full, "removed proxier leftovers");
+    }
+    for e in &errs {
+        tracing::warn!("removing proxier leftovers: {e}");
+    }
+    errs.is_empty()
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    let notes = match cli.config.clone() {
+        Some(p) => apply_config(&mut cli, &matches, &p)?,
+        None => Vec::new(),
+    };
+    hako_proxier::logging::init(cli.log_format, cli.verbosity);
+    for n in notes {
+        tracing::warn!("--config: {n}");
+    }
+    if cli.cleanup_proxier {
+        if !proxier_cleanup(
+            hako_agent::proxy::standalone::ProxyMode::None,
+            &cli.iptables_variant,
+            true,
+        ) {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let mut out = std::io::stdout().lock();
     match &cli.command {
         Some(Cmd::Get { resource, .. }) if resource.starts_with("ev") => {
@@ -314,6 +551,8 @@ fn main() -> anyhow::Result<()> {
         Some(Cmd::Exec {
             pod,
             container,
+            stdin,
+            tty,
             command,
         }) => {
             let code = hako_agent::cli::commands::exec(
@@ -322,6 +561,10 @@ fn main() -> anyhow::Result<()> {
                 pod,
                 container.as_deref(),
                 command,
+                hako_agent::cli::commands::ExecMode {
+                    stdin: *stdin,
+                    tty: *tty,
+                },
             )?;
             std::process::exit(code);
         }
@@ -358,7 +601,7 @@ fn main() -> anyhow::Result<()> {
                 )?,
             }
         }
-        Some(Cmd::Describe { name, .. }) => {
+        Some(Cmd::Describe { name, output, .. }) => {
             let (recs, _) = state::read_records(&cli.root_dir)?;
             let (ns, n) = name
                 .split_once('/')
@@ -373,7 +616,13 @@ fn main() -> anyhow::Result<()> {
                         cli.root_dir.join("pods").display()
                     )
                 })?;
-            write!(out, "{}", render::describe(rec, Utc::now()))?;
+            match output {
+                Some(DescribeOutput::Json) => {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&rec.pod)?)?
+                }
+                Some(DescribeOutput::Yaml) => write!(out, "{}", serde_yaml::to_string(&rec.pod)?)?,
+                None => write!(out, "{}", render::describe(rec, Utc::now()))?,
+            }
         }
         None if cli.cluster.kubeconfig.is_some() => {
             let node_ip = match cli.node_ip.as_deref().map(str::parse) {
@@ -393,6 +642,7 @@ fn main() -> anyhow::Result<()> {
                     .unwrap_or(hako_agent::proxy::standalone::ProxyMode::None),
                 iptables_variant: cli.iptables_variant.clone(),
             };
+            proxier_cleanup(node.proxy_mode, &cli.iptables_variant, false);
             let workers = match worker_config(&cli) {
                 Ok(w) => Some(w),
                 Err(e) => {
@@ -470,6 +720,12 @@ fn run_agent(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
                 .with_context(|| format!("--healthz-bind-address {a:?}"))?,
         ),
     };
+    proxier_cleanup(
+        cli.proxy_mode
+            .unwrap_or(hako_agent::proxy::standalone::ProxyMode::Iptables),
+        &cli.iptables_variant,
+        false,
+    );
     let node_services = hako_agent::api::healthz::start_node_services(
         hako_agent::api::healthz::NodeServicesOptions {
             healthz_addr,

@@ -158,6 +158,8 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: logs piped to a file stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HAKO_LOG").unwrap_or_else(|_| {
                 tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error")

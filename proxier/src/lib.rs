@@ -1,16 +1,19 @@
 //! hako service proxier: Services and EndpointSlices as kube-proxy-compatible iptables rules
 //! (with nftables and IPVS backends to come behind the same `Backend` trait).
 
+pub mod cleanup;
 pub mod config;
 pub mod conntrack;
 pub mod iptables;
 pub mod ipvs;
 pub mod kube;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod nft;
 pub mod proxier;
+pub mod proxy_config;
 pub mod runner;
 
 /// How long a netlink socket of the IPVS, ipset, link, conntrack and nf_tables clients waits

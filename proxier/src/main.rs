@@ -6,12 +6,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
+use hako_proxier::cleanup::{self, CleanupOpts, Scope};
+use hako_proxier::logging::{self, LogFormat};
 use hako_proxier::metrics;
+use hako_proxier::proxy_config::{self, ProxyModeSetting};
 use hako_proxier::runner::{DirSource, RunEnd, Runner, RunnerConfig, WatchSource};
 use hako_proxier::{IptablesBackend, Proxier, ProxierOpts, RenderOpts};
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
     Iptables,
     Nftables,
@@ -22,6 +26,25 @@ enum Mode {
 #[derive(Parser, Debug)]
 #[command(name = "hako-proxy", version, about)]
 struct Cli {
+    /// A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1, YAML or JSON): its mode,
+    /// clusterCIDR, hostnameOverride, clientConnection.kubeconfig, bind addresses,
+    /// nodePortAddresses, the active mode's sync periods and masqueradeAll, ipvs.scheduler and
+    /// logging. Flags given on the command line override the file; fields hako does not
+    /// implement are logged once.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Remove every rule, chain, set, table, IPVS service and dummy device that any mode
+    /// (iptables, ipvs, nftables; hako's or kube-proxy's) left in this network namespace,
+    /// then exit (kube-proxy's --cleanup). Exits 1 when a step failed.
+    #[arg(long)]
+    cleanup: bool,
+    /// Log format: text (plain, colour only on a terminal) or json.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log verbosity (klog's -v): 0-2 info, 3-4 debug, 5 trace for hako, 6+ trace for all.
+    /// Without it RUST_LOG applies (default info).
+    #[arg(short = 'v', long = "v", value_name = "N")]
+    verbosity: Option<u8>,
     /// Directory of YAML files with Services and EndpointSlices (re-read on change).
     #[arg(long)]
     config_dir: Option<PathBuf>,
@@ -70,8 +93,8 @@ struct Cli {
     /// Sync once and exit.
     #[arg(long)]
     once: bool,
-    /// Log as JSON.
-    #[arg(long)]
+    /// Log as JSON (same as --log-format json).
+    #[arg(long, hide = true)]
     log_json: bool,
 }
 
@@ -97,21 +120,149 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// Whether the flag `id` was given on the command line (flags override the config file).
+fn given(m: &ArgMatches, id: &str) -> bool {
+    m.value_source(id) == Some(ValueSource::CommandLine)
+}
+
+/// Applies a KubeProxyConfiguration to the flags not given on the command line; returns the
+/// notes to log once logging is up.
+fn apply_config(
+    cli: &mut Cli,
+    m: &ArgMatches,
+    path: &std::path::Path,
+) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --config {}", path.display()))?;
+    let (s, notes) = proxy_config::parse_kube_proxy_config(&text)
+        .with_context(|| format!("--config {}", path.display()))?;
+    if !given(m, "proxy_mode") {
+        if let Some(mode) = s.mode {
+            cli.proxy_mode = match mode {
+                ProxyModeSetting::Iptables => Mode::Iptables,
+                ProxyModeSetting::Ipvs => Mode::Ipvs,
+                ProxyModeSetting::Nftables => Mode::Nftables,
+            };
+        }
+    }
+    let set = |given: bool, dst: &mut String, v: &Option<String>| {
+        if let (false, Some(v)) = (given, v) {
+            dst.clone_from(v);
+        }
+    };
+    let mut cidr = cli.cluster_cidr.clone().unwrap_or_default();
+    set(given(m, "cluster_cidr"), &mut cidr, &s.cluster_cidr);
+    cli.cluster_cidr = (!cidr.is_empty()).then_some(cidr);
+    if !given(m, "hostname_override") && s.hostname_override.is_some() {
+        cli.hostname_override.clone_from(&s.hostname_override);
+    }
+    if !given(m, "kubeconfig") && !given(m, "config_dir") {
+        if let Some(k) = &s.kubeconfig {
+            cli.kubeconfig = Some(PathBuf::from(k));
+        }
+    }
+    if let (false, Some(a)) = (given(m, "healthz_bind_address"), s.healthz_bind_address) {
+        cli.healthz_bind_address = a;
+    }
+    if let (false, Some(a)) = (given(m, "metrics_bind_address"), s.metrics_bind_address) {
+        cli.metrics_bind_address = a;
+    }
+    if let (false, Some(a)) = (given(m, "nodeport_addresses"), &s.node_port_addresses) {
+        cli.nodeport_addresses.clone_from(a);
+    }
+    let mode = match cli.proxy_mode {
+        Mode::Iptables => ProxyModeSetting::Iptables,
+        Mode::Ipvs => ProxyModeSetting::Ipvs,
+        Mode::Nftables => ProxyModeSetting::Nftables,
+    };
+    let sync = s.sync_for(mode);
+    if let (false, Some(d)) = (given(m, "sync_period"), sync.sync_period) {
+        cli.sync_period = d;
+    }
+    if let (false, Some(d)) = (given(m, "min_sync_period"), sync.min_sync_period) {
+        cli.min_sync_period = d;
+    }
+    if let (false, Some(b)) = (given(m, "masquerade_all"), sync.masquerade_all) {
+        cli.masquerade_all = b;
+    }
+    set(
+        given(m, "ipvs_scheduler"),
+        &mut cli.ipvs_scheduler,
+        &s.ipvs_scheduler,
+    );
+    if !given(m, "verbosity") && s.verbosity.is_some() {
+        cli.verbosity = s.verbosity;
+    }
+    if !given(m, "log_format") && !cli.log_json && s.log_format.as_deref() == Some("json") {
+        cli.log_format = LogFormat::Json;
+    }
+    Ok(notes)
+}
+
+/// The cleanup options of this command line: its iptables flavour (all of them for
+/// --cleanup) and both dummy device names.
+fn cleanup_opts(cli: &Cli, full: bool) -> CleanupOpts {
+    let mut variants = vec![cli.iptables_variant.clone()];
+    if full {
+        variants.extend(["legacy".to_string(), "nft".to_string()]);
+    }
+    let mut devices = vec![cli.ipvs_device.clone()];
+    if cli.ipvs_device != hako_proxier::ipvs::DEFAULT_DEVICE {
+        devices.push(hako_proxier::ipvs::DEFAULT_DEVICE.to_string());
+    }
+    CleanupOpts {
+        iptables_variants: variants,
+        ipvs_devices: devices,
+        ipvs_always: full,
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if cli.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    let notes = match cli.config.clone() {
+        Some(p) => apply_config(&mut cli, &matches, &p)?,
+        None => Vec::new(),
+    };
+    let format = if cli.log_json {
+        LogFormat::Json
     } else {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init();
+        cli.log_format
+    };
+    logging::init(format, cli.verbosity);
+    for n in notes {
+        tracing::warn!("--config: {n}");
+    }
+    if cli.cleanup {
+        let (report, errs) = cleanup::cleanup(Scope::All, true, &cleanup_opts(&cli, true));
+        tracing::info!(
+            chains = report.chains,
+            nft_tables = report.nft_tables,
+            ipvs_services = report.ipvs_services,
+            devices = report.devices,
+            ipsets = report.ipsets,
+            "cleanup done"
+        );
+        for e in &errs {
+            tracing::error!("cleanup: {e}");
+        }
+        if !errs.is_empty() {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    // As kube-proxy: starting in one mode removes what the other modes left.
+    let (scope, nft) = match cli.proxy_mode {
+        Mode::Iptables => (Scope::IpvsOnly, true),
+        Mode::Ipvs => (Scope::IptablesOnly, true),
+        Mode::Nftables => (Scope::All, false),
+    };
+    let (report, errs) = cleanup::cleanup(scope, nft, &cleanup_opts(&cli, false));
+    if report != cleanup::CleanupReport::default() {
+        tracing::info!(mode = ?cli.proxy_mode, ?report, "removed other modes' leftovers");
+    }
+    for e in errs {
+        tracing::warn!("removing other modes' leftovers: {e}");
     }
     let dir = match (&cli.config_dir, &cli.kubeconfig) {
         (Some(_), Some(_)) => bail!("--config-dir and --kubeconfig exclude each other"),

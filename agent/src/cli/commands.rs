@@ -4,7 +4,7 @@
 use crate::model::record::PodRecord;
 use crate::sys::state;
 use anyhow::{bail, Context};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 fn find_pod(root: &Path, name: &str) -> anyhow::Result<PodRecord> {
@@ -141,13 +141,23 @@ pub fn logs(
     }
 }
 
-/// `hako-agent exec POD [-c C] -- CMD...`; returns the command's exit code.
+/// How `exec` connects the command to this process's stdio.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExecMode {
+    /// `-i`: forward stdin.
+    pub stdin: bool,
+    /// `-t`: a terminal (used only when stdin is one, as kubectl does).
+    pub tty: bool,
+}
+
+/// `hako-agent exec POD [-c C] [-i] [-t] -- CMD...`; returns the command's exit code.
 pub fn exec(
     root: &Path,
     shim: &hako_shim::client::Runtime,
     pod: &str,
     container: Option<&str>,
     command: &[String],
+    mode: ExecMode,
 ) -> anyhow::Result<i32> {
     let rec = find_pod(root, pod)?;
     let c = pick_container(&rec, container)?;
@@ -169,8 +179,29 @@ pub fn exec(
         .as_deref()
         .and_then(|i| i.strip_prefix("hako://"))
         .context("container has no id")?;
-    let r = shim
-        .client(id)
+    let client = shim.client(id);
+    if mode.stdin || mode.tty {
+        let tty = mode.tty && std::io::stdin().is_terminal();
+        if mode.tty && !tty {
+            eprintln!("Unable to use a TTY - input is not a terminal or the right kind of file");
+        }
+        let req = hako_shim::protocol::ExecRequest {
+            args: command.to_vec(),
+            tty,
+            stdin: mode.stdin,
+            ..Default::default()
+        };
+        let stream = client
+            .exec_stream(req)
+            .with_context(|| format!("exec in container {c:?}"))?;
+        return if tty {
+            super::term::exec_tty(stream, mode.stdin)
+        } else {
+            super::term::exec_pipes(stream)
+        }
+        .with_context(|| format!("exec in container {c:?}"));
+    }
+    let r = client
         .exec(hako_shim::protocol::ExecRequest {
             args: command.to_vec(),
             ..Default::default()

@@ -1,5 +1,6 @@
-//! The command line's subcommands (`logs`, `exec`: [`commands`]) and kubectl-like text output
+//! The command line's subcommands (`logs`, `exec`: [`commands`]; `exec -it`'s terminal: [`term`]) and kubectl-like text output
 //! (`get pods`, `describe pod`: [`render`]).
 
 pub mod commands;
 pub mod render;
+pub mod term;

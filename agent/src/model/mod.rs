@@ -6,6 +6,7 @@ pub mod admit;
 pub mod backoff;
 pub mod dns;
 pub mod env;
+pub mod kubelet_config;
 pub mod node_object;
 pub mod observed;
 pub mod probe;

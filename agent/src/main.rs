@@ -374,6 +374,11 @@ fn apply_config(
         set!("pod_cidr", c.pod_cidr, Some(nets));
     }
     set!("max_pods", c.max_pods, s.max_pods);
+    set!(
+        "allowed_unsafe_sysctls",
+        cli.allowed_unsafe_sysctls,
+        s.allowed_unsafe_sysctls
+    );
     set!("cgroup_parent", cli.cgroup_parent, s.cgroup_root);
     set!("eviction_hard", c.eviction_hard, s.eviction_hard);
     set!("system_reserved", c.system_reserved, s.system_reserved);

@@ -665,6 +665,11 @@ fn standalone_manifest_ephemeral_and_sysctl() {
             .filter(|l| l.contains("polo"))
     });
     assert!(log.contains("stdout F polo"), "{log:?}");
+    // The node's CLI reaches the ephemeral container by name, as kubectl does.
+    let out = env.cli(&["logs", "dbg-node1", "-c", "debugger"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "polo\n", "{out:?}");
+    let out = env.cli(&["exec", "dbg-node1", "-c", "debugger", "--", "echo", "marco"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "marco\n", "{out:?}");
 
     env.write_manifest(
         "unsafe.yaml",

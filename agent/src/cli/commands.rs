@@ -23,14 +23,30 @@ fn find_pod(root: &Path, name: &str) -> anyhow::Result<PodRecord> {
         })
 }
 
+/// Every container status of a pod: regular, init and ephemeral containers.
+fn statuses(
+    st: &k8s_openapi::api::core::v1::PodStatus,
+) -> impl Iterator<Item = &k8s_openapi::api::core::v1::ContainerStatus> {
+    st.container_statuses
+        .iter()
+        .flatten()
+        .chain(st.init_container_statuses.iter().flatten())
+        .chain(st.ephemeral_container_statuses.iter().flatten())
+}
+
 fn pick_container(rec: &PodRecord, c: Option<&str>) -> anyhow::Result<String> {
     let spec = rec.pod.spec.clone().unwrap_or_default();
+    // Ephemeral containers only by name (`-c debugger`), as kubectl.
     let names: Vec<String> = spec
         .containers
         .iter()
         .chain(spec.init_containers.iter().flatten())
         .map(|c| c.name.clone())
         .collect();
+    let ephemeral = spec.ephemeral_containers.iter().flatten().map(|e| &e.name);
+    if let Some(c) = c.filter(|c| ephemeral.clone().any(|n| n == c)) {
+        return Ok(c.to_string());
+    }
     match c {
         Some(c) if names.iter().any(|n| n == c) => Ok(c.to_string()),
         Some(c) => bail!(
@@ -43,12 +59,7 @@ fn pick_container(rec: &PodRecord, c: Option<&str>) -> anyhow::Result<String> {
 
 fn restart_count(rec: &PodRecord, c: &str) -> Option<i32> {
     let st = rec.pod.status.as_ref()?;
-    st.container_statuses
-        .iter()
-        .flatten()
-        .chain(st.init_container_statuses.iter().flatten())
-        .find(|s| s.name == c)
-        .map(|s| s.restart_count)
+    statuses(st).find(|s| s.name == c).map(|s| s.restart_count)
 }
 
 /// Whether one container runs, for `logs -f`: its shim says so, or when the shim cannot be
@@ -66,17 +77,13 @@ impl crate::sys::logs::FollowCtl for ShimFollow {
             Ok(s) => s.status == hako_shim::state::Status::Running,
             Err(_) => find_pod(&self.root, &self.pod).is_ok_and(|rec| {
                 rec.pod.status.as_ref().is_some_and(|st| {
-                    st.container_statuses
-                        .iter()
-                        .flatten()
-                        .chain(st.init_container_statuses.iter().flatten())
-                        .any(|c| {
-                            c.container_id
-                                .as_deref()
-                                .and_then(|i| i.strip_prefix("hako://"))
-                                == Some(self.id.as_str())
-                                && c.state.as_ref().is_some_and(|s| s.running.is_some())
-                        })
+                    statuses(st).any(|c| {
+                        c.container_id
+                            .as_deref()
+                            .and_then(|i| i.strip_prefix("hako://"))
+                            == Some(self.id.as_str())
+                            && c.state.as_ref().is_some_and(|s| s.running.is_some())
+                    })
                 })
             }),
         }
@@ -163,13 +170,7 @@ pub fn exec(
     let c = pick_container(&rec, container)?;
     let st = rec.pod.status.as_ref();
     let cs = st
-        .and_then(|s| {
-            s.container_statuses
-                .iter()
-                .flatten()
-                .chain(s.init_container_statuses.iter().flatten())
-                .find(|s| s.name == c)
-        })
+        .and_then(|s| statuses(s).find(|s| s.name == c))
         .with_context(|| format!("container {c:?} has no status yet"))?;
     if cs.state.as_ref().and_then(|s| s.running.as_ref()).is_none() {
         bail!("container {c:?} in pod {:?} is not running", rec.name());

@@ -72,6 +72,8 @@ pub struct KubeletSettings {
     pub container_log_max_size: Option<String>,
     /// `containerLogMaxFiles`.
     pub container_log_max_files: Option<u32>,
+    /// `allowedUnsafeSysctls` (`--allowed-unsafe-sysctls`).
+    pub allowed_unsafe_sysctls: Option<Vec<String>>,
     /// `logging.verbosity`.
     pub verbosity: Option<u8>,
     /// `logging.format` (`text` or `json`).
@@ -140,7 +142,6 @@ const UNSUPPORTED: &[&str] = &[
     "showHiddenMetricsForVersion",
     "systemReservedCgroup",
     "kubeReservedCgroup",
-    "allowedUnsafeSysctls",
     "volumePluginDir",
     "providerID",
     "kernelMemcgNotification",
@@ -295,6 +296,7 @@ pub fn parse_kubelet_config(text: &str) -> Result<(KubeletSettings, Vec<String>)
         node_lease_duration_seconds: doc.u64("nodeLeaseDurationSeconds")?,
         container_log_max_size: doc.str("containerLogMaxSize")?,
         container_log_max_files: small("containerLogMaxFiles", doc.u64("containerLogMaxFiles")?)?,
+        allowed_unsafe_sysctls: doc.strings("allowedUnsafeSysctls")?,
         verbosity,
         log_format,
     };
@@ -419,6 +421,7 @@ port: 11250
 healthzBindAddress: 0.0.0.0
 maxPods: 20
 podCIDR: 10.244.3.0/24
+allowedUnsafeSysctls: [kernel.msg*, net.core.somaxconn]
 evictionHard: {nodefs.available: 5%, memory.available: 50Mi}
 systemReserved: {cpu: 100m, memory: 128Mi}
 registerWithTaints: [{key: a, value: b, effect: NoSchedule}, {key: c, effect: NoExecute}]
@@ -438,6 +441,13 @@ notAField: 1
         assert_eq!(s.port, Some(11250));
         assert_eq!(s.healthz_bind_address.as_deref(), Some("0.0.0.0:10248"));
         assert_eq!(s.max_pods, Some(20));
+        assert_eq!(
+            s.allowed_unsafe_sysctls,
+            Some(vec![
+                "kernel.msg*".to_string(),
+                "net.core.somaxconn".to_string()
+            ])
+        );
         assert_eq!(s.pod_cidr.as_deref(), Some("10.244.3.0/24"));
         assert_eq!(
             s.eviction_hard.as_deref(),

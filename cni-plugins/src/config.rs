@@ -17,6 +17,8 @@ pub const DEFAULT_BRIDGE: &str = "hako0";
 pub const DEFAULT_SUBNET_FILE: &str = "/run/hako/subnet.env";
 /// Parent of the default IPAM data directories.
 pub const DEFAULT_DATA_ROOT: &str = "/var/lib/cni/networks";
+/// Parent of hako's own state directories when IPAM is delegated.
+pub const DEFAULT_DELEGATED_ROOT: &str = "/var/lib/cni/hako";
 /// MTU used when neither the config nor the subnet file names one.
 pub const DEFAULT_MTU: u32 = 1500;
 
@@ -32,6 +34,14 @@ pub enum ConfigError {
     /// A range that cannot be used (code 7).
     #[error("invalid network configuration: {0}")]
     Range(#[from] RangeError),
+    /// A field whose value this plugin does not implement (code 2), named.
+    #[error("unsupported field {field}: {why}")]
+    Unsupported {
+        /// The field, as spelled in the config.
+        field: &'static str,
+        /// Why, and what to use instead.
+        why: String,
+    },
     /// cniVersion not spoken (code 1).
     #[error("incompatible CNI version {0:?} (supported: {supported})", supported = version::SUPPORTED.join(", "))]
     Version(String),
@@ -44,6 +54,7 @@ impl ConfigError {
             ConfigError::Decode(_) => 6,
             ConfigError::Invalid(_) | ConfigError::Range(_) => 7,
             ConfigError::Version(_) => 1,
+            ConfigError::Unsupported { .. } => 2,
         }
     }
 }
@@ -62,12 +73,19 @@ struct RawConf {
     hairpin_mode: Option<bool>,
     promisc_mode: Option<bool>,
     ip_masq: Option<bool>,
+    ip_masq_backend: Option<String>,
+    vlan: Option<i64>,
+    vlan_trunk: Option<Value>,
+    #[serde(rename = "macspoofchk")]
+    mac_spoof_chk: Option<bool>,
+    disable_container_interface: Option<bool>,
+    port_isolation: Option<bool>,
     cluster_network: Option<OneOrMany>,
     subnet_file: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     log_file: Option<PathBuf>,
     log_level: Option<String>,
-    ipam: Option<RawIpam>,
+    ipam: Option<Value>,
     dns: Option<Value>,
     prev_result: Option<Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
@@ -91,8 +109,6 @@ enum RangeItem {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawIpam {
-    #[serde(rename = "type")]
-    ipam_type: Option<String>,
     ranges: Option<Vec<RangeItem>>,
     routes: Option<Vec<RawRoute>>,
     data_dir: Option<PathBuf>,
@@ -121,6 +137,16 @@ pub struct Attachment {
     pub container_id: String,
     /// Interface name in the container.
     pub ifname: String,
+}
+
+/// Who allocates the container's addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpamMode {
+    /// hako's own store (`ipam.type` absent, `hako` or `hako-cni`).
+    Builtin,
+    /// An IPAM plugin named by `ipam.type`, found in `CNI_PATH` and run with this
+    /// plugin's stdin, as the reference bridge plugin does.
+    Delegated(String),
 }
 
 /// A configured extra route for the container.
@@ -166,6 +192,10 @@ pub struct NetConf {
     pub promisc_mode: bool,
     /// Masquerade traffic leaving the cluster networks.
     pub ip_masq: bool,
+    /// Built-in or delegated IPAM (`ipam.type`).
+    pub ipam: IpamMode,
+    /// stdin as received: what a delegated IPAM plugin is given.
+    pub raw: Vec<u8>,
     /// Cluster networks (not masqueraded) from the config.
     pub cluster_networks: Vec<IpNet>,
     /// Subnet file path.
@@ -196,6 +226,11 @@ fn parse_ip(what: &str, s: &str) -> Result<IpAddr, ConfigError> {
 fn parse_net(what: &str, s: &str) -> Result<IpNet, ConfigError> {
     s.parse()
         .map_err(|_| ConfigError::Invalid(format!("{what}: {s:?} is not a CIDR")))
+}
+
+/// True for a plugin name that stays inside the `CNI_PATH` directory it is looked up in.
+pub fn valid_plugin_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0')
 }
 
 /// True for names the kernel accepts as interface names.
@@ -258,14 +293,33 @@ impl NetConf {
         let mut ranges = Vec::new();
         let mut routes = Vec::new();
         let mut ipam_data_dir = None;
-        if let Some(ipam) = raw.ipam {
-            if let Some(t) = ipam.ipam_type.as_deref() {
-                if !t.is_empty() && t != "hako-cni" && t != "hako" {
-                    return Err(ConfigError::Invalid(format!(
-                        "ipam.type {t:?}: hako-cni has its own IPAM (omit ipam.type)"
-                    )));
-                }
+        let ipam_type = match raw.ipam.as_ref().map(|v| v.get("type")) {
+            None | Some(None) | Some(Some(Value::Null)) => None,
+            Some(Some(Value::String(t))) => Some(t.clone()),
+            Some(Some(other)) => {
+                return Err(ConfigError::Decode(format!(
+                    "ipam.type: expected a string, got {other}"
+                )))
             }
+        };
+        let ipam_mode = match ipam_type.as_deref() {
+            None | Some("" | "hako" | "hako-cni") => IpamMode::Builtin,
+            Some(t) if !valid_plugin_name(t) => {
+                return Err(ConfigError::Invalid(format!(
+                    "ipam.type {t:?} is not a plugin name (no '/', not '.' or '..')"
+                )))
+            }
+            Some(t) => IpamMode::Delegated(t.to_string()),
+        };
+        // A delegated plugin owns the rest of the ipam block (its own format).
+        let builtin_ipam = match (&ipam_mode, raw.ipam) {
+            (IpamMode::Builtin, Some(v)) => Some(
+                serde_json::from_value::<RawIpam>(v)
+                    .map_err(|e| ConfigError::Decode(format!("ipam: {e}")))?,
+            ),
+            _ => None,
+        };
+        if let Some(ipam) = builtin_ipam {
             for item in ipam.ranges.unwrap_or_default() {
                 let set = match item {
                     RangeItem::One(r) => vec![r],
@@ -321,16 +375,87 @@ impl NetConf {
             }
             *seen = true;
         }
+        // With a delegated IPAM the default directory is not host-local's (which is
+        // DEFAULT_DATA_ROOT/<name>): only hako's masquerade markers live here then.
         let data_dir = raw
             .data_dir
             .or(ipam_data_dir)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_ROOT).join(&name));
+            .unwrap_or_else(|| match ipam_mode {
+                IpamMode::Builtin => PathBuf::from(DEFAULT_DATA_ROOT).join(&name),
+                IpamMode::Delegated(_) => PathBuf::from(DEFAULT_DELEGATED_ROOT).join(&name),
+            });
         let log_level = raw.log_level.unwrap_or_else(|| "warn".into());
         if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
             return Err(ConfigError::Invalid(format!(
                 "logLevel {log_level:?}: use error, warn, info, debug or trace"
             )));
         }
+        match raw.ip_masq_backend.as_deref() {
+            None | Some("" | "nftables") => {}
+            Some("iptables") => {
+                return Err(ConfigError::Unsupported {
+                    field: "ipMasqBackend",
+                    why: "\"iptables\" is not implemented: the masquerade rules are one \
+                          nftables table per bridge; use \"nftables\" or omit it"
+                        .into(),
+                })
+            }
+            Some(o) => {
+                return Err(ConfigError::Invalid(format!(
+                    "ipMasqBackend {o:?}: use \"iptables\" or \"nftables\""
+                )))
+            }
+        }
+        match raw.vlan {
+            None | Some(0) => {}
+            Some(v) if !(0..=4094).contains(&v) => {
+                return Err(ConfigError::Invalid(format!(
+                    "invalid VLAN ID {v} (must be between 0 and 4094)"
+                )))
+            }
+            Some(_) => {
+                return Err(ConfigError::Unsupported {
+                    field: "vlan",
+                    why: "VLAN filtering on the bridge is not implemented; use 0 or omit it".into(),
+                })
+            }
+        }
+        if raw
+            .vlan_trunk
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            return Err(ConfigError::Unsupported {
+                field: "vlanTrunk",
+                why: "VLAN trunks on the bridge are not implemented; omit it".into(),
+            });
+        }
+        if raw.mac_spoof_chk == Some(true) {
+            return Err(ConfigError::Unsupported {
+                field: "macspoofchk",
+                why: "MAC spoof checking is not implemented; omit it or set false".into(),
+            });
+        }
+        if raw.disable_container_interface == Some(true) {
+            return Err(ConfigError::Unsupported {
+                field: "disableContainerInterface",
+                why: "the container interface is always configured; omit it or set false".into(),
+            });
+        }
+        if raw.port_isolation == Some(true) {
+            return Err(ConfigError::Unsupported {
+                field: "portIsolation",
+                why: "bridge port isolation is not implemented; omit it or set false".into(),
+            });
+        }
+        let promisc_mode = raw.promisc_mode.unwrap_or(false);
+        if promisc_mode && raw.hairpin_mode == Some(true) {
+            return Err(ConfigError::Invalid(
+                "cannot set hairpin mode and promiscuous mode at the same time".into(),
+            ));
+        }
+        // hairpinMode defaults on, except beside promiscMode (the two exclude each other).
+        let hairpin_mode = raw.hairpin_mode.unwrap_or(!promisc_mode);
         Ok(NetConf {
             cni_version,
             name,
@@ -338,9 +463,11 @@ impl NetConf {
             mtu: raw.mtu,
             is_gateway: raw.is_gateway.unwrap_or(true),
             is_default_gateway: raw.is_default_gateway.unwrap_or(true),
-            hairpin_mode: raw.hairpin_mode.unwrap_or(true),
-            promisc_mode: raw.promisc_mode.unwrap_or(false),
+            hairpin_mode,
+            promisc_mode,
             ip_masq: raw.ip_masq.unwrap_or(true),
+            ipam: ipam_mode,
+            raw: bytes.to_vec(),
             cluster_networks,
             subnet_file: raw
                 .subnet_file
@@ -515,13 +642,66 @@ mod tests {
                 7,
             ),
             (
-                r#"{"cniVersion":"1.0.0","name":"x","ipam":{"type":"host-local"}}"#.to_string(),
+                r#"{"cniVersion":"1.0.0","name":"x","ipam":{"type":"../sbin/x"}}"#.to_string(),
+                7,
+            ),
+            (r#"{"cniVersion":"1.0.0","name":"x","ipam":{"type":3}}"#.to_string(), 6),
+            (r#"{"cniVersion":"1.0.0","name":"x","vlan":5000}"#.to_string(), 7),
+            (r#"{"cniVersion":"1.0.0","name":"x","vlan":100}"#.to_string(), 2),
+            (r#"{"cniVersion":"1.0.0","name":"x","vlanTrunk":[{"id":5}]}"#.to_string(), 2),
+            (r#"{"cniVersion":"1.0.0","name":"x","macspoofchk":true}"#.to_string(), 2),
+            (r#"{"cniVersion":"1.0.0","name":"x","portIsolation":true}"#.to_string(), 2),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","disableContainerInterface":true}"#.to_string(),
+                2,
+            ),
+            (r#"{"cniVersion":"1.0.0","name":"x","ipMasqBackend":"iptables"}"#.to_string(), 2),
+            (r#"{"cniVersion":"1.0.0","name":"x","ipMasqBackend":"pf"}"#.to_string(), 7),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","hairpinMode":true,"promiscMode":true}"#
+                    .to_string(),
                 7,
             ),
         ] {
             let e = NetConf::parse(input.as_bytes()).unwrap_err();
             assert_eq!(e.code(), code, "{input}: {e}");
         }
+    }
+
+    #[test]
+    fn ipam_type_selects_builtin_or_delegated() {
+        for (extra, want) in [
+            ("", IpamMode::Builtin),
+            (r#","ipam":{"type":"hako"}"#, IpamMode::Builtin),
+            (
+                r#","ipam":{"type":"hako-cni","ranges":[{"subnet":"10.0.0.0/24"}]}"#,
+                IpamMode::Builtin,
+            ),
+            (
+                r#","ipam":{"type":"host-local","ranges":[[{"subnet":"10.0.0.0/24"}]],"routes":[{"dst":"0.0.0.0/0"}]}"#,
+                IpamMode::Delegated("host-local".into()),
+            ),
+            // The delegated plugin's own format is not ours to judge.
+            (
+                r#","ipam":{"type":"static","addresses":[{"address":"10.0.0.5/24"}]}"#,
+                IpamMode::Delegated("static".into()),
+            ),
+            (
+                r#","ipam":{"type":"whereabouts","range":"10.0.0.0/24","ranges":"x"}"#,
+                IpamMode::Delegated("whereabouts".into()),
+            ),
+        ] {
+            let c = conf(extra).unwrap_or_else(|e| panic!("{extra}: {e}"));
+            assert_eq!(c.ipam, want, "{extra}");
+            if let IpamMode::Delegated(_) = want {
+                assert!(c.ranges.is_empty() && c.routes.is_empty());
+                assert_eq!(c.data_dir, PathBuf::from("/var/lib/cni/hako/pods"));
+            }
+        }
+        // promiscMode alone turns hairpin's default off instead of failing.
+        let c = conf(r#","promiscMode":true"#).unwrap();
+        assert!(c.promisc_mode && !c.hairpin_mode);
+        assert!(conf(r#","vlan":0,"macspoofchk":false,"ipMasqBackend":"nftables""#).is_ok());
     }
 
     #[test]

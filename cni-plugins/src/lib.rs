@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod delegate;
 pub mod ipam;
 pub mod masq;
 pub mod netlink;

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Attachment, NetConf, Network};
+use crate::config::{Attachment, NetConf, Network, RouteConf};
 use crate::ipam::{Owner, Range};
 use crate::masq;
 use crate::netlink::fmt_mac;
@@ -242,29 +242,97 @@ impl NetPlan {
     }
 }
 
-/// The container's routes: default route(s) via the gateway and configured extra routes.
+/// The container's routes: default route(s) via the gateway and configured extra routes,
+/// one route per destination. An explicit default route in `ipam.routes` takes the place
+/// of `isDefaultGateway`'s (with its own `gw` when it names one), so the two combined give
+/// one default route, never a duplicate the kernel would refuse (EEXIST).
 pub fn container_routes(conf: &NetConf, ranges: &[&Range]) -> Vec<(IpNet, IpAddr)> {
-    let mut routes = Vec::new();
+    let mut routes: Vec<(IpNet, IpAddr)> = Vec::new();
+    let push = |routes: &mut Vec<(IpNet, IpAddr)>, dst: IpNet, gw: IpAddr| {
+        if !routes.iter().any(|(d, _)| *d == dst) {
+            routes.push((dst, gw));
+        }
+    };
     for r in ranges {
-        if conf.is_default_gateway {
-            let any = IpNet::new(
-                if r.gateway.is_ipv4() {
-                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-                } else {
-                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-                },
-                0,
-            )
-            .unwrap_or(r.subnet);
-            routes.push((any, r.gateway));
+        let any = IpNet::new(
+            if r.gateway.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            },
+            0,
+        )
+        .unwrap_or(r.subnet);
+        let explicit_default = conf.routes.iter().any(|x| x.dst == any);
+        if conf.is_default_gateway && !explicit_default {
+            push(&mut routes, any, r.gateway);
         }
         for extra in &conf.routes {
             if extra.dst.addr().is_ipv4() == r.gateway.is_ipv4() {
-                routes.push((extra.dst, extra.gw.unwrap_or(r.gateway)));
+                push(&mut routes, extra.dst, extra.gw.unwrap_or(r.gateway));
             }
         }
     }
     routes
+}
+
+/// With a delegated IPAM: the configuration and network as the IPAM plugin's result
+/// makes them. Each address becomes a one-address range whose gateway is the result's,
+/// else the subnet's first address (the reference's `calcGatewayIP`); the result's routes
+/// replace `ipam.routes` and its DNS block the configured one (when it has one). The MTU
+/// is given (config, subnet file or default); cluster networks are the configured ones,
+/// else the result's subnets.
+pub fn delegated_network(conf: &NetConf, ipam: &CniResult, mtu: u32) -> (NetConf, Network) {
+    let ranges: Vec<Range> = ipam
+        .ips
+        .iter()
+        .map(|i| {
+            let subnet = i.address.trunc();
+            let gateway = i.gateway.unwrap_or_else(|| next_ip(subnet.network()));
+            Range {
+                subnet,
+                start: i.address.addr(),
+                end: i.address.addr(),
+                gateway,
+            }
+        })
+        .collect();
+    let mut conf = conf.clone();
+    conf.routes = ipam
+        .routes
+        .iter()
+        .map(|r| RouteConf {
+            dst: r.dst,
+            gw: r.gw,
+        })
+        .collect();
+    if !ipam.dns.is_null() && ipam.dns != serde_json::json!({}) {
+        conf.dns = ipam.dns.clone();
+    }
+    let mut cluster = conf.cluster_networks.clone();
+    for r in &ranges {
+        if !cluster
+            .iter()
+            .any(|c| c.addr().is_ipv4() == r.subnet.addr().is_ipv4())
+        {
+            cluster.push(r.subnet);
+        }
+    }
+    (
+        conf,
+        Network {
+            ranges,
+            mtu,
+            cluster,
+        },
+    )
+}
+
+fn next_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a).wrapping_add(1))),
+        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a).wrapping_add(1))),
+    }
 }
 
 /// ADD as data: from the configuration, the resolved network, the runtime arguments and
@@ -719,6 +787,25 @@ mod tests {
                 (net("fd05::7/64"), ip("fd05::fe"))
             ]
         );
+    }
+
+    #[test]
+    fn explicit_default_route_and_is_default_gateway_give_one_route() {
+        // podman's shape: isGateway + ipam.routes 0.0.0.0/0 (isDefaultGateway on by default).
+        let (_, _, p) = plan_for(
+            r#","ipam":{"ranges":[{"subnet":"10.88.0.0/24"}],"routes":[{"dst":"0.0.0.0/0"},{"dst":"0.0.0.0/0","gw":"10.88.0.9"}]}"#,
+            &["10.88.0.2"],
+        );
+        assert_eq!(
+            container(&p).routes,
+            [(net("0.0.0.0/0"), ip("10.88.0.1"))],
+            "one default route via the gateway"
+        );
+        let (_, _, p) = plan_for(
+            r#","isDefaultGateway":false,"ipam":{"ranges":[{"subnet":"10.88.0.0/24"}],"routes":[{"dst":"0.0.0.0/0","gw":"10.88.0.9"}]}"#,
+            &["10.88.0.2"],
+        );
+        assert_eq!(container(&p).routes, [(net("0.0.0.0/0"), ip("10.88.0.9"))]);
     }
 
     #[test]

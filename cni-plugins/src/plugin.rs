@@ -17,7 +17,10 @@ use netlink_packet_route::link::{
 use netlink_packet_route::AddressFamily;
 use serde_json::Value;
 
-use crate::config::{resolve, Attachment, NetConf, Network};
+use crate::config::{
+    parse_subnet_env, resolve, Attachment, IpamMode, NetConf, Network, DEFAULT_MTU,
+};
+use crate::delegate::{find_in_path, ExecIpam, IpamPlugin};
 use crate::ipam::{DiskStore, IpamError, IpamStore, Range};
 use crate::masq;
 use crate::netlink::{self, Netlink, NlError};
@@ -440,15 +443,7 @@ impl DetachNet for LinkNet {
 
 /// Undoes what a failed ADD made: the undo steps in reverse, then the reservation.
 fn undo(links: &mut dyn AttachNet, store: &dyn IpamStore, steps: &[UndoStep], ips: &[IpAddr]) {
-    for u in steps.iter().rev() {
-        match u {
-            UndoStep::DeleteLink(name) => {
-                if let Err(e) = links.delete_link(name) {
-                    tracing::warn!("undo: deleting {name}: {e}");
-                }
-            }
-        }
-    }
+    undo_links(links, steps);
     if !ips.is_empty() {
         match store.lock() {
             Ok(s) => {
@@ -463,8 +458,54 @@ fn undo(links: &mut dyn AttachNet, store: &dyn IpamStore, steps: &[UndoStep], ip
     }
 }
 
+/// The undo steps in reverse.
+fn undo_links(links: &mut dyn AttachNet, steps: &[UndoStep]) {
+    for u in steps.iter().rev() {
+        match u {
+            UndoStep::DeleteLink(name) => {
+                if let Err(e) = links.delete_link(name) {
+                    tracing::warn!("undo: deleting {name}: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// The delegated IPAM plugin of `conf` (`None` for the built-in IPAM), from `CNI_PATH`.
+fn ipam_plugin(env: &Env, conf: &NetConf) -> Result<Option<ExecIpam>, CniError> {
+    match &conf.ipam {
+        IpamMode::Builtin => Ok(None),
+        IpamMode::Delegated(t) => Ok(Some(ExecIpam {
+            bin: find_in_path(t, &env.path)?,
+            stdin: conf.raw.clone(),
+        })),
+    }
+}
+
+/// The pod MTU without built-in ranges: the config's, the subnet file's, else 1500.
+fn delegated_mtu(conf: &NetConf) -> Result<u32, CniError> {
+    if let Some(m) = conf.mtu {
+        return Ok(m);
+    }
+    match std::fs::read_to_string(&conf.subnet_file) {
+        Ok(t) => Ok(parse_subnet_env(&t)?.mtu.unwrap_or(DEFAULT_MTU)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DEFAULT_MTU),
+        Err(e) => Err(CniError::new(
+            codes::IO,
+            "cannot read subnet file",
+            format!("{}: {e}", conf.subnet_file.display()),
+        )),
+    }
+}
+
 /// ADD: returns the result JSON in the requested version's shape.
 pub fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
+    if let Some(ipam) = ipam_plugin(env, conf)? {
+        let mtu = delegated_mtu(conf)?;
+        let ns = open_netns(&env.netns.clone().unwrap_or_default(), codes::INVALID_ENV)?;
+        let mut links = LinkNet::open()?;
+        return add_delegated(&mut links, &ipam, env, conf, mtu, &ns);
+    }
     let net = network(conf)?;
     let netns_path = env.netns.clone().unwrap_or_default();
     let ns = open_netns(&netns_path, codes::INVALID_ENV)?;
@@ -602,8 +643,82 @@ pub fn add_with_store(
     }
 }
 
+/// ADD with a delegated IPAM, as the reference bridge: the IPAM plugin's ADD first, its
+/// result planned and applied like a reservation, and its DEL when a later step fails.
+pub fn add_delegated(
+    links: &mut dyn AttachNet,
+    ipam: &dyn IpamPlugin,
+    env: &Env,
+    conf: &NetConf,
+    mtu: u32,
+    ns: &File,
+) -> Result<Value, CniError> {
+    let prev = match &conf.prev_result {
+        Some(p) => Some(CniResult::parse(p).map_err(|e| {
+            CniError::new(codes::DECODE, "failed to decode prevResult", e.to_string())
+        })?),
+        None => None,
+    };
+    let answer = ipam.call("ADD")?;
+    let release = |why: &CniError| {
+        tracing::warn!("ADD failed ({why}): releasing the IPAM allocation");
+        if let Err(e) = ipam.call("DEL") {
+            tracing::warn!("undo: IPAM DEL: {e}");
+        }
+    };
+    let result = CniResult::parse(&answer)
+        .map_err(|e| {
+            CniError::new(
+                codes::DECODE,
+                "failed to decode the IPAM result",
+                e.to_string(),
+            )
+        })
+        .and_then(|r| {
+            if r.ips.is_empty() {
+                Err(CniError::new(
+                    codes::IPAM_PLUGIN,
+                    "IPAM plugin returned missing IP config",
+                    String::new(),
+                ))
+            } else {
+                Ok(r)
+            }
+        });
+    let ipam_result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            release(&e);
+            return Err(e);
+        }
+    };
+    let (conf, net) = plan::delegated_network(conf, &ipam_result, mtu);
+    let reserved: Vec<(IpAddr, &Range)> = net.ranges.iter().map(|r| (r.start, r)).collect();
+    let plan = plan::plan(env, &conf, &net, &reserved);
+    let mut undo_steps = Vec::new();
+    match apply(links, &plan, ns, &mut undo_steps) {
+        Ok(macs) => {
+            let addrs: Vec<IpNet> = plan.result.ips.iter().map(|(a, _)| *a).collect();
+            tracing::info!(ips = ?addrs, "attached (delegated IPAM)");
+            let result = plan::merge_prev(prev, plan.result.build(&macs));
+            Ok(result.render(&conf.cni_version))
+        }
+        Err(e) => {
+            undo_links(links, &undo_steps);
+            release(&e);
+            Err(e)
+        }
+    }
+}
+
 /// DEL: releases the addresses and removes the veth; anything missing is success.
 pub fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    if let Some(ipam) = ipam_plugin(env, conf)? {
+        // As the reference: the interface first, then the IPAM plugin's DEL.
+        detach(&mut LinkNet::lazy(), &plan::plan_del(env))?;
+        ipam.call("DEL")?;
+        return Ok(());
+    }
     // The socket opens after the release, so a DEL releases even without netlink.
     del_with(&mut LinkNet::lazy(), &DiskStore::new(&conf.data_dir), env)
 }
@@ -622,6 +737,11 @@ pub fn del_with(
             .map_err(ipam_err)?;
         tracing::info!(ips = ?released, "released");
     }
+    detach(links, &plan)
+}
+
+/// Deletes the host veth, else the container end.
+fn detach(links: &mut dyn DetachNet, plan: &plan::DelPlan) -> Result<(), CniError> {
     if !links.delete_host_veth(&plan.host)? {
         // Deleting the host end removes the pair; without it, clean the container side.
         if let Some((netns, ifname)) = &plan.container {
@@ -645,6 +765,10 @@ pub fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         .map_err(|e| CniError::new(codes::DECODE, "failed to decode prevResult", e.to_string()))?;
     let netns_path = env.netns.clone().unwrap_or_default();
     let ns = open_netns(&netns_path, codes::UNKNOWN_CONTAINER)?;
+    let ipam = ipam_plugin(env, conf)?;
+    if let Some(p) = &ipam {
+        p.call("CHECK")?;
+    }
     let want = plan::plan_check(env, conf, &prev)?;
     let ifname = want.ifname.clone();
     let view = in_netns(&ns, move || -> Result<ContainerView, CniError> {
@@ -689,6 +813,10 @@ pub fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         br.map(|b| b.header.index),
         hl.as_ref().map(netlink::link_master),
     )?;
+    if ipam.is_some() {
+        // The IPAM plugin's CHECK vouched for the allocation.
+        return Ok(());
+    }
     let store = DiskStore::new(&conf.data_dir);
     let locked = store.lock().map_err(ipam_err)?;
     let held: HashSet<IpAddr> = locked
@@ -700,7 +828,10 @@ pub fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
 }
 
 /// STATUS: ranges resolvable, IPAM store usable, a free address left.
-pub fn status(conf: &NetConf) -> Result<(), CniError> {
+pub fn status(env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    if let Some(p) = ipam_plugin(env, conf)? {
+        return p.call("STATUS").map(|_| ());
+    }
     let unavailable = |d: String| CniError::new(codes::NOT_AVAILABLE, "plugin not available", d);
     let net = network(conf).map_err(|e| unavailable(e.details))?;
     let disk = DiskStore::new(&conf.data_dir);
@@ -731,7 +862,12 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
 }
 
 /// GC: releases allocations and removes host veths not in `cni.dev/valid-attachments`.
-pub fn gc(conf: &NetConf) -> Result<(), CniError> {
+pub fn gc(env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    if let Some(p) = ipam_plugin(env, conf)? {
+        // The IPAM plugin collects its own allocations; the veths are ours.
+        p.call("GC")?;
+        return gc_links(&mut LinkNet::lazy(), conf, &valid_attachments(conf)?);
+    }
     // The socket opens after the release, as DEL's does.
     gc_with(&mut LinkNet::lazy(), &DiskStore::new(&conf.data_dir), conf)
 }
@@ -742,8 +878,22 @@ pub fn gc_with(
     store: &dyn IpamStore,
     conf: &NetConf,
 ) -> Result<(), CniError> {
-    // Without the list every allocation would look stale: refuse rather than wipe.
-    let valid: HashSet<Attachment> = conf
+    let valid = valid_attachments(conf)?;
+    {
+        let locked = store.lock().map_err(ipam_err)?;
+        let allocations = locked.allocations().map_err(ipam_err)?;
+        for (ip, owner) in plan::gc_releases(allocations, &valid) {
+            tracing::info!(%ip, container = %owner.container_id, "gc: releasing");
+            locked.release(ip).map_err(ipam_err)?;
+        }
+    }
+    gc_links(links, conf, &valid)
+}
+
+/// GC's `cni.dev/valid-attachments`: without the list every allocation would look stale,
+/// so GC refuses rather than wipes.
+fn valid_attachments(conf: &NetConf) -> Result<HashSet<Attachment>, CniError> {
+    Ok(conf
         .valid_attachments
         .clone()
         .ok_or_else(|| {
@@ -754,19 +904,19 @@ pub fn gc_with(
             )
         })?
         .into_iter()
-        .collect();
+        .collect())
+}
+
+/// GC of host veths on the bridge that belong to no valid attachment.
+fn gc_links(
+    links: &mut dyn DetachNet,
+    conf: &NetConf,
+    valid: &HashSet<Attachment>,
+) -> Result<(), CniError> {
     let valid_hosts: HashSet<String> = valid
         .iter()
         .map(|a| host_veth_name(&a.container_id, &a.ifname))
         .collect();
-    {
-        let locked = store.lock().map_err(ipam_err)?;
-        let allocations = locked.allocations().map_err(ipam_err)?;
-        for (ip, owner) in plan::gc_releases(allocations, &valid) {
-            tracing::info!(%ip, container = %owner.container_id, "gc: releasing");
-            locked.release(ip).map_err(ipam_err)?;
-        }
-    }
     let Some((bridge, host_links)) = links.host_links(&conf.bridge)? else {
         return Ok(());
     };
@@ -936,6 +1086,229 @@ mod tests {
                 "{step}: reservation left behind"
             );
         }
+    }
+}
+
+/// Delegated IPAM against a recording IPAM plugin.
+#[cfg(test)]
+mod delegated_tests {
+    use super::*;
+    use crate::skel::parse_env;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    struct FakeIpam {
+        calls: RefCell<Vec<String>>,
+        add: Result<Value, CniError>,
+    }
+
+    impl IpamPlugin for FakeIpam {
+        fn call(&self, command: &str) -> Result<Value, CniError> {
+            self.calls.borrow_mut().push(command.to_string());
+            match command {
+                "ADD" => self.add.clone(),
+                _ => Ok(Value::Null),
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct Links {
+        fail_container: bool,
+        steps: Vec<String>,
+        routes: Vec<(IpNet, IpAddr)>,
+        addrs: Vec<IpNet>,
+        gateways: Vec<IpNet>,
+    }
+
+    impl AttachNet for Links {
+        fn ensure_bridge(&mut self, spec: &BridgeSpec) -> Result<BridgeLink, CniError> {
+            self.steps.push("bridge".into());
+            self.gateways = spec.gateways.clone();
+            Ok(BridgeLink {
+                index: 1,
+                mac: [2, 0, 0, 0, 0, 1],
+                created: false,
+            })
+        }
+        fn ensure_masq(&mut self, _: &masq::Rules, _: bool) -> Result<(), CniError> {
+            self.steps.push("masq".into());
+            Ok(())
+        }
+        fn create_veth(
+            &mut self,
+            _: &str,
+            _: &str,
+            mtu: u32,
+            _: u32,
+            _: &File,
+        ) -> Result<HostLink, CniError> {
+            self.steps.push(format!("veth mtu {mtu}"));
+            Ok(HostLink {
+                index: 5,
+                mac: [2, 0, 0, 0, 0, 5],
+            })
+        }
+        fn set_hairpin(&mut self, _: u32) -> Result<(), CniError> {
+            self.steps.push("hairpin".into());
+            Ok(())
+        }
+        fn configure_container(
+            &mut self,
+            _: &File,
+            _: &str,
+            addrs: &[IpNet],
+            routes: &[(IpNet, IpAddr)],
+        ) -> Result<[u8; 6], CniError> {
+            self.steps.push("container".into());
+            self.addrs = addrs.to_vec();
+            self.routes = routes.to_vec();
+            if self.fail_container {
+                return Err(CniError::new(codes::NETLINK, "injected", "container"));
+            }
+            Ok([2, 0, 0, 0, 0, 9])
+        }
+        fn delete_link(&mut self, _: &str) -> Result<(), CniError> {
+            self.steps.push("delete".into());
+            Ok(())
+        }
+    }
+
+    fn env() -> Env {
+        let m: HashMap<&str, &str> = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+        ]
+        .into_iter()
+        .collect();
+        parse_env(|k| m.get(k).map(|v| v.to_string())).unwrap()
+    }
+
+    /// podman's bridge conflist entry (host-local, explicit default route without gw).
+    fn podman_conf(version: &str) -> NetConf {
+        NetConf::parse(
+            format!(
+                r#"{{"cniVersion":"{version}","name":"podman","type":"hako-cni","bridge":"cni-podman0","isGateway":true,"ipMasq":true,"hairpinMode":true,"mtu":1400,"ipam":{{"type":"host-local","routes":[{{"dst":"0.0.0.0/0"}}],"ranges":[[{{"subnet":"10.88.0.0/16","gateway":"10.88.0.1"}}]]}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn host_local_answer() -> Value {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "ips": [{"address": "10.88.0.2/16", "gateway": "10.88.0.1"},
+                    {"address": "fd88::2/64"}],
+            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "192.168.0.0/16", "gw": "10.88.0.254"}],
+            "dns": {}
+        })
+    }
+
+    #[test]
+    fn host_local_result_is_applied_with_one_default_route_per_family() {
+        let conf = podman_conf("1.0.0");
+        assert_eq!(conf.ipam, IpamMode::Delegated("host-local".into()));
+        let ipam = FakeIpam {
+            calls: RefCell::default(),
+            add: Ok(host_local_answer()),
+        };
+        let mut links = Links::default();
+        let ns = File::open("/dev/null").unwrap();
+        let r = add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap();
+        assert_eq!(*ipam.calls.borrow(), ["ADD"]);
+        assert_eq!(
+            links.steps,
+            ["bridge", "masq", "veth mtu 1400", "hairpin", "container"]
+        );
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(links.addrs, [n("10.88.0.2/16"), n("fd88::2/64")]);
+        assert_eq!(links.gateways, [n("10.88.0.1/16"), n("fd88::1/64")]);
+        // isDefaultGateway (hako's default) + the explicit default: one default route.
+        assert_eq!(
+            links.routes,
+            [
+                (n("0.0.0.0/0"), a("10.88.0.1")),
+                (n("192.168.0.0/16"), a("10.88.0.254")),
+                (n("::/0"), a("fd88::1")),
+            ]
+        );
+        assert_eq!(r["ips"][0]["address"], "10.88.0.2/16");
+        assert_eq!(r["ips"][0]["interface"], 2);
+        assert_eq!(r["ips"][1]["gateway"], "fd88::1");
+        assert_eq!(r["routes"].as_array().unwrap().len(), 3);
+        assert_eq!(r["cniVersion"], "1.0.0");
+    }
+
+    #[test]
+    fn a_failed_step_after_ipam_releases_through_the_plugin() {
+        let conf = podman_conf("0.4.0");
+        let ipam = FakeIpam {
+            calls: RefCell::default(),
+            add: Ok(host_local_answer()),
+        };
+        let mut links = Links {
+            fail_container: true,
+            ..Default::default()
+        };
+        let ns = File::open("/dev/null").unwrap();
+        let e = add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap_err();
+        assert_eq!(e.details, "container");
+        assert_eq!(links.steps.last().map(String::as_str), Some("delete"));
+        assert_eq!(*ipam.calls.borrow(), ["ADD", "DEL"]);
+    }
+
+    #[test]
+    fn ipam_errors_and_empty_results() {
+        let conf = podman_conf("1.0.0");
+        let ns = File::open("/dev/null").unwrap();
+        // The plugin's own error is returned as is; nothing is made, nothing released.
+        let ipam = FakeIpam {
+            calls: RefCell::default(),
+            add: Err(CniError::new(
+                11,
+                "IPAM plugin failed",
+                "no IP addresses available",
+            )),
+        };
+        let mut links = Links::default();
+        let e = add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap_err();
+        assert_eq!(e.code, 11);
+        assert!(links.steps.is_empty());
+        assert_eq!(*ipam.calls.borrow(), ["ADD"]);
+        // A result without addresses is refused and released.
+        let ipam = FakeIpam {
+            calls: RefCell::default(),
+            add: Ok(serde_json::json!({"cniVersion": "1.0.0", "ips": []})),
+        };
+        let e = add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap_err();
+        assert_eq!(e.code, codes::IPAM_PLUGIN);
+        assert!(links.steps.is_empty());
+        assert_eq!(*ipam.calls.borrow(), ["ADD", "DEL"]);
+    }
+
+    #[test]
+    fn explicit_default_route_with_gw_wins_over_is_default_gateway() {
+        let conf = podman_conf("1.0.0");
+        let ipam = FakeIpam {
+            calls: RefCell::default(),
+            add: Ok(serde_json::json!({
+                "cniVersion": "1.0.0",
+                "ips": [{"address": "10.88.0.2/16"}],
+                "routes": [{"dst": "0.0.0.0/0", "gw": "10.88.0.9"}]
+            })),
+        };
+        let mut links = Links::default();
+        let ns = File::open("/dev/null").unwrap();
+        add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap();
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(links.routes, [(n("0.0.0.0/0"), a("10.88.0.9"))]);
+        // No gateway in the result: the subnet's first address, as the reference.
+        assert_eq!(links.gateways, [n("10.88.0.1/16")]);
     }
 }
 

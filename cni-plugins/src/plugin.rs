@@ -572,35 +572,56 @@ fn apply(
     ns: &File,
     undo: &mut Vec<UndoStep>,
 ) -> Result<Macs, CniError> {
-    let mut macs = Macs::default();
-    let mut bridge = BridgeLink {
-        index: 0,
-        mac: [0; 6],
-        created: false,
-    };
-    let mut host = HostLink {
-        index: 0,
-        mac: [0; 6],
-    };
-    for step in &plan.steps {
+    let mut state = Applied::default();
+    apply_steps(links, plan.steps.iter(), ns, undo, &mut state)?;
+    Ok(state.macs)
+}
+
+/// What the steps applied so far made (links and MACs).
+#[derive(Debug, Default)]
+struct Applied {
+    macs: Macs,
+    bridge: Option<BridgeLink>,
+    host: Option<HostLink>,
+}
+
+/// Applies `steps` in order on top of `state`; every step that succeeds pushes its undo.
+fn apply_steps<'p>(
+    links: &mut dyn AttachNet,
+    steps: impl Iterator<Item = &'p Step>,
+    ns: &File,
+    undo: &mut Vec<UndoStep>,
+    state: &mut Applied,
+) -> Result<(), CniError> {
+    for step in steps {
         match step {
             Step::Bridge(spec) => {
-                bridge = links.ensure_bridge(spec)?;
-                macs.bridge = bridge.mac;
+                let b = links.ensure_bridge(spec)?;
+                // Made by an earlier ensure of this ADD counts as made now.
+                let created = b.created || state.bridge.is_some_and(|o| o.created);
+                state.bridge = Some(BridgeLink { created, ..b });
+                state.macs.bridge = b.mac;
             }
-            Step::Masquerade(rules) => links.ensure_masq(rules, bridge.created)?,
+            Step::Masquerade(rules) => {
+                links.ensure_masq(rules, state.bridge.is_some_and(|b| b.created))?
+            }
             Step::Veth(v) => {
-                host = links.create_veth(&v.host, &v.container, v.mtu, bridge.index, ns)?;
-                macs.host = host.mac;
+                let bridge = state.bridge.map(|b| b.index).unwrap_or_default();
+                let host = links.create_veth(&v.host, &v.container, v.mtu, bridge, ns)?;
+                state.macs.host = host.mac;
+                state.host = Some(host);
             }
-            Step::Hairpin { .. } => links.set_hairpin(host.index)?,
+            Step::Hairpin { .. } => {
+                links.set_hairpin(state.host.map(|h| h.index).unwrap_or_default())?
+            }
             Step::Container(c) => {
-                macs.container = links.configure_container(ns, &c.ifname, &c.addrs, &c.routes)?
+                state.macs.container =
+                    links.configure_container(ns, &c.ifname, &c.addrs, &c.routes)?
             }
         }
         undo.extend(step.undo());
     }
-    Ok(macs)
+    Ok(())
 }
 
 /// ADD over any `AttachNet` and `IpamStore`: reserve, plan, apply, build the result;
@@ -659,7 +680,31 @@ pub fn add_delegated(
         })?),
         None => None,
     };
-    let answer = ipam.call("ADD")?;
+    // As the reference: bridge and veth first (dhcp's IPAM runs on the container
+    // interface), then the IPAM plugin, then addresses, routes, gateways and masquerade.
+    let l2_net = Network {
+        ranges: vec![],
+        mtu,
+        cluster: vec![],
+    };
+    let l2 = plan::plan(env, conf, &l2_net, &[]);
+    let mut undo_steps = Vec::new();
+    let mut state = Applied::default();
+    let layer2 = l2
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::Bridge(_) | Step::Veth(_) | Step::Hairpin { .. }));
+    if let Err(e) = apply_steps(links, layer2, ns, &mut undo_steps, &mut state) {
+        undo_links(links, &undo_steps);
+        return Err(e);
+    }
+    let answer = match ipam.call("ADD") {
+        Ok(a) => a,
+        Err(e) => {
+            undo_links(links, &undo_steps);
+            return Err(e);
+        }
+    };
     let release = |why: &CniError| {
         tracing::warn!("ADD failed ({why}): releasing the IPAM allocation");
         if let Err(e) = ipam.call("DEL") {
@@ -688,6 +733,7 @@ pub fn add_delegated(
     let ipam_result = match result {
         Ok(r) => r,
         Err(e) => {
+            undo_links(links, &undo_steps);
             release(&e);
             return Err(e);
         }
@@ -695,12 +741,15 @@ pub fn add_delegated(
     let (conf, net) = plan::delegated_network(conf, &ipam_result, mtu);
     let reserved: Vec<(IpAddr, &Range)> = net.ranges.iter().map(|r| (r.start, r)).collect();
     let plan = plan::plan(env, &conf, &net, &reserved);
-    let mut undo_steps = Vec::new();
-    match apply(links, &plan, ns, &mut undo_steps) {
-        Ok(macs) => {
+    let layer3 = plan
+        .steps
+        .iter()
+        .filter(|s| !matches!(s, Step::Veth(_) | Step::Hairpin { .. }));
+    match apply_steps(links, layer3, ns, &mut undo_steps, &mut state) {
+        Ok(()) => {
             let addrs: Vec<IpNet> = plan.result.ips.iter().map(|(a, _)| *a).collect();
             tracing::info!(ips = ?addrs, "attached (delegated IPAM)");
-            let result = plan::merge_prev(prev, plan.result.build(&macs));
+            let result = plan::merge_prev(prev, plan.result.build(&state.macs));
             Ok(result.render(&conf.cni_version))
         }
         Err(e) => {
@@ -1221,7 +1270,14 @@ mod delegated_tests {
         assert_eq!(*ipam.calls.borrow(), ["ADD"]);
         assert_eq!(
             links.steps,
-            ["bridge", "masq", "veth mtu 1400", "hairpin", "container"]
+            [
+                "bridge",
+                "veth mtu 1400",
+                "hairpin",
+                "bridge",
+                "masq",
+                "container"
+            ]
         );
         let n = |s: &str| s.parse::<IpNet>().unwrap();
         let a = |s: &str| s.parse::<IpAddr>().unwrap();
@@ -1277,8 +1333,12 @@ mod delegated_tests {
         let mut links = Links::default();
         let e = add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap_err();
         assert_eq!(e.code, 11);
-        assert!(links.steps.is_empty());
+        assert_eq!(
+            links.steps,
+            ["bridge", "veth mtu 1400", "hairpin", "delete"]
+        );
         assert_eq!(*ipam.calls.borrow(), ["ADD"]);
+        links.steps.clear();
         // A result without addresses is refused and released.
         let ipam = FakeIpam {
             calls: RefCell::default(),
@@ -1286,7 +1346,7 @@ mod delegated_tests {
         };
         let e = add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap_err();
         assert_eq!(e.code, codes::IPAM_PLUGIN);
-        assert!(links.steps.is_empty());
+        assert_eq!(links.steps.last().map(String::as_str), Some("delete"));
         assert_eq!(*ipam.calls.borrow(), ["ADD", "DEL"]);
     }
 

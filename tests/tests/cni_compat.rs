@@ -1,0 +1,488 @@
+//! hako-cni under the conflists users already have: podman's
+//! `87-podman-bridge.conflist`, containerd's bridge example and the CNI reference docs'
+//! examples, with only `"type": "bridge"` changed to `"hako-cni"` (and the IPAM data
+//! directories pointed into the test's temp dir, so tests share no host state). Each is run
+//! with cniVersion 0.4.0 and 1.0.0 as libcni runs a chain (ADD in order with prevResult,
+//! CHECK with the cached result, DEL in reverse), chained with the reference `portmap`,
+//! `firewall`, `tuning` and `bandwidth` from /usr/lib/cni, with the reference `host-local`
+//! or `static` as delegated IPAM; then nothing may be left: links, addresses, routes,
+//! iptables rules naming the pod, IPAM files.
+#![cfg(feature = "root")]
+
+mod cni_support;
+
+use cni_support::{chain_add, chain_run, exec, host_veths, result_ipv4, Call, Outcome};
+use hako_tests::{NetNs, Topology};
+use serde_json::{json, Value};
+use std::path::Path;
+
+const VERSIONS: [&str; 2] = ["0.4.0", "1.0.0"];
+
+fn ping(ns: &NetNs, ip: &str) -> bool {
+    ns.sh_output(&format!("ping -c 1 -W 2 {ip}"))
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// A temp dir for one conflist's state (host-local's dataDir, hako's own dataDir).
+fn state_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("hako-cni-compat-")
+        .tempdir()
+        .expect("tempdir")
+}
+
+/// Points the first plugin's state into `dir`: `ipam.dataDir` (host-local) and `dataDir`.
+fn isolate(list: &mut Value, dir: &Path) {
+    let first = &mut list["plugins"][0];
+    first["dataDir"] = json!(dir.join("hako"));
+    if first["ipam"]["type"] == "host-local" {
+        first["ipam"]["dataDir"] = json!(dir.join("host-local"));
+    }
+}
+
+/// Addresses host-local holds in `dir` (files named by an IP).
+fn host_local_ips(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("host-local"))
+        .into_iter()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.ok()?.path()).ok())
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+        .collect();
+    v.sort();
+    v
+}
+
+fn all_ok(what: &str, outs: Vec<Outcome>) {
+    for o in outs {
+        assert!(o.ok, "{what}: {} / {}", o.stdout, o.stderr);
+    }
+}
+
+/// The plugins of `list` without the named types (for CHECK: see `podman_conflist`).
+fn without(list: &Value, types: &[&str]) -> Value {
+    let mut l = list.clone();
+    l["plugins"]
+        .as_array_mut()
+        .expect("plugins")
+        .retain(|p| !types.contains(&p["type"].as_str().unwrap_or("")));
+    l
+}
+
+/// Everything an attachment leaves must be gone after DEL: host veths, IPAM files, the
+/// pod's interface, and any iptables rule naming the pod's address.
+fn assert_clean(node: &NetNs, pod: &NetNs, dir: &Path, ips: &[String]) {
+    assert!(host_veths(node).is_empty(), "{:?}", host_veths(node));
+    assert!(host_local_ips(dir).is_empty(), "{:?}", host_local_ips(dir));
+    let links = pod.ip(&["-o", "link", "show"]).expect("ip link");
+    assert!(!links.contains("eth0"), "{links}");
+    let rules = node
+        .sh("iptables-save; ip6tables-save")
+        .expect("iptables-save");
+    for ip in ips {
+        assert!(!rules.contains(ip.as_str()), "{ip} still in\n{rules}");
+    }
+}
+
+fn podman_list(version: &str) -> Value {
+    // podman 4.x's /etc/cni/net.d/87-podman-bridge.conflist, "bridge" -> "hako-cni".
+    json!({
+        "cniVersion": version,
+        "name": "podman",
+        "plugins": [
+            {
+                "type": "hako-cni",
+                "bridge": "cni-podman0",
+                "isGateway": true,
+                "ipMasq": true,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "ranges": [[{ "subnet": "10.88.0.0/16", "gateway": "10.88.0.1" }]]
+                }
+            },
+            { "type": "portmap", "capabilities": { "portMappings": true } },
+            { "type": "firewall" },
+            { "type": "tuning" }
+        ]
+    })
+}
+
+#[test]
+fn podman_conflist_with_host_local_portmap_firewall_tuning() {
+    hako_tests::require_root();
+    for version in VERSIONS {
+        let topo = Topology::new(1, 1500).unwrap();
+        let node = &topo.nodes[0].ns;
+        let dir = state_dir();
+        let mut list = podman_list(version);
+        isolate(&mut list, dir.path());
+        // What podman passes for a published port.
+        list["plugins"][1]["runtimeConfig"] = json!({"portMappings": [
+            {"hostPort": 18081, "containerPort": 80, "protocol": "tcp"}]});
+        let p1 = NetNs::new("pod").unwrap();
+        let p2 = NetNs::new("pod").unwrap();
+        let r1 = chain_add(node, &list, &Call::attach("ADD", "podman-one", &p1));
+        let r2 = chain_add(node, &list, &Call::attach("ADD", "podman-two", &p2));
+        assert_eq!(r1["cniVersion"], version);
+        let (ip1, ip2) = (result_ipv4(&r1), result_ipv4(&r2));
+        assert!(ip1.starts_with("10.88.") && ip1 != ip2, "{r1} {r2}");
+        assert_eq!(host_local_ips(dir.path()), {
+            let mut v = vec![ip1.clone(), ip2.clone()];
+            v.sort();
+            v
+        });
+        // isGateway + the explicit default route: exactly one default route.
+        let routes = p1.ip(&["route", "show", "default"]).unwrap();
+        assert_eq!(routes.lines().count(), 1, "{routes}");
+        assert!(routes.contains("via 10.88.0.1 dev eth0"), "{routes}");
+        let br = node
+            .ip(&["-o", "addr", "show", "dev", "cni-podman0"])
+            .unwrap();
+        assert!(br.contains("10.88.0.1/16"), "{br}");
+        assert!(ping(&p1, &ip2), "{version}: pod one cannot reach pod two");
+        assert!(
+            ping(&p1, "10.88.0.1"),
+            "{version}: pod cannot reach the gateway"
+        );
+        // portmap and firewall acted on hako's result.
+        let rules = node.sh("iptables-save").unwrap();
+        assert!(rules.contains(&format!("{ip1}:80")), "{rules}");
+        assert!(
+            rules.contains("CNI-FORWARD") && rules.contains(&ip1),
+            "{rules}"
+        );
+        let mut srv = p1
+            .spawn("busybox nc -l -p 80 -e echo hello-podman")
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let node_ip = topo.nodes[0].ip.to_string();
+        let got = node
+            .sh(&format!(
+                "busybox nc -w 2 {node_ip} 18081 </dev/null || true"
+            ))
+            .unwrap();
+        let _ = srv.kill();
+        let _ = srv.wait();
+        assert!(
+            got.contains("hello-podman"),
+            "{version}: port mapping: {got:?}"
+        );
+        // CHECK through the chain (host-local's CHECK included). portmap 1.1.1's CHECK is
+        // left out: it checks its IPv6 chain with the IPv4 rules and fails for any plugin.
+        let check = without(&list, &["portmap"]);
+        for (id, pod, r) in [("podman-one", &p1, &r1), ("podman-two", &p2, &r2)] {
+            all_ok(
+                &format!("{version} CHECK {id}"),
+                chain_run(node, &check, &Call::attach("CHECK", id, pod), r),
+            );
+        }
+        // CHECK sees drift: the address removed from the pod.
+        p2.ip(&["addr", "flush", "dev", "eth0"]).unwrap();
+        let drift = chain_run(node, &check, &Call::attach("CHECK", "podman-two", &p2), &r2);
+        assert!(!drift[0].ok, "{version}: CHECK missed a flushed address");
+        for (id, pod, r) in [("podman-one", &p1, &r1), ("podman-two", &p2, &r2)] {
+            all_ok(
+                &format!("{version} DEL {id}"),
+                chain_run(node, &list, &Call::attach("DEL", id, pod), r),
+            );
+            // A second DEL (runtimes retry) succeeds too.
+            all_ok(
+                &format!("{version} DEL again {id}"),
+                chain_run(node, &list, &Call::attach("DEL", id, pod), r),
+            );
+        }
+        assert_clean(node, &p1, dir.path(), &[ip1.clone(), ip2.clone()]);
+        assert_clean(node, &p2, dir.path(), &[ip1, ip2]);
+    }
+}
+
+#[test]
+fn containerd_bridge_example_dual_stack_promisc_with_bandwidth() {
+    hako_tests::require_root();
+    for version in VERSIONS {
+        let topo = Topology::new(1, 1500).unwrap();
+        let node = &topo.nodes[0].ns;
+        let dir = state_dir();
+        // containerd's docs/cri bridge example ("bridge" -> "hako-cni"), plus bandwidth.
+        let mut list = json!({
+            "cniVersion": version,
+            "name": "containerd-net",
+            "plugins": [
+                {
+                    "type": "hako-cni",
+                    "bridge": "cni0",
+                    "isGateway": true,
+                    "ipMasq": true,
+                    "promiscMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [
+                            [{ "subnet": "10.88.0.0/16" }],
+                            [{ "subnet": "2001:4860:4860::/64" }]
+                        ],
+                        "routes": [{ "dst": "0.0.0.0/0" }, { "dst": "::/0" }]
+                    }
+                },
+                { "type": "portmap", "capabilities": { "portMappings": true } },
+                { "type": "bandwidth", "capabilities": { "bandwidth": true },
+                  "runtimeConfig": { "bandwidth": {
+                      "ingressRate": 8000000, "ingressBurst": 80000,
+                      "egressRate": 8000000, "egressBurst": 80000 } } }
+            ]
+        });
+        isolate(&mut list, dir.path());
+        let pod = NetNs::new("pod").unwrap();
+        let r = chain_add(node, &list, &Call::attach("ADD", "ctrd", &pod));
+        let ip = result_ipv4(&r);
+        let ips: Vec<String> = r["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                i["address"]
+                    .as_str()
+                    .unwrap()
+                    .split('/')
+                    .next()
+                    .unwrap()
+                    .into()
+            })
+            .collect();
+        assert_eq!(ips.len(), 2, "{r}");
+        let v4 = pod.ip(&["route", "show", "default"]).unwrap();
+        assert_eq!(v4.lines().count(), 1, "{v4}");
+        assert!(v4.contains("via 10.88.0.1"), "{v4}");
+        let v6 = pod.ip(&["-6", "route", "show", "default"]).unwrap();
+        assert_eq!(v6.lines().count(), 1, "{v6}");
+        assert!(v6.contains("via 2001:4860:4860::1"), "{v6}");
+        let br = node.ip(&["link", "show", "cni0"]).unwrap();
+        assert!(br.contains("PROMISC"), "{br}");
+        assert!(ping(&pod, "10.88.0.1"));
+        // bandwidth shaped hako's host veth (egress via an ifb device) from prevResult.
+        let host = host_veths(node);
+        assert_eq!(host.len(), 1);
+        let tc = node.sh(&format!("tc qdisc show dev {}", host[0])).unwrap();
+        assert!(tc.contains("tbf"), "{tc}");
+        let ifb = node.ip(&["-o", "link", "show", "type", "ifb"]).unwrap();
+        assert!(!ifb.trim().is_empty(), "no ifb device");
+        all_ok(
+            &format!("{version} CHECK"),
+            chain_run(
+                node,
+                &without(&list, &["portmap"]),
+                &Call::attach("CHECK", "ctrd", &pod),
+                &r,
+            ),
+        );
+        all_ok(
+            &format!("{version} DEL"),
+            chain_run(node, &list, &Call::attach("DEL", "ctrd", &pod), &r),
+        );
+        let ifb = node.ip(&["-o", "link", "show", "type", "ifb"]).unwrap();
+        assert!(ifb.trim().is_empty(), "ifb left: {ifb}");
+        assert_clean(node, &pod, dir.path(), &ips);
+        assert!(!ip.is_empty());
+    }
+}
+
+#[test]
+fn reference_docs_examples_single_conf_and_spec_conflist() {
+    hako_tests::require_root();
+    for version in VERSIONS {
+        let topo = Topology::new(1, 1500).unwrap();
+        let node = &topo.nodes[0].ns;
+        let dir = state_dir();
+        // cni.dev's bridge page example, a single network config.
+        let mut mynet = json!({
+            "cniVersion": version,
+            "name": "mynet",
+            "type": "hako-cni",
+            "bridge": "mynet0",
+            "isDefaultGateway": true,
+            "forceAddress": false,
+            "ipMasq": true,
+            "hairpinMode": true,
+            "ipam": { "type": "host-local", "subnet": "10.10.0.0/16" }
+        });
+        mynet["dataDir"] = json!(dir.path().join("hako"));
+        mynet["ipam"]["dataDir"] = json!(dir.path().join("host-local"));
+        let pod = NetNs::new("pod").unwrap();
+        let add = exec(node, &Call::attach("ADD", "mynet", &pod), &mynet);
+        let r = add.result().clone();
+        let ip = result_ipv4(&r);
+        assert!(ip.starts_with("10.10."), "{r}");
+        let routes = pod.ip(&["route", "show", "default"]).unwrap();
+        assert!(routes.contains("via 10.10.0.1 dev eth0"), "{routes}");
+        let mut check = mynet.clone();
+        check["prevResult"] = r.clone();
+        assert!(exec(node, &Call::attach("CHECK", "mynet", &pod), &check).ok);
+        assert!(exec(node, &Call::attach("DEL", "mynet", &pod), &check).ok);
+        assert_clean(node, &pod, dir.path(), std::slice::from_ref(&ip));
+
+        // SPEC.md's example conflist (cniVersion set to the one under test).
+        let mut list = json!({
+            "cniVersion": version,
+            "name": "dbnet",
+            "plugins": [
+                {
+                    "type": "hako-cni",
+                    "bridge": "cni0",
+                    "keyA": ["some more", "plugin specific", "configuration"],
+                    "ipam": {
+                        "type": "host-local",
+                        "subnet": "10.1.0.0/16",
+                        "gateway": "10.1.0.1",
+                        "routes": [{ "dst": "0.0.0.0/0" }]
+                    },
+                    "dns": { "nameservers": ["10.1.0.1"] }
+                },
+                {
+                    "type": "tuning",
+                    "capabilities": { "mac": true },
+                    "sysctl": { "net.core.somaxconn": "500" }
+                },
+                { "type": "portmap", "capabilities": { "portMappings": true } }
+            ]
+        });
+        isolate(&mut list, dir.path());
+        let pod = NetNs::new("pod").unwrap();
+        let r = chain_add(node, &list, &Call::attach("ADD", "dbnet", &pod));
+        let ip = result_ipv4(&r);
+        assert!(ip.starts_with("10.1."), "{r}");
+        assert_eq!(r["dns"]["nameservers"][0], "10.1.0.1", "{r}");
+        assert_eq!(
+            pod.sh("cat /proc/sys/net/core/somaxconn").unwrap().trim(),
+            "500"
+        );
+        let routes = pod.ip(&["route", "show", "default"]).unwrap();
+        assert_eq!(routes.lines().count(), 1, "{routes}");
+        all_ok(
+            &format!("{version} CHECK dbnet"),
+            chain_run(
+                node,
+                &without(&list, &["portmap"]),
+                &Call::attach("CHECK", "dbnet", &pod),
+                &r,
+            ),
+        );
+        all_ok(
+            &format!("{version} DEL dbnet"),
+            chain_run(node, &list, &Call::attach("DEL", "dbnet", &pod), &r),
+        );
+        assert_clean(node, &pod, dir.path(), &[ip]);
+    }
+}
+
+#[test]
+fn static_ipam_and_undo_through_the_ipam_plugin() {
+    hako_tests::require_root();
+    let topo = Topology::new(1, 1500).unwrap();
+    let node = &topo.nodes[0].ns;
+    let dir = state_dir();
+    // The reference static IPAM: the address and route it names, nothing else.
+    let conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "staticnet",
+        "type": "hako-cni",
+        "bridge": "st0",
+        "isGateway": true,
+        "dataDir": dir.path().join("hako"),
+        "ipam": {
+            "type": "static",
+            "addresses": [{ "address": "10.41.0.5/24", "gateway": "10.41.0.1" }],
+            "routes": [{ "dst": "0.0.0.0/0" }, { "dst": "192.168.50.0/24", "gw": "10.41.0.9" }]
+        }
+    });
+    let pod = NetNs::new("pod").unwrap();
+    let r = exec(node, &Call::attach("ADD", "static", &pod), &conf);
+    let r = r.result().clone();
+    assert_eq!(r["ips"][0]["address"], "10.41.0.5/24");
+    let addr = pod.ip(&["-o", "addr", "show", "dev", "eth0"]).unwrap();
+    assert!(addr.contains("10.41.0.5/24"), "{addr}");
+    let routes = pod.ip(&["route", "show"]).unwrap();
+    assert!(
+        routes.contains("default via 10.41.0.1 dev eth0"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("192.168.50.0/24 via 10.41.0.9 dev eth0"),
+        "{routes}"
+    );
+    assert!(ping(&pod, "10.41.0.1"));
+    assert!(exec(node, &Call::attach("DEL", "static", &pod), &conf).ok);
+    assert!(host_veths(node).is_empty());
+
+    // host-local allocates, then a later step fails (a route whose next hop is off-link):
+    // the allocation is released through host-local's DEL and the veth is gone.
+    let bad = json!({
+        "cniVersion": "1.0.0",
+        "name": "undonet",
+        "type": "hako-cni",
+        "bridge": "un0",
+        "dataDir": dir.path().join("hako"),
+        "ipam": {
+            "type": "host-local",
+            "dataDir": dir.path().join("host-local"),
+            "ranges": [[{ "subnet": "10.42.0.0/24" }]],
+            "routes": [{ "dst": "192.168.60.0/24", "gw": "10.99.0.1" }]
+        }
+    });
+    let pod2 = NetNs::new("pod").unwrap();
+    let out = exec(node, &Call::attach("ADD", "undo", &pod2), &bad);
+    assert!(
+        !out.ok,
+        "ADD with an off-link next hop succeeded: {}",
+        out.stdout
+    );
+    assert!(
+        out.json["details"]
+            .as_str()
+            .unwrap_or("")
+            .contains("192.168.60.0/24"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        std::fs::read_dir(dir.path().join("host-local/undonet")).is_ok(),
+        "host-local never ran"
+    );
+    assert_clean(node, &pod2, dir.path(), &[]);
+}
+
+#[test]
+fn unsupported_reference_fields_are_refused_by_name() {
+    hako_tests::require_root();
+    let topo = Topology::new(1, 1500).unwrap();
+    let node = &topo.nodes[0].ns;
+    let dir = state_dir();
+    let pod = NetNs::new("pod").unwrap();
+    for (field, value, code) in [
+        ("vlan", json!(100), 2),
+        ("macspoofchk", json!(true), 2),
+        ("ipMasqBackend", json!("iptables"), 2),
+        ("vlan", json!(5000), 7),
+    ] {
+        let mut conf = json!({
+            "cniVersion": "1.0.0",
+            "name": "refused",
+            "type": "hako-cni",
+            "dataDir": dir.path().join("hako"),
+            "ipam": { "type": "host-local", "subnet": "10.43.0.0/24",
+                      "dataDir": dir.path().join("host-local") }
+        });
+        conf[field] = value;
+        let out = exec(node, &Call::attach("ADD", "refused", &pod), &conf);
+        assert_eq!(out.code(), code, "{field}: {}", out.stdout);
+        let text = out.stdout.to_lowercase();
+        assert!(
+            text.contains(&field.to_lowercase()),
+            "{field} not named: {}",
+            out.stdout
+        );
+        assert_clean(node, &pod, dir.path(), &[]);
+    }
+}

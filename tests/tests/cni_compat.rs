@@ -486,3 +486,105 @@ fn unsupported_reference_fields_are_refused_by_name() {
         assert_clean(node, &pod, dir.path(), &[]);
     }
 }
+
+#[test]
+fn podman_shape_with_builtin_ipam_gc_and_status() {
+    hako_tests::require_root();
+    let topo = Topology::new(1, 1500).unwrap();
+    let node = &topo.nodes[0].ns;
+    let dir = state_dir();
+    // podman's plugin entry with hako's own IPAM (ipam.type left out) at 1.1.0, where GC
+    // and STATUS exist: the explicit default route and isGateway gave EEXIST before.
+    let mut conf = podman_list("1.1.0")["plugins"][0].clone();
+    conf["cniVersion"] = json!("1.1.0");
+    conf["name"] = json!("podman");
+    conf["dataDir"] = json!(dir.path().join("hako"));
+    conf["ipam"].as_object_mut().unwrap().remove("type");
+    let pods = [NetNs::new("pod").unwrap(), NetNs::new("pod").unwrap()];
+    let mut ips = vec![];
+    for (i, pod) in pods.iter().enumerate() {
+        let id = format!("gc-{i}");
+        let r = exec(node, &Call::attach("ADD", &id, pod), &conf);
+        ips.push(result_ipv4(r.result()));
+        let routes = pod.ip(&["route", "show", "default"]).unwrap();
+        assert_eq!(routes.lines().count(), 1, "{routes}");
+        assert!(routes.contains("via 10.88.0.1 dev eth0"), "{routes}");
+    }
+    assert!(exec(node, &Call::plain("STATUS"), &conf).ok);
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "gc-0", "ifname": "eth0"}]);
+    let out = exec(node, &Call::plain("GC"), &gc);
+    assert!(out.ok, "{} / {}", out.stdout, out.stderr);
+    assert_eq!(host_veths(node).len(), 1, "GC kept the wrong veths");
+    let held: Vec<String> = std::fs::read_dir(dir.path().join("hako"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+        .collect();
+    assert_eq!(held, [ips[0].clone()]);
+    assert!(exec(node, &Call::attach("DEL", "gc-0", &pods[0]), &conf).ok);
+    assert!(host_veths(node).is_empty());
+}
+
+/// A recording IPAM plugin: appends `$CNI_COMMAND` to `log`, answers ADD with one address.
+fn fake_ipam(dir: &Path) -> std::path::PathBuf {
+    let log = dir.join("calls.log");
+    let bin = dir.join("fake-ipam");
+    std::fs::write(
+        &bin,
+        format!(
+            "#!/bin/sh\ncat >/dev/null\necho \"$CNI_COMMAND\" >> {}\n\
+             [ \"$CNI_COMMAND\" = ADD ] && echo '{{\"cniVersion\":\"1.1.0\",\"ips\":[{{\"address\":\"10.44.0.7/24\",\"gateway\":\"10.44.0.1\"}}]}}'\n\
+             exit 0\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", bin.to_str().unwrap()])
+        .status()
+        .unwrap();
+    log
+}
+
+#[test]
+fn delegated_gc_and_status_go_to_the_ipam_plugin() {
+    hako_tests::require_root();
+    let topo = Topology::new(1, 1500).unwrap();
+    let node = &topo.nodes[0].ns;
+    let dir = state_dir();
+    let log = fake_ipam(dir.path());
+    let bin = cni_support::cni_bin();
+    let cni_path = format!(
+        "{}:{}",
+        dir.path().display(),
+        bin.parent().unwrap().display()
+    );
+    let conf = json!({
+        "cniVersion": "1.1.0",
+        "name": "fakenet",
+        "type": "hako-cni",
+        "bridge": "fk0",
+        "dataDir": dir.path().join("hako"),
+        "ipam": { "type": "fake-ipam" }
+    });
+    let run = |call: &Call<'_>, conf: &Value| {
+        cni_support::exec_raw_in(&bin, node, call, conf.to_string().as_bytes(), &cni_path)
+    };
+    let pod = NetNs::new("pod").unwrap();
+    let r = run(&Call::attach("ADD", "fake", &pod), &conf);
+    assert_eq!(r.result()["ips"][0]["address"], "10.44.0.7/24");
+    assert!(run(&Call::plain("STATUS"), &conf).ok);
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    let out = run(&Call::plain("GC"), &gc);
+    assert!(out.ok, "{} / {}", out.stdout, out.stderr);
+    // GC removed the veth of the attachment no longer valid.
+    assert!(host_veths(node).is_empty());
+    assert!(run(&Call::attach("DEL", "fake", &pod), &conf).ok);
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        calls.lines().collect::<Vec<_>>(),
+        ["ADD", "STATUS", "GC", "DEL"]
+    );
+}

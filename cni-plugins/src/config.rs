@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::ipam::{Range, RangeError};
+pub use crate::masq::Backend as MasqBackend;
 use crate::version;
 
 /// Default bridge name.
@@ -192,6 +193,8 @@ pub struct NetConf {
     pub promisc_mode: bool,
     /// Masquerade traffic leaving the cluster networks.
     pub ip_masq: bool,
+    /// Where the masquerade rules live (`ipMasqBackend`).
+    pub ip_masq_backend: MasqBackend,
     /// Built-in or delegated IPAM (`ipam.type`).
     pub ipam: IpamMode,
     /// stdin as received: what a delegated IPAM plugin is given.
@@ -390,22 +393,15 @@ impl NetConf {
                 "logLevel {log_level:?}: use error, warn, info, debug or trace"
             )));
         }
-        match raw.ip_masq_backend.as_deref() {
-            None | Some("" | "nftables") => {}
-            Some("iptables") => {
-                return Err(ConfigError::Unsupported {
-                    field: "ipMasqBackend",
-                    why: "\"iptables\" is not implemented: the masquerade rules are one \
-                          nftables table per bridge; use \"nftables\" or omit it"
-                        .into(),
-                })
-            }
+        let ip_masq_backend = match raw.ip_masq_backend.as_deref() {
+            None | Some("" | "nftables") => MasqBackend::Nftables,
+            Some("iptables") => MasqBackend::Iptables,
             Some(o) => {
                 return Err(ConfigError::Invalid(format!(
                     "ipMasqBackend {o:?}: use \"iptables\" or \"nftables\""
                 )))
             }
-        }
+        };
         match raw.vlan {
             None | Some(0) => {}
             Some(v) if !(0..=4094).contains(&v) => {
@@ -466,6 +462,7 @@ impl NetConf {
             hairpin_mode,
             promisc_mode,
             ip_masq: raw.ip_masq.unwrap_or(true),
+            ip_masq_backend,
             ipam: ipam_mode,
             raw: bytes.to_vec(),
             cluster_networks,
@@ -655,7 +652,6 @@ mod tests {
                 r#"{"cniVersion":"1.0.0","name":"x","disableContainerInterface":true}"#.to_string(),
                 2,
             ),
-            (r#"{"cniVersion":"1.0.0","name":"x","ipMasqBackend":"iptables"}"#.to_string(), 2),
             (r#"{"cniVersion":"1.0.0","name":"x","ipMasqBackend":"pf"}"#.to_string(), 7),
             (
                 r#"{"cniVersion":"1.0.0","name":"x","hairpinMode":true,"promiscMode":true}"#
@@ -701,7 +697,10 @@ mod tests {
         // promiscMode alone turns hairpin's default off instead of failing.
         let c = conf(r#","promiscMode":true"#).unwrap();
         assert!(c.promisc_mode && !c.hairpin_mode);
-        assert!(conf(r#","vlan":0,"macspoofchk":false,"ipMasqBackend":"nftables""#).is_ok());
+        let c = conf(r#","vlan":0,"macspoofchk":false,"ipMasqBackend":"nftables""#).unwrap();
+        assert_eq!(c.ip_masq_backend, MasqBackend::Nftables);
+        let c = conf(r#","ipMasqBackend":"iptables""#).unwrap();
+        assert_eq!(c.ip_masq_backend, MasqBackend::Iptables);
     }
 
     #[test]

@@ -358,6 +358,7 @@ pub fn plan(env: &Env, conf: &NetConf, net: &Network, reserved: &[(IpAddr, &Rang
             &conf.bridge,
             &conf.data_dir,
             net,
+            conf.ip_masq_backend,
         )));
     }
     let netns = env.netns.clone().unwrap_or_default();

@@ -463,7 +463,7 @@ fn unsupported_reference_fields_are_refused_by_name() {
     for (field, value, code) in [
         ("vlan", json!(100), 2),
         ("macspoofchk", json!(true), 2),
-        ("ipMasqBackend", json!("iptables"), 2),
+        ("ipMasqBackend", json!("pf"), 7),
         ("vlan", json!(5000), 7),
     ] {
         let mut conf = json!({
@@ -587,4 +587,45 @@ fn delegated_gc_and_status_go_to_the_ipam_plugin() {
         calls.lines().collect::<Vec<_>>(),
         ["ADD", "STATUS", "GC", "DEL"]
     );
+}
+
+#[test]
+fn ip_masq_backend_iptables_masquerades_with_a_chain_per_bridge() {
+    hako_tests::require_root();
+    // Node 1 is "outside": it has no route back to the pod network.
+    let topo = Topology::new(2, 1500).unwrap();
+    let node = &topo.nodes[0].ns;
+    let outside = topo.nodes[1].ip.to_string();
+    let dir = state_dir();
+    let mut list = podman_list("1.0.0");
+    list["plugins"][0]["ipMasqBackend"] = json!("iptables");
+    isolate(&mut list, dir.path());
+    let pods = [NetNs::new("pod").unwrap(), NetNs::new("pod").unwrap()];
+    let mut results = vec![];
+    for (i, pod) in pods.iter().enumerate() {
+        let id = format!("ipt-{i}");
+        results.push(chain_add(node, &list, &Call::attach("ADD", &id, pod)));
+        assert!(ping(pod, &outside), "pod {i} cannot reach {outside}");
+    }
+    let nat = node.sh("iptables-save -t nat").unwrap();
+    let jumps = nat
+        .lines()
+        .filter(|l| l.starts_with("-A POSTROUTING -s 10.88.0.0/16") && l.contains("HAKO-MASQ-"))
+        .count();
+    assert_eq!(jumps, 1, "one jump per bridge subnet, not per pod:\n{nat}");
+    assert!(nat.contains("-j MASQUERADE"), "{nat}");
+    let nft = node.sh("nft list tables").unwrap();
+    assert!(
+        !nft.contains("hako_cni_"),
+        "nft table made with the iptables backend: {nft}"
+    );
+    for (i, pod) in pods.iter().enumerate() {
+        let id = format!("ipt-{i}");
+        all_ok(
+            "DEL",
+            chain_run(node, &list, &Call::attach("DEL", &id, pod), &results[i]),
+        );
+    }
+    assert!(host_veths(node).is_empty());
+    assert!(host_local_ips(dir.path()).is_empty());
 }

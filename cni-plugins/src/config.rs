@@ -81,6 +81,10 @@ struct RawConf {
     mac_spoof_chk: Option<bool>,
     disable_container_interface: Option<bool>,
     port_isolation: Option<bool>,
+    #[serde(rename = "enabledad")]
+    enable_dad: Option<bool>,
+    runtime_config: Option<Value>,
+    args: Option<Value>,
     cluster_network: Option<OneOrMany>,
     subnet_file: Option<PathBuf>,
     data_dir: Option<PathBuf>,
@@ -444,6 +448,28 @@ impl NetConf {
                 why: "bridge port isolation is not implemented; omit it or set false".into(),
             });
         }
+        if raw.enable_dad == Some(true) {
+            return Err(ConfigError::Unsupported {
+                field: "enabledad",
+                why: "container addresses are added without duplicate address detection; \
+                      omit it or set false"
+                    .into(),
+            });
+        }
+        let mac_runtime = raw.runtime_config.as_ref().and_then(|r| r.get("mac"));
+        let mac_args = raw
+            .args
+            .as_ref()
+            .and_then(|a| a.get("cni"))
+            .and_then(|c| c.get("mac"));
+        if mac_runtime.or(mac_args).is_some_and(|m| !m.is_null()) {
+            return Err(ConfigError::Unsupported {
+                field: "mac",
+                why: "a fixed container MAC (runtimeConfig.mac, args.cni.mac) is not \
+                      implemented; chain the tuning plugin with \"mac\" instead"
+                    .into(),
+            });
+        }
         let promisc_mode = raw.promisc_mode.unwrap_or(false);
         if promisc_mode && raw.hairpin_mode == Some(true) {
             return Err(ConfigError::Invalid(
@@ -653,6 +679,17 @@ mod tests {
                 2,
             ),
             (r#"{"cniVersion":"1.0.0","name":"x","ipMasqBackend":"pf"}"#.to_string(), 7),
+            (r#"{"cniVersion":"1.0.0","name":"x","enabledad":true}"#.to_string(), 2),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","runtimeConfig":{"mac":"02:00:00:00:00:01"}}"#
+                    .to_string(),
+                2,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","args":{"cni":{"mac":"02:00:00:00:00:01"}}}"#
+                    .to_string(),
+                2,
+            ),
             (
                 r#"{"cniVersion":"1.0.0","name":"x","hairpinMode":true,"promiscMode":true}"#
                     .to_string(),

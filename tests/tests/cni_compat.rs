@@ -629,3 +629,79 @@ fn ip_masq_backend_iptables_masquerades_with_a_chain_per_bridge() {
     assert!(host_veths(node).is_empty());
     assert!(host_local_ips(dir.path()).is_empty());
 }
+
+/// Kills a helper process started for one test (the DHCP server, the dhcp daemon).
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn dhcp_ipam_through_the_reference_daemon_and_a_dhcp_server() {
+    hako_tests::require_root();
+    let topo = Topology::new(1, 1500).unwrap();
+    let node = &topo.nodes[0].ns;
+    let dir = state_dir();
+    let d = dir.path();
+    // A DHCP server (busybox udhcpd) on the bridge, which exists before the first ADD.
+    node.ip(&["link", "add", "dh0", "type", "bridge"]).unwrap();
+    node.ip(&["addr", "add", "10.45.0.1/24", "dev", "dh0"])
+        .unwrap();
+    node.ip(&["link", "set", "dh0", "up"]).unwrap();
+    std::fs::write(
+        d.join("udhcpd.conf"),
+        format!(
+            "start 10.45.0.10\nend 10.45.0.50\ninterface dh0\nopt router 10.45.0.1\n\
+             opt subnet 255.255.255.0\nlease_file {}\npidfile {}\n",
+            d.join("leases").display(),
+            d.join("udhcpd.pid").display()
+        ),
+    )
+    .unwrap();
+    let _server = Proc(
+        node.spawn(&format!(
+            "busybox udhcpd -f {}",
+            d.join("udhcpd.conf").display()
+        ))
+        .unwrap(),
+    );
+    let sock = d.join("dhcp.sock");
+    let _daemon = Proc(
+        node.spawn(&format!(
+            "/usr/lib/cni/dhcp daemon -socketpath {}",
+            sock.display()
+        ))
+        .unwrap(),
+    );
+    hako_tests::poll_until(
+        "the dhcp daemon's socket",
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(50),
+        || sock.display().to_string(),
+        || sock.exists().then_some(()),
+    );
+    let conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "dhcpnet",
+        "type": "hako-cni",
+        "bridge": "dh0",
+        "ipMasq": false,
+        "dataDir": d.join("hako"),
+        "ipam": { "type": "dhcp", "daemonSocketPath": sock }
+    });
+    let pod = NetNs::new("pod").unwrap();
+    let add = exec(node, &Call::attach("ADD", "dhcp", &pod), &conf);
+    let r = add.result().clone();
+    let ip = result_ipv4(&r);
+    assert!(ip.starts_with("10.45.0."), "{r}");
+    assert_eq!(r["ips"][0]["gateway"], "10.45.0.1", "{r}");
+    let addr = pod.ip(&["-o", "addr", "show", "dev", "eth0"]).unwrap();
+    assert!(addr.contains(&format!("{ip}/24")), "{addr}");
+    assert!(ping(&pod, "10.45.0.1"));
+    assert!(exec(node, &Call::attach("DEL", "dhcp", &pod), &conf).ok);
+    assert!(host_veths(node).is_empty());
+}

@@ -199,6 +199,8 @@ pub struct NetConf {
     pub ip_masq: bool,
     /// Where the masquerade rules live (`ipMasqBackend`).
     pub ip_masq_backend: MasqBackend,
+    /// Drop frames from the pod whose source MAC is not its interface's (`macspoofchk`).
+    pub mac_spoof_chk: bool,
     /// Built-in or delegated IPAM (`ipam.type`).
     pub ipam: IpamMode,
     /// stdin as received: what a delegated IPAM plugin is given.
@@ -430,12 +432,6 @@ impl NetConf {
                 why: "VLAN trunks on the bridge are not implemented; omit it".into(),
             });
         }
-        if raw.mac_spoof_chk == Some(true) {
-            return Err(ConfigError::Unsupported {
-                field: "macspoofchk",
-                why: "MAC spoof checking is not implemented; omit it or set false".into(),
-            });
-        }
         if raw.disable_container_interface == Some(true) {
             return Err(ConfigError::Unsupported {
                 field: "disableContainerInterface",
@@ -489,6 +485,7 @@ impl NetConf {
             promisc_mode,
             ip_masq: raw.ip_masq.unwrap_or(true),
             ip_masq_backend,
+            mac_spoof_chk: raw.mac_spoof_chk.unwrap_or(false),
             ipam: ipam_mode,
             raw: bytes.to_vec(),
             cluster_networks,
@@ -672,7 +669,6 @@ mod tests {
             (r#"{"cniVersion":"1.0.0","name":"x","vlan":5000}"#.to_string(), 7),
             (r#"{"cniVersion":"1.0.0","name":"x","vlan":100}"#.to_string(), 2),
             (r#"{"cniVersion":"1.0.0","name":"x","vlanTrunk":[{"id":5}]}"#.to_string(), 2),
-            (r#"{"cniVersion":"1.0.0","name":"x","macspoofchk":true}"#.to_string(), 2),
             (r#"{"cniVersion":"1.0.0","name":"x","portIsolation":true}"#.to_string(), 2),
             (
                 r#"{"cniVersion":"1.0.0","name":"x","disableContainerInterface":true}"#.to_string(),

@@ -13,4 +13,5 @@ pub mod overlay;
 pub mod plan;
 pub mod plugin;
 pub mod skel;
+pub mod spoofchk;
 pub mod version;

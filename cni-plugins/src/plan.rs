@@ -111,6 +111,12 @@ pub enum Step {
     },
     /// Configure the container end (goes with the veth).
     Container(ContainerSpec),
+    /// Admit only the container end's MAC from the host end (`macspoofchk`; undone by
+    /// removing the attachment's rules).
+    SpoofCheck {
+        /// Host end.
+        host: String,
+    },
 }
 
 /// What undoes a step.
@@ -118,6 +124,8 @@ pub enum Step {
 pub enum UndoStep {
     /// Delete a host link by name (a missing one is fine); a veth takes its peer along.
     DeleteLink(String),
+    /// Remove an attachment's `macspoofchk` rules (host veth name).
+    DeleteSpoofCheck(String),
 }
 
 impl Step {
@@ -127,6 +135,7 @@ impl Step {
     pub fn undo(&self) -> Option<UndoStep> {
         match self {
             Step::Veth(v) => Some(UndoStep::DeleteLink(v.host.clone())),
+            Step::SpoofCheck { host } => Some(UndoStep::DeleteSpoofCheck(host.clone())),
             Step::Bridge(_) | Step::Masquerade(_) | Step::Hairpin { .. } | Step::Container(_) => {
                 None
             }
@@ -141,6 +150,7 @@ impl Step {
             Step::Veth(_) => "veth",
             Step::Hairpin { .. } => "hairpin",
             Step::Container(_) => "container",
+            Step::SpoofCheck { .. } => "spoofchk",
         }
     }
 }
@@ -379,6 +389,9 @@ pub fn plan(env: &Env, conf: &NetConf, net: &Network, reserved: &[(IpAddr, &Rang
         addrs: addrs.clone(),
         routes: routes.clone(),
     }));
+    if conf.mac_spoof_chk {
+        steps.push(Step::SpoofCheck { host: host.clone() });
+    }
     NetPlan {
         steps,
         reserved: reserved.iter().map(|(ip, _)| *ip).collect(),

@@ -26,6 +26,7 @@ use crate::masq;
 use crate::netlink::{self, Netlink, NlError};
 use crate::plan::{self, BridgeSpec, ContainerView, Macs, NetPlan, Step, UndoStep};
 use crate::skel::{codes, CniError, Env};
+use crate::spoofchk;
 use crate::version::CniResult;
 
 pub use crate::plan::{bridge_mac, container_routes, host_veth_name, HOST_VETH_PREFIX};
@@ -240,6 +241,10 @@ pub trait AttachNet {
         addrs: &[IpNet],
         routes: &[(IpNet, IpAddr)],
     ) -> Result<[u8; 6], CniError>;
+    /// Admits only `mac` from the host veth `host` ([`Step::SpoofCheck`]).
+    fn spoof_check(&mut self, host: &str, mac: [u8; 6]) -> Result<(), CniError>;
+    /// Removes `host`'s spoof check (missing is fine) ([`UndoStep::DeleteSpoofCheck`]).
+    fn delete_spoof_check(&mut self, host: &str) -> Result<(), CniError>;
     /// Deletes a host link by name (missing is fine) ([`UndoStep::DeleteLink`]).
     fn delete_link(&mut self, name: &str) -> Result<(), CniError>;
 }
@@ -390,6 +395,14 @@ impl AttachNet for LinkNet {
     fn delete_link(&mut self, name: &str) -> Result<(), CniError> {
         self.nl()?.link_del_name(name).map_err(nl_err)
     }
+
+    fn spoof_check(&mut self, host: &str, mac: [u8; 6]) -> Result<(), CniError> {
+        spoofchk::load(&spoofchk::render_add(host, &mac))
+    }
+
+    fn delete_spoof_check(&mut self, host: &str) -> Result<(), CniError> {
+        spoofchk::load(&spoofchk::render_del(host))
+    }
 }
 
 impl DetachNet for LinkNet {
@@ -462,6 +475,11 @@ fn undo(links: &mut dyn AttachNet, store: &dyn IpamStore, steps: &[UndoStep], ip
 fn undo_links(links: &mut dyn AttachNet, steps: &[UndoStep]) {
     for u in steps.iter().rev() {
         match u {
+            UndoStep::DeleteSpoofCheck(host) => {
+                if let Err(e) = links.delete_spoof_check(host) {
+                    tracing::warn!("undo: spoof check of {host}: {e}");
+                }
+            }
             UndoStep::DeleteLink(name) => {
                 if let Err(e) = links.delete_link(name) {
                     tracing::warn!("undo: deleting {name}: {e}");
@@ -618,6 +636,7 @@ fn apply_steps<'p>(
                 state.macs.container =
                     links.configure_container(ns, &c.ifname, &c.addrs, &c.routes)?
             }
+            Step::SpoofCheck { host } => links.spoof_check(host, state.macs.container)?,
         }
         undo.extend(step.undo());
     }
@@ -762,6 +781,9 @@ pub fn add_delegated(
 
 /// DEL: releases the addresses and removes the veth; anything missing is success.
 pub fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    if conf.mac_spoof_chk {
+        spoofchk::load(&spoofchk::render_del(&plan::plan_del(env).host))?;
+    }
     if let Some(ipam) = ipam_plugin(env, conf)? {
         // As the reference: the interface first, then the IPAM plugin's DEL.
         detach(&mut LinkNet::lazy(), &plan::plan_del(env))?;
@@ -1065,6 +1087,14 @@ mod tests {
             self.links.remove(name);
             Ok(())
         }
+        fn spoof_check(&mut self, _: &str, _: [u8; 6]) -> Result<(), CniError> {
+            self.steps.push("spoofchk".into());
+            Ok(())
+        }
+        fn delete_spoof_check(&mut self, _: &str) -> Result<(), CniError> {
+            self.steps.push("delete spoofchk".into());
+            Ok(())
+        }
     }
 
     fn setup(dir: &Path) -> (Env, NetConf, Network) {
@@ -1221,6 +1251,14 @@ mod delegated_tests {
             self.steps.push("delete".into());
             Ok(())
         }
+        fn spoof_check(&mut self, _: &str, _: [u8; 6]) -> Result<(), CniError> {
+            self.steps.push("spoofchk".into());
+            Ok(())
+        }
+        fn delete_spoof_check(&mut self, _: &str) -> Result<(), CniError> {
+            self.steps.push("delete spoofchk".into());
+            Ok(())
+        }
     }
 
     fn env() -> Env {
@@ -1351,6 +1389,26 @@ mod delegated_tests {
     }
 
     #[test]
+    fn macspoofchk_follows_the_container_step_and_is_undone() {
+        let mut conf = podman_conf("1.0.0");
+        conf.mac_spoof_chk = true;
+        let ipam = FakeIpam {
+            calls: RefCell::default(),
+            add: Ok(host_local_answer()),
+        };
+        let mut links = Links::default();
+        let ns = File::open("/dev/null").unwrap();
+        add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap();
+        assert_eq!(links.steps.last().map(String::as_str), Some("spoofchk"));
+        let mut links = Links {
+            fail_container: true,
+            ..Default::default()
+        };
+        add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap_err();
+        assert!(!links.steps.contains(&"spoofchk".to_string()));
+    }
+
+    #[test]
     fn explicit_default_route_with_gw_wins_over_is_default_gateway() {
         let conf = podman_conf("1.0.0");
         let ipam = FakeIpam {
@@ -1448,6 +1506,12 @@ mod seam_tests {
         fn delete_link(&mut self, name: &str) -> Result<(), CniError> {
             self.host_links.remove(name);
             self.call(format!("delete {name}"))
+        }
+        fn spoof_check(&mut self, host: &str, mac: [u8; 6]) -> Result<(), CniError> {
+            self.call(format!("spoofchk {host} {}", crate::netlink::fmt_mac(&mac)))
+        }
+        fn delete_spoof_check(&mut self, host: &str) -> Result<(), CniError> {
+            self.call(format!("delete spoofchk {host}"))
         }
     }
 

@@ -58,6 +58,8 @@ pub mod codes {
     pub const EXISTS: u32 = 107;
     /// The delegated IPAM plugin could not be run, timed out or answered garbage.
     pub const IPAM_PLUGIN: u32 = 108;
+    /// The `macspoofchk` rules could not be applied.
+    pub const SPOOFCHK: u32 = 109;
 }
 
 impl CniError {

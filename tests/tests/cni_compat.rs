@@ -462,7 +462,7 @@ fn unsupported_reference_fields_are_refused_by_name() {
     let pod = NetNs::new("pod").unwrap();
     for (field, value, code) in [
         ("vlan", json!(100), 2),
-        ("macspoofchk", json!(true), 2),
+        ("enabledad", json!(true), 2),
         ("ipMasqBackend", json!("pf"), 7),
         ("vlan", json!(5000), 7),
     ] {
@@ -704,4 +704,82 @@ fn dhcp_ipam_through_the_reference_daemon_and_a_dhcp_server() {
     assert!(ping(&pod, "10.45.0.1"));
     assert!(exec(node, &Call::attach("DEL", "dhcp", &pod), &conf).ok);
     assert!(host_veths(node).is_empty());
+}
+
+#[test]
+fn macspoofchk_drops_frames_from_a_changed_mac() {
+    hako_tests::require_root();
+    let topo = Topology::new(1, 1500).unwrap();
+    let node = &topo.nodes[0].ns;
+    let dir = state_dir();
+    let conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "spoof",
+        "type": "hako-cni",
+        "bridge": "sp0",
+        "macspoofchk": true,
+        "ipMasq": false,
+        "dataDir": dir.path().join("hako"),
+        "ipam": {
+            "type": "host-local",
+            "dataDir": dir.path().join("host-local"),
+            "ranges": [[{ "subnet": "10.46.0.0/24" }]]
+        }
+    });
+    let p1 = NetNs::new("pod").unwrap();
+    let p2 = NetNs::new("pod").unwrap();
+    let r1 = exec(node, &Call::attach("ADD", "spoof-1", &p1), &conf)
+        .result()
+        .clone();
+    let r2 = exec(node, &Call::attach("ADD", "spoof-2", &p2), &conf)
+        .result()
+        .clone();
+    let ip2 = result_ipv4(&r2);
+    assert!(
+        ping(&p1, &ip2),
+        "pod one cannot reach pod two with its own MAC"
+    );
+    let mac = r1["interfaces"][2]["mac"].as_str().unwrap().to_string();
+    let spoof = |pod: &NetNs, peer: &NetNs, mac: &str| {
+        pod.ip(&["link", "set", "eth0", "address", mac]).unwrap();
+        pod.ip(&["neigh", "flush", "all"]).unwrap();
+        peer.ip(&["neigh", "flush", "all"]).unwrap();
+    };
+    // Control: without macspoofchk the same change goes through.
+    let mut open = conf.clone();
+    open["macspoofchk"] = json!(false);
+    open["bridge"] = json!("sp1");
+    open["name"] = json!("spoofopen");
+    open["ipam"]["ranges"] = json!([[{ "subnet": "10.47.0.0/24" }]]);
+    let (p3, p4) = (NetNs::new("pod").unwrap(), NetNs::new("pod").unwrap());
+    exec(node, &Call::attach("ADD", "open-3", &p3), &open).result();
+    let r4 = exec(node, &Call::attach("ADD", "open-4", &p4), &open)
+        .result()
+        .clone();
+    spoof(&p3, &p4, "02:de:ad:be:ef:03");
+    assert!(
+        ping(&p3, &result_ipv4(&r4)),
+        "control: a changed MAC is dropped without macspoofchk"
+    );
+    spoof(&p1, &p2, "02:de:ad:be:ef:01");
+    assert!(!ping(&p1, &ip2), "a spoofed MAC got through");
+    assert!(!ping(&p1, "10.46.0.1"), "a spoofed MAC reached the gateway");
+    spoof(&p1, &p2, &mac);
+    assert!(
+        ping(&p1, &ip2),
+        "the pod's own MAC is dropped after a change back"
+    );
+    for (id, pod) in [("spoof-1", &p1), ("spoof-2", &p2)] {
+        assert!(exec(node, &Call::attach("DEL", id, pod), &conf).ok);
+        assert!(
+            exec(node, &Call::attach("DEL", id, pod), &conf).ok,
+            "second DEL"
+        );
+    }
+    for (id, pod) in [("open-3", &p3), ("open-4", &p4)] {
+        assert!(exec(node, &Call::attach("DEL", id, pod), &open).ok);
+    }
+    let table = node.sh("nft list table bridge hako_spoofchk").unwrap();
+    assert!(!table.contains("a-hako"), "{table}");
+    assert_clean(node, &p1, dir.path(), &[]);
 }

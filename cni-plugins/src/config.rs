@@ -81,6 +81,7 @@ struct RawConf {
     mac_spoof_chk: Option<bool>,
     disable_container_interface: Option<bool>,
     port_isolation: Option<bool>,
+    preserve_default_vlan: Option<bool>,
     #[serde(rename = "enabledad")]
     enable_dad: Option<bool>,
     runtime_config: Option<Value>,
@@ -201,6 +202,10 @@ pub struct NetConf {
     pub ip_masq_backend: MasqBackend,
     /// Drop frames from the pod whose source MAC is not its interface's (`macspoofchk`).
     pub mac_spoof_chk: bool,
+    /// VLAN of the pod ports, untagged (`vlan`; 0: none, no VLAN filtering).
+    pub vlan: u16,
+    /// Keep VLAN 1 on the pod ports beside `vlan` (`preserveDefaultVlan`).
+    pub preserve_default_vlan: bool,
     /// Built-in or delegated IPAM (`ipam.type`).
     pub ipam: IpamMode,
     /// stdin as received: what a delegated IPAM plugin is given.
@@ -408,19 +413,22 @@ impl NetConf {
                 )))
             }
         };
-        match raw.vlan {
-            None | Some(0) => {}
-            Some(v) if !(0..=4094).contains(&v) => {
-                return Err(ConfigError::Invalid(format!(
-                    "invalid VLAN ID {v} (must be between 0 and 4094)"
-                )))
-            }
-            Some(_) => {
-                return Err(ConfigError::Unsupported {
-                    field: "vlan",
-                    why: "VLAN filtering on the bridge is not implemented; use 0 or omit it".into(),
-                })
-            }
+        let vlan = match raw.vlan {
+            None => 0,
+            Some(v) => u16::try_from(v)
+                .ok()
+                .filter(|v| *v <= 4094)
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "invalid VLAN ID {v} (must be between 0 and 4094)"
+                    ))
+                })?,
+        };
+        if vlan != 0 && bridge.len() + 1 + vlan.to_string().len() > 15 {
+            return Err(ConfigError::Invalid(format!(
+                "bridge {bridge:?} with vlan {vlan}: the gateway interface name \
+                 {bridge}.{vlan} is longer than 15 characters"
+            )));
         }
         if raw
             .vlan_trunk
@@ -486,6 +494,8 @@ impl NetConf {
             ip_masq: raw.ip_masq.unwrap_or(true),
             ip_masq_backend,
             mac_spoof_chk: raw.mac_spoof_chk.unwrap_or(false),
+            vlan,
+            preserve_default_vlan: raw.preserve_default_vlan.unwrap_or(false),
             ipam: ipam_mode,
             raw: bytes.to_vec(),
             cluster_networks,
@@ -667,7 +677,12 @@ mod tests {
             ),
             (r#"{"cniVersion":"1.0.0","name":"x","ipam":{"type":3}}"#.to_string(), 6),
             (r#"{"cniVersion":"1.0.0","name":"x","vlan":5000}"#.to_string(), 7),
-            (r#"{"cniVersion":"1.0.0","name":"x","vlan":100}"#.to_string(), 2),
+            (r#"{"cniVersion":"1.0.0","name":"x","vlan":-1}"#.to_string(), 7),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","bridge":"abcdefghijkl","vlan":100}"#
+                    .to_string(),
+                7,
+            ),
             (r#"{"cniVersion":"1.0.0","name":"x","vlanTrunk":[{"id":5}]}"#.to_string(), 2),
             (r#"{"cniVersion":"1.0.0","name":"x","portIsolation":true}"#.to_string(), 2),
             (
@@ -732,6 +747,8 @@ mod tests {
         assert!(c.promisc_mode && !c.hairpin_mode);
         let c = conf(r#","vlan":0,"macspoofchk":false,"ipMasqBackend":"nftables""#).unwrap();
         assert_eq!(c.ip_masq_backend, MasqBackend::Nftables);
+        let c = conf(r#","vlan":100,"preserveDefaultVlan":true"#).unwrap();
+        assert_eq!((c.vlan, c.preserve_default_vlan), (100, true));
         let c = conf(r#","ipMasqBackend":"iptables""#).unwrap();
         assert_eq!(c.ip_masq_backend, MasqBackend::Iptables);
     }

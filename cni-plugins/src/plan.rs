@@ -65,6 +65,9 @@ pub struct BridgeSpec {
     pub forward_ipv4: bool,
     /// Turn on IPv6 forwarding (`isGateway` with an IPv6 range).
     pub forward_ipv6: bool,
+    /// `vlan` (0: none): VLAN filtering on, the bridge itself a tagged member of the VLAN,
+    /// and the gateway addresses on `<bridge>.<vlan>` instead of the bridge.
+    pub vlan: u16,
 }
 
 /// The veth pair of one attachment. The container end is not moved after the fact: it is
@@ -104,6 +107,13 @@ pub enum Step {
     Masquerade(masq::Rules),
     /// Create the veth pair (undone by deleting the host end).
     Veth(VethSpec),
+    /// The host end's port in `vlan` only, untagged and PVID (`vlan`; goes with the veth).
+    PortVlan {
+        /// VLAN id.
+        vid: u16,
+        /// Keep VLAN 1 as well (`preserveDefaultVlan`).
+        keep_default: bool,
+    },
     /// Hairpin on the host end's bridge port (`hairpinMode`; goes with the veth).
     Hairpin {
         /// Host end.
@@ -136,9 +146,11 @@ impl Step {
         match self {
             Step::Veth(v) => Some(UndoStep::DeleteLink(v.host.clone())),
             Step::SpoofCheck { host } => Some(UndoStep::DeleteSpoofCheck(host.clone())),
-            Step::Bridge(_) | Step::Masquerade(_) | Step::Hairpin { .. } | Step::Container(_) => {
-                None
-            }
+            Step::Bridge(_)
+            | Step::Masquerade(_)
+            | Step::PortVlan { .. }
+            | Step::Hairpin { .. }
+            | Step::Container(_) => None,
         }
     }
 
@@ -148,6 +160,7 @@ impl Step {
             Step::Bridge(_) => "bridge",
             Step::Masquerade(_) => "masq",
             Step::Veth(_) => "veth",
+            Step::PortVlan { .. } => "vlan",
             Step::Hairpin { .. } => "hairpin",
             Step::Container(_) => "container",
             Step::SpoofCheck { .. } => "spoofchk",
@@ -362,6 +375,7 @@ pub fn plan(env: &Env, conf: &NetConf, net: &Network, reserved: &[(IpAddr, &Rang
         },
         forward_ipv4: conf.is_gateway && has(true),
         forward_ipv6: conf.is_gateway && has(false),
+        vlan: conf.vlan,
     })];
     if conf.ip_masq {
         steps.push(Step::Masquerade(masq::rules(
@@ -378,6 +392,12 @@ pub fn plan(env: &Env, conf: &NetConf, net: &Network, reserved: &[(IpAddr, &Rang
         netns: netns.clone(),
         mtu: net.mtu,
     }));
+    if conf.vlan != 0 {
+        steps.push(Step::PortVlan {
+            vid: conf.vlan,
+            keep_default: conf.preserve_default_vlan,
+        });
+    }
     if conf.hairpin_mode {
         steps.push(Step::Hairpin { host: host.clone() });
     }
@@ -688,6 +708,7 @@ mod tests {
                 gateways: vec![net("10.5.0.1/24")],
                 forward_ipv4: true,
                 forward_ipv6: false,
+                vlan: 0,
             }
         );
         assert_eq!(
@@ -801,6 +822,31 @@ mod tests {
                 (net("fd05::7/64"), ip("fd05::fe"))
             ]
         );
+    }
+
+    #[test]
+    fn vlan_puts_the_port_in_the_vlan_after_the_veth() {
+        let (_, _, p) = plan_for(
+            r#","vlan":100,"ipam":{"ranges":[{"subnet":"10.48.0.0/24"}]}"#,
+            &["10.48.0.2"],
+        );
+        assert_eq!(
+            p.step_names(),
+            ["bridge", "masq", "veth", "vlan", "hairpin", "container"]
+        );
+        assert_eq!(bridge(&p).vlan, 100);
+        assert_eq!(
+            p.steps[3],
+            Step::PortVlan {
+                vid: 100,
+                keep_default: false
+            }
+        );
+        let (_, _, p) = plan_for(
+            r#","ipam":{"ranges":[{"subnet":"10.48.0.0/24"}]}"#,
+            &["10.48.0.2"],
+        );
+        assert!(!p.step_names().contains(&"vlan"));
     }
 
     #[test]

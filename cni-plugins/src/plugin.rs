@@ -11,8 +11,8 @@ use std::path::Path;
 
 use ipnet::IpNet;
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute,
-    LinkFlag, LinkInfo, LinkMessage,
+    InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, InfoVlan,
+    LinkAttribute, LinkFlag, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::AddressFamily;
 use serde_json::Value;
@@ -157,16 +157,22 @@ fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<(LinkMessage, bo
         m.header.change_mask = vec![LinkFlag::Promisc];
         nl.link_set("set bridge promisc", m).map_err(nl_err)?;
     }
+    // With a VLAN the gateway lives on <bridge>.<vlan>, as the reference's.
+    let gw_idx = if spec.vlan != 0 {
+        ensure_bridge_vlan(nl, spec, idx)?
+    } else {
+        idx
+    };
     if !spec.gateways.is_empty() {
         let have: HashSet<IpNet> = nl
-            .addrs(idx)
+            .addrs(gw_idx)
             .map_err(nl_err)?
             .iter()
             .filter_map(netlink::addr_net)
             .collect();
         for gw in &spec.gateways {
             if !have.contains(gw) {
-                netlink::ignore_exists(nl.addr_add(idx, *gw)).map_err(nl_err)?;
+                netlink::ignore_exists(nl.addr_add(gw_idx, *gw)).map_err(nl_err)?;
             }
         }
     }
@@ -177,6 +183,70 @@ fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<(LinkMessage, bo
         write_sysctl_1("/proc/sys/net/ipv6/conf/all/forwarding");
     }
     Ok((br, created))
+}
+
+/// BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED.
+const PVID_UNTAGGED: u16 = 2 | 4;
+
+/// VLAN filtering on the bridge, the bridge itself a tagged member of `spec.vlan`, and the
+/// `<bridge>.<vlan>` link (up) for the gateway addresses; returns that link's index.
+fn ensure_bridge_vlan(nl: &mut Netlink, spec: &BridgeSpec, bridge: u32) -> Result<u32, CniError> {
+    let mut m = LinkMessage::default();
+    m.header.index = bridge;
+    m.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Bridge),
+        LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::VlanFiltering(1)])),
+    ]));
+    nl.link_change("set bridge vlan_filtering 1", m)
+        .map_err(|e| {
+            if e.errno() == Some(libc::EOPNOTSUPP) {
+                CniError::new(
+                    codes::UNSUPPORTED_FIELD,
+                    "unsupported field in network configuration",
+                    format!(
+                        "vlan {}: this kernel's bridge has no VLAN filtering \
+                         (CONFIG_BRIDGE_VLAN_FILTERING): {e}",
+                        spec.vlan
+                    ),
+                )
+            } else {
+                nl_err(e)
+            }
+        })?;
+    nl.bridge_vlan(bridge, spec.vlan, 0, true, true)
+        .map_err(nl_err)?;
+    let name = format!("{}.{}", spec.name, spec.vlan);
+    if nl.link_by_name(&name).map_err(nl_err)?.is_none() {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.clone()));
+        m.attributes.push(LinkAttribute::Link(bridge));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vlan),
+            LinkInfo::Data(InfoData::Vlan(vec![InfoVlan::Id(spec.vlan)])),
+        ]));
+        netlink::ignore_exists(nl.link_add(&format!("add vlan link {name}"), m)).map_err(nl_err)?;
+    }
+    let l = nl
+        .link_by_name(&name)
+        .map_err(nl_err)?
+        .ok_or_else(|| CniError::new(codes::TRY_AGAIN, "vlan link vanished", name.clone()))?;
+    if !l.header.flags.contains(&LinkFlag::Up) {
+        nl.link_up(l.header.index).map_err(nl_err)?;
+    }
+    Ok(l.header.index)
+}
+
+fn set_port_vlan(
+    nl: &mut Netlink,
+    index: u32,
+    vid: u16,
+    keep_default: bool,
+) -> Result<(), NlError> {
+    nl.bridge_vlan(index, vid, PVID_UNTAGGED, false, true)?;
+    if !keep_default {
+        netlink::ignore_missing(nl.bridge_vlan(index, 1, 0, false, false))?;
+    }
+    Ok(())
 }
 
 fn set_hairpin(nl: &mut Netlink, index: u32) -> Result<(), NlError> {
@@ -230,6 +300,9 @@ pub trait AttachNet {
         bridge: u32,
         ns: &File,
     ) -> Result<HostLink, CniError>;
+    /// Puts a bridge port in VLAN `vid` (PVID, untagged), out of VLAN 1 unless
+    /// `keep_default` ([`Step::PortVlan`]).
+    fn set_port_vlan(&mut self, index: u32, vid: u16, keep_default: bool) -> Result<(), CniError>;
     /// Turns on hairpin mode on a bridge port ([`Step::Hairpin`]).
     fn set_hairpin(&mut self, index: u32) -> Result<(), CniError>;
     /// Inside `ns`: addresses, link up, routes; returns the interface's MAC
@@ -361,6 +434,10 @@ impl AttachNet for LinkNet {
 
     fn set_hairpin(&mut self, index: u32) -> Result<(), CniError> {
         set_hairpin(self.nl()?, index).map_err(nl_err)
+    }
+
+    fn set_port_vlan(&mut self, index: u32, vid: u16, keep_default: bool) -> Result<(), CniError> {
+        set_port_vlan(self.nl()?, index, vid, keep_default).map_err(nl_err)
     }
 
     fn configure_container(
@@ -629,6 +706,11 @@ fn apply_steps<'p>(
                 state.macs.host = host.mac;
                 state.host = Some(host);
             }
+            Step::PortVlan { vid, keep_default } => links.set_port_vlan(
+                state.host.map(|h| h.index).unwrap_or_default(),
+                *vid,
+                *keep_default,
+            )?,
             Step::Hairpin { .. } => {
                 links.set_hairpin(state.host.map(|h| h.index).unwrap_or_default())?
             }
@@ -709,10 +791,12 @@ pub fn add_delegated(
     let l2 = plan::plan(env, conf, &l2_net, &[]);
     let mut undo_steps = Vec::new();
     let mut state = Applied::default();
-    let layer2 = l2
-        .steps
-        .iter()
-        .filter(|s| matches!(s, Step::Bridge(_) | Step::Veth(_) | Step::Hairpin { .. }));
+    let layer2 = l2.steps.iter().filter(|s| {
+        matches!(
+            s,
+            Step::Bridge(_) | Step::Veth(_) | Step::PortVlan { .. } | Step::Hairpin { .. }
+        )
+    });
     if let Err(e) = apply_steps(links, layer2, ns, &mut undo_steps, &mut state) {
         undo_links(links, &undo_steps);
         return Err(e);
@@ -760,10 +844,12 @@ pub fn add_delegated(
     let (conf, net) = plan::delegated_network(conf, &ipam_result, mtu);
     let reserved: Vec<(IpAddr, &Range)> = net.ranges.iter().map(|r| (r.start, r)).collect();
     let plan = plan::plan(env, &conf, &net, &reserved);
-    let layer3 = plan
-        .steps
-        .iter()
-        .filter(|s| !matches!(s, Step::Veth(_) | Step::Hairpin { .. }));
+    let layer3 = plan.steps.iter().filter(|s| {
+        !matches!(
+            s,
+            Step::Veth(_) | Step::PortVlan { .. } | Step::Hairpin { .. }
+        )
+    });
     match apply_steps(links, layer3, ns, &mut undo_steps, &mut state) {
         Ok(()) => {
             let addrs: Vec<IpNet> = plan.result.ips.iter().map(|(a, _)| *a).collect();
@@ -1070,6 +1156,10 @@ mod tests {
             assert_eq!(index, 5);
             self.step("hairpin")
         }
+        fn set_port_vlan(&mut self, _: u32, _: u16, _: bool) -> Result<(), CniError> {
+            self.steps.push("vlan".into());
+            Ok(())
+        }
         fn configure_container(
             &mut self,
             _: &File,
@@ -1230,6 +1320,10 @@ mod delegated_tests {
         }
         fn set_hairpin(&mut self, _: u32) -> Result<(), CniError> {
             self.steps.push("hairpin".into());
+            Ok(())
+        }
+        fn set_port_vlan(&mut self, _: u32, _: u16, _: bool) -> Result<(), CniError> {
+            self.steps.push("vlan".into());
             Ok(())
         }
         fn configure_container(
@@ -1492,6 +1586,9 @@ mod seam_tests {
         }
         fn set_hairpin(&mut self, index: u32) -> Result<(), CniError> {
             self.call(format!("hairpin {index}"))
+        }
+        fn set_port_vlan(&mut self, index: u32, vid: u16, keep: bool) -> Result<(), CniError> {
+            self.call(format!("vlan {vid} on {index} keep_default={keep}"))
         }
         fn configure_container(
             &mut self,

@@ -26,6 +26,8 @@ pub struct CniError {
 pub mod codes {
     /// Incompatible CNI version.
     pub const INCOMPATIBLE_VERSION: u32 = 1;
+    /// A field of the network configuration this plugin (or kernel) does not support.
+    pub const UNSUPPORTED_FIELD: u32 = 2;
     /// Container unknown or does not exist.
     pub const UNKNOWN_CONTAINER: u32 = 3;
     /// Invalid environment variables.

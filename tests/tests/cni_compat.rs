@@ -461,7 +461,7 @@ fn unsupported_reference_fields_are_refused_by_name() {
     let dir = state_dir();
     let pod = NetNs::new("pod").unwrap();
     for (field, value, code) in [
-        ("vlan", json!(100), 2),
+        ("vlanTrunk", json!([{"id": 5}]), 2),
         ("enabledad", json!(true), 2),
         ("ipMasqBackend", json!("pf"), 7),
         ("vlan", json!(5000), 7),
@@ -782,4 +782,94 @@ fn macspoofchk_drops_frames_from_a_changed_mac() {
     let table = node.sh("nft list table bridge hako_spoofchk").unwrap();
     assert!(!table.contains("a-hako"), "{table}");
     assert_clean(node, &p1, dir.path(), &[]);
+}
+
+#[test]
+fn vlan_separates_pods_on_one_bridge() {
+    hako_tests::require_root();
+    let topo = Topology::new(1, 1500).unwrap();
+    let node = &topo.nodes[0].ns;
+    let dir = state_dir();
+    let conf = |name: &str, vlan: u16, subnet: &str| {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": name,
+            "type": "hako-cni",
+            "bridge": "vb0",
+            "isGateway": true,
+            "ipMasq": false,
+            "vlan": vlan,
+            "dataDir": dir.path().join("hako"),
+            "ipam": {
+                "type": "host-local",
+                "dataDir": dir.path().join("host-local"),
+                "ranges": [[{ "subnet": subnet }]]
+            }
+        })
+    };
+    let (a, b) = (
+        conf("vlan-a", 100, "10.48.0.0/24"),
+        conf("vlan-b", 200, "10.49.0.0/24"),
+    );
+    let (a1, a2, b1) = (
+        NetNs::new("pod").unwrap(),
+        NetNs::new("pod").unwrap(),
+        NetNs::new("pod").unwrap(),
+    );
+    // This host's kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING off):
+    // there ADD must fail naming the field, and leave nothing behind.
+    let filtering = node
+        .sh("ip link add hkvlanprobe type bridge vlan_filtering 1 && ip link del hkvlanprobe")
+        .is_ok();
+    if !filtering {
+        let out = exec(node, &Call::attach("ADD", "vlan-a1", &a1), &a);
+        assert_eq!(out.code(), 2, "{}", out.stdout);
+        assert!(out.stdout.contains("vlan 100"), "{}", out.stdout);
+        assert_clean(node, &a1, dir.path(), &[]);
+        return;
+    }
+    let ra1 = exec(node, &Call::attach("ADD", "vlan-a1", &a1), &a)
+        .result()
+        .clone();
+    let ra2 = exec(node, &Call::attach("ADD", "vlan-a2", &a2), &a)
+        .result()
+        .clone();
+    exec(node, &Call::attach("ADD", "vlan-b1", &b1), &b).result();
+    let ip_a1 = result_ipv4(&ra1);
+    assert!(ping(&a2, &ip_a1), "pods of one VLAN cannot talk");
+    assert!(
+        ping(&a1, &result_ipv4(&ra2)),
+        "pods of one VLAN cannot talk back"
+    );
+    assert!(ping(&a1, "10.48.0.1"), "gateway on vb0.100 unreachable");
+    assert!(ping(&b1, "10.49.0.1"), "gateway on vb0.200 unreachable");
+    let gw = node.ip(&["-o", "addr", "show", "dev", "vb0.100"]).unwrap();
+    assert!(gw.contains("10.48.0.1/24"), "{gw}");
+    // The pod's port is in its VLAN only, untagged.
+    let host = ra1["interfaces"][1]["name"].as_str().unwrap();
+    let vlans = node.sh(&format!("bridge -j vlan show dev {host}")).unwrap();
+    let v: Value = serde_json::from_str(&vlans).unwrap();
+    let ids: Vec<u64> = v[0]["vlans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["vlan"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [100], "{vlans}");
+    assert!(
+        vlans.contains("PVID") && vlans.contains("Egress Untagged"),
+        "{vlans}"
+    );
+    // A pod of VLAN 200 given an address of VLAN 100's subnet still cannot reach it.
+    b1.ip(&["addr", "add", "10.48.0.77/24", "dev", "eth0"])
+        .unwrap();
+    assert!(!ping(&b1, &ip_a1), "VLAN 200 reached VLAN 100");
+    for (id, pod, c) in [
+        ("vlan-a1", &a1, &a),
+        ("vlan-a2", &a2, &a),
+        ("vlan-b1", &b1, &b),
+    ] {
+        assert!(exec(node, &Call::attach("DEL", id, pod), c).ok);
+    }
+    assert_clean(node, &a1, dir.path(), &[]);
 }

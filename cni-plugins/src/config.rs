@@ -202,6 +202,11 @@ pub struct NetConf {
     pub ip_masq_backend: MasqBackend,
     /// Drop frames from the pod whose source MAC is not its interface's (`macspoofchk`).
     pub mac_spoof_chk: bool,
+    /// Isolate the pod ports from each other (`portIsolation`): they reach only
+    /// non-isolated ports (the bridge's uplinks, the gateway).
+    pub port_isolation: bool,
+    /// Fixed MAC of the container interface (`runtimeConfig.mac`, `args.cni.mac`).
+    pub mac: Option<[u8; 6]>,
     /// VLAN of the pod ports, untagged (`vlan`; 0: none, no VLAN filtering).
     pub vlan: u16,
     /// Keep VLAN 1 on the pod ports beside `vlan` (`preserveDefaultVlan`).
@@ -245,6 +250,22 @@ fn parse_net(what: &str, s: &str) -> Result<IpNet, ConfigError> {
 /// True for a plugin name that stays inside the `CNI_PATH` directory it is looked up in.
 pub fn valid_plugin_name(s: &str) -> bool {
     !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0')
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (or with `-`); `None` when it is not a unicast MAC.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    (mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
 }
 
 /// True for names the kernel accepts as interface names.
@@ -446,12 +467,6 @@ impl NetConf {
                 why: "the container interface is always configured; omit it or set false".into(),
             });
         }
-        if raw.port_isolation == Some(true) {
-            return Err(ConfigError::Unsupported {
-                field: "portIsolation",
-                why: "bridge port isolation is not implemented; omit it or set false".into(),
-            });
-        }
         if raw.enable_dad == Some(true) {
             return Err(ConfigError::Unsupported {
                 field: "enabledad",
@@ -460,20 +475,31 @@ impl NetConf {
                     .into(),
             });
         }
-        let mac_runtime = raw.runtime_config.as_ref().and_then(|r| r.get("mac"));
-        let mac_args = raw
-            .args
-            .as_ref()
-            .and_then(|a| a.get("cni"))
-            .and_then(|c| c.get("mac"));
-        if mac_runtime.or(mac_args).is_some_and(|m| !m.is_null()) {
-            return Err(ConfigError::Unsupported {
-                field: "mac",
-                why: "a fixed container MAC (runtimeConfig.mac, args.cni.mac) is not \
-                      implemented; chain the tuning plugin with \"mac\" instead"
-                    .into(),
-            });
-        }
+        // As the reference: runtimeConfig.mac over args.cni.mac (over CNI_ARGS MAC=, which
+        // `plan::env_mac` reads).
+        let mac_value = |v: Option<&Value>, what: &str| -> Result<Option<[u8; 6]>, ConfigError> {
+            match v {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(m)) if m.is_empty() => Ok(None),
+                Some(Value::String(m)) => parse_mac(m)
+                    .map(Some)
+                    .ok_or_else(|| ConfigError::Invalid(format!("{what}: {m:?} is not a MAC"))),
+                Some(o) => Err(ConfigError::Invalid(format!("{what}: {o} is not a MAC"))),
+            }
+        };
+        let mac = match mac_value(
+            raw.runtime_config.as_ref().and_then(|r| r.get("mac")),
+            "runtimeConfig.mac",
+        )? {
+            Some(m) => Some(m),
+            None => mac_value(
+                raw.args
+                    .as_ref()
+                    .and_then(|a| a.get("cni"))
+                    .and_then(|c| c.get("mac")),
+                "args.cni.mac",
+            )?,
+        };
         let promisc_mode = raw.promisc_mode.unwrap_or(false);
         if promisc_mode && raw.hairpin_mode == Some(true) {
             return Err(ConfigError::Invalid(
@@ -494,6 +520,8 @@ impl NetConf {
             ip_masq: raw.ip_masq.unwrap_or(true),
             ip_masq_backend,
             mac_spoof_chk: raw.mac_spoof_chk.unwrap_or(false),
+            port_isolation: raw.port_isolation.unwrap_or(false),
+            mac,
             vlan,
             preserve_default_vlan: raw.preserve_default_vlan.unwrap_or(false),
             ipam: ipam_mode,
@@ -684,7 +712,6 @@ mod tests {
                 7,
             ),
             (r#"{"cniVersion":"1.0.0","name":"x","vlanTrunk":[{"id":5}]}"#.to_string(), 2),
-            (r#"{"cniVersion":"1.0.0","name":"x","portIsolation":true}"#.to_string(), 2),
             (
                 r#"{"cniVersion":"1.0.0","name":"x","disableContainerInterface":true}"#.to_string(),
                 2,
@@ -692,14 +719,14 @@ mod tests {
             (r#"{"cniVersion":"1.0.0","name":"x","ipMasqBackend":"pf"}"#.to_string(), 7),
             (r#"{"cniVersion":"1.0.0","name":"x","enabledad":true}"#.to_string(), 2),
             (
-                r#"{"cniVersion":"1.0.0","name":"x","runtimeConfig":{"mac":"02:00:00:00:00:01"}}"#
+                r#"{"cniVersion":"1.0.0","name":"x","runtimeConfig":{"mac":"01:00:00:00:00:01"}}"#
                     .to_string(),
-                2,
+                7,
             ),
             (
-                r#"{"cniVersion":"1.0.0","name":"x","args":{"cni":{"mac":"02:00:00:00:00:01"}}}"#
+                r#"{"cniVersion":"1.0.0","name":"x","args":{"cni":{"mac":"02:00:00:00:00"}}}"#
                     .to_string(),
-                2,
+                7,
             ),
             (
                 r#"{"cniVersion":"1.0.0","name":"x","hairpinMode":true,"promiscMode":true}"#
@@ -747,6 +774,14 @@ mod tests {
         assert!(c.promisc_mode && !c.hairpin_mode);
         let c = conf(r#","vlan":0,"macspoofchk":false,"ipMasqBackend":"nftables""#).unwrap();
         assert_eq!(c.ip_masq_backend, MasqBackend::Nftables);
+        let c = conf(
+            r#","runtimeConfig":{"mac":"02:00:00:00:00:07"},"args":{"cni":{"mac":"02:00:00:00:00:08"}},"portIsolation":true"#,
+        )
+        .unwrap();
+        assert_eq!(c.mac, Some([2, 0, 0, 0, 0, 7]));
+        assert!(c.port_isolation);
+        let c = conf(r#","args":{"cni":{"mac":"02-00-00-00-00-08"}}"#).unwrap();
+        assert_eq!(c.mac, Some([2, 0, 0, 0, 0, 8]));
         let c = conf(r#","vlan":100,"preserveDefaultVlan":true"#).unwrap();
         assert_eq!((c.vlan, c.preserve_default_vlan), (100, true));
         let c = conf(r#","ipMasqBackend":"iptables""#).unwrap();

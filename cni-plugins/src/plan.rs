@@ -83,6 +83,9 @@ pub struct VethSpec {
     pub netns: PathBuf,
     /// MTU of both ends.
     pub mtu: u32,
+    /// Fixed MAC of the container end (`runtimeConfig.mac`, `args.cni.mac`, `CNI_ARGS
+    /// MAC=`); the kernel picks one otherwise.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// Inside the pod netns: addresses, link up, routes.
@@ -114,6 +117,8 @@ pub enum Step {
         /// Keep VLAN 1 as well (`preserveDefaultVlan`).
         keep_default: bool,
     },
+    /// Port isolation on the host end's bridge port (`portIsolation`; goes with the veth).
+    Isolated,
     /// Hairpin on the host end's bridge port (`hairpinMode`; goes with the veth).
     Hairpin {
         /// Host end.
@@ -149,6 +154,7 @@ impl Step {
             Step::Bridge(_)
             | Step::Masquerade(_)
             | Step::PortVlan { .. }
+            | Step::Isolated
             | Step::Hairpin { .. }
             | Step::Container(_) => None,
         }
@@ -161,6 +167,7 @@ impl Step {
             Step::Masquerade(_) => "masq",
             Step::Veth(_) => "veth",
             Step::PortVlan { .. } => "vlan",
+            Step::Isolated => "isolated",
             Step::Hairpin { .. } => "hairpin",
             Step::Container(_) => "container",
             Step::SpoofCheck { .. } => "spoofchk",
@@ -299,6 +306,13 @@ pub fn container_routes(conf: &NetConf, ranges: &[&Range]) -> Vec<(IpNet, IpAddr
     routes
 }
 
+/// `CNI_ARGS MAC=` (the reference's `MacEnvArgs`), when it is a unicast MAC.
+pub fn env_mac(env: &Env) -> Option<[u8; 6]> {
+    env.args
+        .get("MAC")
+        .and_then(|m| crate::config::parse_mac(m))
+}
+
 /// With a delegated IPAM: the configuration and network as the IPAM plugin's result
 /// makes them. Each address becomes a one-address range whose gateway is the result's,
 /// else the subnet's first address (the reference's `calcGatewayIP`); the result's routes
@@ -391,12 +405,16 @@ pub fn plan(env: &Env, conf: &NetConf, net: &Network, reserved: &[(IpAddr, &Rang
         container: env.ifname.clone(),
         netns: netns.clone(),
         mtu: net.mtu,
+        mac: conf.mac.or_else(|| env_mac(env)),
     }));
     if conf.vlan != 0 {
         steps.push(Step::PortVlan {
             vid: conf.vlan,
             keep_default: conf.preserve_default_vlan,
         });
+    }
+    if conf.port_isolation {
+        steps.push(Step::Isolated);
     }
     if conf.hairpin_mode {
         steps.push(Step::Hairpin { host: host.clone() });
@@ -717,7 +735,8 @@ mod tests {
                 host: host.clone(),
                 container: "eth0".into(),
                 netns: "/run/netns/pod".into(),
-                mtu: 1500
+                mtu: 1500,
+                mac: None,
             })
         );
         assert_eq!(p.steps[3], Step::Hairpin { host: host.clone() });

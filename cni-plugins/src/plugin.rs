@@ -249,6 +249,21 @@ fn set_port_vlan(
     Ok(())
 }
 
+fn set_port_option(
+    nl: &mut Netlink,
+    index: u32,
+    option: InfoBridgePort,
+    op: &str,
+) -> Result<(), NlError> {
+    let mut m = LinkMessage::default();
+    m.header.index = index;
+    m.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::PortKind(InfoPortKind::Bridge),
+        LinkInfo::PortData(InfoPortData::BridgePort(vec![option])),
+    ]));
+    nl.link_change(op, m)
+}
+
 fn set_hairpin(nl: &mut Netlink, index: u32) -> Result<(), NlError> {
     let mut m = LinkMessage::default();
     m.header.index = index;
@@ -297,9 +312,12 @@ pub trait AttachNet {
         host: &str,
         ifname: &str,
         mtu: u32,
+        mac: Option<[u8; 6]>,
         bridge: u32,
         ns: &File,
     ) -> Result<HostLink, CniError>;
+    /// Turns on port isolation on a bridge port ([`Step::Isolated`]).
+    fn set_isolated(&mut self, index: u32) -> Result<(), CniError>;
     /// Puts a bridge port in VLAN `vid` (PVID, untagged), out of VLAN 1 unless
     /// `keep_default` ([`Step::PortVlan`]).
     fn set_port_vlan(&mut self, index: u32, vid: u16, keep_default: bool) -> Result<(), CniError>;
@@ -393,6 +411,7 @@ impl AttachNet for LinkNet {
         host: &str,
         ifname: &str,
         mtu: u32,
+        mac: Option<[u8; 6]>,
         bridge: u32,
         ns: &File,
     ) -> Result<HostLink, CniError> {
@@ -401,6 +420,9 @@ impl AttachNet for LinkNet {
         peer.attributes
             .push(LinkAttribute::IfName(ifname.to_string()));
         peer.attributes.push(LinkAttribute::Mtu(mtu));
+        if let Some(mac) = mac {
+            peer.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        }
         peer.attributes.push(LinkAttribute::NetNsFd(ns.as_raw_fd()));
         let mut m = LinkMessage::default();
         m.attributes.push(LinkAttribute::IfName(host.to_string()));
@@ -438,6 +460,16 @@ impl AttachNet for LinkNet {
 
     fn set_port_vlan(&mut self, index: u32, vid: u16, keep_default: bool) -> Result<(), CniError> {
         set_port_vlan(self.nl()?, index, vid, keep_default).map_err(nl_err)
+    }
+
+    fn set_isolated(&mut self, index: u32) -> Result<(), CniError> {
+        set_port_option(
+            self.nl()?,
+            index,
+            InfoBridgePort::Isolated(true),
+            "set isolated",
+        )
+        .map_err(nl_err)
     }
 
     fn configure_container(
@@ -702,7 +734,7 @@ fn apply_steps<'p>(
             }
             Step::Veth(v) => {
                 let bridge = state.bridge.map(|b| b.index).unwrap_or_default();
-                let host = links.create_veth(&v.host, &v.container, v.mtu, bridge, ns)?;
+                let host = links.create_veth(&v.host, &v.container, v.mtu, v.mac, bridge, ns)?;
                 state.macs.host = host.mac;
                 state.host = Some(host);
             }
@@ -711,6 +743,9 @@ fn apply_steps<'p>(
                 *vid,
                 *keep_default,
             )?,
+            Step::Isolated => {
+                links.set_isolated(state.host.map(|h| h.index).unwrap_or_default())?
+            }
             Step::Hairpin { .. } => {
                 links.set_hairpin(state.host.map(|h| h.index).unwrap_or_default())?
             }
@@ -1141,6 +1176,7 @@ mod tests {
             host: &str,
             _: &str,
             mtu: u32,
+            _: Option<[u8; 6]>,
             bridge: u32,
             _: &File,
         ) -> Result<HostLink, CniError> {
@@ -1158,6 +1194,9 @@ mod tests {
         }
         fn set_port_vlan(&mut self, _: u32, _: u16, _: bool) -> Result<(), CniError> {
             self.steps.push("vlan".into());
+            Ok(())
+        }
+        fn set_isolated(&mut self, _: u32) -> Result<(), CniError> {
             Ok(())
         }
         fn configure_container(
@@ -1309,6 +1348,7 @@ mod delegated_tests {
             _: &str,
             _: &str,
             mtu: u32,
+            _: Option<[u8; 6]>,
             _: u32,
             _: &File,
         ) -> Result<HostLink, CniError> {
@@ -1324,6 +1364,9 @@ mod delegated_tests {
         }
         fn set_port_vlan(&mut self, _: u32, _: u16, _: bool) -> Result<(), CniError> {
             self.steps.push("vlan".into());
+            Ok(())
+        }
+        fn set_isolated(&mut self, _: u32) -> Result<(), CniError> {
             Ok(())
         }
         fn configure_container(
@@ -1574,6 +1617,7 @@ mod seam_tests {
             host: &str,
             ifname: &str,
             mtu: u32,
+            _: Option<[u8; 6]>,
             bridge: u32,
             _: &File,
         ) -> Result<HostLink, CniError> {
@@ -1589,6 +1633,9 @@ mod seam_tests {
         }
         fn set_port_vlan(&mut self, index: u32, vid: u16, keep: bool) -> Result<(), CniError> {
             self.call(format!("vlan {vid} on {index} keep_default={keep}"))
+        }
+        fn set_isolated(&mut self, _: u32) -> Result<(), CniError> {
+            Ok(())
         }
         fn configure_container(
             &mut self,

@@ -463,6 +463,7 @@ fn unsupported_reference_fields_are_refused_by_name() {
     for (field, value, code) in [
         ("vlanTrunk", json!([{"id": 5}]), 2),
         ("enabledad", json!(true), 2),
+        ("disableContainerInterface", json!(true), 2),
         ("ipMasqBackend", json!("pf"), 7),
         ("vlan", json!(5000), 7),
     ] {
@@ -872,4 +873,86 @@ fn vlan_separates_pods_on_one_bridge() {
         assert!(exec(node, &Call::attach("DEL", id, pod), c).ok);
     }
     assert_clean(node, &a1, dir.path(), &[]);
+}
+
+#[test]
+fn fixed_mac_and_port_isolation() {
+    hako_tests::require_root();
+    let topo = Topology::new(1, 1500).unwrap();
+    let node = &topo.nodes[0].ns;
+    let dir = state_dir();
+    let conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "isolated",
+        "type": "hako-cni",
+        "bridge": "pi0",
+        "portIsolation": true,
+        "ipMasq": false,
+        "dataDir": dir.path().join("hako"),
+        "ipam": {
+            "type": "host-local",
+            "dataDir": dir.path().join("host-local"),
+            "ranges": [[{ "subnet": "10.50.0.0/24" }]]
+        }
+    });
+    let (p1, p2) = (NetNs::new("pod").unwrap(), NetNs::new("pod").unwrap());
+    // runtimeConfig.mac (what libcni passes for the "mac" capability) and CNI_ARGS MAC=.
+    let mut c1 = conf.clone();
+    c1["runtimeConfig"] = json!({"mac": "02:aa:bb:cc:dd:01"});
+    let r1 = exec(node, &Call::attach("ADD", "iso-1", &p1), &c1)
+        .result()
+        .clone();
+    let mut call2 = Call::attach("ADD", "iso-2", &p2);
+    call2.args = Some("IgnoreUnknown=1;MAC=02:aa:bb:cc:dd:02");
+    let r2 = exec(node, &call2, &conf).result().clone();
+    assert_eq!(r1["interfaces"][2]["mac"], "02:aa:bb:cc:dd:01", "{r1}");
+    assert!(p1
+        .ip(&["link", "show", "eth0"])
+        .unwrap()
+        .contains("link/ether 02:aa:bb:cc:dd:01"));
+    assert!(p2
+        .ip(&["link", "show", "eth0"])
+        .unwrap()
+        .contains("link/ether 02:aa:bb:cc:dd:02"));
+    let ip2 = result_ipv4(&r2);
+    // Isolated ports reach the gateway, not each other.
+    assert!(
+        ping(&p1, "10.50.0.1"),
+        "isolated pod cannot reach the gateway"
+    );
+    assert!(!ping(&p1, &ip2), "isolated ports reached each other");
+    let host1 = r1["interfaces"][1]["name"].as_str().unwrap();
+    let port = node
+        .sh(&format!("bridge -d link show dev {host1}"))
+        .unwrap();
+    assert!(port.contains("isolated on"), "{port}");
+    // Control: with isolation turned off by hand the same ping passes.
+    node.ip(&[
+        "link",
+        "set",
+        host1,
+        "type",
+        "bridge_slave",
+        "isolated",
+        "off",
+    ])
+    .unwrap();
+    let host2 = r2["interfaces"][1]["name"].as_str().unwrap();
+    node.ip(&[
+        "link",
+        "set",
+        host2,
+        "type",
+        "bridge_slave",
+        "isolated",
+        "off",
+    ])
+    .unwrap();
+    assert!(
+        ping(&p1, &ip2),
+        "control: pods cannot reach each other without isolation"
+    );
+    assert!(exec(node, &Call::attach("DEL", "iso-1", &p1), &c1).ok);
+    assert!(exec(node, &Call::attach("DEL", "iso-2", &p2), &conf).ok);
+    assert_clean(node, &p1, dir.path(), &[]);
 }

@@ -205,6 +205,8 @@ pub struct NetConf {
     /// Isolate the pod ports from each other (`portIsolation`): they reach only
     /// non-isolated ports (the bridge's uplinks, the gateway).
     pub port_isolation: bool,
+    /// IPv6 duplicate address detection on the container addresses (`enabledad`).
+    pub enable_dad: bool,
     /// Fixed MAC of the container interface (`runtimeConfig.mac`, `args.cni.mac`).
     pub mac: Option<[u8; 6]>,
     /// VLAN of the pod ports, untagged (`vlan`; 0: none, no VLAN filtering).
@@ -467,14 +469,6 @@ impl NetConf {
                 why: "the container interface is always configured; omit it or set false".into(),
             });
         }
-        if raw.enable_dad == Some(true) {
-            return Err(ConfigError::Unsupported {
-                field: "enabledad",
-                why: "container addresses are added without duplicate address detection; \
-                      omit it or set false"
-                    .into(),
-            });
-        }
         // As the reference: runtimeConfig.mac over args.cni.mac (over CNI_ARGS MAC=, which
         // `plan::env_mac` reads).
         let mac_value = |v: Option<&Value>, what: &str| -> Result<Option<[u8; 6]>, ConfigError> {
@@ -521,6 +515,7 @@ impl NetConf {
             ip_masq_backend,
             mac_spoof_chk: raw.mac_spoof_chk.unwrap_or(false),
             port_isolation: raw.port_isolation.unwrap_or(false),
+            enable_dad: raw.enable_dad.unwrap_or(false),
             mac,
             vlan,
             preserve_default_vlan: raw.preserve_default_vlan.unwrap_or(false),
@@ -717,7 +712,6 @@ mod tests {
                 2,
             ),
             (r#"{"cniVersion":"1.0.0","name":"x","ipMasqBackend":"pf"}"#.to_string(), 7),
-            (r#"{"cniVersion":"1.0.0","name":"x","enabledad":true}"#.to_string(), 2),
             (
                 r#"{"cniVersion":"1.0.0","name":"x","runtimeConfig":{"mac":"01:00:00:00:00:01"}}"#
                     .to_string(),
@@ -779,7 +773,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.mac, Some([2, 0, 0, 0, 0, 7]));
-        assert!(c.port_isolation);
+        assert!(c.port_isolation && !c.enable_dad);
+        assert!(conf(r#","enabledad":true"#).unwrap().enable_dad);
         let c = conf(r#","args":{"cni":{"mac":"02-00-00-00-00-08"}}"#).unwrap();
         assert_eq!(c.mac, Some([2, 0, 0, 0, 0, 8]));
         let c = conf(r#","vlan":100,"preserveDefaultVlan":true"#).unwrap();

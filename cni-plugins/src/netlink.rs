@@ -425,13 +425,18 @@ impl Netlink {
 
     /// Adds `net` (address with prefix) to a link; IPv6 without duplicate detection.
     pub fn addr_add(&mut self, index: u32, net: IpNet) -> Result<(), NlError> {
+        self.addr_add_dad(index, net, false)
+    }
+
+    /// Adds an address; IPv6 goes through duplicate address detection only with `dad`.
+    pub fn addr_add_dad(&mut self, index: u32, net: IpNet, dad: bool) -> Result<(), NlError> {
         let mut m = AddressMessage::default();
         m.header.family = family_of(&net.addr());
         m.header.prefix_len = net.prefix_len();
         m.header.index = index;
         m.attributes.push(AddressAttribute::Local(net.addr()));
         m.attributes.push(AddressAttribute::Address(net.addr()));
-        if net.addr().is_ipv6() {
+        if net.addr().is_ipv6() && !dad {
             m.attributes
                 .push(AddressAttribute::Flags(vec![AddressFlag::Nodad]));
         }

@@ -98,6 +98,8 @@ pub struct ContainerSpec {
     /// Default route(s) via the gateway (`isDefaultGateway`), then the `ipam.routes` of
     /// the same family, per range.
     pub routes: Vec<(IpNet, IpAddr)>,
+    /// IPv6 duplicate address detection (`enabledad`; off by default, as the reference).
+    pub dad: bool,
 }
 
 /// One step of ADD, in the order applied.
@@ -426,6 +428,7 @@ pub fn plan(env: &Env, conf: &NetConf, net: &Network, reserved: &[(IpAddr, &Rang
         ifname: env.ifname.clone(),
         addrs: addrs.clone(),
         routes: routes.clone(),
+        dad: conf.enable_dad,
     }));
     if conf.mac_spoof_chk {
         steps.push(Step::SpoofCheck { host: host.clone() });
@@ -746,6 +749,7 @@ mod tests {
                 ifname: "eth0".into(),
                 addrs: vec![net("10.5.0.2/24")],
                 routes: vec![(net("0.0.0.0/0"), ip("10.5.0.1"))],
+                dad: false,
             }
         );
         assert_eq!(p.reserved, vec![ip("10.5.0.2")]);

@@ -331,6 +331,7 @@ pub trait AttachNet {
         ifname: &str,
         addrs: &[IpNet],
         routes: &[(IpNet, IpAddr)],
+        dad: bool,
     ) -> Result<[u8; 6], CniError>;
     /// Admits only `mac` from the host veth `host` ([`Step::SpoofCheck`]).
     fn spoof_check(&mut self, host: &str, mac: [u8; 6]) -> Result<(), CniError>;
@@ -478,6 +479,7 @@ impl AttachNet for LinkNet {
         ifname: &str,
         addrs: &[IpNet],
         routes: &[(IpNet, IpAddr)],
+        dad: bool,
     ) -> Result<[u8; 6], CniError> {
         in_netns(ns, move || -> Result<[u8; 6], CniError> {
             let mut nl = Netlink::open().map_err(nl_err)?;
@@ -489,8 +491,18 @@ impl AttachNet for LinkNet {
                 )
             })?;
             let idx = link.header.index;
+            if dad {
+                // As the reference's enabledad (this thread is in the pod netns, so is
+                // its /proc/sys/net).
+                for knob in ["accept_dad", "enhanced_dad"] {
+                    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/{knob}");
+                    if let Err(e) = std::fs::write(&path, "1") {
+                        tracing::warn!("cannot set {path}: {e}");
+                    }
+                }
+            }
             for a in addrs {
-                nl.addr_add(idx, *a).map_err(nl_err)?;
+                nl.addr_add_dad(idx, *a, dad).map_err(nl_err)?;
             }
             nl.link_up(idx).map_err(nl_err)?;
             for (dst, gw) in routes {
@@ -751,7 +763,7 @@ fn apply_steps<'p>(
             }
             Step::Container(c) => {
                 state.macs.container =
-                    links.configure_container(ns, &c.ifname, &c.addrs, &c.routes)?
+                    links.configure_container(ns, &c.ifname, &c.addrs, &c.routes, c.dad)?
             }
             Step::SpoofCheck { host } => links.spoof_check(host, state.macs.container)?,
         }
@@ -1205,6 +1217,7 @@ mod tests {
             _: &str,
             addrs: &[IpNet],
             routes: &[(IpNet, IpAddr)],
+            _: bool,
         ) -> Result<[u8; 6], CniError> {
             assert_eq!(addrs.len(), 2);
             assert_eq!(routes.len(), 3, "two defaults and one extra route");
@@ -1375,6 +1388,7 @@ mod delegated_tests {
             _: &str,
             addrs: &[IpNet],
             routes: &[(IpNet, IpAddr)],
+            _: bool,
         ) -> Result<[u8; 6], CniError> {
             self.steps.push("container".into());
             self.addrs = addrs.to_vec();
@@ -1643,6 +1657,7 @@ mod seam_tests {
             ifname: &str,
             addrs: &[IpNet],
             routes: &[(IpNet, IpAddr)],
+            _: bool,
         ) -> Result<[u8; 6], CniError> {
             self.call(format!("container {ifname} {addrs:?} {routes:?}"))?;
             Ok([2, 0, 0, 0, 0, 0x0c])

@@ -462,7 +462,6 @@ fn unsupported_reference_fields_are_refused_by_name() {
     let pod = NetNs::new("pod").unwrap();
     for (field, value, code) in [
         ("vlanTrunk", json!([{"id": 5}]), 2),
-        ("enabledad", json!(true), 2),
         ("disableContainerInterface", json!(true), 2),
         ("ipMasqBackend", json!("pf"), 7),
         ("vlan", json!(5000), 7),
@@ -955,4 +954,52 @@ fn fixed_mac_and_port_isolation() {
     assert!(exec(node, &Call::attach("DEL", "iso-1", &p1), &c1).ok);
     assert!(exec(node, &Call::attach("DEL", "iso-2", &p2), &conf).ok);
     assert_clean(node, &p1, dir.path(), &[]);
+}
+
+#[test]
+fn enabledad_runs_duplicate_address_detection() {
+    hako_tests::require_root();
+    let topo = Topology::new(1, 1500).unwrap();
+    let node = &topo.nodes[0].ns;
+    let dir = state_dir();
+    let conf = |dad: bool| {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "dadnet",
+            "type": "hako-cni",
+            "bridge": "dd0",
+            "enabledad": dad,
+            "ipMasq": false,
+            "dataDir": dir.path().join("hako"),
+            "ipam": {
+                "type": "host-local",
+                "dataDir": dir.path().join("host-local"),
+                "ranges": [[{ "subnet": "fd51::/64" }]]
+            }
+        })
+    };
+    for dad in [false, true] {
+        let pod = NetNs::new("pod").unwrap();
+        let c = conf(dad);
+        assert!(
+            exec(node, &Call::attach("ADD", "dad", &pod), &c).result()["ips"][0]["address"]
+                .as_str()
+                .unwrap()
+                .starts_with("fd51::")
+        );
+        let addr = pod
+            .ip(&["-6", "addr", "show", "dev", "eth0", "scope", "global"])
+            .unwrap();
+        // Without enabledad the address carries the nodad flag (as the reference's
+        // accept_dad=0); with it, it does not, and accept_dad is 1.
+        assert_eq!(!addr.contains("nodad"), dad, "enabledad {dad}: {addr}");
+        if dad {
+            let knob = pod
+                .sh("cat /proc/sys/net/ipv6/conf/eth0/accept_dad")
+                .unwrap();
+            assert_eq!(knob.trim(), "1");
+        }
+        assert!(exec(node, &Call::attach("DEL", "dad", &pod), &c).ok);
+        assert_clean(node, &pod, dir.path(), &[]);
+    }
 }

@@ -135,6 +135,52 @@ struct RawRoute {
     gw: Option<String>,
 }
 
+/// One `vlanTrunk` entry: a single `id`, or a `minID`..`maxID` range, or both.
+#[derive(Debug, Deserialize)]
+struct RawTrunk {
+    #[serde(rename = "minID")]
+    min_id: Option<i64>,
+    #[serde(rename = "maxID")]
+    max_id: Option<i64>,
+    id: Option<i64>,
+}
+
+/// The reference's `collectVlanTrunk`: every VLAN named, sorted, each once, 1..4094.
+fn collect_vlan_trunk(items: &[RawTrunk]) -> Result<Vec<u16>, ConfigError> {
+    let vid = |v: i64, what: &str| {
+        u16::try_from(v)
+            .ok()
+            .filter(|v| (1..=4094).contains(v))
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!("vlanTrunk: incorrect trunk {what} parameter"))
+            })
+    };
+    let mut out = std::collections::BTreeSet::new();
+    for t in items {
+        match (t.min_id, t.max_id) {
+            (Some(lo), Some(hi)) => {
+                let (lo, hi) = (vid(lo, "minID")?, vid(hi, "maxID")?);
+                if hi < lo {
+                    return Err(ConfigError::Invalid(
+                        "vlanTrunk: minID is greater than maxID in trunk parameter".into(),
+                    ));
+                }
+                out.extend(lo..=hi);
+            }
+            (None, Some(_)) | (Some(_), None) => {
+                return Err(ConfigError::Invalid(
+                    "vlanTrunk: minID and maxID should be configured simultaneously".into(),
+                ))
+            }
+            (None, None) => {}
+        }
+        if let Some(id) = t.id {
+            out.insert(vid(id, "id")?);
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
 /// One attachment named by GC's `cni.dev/valid-attachments`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Hash)]
 pub struct Attachment {
@@ -211,6 +257,8 @@ pub struct NetConf {
     pub mac: Option<[u8; 6]>,
     /// VLAN of the pod ports, untagged (`vlan`; 0: none, no VLAN filtering).
     pub vlan: u16,
+    /// VLANs the pod ports carry tagged (`vlanTrunk`, sorted, each once).
+    pub vlan_trunk: Vec<u16>,
     /// Keep VLAN 1 on the pod ports beside `vlan` (`preserveDefaultVlan`).
     pub preserve_default_vlan: bool,
     /// Built-in or delegated IPAM (`ipam.type`).
@@ -453,16 +501,13 @@ impl NetConf {
                  {bridge}.{vlan} is longer than 15 characters"
             )));
         }
-        if raw
-            .vlan_trunk
-            .as_ref()
-            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
-        {
-            return Err(ConfigError::Unsupported {
-                field: "vlanTrunk",
-                why: "VLAN trunks on the bridge are not implemented; omit it".into(),
-            });
-        }
+        let vlan_trunk = match raw.vlan_trunk {
+            None | Some(Value::Null) => vec![],
+            Some(v) => collect_vlan_trunk(
+                &serde_json::from_value::<Vec<RawTrunk>>(v)
+                    .map_err(|e| ConfigError::Decode(format!("vlanTrunk: {e}")))?,
+            )?,
+        };
         if raw.disable_container_interface == Some(true) {
             return Err(ConfigError::Unsupported {
                 field: "disableContainerInterface",
@@ -518,6 +563,7 @@ impl NetConf {
             enable_dad: raw.enable_dad.unwrap_or(false),
             mac,
             vlan,
+            vlan_trunk,
             preserve_default_vlan: raw.preserve_default_vlan.unwrap_or(false),
             ipam: ipam_mode,
             raw: bytes.to_vec(),
@@ -706,7 +752,13 @@ mod tests {
                     .to_string(),
                 7,
             ),
-            (r#"{"cniVersion":"1.0.0","name":"x","vlanTrunk":[{"id":5}]}"#.to_string(), 2),
+            (r#"{"cniVersion":"1.0.0","name":"x","vlanTrunk":[{"id":0}]}"#.to_string(), 7),
+            (r#"{"cniVersion":"1.0.0","name":"x","vlanTrunk":[{"minID":5}]}"#.to_string(), 7),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","vlanTrunk":[{"minID":9,"maxID":5}]}"#
+                    .to_string(),
+                7,
+            ),
             (
                 r#"{"cniVersion":"1.0.0","name":"x","disableContainerInterface":true}"#.to_string(),
                 2,
@@ -779,6 +831,8 @@ mod tests {
         assert_eq!(c.mac, Some([2, 0, 0, 0, 0, 8]));
         let c = conf(r#","vlan":100,"preserveDefaultVlan":true"#).unwrap();
         assert_eq!((c.vlan, c.preserve_default_vlan), (100, true));
+        let c = conf(r#","vlanTrunk":[{"id":7},{"minID":3,"maxID":5},{"id":4}]"#).unwrap();
+        assert_eq!(c.vlan_trunk, [3, 4, 5, 7]);
         let c = conf(r#","ipMasqBackend":"iptables""#).unwrap();
         assert_eq!(c.ip_masq_backend, MasqBackend::Iptables);
     }

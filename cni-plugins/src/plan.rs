@@ -65,9 +65,11 @@ pub struct BridgeSpec {
     pub forward_ipv4: bool,
     /// Turn on IPv6 forwarding (`isGateway` with an IPv6 range).
     pub forward_ipv6: bool,
-    /// `vlan` (0: none): VLAN filtering on, the bridge itself a tagged member of the VLAN,
-    /// and the gateway addresses on `<bridge>.<vlan>` instead of the bridge.
+    /// `vlan` (0: none): the bridge itself a tagged member of the VLAN, and the gateway
+    /// addresses on `<bridge>.<vlan>` instead of the bridge.
     pub vlan: u16,
+    /// VLAN filtering on (`vlan` or `vlanTrunk` set).
+    pub vlan_filtering: bool,
 }
 
 /// The veth pair of one attachment. The container end is not moved after the fact: it is
@@ -114,8 +116,10 @@ pub enum Step {
     Veth(VethSpec),
     /// The host end's port in `vlan` only, untagged and PVID (`vlan`; goes with the veth).
     PortVlan {
-        /// VLAN id.
+        /// VLAN id (PVID, untagged; 0: none).
         vid: u16,
+        /// Tagged VLANs (`vlanTrunk`).
+        trunk: Vec<u16>,
         /// Keep VLAN 1 as well (`preserveDefaultVlan`).
         keep_default: bool,
     },
@@ -392,6 +396,7 @@ pub fn plan(env: &Env, conf: &NetConf, net: &Network, reserved: &[(IpAddr, &Rang
         forward_ipv4: conf.is_gateway && has(true),
         forward_ipv6: conf.is_gateway && has(false),
         vlan: conf.vlan,
+        vlan_filtering: conf.vlan != 0 || !conf.vlan_trunk.is_empty(),
     })];
     if conf.ip_masq {
         steps.push(Step::Masquerade(masq::rules(
@@ -409,9 +414,10 @@ pub fn plan(env: &Env, conf: &NetConf, net: &Network, reserved: &[(IpAddr, &Rang
         mtu: net.mtu,
         mac: conf.mac.or_else(|| env_mac(env)),
     }));
-    if conf.vlan != 0 {
+    if conf.vlan != 0 || !conf.vlan_trunk.is_empty() {
         steps.push(Step::PortVlan {
             vid: conf.vlan,
+            trunk: conf.vlan_trunk.clone(),
             keep_default: conf.preserve_default_vlan,
         });
     }
@@ -730,6 +736,7 @@ mod tests {
                 forward_ipv4: true,
                 forward_ipv6: false,
                 vlan: 0,
+                vlan_filtering: false,
             }
         );
         assert_eq!(
@@ -862,6 +869,7 @@ mod tests {
             p.steps[3],
             Step::PortVlan {
                 vid: 100,
+                trunk: vec![],
                 keep_default: false
             }
         );

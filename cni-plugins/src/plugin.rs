@@ -157,6 +157,9 @@ fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<(LinkMessage, bo
         m.header.change_mask = vec![LinkFlag::Promisc];
         nl.link_set("set bridge promisc", m).map_err(nl_err)?;
     }
+    if spec.vlan_filtering {
+        set_vlan_filtering(nl, spec, idx)?;
+    }
     // With a VLAN the gateway lives on <bridge>.<vlan>, as the reference's.
     let gw_idx = if spec.vlan != 0 {
         ensure_bridge_vlan(nl, spec, idx)?
@@ -188,9 +191,8 @@ fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<(LinkMessage, bo
 /// BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED.
 const PVID_UNTAGGED: u16 = 2 | 4;
 
-/// VLAN filtering on the bridge, the bridge itself a tagged member of `spec.vlan`, and the
-/// `<bridge>.<vlan>` link (up) for the gateway addresses; returns that link's index.
-fn ensure_bridge_vlan(nl: &mut Netlink, spec: &BridgeSpec, bridge: u32) -> Result<u32, CniError> {
+/// VLAN filtering on the bridge (code 2 naming the fields on kernels without it).
+fn set_vlan_filtering(nl: &mut Netlink, spec: &BridgeSpec, bridge: u32) -> Result<(), CniError> {
     let mut m = LinkMessage::default();
     m.header.index = bridge;
     m.attributes.push(LinkAttribute::LinkInfo(vec![
@@ -204,7 +206,7 @@ fn ensure_bridge_vlan(nl: &mut Netlink, spec: &BridgeSpec, bridge: u32) -> Resul
                     codes::UNSUPPORTED_FIELD,
                     "unsupported field in network configuration",
                     format!(
-                        "vlan {}: this kernel's bridge has no VLAN filtering \
+                        "vlan {} / vlanTrunk: this kernel's bridge has no VLAN filtering \
                          (CONFIG_BRIDGE_VLAN_FILTERING): {e}",
                         spec.vlan
                     ),
@@ -213,6 +215,12 @@ fn ensure_bridge_vlan(nl: &mut Netlink, spec: &BridgeSpec, bridge: u32) -> Resul
                 nl_err(e)
             }
         })?;
+    Ok(())
+}
+
+/// The bridge itself a tagged member of `spec.vlan`, and the `<bridge>.<vlan>` link (up)
+/// for the gateway addresses; returns that link's index.
+fn ensure_bridge_vlan(nl: &mut Netlink, spec: &BridgeSpec, bridge: u32) -> Result<u32, CniError> {
     nl.bridge_vlan(bridge, spec.vlan, 0, true, true)
         .map_err(nl_err)?;
     let name = format!("{}.{}", spec.name, spec.vlan);
@@ -236,15 +244,26 @@ fn ensure_bridge_vlan(nl: &mut Netlink, spec: &BridgeSpec, bridge: u32) -> Resul
     Ok(l.header.index)
 }
 
+/// As the reference's `setupVeth`: out of VLAN 1 (unless kept), `vid` as PVID untagged,
+/// the trunk tagged, and VLAN 1 back as native VLAN when only a trunk is given.
 fn set_port_vlan(
     nl: &mut Netlink,
     index: u32,
     vid: u16,
+    trunk: &[u16],
     keep_default: bool,
 ) -> Result<(), NlError> {
-    nl.bridge_vlan(index, vid, PVID_UNTAGGED, false, true)?;
     if !keep_default {
         netlink::ignore_missing(nl.bridge_vlan(index, 1, 0, false, false))?;
+    }
+    if vid != 0 {
+        nl.bridge_vlan(index, vid, PVID_UNTAGGED, false, true)?;
+    }
+    for t in trunk {
+        nl.bridge_vlan(index, *t, 0, false, true)?;
+    }
+    if vid == 0 && !trunk.is_empty() {
+        nl.bridge_vlan(index, 1, PVID_UNTAGGED, false, true)?;
     }
     Ok(())
 }
@@ -320,7 +339,13 @@ pub trait AttachNet {
     fn set_isolated(&mut self, index: u32) -> Result<(), CniError>;
     /// Puts a bridge port in VLAN `vid` (PVID, untagged), out of VLAN 1 unless
     /// `keep_default` ([`Step::PortVlan`]).
-    fn set_port_vlan(&mut self, index: u32, vid: u16, keep_default: bool) -> Result<(), CniError>;
+    fn set_port_vlan(
+        &mut self,
+        index: u32,
+        vid: u16,
+        trunk: &[u16],
+        keep_default: bool,
+    ) -> Result<(), CniError>;
     /// Turns on hairpin mode on a bridge port ([`Step::Hairpin`]).
     fn set_hairpin(&mut self, index: u32) -> Result<(), CniError>;
     /// Inside `ns`: addresses, link up, routes; returns the interface's MAC
@@ -459,8 +484,14 @@ impl AttachNet for LinkNet {
         set_hairpin(self.nl()?, index).map_err(nl_err)
     }
 
-    fn set_port_vlan(&mut self, index: u32, vid: u16, keep_default: bool) -> Result<(), CniError> {
-        set_port_vlan(self.nl()?, index, vid, keep_default).map_err(nl_err)
+    fn set_port_vlan(
+        &mut self,
+        index: u32,
+        vid: u16,
+        trunk: &[u16],
+        keep_default: bool,
+    ) -> Result<(), CniError> {
+        set_port_vlan(self.nl()?, index, vid, trunk, keep_default).map_err(nl_err)
     }
 
     fn set_isolated(&mut self, index: u32) -> Result<(), CniError> {
@@ -750,9 +781,14 @@ fn apply_steps<'p>(
                 state.macs.host = host.mac;
                 state.host = Some(host);
             }
-            Step::PortVlan { vid, keep_default } => links.set_port_vlan(
+            Step::PortVlan {
+                vid,
+                trunk,
+                keep_default,
+            } => links.set_port_vlan(
                 state.host.map(|h| h.index).unwrap_or_default(),
                 *vid,
+                trunk,
                 *keep_default,
             )?,
             Step::Isolated => {
@@ -1204,7 +1240,7 @@ mod tests {
             assert_eq!(index, 5);
             self.step("hairpin")
         }
-        fn set_port_vlan(&mut self, _: u32, _: u16, _: bool) -> Result<(), CniError> {
+        fn set_port_vlan(&mut self, _: u32, _: u16, _: &[u16], _: bool) -> Result<(), CniError> {
             self.steps.push("vlan".into());
             Ok(())
         }
@@ -1375,7 +1411,7 @@ mod delegated_tests {
             self.steps.push("hairpin".into());
             Ok(())
         }
-        fn set_port_vlan(&mut self, _: u32, _: u16, _: bool) -> Result<(), CniError> {
+        fn set_port_vlan(&mut self, _: u32, _: u16, _: &[u16], _: bool) -> Result<(), CniError> {
             self.steps.push("vlan".into());
             Ok(())
         }
@@ -1645,7 +1681,13 @@ mod seam_tests {
         fn set_hairpin(&mut self, index: u32) -> Result<(), CniError> {
             self.call(format!("hairpin {index}"))
         }
-        fn set_port_vlan(&mut self, index: u32, vid: u16, keep: bool) -> Result<(), CniError> {
+        fn set_port_vlan(
+            &mut self,
+            index: u32,
+            vid: u16,
+            _: &[u16],
+            keep: bool,
+        ) -> Result<(), CniError> {
             self.call(format!("vlan {vid} on {index} keep_default={keep}"))
         }
         fn set_isolated(&mut self, _: u32) -> Result<(), CniError> {

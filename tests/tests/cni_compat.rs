@@ -461,7 +461,7 @@ fn unsupported_reference_fields_are_refused_by_name() {
     let dir = state_dir();
     let pod = NetNs::new("pod").unwrap();
     for (field, value, code) in [
-        ("vlanTrunk", json!([{"id": 5}]), 2),
+        ("vlanTrunk", json!([{"id": 0}]), 7),
         ("disableContainerInterface", json!(true), 2),
         ("ipMasqBackend", json!("pf"), 7),
         ("vlan", json!(5000), 7),
@@ -864,6 +864,33 @@ fn vlan_separates_pods_on_one_bridge() {
     b1.ip(&["addr", "add", "10.48.0.77/24", "dev", "eth0"])
         .unwrap();
     assert!(!ping(&b1, &ip_a1), "VLAN 200 reached VLAN 100");
+    // A trunk port (vlanTrunk): VLAN 1 native, the trunk tagged; the pod's own VLAN
+    // interface on 100 reaches VLAN 100's pods.
+    let mut t = conf("vlan-t", 0, "10.51.0.0/24");
+    t["vlanTrunk"] = json!([{"id": 100}, {"minID": 310, "maxID": 312}]);
+    let tp = NetNs::new("pod").unwrap();
+    let rt = exec(node, &Call::attach("ADD", "vlan-t1", &tp), &t)
+        .result()
+        .clone();
+    let host_t = rt["interfaces"][1]["name"].as_str().unwrap();
+    let vlans = node
+        .sh(&format!("bridge -j vlan show dev {host_t}"))
+        .unwrap();
+    let v: Value = serde_json::from_str(&vlans).unwrap();
+    let ids: Vec<u64> = v[0]["vlans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["vlan"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 100, 310, 311, 312], "{vlans}");
+    tp.sh("ip link add link eth0 name eth0.100 type vlan id 100 && ip addr add 10.48.0.99/24 dev eth0.100 && ip link set eth0.100 up")
+        .unwrap();
+    assert!(
+        ping(&tp, &ip_a1),
+        "tagged VLAN 100 over the trunk does not reach VLAN 100"
+    );
+    assert!(exec(node, &Call::attach("DEL", "vlan-t1", &tp), &t).ok);
     for (id, pod, c) in [
         ("vlan-a1", &a1, &a),
         ("vlan-a2", &a2, &a),

@@ -953,10 +953,13 @@ pub fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     if conf.mac_spoof_chk {
         spoofchk::load(&spoofchk::render_del(&plan::plan_del(env).host))?;
     }
-    if let Some(ipam) = ipam_plugin(env, conf)? {
-        // As the reference: the interface first, then the IPAM plugin's DEL.
+    if let IpamMode::Delegated(_) = conf.ipam {
+        // As the reference: the interface first, then the IPAM plugin's DEL (so a missing
+        // plugin still leaves no interface behind).
         detach(&mut LinkNet::lazy(), &plan::plan_del(env))?;
-        ipam.call("DEL")?;
+        if let Some(ipam) = ipam_plugin(env, conf)? {
+            ipam.call("DEL")?;
+        }
         return Ok(());
     }
     // The socket opens after the release, so a DEL releases even without netlink.

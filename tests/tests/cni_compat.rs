@@ -1038,3 +1038,148 @@ fn enabledad_runs_duplicate_address_detection() {
         assert_clean(node, &pod, dir.path(), &[]);
     }
 }
+
+/// A podman run's state (storage, run root, config) in a temp dir; on drop, containers
+/// are removed and anything still mounted under the dir is unmounted.
+struct Podman {
+    dir: tempfile::TempDir,
+    node: std::path::PathBuf,
+    /// podman keeps its blob-info cache in /var/lib/containers whatever `--root` says:
+    /// removed on drop when the test made it.
+    made_var_lib: bool,
+}
+
+impl Podman {
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        let d = self.dir.path();
+        std::process::Command::new("nsenter")
+            // nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup mounts.
+            .arg(format!("--net={}", self.node.display()))
+            .arg("podman")
+            .args(["--root", d.join("root").to_str().unwrap()])
+            .args(["--runroot", d.join("run").to_str().unwrap()])
+            .args(["--tmpdir", d.join("tmp").to_str().unwrap()])
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .env("CONTAINERS_CONF", d.join("containers.conf"))
+            .output()
+            .expect("running podman")
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["rm", "-af", "-t", "0"]);
+        hako_tests::holdings::unmount_under(self.dir.path());
+        if self.made_var_lib {
+            let _ = std::fs::remove_dir_all("/var/lib/containers");
+        }
+    }
+}
+
+#[test]
+fn podman_with_the_cni_backend_runs_hako_cni() {
+    hako_tests::require_root();
+    if std::process::Command::new("podman")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: podman is not installed (apt-get install podman)");
+        return;
+    }
+    for version in VERSIONS {
+        let node = NetNs::new("node").unwrap();
+        let p = Podman {
+            dir: state_dir(),
+            node: node.path(),
+            made_var_lib: !Path::new("/var/lib/containers").exists(),
+        };
+        let d = p.dir.path();
+        // The conflist the podman package ships, "bridge" -> "hako-cni".
+        let mut list = std::fs::read_to_string("/etc/cni/net.d/87-podman-bridge.conflist")
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .unwrap_or_else(|| podman_list("0.4.0"));
+        assert_eq!(list["plugins"][0]["type"], "bridge", "{list}");
+        list["plugins"][0]["type"] = json!("hako-cni");
+        list["cniVersion"] = json!(version);
+        isolate(&mut list, d);
+        std::fs::create_dir_all(d.join("net.d")).unwrap();
+        std::fs::write(d.join("net.d/87-podman-bridge.conflist"), list.to_string()).unwrap();
+        let bin_dir = cni_support::cni_bin().parent().unwrap().to_path_buf();
+        std::fs::write(
+            d.join("containers.conf"),
+            format!(
+                "[containers]\ndefault_ulimits = []\n\n[network]\nnetwork_backend = \"cni\"\n\
+                 cni_plugin_dirs = [\"{}\", \"/usr/lib/cni\"]\nnetwork_config_dir = \"{}\"\n\n\
+                 [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
+                 events_logfile_path = \"{}\"\nruntime = \"runc\"\n",
+                bin_dir.display(),
+                d.join("net.d").display(),
+                d.join("events.log").display()
+            ),
+        )
+        .unwrap();
+        // A one-binary image: static busybox.
+        let rootfs = d.join("rootfs/bin");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::copy("/bin/busybox", rootfs.join("busybox")).unwrap();
+        for a in ["sh", "ip", "ping"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join(a)).unwrap();
+        }
+        let tar = d.join("rootfs.tar");
+        let st = std::process::Command::new("tar")
+            .args(["-C", d.join("rootfs").to_str().unwrap(), "-cf"])
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let out = p.cmd(&["import", tar.to_str().unwrap(), "localhost/hako-bb:1"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Root here may not raise rlimits (no CAP_SYS_RESOURCE): ask for low ones.
+        let out = p.cmd(&[
+            "run",
+            "--rm",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            "--network",
+            "podman",
+            "localhost/hako-bb:1",
+            "sh",
+            "-c",
+            "ip -o -4 addr show eth0; ip route show default; ping -c 1 -W 2 10.88.0.1",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{version}: podman run: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("inet 10.88."), "{stdout}");
+        assert_eq!(
+            stdout.matches("default via 10.88.0.1").count(),
+            1,
+            "{stdout}"
+        );
+        assert!(stdout.contains("1 packets received"), "{stdout}");
+        let ip = stdout
+            .split("inet ")
+            .nth(1)
+            .and_then(|s| s.split('/').next())
+            .unwrap()
+            .to_string();
+        // podman ran DEL through the chain: nothing of the container is left.
+        assert!(host_veths(&node).is_empty(), "{:?}", host_veths(&node));
+        assert!(host_local_ips(d).is_empty(), "{:?}", host_local_ips(d));
+        let rules = node.sh("iptables-save").unwrap();
+        assert!(!rules.contains(&ip), "{ip} still in\n{rules}");
+    }
+}

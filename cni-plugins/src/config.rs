@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::ipam::{Range, RangeError};
+pub use crate::masq::Backend as MasqBackend;
 use crate::version;
 
 /// Default bridge name.
@@ -17,6 +18,8 @@ pub const DEFAULT_BRIDGE: &str = "hako0";
 pub const DEFAULT_SUBNET_FILE: &str = "/run/hako/subnet.env";
 /// Parent of the default IPAM data directories.
 pub const DEFAULT_DATA_ROOT: &str = "/var/lib/cni/networks";
+/// Parent of hako's own state directories when IPAM is delegated.
+pub const DEFAULT_DELEGATED_ROOT: &str = "/var/lib/cni/hako";
 /// MTU used when neither the config nor the subnet file names one.
 pub const DEFAULT_MTU: u32 = 1500;
 
@@ -32,6 +35,14 @@ pub enum ConfigError {
     /// A range that cannot be used (code 7).
     #[error("invalid network configuration: {0}")]
     Range(#[from] RangeError),
+    /// A field whose value this plugin does not implement (code 2), named.
+    #[error("unsupported field {field}: {why}")]
+    Unsupported {
+        /// The field, as spelled in the config.
+        field: &'static str,
+        /// Why, and what to use instead.
+        why: String,
+    },
     /// cniVersion not spoken (code 1).
     #[error("incompatible CNI version {0:?} (supported: {supported})", supported = version::SUPPORTED.join(", "))]
     Version(String),
@@ -44,6 +55,7 @@ impl ConfigError {
             ConfigError::Decode(_) => 6,
             ConfigError::Invalid(_) | ConfigError::Range(_) => 7,
             ConfigError::Version(_) => 1,
+            ConfigError::Unsupported { .. } => 2,
         }
     }
 }
@@ -62,12 +74,24 @@ struct RawConf {
     hairpin_mode: Option<bool>,
     promisc_mode: Option<bool>,
     ip_masq: Option<bool>,
+    ip_masq_backend: Option<String>,
+    vlan: Option<i64>,
+    vlan_trunk: Option<Value>,
+    #[serde(rename = "macspoofchk")]
+    mac_spoof_chk: Option<bool>,
+    disable_container_interface: Option<bool>,
+    port_isolation: Option<bool>,
+    preserve_default_vlan: Option<bool>,
+    #[serde(rename = "enabledad")]
+    enable_dad: Option<bool>,
+    runtime_config: Option<Value>,
+    args: Option<Value>,
     cluster_network: Option<OneOrMany>,
     subnet_file: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     log_file: Option<PathBuf>,
     log_level: Option<String>,
-    ipam: Option<RawIpam>,
+    ipam: Option<Value>,
     dns: Option<Value>,
     prev_result: Option<Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
@@ -91,8 +115,6 @@ enum RangeItem {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawIpam {
-    #[serde(rename = "type")]
-    ipam_type: Option<String>,
     ranges: Option<Vec<RangeItem>>,
     routes: Option<Vec<RawRoute>>,
     data_dir: Option<PathBuf>,
@@ -113,6 +135,52 @@ struct RawRoute {
     gw: Option<String>,
 }
 
+/// One `vlanTrunk` entry: a single `id`, or a `minID`..`maxID` range, or both.
+#[derive(Debug, Deserialize)]
+struct RawTrunk {
+    #[serde(rename = "minID")]
+    min_id: Option<i64>,
+    #[serde(rename = "maxID")]
+    max_id: Option<i64>,
+    id: Option<i64>,
+}
+
+/// The reference's `collectVlanTrunk`: every VLAN named, sorted, each once, 1..4094.
+fn collect_vlan_trunk(items: &[RawTrunk]) -> Result<Vec<u16>, ConfigError> {
+    let vid = |v: i64, what: &str| {
+        u16::try_from(v)
+            .ok()
+            .filter(|v| (1..=4094).contains(v))
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!("vlanTrunk: incorrect trunk {what} parameter"))
+            })
+    };
+    let mut out = std::collections::BTreeSet::new();
+    for t in items {
+        match (t.min_id, t.max_id) {
+            (Some(lo), Some(hi)) => {
+                let (lo, hi) = (vid(lo, "minID")?, vid(hi, "maxID")?);
+                if hi < lo {
+                    return Err(ConfigError::Invalid(
+                        "vlanTrunk: minID is greater than maxID in trunk parameter".into(),
+                    ));
+                }
+                out.extend(lo..=hi);
+            }
+            (None, Some(_)) | (Some(_), None) => {
+                return Err(ConfigError::Invalid(
+                    "vlanTrunk: minID and maxID should be configured simultaneously".into(),
+                ))
+            }
+            (None, None) => {}
+        }
+        if let Some(id) = t.id {
+            out.insert(vid(id, "id")?);
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
 /// One attachment named by GC's `cni.dev/valid-attachments`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Hash)]
 pub struct Attachment {
@@ -121,6 +189,16 @@ pub struct Attachment {
     pub container_id: String,
     /// Interface name in the container.
     pub ifname: String,
+}
+
+/// Who allocates the container's addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpamMode {
+    /// hako's own store (`ipam.type` absent, `hako` or `hako-cni`).
+    Builtin,
+    /// An IPAM plugin named by `ipam.type`, found in `CNI_PATH` and run with this
+    /// plugin's stdin, as the reference bridge plugin does.
+    Delegated(String),
 }
 
 /// A configured extra route for the container.
@@ -166,6 +244,27 @@ pub struct NetConf {
     pub promisc_mode: bool,
     /// Masquerade traffic leaving the cluster networks.
     pub ip_masq: bool,
+    /// Where the masquerade rules live (`ipMasqBackend`).
+    pub ip_masq_backend: MasqBackend,
+    /// Drop frames from the pod whose source MAC is not its interface's (`macspoofchk`).
+    pub mac_spoof_chk: bool,
+    /// Isolate the pod ports from each other (`portIsolation`): they reach only
+    /// non-isolated ports (the bridge's uplinks, the gateway).
+    pub port_isolation: bool,
+    /// IPv6 duplicate address detection on the container addresses (`enabledad`).
+    pub enable_dad: bool,
+    /// Fixed MAC of the container interface (`runtimeConfig.mac`, `args.cni.mac`).
+    pub mac: Option<[u8; 6]>,
+    /// VLAN of the pod ports, untagged (`vlan`; 0: none, no VLAN filtering).
+    pub vlan: u16,
+    /// VLANs the pod ports carry tagged (`vlanTrunk`, sorted, each once).
+    pub vlan_trunk: Vec<u16>,
+    /// Keep VLAN 1 on the pod ports beside `vlan` (`preserveDefaultVlan`).
+    pub preserve_default_vlan: bool,
+    /// Built-in or delegated IPAM (`ipam.type`).
+    pub ipam: IpamMode,
+    /// stdin as received: what a delegated IPAM plugin is given.
+    pub raw: Vec<u8>,
     /// Cluster networks (not masqueraded) from the config.
     pub cluster_networks: Vec<IpNet>,
     /// Subnet file path.
@@ -196,6 +295,27 @@ fn parse_ip(what: &str, s: &str) -> Result<IpAddr, ConfigError> {
 fn parse_net(what: &str, s: &str) -> Result<IpNet, ConfigError> {
     s.parse()
         .map_err(|_| ConfigError::Invalid(format!("{what}: {s:?} is not a CIDR")))
+}
+
+/// True for a plugin name that stays inside the `CNI_PATH` directory it is looked up in.
+pub fn valid_plugin_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0')
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (or with `-`); `None` when it is not a unicast MAC.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    (mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
 }
 
 /// True for names the kernel accepts as interface names.
@@ -258,14 +378,33 @@ impl NetConf {
         let mut ranges = Vec::new();
         let mut routes = Vec::new();
         let mut ipam_data_dir = None;
-        if let Some(ipam) = raw.ipam {
-            if let Some(t) = ipam.ipam_type.as_deref() {
-                if !t.is_empty() && t != "hako-cni" && t != "hako" {
-                    return Err(ConfigError::Invalid(format!(
-                        "ipam.type {t:?}: hako-cni has its own IPAM (omit ipam.type)"
-                    )));
-                }
+        let ipam_type = match raw.ipam.as_ref().map(|v| v.get("type")) {
+            None | Some(None) | Some(Some(Value::Null)) => None,
+            Some(Some(Value::String(t))) => Some(t.clone()),
+            Some(Some(other)) => {
+                return Err(ConfigError::Decode(format!(
+                    "ipam.type: expected a string, got {other}"
+                )))
             }
+        };
+        let ipam_mode = match ipam_type.as_deref() {
+            None | Some("" | "hako" | "hako-cni") => IpamMode::Builtin,
+            Some(t) if !valid_plugin_name(t) => {
+                return Err(ConfigError::Invalid(format!(
+                    "ipam.type {t:?} is not a plugin name (no '/', not '.' or '..')"
+                )))
+            }
+            Some(t) => IpamMode::Delegated(t.to_string()),
+        };
+        // A delegated plugin owns the rest of the ipam block (its own format).
+        let builtin_ipam = match (&ipam_mode, raw.ipam) {
+            (IpamMode::Builtin, Some(v)) => Some(
+                serde_json::from_value::<RawIpam>(v)
+                    .map_err(|e| ConfigError::Decode(format!("ipam: {e}")))?,
+            ),
+            _ => None,
+        };
+        if let Some(ipam) = builtin_ipam {
             for item in ipam.ranges.unwrap_or_default() {
                 let set = match item {
                     RangeItem::One(r) => vec![r],
@@ -321,16 +460,93 @@ impl NetConf {
             }
             *seen = true;
         }
+        // With a delegated IPAM the default directory is not host-local's (which is
+        // DEFAULT_DATA_ROOT/<name>): only hako's masquerade markers live here then.
         let data_dir = raw
             .data_dir
             .or(ipam_data_dir)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_ROOT).join(&name));
+            .unwrap_or_else(|| match ipam_mode {
+                IpamMode::Builtin => PathBuf::from(DEFAULT_DATA_ROOT).join(&name),
+                IpamMode::Delegated(_) => PathBuf::from(DEFAULT_DELEGATED_ROOT).join(&name),
+            });
         let log_level = raw.log_level.unwrap_or_else(|| "warn".into());
         if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
             return Err(ConfigError::Invalid(format!(
                 "logLevel {log_level:?}: use error, warn, info, debug or trace"
             )));
         }
+        let ip_masq_backend = match raw.ip_masq_backend.as_deref() {
+            None | Some("" | "nftables") => MasqBackend::Nftables,
+            Some("iptables") => MasqBackend::Iptables,
+            Some(o) => {
+                return Err(ConfigError::Invalid(format!(
+                    "ipMasqBackend {o:?}: use \"iptables\" or \"nftables\""
+                )))
+            }
+        };
+        let vlan = match raw.vlan {
+            None => 0,
+            Some(v) => u16::try_from(v)
+                .ok()
+                .filter(|v| *v <= 4094)
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "invalid VLAN ID {v} (must be between 0 and 4094)"
+                    ))
+                })?,
+        };
+        if vlan != 0 && bridge.len() + 1 + vlan.to_string().len() > 15 {
+            return Err(ConfigError::Invalid(format!(
+                "bridge {bridge:?} with vlan {vlan}: the gateway interface name \
+                 {bridge}.{vlan} is longer than 15 characters"
+            )));
+        }
+        let vlan_trunk = match raw.vlan_trunk {
+            None | Some(Value::Null) => vec![],
+            Some(v) => collect_vlan_trunk(
+                &serde_json::from_value::<Vec<RawTrunk>>(v)
+                    .map_err(|e| ConfigError::Decode(format!("vlanTrunk: {e}")))?,
+            )?,
+        };
+        if raw.disable_container_interface == Some(true) {
+            return Err(ConfigError::Unsupported {
+                field: "disableContainerInterface",
+                why: "the container interface is always configured; omit it or set false".into(),
+            });
+        }
+        // As the reference: runtimeConfig.mac over args.cni.mac (over CNI_ARGS MAC=, which
+        // `plan::env_mac` reads).
+        let mac_value = |v: Option<&Value>, what: &str| -> Result<Option<[u8; 6]>, ConfigError> {
+            match v {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(m)) if m.is_empty() => Ok(None),
+                Some(Value::String(m)) => parse_mac(m)
+                    .map(Some)
+                    .ok_or_else(|| ConfigError::Invalid(format!("{what}: {m:?} is not a MAC"))),
+                Some(o) => Err(ConfigError::Invalid(format!("{what}: {o} is not a MAC"))),
+            }
+        };
+        let mac = match mac_value(
+            raw.runtime_config.as_ref().and_then(|r| r.get("mac")),
+            "runtimeConfig.mac",
+        )? {
+            Some(m) => Some(m),
+            None => mac_value(
+                raw.args
+                    .as_ref()
+                    .and_then(|a| a.get("cni"))
+                    .and_then(|c| c.get("mac")),
+                "args.cni.mac",
+            )?,
+        };
+        let promisc_mode = raw.promisc_mode.unwrap_or(false);
+        if promisc_mode && raw.hairpin_mode == Some(true) {
+            return Err(ConfigError::Invalid(
+                "cannot set hairpin mode and promiscuous mode at the same time".into(),
+            ));
+        }
+        // hairpinMode defaults on, except beside promiscMode (the two exclude each other).
+        let hairpin_mode = raw.hairpin_mode.unwrap_or(!promisc_mode);
         Ok(NetConf {
             cni_version,
             name,
@@ -338,9 +554,19 @@ impl NetConf {
             mtu: raw.mtu,
             is_gateway: raw.is_gateway.unwrap_or(true),
             is_default_gateway: raw.is_default_gateway.unwrap_or(true),
-            hairpin_mode: raw.hairpin_mode.unwrap_or(true),
-            promisc_mode: raw.promisc_mode.unwrap_or(false),
+            hairpin_mode,
+            promisc_mode,
             ip_masq: raw.ip_masq.unwrap_or(true),
+            ip_masq_backend,
+            mac_spoof_chk: raw.mac_spoof_chk.unwrap_or(false),
+            port_isolation: raw.port_isolation.unwrap_or(false),
+            enable_dad: raw.enable_dad.unwrap_or(false),
+            mac,
+            vlan,
+            vlan_trunk,
+            preserve_default_vlan: raw.preserve_default_vlan.unwrap_or(false),
+            ipam: ipam_mode,
+            raw: bytes.to_vec(),
             cluster_networks,
             subnet_file: raw
                 .subnet_file
@@ -515,13 +741,100 @@ mod tests {
                 7,
             ),
             (
-                r#"{"cniVersion":"1.0.0","name":"x","ipam":{"type":"host-local"}}"#.to_string(),
+                r#"{"cniVersion":"1.0.0","name":"x","ipam":{"type":"../sbin/x"}}"#.to_string(),
+                7,
+            ),
+            (r#"{"cniVersion":"1.0.0","name":"x","ipam":{"type":3}}"#.to_string(), 6),
+            (r#"{"cniVersion":"1.0.0","name":"x","vlan":5000}"#.to_string(), 7),
+            (r#"{"cniVersion":"1.0.0","name":"x","vlan":-1}"#.to_string(), 7),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","bridge":"abcdefghijkl","vlan":100}"#
+                    .to_string(),
+                7,
+            ),
+            (r#"{"cniVersion":"1.0.0","name":"x","vlanTrunk":[{"id":0}]}"#.to_string(), 7),
+            (r#"{"cniVersion":"1.0.0","name":"x","vlanTrunk":[{"minID":5}]}"#.to_string(), 7),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","vlanTrunk":[{"minID":9,"maxID":5}]}"#
+                    .to_string(),
+                7,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","disableContainerInterface":true}"#.to_string(),
+                2,
+            ),
+            (r#"{"cniVersion":"1.0.0","name":"x","ipMasqBackend":"pf"}"#.to_string(), 7),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","runtimeConfig":{"mac":"01:00:00:00:00:01"}}"#
+                    .to_string(),
+                7,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","args":{"cni":{"mac":"02:00:00:00:00"}}}"#
+                    .to_string(),
+                7,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","hairpinMode":true,"promiscMode":true}"#
+                    .to_string(),
                 7,
             ),
         ] {
             let e = NetConf::parse(input.as_bytes()).unwrap_err();
             assert_eq!(e.code(), code, "{input}: {e}");
         }
+    }
+
+    #[test]
+    fn ipam_type_selects_builtin_or_delegated() {
+        for (extra, want) in [
+            ("", IpamMode::Builtin),
+            (r#","ipam":{"type":"hako"}"#, IpamMode::Builtin),
+            (
+                r#","ipam":{"type":"hako-cni","ranges":[{"subnet":"10.0.0.0/24"}]}"#,
+                IpamMode::Builtin,
+            ),
+            (
+                r#","ipam":{"type":"host-local","ranges":[[{"subnet":"10.0.0.0/24"}]],"routes":[{"dst":"0.0.0.0/0"}]}"#,
+                IpamMode::Delegated("host-local".into()),
+            ),
+            // The delegated plugin's own format is not ours to judge.
+            (
+                r#","ipam":{"type":"static","addresses":[{"address":"10.0.0.5/24"}]}"#,
+                IpamMode::Delegated("static".into()),
+            ),
+            (
+                r#","ipam":{"type":"whereabouts","range":"10.0.0.0/24","ranges":"x"}"#,
+                IpamMode::Delegated("whereabouts".into()),
+            ),
+        ] {
+            let c = conf(extra).unwrap_or_else(|e| panic!("{extra}: {e}"));
+            assert_eq!(c.ipam, want, "{extra}");
+            if let IpamMode::Delegated(_) = want {
+                assert!(c.ranges.is_empty() && c.routes.is_empty());
+                assert_eq!(c.data_dir, PathBuf::from("/var/lib/cni/hako/pods"));
+            }
+        }
+        // promiscMode alone turns hairpin's default off instead of failing.
+        let c = conf(r#","promiscMode":true"#).unwrap();
+        assert!(c.promisc_mode && !c.hairpin_mode);
+        let c = conf(r#","vlan":0,"macspoofchk":false,"ipMasqBackend":"nftables""#).unwrap();
+        assert_eq!(c.ip_masq_backend, MasqBackend::Nftables);
+        let c = conf(
+            r#","runtimeConfig":{"mac":"02:00:00:00:00:07"},"args":{"cni":{"mac":"02:00:00:00:00:08"}},"portIsolation":true"#,
+        )
+        .unwrap();
+        assert_eq!(c.mac, Some([2, 0, 0, 0, 0, 7]));
+        assert!(c.port_isolation && !c.enable_dad);
+        assert!(conf(r#","enabledad":true"#).unwrap().enable_dad);
+        let c = conf(r#","args":{"cni":{"mac":"02-00-00-00-00-08"}}"#).unwrap();
+        assert_eq!(c.mac, Some([2, 0, 0, 0, 0, 8]));
+        let c = conf(r#","vlan":100,"preserveDefaultVlan":true"#).unwrap();
+        assert_eq!((c.vlan, c.preserve_default_vlan), (100, true));
+        let c = conf(r#","vlanTrunk":[{"id":7},{"minID":3,"maxID":5},{"id":4}]"#).unwrap();
+        assert_eq!(c.vlan_trunk, [3, 4, 5, 7]);
+        let c = conf(r#","ipMasqBackend":"iptables""#).unwrap();
+        assert_eq!(c.ip_masq_backend, MasqBackend::Iptables);
     }
 
     #[test]

@@ -13,7 +13,9 @@ use netlink_packet_core::{
     NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressFlag, AddressMessage};
-use netlink_packet_route::link::{LinkAttribute, LinkFlag, LinkMessage};
+use netlink_packet_route::link::{
+    AfSpecBridge, BridgeVlanInfo, LinkAttribute, LinkFlag, LinkMessage,
+};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlag, NeighbourMessage, NeighbourState,
 };
@@ -355,6 +357,44 @@ impl Netlink {
         )
     }
 
+    /// Adds (or with `add` false deletes) VLAN `vid` on a bridge port, or on the bridge
+    /// itself with `on_self` (`bridge vlan add|del vid <vid> dev <link> [self]`); `flags`
+    /// are `BRIDGE_VLAN_INFO_*` (PVID 2, UNTAGGED 4).
+    pub fn bridge_vlan(
+        &mut self,
+        index: u32,
+        vid: u16,
+        flags: u16,
+        on_self: bool,
+        add: bool,
+    ) -> Result<(), NlError> {
+        const BRIDGE_FLAGS_SELF: u16 = 2;
+        let mut m = LinkMessage::default();
+        m.header.interface_family = AddressFamily::Bridge;
+        m.header.index = index;
+        let mut info = BridgeVlanInfo::default();
+        info.flags = flags;
+        info.vid = vid;
+        let mut spec = Vec::new();
+        if on_self {
+            spec.push(AfSpecBridge::Flags(BRIDGE_FLAGS_SELF));
+        }
+        spec.push(AfSpecBridge::VlanInfo(info));
+        m.attributes.push(LinkAttribute::AfSpecBridge(spec));
+        let op = format!(
+            "bridge vlan {} vid {vid} dev {index}{}",
+            if add { "add" } else { "del" },
+            if on_self { " self" } else { "" }
+        );
+        // With AF_BRIDGE, RTM_DELLINK removes the VLAN, not the link.
+        let msg = if add {
+            RouteNetlinkMessage::SetLink(m)
+        } else {
+            RouteNetlinkMessage::DelLink(m)
+        };
+        self.ack(&op, msg, 0)
+    }
+
     /// Deletes a link by name; a missing link is success.
     pub fn link_del_name(&mut self, name: &str) -> Result<(), NlError> {
         let mut m = LinkMessage::default();
@@ -385,13 +425,18 @@ impl Netlink {
 
     /// Adds `net` (address with prefix) to a link; IPv6 without duplicate detection.
     pub fn addr_add(&mut self, index: u32, net: IpNet) -> Result<(), NlError> {
+        self.addr_add_dad(index, net, false)
+    }
+
+    /// Adds an address; IPv6 goes through duplicate address detection only with `dad`.
+    pub fn addr_add_dad(&mut self, index: u32, net: IpNet, dad: bool) -> Result<(), NlError> {
         let mut m = AddressMessage::default();
         m.header.family = family_of(&net.addr());
         m.header.prefix_len = net.prefix_len();
         m.header.index = index;
         m.attributes.push(AddressAttribute::Local(net.addr()));
         m.attributes.push(AddressAttribute::Address(net.addr()));
-        if net.addr().is_ipv6() {
+        if net.addr().is_ipv6() && !dad {
             m.attributes
                 .push(AddressAttribute::Flags(vec![AddressFlag::Nodad]));
         }

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Attachment, NetConf, Network};
+use crate::config::{Attachment, NetConf, Network, RouteConf};
 use crate::ipam::{Owner, Range};
 use crate::masq;
 use crate::netlink::fmt_mac;
@@ -65,6 +65,11 @@ pub struct BridgeSpec {
     pub forward_ipv4: bool,
     /// Turn on IPv6 forwarding (`isGateway` with an IPv6 range).
     pub forward_ipv6: bool,
+    /// `vlan` (0: none): the bridge itself a tagged member of the VLAN, and the gateway
+    /// addresses on `<bridge>.<vlan>` instead of the bridge.
+    pub vlan: u16,
+    /// VLAN filtering on (`vlan` or `vlanTrunk` set).
+    pub vlan_filtering: bool,
 }
 
 /// The veth pair of one attachment. The container end is not moved after the fact: it is
@@ -80,6 +85,9 @@ pub struct VethSpec {
     pub netns: PathBuf,
     /// MTU of both ends.
     pub mtu: u32,
+    /// Fixed MAC of the container end (`runtimeConfig.mac`, `args.cni.mac`, `CNI_ARGS
+    /// MAC=`); the kernel picks one otherwise.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// Inside the pod netns: addresses, link up, routes.
@@ -92,6 +100,8 @@ pub struct ContainerSpec {
     /// Default route(s) via the gateway (`isDefaultGateway`), then the `ipam.routes` of
     /// the same family, per range.
     pub routes: Vec<(IpNet, IpAddr)>,
+    /// IPv6 duplicate address detection (`enabledad`; off by default, as the reference).
+    pub dad: bool,
 }
 
 /// One step of ADD, in the order applied.
@@ -104,6 +114,17 @@ pub enum Step {
     Masquerade(masq::Rules),
     /// Create the veth pair (undone by deleting the host end).
     Veth(VethSpec),
+    /// The host end's port in `vlan` only, untagged and PVID (`vlan`; goes with the veth).
+    PortVlan {
+        /// VLAN id (PVID, untagged; 0: none).
+        vid: u16,
+        /// Tagged VLANs (`vlanTrunk`).
+        trunk: Vec<u16>,
+        /// Keep VLAN 1 as well (`preserveDefaultVlan`).
+        keep_default: bool,
+    },
+    /// Port isolation on the host end's bridge port (`portIsolation`; goes with the veth).
+    Isolated,
     /// Hairpin on the host end's bridge port (`hairpinMode`; goes with the veth).
     Hairpin {
         /// Host end.
@@ -111,6 +132,12 @@ pub enum Step {
     },
     /// Configure the container end (goes with the veth).
     Container(ContainerSpec),
+    /// Admit only the container end's MAC from the host end (`macspoofchk`; undone by
+    /// removing the attachment's rules).
+    SpoofCheck {
+        /// Host end.
+        host: String,
+    },
 }
 
 /// What undoes a step.
@@ -118,6 +145,8 @@ pub enum Step {
 pub enum UndoStep {
     /// Delete a host link by name (a missing one is fine); a veth takes its peer along.
     DeleteLink(String),
+    /// Remove an attachment's `macspoofchk` rules (host veth name).
+    DeleteSpoofCheck(String),
 }
 
 impl Step {
@@ -127,9 +156,13 @@ impl Step {
     pub fn undo(&self) -> Option<UndoStep> {
         match self {
             Step::Veth(v) => Some(UndoStep::DeleteLink(v.host.clone())),
-            Step::Bridge(_) | Step::Masquerade(_) | Step::Hairpin { .. } | Step::Container(_) => {
-                None
-            }
+            Step::SpoofCheck { host } => Some(UndoStep::DeleteSpoofCheck(host.clone())),
+            Step::Bridge(_)
+            | Step::Masquerade(_)
+            | Step::PortVlan { .. }
+            | Step::Isolated
+            | Step::Hairpin { .. }
+            | Step::Container(_) => None,
         }
     }
 
@@ -139,8 +172,11 @@ impl Step {
             Step::Bridge(_) => "bridge",
             Step::Masquerade(_) => "masq",
             Step::Veth(_) => "veth",
+            Step::PortVlan { .. } => "vlan",
+            Step::Isolated => "isolated",
             Step::Hairpin { .. } => "hairpin",
             Step::Container(_) => "container",
+            Step::SpoofCheck { .. } => "spoofchk",
         }
     }
 }
@@ -242,29 +278,104 @@ impl NetPlan {
     }
 }
 
-/// The container's routes: default route(s) via the gateway and configured extra routes.
+/// The container's routes: default route(s) via the gateway and configured extra routes,
+/// one route per destination. An explicit default route in `ipam.routes` takes the place
+/// of `isDefaultGateway`'s (with its own `gw` when it names one), so the two combined give
+/// one default route, never a duplicate the kernel would refuse (EEXIST).
 pub fn container_routes(conf: &NetConf, ranges: &[&Range]) -> Vec<(IpNet, IpAddr)> {
-    let mut routes = Vec::new();
+    let mut routes: Vec<(IpNet, IpAddr)> = Vec::new();
+    let push = |routes: &mut Vec<(IpNet, IpAddr)>, dst: IpNet, gw: IpAddr| {
+        if !routes.iter().any(|(d, _)| *d == dst) {
+            routes.push((dst, gw));
+        }
+    };
     for r in ranges {
-        if conf.is_default_gateway {
-            let any = IpNet::new(
-                if r.gateway.is_ipv4() {
-                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-                } else {
-                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-                },
-                0,
-            )
-            .unwrap_or(r.subnet);
-            routes.push((any, r.gateway));
+        let any = IpNet::new(
+            if r.gateway.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            },
+            0,
+        )
+        .unwrap_or(r.subnet);
+        let explicit_default = conf.routes.iter().any(|x| x.dst == any);
+        if conf.is_default_gateway && !explicit_default {
+            push(&mut routes, any, r.gateway);
         }
         for extra in &conf.routes {
             if extra.dst.addr().is_ipv4() == r.gateway.is_ipv4() {
-                routes.push((extra.dst, extra.gw.unwrap_or(r.gateway)));
+                push(&mut routes, extra.dst, extra.gw.unwrap_or(r.gateway));
             }
         }
     }
     routes
+}
+
+/// `CNI_ARGS MAC=` (the reference's `MacEnvArgs`), when it is a unicast MAC.
+pub fn env_mac(env: &Env) -> Option<[u8; 6]> {
+    env.args
+        .get("MAC")
+        .and_then(|m| crate::config::parse_mac(m))
+}
+
+/// With a delegated IPAM: the configuration and network as the IPAM plugin's result
+/// makes them. Each address becomes a one-address range whose gateway is the result's,
+/// else the subnet's first address (the reference's `calcGatewayIP`); the result's routes
+/// replace `ipam.routes` and its DNS block the configured one (when it has one). The MTU
+/// is given (config, subnet file or default); cluster networks are the configured ones,
+/// else the result's subnets.
+pub fn delegated_network(conf: &NetConf, ipam: &CniResult, mtu: u32) -> (NetConf, Network) {
+    let ranges: Vec<Range> = ipam
+        .ips
+        .iter()
+        .map(|i| {
+            let subnet = i.address.trunc();
+            let gateway = i.gateway.unwrap_or_else(|| next_ip(subnet.network()));
+            Range {
+                subnet,
+                start: i.address.addr(),
+                end: i.address.addr(),
+                gateway,
+            }
+        })
+        .collect();
+    let mut conf = conf.clone();
+    conf.routes = ipam
+        .routes
+        .iter()
+        .map(|r| RouteConf {
+            dst: r.dst,
+            gw: r.gw,
+        })
+        .collect();
+    if !ipam.dns.is_null() && ipam.dns != serde_json::json!({}) {
+        conf.dns = ipam.dns.clone();
+    }
+    let mut cluster = conf.cluster_networks.clone();
+    for r in &ranges {
+        if !cluster
+            .iter()
+            .any(|c| c.addr().is_ipv4() == r.subnet.addr().is_ipv4())
+        {
+            cluster.push(r.subnet);
+        }
+    }
+    (
+        conf,
+        Network {
+            ranges,
+            mtu,
+            cluster,
+        },
+    )
+}
+
+fn next_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a).wrapping_add(1))),
+        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a).wrapping_add(1))),
+    }
 }
 
 /// ADD as data: from the configuration, the resolved network, the runtime arguments and
@@ -284,12 +395,15 @@ pub fn plan(env: &Env, conf: &NetConf, net: &Network, reserved: &[(IpAddr, &Rang
         },
         forward_ipv4: conf.is_gateway && has(true),
         forward_ipv6: conf.is_gateway && has(false),
+        vlan: conf.vlan,
+        vlan_filtering: conf.vlan != 0 || !conf.vlan_trunk.is_empty(),
     })];
     if conf.ip_masq {
         steps.push(Step::Masquerade(masq::rules(
             &conf.bridge,
             &conf.data_dir,
             net,
+            conf.ip_masq_backend,
         )));
     }
     let netns = env.netns.clone().unwrap_or_default();
@@ -298,7 +412,18 @@ pub fn plan(env: &Env, conf: &NetConf, net: &Network, reserved: &[(IpAddr, &Rang
         container: env.ifname.clone(),
         netns: netns.clone(),
         mtu: net.mtu,
+        mac: conf.mac.or_else(|| env_mac(env)),
     }));
+    if conf.vlan != 0 || !conf.vlan_trunk.is_empty() {
+        steps.push(Step::PortVlan {
+            vid: conf.vlan,
+            trunk: conf.vlan_trunk.clone(),
+            keep_default: conf.preserve_default_vlan,
+        });
+    }
+    if conf.port_isolation {
+        steps.push(Step::Isolated);
+    }
     if conf.hairpin_mode {
         steps.push(Step::Hairpin { host: host.clone() });
     }
@@ -309,7 +434,11 @@ pub fn plan(env: &Env, conf: &NetConf, net: &Network, reserved: &[(IpAddr, &Rang
         ifname: env.ifname.clone(),
         addrs: addrs.clone(),
         routes: routes.clone(),
+        dad: conf.enable_dad,
     }));
+    if conf.mac_spoof_chk {
+        steps.push(Step::SpoofCheck { host: host.clone() });
+    }
     NetPlan {
         steps,
         reserved: reserved.iter().map(|(ip, _)| *ip).collect(),
@@ -606,6 +735,8 @@ mod tests {
                 gateways: vec![net("10.5.0.1/24")],
                 forward_ipv4: true,
                 forward_ipv6: false,
+                vlan: 0,
+                vlan_filtering: false,
             }
         );
         assert_eq!(
@@ -614,7 +745,8 @@ mod tests {
                 host: host.clone(),
                 container: "eth0".into(),
                 netns: "/run/netns/pod".into(),
-                mtu: 1500
+                mtu: 1500,
+                mac: None,
             })
         );
         assert_eq!(p.steps[3], Step::Hairpin { host: host.clone() });
@@ -624,6 +756,7 @@ mod tests {
                 ifname: "eth0".into(),
                 addrs: vec![net("10.5.0.2/24")],
                 routes: vec![(net("0.0.0.0/0"), ip("10.5.0.1"))],
+                dad: false,
             }
         );
         assert_eq!(p.reserved, vec![ip("10.5.0.2")]);
@@ -719,6 +852,51 @@ mod tests {
                 (net("fd05::7/64"), ip("fd05::fe"))
             ]
         );
+    }
+
+    #[test]
+    fn vlan_puts_the_port_in_the_vlan_after_the_veth() {
+        let (_, _, p) = plan_for(
+            r#","vlan":100,"ipam":{"ranges":[{"subnet":"10.48.0.0/24"}]}"#,
+            &["10.48.0.2"],
+        );
+        assert_eq!(
+            p.step_names(),
+            ["bridge", "masq", "veth", "vlan", "hairpin", "container"]
+        );
+        assert_eq!(bridge(&p).vlan, 100);
+        assert_eq!(
+            p.steps[3],
+            Step::PortVlan {
+                vid: 100,
+                trunk: vec![],
+                keep_default: false
+            }
+        );
+        let (_, _, p) = plan_for(
+            r#","ipam":{"ranges":[{"subnet":"10.48.0.0/24"}]}"#,
+            &["10.48.0.2"],
+        );
+        assert!(!p.step_names().contains(&"vlan"));
+    }
+
+    #[test]
+    fn explicit_default_route_and_is_default_gateway_give_one_route() {
+        // podman's shape: isGateway + ipam.routes 0.0.0.0/0 (isDefaultGateway on by default).
+        let (_, _, p) = plan_for(
+            r#","ipam":{"ranges":[{"subnet":"10.88.0.0/24"}],"routes":[{"dst":"0.0.0.0/0"},{"dst":"0.0.0.0/0","gw":"10.88.0.9"}]}"#,
+            &["10.88.0.2"],
+        );
+        assert_eq!(
+            container(&p).routes,
+            [(net("0.0.0.0/0"), ip("10.88.0.1"))],
+            "one default route via the gateway"
+        );
+        let (_, _, p) = plan_for(
+            r#","isDefaultGateway":false,"ipam":{"ranges":[{"subnet":"10.88.0.0/24"}],"routes":[{"dst":"0.0.0.0/0","gw":"10.88.0.9"}]}"#,
+            &["10.88.0.2"],
+        );
+        assert_eq!(container(&p).routes, [(net("0.0.0.0/0"), ip("10.88.0.9"))]);
     }
 
     #[test]

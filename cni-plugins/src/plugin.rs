@@ -11,18 +11,22 @@ use std::path::Path;
 
 use ipnet::IpNet;
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute,
-    LinkFlag, LinkInfo, LinkMessage,
+    InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, InfoVlan,
+    LinkAttribute, LinkFlag, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::AddressFamily;
 use serde_json::Value;
 
-use crate::config::{resolve, Attachment, NetConf, Network};
+use crate::config::{
+    parse_subnet_env, resolve, Attachment, IpamMode, NetConf, Network, DEFAULT_MTU,
+};
+use crate::delegate::{find_in_path, ExecIpam, IpamPlugin};
 use crate::ipam::{DiskStore, IpamError, IpamStore, Range};
 use crate::masq;
 use crate::netlink::{self, Netlink, NlError};
 use crate::plan::{self, BridgeSpec, ContainerView, Macs, NetPlan, Step, UndoStep};
 use crate::skel::{codes, CniError, Env};
+use crate::spoofchk;
 use crate::version::CniResult;
 
 pub use crate::plan::{bridge_mac, container_routes, host_veth_name, HOST_VETH_PREFIX};
@@ -153,16 +157,25 @@ fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<(LinkMessage, bo
         m.header.change_mask = vec![LinkFlag::Promisc];
         nl.link_set("set bridge promisc", m).map_err(nl_err)?;
     }
+    if spec.vlan_filtering {
+        set_vlan_filtering(nl, spec, idx)?;
+    }
+    // With a VLAN the gateway lives on <bridge>.<vlan>, as the reference's.
+    let gw_idx = if spec.vlan != 0 {
+        ensure_bridge_vlan(nl, spec, idx)?
+    } else {
+        idx
+    };
     if !spec.gateways.is_empty() {
         let have: HashSet<IpNet> = nl
-            .addrs(idx)
+            .addrs(gw_idx)
             .map_err(nl_err)?
             .iter()
             .filter_map(netlink::addr_net)
             .collect();
         for gw in &spec.gateways {
             if !have.contains(gw) {
-                netlink::ignore_exists(nl.addr_add(idx, *gw)).map_err(nl_err)?;
+                netlink::ignore_exists(nl.addr_add(gw_idx, *gw)).map_err(nl_err)?;
             }
         }
     }
@@ -173,6 +186,101 @@ fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<(LinkMessage, bo
         write_sysctl_1("/proc/sys/net/ipv6/conf/all/forwarding");
     }
     Ok((br, created))
+}
+
+/// BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED.
+const PVID_UNTAGGED: u16 = 2 | 4;
+
+/// VLAN filtering on the bridge (code 2 naming the fields on kernels without it).
+fn set_vlan_filtering(nl: &mut Netlink, spec: &BridgeSpec, bridge: u32) -> Result<(), CniError> {
+    let mut m = LinkMessage::default();
+    m.header.index = bridge;
+    m.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Bridge),
+        LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::VlanFiltering(1)])),
+    ]));
+    nl.link_change("set bridge vlan_filtering 1", m)
+        .map_err(|e| {
+            if e.errno() == Some(libc::EOPNOTSUPP) {
+                CniError::new(
+                    codes::UNSUPPORTED_FIELD,
+                    "unsupported field in network configuration",
+                    format!(
+                        "vlan {} / vlanTrunk: this kernel's bridge has no VLAN filtering \
+                         (CONFIG_BRIDGE_VLAN_FILTERING): {e}",
+                        spec.vlan
+                    ),
+                )
+            } else {
+                nl_err(e)
+            }
+        })?;
+    Ok(())
+}
+
+/// The bridge itself a tagged member of `spec.vlan`, and the `<bridge>.<vlan>` link (up)
+/// for the gateway addresses; returns that link's index.
+fn ensure_bridge_vlan(nl: &mut Netlink, spec: &BridgeSpec, bridge: u32) -> Result<u32, CniError> {
+    nl.bridge_vlan(bridge, spec.vlan, 0, true, true)
+        .map_err(nl_err)?;
+    let name = format!("{}.{}", spec.name, spec.vlan);
+    if nl.link_by_name(&name).map_err(nl_err)?.is_none() {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.clone()));
+        m.attributes.push(LinkAttribute::Link(bridge));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vlan),
+            LinkInfo::Data(InfoData::Vlan(vec![InfoVlan::Id(spec.vlan)])),
+        ]));
+        netlink::ignore_exists(nl.link_add(&format!("add vlan link {name}"), m)).map_err(nl_err)?;
+    }
+    let l = nl
+        .link_by_name(&name)
+        .map_err(nl_err)?
+        .ok_or_else(|| CniError::new(codes::TRY_AGAIN, "vlan link vanished", name.clone()))?;
+    if !l.header.flags.contains(&LinkFlag::Up) {
+        nl.link_up(l.header.index).map_err(nl_err)?;
+    }
+    Ok(l.header.index)
+}
+
+/// As the reference's `setupVeth`: out of VLAN 1 (unless kept), `vid` as PVID untagged,
+/// the trunk tagged, and VLAN 1 back as native VLAN when only a trunk is given.
+fn set_port_vlan(
+    nl: &mut Netlink,
+    index: u32,
+    vid: u16,
+    trunk: &[u16],
+    keep_default: bool,
+) -> Result<(), NlError> {
+    if !keep_default {
+        netlink::ignore_missing(nl.bridge_vlan(index, 1, 0, false, false))?;
+    }
+    if vid != 0 {
+        nl.bridge_vlan(index, vid, PVID_UNTAGGED, false, true)?;
+    }
+    for t in trunk {
+        nl.bridge_vlan(index, *t, 0, false, true)?;
+    }
+    if vid == 0 && !trunk.is_empty() {
+        nl.bridge_vlan(index, 1, PVID_UNTAGGED, false, true)?;
+    }
+    Ok(())
+}
+
+fn set_port_option(
+    nl: &mut Netlink,
+    index: u32,
+    option: InfoBridgePort,
+    op: &str,
+) -> Result<(), NlError> {
+    let mut m = LinkMessage::default();
+    m.header.index = index;
+    m.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::PortKind(InfoPortKind::Bridge),
+        LinkInfo::PortData(InfoPortData::BridgePort(vec![option])),
+    ]));
+    nl.link_change(op, m)
 }
 
 fn set_hairpin(nl: &mut Netlink, index: u32) -> Result<(), NlError> {
@@ -223,9 +331,21 @@ pub trait AttachNet {
         host: &str,
         ifname: &str,
         mtu: u32,
+        mac: Option<[u8; 6]>,
         bridge: u32,
         ns: &File,
     ) -> Result<HostLink, CniError>;
+    /// Turns on port isolation on a bridge port ([`Step::Isolated`]).
+    fn set_isolated(&mut self, index: u32) -> Result<(), CniError>;
+    /// Puts a bridge port in VLAN `vid` (PVID, untagged), out of VLAN 1 unless
+    /// `keep_default` ([`Step::PortVlan`]).
+    fn set_port_vlan(
+        &mut self,
+        index: u32,
+        vid: u16,
+        trunk: &[u16],
+        keep_default: bool,
+    ) -> Result<(), CniError>;
     /// Turns on hairpin mode on a bridge port ([`Step::Hairpin`]).
     fn set_hairpin(&mut self, index: u32) -> Result<(), CniError>;
     /// Inside `ns`: addresses, link up, routes; returns the interface's MAC
@@ -236,7 +356,12 @@ pub trait AttachNet {
         ifname: &str,
         addrs: &[IpNet],
         routes: &[(IpNet, IpAddr)],
+        dad: bool,
     ) -> Result<[u8; 6], CniError>;
+    /// Admits only `mac` from the host veth `host` ([`Step::SpoofCheck`]).
+    fn spoof_check(&mut self, host: &str, mac: [u8; 6]) -> Result<(), CniError>;
+    /// Removes `host`'s spoof check (missing is fine) ([`UndoStep::DeleteSpoofCheck`]).
+    fn delete_spoof_check(&mut self, host: &str) -> Result<(), CniError>;
     /// Deletes a host link by name (missing is fine) ([`UndoStep::DeleteLink`]).
     fn delete_link(&mut self, name: &str) -> Result<(), CniError>;
 }
@@ -312,6 +437,7 @@ impl AttachNet for LinkNet {
         host: &str,
         ifname: &str,
         mtu: u32,
+        mac: Option<[u8; 6]>,
         bridge: u32,
         ns: &File,
     ) -> Result<HostLink, CniError> {
@@ -320,6 +446,9 @@ impl AttachNet for LinkNet {
         peer.attributes
             .push(LinkAttribute::IfName(ifname.to_string()));
         peer.attributes.push(LinkAttribute::Mtu(mtu));
+        if let Some(mac) = mac {
+            peer.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        }
         peer.attributes.push(LinkAttribute::NetNsFd(ns.as_raw_fd()));
         let mut m = LinkMessage::default();
         m.attributes.push(LinkAttribute::IfName(host.to_string()));
@@ -355,12 +484,33 @@ impl AttachNet for LinkNet {
         set_hairpin(self.nl()?, index).map_err(nl_err)
     }
 
+    fn set_port_vlan(
+        &mut self,
+        index: u32,
+        vid: u16,
+        trunk: &[u16],
+        keep_default: bool,
+    ) -> Result<(), CniError> {
+        set_port_vlan(self.nl()?, index, vid, trunk, keep_default).map_err(nl_err)
+    }
+
+    fn set_isolated(&mut self, index: u32) -> Result<(), CniError> {
+        set_port_option(
+            self.nl()?,
+            index,
+            InfoBridgePort::Isolated(true),
+            "set isolated",
+        )
+        .map_err(nl_err)
+    }
+
     fn configure_container(
         &mut self,
         ns: &File,
         ifname: &str,
         addrs: &[IpNet],
         routes: &[(IpNet, IpAddr)],
+        dad: bool,
     ) -> Result<[u8; 6], CniError> {
         in_netns(ns, move || -> Result<[u8; 6], CniError> {
             let mut nl = Netlink::open().map_err(nl_err)?;
@@ -372,8 +522,18 @@ impl AttachNet for LinkNet {
                 )
             })?;
             let idx = link.header.index;
+            if dad {
+                // As the reference's enabledad (this thread is in the pod netns, so is
+                // its /proc/sys/net).
+                for knob in ["accept_dad", "enhanced_dad"] {
+                    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/{knob}");
+                    if let Err(e) = std::fs::write(&path, "1") {
+                        tracing::warn!("cannot set {path}: {e}");
+                    }
+                }
+            }
             for a in addrs {
-                nl.addr_add(idx, *a).map_err(nl_err)?;
+                nl.addr_add_dad(idx, *a, dad).map_err(nl_err)?;
             }
             nl.link_up(idx).map_err(nl_err)?;
             for (dst, gw) in routes {
@@ -386,6 +546,14 @@ impl AttachNet for LinkNet {
 
     fn delete_link(&mut self, name: &str) -> Result<(), CniError> {
         self.nl()?.link_del_name(name).map_err(nl_err)
+    }
+
+    fn spoof_check(&mut self, host: &str, mac: [u8; 6]) -> Result<(), CniError> {
+        spoofchk::load(&spoofchk::render_add(host, &mac))
+    }
+
+    fn delete_spoof_check(&mut self, host: &str) -> Result<(), CniError> {
+        spoofchk::load(&spoofchk::render_del(host))
     }
 }
 
@@ -440,15 +608,7 @@ impl DetachNet for LinkNet {
 
 /// Undoes what a failed ADD made: the undo steps in reverse, then the reservation.
 fn undo(links: &mut dyn AttachNet, store: &dyn IpamStore, steps: &[UndoStep], ips: &[IpAddr]) {
-    for u in steps.iter().rev() {
-        match u {
-            UndoStep::DeleteLink(name) => {
-                if let Err(e) = links.delete_link(name) {
-                    tracing::warn!("undo: deleting {name}: {e}");
-                }
-            }
-        }
-    }
+    undo_links(links, steps);
     if !ips.is_empty() {
         match store.lock() {
             Ok(s) => {
@@ -463,8 +623,59 @@ fn undo(links: &mut dyn AttachNet, store: &dyn IpamStore, steps: &[UndoStep], ip
     }
 }
 
+/// The undo steps in reverse.
+fn undo_links(links: &mut dyn AttachNet, steps: &[UndoStep]) {
+    for u in steps.iter().rev() {
+        match u {
+            UndoStep::DeleteSpoofCheck(host) => {
+                if let Err(e) = links.delete_spoof_check(host) {
+                    tracing::warn!("undo: spoof check of {host}: {e}");
+                }
+            }
+            UndoStep::DeleteLink(name) => {
+                if let Err(e) = links.delete_link(name) {
+                    tracing::warn!("undo: deleting {name}: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// The delegated IPAM plugin of `conf` (`None` for the built-in IPAM), from `CNI_PATH`.
+fn ipam_plugin(env: &Env, conf: &NetConf) -> Result<Option<ExecIpam>, CniError> {
+    match &conf.ipam {
+        IpamMode::Builtin => Ok(None),
+        IpamMode::Delegated(t) => Ok(Some(ExecIpam {
+            bin: find_in_path(t, &env.path)?,
+            stdin: conf.raw.clone(),
+        })),
+    }
+}
+
+/// The pod MTU without built-in ranges: the config's, the subnet file's, else 1500.
+fn delegated_mtu(conf: &NetConf) -> Result<u32, CniError> {
+    if let Some(m) = conf.mtu {
+        return Ok(m);
+    }
+    match std::fs::read_to_string(&conf.subnet_file) {
+        Ok(t) => Ok(parse_subnet_env(&t)?.mtu.unwrap_or(DEFAULT_MTU)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DEFAULT_MTU),
+        Err(e) => Err(CniError::new(
+            codes::IO,
+            "cannot read subnet file",
+            format!("{}: {e}", conf.subnet_file.display()),
+        )),
+    }
+}
+
 /// ADD: returns the result JSON in the requested version's shape.
 pub fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
+    if let Some(ipam) = ipam_plugin(env, conf)? {
+        let mtu = delegated_mtu(conf)?;
+        let ns = open_netns(&env.netns.clone().unwrap_or_default(), codes::INVALID_ENV)?;
+        let mut links = LinkNet::open()?;
+        return add_delegated(&mut links, &ipam, env, conf, mtu, &ns);
+    }
     let net = network(conf)?;
     let netns_path = env.netns.clone().unwrap_or_default();
     let ns = open_netns(&netns_path, codes::INVALID_ENV)?;
@@ -531,35 +742,70 @@ fn apply(
     ns: &File,
     undo: &mut Vec<UndoStep>,
 ) -> Result<Macs, CniError> {
-    let mut macs = Macs::default();
-    let mut bridge = BridgeLink {
-        index: 0,
-        mac: [0; 6],
-        created: false,
-    };
-    let mut host = HostLink {
-        index: 0,
-        mac: [0; 6],
-    };
-    for step in &plan.steps {
+    let mut state = Applied::default();
+    apply_steps(links, plan.steps.iter(), ns, undo, &mut state)?;
+    Ok(state.macs)
+}
+
+/// What the steps applied so far made (links and MACs).
+#[derive(Debug, Default)]
+struct Applied {
+    macs: Macs,
+    bridge: Option<BridgeLink>,
+    host: Option<HostLink>,
+}
+
+/// Applies `steps` in order on top of `state`; every step that succeeds pushes its undo.
+fn apply_steps<'p>(
+    links: &mut dyn AttachNet,
+    steps: impl Iterator<Item = &'p Step>,
+    ns: &File,
+    undo: &mut Vec<UndoStep>,
+    state: &mut Applied,
+) -> Result<(), CniError> {
+    for step in steps {
         match step {
             Step::Bridge(spec) => {
-                bridge = links.ensure_bridge(spec)?;
-                macs.bridge = bridge.mac;
+                let b = links.ensure_bridge(spec)?;
+                // Made by an earlier ensure of this ADD counts as made now.
+                let created = b.created || state.bridge.is_some_and(|o| o.created);
+                state.bridge = Some(BridgeLink { created, ..b });
+                state.macs.bridge = b.mac;
             }
-            Step::Masquerade(rules) => links.ensure_masq(rules, bridge.created)?,
+            Step::Masquerade(rules) => {
+                links.ensure_masq(rules, state.bridge.is_some_and(|b| b.created))?
+            }
             Step::Veth(v) => {
-                host = links.create_veth(&v.host, &v.container, v.mtu, bridge.index, ns)?;
-                macs.host = host.mac;
+                let bridge = state.bridge.map(|b| b.index).unwrap_or_default();
+                let host = links.create_veth(&v.host, &v.container, v.mtu, v.mac, bridge, ns)?;
+                state.macs.host = host.mac;
+                state.host = Some(host);
             }
-            Step::Hairpin { .. } => links.set_hairpin(host.index)?,
+            Step::PortVlan {
+                vid,
+                trunk,
+                keep_default,
+            } => links.set_port_vlan(
+                state.host.map(|h| h.index).unwrap_or_default(),
+                *vid,
+                trunk,
+                *keep_default,
+            )?,
+            Step::Isolated => {
+                links.set_isolated(state.host.map(|h| h.index).unwrap_or_default())?
+            }
+            Step::Hairpin { .. } => {
+                links.set_hairpin(state.host.map(|h| h.index).unwrap_or_default())?
+            }
             Step::Container(c) => {
-                macs.container = links.configure_container(ns, &c.ifname, &c.addrs, &c.routes)?
+                state.macs.container =
+                    links.configure_container(ns, &c.ifname, &c.addrs, &c.routes, c.dad)?
             }
+            Step::SpoofCheck { host } => links.spoof_check(host, state.macs.container)?,
         }
         undo.extend(step.undo());
     }
-    Ok(macs)
+    Ok(())
 }
 
 /// ADD over any `AttachNet` and `IpamStore`: reserve, plan, apply, build the result;
@@ -602,8 +848,120 @@ pub fn add_with_store(
     }
 }
 
+/// ADD with a delegated IPAM, as the reference bridge: the IPAM plugin's ADD first, its
+/// result planned and applied like a reservation, and its DEL when a later step fails.
+pub fn add_delegated(
+    links: &mut dyn AttachNet,
+    ipam: &dyn IpamPlugin,
+    env: &Env,
+    conf: &NetConf,
+    mtu: u32,
+    ns: &File,
+) -> Result<Value, CniError> {
+    let prev = match &conf.prev_result {
+        Some(p) => Some(CniResult::parse(p).map_err(|e| {
+            CniError::new(codes::DECODE, "failed to decode prevResult", e.to_string())
+        })?),
+        None => None,
+    };
+    // As the reference: bridge and veth first (dhcp's IPAM runs on the container
+    // interface), then the IPAM plugin, then addresses, routes, gateways and masquerade.
+    let l2_net = Network {
+        ranges: vec![],
+        mtu,
+        cluster: vec![],
+    };
+    let l2 = plan::plan(env, conf, &l2_net, &[]);
+    let mut undo_steps = Vec::new();
+    let mut state = Applied::default();
+    let layer2 = l2.steps.iter().filter(|s| {
+        matches!(
+            s,
+            Step::Bridge(_) | Step::Veth(_) | Step::PortVlan { .. } | Step::Hairpin { .. }
+        )
+    });
+    if let Err(e) = apply_steps(links, layer2, ns, &mut undo_steps, &mut state) {
+        undo_links(links, &undo_steps);
+        return Err(e);
+    }
+    let answer = match ipam.call("ADD") {
+        Ok(a) => a,
+        Err(e) => {
+            undo_links(links, &undo_steps);
+            return Err(e);
+        }
+    };
+    let release = |why: &CniError| {
+        tracing::warn!("ADD failed ({why}): releasing the IPAM allocation");
+        if let Err(e) = ipam.call("DEL") {
+            tracing::warn!("undo: IPAM DEL: {e}");
+        }
+    };
+    let result = CniResult::parse(&answer)
+        .map_err(|e| {
+            CniError::new(
+                codes::DECODE,
+                "failed to decode the IPAM result",
+                e.to_string(),
+            )
+        })
+        .and_then(|r| {
+            if r.ips.is_empty() {
+                Err(CniError::new(
+                    codes::IPAM_PLUGIN,
+                    "IPAM plugin returned missing IP config",
+                    String::new(),
+                ))
+            } else {
+                Ok(r)
+            }
+        });
+    let ipam_result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            undo_links(links, &undo_steps);
+            release(&e);
+            return Err(e);
+        }
+    };
+    let (conf, net) = plan::delegated_network(conf, &ipam_result, mtu);
+    let reserved: Vec<(IpAddr, &Range)> = net.ranges.iter().map(|r| (r.start, r)).collect();
+    let plan = plan::plan(env, &conf, &net, &reserved);
+    let layer3 = plan.steps.iter().filter(|s| {
+        !matches!(
+            s,
+            Step::Veth(_) | Step::PortVlan { .. } | Step::Hairpin { .. }
+        )
+    });
+    match apply_steps(links, layer3, ns, &mut undo_steps, &mut state) {
+        Ok(()) => {
+            let addrs: Vec<IpNet> = plan.result.ips.iter().map(|(a, _)| *a).collect();
+            tracing::info!(ips = ?addrs, "attached (delegated IPAM)");
+            let result = plan::merge_prev(prev, plan.result.build(&state.macs));
+            Ok(result.render(&conf.cni_version))
+        }
+        Err(e) => {
+            undo_links(links, &undo_steps);
+            release(&e);
+            Err(e)
+        }
+    }
+}
+
 /// DEL: releases the addresses and removes the veth; anything missing is success.
 pub fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    if conf.mac_spoof_chk {
+        spoofchk::load(&spoofchk::render_del(&plan::plan_del(env).host))?;
+    }
+    if let IpamMode::Delegated(_) = conf.ipam {
+        // As the reference: the interface first, then the IPAM plugin's DEL (so a missing
+        // plugin still leaves no interface behind).
+        detach(&mut LinkNet::lazy(), &plan::plan_del(env))?;
+        if let Some(ipam) = ipam_plugin(env, conf)? {
+            ipam.call("DEL")?;
+        }
+        return Ok(());
+    }
     // The socket opens after the release, so a DEL releases even without netlink.
     del_with(&mut LinkNet::lazy(), &DiskStore::new(&conf.data_dir), env)
 }
@@ -622,6 +980,11 @@ pub fn del_with(
             .map_err(ipam_err)?;
         tracing::info!(ips = ?released, "released");
     }
+    detach(links, &plan)
+}
+
+/// Deletes the host veth, else the container end.
+fn detach(links: &mut dyn DetachNet, plan: &plan::DelPlan) -> Result<(), CniError> {
     if !links.delete_host_veth(&plan.host)? {
         // Deleting the host end removes the pair; without it, clean the container side.
         if let Some((netns, ifname)) = &plan.container {
@@ -645,6 +1008,10 @@ pub fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         .map_err(|e| CniError::new(codes::DECODE, "failed to decode prevResult", e.to_string()))?;
     let netns_path = env.netns.clone().unwrap_or_default();
     let ns = open_netns(&netns_path, codes::UNKNOWN_CONTAINER)?;
+    let ipam = ipam_plugin(env, conf)?;
+    if let Some(p) = &ipam {
+        p.call("CHECK")?;
+    }
     let want = plan::plan_check(env, conf, &prev)?;
     let ifname = want.ifname.clone();
     let view = in_netns(&ns, move || -> Result<ContainerView, CniError> {
@@ -689,6 +1056,10 @@ pub fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         br.map(|b| b.header.index),
         hl.as_ref().map(netlink::link_master),
     )?;
+    if ipam.is_some() {
+        // The IPAM plugin's CHECK vouched for the allocation.
+        return Ok(());
+    }
     let store = DiskStore::new(&conf.data_dir);
     let locked = store.lock().map_err(ipam_err)?;
     let held: HashSet<IpAddr> = locked
@@ -700,7 +1071,10 @@ pub fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
 }
 
 /// STATUS: ranges resolvable, IPAM store usable, a free address left.
-pub fn status(conf: &NetConf) -> Result<(), CniError> {
+pub fn status(env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    if let Some(p) = ipam_plugin(env, conf)? {
+        return p.call("STATUS").map(|_| ());
+    }
     let unavailable = |d: String| CniError::new(codes::NOT_AVAILABLE, "plugin not available", d);
     let net = network(conf).map_err(|e| unavailable(e.details))?;
     let disk = DiskStore::new(&conf.data_dir);
@@ -731,7 +1105,12 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
 }
 
 /// GC: releases allocations and removes host veths not in `cni.dev/valid-attachments`.
-pub fn gc(conf: &NetConf) -> Result<(), CniError> {
+pub fn gc(env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    if let Some(p) = ipam_plugin(env, conf)? {
+        // The IPAM plugin collects its own allocations; the veths are ours.
+        p.call("GC")?;
+        return gc_links(&mut LinkNet::lazy(), conf, &valid_attachments(conf)?);
+    }
     // The socket opens after the release, as DEL's does.
     gc_with(&mut LinkNet::lazy(), &DiskStore::new(&conf.data_dir), conf)
 }
@@ -742,8 +1121,22 @@ pub fn gc_with(
     store: &dyn IpamStore,
     conf: &NetConf,
 ) -> Result<(), CniError> {
-    // Without the list every allocation would look stale: refuse rather than wipe.
-    let valid: HashSet<Attachment> = conf
+    let valid = valid_attachments(conf)?;
+    {
+        let locked = store.lock().map_err(ipam_err)?;
+        let allocations = locked.allocations().map_err(ipam_err)?;
+        for (ip, owner) in plan::gc_releases(allocations, &valid) {
+            tracing::info!(%ip, container = %owner.container_id, "gc: releasing");
+            locked.release(ip).map_err(ipam_err)?;
+        }
+    }
+    gc_links(links, conf, &valid)
+}
+
+/// GC's `cni.dev/valid-attachments`: without the list every allocation would look stale,
+/// so GC refuses rather than wipes.
+fn valid_attachments(conf: &NetConf) -> Result<HashSet<Attachment>, CniError> {
+    Ok(conf
         .valid_attachments
         .clone()
         .ok_or_else(|| {
@@ -754,19 +1147,19 @@ pub fn gc_with(
             )
         })?
         .into_iter()
-        .collect();
+        .collect())
+}
+
+/// GC of host veths on the bridge that belong to no valid attachment.
+fn gc_links(
+    links: &mut dyn DetachNet,
+    conf: &NetConf,
+    valid: &HashSet<Attachment>,
+) -> Result<(), CniError> {
     let valid_hosts: HashSet<String> = valid
         .iter()
         .map(|a| host_veth_name(&a.container_id, &a.ifname))
         .collect();
-    {
-        let locked = store.lock().map_err(ipam_err)?;
-        let allocations = locked.allocations().map_err(ipam_err)?;
-        for (ip, owner) in plan::gc_releases(allocations, &valid) {
-            tracing::info!(%ip, container = %owner.container_id, "gc: releasing");
-            locked.release(ip).map_err(ipam_err)?;
-        }
-    }
     let Some((bridge, host_links)) = links.host_links(&conf.bridge)? else {
         return Ok(());
     };
@@ -834,6 +1227,7 @@ mod tests {
             host: &str,
             _: &str,
             mtu: u32,
+            _: Option<[u8; 6]>,
             bridge: u32,
             _: &File,
         ) -> Result<HostLink, CniError> {
@@ -849,12 +1243,20 @@ mod tests {
             assert_eq!(index, 5);
             self.step("hairpin")
         }
+        fn set_port_vlan(&mut self, _: u32, _: u16, _: &[u16], _: bool) -> Result<(), CniError> {
+            self.steps.push("vlan".into());
+            Ok(())
+        }
+        fn set_isolated(&mut self, _: u32) -> Result<(), CniError> {
+            Ok(())
+        }
         fn configure_container(
             &mut self,
             _: &File,
             _: &str,
             addrs: &[IpNet],
             routes: &[(IpNet, IpAddr)],
+            _: bool,
         ) -> Result<[u8; 6], CniError> {
             assert_eq!(addrs.len(), 2);
             assert_eq!(routes.len(), 3, "two defaults and one extra route");
@@ -864,6 +1266,14 @@ mod tests {
         fn delete_link(&mut self, name: &str) -> Result<(), CniError> {
             self.steps.push("delete".into());
             self.links.remove(name);
+            Ok(())
+        }
+        fn spoof_check(&mut self, _: &str, _: [u8; 6]) -> Result<(), CniError> {
+            self.steps.push("spoofchk".into());
+            Ok(())
+        }
+        fn delete_spoof_check(&mut self, _: &str) -> Result<(), CniError> {
+            self.steps.push("delete spoofchk".into());
             Ok(())
         }
     }
@@ -939,6 +1349,277 @@ mod tests {
     }
 }
 
+/// Delegated IPAM against a recording IPAM plugin.
+#[cfg(test)]
+mod delegated_tests {
+    use super::*;
+    use crate::skel::parse_env;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    struct FakeIpam {
+        calls: RefCell<Vec<String>>,
+        add: Result<Value, CniError>,
+    }
+
+    impl IpamPlugin for FakeIpam {
+        fn call(&self, command: &str) -> Result<Value, CniError> {
+            self.calls.borrow_mut().push(command.to_string());
+            match command {
+                "ADD" => self.add.clone(),
+                _ => Ok(Value::Null),
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct Links {
+        fail_container: bool,
+        steps: Vec<String>,
+        routes: Vec<(IpNet, IpAddr)>,
+        addrs: Vec<IpNet>,
+        gateways: Vec<IpNet>,
+    }
+
+    impl AttachNet for Links {
+        fn ensure_bridge(&mut self, spec: &BridgeSpec) -> Result<BridgeLink, CniError> {
+            self.steps.push("bridge".into());
+            self.gateways = spec.gateways.clone();
+            Ok(BridgeLink {
+                index: 1,
+                mac: [2, 0, 0, 0, 0, 1],
+                created: false,
+            })
+        }
+        fn ensure_masq(&mut self, _: &masq::Rules, _: bool) -> Result<(), CniError> {
+            self.steps.push("masq".into());
+            Ok(())
+        }
+        fn create_veth(
+            &mut self,
+            _: &str,
+            _: &str,
+            mtu: u32,
+            _: Option<[u8; 6]>,
+            _: u32,
+            _: &File,
+        ) -> Result<HostLink, CniError> {
+            self.steps.push(format!("veth mtu {mtu}"));
+            Ok(HostLink {
+                index: 5,
+                mac: [2, 0, 0, 0, 0, 5],
+            })
+        }
+        fn set_hairpin(&mut self, _: u32) -> Result<(), CniError> {
+            self.steps.push("hairpin".into());
+            Ok(())
+        }
+        fn set_port_vlan(&mut self, _: u32, _: u16, _: &[u16], _: bool) -> Result<(), CniError> {
+            self.steps.push("vlan".into());
+            Ok(())
+        }
+        fn set_isolated(&mut self, _: u32) -> Result<(), CniError> {
+            Ok(())
+        }
+        fn configure_container(
+            &mut self,
+            _: &File,
+            _: &str,
+            addrs: &[IpNet],
+            routes: &[(IpNet, IpAddr)],
+            _: bool,
+        ) -> Result<[u8; 6], CniError> {
+            self.steps.push("container".into());
+            self.addrs = addrs.to_vec();
+            self.routes = routes.to_vec();
+            if self.fail_container {
+                return Err(CniError::new(codes::NETLINK, "injected", "container"));
+            }
+            Ok([2, 0, 0, 0, 0, 9])
+        }
+        fn delete_link(&mut self, _: &str) -> Result<(), CniError> {
+            self.steps.push("delete".into());
+            Ok(())
+        }
+        fn spoof_check(&mut self, _: &str, _: [u8; 6]) -> Result<(), CniError> {
+            self.steps.push("spoofchk".into());
+            Ok(())
+        }
+        fn delete_spoof_check(&mut self, _: &str) -> Result<(), CniError> {
+            self.steps.push("delete spoofchk".into());
+            Ok(())
+        }
+    }
+
+    fn env() -> Env {
+        let m: HashMap<&str, &str> = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+        ]
+        .into_iter()
+        .collect();
+        parse_env(|k| m.get(k).map(|v| v.to_string())).unwrap()
+    }
+
+    /// podman's bridge conflist entry (host-local, explicit default route without gw).
+    fn podman_conf(version: &str) -> NetConf {
+        NetConf::parse(
+            format!(
+                r#"{{"cniVersion":"{version}","name":"podman","type":"hako-cni","bridge":"cni-podman0","isGateway":true,"ipMasq":true,"hairpinMode":true,"mtu":1400,"ipam":{{"type":"host-local","routes":[{{"dst":"0.0.0.0/0"}}],"ranges":[[{{"subnet":"10.88.0.0/16","gateway":"10.88.0.1"}}]]}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn host_local_answer() -> Value {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "ips": [{"address": "10.88.0.2/16", "gateway": "10.88.0.1"},
+                    {"address": "fd88::2/64"}],
+            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "192.168.0.0/16", "gw": "10.88.0.254"}],
+            "dns": {}
+        })
+    }
+
+    #[test]
+    fn host_local_result_is_applied_with_one_default_route_per_family() {
+        let conf = podman_conf("1.0.0");
+        assert_eq!(conf.ipam, IpamMode::Delegated("host-local".into()));
+        let ipam = FakeIpam {
+            calls: RefCell::default(),
+            add: Ok(host_local_answer()),
+        };
+        let mut links = Links::default();
+        let ns = File::open("/dev/null").unwrap();
+        let r = add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap();
+        assert_eq!(*ipam.calls.borrow(), ["ADD"]);
+        assert_eq!(
+            links.steps,
+            [
+                "bridge",
+                "veth mtu 1400",
+                "hairpin",
+                "bridge",
+                "masq",
+                "container"
+            ]
+        );
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(links.addrs, [n("10.88.0.2/16"), n("fd88::2/64")]);
+        assert_eq!(links.gateways, [n("10.88.0.1/16"), n("fd88::1/64")]);
+        // isDefaultGateway (hako's default) + the explicit default: one default route.
+        assert_eq!(
+            links.routes,
+            [
+                (n("0.0.0.0/0"), a("10.88.0.1")),
+                (n("192.168.0.0/16"), a("10.88.0.254")),
+                (n("::/0"), a("fd88::1")),
+            ]
+        );
+        assert_eq!(r["ips"][0]["address"], "10.88.0.2/16");
+        assert_eq!(r["ips"][0]["interface"], 2);
+        assert_eq!(r["ips"][1]["gateway"], "fd88::1");
+        assert_eq!(r["routes"].as_array().unwrap().len(), 3);
+        assert_eq!(r["cniVersion"], "1.0.0");
+    }
+
+    #[test]
+    fn a_failed_step_after_ipam_releases_through_the_plugin() {
+        let conf = podman_conf("0.4.0");
+        let ipam = FakeIpam {
+            calls: RefCell::default(),
+            add: Ok(host_local_answer()),
+        };
+        let mut links = Links {
+            fail_container: true,
+            ..Default::default()
+        };
+        let ns = File::open("/dev/null").unwrap();
+        let e = add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap_err();
+        assert_eq!(e.details, "container");
+        assert_eq!(links.steps.last().map(String::as_str), Some("delete"));
+        assert_eq!(*ipam.calls.borrow(), ["ADD", "DEL"]);
+    }
+
+    #[test]
+    fn ipam_errors_and_empty_results() {
+        let conf = podman_conf("1.0.0");
+        let ns = File::open("/dev/null").unwrap();
+        // The plugin's own error is returned as is; nothing is made, nothing released.
+        let ipam = FakeIpam {
+            calls: RefCell::default(),
+            add: Err(CniError::new(
+                11,
+                "IPAM plugin failed",
+                "no IP addresses available",
+            )),
+        };
+        let mut links = Links::default();
+        let e = add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap_err();
+        assert_eq!(e.code, 11);
+        assert_eq!(
+            links.steps,
+            ["bridge", "veth mtu 1400", "hairpin", "delete"]
+        );
+        assert_eq!(*ipam.calls.borrow(), ["ADD"]);
+        links.steps.clear();
+        // A result without addresses is refused and released.
+        let ipam = FakeIpam {
+            calls: RefCell::default(),
+            add: Ok(serde_json::json!({"cniVersion": "1.0.0", "ips": []})),
+        };
+        let e = add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap_err();
+        assert_eq!(e.code, codes::IPAM_PLUGIN);
+        assert_eq!(links.steps.last().map(String::as_str), Some("delete"));
+        assert_eq!(*ipam.calls.borrow(), ["ADD", "DEL"]);
+    }
+
+    #[test]
+    fn macspoofchk_follows_the_container_step_and_is_undone() {
+        let mut conf = podman_conf("1.0.0");
+        conf.mac_spoof_chk = true;
+        let ipam = FakeIpam {
+            calls: RefCell::default(),
+            add: Ok(host_local_answer()),
+        };
+        let mut links = Links::default();
+        let ns = File::open("/dev/null").unwrap();
+        add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap();
+        assert_eq!(links.steps.last().map(String::as_str), Some("spoofchk"));
+        let mut links = Links {
+            fail_container: true,
+            ..Default::default()
+        };
+        add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap_err();
+        assert!(!links.steps.contains(&"spoofchk".to_string()));
+    }
+
+    #[test]
+    fn explicit_default_route_with_gw_wins_over_is_default_gateway() {
+        let conf = podman_conf("1.0.0");
+        let ipam = FakeIpam {
+            calls: RefCell::default(),
+            add: Ok(serde_json::json!({
+                "cniVersion": "1.0.0",
+                "ips": [{"address": "10.88.0.2/16"}],
+                "routes": [{"dst": "0.0.0.0/0", "gw": "10.88.0.9"}]
+            })),
+        };
+        let mut links = Links::default();
+        let ns = File::open("/dev/null").unwrap();
+        add_delegated(&mut links, &ipam, &env(), &conf, 1400, &ns).unwrap();
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(links.routes, [(n("0.0.0.0/0"), a("10.88.0.9"))]);
+        // No gateway in the result: the subnet's first address, as the reference.
+        assert_eq!(links.gateways, [n("10.88.0.1/16")]);
+    }
+}
+
 /// ADD and DEL against the in-memory store and a recording network.
 #[cfg(test)]
 mod seam_tests {
@@ -989,6 +1670,7 @@ mod seam_tests {
             host: &str,
             ifname: &str,
             mtu: u32,
+            _: Option<[u8; 6]>,
             bridge: u32,
             _: &File,
         ) -> Result<HostLink, CniError> {
@@ -1002,12 +1684,25 @@ mod seam_tests {
         fn set_hairpin(&mut self, index: u32) -> Result<(), CniError> {
             self.call(format!("hairpin {index}"))
         }
+        fn set_port_vlan(
+            &mut self,
+            index: u32,
+            vid: u16,
+            _: &[u16],
+            keep: bool,
+        ) -> Result<(), CniError> {
+            self.call(format!("vlan {vid} on {index} keep_default={keep}"))
+        }
+        fn set_isolated(&mut self, _: u32) -> Result<(), CniError> {
+            Ok(())
+        }
         fn configure_container(
             &mut self,
             _: &File,
             ifname: &str,
             addrs: &[IpNet],
             routes: &[(IpNet, IpAddr)],
+            _: bool,
         ) -> Result<[u8; 6], CniError> {
             self.call(format!("container {ifname} {addrs:?} {routes:?}"))?;
             Ok([2, 0, 0, 0, 0, 0x0c])
@@ -1015,6 +1710,12 @@ mod seam_tests {
         fn delete_link(&mut self, name: &str) -> Result<(), CniError> {
             self.host_links.remove(name);
             self.call(format!("delete {name}"))
+        }
+        fn spoof_check(&mut self, host: &str, mac: [u8; 6]) -> Result<(), CniError> {
+            self.call(format!("spoofchk {host} {}", crate::netlink::fmt_mac(&mac)))
+        }
+        fn delete_spoof_check(&mut self, host: &str) -> Result<(), CniError> {
+            self.call(format!("delete spoofchk {host}"))
         }
     }
 

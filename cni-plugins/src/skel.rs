@@ -26,6 +26,8 @@ pub struct CniError {
 pub mod codes {
     /// Incompatible CNI version.
     pub const INCOMPATIBLE_VERSION: u32 = 1;
+    /// A field of the network configuration this plugin (or kernel) does not support.
+    pub const UNSUPPORTED_FIELD: u32 = 2;
     /// Container unknown or does not exist.
     pub const UNKNOWN_CONTAINER: u32 = 3;
     /// Invalid environment variables.
@@ -56,6 +58,10 @@ pub mod codes {
     pub const MASQUERADE: u32 = 106;
     /// The attachment already exists.
     pub const EXISTS: u32 = 107;
+    /// The delegated IPAM plugin could not be run, timed out or answered garbage.
+    pub const IPAM_PLUGIN: u32 = 108;
+    /// The `macspoofchk` rules could not be applied.
+    pub const SPOOFCHK: u32 = 109;
 }
 
 impl CniError {
@@ -84,6 +90,7 @@ impl From<ConfigError> for CniError {
             ConfigError::Decode(_) => "failed to decode network configuration",
             ConfigError::Invalid(_) | ConfigError::Range(_) => "invalid network configuration",
             ConfigError::Version(_) => "incompatible CNI version",
+            ConfigError::Unsupported { .. } => "unsupported field in network configuration",
         };
         CniError::new(e.code(), msg, e.to_string())
     }
@@ -278,8 +285,8 @@ pub fn main() -> i32 {
         Command::Add => crate::plugin::add(&env, &conf).map(Some),
         Command::Del => crate::plugin::del(&env, &conf).map(|_| None),
         Command::Check => crate::plugin::check(&env, &conf).map(|_| None),
-        Command::Status => crate::plugin::status(&conf).map(|_| None),
-        Command::Gc => crate::plugin::gc(&conf).map(|_| None),
+        Command::Status => crate::plugin::status(&env, &conf).map(|_| None),
+        Command::Gc => crate::plugin::gc(&env, &conf).map(|_| None),
         Command::Version => Ok(None),
     };
     match r {

@@ -105,14 +105,23 @@ impl<'a> Call<'a> {
 
 /// Runs `bin` inside `node` with the call's environment and raw stdin bytes.
 pub fn exec_raw(bin: &Path, node: &NetNs, call: &Call<'_>, stdin: &[u8]) -> Outcome {
+    let cni_path = format!("{}:/usr/lib/cni", bin.parent().expect("bin dir").display());
+    exec_raw_in(bin, node, call, stdin, &cni_path)
+}
+
+/// [`exec_raw`] with a given `CNI_PATH`.
+pub fn exec_raw_in(
+    bin: &Path,
+    node: &NetNs,
+    call: &Call<'_>,
+    stdin: &[u8],
+    cni_path: &str,
+) -> Outcome {
     let mut cmd = node.command(bin.to_str().expect("utf-8 path"));
     cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("CNI_COMMAND", call.command)
-        .env(
-            "CNI_PATH",
-            format!("{}:/usr/lib/cni", bin.parent().expect("bin dir").display()),
-        );
+        .env("CNI_PATH", cni_path);
     if let Some(v) = call.container_id {
         cmd.env("CNI_CONTAINERID", v);
     }

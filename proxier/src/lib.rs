@@ -10,6 +10,8 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod nft;
+pub mod nodeaddr;
+pub mod process;
 pub mod proxier;
 pub mod runner;
 

@@ -95,6 +95,9 @@ pub struct Schedule {
     failures: u32,
     last_full: Option<Instant>,
     pending: bool,
+    /// A due check was skipped (source not ready): pending work waits for the next tick or
+    /// the next change instead of making every wait zero.
+    held: bool,
 }
 
 impl Schedule {
@@ -108,12 +111,14 @@ impl Schedule {
             failures: 0,
             last_full: None,
             pending: false,
+            held: false,
         }
     }
 
     /// A change arrived; it is programmed by the next due sync.
     pub fn notify(&mut self) {
         self.pending = true;
+        self.held = false;
     }
 
     /// Whether a change arrived since the last successful sync.
@@ -146,7 +151,7 @@ impl Schedule {
             return self.sync_allowed();
         }
         let mut next = add(last, self.cfg.min_sync_period);
-        if self.pending {
+        if self.pending && !self.held {
             match self.sync_allowed() {
                 Some(t) => next = next.min(t),
                 None => return None,
@@ -194,6 +199,7 @@ impl Schedule {
     /// `min_sync_period` later. Back-off state is kept.
     pub fn skipped(&mut self, now: Instant) {
         self.last_check = Some(now);
+        self.held = true;
     }
 
     /// A sync ended at `now` without writing anything (nothing had changed in the model):
@@ -202,6 +208,7 @@ impl Schedule {
     pub fn finished_idle(&mut self, now: Instant) {
         self.last_check = Some(now);
         self.pending = false;
+        self.held = false;
     }
 
     /// A sync that wrote something (or failed) ended at `now`: success resets the back-off,
@@ -210,6 +217,7 @@ impl Schedule {
     pub fn finished(&mut self, now: Instant, outcome: Result<bool, ()>) -> Duration {
         self.last_check = Some(now);
         self.last_sync = Some(now);
+        self.held = false;
         match outcome {
             Ok(full) => {
                 self.failures = 0;
@@ -752,6 +760,22 @@ mod tests {
             assert_eq!(s.next_check(), Some(c.at(3310)), "{when:?}");
             assert_eq!(s.decide(c.at(3310)), Some(Plan { full: false }), "{when:?}");
         }
+    }
+
+    #[test]
+    fn a_change_the_source_cannot_sync_yet_waits_for_the_next_tick_or_change() {
+        // Services listed, slices not yet: the check is skipped, and the wait must not be
+        // zero again (it would spin until the slices come).
+        let c = Manual::new();
+        let mut s = Schedule::new(cfg(1000, 3600));
+        s.notify();
+        assert_eq!(s.next_check(), None);
+        s.skipped(c.at(0));
+        assert_eq!(s.next_check(), Some(c.at(1000)));
+        // The next change (the slices) makes it due at once again.
+        s.notify();
+        assert_eq!(s.next_check(), None);
+        assert_eq!(s.decide(c.at(5)), Some(Plan { full: true }));
     }
 
     #[test]

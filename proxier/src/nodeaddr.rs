@@ -81,15 +81,19 @@ pub enum NodeAddrError {
     },
 }
 
+/// A `/proc/net` file of the calling thread's network namespace (`/proc/net` is the
+/// process leader's, which differs on a thread that entered another namespace).
+fn proc_net(name: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/thread-self/net/{name}"))
+        .or_else(|_| std::fs::read_to_string(format!("/proc/net/{name}")))
+        .ok()
+}
+
 /// The node's primary addresses as CIDRs: per family, the usable addresses of the
-/// interface holding the default route.
+/// interface holding the default route (in the calling thread's network namespace).
 pub fn primary_addresses() -> Result<Vec<String>, NodeAddrError> {
-    let v4 = std::fs::read_to_string("/proc/net/route")
-        .ok()
-        .and_then(|t| default_v4_interface(&t));
-    let v6 = std::fs::read_to_string("/proc/net/ipv6_route")
-        .ok()
-        .and_then(|t| default_v6_interface(&t));
+    let v4 = proc_net("route").and_then(|t| default_v4_interface(&t));
+    let v6 = proc_net("ipv6_route").and_then(|t| default_v6_interface(&t));
     let mut out = Vec::new();
     for ifa in nix::ifaddrs::getifaddrs().map_err(NodeAddrError::Addrs)? {
         let Some(addr) = ifa.address else { continue };

@@ -189,6 +189,29 @@ fn nftables_mode_has_no_localhost_nodeports() {
     );
 }
 
+#[test]
+fn nodeport_addresses_primary_are_the_default_route_interface_addresses() {
+    require_root();
+    let net = ServiceNet::new(0);
+    let node_ip = net.topo.nodes[0].ip.to_string();
+    let got = net
+        .node()
+        .run(|| hako_proxier::nodeaddr::resolve(&["primary".into(), "10.0.0.0/8".into()]))
+        .unwrap()
+        .unwrap();
+    // The node's underlay address (its default route's interface), not the bridges'.
+    assert_eq!(got, [format!("{node_ip}/32"), "10.0.0.0/8".into()]);
+    // Without a default route there is no primary address: an error, not an empty list.
+    net.node().sh("ip route del default").unwrap();
+    let routes = net.node().sh("ip route").unwrap();
+    let err = net
+        .node()
+        .run(hako_proxier::nodeaddr::primary_addresses)
+        .unwrap()
+        .expect_err(&routes);
+    assert!(err.to_string().contains("no default route"), "{err}");
+}
+
 // ---- the daemon ----------------------------------------------------------------------
 
 fn proxy_bin() -> PathBuf {

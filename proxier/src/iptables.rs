@@ -28,6 +28,91 @@ pub struct RenderOpts {
     pub masquerade_all: bool,
     /// Node port addresses (CIDRs); empty = every local address.
     pub nodeport_addresses: Vec<String>,
+    /// IPv4 NodePorts answered on 127.0.0.0/8 too (kube-proxy's
+    /// `--iptables-localhost-nodeports`, on by default in `hako-proxy`), when the node port
+    /// addresses include the loopback range. The backend then sets `route_localnet=1` and
+    /// adds kube-proxy's safety rule (`KUBE-FIREWALL`: drop to 127.0.0.0/8 from elsewhere
+    /// unless DNATed or established). iptables mode only (nftables and IPVS never answer
+    /// NodePorts on loopback, as kube-proxy).
+    pub localhost_nodeports: bool,
+}
+
+/// The chain of kube-proxy's (and the kubelet's) martian-source drop rule.
+pub const FIREWALL: &str = "KUBE-FIREWALL";
+
+/// kube-proxy's rule making localhost NodePorts safe (https://issue.k8s.io/90259): with
+/// `route_localnet=1`, packets to 127.0.0.0/8 from elsewhere would otherwise be routed.
+pub const LOCALNET_DROP: &str = "-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP";
+
+/// The jumps to [`FIREWALL`] from the built-in chains (kube-proxy's kubelet jump chains).
+pub const FIREWALL_JUMPS: &[(&str, &str, &str)] = &[
+    ("filter", "INPUT", "-j KUBE-FIREWALL"),
+    ("filter", "OUTPUT", "-j KUBE-FIREWALL"),
+];
+
+/// Whether IPv4 `cidr` (`a.b.c.d/n` or an address) holds 127.0.0.1. Unparsable: false.
+fn holds_ipv4_loopback(cidr: &str) -> bool {
+    let (addr, len) = cidr.split_once('/').unwrap_or((cidr, "32"));
+    let (Ok(a), Ok(len)) = (
+        addr.trim().parse::<std::net::Ipv4Addr>(),
+        len.trim().parse::<u32>(),
+    ) else {
+        return false;
+    };
+    if len > 32 {
+        return false;
+    }
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    u32::from(a) & mask == u32::from(std::net::Ipv4Addr::LOCALHOST) & mask
+}
+
+/// Whether IPv4 `cidr` lies inside 127.0.0.0/8 (only loopback addresses).
+fn inside_ipv4_loopback(cidr: &str) -> bool {
+    let (addr, len) = cidr.split_once('/').unwrap_or((cidr, "32"));
+    addr.trim()
+        .parse::<std::net::Ipv4Addr>()
+        .is_ok_and(|a| a.is_loopback())
+        && len
+            .trim()
+            .parse::<u32>()
+            .is_ok_and(|l| (8..=32).contains(&l))
+}
+
+/// Whether the `fam` proxier answers NodePorts on localhost: IPv4, the option on, and the
+/// node port addresses (all local addresses when none is given) holding 127.0.0.1 — as
+/// kube-proxy's `ContainsIPv4Loopback`.
+pub fn localhost_nodeports(fam: Family, opts: &RenderOpts) -> bool {
+    if fam != Family::V4 || !opts.localhost_nodeports {
+        return false;
+    }
+    let v4: Vec<&String> = opts
+        .nodeport_addresses
+        .iter()
+        .filter(|a| fam.has_cidr(a))
+        .collect();
+    v4.is_empty() || v4.iter().any(|a| holds_ipv4_loopback(a))
+}
+
+/// Rules per table of the iptables mode (kube-proxy's `table` label).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableRules {
+    /// filter rules owned after the sync.
+    pub filter_total: usize,
+    /// nat rules owned after the sync.
+    pub nat_total: usize,
+    /// filter rules written by the sync.
+    pub filter_last: usize,
+    /// nat rules written by the sync.
+    pub nat_last: usize,
+}
+
+impl std::ops::AddAssign for TableRules {
+    fn add_assign(&mut self, o: Self) {
+        self.filter_total += o.filter_total;
+        self.nat_total += o.nat_total;
+        self.filter_last += o.filter_last;
+        self.nat_last += o.nat_last;
+    }
 }
 
 fn hash16(s: &str) -> String {
@@ -139,6 +224,8 @@ struct Ctx {
     cluster_cidr: Option<String>,
     nodeport_addresses: Vec<String>,
     mask: &'static str,
+    /// NodePorts on 127.0.0.0/8 (see [`localhost_nodeports`]).
+    localhost: bool,
 }
 
 impl Ctx {
@@ -165,6 +252,7 @@ impl Ctx {
                 .cloned()
                 .collect(),
             mask: fam.full_mask(),
+            localhost: localhost_nodeports(fam, opts),
         }
     }
 }
@@ -179,6 +267,8 @@ struct SvcFrag {
     cut: [usize; 2],
     /// Rules in `shared`.
     shared_rules: usize,
+    /// Of those, rules in filter chains.
+    filter_rules: usize,
     /// Its nat chains (`KUBE-SVC-*`, `KUBE-SVL-*`, `KUBE-EXT-*`, `KUBE-FW-*`, `KUBE-SEP-*`).
     chains: Vec<Box<str>>,
     /// Rules in those chains.
@@ -381,6 +471,7 @@ fn render_service(ctx: &Ctx, ports: &[ServicePort], out: &mut ChainOut) -> SvcFr
         }
     }
     let cut = [filter_rules.len(), filter_rules.len() + nat_rules.len()];
+    let filter_n = filter_rules.lines().count();
     let mut shared = filter_rules;
     shared.push_str(&nat_rules);
     shared.push_str(&nodeports);
@@ -388,6 +479,7 @@ fn render_service(ctx: &Ctx, ports: &[ServicePort], out: &mut ChainOut) -> SvcFr
         shared,
         cut,
         shared_rules,
+        filter_rules: filter_n,
         chains,
         chain_rules: out.count - before,
     }
@@ -403,6 +495,8 @@ pub struct Rendered {
     /// Whether the payload rewrites the shared chains (always for a full render; for a
     /// partial one only when the changed services' lines in them changed).
     pub shared: bool,
+    /// Rules per table, owned after this payload and written by it.
+    pub tables: TableRules,
 }
 
 /// Incremental renderer of one family. It keeps each service's lines in the shared chains
@@ -423,6 +517,11 @@ impl Renderer {
             fam,
             frags: BTreeMap::new(),
         }
+    }
+
+    /// The family it renders.
+    pub fn family(&self) -> Family {
+        self.fam
     }
 
     /// Every per-service nat chain of the last render.
@@ -515,10 +614,17 @@ impl Renderer {
             text.push_str(&out.rules);
             text.push_str(&deletes);
             text.push_str("COMMIT\n");
+            let (filter_total, nat_total) = self.totals(ctx);
             return Rendered {
                 text,
                 rules,
                 shared: false,
+                tables: TableRules {
+                    filter_total,
+                    nat_total,
+                    filter_last: 0,
+                    nat_last: rules,
+                },
             };
         }
         let shared_len: usize = self.frags.values().map(|f| f.shared.len()).sum();
@@ -535,6 +641,10 @@ impl Renderer {
         ] {
             let _ = writeln!(text, ":{c} - [0:0]");
         }
+        if ctx.localhost {
+            let _ = writeln!(text, ":{FIREWALL} - [0:0]");
+            rules += push_lines(&mut text, &[LOCALNET_DROP.to_string()]);
+        }
         let statics = [
             "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP".to_string(),
             format!("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK} -j ACCEPT"),
@@ -545,6 +655,13 @@ impl Renderer {
             text.push_str(f.filter());
             rules += f.shared_rules;
         }
+        let filter_written = rules
+            - out.count
+            - self
+                .frags
+                .values()
+                .map(|f| f.shared_rules - f.filter_rules)
+                .sum::<usize>();
         text.push_str("COMMIT\n*nat\n");
         for c in [
             "KUBE-SERVICES",
@@ -567,31 +684,68 @@ impl Renderer {
             text.push_str(f.nat());
         }
         // Node ports last in KUBE-SERVICES.
-        let last = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
-        if ctx.nodeport_addresses.is_empty() {
-            let _ = writeln!(
-                text,
-                "{last} -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
-            );
-            rules += 1;
-        } else {
-            for a in &ctx.nodeport_addresses {
-                let _ = writeln!(text, "{last} -d {a} -j KUBE-NODEPORTS");
-                rules += 1;
-            }
-        }
+        rules += push_lines(&mut text, &nodeport_jumps(ctx));
         for f in self.frags.values() {
             text.push_str(f.nodeports());
         }
         text.push_str(&out.rules);
         text.push_str(&deletes);
         text.push_str("COMMIT\n");
+        let (filter_total, nat_total) = self.totals(ctx);
         Rendered {
             text,
             rules,
             shared: true,
+            tables: TableRules {
+                filter_total,
+                nat_total,
+                filter_last: filter_written,
+                nat_last: rules - filter_written,
+            },
         }
     }
+
+    /// Rules owned in filter and nat after a render (the kept lines, the chains, the
+    /// static rules).
+    fn totals(&self, ctx: &Ctx) -> (usize, usize) {
+        let mut filter = 3 + usize::from(ctx.localhost);
+        let mut nat = 4 + nodeport_jumps(ctx).len();
+        for f in self.frags.values() {
+            filter += f.filter_rules;
+            nat += f.shared_rules - f.filter_rules + f.chain_rules;
+        }
+        (filter, nat)
+    }
+}
+
+/// The jumps from `KUBE-SERVICES` to `KUBE-NODEPORTS`, last in the chain, as kube-proxy: for
+/// every local address (less loopback unless localhost NodePorts are on; never `::1`), or
+/// for each `--nodeport-addresses` CIDR (loopback-only CIDRs left out unless localhost
+/// NodePorts are on).
+fn nodeport_jumps(ctx: &Ctx) -> Vec<String> {
+    let last = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+    if ctx.nodeport_addresses.is_empty() {
+        let not_lo = match ctx.fam {
+            Family::V6 => " ! -d ::1/128",
+            Family::V4 if !ctx.localhost => " ! -d 127.0.0.0/8",
+            Family::V4 => "",
+        };
+        return vec![format!(
+            "{last} -m addrtype --dst-type LOCAL{not_lo} -j KUBE-NODEPORTS"
+        )];
+    }
+    ctx.nodeport_addresses
+        .iter()
+        .filter(|a| match ctx.fam {
+            Family::V4 => ctx.localhost || !inside_ipv4_loopback(a),
+            Family::V6 => !a
+                .split('/')
+                .next()
+                .and_then(|x| x.trim().parse::<std::net::Ipv6Addr>().ok())
+                .is_some_and(|x| x.is_loopback()),
+        })
+        .map(|a| format!("{last} -d {a} -j KUBE-NODEPORTS"))
+        .collect()
 }
 
 /// Appends `lines`, one per line; returns how many.
@@ -669,8 +823,12 @@ pub trait Iptables: Send {
     fn restore(&mut self, text: &str) -> Result<(), IptablesError>;
     /// Whether `chain` exists in `table`.
     fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool, IptablesError>;
-    /// Creates the chains and jump rules from built-in chains (idempotent) and the canary.
-    fn ensure_base(&mut self) -> Result<(), IptablesError>;
+    /// Creates the chains and jump rules from built-in chains (idempotent) and the canary;
+    /// with `localhost` also [`FIREWALL`] and its jumps from INPUT and OUTPUT.
+    fn ensure_base(&mut self, localhost: bool) -> Result<(), IptablesError>;
+    /// Sets `net.ipv4.conf.all.route_localnet=1` in this network namespace (localhost
+    /// NodePorts), unless it is 1 already.
+    fn set_route_localnet(&mut self) -> Result<(), IptablesError>;
     /// Per-service chain names (KUBE-SVC/SVL/EXT/FW/SEP) present in nat.
     fn list_service_chains(&mut self) -> Result<BTreeSet<String>, IptablesError>;
 }
@@ -702,7 +860,18 @@ pub enum IptablesError {
         /// Its stderr.
         stderr: String,
     },
+    /// A sysctl could not be read or set.
+    #[error("setting {path} to 1 (localhost NodePorts; --iptables-localhost-nodeports=false turns them off): {source}")]
+    Sysctl {
+        /// The /proc/sys file.
+        path: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
+
+/// The sysctl that lets packets to 127.0.0.0/8 be routed off the loopback device after DNAT.
+pub const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
 
 /// Whether a chain name is one of ours per service.
 pub fn is_service_chain(c: &str) -> bool {
@@ -940,9 +1109,25 @@ impl Iptables for RealIptables {
         }
     }
 
-    fn ensure_base(&mut self) -> Result<(), IptablesError> {
+    fn set_route_localnet(&mut self) -> Result<(), IptablesError> {
+        let err = |source| IptablesError::Sysctl {
+            path: ROUTE_LOCALNET,
+            source,
+        };
+        if std::fs::read_to_string(ROUTE_LOCALNET).map_err(err)?.trim() == "1" {
+            return Ok(());
+        }
+        tracing::info!("setting route_localnet=1 to allow NodePorts on localhost; --iptables-localhost-nodeports=false or --nodeport-addresses without loopback turn this off");
+        std::fs::write(ROUTE_LOCALNET, "1\n").map_err(err)
+    }
+
+    fn ensure_base(&mut self, localhost: bool) -> Result<(), IptablesError> {
         let ipt = self.iptables.clone();
         let mut base = String::from("*mangle\n:KUBE-PROXY-CANARY - [0:0]\nCOMMIT\n*filter\n");
+        if localhost {
+            // Flushed and refilled in one transaction: the drop rule is never missing.
+            let _ = writeln!(base, ":{FIREWALL} - [0:0]\n{LOCALNET_DROP}");
+        }
         for c in [
             "KUBE-SERVICES",
             "KUBE-EXTERNAL-SERVICES",
@@ -963,7 +1148,8 @@ impl Iptables for RealIptables {
         }
         base.push_str("COMMIT\n");
         self.restore(&base)?;
-        for (table, chain, rule) in JUMPS {
+        let extra = if localhost { FIREWALL_JUMPS } else { &[] };
+        for (table, chain, rule) in JUMPS.iter().chain(extra) {
             let mut args: Vec<String> = WAIT_ARGS.iter().map(|a| (*a).to_string()).collect();
             let op = args.len() + 2;
             args.extend([
@@ -976,9 +1162,11 @@ impl Iptables for RealIptables {
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
             match self.run(&ipt, &a, None) {
                 Ok(_) => continue,
-                Err(e @ (IptablesError::Lock { .. } | IptablesError::Spawn { .. })) => {
-                    return Err(e)
-                }
+                Err(
+                    e @ (IptablesError::Lock { .. }
+                    | IptablesError::Spawn { .. }
+                    | IptablesError::Sysctl { .. }),
+                ) => return Err(e),
                 Err(IptablesError::Failed { .. }) => {}
             }
             args[op] = "-I".into();
@@ -1009,6 +1197,10 @@ pub struct FakeState {
     pub chains: BTreeMap<String, BTreeSet<String>>,
     /// Make the next restore fail.
     pub fail_next: bool,
+    /// `route_localnet` was set.
+    pub route_localnet: bool,
+    /// Calls of `chain_exists` (the canary check).
+    pub canary_checks: usize,
 }
 
 /// A fake that records payloads and tracks declared/deleted chains.
@@ -1046,16 +1238,31 @@ impl Iptables for FakeIptables {
     }
 
     fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool, IptablesError> {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.canary_checks += 1;
         Ok(st.chains.get(table).is_some_and(|s| s.contains(chain)))
     }
 
-    fn ensure_base(&mut self) -> Result<(), IptablesError> {
+    fn ensure_base(&mut self, localhost: bool) -> Result<(), IptablesError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.chains
             .entry("mangle".into())
             .or_default()
             .insert(CANARY.into());
+        if localhost {
+            st.chains
+                .entry("filter".into())
+                .or_default()
+                .insert(FIREWALL.into());
+        }
+        Ok(())
+    }
+
+    fn set_route_localnet(&mut self) -> Result<(), IptablesError> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .route_localnet = true;
         Ok(())
     }
 
@@ -1137,6 +1344,135 @@ mod tests {
             external_local: false,
             internal_local: false,
             endpoints: vec![],
+        }
+    }
+
+    /// `-A` lines of the filter and nat sections of a payload.
+    fn rules_per_table(text: &str) -> (usize, usize) {
+        let (mut f, mut n, mut table) = (0, 0, "");
+        for l in text.lines() {
+            if let Some(t) = l.strip_prefix('*') {
+                table = if t == "filter" { "filter" } else { "nat" };
+            } else if l.starts_with("-A ") {
+                if table == "filter" {
+                    f += 1;
+                } else {
+                    n += 1;
+                }
+            }
+        }
+        (f, n)
+    }
+
+    fn nodeport_model() -> Model {
+        let mut p = sp("ns", "np", "p", Protocol::Tcp);
+        p.node_port = Some(30080);
+        p.endpoints = vec![Endpoint {
+            ip: "10.244.1.5".parse().expect("ip"),
+            port: 8080,
+            ready: true,
+            serving: true,
+            terminating: false,
+            local: false,
+        }];
+        let mut m = Model::new();
+        m.insert(p.key.clone(), vec![p]);
+        m
+    }
+
+    #[test]
+    fn localhost_nodeports_as_kube_proxy() {
+        let jump = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+        // (localhost option, --nodeport-addresses, family) -> (KUBE-FIREWALL rule, jumps)
+        type Case<'a> = (bool, &'a [&'a str], Family, bool, &'a [&'a str]);
+        let cases: &[Case] = &[
+            (
+                true,
+                &[],
+                Family::V4,
+                true,
+                &["-m addrtype --dst-type LOCAL -j"],
+            ),
+            (
+                false,
+                &[],
+                Family::V4,
+                false,
+                &["-m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j"],
+            ),
+            (
+                true,
+                &[],
+                Family::V6,
+                false,
+                &["-m addrtype --dst-type LOCAL ! -d ::1/128 -j"],
+            ),
+            // Addresses without loopback: off, as kube-proxy's ContainsIPv4Loopback.
+            (
+                true,
+                &["10.0.0.0/8"],
+                Family::V4,
+                false,
+                &["-d 10.0.0.0/8 -j"],
+            ),
+            (
+                true,
+                &["127.0.0.0/8", "10.0.0.0/8"],
+                Family::V4,
+                true,
+                &["-d 127.0.0.0/8 -j", "-d 10.0.0.0/8 -j"],
+            ),
+            (true, &["0.0.0.0/0"], Family::V4, true, &["-d 0.0.0.0/0 -j"]),
+            (
+                false,
+                &["127.0.0.1/32", "10.0.0.0/8"],
+                Family::V4,
+                false,
+                &["-d 10.0.0.0/8 -j"],
+            ),
+            (
+                true,
+                &["::1/128", "fd00::/8"],
+                Family::V6,
+                false,
+                &["-d fd00::/8 -j"],
+            ),
+        ];
+        for (on, addrs, fam, firewall, jumps) in cases {
+            let opts = RenderOpts {
+                localhost_nodeports: *on,
+                nodeport_addresses: addrs.iter().map(|a| (*a).to_string()).collect(),
+                ..RenderOpts::default()
+            };
+            let mut model = nodeport_model();
+            if *fam == Family::V6 {
+                for p in model.values_mut().flatten() {
+                    p.cluster_ips = vec!["fd00:96::1".parse().expect("ip")];
+                    p.endpoints[0].ip = "fd00:244::5".parse().expect("ip");
+                }
+            }
+            let case = format!("{on} {addrs:?} {fam:?}");
+            assert_eq!(localhost_nodeports(*fam, &opts), *firewall, "{case}");
+            let text = Renderer::new(*fam)
+                .full(&model, &opts, &BTreeSet::new())
+                .text;
+            assert!(
+                check_jumps(&text).is_empty(),
+                "{case}: {:?}",
+                check_jumps(&text)
+            );
+            assert_eq!(text.contains(":KUBE-FIREWALL - [0:0]"), *firewall, "{case}");
+            assert_eq!(
+                text.lines().any(|l| l == LOCALNET_DROP),
+                *firewall,
+                "{case}"
+            );
+            let got: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix(jump))
+                .map(|l| l.trim_start().trim_end_matches(" KUBE-NODEPORTS"))
+                .collect();
+            assert_eq!(got, *jumps, "{case}");
         }
     }
 
@@ -1238,6 +1574,7 @@ mod tests {
             &mut kernel_shared,
         );
         let (mut quiet, mut loud) = (0, 0);
+        let mut last_tables;
         for step in 0..400 {
             let i = next(8);
             let key = ServiceKey {
@@ -1306,12 +1643,26 @@ mod tests {
                     quiet += 1
                 }
                 apply(&out.text, &mut kernel, &mut kernel_shared);
+                last_tables = out.tables;
             } else {
                 let out = r.partial(&model, &opts, &BTreeSet::from([key.clone()]));
                 apply(&out.text, &mut kernel, &mut kernel_shared);
+                last_tables = out.tables;
             }
             let mut fresh = Renderer::new(Family::V4);
             let want = fresh.full(&model, &opts, &BTreeSet::new());
+            // Rules owned per table after a partial render = those a full render writes.
+            let (f, n) = rules_per_table(&want.text);
+            assert_eq!(
+                (want.tables.filter_last, want.tables.nat_last),
+                (f, n),
+                "step {step}: full render's counts"
+            );
+            assert_eq!(
+                (last_tables.filter_total, last_tables.nat_total),
+                (f, n),
+                "step {step}: owned rules after the partial render"
+            );
             assert_eq!(r.frags, fresh.frags, "step {step}: kept state differs");
             let want_chains: BTreeSet<String> = fresh.chains().map(str::to_string).collect();
             assert_eq!(

@@ -12,6 +12,8 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod nft;
+pub mod nodeaddr;
+pub mod process;
 pub mod proxier;
 pub mod proxy_config;
 pub mod runner;

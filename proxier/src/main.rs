@@ -63,9 +63,14 @@ struct Cli {
     /// Masquerade all service traffic.
     #[arg(long)]
     masquerade_all: bool,
-    /// CIDRs whose local addresses accept NodePorts (default: all local addresses).
+    /// CIDRs whose local addresses accept NodePorts (default: all local addresses;
+    /// `primary`: the addresses of the default route's interface).
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<String>,
+    /// iptables mode: NodePorts also on 127.0.0.0/8 (sets route_localnet=1 and adds the
+    /// KUBE-FIREWALL martian-source drop), as kube-proxy's flag of the same name.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    iptables_localhost_nodeports: bool,
     /// Node name (endpoints with this nodeName are local). Default: the hostname.
     #[arg(long)]
     hostname_override: Option<String>,
@@ -272,7 +277,9 @@ fn main() -> anyhow::Result<()> {
     let render = RenderOpts {
         cluster_cidr: cli.cluster_cidr.clone(),
         masquerade_all: cli.masquerade_all,
-        nodeport_addresses: cli.nodeport_addresses.clone(),
+        nodeport_addresses: hako_proxier::nodeaddr::resolve(&cli.nodeport_addresses)?,
+        localhost_nodeports: cli.iptables_localhost_nodeports
+            && matches!(cli.proxy_mode, Mode::Iptables),
     };
     let opts = ProxierOpts {
         hostname: cli.hostname_override.clone().unwrap_or_else(hostname),

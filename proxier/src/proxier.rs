@@ -3,13 +3,14 @@
 //! way through `Backend`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tracing::{debug, info, warn};
 
 use crate::conntrack::{Conntrack, CtFilter};
+pub use crate::iptables::TableRules;
 use crate::iptables::{self, Iptables, IptablesError, RenderOpts};
 use crate::model::{
     attach_endpoints, compact_service, compact_slice, service_key, slice_service_key,
@@ -36,6 +37,42 @@ pub struct SyncStats {
     pub rules: usize,
     /// Size of the payload, bytes.
     pub bytes: usize,
+    /// iptables mode: rules per table (owned, written).
+    pub tables: Option<TableRules>,
+    /// The `endpoints.kubernetes.io/last-change-trigger-time` of the EndpointSlice changes
+    /// this sync programmed (network programming latency).
+    pub trigger_times: Vec<SystemTime>,
+}
+
+impl SyncStats {
+    /// Whether the sync found nothing to do (no rules written, no service changed, not
+    /// full).
+    pub fn is_idle(&self) -> bool {
+        !self.full && self.rules == 0 && self.services_written == 0
+    }
+}
+
+/// The annotation an EndpointSlice's controller sets to the time of the change it reflects.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Trigger times kept per Service until a sync programs them (a bound: a service whose
+/// slices change faster than syncs keeps the oldest ones, which bound the latency).
+const MAX_TRIGGERS: usize = 16;
+
+/// The trigger time of a slice (RFC 3339, as the EndpointSlice controller writes it).
+pub fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
+    let v = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(TRIGGER_TIME_ANNOTATION)?;
+    let t = k8s_openapi::chrono::DateTime::parse_from_rfc3339(v.trim()).ok()?;
+    let secs = u64::try_from(t.timestamp()).ok()?;
+    Some(
+        SystemTime::UNIX_EPOCH
+            + Duration::from_secs(secs)
+            + Duration::from_nanos(u64::from(t.timestamp_subsec_nanos())),
+    )
 }
 
 /// A dataplane backend.
@@ -98,7 +135,11 @@ impl<I: Iptables> FamilyState<I> {
         let r = match changed {
             Some(c) if !full => self.renderer.partial(model, opts, c),
             _ => {
-                self.ipt.ensure_base()?;
+                let localhost = iptables::localhost_nodeports(self.renderer.family(), opts);
+                self.ipt.ensure_base(localhost)?;
+                if localhost {
+                    self.ipt.set_route_localnet()?;
+                }
                 // Everything of ours in the kernel is candidate for GC.
                 let present = self.ipt.list_service_chains()?;
                 self.renderer.full(model, opts, &present)
@@ -115,6 +156,8 @@ impl<I: Iptables> FamilyState<I> {
             },
             rules: r.rules,
             bytes: r.text.len(),
+            tables: Some(r.tables),
+            trigger_times: Vec::new(),
         })
     }
 }
@@ -124,7 +167,14 @@ impl<I: Iptables> FamilyState<I> {
 pub struct IptablesBackend<I: Iptables> {
     fams: Vec<FamilyState<I>>,
     opts: RenderOpts,
+    /// How often the canary chain is looked for (an `iptables` process per family).
+    canary_period: Duration,
+    last_canary: Option<Instant>,
 }
+
+/// How often the iptables backend looks for its canary chain: kube-proxy's iptables
+/// monitor runs every `--iptables-sync-period` (30 s by default), not at every sync.
+pub const CANARY_PERIOD: Duration = Duration::from_secs(30);
 
 impl<I: Iptables> IptablesBackend<I> {
     /// An IPv4 backend over `ipt`.
@@ -132,7 +182,17 @@ impl<I: Iptables> IptablesBackend<I> {
         Self {
             fams: vec![FamilyState::new(iptables::Family::V4, ipt)],
             opts,
+            canary_period: CANARY_PERIOD,
+            last_canary: None,
         }
+    }
+
+    /// Looks for the canary chain at most every `period` (default [`CANARY_PERIOD`];
+    /// zero: at every sync).
+    #[must_use]
+    pub fn with_canary_period(mut self, period: Duration) -> Self {
+        self.canary_period = period;
+        self
     }
 
     /// Adds the IPv6 proxier over `ipt6` (an `ip6tables` implementation, e.g.
@@ -168,20 +228,36 @@ impl<I: Iptables> Backend for IptablesBackend<I> {
         changed: Option<&BTreeSet<ServiceKey>>,
     ) -> Result<SyncStats, SyncError> {
         let mut total = SyncStats::default();
+        let mut tables = TableRules::default();
         for f in &mut self.fams {
             let st = f.apply(&self.opts, model, changed)?;
             total.full |= st.full;
             total.services_written = total.services_written.max(st.services_written);
             total.rules += st.rules;
             total.bytes += st.bytes;
+            tables += st.tables.unwrap_or_default();
         }
+        total.tables = Some(tables);
         Ok(total)
     }
 
     fn needs_full(&mut self) -> bool {
-        self.fams.iter_mut().any(|f| {
-            !f.base_ok || !matches!(f.ipt.chain_exists("mangle", iptables::CANARY), Ok(true))
-        })
+        if self.fams.iter().any(|f| !f.base_ok) {
+            return true;
+        }
+        // The canary costs an `iptables` process per family: looked for once per period
+        // (kube-proxy's monitor), not at every sync.
+        let now = Instant::now();
+        if self
+            .last_canary
+            .is_some_and(|t| now.saturating_duration_since(t) < self.canary_period)
+        {
+            return false;
+        }
+        self.last_canary = Some(now);
+        self.fams
+            .iter_mut()
+            .any(|f| !matches!(f.ipt.chain_exists("mangle", iptables::CANARY), Ok(true)))
     }
 }
 
@@ -202,6 +278,8 @@ pub struct Proxier {
     pub full_period: Duration,
     conntrack: Option<Box<dyn Conntrack>>,
     pending_ct: BTreeSet<CtFilter>,
+    /// Trigger times of slice changes not yet programmed, per Service.
+    triggers: BTreeMap<ServiceKey, Vec<SystemTime>>,
 }
 
 /// UDP conntrack entries made stale by a change from `old` to `new`: entries answered by a
@@ -288,6 +366,17 @@ impl Proxier {
             full_period: Duration::from_secs(3600),
             conntrack: None,
             pending_ct: BTreeSet::new(),
+            triggers: BTreeMap::new(),
+        }
+    }
+
+    /// Keeps the trigger time of a slice change of `key` until a sync programs it.
+    fn note_trigger(&mut self, key: &ServiceKey, slice: &EndpointSlice) {
+        if let Some(t) = trigger_time(slice) {
+            let v = self.triggers.entry(key.clone()).or_default();
+            if v.len() < MAX_TRIGGERS && !v.contains(&t) {
+                v.push(t);
+            }
         }
     }
 
@@ -350,6 +439,7 @@ impl Proxier {
             }
         }
         let compact = compact_slice(&slice, &self.opts.hostname);
+        self.note_trigger(&key, &slice);
         drop(slice);
         self.slices
             .entry(key.clone())
@@ -419,6 +509,9 @@ impl Proxier {
             };
             owner.insert((ns, name.clone()), key.clone());
             let c = compact_slice(&sl, &self.opts.hostname);
+            if self.slices.get(&key).and_then(|m| m.get(&name)) != Some(&c) {
+                self.note_trigger(&key, &sl);
+            }
             new_slices.entry(key).or_default().insert(name, c);
         }
         for k in self.slices.keys().chain(new_slices.keys()) {
@@ -467,10 +560,15 @@ impl Proxier {
     pub fn sync(&mut self) -> Result<SyncStats, SyncError> {
         let started = Instant::now();
         let mut changed = BTreeSet::new();
+        let mut triggers = Vec::new();
         for key in std::mem::take(&mut self.dirty) {
             let new = self.rebuild(&key);
             let old = self.model.get(&key);
+            // A change that did not change the model programs nothing: its trigger
+            // times are dropped (kube-proxy drops those of reverted changes).
+            let t = self.triggers.remove(&key);
             if new.as_ref() != old {
+                triggers.extend(t.into_iter().flatten());
                 if self.conntrack.is_some() {
                     self.pending_ct.extend(stale_udp(old, new.as_ref()));
                 }
@@ -497,7 +595,8 @@ impl Proxier {
             .backend
             .apply(&self.model, if full { None } else { Some(&changed) });
         match res {
-            Ok(stats) => {
+            Ok(mut stats) => {
+                stats.trigger_times = triggers;
                 if stats.full {
                     self.last_full = Some(Instant::now());
                 }
@@ -695,5 +794,141 @@ mod tests {
         st.lock().expect("lock").chains.clear();
         p.on_endpointslice_add(slice("a", &["10.0.0.1"]));
         assert!(p.sync().expect("sync").full);
+    }
+
+    #[test]
+    fn the_canary_is_looked_for_once_per_period_not_per_sync() {
+        let fake = FakeIptables::default();
+        let st = fake.state.clone();
+        let mut p = Proxier::new(
+            Box::new(IptablesBackend::new(fake, RenderOpts::default())),
+            ProxierOpts::default(),
+        );
+        p.on_service_add(svc("a", "10.96.0.1"));
+        assert!(p.sync().expect("sync").full);
+        for i in 0..20 {
+            p.on_endpointslice_add(slice("a", &[&format!("10.0.0.{}", i + 1)]));
+            assert!(!p.sync().expect("sync").full);
+            assert!(p.sync().expect("idle sync").is_idle());
+        }
+        // One `iptables -S KUBE-PROXY-CANARY` in 41 syncs (it was one per sync).
+        assert_eq!(st.lock().expect("lock").canary_checks, 1);
+
+        // With a zero period every sync looks, and a lost canary is found at once.
+        let fake = FakeIptables::default();
+        let st = fake.state.clone();
+        let mut p = Proxier::new(
+            Box::new(
+                IptablesBackend::new(fake, RenderOpts::default())
+                    .with_canary_period(Duration::ZERO),
+            ),
+            ProxierOpts::default(),
+        );
+        p.on_service_add(svc("a", "10.96.0.1"));
+        p.sync().expect("sync");
+        p.sync().expect("sync");
+        st.lock().expect("lock").chains.clear();
+        assert!(p.sync().expect("sync").full);
+        assert_eq!(st.lock().expect("lock").canary_checks, 2);
+    }
+
+    #[test]
+    fn localhost_nodeports_set_route_localnet_and_count_rules_per_table() {
+        let fake = FakeIptables::default();
+        let st = fake.state.clone();
+        let opts = RenderOpts {
+            localhost_nodeports: true,
+            ..RenderOpts::default()
+        };
+        let mut p = Proxier::new(
+            Box::new(IptablesBackend::new(fake, opts.clone())),
+            ProxierOpts {
+                render: opts,
+                ..ProxierOpts::default()
+            },
+        );
+        p.on_service_add(svc("a", "10.96.0.1"));
+        p.on_endpointslice_add(slice("a", &["10.0.0.1"]));
+        let s = p.sync().expect("sync");
+        let state = st.lock().expect("lock");
+        assert!(state.route_localnet);
+        assert!(state.chains["filter"].contains(iptables::FIREWALL));
+        assert!(state.restores[0].contains(iptables::LOCALNET_DROP));
+        // filter: 3 KUBE-FORWARD + the drop; nat: 4 static + the nodeports jump + the
+        // service's jump, its SVC chain (1 endpoint jump) and SEP chain (2 rules).
+        let t = s.tables.expect("iptables tables");
+        assert_eq!((t.filter_total, t.nat_total), (4, 9), "{t:?}");
+        assert_eq!((t.filter_last, t.nat_last), (4, 9), "{t:?}");
+        assert_eq!(t.filter_last + t.nat_last, s.rules);
+        drop(state);
+        // Off: no sysctl, no drop rule.
+        let fake = FakeIptables::default();
+        let st = fake.state.clone();
+        let mut p = Proxier::new(
+            Box::new(IptablesBackend::new(fake, RenderOpts::default())),
+            ProxierOpts::default(),
+        );
+        p.on_service_add(svc("a", "10.96.0.1"));
+        p.sync().expect("sync");
+        let state = st.lock().expect("lock");
+        assert!(!state.route_localnet);
+        assert!(!state.restores[0].contains("KUBE-FIREWALL"));
+    }
+
+    fn triggered(name: &str, ips: &[&str], at: &str) -> EndpointSlice {
+        let mut s = slice(name, ips);
+        s.metadata.annotations = Some(
+            [(TRIGGER_TIME_ANNOTATION.to_string(), at.to_string())]
+                .into_iter()
+                .collect(),
+        );
+        s
+    }
+
+    #[test]
+    fn trigger_times_of_programmed_changes_are_handed_to_the_sync() {
+        let t = |s: &str| -> SystemTime { trigger_time(&triggered("x", &[], s)).expect("parsed") };
+        assert_eq!(
+            t("2024-03-01T10:00:00Z"),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_709_287_200)
+        );
+        assert_eq!(
+            t("2024-03-01T11:00:00.5+01:00"),
+            SystemTime::UNIX_EPOCH + Duration::from_millis(1_709_287_200_500)
+        );
+        assert_eq!(trigger_time(&triggered("x", &[], "yesterday")), None);
+        assert_eq!(trigger_time(&slice("x", &[])), None);
+
+        let mut p = Proxier::new(
+            Box::new(IptablesBackend::new(
+                FakeIptables::default(),
+                RenderOpts::default(),
+            )),
+            ProxierOpts::default(),
+        );
+        p.on_service_add(svc("a", "10.96.0.1"));
+        p.on_endpointslice_add(triggered("a", &["10.0.0.1"], "2024-03-01T10:00:00Z"));
+        let s = p.sync().expect("sync");
+        assert_eq!(s.trigger_times, [t("2024-03-01T10:00:00Z")]);
+        // An update that changes nothing programs nothing: its time is dropped.
+        p.on_endpointslice_add(triggered("a", &["10.0.0.1"], "2024-03-01T10:00:05Z"));
+        assert!(p.sync().expect("sync").is_idle());
+        p.on_endpointslice_add(triggered("a", &["10.0.0.2"], "2024-03-01T10:00:09Z"));
+        assert_eq!(
+            p.sync().expect("sync").trigger_times,
+            [t("2024-03-01T10:00:09Z")]
+        );
+        // A relist with a changed slice counts too; an unchanged one does not.
+        p.replace_all(
+            vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2")],
+            vec![
+                triggered("a", &["10.0.0.2"], "2024-03-01T10:01:00Z"),
+                triggered("b", &["10.0.0.3"], "2024-03-01T10:02:00Z"),
+            ],
+        );
+        assert_eq!(
+            p.sync().expect("sync").trigger_times,
+            [t("2024-03-01T10:02:00Z")]
+        );
     }
 }

@@ -14,7 +14,7 @@ use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{info, info_span, warn};
 
@@ -78,17 +78,26 @@ pub struct Plan {
     pub full: bool,
 }
 
-/// The pure timing of the runner. All instants come from the caller.
+/// The pure timing of the runner, kube-proxy's `BoundedFrequencyRunner`: a change is
+/// synced at once when the last sync is older than `min_sync_period`, and batched with
+/// whatever else arrives until then otherwise. All instants come from the caller.
 #[derive(Debug, Clone)]
 pub struct Schedule {
     cfg: RunnerConfig,
-    /// End of the last check (sync or not); None before the first.
-    last: Option<Instant>,
-    /// Wait after `last` before the next check: `min_sync_period`, or the back-off.
+    /// End of the last check (a sync, an idle sync or a skipped check); None before the
+    /// first. Ticks (`min_sync_period` apart) count from it.
+    last_check: Option<Instant>,
+    /// End of the last sync that wrote something or failed: the rate limit and the
+    /// back-off count from it. Syncs that found nothing to do do not hold back the next.
+    last_sync: Option<Instant>,
+    /// Wait after `last_sync` before the next sync: `min_sync_period`, or the back-off.
     wait: Duration,
     failures: u32,
     last_full: Option<Instant>,
     pending: bool,
+    /// A due check was skipped (source not ready): pending work waits for the next tick or
+    /// the next change instead of making every wait zero.
+    held: bool,
 }
 
 impl Schedule {
@@ -96,17 +105,20 @@ impl Schedule {
     pub fn new(cfg: RunnerConfig) -> Self {
         Self {
             cfg,
-            last: None,
+            last_check: None,
+            last_sync: None,
             wait: cfg.min_sync_period,
             failures: 0,
             last_full: None,
             pending: false,
+            held: false,
         }
     }
 
     /// A change arrived; it is programmed by the next due sync.
     pub fn notify(&mut self) {
         self.pending = true;
+        self.held = false;
     }
 
     /// Whether a change arrived since the last successful sync.
@@ -119,14 +131,36 @@ impl Schedule {
         self.failures
     }
 
-    /// The current wait between checks (`min_sync_period`, or the back-off after failures).
+    /// The current wait after a sync (`min_sync_period`, or the back-off after failures).
     pub fn wait(&self) -> Duration {
         self.wait
     }
 
-    /// The instant of the next check (None: now). Saturates far in the future.
+    /// When a sync of pending work (or the retry of a failure) may start: the end of the
+    /// last sync plus the wait (None: now).
+    fn sync_allowed(&self) -> Option<Instant> {
+        self.last_sync.map(|l| add(l, self.wait))
+    }
+
+    /// The instant of the next check (None: now). Saturates far in the future. A source
+    /// may end its wait earlier when it feeds a change (see [`Source::wait`]).
     pub fn next_check(&self) -> Option<Instant> {
-        self.last.map(|l| add(l, self.wait))
+        let last = self.last_check?;
+        if self.failures > 0 {
+            // Back-off: nothing before the retry.
+            return self.sync_allowed();
+        }
+        let mut next = add(last, self.cfg.min_sync_period);
+        if self.pending && !self.held {
+            match self.sync_allowed() {
+                Some(t) => next = next.min(t),
+                None => return None,
+            }
+        }
+        if let Some(f) = self.last_full {
+            next = next.min(add(f, self.cfg.sync_period));
+        }
+        Some(next)
     }
 
     /// Whether the periodic full resync is due at `now`.
@@ -138,28 +172,52 @@ impl Schedule {
     }
 
     /// What to do at `now`: None = not yet (rate limit or back-off), or nothing to do.
+    ///
+    /// - the first check syncs;
+    /// - after failures: a retry once the back-off has passed, and nothing before;
+    /// - a pending change, or the due full resync: a sync as soon as the last sync is
+    ///   `min_sync_period` old (at once when it is older already);
+    /// - otherwise, in [`SyncWhen::EveryPeriod`], a sync at each tick (`min_sync_period`
+    ///   after the last check), which costs nothing in the proxier when nothing changed.
     pub fn decide(&self, now: Instant) -> Option<Plan> {
-        if self.next_check().is_some_and(|t| now < t) {
-            return None;
-        }
         let full = self.full_due(now);
-        let sync = match self.cfg.sync_when {
-            SyncWhen::EveryPeriod => true,
-            SyncWhen::OnChange => self.pending || self.failures > 0 || full,
+        let Some(last) = self.last_check else {
+            return Some(Plan { full });
         };
-        sync.then_some(Plan { full })
+        let allowed = self.sync_allowed().is_none_or(|t| now >= t);
+        if self.failures > 0 {
+            return allowed.then_some(Plan { full });
+        }
+        if self.pending || full {
+            return allowed.then_some(Plan { full });
+        }
+        let tick = now >= add(last, self.cfg.min_sync_period);
+        (self.cfg.sync_when == SyncWhen::EveryPeriod && tick).then_some(Plan { full })
     }
 
-    /// A due check did not sync (source not ready, nothing to do): the next check is one
-    /// wait later. Back-off state is kept.
+    /// A due check did not sync (source not ready, nothing to do): the next tick is one
+    /// `min_sync_period` later. Back-off state is kept.
     pub fn skipped(&mut self, now: Instant) {
-        self.last = Some(now);
+        self.last_check = Some(now);
+        self.held = true;
     }
 
-    /// A sync ended at `now`: success resets the back-off, a failure doubles the wait
-    /// (clamped to `backoff_min..=backoff_max`). Returns the wait until the next check.
+    /// A sync ended at `now` without writing anything (nothing had changed in the model):
+    /// what was pending is done, and the rate limit still counts from the last sync that
+    /// wrote something.
+    pub fn finished_idle(&mut self, now: Instant) {
+        self.last_check = Some(now);
+        self.pending = false;
+        self.held = false;
+    }
+
+    /// A sync that wrote something (or failed) ended at `now`: success resets the back-off,
+    /// a failure doubles the wait (clamped to `backoff_min..=backoff_max`). Returns the wait
+    /// until the next sync may start.
     pub fn finished(&mut self, now: Instant, outcome: Result<bool, ()>) -> Duration {
-        self.last = Some(now);
+        self.last_check = Some(now);
+        self.last_sync = Some(now);
+        self.held = false;
         match outcome {
             Ok(full) => {
                 self.failures = 0;
@@ -220,12 +278,13 @@ pub enum Wake {
 }
 
 /// Where changes come from. `wait` feeds changes into the target until `deadline` and
-/// returns then (or when closed); it must not return much earlier than the deadline unless
-/// closed, or the runner would check too often.
+/// returns then, or earlier once it has fed a change (`Wake::Changed`: the runner then syncs
+/// at once when the last sync is `min_sync_period` old, or waits again until it is), or
+/// when closed. It must not return early without a change, or the runner would spin.
 pub trait Source<T> {
     /// Why the source cannot go on (ends the run).
     type Error;
-    /// Feeds changes into `target` until `deadline`.
+    /// Feeds changes into `target` until `deadline` (or until the first changes).
     fn wait(&mut self, deadline: Instant, target: &mut T) -> Result<Wake, Self::Error>;
     /// Whether the target holds a complete picture to sync (e.g. both kinds listed).
     fn ready(&self) -> bool {
@@ -362,16 +421,23 @@ impl<C: Clock> Runner<C> {
         let end = self.clock.now();
         let took = end.saturating_duration_since(t);
         let recovered = self.schedule.failures() > 0;
-        let wait = self
-            .schedule
-            .finished(end, res.as_ref().map(|s| s.full).map_err(|_| ()));
+        let wait = match &res {
+            Ok(s) if s.is_idle() => {
+                self.schedule.finished_idle(end);
+                self.schedule.wait()
+            }
+            _ => self
+                .schedule
+                .finished(end, res.as_ref().map(|s| s.full).map_err(|_| ())),
+        };
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
         match &res {
             Ok(s) => {
                 // Syncs that did nothing are not observed (kube-proxy observes syncs
                 // that wrote rules).
-                if s.rules > 0 || s.full {
-                    st.metrics.synced(s.full, took, s.rules);
+                if !s.is_idle() {
+                    st.metrics.synced(s, took);
+                    st.metrics.programmed(&s.trigger_times, SystemTime::now());
                 }
                 st.last_success = Some(end);
                 drop(st);
@@ -504,7 +570,9 @@ impl<T: Sink> Source<T> for WatchSource {
         let mut changed = false;
         loop {
             let ev = match deadline.checked_duration_since(Instant::now()) {
-                Some(left) if !left.is_zero() => match self.rx.recv_timeout(left) {
+                // Once something was fed, hand back what is queued without waiting more:
+                // the runner decides whether it syncs now (bounded frequency).
+                Some(left) if !left.is_zero() && !changed => match self.rx.recv_timeout(left) {
                     Ok(ev) => ev,
                     Err(RecvTimeoutError::Timeout) => break,
                     Err(RecvTimeoutError::Disconnected) => return Ok(Wake::Closed { changed }),
@@ -652,14 +720,75 @@ mod tests {
         assert_eq!(s.decide(c.at(500)), None);
         s.skipped(c.at(500));
         assert_eq!(s.next_check(), Some(c.at(1000)));
-        // Three changes inside one period: one sync at the next check.
+        // Three changes inside one period after a sync: one sync when the period is over.
+        s.finished(c.at(900), ok(false));
         s.notify();
         s.notify();
         s.notify();
-        assert_eq!(s.decide(c.at(999)), None);
-        assert_eq!(s.decide(c.at(1000)), Some(Plan { full: false }));
-        s.finished(c.at(1000), ok(false));
-        assert_eq!(s.decide(c.at(1500)), None, "the burst was one sync");
+        assert_eq!(s.next_check(), Some(c.at(1400)));
+        assert_eq!(s.decide(c.at(1399)), None);
+        assert_eq!(s.decide(c.at(1400)), Some(Plan { full: false }));
+        s.finished(c.at(1400), ok(false));
+        assert_eq!(s.decide(c.at(1900)), None, "the burst was one sync");
+    }
+
+    #[test]
+    fn a_change_after_a_quiet_period_syncs_at_once() {
+        // kube-proxy's bounded-frequency runner: the rate limit only holds a change back
+        // while the last sync is younger than min_sync_period. (Before: the next sync
+        // waited for the next check, up to a whole period after the change.)
+        for when in [SyncWhen::EveryPeriod, SyncWhen::OnChange] {
+            let c = Manual::new();
+            let mut s = Schedule::new(RunnerConfig {
+                sync_when: when,
+                ..cfg(1000, 3600)
+            });
+            s.finished(c.at(0), ok(true));
+            // Idle checks (nothing changed) do not hold the next change back.
+            s.finished_idle(c.at(1000));
+            s.skipped(c.at(2000));
+            s.notify();
+            assert!(
+                s.next_check().is_none_or(|t| t <= c.at(2000)),
+                "{when:?}: due now"
+            );
+            assert_eq!(s.decide(c.at(2300)), Some(Plan { full: false }), "{when:?}");
+            s.finished(c.at(2310), ok(false));
+            // The next change, 100 ms later, waits for the period.
+            s.notify();
+            assert_eq!(s.decide(c.at(2410)), None, "{when:?}");
+            assert_eq!(s.next_check(), Some(c.at(3310)), "{when:?}");
+            assert_eq!(s.decide(c.at(3310)), Some(Plan { full: false }), "{when:?}");
+        }
+    }
+
+    #[test]
+    fn a_change_the_source_cannot_sync_yet_waits_for_the_next_tick_or_change() {
+        // Services listed, slices not yet: the check is skipped, and the wait must not be
+        // zero again (it would spin until the slices come).
+        let c = Manual::new();
+        let mut s = Schedule::new(cfg(1000, 3600));
+        s.notify();
+        assert_eq!(s.next_check(), None);
+        s.skipped(c.at(0));
+        assert_eq!(s.next_check(), Some(c.at(1000)));
+        // The next change (the slices) makes it due at once again.
+        s.notify();
+        assert_eq!(s.next_check(), None);
+        assert_eq!(s.decide(c.at(5)), Some(Plan { full: true }));
+    }
+
+    #[test]
+    fn ticks_do_not_sync_during_back_off() {
+        let c = Manual::new();
+        let mut s = Schedule::new(cfg(100, 3600));
+        s.finished(c.at(0), Err(()));
+        s.finished(c.at(200), Err(()));
+        // Wait 400 ms: no tick in between syncs, changes or not.
+        s.notify();
+        assert_eq!(s.next_check(), Some(c.at(600)));
+        assert_eq!(s.decide(c.at(500)), None);
+        assert_eq!(s.decide(c.at(600)), Some(Plan { full: true }));
     }
 
     #[test]
@@ -765,6 +894,9 @@ mod tests {
         fail: VecDeque<bool>,
         syncs: Vec<(u64, bool)>,
         took: Duration,
+        /// Syncs write nothing unless a change was fed (`dirty`), full or first.
+        idle_unless_dirty: bool,
+        dirty: bool,
     }
 
     impl SyncTarget for Fake {
@@ -775,9 +907,12 @@ mod tests {
             if self.fail.pop_front().unwrap_or(false) {
                 return Err(crate::nft::NftError::NoState.into());
             }
+            let full = self.syncs.len() == 1 || full;
+            let work = full || self.dirty || !self.idle_unless_dirty;
+            self.dirty = false;
             Ok(SyncStats {
-                full: self.syncs.len() == 1 || full,
-                rules: 1,
+                full,
+                rules: usize::from(work),
                 ..SyncStats::default()
             })
         }
@@ -790,18 +925,26 @@ mod tests {
         changes: VecDeque<u64>,
         ready_at: u64,
         close_at: u64,
+        /// Return at a change before the deadline (as a watch does), not at the deadline.
+        early: bool,
     }
 
     impl Source<Fake> for Script {
         type Error = Infallible;
-        fn wait(&mut self, deadline: Instant, _t: &mut Fake) -> Result<Wake, Infallible> {
-            let now = self.clock.now().max(deadline);
+        fn wait(&mut self, deadline: Instant, t: &mut Fake) -> Result<Wake, Infallible> {
+            let mut now = self.clock.now().max(deadline);
+            if self.early {
+                if let Some(c) = self.changes.front() {
+                    now = now.min(self.clock.at(*c).max(self.clock.now()));
+                }
+            }
             let ms = self.clock.ms(now).min(self.close_at);
             self.clock.at.set(MS * u32::try_from(ms).unwrap());
             let mut changed = false;
             while self.changes.front().is_some_and(|c| *c <= ms) {
                 self.changes.pop_front();
                 changed = true;
+                t.dirty = true;
             }
             Ok(if ms >= self.close_at {
                 Wake::Closed { changed }
@@ -823,18 +966,32 @@ mod tests {
         ready_at: u64,
         close_at: u64,
     ) -> (Vec<(u64, bool)>, Status) {
+        run_with(cfg, fail, changes, ready_at, close_at, false)
+    }
+
+    fn run_with(
+        cfg: RunnerConfig,
+        fail: &[bool],
+        changes: &[u64],
+        ready_at: u64,
+        close_at: u64,
+        early: bool,
+    ) -> (Vec<(u64, bool)>, Status) {
         let clock = Manual::new();
         let mut target = Fake {
             clock: clock.clone(),
             fail: fail.iter().copied().collect(),
             syncs: Vec::new(),
             took: 10 * MS,
+            idle_unless_dirty: early,
+            dirty: false,
         };
         let mut source = Script {
             clock: clock.clone(),
             changes: changes.iter().copied().collect(),
             ready_at,
             close_at,
+            early,
         };
         let mut r = Runner::with_clock(cfg, clock);
         assert_eq!(r.run(&mut target, &mut source), Ok(RunEnd::Closed));
@@ -872,6 +1029,28 @@ mod tests {
         let (syncs, _) = run(cfg, &[], &[0, 1200, 1300, 2600], 0, 2700);
         let at: Vec<u64> = syncs.iter().map(|s| s.0).collect();
         assert_eq!(at, [0, 1510, 2700]);
+    }
+
+    #[test]
+    fn the_loop_syncs_a_watched_change_at_once_when_the_last_sync_is_old() {
+        for when in [SyncWhen::OnChange, SyncWhen::EveryPeriod] {
+            let cfg = RunnerConfig {
+                sync_when: when,
+                ..cfg(500, 3600)
+            };
+            // Changes at 0 (first sync), 1200 (the last sync is 1.19 s old: at once), 1300
+            // (batched: 500 ms after the end of the 1200 one), 2600 (at once).
+            let (syncs, _) = run_with(cfg, &[], &[0, 1200, 1300, 2600], 0, 2700, true);
+            let changes: Vec<u64> = syncs
+                .iter()
+                .map(|s| s.0)
+                .filter(|t| [0, 1200, 1710, 2600].contains(t))
+                .collect();
+            assert_eq!(changes, [0, 1200, 1710, 2600], "{when:?}: {syncs:?}");
+            if when == SyncWhen::OnChange {
+                assert_eq!(syncs.len(), 4, "only the changes sync: {syncs:?}");
+            }
+        }
     }
 
     #[test]
@@ -936,6 +1115,8 @@ mod tests {
             fail: [true, false].into_iter().collect(),
             syncs: Vec::new(),
             took: Duration::ZERO,
+            idle_unless_dirty: false,
+            dirty: false,
         };
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();

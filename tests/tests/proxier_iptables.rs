@@ -28,8 +28,11 @@ impl Iptables for Recording {
     fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool, IptablesError> {
         self.real.chain_exists(table, chain)
     }
-    fn ensure_base(&mut self) -> Result<(), IptablesError> {
-        self.real.ensure_base()
+    fn ensure_base(&mut self, localhost: bool) -> Result<(), IptablesError> {
+        self.real.ensure_base(localhost)
+    }
+    fn set_route_localnet(&mut self) -> Result<(), IptablesError> {
+        self.real.set_route_localnet()
     }
     fn list_service_chains(&mut self) -> Result<BTreeSet<String>, IptablesError> {
         self.real.list_service_chains()
@@ -63,8 +66,13 @@ impl Env {
             real: RealIptables::with_variant(variant),
             payloads: payloads.clone(),
         };
+        // The canary is looked for at every sync here (hako-proxy: every 30 s), so the
+        // repair test sees a flushed table at its next sync.
         let proxier = Proxier::new(
-            Box::new(IptablesBackend::new(ipt, render.clone())),
+            Box::new(
+                IptablesBackend::new(ipt, render.clone())
+                    .with_canary_period(std::time::Duration::ZERO),
+            ),
             ProxierOpts {
                 hostname: NODE.into(),
                 render,

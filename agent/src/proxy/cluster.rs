@@ -91,9 +91,9 @@ fn runner(min_sync_period: Duration) -> Runner {
 fn observe(status: &SharedStatus, ev: &SyncEvent<'_>) {
     match ev {
         SyncEvent::Synced { stats, took, .. } => {
-            if stats.rules == 0 && !stats.full {
+            if stats.is_idle() {
                 let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
-                st.metrics.synced(false, *took, 0);
+                st.metrics.observe_sync(false, *took, 0);
             }
             AgentMetrics::shared().observe_proxy_sync(*took);
             if stats.full || stats.services_written > 0 {

@@ -565,6 +565,7 @@ impl IpvsBackend {
             services_written: model.len(),
             rules: want.services.len() + dests,
             bytes: 0,
+            ..SyncStats::default()
         })
     }
 
@@ -702,6 +703,7 @@ impl IpvsBackend {
             services_written: changed.len(),
             rules: self.total,
             bytes: 0,
+            ..SyncStats::default()
         })
     }
 

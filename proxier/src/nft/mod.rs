@@ -154,6 +154,7 @@ impl<S: Sink> NftablesBackend<S> {
             services_written: model.len(),
             rules: rules + elems,
             bytes: 0,
+            ..SyncStats::default()
         })
     }
 
@@ -287,6 +288,7 @@ impl<S: Sink> NftablesBackend<S> {
             services_written: changed.len(),
             rules: rules + elems,
             bytes: 0,
+            ..SyncStats::default()
         })
     }
 

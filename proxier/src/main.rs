@@ -190,6 +190,12 @@ fn apply_config(
     if let (false, Some(b)) = (given(m, "masquerade_all"), sync.masquerade_all) {
         cli.masquerade_all = b;
     }
+    if let (false, Some(b)) = (
+        given(m, "iptables_localhost_nodeports"),
+        s.iptables_localhost_nodeports,
+    ) {
+        cli.iptables_localhost_nodeports = b;
+    }
     set(
         given(m, "ipvs_scheduler"),
         &mut cli.ipvs_scheduler,

@@ -354,6 +354,9 @@ pub struct KubeProxySettings {
     pub node_port_addresses: Option<Vec<String>>,
     /// `iptables.*`.
     pub iptables: SyncSettings,
+    /// `iptables.localhostNodePorts` (`--iptables-localhost-nodeports`; an explicit `false`
+    /// counts, as kube-proxy's `*bool`).
+    pub iptables_localhost_nodeports: Option<bool>,
     /// `ipvs.syncPeriod`, `ipvs.minSyncPeriod`.
     pub ipvs: SyncSettings,
     /// `ipvs.scheduler`.
@@ -428,6 +431,7 @@ pub fn parse_kube_proxy_config(
         iptables: sync(&mut doc, "iptables", true)?,
         ipvs: sync(&mut doc, "ipvs", false)?,
         ipvs_scheduler: doc.str("ipvs.scheduler")?,
+        iptables_localhost_nodeports: doc.bool("iptables.localhostNodePorts")?,
         nftables: sync(&mut doc, "nftables", true)?,
         verbosity,
         log_format: doc.str("logging.format")?,
@@ -454,7 +458,6 @@ pub fn parse_kube_proxy_config(
         "conntrack.udpTimeout",
         "conntrack.udpStreamTimeout",
         "iptables.masqueradeBit",
-        "iptables.localhostNodePorts",
         "nftables.masqueradeBit",
         "ipvs.excludeCIDRs",
         "ipvs.strictARP",
@@ -559,6 +562,7 @@ winkernel:
         assert_eq!(s.healthz_bind_address, None);
         assert_eq!(s.iptables.sync_period, None);
         assert_eq!(s.iptables.masquerade_all, Some(false));
+        assert_eq!(s.iptables_localhost_nodeports, None);
         assert_eq!(s.verbosity, None);
         assert!(notes.is_empty(), "{notes:?}");
     }
@@ -576,7 +580,7 @@ ipvs: {scheduler: wrr}
 conntrack: {maxPerCore: 32768}
 logging: {verbosity: 4, format: json}
 surprise: 1
-iptables: {extra: x}
+iptables: {extra: x, localhostNodePorts: false}
 ";
         let (s, notes) = parse_kube_proxy_config(text).expect("loads");
         assert_eq!(s.mode, Some(ProxyModeSetting::Nftables));
@@ -597,6 +601,7 @@ iptables: {extra: x}
         assert_eq!(n.min_sync_period, Some(Duration::from_millis(500)));
         assert_eq!(n.masquerade_all, Some(true));
         assert_eq!(s.ipvs_scheduler.as_deref(), Some("wrr"));
+        assert_eq!(s.iptables_localhost_nodeports, Some(false));
         assert_eq!(s.verbosity, Some(4));
         assert_eq!(s.log_format.as_deref(), Some("json"));
         assert_eq!(

@@ -176,7 +176,7 @@ pub fn rules(bridge: &str, data_dir: &Path, net: &Network, backend: Backend) -> 
 }
 
 /// Runs `cmd args` with `input` on stdin; Err(stderr) on failure.
-fn run(cmd: &str, args: &[&str], input: Option<&[u8]>) -> Result<bool, String> {
+pub(crate) fn run(cmd: &str, args: &[&str], input: Option<&[u8]>) -> Result<bool, String> {
     let mut child = Command::new(cmd)
         .args(args)
         .stdin(if input.is_some() {
@@ -246,27 +246,8 @@ pub fn ensure(rules: &Rules, bridge_created: bool) -> Result<(), CniError> {
         load_iptables(&rules.iptables).map_err(err)?;
         return write_marker(rules, &marker, &hash);
     }
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| err(format!("spawning nft: {e}")))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| err(format!("writing to nft: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| err(format!("waiting for nft: {e}")))?;
-    if !out.status.success() {
-        return Err(err(format!(
-            "nft -f: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
+    // One `nft -f -`: one transaction.
+    run("nft", &["-f", "-"], Some(script.as_bytes())).map_err(err)?;
     write_marker(rules, &marker, &hash)
 }
 

@@ -4,9 +4,6 @@
 //! removing an attachment touches only its own element and chain, in one transaction.
 //! Rendering is pure (`render_add`, `render_del`); `load` runs `nft -f -` (effectful).
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use crate::netlink::fmt_mac;
 use crate::skel::{codes, CniError};
 
@@ -58,27 +55,7 @@ pub fn render_del(host: &str) -> String {
 /// Loads a script with one `nft -f -` (one transaction).
 pub fn load(script: &str) -> Result<(), CniError> {
     let err = |d: String| CniError::new(codes::SPOOFCHK, "cannot apply macspoofchk rules", d);
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| err(format!("spawning nft: {e}")))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| err(format!("writing to nft: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| err(format!("waiting for nft: {e}")))?;
-    if !out.status.success() {
-        return Err(err(format!(
-            "nft -f: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
+    crate::masq::run("nft", &["-f", "-"], Some(script.as_bytes())).map_err(err)?;
     Ok(())
 }
 

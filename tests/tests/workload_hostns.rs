@@ -1,7 +1,7 @@
 //! Host namespaces (issue 17): a hostNetwork pod's resolv.conf under
 //! `dnsPolicy: ClusterFirstWithHostNet`; a hostPID pod sees a host process; a
 //! `shareProcessNamespace` pod's containers see and signal each other's processes (the first
-//! container started is PID 1); a hostIPC pod sees a SysV shared memory segment the test made
+//! container started is PID 1, and its exit takes the others with it); a hostIPC pod sees a SysV shared memory segment the test made
 //! on the host (a pod without hostIPC does not); a pod whose hostPort is taken by an admitted
 //! pod is refused with the kubelet's `NodePorts` reason. Standalone agents in fresh network
 //! namespaces, and a cluster-mode agent against the apiserver fixture for admission.
@@ -201,6 +201,29 @@ spec:
     // The first container kept running.
     let f = env.container_status("share", "first").expect("status");
     assert_eq!(f["restartCount"], 0, "{f}");
+    // PID 1 exiting (killed from the host, an ancestor namespace) takes the other container
+    // with it; both restart and share a new namespace again.
+    let first = env.container_pid("share", "first").expect("first pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill PID 1");
+    env.wait_for("both restarted and running", T, |e| {
+        let f = e.container_status("share", "first")?;
+        let v = e.container_status("share", "victim")?;
+        (f["restartCount"].as_u64()? >= 1
+            && v["restartCount"].as_u64()? >= 2
+            && f["state"]["running"].is_object()
+            && v["state"]["running"].is_object())
+        .then_some(())
+    });
+    let s = env.container_status("share", "victim").expect("status");
+    assert_eq!(s["lastState"]["terminated"]["exitCode"], 137, "{s}");
+    let ns = |c: &str| sh(&env, "share-node1", c, "readlink /proc/self/ns/pid");
+    let (a, b) = (ns("first"), ns("victim"));
+    assert!(a.starts_with("pid:["), "{a}");
+    assert_eq!(a, b);
 }
 
 #[test]

@@ -72,6 +72,7 @@ pub struct InitPlan {
     cgroup_procs: Vec<PathBuf>,
     oom_score_adj: Option<i32>,
     seccomp: Option<seccompiler::BpfProgram>,
+    cgroup_view: Option<crate::cgroup::View>,
 }
 
 /// The oom_score_adj to write: the requested one, or the lowest settable value (the current
@@ -133,7 +134,16 @@ impl InitPlan {
             caps,
             cgroup_procs,
             oom_score_adj,
+            cgroup_view: None,
         })
+    }
+
+    /// Give the container its own cgroup namespace (made right after it joins its cgroups,
+    /// so their leaves are its root) and mount `view` at `/sys/fs/cgroup` inside it,
+    /// read-only unless privileged (runc's cgroupns + cgroup mount).
+    pub fn with_cgroup_view(mut self, view: crate::cgroup::View) -> Self {
+        self.cgroup_view = Some(view);
+        self
     }
 }
 
@@ -323,6 +333,9 @@ pub enum SetupError {
     /// Creating the container's own namespaces failed.
     #[error("unshare mnt/uts/ipc: {0}")]
     Unshare(SysError),
+    /// Creating the container's cgroup namespace failed.
+    #[error("unshare cgroup namespace: {0}")]
+    UnshareCgroup(SysError),
     /// The spec has no rootfs.
     #[error("no rootfs")]
     NoRootfs,
@@ -535,6 +548,11 @@ fn run(
         sys.write_file(f, "0")
             .map_err(|e| SetupError::JoinCgroup(f.clone(), e))?;
     }
+    // Its own cgroup namespace, rooted at the cgroups it has just joined.
+    if plan.cgroup_view.is_some() {
+        sys.unshare(CloneFlags::CLONE_NEWCGROUP)
+            .map_err(SetupError::UnshareCgroup)?;
+    }
     if let Some(v) = plan.oom_score_adj {
         sys.write_file(Path::new("/proc/self/oom_score_adj"), &v.to_string())
             .map_err(|e| SetupError::OomScoreAdj(v, e))?;
@@ -625,6 +643,9 @@ fn run(
     // Every destination below is resolved inside the rootfs through this descriptor.
     let rootfs = Root::open(root).map_err(SetupError::Rootfs)?;
     standard_mounts(sys, &rootfs, spec.privileged)?;
+    if let Some(view) = &plan.cgroup_view {
+        cgroup_mounts(sys, &rootfs, view, spec.privileged)?;
+    }
     for m in &spec.mounts {
         volume(sys, &rootfs, m)?;
     }
@@ -989,6 +1010,63 @@ impl Dest {
                 error,
             })
     }
+}
+
+/// The container's `/sys/fs/cgroup` (after `/sys`): v2 → the unified tree mounted there;
+/// v1 → a tmpfs with each hierarchy in its directory, then the tmpfs made read-only. Made in
+/// the container's cgroup namespace, so every hierarchy's root is the container's cgroup.
+/// Read-only (nosuid, nodev, noexec) unless privileged.
+fn cgroup_mounts(
+    sys: &dyn Syscall,
+    root: &Root,
+    view: &crate::cgroup::View,
+    privileged: bool,
+) -> Result<(), SetupError> {
+    let nse = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let ro = if privileged {
+        MsFlags::empty()
+    } else {
+        MsFlags::MS_RDONLY
+    };
+    let top = dest(root, "/sys/fs/cgroup", DestKind::Dir)?;
+    if let crate::cgroup::View::V2 = view {
+        return top.mount(
+            sys,
+            Some(Path::new("cgroup2")),
+            "cgroup2",
+            Some("cgroup2"),
+            nse | ro,
+            None,
+        );
+    }
+    top.mount(
+        sys,
+        Some(Path::new("tmpfs")),
+        "tmpfs",
+        Some("tmpfs"),
+        nse,
+        Some("mode=755"),
+    )?;
+    // Everything below is made in the fresh tmpfs, through its descriptor.
+    let tmpfs = Root::from_fd(top.mounted()?, PathBuf::from("/sys/fs/cgroup"));
+    for m in view.mounts() {
+        dest(&tmpfs, &m.dir, DestKind::Dir)?.mount(
+            sys,
+            Some(Path::new(m.fstype)),
+            m.fstype,
+            Some(m.fstype),
+            nse | ro,
+            m.data.as_deref(),
+        )?;
+    }
+    if !privileged {
+        top.remount(
+            sys,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nse,
+            None,
+        )?;
+    }
+    Ok(())
 }
 
 /// Open a bind-mount source. Sources are paths the agent chose on the host (volume

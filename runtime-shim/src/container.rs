@@ -1648,6 +1648,78 @@ mod tests {
         }
 
         #[test]
+        fn cgroup_namespace_after_the_join_and_the_view_mounted_read_only() {
+            let mut fx = Fx::new();
+            fx.cgroup_procs = vec![PathBuf::from("/cg/memory/c/cgroup.procs")];
+            let view = crate::cgroup::View::V1(vec![
+                crate::cgroup::ViewMount {
+                    dir: "memory".into(),
+                    fstype: "cgroup",
+                    data: Some("memory".into()),
+                },
+                crate::cgroup::ViewMount {
+                    dir: "cpu,cpuacct".into(),
+                    fstype: "cgroup",
+                    data: Some("cpu,cpuacct".into()),
+                },
+            ]);
+            let plan = fx.plan().with_cgroup_view(view);
+            let sys = RecordingSyscall::new();
+            let null = || File::open("/dev/null").unwrap();
+            let stdio = ChildStdio {
+                stdin: None,
+                stdout: null(),
+                stderr: null(),
+            };
+            let err = match run(&sys, &plan, stdio, || Ok(())) {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            assert!(reached_exec(&err), "{err}");
+            let calls = sys.calls();
+            let join = first(
+                &calls,
+                "cgroup join",
+                |c| matches!(c, Call::WriteFile(p, _) if p.ends_with("cgroup.procs")),
+            );
+            let cgns = first(&calls, "cgroup namespace", |c| {
+                *c == Call::Unshare(CloneFlags::CLONE_NEWCGROUP)
+            });
+            assert!(join < cgns && cgns < first(&calls, "mount", is_mount));
+            let nse = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+            let ro = MsFlags::MS_RDONLY;
+            let mounts = fx.mounts(&calls);
+            let at = mounts
+                .iter()
+                .position(|m| m.1 == "ROOTFS/sys/fs/cgroup")
+                .unwrap_or_else(|| panic!("no cgroup mount in {mounts:#?}"));
+            let want =
+                |s: &str, t: &str, f: &str, fl| (s.to_string(), t.to_string(), f.to_string(), fl);
+            assert_eq!(
+                mounts[at..at + 4],
+                [
+                    want("tmpfs", "ROOTFS/sys/fs/cgroup", "tmpfs", nse),
+                    want("cgroup", "ROOTFS/sys/fs/cgroup/memory", "cgroup", nse | ro),
+                    want(
+                        "cgroup",
+                        "ROOTFS/sys/fs/cgroup/cpu,cpuacct",
+                        "cgroup",
+                        nse | ro
+                    ),
+                    want("", "ROOTFS/sys/fs/cgroup", "", bind_ro_remount() | nse),
+                ]
+            );
+            // Without a view: no cgroup namespace, nothing on /sys/fs/cgroup.
+            let mut fx = Fx::new();
+            fx.cgroup_procs = vec![PathBuf::from("/cg/memory/c/cgroup.procs")];
+            let sys = RecordingSyscall::new();
+            assert!(reached_exec(&fx.run(&sys)));
+            let calls = sys.calls();
+            assert!(!calls.contains(&Call::Unshare(CloneFlags::CLONE_NEWCGROUP)));
+            assert!(!fx.mounts(&calls).iter().any(|m| m.1.contains("cgroup")));
+        }
+
+        #[test]
         fn pod_namespaces_joined_before_unshare_and_mounts() {
             let mut fx = Fx::new();
             let ns = |n: &str| {

@@ -279,7 +279,8 @@ fn setup_container(
     };
     // Right after the fork the child is ours and unreaped: its pid cannot name another
     // process yet, so the pidfd and the start time opened now are the container's. The shim
-    // also moves the child into its cgroup while the child sets up its mounts.
+    // also writes the child's pid to its cgroup (a no-op once the child has joined itself,
+    // which it does first, before its cgroup namespace).
     let mut held: Option<(PidFd, Option<u64>)> = None;
     let join = |pid: Pid| -> Result<(), ShimError> {
         let fd = PidFd::open(pid.as_raw())?;

@@ -98,6 +98,28 @@ mod tests {
     }
 
     #[test]
+    fn fake_v2_root_gets_the_pod_limits() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        ensure(
+            Some(d.path()),
+            "kubepods/podu2",
+            &guaranteed("1500m", "1Gi"),
+        )
+        .unwrap();
+        let pod = d.path().join("kubepods/podu2");
+        let rd = |f: &str| fs::read_to_string(pod.join(f)).unwrap();
+        assert_eq!(rd("memory.max"), (1u64 << 30).to_string());
+        assert_eq!(rd("cpu.max"), "150000 100000");
+        // 1536 shares in runc's conversion.
+        assert_eq!(rd("cpu.weight"), "59");
+        assert_eq!(
+            fs::read_to_string(d.path().join("kubepods/cgroup.subtree_control")).unwrap(),
+            "+cpu +memory +pids"
+        );
+    }
+
+    #[test]
     fn no_hierarchy_is_an_error() {
         let d = tempfile::tempdir().unwrap();
         assert!(ensure(Some(d.path()), "kubepods/podx", &PodSpec::default()).is_err());

@@ -554,8 +554,6 @@ impl Worker {
         }
     }
 
-    /// `/proc/<pid>/ns/pid` of the running instance of container `name`, checked against the
-    /// start time the shim recorded (a recycled pid is not that container).
     /// The PID namespace a `shareProcessNamespace` pod's container `name` joins: the one of
     /// the first running container of the pod (init containers, then containers, then
     /// ephemeral ones, in spec order); none when no other container runs.
@@ -578,6 +576,8 @@ impl Worker {
             .find_map(|n| self.pid_namespace_of(&n))
     }
 
+    /// `/proc/<pid>/ns/pid` of the running instance of container `name`, checked against the
+    /// start time the shim recorded (a recycled pid is not that container).
     fn pid_namespace_of(&self, name: &str) -> Option<std::path::PathBuf> {
         let id = self.latest_running(name)?;
         let st = self.insts.get(&id)?.state.as_ref()?;

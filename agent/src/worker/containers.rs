@@ -380,6 +380,13 @@ impl Worker {
             }
         }
         let spec = self.pod.spec.clone().unwrap_or_default();
+        // The pod cgroup with the pod's limits, before the container's cgroup below it.
+        let pod_cg = runtime::pod_cgroup(&self.cfg.cgroup_parent, &spec, &self.uid);
+        if let Err(e) =
+            crate::sys::pod_cgroup::ensure(self.cfg.cgroup_root.as_deref(), &pod_cg, &spec)
+        {
+            tracing::warn!(uid = %self.uid, "pod cgroup {pod_cg}: {e}");
+        }
         let wanted = qos::container_oom_score_adj(&spec, &c, self.cfg.memory_capacity);
         let layers = self.fx.runtime.layer_dirs(&image);
         let command = env::expand_command(c.command.as_deref().unwrap_or(&[]), &vars);

@@ -1,0 +1,127 @@
+//! The pod-level cgroup (`kubepods[/<qos>]/pod<uid>`, the kubelet's cgroupfs layout): made
+//! with the pod's limits ([`crate::model::qos::pod_cgroup_resources`]) before its containers,
+//! whose cgroups live under it, and removed with the pod. Effectful (cgroup files under an
+//! injected root, through `hako_shim::cgroup`).
+
+use crate::model::qos::{self, PodCgroupResources};
+use hako_shim::cgroup::{Cgroup, CgroupError, V1_CONTROLLERS};
+use hako_shim::spec::CgroupSpec;
+use k8s_openapi::api::core::v1::PodSpec;
+use std::path::{Path, PathBuf};
+
+/// The cgroup filesystem root, `/sys/fs/cgroup` unless injected.
+pub fn root_or_default(root: Option<&Path>) -> PathBuf {
+    root.map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+}
+
+/// The cgroup spec of a pod cgroup at `path` (relative to the hierarchy root). Pure.
+pub fn pod_cgroup_spec(root: Option<&Path>, path: &str, res: &PodCgroupResources) -> CgroupSpec {
+    CgroupSpec {
+        root: root.map(Path::to_path_buf),
+        path: path.to_string(),
+        cpu_shares: Some(res.cpu_shares),
+        cpu_quota: res.cpu_quota,
+        cpu_period: res.cpu_quota.map(|_| qos::CPU_PERIOD_US),
+        memory_limit: res.memory_limit,
+        pids_limit: None,
+    }
+}
+
+/// Make (or update) the pod cgroup at `path` and write the pod's limits. Limits are written
+/// before any container cgroup exists below it, so v1's "a child's CFS quota may not exceed
+/// its parent's" holds (the pod's quota is at least every container's).
+pub fn ensure(root: Option<&Path>, path: &str, spec: &PodSpec) -> Result<(), CgroupError> {
+    let res = qos::pod_cgroup_resources(spec);
+    Cgroup::create(&pod_cgroup_spec(root, path, &res)).map(|_| ())
+}
+
+/// Remove the pod cgroup directory in every hierarchy (v1: one per controller; v2: the
+/// unified one). A directory that still holds container cgroups or is already gone is left.
+pub fn remove(root: Option<&Path>, path: &str) {
+    let root = root_or_default(root);
+    for ctrl in V1_CONTROLLERS.iter().copied().chain([""]) {
+        let _ = std::fs::remove_dir(root.join(ctrl).join(path));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, ResourceRequirements};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use std::fs;
+
+    fn guaranteed(cpu: &str, mem: &str) -> PodSpec {
+        let l: std::collections::BTreeMap<String, Quantity> = [
+            ("cpu".to_string(), Quantity(cpu.into())),
+            ("memory".to_string(), Quantity(mem.into())),
+        ]
+        .into();
+        PodSpec {
+            containers: vec![Container {
+                name: "c".into(),
+                resources: Some(ResourceRequirements {
+                    limits: Some(l),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn fake_v1_root_gets_the_pod_limits_and_is_removed() {
+        let d = tempfile::tempdir().unwrap();
+        for c in ["cpu", "memory", "pids"] {
+            fs::create_dir(d.path().join(c)).unwrap();
+        }
+        let path = "kubepods/podu1";
+        ensure(Some(d.path()), path, &guaranteed("500m", "64Mi")).unwrap();
+        let rd = |f: &str| fs::read_to_string(d.path().join(f)).unwrap();
+        assert_eq!(
+            rd("memory/kubepods/podu1/memory.limit_in_bytes"),
+            "67108864"
+        );
+        assert_eq!(rd("cpu/kubepods/podu1/cpu.cfs_quota_us"), "50000");
+        assert_eq!(rd("cpu/kubepods/podu1/cpu.shares"), "512");
+        // Files written by the fake make rmdir fail, as a busy cgroup would; empty it first.
+        for c in ["cpu", "memory"] {
+            for e in fs::read_dir(d.path().join(c).join(path)).unwrap() {
+                fs::remove_file(e.unwrap().path()).unwrap();
+            }
+        }
+        remove(Some(d.path()), path);
+        assert!(!d.path().join("memory").join(path).exists());
+        assert!(!d.path().join("pids").join(path).exists());
+    }
+
+    #[test]
+    fn fake_v2_root_gets_the_pod_limits() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        ensure(
+            Some(d.path()),
+            "kubepods/podu2",
+            &guaranteed("1500m", "1Gi"),
+        )
+        .unwrap();
+        let pod = d.path().join("kubepods/podu2");
+        let rd = |f: &str| fs::read_to_string(pod.join(f)).unwrap();
+        assert_eq!(rd("memory.max"), (1u64 << 30).to_string());
+        assert_eq!(rd("cpu.max"), "150000 100000");
+        // 1536 shares in runc's conversion.
+        assert_eq!(rd("cpu.weight"), "59");
+        assert_eq!(
+            fs::read_to_string(d.path().join("kubepods/cgroup.subtree_control")).unwrap(),
+            "+cpu +memory +pids"
+        );
+    }
+
+    #[test]
+    fn no_hierarchy_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(ensure(Some(d.path()), "kubepods/podx", &PodSpec::default()).is_err());
+    }
+}

@@ -153,6 +153,134 @@ pub fn container_cgroup_path(qos: QosClass, pod_uid: &str, container_id: &str) -
     format!("{}/{container_id}", pod_cgroup_path(qos, pod_uid))
 }
 
+/// One cgroup filesystem of the container's `/sys/fs/cgroup` view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewMount {
+    /// Directory under `/sys/fs/cgroup` (empty: `/sys/fs/cgroup` itself, the v2 tree).
+    pub dir: String,
+    /// `cgroup` (v1) or `cgroup2`.
+    pub fstype: &'static str,
+    /// Mount data: the v1 hierarchy's controllers and `name=`, as the host mounted it.
+    pub data: Option<String>,
+}
+
+/// What a container sees at `/sys/fs/cgroup`, from the hierarchies mounted on the host
+/// (runc's cgroup mount): v2 → the unified tree mounted there; v1 → a tmpfs with each host
+/// hierarchy that has a controller of [`V1_CONTROLLERS`] mounted in a directory of the same
+/// name (`cpu`, `memory`, `cpu,cpuacct`, `pids`, `freezer`). Mounted inside the container's cgroup namespace, each
+/// shows the container's own cgroup as its root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum View {
+    /// cgroup v2 at `/sys/fs/cgroup`.
+    V2,
+    /// A tmpfs holding these v1 (and hybrid v2) mounts.
+    V1(Vec<ViewMount>),
+}
+
+impl View {
+    /// The filesystems to mount, in order, relative to `/sys/fs/cgroup`.
+    pub fn mounts(&self) -> Vec<ViewMount> {
+        match self {
+            View::V2 => vec![ViewMount {
+                dir: String::new(),
+                fstype: "cgroup2",
+                data: None,
+            }],
+            View::V1(m) => m.clone(),
+        }
+    }
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space). Pure.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() && s.is_char_boundary(i + 4) {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The container's cgroup view from the text of `/proc/self/mountinfo` (`mount_root` is
+/// where the host mounts cgroups, normally `/sys/fs/cgroup`). `None` when no cgroup
+/// filesystem is mounted there. v1 keeps only the hierarchies of [`V1_CONTROLLERS`] (those
+/// the container's process joins); their mount data keeps only the controllers and `name=` of
+/// each hierarchy (the kernel reuses a hierarchy only when they match exactly). Pure.
+pub fn view_from_mountinfo(text: &str, mount_root: &str) -> Option<View> {
+    let root = mount_root.trim_end_matches('/');
+    let mut v1 = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(point) = left.split_whitespace().nth(4).map(unescape_mountinfo) else {
+            continue;
+        };
+        let mut r = right.split_whitespace();
+        let (Some(fstype), _, Some(opts)) = (r.next(), r.next(), r.next()) else {
+            continue;
+        };
+        if fstype == "cgroup2" && point == root {
+            return Some(View::V2);
+        }
+        let Some(dir) = point
+            .strip_prefix(root)
+            .and_then(|d| d.strip_prefix('/'))
+            .filter(|d| !d.is_empty() && !d.contains('/') && d != &"." && d != &"..")
+        else {
+            continue;
+        };
+        let m = match fstype {
+            "cgroup" => {
+                let keep: Vec<&str> = opts
+                    .split(',')
+                    .filter(|o| {
+                        !matches!(
+                            *o,
+                            "rw" | "ro"
+                                | "noprefix"
+                                | "clone_children"
+                                | "xattr"
+                                | "cpuset_v2_mode"
+                        ) && !o.starts_with("release_agent=")
+                    })
+                    .collect();
+                // Only the hierarchies a container joins: in the others (and a hybrid's
+                // `unified`) its cgroup namespace root would be the shim's cgroup.
+                if !keep.iter().any(|c| V1_CONTROLLERS.contains(c)) {
+                    continue;
+                }
+                ViewMount {
+                    dir: dir.to_string(),
+                    fstype: "cgroup",
+                    data: Some(keep.join(",")),
+                }
+            }
+            _ => continue,
+        };
+        // A hierarchy mounted twice (or a remount) shows once.
+        v1.retain(|x: &ViewMount| x.dir != m.dir);
+        v1.push(m);
+    }
+    (!v1.is_empty()).then_some(View::V1(v1))
+}
+
+/// The host's cgroup view (reads `/proc/self/mountinfo`); `None` when it cannot be read or
+/// holds no cgroup mount.
+pub fn host_view() -> Option<View> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    view_from_mountinfo(&text, "/sys/fs/cgroup")
+}
+
 /// A created container cgroup.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Cgroup {
@@ -575,5 +703,44 @@ mod tests {
             }),
             Err(CgroupError::BadPath(_))
         ));
+    }
+
+    #[test]
+    fn views_from_mountinfo() {
+        let v1 = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory,clone_children
+36 31 0:33 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,release_agent=/x,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+44 31 0:41 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+44 31 0:41 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+42 31 0:39 / /mnt/elsewhere rw,relatime - cgroup cgroup rw,pids
+43 31 0:40 / /sys/fs/cgroup/a/b rw,relatime - cgroup cgroup rw,blkio
+";
+        let got = view_from_mountinfo(v1, "/sys/fs/cgroup").unwrap();
+        let m = |dir: &str, fstype: &'static str, data: Option<&str>| ViewMount {
+            dir: dir.into(),
+            fstype,
+            data: data.map(Into::into),
+        };
+        assert_eq!(
+            got,
+            View::V1(vec![
+                m("cpu", "cgroup", Some("cpu")),
+                m("memory", "cgroup", Some("memory")),
+                m("cpu,cpuacct", "cgroup", Some("cpu,cpuacct")),
+                m("freezer", "cgroup", Some("freezer")),
+            ])
+        );
+        let v2 = "29 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(view_from_mountinfo(v2, "/sys/fs/cgroup"), Some(View::V2));
+        assert_eq!(View::V2.mounts()[0].dir, "");
+        assert_eq!(
+            view_from_mountinfo("garbage\n1 2 3\n", "/sys/fs/cgroup"),
+            None
+        );
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
     }
 }

@@ -72,6 +72,7 @@ pub struct InitPlan {
     cgroup_procs: Vec<PathBuf>,
     oom_score_adj: Option<i32>,
     seccomp: Option<seccompiler::BpfProgram>,
+    cgroup_view: Option<crate::cgroup::View>,
 }
 
 /// The oom_score_adj to write: the requested one, or the lowest settable value (the current
@@ -133,7 +134,16 @@ impl InitPlan {
             caps,
             cgroup_procs,
             oom_score_adj,
+            cgroup_view: None,
         })
+    }
+
+    /// Give the container its own cgroup namespace (made right after it joins its cgroups,
+    /// so their leaves are its root) and mount `view` at `/sys/fs/cgroup` inside it,
+    /// read-only unless privileged (runc's cgroupns + cgroup mount).
+    pub fn with_cgroup_view(mut self, view: crate::cgroup::View) -> Self {
+        self.cgroup_view = Some(view);
+        self
     }
 }
 
@@ -323,6 +333,9 @@ pub enum SetupError {
     /// Creating the container's own namespaces failed.
     #[error("unshare mnt/uts/ipc: {0}")]
     Unshare(SysError),
+    /// Creating the container's cgroup namespace failed.
+    #[error("unshare cgroup namespace: {0}")]
+    UnshareCgroup(SysError),
     /// The spec has no rootfs.
     #[error("no rootfs")]
     NoRootfs,
@@ -535,6 +548,11 @@ fn run(
         sys.write_file(f, "0")
             .map_err(|e| SetupError::JoinCgroup(f.clone(), e))?;
     }
+    // Its own cgroup namespace, rooted at the cgroups it has just joined.
+    if plan.cgroup_view.is_some() {
+        sys.unshare(CloneFlags::CLONE_NEWCGROUP)
+            .map_err(SetupError::UnshareCgroup)?;
+    }
     if let Some(v) = plan.oom_score_adj {
         sys.write_file(Path::new("/proc/self/oom_score_adj"), &v.to_string())
             .map_err(|e| SetupError::OomScoreAdj(v, e))?;
@@ -625,6 +643,9 @@ fn run(
     // Every destination below is resolved inside the rootfs through this descriptor.
     let rootfs = Root::open(root).map_err(SetupError::Rootfs)?;
     standard_mounts(sys, &rootfs, spec.privileged)?;
+    if let Some(view) = &plan.cgroup_view {
+        cgroup_mounts(sys, &rootfs, view, spec.privileged)?;
+    }
     for m in &spec.mounts {
         volume(sys, &rootfs, m)?;
     }
@@ -989,6 +1010,63 @@ impl Dest {
                 error,
             })
     }
+}
+
+/// The container's `/sys/fs/cgroup` (after `/sys`): v2 → the unified tree mounted there;
+/// v1 → a tmpfs with each hierarchy in its directory, then the tmpfs made read-only. Made in
+/// the container's cgroup namespace, so every hierarchy's root is the container's cgroup.
+/// Read-only (nosuid, nodev, noexec) unless privileged.
+fn cgroup_mounts(
+    sys: &dyn Syscall,
+    root: &Root,
+    view: &crate::cgroup::View,
+    privileged: bool,
+) -> Result<(), SetupError> {
+    let nse = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let ro = if privileged {
+        MsFlags::empty()
+    } else {
+        MsFlags::MS_RDONLY
+    };
+    let top = dest(root, "/sys/fs/cgroup", DestKind::Dir)?;
+    if let crate::cgroup::View::V2 = view {
+        return top.mount(
+            sys,
+            Some(Path::new("cgroup2")),
+            "cgroup2",
+            Some("cgroup2"),
+            nse | ro,
+            None,
+        );
+    }
+    top.mount(
+        sys,
+        Some(Path::new("tmpfs")),
+        "tmpfs",
+        Some("tmpfs"),
+        nse,
+        Some("mode=755"),
+    )?;
+    // Everything below is made in the fresh tmpfs, through its descriptor.
+    let tmpfs = Root::from_fd(top.mounted()?, PathBuf::from("/sys/fs/cgroup"));
+    for m in view.mounts() {
+        dest(&tmpfs, &m.dir, DestKind::Dir)?.mount(
+            sys,
+            Some(Path::new(m.fstype)),
+            m.fstype,
+            Some(m.fstype),
+            nse | ro,
+            m.data.as_deref(),
+        )?;
+    }
+    if !privileged {
+        top.remount(
+            sys,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nse,
+            None,
+        )?;
+    }
+    Ok(())
 }
 
 /// Open a bind-mount source. Sources are paths the agent chose on the host (volume
@@ -1567,6 +1645,78 @@ mod tests {
                     Call::Dup2(2),
                 ]
             );
+        }
+
+        #[test]
+        fn cgroup_namespace_after_the_join_and_the_view_mounted_read_only() {
+            let mut fx = Fx::new();
+            fx.cgroup_procs = vec![PathBuf::from("/cg/memory/c/cgroup.procs")];
+            let view = crate::cgroup::View::V1(vec![
+                crate::cgroup::ViewMount {
+                    dir: "memory".into(),
+                    fstype: "cgroup",
+                    data: Some("memory".into()),
+                },
+                crate::cgroup::ViewMount {
+                    dir: "cpu,cpuacct".into(),
+                    fstype: "cgroup",
+                    data: Some("cpu,cpuacct".into()),
+                },
+            ]);
+            let plan = fx.plan().with_cgroup_view(view);
+            let sys = RecordingSyscall::new();
+            let null = || File::open("/dev/null").unwrap();
+            let stdio = ChildStdio {
+                stdin: None,
+                stdout: null(),
+                stderr: null(),
+            };
+            let err = match run(&sys, &plan, stdio, || Ok(())) {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            assert!(reached_exec(&err), "{err}");
+            let calls = sys.calls();
+            let join = first(
+                &calls,
+                "cgroup join",
+                |c| matches!(c, Call::WriteFile(p, _) if p.ends_with("cgroup.procs")),
+            );
+            let cgns = first(&calls, "cgroup namespace", |c| {
+                *c == Call::Unshare(CloneFlags::CLONE_NEWCGROUP)
+            });
+            assert!(join < cgns && cgns < first(&calls, "mount", is_mount));
+            let nse = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+            let ro = MsFlags::MS_RDONLY;
+            let mounts = fx.mounts(&calls);
+            let at = mounts
+                .iter()
+                .position(|m| m.1 == "ROOTFS/sys/fs/cgroup")
+                .unwrap_or_else(|| panic!("no cgroup mount in {mounts:#?}"));
+            let want =
+                |s: &str, t: &str, f: &str, fl| (s.to_string(), t.to_string(), f.to_string(), fl);
+            assert_eq!(
+                mounts[at..at + 4],
+                [
+                    want("tmpfs", "ROOTFS/sys/fs/cgroup", "tmpfs", nse),
+                    want("cgroup", "ROOTFS/sys/fs/cgroup/memory", "cgroup", nse | ro),
+                    want(
+                        "cgroup",
+                        "ROOTFS/sys/fs/cgroup/cpu,cpuacct",
+                        "cgroup",
+                        nse | ro
+                    ),
+                    want("", "ROOTFS/sys/fs/cgroup", "", bind_ro_remount() | nse),
+                ]
+            );
+            // Without a view: no cgroup namespace, nothing on /sys/fs/cgroup.
+            let mut fx = Fx::new();
+            fx.cgroup_procs = vec![PathBuf::from("/cg/memory/c/cgroup.procs")];
+            let sys = RecordingSyscall::new();
+            assert!(reached_exec(&fx.run(&sys)));
+            let calls = sys.calls();
+            assert!(!calls.contains(&Call::Unshare(CloneFlags::CLONE_NEWCGROUP)));
+            assert!(!fx.mounts(&calls).iter().any(|m| m.1.contains("cgroup")));
         }
 
         #[test]

@@ -279,7 +279,8 @@ fn setup_container(
     };
     // Right after the fork the child is ours and unreaped: its pid cannot name another
     // process yet, so the pidfd and the start time opened now are the container's. The shim
-    // also moves the child into its cgroup while the child sets up its mounts.
+    // also writes the child's pid to its cgroup (a no-op once the child has joined itself,
+    // which it does first, before its cgroup namespace).
     let mut held: Option<(PidFd, Option<u64>)> = None;
     let join = |pid: Pid| -> Result<(), ShimError> {
         let fd = PidFd::open(pid.as_raw())?;
@@ -289,7 +290,17 @@ fn setup_container(
             None => Ok(()),
         }
     };
-    let made = InitPlan::new(&spec, dir, Vec::new(), oom.map(|o| o.0))
+    // With a cgroup, the child joins it itself before making its cgroup namespace (so the
+    // namespace's root is the container's cgroup), and gets its `/sys/fs/cgroup` view.
+    let (procs, view) = match &cgroup {
+        Some(c) => (c.procs_files(), crate::cgroup::host_view()),
+        None => (Vec::new(), None),
+    };
+    let made = InitPlan::new(&spec, dir, procs, oom.map(|o| o.0))
+        .map(|plan| match view {
+            Some(v) => plan.with_cgroup_view(v),
+            None => plan,
+        })
         .and_then(|plan| container::create(&plan, join).map(|init| (plan, init)));
     let (plan, init) = made?;
     let Some((init_fd, pid_start_time)) = held else {

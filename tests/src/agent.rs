@@ -56,7 +56,7 @@ pub struct AgentEnv {
 
 fn cgroup_roots() -> Vec<PathBuf> {
     let base = Path::new("/sys/fs/cgroup");
-    let mut v: Vec<PathBuf> = ["cpu", "cpuacct", "memory", "pids", "unified"]
+    let mut v: Vec<PathBuf> = ["cpu", "cpuacct", "memory", "pids", "freezer", "unified"]
         .iter()
         .map(|c| base.join(c))
         .filter(|p| p.is_dir())

@@ -1,6 +1,10 @@
 //! cgroup v2 in the VM lane's guest (the host mounts v1): a child group with a memory
-//! limit is created, read back, given a process, enforced, and removed.
+//! limit is created, read back, given a process, enforced, and removed; a container's
+//! `/sys/fs/cgroup` is its own cgroup (namespace root), read-only, with its limits.
 #![cfg(feature = "vm")]
+
+#[path = "shim_support/mod.rs"]
+mod shim_support;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -98,4 +102,37 @@ fn cgroup_v2_memory_max_is_enforced() {
     );
     cg.kill_all(Duration::from_secs(5)).unwrap();
     assert!(Path::new(&file).metadata().is_err());
+}
+
+#[test]
+fn container_sees_its_own_v2_cgroup_read_only() {
+    require_guest();
+    let env = shim_support::Env::new("vmview");
+    let mut spec = env.spec(
+        "view",
+        &[
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max /proc/self/cgroup; \
+             grep ' /sys/fs/cgroup ' /proc/self/mounts | cut -d' ' -f3,4 | cut -d, -f1; \
+             mkdir /sys/fs/cgroup/x 2>/dev/null && echo writable; \
+             echo 1 > /sys/fs/cgroup/memory.max 2>/dev/null && echo raised; echo end",
+        ],
+    );
+    let mut cg = env.cgroup("view");
+    cg.memory_limit = Some(48 << 20);
+    cg.cpu_quota = Some(25_000);
+    spec.cgroup = Some(cg);
+    let (st, _) = env.run(&spec);
+    assert_eq!(st.exit_code, Some(0), "{st:?}");
+    assert_eq!(
+        env.stdout("view"),
+        [
+            (48u64 << 20).to_string().as_str(),
+            "25000 100000",
+            "0::/",
+            "cgroup2 ro",
+            "end",
+        ]
+    );
 }

@@ -1,6 +1,6 @@
 //! Pod admission as the kubelet does it for pods bound to this node (pure): node selector and
-//! required node affinity, NoExecute taints, and resource fit against allocatable. A rejected
-//! pod gets phase Failed with the kubelet's reason.
+//! required node affinity, NoExecute taints, host ports free, and resource fit against
+//! allocatable. A rejected pod gets phase Failed with the kubelet's reason.
 
 use k8s_openapi::api::core::v1::{
     Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration,
@@ -13,7 +13,7 @@ use crate::model::quantity;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     /// `OutOfcpu`, `OutOfmemory`, `OutOfpods`, `NodeAffinity`, `TaintToleration`,
-    /// `PodOSNotSupported`, `PodOSSelectorNodeLabelDoesNotMatch`.
+    /// `PodOSNotSupported`, `PodOSSelectorNodeLabelDoesNotMatch`, `NodePorts`.
     pub reason: String,
     /// Human message.
     pub message: String,
@@ -204,6 +204,12 @@ pub fn admit(pod: &Pod, node: &Node, others: &[&Pod]) -> Result<(), Rejection> {
             ));
         }
     }
+    if host_ports_conflict(pod, others) {
+        return Err(reject(
+            "NodePorts",
+            "Pod was rejected: Predicate NodePorts failed".into(),
+        ));
+    }
     if let Some(max) = allocatable(node, "pods") {
         let used = i128::try_from(others.len()).unwrap_or(i128::MAX);
         if used + 1 > max {
@@ -230,6 +236,43 @@ pub fn admit(pod: &Pod, node: &Node, others: &[&Pod]) -> Result<(), Rejection> {
         }
     }
     Ok(())
+}
+
+/// The `(protocol, hostIP, hostPort)` a pod claims on the node, as the scheduler's
+/// `GetHostPorts` reads them: ports of the containers with a non-zero `hostPort`, protocol
+/// `TCP` and hostIP `0.0.0.0` when unset.
+pub fn host_ports(pod: &Pod) -> Vec<(String, String, i32)> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.host_port.is_some_and(|h| h > 0))
+        .map(|p| {
+            (
+                p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                p.host_ip
+                    .clone()
+                    .filter(|ip| !ip.is_empty())
+                    .unwrap_or_else(|| "0.0.0.0".into()),
+                p.host_port.unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// True when a host port of `pod` is already taken by one of `others` (the kubelet's NodePorts
+/// predicate): same protocol and port, and the same hostIP or either of them the wildcard.
+pub fn host_ports_conflict(pod: &Pod, others: &[&Pod]) -> bool {
+    let want = host_ports(pod);
+    if want.is_empty() {
+        return false;
+    }
+    let used: Vec<(String, String, i32)> = others.iter().flat_map(|o| host_ports(o)).collect();
+    want.iter().any(|(proto, ip, port)| {
+        used.iter().any(|(p2, ip2, port2)| {
+            p2 == proto && port2 == port && (ip == ip2 || ip == "0.0.0.0" || ip2 == "0.0.0.0")
+        })
+    })
 }
 
 /// Names of ConfigMaps (kind "configmaps") or Secrets ("secrets") a pod references.
@@ -529,6 +572,74 @@ mod tests {
                 }
             }
             (a, b) => *a = b,
+        }
+    }
+
+    #[test]
+    fn host_port_conflicts_as_the_nodeports_predicate() {
+        let with = |ports: serde_json::Value| {
+            pod(json!({"spec": {"containers": [{"name": "c", "image": "i", "ports": ports}]}}))
+        };
+        let taken = with(json!([{"containerPort": 80, "hostPort": 8080},
+                                {"containerPort": 53, "hostPort": 5353, "protocol": "UDP",
+                                 "hostIP": "127.0.0.1"}]));
+        let cases = [
+            (
+                "same port, default proto and ip",
+                json!([{"containerPort": 1, "hostPort": 8080}]),
+                true,
+            ),
+            (
+                "same port, explicit TCP on one ip",
+                json!([{"containerPort": 1, "hostPort": 8080, "protocol": "TCP", "hostIP": "10.0.0.1"}]),
+                true,
+            ),
+            (
+                "same port, UDP",
+                json!([{"containerPort": 1, "hostPort": 8080, "protocol": "UDP"}]),
+                false,
+            ),
+            (
+                "other port",
+                json!([{"containerPort": 80, "hostPort": 8081}]),
+                false,
+            ),
+            (
+                "containerPort only",
+                json!([{"containerPort": 8080}]),
+                false,
+            ),
+            (
+                "UDP wildcard vs specific ip",
+                json!([{"containerPort": 1, "hostPort": 5353, "protocol": "UDP"}]),
+                true,
+            ),
+            (
+                "UDP same ip",
+                json!([{"containerPort": 1, "hostPort": 5353, "protocol": "UDP", "hostIP": "127.0.0.1"}]),
+                true,
+            ),
+            (
+                "UDP other ip",
+                json!([{"containerPort": 1, "hostPort": 5353, "protocol": "UDP", "hostIP": "127.0.0.2"}]),
+                false,
+            ),
+            (
+                "TCP on the UDP port",
+                json!([{"containerPort": 1, "hostPort": 5353}]),
+                false,
+            ),
+        ];
+        for (name, ports, conflict) in cases {
+            let p = with(ports);
+            let got = admit(&p, &node(), &[&taken]).err();
+            assert_eq!(got.is_some(), conflict, "{name}");
+            if let Some(r) = got {
+                assert_eq!(r.reason, "NodePorts", "{name}");
+                assert_eq!(r.message, "Pod was rejected: Predicate NodePorts failed");
+            }
+            // Nothing admitted yet: no conflict.
+            assert!(admit(&p, &node(), &[]).is_ok(), "{name}");
         }
     }
 

@@ -174,6 +174,108 @@ pub fn restrict_oom_score_adj(
     }
 }
 
+/// The limits of a pod-level cgroup (kubelet `ResourceConfigForPod`, CFS quota enforced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PodCgroupResources {
+    /// `cpu.shares` from the summed cpu requests (BestEffort: 2).
+    pub cpu_shares: u64,
+    /// CFS quota in microseconds per [`CPU_PERIOD_US`], when every container has a cpu limit.
+    pub cpu_quota: Option<i64>,
+    /// Memory limit in bytes, when every container has a memory limit.
+    pub memory_limit: Option<i64>,
+}
+
+/// The CFS period the kubelet uses (100 ms).
+pub const CPU_PERIOD_US: u64 = 100_000;
+/// Smallest `cpu.shares` the kubelet writes.
+pub const MIN_SHARES: u64 = 2;
+/// Smallest CFS quota the kubelet writes (1 ms).
+pub const MIN_QUOTA_US: i64 = 1000;
+
+/// cpu millis → `cpu.shares` (kubelet `MilliCPUToShares`).
+pub fn milli_cpu_to_shares(milli: i128) -> u64 {
+    if milli <= 0 {
+        return MIN_SHARES;
+    }
+    u64::try_from(milli * 1024 / 1000)
+        .unwrap_or(u64::MAX)
+        .clamp(MIN_SHARES, 262_144)
+}
+
+/// cpu millis → CFS quota for [`CPU_PERIOD_US`] (kubelet `MilliCPUToQuota`; 0 → none).
+pub fn milli_cpu_to_quota(milli: i128) -> Option<i64> {
+    if milli <= 0 {
+        return None;
+    }
+    let q = milli * i128::from(CPU_PERIOD_US) / 1000;
+    Some(i64::try_from(q).unwrap_or(i64::MAX).max(MIN_QUOTA_US))
+}
+
+/// Per resource: the pod's total (`max(sum of regular containers and restartable init
+/// containers, largest other init container)` + `overhead`), and whether every
+/// container declares it in `of`. Pure.
+fn pod_total(
+    spec: &PodSpec,
+    resource: &str,
+    of: impl Fn(&Container) -> BTreeMap<String, Nano>,
+) -> (i128, bool) {
+    let mut declared = true;
+    let mut sum: i128 = 0;
+    let mut init_max: i128 = 0;
+    for c in spec.init_containers.iter().flatten() {
+        let v = of(c).get(resource).map(|n| n.0);
+        declared &= v.is_some();
+        let v = v.unwrap_or(0);
+        if c.restart_policy.as_deref() == Some("Always") {
+            sum += v;
+            init_max = init_max.max(sum);
+        } else {
+            init_max = init_max.max(sum + v);
+        }
+    }
+    for c in &spec.containers {
+        let v = of(c).get(resource).map(|n| n.0);
+        declared &= v.is_some();
+        sum += v.unwrap_or(0);
+    }
+    let overhead = spec
+        .overhead
+        .as_ref()
+        .and_then(|o| o.get(resource))
+        .and_then(|q| quantity::parse(&q.0).ok())
+        .map(|n| n.0)
+        .unwrap_or(0);
+    (sum.max(init_max) + overhead, declared)
+}
+
+/// The pod cgroup's limits (kubelet `ResourceConfigForPod` with CFS quota): shares from the
+/// summed cpu requests; cpu quota and memory limit from the summed limits, but only when
+/// every container declares that limit (no limit otherwise); Guaranteed pods always have
+/// all three, BestEffort pods only the minimum shares. Pure.
+pub fn pod_cgroup_resources(spec: &PodSpec) -> PodCgroupResources {
+    let qos = pod_qos(spec);
+    if qos == QosClass::BestEffort {
+        return PodCgroupResources {
+            cpu_shares: MIN_SHARES,
+            ..Default::default()
+        };
+    }
+    let nano_to_milli = |n: i128| Nano(n).milli_value();
+    let (cpu_req, _) = pod_total(spec, "cpu", effective_requests);
+    let (cpu_lim, cpu_declared) = pod_total(spec, "cpu", limits);
+    let (mem_lim, mem_declared) = pod_total(spec, "memory", limits);
+    let guaranteed = qos == QosClass::Guaranteed;
+    PodCgroupResources {
+        cpu_shares: milli_cpu_to_shares(nano_to_milli(cpu_req)),
+        cpu_quota: (guaranteed || cpu_declared)
+            .then(|| milli_cpu_to_quota(nano_to_milli(cpu_lim)))
+            .flatten(),
+        memory_limit: (guaranteed || mem_declared)
+            .then(|| i64::try_from(Nano(mem_lim).value()).unwrap_or(i64::MAX))
+            .filter(|m| *m > 0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,6 +456,122 @@ mod tests {
                 },
                 "{wanted} {parent} {can}"
             );
+        }
+    }
+
+    fn pod_cg(
+        init: Vec<Container>,
+        main: Vec<Container>,
+        overhead: &[(&str, &str)],
+    ) -> PodCgroupResources {
+        let mut s = spec(init, main);
+        if !overhead.is_empty() {
+            s.overhead = Some(
+                overhead
+                    .iter()
+                    .map(|(k, q)| (k.to_string(), Quantity(q.to_string())))
+                    .collect(),
+            );
+        }
+        pod_cgroup_resources(&s)
+    }
+
+    #[test]
+    fn pod_cgroup_resources_table() {
+        let g = |n: &str, cpu: &str, mem: &str| c(n, &[], &[("cpu", cpu), ("memory", mem)]);
+        let cases: Vec<(&str, PodCgroupResources, PodCgroupResources)> = vec![
+            (
+                "guaranteed: sums of two containers",
+                pod_cg(
+                    vec![],
+                    vec![g("a", "250m", "64Mi"), g("b", "250m", "64Mi")],
+                    &[],
+                ),
+                PodCgroupResources {
+                    cpu_shares: 512,
+                    cpu_quota: Some(50_000),
+                    memory_limit: Some(128 << 20),
+                },
+            ),
+            (
+                "guaranteed plus overhead",
+                pod_cg(
+                    vec![],
+                    vec![g("a", "500m", "100Mi")],
+                    &[("cpu", "100m"), ("memory", "20Mi")],
+                ),
+                PodCgroupResources {
+                    cpu_shares: 614,
+                    cpu_quota: Some(60_000),
+                    memory_limit: Some(120 << 20),
+                },
+            ),
+            (
+                "besteffort: minimum shares only",
+                pod_cg(vec![], vec![c("a", &[], &[])], &[]),
+                PodCgroupResources {
+                    cpu_shares: 2,
+                    cpu_quota: None,
+                    memory_limit: None,
+                },
+            ),
+            (
+                "burstable: one container without limits means no pod limit",
+                pod_cg(
+                    vec![],
+                    vec![
+                        c("a", &[("cpu", "100m")], &[("cpu", "1"), ("memory", "1Gi")]),
+                        c("b", &[("memory", "10Mi")], &[]),
+                    ],
+                    &[],
+                ),
+                PodCgroupResources {
+                    cpu_shares: 102,
+                    cpu_quota: None,
+                    memory_limit: None,
+                },
+            ),
+            (
+                "burstable: memory limits everywhere, cpu only requested",
+                pod_cg(
+                    vec![],
+                    vec![
+                        c("a", &[("cpu", "200m")], &[("memory", "32Mi")]),
+                        c("b", &[], &[("memory", "32Mi")]),
+                    ],
+                    &[],
+                ),
+                PodCgroupResources {
+                    cpu_shares: 204,
+                    cpu_quota: None,
+                    memory_limit: Some(64 << 20),
+                },
+            ),
+            (
+                "a larger init container sets the pod's size",
+                pod_cg(
+                    vec![g("init", "2", "1Gi")],
+                    vec![g("a", "500m", "100Mi")],
+                    &[],
+                ),
+                PodCgroupResources {
+                    cpu_shares: 2048,
+                    cpu_quota: Some(200_000),
+                    memory_limit: Some(1 << 30),
+                },
+            ),
+            (
+                "tiny cpu limit: quota floor 1ms",
+                pod_cg(vec![], vec![g("a", "1m", "8Mi")], &[]),
+                PodCgroupResources {
+                    cpu_shares: 2,
+                    cpu_quota: Some(1000),
+                    memory_limit: Some(8 << 20),
+                },
+            ),
+        ];
+        for (name, got, want) in cases {
+            assert_eq!(got, want, "{name}");
         }
     }
 }

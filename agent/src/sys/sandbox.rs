@@ -2,6 +2,8 @@
 //! dedicated OS thread (namespaces are per thread) and kept alive by bind mounts of
 //! `/proc/thread-self/ns/*` under `<run-dir>/sandboxes/<id>/`. Containers join them by path,
 //! the way the kubelet's pause container shares them. No process is left running for it.
+//! A `hostNetwork` pod's `net` and `uts` files and a `hostIPC` pod's `ipc` file are the
+//! agent's own (the node's) namespaces, bound the same way.
 //! The new network namespace's `lo` is brought up here, on the same thread (containerd's
 //! `use_internal_loopback`), instead of running the CNI `loopback` plugin once per pod.
 #![allow(unsafe_code)] // one ioctl wrapper, `set_loopback_up`
@@ -68,6 +70,9 @@ pub struct SandboxOwner {
     /// A hostNetwork pod (no CNI attachment).
     #[serde(default)]
     pub host_network: bool,
+    /// A hostIPC pod: the `ipc` file is the node's IPC namespace.
+    #[serde(default)]
+    pub host_ipc: bool,
 }
 
 impl SandboxOwner {
@@ -130,7 +135,8 @@ pub fn list(run_dir: &Path) -> Vec<SandboxPaths> {
 /// (paths under `/proc/sys` and values, already admitted) written in them before any
 /// container joins. With `host_network` the `net` and `uts` files refer to the agent's own
 /// namespaces (hostNetwork pods) and only the IPC namespace is new: a `net/` sysctl is then
-/// refused. The owner record is written (durably) first.
+/// refused. With `owner.host_ipc` the `ipc` file is the agent's IPC namespace (hostIPC pods)
+/// and an IPC sysctl is refused. The owner record is written (durably) first.
 pub fn create(
     paths: &SandboxPaths,
     hostname: &str,
@@ -150,17 +156,24 @@ pub fn create(
     let p = paths.clone();
     let host = hostname.to_string();
     let sysctls = sysctls.to_vec();
+    let host_ipc = owner.host_ipc;
     let res = std::thread::spawn(move || -> Result<(), (&'static str, String)> {
-        if host_network {
-            unshare(CloneFlags::CLONE_NEWIPC).map_err(|e| ("unshare", e.to_string()))?;
-        } else {
-            unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
-                .map_err(|e| ("unshare", e.to_string()))?;
+        let mut flags = CloneFlags::empty();
+        if !host_ipc {
+            flags |= CloneFlags::CLONE_NEWIPC;
+        }
+        if !host_network {
+            flags |= CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWUTS;
+        }
+        if !flags.is_empty() {
+            unshare(flags).map_err(|e| ("unshare", e.to_string()))?;
+        }
+        if !host_network {
             nix::unistd::sethostname(&host).map_err(|e| ("sethostname", e.to_string()))?;
             set_loopback_up().map_err(|e| ("loopback up", e.to_string()))?;
         }
         // /proc/sys/{net,kernel} answer for the namespaces of the thread that opens them.
-        write_sysctls(&sysctls, host_network)?;
+        write_sysctls(&sysctls, host_network, host_ipc)?;
         for (kind, target) in [("net", p.net()), ("ipc", p.ipc()), ("uts", p.uts())] {
             let src = format!("/proc/thread-self/ns/{kind}");
             mount(
@@ -187,6 +200,7 @@ pub fn create(
 fn write_sysctls(
     sysctls: &[(String, String)],
     host_network: bool,
+    host_ipc: bool,
 ) -> Result<(), (&'static str, String)> {
     use std::io::Write;
     for (path, value) in sysctls {
@@ -204,6 +218,16 @@ fn write_sysctls(
             return Err((
                 "sysctl",
                 format!("{path}: the pod uses the host's network namespace"),
+            ));
+        }
+        let ipc = path.starts_with("kernel/shm")
+            || path.starts_with("kernel/msg")
+            || path.starts_with("kernel/sem")
+            || path.starts_with("fs/mqueue/");
+        if host_ipc && ipc {
+            return Err((
+                "sysctl",
+                format!("{path}: the pod uses the host's IPC namespace"),
             ));
         }
         std::fs::OpenOptions::new()
@@ -298,6 +322,27 @@ mod tests {
     }
 
     #[test]
+    fn host_namespaces_refuse_their_sysctls() {
+        let one = |p: &str| vec![(p.to_string(), "1".to_string())];
+        // Refused before anything is written (the paths are checked first).
+        for (path, host_net, host_ipc) in [
+            ("net/ipv4/ip_forward", true, false),
+            ("kernel/shmmax", false, true),
+            ("kernel/msgmax", false, true),
+            ("kernel/sem", false, true),
+            ("fs/mqueue/msg_max", false, true),
+        ] {
+            let e = write_sysctls(&one(path), host_net, host_ipc).unwrap_err();
+            assert!(e.1.contains("the pod uses the host's"), "{path}: {e:?}");
+        }
+        // An old owner record (before hostIPC existed) reads as a pod-private IPC namespace.
+        let o: SandboxOwner =
+            serde_json::from_str(r#"{"uid":"u","namespace":"n","name":"p","hostNetwork":true}"#)
+                .unwrap();
+        assert!(o.host_network && !o.host_ipc);
+    }
+
+    #[test]
     fn list_and_owner_record() {
         let tmp = tempfile::tempdir().unwrap();
         assert!(list(tmp.path()).is_empty());
@@ -311,6 +356,7 @@ mod tests {
             namespace: "ns".into(),
             name: "p".into(),
             host_network: true,
+            host_ipc: false,
         };
         std::fs::write(a.owner_file(), serde_json::to_vec(&owner).unwrap()).unwrap();
         std::fs::write(b.owner_file(), b"{torn").unwrap();

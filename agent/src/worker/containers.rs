@@ -380,6 +380,13 @@ impl Worker {
             }
         }
         let spec = self.pod.spec.clone().unwrap_or_default();
+        // The pod cgroup with the pod's limits, before the container's cgroup below it.
+        let pod_cg = runtime::pod_cgroup(&self.cfg.cgroup_parent, &spec, &self.uid);
+        if let Err(e) =
+            crate::sys::pod_cgroup::ensure(self.cfg.cgroup_root.as_deref(), &pod_cg, &spec)
+        {
+            tracing::warn!(uid = %self.uid, "pod cgroup {pod_cg}: {e}");
+        }
         let wanted = qos::container_oom_score_adj(&spec, &c, self.cfg.memory_capacity);
         let layers = self.fx.runtime.layer_dirs(&image);
         let command = env::expand_command(c.command.as_deref().unwrap_or(&[]), &vars);
@@ -412,6 +419,18 @@ impl Worker {
                 return false;
             }
         };
+        // Host and shared PID namespaces (the kubelet's namespacesForPod): hostPID joins the
+        // node's (the shim's own), shareProcessNamespace the one of a running container of the
+        // pod; the first container started gets a new one and is its PID 1.
+        let pod_spec = self.pod.spec.as_ref();
+        if pod_spec.and_then(|s| s.host_pid).unwrap_or(false) {
+            cs.namespaces.pid = Some(std::path::PathBuf::from("/proc/self/ns/pid"));
+        } else if pod_spec
+            .and_then(|s| s.share_process_namespace)
+            .unwrap_or(false)
+        {
+            cs.namespaces.pid = self.shared_pid_namespace(name);
+        }
         if let Some(Some(target)) = self.ephemeral_target(name) {
             // The target container's pid namespace (`kubectl debug --target`).
             match self.pid_namespace_of(&target) {
@@ -533,6 +552,28 @@ impl Worker {
                 false
             }
         }
+    }
+
+    /// The PID namespace a `shareProcessNamespace` pod's container `name` joins: the one of
+    /// the first running container of the pod (init containers, then containers, then
+    /// ephemeral ones, in spec order); none when no other container runs.
+    fn shared_pid_namespace(&self, name: &str) -> Option<std::path::PathBuf> {
+        let spec = self.pod.spec.as_ref()?;
+        let names = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .map(|c| c.name.clone())
+            .chain(
+                spec.ephemeral_containers
+                    .iter()
+                    .flatten()
+                    .map(|c| c.name.clone()),
+            );
+        names
+            .filter(|n| n != name)
+            .find_map(|n| self.pid_namespace_of(&n))
     }
 
     /// `/proc/<pid>/ns/pid` of the running instance of container `name`, checked against the

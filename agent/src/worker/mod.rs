@@ -585,11 +585,7 @@ impl Worker {
         let vols = self.fx.volumes.clone();
         let root = self.cfg.root_dir.clone();
         let uid = self.uid.clone();
-        let cg_root = self
-            .cfg
-            .cgroup_root
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
+        let cg_root = self.cfg.cgroup_root.clone();
         let pod_cg = self
             .pod
             .spec
@@ -604,13 +600,7 @@ impl Worker {
                 return;
             }
             if let Some(cg) = pod_cg {
-                for ctrl in hako_shim::cgroup::V1_CONTROLLERS
-                    .iter()
-                    .copied()
-                    .chain([""])
-                {
-                    let _ = std::fs::remove_dir(cg_root.join(ctrl).join(&cg));
-                }
+                crate::sys::pod_cgroup::remove(cg_root.as_deref(), &cg);
             }
             let _ = std::fs::remove_dir_all(root.join("pods").join(&uid));
         })

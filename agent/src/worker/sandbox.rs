@@ -116,6 +116,12 @@ impl Worker {
             namespace,
             name,
             host_network,
+            host_ipc: self
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_ipc)
+                .unwrap_or(false),
         };
         // What undoing a creation that the pod's deletion overtook needs.
         let undo = (net.clone(), paths.clone(), a.clone());

@@ -130,8 +130,26 @@ impl Chaos {
                 return h;
             }
             if Instant::now() > deadline {
+                let shims: Vec<String> = self
+                    .env
+                    .shim_containers()
+                    .iter()
+                    .map(|id| {
+                        let st = std::fs::read_to_string(
+                            self.env.run.join("containers").join(id).join("state.json"),
+                        )
+                        .unwrap_or_default();
+                        let status = st
+                            .lines()
+                            .find(|l| l.contains("\"status\""))
+                            .unwrap_or("no state")
+                            .trim();
+                        format!("{id}: {status}")
+                    })
+                    .collect();
                 panic!(
-                    "{what}: the node holds {h:?}, want {want:?}\nagent log:\n{}",
+                    "{what}: the node holds {h:?}, want {want:?}\nshim containers:\n{}\nagent log:\n{}",
+                    shims.join("\n"),
                     hako_tests::agent::tail(&self.env.agent_log(), 6000)
                 );
             }

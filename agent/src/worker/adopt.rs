@@ -102,6 +102,25 @@ impl Worker {
                 paths,
             });
         }
+        // An instance that a killed agent created but never started (shim state `Created`,
+        // or a meta record with no shim container) never ran: it is deleted, not kept as the
+        // previous instance, and the container is started afresh (the kubelet's GC removes
+        // such created-only containers the same way).
+        let (insts, unstarted): (Vec<_>, Vec<_>) = insts.into_iter().partition(|(_, st)| {
+            st.as_ref()
+                .is_some_and(|s| s.status != hako_shim::state::Status::Created)
+        });
+        for (m, _) in unstarted {
+            tracing::info!(uid = %self.uid, container = %m.name, id = %m.id, "removing a container instance created but never started before a restart");
+            let rt = self.fx.runtime.clone();
+            let root = self.cfg.root_dir.clone();
+            let uid = self.uid.clone();
+            blocking(move || {
+                let _ = rt.force_delete(&m.id);
+                runtime::remove_meta(&root, &uid, &m.id);
+            })
+            .await;
+        }
         let n = insts.len();
         for (m, st) in insts {
             let exited = st

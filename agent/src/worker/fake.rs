@@ -105,20 +105,28 @@ impl FakeRuntime {
     pub(super) fn fail_create(&self, id: &str) {
         self.st.lock().unwrap().failing_creates.insert(id.into());
     }
-    /// Puts a running container in the runtime (one that outlived an agent).
-    pub(super) fn insert_running(&self, id: &str) {
+    /// The ids of the containers the runtime holds, sorted.
+    pub(super) fn ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.st.lock().unwrap().containers.keys().cloned().collect();
+        v.sort();
+        v
+    }
+    /// Puts a container `id` in the runtime as a previous agent left it, in `status`
+    /// (`Running`: it outlived the agent; `Created`: never started).
+    pub(super) fn insert_as(&self, id: &str, status: Status) {
         let now = self.now();
+        let started = (status != Status::Created).then(|| now.clone());
         let st = State {
             id: id.into(),
-            status: Status::Running,
+            status,
             shim_pid: 1,
             pid: 2,
             pid_start_time: None,
             shim_start_time: None,
             exit_code: None,
             reason: None,
-            created_at: now.clone(),
-            started_at: Some(now),
+            created_at: now,
+            started_at: started,
             finished_at: None,
             oom_score_adj: None,
             oom_score_adj_clamped: false,

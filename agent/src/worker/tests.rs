@@ -578,7 +578,47 @@ async fn shim_create_failure_is_create_container_error() {
 #[tokio::test]
 async fn adoption_of_a_running_container_starts_no_duplicate() {
     let mut h = Harness::new(pod(json!({"containers": [c("app")]})));
-    // What a previous agent left: the sandbox record and a running container with its meta.
+    left_by_a_previous_agent(&h, Status::Running);
+    h.calls();
+    h.w.adopt().await;
+    h.step().await;
+    h.step().await;
+    let calls = h.calls();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("create ") || c.starts_with("sandbox ")),
+        "{calls:?}"
+    );
+    assert!(h.running("app"));
+    assert_eq!(h.status_of("app").restart_count, 0);
+}
+
+/// An agent killed between the shim's create and start leaves a container that never ran:
+/// the next agent deletes it and starts the container once, with no "previous instance".
+#[tokio::test]
+async fn adoption_of_a_created_only_container_deletes_it_and_starts_one() {
+    let mut h = Harness::new(pod(json!({"containers": [c("app")]})));
+    left_by_a_previous_agent(&h, Status::Created);
+    h.calls();
+    h.w.adopt().await;
+    h.step().await;
+    h.step().await;
+    let calls = h.calls();
+    assert!(
+        calls.contains(&"delete uid1-app-0".to_string()),
+        "{calls:?}"
+    );
+    assert_eq!(starts(&calls), ["start uid1-app-0"], "{calls:?}");
+    assert!(h.running("app"));
+    assert_eq!(h.status_of("app").restart_count, 0);
+    assert_eq!(h.fx.runtime.ids(), [id("app", 0)]);
+    assert_eq!(runtime::read_metas(&h.w.cfg.root_dir, UID).len(), 1);
+}
+
+/// The sandbox record and one container (meta and shim state in `status`) of `app`, as a
+/// previous agent leaves them.
+fn left_by_a_previous_agent(h: &Harness, status: Status) {
     let root = h.w.cfg.root_dir.clone();
     let dir = root.join("pods").join(UID);
     std::fs::create_dir_all(&dir).unwrap();
@@ -612,20 +652,7 @@ async fn adoption_of_a_running_container_starts_no_duplicate() {
         },
     )
     .unwrap();
-    h.fx.runtime.insert_running(&id("app", 0));
-    h.calls();
-    h.w.adopt().await;
-    h.step().await;
-    h.step().await;
-    let calls = h.calls();
-    assert!(
-        !calls
-            .iter()
-            .any(|c| c.starts_with("create ") || c.starts_with("sandbox ")),
-        "{calls:?}"
-    );
-    assert!(h.running("app"));
-    assert_eq!(h.status_of("app").restart_count, 0);
+    h.fx.runtime.insert_as(&id("app", 0), status);
 }
 
 #[tokio::test]

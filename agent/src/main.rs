@@ -948,6 +948,12 @@ fn worker_config(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
         .with_registry_hosts(hako_shim::image::hosts::RegistryHosts::at(
             &cli.registry_config_path,
         ));
+    // A cached CNI result whose write a killed agent interrupted leaves a temporary file.
+    let cni_results = cli.root_dir.join("cni").join("results");
+    let swept = hako_shim::durable::remove_stale_temps(&cni_results);
+    if swept > 0 {
+        tracing::info!(dir = %cni_results.display(), files = swept, "removed temporary files of interrupted writes");
+    }
     Ok(hako_agent::worker::AgentConfig {
         root_dir: cli.root_dir.clone(),
         run_dir: cli.run_dir.clone(),

@@ -147,8 +147,10 @@ impl Chaos {
                         format!("{id}: {status}")
                     })
                     .collect();
+                let cache =
+                    hako_tests::holdings::dir_entries(&self.env.root.join("cni").join("results"));
                 panic!(
-                    "{what}: the node holds {h:?}, want {want:?}\nshim containers:\n{}\nagent log:\n{}",
+                    "{what}: the node holds {h:?}, want {want:?}\nshim containers:\n{}\nCNI cache: {cache:?}\nagent log:\n{}",
                     shims.join("\n"),
                     hako_tests::agent::tail(&self.env.agent_log(), 6000)
                 );

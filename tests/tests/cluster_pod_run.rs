@@ -42,7 +42,8 @@ fn pod_runs_reports_status_and_is_deleted_gracefully() {
                 "volumes": [{"name": "cfg", "configMap": {"name": "cfg"}},
                             {"name": "sec", "secret": {"secretName": "sec"}}],
                 "containers": [{"name": "c", "image": env.image("sleep"),
-                    "command": ["sleep", "3600"],
+                    "command": ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 0.1; done"],
+                    "lifecycle": {"preStop": {"sleep": {"seconds": 2}}},
                     "env": [{"name": "POD_IP", "valueFrom": env_ref("status.podIP")},
                             {"name": "POD_IPS", "valueFrom": env_ref("status.podIPs")},
                             {"name": "HOST_IP", "valueFrom": env_ref("status.hostIP")},
@@ -233,7 +234,9 @@ fn pod_runs_reports_status_and_is_deleted_gracefully() {
             .then_some(())
     });
 
-    // Graceful deletion: the agent stops the pod, then deletes it with grace 0 + UID.
+    // Graceful deletion: the agent runs the preStop sleep (a 1.29 field, typed here), stops
+    // the pod (its shell exits at SIGTERM), then deletes it with grace 0 + UID.
+    let deleted_at = Instant::now();
     let d = srv
         .delete(
             "",
@@ -249,6 +252,11 @@ fn pod_runs_reports_status_and_is_deleted_gracefully() {
             .is_none()
             .then_some(())
     });
+    let took = deleted_at.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(1800),
+        "pod removed {took:?} after its deletion: the 2 s preStop sleep did not run"
+    );
     let del = srv
         .requests()
         .into_iter()

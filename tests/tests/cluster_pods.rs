@@ -70,6 +70,11 @@ fn admission_deletion_and_watch_resilience() {
             "NodeAffinity",
         ),
         ("untolerated", json!({"tolerations": []}), "TaintToleration"),
+        (
+            "user-ns",
+            json!({"hostUsers": false}),
+            "UserNamespacesNotSupported",
+        ),
     ];
     for (name, spec, _) in &cases {
         srv.create(pod(name, "n1", spec.clone())).expect("pod");

@@ -175,6 +175,15 @@ pub fn admit(pod: &Pod, node: &Node, others: &[&Pod]) -> Result<(), Rejection> {
             "Failed to admit pod as the OS field doesn't match node OS".into(),
         ));
     }
+    // User namespaces (`hostUsers: false`) need id-mapped mounts hako does not set up yet:
+    // refused here rather than run with the node's user ids.
+    if pod.spec.as_ref().and_then(|s| s.host_users) == Some(false) {
+        return Err(reject(
+            "UserNamespacesNotSupported",
+            "Pod was rejected: hostUsers: false (user namespaces) is not supported by this node"
+                .into(),
+        ));
+    }
     if !node_affinity_ok(pod, node) {
         return Err(reject(
             "NodeAffinity",
@@ -645,6 +654,17 @@ mod tests {
 
     fn reason(p: &Pod, others: &[&Pod]) -> Option<String> {
         admit(p, &node(), others).err().map(|r| r.reason)
+    }
+
+    #[test]
+    fn user_namespaces_are_refused() {
+        let users = |v| reason(&pod(json!({"spec": {"hostUsers": v}})), &[]);
+        assert_eq!(users(json!(true)), None);
+        assert_eq!(users(json!(null)), None);
+        assert_eq!(
+            users(json!(false)).as_deref(),
+            Some("UserNamespacesNotSupported")
+        );
     }
 
     #[test]

@@ -14,34 +14,33 @@ pub const CONFIG_HASH_ANNOTATION: &str = "kubernetes.io/config.hash";
 pub const CONFIG_SOURCE_ANNOTATION: &str = "kubernetes.io/config.source";
 /// Annotation naming the manifest file a pod came from.
 pub const CONFIG_FILE_ANNOTATION: &str = "hako.dev/config.file";
-/// Annotation carrying the containers' lifecycle `sleep` handlers, which the Kubernetes 1.28
-/// types the agent decodes into do not have: a JSON object
-/// `{"<container>": {"postStart": <seconds>, "preStop": <seconds>}}`. Set by the manifest
-/// loader from the raw document (any value written in the manifest is replaced).
-pub const LIFECYCLE_SLEEP_ANNOTATION: &str = "hako.dev/lifecycle-sleep";
-
 /// Seconds of a container's `sleep` lifecycle handler (`hook`: `postStart` or `preStop`), from
-/// the pod's [`LIFECYCLE_SLEEP_ANNOTATION`].
+/// the pod's spec (init containers, then containers); None when the hook has no `sleep`.
 pub fn lifecycle_sleep(pod: &Pod, container: &str, hook: &str) -> Option<u64> {
-    let a = pod
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(LIFECYCLE_SLEEP_ANNOTATION)?;
-    let v: Value = serde_json::from_str(a).ok()?;
-    v.get(container)?.get(hook)?.as_u64()
+    let spec = pod.spec.as_ref()?;
+    let c = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .find(|c| c.name == container)?;
+    let l = c.lifecycle.as_ref()?;
+    let h = match hook {
+        "postStart" => l.post_start.as_ref()?,
+        "preStop" => l.pre_stop.as_ref()?,
+        _ => return None,
+    };
+    u64::try_from(h.sleep.as_ref()?.seconds).ok()
 }
 
-/// Reads the lifecycle `sleep` handlers from a raw pod document (before it is decoded into
-/// the typed Pod, which drops them) into [`LIFECYCLE_SLEEP_ANNOTATION`], and checks them:
-/// `seconds` a non-negative integer not above `terminationGracePeriodSeconds`, and `sleep` the
-/// only handler of its hook.
-fn capture_lifecycle_sleep(value: &mut Value, problems: &mut Vec<String>) {
+/// Checks the lifecycle `sleep` handlers of a raw pod document as the apiserver validates
+/// them: `seconds` a non-negative integer not above `terminationGracePeriodSeconds`, and
+/// `sleep` the only handler of its hook.
+fn check_lifecycle_sleep(value: &Value, problems: &mut Vec<String>) {
     let grace = value
         .pointer("/spec/terminationGracePeriodSeconds")
         .and_then(Value::as_i64)
         .unwrap_or(30);
-    let mut table = serde_json::Map::new();
     for field in ["initContainers", "containers"] {
         let Some(list) = value
             .pointer(&format!("/spec/{field}"))
@@ -50,7 +49,6 @@ fn capture_lifecycle_sleep(value: &mut Value, problems: &mut Vec<String>) {
             continue;
         };
         for (i, c) in list.iter().enumerate() {
-            let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
             for hook in ["postStart", "preStop"] {
                 let Some(h) = c.pointer(&format!("/lifecycle/{hook}")) else {
                     continue;
@@ -70,14 +68,7 @@ fn capture_lifecycle_sleep(value: &mut Value, problems: &mut Vec<String>) {
                     continue;
                 }
                 match sleep.get("seconds").and_then(Value::as_i64) {
-                    Some(n) if (0..=grace).contains(&n) => {
-                        let e = table
-                            .entry(name.to_string())
-                            .or_insert_with(|| Value::Object(Default::default()));
-                        if let Some(o) = e.as_object_mut() {
-                            o.insert(hook.into(), Value::from(n));
-                        }
-                    }
+                    Some(n) if (0..=grace).contains(&n) => {}
                     _ => problems.push(format!(
                         "{f}.sleep.seconds: Invalid value {}: must be greater than or equal to 0 and less than or equal to terminationGracePeriodSeconds ({grace})",
                         sleep.get("seconds").map(Value::to_string).unwrap_or_else(|| "null".into())
@@ -85,27 +76,6 @@ fn capture_lifecycle_sleep(value: &mut Value, problems: &mut Vec<String>) {
                 }
             }
         }
-    }
-    let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) else {
-        return;
-    };
-    let ann = meta
-        .entry("annotations")
-        .or_insert_with(|| Value::Object(Default::default()));
-    if let Some(ann) = ann.as_object_mut() {
-        ann.remove(LIFECYCLE_SLEEP_ANNOTATION);
-        if !table.is_empty() {
-            ann.insert(
-                LIFECYCLE_SLEEP_ANNOTATION.into(),
-                Value::from(Value::Object(table).to_string()),
-            );
-        }
-    }
-    if meta
-        .get("annotations")
-        .is_some_and(|a| a.as_object().is_some_and(|o| o.is_empty()))
-    {
-        meta.remove("annotations");
     }
 }
 
@@ -153,11 +123,11 @@ fn octal_modes(value: &mut Value, problems: &mut Vec<String>) {
 }
 
 /// Decodes a raw pod document after the fix-ups the typed Pod cannot express (YAML 1.1 octal
-/// modes, lifecycle `sleep` handlers).
+/// modes), with the `sleep` handlers checked.
 fn decode_pod(mut value: Value) -> Result<Pod, ManifestErrorKind> {
     let mut problems = Vec::new();
     octal_modes(&mut value, &mut problems);
-    capture_lifecycle_sleep(&mut value, &mut problems);
+    check_lifecycle_sleep(&value, &mut problems);
     if !problems.is_empty() {
         return Err(ManifestErrorKind::Invalid(problems));
     }

@@ -148,6 +148,10 @@ fn pod_cgroups_carry_the_pod_limits_and_go_with_the_pod() {
     let be = uid_of(env, "be");
     let be_cpu = base("cpu").join(format!("besteffort/pod{be}"));
     assert_eq!(read(&be_cpu.join("cpu.shares")), "2");
+    // The QoS cgroups: burstable carries its one pod's 250m (256 shares), besteffort the
+    // minimum, as the kubelet's QoS container manager sets them.
+    assert_eq!(read(&base("cpu").join("burstable/cpu.shares")), "256");
+    assert_eq!(read(&base("cpu").join("besteffort/cpu.shares")), "2");
 
     // The pod cgroup goes with the pod.
     env.remove_manifest("gu.yaml");

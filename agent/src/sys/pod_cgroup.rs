@@ -4,7 +4,7 @@
 //! injected root, through `hako_shim::cgroup`).
 
 use crate::model::qos::{self, PodCgroupResources};
-use hako_shim::cgroup::{Cgroup, CgroupError, V1_CONTROLLERS};
+use hako_shim::cgroup::{Cgroup, CgroupError, Layout, V1_CONTROLLERS};
 use hako_shim::spec::CgroupSpec;
 use k8s_openapi::api::core::v1::PodSpec;
 use std::path::{Path, PathBuf};
@@ -30,19 +30,82 @@ pub fn pod_cgroup_spec(root: Option<&Path>, path: &str, res: &PodCgroupResources
 
 /// Make (or update) the pod cgroup at `path` and write the pod's limits. Limits are written
 /// before any container cgroup exists below it, so v1's "a child's CFS quota may not exceed
-/// its parent's" holds (the pod's quota is at least every container's).
+/// its parent's" holds (the pod's quota is at least every container's). The QoS cgroup above
+/// it then gets its cpu shares ([`update_qos_shares`]).
 pub fn ensure(root: Option<&Path>, path: &str, spec: &PodSpec) -> Result<(), CgroupError> {
     let res = qos::pod_cgroup_resources(spec);
-    Cgroup::create(&pod_cgroup_spec(root, path, &res)).map(|_| ())
+    Cgroup::create(&pod_cgroup_spec(root, path, &res))?;
+    update_qos_shares(root, path);
+    Ok(())
 }
 
 /// Remove the pod cgroup directory in every hierarchy (v1: one per controller; v2: the
 /// unified one). A directory that still holds container cgroups or is already gone is left.
+/// The QoS cgroup's shares are recomputed without it.
 pub fn remove(root: Option<&Path>, path: &str) {
-    let root = root_or_default(root);
+    let base = root_or_default(root);
     for ctrl in V1_CONTROLLERS.iter().copied().chain([""]) {
-        let _ = std::fs::remove_dir(root.join(ctrl).join(path));
+        let _ = std::fs::remove_dir(base.join(ctrl).join(path));
     }
+    update_qos_shares(root, path);
+}
+
+/// The QoS cgroups' cpu shares as the kubelet's QoS container manager sets them with
+/// `--cgroups-per-qos`: `besteffort` gets the minimum (2), `burstable` the sum of its pods'
+/// shares (their cpu requests, at least 2), so that Guaranteed pods, directly under `kubepods`,
+/// keep what they requested against both classes under contention. `pod_path` is a pod
+/// cgroup's path; nothing is done for a Guaranteed pod. Best effort: a failed write is logged.
+pub fn update_qos_shares(root: Option<&Path>, pod_path: &str) {
+    let Some((qos_dir, class)) = Path::new(pod_path)
+        .parent()
+        .and_then(|q| Some((q, q.file_name()?.to_str()?)))
+    else {
+        return;
+    };
+    if class != "burstable" && class != "besteffort" {
+        return;
+    }
+    let base = root_or_default(root);
+    let Ok(layout) = hako_shim::cgroup::detect(&base) else {
+        return;
+    };
+    let (dir, file) = match layout {
+        Layout::V1 => (base.join("cpu").join(qos_dir), "cpu.shares"),
+        Layout::V2 => (base.join(qos_dir), "cpu.weight"),
+    };
+    let children: Vec<u64> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pod"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join(file)).ok())
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    let shares = qos_shares(class, layout, &children);
+    let value = match layout {
+        Layout::V1 => shares,
+        Layout::V2 => hako_shim::cgroup::shares_to_weight(shares),
+    };
+    if let Err(e) = std::fs::write(dir.join(file), value.to_string()) {
+        tracing::warn!(cgroup = %dir.display(), "QoS cgroup {file}: {e}");
+    }
+}
+
+/// The shares of QoS cgroup `class` from its pods' `cpu.shares` (v1) or `cpu.weight` (v2,
+/// turned back into shares by inverting runc's conversion). Pure.
+fn qos_shares(class: &str, layout: Layout, children: &[u64]) -> u64 {
+    const MIN_SHARES: u64 = 2;
+    if class == "besteffort" {
+        return MIN_SHARES;
+    }
+    let sum: u64 = children
+        .iter()
+        .map(|&v| match layout {
+            Layout::V1 => v,
+            Layout::V2 => 2 + (v.max(1) - 1) * 262_142 / 9999,
+        })
+        .sum();
+    sum.clamp(MIN_SHARES, 262_144)
 }
 
 #[cfg(test)]
@@ -117,6 +180,52 @@ mod tests {
             fs::read_to_string(d.path().join("kubepods/cgroup.subtree_control")).unwrap(),
             "+cpu +memory +pids"
         );
+    }
+
+    #[test]
+    fn qos_cgroups_get_their_pods_shares() {
+        assert_eq!(qos_shares("besteffort", Layout::V1, &[2, 2]), 2);
+        assert_eq!(qos_shares("burstable", Layout::V1, &[]), 2);
+        assert_eq!(qos_shares("burstable", Layout::V1, &[512, 102]), 614);
+        // v2 weights back to shares: 1024 shares is weight 39, 39 → 998 (runc's rounding).
+        assert_eq!(qos_shares("burstable", Layout::V2, &[39]), 998);
+        assert_eq!(
+            qos_shares("burstable", Layout::V1, &[200_000, 200_000]),
+            262_144
+        );
+
+        let d = tempfile::tempdir().unwrap();
+        for c in ["cpu", "memory", "pids"] {
+            fs::create_dir(d.path().join(c)).unwrap();
+        }
+        let mut burstable = guaranteed("500m", "64Mi");
+        burstable.containers[0].resources = Some(ResourceRequirements {
+            requests: Some([("cpu".to_string(), Quantity("250m".into()))].into()),
+            ..Default::default()
+        });
+        let shares = |q: &str| {
+            fs::read_to_string(d.path().join("cpu/kubepods").join(q).join("cpu.shares")).unwrap()
+        };
+        ensure(Some(d.path()), "kubepods/burstable/poda", &burstable).unwrap();
+        ensure(Some(d.path()), "kubepods/burstable/podb", &burstable).unwrap();
+        assert_eq!(shares("burstable"), "512");
+        ensure(
+            Some(d.path()),
+            "kubepods/besteffort/podc",
+            &PodSpec::default(),
+        )
+        .unwrap();
+        assert_eq!(shares("besteffort"), "2");
+        // A Guaranteed pod leaves both alone.
+        ensure(Some(d.path()), "kubepods/podg", &guaranteed("1", "64Mi")).unwrap();
+        assert_eq!(shares("burstable"), "512");
+        // Pod b goes: burstable keeps a's share (the fake's files make rmdir fail: empty it).
+        let b = d.path().join("cpu/kubepods/burstable/podb");
+        for e in fs::read_dir(&b).unwrap() {
+            fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        remove(Some(d.path()), "kubepods/burstable/podb");
+        assert_eq!(shares("burstable"), "256");
     }
 
     #[test]

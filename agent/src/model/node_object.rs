@@ -243,10 +243,11 @@ pub struct NodeConfig {
     pub kubelet_port: i32,
 }
 
-/// kubeletVersion reported in nodeInfo: the Kubernetes API level hako implements, with the hako
-/// version as semver build metadata.
+/// kubeletVersion reported in nodeInfo: the Kubernetes API level hako implements (1.30: the
+/// level at which `sleep` lifecycle handlers and native sidecars are on by default, both of
+/// which hako runs), with the hako version as semver build metadata.
 pub fn kubelet_version(version: &str) -> String {
-    format!("v1.28.0+hako.{version}")
+    format!("v1.30.0+hako.{version}")
 }
 
 fn q(s: impl Into<String>) -> Quantity {
@@ -640,7 +641,7 @@ mod tests {
         let st = n.status.unwrap_or_default();
         let info = st.node_info.unwrap_or_default();
         assert_eq!(info.container_runtime_version, "hako://0.1.0");
-        assert!(info.kubelet_version.starts_with("v1.28.0"));
+        assert_eq!(info.kubelet_version, "v1.30.0+hako.0.1.0");
         let addrs = st.addresses.unwrap_or_default();
         assert_eq!(addrs[0].type_, "InternalIP");
         assert_eq!(addrs[1].address, "host1");

@@ -38,8 +38,8 @@ pub struct EvictionArgs {
     /// Grace period of each soft threshold, `signal=duration,...` (`memory.available=1m30s`).
     #[arg(long, value_name = "PERIODS", default_value = "")]
     pub eviction_soft_grace_period: String,
-    /// Longest termination grace period a soft eviction gives a pod, seconds (0: the pod's
-    /// own terminationGracePeriodSeconds).
+    /// Longest termination grace period a soft eviction gives a pod, seconds (the pod's own
+    /// terminationGracePeriodSeconds when shorter).
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     pub eviction_max_pod_grace_period: i64,
     /// How much more than the threshold must be free again before a met threshold is
@@ -120,16 +120,15 @@ impl EvictionConfig {
     }
 
     /// The grace period of an eviction: [`IMMEDIATE_GRACE`] for a hard threshold; for a soft
-    /// one the pod's own, capped at `--eviction-max-pod-grace-period` when that is positive.
+    /// one `--eviction-max-pod-grace-period`, or the pod's own when that is shorter (as the
+    /// kubelet; with the default 0 a soft eviction is as quick as a hard one).
     pub fn grace(&self, hard: bool, pod_grace: Option<i64>) -> Duration {
         if hard {
             return IMMEDIATE_GRACE;
         }
-        let own = pod_grace.unwrap_or(30).max(0);
-        let secs = if self.max_pod_grace_period > 0 {
-            own.min(self.max_pod_grace_period)
-        } else {
-            own
+        let secs = match pod_grace {
+            Some(own) => own.min(self.max_pod_grace_period),
+            None => self.max_pod_grace_period,
         };
         Duration::from_secs(u64::try_from(secs).unwrap_or(0))
     }
@@ -232,10 +231,10 @@ mod tests {
     fn grace_periods() {
         let mut c = EvictionConfig::from_flags("", &args(), true).expect("c");
         assert_eq!(c.grace(true, Some(300)), IMMEDIATE_GRACE);
-        assert_eq!(c.grace(false, Some(45)), Duration::from_secs(45));
-        assert_eq!(c.grace(false, None), Duration::from_secs(30));
+        assert_eq!(c.grace(false, Some(45)), Duration::ZERO, "default max 0");
         c.max_pod_grace_period = 10;
         assert_eq!(c.grace(false, Some(45)), Duration::from_secs(10));
         assert_eq!(c.grace(false, Some(5)), Duration::from_secs(5));
+        assert_eq!(c.grace(false, None), Duration::from_secs(10));
     }
 }

@@ -7,6 +7,7 @@
 //! `node.kubernetes.io/disk-pressure:NoSchedule` taint (the fixture's TaintNodesByCondition),
 //! a pod created meanwhile is refused with reason Evicted, and once the writer's emptyDir is
 //! released the condition and the taint clear after the (short) pressure transition period.
+//! The same in standalone mode: the writer's `status.json` shows Failed/Evicted.
 #![cfg(feature = "root")]
 
 use hako_tests::cluster::{cluster_env, condition as cond, wait_for};
@@ -191,6 +192,66 @@ fn disk_pressure_evicts_the_emptydir_writer_then_clears() {
         "{}",
         hako_tests::agent::tail(&env.agent_log(), 4000)
     );
+    env.stop();
+    drop(env);
+    drop(fs);
+}
+
+/// Standalone mode (manifest directory, no apiserver): the writer is evicted the same way and
+/// its `status.json` says so; the quiet pod keeps running.
+#[test]
+fn standalone_disk_eviction_shows_in_the_pod_record() {
+    let mut env = hako_tests::agent::AgentEnv::new("evsa");
+    let fs = Tmpfs::mount(&env.root, "256m");
+    let free = free_bytes(&env.root);
+    let threshold_mi = free / (1 << 20) - 96;
+    let hard = format!("nodefs.available<{threshold_mi}Mi");
+    env.args.extend(
+        [
+            "--eviction-hard",
+            &hard,
+            "--eviction-pressure-transition-period",
+            "5s",
+            "--housekeeping-interval",
+            "1s",
+        ]
+        .map(String::from),
+    );
+    let image = env.image("sleep");
+    env.write_manifest(
+        "quiet.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: quiet, namespace: default}}\nspec:\n  containers:\n  - {{name: c, image: \"{image}\", command: [sleep, \"3600\"]}}\n"
+        ),
+    );
+    env.start();
+    env.wait_running("quiet", std::time::Duration::from_secs(60));
+    env.write_manifest(
+        "writer.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: writer, namespace: default}}\nspec:\n  volumes: [{{name: data, emptyDir: {{}}}}]\n  containers:\n  - name: c\n    image: \"{image}\"\n    command: [sh, -c, \"dd if=/dev/zero of=/data/fill bs=1M count=128 2>/dev/null; sleep 3600\"]\n    volumeMounts: [{{name: data, mountPath: /data}}]\n"
+        ),
+    );
+    let rec = env.wait_for("writer Evicted", std::time::Duration::from_secs(60), |e| {
+        e.record("writer")
+            .filter(|r| r["pod"]["status"]["phase"] == "Failed")
+    });
+    let st = &rec["pod"]["status"];
+    assert_eq!(st["reason"], "Evicted", "{st}");
+    assert!(
+        st["message"].as_str().is_some_and(|m| m
+            .starts_with("The node was low on resource: ephemeral-storage. Threshold quantity: ")),
+        "{st}"
+    );
+    assert!(
+        env.events("writer").iter().any(|(r, _)| r == "Evicted"),
+        "{:?}",
+        env.events("writer")
+    );
+    // Not restarted: it stays Failed while the quiet pod keeps running.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(env.phase("writer").as_deref(), Some("Failed"));
+    assert_eq!(env.phase("quiet").as_deref(), Some("Running"));
     env.stop();
     drop(env);
     drop(fs);

@@ -5,6 +5,7 @@
 //! - [`source`]: where pods come from — the manifest directory or the apiserver.
 //! - [`worker`]: the pod workers and the pod manager, driving the model through effects.
 //! - [`sys`]: the effects — shim client, CNI exec, sandbox namespaces, volumes, state files.
+//! - [`eviction`]: the eviction manager — pressure signals, conditions, evictions.
 //! - [`node`]: cluster mode — Node registration and status, the Lease, the overlay.
 //! - [`api`]: the kubelet API (10250), its streams, stats and the healthz/metrics server.
 //! - [`proxy`]: Services, standalone or from the apiserver, through `hako-proxier`.
@@ -13,6 +14,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod eviction;
 pub mod model;
 pub mod node;
 pub mod proxy;

@@ -381,6 +381,28 @@ fn apply_config(
     );
     set!("cgroup_parent", cli.cgroup_parent, s.cgroup_root);
     set!("eviction_hard", c.eviction_hard, s.eviction_hard);
+    let e = &mut c.eviction;
+    set!("eviction_soft", e.eviction_soft, s.eviction_soft);
+    set!(
+        "eviction_soft_grace_period",
+        e.eviction_soft_grace_period,
+        s.eviction_soft_grace_period
+    );
+    set!(
+        "eviction_minimum_reclaim",
+        e.eviction_minimum_reclaim,
+        s.eviction_minimum_reclaim
+    );
+    set!(
+        "eviction_pressure_transition_period",
+        e.eviction_pressure_transition_period,
+        s.eviction_pressure_transition_period
+    );
+    set!(
+        "eviction_max_pod_grace_period",
+        e.eviction_max_pod_grace_period,
+        s.eviction_max_pod_grace_period
+    );
     set!("system_reserved", c.system_reserved, s.system_reserved);
     set!(
         "register_with_taints",
@@ -991,5 +1013,12 @@ fn worker_config(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
         container_log_max_files: cli.container_log_max_files,
         sysctls: hako_agent::model::admit::SysctlAllowlist::new(&cli.allowed_unsafe_sysctls)
             .context("--allowed-unsafe-sysctls")?,
+        // Static pods are exempt in cluster mode, as with the kubelet; standalone mode runs
+        // nothing else, so there they are the workload the eviction manager may evict.
+        eviction: Some(hako_agent::eviction::EvictionConfig::from_flags(
+            &cli.cluster.eviction_hard,
+            &cli.cluster.eviction,
+            cli.cluster.kubeconfig.is_some(),
+        )?),
     })
 }

@@ -30,6 +30,12 @@ pub fn target_bin(name: &str, env_var: &str) -> PathBuf {
     p
 }
 
+/// `--eviction-hard` of test agents that do not set their own: the kubelet's memory default
+/// only. The disk defaults (`nodefs.available<10%`, `imagefs.available<15%`, ...) measure the
+/// filesystem of the temp dirs, which the machine shares with every build, so a busy disk
+/// would put the test node under DiskPressure (refusing and evicting its pods).
+pub const TEST_EVICTION_HARD: &str = "memory.available<100Mi";
+
 /// One agent under test with its own namespace, registry and directories.
 pub struct AgentEnv {
     /// Temporary directory holding everything.
@@ -210,6 +216,9 @@ impl AgentEnv {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if !self.args.iter().any(|a| a == "--eviction-hard") {
+            cmd.args(["--eviction-hard", TEST_EVICTION_HARD]);
+        }
         let child = self
             .ns
             .run(move || cmd.spawn())

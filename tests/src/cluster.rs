@@ -117,6 +117,11 @@ impl PlainAgent {
                 .arg("--cni-conf-dir")
                 .arg(&cni_dir)
                 .args(extra)
+                .args(if extra.contains(&"--eviction-hard") {
+                    &[][..]
+                } else {
+                    &["--eviction-hard", crate::agent::TEST_EVICTION_HARD][..]
+                })
                 .env("RUST_LOG", "info")
                 .stdout(std::process::Stdio::null())
                 .stderr(logf)

@@ -136,6 +136,7 @@ spec:
     env.wait_running("rot", T);
     let mut follow = Reap(
         Command::new(target_bin("hako-agent", "HAKO_AGENT_BIN"))
+            .args(["--eviction-hard", hako_tests::agent::TEST_EVICTION_HARD])
             .arg("--root-dir")
             .arg(&env.root)
             .arg("--run-dir")
@@ -242,6 +243,7 @@ fn kubelet_api_container_logs_are_byte_exact() {
     let logs = tmp.path().join("logs");
     let _agent = Reap(
         Command::new(target_bin("hako-agent", "HAKO_AGENT_BIN"))
+            .args(["--eviction-hard", hako_tests::agent::TEST_EVICTION_HARD])
             .arg("--kubeconfig")
             .arg(&kc)
             .args(["--hostname-override", "n1", "--node-ip", "192.0.2.10"])

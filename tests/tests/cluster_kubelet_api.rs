@@ -94,6 +94,7 @@ fn kubelet_api_client_certificates() {
     let port = free_port();
     let _agent = Agent(
         Command::new(target_bin("hako-agent", "HAKO_AGENT_BIN"))
+            .args(["--eviction-hard", hako_tests::agent::TEST_EVICTION_HARD])
             .arg("--kubeconfig")
             .arg(&kc)
             .args(["--hostname-override", "n1", "--node-ip", "192.0.2.10"])
@@ -166,6 +167,7 @@ fn kubelet_api_authn_authz_and_logs() {
     let logs = tmp.path().join("logs");
     let _agent = Agent(
         Command::new(target_bin("hako-agent", "HAKO_AGENT_BIN"))
+            .args(["--eviction-hard", hako_tests::agent::TEST_EVICTION_HARD])
             .arg("--kubeconfig")
             .arg(&kc)
             .args(["--hostname-override", "n1", "--node-ip", "192.0.2.10"])

@@ -89,6 +89,7 @@ fn two_agents_form_an_overlay() {
                     .to_str()
                     .expect("path"),
             )
+            .args(["--eviction-hard", hako_tests::agent::TEST_EVICTION_HARD])
             .arg("--kubeconfig")
             .arg(&kc)
             .args(["--hostname-override", &name])

@@ -245,6 +245,7 @@ fn a_pod_on_one_node_reaches_pods_on_another_through_a_service() {
                 .to_str()
                 .expect("path"),
         )
+        .args(["--eviction-hard", hako_tests::agent::TEST_EVICTION_HARD])
         .arg("--kubeconfig")
         .arg(&kc2)
         .args(["--hostname-override", "node2", "--node-ip", "10.88.0.2"])

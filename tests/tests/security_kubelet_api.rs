@@ -44,6 +44,7 @@ fn start_agent(srv: &ApiServer, dir: &Path, port: u16, extra: &[&str]) -> Agent 
     srv.write_kubeconfig(&kc, &srv.node_token("n1"))
         .expect("kubeconfig");
     let child = Command::new(target_bin("hako-agent", "HAKO_AGENT_BIN"))
+        .args(["--eviction-hard", hako_tests::agent::TEST_EVICTION_HARD])
         .arg("--kubeconfig")
         .arg(&kc)
         .args(["--hostname-override", "n1", "--node-ip", "192.0.2.10"])

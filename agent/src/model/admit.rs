@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::{
 };
 use std::collections::BTreeMap;
 
+use crate::model::node_object::Pressure;
 use crate::model::quantity;
 
 /// Why a pod was rejected: (reason, message), as the kubelet writes them into the status.
@@ -153,6 +154,8 @@ fn allocatable(node: &Node, resource: &str) -> Option<i128> {
 
 /// Admits `pod` on `node` next to the already admitted, still active pods `others`.
 pub fn admit(pod: &Pod, node: &Node, others: &[&Pod]) -> Result<(), Rejection> {
+    // The eviction manager's admit handler comes first, as in the kubelet.
+    admit_pressure(pod, node_pressure(node), true)?;
     // The OS checks come first, as in the kubelet's predicate admit handler.
     let node_os = node
         .metadata
@@ -282,6 +285,68 @@ pub fn host_ports_conflict(pod: &Pod, others: &[&Pod]) -> bool {
             p2 == proto && port2 == port && (ip == ip2 || ip == "0.0.0.0" || ip2 == "0.0.0.0")
         })
     })
+}
+
+/// The pressure conditions a Node reports.
+pub fn node_pressure(node: &Node) -> Pressure {
+    let is_true = |t: &str| {
+        node.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == t && c.status == "True"))
+    };
+    Pressure {
+        memory: is_true("MemoryPressure"),
+        disk: is_true("DiskPressure"),
+        pid: is_true("PIDPressure"),
+    }
+}
+
+/// The eviction manager's admit handler: under memory pressure alone only BestEffort pods
+/// are refused (unless they tolerate `node.kubernetes.io/memory-pressure:NoSchedule`); under
+/// disk or PID pressure every pod is; critical pods always pass (static ones too when
+/// `static_pods_protected`). Reason `Evicted`, message "The node had condition:
+/// [MemoryPressure]. ".
+pub fn admit_pressure(
+    pod: &Pod,
+    p: Pressure,
+    static_pods_protected: bool,
+) -> Result<(), Rejection> {
+    if p == Pressure::default() || crate::eviction::rank::is_critical(pod, static_pods_protected) {
+        return Ok(());
+    }
+    let mut conds = Vec::new();
+    if p.memory {
+        conds.push("MemoryPressure");
+    }
+    if p.disk {
+        conds.push("DiskPressure");
+    }
+    if p.pid {
+        conds.push("PIDPressure");
+    }
+    if conds == ["MemoryPressure"] {
+        let best_effort = pod.spec.as_ref().is_some_and(|s| {
+            crate::model::qos::pod_qos(s) == crate::model::qos::QosClass::BestEffort
+        });
+        let taint = Taint {
+            key: "node.kubernetes.io/memory-pressure".into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        };
+        let tolerated = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.tolerations.as_ref())
+            .is_some_and(|ts| ts.iter().any(|t| tolerates(t, &taint)));
+        if !best_effort || tolerated {
+            return Ok(());
+        }
+    }
+    Err(reject(
+        crate::eviction::REASON,
+        format!("The node had condition: [{}]. ", conds.join(" ")),
+    ))
 }
 
 /// Names of ConfigMaps (kind "configmaps") or Secrets ("secrets") a pod references.
@@ -870,5 +935,80 @@ mod tests {
                 ("net/ipv4/ping_group_range".to_string(), "0 200".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn pressure_admission_as_the_kubelet() {
+        let be = pod(serde_json::json!({}));
+        let burst = pod(
+            serde_json::json!({"spec": {"containers": [{"name": "c", "image": "i",
+            "resources": {"requests": {"memory": "10Mi"}}}]}}),
+        );
+        let tolerant = pod(serde_json::json!({"spec": {"tolerations": [
+            {"key": "node.kubernetes.io/memory-pressure", "operator": "Exists", "effect": "NoSchedule"}]}}));
+        let critical = pod(serde_json::json!({"spec": {"priority": 2_000_000_000}}));
+        let mem = Pressure {
+            memory: true,
+            ..Default::default()
+        };
+        let disk = Pressure {
+            disk: true,
+            ..Default::default()
+        };
+        let both = Pressure {
+            memory: true,
+            disk: true,
+            pid: false,
+        };
+        let cases: &[(&str, &Pod, Pressure, Option<&str>)] = &[
+            ("no pressure", &be, Pressure::default(), None),
+            (
+                "memory: BestEffort refused",
+                &be,
+                mem,
+                Some("The node had condition: [MemoryPressure]. "),
+            ),
+            ("memory: Burstable admitted", &burst, mem, None),
+            (
+                "memory: tolerating BestEffort admitted",
+                &tolerant,
+                mem,
+                None,
+            ),
+            (
+                "disk: every pod refused",
+                &burst,
+                disk,
+                Some("The node had condition: [DiskPressure]. "),
+            ),
+            (
+                "both",
+                &burst,
+                both,
+                Some("The node had condition: [MemoryPressure DiskPressure]. "),
+            ),
+            ("critical always admitted", &critical, both, None),
+        ];
+        for (name, p, pr, want) in cases {
+            let got = admit_pressure(p, *pr, true).err();
+            assert_eq!(got.as_ref().map(|r| r.message.as_str()), *want, "{name}");
+            if let Some(r) = got {
+                assert_eq!(r.reason, "Evicted", "{name}");
+            }
+        }
+        // Through the Node's conditions (cluster mode).
+        let mut n = node();
+        n.status.get_or_insert_with(Default::default).conditions =
+            Some(vec![k8s_openapi::api::core::v1::NodeCondition {
+                type_: "MemoryPressure".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]);
+        assert_eq!(reason(&be, &[]), None);
+        assert_eq!(
+            admit(&be, &n, &[]).err().map(|r| r.reason).as_deref(),
+            Some("Evicted")
+        );
+        assert!(admit(&burst, &n, &[]).is_ok());
     }
 }

@@ -54,6 +54,16 @@ pub struct KubeletSettings {
     pub cgroup_root: Option<String>,
     /// `evictionHard` as `signal<value,...` (sorted by signal).
     pub eviction_hard: Option<String>,
+    /// `evictionSoft` as `signal<value,...` (sorted by signal).
+    pub eviction_soft: Option<String>,
+    /// `evictionSoftGracePeriod` as `signal=duration,...`.
+    pub eviction_soft_grace_period: Option<String>,
+    /// `evictionMinimumReclaim` as `signal=value,...`.
+    pub eviction_minimum_reclaim: Option<String>,
+    /// `evictionPressureTransitionPeriod` (a Go duration).
+    pub eviction_pressure_transition_period: Option<String>,
+    /// `evictionMaxPodGracePeriod` (seconds).
+    pub eviction_max_pod_grace_period: Option<i64>,
     /// `systemReserved` as `name=quantity,...`.
     pub system_reserved: Option<String>,
     /// `registerWithTaints` as `key=value:Effect,...`.
@@ -124,11 +134,6 @@ const UNSUPPORTED: &[&str] = &[
     "nodeStatusMaxImages",
     "maxOpenFiles",
     "maxParallelImagePulls",
-    "evictionSoft",
-    "evictionSoftGracePeriod",
-    "evictionPressureTransitionPeriod",
-    "evictionMaxPodGracePeriod",
-    "evictionMinimumReclaim",
     "podsPerCore",
     "protectKernelDefaults",
     "iptablesMasqueradeBit",
@@ -229,6 +234,34 @@ pub fn parse_kubelet_config(text: &str) -> Result<(KubeletSettings, Vec<String>)
         v.sort();
         v.join(",")
     });
+    let joined = |m: Option<std::collections::BTreeMap<String, String>>, sep: &str| {
+        m.map(|m| {
+            let mut v: Vec<String> = m.into_iter().map(|(k, v)| format!("{k}{sep}{v}")).collect();
+            v.sort();
+            v.join(",")
+        })
+    };
+    let eviction_soft = joined(
+        doc.string_map("evictionSoft")?
+            .map(|m| m.into_iter().collect()),
+        "<",
+    );
+    let eviction_soft_grace_period = joined(
+        doc.string_map("evictionSoftGracePeriod")?
+            .map(|m| m.into_iter().collect()),
+        "=",
+    );
+    let eviction_minimum_reclaim = joined(
+        doc.string_map("evictionMinimumReclaim")?
+            .map(|m| m.into_iter().collect()),
+        "=",
+    );
+    let eviction_pressure_transition_period = doc
+        .duration("evictionPressureTransitionPeriod")?
+        .map(|d| format!("{}ms", d.as_millis()));
+    let eviction_max_pod_grace_period = doc
+        .u64("evictionMaxPodGracePeriod")?
+        .map(|v| i64::try_from(v).unwrap_or(i64::MAX));
     let system_reserved = doc.string_map("systemReserved")?.map(|m| {
         m.into_iter()
             .map(|(k, v)| format!("{k}={v}"))
@@ -287,6 +320,11 @@ pub fn parse_kubelet_config(text: &str) -> Result<(KubeletSettings, Vec<String>)
         max_pods: small("maxPods", doc.u64("maxPods")?)?,
         cgroup_root: doc.str("cgroupRoot")?,
         eviction_hard,
+        eviction_soft,
+        eviction_soft_grace_period,
+        eviction_minimum_reclaim,
+        eviction_pressure_transition_period,
+        eviction_max_pod_grace_period,
         system_reserved,
         register_with_taints,
         sync_frequency: doc.duration("syncFrequency")?,
@@ -423,6 +461,11 @@ maxPods: 20
 podCIDR: 10.244.3.0/24
 allowedUnsafeSysctls: [kernel.msg*, net.core.somaxconn]
 evictionHard: {nodefs.available: 5%, memory.available: 50Mi}
+evictionSoft: {memory.available: 300Mi, nodefs.available: 15%}
+evictionSoftGracePeriod: {nodefs.available: 2m, memory.available: 1m30s}
+evictionMinimumReclaim: {memory.available: 50Mi}
+evictionPressureTransitionPeriod: 30s
+evictionMaxPodGracePeriod: 20
 systemReserved: {cpu: 100m, memory: 128Mi}
 registerWithTaints: [{key: a, value: b, effect: NoSchedule}, {key: c, effect: NoExecute}]
 syncFrequency: 1m30s
@@ -453,6 +496,23 @@ notAField: 1
             s.eviction_hard.as_deref(),
             Some("memory.available<50Mi,nodefs.available<5%")
         );
+        assert_eq!(
+            s.eviction_soft.as_deref(),
+            Some("memory.available<300Mi,nodefs.available<15%")
+        );
+        assert_eq!(
+            s.eviction_soft_grace_period.as_deref(),
+            Some("memory.available=1m30s,nodefs.available=2m")
+        );
+        assert_eq!(
+            s.eviction_minimum_reclaim.as_deref(),
+            Some("memory.available=50Mi")
+        );
+        assert_eq!(
+            s.eviction_pressure_transition_period.as_deref(),
+            Some("30000ms")
+        );
+        assert_eq!(s.eviction_max_pod_grace_period, Some(20));
         assert_eq!(s.system_reserved.as_deref(), Some("cpu=100m,memory=128Mi"));
         assert_eq!(
             s.register_with_taints.as_deref(),

@@ -46,6 +46,10 @@ pub struct ClusterArgs {
     /// Hard eviction thresholds (they also drive the pressure conditions).
     #[arg(long, value_name = "THRESHOLDS", default_value = node_object::DEFAULT_EVICTION_HARD)]
     pub eviction_hard: String,
+    /// The other eviction flags (soft thresholds, grace periods, minimum reclaim, pressure
+    /// transition period, monitoring interval).
+    #[command(flatten)]
+    pub eviction: crate::eviction::EvictionArgs,
     /// Pod capacity of the node.
     #[arg(long, default_value_t = 110)]
     pub max_pods: u32,
@@ -135,6 +139,9 @@ pub enum ClusterError {
     /// The kubeconfig could not be read or used.
     #[error("kubeconfig {0}: {1}")]
     Kubeconfig(PathBuf, String),
+    /// A bad eviction flag.
+    #[error(transparent)]
+    Eviction(#[from] crate::eviction::EvictionConfigError),
     /// The kubelet API could not start.
     #[error("kubelet API: {0}")]
     KubeletApi(kubelet_api::ApiError),
@@ -179,6 +186,8 @@ pub(crate) struct Ctx {
     pub(crate) overlay_ready: AtomicBool,
     /// Pods bound to this node, as last seen (for the kubelet API).
     pub(crate) pods: kubelet_api::PodStore,
+    /// The pressure conditions of the eviction manager.
+    pub(crate) pressure: Arc<crate::eviction::NodePressure>,
 }
 
 /// Exponential back-off from 200 ms to `max`.
@@ -275,6 +284,45 @@ pub async fn run_async(
     let watch_client = client_from(&path, None).await?;
     let facts = facts::gather(node.node_ip, &node.node_name, &node.root_dir);
     tracing::info!(node = %node.node_name, ip = ?facts.internal_ip, "joining the cluster");
+    let worker_shim = workers
+        .as_ref()
+        .map(|w| (w.shim.clone(), w.run_dir.clone()));
+    // The Downward API's status.hostIP(s) and the pods' hostIP are the Node's InternalIP.
+    let manager = workers.map(|mut w| {
+        if let Some(ip) = facts.internal_ip {
+            w.host_ip = Some(ip.to_string());
+        }
+        crate::worker::PodManager::new(w)
+    });
+    // The pressure conditions come from the pod manager's eviction manager; without pod
+    // workers an eviction manager runs for the conditions alone.
+    let pressure = match &manager {
+        Some(m) => m.pressure(),
+        None => {
+            let p = Arc::new(crate::eviction::NodePressure::default());
+            let ecfg = crate::eviction::EvictionConfig::from_flags(
+                &args.eviction_hard,
+                &args.eviction,
+                true,
+            )?;
+            let paths = crate::eviction::EvictionPaths {
+                root_dir: node.root_dir.clone(),
+                image_dir: node.root_dir.join("images"),
+                pod_log_dir: node.pod_log_dir.clone(),
+                cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            };
+            let em = crate::eviction::EvictionManager::new(
+                ecfg,
+                paths,
+                p.clone(),
+                None,
+                None,
+                Arc::new(crate::eviction::NoReclaim),
+            );
+            tokio::spawn(em.run());
+            p
+        }
+    };
     let ctx = Arc::new(Ctx {
         client,
         cfg,
@@ -283,6 +331,7 @@ pub async fn run_async(
         node,
         overlay_ready: AtomicBool::new(false),
         pods: Default::default(),
+        pressure,
     });
     if ctx.args.kubelet_port != 0 {
         let mut sans = vec![ctx.cfg.name.clone(), "localhost".into(), "127.0.0.1".into()];
@@ -300,8 +349,8 @@ pub async fn run_async(
             node_name: ctx.cfg.name.clone(),
             client_ca: ctx.args.client_ca_file.clone(),
             root_dir: ctx.node.root_dir.clone(),
-            shim: workers.as_ref().map(|w| w.shim.clone()),
-            run_dir: workers.as_ref().map(|w| w.run_dir.clone()),
+            shim: worker_shim.as_ref().map(|w| w.0.clone()),
+            run_dir: worker_shim.as_ref().map(|w| w.1.clone()),
             auth: auth::AuthOptions {
                 authn_ttl: Duration::from_secs(ctx.args.authentication_token_webhook_cache_ttl),
                 authn_failure_ttl: Duration::from_secs(
@@ -348,13 +397,6 @@ pub async fn run_async(
     }
     let status = tokio::spawn(registrar::status_loop(ctx.clone()));
     let lease = tokio::spawn(lease::lease_loop(ctx.clone()));
-    // The Downward API's status.hostIP(s) and the pods' hostIP are the Node's InternalIP.
-    let manager = workers.map(|mut w| {
-        if let Some(ip) = ctx.facts.internal_ip {
-            w.host_ip = Some(ip.to_string());
-        }
-        crate::worker::PodManager::new(w)
-    });
     let _services = manager
         .clone()
         .map(|m| apiserver::spawn_service_feed(watch_client.clone(), m));

@@ -15,8 +15,11 @@ use std::time::{Duration, Instant};
 use super::{facts, Backoff, Ctx};
 
 fn current_status(ctx: &Ctx, prev: &[k8s_openapi::api::core::v1::NodeCondition]) -> NodeStatus {
-    let m = facts::measure(&ctx.node.root_dir);
-    let p = node_object::pressure(&ctx.cfg.eviction, &m);
+    // The eviction manager's conditions (with their transition period); the bare thresholds
+    // only until its first pass.
+    let p = ctx.pressure.get().unwrap_or_else(|| {
+        node_object::pressure(&ctx.cfg.eviction, &facts::measure(&ctx.node.root_dir))
+    });
     let cni = facts::cni_config_present(&ctx.node.cni_conf_dir);
     let not_ready = node_object::network_not_ready_reason(cni);
     let net_unavailable = if ctx.args.overlay {

@@ -84,6 +84,16 @@ impl Worker {
             self.restart_backoff.restore(saved);
         }
         if let Some(prev) = prev {
+            // An evicted pod stays evicted across agent restarts.
+            if let Some(st) = prev.pod.status.as_ref().filter(|s| {
+                s.phase.as_deref() == Some("Failed")
+                    && s.reason.as_deref() == Some(crate::eviction::REASON)
+            }) {
+                self.evicted = Some(super::Evicted {
+                    message: st.message.clone().unwrap_or_default(),
+                    grace: crate::eviction::IMMEDIATE_GRACE,
+                });
+            }
             self.record.events = prev.events;
             self.start_time = prev
                 .pod

@@ -45,6 +45,8 @@ pub struct PodManager {
     pub(super) woken_generation: std::sync::atomic::AtomicU64,
     /// What the workers reach the machine through.
     pub(super) effects: Effects,
+    /// The node's pressure conditions (written by the eviction manager).
+    pub(super) pressure: Arc<crate::eviction::NodePressure>,
 }
 
 /// How often sandboxes that belong to no pod are looked for (besides the first sync).
@@ -60,9 +62,44 @@ pub(super) fn sandbox_slots() -> usize {
 
 impl PodManager {
     /// A manager with no pods, feeding the process's shared metrics
-    /// ([`AgentMetrics::shared`], what the healthz/metrics server serves).
+    /// ([`AgentMetrics::shared`], what the healthz/metrics server serves). With
+    /// `cfg.eviction` it also starts the eviction manager over its pods (in the current
+    /// tokio runtime), which keeps [`PodManager::pressure`] up to date.
     pub fn new(cfg: AgentConfig) -> Arc<Self> {
-        Self::with_metrics(cfg, AgentMetrics::shared())
+        let m = Self::with_metrics(cfg, AgentMetrics::shared());
+        m.start_eviction(Arc::new(crate::eviction::NoReclaim));
+        m
+    }
+
+    /// Starts the eviction manager of `cfg.eviction` (if any) over this manager's pods, with
+    /// `reclaim` as the node-level disk reclaim that runs before pods are evicted.
+    pub fn start_eviction(self: &Arc<Self>, reclaim: Arc<dyn crate::eviction::NodeReclaim>) {
+        let Some(ecfg) = self.cfg.eviction.clone() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("no async runtime: the eviction manager does not run");
+            return;
+        };
+        let paths = crate::eviction::EvictionPaths {
+            root_dir: self.cfg.root_dir.clone(),
+            image_dir: self.cfg.root_dir.join("images"),
+            pod_log_dir: self.cfg.pod_log_dir.clone(),
+            cgroup_root: self
+                .cfg
+                .cgroup_root
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from("/sys/fs/cgroup")),
+        };
+        let em = crate::eviction::EvictionManager::new(
+            ecfg,
+            paths,
+            self.pressure.clone(),
+            Some(self.clone()),
+            Some(self.cfg.shim.clone()),
+            reclaim,
+        );
+        rt.spawn(em.run().instrument(tracing::info_span!("eviction")));
     }
 
     /// A manager with no pods whose workers feed `metrics`.
@@ -98,7 +135,30 @@ impl PodManager {
             sandbox_gc_running: Arc::default(),
             woken_generation: std::sync::atomic::AtomicU64::new(0),
             effects,
+            pressure: Arc::default(),
         })
+    }
+
+    /// The node's pressure conditions the workers admit new pods against; the eviction
+    /// manager writes them.
+    pub fn pressure(&self) -> Arc<crate::eviction::NodePressure> {
+        self.pressure.clone()
+    }
+
+    /// Evicts the pod `uid` (the eviction manager's kill): its worker records the Evicted
+    /// event, kills it with `grace` and reports it `Failed`/`Evicted` with `message` from then
+    /// on. False when the pod has no worker or is being deleted.
+    pub fn evict(&self, uid: &str, message: String, grace: Duration) -> bool {
+        let Ok(workers) = self.workers.lock() else {
+            return false;
+        };
+        match workers.get(uid) {
+            Some(h) if !h.deleting && !h.tx.is_closed() => {
+                h.tx.send(Msg::Evict(Box::new(super::Evicted { message, grace })))
+                    .is_ok()
+            }
+            _ => false,
+        }
     }
 
     /// The sysctls pods may set (for sources that admit pods themselves).

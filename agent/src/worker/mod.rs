@@ -118,6 +118,8 @@ pub struct AgentConfig {
     pub container_log_max_files: u32,
     /// The sysctls pods may set (the safe set and `--allowed-unsafe-sysctls`).
     pub sysctls: crate::model::admit::SysctlAllowlist,
+    /// The eviction manager [`PodManager::new`] starts (None: no eviction, no pressure).
+    pub eviction: Option<crate::eviction::EvictionConfig>,
 }
 
 /// Desired state from a source.
@@ -164,6 +166,17 @@ enum Msg {
     Delete,
     /// ConfigMaps, Secrets or tokens changed: look at the pod's volumes again.
     Wake,
+    /// The eviction manager evicts the pod.
+    Evict(Box<Evicted>),
+}
+
+/// An eviction order: the pod is killed with `grace` and stays `Failed`/`Evicted`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Evicted {
+    /// The kubelet's eviction message.
+    pub(crate) message: String,
+    /// Termination grace period of the kill.
+    pub(crate) grace: Duration,
 }
 
 fn key_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
@@ -245,6 +258,12 @@ struct Worker {
     /// The pod was refused before anything of it ran (its sysctls): it stays Failed with this
     /// reason and nothing of it is started.
     rejected: Option<crate::model::admit::Rejection>,
+    /// The pod was evicted: it is killed with the order's grace period and never restarted.
+    evicted: Option<Evicted>,
+    /// The volumes of the evicted pod were torn down.
+    volumes_released: bool,
+    /// The node's pressure conditions (the eviction manager's), for admission.
+    pressure: Arc<crate::eviction::NodePressure>,
 }
 
 /// A probe's result, from its task to its worker (`None`: the probe task failed).
@@ -363,6 +382,9 @@ impl Worker {
             sandbox_slots: mgr.sandbox_slots.clone(),
             deletion,
             rejected: None,
+            evicted: None,
+            volumes_released: false,
+            pressure: mgr.pressure.clone(),
         }
     }
 
@@ -413,6 +435,9 @@ impl Worker {
     }
 
     fn grace(&self) -> Duration {
+        if let Some(e) = &self.evicted {
+            return e.grace;
+        }
         let secs = self
             .pod
             .metadata
@@ -491,6 +516,13 @@ impl Worker {
             }
             Msg::Delete => self.deleting = true,
             Msg::Wake => {}
+            Msg::Evict(e) => {
+                if self.evicted.is_none() && self.rejected.is_none() {
+                    self.event("Warning", crate::eviction::REASON, &e.message);
+                    self.evicted = Some(*e);
+                    self.resync_now = true;
+                }
+            }
         }
     }
 

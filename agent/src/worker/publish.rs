@@ -53,7 +53,14 @@ impl Worker {
                     .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
                 ..Default::default()
             },
-            None => status::compute_status(&self.pod, observed, prev.as_ref(), self.fx.clock.now()),
+            None => {
+                let mut st =
+                    status::compute_status(&self.pod, observed, prev.as_ref(), self.fx.clock.now());
+                if let Some(e) = &self.evicted {
+                    evicted_status(&mut st, e, prev.as_ref(), self.fx.clock.now());
+                }
+                st
+            }
         };
         self.report_metrics(observed, &st);
         if prev.as_ref() == Some(&st) && !self.dirty {
@@ -113,4 +120,42 @@ impl Worker {
             }
         }
     }
+}
+
+/// The status of an evicted pod, as the kubelet's eviction manager leaves it: phase `Failed`,
+/// reason `Evicted`, its message, and a `DisruptionTarget` condition (reason
+/// `TerminationByKubelet`); the containers' own states stay as observed.
+fn evicted_status(
+    st: &mut PodStatus,
+    e: &super::Evicted,
+    prev: Option<&PodStatus>,
+    now: k8s_openapi::chrono::DateTime<k8s_openapi::chrono::Utc>,
+) {
+    use k8s_openapi::api::core::v1::PodCondition;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    st.phase = Some("Failed".into());
+    st.reason = Some(crate::eviction::REASON.into());
+    st.message = Some(e.message.clone());
+    let since = prev
+        .and_then(|p| p.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "DisruptionTarget"))
+        .and_then(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    let conds = st.conditions.get_or_insert_with(Vec::new);
+    conds.retain(|c| c.type_ != "DisruptionTarget");
+    for c in conds.iter_mut() {
+        if matches!(c.type_.as_str(), "Ready" | "ContainersReady") && c.status == "True" {
+            c.status = "False".into();
+            c.reason = Some("PodCompleted".into());
+            c.last_transition_time = Some(Time(now));
+        }
+    }
+    conds.push(PodCondition {
+        type_: "DisruptionTarget".into(),
+        status: "True".into(),
+        reason: Some("TerminationByKubelet".into()),
+        message: Some(e.message.clone()),
+        last_transition_time: Some(since),
+        ..Default::default()
+    });
 }

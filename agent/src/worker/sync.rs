@@ -61,7 +61,15 @@ impl Worker {
         if self.sandbox.is_some() || !self.insts.is_empty() {
             return false;
         }
-        match self.cfg.sysctls.admit(&self.pod) {
+        let pressure = self.pressure.get().unwrap_or_default();
+        let admitted = self.cfg.sysctls.admit(&self.pod).and_then(|()| {
+            crate::model::admit::admit_pressure(
+                &self.pod,
+                pressure,
+                self.pressure.static_pods_protected(),
+            )
+        });
+        match admitted {
             Ok(()) => false,
             Err(r) => {
                 let msg = r.message.clone();
@@ -76,6 +84,29 @@ impl Worker {
     /// step right away.
     pub(super) async fn sync_once(&mut self) -> bool {
         if self.rejected.is_some() || self.refused() {
+            return false;
+        }
+        if self.evicted.is_some() {
+            // Evicted: make sure nothing runs and the sandbox is gone, then release the
+            // volumes (emptyDir space is what a disk eviction reclaims; the kubelet's
+            // SyncTerminatedPod unmounts them too) and just report.
+            if self.sandbox.as_ref().is_some_and(|s| s.ready || s.present) || self.any_running() {
+                return self.kill_pod().await;
+            }
+            if !self.volumes_released {
+                let vols = self.fx.volumes.clone();
+                let uid = self.uid.clone();
+                match super::blocking(move || vols.teardown(&uid)).await {
+                    Some(Ok(())) => {
+                        self.volumes_released = true;
+                        self.volumes = None;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(uid = %self.uid, "volume teardown of an evicted pod: {e} (retried)")
+                    }
+                    None => {}
+                }
+            }
             return false;
         }
         let now = self.fx.clock.now();

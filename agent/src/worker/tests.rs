@@ -48,6 +48,7 @@ fn config(dir: &std::path::Path, cni_check_period: Duration) -> AgentConfig {
         container_log_max_size: 10 << 20,
         container_log_max_files: 5,
         sysctls: Default::default(),
+        eviction: None,
     }
 }
 
@@ -798,4 +799,67 @@ async fn sysctls_reach_the_sandbox_and_unsafe_ones_fail_the_pod() {
         Some("Pod was rejected: forbidden sysctl: \"kernel.msgmax\" not allowlisted")
     );
     assert!(h.reasons().contains(&"SysctlForbidden".to_string()));
+}
+
+#[tokio::test]
+async fn evicted_pod_is_killed_with_the_eviction_grace_and_stays_failed() {
+    let mut h = Harness::new(pod(json!({
+        "terminationGracePeriodSeconds": 60,
+        "containers": [c("app")],
+    })));
+    h.settle().await;
+    assert!(h.running("app"));
+    let msg = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 50Mi. ";
+    h.w.on_msg(super::Msg::Evict(Box::new(super::Evicted {
+        message: msg.into(),
+        grace: Duration::from_secs(1),
+    })));
+    h.settle().await;
+    let calls = h.calls();
+    assert!(
+        calls.iter().any(|c| c == "stop uid1-app-0 1s"),
+        "killed with the eviction grace, not the pod's 60s: {calls:?}"
+    );
+    assert_eq!(h.phase(), "Failed");
+    let st = h.last().pod.status.unwrap_or_default();
+    assert_eq!(st.reason.as_deref(), Some("Evicted"));
+    assert_eq!(st.message.as_deref(), Some(msg));
+    assert_eq!(h.condition("DisruptionTarget"), "True");
+    assert!(h.reasons().contains(&"Evicted".to_string()));
+    // Never restarted, whatever the restart policy.
+    h.settle().await;
+    let later = h.calls();
+    assert!(starts(&later).is_empty(), "{later:?}");
+    assert!(!h.running("app"));
+}
+
+#[tokio::test]
+async fn best_effort_pod_is_refused_under_memory_pressure() {
+    let p = pod(json!({"containers": [c("app")]}));
+    let mut h = Harness::new(p.clone());
+    h.w.pressure.set(crate::model::node_object::Pressure {
+        memory: true,
+        ..Default::default()
+    });
+    h.step().await;
+    h.step().await;
+    assert!(h.calls().is_empty(), "nothing of a refused pod runs");
+    let st = h.last().pod.status.unwrap_or_default();
+    assert_eq!(st.phase.as_deref(), Some("Failed"));
+    assert_eq!(st.reason.as_deref(), Some("Evicted"));
+    assert_eq!(
+        st.message.as_deref(),
+        Some("The node had condition: [MemoryPressure]. ")
+    );
+    // A Guaranteed pod is admitted under memory pressure.
+    let mut h = Harness::new(pod(
+        json!({"containers": [{"name": "app", "image": "busybox",
+        "resources": {"limits": {"cpu": "100m", "memory": "64Mi"}}}]}),
+    ));
+    h.w.pressure.set(crate::model::node_object::Pressure {
+        memory: true,
+        ..Default::default()
+    });
+    h.settle().await;
+    assert!(h.running("app"));
 }

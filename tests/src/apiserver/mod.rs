@@ -714,6 +714,9 @@ impl State {
         };
         authz::admit_node_write(user, &attrs, Some(&old), &new)
             .map_err(|m| ApiError::new(403, "Forbidden", m))?;
+        if info.resource == "nodes" && info.group.is_empty() && subresource == "status" {
+            taint_nodes_by_condition(&mut new);
+        }
         if same_object(&old, &new) {
             return Ok(old);
         }
@@ -1175,5 +1178,57 @@ impl Drop for ApiServer {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// The node lifecycle controller's TaintNodesByCondition, applied on each Node status write
+/// (the controller-manager is not part of this fixture): a pressure condition that is True
+/// adds `node.kubernetes.io/{memory,disk,pid}-pressure:NoSchedule`, any other status removes it.
+fn taint_nodes_by_condition(node: &mut Value) {
+    const RULES: [(&str, &str); 3] = [
+        ("MemoryPressure", "node.kubernetes.io/memory-pressure"),
+        ("DiskPressure", "node.kubernetes.io/disk-pressure"),
+        ("PIDPressure", "node.kubernetes.io/pid-pressure"),
+    ];
+    let conds = node["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let is_true = |t: &str| {
+        conds
+            .iter()
+            .any(|c| c["type"] == t && c["status"] == "True")
+    };
+    let mut taints = node["spec"]["taints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let before = taints.len();
+    let mut changed = false;
+    for (cond, key) in RULES {
+        let has = taints
+            .iter()
+            .any(|t| t["key"] == key && t["effect"] == "NoSchedule");
+        if is_true(cond) && !has {
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            taints.push(json!({"key": key, "effect": "NoSchedule", "timeAdded": now}));
+            changed = true;
+        } else if !is_true(cond) && has {
+            taints.retain(|t| !(t["key"] == key && t["effect"] == "NoSchedule"));
+            changed = true;
+        }
+    }
+    if !changed {
+        return;
+    }
+    if !node["spec"].is_object() {
+        node["spec"] = json!({});
+    }
+    if taints.is_empty() && before > 0 {
+        if let Some(s) = node["spec"].as_object_mut() {
+            s.remove("taints");
+        }
+    } else {
+        node["spec"]["taints"] = Value::Array(taints);
     }
 }

@@ -118,6 +118,8 @@ pub struct AgentConfig {
     pub container_log_max_files: u32,
     /// The sysctls pods may set (the safe set and `--allowed-unsafe-sysctls`).
     pub sysctls: crate::model::admit::SysctlAllowlist,
+    /// Dead-container GC (`--maximum-dead-containers-per-container` and co).
+    pub container_gc: crate::sys::container_gc::ContainerGcPolicy,
 }
 
 /// Desired state from a source.

@@ -48,6 +48,7 @@ fn config(dir: &std::path::Path, cni_check_period: Duration) -> AgentConfig {
         container_log_max_size: 10 << 20,
         container_log_max_files: 5,
         sysctls: Default::default(),
+        container_gc: Default::default(),
     }
 }
 

@@ -1,8 +1,7 @@
 //! The agent's effects on the machine: the container runtime through `hako-shim`
 //! ([`runtime`]), the CNI chain ([`cni`]), pod sandbox namespaces ([`sandbox`]), volumes
 //! ([`volumes`]), pod records on disk ([`state`]), probe and hook handlers ([`prober`]) and
-//! container log files ([`logs`]), image and dead-container GC ([`image_gc`], [`container_gc`]);
-//! [`effects`] implements the pod worker's effect traits on them.
+//! container log files ([`logs`]); [`effects`] implements the pod worker's effect traits on them.
 
 pub mod cni;
 pub mod container_gc;

@@ -228,21 +228,23 @@ fn log_attempts(env: &AgentEnv, pod: &str, c: &str) -> Vec<u32> {
     v
 }
 
-#[test]
-fn dead_containers_beyond_the_limit_leave_the_node() {
-    let mut env = AgentEnv::new("deadgc");
+/// A container that crashes 5 times (attempts 0-4) before attempt 5 keeps running, under
+/// `extra` agent flags: the attempts whose instance (shim state, log, metadata) is left must be
+/// `kept`, and `logs --previous` still reads attempt 4.
+fn crash_five_times(tag: &str, extra: &[&str], kept: &[u32]) {
+    let mut env = AgentEnv::new(tag);
     let img = env.image("sleep");
     env.args = [
         "--restart-backoff-base",
         "0.2",
         "--restart-backoff-max",
         "0.4",
-        "--maximum-dead-containers-per-container",
-        "2",
     ]
-    .map(String::from)
-    .to_vec();
-    // Crashes 5 times (attempts 0-4), then attempt 5 keeps running; the emptyDir counts.
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect();
+    // The emptyDir counts the attempts.
     env.write_manifest(
         "crash.yaml",
         &format!(
@@ -265,28 +267,24 @@ spec:
         let s = e.container_status("crash", "c")?;
         (s["restartCount"].as_i64()? == 5 && !s["state"]["running"].is_null()).then_some(())
     });
-    // Running attempt 5 plus 2 exited ones (4 is lastState): attempts 0-2 are gone with their
-    // shim state (rootfs, writable layer) and logs.
     env.wait_for("dead instances removed", Duration::from_secs(20), |e| {
-        let mut ids = e.shim_containers();
-        ids.sort();
-        (ids.len() == 3).then_some(())
+        (e.shim_containers().len() == kept.len()).then_some(())
     });
-    let mut ids = env.shim_containers();
+    let mut ids: Vec<u32> = env
+        .shim_containers()
+        .iter()
+        .filter_map(|i| i.rsplit_once("-c-")?.1.parse().ok())
+        .collect();
     ids.sort();
-    assert!(
-        ids.iter()
-            .all(|i| i.ends_with("-c-3") || i.ends_with("-c-4") || i.ends_with("-c-5")),
-        "{ids:?}"
-    );
-    assert_eq!(log_attempts(&env, "crash", "c"), [3, 4, 5]);
+    assert_eq!(ids, kept, "shim containers {:?}", env.shim_containers());
+    assert_eq!(log_attempts(&env, "crash", "c"), kept, "log files");
     let metas = std::fs::read_dir(env.root.join("pods"))
         .unwrap()
         .flatten()
         .filter_map(|e| std::fs::read_dir(e.path().join("containers")).ok())
         .flat_map(|rd| rd.flatten())
         .count();
-    assert_eq!(metas, 3, "container metadata files");
+    assert_eq!(metas, kept.len(), "container metadata files");
     // What the status and `logs --previous` need is still there.
     let s = env.container_status("crash", "c").unwrap();
     assert_eq!(s["lastState"]["terminated"]["exitCode"], 1, "{s}");
@@ -299,4 +297,20 @@ spec:
     assert_eq!(String::from_utf8_lossy(&out.stdout), "attempt 4\n");
     let out = env.cli(&["logs", "crash-node1"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "attempt 5\n");
+}
+
+#[test]
+fn dead_containers_beyond_the_default_limit_leave_the_node() {
+    // The running instance and one exited (the previous); attempts 0-3 are gone with their
+    // logs (kept for ever before).
+    crash_five_times("deadgc1", &[], &[4, 5]);
+}
+
+#[test]
+fn dead_containers_beyond_the_limit_leave_the_node() {
+    crash_five_times(
+        "deadgc2",
+        &["--maximum-dead-containers-per-container", "2"],
+        &[3, 4, 5],
+    );
 }

@@ -149,6 +149,10 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = hako_agent::sys::container_gc::DEFAULT_MAX_CONTAINERS,
           allow_negative_numbers = true)]
     maximum_dead_containers: i32,
+    /// How often the node-wide dead-container pass runs (with --maximum-dead-containers ≥ 0),
+    /// in seconds (the kubelet's fixed 1 min).
+    #[arg(long, value_name = "SECONDS", default_value_t = hako_agent::sys::container_gc::PERIOD.as_secs_f64())]
+    container_gc_period: f64,
     /// Exited instances younger than this are never removed (a Go duration; kubelet: 0).
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = hako_proxier::proxy_config::go_duration)]
     minimum_container_ttl_duration: std::time::Duration,
@@ -1108,8 +1112,9 @@ fn image_gc(cli: &Cli) -> anyhow::Result<hako_agent::sys::image_gc::ImageGc> {
     ))
 }
 
-/// Starts the periodic image GC over the workers' store on a thread of its own (its own
-/// runtime: it runs beside standalone and cluster mode alike). Returns the GC, whose
+/// Starts the periodic image GC over the workers' store, and the node-wide pass of the
+/// dead-container GC, on a thread of their own (its own runtime: it runs beside standalone and
+/// cluster mode alike). Returns the GC, whose
 /// [`hako_agent::sys::image_gc::ImageGc::reclaim`] the eviction manager calls.
 fn spawn_image_gc(
     cli: &Cli,
@@ -1122,6 +1127,12 @@ fn spawn_image_gc(
         cfg.run_dir.join("containers"),
     );
     let run = gc.clone();
+    let containers = hako_agent::sys::container_gc::ContainerGc {
+        policy: cfg.container_gc,
+        root_dir: cfg.root_dir.clone(),
+        shim: cfg.shim.clone(),
+        period: secs(cli.container_gc_period),
+    };
     std::thread::Builder::new()
         .name("image-gc".into())
         .spawn(move || {
@@ -1129,8 +1140,10 @@ fn spawn_image_gc(
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(run.run()),
-                Err(e) => tracing::error!("image garbage collection not started: {e}"),
+                Ok(rt) => rt.block_on(async {
+                    tokio::join!(run.run(), containers.run());
+                }),
+                Err(e) => tracing::error!("garbage collection not started: {e}"),
             }
         })
         .context("starting the image GC thread")?;

@@ -314,3 +314,80 @@ fn dead_containers_beyond_the_limit_leave_the_node() {
         &[3, 4, 5],
     );
 }
+
+#[test]
+fn node_wide_dead_container_limit() {
+    // Two containers crashing 4 times each (attempts 0-3) before attempt 4 keeps running; no
+    // per-container limit, at most 2 exited instances on the node: each keeps only its
+    // previous instance (the node-wide pass cuts every container to 2/2 = 1).
+    let mut env = AgentEnv::new("deadgc3");
+    let img = env.image("sleep");
+    env.args = [
+        "--restart-backoff-base",
+        "0.2",
+        "--restart-backoff-max",
+        "0.4",
+        "--maximum-dead-containers-per-container",
+        "-1",
+        "--maximum-dead-containers",
+        "2",
+        "--container-gc-period",
+        "0.5",
+    ]
+    .map(String::from)
+    .to_vec();
+    let c = |name: &str| {
+        format!(
+            r#"  - name: {name}
+    image: "{img}"
+    volumeMounts: [{{name: n, mountPath: /n}}]
+    command: [sh, -c, "mkdir -p /n/{name}; n=$(ls /n/{name} | wc -l); touch /n/{name}/$n; [ $n -ge 4 ] && exec sleep 3600; exit 1"]
+"#
+        )
+    };
+    env.write_manifest(
+        "two.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: two}}\nspec:\n  terminationGracePeriodSeconds: 1\n  volumes: [{{name: n, emptyDir: {{}}}}]\n  containers:\n{}{}",
+            c("a"),
+            c("b")
+        ),
+    );
+    env.start();
+    env.wait_for("both at attempt 4, running", T, |e| {
+        ["a", "b"]
+            .iter()
+            .all(|n| {
+                e.container_status("two", n).is_some_and(|s| {
+                    s["restartCount"].as_i64() == Some(4) && !s["state"]["running"].is_null()
+                })
+            })
+            .then_some(())
+    });
+    env.wait_for("node-wide pass", Duration::from_secs(20), |e| {
+        (e.shim_containers().len() == 4).then_some(())
+    });
+    let mut ids: Vec<String> = env
+        .shim_containers()
+        .iter()
+        .filter_map(|i| i.split_once('-').map(|(_, rest)| rest.to_string()))
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["a-3", "a-4", "b-3", "b-4"],
+        "{:?}",
+        env.shim_containers()
+    );
+    assert_eq!(log_attempts(&env, "two", "a"), [3, 4]);
+    assert_eq!(log_attempts(&env, "two", "b"), [3, 4]);
+    // The node-wide pass did it (the workers' own pass, limited to one container, would keep
+    // attempts 2-4 of each: 2 exited per container).
+    assert!(
+        env.agent_log()
+            .lines()
+            .any(|l| l.contains("removing dead container") && l.contains("pod_uid=")),
+        "{}",
+        hako_tests::agent::tail(&env.agent_log(), 2000)
+    );
+}

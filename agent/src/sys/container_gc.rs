@@ -1,8 +1,10 @@
 //! Dead-container GC, as the kubelet's `kuberuntime_gc.go` (`--maximum-dead-containers-per-container`,
 //! `--maximum-dead-containers`, `--minimum-container-ttl-duration`). The selection is pure
 //! ([`select`]); the pod worker applies it to its own container after every start (so a
-//! restarting container never piles up instances), and the removal of one instance
-//! ([`remove_instance_files`]) is effectful.
+//! restarting container never piles up instances), and with a node-wide limit
+//! [`ContainerGc::run`] applies it to every pod's containers once a minute (the kubelet's
+//! container GC period). Removing an instance ([`remove_instance_files`], [`ContainerGc`]) is
+//! effectful.
 //!
 //! An evict unit is one container of one pod (pod UID + container name). Its instances that
 //! are not running and were created more than the minimum age ago are candidates; the newest
@@ -16,10 +18,14 @@
 //! container as Waiting and needs only one; hako reports the newest exited instance as the
 //! current state).
 
+use crate::sys::runtime;
 use k8s_openapi::chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// The kubelet's container GC period.
+pub const PERIOD: Duration = Duration::from_secs(60);
 
 /// Default `--maximum-dead-containers-per-container` (the kubelet's).
 pub const DEFAULT_MAX_PER_POD_CONTAINER: i32 = 1;
@@ -153,6 +159,94 @@ pub fn remove_instance_files(log_path: &Path, termination_log: &Path) {
     }
     let _ = std::fs::remove_file(log_path);
     let _ = std::fs::remove_file(termination_log);
+}
+
+/// The node-wide pass of the dead-container GC (effectful): every pod's recorded instances
+/// (`<root>/pods/<uid>/containers/*.json`) with their recorded shim state.
+#[derive(Clone)]
+pub struct ContainerGc {
+    /// The policy.
+    pub policy: ContainerGcPolicy,
+    /// The agent's state root.
+    pub root_dir: PathBuf,
+    /// The shim runtime (`<run-dir>/containers`).
+    pub shim: hako_shim::client::Runtime,
+    /// How often the node-wide pass runs ([`PERIOD`]; shorter in tests).
+    pub period: Duration,
+}
+
+impl ContainerGc {
+    /// One pass (blocking): removes the selected instances; returns how many. Only instances
+    /// whose recorded state is an exit are candidates (a created one may be starting now).
+    pub fn collect_blocking(&self, now: DateTime<Utc>) -> usize {
+        let mut metas = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.root_dir.join("pods")) {
+            for e in rd.flatten() {
+                let uid = e.file_name().to_string_lossy().into_owned();
+                metas.extend(runtime::read_metas(&self.root_dir, &uid));
+            }
+        }
+        let instances: Vec<Instance> = metas
+            .iter()
+            .map(|m| {
+                let st = self.shim.client(&m.id).recorded_state().ok();
+                Instance {
+                    id: m.id.clone(),
+                    pod_uid: m.pod_uid.clone(),
+                    name: m.name.clone(),
+                    attempt: m.attempt,
+                    created_at: st
+                        .as_ref()
+                        .and_then(|s| DateTime::parse_from_rfc3339(&s.created_at).ok())
+                        .map(|t| t.with_timezone(&Utc)),
+                    live: st
+                        .as_ref()
+                        .is_none_or(|s| s.status != hako_shim::state::Status::Stopped),
+                }
+            })
+            .collect();
+        let remove = select(&instances, &self.policy, now);
+        for id in &remove {
+            let Some(m) = metas.iter().find(|m| &m.id == id) else {
+                continue;
+            };
+            tracing::info!(container = %id, pod_uid = %m.pod_uid, "removing dead container");
+            if let Err(e) = self.shim.force_delete(id) {
+                tracing::warn!(container = %id, error = %e, "removing dead container");
+                continue;
+            }
+            runtime::remove_meta(&self.root_dir, &m.pod_uid, id);
+            let _ = std::fs::remove_dir_all(
+                self.root_dir
+                    .join("pods")
+                    .join(&m.pod_uid)
+                    .join("termination")
+                    .join(id),
+            );
+            remove_instance_files(&m.log_path, &m.termination_log);
+        }
+        remove.len()
+    }
+
+    /// Runs a pass every period while the node-wide limit is set (`--maximum-dead-containers`
+    /// ≥ 0; the per-container limit is the pod workers' own work).
+    pub async fn run(self) {
+        if self.policy.max_containers < 0 {
+            return;
+        }
+        let mut tick = tokio::time::interval(self.period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let me = self.clone();
+            match tokio::task::spawn_blocking(move || me.collect_blocking(Utc::now())).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "container garbage collection"),
+                Err(e) => tracing::error!(error = %e, "container garbage collection failed"),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

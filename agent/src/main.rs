@@ -125,6 +125,37 @@ struct Cli {
     /// for this long is cancelled and fails with ErrImagePull.
     #[arg(long, value_name = "SECONDS", default_value_t = hako_shim::image::DEFAULT_PROGRESS_DEADLINE.as_secs_f64())]
     image_pull_progress_deadline: f64,
+    /// Image GC runs when the image filesystem (the one holding <root-dir>/images) is at
+    /// least this percent full (kubelet: 85; 100 turns image GC off).
+    #[arg(long, value_name = "PERCENT", default_value_t = hako_agent::sys::image_gc::DEFAULT_HIGH_THRESHOLD,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_high_threshold: u8,
+    /// Image GC frees down to this percent (kubelet: 80; below the high threshold).
+    #[arg(long, value_name = "PERCENT", default_value_t = hako_agent::sys::image_gc::DEFAULT_LOW_THRESHOLD,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_low_threshold: u8,
+    /// Images pulled less than this ago are never garbage collected (a Go duration; kubelet: 2m).
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = hako_proxier::proxy_config::go_duration)]
+    minimum_image_ttl_duration: std::time::Duration,
+    /// How often image GC checks the image filesystem, in seconds (the kubelet's fixed 5 min).
+    #[arg(long, value_name = "SECONDS", default_value_t = hako_agent::sys::image_gc::DEFAULT_PERIOD.as_secs_f64())]
+    image_gc_period: f64,
+    /// Exited instances kept per container (kubelet: 1; < 0: no limit). The current and the
+    /// previous instance (lastState, logs --previous) are always kept.
+    #[arg(long, value_name = "N", default_value_t = hako_agent::sys::container_gc::DEFAULT_MAX_PER_POD_CONTAINER,
+          allow_negative_numbers = true)]
+    maximum_dead_containers_per_container: i32,
+    /// Exited container instances kept on the node (kubelet: -1, no limit).
+    #[arg(long, value_name = "N", default_value_t = hako_agent::sys::container_gc::DEFAULT_MAX_CONTAINERS,
+          allow_negative_numbers = true)]
+    maximum_dead_containers: i32,
+    /// How often the node-wide dead-container pass runs (with --maximum-dead-containers ≥ 0),
+    /// in seconds (the kubelet's fixed 1 min).
+    #[arg(long, value_name = "SECONDS", default_value_t = hako_agent::sys::container_gc::PERIOD.as_secs_f64())]
+    container_gc_period: f64,
+    /// Exited instances younger than this are never removed (a Go duration; kubelet: 0).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = hako_proxier::proxy_config::go_duration)]
+    minimum_container_ttl_duration: std::time::Duration,
     /// Registry host configuration directory, containerd's `config_path`:
     /// `DIR/<host[:port]>/hosts.toml` (or `DIR/_default/hosts.toml`) names mirrors, private
     /// CAs, `skip_verify` and plain HTTP per registry. A missing directory means none.
@@ -227,6 +258,17 @@ enum Cmd {
         /// Only lines at or after this RFC 3339 time.
         #[arg(long, value_name = "TIME")]
         since_time: Option<String>,
+    },
+    /// List the images in the store: size, bytes deleting it frees (layers shared with other
+    /// images excluded), last use, and whether a pod or container uses it. `images prune`
+    /// deletes every unused image older than --minimum-image-ttl-duration.
+    Images {
+        /// `prune`: delete the unused images.
+        #[arg(value_parser = ["prune"])]
+        action: Option<String>,
+        /// Output format: json instead of the table.
+        #[arg(short, long, value_parser = ["json"])]
+        output: Option<String>,
     },
     /// Run a command in a container.
     Exec {
@@ -452,6 +494,21 @@ fn apply_config(
             Some(n)
         );
     }
+    set!(
+        "image_gc_high_threshold",
+        cli.image_gc_high_threshold,
+        s.image_gc_high_threshold_percent
+    );
+    set!(
+        "image_gc_low_threshold",
+        cli.image_gc_low_threshold,
+        s.image_gc_low_threshold_percent
+    );
+    set!(
+        "minimum_image_ttl_duration",
+        cli.minimum_image_ttl_duration,
+        s.image_minimum_gc_age
+    );
     set!("verbosity", cli.verbosity, s.verbosity.map(Some));
     if s.log_format.as_deref() == Some("json") {
         set!("log_format", cli.log_format, Some(LogFormat::Json));
@@ -575,6 +632,40 @@ fn main() -> anyhow::Result<()> {
                 &opts,
             );
         }
+        Some(Cmd::Images { action, output }) => {
+            let gc = image_gc(&cli)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            if action.is_some() {
+                let deleted = rt.block_on(gc.prune_unused())?;
+                if output.is_some() {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&deleted)?)?;
+                } else {
+                    write!(
+                        out,
+                        "{}",
+                        hako_agent::sys::image_gc::render_deleted(&deleted)
+                    )?;
+                }
+            } else {
+                let in_use = gc.in_use();
+                let list = gc.usage()?;
+                if output.is_some() {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+                } else {
+                    write!(
+                        out,
+                        "{}",
+                        hako_agent::sys::image_gc::render_images(
+                            &list,
+                            &in_use,
+                            Utc::now().timestamp()
+                        )
+                    )?;
+                }
+            }
+        }
         Some(Cmd::Exec {
             pod,
             container,
@@ -671,7 +762,11 @@ fn main() -> anyhow::Result<()> {
             };
             proxier_cleanup(node.proxy_mode, &cli.iptables_variant, false);
             let workers = match worker_config(&cli) {
-                Ok(w) => Some(w),
+                Ok(mut w) => {
+                    let gc = spawn_image_gc(&cli, &w)?;
+                    w.reclaim = Some(std::sync::Arc::new(gc));
+                    Some(w)
+                }
                 Err(e) => {
                     tracing::warn!("pods will not be started: {e:#}");
                     None
@@ -734,7 +829,9 @@ fn default_node_ip() -> Option<String> {
 
 /// Runs the agent over the manifest directory until SIGINT/SIGTERM.
 fn run_agent(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
-    let cfg = worker_config(cli)?;
+    let mut cfg = worker_config(cli)?;
+    let gc = spawn_image_gc(cli, &cfg)?;
+    cfg.reclaim = Some(std::sync::Arc::new(gc));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(16)
@@ -1020,5 +1117,73 @@ fn worker_config(cli: &Cli) -> anyhow::Result<hako_agent::worker::AgentConfig> {
             &cli.cluster.eviction,
             cli.cluster.kubeconfig.is_some(),
         )?),
+        container_gc: hako_agent::sys::container_gc::ContainerGcPolicy {
+            max_per_pod_container: cli.maximum_dead_containers_per_container,
+            max_containers: cli.maximum_dead_containers,
+            min_age: cli.minimum_container_ttl_duration,
+        },
+        reclaim: None,
     })
+}
+
+/// The image GC policy from the command line (and --config), checked as the kubelet does.
+fn image_gc_policy(cli: &Cli) -> anyhow::Result<hako_agent::sys::image_gc::ImageGcPolicy> {
+    let p = hako_agent::sys::image_gc::ImageGcPolicy {
+        high_threshold_percent: cli.image_gc_high_threshold,
+        low_threshold_percent: cli.image_gc_low_threshold,
+        min_age: cli.minimum_image_ttl_duration,
+        period: secs(cli.image_gc_period),
+    };
+    p.validate()?;
+    Ok(p)
+}
+
+/// The image GC over the store under --root-dir (for the CLI).
+fn image_gc(cli: &Cli) -> anyhow::Result<hako_agent::sys::image_gc::ImageGc> {
+    let store = hako_shim::image::ImageStore::open(cli.root_dir.join("images"))
+        .with_context(|| format!("opening image store under {}", cli.root_dir.display()))?;
+    Ok(hako_agent::sys::image_gc::ImageGc::new(
+        std::sync::Arc::new(store),
+        image_gc_policy(cli)?,
+        cli.root_dir.clone(),
+        cli.run_dir.join("containers"),
+    ))
+}
+
+/// Starts the periodic image GC over the workers' store, and the node-wide pass of the
+/// dead-container GC, on a thread of their own (its own runtime: it runs beside standalone and
+/// cluster mode alike). Returns the GC, whose
+/// [`hako_agent::sys::image_gc::ImageGc::reclaim`] the eviction manager calls.
+fn spawn_image_gc(
+    cli: &Cli,
+    cfg: &hako_agent::worker::AgentConfig,
+) -> anyhow::Result<hako_agent::sys::image_gc::ImageGc> {
+    let gc = hako_agent::sys::image_gc::ImageGc::new(
+        cfg.images.clone(),
+        image_gc_policy(cli)?,
+        cfg.root_dir.clone(),
+        cfg.run_dir.join("containers"),
+    );
+    let run = gc.clone();
+    let containers = hako_agent::sys::container_gc::ContainerGc {
+        policy: cfg.container_gc,
+        root_dir: cfg.root_dir.clone(),
+        shim: cfg.shim.clone(),
+        period: secs(cli.container_gc_period),
+    };
+    std::thread::Builder::new()
+        .name("image-gc".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(async {
+                    tokio::join!(run.run(), containers.run());
+                }),
+                Err(e) => tracing::error!("garbage collection not started: {e}"),
+            }
+        })
+        .context("starting the image GC thread")?;
+    Ok(gc)
 }

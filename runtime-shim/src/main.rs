@@ -101,7 +101,9 @@ enum Cmd {
         /// Image reference.
         reference: String,
     },
-    /// List the images in the store.
+    /// List the images in the store with their size on disk (`size`), the bytes deleting
+    /// one alone frees (`uniqueSize`: layers shared with other images excluded), the pull
+    /// time and the last use (Unix seconds).
     Images {
         /// Image store root.
         #[arg(long, default_value = "/var/lib/hako/images")]
@@ -178,7 +180,7 @@ fn main() -> anyhow::Result<()> {
             &registry_config_path,
             &reference,
         ),
-        Cmd::Images { image_root } => print(&ImageStore::open(image_root)?.list()?),
+        Cmd::Images { image_root } => print(&ImageStore::open(image_root)?.usage()?),
     }
 }
 

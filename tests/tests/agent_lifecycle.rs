@@ -428,6 +428,10 @@ fn crash_loop_backoff_doubles_and_oom_kill_is_reported() {
         "1".into(),
         "--restart-backoff-max".into(),
         "8".into(),
+        // Every attempt's log stays (its mtime times the back-off): exited instances beyond
+        // the default one are removed with their logs otherwise.
+        "--maximum-dead-containers-per-container".into(),
+        "10".into(),
     ];
     env.write_manifest(
         "crash.yaml",

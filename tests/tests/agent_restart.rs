@@ -314,6 +314,10 @@ fn restart_backoff_survives_an_agent_restart() {
         "1.5".into(),
         "--restart-backoff-max".into(),
         "60".into(),
+        // Every attempt's log stays (its mtime times the back-off): exited instances beyond
+        // the default one are removed with their logs otherwise.
+        "--maximum-dead-containers-per-container".into(),
+        "10".into(),
     ];
     env.write_manifest(
         "crash.yaml",

@@ -84,6 +84,12 @@ pub struct KubeletSettings {
     pub container_log_max_files: Option<u32>,
     /// `allowedUnsafeSysctls` (`--allowed-unsafe-sysctls`).
     pub allowed_unsafe_sysctls: Option<Vec<String>>,
+    /// `imageGCHighThresholdPercent` (`--image-gc-high-threshold`).
+    pub image_gc_high_threshold_percent: Option<u8>,
+    /// `imageGCLowThresholdPercent` (`--image-gc-low-threshold`).
+    pub image_gc_low_threshold_percent: Option<u8>,
+    /// `imageMinimumGCAge` (`--minimum-image-ttl-duration`).
+    pub image_minimum_gc_age: Option<Duration>,
     /// `logging.verbosity`.
     pub verbosity: Option<u8>,
     /// `logging.format` (`text` or `json`).
@@ -111,10 +117,7 @@ const UNSUPPORTED: &[&str] = &[
     "enableContentionProfiling",
     "oomScoreAdj",
     "streamingConnectionIdleTimeout",
-    "imageMinimumGCAge",
     "imageMaximumGCAge",
-    "imageGCHighThresholdPercent",
-    "imageGCLowThresholdPercent",
     "volumeStatsAggPeriod",
     "kubeletCgroups",
     "systemCgroups",
@@ -207,6 +210,13 @@ fn field(field: &str, why: impl Into<String>) -> ConfigFileError {
 fn small<T: TryFrom<u64>>(path: &str, v: Option<u64>) -> Result<Option<T>, ConfigFileError> {
     v.map(|v| T::try_from(v).map_err(|_| field(path, format!("{v} is out of range"))))
         .transpose()
+}
+
+fn percent(path: &str, v: Option<u64>) -> Result<Option<u8>, ConfigFileError> {
+    match v {
+        Some(p) if p > 100 => Err(field(path, format!("{p} is not a percentage (0-100)"))),
+        _ => small(path, v),
+    }
 }
 
 /// Reads a KubeletConfiguration; returns the settings and the notes to log (each once).
@@ -335,6 +345,15 @@ pub fn parse_kubelet_config(text: &str) -> Result<(KubeletSettings, Vec<String>)
         container_log_max_size: doc.str("containerLogMaxSize")?,
         container_log_max_files: small("containerLogMaxFiles", doc.u64("containerLogMaxFiles")?)?,
         allowed_unsafe_sysctls: doc.strings("allowedUnsafeSysctls")?,
+        image_gc_high_threshold_percent: percent(
+            "imageGCHighThresholdPercent",
+            doc.u64("imageGCHighThresholdPercent")?,
+        )?,
+        image_gc_low_threshold_percent: percent(
+            "imageGCLowThresholdPercent",
+            doc.u64("imageGCLowThresholdPercent")?,
+        )?,
+        image_minimum_gc_age: doc.duration("imageMinimumGCAge")?,
         verbosity,
         log_format,
     };
@@ -472,6 +491,9 @@ syncFrequency: 1m30s
 nodeLeaseDurationSeconds: 20
 containerLogMaxSize: 5Mi
 containerLogMaxFiles: 3
+imageGCHighThresholdPercent: 90
+imageGCLowThresholdPercent: 70
+imageMinimumGCAge: 5m
 authentication: {webhook: {enabled: false, cacheTTL: 1m}}
 authorization: {mode: AlwaysAllow, webhook: {cacheAuthorizedTTL: 10s}}
 serializeImagePulls: false
@@ -522,6 +544,14 @@ notAField: 1
         assert_eq!(s.node_lease_duration_seconds, Some(20));
         assert_eq!(s.container_log_max_size.as_deref(), Some("5Mi"));
         assert_eq!(s.container_log_max_files, Some(3));
+        assert_eq!(
+            (
+                s.image_gc_high_threshold_percent,
+                s.image_gc_low_threshold_percent,
+                s.image_minimum_gc_age
+            ),
+            (Some(90), Some(70), Some(Duration::from_secs(300)))
+        );
         assert_eq!(s.authentication_cache_ttl, Some(Duration::from_secs(60)));
         assert_eq!(
             s.authorization_cache_authorized_ttl,
@@ -558,6 +588,10 @@ notAField: 1
             ("registerWithTaints: [{key: a}]\n", "registerWithTaints"),
             ("logging: {format: xml}\n", "logging.format"),
             ("evictionHard: [a]\n", "evictionHard"),
+            (
+                "imageGCHighThresholdPercent: 101\n",
+                "imageGCHighThresholdPercent",
+            ),
         ] {
             let e = parse_kubelet_config(&format!("{head}{body}"))
                 .expect_err(body)

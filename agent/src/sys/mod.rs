@@ -5,7 +5,9 @@
 //! implements the pod worker's effect traits on them.
 
 pub mod cni;
+pub mod container_gc;
 pub mod effects;
+pub mod image_gc;
 pub mod logs;
 pub mod pod_cgroup;
 pub mod prober;

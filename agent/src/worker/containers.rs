@@ -591,19 +591,38 @@ impl Worker {
         Some(std::path::PathBuf::from(format!("/proc/{}/ns/pid", st.pid)))
     }
 
-    /// Keeps the two newest instances of a container (current and previous, for lastState
-    /// and `logs --previous`); older exited ones are deleted.
+    /// Dead-container GC of one container ([`crate::sys::container_gc`]): exited instances
+    /// beyond `--maximum-dead-containers-per-container` go, oldest first, with their shim
+    /// state (rootfs, writable layer), log files and termination-log file; the current
+    /// instance and the previous one (lastState, `logs --previous`) always stay.
     pub(super) async fn gc_instances(&mut self, name: &str) {
-        let mut of: Vec<(u32, String)> = self
+        use crate::sys::container_gc;
+        let of: Vec<container_gc::Instance> = self
             .insts
             .values()
             .filter(|i| i.meta.name == name)
-            .map(|i| (i.meta.attempt, i.meta.id.clone()))
+            .map(|i| container_gc::Instance {
+                id: i.meta.id.clone(),
+                pod_uid: i.meta.pod_uid.clone(),
+                name: i.meta.name.clone(),
+                attempt: i.meta.attempt,
+                created_at: i
+                    .state
+                    .as_ref()
+                    .and_then(|s| DateTime::parse_from_rfc3339(&s.created_at).ok())
+                    .map(|t| t.with_timezone(&Utc)),
+                live: i
+                    .state
+                    .as_ref()
+                    .is_none_or(|s| s.status == hako_shim::state::Status::Running),
+            })
             .collect();
-        of.sort();
-        while of.len() > 2 {
-            let (_, id) = of.remove(0);
-            self.insts.remove(&id);
+        let remove = container_gc::select(&of, &self.cfg.container_gc, self.fx.clock.now());
+        for id in remove {
+            let Some(inst) = self.insts.remove(&id) else {
+                continue;
+            };
+            tracing::debug!(container = %id, "removing dead container");
             self.probes.remove(&id);
             runtime::remove_meta(&self.cfg.root_dir, &self.uid, &id);
             let rt = self.fx.runtime.clone();
@@ -611,6 +630,10 @@ impl Worker {
             blocking(move || {
                 let _ = rt.force_delete(&id);
                 let _ = std::fs::remove_dir_all(term);
+                container_gc::remove_instance_files(
+                    &inst.meta.log_path,
+                    &inst.meta.termination_log,
+                );
             })
             .await;
         }

@@ -67,7 +67,12 @@ impl PodManager {
     /// tokio runtime), which keeps [`PodManager::pressure`] up to date.
     pub fn new(cfg: AgentConfig) -> Arc<Self> {
         let m = Self::with_metrics(cfg, AgentMetrics::shared());
-        m.start_eviction(Arc::new(crate::eviction::NoReclaim));
+        let reclaim = m
+            .cfg
+            .reclaim
+            .clone()
+            .unwrap_or_else(|| Arc::new(crate::eviction::NoReclaim));
+        m.start_eviction(reclaim);
         m
     }
 

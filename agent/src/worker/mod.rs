@@ -120,6 +120,11 @@ pub struct AgentConfig {
     pub sysctls: crate::model::admit::SysctlAllowlist,
     /// The eviction manager [`PodManager::new`] starts (None: no eviction, no pressure).
     pub eviction: Option<crate::eviction::EvictionConfig>,
+    /// Dead-container GC (`--maximum-dead-containers-per-container` and co).
+    pub container_gc: crate::sys::container_gc::ContainerGcPolicy,
+    /// The node-level disk reclaim the eviction manager runs before evicting for disk pressure
+    /// (the image GC; None: nothing is reclaimed first).
+    pub reclaim: Option<Arc<dyn crate::eviction::NodeReclaim>>,
 }
 
 /// Desired state from a source.

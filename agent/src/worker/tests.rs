@@ -49,6 +49,8 @@ fn config(dir: &std::path::Path, cni_check_period: Duration) -> AgentConfig {
         container_log_max_files: 5,
         sysctls: Default::default(),
         eviction: None,
+        container_gc: Default::default(),
+        reclaim: None,
     }
 }
 

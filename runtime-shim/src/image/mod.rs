@@ -2,12 +2,15 @@
 //! registries, HTTPS with token auth otherwise), verifies every blob's digest, unpacks each
 //! layer once into its own directory (content-addressed by blob digest) for overlayfs, and
 //! records complete images only after every layer is in place. Pull policy, per-reference
-//! pull de-duplication and size-bounded GC. Where a registry is reached (mirrors, private CAs,
+//! pull de-duplication, disk accounting ([`usage`]) and safe deletion (an image's record goes
+//! first, then the layers no other image and no container rootfs holds; a store-wide `flock`
+//! keeps deletions out of a pull's window between finding a layer and recording its image). Where a registry is reached (mirrors, private CAs,
 //! plain HTTP, `skip_verify`) comes from containerd-style `certs.d/<host>/hosts.toml` files
 //! ([`hosts`]). Effectful (network, files).
 
 pub mod hosts;
 pub mod reference;
+pub mod usage;
 
 use crate::layer;
 use hosts::{Endpoint, RegistryHosts, Scheme};
@@ -63,6 +66,9 @@ pub enum ImageError {
     /// The image config is not valid JSON.
     #[error("image {0}: bad config: {1}")]
     Config(String, ConfigError),
+    /// A pull held the store for the whole wait: nothing was deleted.
+    #[error("image store {0}: busy with a pull, deletion put off")]
+    Busy(PathBuf),
     /// No bytes arrived for the progress deadline; the pull was cancelled.
     #[error("cancel pulling image {image} because of no progress for {}s, latest progress: {what} ({bytes} bytes)", .after.as_secs_f64())]
     Stalled {
@@ -490,24 +496,52 @@ impl ImageStore {
         let r = reference::normalize(reference)?.to_string();
         let f = self.image_file(&r);
         match std::fs::read(&f) {
-            Ok(data) => Ok(serde_json::from_slice(&data).ok()),
+            Ok(data) => Ok(serde_json::from_slice(&data)
+                .ok()
+                .filter(|i| self.layers_present(i))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(ImageError::Io(f, e)),
         }
     }
 
-    /// Every complete image.
-    pub fn list(&self) -> Result<Vec<Image>, ImageError> {
+    /// Whether every layer of `image` is unpacked in the store: a record whose layers are
+    /// gone (a deletion cut short, a hand-removed directory) is not an image.
+    fn layers_present(&self, image: &Image) -> bool {
+        image.layers.iter().all(|d| self.layer_dir(d).is_dir())
+    }
+
+    /// Every record, whole or not (for deletions, which must see every layer holder).
+    fn records(&self) -> Result<Vec<Image>, ImageError> {
         let dir = self.root.join("images");
         let rd = std::fs::read_dir(&dir).map_err(|e| ImageError::Io(dir.clone(), e))?;
-        let mut out: Vec<Image> = rd
+        Ok(rd
             .flatten()
             .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
             .filter_map(|e| std::fs::read(e.path()).ok())
             .filter_map(|d| serde_json::from_slice(&d).ok())
+            .collect())
+    }
+
+    /// Every complete image (its record written and every layer in place).
+    pub fn list(&self) -> Result<Vec<Image>, ImageError> {
+        let mut out: Vec<Image> = self
+            .records()?
+            .into_iter()
+            .filter(|i| self.layers_present(i))
             .collect();
         out.sort_by(|a, b| a.reference.cmp(&b.reference));
         Ok(out)
+    }
+
+    /// Every complete image with its size on disk, the bytes deleting it alone would free
+    /// (layers shared with other images excluded) and its last use.
+    pub fn usage(&self) -> Result<Vec<usage::ImageUsage>, ImageError> {
+        Ok(usage::usage_of(&self.list()?))
+    }
+
+    /// The store root (the image filesystem is the filesystem holding it).
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     fn write_image(&self, img: &Image) -> Result<(), ImageError> {
@@ -517,17 +551,170 @@ impl ImageStore {
         crate::durable::write_file(&f, &data, 0o644).map_err(|e| ImageError::Io(f, e))
     }
 
-    /// Record a use (for GC ordering).
+    /// Record a use (for GC ordering): a container is being created from the image. The
+    /// record is rewritten at most once a minute per image.
     pub fn mark_used(&self, reference: &str) -> Result<(), ImageError> {
-        if let Some(mut img) = self.get(reference)? {
-            img.last_used = now();
-            self.write_image(&img)?;
+        if let Some(img) = self.get(reference)? {
+            self.touch(img)?;
         }
         Ok(())
     }
 
-    /// Make `reference` present according to `policy`; concurrent calls for the same
-    /// reference do the work once. `docker_config` is a docker config JSON with credentials.
+    fn touch(&self, mut img: Image) -> Result<Image, ImageError> {
+        let t = now();
+        if t.saturating_sub(img.last_used) >= MARK_USED_GRANULARITY {
+            img.last_used = t;
+            self.write_image(&img)?;
+        }
+        Ok(img)
+    }
+
+    /// The store-wide lock: shared by a pull from its first layer to its record, exclusive
+    /// for a deletion. `wait` bounds how long a deletion waits for running pulls.
+    fn store_lock(
+        &self,
+        exclusive: bool,
+        wait: Duration,
+    ) -> Result<nix::fcntl::Flock<std::fs::File>, ImageError> {
+        use nix::fcntl::{Flock, FlockArg};
+        let p = self.root.join("locks").join("store.lock");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&p)
+            .map_err(|e| ImageError::Io(p.clone(), e))?;
+        let arg = if exclusive {
+            FlockArg::LockExclusiveNonblock
+        } else {
+            FlockArg::LockSharedNonblock
+        };
+        let deadline = Instant::now() + wait;
+        loop {
+            match Flock::lock(f, arg) {
+                Ok(l) => return Ok(l),
+                Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    f = back;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(ImageError::Busy(p)),
+                Err((_, e)) => return Err(ImageError::Io(p, io::Error::from(e))),
+            }
+        }
+    }
+
+    /// Deletes a layer directory: renamed into `tmp/` first (one atomic step, so no
+    /// half-deleted layer ever sits under `layers/`), then removed.
+    /// Returns whether the layer was there.
+    fn delete_layer(&self, digest: &str) -> Result<bool, ImageError> {
+        let Some(hex) = hex_of(digest) else {
+            return Ok(false);
+        };
+        self.delete_layer_dir(hex)
+    }
+
+    fn delete_layer_dir(&self, hex: &str) -> Result<bool, ImageError> {
+        let from = self.root.join("layers").join(hex);
+        let to = self
+            .root
+            .join("tmp")
+            .join(format!("del-{hex}-{}", hex::encode(rand_bytes())));
+        match std::fs::rename(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(ImageError::Io(from, e)),
+        }
+        fsync_dir(&self.root.join("layers")).map_err(|e| ImageError::Io(from, e))?;
+        std::fs::remove_dir_all(&to).map_err(|e| ImageError::Io(to, e))?;
+        Ok(true)
+    }
+
+    /// Deletes one image: its record first (durably: from then on it is not an image), then
+    /// its layers that no other record holds and that are not in `keep_layers` (layer
+    /// digests a container's rootfs uses). Returns the bytes freed (the recorded unpacked
+    /// sizes of the deleted layers); 0 when the image is not in the store. Waits up to
+    /// `wait` for running pulls ([`ImageError::Busy`] after that).
+    pub fn delete_image(
+        &self,
+        reference: &str,
+        keep_layers: &HashSet<String>,
+        wait: Duration,
+    ) -> Result<u64, ImageError> {
+        let r = reference::normalize(reference)?.to_string();
+        let _lock = self.store_lock(true, wait)?;
+        let all = self.records()?;
+        let Some(img) = all.iter().find(|i| i.reference == r).cloned() else {
+            return Ok(0);
+        };
+        let mut tracker = usage::FreeTracker::new(&all, keep_layers);
+        tracker.remove(&img);
+        let f = self.image_file(&r);
+        match std::fs::remove_file(&f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ImageError::Io(f, e)),
+        }
+        fsync_dir(&self.root.join("images")).map_err(|e| ImageError::Io(f, e))?;
+        let mut freed = 0;
+        for d in tracker.unreferenced(&img) {
+            if self.delete_layer(d)? {
+                let n = img.layers.iter().position(|l| l == d);
+                freed += n.and_then(|n| img.layer_sizes.get(n)).copied().unwrap_or(0);
+            }
+        }
+        tracing::info!(image = %r, freed, "image deleted");
+        Ok(freed)
+    }
+
+    /// Deletes what deletions or pulls cut short left: layer directories no record holds and
+    /// `keep_layers` does not name, and half-deleted layers in `tmp/`. Returns the bytes of
+    /// the orphaned layers removed. Skipped (0) while a pull holds the store past `wait`.
+    pub fn prune(&self, keep_layers: &HashSet<String>, wait: Duration) -> Result<u64, ImageError> {
+        let _lock = match self.store_lock(true, wait) {
+            Ok(l) => l,
+            Err(ImageError::Busy(_)) => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let held: HashSet<String> = self
+            .records()?
+            .iter()
+            .flat_map(|i| {
+                i.layers
+                    .iter()
+                    .filter_map(|d| hex_of(d).map(str::to_string))
+            })
+            .chain(
+                keep_layers
+                    .iter()
+                    .filter_map(|d| hex_of(d).map(str::to_string)),
+            )
+            .collect();
+        let dir = self.root.join("layers");
+        let rd = std::fs::read_dir(&dir).map_err(|e| ImageError::Io(dir.clone(), e))?;
+        let mut freed = 0;
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !held.contains(&n) {
+                let size = dir_size(&e.path());
+                if self.delete_layer_dir(&n).unwrap_or(false) {
+                    freed += size;
+                }
+            }
+        }
+        let tmp = self.root.join("tmp");
+        if let Ok(rd) = std::fs::read_dir(&tmp) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with("del-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Make `reference` present according to `policy` and record the use (the agent calls
+    /// it for every container it creates); concurrent calls for the same reference do the
+    /// work once. `docker_config` is a docker config JSON with credentials.
     pub async fn ensure(
         &self,
         reference: &str,
@@ -538,7 +725,7 @@ impl ImageStore {
         let name = r.to_string();
         if policy != PullPolicy::Always {
             if let Some(img) = self.get(&name)? {
-                return Ok(img);
+                return self.touch(img);
             }
             if policy == PullPolicy::Never {
                 return Err(ImageError::NotPresent(name));
@@ -570,10 +757,30 @@ impl ImageStore {
             .map_err(|e| ImageError::Io(lock_path.clone(), e))?;
         if policy == PullPolicy::IfNotPresent {
             if let Some(img) = self.get(&name)? {
-                return Ok(img);
+                return self.touch(img);
             }
         }
-        self.pull(&r, docker_config).await
+        // Shared with other pulls, exclusive with deletions: no layer this pull finds in
+        // place is deleted before its record is written.
+        let store_lock = {
+            let me = self.root.clone();
+            let p = me.join("locks").join("store.lock");
+            tokio::task::spawn_blocking(move || -> io::Result<nix::fcntl::Flock<std::fs::File>> {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(&p)?;
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockShared)
+                    .map_err(|(_, e)| io::Error::from(e))
+            })
+            .await
+            .map_err(|e| ImageError::Io(self.root.clone(), io::Error::other(e)))?
+            .map_err(|e| ImageError::Io(self.root.join("locks"), e))?
+        };
+        let r = self.pull(&r, docker_config).await;
+        drop(store_lock);
+        r
     }
 
     /// [`ImageStore::ensure`] on a private current-thread runtime, for synchronous callers.
@@ -814,48 +1021,15 @@ impl ImageStore {
         .map_err(|e| ImageError::Io(blob.clone(), io::Error::other(e)))?
     }
 
-    /// Remove an image record and the layers no other image uses.
+    /// Remove an image record and the layers no other image uses (waits for running pulls).
     pub fn remove(&self, reference: &str) -> Result<(), ImageError> {
-        let r = reference::normalize(reference)?.to_string();
-        let f = self.image_file(&r);
-        match std::fs::remove_file(&f) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(ImageError::Io(f, e)),
-        }
-        self.prune_layers()
-    }
-
-    fn prune_layers(&self) -> Result<(), ImageError> {
-        let used: HashSet<String> = self
-            .list()?
-            .iter()
-            .flat_map(|i| {
-                i.layers
-                    .iter()
-                    .filter_map(|d| hex_of(d).map(str::to_string))
-            })
-            .collect();
-        let dir = self.root.join("layers");
-        let rd = std::fs::read_dir(&dir).map_err(|e| ImageError::Io(dir.clone(), e))?;
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if !used.contains(&n) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-        Ok(())
+        self.delete_image(reference, &HashSet::new(), Duration::from_secs(600))
+            .map(|_| ())
     }
 
     /// Total bytes of unpacked layers (each counted once).
     pub fn size(&self) -> Result<u64, ImageError> {
-        let mut seen = HashMap::new();
-        for i in self.list()? {
-            for (d, s) in i.layers.iter().zip(&i.layer_sizes) {
-                seen.insert(d.clone(), *s);
-            }
-        }
-        Ok(seen.values().sum())
+        Ok(usage::total_size(&self.list()?))
     }
 
     /// Remove images not in `in_use` (normalised references or image ids), least recently
@@ -866,7 +1040,7 @@ impl ImageStore {
         target_bytes: u64,
     ) -> Result<Vec<String>, ImageError> {
         let mut imgs = self.list()?;
-        imgs.sort_by_key(|i| (i.last_used, i.pulled_at));
+        usage::lru_order(&mut imgs);
         let mut removed = Vec::new();
         for i in imgs {
             if self.size()? <= target_bytes {
@@ -881,6 +1055,14 @@ impl ImageStore {
         }
         Ok(removed)
     }
+}
+
+/// A present image's record is rewritten for a new use at most this often (seconds).
+const MARK_USED_GRANULARITY: u64 = 60;
+
+/// Makes a directory's entries (a rename, a removal) durable.
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn rand_bytes() -> [u8; 8] {
@@ -977,6 +1159,84 @@ mod tests {
         ));
         assert_eq!(s.list().unwrap(), vec![]);
         assert_eq!(s.gc(&HashSet::new(), 0).unwrap(), Vec::<String>::new());
+    }
+
+    fn fake_image(s: &ImageStore, reference: &str, layers: &[(char, usize)]) -> Image {
+        let mut img = Image {
+            reference: reference::normalize(reference).unwrap().to_string(),
+            digest: format!("sha256:{}", "d".repeat(64)),
+            id: format!("sha256:{}", "e".repeat(64)),
+            config: ImageConfig::default(),
+            layers: vec![],
+            layer_sizes: vec![],
+            pulled_at: 1,
+            last_used: 1,
+        };
+        for (c, size) in layers {
+            let d = format!("sha256:{}", c.to_string().repeat(64));
+            let dir = s.layer_dir(&d);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("f"), vec![0u8; *size]).unwrap();
+            img.layer_sizes.push(dir_size(&dir));
+            img.layers.push(d);
+        }
+        s.write_image(&img).unwrap();
+        img
+    }
+
+    #[test]
+    fn deletion_spares_shared_and_container_layers_and_half_deleted_is_absent() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ImageStore::open(d.path()).unwrap();
+        let a = fake_image(&s, "a", &[('0', 1000), ('1', 10)]);
+        let b = fake_image(&s, "b", &[('0', 1000), ('2', 20), ('3', 30)]);
+        let u = s.usage().unwrap();
+        assert_eq!((u[0].size, u[0].unique_size), (1010, 10));
+        assert_eq!((u[1].size, u[1].unique_size), (1050, 50));
+        assert_eq!(s.size().unwrap(), 1060);
+        // b goes while a container's rootfs holds its layer 2: only layer 3 is freed.
+        let keep: HashSet<String> = [b.layers[1].clone()].into();
+        let w = Duration::from_secs(1);
+        assert_eq!(s.delete_image("b", &keep, w).unwrap(), 30);
+        assert!(s.get("b").unwrap().is_none());
+        assert!(s.layer_dir(&b.layers[0]).is_dir(), "shared with a");
+        assert!(s.layer_dir(&b.layers[1]).is_dir(), "held by a container");
+        assert!(!s.layer_dir(&b.layers[2]).exists());
+        assert_eq!(s.get("a").unwrap(), Some(a.clone()));
+        // Once the container is gone, the orphaned layer is pruned; a's layers stay.
+        assert_eq!(s.prune(&HashSet::new(), w).unwrap(), 20);
+        assert!(!s.layer_dir(&b.layers[1]).exists());
+        assert!(s.layer_dir(&a.layers[1]).is_dir());
+        // A record whose layer is gone (a deletion cut short) is not an image.
+        std::fs::remove_dir_all(s.layer_dir(&a.layers[1])).unwrap();
+        assert!(s.get("a").unwrap().is_none());
+        assert!(s.list().unwrap().is_empty());
+        // Deleting it frees what is left (its record goes, then the base layer).
+        assert_eq!(s.delete_image("a", &HashSet::new(), w).unwrap(), 1000);
+        assert!(!s.layer_dir(&a.layers[0]).exists());
+        assert_eq!(s.delete_image("a", &HashSet::new(), w).unwrap(), 0);
+        assert_eq!(std::fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn deletion_waits_for_pulls_then_gives_up() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ImageStore::open(d.path()).unwrap();
+        fake_image(&s, "a", &[('0', 10)]);
+        // A pull holds the store (shared).
+        let pull = s.store_lock(false, Duration::ZERO).unwrap();
+        assert!(matches!(
+            s.delete_image("a", &HashSet::new(), Duration::from_millis(100)),
+            Err(ImageError::Busy(_))
+        ));
+        assert_eq!(s.prune(&HashSet::new(), Duration::ZERO).unwrap(), 0);
+        assert!(s.get("a").unwrap().is_some());
+        drop(pull);
+        assert_eq!(
+            s.delete_image("a", &HashSet::new(), Duration::ZERO)
+                .unwrap(),
+            10
+        );
     }
 
     #[test]

@@ -893,6 +893,37 @@ mod tests {
 
     const WEB: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  labels: {app: web}\nspec:\n  containers:\n  - name: web\n    image: busybox:1.36\n    resources:\n      limits: {cpu: 100m, memory: 64Mi}\n";
 
+    /// PersistentVolumes (cluster-scoped, by name) and PersistentVolumeClaims load, and a
+    /// pod's claim resolves against them (bound by spec.volumeName, standalone rules).
+    #[test]
+    fn loads_persistent_volumes_and_claims() {
+        use crate::sys::volumes::{pvc, ObjectSource};
+        let text = "apiVersion: v1\nkind: PersistentVolume\nmetadata: {name: disk1, namespace: ignored}\nspec: {local: {path: /mnt/disk1}}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: data}\nspec: {volumeName: disk1}\n---\napiVersion: v1\nkind: PersistentVolume\nmetadata: {name: disk1}\nspec: {local: {path: /other}}\n";
+        let l = load(
+            &files(&[("/m/pv.yaml", text)]),
+            &StaticPodOptions::default(),
+        );
+        assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
+        assert!(
+            l.errors[0].to_string().contains("PersistentVolume disk1"),
+            "{}",
+            l.errors[0]
+        );
+        let s = &l.snapshot;
+        assert_eq!(s.persistent_volumes["disk1"].metadata.namespace, None);
+        assert!(s.binds_by_volume_name());
+        let src = k8s_openapi::api::core::v1::PersistentVolumeClaimVolumeSource {
+            claim_name: "data".into(),
+            read_only: None,
+        };
+        let pv = pvc::resolve_claim("default", &src, s).unwrap();
+        assert_eq!(
+            pv.spec.unwrap().local.unwrap().path,
+            "/mnt/disk1",
+            "the first document wins"
+        );
+    }
+
     #[test]
     fn loads_multi_document_and_defaults() {
         let text = format!(

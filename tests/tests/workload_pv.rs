@@ -332,3 +332,87 @@ fn local_persistent_volume_kept_across_pods() {
         "from-pod1\n"
     );
 }
+
+/// Standalone mode: PersistentVolume and PersistentVolumeClaim documents in the manifest
+/// directory are what the pods' claims resolve against (bound by `spec.volumeName`, affinity
+/// against the agent's node name); a PV for another node is refused with FailedMount.
+#[test]
+fn standalone_claims_from_the_manifest_directory() {
+    let mut env = AgentEnv::new("wkpvs");
+    let disk = env.tmp.path().join("disk1");
+    std::fs::create_dir(&disk).expect("disk");
+    let far = env.tmp.path().join("disk2");
+    std::fs::create_dir(&far).expect("disk2");
+    env.start();
+    let image = env.image("sleep");
+    let pv_doc = |name: &str, path: &Path, node: &str| {
+        format!(
+            "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {name}}}\nspec:\n  accessModes: [ReadWriteOnce]\n  local: {{path: '{}'}}\n  nodeAffinity:\n    required:\n      nodeSelectorTerms:\n      - matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: [{node}]}}]\n",
+            path.display()
+        )
+    };
+    let claim_doc = |name: &str, pv: &str| {
+        format!("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {name}}}\nspec: {{volumeName: {pv}}}\n")
+    };
+    let pod_doc = |name: &str, claim: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: {image}\n    command: [sh, -c, 'echo standalone > /data/hello && sleep 3600']\n    volumeMounts: [{{name: data, mountPath: /data}}]\n  volumes:\n  - {{name: data, persistentVolumeClaim: {{claimName: {claim}}}}}\n"
+        )
+    };
+    env.write_manifest(
+        "volumes.yaml",
+        &[
+            pv_doc("near", &disk, "node1"),
+            claim_doc("data", "near"),
+            pv_doc("far", &far, "node2"),
+            claim_doc("far", "far"),
+        ]
+        .join("---\n"),
+    );
+    env.write_manifest("app.yaml", &pod_doc("app", "data"));
+    env.write_manifest("away.yaml", &pod_doc("away", "far"));
+    env.wait_running("app", std::time::Duration::from_secs(90));
+    env.wait_for(
+        "the pod's write on the volume",
+        std::time::Duration::from_secs(30),
+        |_| {
+            std::fs::read_to_string(disk.join("hello"))
+                .ok()
+                .filter(|s| s == "standalone\n")
+        },
+    );
+    let msg = env.wait_for(
+        "FailedMount of away",
+        std::time::Duration::from_secs(30),
+        |e| {
+            e.events("away")
+                .into_iter()
+                .find(|(r, _)| r == "FailedMount")
+                .map(|(_, m)| m)
+        },
+    );
+    assert!(
+        msg.contains("NodeAffinity check failed for volume \"far\"")
+            && msg.contains("node \"node1\""),
+        "{msg}"
+    );
+    assert_ne!(env.phase("away").as_deref(), Some("Running"));
+    assert!(
+        std::fs::read_dir(&far).expect("far").next().is_none(),
+        "nothing written there"
+    );
+    // The pod goes, the data stays.
+    env.remove_manifest("app.yaml");
+    env.wait_for("app removed", std::time::Duration::from_secs(60), |e| {
+        e.record("app").is_none().then_some(())
+    });
+    assert!(
+        mounts_under(&env.root).is_empty(),
+        "{:?}",
+        mounts_under(&env.root)
+    );
+    assert_eq!(
+        std::fs::read_to_string(disk.join("hello")).expect("kept"),
+        "standalone\n"
+    );
+}

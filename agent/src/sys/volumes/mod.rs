@@ -189,7 +189,7 @@ pub struct PodContext<'a> {
     /// ServiceAccount tokens issued for the pod (cluster mode); `None` without an API server.
     pub service_account_tokens: Option<projection::PodTokens>,
     /// This node (name and labels) for PersistentVolume node affinity; `None`: the
-    /// standalone node of [`pvc::standalone_node`].
+    /// standalone node of [`pvc::standalone_node`] (named after the pod's `spec.nodeName`).
     pub node: Option<Node>,
 }
 
@@ -595,7 +595,8 @@ fn plan_claim(
     let node = match &ctx.node {
         Some(n) => n,
         None => {
-            standalone = pvc::standalone_node();
+            standalone =
+                pvc::standalone_node(ctx.pod.spec.as_ref().and_then(|s| s.node_name.as_deref()));
             &standalone
         }
     };

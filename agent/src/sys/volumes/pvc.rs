@@ -309,13 +309,19 @@ pub fn mountable(
     })
 }
 
-/// The Node a standalone agent checks PV affinity against: named after the host, with the
-/// labels the kubelet gives every node (`kubernetes.io/hostname`, `kubernetes.io/os`,
-/// `kubernetes.io/arch`).
-pub fn standalone_node() -> Node {
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
+/// The Node a standalone agent checks PV affinity against: the pod's `spec.nodeName` (the
+/// agent's node name, `--hostname-override`, which the manifest source sets on its pods) or
+/// else the host name, with the labels the kubelet gives every node
+/// (`kubernetes.io/hostname` = the node name, `kubernetes.io/os`, `kubernetes.io/arch`).
+pub fn standalone_node(node_name: Option<&str>) -> Node {
+    let host = node_name
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
         .unwrap_or_default()
         .to_lowercase();
     let arch = match std::env::consts::ARCH {

@@ -1456,6 +1456,66 @@ spec:
         assert!(!root.path().join("pods/uid-pv/volumes").exists());
     }
 
+    /// A claim bound to a hostPath PV uses the host path itself after the hostPath type
+    /// check; other sources are refused by name (no privileges needed).
+    #[test]
+    fn claims_on_host_path_and_unsupported_volumes() {
+        use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+        let root = tempfile::tempdir().unwrap();
+        let hostdir = tempfile::tempdir().unwrap();
+        let host = VolumeHost {
+            root: root.path().into(),
+            mount_tmpfs: false,
+        };
+        let p = pod(
+            "metadata: {name: web, namespace: default, uid: uid-hp}\nspec:\n  containers: [{name: c, image: busybox, volumeMounts: [{name: data, mountPath: /data}]}]\n  volumes: [{name: data, persistentVolumeClaim: {claimName: data}}]",
+        );
+        let objects = |source: &str| {
+            let mut o = MapObjects::default();
+            let claim: PersistentVolumeClaim = serde_yaml::from_str(
+                "metadata: {name: data, namespace: default}\nspec: {volumeName: pv1}\nstatus: {phase: Bound}",
+            )
+            .unwrap();
+            o.claims.insert(("default".into(), "data".into()), claim);
+            let pv: PersistentVolume = serde_yaml::from_str(&format!(
+                "metadata: {{name: pv1}}\nspec: {{accessModes: [ReadOnlyMany], claimRef: {{namespace: default, name: data}}, {source}}}"
+            ))
+            .unwrap();
+            o.persistent_volumes.insert("pv1".into(), pv);
+            o
+        };
+        let o = objects(&format!(
+            "hostPath: {{path: '{}', type: Directory}}",
+            hostdir.path().display()
+        ));
+        let vols = setup_pod_volumes(&host, &PodContext::new(&p, &o)).unwrap();
+        let v = &vols.volumes["data"];
+        assert_eq!(
+            (&v.kind, v.path.as_path(), v.readonly),
+            (&VolumeKind::HostPath, hostdir.path(), true),
+            "ReadOnlyMany only: read-only"
+        );
+        let ms = mounts_for_container(&vols, &p.spec.as_ref().unwrap().containers[0]).unwrap();
+        assert!(ms[0].readonly);
+        let o = objects("hostPath: {path: /nonexistent/hako-pv, type: Directory}");
+        let e = setup_pod_volumes(&host, &PodContext::new(&p, &o)).unwrap_err();
+        assert!(e.to_string().contains("hostPath type check failed"), "{e}");
+        let o = objects("nfs: {server: s, path: /}");
+        let e = setup_pod_volumes(&host, &PodContext::new(&p, &o)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("unsupported persistent volume type: nfs"),
+            "{e}"
+        );
+        let o = objects("local: {path: relative/dir}");
+        let e = setup_pod_volumes(&host, &PodContext::new(&p, &o)).unwrap_err();
+        assert!(e.to_string().contains("must be an absolute path"), "{e}");
+        let o = objects("local: {path: /nonexistent/hako-pv}");
+        let e = setup_pod_volumes(&host, &PodContext::new(&p, &o)).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(!root.path().join("pods").exists(), "nothing made");
+    }
+
     /// A refused subPath keeps the message the mount error carried when it was a string.
     #[test]
     fn sub_path_messages_are_unchanged() {

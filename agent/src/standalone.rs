@@ -77,6 +77,9 @@ fn desired(src: &DirSource) -> DesiredState {
         pods: s.pods.values().map(|p| p.pod.clone()).collect(),
         config_maps: s.config_maps.values().cloned().collect(),
         secrets: s.secrets.values().cloned().collect(),
+        claims: s.claims.values().cloned().collect(),
+        persistent_volumes: s.persistent_volumes.values().cloned().collect(),
+        node: None,
     }
 }
 

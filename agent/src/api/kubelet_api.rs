@@ -150,13 +150,14 @@ pub fn stats_summary(
     u: &NodeUsage,
     pods: &[Pod],
     cs: &[crate::api::stats::ContainerUsage],
+    vols: &[crate::api::stats::VolumeUsage],
 ) -> serde_json::Value {
     let t = k8s_openapi::chrono::DateTime::from_timestamp_millis(u.timestamp_ms)
         .unwrap_or_default()
         .to_rfc3339();
     #[allow(clippy::cast_possible_truncation)]
     let cpu_ns = (u.cpu_seconds * 1e9) as u64;
-    let pods = crate::api::stats::summary_pods(pods, cs, &t);
+    let pods = crate::api::stats::summary_pods(pods, cs, vols, &t);
     serde_json::json!({"node": {"nodeName": node,
         "cpu": {"time": t, "usageCoreNanoSeconds": cpu_ns},
         "memory": {"time": t, "availableBytes": u.memory_available,
@@ -556,6 +557,22 @@ impl Server {
         .unwrap_or_else(|_| (NodeUsage::default(), Vec::new(), Vec::new()))
     }
 
+    /// The pods and their volumes' figures (blocking reads off the async workers).
+    async fn volume_usage(&self) -> (Vec<Pod>, Vec<crate::api::stats::VolumeUsage>) {
+        let pods: Vec<Pod> = self
+            .pods
+            .read()
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default();
+        let root = self.opts.root_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let v = crate::api::stats::collect_volumes(&pods, &root);
+            (pods, v)
+        })
+        .await
+        .unwrap_or_default()
+    }
+
     async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -638,13 +655,16 @@ impl Server {
             ["portForward", ns, pod] | ["portForward", ns, pod, _] => {
                 crate::api::stream::port_forward(sctx(), req, s(ns), s(pod)).await
             }
-            ["metrics"] => text(
-                StatusCode::OK,
-                crate::api::stats::render_kubelet_metrics(
-                    &self.opts.node_name,
-                    &crate::api::healthz::AgentMetrics::shared().render(),
-                ),
-            ),
+            ["metrics"] => {
+                let (_, vols) = self.volume_usage().await;
+                text(
+                    StatusCode::OK,
+                    crate::api::stats::render_kubelet_metrics(
+                        &self.opts.node_name,
+                        &crate::api::healthz::AgentMetrics::shared().render(),
+                    ) + &crate::api::stats::render_volume_metrics(&vols),
+                )
+            }
             ["healthz"] => text(StatusCode::OK, "ok"),
             ["pods"] => {
                 let items: Vec<Pod> = self
@@ -661,9 +681,10 @@ impl Server {
             }
             ["stats", "summary"] => {
                 let (m, pods, cs) = self.usage().await;
+                let (_, vols) = self.volume_usage().await;
                 text(
                     StatusCode::OK,
-                    stats_summary(&self.opts.node_name, &m, &pods, &cs).to_string(),
+                    stats_summary(&self.opts.node_name, &m, &pods, &cs, &vols).to_string(),
                 )
             }
             _ => text(StatusCode::NOT_FOUND, "404 page not found"),
@@ -895,7 +916,7 @@ mod tests {
             t.contains("node_memory_working_set_bytes 1024 1000\n"),
             "{t}"
         );
-        let s = stats_summary("n1", &u, &[], &[]);
+        let s = stats_summary("n1", &u, &[], &[], &[]);
         assert_eq!(s["node"]["cpu"]["usageCoreNanoSeconds"], 12_500_000_000u64);
         assert_eq!(s["node"]["nodeName"], "n1");
     }

@@ -52,7 +52,9 @@ fn req_matches(r: &NodeSelectorRequirement, labels: &BTreeMap<String, String>) -
     }
 }
 
-fn term_matches(t: &NodeSelectorTerm, node: &Node) -> bool {
+/// Whether a node matches one node selector term (requirements ANDed, fields against
+/// `metadata.name`; an empty term matches nothing).
+pub(crate) fn term_matches(t: &NodeSelectorTerm, node: &Node) -> bool {
     let labels = node.metadata.labels.clone().unwrap_or_default();
     let exprs = t.match_expressions.clone().unwrap_or_default();
     let fields = t.match_fields.clone().unwrap_or_default();

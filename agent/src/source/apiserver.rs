@@ -5,11 +5,17 @@
 //! manager, patches `pods/<name>/status` (coalesced, flushed every 100 ms), and finishes
 //! graceful deletions with a grace-0 delete carrying a UID precondition. The workers' events
 //! (Pulling, Pulled, Created, Started, Killing, BackOff, Unhealthy, FailedMount, ...) are
-//! forwarded as core/v1 Events in the pod's namespace. A separate Service feed
+//! forwarded as core/v1 Events in the pod's namespace. The PersistentVolumeClaims of the pods'
+//! `persistentVolumeClaim` volumes and the PersistentVolumes they are bound to are read with
+//! GET by name ([`Claims`]; a node may not list or watch them), as the kubelet's volume manager
+//! does, and handed to the workers with the pods. A separate Service feed
 //! ([`spawn_service_feed`]) watches every Service for the containers' service-link variables.
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, ObjectReference, Pod, PodStatus, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Event, Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod,
+    PodStatus, Secret,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::chrono::Utc;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
@@ -125,6 +131,107 @@ fn object_refs(p: &Pod) -> Vec<ObjKey> {
             .map(|n| ("secrets", ns.clone(), n)),
     );
     v
+}
+
+/// The claims `p`'s `persistentVolumeClaim` volumes name, as (namespace, name).
+fn claim_refs(p: &Pod) -> Vec<(String, String)> {
+    let (ns, _) = ns_name(p);
+    p.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| v.persistent_volume_claim.as_ref())
+        .map(|c| (ns.clone(), c.claim_name.clone()))
+        .collect()
+}
+
+/// How often a claim that does not resolve yet (missing, not bound, PV missing) is read
+/// again, and how often a resolved one is.
+const CLAIM_RETRY: Duration = Duration::from_secs(2);
+const CLAIM_REFRESH: Duration = Duration::from_secs(30);
+/// Deadline of one GET of a claim or volume.
+const CLAIM_GET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The PersistentVolumeClaims of the admitted pods and the PersistentVolumes they are bound
+/// to, each read with GET by name (the kubelet's populator does the same; the Node
+/// authorizer allows a node `get` on a claim a pod bound to it names and on the PV bound to
+/// that claim, nothing wider).
+#[derive(Default)]
+struct Claims {
+    claims: BTreeMap<(String, String), PersistentVolumeClaim>,
+    volumes: BTreeMap<String, PersistentVolume>,
+    /// When each wanted claim was last read (present once it has been read at all).
+    fetched: HashMap<(String, String), Instant>,
+}
+
+impl Claims {
+    /// The claim resolves: it exists, is Bound, and its PV was read.
+    fn resolved(&self, key: &(String, String)) -> bool {
+        self.claims.get(key).is_some_and(|c| {
+            let bound = c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+            let pv = c.spec.as_ref().and_then(|s| s.volume_name.as_deref());
+            bound && pv.is_some_and(|v| self.volumes.contains_key(v))
+        })
+    }
+
+    fn any_unresolved(&self) -> bool {
+        self.fetched.keys().any(|k| !self.resolved(k))
+    }
+
+    /// Reads the wanted claims that are due (and their PVs); forgets the others. Returns
+    /// whether anything changed. A failed read (other than 404) keeps what was known.
+    async fn refresh(&mut self, client: &Client, want: &BTreeSet<(String, String)>) -> bool {
+        let before = (self.claims.clone(), self.volumes.clone());
+        self.fetched.retain(|k, _| want.contains(k));
+        self.claims.retain(|k, _| want.contains(k));
+        for key in want {
+            let every = if self.resolved(key) {
+                CLAIM_REFRESH
+            } else {
+                CLAIM_RETRY
+            };
+            if self.fetched.get(key).is_some_and(|t| t.elapsed() < every) {
+                continue;
+            }
+            self.fetched.insert(key.clone(), Instant::now());
+            let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &key.0);
+            match tokio::time::timeout(CLAIM_GET_TIMEOUT, api.get_opt(&key.1)).await {
+                Ok(Ok(Some(c))) => {
+                    self.claims.insert(key.clone(), c);
+                }
+                Ok(Ok(None)) => {
+                    self.claims.remove(key);
+                }
+                Ok(Err(e)) => tracing::warn!("reading claim {}/{}: {e}", key.0, key.1),
+                Err(_) => tracing::warn!("reading claim {}/{}: timed out", key.0, key.1),
+            }
+            let pv = self
+                .claims
+                .get(key)
+                .filter(|c| c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"))
+                .and_then(|c| c.spec.as_ref()?.volume_name.clone())
+                .filter(|v| !v.is_empty());
+            if let Some(pv) = pv {
+                let api: Api<PersistentVolume> = Api::all(client.clone());
+                match tokio::time::timeout(CLAIM_GET_TIMEOUT, api.get_opt(&pv)).await {
+                    Ok(Ok(Some(v))) => {
+                        self.volumes.insert(pv, v);
+                    }
+                    Ok(Ok(None)) => {
+                        self.volumes.remove(&pv);
+                    }
+                    Ok(Err(e)) => tracing::warn!("reading persistent volume {pv}: {e}"),
+                    Err(_) => tracing::warn!("reading persistent volume {pv}: timed out"),
+                }
+            }
+        }
+        let used: BTreeSet<String> = self
+            .claims
+            .values()
+            .filter_map(|c| c.spec.as_ref()?.volume_name.clone())
+            .collect();
+        self.volumes.retain(|k, _| used.contains(k));
+        before != (self.claims.clone(), self.volumes.clone())
+    }
 }
 
 const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
@@ -417,6 +524,8 @@ pub(crate) async fn pod_loop(
     let mut tokens = TokenManager::default();
     let mut token_tick = tokio::time::interval(Duration::from_secs(1));
     let mut objects = Objects::default();
+    let mut claims = Claims::default();
+    let mut claim_tick = tokio::time::interval(CLAIM_RETRY);
     let (otx, mut orx) = mpsc::unbounded_channel();
     let mut status_rx = manager.as_ref().map(|m| m.subscribe());
     let mut flush = tokio::time::interval(Duration::from_millis(100));
@@ -485,6 +594,7 @@ pub(crate) async fn pod_loop(
                 }
             }
             _ = resync.tick() => changed = true,
+            _ = claim_tick.tick(), if claims.any_unresolved() => changed = true,
             _ = object_wait.tick() => changed = true,
             _ = token_tick.tick(), if manager.is_some() => {
                 let running: Vec<&Pod> = pods.values().filter(|p| handed.contains(&uid_of(p))).collect();
@@ -657,6 +767,17 @@ pub(crate) async fn pod_loop(
                 e.insert(h);
             }
         }
+        // Their PersistentVolumeClaims and PersistentVolumes: read by name.
+        if manager.is_some() {
+            let want: BTreeSet<(String, String)> = pods
+                .values()
+                .filter(|p| {
+                    admitted.contains(&uid_of(p)) && p.metadata.deletion_timestamp.is_none()
+                })
+                .flat_map(claim_refs)
+                .collect();
+            claims.refresh(&ctx.client, &want).await;
+        }
         if let Ok(mut store) = ctx.pods.write() {
             // What the kubelet API serves: the bound pods and the mirrors of the static pods
             // (their containers are found under the static pod's UID).
@@ -680,7 +801,8 @@ pub(crate) async fn pod_loop(
                     continue;
                 }
                 let since = *first_seen.entry(uid.clone()).or_insert_with(Instant::now);
-                let listed = object_refs(p).iter().all(|k| objects.synced.contains(k));
+                let listed = object_refs(p).iter().all(|k| objects.synced.contains(k))
+                    && claim_refs(p).iter().all(|k| claims.fetched.contains_key(k));
                 if listed || since.elapsed() >= OBJECT_WAIT {
                     handed.insert(uid);
                 } else {
@@ -707,6 +829,9 @@ pub(crate) async fn pod_loop(
                     .collect(),
                 config_maps: objects.config_maps.values().cloned().collect(),
                 secrets: objects.secrets.values().cloned().collect(),
+                claims: claims.claims.values().cloned().collect(),
+                persistent_volumes: claims.volumes.values().cloned().collect(),
+                node: Some(node.clone()),
             };
             m.sync(desired);
         }

@@ -2,7 +2,10 @@
 //! Services, applies static-pod defaults, validates, and diffs snapshots into events (pure).
 
 use crate::model::quantity;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Probe, Secret, Service, Toleration};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, PersistentVolume, PersistentVolumeClaim, Pod, Probe, Secret, Service,
+    Toleration,
+};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -162,7 +165,7 @@ pub enum ManifestErrorKind {
     #[error("missing apiVersion or kind")]
     MissingKind,
     /// A kind the manifest source does not handle.
-    #[error("unsupported object {0} (supported: v1 Pod, ConfigMap, Secret, Service, List)")]
+    #[error("unsupported object {0} (supported: v1 Pod, ConfigMap, Secret, Service, PersistentVolume, PersistentVolumeClaim, List)")]
     UnsupportedKind(String),
     /// The object does not decode into its Kubernetes type.
     #[error("decode error: {0}")]
@@ -223,6 +226,11 @@ pub struct Snapshot {
     pub secrets: BTreeMap<ObjKey, Secret>,
     /// Services by namespace/name.
     pub services: BTreeMap<ObjKey, Service>,
+    /// PersistentVolumeClaims by namespace/name: what the pods' `persistentVolumeClaim`
+    /// volumes resolve against (bound by `spec.volumeName`).
+    pub claims: BTreeMap<ObjKey, PersistentVolumeClaim>,
+    /// PersistentVolumes by name (cluster-scoped).
+    pub persistent_volumes: BTreeMap<String, PersistentVolume>,
 }
 
 /// The result of loading files: what loaded, and what was reported and skipped.
@@ -384,6 +392,37 @@ fn load_value(file: &str, doc: usize, value: Value, opts: &StaticPodOptions, out
             &mut out.snapshot.services,
             &mut out.errors,
         ),
+        "PersistentVolumeClaim" => insert_obj::<PersistentVolumeClaim>(
+            value,
+            label,
+            &err,
+            &mut out.snapshot.claims,
+            &mut out.errors,
+        ),
+        "PersistentVolume" => {
+            let label = Some(format!("PersistentVolume {name}"));
+            match serde_json::from_value::<PersistentVolume>(value) {
+                Err(e) => out
+                    .errors
+                    .push(err(label, ManifestErrorKind::Decode(e.to_string()))),
+                Ok(mut pv) => {
+                    pv.metadata.namespace = None;
+                    let mut problems = Vec::new();
+                    check_name(&name, "metadata.name", &mut problems);
+                    if !problems.is_empty() {
+                        out.errors
+                            .push(err(label, ManifestErrorKind::Invalid(problems)));
+                    } else if out.snapshot.persistent_volumes.contains_key(&name) {
+                        out.errors.push(err(
+                            label,
+                            ManifestErrorKind::Duplicate("an earlier document".into()),
+                        ));
+                    } else {
+                        out.snapshot.persistent_volumes.insert(name.clone(), pv);
+                    }
+                }
+            }
+        }
         _ => out.errors.push(err(
             label,
             ManifestErrorKind::UnsupportedKind(format!("{api} {kind}")),
@@ -400,6 +439,11 @@ impl HasMeta for ConfigMap {
     }
 }
 impl HasMeta for Secret {
+    fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &mut self.metadata
+    }
+}
+impl HasMeta for PersistentVolumeClaim {
     fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
         &mut self.metadata
     }
@@ -818,6 +862,37 @@ mod tests {
     }
 
     const WEB: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  labels: {app: web}\nspec:\n  containers:\n  - name: web\n    image: busybox:1.36\n    resources:\n      limits: {cpu: 100m, memory: 64Mi}\n";
+
+    /// PersistentVolumes (cluster-scoped, by name) and PersistentVolumeClaims load, and a
+    /// pod's claim resolves against them (bound by spec.volumeName, standalone rules).
+    #[test]
+    fn loads_persistent_volumes_and_claims() {
+        use crate::sys::volumes::{pvc, ObjectSource};
+        let text = "apiVersion: v1\nkind: PersistentVolume\nmetadata: {name: disk1, namespace: ignored}\nspec: {local: {path: /mnt/disk1}}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: data}\nspec: {volumeName: disk1}\n---\napiVersion: v1\nkind: PersistentVolume\nmetadata: {name: disk1}\nspec: {local: {path: /other}}\n";
+        let l = load(
+            &files(&[("/m/pv.yaml", text)]),
+            &StaticPodOptions::default(),
+        );
+        assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
+        assert!(
+            l.errors[0].to_string().contains("PersistentVolume disk1"),
+            "{}",
+            l.errors[0]
+        );
+        let s = &l.snapshot;
+        assert_eq!(s.persistent_volumes["disk1"].metadata.namespace, None);
+        assert!(s.binds_by_volume_name());
+        let src = k8s_openapi::api::core::v1::PersistentVolumeClaimVolumeSource {
+            claim_name: "data".into(),
+            read_only: None,
+        };
+        let pv = pvc::resolve_claim("default", &src, s).unwrap();
+        assert_eq!(
+            pv.spec.unwrap().local.unwrap().path,
+            "/mnt/disk1",
+            "the first document wins"
+        );
+    }
 
     #[test]
     fn loads_multi_document_and_defaults() {

@@ -229,6 +229,29 @@ impl PodManager {
                 .into_iter()
                 .map(|s| (key_of(&s.metadata), s))
                 .collect();
+            let claims: ObjMap<_> = desired
+                .claims
+                .into_iter()
+                .map(|c| (key_of(&c.metadata), c))
+                .collect();
+            let pvs: BTreeMap<String, _> = desired
+                .persistent_volumes
+                .into_iter()
+                .map(|v| (v.metadata.name.clone().unwrap_or_default(), v))
+                .collect();
+            // Only what PV affinity reads counts as a node change (not its status).
+            let node = desired.node.map(|n| {
+                let mut m = k8s_openapi::api::core::v1::Node::default();
+                m.metadata.name = n.metadata.name;
+                m.metadata.labels = n.metadata.labels;
+                m
+            });
+            if claims != o.claims || pvs != o.persistent_volumes || node != o.node {
+                o.claims = claims;
+                o.persistent_volumes = pvs;
+                o.node = node;
+                o.generation += 1;
+            }
             if cms != o.config_maps || secrets != o.secrets {
                 o.config_maps = cms;
                 o.secrets = secrets;

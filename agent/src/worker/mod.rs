@@ -136,6 +136,14 @@ pub struct DesiredState {
     pub config_maps: Vec<ConfigMap>,
     /// Secrets the pods may reference.
     pub secrets: Vec<Secret>,
+    /// PersistentVolumeClaims the pods' `persistentVolumeClaim` volumes resolve against.
+    pub claims: Vec<k8s_openapi::api::core::v1::PersistentVolumeClaim>,
+    /// PersistentVolumes the claims are bound to.
+    pub persistent_volumes: Vec<k8s_openapi::api::core::v1::PersistentVolume>,
+    /// This node as the apiserver has it (cluster mode: claims must be `Bound`, PV affinity is
+    /// checked against its labels); `None` for a standalone source (claims bind by
+    /// `spec.volumeName`, affinity is checked against the host's standard labels).
+    pub node: Option<k8s_openapi::api::core::v1::Node>,
 }
 
 /// A status change of one pod.
@@ -163,6 +171,11 @@ struct Objects {
     tokens: BTreeMap<String, crate::sys::volumes::projection::PodTokens>,
     /// Services for the service-link variables ([`PodManager::set_services`]).
     services: crate::model::env::ServiceFeed,
+    /// PersistentVolumeClaims by (namespace, name), PersistentVolumes by name, and the node
+    /// (see [`DesiredState::node`]).
+    claims: ObjMap<k8s_openapi::api::core::v1::PersistentVolumeClaim>,
+    persistent_volumes: BTreeMap<String, k8s_openapi::api::core::v1::PersistentVolume>,
+    node: Option<k8s_openapi::api::core::v1::Node>,
     generation: u64,
 }
 

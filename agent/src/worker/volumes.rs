@@ -34,18 +34,29 @@ impl Worker {
         ])
     }
 
-    /// The ConfigMaps and Secrets the pod's volumes may read, and their generation.
-    pub(super) fn volume_objects(&self) -> (crate::sys::volumes::MapObjects, u64) {
+    /// The ConfigMaps, Secrets, PersistentVolumeClaims and PersistentVolumes the pod's volumes
+    /// may read, this node (None: standalone), and their generation.
+    pub(super) fn volume_objects(
+        &self,
+    ) -> (
+        crate::sys::volumes::MapObjects,
+        Option<k8s_openapi::api::core::v1::Node>,
+        u64,
+    ) {
         let o = self.objects.read();
         match o.as_deref() {
             Ok(o) => (
                 crate::sys::volumes::MapObjects {
                     config_maps: o.config_maps.clone(),
                     secrets: o.secrets.clone(),
+                    claims: o.claims.clone(),
+                    persistent_volumes: o.persistent_volumes.clone(),
+                    binds_by_volume_name: o.node.is_none(),
                 },
+                o.node.clone(),
                 o.generation,
             ),
-            Err(_) => (Default::default(), 0),
+            Err(_) => (Default::default(), None, 0),
         }
     }
 
@@ -62,9 +73,9 @@ impl Worker {
         if !has {
             return true;
         }
-        let (generation, objects) = {
-            let (objects, g) = self.volume_objects();
-            (refresh_key(g, &self.pod), objects)
+        let (generation, objects, node) = {
+            let (objects, node, g) = self.volume_objects();
+            (refresh_key(g, &self.pod), objects, node)
         };
         if self.volumes.is_some() && generation == self.volumes_generation {
             return true;
@@ -91,6 +102,7 @@ impl Worker {
             ctx.host_ips = host_ips;
             ctx.service_account_tokens = tokens;
             ctx.node_allocatable = allocatable;
+            ctx.node = node;
             match existing {
                 Some(v) => vols.refresh(&ctx, &v).map(|_| v),
                 None => vols.setup(&ctx),

@@ -190,6 +190,21 @@ pub fn node_references(
     bound_pods(objects, node, ns).any(|p| pod_references(p, kind).iter().any(|n| n == name))
 }
 
+/// Whether a pod bound to `node` names a claim whose `spec.volumeName` is `pv`.
+pub fn node_references_volume(objects: &BTreeMap<Key, Value>, node: &str, pv: &str) -> bool {
+    !pv.is_empty()
+        && objects.iter().any(|(k, p)| {
+            k.group.is_empty()
+                && k.resource == "pods"
+                && p["spec"]["nodeName"].as_str() == Some(node)
+                && pod_references(p, "persistentvolumeclaims").iter().any(|c| {
+                    objects
+                        .get(&Key::new("", "persistentvolumeclaims", &k.namespace, c))
+                        .is_some_and(|claim| claim["spec"]["volumeName"].as_str() == Some(pv))
+                })
+        })
+}
+
 fn pod_bound_to(objects: &BTreeMap<Key, Value>, node: &str, ns: &str, name: &str) -> bool {
     objects
         .get(&Key::new("", "pods", ns, name))
@@ -262,6 +277,11 @@ pub fn authorize(
             // get by name, or list/watch pinned to one name by metadata.name=; never all.
             read && !a.name.is_empty()
                 && node_references(objects, node, kind, &a.namespace, &a.name)
+        }
+        // A PV only when a claim a pod bound to the node names is bound to it (get only,
+        // as upstream's graph allows).
+        ("", "persistentvolumes", "") => {
+            a.verb == "get" && node_references_volume(objects, node, &a.name)
         }
         ("", "serviceaccounts", "token") => {
             a.verb == "create"
@@ -402,6 +422,76 @@ mod tests {
             subresource: sub.into(),
             namespace: ns.into(),
             name: name.into(),
+        }
+    }
+
+    /// Claims and volumes: a node reads a claim its pod names, and the PV bound to it.
+    #[test]
+    fn node_authorizer_claims_and_volumes() {
+        let mut s = store();
+        s.insert(
+            Key::new("", "pods", "ns", "db"),
+            json!({"metadata": {"name": "db", "namespace": "ns"}, "spec": {"nodeName": "n1",
+              "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}], "containers": []}}),
+        );
+        s.insert(
+            Key::new("", "persistentvolumeclaims", "ns", "data"),
+            json!({"metadata": {"name": "data", "namespace": "ns"}, "spec": {"volumeName": "pv1"}}),
+        );
+        s.insert(
+            Key::new("", "persistentvolumeclaims", "ns", "other"),
+            json!({"metadata": {"name": "other", "namespace": "ns"}, "spec": {"volumeName": "pv2"}}),
+        );
+        for (user, a, want) in [
+            (
+                "n1",
+                attrs("get", "", "persistentvolumeclaims", "", "ns", "data"),
+                true,
+            ),
+            (
+                "n1",
+                attrs("get", "", "persistentvolumeclaims", "", "ns", "other"),
+                false,
+            ),
+            (
+                "n2",
+                attrs("get", "", "persistentvolumeclaims", "", "ns", "data"),
+                false,
+            ),
+            (
+                "n1",
+                attrs("get", "", "persistentvolumes", "", "", "pv1"),
+                true,
+            ),
+            (
+                "n1",
+                attrs("get", "", "persistentvolumes", "", "", "pv2"),
+                false,
+            ),
+            (
+                "n1",
+                attrs("list", "", "persistentvolumes", "", "", ""),
+                false,
+            ),
+            (
+                "n1",
+                attrs("watch", "", "persistentvolumes", "", "", "pv1"),
+                false,
+            ),
+            (
+                "n2",
+                attrs("get", "", "persistentvolumes", "", "", "pv1"),
+                false,
+            ),
+        ] {
+            assert_eq!(
+                authorize(&s, &[], &User::node(user), &a).is_ok(),
+                want,
+                "{user} {} {} {}",
+                a.verb,
+                a.resource,
+                a.name
+            );
         }
     }
 

@@ -118,6 +118,14 @@ pub const RESOURCES: &[ResourceInfo] = &[
         true,
         true,
     ),
+    ri(
+        "",
+        "v1",
+        "persistentvolumes",
+        "PersistentVolume",
+        false,
+        true,
+    ),
     ri("coordination.k8s.io", "v1", "leases", "Lease", true, false),
     ri(
         "discovery.k8s.io",

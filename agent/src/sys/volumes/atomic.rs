@@ -22,6 +22,9 @@ pub struct FileProjection {
     pub data: Vec<u8>,
     /// Permission bits (0..=0o777).
     pub mode: u32,
+    /// Owner uid given to the file (the kubelet's `FsUser`: a projected token for the pod's
+    /// user); None keeps the writer's.
+    pub owner: Option<u32>,
 }
 
 /// Relative path → file.
@@ -201,6 +204,7 @@ fn current(dir: &Path) -> Option<(String, Payload)> {
                     FileProjection {
                         data,
                         mode: md.permissions().mode() & 0o777,
+                        owner: Some(std::os::unix::fs::MetadataExt::uid(&md)),
                     },
                 );
             }
@@ -209,6 +213,17 @@ fn current(dir: &Path) -> Option<(String, Payload)> {
     }
     walk(&base, "", &mut out).ok()?;
     Some((name, out))
+}
+
+/// Whether the files on disk (`cur`, read with their owners) are the payload: same paths,
+/// contents and modes, and the owner where the payload asks for one.
+fn same_payload(cur: &Payload, want: &Payload) -> bool {
+    cur.len() == want.len()
+        && want.iter().all(|(p, w)| {
+            cur.get(p).is_some_and(|c| {
+                c.data == w.data && c.mode == w.mode && w.owner.is_none_or(|u| c.owner == Some(u))
+            })
+        })
 }
 
 /// Writes `payload` into `dir` with the atomic scheme. Returns whether anything changed (an
@@ -237,7 +252,7 @@ pub fn write_with(
         .map(|n| dir.join(n))
         .collect();
     if let Some((_, cur)) = &old {
-        if *cur == payload && links_ok && stale.is_empty() {
+        if same_payload(cur, &payload) && links_ok && stale.is_empty() {
             return Ok(false);
         }
     }
@@ -267,6 +282,9 @@ pub fn write_with(
             file.write_all(&f.data).map_err(io(&fp, "writing file"))?;
             fs::set_permissions(&fp, fs::Permissions::from_mode(f.mode))
                 .map_err(io(&fp, "chmod"))?;
+            if let Some(uid) = f.owner {
+                std::os::unix::fs::chown(&fp, Some(uid), None).map_err(io(&fp, "chown"))?;
+            }
         }
         set_perms()?;
         // 2. ..data_tmp -> ts, renamed over ..data (atomic).
@@ -341,10 +359,38 @@ fn existing_visible(dir: &Path) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// A file with an owner is chowned, and a payload whose owner differs from the disk is
+    /// written again (root only).
+    #[test]
+    fn owner_is_applied_and_compared() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let mut p = Payload::new();
+        p.insert(
+            "token".into(),
+            FileProjection {
+                data: b"t".to_vec(),
+                mode: 0o600,
+                owner: Some(4321),
+            },
+        );
+        assert!(write(d.path(), &p).unwrap());
+        let md = fs::metadata(d.path().join("token")).unwrap();
+        assert_eq!((md.uid(), md.mode() & 0o777), (4321, 0o600));
+        assert!(!write(d.path(), &p).unwrap(), "unchanged");
+        p.get_mut("token").unwrap().owner = Some(4322);
+        assert!(write(d.path(), &p).unwrap(), "a new owner is a change");
+        assert_eq!(fs::metadata(d.path().join("token")).unwrap().uid(), 4322);
+    }
+
     fn f(s: &str, mode: u32) -> FileProjection {
         FileProjection {
             data: s.as_bytes().to_vec(),
             mode,
+            owner: None,
         }
     }
 
@@ -443,6 +489,7 @@ mod tests {
         let f = |d: &str, mode| FileProjection {
             data: d.as_bytes().to_vec(),
             mode,
+            owner: None,
         };
         for (p, want) in [
             ("", "path must not be empty".to_string()),

@@ -3,6 +3,11 @@
 //! `kubernetes.io~configmap`, `kubernetes.io~secret`, `kubernetes.io~downward-api` or
 //! `kubernetes.io~projected` (hostPath volumes use the host path itself).
 //!
+//! `persistentVolumeClaim` volumes resolve to their bound PersistentVolume ([`pvc`]): a `local`
+//! PV is bind-mounted (read-only when the claim is) onto
+//! `<root>/pods/<uid>/volumes/kubernetes.io~local-volume/<name>`, a `hostPath` PV is used as is.
+//! Teardown only unmounts them: the data stays on the volume.
+//!
 //! The pod worker calls, in order:
 //! 1. [`setup_pod_volumes`] before the first container starts (idempotent: an agent restart calls
 //!    it again and keeps emptyDir contents and existing tmpfs mounts). A missing non-optional
@@ -29,14 +34,18 @@
 
 pub mod atomic;
 pub mod hostpath;
+pub mod local;
 pub mod mount;
 pub mod ownership;
 pub mod projection;
+pub mod pvc;
 pub mod subpath;
 
 use crate::model::quantity;
 use crate::source::manifest::Snapshot;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, Volume};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Node, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Volume,
+};
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use thiserror::Error;
@@ -74,6 +83,23 @@ pub trait ObjectSource {
     fn config_map(&self, namespace: &str, name: &str) -> Option<ConfigMap>;
     /// The Secret `namespace/name`, if it exists.
     fn secret(&self, namespace: &str, name: &str) -> Option<Secret>;
+    /// The PersistentVolumeClaim `namespace/name`, if it exists.
+    fn persistent_volume_claim(
+        &self,
+        _namespace: &str,
+        _name: &str,
+    ) -> Option<PersistentVolumeClaim> {
+        None
+    }
+    /// The PersistentVolume `name`, if it exists.
+    fn persistent_volume(&self, _name: &str) -> Option<PersistentVolume> {
+        None
+    }
+    /// Claims are bound by `spec.volumeName` alone (a standalone source: no binding
+    /// controller sets `status.phase` or the PV's `claimRef`).
+    fn binds_by_volume_name(&self) -> bool {
+        false
+    }
 }
 
 impl ObjectSource for Snapshot {
@@ -87,6 +113,21 @@ impl ObjectSource for Snapshot {
             .get(&(namespace.to_string(), name.to_string()))
             .cloned()
     }
+    fn persistent_volume_claim(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<PersistentVolumeClaim> {
+        self.claims
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+    fn persistent_volume(&self, name: &str) -> Option<PersistentVolume> {
+        self.persistent_volumes.get(name).cloned()
+    }
+    fn binds_by_volume_name(&self) -> bool {
+        true
+    }
 }
 
 /// ConfigMaps and Secrets in plain maps keyed by `(namespace, name)` (tests, simple callers).
@@ -96,6 +137,12 @@ pub struct MapObjects {
     pub config_maps: BTreeMap<(String, String), ConfigMap>,
     /// Secrets.
     pub secrets: BTreeMap<(String, String), Secret>,
+    /// PersistentVolumeClaims by `(namespace, name)`.
+    pub claims: BTreeMap<(String, String), PersistentVolumeClaim>,
+    /// PersistentVolumes by name.
+    pub persistent_volumes: BTreeMap<String, PersistentVolume>,
+    /// See [`ObjectSource::binds_by_volume_name`] (true for standalone sources).
+    pub binds_by_volume_name: bool,
 }
 
 impl ObjectSource for MapObjects {
@@ -108,6 +155,21 @@ impl ObjectSource for MapObjects {
         self.secrets
             .get(&(namespace.to_string(), name.to_string()))
             .cloned()
+    }
+    fn persistent_volume_claim(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<PersistentVolumeClaim> {
+        self.claims
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+    fn persistent_volume(&self, name: &str) -> Option<PersistentVolume> {
+        self.persistent_volumes.get(name).cloned()
+    }
+    fn binds_by_volume_name(&self) -> bool {
+        self.binds_by_volume_name
     }
 }
 
@@ -126,6 +188,9 @@ pub struct PodContext<'a> {
     pub node_allocatable: BTreeMap<String, String>,
     /// ServiceAccount tokens issued for the pod (cluster mode); `None` without an API server.
     pub service_account_tokens: Option<projection::PodTokens>,
+    /// This node (name and labels) for PersistentVolume node affinity; `None`: the
+    /// standalone node of [`pvc::standalone_node`] (named after the pod's `spec.nodeName`).
+    pub node: Option<Node>,
 }
 
 impl<'a> PodContext<'a> {
@@ -138,6 +203,7 @@ impl<'a> PodContext<'a> {
             host_ips: Vec::new(),
             node_allocatable: BTreeMap::new(),
             service_account_tokens: None,
+            node: None,
         }
     }
 }
@@ -184,6 +250,22 @@ pub enum VolumeError {
         /// What was found.
         message: String,
     },
+    /// A `persistentVolumeClaim` that does not resolve to a bound volume (the pod waits; the
+    /// kubelet's populator message).
+    #[error("Unable to attach or mount volumes: unmounted volumes=[{volume}]: error processing PVC {namespace}/{claim}: {source}")]
+    Claim {
+        /// Volume name.
+        volume: String,
+        /// Claim namespace.
+        namespace: String,
+        /// Claim name.
+        claim: String,
+        /// Why.
+        source: Box<pvc::ClaimError>,
+    },
+    /// The claim's volume cannot be mounted here (node affinity, unsupported source).
+    #[error("{0}")]
+    PvRefused(#[from] Box<pvc::MountRefusal>),
     /// A volume source this agent does not implement.
     #[error("MountVolume.SetUp failed for volume \"{volume}\" : unsupported volume type: {what}")]
     Unsupported {
@@ -269,6 +351,8 @@ pub enum VolumeKind {
     DownwardApi,
     /// projected (tmpfs).
     Projected,
+    /// A `local` PersistentVolume bind-mounted into the pod's volume directory.
+    Local,
 }
 
 impl VolumeKind {
@@ -281,6 +365,7 @@ impl VolumeKind {
             VolumeKind::Secret => "kubernetes.io~secret",
             VolumeKind::DownwardApi => "kubernetes.io~downward-api",
             VolumeKind::Projected => "kubernetes.io~projected",
+            VolumeKind::Local => "kubernetes.io~local-volume",
         })
     }
 
@@ -314,6 +399,8 @@ pub struct PodVolume {
     pub kind: VolumeKind,
     /// Host path that containers bind-mount.
     pub path: PathBuf,
+    /// Mounted read-only into every container (a read-only claim).
+    pub readonly: bool,
 }
 
 /// The set-up volumes of a pod, by volume name.
@@ -477,10 +564,61 @@ fn pod_volumes_spec(pod: &Pod) -> Vec<Volume> {
 
 /// Validates every volume and computes every payload without touching the filesystem, so a
 /// pod with one bad volume gets no half-made volumes.
-fn plan(
-    host: &VolumeHost,
+/// One volume of the plan: its spec, where it goes, its payload (API-data volumes) and the
+/// resolved claim (`persistentVolumeClaim` volumes).
+struct Planned {
+    v: Volume,
+    pv: PodVolume,
+    payload: atomic::Payload,
+    claim: Option<pvc::ResolvedClaim>,
+}
+
+/// Resolves a `persistentVolumeClaim` volume to its bound PV, checked against this node.
+fn plan_claim(
+    v: &Volume,
+    src: &k8s_openapi::api::core::v1::PersistentVolumeClaimVolumeSource,
     ctx: &PodContext,
-) -> Result<Vec<(Volume, PodVolume, atomic::Payload)>, VolumeError> {
+) -> Result<pvc::ResolvedClaim, VolumeError> {
+    let ns = ctx
+        .pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let pv = pvc::resolve_claim(&ns, src, ctx.objects).map_err(|source| VolumeError::Claim {
+        volume: v.name.clone(),
+        namespace: ns.clone(),
+        claim: src.claim_name.clone(),
+        source: Box::new(source),
+    })?;
+    let standalone;
+    let node = match &ctx.node {
+        Some(n) => n,
+        None => {
+            standalone =
+                pvc::standalone_node(ctx.pod.spec.as_ref().and_then(|s| s.node_name.as_deref()));
+            &standalone
+        }
+    };
+    let r = pvc::mountable(&src.claim_name, &pv, node, src.read_only.unwrap_or(false))
+        .map_err(Box::new)?;
+    let path = match &r.source {
+        pvc::PvSource::Local { path } | pvc::PvSource::HostPath { path, .. } => path,
+    };
+    if !path.is_absolute() {
+        return Err(VolumeError::Invalid {
+            volume: v.name.clone(),
+            reason: format!(
+                "persistent volume {:?}: path {:?} must be an absolute path",
+                r.pv,
+                path.display()
+            ),
+        });
+    }
+    Ok(r)
+}
+
+fn plan(host: &VolumeHost, ctx: &PodContext) -> Result<Vec<Planned>, VolumeError> {
     let uid = ctx
         .pod
         .metadata
@@ -507,6 +645,28 @@ fn plan(
                 reason: "duplicate volume name".into(),
             });
         }
+        if let Some(src) = &v.persistent_volume_claim {
+            let r = plan_claim(&v, src, ctx)?;
+            let (kind, path) = match &r.source {
+                pvc::PvSource::Local { .. } => (
+                    VolumeKind::Local,
+                    base.join(VolumeKind::Local.plugin_dir().unwrap_or("unknown"))
+                        .join(&v.name),
+                ),
+                pvc::PvSource::HostPath { path, .. } => (VolumeKind::HostPath, path.clone()),
+            };
+            out.push(Planned {
+                pv: PodVolume {
+                    kind,
+                    path,
+                    readonly: r.readonly,
+                },
+                v,
+                payload: atomic::Payload::new(),
+                claim: Some(r),
+            });
+            continue;
+        }
         let kind = volume_kind(&v)?;
         let path = match (&kind, &v.host_path) {
             (VolumeKind::HostPath, Some(h)) => {
@@ -523,7 +683,16 @@ fn plan(
                 .join(&v.name),
         };
         let p = payload(&v, &kind, ctx)?;
-        out.push((v, PodVolume { kind, path }, p));
+        out.push(Planned {
+            v,
+            pv: PodVolume {
+                kind,
+                path,
+                readonly: false,
+            },
+            payload: p,
+            claim: None,
+        });
     }
     Ok(out)
 }
@@ -581,8 +750,13 @@ fn size_limit(v: &Volume) -> Result<Option<u64>, VolumeError> {
 pub fn setup_pod_volumes(host: &VolumeHost, ctx: &PodContext) -> Result<PodVolumes, VolumeError> {
     let planned = plan(host, ctx)?;
     let uid = ctx.pod.metadata.uid.clone().unwrap_or_default();
-    for (v, pv, _) in &planned {
-        if pv.kind == VolumeKind::HostPath {
+    for Planned { v, pv, claim, .. } in &planned {
+        if let Some(c) = claim {
+            match &c.source {
+                pvc::PvSource::HostPath { path, type_ } => hostpath::check(&v.name, path, type_)?,
+                pvc::PvSource::Local { path } => local::check(&v.name, &c.pv, path)?,
+            }
+        } else if pv.kind == VolumeKind::HostPath {
             let t = v
                 .host_path
                 .as_ref()
@@ -599,7 +773,21 @@ pub fn setup_pod_volumes(host: &VolumeHost, ctx: &PodContext) -> Result<PodVolum
         volumes: BTreeMap::new(),
     };
     let fs_group = ownership::FsGroup::of(ctx.pod);
-    for (v, pv, p) in planned {
+    for Planned {
+        v,
+        pv,
+        payload: p,
+        claim,
+    } in planned
+    {
+        if let Some(c) = &claim {
+            if let pvc::PvSource::Local { path } = &c.source {
+                local::set_up(&v.name, path, &pv.path, c.readonly, fs_group)?;
+            }
+            // hostPath volumes get no fsGroup ownership, as with the kubelet.
+            out.volumes.insert(v.name.clone(), pv);
+            continue;
+        }
         if pv.kind != VolumeKind::HostPath {
             // A volume made now (not one kept from before an agent restart) gets the fsGroup
             // walk, as the kubelet's emptyDir SetUp does once: it is empty, so nothing of the
@@ -857,7 +1045,10 @@ pub fn mounts_for_container(
                 uid: &vols.uid,
                 volume: &m.name,
                 volume_path: &v.path,
-                create: matches!(v.kind, VolumeKind::EmptyDir { .. } | VolumeKind::HostPath),
+                create: matches!(
+                    v.kind,
+                    VolumeKind::EmptyDir { .. } | VolumeKind::HostPath | VolumeKind::Local
+                ),
                 container: &c.name,
                 index,
                 sub_path: sp,
@@ -867,7 +1058,7 @@ pub fn mounts_for_container(
         out.push(MountSpec {
             source,
             destination: m.mount_path.clone(),
-            readonly: m.read_only.unwrap_or(false) || v.kind.is_api_data(),
+            readonly: m.read_only.unwrap_or(false) || v.kind.is_api_data() || v.readonly,
             propagation,
         });
     }
@@ -1022,6 +1213,7 @@ spec:
                 PodVolume {
                     kind: VolumeKind::ConfigMap,
                     path: "/tmp".into(),
+                    readonly: false,
                 },
             )]
             .into(),
@@ -1173,6 +1365,155 @@ spec:
             "value-2"
         );
         teardown_pod_volumes(&host, "uid-fs").unwrap();
+    }
+
+    /// A claim bound to a local PV: bind-mounted, read-only where asked, torn down without
+    /// touching the data; a PV for another node makes nothing (root only: bind mounts).
+    #[test]
+    fn claims_mount_local_volumes() {
+        use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let disk = tempfile::tempdir().unwrap();
+        std::fs::write(disk.path().join("kept"), "1").unwrap();
+        let host = VolumeHost {
+            root: root.path().into(),
+            mount_tmpfs: false,
+        };
+        let p = pod(r#"
+metadata: {name: web, namespace: default, uid: uid-pv}
+spec:
+  containers:
+  - name: c
+    image: busybox
+    volumeMounts: [{name: data, mountPath: /data}, {name: ro, mountPath: /ro}]
+  volumes:
+  - {name: data, persistentVolumeClaim: {claimName: data}}
+  - {name: ro, persistentVolumeClaim: {claimName: data, readOnly: true}}
+"#);
+        let mut o = MapObjects::default();
+        let claim: PersistentVolumeClaim = serde_yaml::from_str(
+            "metadata: {name: data, namespace: default}\nspec: {volumeName: pv1}\nstatus: {phase: Bound}",
+        )
+        .unwrap();
+        o.claims.insert(("default".into(), "data".into()), claim);
+        let pv = |node: &str| -> PersistentVolume {
+            serde_yaml::from_str(&format!(
+                "metadata: {{name: pv1}}\nspec: {{local: {{path: '{}'}}, claimRef: {{namespace: default, name: data}}, nodeAffinity: {{required: {{nodeSelectorTerms: [{{matchFields: [{{key: metadata.name, operator: In, values: [{node}]}}]}}]}}}}}}",
+                disk.path().display()
+            ))
+            .unwrap()
+        };
+        let node: Node = serde_yaml::from_str("metadata: {name: n1}").unwrap();
+        o.persistent_volumes.insert("pv1".into(), pv("n2"));
+        let mut ctx = PodContext::new(&p, &o);
+        ctx.node = Some(node.clone());
+        let e = setup_pod_volumes(&host, &ctx).unwrap_err();
+        assert!(e.to_string().contains("NodeAffinity check failed"), "{e}");
+        assert!(!root.path().join("pods").exists(), "nothing made");
+        o.persistent_volumes.insert("pv1".into(), pv("n1"));
+        let mut ctx = PodContext::new(&p, &o);
+        ctx.node = Some(node);
+        let vols = setup_pod_volumes(&host, &ctx).unwrap();
+        let data = &vols.volumes["data"];
+        assert_eq!(
+            data.path,
+            root.path()
+                .join("pods/uid-pv/volumes/kubernetes.io~local-volume/data")
+        );
+        assert!(!data.readonly && vols.volumes["ro"].readonly);
+        assert_eq!(
+            std::fs::read_to_string(data.path.join("kept")).unwrap(),
+            "1"
+        );
+        let ms = mounts_for_container(&vols, &p.spec.as_ref().unwrap().containers[0]).unwrap();
+        assert_eq!(
+            ms.iter().map(|m| m.readonly).collect::<Vec<_>>(),
+            [false, true]
+        );
+        std::fs::write(data.path.join("new"), "2").unwrap();
+        teardown_pod_volumes(&host, "uid-pv").unwrap();
+        assert!(!root.path().join("pods/uid-pv/volumes").exists());
+        assert_eq!(
+            std::fs::read_to_string(disk.path().join("new")).unwrap(),
+            "2"
+        );
+        assert!(
+            disk.path().join("kept").exists(),
+            "the data stays on the volume"
+        );
+        // An unbound claim: the populator's message, nothing made.
+        let mut o2 = o.clone();
+        o2.claims.clear();
+        let e = setup_pod_volumes(&host, &PodContext::new(&p, &o2)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("error processing PVC default/data: failed to fetch PVC"),
+            "{e}"
+        );
+        assert!(!root.path().join("pods/uid-pv/volumes").exists());
+    }
+
+    /// A claim bound to a hostPath PV uses the host path itself after the hostPath type
+    /// check; other sources are refused by name (no privileges needed).
+    #[test]
+    fn claims_on_host_path_and_unsupported_volumes() {
+        use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+        let root = tempfile::tempdir().unwrap();
+        let hostdir = tempfile::tempdir().unwrap();
+        let host = VolumeHost {
+            root: root.path().into(),
+            mount_tmpfs: false,
+        };
+        let p = pod(
+            "metadata: {name: web, namespace: default, uid: uid-hp}\nspec:\n  containers: [{name: c, image: busybox, volumeMounts: [{name: data, mountPath: /data}]}]\n  volumes: [{name: data, persistentVolumeClaim: {claimName: data}}]",
+        );
+        let objects = |source: &str| {
+            let mut o = MapObjects::default();
+            let claim: PersistentVolumeClaim = serde_yaml::from_str(
+                "metadata: {name: data, namespace: default}\nspec: {volumeName: pv1}\nstatus: {phase: Bound}",
+            )
+            .unwrap();
+            o.claims.insert(("default".into(), "data".into()), claim);
+            let pv: PersistentVolume = serde_yaml::from_str(&format!(
+                "metadata: {{name: pv1}}\nspec: {{accessModes: [ReadOnlyMany], claimRef: {{namespace: default, name: data}}, {source}}}"
+            ))
+            .unwrap();
+            o.persistent_volumes.insert("pv1".into(), pv);
+            o
+        };
+        let o = objects(&format!(
+            "hostPath: {{path: '{}', type: Directory}}",
+            hostdir.path().display()
+        ));
+        let vols = setup_pod_volumes(&host, &PodContext::new(&p, &o)).unwrap();
+        let v = &vols.volumes["data"];
+        assert_eq!(
+            (&v.kind, v.path.as_path(), v.readonly),
+            (&VolumeKind::HostPath, hostdir.path(), true),
+            "ReadOnlyMany only: read-only"
+        );
+        let ms = mounts_for_container(&vols, &p.spec.as_ref().unwrap().containers[0]).unwrap();
+        assert!(ms[0].readonly);
+        let o = objects("hostPath: {path: /nonexistent/hako-pv, type: Directory}");
+        let e = setup_pod_volumes(&host, &PodContext::new(&p, &o)).unwrap_err();
+        assert!(e.to_string().contains("hostPath type check failed"), "{e}");
+        let o = objects("nfs: {server: s, path: /}");
+        let e = setup_pod_volumes(&host, &PodContext::new(&p, &o)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("unsupported persistent volume type: nfs"),
+            "{e}"
+        );
+        let o = objects("local: {path: relative/dir}");
+        let e = setup_pod_volumes(&host, &PodContext::new(&p, &o)).unwrap_err();
+        assert!(e.to_string().contains("must be an absolute path"), "{e}");
+        let o = objects("local: {path: /nonexistent/hako-pv}");
+        let e = setup_pod_volumes(&host, &PodContext::new(&p, &o)).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(!root.path().join("pods").exists(), "nothing made");
     }
 
     /// A refused subPath keeps the message the mount error carried when it was a string.

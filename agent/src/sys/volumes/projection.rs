@@ -64,6 +64,31 @@ pub fn token_specs(pod: &Pod) -> Vec<TokenSpec> {
     v
 }
 
+/// The kubelet's `FsUserFrom`: the effective `runAsUser` (the container's, else the pod's)
+/// when every init and regular container has one and they are all the same; None otherwise.
+pub fn fs_user(pod: &Pod) -> Option<u32> {
+    let spec = pod.spec.as_ref()?;
+    let pod_user = spec.security_context.as_ref().and_then(|s| s.run_as_user);
+    let mut user: Option<i64> = None;
+    for c in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+    {
+        let u = c
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user)
+            .or(pod_user)?;
+        if user.is_some_and(|x| x != u) {
+            return None;
+        }
+        user = Some(u);
+    }
+    user.and_then(|u| u32::try_from(u).ok())
+}
+
 /// Default file mode of configMap, secret, downwardAPI and projected volumes.
 pub const DEFAULT_MODE: u32 = 0o644;
 
@@ -119,6 +144,7 @@ fn key_payload(
                     FileProjection {
                         data: v.clone(),
                         mode: default_mode,
+                        owner: None,
                     },
                 );
             }
@@ -144,6 +170,7 @@ fn key_payload(
                     FileProjection {
                         data: v.clone(),
                         mode,
+                        owner: None,
                     },
                 );
             }
@@ -337,6 +364,7 @@ fn downward_items(
             FileProjection {
                 data: v.into_bytes(),
                 mode,
+                owner: None,
             },
         );
     }
@@ -437,9 +465,12 @@ pub fn projected(
                     })
                 }
             };
-            // The kubelet writes the token 0600 when the pod has an fsGroup (the ownership
-            // walk then adds the group's read bit), whatever defaultMode says.
-            let mode = if super::ownership::FsGroup::of(ctx.pod).is_some() {
+            // The kubelet writes the token 0600 and owned by the pod's user when every
+            // container runs as the same user (`FsUserFrom`), and 0600 when the pod has an
+            // fsGroup (the ownership walk then adds the group's read bit), whatever
+            // defaultMode says.
+            let owner = fs_user(ctx.pod);
+            let mode = if owner.is_some() || super::ownership::FsGroup::of(ctx.pod).is_some() {
                 0o600
             } else {
                 mode
@@ -449,6 +480,7 @@ pub fn projected(
                 FileProjection {
                     data: token.into_bytes(),
                     mode,
+                    owner,
                 },
             );
         } else {
@@ -655,6 +687,30 @@ downwardAPI:
         let p = run(&pod);
         assert_eq!(p["token"].mode, 0o600, "kubelet: 0600 when fsGroup is set");
         assert_eq!(p["c"].mode, 0o644, "other files keep defaultMode");
+        assert_eq!(p["token"].owner, None, "no common runAsUser");
+        // Every container runs as 1234 (the pod's user): 0600 and owned by it.
+        pod.spec.as_mut().unwrap().security_context =
+            Some(serde_yaml::from_str("{runAsUser: 1234}").unwrap());
+        let p = run(&pod);
+        assert_eq!((p["token"].mode, p["token"].owner), (0o600, Some(1234)));
+        assert_eq!(p["c"].owner, None, "only the token gets the pod's user");
+    }
+
+    /// `FsUserFrom`: the one effective runAsUser of all init and regular containers.
+    #[test]
+    fn fs_user_from_pod() {
+        let p = |y: &str| -> Pod { serde_yaml::from_str(y).unwrap() };
+        for (y, want) in [
+            ("spec: {securityContext: {runAsUser: 7}, containers: [{name: a}, {name: b}]}", Some(7)),
+            ("spec: {securityContext: {runAsUser: 7}, containers: [{name: a, securityContext: {runAsUser: 8}}]}", Some(8)),
+            ("spec: {securityContext: {runAsUser: 7}, containers: [{name: a}, {name: b, securityContext: {runAsUser: 8}}]}", None),
+            ("spec: {containers: [{name: a, securityContext: {runAsUser: 8}}, {name: b}]}", None),
+            ("spec: {initContainers: [{name: i, securityContext: {runAsUser: 9}}], containers: [{name: a, securityContext: {runAsUser: 8}}]}", None),
+            ("spec: {securityContext: {runAsUser: 0}, containers: [{name: a}]}", Some(0)),
+            ("spec: {containers: [{name: a}]}", None),
+        ] {
+            assert_eq!(fs_user(&p(y)), want, "{y}");
+        }
     }
 
     #[test]

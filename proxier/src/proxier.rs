@@ -14,7 +14,7 @@ pub use crate::iptables::TableRules;
 use crate::iptables::{self, Iptables, IptablesError, RenderOpts};
 use crate::model::{
     attach_endpoints, compact_service, compact_slice, service_key, slice_service_key,
-    CompactService, CompactSlice, Model, ModelError, ServiceKey, ServicePort,
+    CompactService, CompactSlice, Model, ModelError, ServiceKey, ServicePort, SliceSet,
 };
 
 /// Proxier options.
@@ -268,7 +268,7 @@ pub struct Proxier {
     /// Services as converted (the k8s objects are not kept).
     services: BTreeMap<ServiceKey, Result<CompactService, ModelError>>,
     /// EndpointSlices as converted, by Service and slice name.
-    slices: BTreeMap<ServiceKey, BTreeMap<String, CompactSlice>>,
+    slices: BTreeMap<ServiceKey, SliceSet>,
     slice_owner: BTreeMap<(String, String), ServiceKey>,
     model: Model,
     dirty: BTreeSet<ServiceKey>,
@@ -537,7 +537,7 @@ impl Proxier {
                 warn!("skipping Service without a name");
             }
         }
-        let mut new_slices: BTreeMap<ServiceKey, BTreeMap<String, CompactSlice>> = BTreeMap::new();
+        let mut new_slices: BTreeMap<ServiceKey, SliceSet> = BTreeMap::new();
         let mut owner = BTreeMap::new();
         for sl in slices {
             let ns = sl

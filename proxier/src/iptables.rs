@@ -475,6 +475,9 @@ fn render_service(ctx: &Ctx, ports: &[ServicePort], out: &mut ChainOut) -> SvcFr
     let mut shared = filter_rules;
     shared.push_str(&nat_rules);
     shared.push_str(&nodeports);
+    // Kept until the service changes: no spare capacity (10,000 of them).
+    shared.shrink_to_fit();
+    chains.shrink_to_fit();
     SvcFrag {
         shared,
         cut,

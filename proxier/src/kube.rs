@@ -3,7 +3,7 @@
 //! ([`Mapper`]); the watchers run on their own thread with a tokio runtime, retry with
 //! back-off on every error and never end on a transient failure.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 
@@ -21,6 +21,10 @@ use crate::proxier::Proxier;
 pub const LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
+/// Objects per page of the initial list (kube-proxy's informers use 500 as well): the
+/// watcher holds at most one page of k8s objects at a time.
+pub const PAGE_SIZE: u32 = 500;
+
 /// A watch event of either kind (moved once through a channel; not boxed).
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)]
@@ -31,7 +35,8 @@ pub enum WatchEvent {
     Slice(Event<EndpointSlice>),
 }
 
-/// Where the mapped events go (the proxier, or a recorder in tests).
+/// Where the mapped events go (the proxier, or a recorder in tests). Every object is handed
+/// over as it arrives and not kept here: the sink converts it to its compact form.
 pub trait Sink {
     /// Object added or changed.
     fn service_update(&mut self, svc: Service);
@@ -41,8 +46,11 @@ pub trait Sink {
     fn slice_update(&mut self, slice: EndpointSlice);
     /// Object deleted.
     fn slice_delete(&mut self, slice: &EndpointSlice);
-    /// The complete set after a (re)list.
-    fn replace_all(&mut self, services: Vec<Service>, slices: Vec<EndpointSlice>);
+    /// End of a (re)list of Services: forget every Service whose namespace/name is not in
+    /// `listed` (deleted while the watch was down).
+    fn retain_services(&mut self, listed: &BTreeSet<Key>);
+    /// End of a (re)list of EndpointSlices: the same for slices.
+    fn retain_slices(&mut self, listed: &BTreeSet<Key>);
 }
 
 impl Sink for Proxier {
@@ -58,30 +66,37 @@ impl Sink for Proxier {
     fn slice_delete(&mut self, slice: &EndpointSlice) {
         self.on_endpointslice_delete(slice);
     }
-    fn replace_all(&mut self, services: Vec<Service>, slices: Vec<EndpointSlice>) {
-        Proxier::replace_all(self, services, slices);
+    fn retain_services(&mut self, listed: &BTreeSet<Key>) {
+        Proxier::retain_services(self, |ns, name| {
+            listed.contains(&(ns.to_string(), name.to_string()))
+        });
+    }
+    fn retain_slices(&mut self, listed: &BTreeSet<Key>) {
+        Proxier::retain_slices(self, |ns, name| {
+            listed.contains(&(ns.to_string(), name.to_string()))
+        });
     }
 }
 
-type Key = (String, String);
+/// Namespace and name of an object (the namespace defaults as the model's keys do).
+pub type Key = (String, String);
 
 fn key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
     (
-        m.namespace.clone().unwrap_or_default(),
+        m.namespace.clone().unwrap_or_else(|| "default".into()),
         m.name.clone().unwrap_or_default(),
     )
 }
 
-/// Maps watch events to proxier calls: updates and deletes pass through; a relist
-/// (`Init` … `InitApply` … `InitDone`) is buffered and handed over as one `replace_all`
-/// with the current objects of both kinds, so objects deleted while the watch was down
-/// disappear.
+/// Maps watch events to sink calls. Every object goes to the sink as it arrives (a listed
+/// one as an update) and is dropped: no copy of the k8s objects is kept here, only, while a
+/// (re)list (`Init` … `InitApply` … `InitDone`) runs, the namespace/name of what it listed,
+/// so that at its end the sink forgets what is gone (deleted while the watch was down).
+/// The list itself comes in pages (`limit`/`continue`, [`PAGE_SIZE`]) from the watcher.
 #[derive(Debug, Default)]
 pub struct Mapper {
-    services: BTreeMap<Key, Service>,
-    slices: BTreeMap<Key, EndpointSlice>,
-    svc_buf: Option<BTreeMap<Key, Service>>,
-    slice_buf: Option<BTreeMap<Key, EndpointSlice>>,
+    svc_seen: Option<BTreeSet<Key>>,
+    slice_seen: Option<BTreeSet<Key>>,
     svc_listed: bool,
     slices_listed: bool,
 }
@@ -93,58 +108,41 @@ impl Mapper {
         self.svc_listed && self.slices_listed
     }
 
-    fn replace(&self, sink: &mut dyn Sink) {
-        sink.replace_all(
-            self.services.values().cloned().collect(),
-            self.slices.values().cloned().collect(),
-        );
-    }
-
     /// Handles one event.
     pub fn handle(&mut self, ev: WatchEvent, sink: &mut dyn Sink) {
         match ev {
             WatchEvent::Service(e) => match e {
-                Event::Apply(o) => {
-                    self.services.insert(key(&o.metadata), o.clone());
+                Event::Apply(o) => sink.service_update(o),
+                Event::Delete(o) => sink.service_delete(&o),
+                Event::Init => self.svc_seen = Some(BTreeSet::new()),
+                Event::InitApply(o) => {
+                    self.svc_seen
+                        .get_or_insert_with(BTreeSet::new)
+                        .insert(key(&o.metadata));
                     sink.service_update(o);
                 }
-                Event::Delete(o) => {
-                    self.services.remove(&key(&o.metadata));
-                    sink.service_delete(&o);
-                }
-                Event::Init => self.svc_buf = Some(BTreeMap::new()),
-                Event::InitApply(o) => {
-                    self.svc_buf
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(key(&o.metadata), o);
-                }
                 Event::InitDone => {
-                    self.services = self.svc_buf.take().unwrap_or_default();
+                    let seen = self.svc_seen.take().unwrap_or_default();
                     self.svc_listed = true;
-                    info!(services = self.services.len(), "Services listed");
-                    self.replace(sink);
+                    info!(services = seen.len(), "Services listed");
+                    sink.retain_services(&seen);
                 }
             },
             WatchEvent::Slice(e) => match e {
-                Event::Apply(o) => {
-                    self.slices.insert(key(&o.metadata), o.clone());
+                Event::Apply(o) => sink.slice_update(o),
+                Event::Delete(o) => sink.slice_delete(&o),
+                Event::Init => self.slice_seen = Some(BTreeSet::new()),
+                Event::InitApply(o) => {
+                    self.slice_seen
+                        .get_or_insert_with(BTreeSet::new)
+                        .insert(key(&o.metadata));
                     sink.slice_update(o);
                 }
-                Event::Delete(o) => {
-                    self.slices.remove(&key(&o.metadata));
-                    sink.slice_delete(&o);
-                }
-                Event::Init => self.slice_buf = Some(BTreeMap::new()),
-                Event::InitApply(o) => {
-                    self.slice_buf
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(key(&o.metadata), o);
-                }
                 Event::InitDone => {
-                    self.slices = self.slice_buf.take().unwrap_or_default();
+                    let seen = self.slice_seen.take().unwrap_or_default();
                     self.slices_listed = true;
-                    info!(slices = self.slices.len(), "EndpointSlices listed");
-                    self.replace(sink);
+                    info!(slices = seen.len(), "EndpointSlices listed");
+                    sink.retain_slices(&seen);
                 }
             },
         }
@@ -215,7 +213,11 @@ pub fn spawn_watchers(
 }
 
 async fn run(client: Client, tx: Sender<WatchEvent>) {
-    let cfg = watcher::Config::default().labels(LABEL_SELECTOR);
+    // A paginated list (`limit`/`continue`), then a watch from its resourceVersion; a 410
+    // Gone (history compacted) makes the watcher list again.
+    let cfg = watcher::Config::default()
+        .labels(LABEL_SELECTOR)
+        .page_size(PAGE_SIZE);
     let mut svcs = watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone())
         .default_backoff()
         .boxed();
@@ -263,11 +265,13 @@ mod tests {
         fn slice_delete(&mut self, s: &EndpointSlice) {
             self.0.push(format!("slice- {}", name(&s.metadata)));
         }
-        fn replace_all(&mut self, svcs: Vec<Service>, slices: Vec<EndpointSlice>) {
-            let s: Vec<String> = svcs.iter().map(|s| name(&s.metadata)).collect();
-            let l: Vec<String> = slices.iter().map(|s| name(&s.metadata)).collect();
-            self.0
-                .push(format!("replace [{}] [{}]", s.join(","), l.join(",")));
+        fn retain_services(&mut self, listed: &BTreeSet<Key>) {
+            let n: Vec<&str> = listed.iter().map(|k| k.1.as_str()).collect();
+            self.0.push(format!("svc= [{}]", n.join(",")));
+        }
+        fn retain_slices(&mut self, listed: &BTreeSet<Key>) {
+            let n: Vec<&str> = listed.iter().map(|k| k.1.as_str()).collect();
+            self.0.push(format!("slice= [{}]", n.join(",")));
         }
     }
 
@@ -312,17 +316,110 @@ mod tests {
         assert_eq!(
             r.0,
             [
-                "replace [a,b] []",
-                "replace [a,b] [a-1]",
+                // Listed objects go through at once; the end of the list names them all.
+                "svc+ a",
+                "svc+ b",
+                "svc= [a,b]",
+                "slice+ a-1",
+                "slice= [a-1]",
                 "svc+ c",
                 "slice+ c-1",
                 "svc- a",
                 "slice- a-1",
-                "replace [c,d] [c-1]",
+                "svc+ c",
+                "svc+ d",
+                "svc= [c,d]",
             ]
         );
         // Ready only once both kinds were listed.
         assert_eq!(ready.iter().position(|r| *r), Some(6));
+        // Nothing of the objects stays in the mapper between lists.
+        assert!(m.svc_seen.is_none() && m.slice_seen.is_none());
+    }
+
+    fn full_svc(n: &str, ip: &str) -> Service {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {n}, namespace: ns}}\nspec: {{clusterIP: {ip}, ports: [{{name: p, port: 80}}]}}"
+        ))
+        .expect("svc")
+    }
+    fn full_slice(svc: &str, ip: &str) -> EndpointSlice {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {svc}-1, namespace: ns, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080, protocol: TCP}}]\nendpoints: [{{addresses: [{ip}], nodeName: n1}}]"
+        ))
+        .expect("slice")
+    }
+
+    fn list_both(m: &mut Mapper, p: &mut Proxier, svcs: &[(&str, &str)], eps: &[(&str, &str)]) {
+        use WatchEvent::{Service as S, Slice as L};
+        m.handle(S(Event::Init), p);
+        for (n, ip) in svcs {
+            m.handle(S(Event::InitApply(full_svc(n, ip))), p);
+        }
+        m.handle(S(Event::InitDone), p);
+        m.handle(L(Event::Init), p);
+        for (n, ip) in eps {
+            m.handle(L(Event::InitApply(full_slice(n, ip))), p);
+        }
+        m.handle(L(Event::InitDone), p);
+    }
+
+    #[test]
+    fn a_relist_into_the_proxier_forgets_what_it_did_not_name() {
+        let fake = crate::FakeIptables::default();
+        let mut p = Proxier::new(
+            Box::new(crate::IptablesBackend::new(fake, Default::default())),
+            crate::ProxierOpts {
+                hostname: "n1".into(),
+                ..Default::default()
+            },
+        );
+        let mut m = Mapper::default();
+        list_both(
+            &mut m,
+            &mut p,
+            &[("a", "10.96.0.1"), ("b", "10.96.0.2")],
+            &[("a", "10.244.0.1"), ("b", "10.244.0.2")],
+        );
+        p.sync().expect("first sync");
+        let names =
+            |p: &Proxier| -> Vec<String> { p.model().keys().map(|k| k.name.clone()).collect() };
+        assert_eq!(names(&p), ["a", "b"]);
+        let eps = |p: &Proxier, n: &str| -> Vec<String> {
+            p.model()
+                .iter()
+                .filter(|(k, _)| k.name == n)
+                .flat_map(|(_, v)| {
+                    v.iter()
+                        .flat_map(|sp| sp.endpoints.iter().map(|e| e.addr()))
+                })
+                .collect()
+        };
+        assert_eq!(eps(&p, "a"), ["10.244.0.1:8080"]);
+        // Locality is decided at conversion, from the node name.
+        assert!(p
+            .model()
+            .values()
+            .all(|v| v.iter().all(|sp| sp.endpoints.iter().all(|e| e.local))));
+        // The same list again: nothing changed, so the sync writes nothing.
+        list_both(
+            &mut m,
+            &mut p,
+            &[("a", "10.96.0.1"), ("b", "10.96.0.2")],
+            &[("a", "10.244.0.1"), ("b", "10.244.0.2")],
+        );
+        let st = p.sync().expect("no-op sync");
+        assert!(st.is_idle(), "{st:?}");
+        // b and its slice were deleted while the watch was down; a's endpoint moved.
+        list_both(
+            &mut m,
+            &mut p,
+            &[("a", "10.96.0.1")],
+            &[("a", "10.244.0.9")],
+        );
+        p.sync().expect("sync after relist");
+        assert_eq!(names(&p), ["a"]);
+        assert_eq!(eps(&p, "a"), ["10.244.0.9:8080"]);
     }
 
     #[test]

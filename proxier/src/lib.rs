@@ -8,6 +8,7 @@ pub mod iptables;
 pub mod ipvs;
 pub mod kube;
 pub mod logging;
+pub mod mem;
 pub mod metrics;
 pub mod model;
 pub mod netlink;

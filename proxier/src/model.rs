@@ -263,7 +263,8 @@ struct SlicePort {
 /// the slice), its conditions, and whether it is on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SliceEndpoint {
-    ip: Option<Result<IpAddr, ModelError>>,
+    /// The error is boxed: it is rare, and unboxed it would make every endpoint 64 bytes.
+    ip: Option<Result<IpAddr, Box<ModelError>>>,
     ready: bool,
     serving: bool,
     terminating: bool,
@@ -276,6 +277,52 @@ pub struct CompactSlice {
     object: String,
     ports: Vec<SlicePort>,
     endpoints: Vec<SliceEndpoint>,
+}
+
+/// The compact EndpointSlices of one Service by slice name: a sorted vector (a Service has
+/// one slice or a few; a `BTreeMap` would allocate a node for eleven per Service).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SliceSet(Vec<(Box<str>, CompactSlice)>);
+
+impl SliceSet {
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(n, _)| (**n).cmp(name))
+    }
+
+    /// The slice named `name`.
+    pub fn get(&self, name: &str) -> Option<&CompactSlice> {
+        self.find(name).ok().map(|i| &self.0[i].1)
+    }
+
+    /// Adds or replaces the slice named `name`; returns the one replaced.
+    pub fn insert(&mut self, name: String, slice: CompactSlice) -> Option<CompactSlice> {
+        match self.find(&name) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, slice)),
+            Err(i) => {
+                self.0.reserve_exact(1);
+                self.0.insert(i, (name.into_boxed_str(), slice));
+                None
+            }
+        }
+    }
+
+    /// Removes the slice named `name`.
+    pub fn remove(&mut self, name: &str) -> Option<CompactSlice> {
+        let i = self.find(name).ok()?;
+        let (_, s) = self.0.remove(i);
+        self.0.shrink_to_fit();
+        Some(s)
+    }
+
+    /// No slice.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The slices, by name.
+    pub fn values(&self) -> impl Iterator<Item = &CompactSlice> {
+        self.0.iter().map(|(_, s)| s)
+    }
 }
 
 /// Converts an EndpointSlice to what `attach_endpoints` needs; `hostname` decides locality.
@@ -303,7 +350,10 @@ pub fn compact_slice(slice: &EndpointSlice, hostname: &str) -> CompactSlice {
             let ready = c.and_then(|c| c.ready).unwrap_or(true);
             SliceEndpoint {
                 // One address per endpoint is used, as kube-proxy does.
-                ip: ep.addresses.first().map(|a| parse_ip(&object, a)),
+                ip: ep
+                    .addresses
+                    .first()
+                    .map(|a| parse_ip(&object, a).map_err(Box::new)),
                 ready,
                 serving: c.and_then(|c| c.serving).unwrap_or(ready),
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
@@ -426,6 +476,8 @@ pub fn compact_service(svc: &Service) -> Result<CompactService, ModelError> {
             endpoints: Vec::new(),
         });
     }
+    // Kept until the Service changes: no spare capacity.
+    out.shrink_to_fit();
     Ok(out)
 }
 
@@ -466,12 +518,13 @@ pub fn attach_endpoints(
                         terminating: ep.terminating,
                         local: ep.local,
                     }),
-                    Some(Err(e)) => warnings.push(e.clone()),
+                    Some(Err(e)) => warnings.push((**e).clone()),
                 }
             }
         }
         endpoints.sort();
         endpoints.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
+        endpoints.shrink_to_fit();
         let mut sp = p.clone();
         sp.endpoints = endpoints;
         out.push(sp);
@@ -553,5 +606,75 @@ endpoints:
                 (g, w) => panic!("{y}: got {g:?}, want {w:?}"),
             }
         }
+    }
+
+    #[test]
+    fn the_compact_service_keeps_every_field_the_renderers_read() {
+        let s = svc("metadata: {name: lb, namespace: ns}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.9
+  clusterIPs: [10.96.0.9, fd00::9]
+  externalIPs: [192.0.2.7]
+  loadBalancerSourceRanges: [198.51.100.0/24]
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  externalTrafficPolicy: Local
+  internalTrafficPolicy: Local
+  ports: [{name: https, port: 443, protocol: UDP, nodePort: 30443}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.4}, {hostname: only.a.name}]}}");
+        let c = compact_service(&s).expect("compact");
+        assert_eq!(c.len(), 1);
+        let p = &c[0];
+        let ip = |t: &str| t.parse::<IpAddr>().expect("ip");
+        assert_eq!(p.port_name_string(), "ns/lb:https");
+        assert_eq!(p.protocol, Protocol::Udp);
+        assert_eq!(p.cluster_ips, [ip("10.96.0.9"), ip("fd00::9")]);
+        assert_eq!((p.port, p.node_port), (443, Some(30443)));
+        assert_eq!(p.external_ips, [ip("192.0.2.7")]);
+        assert_eq!(
+            p.lb_ips,
+            [ip("203.0.113.4")],
+            "hostname-only ingress skipped"
+        );
+        assert_eq!(p.lb_source_ranges, ["198.51.100.0/24"]);
+        assert_eq!(p.affinity_seconds, Some(60));
+        assert!(p.external_local && p.internal_local);
+        assert!(p.endpoints.is_empty());
+        assert_eq!(c.capacity(), 1, "no spare capacity kept");
+    }
+
+    #[test]
+    fn slice_sets_stay_sorted_and_replace_by_name() {
+        let sl = |n: &str, ip: &str| {
+            compact_slice(
+                &slice(&format!(
+                    "metadata: {{name: {n}, namespace: ns}}\naddressType: IPv4\nendpoints: [{{addresses: [{ip}]}}]"
+                )),
+                "me",
+            )
+        };
+        let mut set = SliceSet::default();
+        assert!(set.insert("b".into(), sl("b", "10.0.0.2")).is_none());
+        assert!(set.insert("a".into(), sl("a", "10.0.0.1")).is_none());
+        assert!(set.insert("c".into(), sl("c", "10.0.0.3")).is_none());
+        let old = set.insert("b".into(), sl("b", "10.0.0.9"));
+        assert_eq!(old, Some(sl("b", "10.0.0.2")));
+        let objects: Vec<&str> = set.values().map(|s| s.object.as_str()).collect();
+        assert_eq!(
+            objects,
+            [
+                "EndpointSlice ns/a",
+                "EndpointSlice ns/b",
+                "EndpointSlice ns/c"
+            ]
+        );
+        assert_eq!(set.get("b"), Some(&sl("b", "10.0.0.9")));
+        assert_eq!(set.remove("a"), Some(sl("a", "10.0.0.1")));
+        assert_eq!(set.remove("a"), None);
+        assert!(set.get("a").is_none());
+        set.remove("b");
+        set.remove("c");
+        assert!(set.is_empty());
     }
 }

@@ -14,7 +14,7 @@ pub use crate::iptables::TableRules;
 use crate::iptables::{self, Iptables, IptablesError, RenderOpts};
 use crate::model::{
     attach_endpoints, compact_service, compact_slice, service_key, slice_service_key,
-    CompactService, CompactSlice, Model, ModelError, ServiceKey, ServicePort,
+    CompactService, CompactSlice, Model, ModelError, ServiceKey, ServicePort, SliceSet,
 };
 
 /// Proxier options.
@@ -268,7 +268,7 @@ pub struct Proxier {
     /// Services as converted (the k8s objects are not kept).
     services: BTreeMap<ServiceKey, Result<CompactService, ModelError>>,
     /// EndpointSlices as converted, by Service and slice name.
-    slices: BTreeMap<ServiceKey, BTreeMap<String, CompactSlice>>,
+    slices: BTreeMap<ServiceKey, SliceSet>,
     slice_owner: BTreeMap<(String, String), ServiceKey>,
     model: Model,
     dirty: BTreeSet<ServiceKey>,
@@ -392,8 +392,13 @@ impl Proxier {
     pub fn on_service_update(&mut self, svc: Service) {
         match service_key(&svc) {
             Ok(k) => {
-                self.dirty.insert(k.clone());
-                self.services.insert(k, compact_service(&svc));
+                let c = compact_service(&svc);
+                drop(svc);
+                // A relist hands over every Service again: unchanged is no change.
+                if self.services.get(&k) != Some(&c) {
+                    self.dirty.insert(k.clone());
+                    self.services.insert(k, c);
+                }
             }
             Err(e) => warn!(error = %e, "skipping Service"),
         }
@@ -439,6 +444,11 @@ impl Proxier {
             }
         }
         let compact = compact_slice(&slice, &self.opts.hostname);
+        // A relist hands over every slice again: an unchanged one is no change (no dirty
+        // service, no trigger time for the programming-latency metric).
+        if self.slices.get(&key).and_then(|m| m.get(&name)) == Some(&compact) {
+            return;
+        }
         self.note_trigger(&key, &slice);
         drop(slice);
         self.slices
@@ -461,6 +471,10 @@ impl Proxier {
             .clone()
             .unwrap_or_else(|| "default".into());
         let name = slice.metadata.name.clone().unwrap_or_default();
+        self.forget_slice(ns, name);
+    }
+
+    fn forget_slice(&mut self, ns: String, name: String) {
         if let Some(key) = self.slice_owner.remove(&(ns, name.clone())) {
             if let Some(m) = self.slices.get_mut(&key) {
                 m.remove(&name);
@@ -469,6 +483,34 @@ impl Proxier {
                 }
             }
             self.dirty.insert(key);
+        }
+    }
+
+    /// Forgets every Service for which `keep(namespace, name)` is false (the end of a
+    /// relist: what the list did not name was deleted meanwhile).
+    pub fn retain_services(&mut self, keep: impl Fn(&str, &str) -> bool) {
+        let gone: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !keep(&k.namespace, &k.name))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.services.remove(&k);
+            self.dirty.insert(k);
+        }
+    }
+
+    /// Forgets every EndpointSlice for which `keep(namespace, name)` is false.
+    pub fn retain_slices(&mut self, keep: impl Fn(&str, &str) -> bool) {
+        let gone: Vec<(String, String)> = self
+            .slice_owner
+            .keys()
+            .filter(|(ns, name)| !keep(ns, name))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.forget_slice(ns, name);
         }
     }
 
@@ -495,7 +537,7 @@ impl Proxier {
                 warn!("skipping Service without a name");
             }
         }
-        let mut new_slices: BTreeMap<ServiceKey, BTreeMap<String, CompactSlice>> = BTreeMap::new();
+        let mut new_slices: BTreeMap<ServiceKey, SliceSet> = BTreeMap::new();
         let mut owner = BTreeMap::new();
         for sl in slices {
             let ns = sl

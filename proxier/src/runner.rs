@@ -444,6 +444,11 @@ impl<C: Clock> Runner<C> {
                 if recovered {
                     info!("proxier sync recovered");
                 }
+                // A full sync (the first one above all: the initial list, the whole
+                // payload) frees far more than it keeps; give it back to the kernel.
+                if s.full {
+                    crate::mem::release_free_memory();
+                }
                 if let Some(o) = self.observer.as_mut() {
                     o(&SyncEvent::Synced {
                         stats: s,

@@ -180,3 +180,81 @@ fn kubeconfig_watchers_feed_the_proxier() {
     drop(d);
     drop(api);
 }
+
+/// A list of more objects than one page (the watchers ask for 500 at a time; the fixture
+/// pages as the apiserver does, with `limit` and an opaque `continue` token): every page is
+/// programmed, not only the first, and the lists really were paginated.
+#[test]
+fn a_list_over_several_pages_is_programmed_completely() {
+    require_root();
+    const N: u32 = 1_201;
+    let ns = NetNs::new("ppage").unwrap();
+    let api = ns.run(ApiServer::start).unwrap().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kc, &api.admin_token()).unwrap();
+    let ip = |base: u8, i: u32| format!("{base}.{}.{}.{}", 96, i / 256, i % 256);
+    for i in 0..N {
+        api.create(service(&format!("s{i}"), &ip(10, i))).unwrap();
+        api.create(slice(&format!("s{i}"), &ip(11, i))).unwrap();
+    }
+
+    let log = dir.path().join("hako-proxy.log");
+    let mut d = Daemon(
+        ns.command(proxy_bin().to_str().unwrap())
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args(["--min-sync-period", "200ms", "--hostname-override", "n1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+        log.clone(),
+    );
+    wait_nat_for(
+        &ns,
+        "every listed service",
+        &mut d,
+        Duration::from_secs(120),
+        |nat| nat.matches("-A KUBE-SERVICES -d ").count() >= N as usize,
+    );
+    let nat = ns.sh("iptables-save -t nat").unwrap();
+    for i in [0, 499, 500, 999, 1000, N - 1] {
+        assert!(
+            nat.contains(&format!("-d {}/32", ip(10, i))),
+            "service s{i} missing"
+        );
+        assert!(
+            nat.contains(&format!("{}:8080", ip(11, i))),
+            "endpoint of s{i} missing"
+        );
+    }
+    // Both kinds were listed in pages: a first request with a limit and continued ones.
+    for path in [
+        "/api/v1/services",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+    ] {
+        let lists: Vec<_> = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.path == path && !r.query.contains("watch=true"))
+            .collect();
+        assert!(
+            lists.iter().any(|r| r.query.contains("limit=500")),
+            "{path}: no paginated list: {:?}",
+            lists.iter().map(|r| &r.query).collect::<Vec<_>>()
+        );
+        assert!(
+            lists
+                .iter()
+                .filter(|r| r.query.contains("continue="))
+                .count()
+                >= 2,
+            "{path}: fewer than two continued pages: {:?}",
+            lists.iter().map(|r| &r.query).collect::<Vec<_>>()
+        );
+    }
+    drop(d);
+    drop(api);
+}

@@ -17,8 +17,8 @@ use tokio::sync::{broadcast, watch};
 use super::authz::{self, Attrs, User};
 use super::select::{FieldSelector, LabelSelector};
 use super::{
-    patch, resource_info, ApiError, EventType, IssuedToken, RequestRecord, ResourceInfo, Shared,
-    StoreEvent,
+    patch, resource_info, ApiError, EventType, IssuedToken, Key, RequestRecord, ResourceInfo,
+    Shared, StoreEvent,
 };
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -402,13 +402,14 @@ fn route(
         "get" if sub.is_empty() || (sub == "status" && info.status) || ephemeral => {
             shared.lock().get(info, &namespace, &name)
         }
-        "list" => Ok(list(
+        "list" => list(
             shared,
             info,
             &namespace,
             label.as_ref(),
             field.as_ref(),
-        )),
+            Page::from_query(qget("limit"), qget("continue")),
+        ),
         "watch" => {
             let rv = qget("resourceVersion").unwrap_or("");
             let bookmarks = matches!(qget("allowWatchBookmarks"), Some("true" | "1"));
@@ -524,28 +525,96 @@ fn do_patch(
     st.replace(&shared.tx, info, ns, name, sub, obj, prv, user, "patch")
 }
 
+/// The `limit` and `continue` of a list request (pagination, as the real apiserver).
+struct Page<'a> {
+    limit: Option<usize>,
+    cont: Option<&'a str>,
+}
+
+impl<'a> Page<'a> {
+    fn from_query(limit: Option<&str>, cont: Option<&'a str>) -> Self {
+        Page {
+            // limit=0 or an unparsable limit means no limit, as upstream.
+            limit: limit
+                .and_then(|l| l.parse::<usize>().ok())
+                .filter(|l| *l > 0),
+            cont: cont.filter(|c| !c.is_empty()),
+        }
+    }
+}
+
+/// The opaque continue token: the list's resourceVersion and the last key returned, hex.
+fn continue_token(rv: u64, last: &Key) -> String {
+    hex::encode(format!("{rv}\0{}\0{}", last.namespace, last.name))
+}
+
+fn parse_continue(token: &str) -> Option<(u64, String, String)> {
+    let raw = String::from_utf8(hex::decode(token).ok()?).ok()?;
+    let mut parts = raw.split('\0');
+    let rv = parts.next()?.parse().ok()?;
+    let ns = parts.next()?.to_string();
+    let name = parts.next()?.to_string();
+    parts.next().is_none().then_some((rv, ns, name))
+}
+
 fn list(
     shared: &Arc<Shared>,
     info: &ResourceInfo,
     ns: &str,
     label: Option<&LabelSelector>,
     field: Option<&FieldSelector>,
-) -> Value {
+    page: Page<'_>,
+) -> Result<Value, ApiError> {
     let st = shared.lock();
-    let items: Vec<Value> = st
-        .objects
-        .iter()
-        .filter(|(k, v)| {
-            k.group == info.group
-                && k.resource == info.resource
-                && (ns.is_empty() || k.namespace == ns)
-                && label.is_none_or(|l| l.matches(v))
-                && field.is_none_or(|f| f.matches(v))
-        })
-        .map(|(_, v)| v.clone())
-        .collect();
-    json!({"kind": format!("{}List", info.kind), "apiVersion": info.api_version(),
-           "metadata": {"resourceVersion": st.rv.to_string()}, "items": items})
+    // A continued list keeps the resourceVersion of its first page (a watch from it sees
+    // every change made while the pages were read) and resumes after the last key.
+    let (rv, after) = match page.cont {
+        Some(t) => {
+            let (rv, ans, aname) = parse_continue(t).ok_or_else(|| {
+                ApiError::bad_request(format!("continue key is not valid: {t:?}"))
+            })?;
+            if rv < st.compacted_rv {
+                return Err(ApiError::new(
+                    410,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                ));
+            }
+            (rv, Some(Key::new(info.group, info.resource, &ans, &aname)))
+        }
+        None => (st.rv, None),
+    };
+    let mut matching = st.objects.iter().filter(|(k, v)| {
+        k.group == info.group
+            && k.resource == info.resource
+            && (ns.is_empty() || k.namespace == ns)
+            && after.as_ref().is_none_or(|a| *k > a)
+            && label.is_none_or(|l| l.matches(v))
+            && field.is_none_or(|f| f.matches(v))
+    });
+    let limit = page.limit.unwrap_or(usize::MAX);
+    let mut items = Vec::new();
+    let mut last = None;
+    for (k, v) in matching.by_ref() {
+        items.push(v.clone());
+        last = Some(k);
+        if items.len() == limit {
+            break;
+        }
+    }
+    let remaining = matching.count();
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if let (true, Some(last)) = (remaining > 0, last) {
+        meta["continue"] = json!(continue_token(rv, last));
+        // Upstream counts what is left only for lists without selectors.
+        if label.is_none() && field.is_none() {
+            meta["remainingItemCount"] = json!(remaining);
+        }
+    }
+    Ok(
+        json!({"kind": format!("{}List", info.kind), "apiVersion": info.api_version(),
+           "metadata": meta, "items": items}),
+    )
 }
 
 fn review(shared: &Arc<Shared>, resource: &str, body: &Value) -> Response<Body> {

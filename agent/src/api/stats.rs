@@ -36,11 +36,13 @@ pub struct ContainerUsage {
     pub start_time: Option<i64>,
 }
 
-fn read_u64(p: &Path) -> Option<u64> {
+/// A file holding one number (a cgroup control file).
+pub(crate) fn read_u64(p: &Path) -> Option<u64> {
     std::fs::read_to_string(p).ok()?.trim().parse().ok()
 }
 
-fn stat_field(p: &Path, key: &str) -> Option<u64> {
+/// The value of `key` in a `key value` per line file (`memory.stat`, `cpu.stat`).
+pub(crate) fn stat_field(p: &Path, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(p).ok()?;
     s.lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())

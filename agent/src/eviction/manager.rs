@@ -49,15 +49,7 @@ pub struct EvictionManager {
     started: Instant,
 }
 
-fn read_u64(p: &Path) -> Option<u64> {
-    std::fs::read_to_string(p).ok()?.trim().parse().ok()
-}
-
-fn stat_field(p: &Path, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(p).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
-}
+use crate::api::stats::{read_u64, stat_field};
 
 fn meminfo(field: &str) -> Option<u64> {
     let m = std::fs::read_to_string("/proc/meminfo").ok()?;

@@ -104,23 +104,17 @@ pub trait ObjectSource {
 
 impl ObjectSource for Snapshot {
     fn config_map(&self, namespace: &str, name: &str) -> Option<ConfigMap> {
-        self.config_maps
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
+        by_key(&self.config_maps, namespace, name)
     }
     fn secret(&self, namespace: &str, name: &str) -> Option<Secret> {
-        self.secrets
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
+        by_key(&self.secrets, namespace, name)
     }
     fn persistent_volume_claim(
         &self,
         namespace: &str,
         name: &str,
     ) -> Option<PersistentVolumeClaim> {
-        self.claims
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
+        by_key(&self.claims, namespace, name)
     }
     fn persistent_volume(&self, name: &str) -> Option<PersistentVolume> {
         self.persistent_volumes.get(name).cloned()
@@ -128,6 +122,11 @@ impl ObjectSource for Snapshot {
     fn binds_by_volume_name(&self) -> bool {
         true
     }
+}
+
+/// The object at `(namespace, name)` of a map keyed that way.
+fn by_key<T: Clone>(m: &BTreeMap<(String, String), T>, namespace: &str, name: &str) -> Option<T> {
+    m.get(&(namespace.to_string(), name.to_string())).cloned()
 }
 
 /// ConfigMaps and Secrets in plain maps keyed by `(namespace, name)` (tests, simple callers).
@@ -147,23 +146,17 @@ pub struct MapObjects {
 
 impl ObjectSource for MapObjects {
     fn config_map(&self, namespace: &str, name: &str) -> Option<ConfigMap> {
-        self.config_maps
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
+        by_key(&self.config_maps, namespace, name)
     }
     fn secret(&self, namespace: &str, name: &str) -> Option<Secret> {
-        self.secrets
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
+        by_key(&self.secrets, namespace, name)
     }
     fn persistent_volume_claim(
         &self,
         namespace: &str,
         name: &str,
     ) -> Option<PersistentVolumeClaim> {
-        self.claims
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
+        by_key(&self.claims, namespace, name)
     }
     fn persistent_volume(&self, name: &str) -> Option<PersistentVolume> {
         self.persistent_volumes.get(name).cloned()

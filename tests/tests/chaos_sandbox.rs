@@ -149,8 +149,18 @@ impl Chaos {
                     .collect();
                 let cache =
                     hako_tests::holdings::dir_entries(&self.env.root.join("cni").join("results"));
+                let sandboxes: Vec<String> =
+                    hako_tests::holdings::dir_entries(&self.env.run.join("sandboxes"))
+                        .into_iter()
+                        .map(|id| {
+                            let files = hako_tests::holdings::dir_entries(
+                                &self.env.run.join("sandboxes").join(&id),
+                            );
+                            format!("{id}: {files:?}")
+                        })
+                        .collect();
                 panic!(
-                    "{what}: the node holds {h:?}, want {want:?}\nshim containers:\n{}\nCNI cache: {cache:?}\nagent log:\n{}",
+                    "{what}: the node holds {h:?}, want {want:?}\nshim containers:\n{}\nCNI cache: {cache:?}\nsandboxes: {sandboxes:?}\nagent log:\n{}",
                     shims.join("\n"),
                     hako_tests::agent::tail(&self.env.agent_log(), 6000)
                 );

@@ -290,7 +290,14 @@ pub fn remove(paths: &SandboxPaths) -> Result<(), SandboxError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(SandboxError::Step(id, "remove owner record", e.to_string())),
     }
-    let _ = std::fs::remove_dir(&paths.dir);
+    // An agent killed inside the owner record's durable write left its temporary file: it
+    // would keep the directory (and the sandbox in every listing) for ever.
+    hako_shim::durable::remove_stale_temps(&paths.dir);
+    match std::fs::remove_dir(&paths.dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(sandbox = %id, "sandbox directory not removed: {e}"),
+    }
     Ok(())
 }
 
@@ -340,6 +347,19 @@ mod tests {
             serde_json::from_str(r#"{"uid":"u","namespace":"n","name":"p","hostNetwork":true}"#)
                 .unwrap();
         assert!(o.host_network && !o.host_ipc);
+    }
+
+    #[test]
+    fn remove_takes_a_torn_owner_write_with_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = SandboxPaths::new(tmp.path(), "abc-s0");
+        std::fs::create_dir_all(&p.dir).unwrap();
+        // What a writer killed between its temporary file and the rename leaves.
+        let dead = u32::MAX - 1;
+        std::fs::write(p.dir.join(format!(".owner.json.{dead}.0.tmp")), b"{").unwrap();
+        remove(&p).unwrap();
+        assert!(!p.dir.exists());
+        assert!(list(tmp.path()).is_empty());
     }
 
     #[test]

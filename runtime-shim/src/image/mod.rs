@@ -66,8 +66,9 @@ pub enum ImageError {
     /// The image config is not valid JSON.
     #[error("image {0}: bad config: {1}")]
     Config(String, ConfigError),
-    /// A pull held the store for the whole wait: nothing was deleted.
-    #[error("image store {0}: busy with a pull, deletion put off")]
+    /// The store lock stayed held for the whole wait: a deletion waiting for pulls (nothing
+    /// deleted), or a pull waiting for a deletion (nothing pulled).
+    #[error("image store {0}: locked by another pull or deletion for the whole wait, put off")]
     Busy(PathBuf),
     /// No bytes arrived for the progress deadline; the pull was cancelled.
     #[error("cancel pulling image {image} because of no progress for {}s, latest progress: {what} ({bytes} bytes)", .after.as_secs_f64())]
@@ -576,31 +577,7 @@ impl ImageStore {
         exclusive: bool,
         wait: Duration,
     ) -> Result<nix::fcntl::Flock<std::fs::File>, ImageError> {
-        use nix::fcntl::{Flock, FlockArg};
-        let p = self.root.join("locks").join("store.lock");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(&p)
-            .map_err(|e| ImageError::Io(p.clone(), e))?;
-        let arg = if exclusive {
-            FlockArg::LockExclusiveNonblock
-        } else {
-            FlockArg::LockSharedNonblock
-        };
-        let deadline = Instant::now() + wait;
-        loop {
-            match Flock::lock(f, arg) {
-                Ok(l) => return Ok(l),
-                Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                    f = back;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(ImageError::Busy(p)),
-                Err((_, e)) => return Err(ImageError::Io(p, io::Error::from(e))),
-            }
-        }
+        store_lock_at(&self.root, exclusive, wait)
     }
 
     /// Deletes a layer directory: renamed into `tmp/` first (one atomic step, so no
@@ -762,21 +739,13 @@ impl ImageStore {
         }
         // Shared with other pulls, exclusive with deletions: no layer this pull finds in
         // place is deleted before its record is written.
+        // Bounded: a deletion holding the lock for longer than that (a stuck `images prune`)
+        // fails the pull with `Busy`, to be retried with the pull back-off.
         let store_lock = {
-            let me = self.root.clone();
-            let p = me.join("locks").join("store.lock");
-            tokio::task::spawn_blocking(move || -> io::Result<nix::fcntl::Flock<std::fs::File>> {
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .truncate(false)
-                    .open(&p)?;
-                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockShared)
-                    .map_err(|(_, e)| io::Error::from(e))
-            })
-            .await
-            .map_err(|e| ImageError::Io(self.root.clone(), io::Error::other(e)))?
-            .map_err(|e| ImageError::Io(self.root.join("locks"), e))?
+            let root = self.root.clone();
+            tokio::task::spawn_blocking(move || store_lock_at(&root, false, PULL_STORE_LOCK_WAIT))
+                .await
+                .map_err(|e| ImageError::Io(self.root.clone(), io::Error::other(e)))??
         };
         let r = self.pull(&r, docker_config).await;
         drop(store_lock);
@@ -1076,6 +1045,43 @@ fn rand_bytes() -> [u8; 8] {
     let mut b = [0u8; 8];
     b.copy_from_slice(&Sha256::digest(seed.as_bytes())[..8]);
     b
+}
+
+/// How long a pull waits for deletions to release the store lock.
+const PULL_STORE_LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// The store-wide lock of the store at `root` (see [`ImageStore::store_lock`]), waited for at
+/// most `wait` ([`ImageError::Busy`] after that).
+fn store_lock_at(
+    root: &Path,
+    exclusive: bool,
+    wait: Duration,
+) -> Result<nix::fcntl::Flock<std::fs::File>, ImageError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let p = root.join("locks").join("store.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&p)
+        .map_err(|e| ImageError::Io(p.clone(), e))?;
+    let arg = if exclusive {
+        FlockArg::LockExclusiveNonblock
+    } else {
+        FlockArg::LockSharedNonblock
+    };
+    let deadline = Instant::now() + wait;
+    loop {
+        match Flock::lock(f, arg) {
+            Ok(l) => return Ok(l),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                f = back;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(ImageError::Busy(p)),
+            Err((_, e)) => return Err(ImageError::Io(p, io::Error::from(e))),
+        }
+    }
 }
 
 #[cfg(test)]

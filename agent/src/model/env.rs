@@ -6,6 +6,7 @@
 use crate::model::quantity;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, Service};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use thiserror::Error;
 
 /// A failure that makes the kubelet report CreateContainerConfigError; the Display text is the
@@ -85,8 +86,71 @@ pub enum ServiceFeed {
     /// A Service source that has not completed its first list: pods from the apiserver wait
     /// ([`EnvError::ServicesNotListed`]); static pods go on without service variables.
     NotListed,
-    /// Every Service the source has (all namespaces).
-    Listed(Vec<Service>),
+    /// Every Service the source has that yields variables (all namespaces), shared between
+    /// the Service feed and the workers.
+    Listed(Arc<ServiceLinks>),
+}
+
+/// One port of a [`ServiceLink`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkPort {
+    /// Port name ("" when unnamed).
+    pub name: String,
+    /// Service port.
+    pub port: i32,
+    /// Protocol as the Service spells it ("" means TCP).
+    pub protocol: String,
+}
+
+/// What the service-link variables read of one Service: its ClusterIP and ports. The node
+/// watches every Service of the cluster, so the feed keeps this instead of the objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceLink {
+    /// The ClusterIP.
+    pub cluster_ip: String,
+    /// The ports, in the Service's order (at least one).
+    pub ports: Vec<LinkPort>,
+}
+
+impl ServiceLink {
+    /// The link of `s`; None for a Service that yields no variables (headless,
+    /// ExternalName, no ClusterIP or no port).
+    pub fn of(s: &Service) -> Option<Self> {
+        let sp = s.spec.as_ref().filter(|_| has_cluster_ip(s))?;
+        Some(Self {
+            cluster_ip: sp.cluster_ip.clone().unwrap_or_default(),
+            ports: sp
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| LinkPort {
+                    name: p.name.clone().unwrap_or_default(),
+                    port: p.port,
+                    protocol: p.protocol.clone().unwrap_or_default(),
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Service links by (namespace, name).
+pub type ServiceLinks = BTreeMap<(String, String), ServiceLink>;
+
+/// The links of `services` (those that yield variables), keyed by namespace and name.
+pub fn service_links<'a>(services: impl IntoIterator<Item = &'a Service>) -> ServiceLinks {
+    services
+        .into_iter()
+        .filter_map(|s| {
+            let key = (
+                s.metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                s.metadata.name.clone().unwrap_or_default(),
+            );
+            ServiceLink::of(s).map(|l| (key, l))
+        })
+        .collect()
 }
 
 /// The annotation naming a pod's source (`api` for pods from the apiserver).
@@ -117,21 +181,18 @@ fn has_cluster_ip(s: &Service) -> bool {
 /// The service-link variables of one Service (`envvars.FromServices`): `{SVC}_SERVICE_HOST`,
 /// `{SVC}_SERVICE_PORT` (first port), `{SVC}_SERVICE_PORT_{NAME}` per named port, and the
 /// Docker link variables `{SVC}_PORT` (first port) and `{SVC}_PORT_{port}_{PROTO}[_PROTO|_PORT|_ADDR]`.
-pub fn service_vars(s: &Service) -> Vec<(String, String)> {
+pub fn service_vars(name: &str, s: &ServiceLink) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let Some(sp) = s.spec.as_ref().filter(|_| has_cluster_ip(s)) else {
-        return out;
-    };
-    let ip = sp.cluster_ip.clone().unwrap_or_default();
-    let ports = sp.ports.as_deref().unwrap_or(&[]);
+    let ip = s.cluster_ip.clone();
+    let ports = &s.ports;
     let Some(first) = ports.first() else {
         return out;
     };
-    let prefix = env_name(s.metadata.name.as_deref().unwrap_or(""));
+    let prefix = env_name(name);
     out.push((format!("{prefix}_SERVICE_HOST"), ip.clone()));
     out.push((format!("{prefix}_SERVICE_PORT"), first.port.to_string()));
     for p in ports {
-        if let Some(n) = p.name.as_deref().filter(|n| !n.is_empty()) {
+        if let Some(n) = Some(p.name.as_str()).filter(|n| !n.is_empty()) {
             out.push((
                 format!("{prefix}_SERVICE_PORT_{}", env_name(n)),
                 p.port.to_string(),
@@ -145,9 +206,7 @@ pub fn service_vars(s: &Service) -> Vec<(String, String)> {
         ip.clone()
     };
     for (i, p) in ports.iter().enumerate() {
-        let proto = p
-            .protocol
-            .as_deref()
+        let proto = Some(p.protocol.as_str())
             .filter(|p| !p.is_empty())
             .unwrap_or("TCP");
         let (lower, upper) = (proto.to_lowercase(), proto.to_uppercase());
@@ -166,20 +225,31 @@ pub fn service_vars(s: &Service) -> Vec<(String, String)> {
 
 /// The service-link variables of a pod in `ns` (the kubelet's `getServiceEnvVarMap`): the
 /// `kubernetes` Service of `default` always, the other Services of `ns` when
-/// `enableServiceLinks`; Services without a ClusterIP are skipped; a Service of `ns` named
-/// `kubernetes` wins over the one of `default`. Sorted by name.
-pub fn service_env(ns: &str, enable_links: bool, services: &[Service]) -> BTreeMap<String, String> {
-    let mut chosen: BTreeMap<&str, &Service> = BTreeMap::new();
-    for s in services.iter().filter(|s| has_cluster_ip(s)) {
-        let name = s.metadata.name.as_deref().unwrap_or("");
-        let sns = s.metadata.namespace.as_deref().unwrap_or("default");
-        if sns == "default" && name == "kubernetes" {
-            chosen.entry(name).or_insert(s);
-        } else if sns == ns && enable_links {
+/// `enableServiceLinks`; (Services without a ClusterIP have no link); a Service of `ns`
+/// named `kubernetes` wins over the one of `default`. Sorted by name.
+pub fn service_env(
+    ns: &str,
+    enable_links: bool,
+    services: &ServiceLinks,
+) -> BTreeMap<String, String> {
+    let mut chosen: BTreeMap<&str, &ServiceLink> = BTreeMap::new();
+    let master = ("default".to_string(), "kubernetes".to_string());
+    if let Some(m) = services.get(&master) {
+        chosen.insert("kubernetes", m);
+    }
+    if enable_links {
+        let from = (ns.to_string(), String::new());
+        for ((sns, name), s) in services.range(from..) {
+            if sns != ns {
+                break;
+            }
             chosen.insert(name, s);
         }
     }
-    chosen.values().flat_map(|s| service_vars(s)).collect()
+    chosen
+        .into_iter()
+        .flat_map(|(name, s)| service_vars(name, s))
+        .collect()
 }
 
 /// Kubernetes `expansion.Expand`: `$(VAR)` is replaced when VAR is known, left as is otherwise;
@@ -609,7 +679,7 @@ spec:
         serde_yaml::from_str(y).unwrap()
     }
 
-    fn services() -> Vec<Service> {
+    fn service_list() -> Vec<Service> {
         [
             "metadata: {name: kubernetes, namespace: default}\nspec: {clusterIP: 10.96.0.1, ports: [{name: https, port: 443, protocol: TCP}]}",
             "metadata: {name: fooservice, namespace: prod}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 8765}]}",
@@ -623,6 +693,44 @@ spec:
         .iter()
         .map(|y| svc(y))
         .collect()
+    }
+
+    fn services() -> ServiceLinks {
+        service_links(&service_list())
+    }
+
+    #[test]
+    fn a_service_link_keeps_what_the_variables_read() {
+        let links = services();
+        // Headless, ExternalName and port-less Services yield no variables: not kept.
+        let names: Vec<&str> = links.keys().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "kubernetes",
+                "elsewhere",
+                "fooservice",
+                "redis-master",
+                "v6"
+            ]
+        );
+        let redis = &links[&("prod".to_string(), "redis-master".to_string())];
+        assert_eq!(redis.cluster_ip, "10.96.0.11");
+        assert_eq!(
+            redis.ports,
+            [
+                LinkPort {
+                    name: "redis".into(),
+                    port: 6379,
+                    protocol: String::new()
+                },
+                LinkPort {
+                    name: "dns-udp".into(),
+                    port: 53,
+                    protocol: "UDP".into()
+                }
+            ]
+        );
     }
 
     #[test]
@@ -671,25 +779,33 @@ spec:
         assert_eq!(six["V6_SERVICE_HOST"], "fd00::10");
         assert!(!six.contains_key("ELSEWHERE_SERVICE_HOST"));
         // A `kubernetes` Service of the pod's own namespace wins over default's, in any order.
-        let mut mine = all.clone();
-        mine.insert(0, svc("metadata: {name: kubernetes, namespace: prod}\nspec: {clusterIP: 10.96.0.99, ports: [{port: 80}]}"));
+        let mut list = service_list();
+        list.insert(0, svc("metadata: {name: kubernetes, namespace: prod}\nspec: {clusterIP: 10.96.0.99, ports: [{port: 80}]}"));
         assert_eq!(
-            service_env("prod", true, &mine)["KUBERNETES_SERVICE_HOST"],
+            service_env("prod", true, &service_links(&list))["KUBERNETES_SERVICE_HOST"],
             "10.96.0.99"
         );
-        mine.reverse();
+        list.reverse();
         assert_eq!(
-            service_env("prod", true, &mine)["KUBERNETES_SERVICE_HOST"],
+            service_env("prod", true, &service_links(&list))["KUBERNETES_SERVICE_HOST"],
             "10.96.0.99"
         );
+        // Even with service links off, default's master Service is the one taken.
+        assert_eq!(
+            service_env("prod", false, &service_links(&list))["KUBERNETES_SERVICE_HOST"],
+            "10.96.0.1"
+        );
+        // A namespace that sorts right after the pod's is not read as the pod's.
+        list.push(svc("metadata: {name: next, namespace: prod-2}\nspec: {clusterIP: 10.96.0.50, ports: [{port: 80}]}"));
+        assert!(!service_env("prod", true, &service_links(&list)).contains_key("NEXT_SERVICE_HOST"));
         // Nothing without services.
-        assert!(service_env("prod", true, &[]).is_empty());
+        assert!(service_env("prod", true, &ServiceLinks::new()).is_empty());
     }
 
     #[test]
     fn service_links_in_the_container_env() {
         let p = pod();
-        let feed = ServiceFeed::Listed(services());
+        let feed = ServiceFeed::Listed(Arc::new(services()));
         let resolve = |env_yaml: &str, pod: &Pod, feed: &ServiceFeed| {
             let extra: Container = serde_yaml::from_str(&format!("name: c\n{env_yaml}")).unwrap();
             let ctx = EnvContext {

@@ -437,12 +437,15 @@ async fn final_delete(client: &Client, ns: &str, name: &str, uid: &str) {
 /// The Service feed of the pod workers (the kubelet's service informer): marks the Services
 /// as not yet listed at once (so that pods from the apiserver wait for the first list, as
 /// the kubelet does), then watches all Services (the Node authorizer allows list/watch) and
-/// hands the whole set to the workers after every list and change.
+/// hands the set to the workers after every list and every change the variables can see.
+/// Each object is reduced to its [`ServiceLink`](crate::model::env::ServiceLink) as it
+/// arrives and dropped: the node keeps no copy of the cluster's Services, and the workers
+/// share the feed's map (copied only when it changes while they hold it).
 pub(crate) fn spawn_service_feed(
     client: Client,
     manager: Arc<PodManager>,
 ) -> tokio::task::JoinHandle<()> {
-    use crate::model::env::ServiceFeed;
+    use crate::model::env::{ServiceFeed, ServiceLink, ServiceLinks};
     use k8s_openapi::api::core::v1::Service;
     manager.set_services(ServiceFeed::NotListed);
     tokio::spawn(async move {
@@ -450,31 +453,51 @@ pub(crate) fn spawn_service_feed(
         let mut stream = watcher(api, watcher::Config::default()).boxed();
         let key = |s: &Service| {
             (
-                s.metadata.namespace.clone().unwrap_or_default(),
+                s.metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
                 s.metadata.name.clone().unwrap_or_default(),
             )
         };
-        let mut all: BTreeMap<(String, String), Service> = BTreeMap::new();
-        let mut relist: Option<BTreeMap<(String, String), Service>> = None;
+        let mut all: Arc<ServiceLinks> = Arc::default();
+        let mut relist: Option<ServiceLinks> = None;
         let mut listed = false;
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(watcher::Event::Apply(s)) => {
-                    all.insert(key(&s), s);
+                    let (k, link) = (key(&s), ServiceLink::of(&s));
+                    if all.get(&k) == link.as_ref() {
+                        // Status, labels or another field the variables do not read.
+                        continue;
+                    }
+                    let m = Arc::make_mut(&mut all);
+                    match link {
+                        Some(l) => m.insert(k, l),
+                        None => m.remove(&k),
+                    };
                 }
                 Ok(watcher::Event::Delete(s)) => {
-                    all.remove(&key(&s));
+                    let k = key(&s);
+                    if !all.contains_key(&k) {
+                        continue;
+                    }
+                    Arc::make_mut(&mut all).remove(&k);
                 }
                 Ok(watcher::Event::Init) => {
-                    relist = Some(BTreeMap::new());
+                    relist = Some(ServiceLinks::new());
                     continue;
                 }
                 Ok(watcher::Event::InitApply(s)) => {
-                    relist.get_or_insert_with(BTreeMap::new).insert(key(&s), s);
+                    if let Some(l) = ServiceLink::of(&s) {
+                        relist
+                            .get_or_insert_with(ServiceLinks::new)
+                            .insert(key(&s), l);
+                    }
                     continue;
                 }
                 Ok(watcher::Event::InitDone) => {
-                    all = relist.take().unwrap_or_default();
+                    all = Arc::new(relist.take().unwrap_or_default());
                     listed = true;
                 }
                 Err(e) => {
@@ -484,7 +507,7 @@ pub(crate) fn spawn_service_feed(
                 }
             }
             if listed {
-                manager.set_services(ServiceFeed::Listed(all.values().cloned().collect()));
+                manager.set_services(ServiceFeed::Listed(Arc::clone(&all)));
             }
         }
     })

@@ -129,8 +129,6 @@ pub type ChainSpec = (String, Option<Hook>, Vec<Rule>);
 pub struct SvcObjs {
     /// Regular chains and their rules.
     pub chains: BTreeMap<String, Vec<Rule>>,
-    /// Own sets (none in the current layout: affinity maps are shared).
-    pub sets: BTreeMap<String, SetSpec>,
     /// Elements in shared maps: (set, key) → data.
     pub elems: BTreeMap<(String, Vec<u8>), ElemData>,
     /// Endpoint addresses (for the hairpin set).
@@ -941,9 +939,6 @@ impl Desired {
         }
         for (k, s) in &self.services {
             let _ = writeln!(out, "# service {k}");
-            for (name, s) in &s.sets {
-                let _ = writeln!(out, "set {name} {s:?}");
-            }
             for (name, rules) in &s.chains {
                 write_chain(&mut out, name, None, rules);
             }
@@ -966,10 +961,9 @@ impl Desired {
     /// set. Empty = consistent.
     pub fn check_refs(&self) -> Vec<String> {
         let mut chains: BTreeSet<String> = self.chains.iter().map(|c| c.0.clone()).collect();
-        let mut sets: BTreeSet<String> = self.sets.keys().cloned().collect();
+        let sets: BTreeSet<String> = self.sets.keys().cloned().collect();
         for s in self.services.values() {
             chains.extend(s.chains.keys().cloned());
-            sets.extend(s.sets.keys().cloned());
         }
         let mut problems = Vec::new();
         let check_rule = |where_: &str, rule: &Rule, problems: &mut Vec<String>| {

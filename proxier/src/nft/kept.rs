@@ -3,12 +3,19 @@
 //! A partial sync must delete exactly what a changed service programmed before, so the
 //! backend remembers, per service and family: its chains (name and a 64-bit hash of their
 //! rules: a chain is rewritten when the hash differs), its map elements (set, key, data) and
-//! its endpoint addresses (for the hairpin set's reference counts). At 10,000 services a
-//! tree of `String`s, `Vec`s and `BTreeMap` nodes per service was most of the process's
-//! memory; here each service is **one** allocation ([`Record`]) holding its key and those
-//! three lists as bytes, the set names are interned ([`SetNames`]), and the records sit in
-//! one vector sorted by service key ([`Kept`]). The lists are decoded into a [`View`] only
-//! for the services a partial sync touches.
+//! its endpoint addresses (for the hairpin set's reference counts). Each service is one
+//! byte record ([`Rec`]) holding its key and those three lists; set names are interned
+//! ([`SetNames`]); all records live back to back in one arena with an index sorted by
+//! service key ([`Kept`]), and are decoded into a [`View`] only for the services a partial
+//! sync touches.
+//!
+//! Why an arena and not one allocation per service: what RSS shows after a full sync is
+//! not the size of what is kept but the pages it pins. Anything long-lived allocated during
+//! the full sync lands among the render's transient blocks, and one live block keeps its
+//! whole page resident after they are freed. At 10,000 services the per-service trees (and
+//! even one small box per service) pinned tens of MiB that way; the arena, the index, the
+//! chain-id table ([`super::layout::Ids`], inline keys, sized before the render) and the
+//! hairpin counts ([`Counts`]) are a handful of large blocks.
 //!
 //! Record layout (integers in native byte order):
 //!
@@ -46,6 +53,9 @@ pub enum KeptError {
     /// A record that does not decode.
     #[error("nftables state: a kept record is corrupt")]
     Corrupt,
+    /// The records outgrew 4 GiB.
+    #[error("nftables state: more than 4 GiB of records")]
+    ArenaFull,
 }
 
 /// Set names interned to small ids: records hold the id, not the name. The layout has a
@@ -132,12 +142,18 @@ pub fn decode_data(kind: u8, b: &[u8]) -> Option<ElemData> {
     }
 }
 
-/// One service's programmed objects of one family, as bytes (see the module's layout).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record(Box<[u8]>);
+/// One service's programmed objects of one family, as bytes (see the module's layout):
+/// owned ([`Record`]) or borrowed from the [`Kept`] arena ([`RecordRef`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rec<B>(B);
+
+/// A record of its own (a partial sync's new records, before they join the arena).
+pub type Record = Rec<Box<[u8]>>;
+/// A record inside the [`Kept`] arena.
+pub type RecordRef<'a> = Rec<&'a [u8]>;
 
 struct Writer<'a> {
-    b: Vec<u8>,
+    b: &'a mut Vec<u8>,
     service: &'a ServiceKey,
 }
 
@@ -173,8 +189,36 @@ impl Writer<'_> {
 impl Record {
     /// Records `o`, the objects of service `key`.
     pub fn encode(key: &ServiceKey, o: &SvcObjs, sets: &mut SetNames) -> Result<Self, KeptError> {
+        let mut b = Vec::with_capacity(256);
+        encode_into(&mut b, key, o, sets)?;
+        Ok(Rec(b.into_boxed_slice()))
+    }
+}
+
+/// Appends the record of `o`, the objects of service `key`, to `out` (nothing on error).
+fn encode_into(
+    out: &mut Vec<u8>,
+    key: &ServiceKey,
+    o: &SvcObjs,
+    sets: &mut SetNames,
+) -> Result<(), KeptError> {
+    let start = out.len();
+    let r = encode_fields(out, key, o, sets);
+    if r.is_err() {
+        out.truncate(start);
+    }
+    r
+}
+
+fn encode_fields(
+    out: &mut Vec<u8>,
+    key: &ServiceKey,
+    o: &SvcObjs,
+    sets: &mut SetNames,
+) -> Result<(), KeptError> {
+    {
         let mut w = Writer {
-            b: Vec::with_capacity(64),
+            b: out,
             service: key,
         };
         w.long("namespace", key.namespace.as_bytes())?;
@@ -203,35 +247,48 @@ impl Record {
         for ip in o.endpoint_ips.iter() {
             w.b.extend_from_slice(ip);
         }
-        Ok(Self(w.b.into_boxed_slice()))
+        Ok(())
     }
+}
 
+impl<B: AsRef<[u8]>> Rec<B> {
     /// Bytes held (for tests and figures).
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.as_ref().len()
     }
 
     /// Whether the record is empty (never: a record holds at least its key).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.as_ref().is_empty()
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.0.as_ref()
     }
 
     /// The service key as (namespace, name) bytes; empty slices if the record is corrupt.
     fn key(&self) -> (&[u8], &[u8]) {
-        let mut r = Reader { b: &self.0 };
-        match (r.long(), r.long()) {
-            (Some(ns), Some(n)) => (ns, n),
-            _ => (&[], &[]),
-        }
+        record_key(self.0.as_ref())
     }
 
     /// The lists, decoded.
     pub fn view(&self) -> Result<View<'_>, KeptError> {
-        self.try_view().ok_or(KeptError::Corrupt)
+        view_of(self.0.as_ref()).ok_or(KeptError::Corrupt)
     }
+}
 
-    fn try_view(&self) -> Option<View<'_>> {
-        let mut r = Reader { b: &self.0 };
+impl<'a> RecordRef<'a> {
+    /// The lists, decoded, borrowing the arena (not this handle).
+    pub fn into_view(self) -> Result<View<'a>, KeptError> {
+        view_of(self.0).ok_or(KeptError::Corrupt)
+    }
+}
+
+/// The lists of record bytes.
+fn view_of(b: &[u8]) -> Option<View<'_>> {
+    {
+        let mut r = Reader { b };
         r.long()?;
         r.long()?;
         let n = r.count()?;
@@ -262,6 +319,15 @@ impl Record {
             ips.push(r.take(alen)?);
         }
         r.b.is_empty().then_some(View { chains, elems, ips })
+    }
+}
+
+/// The service key of record bytes as (namespace, name); empty slices if they are corrupt.
+fn record_key(b: &[u8]) -> (&[u8], &[u8]) {
+    let mut r = Reader { b };
+    match (r.long(), r.long()) {
+        (Some(ns), Some(n)) => (ns, n),
+        _ => (&[], &[]),
     }
 }
 
@@ -397,75 +463,130 @@ pub fn diff<'a>(old: &View<'a>, new: &View<'a>) -> Diff<'a> {
     d
 }
 
-/// The records of every programmed service of one family, sorted by service key: one
-/// vector of one pointer per service.
+/// The records of every programmed service of one family: all their bytes back to back in
+/// one arena, and an index of (offset, length) sorted by service key. Two allocations
+/// whatever the number of services, so the kept state never pins pages of the heap that
+/// a sync's transient allocations used (which is what made the per-service trees cost far
+/// more RSS than their size). A partial sync appends its new records and leaves the old
+/// ones as garbage until garbage outweighs the live records, then compacts.
 #[derive(Debug, Default, Clone)]
 pub struct Kept {
-    recs: Vec<Record>,
+    arena: Vec<u8>,
+    index: Vec<(u32, u32)>,
+    garbage: usize,
 }
 
 fn key_bytes(k: &ServiceKey) -> (&[u8], &[u8]) {
     (k.namespace.as_bytes(), k.name.as_bytes())
 }
 
+fn span(start: usize, end: usize) -> Result<(u32, u32), KeptError> {
+    let off = u32::try_from(start).map_err(|_| KeptError::ArenaFull)?;
+    let len = u32::try_from(end - start).map_err(|_| KeptError::ArenaFull)?;
+    Ok((off, len))
+}
+
 impl Kept {
-    /// Records given in service key order (as a `BTreeMap<ServiceKey, _>` yields them).
-    pub fn from_sorted(mut recs: Vec<Record>) -> Self {
-        recs.shrink_to_fit();
-        Self { recs }
+    /// Records the services given in service key order (as a `BTreeMap<ServiceKey, _>`
+    /// yields them).
+    pub fn build<'a>(
+        services: impl ExactSizeIterator<Item = (&'a ServiceKey, &'a SvcObjs)>,
+        sets: &mut SetNames,
+    ) -> Result<Self, KeptError> {
+        let mut k = Self {
+            index: Vec::with_capacity(services.len()),
+            ..Self::default()
+        };
+        for (key, o) in services {
+            let start = k.arena.len();
+            encode_into(&mut k.arena, key, o, sets)?;
+            k.index.push(span(start, k.arena.len())?);
+        }
+        k.arena.shrink_to_fit();
+        Ok(k)
+    }
+
+    fn at(&self, (off, len): (u32, u32)) -> RecordRef<'_> {
+        let off = off as usize;
+        Rec(self.arena.get(off..off + len as usize).unwrap_or(&[]))
     }
 
     /// The record of `key`.
-    pub fn get(&self, key: &ServiceKey) -> Option<&Record> {
+    pub fn get(&self, key: &ServiceKey) -> Option<RecordRef<'_>> {
         let k = key_bytes(key);
-        self.recs
-            .binary_search_by(|r| r.key().cmp(&k))
+        self.index
+            .binary_search_by(|s| self.at(*s).key().cmp(&k))
             .ok()
-            .and_then(|i| self.recs.get(i))
+            .and_then(|i| self.index.get(i))
+            .map(|s| self.at(*s))
     }
 
     /// Services recorded.
     pub fn len(&self) -> usize {
-        self.recs.len()
+        self.index.len()
     }
 
     /// Whether no service is recorded.
     pub fn is_empty(&self) -> bool {
-        self.recs.is_empty()
+        self.index.is_empty()
     }
 
     /// Every record, in service key order.
-    pub fn iter(&self) -> impl Iterator<Item = &Record> {
-        self.recs.iter()
+    pub fn iter(&self) -> impl Iterator<Item = RecordRef<'_>> {
+        self.index.iter().map(|s| self.at(*s))
     }
 
-    /// Bytes held by the records and the vector (for figures).
+    /// Bytes held by the arena and the index (for tests and figures).
     pub fn bytes(&self) -> usize {
-        self.recs.iter().map(Record::len).sum::<usize>()
-            + self.recs.capacity() * std::mem::size_of::<Record>()
+        self.arena.capacity() + self.index.capacity() * std::mem::size_of::<(u32, u32)>()
     }
 
     /// Replaces the records of the services in `changes` (sorted by key, each key once):
-    /// `Some` sets a service's record, `None` forgets the service. One merge pass.
-    pub fn update(&mut self, changes: Vec<(ServiceKey, Option<Record>)>) {
+    /// `Some` sets a service's record, `None` forgets the service. One merge pass over the
+    /// index; the new records are appended to the arena.
+    pub fn update(&mut self, changes: Vec<(ServiceKey, Option<Record>)>) -> Result<(), KeptError> {
         if changes.is_empty() {
-            return;
+            return Ok(());
         }
-        let old = std::mem::take(&mut self.recs);
-        let mut out = Vec::with_capacity(old.len() + changes.len());
+        let old = std::mem::take(&mut self.index);
+        let mut index = Vec::with_capacity(old.len() + changes.len());
         let mut old = old.into_iter().peekable();
         for (key, rec) in changes {
             let k = key_bytes(&key);
-            while let Some(r) = old.next_if(|r| r.key() < k) {
-                out.push(r);
+            while let Some(s) = old.next_if(|s| self.at(*s).key() < k) {
+                index.push(s);
             }
             // The previous record of this key, if any, is replaced.
-            let _ = old.next_if(|r| r.key() == k);
-            out.extend(rec);
+            if let Some(s) = old.next_if(|s| self.at(*s).key() == k) {
+                self.garbage += s.1 as usize;
+            }
+            if let Some(r) = rec {
+                let start = self.arena.len();
+                self.arena.extend_from_slice(r.bytes());
+                index.push(span(start, self.arena.len())?);
+            }
         }
-        out.extend(old);
-        out.shrink_to_fit();
-        self.recs = out;
+        index.extend(old);
+        self.index = index;
+        if self.garbage > 4096 && self.garbage > self.arena.len() / 2 {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// Copies the live records into a fresh arena.
+    fn compact(&mut self) -> Result<(), KeptError> {
+        let live = self.arena.len().saturating_sub(self.garbage);
+        let mut arena = Vec::with_capacity(live);
+        for s in &mut self.index {
+            let (off, len) = (s.0 as usize, s.1 as usize);
+            let start = arena.len();
+            arena.extend_from_slice(self.arena.get(off..off + len).unwrap_or(&[]));
+            *s = span(start, arena.len())?;
+        }
+        self.arena = arena;
+        self.garbage = 0;
+        Ok(())
     }
 }
 
@@ -482,8 +603,20 @@ impl Counts {
     /// Counts every address of every record.
     pub fn of(kept: &Kept) -> Result<Self, KeptError> {
         let mut c = Self::default();
+        // Sized once (at most this many distinct addresses), not grown step by step.
+        let (mut n4, mut n6) = (0, 0);
         for r in kept.iter() {
-            for ip in r.view()?.ips {
+            for ip in r.into_view()?.ips {
+                match ip.len() {
+                    4 => n4 += 1,
+                    _ => n6 += 1,
+                }
+            }
+        }
+        c.v4.reserve(n4);
+        c.v6.reserve(n6);
+        for r in kept.iter() {
+            for ip in r.into_view()?.ips {
                 c.inc(ip);
             }
         }
@@ -633,7 +766,7 @@ mod tests {
         // One allocation, a few bytes per element.
         assert!(r.len() < 128, "{}", r.len());
         // A truncated record is refused, not misread.
-        let cut = Record(r.0[..r.0.len() - 1].into());
+        let cut = Rec(&r.bytes()[..r.len() - 1]);
         assert!(cut.view().is_err());
         // Names longer than their length byte are refused.
         let mut long = o.clone();
@@ -726,11 +859,13 @@ mod tests {
         let rec = |ns: &str, n: &str, sets: &mut SetNames| {
             Record::encode(&key(ns, n), &o, sets).expect("encode")
         };
-        let mut kept = Kept::from_sorted(vec![
-            rec("a", "x", &mut sets),
-            rec("b", "x", &mut sets),
-            rec("b", "y", &mut sets),
-        ]);
+        let mut kept = Kept::default();
+        kept.update(vec![
+            (key("a", "x"), Some(rec("a", "x", &mut sets))),
+            (key("b", "x"), Some(rec("b", "x", &mut sets))),
+            (key("b", "y"), Some(rec("b", "y", &mut sets))),
+        ])
+        .expect("update");
         let o2 = objs(&[[10, 0, 0, 2]], &[10, 96, 0, 1]);
         let r2 = Record::encode(&key("b", "x"), &o2, &mut sets).expect("encode");
         kept.update(vec![
@@ -738,17 +873,62 @@ mod tests {
             (key("b", "x"), Some(r2.clone())),
             (key("b", "y"), None),
             (key("c", "z"), None),
-        ]);
+        ])
+        .expect("update");
         assert_eq!(kept.len(), 3);
         assert!(kept.get(&key("a", "w")).is_some());
         assert!(kept.get(&key("a", "x")).is_some());
-        assert_eq!(kept.get(&key("b", "x")), Some(&r2));
+        assert_eq!(
+            kept.get(&key("b", "x")).map(|r| r.bytes().to_vec()),
+            Some(r2.bytes().to_vec())
+        );
         assert!(kept.get(&key("b", "y")).is_none());
         assert!(kept.get(&key("c", "z")).is_none());
-        let keys: Vec<_> = kept.iter().map(|r| r.key()).collect();
+        let keys: Vec<_> = kept
+            .iter()
+            .map(|r| (r.key().0.to_vec(), r.key().1.to_vec()))
+            .collect();
         let mut sorted = keys.clone();
         sorted.sort();
         assert_eq!(keys, sorted);
+    }
+
+    #[test]
+    fn kept_arena_compacts_its_garbage() {
+        let mut sets = SetNames::default();
+        let mut kept = Kept::default();
+        let keys: Vec<ServiceKey> = (0..50).map(|i| key("ns", &format!("s{i:02}"))).collect();
+        let o = objs(&[[10, 0, 0, 1]], &[10, 96, 0, 1]);
+        let first: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                (
+                    k.clone(),
+                    Some(Record::encode(k, &o, &mut sets).expect("encode")),
+                )
+            })
+            .collect();
+        kept.update(first).expect("update");
+        let live = kept.bytes();
+        // Every service rewritten many times: the arena stays within a few times its live size.
+        for round in 0..200u8 {
+            let o = objs(&[[10, 0, 1, round]], &[10, 96, 0, 1]);
+            let k = &keys[usize::from(round) % keys.len()];
+            let r = Record::encode(k, &o, &mut sets).expect("encode");
+            kept.update(vec![(k.clone(), Some(r))]).expect("update");
+        }
+        assert_eq!(kept.len(), 50);
+        assert!(kept.bytes() < 4 * live + 8192, "{} vs {live}", kept.bytes());
+        // The last record of each service is the one kept.
+        let last = kept
+            .get(&keys[199 % 50])
+            .expect("kept")
+            .into_view()
+            .expect("view");
+        assert_eq!(last.ips, vec![&[10, 0, 1, 199][..]]);
+        for k in &keys {
+            assert!(kept.get(k).is_some(), "{k}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::debug;
 
-use self::kept::{Counts, Kept, KeptError, Record, SetNames};
+use self::kept::{Counts, Kept, KeptError, Record, RecordRef, SetNames};
 use self::layout::{Fam, Ids, SvcObjs, CANARY_CHAIN, HAIRPIN, TABLE};
 use self::wire::{Batch, ElemData, NetlinkError, Socket, NFPROTO_IPV4};
 use crate::iptables::RenderOpts;
@@ -126,11 +126,19 @@ impl From<KeptError> for SyncError {
 impl<S: Sink> NftablesBackend<S> {
     /// A backend over `sink`.
     pub fn with_sink(sink: S, opts: RenderOpts) -> Self {
+        // The shared set names, interned before any sync (so that their entries are not
+        // allocated in the middle of a full sync's transient blocks).
+        let mut sets = SetNames::default();
+        for f in FAMS {
+            for name in layout::shared(f, &opts).0.keys() {
+                let _ = sets.id(name);
+            }
+        }
         Self {
             sink,
             opts,
             ids: [Ids::default(), Ids::default()],
-            sets: SetNames::default(),
+            sets,
             state: None,
         }
     }
@@ -148,6 +156,7 @@ impl<S: Sink> NftablesBackend<S> {
         for (fi, f) in FAMS.iter().enumerate() {
             // The table is recreated: ids start afresh (no id of a vanished chain lingers).
             self.ids[fi] = Ids::default();
+            self.ids[fi].reserve(model.len() + model.len() / 4);
             let (d, r, e) = self.full_family(&mut b, fi, *f, model);
             desired.push(d);
             rules += r;
@@ -183,12 +192,9 @@ impl<S: Sink> NftablesBackend<S> {
         &mut self,
         services: BTreeMap<ServiceKey, SvcObjs>,
     ) -> Result<Programmed, KeptError> {
-        let mut recs = Vec::with_capacity(services.len());
-        for (k, o) in &services {
-            recs.push(Record::encode(k, o, &mut self.sets)?);
-        }
+        let kept = Kept::build(services.iter(), &mut self.sets)?;
         drop(services);
-        let services = Kept::from_sorted(recs);
+        let services = kept;
         let mut hairpin = Counts::of(&services)?;
         hairpin.shrink();
         Ok(Programmed { services, hairpin })
@@ -300,7 +306,7 @@ impl<S: Sink> NftablesBackend<S> {
             for ip in &apply.new_ips {
                 st.hairpin.inc(ip);
             }
-            st.services.update(apply.records);
+            st.services.update(apply.records)?;
         }
         self.state = Some(states);
         Ok(SyncStats {
@@ -347,7 +353,7 @@ impl<S: Sink> NftablesBackend<S> {
         let mut new_ips: Vec<Vec<u8>> = Vec::new();
         let mut diffs = Vec::with_capacity(news.len());
         for (key, _, rec) in &news {
-            let old = st.services.get(key).map(Record::view).transpose()?;
+            let old = st.services.get(key).map(RecordRef::into_view).transpose()?;
             let new = rec.as_ref().map(Record::view).transpose()?;
             diffs.push(kept::diff(
                 old.as_ref().unwrap_or(&empty),

@@ -156,7 +156,13 @@ impl<S: Sink> NftablesBackend<S> {
         for (fi, f) in FAMS.iter().enumerate() {
             // The table is recreated: ids start afresh (no id of a vanished chain lingers).
             self.ids[fi] = Ids::default();
-            self.ids[fi].reserve(model.len() + model.len() / 4);
+            // About one chain per service port of the family (more grow the table once).
+            let ports = model
+                .values()
+                .flatten()
+                .filter(|sp| sp.cluster_ips.iter().any(|ip| f.addr(ip).is_some()))
+                .count();
+            self.ids[fi].reserve(ports);
             let (d, r, e) = self.full_family(&mut b, fi, *f, model);
             desired.push(d);
             rules += r;

@@ -658,3 +658,78 @@ fn nft_ipv6_clusterip_and_reject() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     server.join().unwrap();
 }
+
+/// Partial syncs that remove a port of a service, then a whole service, leave nothing of
+/// them in the kernel: no chain, no service-ips element, no endpoint element, no hairpin
+/// element of an address nobody else uses; the rest still answers.
+#[test]
+fn nft_partial_removals_leave_nothing_behind() {
+    let mut env = Env::new(2);
+    let two_ports = |ports: &str| -> Service {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: multi, namespace: t}}\nspec: {{clusterIP: 10.96.0.40, ports: [{ports}]}}"
+        ))
+        .unwrap()
+    };
+    let multi_slice: EndpointSlice = serde_yaml::from_str(&format!(
+        "metadata: {{name: multi-1, namespace: t, labels: {{kubernetes.io/service-name: multi}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}, {{name: q, port: 8080}}]\nendpoints: [{{addresses: [{}]}}, {{addresses: [{}]}}]",
+        B[0].0, B[1].0
+    ))
+    .unwrap();
+    env.proxier
+        .on_service_add(two_ports("{name: p, port: 80}, {name: q, port: 81}"));
+    env.proxier.on_endpointslice_add(multi_slice);
+    // "gone" has an address no other service uses (no server behind it: never connected).
+    env.proxier
+        .on_service_add(service("gone", "10.96.0.41", ""));
+    env.proxier
+        .on_endpointslice_add(slice("gone", &[("10.244.1.99", NODE)]));
+    env.proxier
+        .on_service_add(service("stay", "10.96.0.42", ""));
+    env.proxier.on_endpointslice_add(slice("stay", &B[1..2]));
+    assert!(env.sync().full);
+    let table = |env: &Env| nft(env, "list table ip hako");
+    let count = |t: &str, pat: &str| t.matches(pat).count();
+    let t = table(&env);
+    assert_eq!(count(&t, "chain svc-"), 4, "{t}");
+    assert_eq!(
+        count(&t, " . 8080"),
+        2 + 2 + 1 + 1,
+        "endpoint elements:\n{t}"
+    );
+    assert!(t.contains("10.96.0.40 . tcp . 81 : goto svc-"), "{t}");
+    assert!(t.contains("10.244.1.99 . 10.244.1.99"), "hairpin:\n{t}");
+    let (a, _) = connect(&env.client, "10.96.0.40 81", 4);
+    assert!(!counts(&a).contains_key("FAIL"), "{a:?}");
+
+    // Port q goes: its chain, its service-ips element and its two endpoint elements.
+    env.proxier
+        .on_service_update(two_ports("{name: p, port: 80}"));
+    assert!(!env.sync().full);
+    let t = table(&env);
+    assert_eq!(count(&t, "chain svc-"), 3, "{t}");
+    assert_eq!(count(&t, " . 8080"), 2 + 1 + 1, "endpoint elements:\n{t}");
+    assert!(!t.contains("10.96.0.40 . tcp . 81"), "{t}");
+    assert!(t.contains("10.96.0.40 . tcp . 80 : goto svc-"), "{t}");
+
+    // Service "gone" goes (service and slice): nothing of it stays, hairpin included.
+    env.proxier
+        .on_endpointslice_delete(&slice("gone", &[("10.244.1.99", NODE)]));
+    env.proxier
+        .on_service_delete(&service("gone", "10.96.0.41", ""));
+    assert!(!env.sync().full);
+    let t = table(&env);
+    assert_eq!(count(&t, "chain svc-"), 2, "{t}");
+    assert_eq!(count(&t, " . 8080"), 2 + 1, "endpoint elements:\n{t}");
+    assert!(!t.contains("10.96.0.41"), "{t}");
+    assert!(!t.contains("10.244.1.99"), "hairpin element left:\n{t}");
+    assert!(t.contains(&format!("{0} . {0}", B[1].0)), "{t}");
+
+    // What stays still works; the removed port no longer answers.
+    let (a, _) = connect(&env.client, "10.96.0.40 80", 20);
+    assert_eq!(counts(&a).len(), 2, "{a:?}");
+    let (a, _) = connect(&env.client, "10.96.0.42 80", 3);
+    assert_eq!(counts(&a).keys().collect::<Vec<_>>(), vec!["b2"]);
+    let (a, _) = connect(&env.client, "10.96.0.40 81", 1);
+    assert_eq!(a, vec!["FAIL".to_string()]);
+}

@@ -6,7 +6,7 @@
 //! also keeps `id*MAX_SLOTS . client` → endpoint id ([`endpoint_ids`], stable while the
 //! endpoint exists) in one of [`SHARDS`] shared dynamic maps `affinity-<k>`. See the README for the measurements behind this layout.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -129,41 +129,68 @@ pub type ChainSpec = (String, Option<Hook>, Vec<Rule>);
 pub struct SvcObjs {
     /// Regular chains and their rules.
     pub chains: BTreeMap<String, Vec<Rule>>,
-    /// Own sets (none in the current layout: affinity maps are shared).
-    pub sets: BTreeMap<String, SetSpec>,
     /// Elements in shared maps: (set, key) → data.
     pub elems: BTreeMap<(String, Vec<u8>), ElemData>,
     /// Endpoint addresses (for the hairpin set).
     pub endpoint_ips: BTreeSet<Vec<u8>>,
 }
 
-/// Stable u32 ids for the service chains (keys of the `endpoints` map).
+/// Stable u32 ids for the service chains (keys of the `endpoints` map). Chain names are
+/// kept inline (no allocation per chain: these entries outlive the render that makes
+/// them, so they must not be scattered among its transient blocks).
 #[derive(Debug, Clone, Default)]
 pub struct Ids {
-    map: BTreeMap<String, u32>,
+    map: HashMap<ChainKey, u32>,
+    long: HashMap<String, u32>,
     free: Vec<u32>,
     next: u32,
+}
+
+/// A chain name of at most 24 bytes, inline (zero-padded: names hold no NUL).
+type ChainKey = [u8; 24];
+
+fn chain_key(chain: &str) -> Option<ChainKey> {
+    let mut k = [0u8; 24];
+    k.get_mut(..chain.len())?.copy_from_slice(chain.as_bytes());
+    Some(k)
 }
 
 impl Ids {
     /// The id of `chain`, allocated on first use.
     pub fn get(&mut self, chain: &str) -> u32 {
-        if let Some(i) = self.map.get(chain) {
+        let key = chain_key(chain);
+        let known = match &key {
+            Some(k) => self.map.get(k),
+            None => self.long.get(chain),
+        };
+        if let Some(i) = known {
             return *i;
         }
         let i = self.free.pop().unwrap_or_else(|| {
             self.next += 1;
             self.next
         });
-        self.map.insert(chain.to_string(), i);
+        match key {
+            Some(k) => self.map.insert(k, i),
+            None => self.long.insert(chain.to_string(), i),
+        };
         i
     }
 
     /// Releases the id of a chain that no longer exists.
     pub fn release(&mut self, chain: &str) {
-        if let Some(i) = self.map.remove(chain) {
+        let i = match chain_key(chain) {
+            Some(k) => self.map.remove(&k),
+            None => self.long.remove(chain),
+        };
+        if let Some(i) = i {
             self.free.push(i);
         }
+    }
+
+    /// Room for `n` chains (one allocation before a full render, not many during it).
+    pub fn reserve(&mut self, n: usize) {
+        self.map.reserve(n);
     }
 }
 
@@ -941,9 +968,6 @@ impl Desired {
         }
         for (k, s) in &self.services {
             let _ = writeln!(out, "# service {k}");
-            for (name, s) in &s.sets {
-                let _ = writeln!(out, "set {name} {s:?}");
-            }
             for (name, rules) in &s.chains {
                 write_chain(&mut out, name, None, rules);
             }
@@ -966,10 +990,9 @@ impl Desired {
     /// set. Empty = consistent.
     pub fn check_refs(&self) -> Vec<String> {
         let mut chains: BTreeSet<String> = self.chains.iter().map(|c| c.0.clone()).collect();
-        let mut sets: BTreeSet<String> = self.sets.keys().cloned().collect();
+        let sets: BTreeSet<String> = self.sets.keys().cloned().collect();
         for s in self.services.values() {
             chains.extend(s.chains.keys().cloned());
-            sets.extend(s.sets.keys().cloned());
         }
         let mut problems = Vec::new();
         let check_rule = |where_: &str, rule: &Rule, problems: &mut Vec<String>| {

@@ -3,6 +3,7 @@
 //! (table deleted and recreated) and a partial sync as one batch holding only the changed
 //! services' chains, rules and map elements. No `nft` process runs on the sync path.
 
+pub mod kept;
 pub mod layout;
 pub mod wire;
 
@@ -13,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::debug;
 
+use self::kept::{Counts, Kept, KeptError, Record, RecordRef, SetNames};
 use self::layout::{Fam, Ids, SvcObjs, CANARY_CHAIN, HAIRPIN, TABLE};
 use self::wire::{Batch, ElemData, NetlinkError, Socket, NFPROTO_IPV4};
 use crate::iptables::RenderOpts;
@@ -28,9 +30,9 @@ pub enum NftError {
     /// A partial sync came before any full one (the next sync is full).
     #[error("nftables: partial sync without state")]
     NoState,
-    /// A service's affinity set changed its timeout, which only a full sync can apply.
-    #[error("nftables: set {0} changed shape; full sync needed")]
-    SetShape(String),
+    /// The kept state of a service could not be recorded or read (the next sync is full).
+    #[error(transparent)]
+    Kept(#[from] KeptError),
 }
 
 impl From<NetlinkError> for SyncError {
@@ -84,10 +86,12 @@ impl Sink for KernelSink {
     }
 }
 
+/// What one family's table holds beyond the shared objects: per service its compact record,
+/// and the reference counts of endpoint addresses behind the hairpin set.
 #[derive(Default)]
 struct Programmed {
-    services: BTreeMap<ServiceKey, SvcObjs>,
-    hairpin: BTreeMap<Vec<u8>, usize>,
+    services: Kept,
+    hairpin: Counts,
 }
 
 /// The tables: `ip hako` and `ip6 hako`.
@@ -98,6 +102,7 @@ pub struct NftablesBackend<S: Sink = KernelSink> {
     sink: S,
     opts: RenderOpts,
     ids: [Ids; 2],
+    sets: SetNames,
     state: Option<[Programmed; 2]>,
 }
 
@@ -112,13 +117,28 @@ fn hairpin_key(ip: &[u8]) -> Vec<u8> {
     [ip, ip].concat()
 }
 
+impl From<KeptError> for SyncError {
+    fn from(e: KeptError) -> Self {
+        SyncError::Nftables(NftError::Kept(e))
+    }
+}
+
 impl<S: Sink> NftablesBackend<S> {
     /// A backend over `sink`.
     pub fn with_sink(sink: S, opts: RenderOpts) -> Self {
+        // The shared set names, interned before any sync (so that their entries are not
+        // allocated in the middle of a full sync's transient blocks).
+        let mut sets = SetNames::default();
+        for f in FAMS {
+            for name in layout::shared(f, &opts).0.keys() {
+                let _ = sets.id(name);
+            }
+        }
         Self {
             sink,
             opts,
             ids: [Ids::default(), Ids::default()],
+            sets,
             state: None,
         }
     }
@@ -132,10 +152,19 @@ impl<S: Sink> NftablesBackend<S> {
         let mut b = Batch::new(NFPROTO_IPV4, TABLE);
         let mut rules = 0usize;
         let mut elems = 0usize;
-        let mut states = Vec::new();
+        let mut desired = Vec::new();
         for (fi, f) in FAMS.iter().enumerate() {
-            let (st, r, e) = self.full_family(&mut b, fi, *f, model);
-            states.push(st);
+            // The table is recreated: ids start afresh (no id of a vanished chain lingers).
+            self.ids[fi] = Ids::default();
+            // About one chain per service port of the family (more grow the table once).
+            let ports = model
+                .values()
+                .flatten()
+                .filter(|sp| sp.cluster_ips.iter().any(|ip| f.addr(ip).is_some()))
+                .count();
+            self.ids[fi].reserve(ports);
+            let (d, r, e) = self.full_family(&mut b, fi, *f, model);
+            desired.push(d);
             rules += r;
             elems += e;
         }
@@ -145,6 +174,12 @@ impl<S: Sink> NftablesBackend<S> {
             messages = msgs,
             rules, elems, "nftables full sync committed"
         );
+        // Only now, with the batch gone, the compact records: they are allocated after (not
+        // among) the render's many small blocks, which are then freed together.
+        let mut states = Vec::new();
+        for d in desired {
+            states.push(self.programmed(d)?);
+        }
         let mut it = states.into_iter();
         if let (Some(a), Some(b)) = (it.next(), it.next()) {
             self.state = Some([a, b]);
@@ -158,16 +193,28 @@ impl<S: Sink> NftablesBackend<S> {
         })
     }
 
-    /// Adds the full table of family `f` to `b`; returns its state, rules and elements.
+    /// What a full sync of `services` leaves programmed.
+    fn programmed(
+        &mut self,
+        services: BTreeMap<ServiceKey, SvcObjs>,
+    ) -> Result<Programmed, KeptError> {
+        let kept = Kept::build(services.iter(), &mut self.sets)?;
+        drop(services);
+        let services = kept;
+        let mut hairpin = Counts::of(&services)?;
+        hairpin.shrink();
+        Ok(Programmed { services, hairpin })
+    }
+
+    /// Adds the full table of family `f` to `b`; returns its services' objects, rules and
+    /// elements.
     fn full_family(
         &mut self,
         b: &mut Batch,
         fi: usize,
         f: Fam,
         model: &Model,
-    ) -> (Programmed, usize, usize) {
-        // The table is recreated: ids start afresh (no id of a vanished chain lingers).
-        self.ids[fi] = Ids::default();
+    ) -> (BTreeMap<ServiceKey, SvcObjs>, usize, usize) {
         let d = layout::render(f, model, &self.opts, &mut self.ids[fi]);
         b.set_family(f.nfproto);
         // Create-if-missing, delete, create: the old table goes away in the same transaction.
@@ -176,11 +223,6 @@ impl<S: Sink> NftablesBackend<S> {
         b.add_table();
         for (name, s) in &d.sets {
             b.add_set(name, s);
-        }
-        for o in d.services.values() {
-            for (name, s) in &o.sets {
-                b.add_set(name, s);
-            }
         }
         let mut rules = 0usize;
         for o in d.services.values() {
@@ -212,13 +254,13 @@ impl<S: Sink> NftablesBackend<S> {
             elems += list.len();
             b.add_elems(set, list.iter().copied());
         }
-        let mut hairpin = BTreeMap::new();
-        for o in d.services.values() {
-            for ip in &o.endpoint_ips {
-                *hairpin.entry(ip.clone()).or_insert(0) += 1;
-            }
-        }
-        let hp: Vec<Vec<u8>> = hairpin.keys().map(|ip| hairpin_key(ip)).collect();
+        drop(per_set);
+        let hairpin: BTreeSet<&[u8]> = d
+            .services
+            .values()
+            .flat_map(|o| o.endpoint_ips.iter().map(Vec::as_slice))
+            .collect();
+        let hp: Vec<Vec<u8>> = hairpin.iter().map(|ip| hairpin_key(ip)).collect();
         elems += hp.len();
         b.add_elems(HAIRPIN, hp.iter().map(|k| (k.as_slice(), &ElemData::None)));
         for (name, _, rs) in &d.chains {
@@ -227,14 +269,8 @@ impl<S: Sink> NftablesBackend<S> {
                 rules += 1;
             }
         }
-        (
-            Programmed {
-                services: d.services,
-                hairpin,
-            },
-            rules,
-            elems,
-        )
+        drop(hairpin);
+        (d.services, rules, elems)
     }
 
     fn partial(
@@ -251,14 +287,10 @@ impl<S: Sink> NftablesBackend<S> {
         let mut done = Vec::new();
         for (fi, f) in FAMS.iter().enumerate() {
             b.set_family(f.nfproto);
-            match self.partial_family(&mut b, fi, *f, &states[fi], model, changed) {
-                Ok((apply, r, e)) => {
-                    done.push(apply);
-                    rules += r;
-                    elems += e;
-                }
-                Err(e) => return Err(e),
-            }
+            let (apply, r, e) = self.partial_family(&mut b, fi, *f, &states[fi], model, changed)?;
+            done.push(apply);
+            rules += r;
+            elems += e;
         }
         let msgs = b.len();
         if msgs > 0 {
@@ -268,19 +300,19 @@ impl<S: Sink> NftablesBackend<S> {
             messages = msgs,
             rules, elems, "nftables partial sync committed"
         );
-        for (fi, (del_chains, hairpin, new_objs)) in done.into_iter().enumerate() {
-            for c in &del_chains {
+        // Committed: record it (a failure above left `state` None, so the next sync is full).
+        for (fi, apply) in done.into_iter().enumerate() {
+            for c in &apply.del_chains {
                 self.ids[fi].release(c);
             }
             let st = &mut states[fi];
-            st.hairpin = hairpin;
-            for (key, o) in new_objs {
-                if o == SvcObjs::default() {
-                    st.services.remove(&key);
-                } else {
-                    st.services.insert(key, o);
-                }
+            for ip in &apply.gone_ips {
+                st.hairpin.dec(ip);
             }
+            for ip in &apply.new_ips {
+                st.hairpin.inc(ip);
+            }
+            st.services.update(apply.records)?;
         }
         self.state = Some(states);
         Ok(SyncStats {
@@ -292,9 +324,9 @@ impl<S: Sink> NftablesBackend<S> {
         })
     }
 
-    /// Adds the changes of family `f` to `b`; returns what to record once committed (chains
-    /// deleted, hairpin counts, new objects), rules and elements written.
-    #[allow(clippy::type_complexity)]
+    /// Adds the changes of family `f` to `b`; returns what to record once committed, rules
+    /// and elements written.
+    #[allow(clippy::too_many_arguments)]
     fn partial_family(
         &mut self,
         b: &mut Batch,
@@ -303,132 +335,100 @@ impl<S: Sink> NftablesBackend<S> {
         st: &Programmed,
         model: &Model,
         changed: &BTreeSet<ServiceKey>,
-    ) -> Result<
-        (
-            (
-                Vec<String>,
-                BTreeMap<Vec<u8>, usize>,
-                BTreeMap<ServiceKey, SvcObjs>,
-            ),
-            usize,
-            usize,
-        ),
-        SyncError,
-    > {
-        let mut new_objs: BTreeMap<ServiceKey, SvcObjs> = BTreeMap::new();
+    ) -> Result<(Applied, usize, usize), SyncError> {
+        let mut news: Vec<(ServiceKey, SvcObjs, Option<Record>)> = Vec::new();
         for key in changed {
             let o = model
                 .get(key)
                 .map(|ports| layout::render_service(f, ports, &self.opts, &mut self.ids[fi]))
                 .unwrap_or_default();
-            new_objs.insert(key.clone(), o);
+            let rec = if o == SvcObjs::default() {
+                None
+            } else {
+                Some(Record::encode(key, &o, &mut self.sets)?)
+            };
+            news.push((key.clone(), o, rec));
         }
-        let empty = SvcObjs::default();
+        let empty = kept::View::default();
         let mut rules = 0usize;
         let mut elems = 0usize;
-        let mut del_chains = Vec::new();
-        let mut del_sets = Vec::new();
-        let mut del_elems: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
-        let mut add_elems: BTreeMap<String, Vec<(Vec<u8>, ElemData)>> = BTreeMap::new();
-        // 1. New sets and chains (empty), so that everything below can reference them.
-        for (key, new) in &new_objs {
-            let old = st.services.get(key).unwrap_or(&empty);
-            for (name, s) in &new.sets {
-                match old.sets.get(name) {
-                    Some(o) if o == s => {}
-                    Some(_) => {
-                        // Timeout changed: the set is recreated below (after its users).
-                        return Err(NftError::SetShape(name.clone()).into());
-                    }
-                    None => b.add_set(name, s),
-                }
-            }
-            for name in new.chains.keys() {
-                if !old.chains.contains_key(name) {
-                    b.add_chain(name, None);
-                }
+        let mut del_chains: Vec<String> = Vec::new();
+        let mut del_elems: BTreeMap<u16, Vec<&[u8]>> = BTreeMap::new();
+        let mut add_elems: BTreeMap<u16, Vec<(&[u8], ElemData)>> = BTreeMap::new();
+        let mut gone_ips: Vec<Vec<u8>> = Vec::new();
+        let mut new_ips: Vec<Vec<u8>> = Vec::new();
+        let mut diffs = Vec::with_capacity(news.len());
+        for (key, _, rec) in &news {
+            let old = st.services.get(key).map(RecordRef::into_view).transpose()?;
+            let new = rec.as_ref().map(Record::view).transpose()?;
+            diffs.push(kept::diff(
+                old.as_ref().unwrap_or(&empty),
+                new.as_ref().unwrap_or(&empty),
+            ));
+        }
+        // 1. New chains (empty), so that everything below can reference them.
+        for d in &diffs {
+            for name in &d.add_chains {
+                b.add_chain(name, None);
             }
         }
         // 2. Flush chains whose rules change or that go away; write the new rules.
-        for (key, new) in &new_objs {
-            let old = st.services.get(key).unwrap_or(&empty);
-            for (name, old_rules) in &old.chains {
-                match new.chains.get(name) {
-                    Some(r) if r == old_rules => {}
-                    Some(_) => b.flush_chain(name),
-                    None => {
-                        b.flush_chain(name);
-                        del_chains.push(name.clone());
-                    }
-                }
+        for ((_, o, _), d) in news.iter().zip(&diffs) {
+            for name in &d.flush_chains {
+                b.flush_chain(name);
             }
-            for (name, rs) in &new.chains {
-                if old.chains.get(name) != Some(rs) {
-                    for r in rs {
-                        b.add_rule(name, r);
-                        rules += 1;
-                    }
-                }
-            }
-            for name in old.sets.keys() {
-                if !new.sets.contains_key(name) {
-                    del_sets.push(name.clone());
+            del_chains.extend(d.del_chains.iter().map(|c| c.to_string()));
+            for name in &d.write_chains {
+                for r in o.chains.get(*name).map(Vec::as_slice).unwrap_or_default() {
+                    b.add_rule(name, r);
+                    rules += 1;
                 }
             }
             // Affinity entries of a removed endpoint stay until their client's next
             // connection (the chain's last rule forgets them) or their timeout: entries
             // of the other endpoints stay valid (ids do not depend on other endpoints).
-            for ((set, k), d) in &old.elems {
-                if new.elems.get(&(set.clone(), k.clone())) != Some(d) {
-                    del_elems.entry(set.clone()).or_default().push(k.clone());
-                }
+            for e in &d.del_elems {
+                del_elems.entry(e.set).or_default().push(e.key);
             }
-            for ((set, k), d) in &new.elems {
-                if old.elems.get(&(set.clone(), k.clone())) != Some(d) {
-                    add_elems
-                        .entry(set.clone())
-                        .or_default()
-                        .push((k.clone(), d.clone()));
-                }
+            for e in &d.add_elems {
+                let data = kept::decode_data(e.kind, e.data).ok_or(KeptError::Corrupt)?;
+                add_elems.entry(e.set).or_default().push((e.key, data));
             }
+            gone_ips.extend(d.gone_ips.iter().map(|i| i.to_vec()));
+            new_ips.extend(d.new_ips.iter().map(|i| i.to_vec()));
         }
-        // Hairpin set: reference counts per endpoint address.
-        let mut hairpin = st.hairpin.clone();
+        // Hairpin set: an address leaves with its last user and enters with its first,
+        // over all changed services together (an address moving between two of them stays).
+        let mut counts: BTreeMap<&[u8], i64> = BTreeMap::new();
+        for ip in &gone_ips {
+            *counts.entry(ip).or_default() -= 1;
+        }
+        for ip in &new_ips {
+            *counts.entry(ip).or_default() += 1;
+        }
         let mut hp_del = Vec::new();
         let mut hp_add = Vec::new();
-        for (key, new) in &new_objs {
-            let old = st.services.get(key).unwrap_or(&empty);
-            for ip in old.endpoint_ips.difference(&new.endpoint_ips) {
-                if let Some(c) = hairpin.get_mut(ip) {
-                    *c -= 1;
-                    if *c == 0 {
-                        hairpin.remove(ip);
-                        hp_del.push(hairpin_key(ip));
-                    }
-                }
-            }
-            for ip in new.endpoint_ips.difference(&old.endpoint_ips) {
-                let c = hairpin.entry(ip.clone()).or_insert(0);
-                *c += 1;
-                if *c == 1 {
-                    hp_add.push(hairpin_key(ip));
-                }
+        for (ip, delta) in &counts {
+            let before = st.hairpin.contains(ip);
+            let users = i64::from(st.hairpin.count(ip)) + delta;
+            if before && users <= 0 {
+                hp_del.push(hairpin_key(ip));
+            } else if !before && users > 0 {
+                hp_add.push(hairpin_key(ip));
             }
         }
-        // A key both removed and re-added (address moved between services) stays.
-        hp_del.retain(|k| !hp_add.contains(k));
-        hp_add.retain(|k| !st.hairpin.contains_key(&k[..k.len() / 2]));
         // 3. Elements: deletions before additions (a changed value is delete + add).
+        let set_name = |id: u16| self.sets.name(id).ok_or(KeptError::Corrupt);
         for (set, keys) in &del_elems {
             elems += keys.len();
-            b.del_elems(set, keys.iter().map(Vec::as_slice));
+            b.del_elems(set_name(*set)?, keys.iter().copied());
         }
         if !hp_del.is_empty() {
             b.del_elems(HAIRPIN, hp_del.iter().map(Vec::as_slice));
         }
         for (set, list) in &add_elems {
             elems += list.len();
-            b.add_elems(set, list.iter().map(|(k, d)| (k.as_slice(), d)));
+            b.add_elems(set_name(*set)?, list.iter().map(|(k, d)| (*k, d)));
         }
         if !hp_add.is_empty() {
             b.add_elems(
@@ -437,15 +437,37 @@ impl<S: Sink> NftablesBackend<S> {
             );
         }
         elems += hp_del.len() + hp_add.len();
-        // 4. Now-unreferenced chains and sets.
+        // 4. Now-unreferenced chains.
         for c in &del_chains {
             b.del_chain(c);
         }
-        for s in &del_sets {
-            b.del_set(s);
-        }
-        Ok(((del_chains, hairpin, new_objs), rules, elems))
+        drop(del_elems);
+        drop(add_elems);
+        drop(diffs);
+        let records = news.into_iter().map(|(k, _, r)| (k, r)).collect();
+        Ok((
+            Applied {
+                del_chains,
+                gone_ips,
+                new_ips,
+                records,
+            },
+            rules,
+            elems,
+        ))
     }
+}
+
+/// What a partial sync of one family changes in the kept state once its batch is committed.
+struct Applied {
+    /// Chains deleted (their ids are released).
+    del_chains: Vec<String>,
+    /// Endpoint addresses one changed service no longer uses (one entry per service).
+    gone_ips: Vec<Vec<u8>>,
+    /// Endpoint addresses one changed service newly uses (one entry per service).
+    new_ips: Vec<Vec<u8>>,
+    /// New records of the changed services (None: nothing programmed any more).
+    records: Vec<(ServiceKey, Option<Record>)>,
 }
 
 impl<S: Sink> Backend for NftablesBackend<S> {
@@ -482,6 +504,8 @@ pub struct RecordingSink {
     pub canary: Option<usize>,
     /// Fail the next commit.
     pub fail_next: bool,
+    /// The bytes of each committed batch.
+    pub raw: Vec<Vec<u8>>,
 }
 
 impl Sink for RecordingSink {
@@ -489,8 +513,9 @@ impl Sink for RecordingSink {
         if std::mem::take(&mut self.fail_next) {
             return Err(NetlinkError::Rejected("injected failure".into()));
         }
-        let (_, _, descr) = batch.finish();
+        let (buf, _, descr) = batch.finish();
         self.batches.push(descr.into_iter().map(|d| d.1).collect());
+        self.raw.push(buf);
         self.canary = Some(1);
         Ok(())
     }

@@ -177,7 +177,7 @@ impl fmt::Display for Verdict {
 }
 
 /// One nf_tables expression.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Expr {
     /// Load `len` bytes at `base`+`offset` into `dreg`.
     Payload {
@@ -1102,6 +1102,111 @@ impl Socket {
 
 fn libc_enoent() -> i32 {
     nix::errno::Errno::ENOENT as i32
+}
+
+/// One message of a batch, decoded back (tests replay batches on a simulated table).
+#[cfg(test)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// NFT_MSG_NEWTABLE.
+    AddTable(u8),
+    /// NFT_MSG_DELTABLE.
+    DelTable(u8),
+    /// NFT_MSG_NEWCHAIN: family, name.
+    AddChain(u8, String),
+    /// NFT_MSG_DELCHAIN.
+    DelChain(u8, String),
+    /// NFT_MSG_DELRULE without a handle: the chain is flushed.
+    FlushChain(u8, String),
+    /// NFT_MSG_NEWRULE: family, chain, the expressions' bytes.
+    AddRule(u8, String, Vec<u8>),
+    /// NFT_MSG_NEWSET.
+    AddSet(u8, String),
+    /// NFT_MSG_DELSET.
+    DelSet(u8, String),
+    /// NFT_MSG_NEWSETELEM: family, set, (key, data attribute bytes).
+    AddElems(u8, String, Vec<(Vec<u8>, Vec<u8>)>),
+    /// NFT_MSG_DELSETELEM with elements: family, set, keys.
+    DelElems(u8, String, Vec<Vec<u8>>),
+    /// NFT_MSG_DELSETELEM without elements: the set is flushed.
+    FlushSet(u8, String),
+}
+
+/// Attributes of `b`: (type without flags, payload).
+#[cfg(test)]
+fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
+        let ty = u16::from_ne_bytes([b[2], b[3]]) & !NLA_F_NESTED;
+        if len < 4 || len > b.len() {
+            break;
+        }
+        out.push((ty, &b[4..len]));
+        b = b.get((len + 3) & !3..).unwrap_or(&[]);
+    }
+    out
+}
+
+/// Decodes the nf_tables messages of a finished batch (BEGIN and END left out).
+#[cfg(test)]
+pub fn decode_batch(buf: &[u8]) -> Vec<Op> {
+    let get = |a: &[(u16, &[u8])], ty: u16| a.iter().find(|x| x.0 == ty).map(|x| x.1.to_vec());
+    let name = |a: &[(u16, &[u8])], ty: u16| {
+        get(a, ty)
+            .map(|v| {
+                String::from_utf8_lossy(v.split(|c| *c == 0).next().unwrap_or(&[])).into_owned()
+            })
+            .unwrap_or_default()
+    };
+    let mut ops = Vec::new();
+    for m in crate::netlink::split(buf).msgs {
+        if m.ty >> 8 != SUBSYS || m.payload.len() < 4 {
+            continue;
+        }
+        let fam = m.payload[0];
+        let a = attrs(&m.payload[4..]);
+        let ty = m.ty & 0xff;
+        let op = match ty {
+            0 => Op::AddTable(fam),
+            2 => Op::DelTable(fam),
+            3 => Op::AddChain(fam, name(&a, NFTA_CHAIN_NAME)),
+            5 => Op::DelChain(fam, name(&a, NFTA_CHAIN_NAME)),
+            6 => Op::AddRule(
+                fam,
+                name(&a, NFTA_RULE_CHAIN),
+                get(&a, NFTA_RULE_EXPRESSIONS).unwrap_or_default(),
+            ),
+            8 => Op::FlushChain(fam, name(&a, NFTA_RULE_CHAIN)),
+            9 => Op::AddSet(fam, name(&a, NFTA_SET_NAME)),
+            11 => Op::DelSet(fam, name(&a, NFTA_SET_NAME)),
+            12 | 14 => {
+                let set = name(&a, NFTA_SET_ELEM_LIST_SET);
+                let Some(list) = get(&a, NFTA_SET_ELEM_LIST_ELEMENTS) else {
+                    ops.push(Op::FlushSet(fam, set));
+                    continue;
+                };
+                let elems: Vec<(Vec<u8>, Vec<u8>)> = attrs(&list)
+                    .into_iter()
+                    .map(|(_, e)| {
+                        let e = attrs(e);
+                        let key = get(&e, NFTA_SET_ELEM_KEY)
+                            .and_then(|k| get(&attrs(&k), NFTA_DATA_VALUE))
+                            .unwrap_or_default();
+                        (key, get(&e, NFTA_SET_ELEM_DATA).unwrap_or_default())
+                    })
+                    .collect();
+                if ty == 12 {
+                    Op::AddElems(fam, set, elems)
+                } else {
+                    Op::DelElems(fam, set, elems.into_iter().map(|e| e.0).collect())
+                }
+            }
+            _ => continue,
+        };
+        ops.push(op);
+    }
+    ops
 }
 
 #[cfg(test)]

@@ -911,6 +911,11 @@ pub struct RealIptables {
     warned: bool,
 }
 
+/// Calls of this process that the kernel writer could not serve and the iptables binaries did
+/// (see `RealIptables::fell_back`); tests assert it stays 0.
+pub static KERNEL_FALLBACKS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
 /// Who writes the legacy tables: `iptables-restore`, or the kernel writer
 /// ([`crate::xtables`]: `IPT_SO_SET_REPLACE` on a raw socket, no process).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -1027,6 +1032,7 @@ impl RealIptables {
     /// Logs a kernel-writer failure that falls back to the binaries: at warn level once, at
     /// debug level after.
     fn fell_back(&mut self, what: &str, e: &crate::xtables::XtError) {
+        KERNEL_FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.warned {
             tracing::debug!(error = %e, "kernel iptables writer: {what} through the iptables binaries instead");
         } else {

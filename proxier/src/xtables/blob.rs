@@ -498,6 +498,13 @@ impl Table {
     /// Encodes the table: (info of the new table, entry bytes, for each new entry the index
     /// of the old entry whose counters it carries).
     pub fn encode(&self) -> Result<Encoded, BlobError> {
+        self.encode_after(0)
+    }
+
+    /// [`Table::encode`] with `header` zero bytes before the entries (room for the
+    /// `ipt_replace` header, so the entries need not be copied again); offsets count from
+    /// the first entry.
+    pub fn encode_after(&self, header: usize) -> Result<Encoded, BlobError> {
         let order = self.order();
         // Offsets of chain starts.
         let mut start = vec![0usize; self.chains.len()];
@@ -526,36 +533,38 @@ impl Table {
             hook_entry: [u32::MAX; 5],
             underflow: [u32::MAX; 5],
         };
-        let mut out = Vec::with_capacity(size);
+        let mut out = Vec::with_capacity(header + size);
+        out.resize(header, 0);
         let mut old = Vec::with_capacity(total_entries);
         for &ci in &order {
             let c = &self.chains[ci];
             if let Some(h) = &c.head {
-                write_entry(&mut out, h, &start, &mut old)?;
+                write_entry(&mut out, header, h, &start, &mut old)?;
             }
             if let Some(h) = c.hook {
-                info.hook_entry[h] = u32::try_from(out.len()).map_err(|_| too_large())?;
+                info.hook_entry[h] = u32::try_from(out.len() - header).map_err(|_| too_large())?;
             }
             for r in &c.rules {
-                write_entry(&mut out, r, &start, &mut old)?;
+                write_entry(&mut out, header, r, &start, &mut old)?;
             }
             if let Some(h) = c.hook {
-                info.underflow[h] = u32::try_from(out.len()).map_err(|_| too_large())?;
+                info.underflow[h] = u32::try_from(out.len() - header).map_err(|_| too_large())?;
             }
-            write_entry(&mut out, &c.tail, &start, &mut old)?;
+            write_entry(&mut out, header, &c.tail, &start, &mut old)?;
         }
-        write_entry(&mut out, &self.end, &start, &mut old)?;
+        write_entry(&mut out, header, &self.end, &start, &mut old)?;
         Ok((info, out, old))
     }
 }
 
 fn write_entry(
     out: &mut Vec<u8>,
+    header: usize,
     r: &Rule,
     start: &[usize],
     old: &mut Vec<Option<u32>>,
 ) -> Result<(), BlobError> {
-    let at = out.len();
+    let at = out.len() - header;
     let t_off = ENTRY + r.matches.len();
     let next = t_off + r.target.size();
     let big = || BlobError::TooLarge(String::new());

@@ -108,17 +108,29 @@ impl KernelWriter {
         let _lock = sys::lock(&self.lock_file, self.wait)?;
         let sock = Socket::open()?;
         let mut w = Written::default();
-        for s in &sections {
+        let n = sections.len();
+        for (i, s) in sections.into_iter().enumerate() {
+            let table = s.table.clone();
             match write_section(&sock, s) {
                 Err(XtError::Sys(e)) if e.is_again() => {
                     // The table changed between read and replace (someone without the lock):
-                    // once more from a fresh read.
-                    tracing::debug!(table = %s.table, "table changed during the write; again");
+                    // once more from a fresh read, the section parsed again.
+                    tracing::debug!(%table, "table changed during the write; again");
+                    let again = rules::parse(text)?;
+                    let s = again
+                        .into_iter()
+                        .nth(i)
+                        .filter(|_| i < n && ensure.is_empty());
+                    let Some(s) = s else {
+                        return Err(XtError::Sys(e));
+                    };
                     w.add(&write_section(&sock, s)?);
                 }
                 r => w.add(&r?),
             }
         }
+        // The decoded table and the rules were small heap blocks: give them back.
+        crate::mem::release_free_memory();
         Ok(w)
     }
 
@@ -193,14 +205,19 @@ pub fn read(sock: &Socket, table: &str) -> Result<(blob::Info, Vec<u8>), XtError
 }
 
 /// Reads, edits and replaces one table.
-fn write_section(sock: &Socket, s: &Section) -> Result<Written, XtError> {
+fn write_section(sock: &Socket, s: Section) -> Result<Written, XtError> {
     let (info, b) = read(sock, &s.table)?;
     let table = Table::decode(&s.table, &info, &b)?;
     drop(b);
     let mut ed = Editor::new(table);
-    ed.apply_section(s)?;
-    let (new_info, blob, old) = ed.table.encode()?;
-    let counters = sock.replace(&s.table, &new_info, &blob, ed.table.old_entries)?;
+    ed.apply_owned(s)?;
+    let (new_info, mut buf, old) = ed.table.encode_after(sys::REPLACE)?;
+    let old_entries = ed.table.old_entries;
+    let name = ed.table.name.clone();
+    drop(ed);
+    let counters = sock.replace(&name, &new_info, &mut buf, old_entries)?;
+    let bytes = buf.len() - sys::REPLACE;
+    drop(buf);
     // Carry the counters of the entries kept over to their new places (iptables-restore
     // --noflush keeps them too); new and flushed rules start at zero.
     if counters.iter().any(|c| c != &[0, 0]) {
@@ -212,11 +229,11 @@ fn write_section(sock: &Socket, s: &Section) -> Result<Written, XtError> {
                     .unwrap_or([0, 0])
             })
             .collect();
-        sock.add_counters(&s.table, &add)?;
+        sock.add_counters(&name, &add)?;
     }
     Ok(Written {
         tables: 1,
         entries: old.len(),
-        bytes: blob.len(),
+        bytes,
     })
 }

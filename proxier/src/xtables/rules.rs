@@ -905,15 +905,15 @@ impl Editor {
         Self { table, refs }
     }
 
-    fn rule(&self, spec: &Spec) -> Result<Rule, String> {
-        let target = match &spec.target {
+    fn rule(&self, spec: Spec) -> Result<Rule, String> {
+        let target = match spec.target {
             SpecTarget::None => Target::Standard(Verdict::Fallthrough),
-            SpecTarget::Verdict(v) => Target::Standard(*v),
-            SpecTarget::Raw(b) => Target::Raw(b.clone()),
+            SpecTarget::Verdict(v) => Target::Standard(v),
+            SpecTarget::Raw(b) => Target::Raw(b),
             SpecTarget::Chain(c) => {
                 let i = self
                     .table
-                    .chain(c)
+                    .chain(&c)
                     .ok_or_else(|| format!("no chain/target/match by the name {c}"))?;
                 if self.table.chains[i].hook.is_some() {
                     return Err(format!("cannot jump to built-in chain {c}"));
@@ -923,7 +923,7 @@ impl Editor {
         };
         let mut r = Rule::new(target);
         r.ip = spec.ip;
-        r.matches.clone_from(&spec.matches);
+        r.matches = spec.matches;
         Ok(r)
     }
 
@@ -944,12 +944,17 @@ impl Editor {
 
     /// Applies one operation.
     pub fn apply(&mut self, op: &Op) -> Result<(), String> {
+        self.apply_owned_op(op.clone())
+    }
+
+    /// Applies one operation, its rule moved into the table.
+    pub fn apply_owned_op(&mut self, op: Op) -> Result<(), String> {
         match op {
-            Op::Declare { chain, policy } => match self.table.chain(chain) {
+            Op::Declare { chain, policy } => match self.table.chain(&chain) {
                 Some(i) if self.table.chains[i].hook.is_some() => {
                     if let Some(p) = policy {
                         let t = &mut self.table.chains[i].tail;
-                        t.target = Target::Standard(*p);
+                        t.target = Target::Standard(p);
                         t.counters = [0; 2];
                         t.old = None;
                     }
@@ -968,28 +973,28 @@ impl Editor {
                     if policy.is_some() {
                         return Err(format!("{chain} is not a built-in chain"));
                     }
-                    let i = self.table.add_chain(chain);
+                    let i = self.table.add_chain(&chain);
                     self.refs.resize(i + 1, 0);
                 }
             },
             Op::Append { chain, rule } => {
-                let c = self.chain_of(chain)?;
+                let c = self.chain_of(&chain)?;
                 let r = self.rule(rule)?;
                 self.add_ref(&r);
                 self.table.chains[c].rules.push(r);
             }
             Op::Insert { chain, pos, rule } => {
-                let c = self.chain_of(chain)?;
+                let c = self.chain_of(&chain)?;
                 let r = self.rule(rule)?;
                 let rules = &self.table.chains[c].rules;
-                if *pos > rules.len() + 1 {
+                if pos > rules.len() + 1 {
                     return Err(format!("index of insertion too big in {chain}"));
                 }
                 self.add_ref(&r);
                 self.table.chains[c].rules.insert(pos - 1, r);
             }
             Op::Ensure { chain, rule } => {
-                let c = self.chain_of(chain)?;
+                let c = self.chain_of(&chain)?;
                 let r = self.rule(rule)?;
                 if !self.table.chains[c].rules.iter().any(|x| x.same(&r)) {
                     self.add_ref(&r);
@@ -997,7 +1002,7 @@ impl Editor {
                 }
             }
             Op::Delete(chain) => {
-                let c = self.chain_of(chain)?;
+                let c = self.chain_of(&chain)?;
                 let ch = &self.table.chains[c];
                 if ch.hook.is_some() {
                     return Err(format!("cannot delete built-in chain {chain}"));
@@ -1010,6 +1015,19 @@ impl Editor {
                 }
                 self.table.delete_chain(c);
             }
+        }
+        Ok(())
+    }
+
+    /// Applies a section's operations, moving its rules into the table.
+    pub fn apply_owned(&mut self, s: Section) -> Result<(), RuleError> {
+        let table = s.table;
+        for (line, op) in s.ops {
+            self.apply_owned_op(op).map_err(|why| RuleError::Apply {
+                table: table.clone(),
+                line,
+                why,
+            })?;
         }
         Ok(())
     }

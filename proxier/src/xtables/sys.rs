@@ -18,7 +18,7 @@ const GETINFO: usize = 84;
 /// `sizeof(struct ipt_get_entries)`.
 const GET_ENTRIES: usize = 40;
 /// `sizeof(struct ipt_replace)`.
-const REPLACE: usize = 96;
+pub const REPLACE: usize = 96;
 /// `sizeof(struct xt_counters_info)`.
 const COUNTERS_INFO: usize = 40;
 /// `XT_TABLE_MAXNAMELEN`.
@@ -193,14 +193,15 @@ impl Socket {
         Ok(b)
     }
 
-    /// `IPT_SO_SET_REPLACE` of `table` with `info`'s hooks, `blob` as its entries;
+    /// `IPT_SO_SET_REPLACE` of `table` with `info`'s hooks; `buf` holds [`REPLACE`] bytes
+    /// of room for the header, then the entries (`Table::encode_after(REPLACE)`);
     /// `old_entries` is the number of entries of the table being replaced. Returns the
     /// counters of the replaced entries, in their order.
     pub fn replace(
         &self,
         table: &str,
         info: &Info,
-        blob: &[u8],
+        buf: &mut [u8],
         old_entries: u32,
     ) -> Result<Vec<[u64; 2]>, SysError> {
         let err = |source| SysError::Replace {
@@ -209,9 +210,13 @@ impl Socket {
         };
         let n = usize::try_from(old_entries)
             .map_err(|_| err(std::io::ErrorKind::InvalidData.into()))?;
+        if buf.len() < REPLACE {
+            return Err(err(std::io::ErrorKind::InvalidInput.into()));
+        }
         let mut counters = vec![[0u64; 2]; n.max(1)];
-        let mut b = vec![0u8; REPLACE + blob.len()];
-        name_buf(&mut b, table)?;
+        let b = &mut buf[..REPLACE];
+        b.fill(0);
+        name_buf(b, table)?;
         b[32..36].copy_from_slice(&info.valid_hooks.to_ne_bytes());
         b[36..40].copy_from_slice(&info.num_entries.to_ne_bytes());
         b[40..44].copy_from_slice(&info.size.to_ne_bytes());
@@ -222,8 +227,7 @@ impl Socket {
         b[84..88].copy_from_slice(&old_entries.to_ne_bytes());
         let ptr = counters.as_mut_ptr() as usize as u64;
         b[88..96].copy_from_slice(&ptr.to_ne_bytes());
-        b[REPLACE..].copy_from_slice(blob);
-        self.setsockopt(IPT_SO_SET_REPLACE, &b).map_err(err)?;
+        self.setsockopt(IPT_SO_SET_REPLACE, buf).map_err(err)?;
         counters.truncate(n);
         Ok(counters)
     }

@@ -10,6 +10,7 @@
 //! targets chains (`-j`/`-g`), ACCEPT, DROP, RETURN, QUEUE, MARK (rev 2), MASQUERADE, DNAT
 //! (rev 2), REJECT. Anything else is an error naming the line.
 
+use std::borrow::Cow;
 use std::net::Ipv4Addr;
 
 use super::blob::{self, align, Rule, Table, Target, Verdict, CHAIN_MAXLEN, F_GOTO, IP, TGT_HDR};
@@ -110,39 +111,67 @@ pub struct Section {
 }
 
 /// Splits a line into words as iptables-restore does: whitespace outside double quotes,
-/// backslash escaping a quote inside them.
-fn words(line: &str) -> Result<Vec<String>, String> {
+/// backslash escaping a quote inside them. Words are borrowed from the line unless quotes
+/// had to be taken out of their middle.
+fn words(line: &str) -> Result<Vec<Cow<'_, str>>, String> {
     let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut q = false;
-    let mut has = false;
-    let mut it = line.chars().peekable();
-    while let Some(c) = it.next() {
-        match c {
-            '\\' if q && it.peek() == Some(&'"') => {
-                cur.push('"');
-                it.next();
+    let b = line.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i].is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let mut q = false;
+        let mut quotes = 0usize;
+        let mut escaped = false;
+        while i < b.len() && (q || !b[i].is_ascii_whitespace()) {
+            match b[i] {
+                b'\\' if q && b.get(i + 1) == Some(&b'"') => {
+                    escaped = true;
+                    i += 1;
+                }
+                b'"' => {
+                    q = !q;
+                    quotes += 1;
+                }
+                _ => {}
             }
-            '"' => {
-                q = !q;
-                has = true;
-            }
-            c if c.is_whitespace() && !q => {
-                if has || !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
-                    has = false;
+            i += 1;
+        }
+        if q {
+            return Err("unterminated quote".into());
+        }
+        let word = &line[start..i];
+        if quotes == 0 {
+            out.push(Cow::Borrowed(word));
+        } else if quotes == 2 && !escaped && word.starts_with('"') && word.ends_with('"') {
+            out.push(Cow::Borrowed(&word[1..word.len() - 1]));
+        } else {
+            let mut cur = String::with_capacity(word.len());
+            let mut it = word.chars().peekable();
+            let mut inq = false;
+            while let Some(c) = it.next() {
+                match c {
+                    '\\' if inq && it.peek() == Some(&'"') => {
+                        cur.push('"');
+                        it.next();
+                    }
+                    '"' => inq = !inq,
+                    c => cur.push(c),
                 }
             }
-            c => cur.push(c),
+            out.push(Cow::Owned(cur));
         }
     }
-    if q {
-        return Err("unterminated quote".into());
-    }
-    if has || !cur.is_empty() {
-        out.push(cur);
-    }
     Ok(out)
+}
+
+/// [`words`], owned (for tests).
+#[cfg(test)]
+pub(crate) fn words_for_test(line: &str) -> Result<Vec<String>, String> {
+    Ok(words(line)?.into_iter().map(Cow::into_owned).collect())
 }
 
 /// Parses a payload into its sections.
@@ -202,16 +231,16 @@ pub fn parse(text: &str) -> Result<Vec<Section>, RuleError> {
             continue;
         }
         let w = words(l).map_err(|e| err(&e))?;
-        let op = match w.first().map(String::as_str) {
+        let op = match w.first().map(AsRef::as_ref) {
             Some("-A" | "--append") => {
-                let chain = w.get(1).ok_or_else(|| err("no chain"))?.clone();
+                let chain = w.get(1).ok_or_else(|| err("no chain"))?.to_string();
                 Op::Append {
                     chain,
                     rule: parse_rule(&w[2..]).map_err(|e| err(&e))?,
                 }
             }
             Some("-I" | "--insert") => {
-                let chain = w.get(1).ok_or_else(|| err("no chain"))?.clone();
+                let chain = w.get(1).ok_or_else(|| err("no chain"))?.to_string();
                 let (pos, rest) = match w.get(2).and_then(|p| p.parse::<usize>().ok()) {
                     Some(p) if p >= 1 => (p, &w[3..]),
                     Some(_) => return Err(err("bad rule number")),
@@ -223,7 +252,7 @@ pub fn parse(text: &str) -> Result<Vec<Section>, RuleError> {
                     rule: parse_rule(rest).map_err(|e| err(&e))?,
                 }
             }
-            Some("-X" | "--delete-chain") if w.len() == 2 => Op::Delete(w[1].clone()),
+            Some("-X" | "--delete-chain") if w.len() == 2 => Op::Delete(w[1].to_string()),
             _ => return Err(err("unsupported command")),
         };
         sec.ops.push((n, op));
@@ -709,7 +738,7 @@ fn target_takes_value(o: &str) -> bool {
 }
 
 /// Parses a rule's words (after `-A CHAIN`).
-pub fn parse_rule(w: &[String]) -> Result<Spec, String> {
+pub fn parse_rule<S: AsRef<str>>(w: &[S]) -> Result<Spec, String> {
     let mut ip = [0u8; IP];
     let mut proto = 0u16;
     let mut matches = Vec::new();
@@ -722,8 +751,8 @@ pub fn parse_rule(w: &[String]) -> Result<Spec, String> {
     let take = |i: &mut usize| -> Result<String, String> {
         *i += 1;
         w.get(*i)
-            .cloned()
-            .ok_or_else(|| format!("{} needs a value", w[*i - 1]))
+            .map(|v| v.as_ref().to_string())
+            .ok_or_else(|| format!("{} needs a value", w[*i - 1].as_ref()))
     };
     let once = |seen: &mut [bool; 5], k: usize, o: &str| {
         if seen[k] {
@@ -734,7 +763,7 @@ pub fn parse_rule(w: &[String]) -> Result<Spec, String> {
         }
     };
     while i < w.len() {
-        let o = w[i].as_str();
+        let o = w[i].as_ref();
         if o == "!" {
             if inv {
                 return Err("! twice".into());

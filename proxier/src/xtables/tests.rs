@@ -361,3 +361,28 @@ proptest::proptest! {
         let _ = parse(&text);
     }
 }
+
+#[test]
+fn words_split_as_iptables_restore_does() {
+    let w = super::rules::words_for_test(
+        r#"-A X -m comment --comment "a \"b\" c" -m comment --comment "" x"y z"w"#,
+    )
+    .expect("words");
+    assert_eq!(
+        w,
+        [
+            "-A",
+            "X",
+            "-m",
+            "comment",
+            "--comment",
+            "a \"b\" c",
+            "-m",
+            "comment",
+            "--comment",
+            "",
+            "xy zw"
+        ]
+    );
+    assert!(super::rules::words_for_test("-A X \"open").is_err());
+}

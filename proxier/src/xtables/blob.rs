@@ -56,13 +56,46 @@ pub enum Verdict {
     Jump(usize),
 }
 
+/// Bytes of a rule: a range of the blob its table was decoded from (nothing copied), or
+/// bytes of its own (a rule added since).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bytes {
+    /// `src[start..end]` of the table.
+    Src(u32, u32),
+    /// Its own.
+    Own(Vec<u8>),
+}
+
+impl Bytes {
+    /// Length.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Src(a, b) => (*b as usize).saturating_sub(*a as usize),
+            Self::Own(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, `src` being the blob of the table.
+    pub fn get<'a>(&'a self, src: &'a [u8]) -> &'a [u8] {
+        match self {
+            Self::Src(a, b) => src.get(*a as usize..*b as usize).unwrap_or(&[]),
+            Self::Own(v) => v,
+        }
+    }
+}
+
 /// A rule's target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// The standard target.
     Standard(Verdict),
     /// Any other target, its bytes (header included) as they are.
-    Raw(Vec<u8>),
+    Raw(Bytes),
 }
 
 impl Target {
@@ -86,7 +119,7 @@ pub struct Rule {
     /// Counters as read (the kernel ignores them on replace; see `old`).
     pub counters: [u64; 2],
     /// The match bytes between the entry and its target.
-    pub matches: Vec<u8>,
+    pub matches: Bytes,
     /// The target.
     pub target: Target,
     /// Index of this entry in the blob it was decoded from (its counters are carried over
@@ -102,7 +135,7 @@ impl Rule {
             nfcache: 0,
             comefrom: 0,
             counters: [0; 2],
-            matches: Vec::new(),
+            matches: Bytes::Own(Vec::new()),
             target,
             old: None,
         }
@@ -125,10 +158,15 @@ impl Rule {
         }
     }
 
-    /// Whether two rules are the same rule (`iptables -C`): everything but counters,
-    /// `nfcache`, `comefrom` and history.
-    pub fn same(&self, o: &Self) -> bool {
-        self.ip == o.ip && self.matches == o.matches && self.target == o.target
+    /// Whether two rules of a table whose blob is `src` are the same rule (`iptables -C`):
+    /// everything but counters, `nfcache`, `comefrom` and history.
+    pub fn same(&self, o: &Self, src: &[u8]) -> bool {
+        self.ip == o.ip
+            && self.matches.get(src) == o.matches.get(src)
+            && match (&self.target, &o.target) {
+                (Target::Raw(a), Target::Raw(b)) => a.get(src) == b.get(src),
+                (a, b) => a == b,
+            }
     }
 }
 
@@ -155,7 +193,7 @@ impl Chain {
         Self {
             name: name.to_string(),
             hook: None,
-            head: Some(Rule::new(Target::Raw(error_target(name)))),
+            head: Some(Rule::new(Target::Raw(Bytes::Own(error_target(name))))),
             rules: Vec::new(),
             tail: Rule::new(Target::Standard(Verdict::Return)),
             deleted: false,
@@ -178,6 +216,8 @@ pub struct Table {
     pub old_entries: u32,
     /// Chain name → index.
     index: HashMap<String, usize>,
+    /// The blob it was decoded from: the bytes of the rules read.
+    pub src: Vec<u8>,
 }
 
 /// What `IPT_SO_GET_INFO` says of a table.
@@ -256,8 +296,14 @@ const V_QUEUE: i32 = -4;
 const V_RETURN: i32 = -5;
 
 impl Table {
-    /// Decodes `blob` (`info.size` bytes of entries) of table `name`.
+    /// Decodes `blob` (`info.size` bytes of entries) of table `name` (a copy of it is kept).
     pub fn decode(name: &str, info: &Info, blob: &[u8]) -> Result<Self, BlobError> {
+        Self::decode_owned(name, info, blob.to_vec())
+    }
+
+    /// Decodes `blob` of table `name`, keeping it: the rules are ranges of it.
+    pub fn decode_owned(name: &str, info: &Info, src: Vec<u8>) -> Result<Self, BlobError> {
+        let blob = &src[..];
         let entry_err = |offset| BlobError::Entry {
             table: name.to_string(),
             offset,
@@ -268,7 +314,9 @@ impl Table {
             what,
         };
         // Pass 1: entries.
-        let mut raw: Vec<(usize, Rule, i32)> = Vec::new();
+        let mut raw: Vec<(usize, Rule, i32, bool)> =
+            Vec::with_capacity(usize::try_from(info.num_entries).unwrap_or(0).min(1 << 24));
+        let at = |x: usize| u32::try_from(x).map_err(|_| entry_err(x));
         let mut off = 0usize;
         while off < blob.len() {
             if off + ENTRY > blob.len() {
@@ -288,23 +336,24 @@ impl Table {
             ip.copy_from_slice(&e[..IP]);
             let tgt = &e[t_off..next];
             let tname = cstr(&tgt[2..31]);
+            let err_head = tname == b"ERROR";
             let mut verdict = 0;
             let target = if tname.is_empty() && tgt[31] == 0 && t_size == STD_TGT {
                 verdict = i32::from_ne_bytes([tgt[32], tgt[33], tgt[34], tgt[35]]);
                 Target::Standard(Verdict::Fallthrough)
             } else {
-                Target::Raw(tgt.to_vec())
+                Target::Raw(Bytes::Src(at(off + t_off)?, at(off + next)?))
             };
             let rule = Rule {
                 ip,
                 nfcache: u32_at(e, 84),
                 comefrom: u32_at(e, 92),
                 counters: [u64_at(e, 96), u64_at(e, 104)],
-                matches: e[ENTRY..t_off].to_vec(),
+                matches: Bytes::Src(at(off + ENTRY)?, at(off + t_off)?),
                 target,
                 old: Some(u32::try_from(raw.len()).map_err(|_| entry_err(off))?),
             };
-            raw.push((off, rule, verdict));
+            raw.push((off, rule, verdict, err_head));
             off += next;
         }
         if u32::try_from(raw.len()).ok() != Some(info.num_entries) {
@@ -316,10 +365,6 @@ impl Table {
         let mut cur: Option<Chain> = None;
         let mut end = None;
         let n = raw.len();
-        let is_err_head = |r: &Rule| match &r.target {
-            Target::Raw(t) => cstr(&t[2..31]) == b"ERROR",
-            Target::Standard(_) => false,
-        };
         // A user chain ends with the entry before the next head: a plain RETURN.
         let close_user = |cur: &mut Option<Chain>,
                           chains: &mut Vec<Chain>,
@@ -343,7 +388,7 @@ impl Table {
             Ok(())
         };
         let mut entries: Vec<(usize, i32)> = Vec::with_capacity(n);
-        for (i, (off, rule, verdict)) in raw.into_iter().enumerate() {
+        for (i, (off, rule, verdict, err_head)) in raw.into_iter().enumerate() {
             let hook = (0..5).find(|&h| {
                 info.valid_hooks & (1 << h) != 0
                     && usize::try_from(info.hook_entry[h]).ok() == Some(off)
@@ -352,7 +397,7 @@ impl Table {
                 info.valid_hooks & (1 << h) != 0
                     && usize::try_from(info.underflow[h]).ok() == Some(off)
             });
-            if hook.is_some() || is_err_head(&rule) {
+            if hook.is_some() || err_head {
                 if cur.as_ref().is_some_and(|c| c.hook.is_some()) {
                     return Err(layout(off, "chain start inside a built-in chain"));
                 }
@@ -369,7 +414,7 @@ impl Table {
                     deleted: false,
                 });
             }
-            if is_err_head(&rule) {
+            if err_head {
                 if i + 1 == n {
                     end = Some(rule);
                     break;
@@ -377,7 +422,9 @@ impl Table {
                 let Target::Raw(t) = &rule.target else {
                     return Err(layout(off, "chain head"));
                 };
-                let cname = String::from_utf8_lossy(cstr(&t[TGT_HDR..])).into_owned();
+                let t = t.get(blob);
+                let cname =
+                    String::from_utf8_lossy(cstr(t.get(TGT_HDR..).unwrap_or(&[]))).into_owned();
                 // The chain starts at the next entry.
                 starts.insert(off + rule.size(), chains.len());
                 cur = Some(Chain {
@@ -457,6 +504,7 @@ impl Table {
             end,
             old_entries: info.num_entries,
             index,
+            src,
         })
     }
 
@@ -539,26 +587,27 @@ impl Table {
         for &ci in &order {
             let c = &self.chains[ci];
             if let Some(h) = &c.head {
-                write_entry(&mut out, header, h, &start, &mut old)?;
+                write_entry(&mut out, &self.src, header, h, &start, &mut old)?;
             }
             if let Some(h) = c.hook {
                 info.hook_entry[h] = u32::try_from(out.len() - header).map_err(|_| too_large())?;
             }
             for r in &c.rules {
-                write_entry(&mut out, header, r, &start, &mut old)?;
+                write_entry(&mut out, &self.src, header, r, &start, &mut old)?;
             }
             if let Some(h) = c.hook {
                 info.underflow[h] = u32::try_from(out.len() - header).map_err(|_| too_large())?;
             }
-            write_entry(&mut out, header, &c.tail, &start, &mut old)?;
+            write_entry(&mut out, &self.src, header, &c.tail, &start, &mut old)?;
         }
-        write_entry(&mut out, header, &self.end, &start, &mut old)?;
+        write_entry(&mut out, &self.src, header, &self.end, &start, &mut old)?;
         Ok((info, out, old))
     }
 }
 
 fn write_entry(
     out: &mut Vec<u8>,
+    src: &[u8],
     header: usize,
     r: &Rule,
     start: &[usize],
@@ -575,9 +624,9 @@ fn write_entry(
     out.extend_from_slice(&r.comefrom.to_ne_bytes());
     out.extend_from_slice(&r.counters[0].to_ne_bytes());
     out.extend_from_slice(&r.counters[1].to_ne_bytes());
-    out.extend_from_slice(&r.matches);
+    out.extend_from_slice(r.matches.get(src));
     match &r.target {
-        Target::Raw(b) => out.extend_from_slice(b),
+        Target::Raw(b) => out.extend_from_slice(b.get(src)),
         Target::Standard(v) => {
             let verdict: i32 = match v {
                 Verdict::Accept => V_ACCEPT,

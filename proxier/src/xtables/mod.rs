@@ -207,8 +207,7 @@ pub fn read(sock: &Socket, table: &str) -> Result<(blob::Info, Vec<u8>), XtError
 /// Reads, edits and replaces one table.
 fn write_section(sock: &Socket, s: Section) -> Result<Written, XtError> {
     let (info, b) = read(sock, &s.table)?;
-    let table = Table::decode(&s.table, &info, &b)?;
-    drop(b);
+    let table = Table::decode_owned(&s.table, &info, b)?;
     let mut ed = Editor::new(table);
     ed.apply_owned(s)?;
     let (new_info, mut buf, old) = ed.table.encode_after(sys::REPLACE)?;

@@ -938,7 +938,7 @@ impl Editor {
         let target = match spec.target {
             SpecTarget::None => Target::Standard(Verdict::Fallthrough),
             SpecTarget::Verdict(v) => Target::Standard(v),
-            SpecTarget::Raw(b) => Target::Raw(b),
+            SpecTarget::Raw(b) => Target::Raw(blob::Bytes::Own(b)),
             SpecTarget::Chain(c) => {
                 let i = self
                     .table
@@ -952,7 +952,7 @@ impl Editor {
         };
         let mut r = Rule::new(target);
         r.ip = spec.ip;
-        r.matches = spec.matches;
+        r.matches = blob::Bytes::Own(spec.matches);
         Ok(r)
     }
 
@@ -1025,7 +1025,8 @@ impl Editor {
             Op::Ensure { chain, rule } => {
                 let c = self.chain_of(&chain)?;
                 let r = self.rule(rule)?;
-                if !self.table.chains[c].rules.iter().any(|x| x.same(&r)) {
+                let src = &self.table.src;
+                if !self.table.chains[c].rules.iter().any(|x| x.same(&r, src)) {
                     self.add_ref(&r);
                     self.table.chains[c].rules.insert(0, r);
                 }

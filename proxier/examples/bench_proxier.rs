@@ -9,6 +9,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use hako_proxier::iptables::Writer;
 use hako_proxier::iptables::{nft_zero_split, render};
 use hako_proxier::{IptablesBackend, Proxier, ProxierOpts, RealIptables};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -51,13 +52,19 @@ fn restore(ipt: &str, parts: &[&[u8]]) -> anyhow::Result<bool> {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let variant = args.get(1).cloned().unwrap_or_default();
+    // "legacy-kernel": the legacy flavour written by the kernel writer; "legacy" (and the
+    // others): through iptables-restore, as before.
+    let arg = args.get(1).cloned().unwrap_or_default();
+    let (variant, writer) = match arg.strip_suffix("-kernel") {
+        Some(v) => (v.to_string(), Writer::Kernel),
+        None => (arg.clone(), Writer::Restore),
+    };
     let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1000);
     let eps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
     let ropts = common::render_opts();
     let mut p = Proxier::new(
         Box::new(IptablesBackend::new(
-            RealIptables::with_variant(&variant),
+            RealIptables::with_variant(&variant).with_writer(writer),
             ropts.clone(),
         )),
         ProxierOpts {
@@ -128,11 +135,7 @@ fn main() -> anyhow::Result<()> {
     };
     let bare_s = t.elapsed().as_secs_f64();
     anyhow::ensure!(ok, "bare restore failed");
-    let v = if variant.is_empty() {
-        "default"
-    } else {
-        &variant
-    };
+    let v = if arg.is_empty() { "default" } else { &arg };
     writeln!(
         std::io::stdout().lock(),
         "{v}\t{n}\t{eps}\t{render_s:.3}\t{full_s:.3}\t{partial_s:.4}\t{bare_s:.3}\t{}\t{rss_state:.0}/{rss_peak:.0}\t{floor_s:.4}",

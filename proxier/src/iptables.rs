@@ -903,6 +903,44 @@ pub struct RealIptables {
     /// The xtables lock file the legacy flavour takes (`XTABLES_LOCKFILE`; None: its
     /// default `/run/xtables.lock`, or whatever this process's environment says).
     lock_file: Option<std::path::PathBuf>,
+    /// Family of the binaries.
+    family: Family,
+    /// Who writes the tables.
+    writer: Writer,
+    /// Whether a kernel-writer failure was logged at warn level already.
+    warned: bool,
+}
+
+/// Calls of this process that the kernel writer could not serve and the iptables binaries did
+/// (see `RealIptables::fell_back`); tests assert it stays 0.
+pub static KERNEL_FALLBACKS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Who writes the legacy tables: `iptables-restore`, or the kernel writer
+/// ([`crate::xtables`]: `IPT_SO_SET_REPLACE` on a raw socket, no process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Writer {
+    /// The kernel writer for the legacy flavour and IPv4, `iptables-restore` otherwise.
+    #[default]
+    Auto,
+    /// Always `iptables-restore`.
+    Restore,
+    /// The kernel writer (the nf_tables flavour and IPv6 still go through restore).
+    Kernel,
+}
+
+impl std::str::FromStr for Writer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "restore" => Ok(Self::Restore),
+            "kernel" => Ok(Self::Kernel),
+            o => Err(format!(
+                "{o:?}: the iptables writer is auto, restore or kernel"
+            )),
+        }
+    }
 }
 
 /// Chain declarations in a `*nat` section from which an nf_tables-flavour restore gets a
@@ -969,6 +1007,37 @@ impl RealIptables {
                 _ => None,
             },
             lock_file: None,
+            family: fam,
+            writer: Writer::Auto,
+            warned: false,
+        }
+    }
+
+    /// The same binaries with `writer` writing the tables.
+    #[must_use]
+    pub fn with_writer(mut self, writer: Writer) -> Self {
+        self.writer = writer;
+        self
+    }
+
+    /// The kernel writer, when it writes this family's tables: the legacy flavour (the
+    /// nf_tables flavour has no ip_tables tables) and IPv4, unless `Writer::Restore`.
+    fn kernel(&mut self) -> Option<crate::xtables::KernelWriter> {
+        if self.writer == Writer::Restore || self.family != Family::V4 || self.is_nft_flavour() {
+            return None;
+        }
+        Some(crate::xtables::KernelWriter::new(self.lock_file.clone()))
+    }
+
+    /// Logs a kernel-writer failure that falls back to the binaries: at warn level once, at
+    /// debug level after.
+    fn fell_back(&mut self, what: &str, e: &crate::xtables::XtError) {
+        KERNEL_FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.warned {
+            tracing::debug!(error = %e, "kernel iptables writer: {what} through the iptables binaries instead");
+        } else {
+            self.warned = true;
+            tracing::warn!(error = %e, "kernel iptables writer: {what} through the iptables binaries instead (logged once)");
         }
     }
 
@@ -1090,6 +1159,18 @@ fn split_rule(rule: &str) -> Vec<String> {
 
 impl Iptables for RealIptables {
     fn restore(&mut self, text: &str) -> Result<(), IptablesError> {
+        if let Some(k) = self.kernel() {
+            match k.restore(text, &[]) {
+                Ok(_) => return Ok(()),
+                Err(e @ crate::xtables::XtError::Lock(_)) => {
+                    return Err(IptablesError::Lock {
+                        cmd: "IPT_SO_SET_REPLACE".into(),
+                        stderr: e.to_string(),
+                    })
+                }
+                Err(e) => self.fell_back("restore", &e),
+            }
+        }
         let (at, zero) = nft_zero_split(text);
         let pieces = if zero && self.is_nft_flavour() {
             vec![&text[..at], "-Z\n", &text[at..]]
@@ -1103,6 +1184,12 @@ impl Iptables for RealIptables {
     }
 
     fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool, IptablesError> {
+        if let Some(k) = self.kernel() {
+            match k.has_chain(table, chain) {
+                Ok(b) => return Ok(b),
+                Err(e) => self.fell_back("chain lookup", &e),
+            }
+        }
         let mut args = WAIT_ARGS.to_vec();
         args.extend(["-t", table, "-S", chain, "1"]);
         match self.run(&self.iptables.clone(), &args, None) {
@@ -1150,8 +1237,22 @@ impl Iptables for RealIptables {
             let _ = writeln!(base, ":{c} - [0:0]");
         }
         base.push_str("COMMIT\n");
-        self.restore(&base)?;
         let extra = if localhost { FIREWALL_JUMPS } else { &[] };
+        if let Some(k) = self.kernel() {
+            // One transaction per table: the chains, then each jump unless present.
+            let jumps: Vec<(&str, &str, &str)> = JUMPS.iter().chain(extra).copied().collect();
+            match k.restore(&base, &jumps) {
+                Ok(_) => return Ok(()),
+                Err(e @ crate::xtables::XtError::Lock(_)) => {
+                    return Err(IptablesError::Lock {
+                        cmd: "IPT_SO_SET_REPLACE".into(),
+                        stderr: e.to_string(),
+                    })
+                }
+                Err(e) => self.fell_back("base chains", &e),
+            }
+        }
+        self.restore(&base)?;
         for (table, chain, rule) in JUMPS.iter().chain(extra) {
             let mut args: Vec<String> = WAIT_ARGS.iter().map(|a| (*a).to_string()).collect();
             let op = args.len() + 2;
@@ -1180,6 +1281,12 @@ impl Iptables for RealIptables {
     }
 
     fn list_service_chains(&mut self) -> Result<BTreeSet<String>, IptablesError> {
+        if let Some(k) = self.kernel() {
+            match k.user_chains("nat", is_service_chain) {
+                Ok(c) => return Ok(c),
+                Err(e) => self.fell_back("chain listing", &e),
+            }
+        }
         let out = self.run(&self.save.clone(), &["-t", "nat"], None)?;
         Ok(out
             .lines()

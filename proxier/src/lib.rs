@@ -18,6 +18,7 @@ pub mod process;
 pub mod proxier;
 pub mod proxy_config;
 pub mod runner;
+pub mod xtables;
 
 /// How long a netlink socket of the IPVS, ipset, link, conntrack and nf_tables clients waits
 /// for the kernel's next answer (`SO_RCVTIMEO`) before the request fails with a timeout error

@@ -57,6 +57,12 @@ struct Cli {
     /// iptables flavour: "" (system default), "nft" or "legacy".
     #[arg(long, default_value = "")]
     iptables_variant: String,
+    /// Who writes the iptables-legacy tables: "kernel" (IPT_SO_SET_REPLACE on a socket, no
+    /// process; payloads outside its subset fall back to iptables-restore), "restore"
+    /// (iptables-restore), or "auto" (kernel for the legacy flavour and IPv4, restore for
+    /// the nf_tables flavour and IPv6).
+    #[arg(long, default_value = "auto")]
+    iptables_writer: hako_proxier::iptables::Writer,
     /// Pod CIDR; traffic from outside it to ClusterIPs is masqueraded.
     #[arg(long)]
     cluster_cidr: Option<String>,
@@ -210,6 +216,29 @@ fn apply_config(
     Ok(notes)
 }
 
+/// The iptables backend over the real binaries of `variant` with `writer`, dual-stack as
+/// `IptablesBackend::real` (IPv6 through ip6tables when the kernel and the binaries have it).
+fn iptables_backend(
+    variant: &str,
+    writer: hako_proxier::iptables::Writer,
+    render: RenderOpts,
+) -> IptablesBackend<hako_proxier::RealIptables> {
+    use hako_proxier::iptables::Family;
+    let b = IptablesBackend::new(
+        hako_proxier::RealIptables::with_variant(variant).with_writer(writer),
+        render,
+    );
+    let ip6 =
+        hako_proxier::RealIptables::with_variant_family(variant, Family::V6).with_writer(writer);
+    if std::path::Path::new("/proc/sys/net/ipv6").exists() && ip6.available() {
+        tracing::info!(binary = %ip6.restore, "IPv6 services through ip6tables");
+        b.with_ipv6(ip6)
+    } else {
+        tracing::warn!("no IPv6 (kernel or ip6tables missing): IPv6 services are not programmed");
+        b
+    }
+}
+
 /// The cleanup options of this command line: its iptables flavour (all of them for
 /// --cleanup) and both dummy device names.
 fn cleanup_opts(cli: &Cli, full: bool) -> CleanupOpts {
@@ -303,7 +332,11 @@ fn main() -> anyhow::Result<()> {
     } else if matches!(cli.proxy_mode, Mode::Nftables) {
         Box::new(hako_proxier::NftablesBackend::new(render))
     } else {
-        Box::new(IptablesBackend::real(&cli.iptables_variant, render))
+        Box::new(iptables_backend(
+            &cli.iptables_variant,
+            cli.iptables_writer,
+            render,
+        ))
     };
     let mut proxier = Proxier::new(backend, opts)
         .with_conntrack(Box::new(hako_proxier::conntrack::NetlinkConntrack));

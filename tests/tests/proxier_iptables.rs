@@ -40,6 +40,7 @@ impl Iptables for Recording {
 }
 
 struct Env {
+    variant: String,
     net: ServiceNet,
     proxier: Proxier,
     payloads: Arc<Mutex<Vec<String>>>,
@@ -79,6 +80,7 @@ impl Env {
             },
         );
         Env {
+            variant: variant.to_string(),
             net,
             proxier,
             payloads,
@@ -87,7 +89,15 @@ impl Env {
 
     fn sync(&mut self) -> hako_proxier::SyncStats {
         let p = &mut self.proxier;
-        self.net.topo.nodes[0].ns.run(|| p.sync()).unwrap().unwrap()
+        let s = self.net.topo.nodes[0].ns.run(|| p.sync()).unwrap().unwrap();
+        if self.variant == "legacy" {
+            // The legacy flavour's IPv4 tables are written by the kernel writer; it must not
+            // have fallen back to the binaries.
+            let n =
+                hako_proxier::iptables::KERNEL_FALLBACKS.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(n, 0, "kernel writer fell back to iptables-legacy-restore");
+        }
+        s
     }
 }
 

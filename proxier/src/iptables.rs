@@ -226,10 +226,32 @@ struct Ctx {
     mask: &'static str,
     /// NodePorts on 127.0.0.0/8 (see [`localhost_nodeports`]).
     localhost: bool,
+    /// kube-proxy's large cluster mode (see [`large_cluster`]): the endpoint chains' rules
+    /// and the jumps to them go without comments.
+    large: bool,
+}
+
+/// Endpoints above which kube-proxy's iptables mode drops the comments of the endpoint
+/// chains' rules and of the jumps to them (its `largeClusterEndpointsThreshold`): a comment
+/// match is 256 bytes in the kernel's table, so at 50,000 endpoints they are about 40 % of
+/// the nat table, and every sync of iptables-legacy reads and replaces the whole table.
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+/// Whether `model` puts `fam` in large cluster mode: more than [`LARGE_CLUSTER_ENDPOINTS`]
+/// endpoints of this family over all service ports, counted as kube-proxy counts them.
+pub fn large_cluster(fam: Family, model: &Model) -> bool {
+    let mut n = 0usize;
+    for sp in model.values().flatten() {
+        n += sp.endpoints.iter().filter(|e| fam.has(&e.ip)).count();
+        if n > LARGE_CLUSTER_ENDPOINTS {
+            return true;
+        }
+    }
+    false
 }
 
 impl Ctx {
-    fn new(fam: Family, opts: &RenderOpts) -> Self {
+    fn new(fam: Family, opts: &RenderOpts, large: bool) -> Self {
         let cluster_cidr = opts.cluster_cidr.as_deref().and_then(|c| {
             c.split(',')
                 .map(str::trim)
@@ -253,6 +275,7 @@ impl Ctx {
                 .collect(),
             mask: fam.full_mask(),
             localhost: localhost_nodeports(fam, opts),
+            large,
         }
     }
 }
@@ -410,13 +433,13 @@ fn render_service(ctx: &Ctx, ports: &[ServicePort], out: &mut ChainOut) -> SvcFr
                     let _ = writeln!(r, "-A {} -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {} --dport {} {src}-j KUBE-MARK-MASQ", ch.svc, ip_match(cip), sp.port);
                 }
             }
-            endpoint_jumps(&mut r, &ch.svc, sp, &cluster_eps, mask);
+            endpoint_jumps(&mut r, &ch.svc, sp, &cluster_eps, ctx);
             out.chain(&ch.svc, &r);
             chains.push(ch.svc.as_str().into());
         }
         if use_svl {
             let mut r = String::new();
-            endpoint_jumps(&mut r, &ch.svl, sp, &local_eps, mask);
+            endpoint_jumps(&mut r, &ch.svl, sp, &local_eps, ctx);
             out.chain(&ch.svl, &r);
             chains.push(ch.svl.as_str().into());
         }
@@ -454,9 +477,14 @@ fn render_service(ctx: &Ctx, ports: &[ServicePort], out: &mut ChainOut) -> SvcFr
             for ep in sp.endpoints.iter().filter(|e| fam.has(&e.ip)) {
                 let sep = endpoint_chain(sp, ep);
                 let mut r = String::new();
+                let comment = if ctx.large {
+                    String::new()
+                } else {
+                    format!("-m comment --comment {name} ")
+                };
                 let _ = writeln!(
                     r,
-                    "-A {sep} -m comment --comment {name} -s {} -j KUBE-MARK-MASQ",
+                    "-A {sep} {comment}-s {} -j KUBE-MARK-MASQ",
                     ip_match(&ep.ip)
                 );
                 let recent = if sp.affinity_seconds.is_some() {
@@ -464,7 +492,11 @@ fn render_service(ctx: &Ctx, ports: &[ServicePort], out: &mut ChainOut) -> SvcFr
                 } else {
                     String::new()
                 };
-                let _ = writeln!(r, "-A {sep} -m comment --comment {name} -m {proto} -p {proto} {recent}-j DNAT --to-destination {}", ep.addr());
+                let _ = writeln!(
+                    r,
+                    "-A {sep} {comment}-m {proto} -p {proto} {recent}-j DNAT --to-destination {}",
+                    ep.addr()
+                );
                 out.chain(&sep, &r);
                 chains.push(sep.into());
             }
@@ -511,6 +543,8 @@ pub struct Rendered {
 pub struct Renderer {
     fam: Family,
     frags: BTreeMap<ServiceKey, SvcFrag>,
+    /// Whether the last render was in large cluster mode (its fragments are shaped by it).
+    large: bool,
 }
 
 impl Renderer {
@@ -519,6 +553,7 @@ impl Renderer {
         Self {
             fam,
             frags: BTreeMap::new(),
+            large: false,
         }
     }
 
@@ -542,7 +577,8 @@ impl Renderer {
         opts: &RenderOpts,
         present: &BTreeSet<String>,
     ) -> Rendered {
-        let ctx = Ctx::new(self.fam, opts);
+        self.large = large_cluster(self.fam, model);
+        let ctx = Ctx::new(self.fam, opts, self.large);
         let mut stale: BTreeSet<String> = present.clone();
         stale.extend(self.chains().map(str::to_string));
         let mut out = ChainOut::default();
@@ -559,13 +595,18 @@ impl Renderer {
 
     /// Partial render of the `changed` services: their chains written, the chains they no
     /// longer need deleted, the shared chains rewritten only when their lines in them changed.
+    /// When the change crosses the large cluster threshold ([`large_cluster`]), every
+    /// service's chains change shape: the render is a full one.
     pub fn partial(
         &mut self,
         model: &Model,
         opts: &RenderOpts,
         changed: &BTreeSet<ServiceKey>,
     ) -> Rendered {
-        let ctx = Ctx::new(self.fam, opts);
+        if large_cluster(self.fam, model) != self.large {
+            return self.full(model, opts, &BTreeSet::new());
+        }
+        let ctx = Ctx::new(self.fam, opts, self.large);
         let mut out = ChainOut::default();
         let mut shared = false;
         let mut stale = BTreeSet::new();
@@ -760,26 +801,36 @@ fn push_lines(text: &mut String, lines: &[String]) -> usize {
     lines.len()
 }
 
-fn endpoint_jumps(r: &mut String, chain: &str, sp: &ServicePort, eps: &[&Endpoint], mask: &str) {
+fn endpoint_jumps(r: &mut String, chain: &str, sp: &ServicePort, eps: &[&Endpoint], ctx: &Ctx) {
+    let mask = ctx.mask;
     let name = sp.port_name_string();
     let seps: Vec<String> = eps.iter().map(|e| endpoint_chain(sp, e)).collect();
+    // `-m comment --comment "ns/svc:port -> ip:port" ` unless in large cluster mode.
+    let comment = |ep: &Endpoint| {
+        if ctx.large {
+            String::new()
+        } else {
+            format!("-m comment --comment \"{name} -> {}\" ", ep.addr())
+        }
+    };
     if let Some(secs) = sp.affinity_seconds {
         for (sep, ep) in seps.iter().zip(eps) {
-            let _ = writeln!(r, "-A {chain} -m comment --comment \"{name} -> {}\" -m recent --name {sep} --mask {mask} --rsource --rcheck --seconds {secs} --reap -j {sep}", ep.addr());
+            let c = comment(ep);
+            let _ = writeln!(r, "-A {chain} {c}-m recent --name {sep} --mask {mask} --rsource --rcheck --seconds {secs} --reap -j {sep}");
         }
     }
     let n = seps.len();
     for (i, (sep, ep)) in seps.iter().zip(eps).enumerate() {
+        let c = comment(ep);
         if i + 1 < n {
             #[allow(clippy::cast_precision_loss)]
             let p = 1.0 / (n - i) as f64;
-            let _ = writeln!(r, "-A {chain} -m comment --comment \"{name} -> {}\" -m statistic --mode random --probability {p:.10} -j {sep}", ep.addr());
-        } else {
             let _ = writeln!(
                 r,
-                "-A {chain} -m comment --comment \"{name} -> {}\" -j {sep}",
-                ep.addr()
+                "-A {chain} {c}-m statistic --mode random --probability {p:.10} -j {sep}"
             );
+        } else {
+            let _ = writeln!(r, "-A {chain} {c}-j {sep}");
         }
     }
 }
@@ -1455,6 +1506,133 @@ mod tests {
             internal_local: false,
             endpoints: vec![],
         }
+    }
+
+    /// A model of `services` Services with `eps` endpoints each, the first with session
+    /// affinity.
+    fn big_model(services: usize, eps: usize) -> Model {
+        let mut m = Model::new();
+        for i in 0..services {
+            let mut p = sp("ns", &format!("s{i}"), "p", Protocol::Tcp);
+            p.cluster_ips = vec![format!("10.96.{}.{}", i / 250, i % 250 + 1)
+                .parse()
+                .expect("ip")];
+            p.affinity_seconds = (i == 0).then_some(60);
+            p.endpoints = (0..eps)
+                .map(|j| Endpoint {
+                    ip: format!("10.244.{}.{}", i / 250, j + 1).parse().expect("ip"),
+                    port: 8080,
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    local: false,
+                })
+                .collect();
+            m.insert(p.key.clone(), vec![p]);
+        }
+        m
+    }
+
+    #[test]
+    fn large_clusters_drop_the_endpoint_comments_as_kube_proxy() {
+        let opts = RenderOpts::default();
+        let endpoint_rule = |l: &&str| {
+            l.starts_with("-A KUBE-SEP-")
+                || l.starts_with("-A KUBE-SVC-")
+                || l.starts_with("-A KUBE-SVL-")
+        };
+        // 200 x 5 = 1,000 endpoints: not above the threshold, every rule has its comment.
+        let small = big_model(200, 5);
+        assert!(!large_cluster(Family::V4, &small));
+        let text = render_family(Family::V4, &small, &opts).text;
+        let eps: Vec<&str> = text.lines().filter(endpoint_rule).collect();
+        assert!(eps.len() > 2000);
+        assert!(eps.iter().all(|l| l.contains("-m comment")), "{eps:?}");
+        // One more endpoint: the endpoint chains' rules and the jumps to them go without;
+        // the KUBE-SERVICES entries keep theirs, and the rules are otherwise the same.
+        let mut large = small.clone();
+        let first = large.values_mut().next().expect("a service");
+        let mut extra = first[0].endpoints[0].clone();
+        extra.ip = "10.244.9.9".parse().expect("ip");
+        first[0].endpoints.push(extra.clone());
+        assert!(large_cluster(Family::V4, &large));
+        // The same endpoints as IPv6 do not count for IPv4.
+        assert!(!large_cluster(Family::V6, &large));
+        let big = render_family(Family::V4, &large, &opts).text;
+        let eps_big: Vec<&str> = big.lines().filter(endpoint_rule).collect();
+        assert_eq!(
+            eps_big.len(),
+            eps.len() + 4,
+            "one SEP chain (2 rules), its jump and its affinity check"
+        );
+        assert!(
+            eps_big.iter().all(|l| !l.contains("-m comment")),
+            "{eps_big:?}"
+        );
+        assert!(big
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
+            .all(|l| l.contains("-m comment")));
+        assert!(big.contains("-m recent --name KUBE-SEP-"), "affinity kept");
+        let strip = |l: &str| {
+            let l = l.to_string();
+            match (
+                l.find("-m comment --comment \""),
+                l.find("-m comment --comment "),
+            ) {
+                (Some(a), _) => {
+                    let end = l[a + 22..].find('"').expect("closing quote") + a + 24;
+                    format!("{}{}", &l[..a], &l[end..])
+                }
+                (None, Some(a)) => {
+                    let rest = &l[a + 21..];
+                    let end = rest.find(' ').map_or(l.len(), |e| a + 21 + e + 1);
+                    format!("{}{}", &l[..a], &l[end..])
+                }
+                _ => l,
+            }
+        };
+        let stripped: BTreeSet<String> = eps.iter().map(|l| strip(l)).collect();
+        let bare: BTreeSet<String> = eps_big.iter().map(|l| (*l).to_string()).collect();
+        // Only the comments differ, but for the jumps of the service that got an endpoint
+        // (its probabilities are now sixths).
+        let differ: Vec<&String> = stripped.difference(&bare).collect();
+        assert_eq!(differ.len(), 5, "{differ:?}");
+        let chain = differ[0].split(' ').nth(1).expect("chain");
+        assert!(chain.starts_with("KUBE-SVC-"), "{differ:?}");
+        assert!(
+            differ
+                .iter()
+                .all(|l| l.starts_with(&format!("-A {chain} "))),
+            "{differ:?}"
+        );
+        // A partial render that crosses the threshold rewrites every service (a full
+        // render), and crossing back restores the comments.
+        let mut r = Renderer::new(Family::V4);
+        r.full(&small, &opts, &BTreeSet::new());
+        let key = large.keys().next().expect("key").clone();
+        let up = r.partial(&large, &opts, &BTreeSet::from([key.clone()]));
+        assert_eq!(up.text, big, "crossing up is a full render");
+        let down = r.partial(&small, &opts, &BTreeSet::from([key]));
+        let rules = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| l.starts_with("-A "))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(
+            rules(&down.text),
+            rules(&text),
+            "crossing down is a full render"
+        );
+        assert_eq!(
+            down.text
+                .lines()
+                .filter(|l| l.starts_with("-X KUBE-SEP-"))
+                .count(),
+            1,
+            "the extra endpoint's chain is deleted"
+        );
     }
 
     /// `-A` lines of the filter and nat sections of a payload.

@@ -1188,24 +1188,16 @@ impl RealIptables {
 
 fn split_rule(rule: &str) -> Vec<String> {
     // Rules here quote only comments; split on spaces outside quotes.
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut q = false;
-    for ch in rule.chars() {
-        match ch {
-            '"' => q = !q,
-            ' ' if !q => {
-                if !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
-                }
-            }
-            c => cur.push(c),
-        }
+    crate::xtables::split_words(rule)
+}
+
+/// The error of a kernel write that did not get the xtables lock in time (as restore's
+/// `-w 5` would fail): the sync fails, nothing was written.
+fn kernel_lock_error(e: &crate::xtables::XtError) -> IptablesError {
+    IptablesError::Lock {
+        cmd: "IPT_SO_SET_REPLACE".into(),
+        stderr: e.to_string(),
     }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
 }
 
 impl Iptables for RealIptables {
@@ -1213,12 +1205,7 @@ impl Iptables for RealIptables {
         if let Some(k) = self.kernel() {
             match k.restore(text, &[]) {
                 Ok(_) => return Ok(()),
-                Err(e @ crate::xtables::XtError::Lock(_)) => {
-                    return Err(IptablesError::Lock {
-                        cmd: "IPT_SO_SET_REPLACE".into(),
-                        stderr: e.to_string(),
-                    })
-                }
+                Err(e @ crate::xtables::XtError::Lock(_)) => return Err(kernel_lock_error(&e)),
                 Err(e) => self.fell_back("restore", &e),
             }
         }
@@ -1294,12 +1281,7 @@ impl Iptables for RealIptables {
             let jumps: Vec<(&str, &str, &str)> = JUMPS.iter().chain(extra).copied().collect();
             match k.restore(&base, &jumps) {
                 Ok(_) => return Ok(()),
-                Err(e @ crate::xtables::XtError::Lock(_)) => {
-                    return Err(IptablesError::Lock {
-                        cmd: "IPT_SO_SET_REPLACE".into(),
-                        stderr: e.to_string(),
-                    })
-                }
+                Err(e @ crate::xtables::XtError::Lock(_)) => return Err(kernel_lock_error(&e)),
                 Err(e) => self.fell_back("base chains", &e),
             }
         }

@@ -166,7 +166,7 @@ impl Written {
 }
 
 /// A rule's words: split on spaces outside double quotes.
-fn split_words(rule: &str) -> Vec<String> {
+pub(crate) fn split_words(rule: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut q = false;

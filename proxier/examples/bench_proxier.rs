@@ -114,6 +114,25 @@ fn main() -> anyhow::Result<()> {
         "floor restore failed"
     );
     let floor_s = t.elapsed().as_secs_f64();
+    if variant == "legacy" {
+        // The kernel's own floor: read the nat table out and replace it with the same
+        // entries (what any legacy writer pays per change, before any work of its own).
+        let sock = hako_proxier::xtables::sys::Socket::open()?;
+        let t = Instant::now();
+        let (info, entries) = hako_proxier::xtables::read(&sock, "nat")?;
+        let read_s = t.elapsed().as_secs_f64();
+        let mut buf = vec![0u8; hako_proxier::xtables::sys::REPLACE];
+        buf.extend_from_slice(&entries);
+        let t2 = Instant::now();
+        sock.replace("nat", &info, &mut buf, info.num_entries)?;
+        let replace_s = t2.elapsed().as_secs_f64();
+        eprintln!(
+            "kernel floor, nat table of {} entries, {:.1} MB: read {read_s:.3} s + replace {replace_s:.3} s = {:.3} s",
+            info.num_entries,
+            f64::from(info.size) / 1e6,
+            read_s + replace_s
+        );
+    }
 
     // Bare restore of the same full payload on emptied tables.
     for table in ["nat", "filter"] {

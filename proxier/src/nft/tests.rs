@@ -29,7 +29,11 @@ fn opts() -> RenderOpts {
 }
 
 fn golden_model() -> crate::model::Model {
-    let objs = config::read_dir(&testdata("")).expect("read testdata");
+    model_from(config::read_dir(&testdata("")).expect("read testdata"))
+}
+
+/// The proxier's model of `objs` (node "node-a"), after one sync through a fake iptables.
+fn model_from(objs: config::Objects) -> crate::model::Model {
     let mut p = Proxier::new(
         Box::new(IptablesBackend::new(FakeIptables::default(), opts())),
         ProxierOpts {
@@ -623,16 +627,7 @@ impl Sim {
 fn model_of(yaml: &str) -> crate::model::Model {
     let mut objs = config::Objects::default();
     config::parse(yaml, "test", &mut objs);
-    let mut p = Proxier::new(
-        Box::new(IptablesBackend::new(FakeIptables::default(), opts())),
-        ProxierOpts {
-            hostname: "node-a".into(),
-            render: opts(),
-        },
-    );
-    p.replace_all(objs.services, objs.slices);
-    p.sync().expect("sync");
-    p.model().clone()
+    model_from(objs)
 }
 
 /// What a full sync of `model` writes, with the chain ids `be` has now (so that it can be
